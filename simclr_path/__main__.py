@@ -1,0 +1,5 @@
+import sys
+
+from simclr_path.cli import main
+
+sys.exit(main())

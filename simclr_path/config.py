@@ -1,0 +1,277 @@
+"""Typed parameters of every stage: the one source of truth for every default.
+
+The CLI, the Snakemake schema (``workflow/schemas/config.schema.yaml``) and the README read these
+dataclasses; they never restate a default. Each dataclass validates its values on construction so
+a bad value fails early with a message naming the field.
+
+Stage owners extend their own dataclass; keep fields JSON/YAML friendly (numbers, strings, bools,
+lists, ``None``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simclr_path.errors import SimclrPathError
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise SimclrPathError(f"config: {name} {msg}")
+
+
+@dataclass
+class TileConfig:
+    """Tiling and tissue detection (``simclr-path tile``)."""
+
+    mpp: float = 0.5  # target microns per pixel of the patches
+    patch_size: int = 224  # patch side in pixels at ``mpp``
+    stride: int | None = None  # grid step in pixels at ``mpp``; None = patch_size (no overlap)
+    min_tissue: float = 0.5  # keep a patch when its tissue fraction is at least this
+    tissue_mpp: float = 8.0  # resolution of the tissue mask (about 8-16 um/px)
+    saturation_floor: int = 20  # Otsu threshold never goes below this (0-255), so glass stays empty
+    median_blur: int = 7  # median filter size on the saturation channel (odd)
+    closing_um: float = 64.0  # morphological closing radius in microns
+    min_object_um2: float = 20000.0  # tissue components smaller than this are removed
+    min_hole_um2: float = 20000.0  # holes smaller than this are filled
+    remove_pen: bool = False  # suppress blue/green/black pen ink in the mask
+    drop_white: float | None = None  # drop patches whose fraction of near-white pixels exceeds this
+    drop_black: float | None = None  # drop patches whose fraction of near-black pixels exceeds this
+    drop_blur: float | None = None  # drop patches whose Laplacian variance is below this
+    workers: int = 2  # parallel block readers
+    block_patches: int = 8  # a read block is block_patches x block_patches patches
+    mpp_from_objective: bool = False  # derive mpp from objective power (10 / objective) when asked
+
+    def __post_init__(self) -> None:
+        _check(self.mpp > 0, "tile.mpp", f"must be > 0, got {self.mpp}")
+        _check(self.patch_size >= 8, "tile.patch_size", f"must be >= 8, got {self.patch_size}")
+        _check(self.stride is None or self.stride >= 1, "tile.stride", "must be >= 1")
+        _check(0.0 <= self.min_tissue <= 1.0, "tile.min_tissue", "must be in [0, 1]")
+        _check(self.tissue_mpp > 0, "tile.tissue_mpp", "must be > 0")
+        _check(self.workers >= 1, "tile.workers", "must be >= 1")
+        _check(self.block_patches >= 1, "tile.block_patches", "must be >= 1")
+        _check(self.median_blur % 2 == 1, "tile.median_blur", "must be odd")
+
+
+@dataclass
+class AugmentConfig:
+    """Two-view SimCLR augmentations for H&E (Chen et al. 2020; stain jitter after Tellez et al. 2019)."""
+
+    image_size: int = 224  # side of each augmented view
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rot90: float = 0.5  # probability of a random multiple-of-90-degree rotation
+    stain_p: float = 0.8  # probability of HED stain jitter
+    stain_scale: float = 0.05  # per-stain multiplicative jitter: alpha ~ U(1 - s, 1 + s)
+    stain_shift: float = 0.05  # per-stain additive jitter: beta ~ U(-s, s)
+    color_p: float = 0.8  # probability of brightness/contrast/saturation/hue jitter
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.1
+    hue: float = 0.02
+    blur_p: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.5])
+    grayscale_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 8, "augment.image_size", "must be >= 8")
+        lo, hi = self.crop_scale
+        _check(0 < lo <= hi <= 1, "augment.crop_scale", f"must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        for name in ("hflip", "vflip", "rot90", "stain_p", "color_p", "blur_p", "grayscale_p"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"augment.{name}", f"is a probability, got {v}")
+
+
+@dataclass
+class ModelConfig:
+    """Backbone (any timm model) and SimCLR projection head."""
+
+    arch: str = "resnet18"
+    pretrained: bool = False  # hub weights; false because most sites cannot reach a hub
+    weights: str | None = None  # local weights file (a timm state dict) to start from
+    head_layers: int = 2  # projection head depth: 0 = none, 1 = linear, 2-3 = MLP
+    head_hidden_dim: int | None = None  # None = backbone feature size
+    head_out_dim: int = 128
+    head_batchnorm: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.head_layers in (0, 1, 2, 3), "model.head_layers", "must be 0, 1, 2 or 3")
+        _check(self.head_out_dim >= 1, "model.head_out_dim", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """SimCLR pretraining loop."""
+
+    epochs: int = 100
+    max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
+    batch_size: int = 256  # per process
+    optimizer: str = "lars"  # lars | adamw | sgd
+    lr: float = 0.3  # base LR at batch 256, scaled linearly with the global batch
+    lr_scaling: str = "linear"  # linear | sqrt | none
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    warmup_epochs: float = 10.0
+    temperature: float = 0.1
+    amp: bool = True  # bf16 where supported, fp16 + grad scaler otherwise, off on CPU without bf16
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    workers: int = 2  # DataLoader workers per process
+    max_patches_per_slide: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 500  # steps
+    log_every: int = 10  # steps
+    sync_batchnorm: bool = True  # used only when more than one process
+    time_budget_s: float | None = None  # stop cleanly after this wall time
+
+    def __post_init__(self) -> None:
+        _check(self.optimizer in ("lars", "adamw", "sgd"), "train.optimizer", "must be lars, adamw or sgd")
+        _check(self.lr_scaling in ("linear", "sqrt", "none"), "train.lr_scaling", "must be linear, sqrt or none")
+        _check(self.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
+        _check(self.batch_size >= 2, "train.batch_size", "must be >= 2")
+        _check(self.temperature > 0, "train.temperature", "must be > 0")
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
+
+
+@dataclass
+class EmbedConfig:
+    """Feature extraction (``simclr-path embed``)."""
+
+    batch_size: int = 256
+    layer: str = "pooled"  # pooled | stageN (pooled output of backbone stage N) | head
+    image_size: int | None = None  # None = the encoder's training image size
+    amp: bool = True
+    channels_last: bool = True
+    device: str = "auto"
+    workers: int = 2
+
+
+@dataclass
+class ClassifyConfig:
+    """Logistic-regression SCC classifier with patient-grouped evaluation."""
+
+    positive_label: str = "SCC"
+    labels: list[str] = field(default_factory=lambda: ["SCC", "normal"])
+    folds: int = 5
+    inner_folds: int = 3
+    c_grid: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    top_k: int = 10  # slide score = mean of the top-k patch probabilities (plus the plain mean)
+    bootstrap: int = 1000
+    max_iter: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.folds >= 2, "classify.folds", "must be >= 2")
+        _check(self.inner_folds >= 2, "classify.inner_folds", "must be >= 2")
+
+
+@dataclass
+class PipelineConfig:
+    """All stage parameters together: what ``--config YAML`` and the workflow's ``runs:`` override."""
+
+    tile: TileConfig = field(default_factory=TileConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+
+
+# Named presets: overrides of the defaults above, by section. ``cpu-fast`` is tuned for a
+# fixed CPU budget (benchmarks/README.md); ``gpu`` is the SimCLR-paper scale recipe.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    "cpu-fast": {
+        "augment": {"image_size": 96},
+        "train": {"batch_size": 64, "optimizer": "adamw", "lr": 1e-3, "lr_scaling": "none",
+                  "weight_decay": 1e-4, "warmup_epochs": 1.0, "temperature": 0.2},
+    },
+    "gpu": {
+        "augment": {"image_size": 224},
+        "model": {"arch": "resnet50"},
+        "train": {"batch_size": 512, "optimizer": "lars", "lr": 0.3, "lr_scaling": "linear",
+                  "weight_decay": 1e-6, "warmup_epochs": 10.0, "temperature": 0.1, "compile": True},
+    },
+}
+
+_SECTIONS = {f.name: f.type for f in fields(PipelineConfig)}
+
+
+def _section_cls(name: str) -> type:
+    return {"tile": TileConfig, "augment": AugmentConfig, "model": ModelConfig, "train": TrainConfig,
+            "embed": EmbedConfig, "classify": ClassifyConfig}[name]
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """Return ``base`` (a nested dict of sections) updated by ``overrides``; unknown keys raise."""
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in (overrides or {}).items():
+        if section not in _SECTIONS:
+            raise SimclrPathError(f"{where}: unknown section {section!r}; expected one of {sorted(_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise SimclrPathError(f"{where}: section {section!r} must be a mapping")
+        known = {f.name for f in fields(_section_cls(section))}
+        for key, value in values.items():
+            if key not in known:
+                raise SimclrPathError(f"{where}: unknown key {section}.{key}; known keys: {sorted(known)}")
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def build_config(preset: str = "default", overrides: dict[str, Any] | None = None,
+                 where: str = "config") -> PipelineConfig:
+    """Defaults, then a named preset, then ``overrides`` (nested dict by section)."""
+    if preset not in PRESETS:
+        raise SimclrPathError(f"{where}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    merged = merge_overrides({}, PRESETS[preset], f"preset {preset}")
+    merged = merge_overrides(merged, overrides or {}, where)
+    try:
+        return PipelineConfig(**{s: _section_cls(s)(**merged.get(s, {})) for s in _SECTIONS})
+    except TypeError as exc:  # wrong value types reach the dataclass constructors
+        raise SimclrPathError(f"{where}: {exc}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader; one clear error for a missing or bad file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SimclrPathError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SimclrPathError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SimclrPathError(f"{p}: expected a mapping of sections (tile, augment, model, train, ...)")
+    return data
+
+
+def load_config(path: str | Path | None = None, preset: str | None = None,
+                overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Build the resolved configuration from an optional YAML file, preset and CLI overrides.
+
+    A YAML file may name ``preset:`` at top level; an explicit ``preset`` argument wins.
+    """
+    data: dict[str, Any] = load_yaml(path) if path else {}
+    file_preset = data.pop("preset", None)
+    cfg_dict = merge_overrides({}, data, str(path) if path else "config")
+    cfg_dict = merge_overrides(cfg_dict, overrides or {}, "command line")
+    return build_config(preset or file_preset or "default", cfg_dict, str(path) if path else "config")
+
+
+def to_dict(cfg: PipelineConfig) -> dict[str, Any]:
+    """Plain nested dict (for ``config.yaml`` in a run directory)."""
+    return dataclasses.asdict(cfg)
+
+
+def defaults_dict() -> dict[str, Any]:
+    """The defaults of every section as a nested dict (used by the workflow schema test)."""
+    return to_dict(PipelineConfig())

@@ -1,0 +1,333 @@
+"""HDF5 formats shared by every stage: the patch store and the embedding store.
+
+Patch store (format_version 1)::
+
+    /patches   uint8  (N, S, S, 3)  RGB patches, one patch per chunk, LZF-compressed
+    /coords    int64  (N, 2)        level-0 top-left (x, y) of each patch; (-1, -1) for imported tiles
+    /labels    int64  (N,)          optional: class index into attribute ``label_names``
+    /groups    str    (N,)          optional: group (patient / source image) of each patch
+    /names     str    (N,)          optional: source file of each imported tile
+    attrs: format_version, kind ("slide" | "patches"), slide_id, source_path, level0_mpp, mpp,
+           patch_size, stride, tissue parameters (``tissue.*``), simclr_path_version, n_patches
+
+LZF with one patch per chunk: a random read decompresses exactly one patch, and LZF decodes at
+several hundred MB/s (gzip is 3-5x slower to read), which keeps the training loader fed.
+
+Embedding store (format_version 1)::
+
+    /features  float32 (N, D)
+    /coords    int64   (N, 2)
+    /labels, /groups   as in the patch store, when the source store has them
+    attrs: format_version, slide_id, source_store, encoder_sha256, layer, image_size, ...
+
+Both are written to a temporary name and renamed when complete (:mod:`simclr_path.outputs`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from simclr_path import __version__
+from simclr_path.errors import SimclrPathError
+from simclr_path.outputs import atomic_output
+
+FORMAT_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+
+
+def _attr_value(v: Any) -> Any:
+    """HDF5 attributes cannot hold None or nested containers: store them as strings."""
+    if v is None:
+        return "none"
+    if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+        return np.array(v, dtype=_STR)
+    if isinstance(v, (bool, int, float, str, np.integer, np.floating)):
+        return v
+    return str(v)
+
+
+def _read_attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str) and v == "none":
+        return None
+    if isinstance(v, np.ndarray) and v.dtype.kind in ("O", "S", "U"):
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+class PatchStoreWriter:
+    """Append patches to a new store; the file appears under its final name only on success.
+
+    Use as a context manager::
+
+        with PatchStoreWriter("S1.h5", patch_size=224, attrs={...}) as w:
+            w.append(patches, coords)             # patches: (n, S, S, 3) uint8, coords: (n, 2)
+
+    Args:
+        path: final store path.
+        patch_size: side S of every patch.
+        attrs: metadata written as HDF5 attributes (None becomes "none").
+        label_names: class names when patches carry labels (imported patch sets).
+        force: overwrite an existing file.
+    """
+
+    def __init__(self, path: str | os.PathLike, patch_size: int, attrs: Mapping[str, Any] | None = None,
+                 label_names: Sequence[str] | None = None, force: bool = False) -> None:
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        self.path = Path(path)
+        self.patch_size = int(patch_size)
+        self.attrs = dict(attrs or {})
+        self.label_names = list(label_names) if label_names is not None else None
+        self.force = force
+        self._ctx = None
+        self._f: h5py.File | None = None
+        self.n = 0
+
+    def __enter__(self) -> PatchStoreWriter:
+        self._ctx = atomic_output(self.path, force=self.force)
+        tmp = self._ctx.__enter__()
+        self._f = h5py.File(tmp, "w")
+        s = self.patch_size
+        self._f.create_dataset("patches", shape=(0, s, s, 3), maxshape=(None, s, s, 3), dtype=np.uint8,
+                               chunks=(1, s, s, 3), compression="lzf")
+        self._f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype=np.int64,
+                               chunks=(4096, 2))
+        if self.label_names is not None:
+            self._f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+            self._f.create_dataset("groups", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(4096,))
+            self._f.create_dataset("names", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(4096,))
+        return self
+
+    def append(self, patches: np.ndarray, coords: np.ndarray, labels: np.ndarray | None = None,
+               groups: Sequence[str] | None = None, names: Sequence[str] | None = None) -> None:
+        """Append ``patches`` (n, S, S, 3) uint8 with ``coords`` (n, 2) level-0 (x, y)."""
+        assert self._f is not None, "use PatchStoreWriter as a context manager"
+        patches = np.asarray(patches)
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        n = len(patches)
+        if n == 0:
+            return
+        if patches.shape[1:] != (self.patch_size, self.patch_size, 3) or patches.dtype != np.uint8:
+            raise ValueError(f"patches must be (n, {self.patch_size}, {self.patch_size}, 3) uint8, "
+                             f"got {patches.shape} {patches.dtype}")
+        if len(coords) != n:
+            raise ValueError("patches and coords differ in length")
+        lo, hi = self.n, self.n + n
+        for name, data in (("patches", patches), ("coords", coords)):
+            ds = self._f[name]
+            ds.resize(hi, axis=0)
+            ds[lo:hi] = data
+        if self.label_names is not None:
+            if labels is None:
+                raise ValueError("this store has labels: pass labels with every append")
+            extra = {"labels": np.asarray(labels, dtype=np.int64),
+                     "groups": list(groups) if groups is not None else [""] * n,
+                     "names": list(names) if names is not None else [""] * n}
+            for name, data in extra.items():
+                ds = self._f[name]
+                ds.resize(hi, axis=0)
+                ds[lo:hi] = data
+        self.n = hi
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        assert self._f is not None and self._ctx is not None
+        try:
+            if exc_type is None:
+                attrs = {"format_version": FORMAT_VERSION, "simclr_path_version": __version__,
+                         "patch_size": self.patch_size, "n_patches": self.n, **self.attrs}
+                if self.label_names is not None:
+                    attrs["label_names"] = self.label_names
+                for k, v in attrs.items():
+                    self._f.attrs[k] = _attr_value(v)
+        finally:
+            self._f.close()
+        return bool(self._ctx.__exit__(exc_type, exc, tb))
+
+
+class _LazyH5:
+    """An HDF5 file opened on first use in each process, so DataLoader workers never share a handle."""
+
+    def __init__(self, path: str | os.PathLike, what: str) -> None:
+        self.path = Path(path)
+        self._what = what
+        self._f: h5py.File | None = None
+        self._pid: int | None = None
+        if not self.path.exists():
+            raise SimclrPathError(f"{self.path}: {what} not found")
+        self._open()  # validate now, in the parent, so errors surface before any worker starts
+
+    def _open(self) -> h5py.File:
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise SimclrPathError(f"{self.path}: not a readable HDF5 {self._what} ({exc}); "
+                                  "it may be truncated: recreate it with --force") from None
+        self._f, self._pid = f, os.getpid()
+        return f
+
+    @property
+    def file(self) -> h5py.File:
+        if self._f is None or self._pid != os.getpid():
+            return self._open()
+        return self._f
+
+    def close(self) -> None:
+        if self._f is not None and self._pid == os.getpid():
+            self._f.close()
+        self._f = None
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable for spawn-started workers
+        return {"path": self.path, "_what": self._what, "_f": None, "_pid": None}
+
+
+class PatchStore:
+    """Read a patch store: ``len(store)``, ``store[i]`` -> (S, S, 3) uint8, ``store[a:b]``, metadata.
+
+    The file is opened lazily per process, so a store can be handed to DataLoader workers.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._h5 = _LazyH5(path, "patch store")
+        f = self._h5.file
+        missing = [k for k in ("patches", "coords") if k not in f]
+        if missing or "format_version" not in f.attrs:
+            raise SimclrPathError(f"{self.path}: not a simclr-path patch store (missing "
+                                  f"{', '.join(missing) or 'format_version'}); create it with "
+                                  "'simclr-path tile' or 'simclr-path import-patches'")
+        try:
+            self.attrs: dict[str, Any] = {k: _read_attr(v) for k, v in f.attrs.items()}
+            self._len = int(f["patches"].shape[0])
+            self.coords: np.ndarray = f["coords"][:]
+            self.labels: np.ndarray | None = f["labels"][:] if "labels" in f else None
+            self.groups: list[str] | None = (
+                [g.decode() if isinstance(g, bytes) else g for g in f["groups"][:]] if "groups" in f else None)
+        except (OSError, KeyError) as exc:
+            raise SimclrPathError(f"{self.path}: patch store is damaged ({exc}); recreate it with --force") from None
+        if int(self.attrs["format_version"]) > FORMAT_VERSION:
+            raise SimclrPathError(f"{self.path}: store format {self.attrs['format_version']} is newer than "
+                                  f"this simclr-path ({FORMAT_VERSION}); upgrade simclr-path")
+
+    @property
+    def path(self) -> Path:
+        return self._h5.path
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.attrs["patch_size"])
+
+    @property
+    def slide_id(self) -> str:
+        return str(self.attrs.get("slide_id") or self.path.stem)
+
+    @property
+    def mpp(self) -> float | None:
+        return self.attrs.get("mpp")
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.attrs.get("label_names")
+
+    @property
+    def names(self) -> list[str] | None:
+        f = self._h5.file
+        if "names" not in f:
+            return None
+        return [n.decode() if isinstance(n, bytes) else n for n in f["names"][:]]
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, idx: int | slice | np.ndarray) -> np.ndarray:
+        """``int`` -> (S, S, 3); ``slice`` or index array -> (n, S, S, 3), uint8 RGB."""
+        ds = self._h5.file["patches"]
+        if isinstance(idx, (int, np.integer)):
+            i = int(idx)
+            if i < 0:
+                i += self._len
+            if not 0 <= i < self._len:
+                raise IndexError(idx)
+            return ds[i]
+        if isinstance(idx, slice):
+            return ds[idx]
+        idx = np.asarray(idx, dtype=np.int64)
+        uniq, inverse = np.unique(idx, return_inverse=True)  # h5py needs increasing unique indices
+        return ds[uniq][inverse]
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> PatchStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PatchStore({str(self.path)!r}, n={len(self)}, patch_size={self.patch_size})"
+
+
+def write_embeddings(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray,
+                     attrs: Mapping[str, Any], labels: np.ndarray | None = None,
+                     groups: Sequence[str] | None = None, label_names: Sequence[str] | None = None,
+                     force: bool = False) -> Path:
+    """Write an embedding store atomically. ``features``: (N, D) float32, ``coords``: (N, 2)."""
+    features = np.asarray(features, dtype=np.float32)
+    with atomic_output(path, force=force) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features, chunks=(min(max(len(features), 1), 1024), features.shape[1])
+                             if features.ndim == 2 and features.shape[1] > 0 and len(features) > 0 else None)
+            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
+            if labels is not None:
+                f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+            if groups is not None:
+                f.create_dataset("groups", data=list(groups), dtype=_STR)
+            all_attrs = {"format_version": FORMAT_VERSION, "simclr_path_version": __version__, **attrs}
+            if label_names is not None:
+                all_attrs["label_names"] = list(label_names)
+            for k, v in all_attrs.items():
+                f.attrs[k] = _attr_value(v)
+    return Path(path)
+
+
+class EmbeddingStore:
+    """Read an embedding store fully into memory (features are small: N x D float32)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        h5 = _LazyH5(path, "embedding file")
+        f = h5.file
+        if "features" not in f or "format_version" not in f.attrs:
+            h5.close()
+            raise SimclrPathError(f"{path}: not a simclr-path embedding file; create it with 'simclr-path embed'")
+        try:
+            self.path = Path(path)
+            self.attrs: dict[str, Any] = {k: _read_attr(v) for k, v in f.attrs.items()}
+            self.features: np.ndarray = f["features"][:]
+            self.coords: np.ndarray = f["coords"][:]
+            self.labels: np.ndarray | None = f["labels"][:] if "labels" in f else None
+            self.groups: list[str] | None = (
+                [g.decode() if isinstance(g, bytes) else g for g in f["groups"][:]] if "groups" in f else None)
+        except (OSError, KeyError) as exc:
+            raise SimclrPathError(f"{path}: embedding file is damaged ({exc}); recreate it with --force") from None
+        finally:
+            h5.close()
+
+    @property
+    def slide_id(self) -> str:
+        return str(self.attrs.get("slide_id") or self.path.stem)
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.attrs.get("label_names")
+
+    def __len__(self) -> int:
+        return len(self.features)

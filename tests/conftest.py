@@ -1,0 +1,37 @@
+"""Shared test fixtures. Real data lives in ../shared/data and tests using it skip without it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SLIDES = SHARED_DATA / "slides"
+LC25000 = SHARED_DATA / "lc25000-dev"
+
+
+def needs(path: Path) -> pytest.MarkDecorator:
+    """Skip a test cleanly when a piece of ../shared/data is absent."""
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not available")
+
+
+@pytest.fixture
+def make_store(tmp_path):
+    """Build a small patch store of random-ish patches: ``make_store(n=32, size=32, labels=None)``."""
+    from simclr_path.store import PatchStoreWriter
+
+    def _make(n: int = 32, size: int = 32, name: str = "store.h5", slide_id: str = "S1",
+              label_names=None, labels=None, groups=None, seed: int = 0) -> Path:
+        rng = np.random.default_rng(seed)
+        patches = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+        coords = np.stack([np.arange(n) * size, np.zeros(n, dtype=np.int64)], axis=1)
+        path = tmp_path / name
+        with PatchStoreWriter(path, patch_size=size, attrs={"slide_id": slide_id, "kind": "slide", "mpp": 0.5},
+                              label_names=label_names) as w:
+            w.append(patches, coords, labels=labels, groups=groups)
+        return path
+
+    return _make

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+
+from simclr_path.config import PRESETS, build_config, defaults_dict, load_config
+from simclr_path.errors import SimclrPathError
+
+
+def test_presets_build_and_override(tmp_path):
+    for name in PRESETS:
+        build_config(name)
+    cfg = load_config(preset="cpu-fast", overrides={"train": {"batch_size": 8}})
+    assert cfg.train.batch_size == 8 and cfg.train.optimizer == "adamw"
+    y = tmp_path / "c.yaml"
+    y.write_text("preset: gpu\ntrain:\n  epochs: 3\n")
+    cfg = load_config(y)
+    assert cfg.model.arch == "resnet50" and cfg.train.epochs == 3
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"train": {"optimizer": "adam"}}, "train.optimizer"),
+    ({"train": {"bogus": 1}}, "unknown key train.bogus"),
+    ({"nope": {}}, "unknown section"),
+    ({"tile": {"min_tissue": 2}}, "tile.min_tissue"),
+])
+def test_bad_values_name_the_field(overrides, match):
+    with pytest.raises(SimclrPathError, match=match):
+        load_config(overrides=overrides)
+
+
+def test_bad_yaml(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train: [1, 2\n")
+    with pytest.raises(SimclrPathError, match="not valid YAML"):
+        load_config(y)
+
+
+def test_defaults_dict_has_every_section():
+    assert set(defaults_dict()) == {"tile", "augment", "model", "train", "embed", "classify"}

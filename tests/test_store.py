@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from simclr_path.errors import SimclrPathError
+from simclr_path.store import EmbeddingStore, PatchStore, PatchStoreWriter, write_embeddings
+
+
+def test_roundtrip_index_slice_and_metadata(make_store):
+    path = make_store(n=10, size=16)
+    s = PatchStore(path)
+    assert len(s) == 10 and s.patch_size == 16 and s.slide_id == "S1" and s.mpp == 0.5
+    assert s[3].shape == (16, 16, 3) and s[3].dtype == np.uint8
+    np.testing.assert_array_equal(s[2:5], np.stack([s[2], s[3], s[4]]))
+    np.testing.assert_array_equal(s[np.array([4, 1, 4])], np.stack([s[4], s[1], s[4]]))
+    np.testing.assert_array_equal(s[-1], s[9])
+    assert s.coords.shape == (10, 2) and s.coords.dtype == np.int64
+    assert s.labels is None and s.groups is None
+    with h5py.File(path) as f:
+        assert f["patches"].chunks == (1, 16, 16, 3)
+        assert f["patches"].compression == "lzf"
+    with pytest.raises(IndexError):
+        s[10]
+
+
+def test_labels_groups_and_names(make_store):
+    path = make_store(n=4, size=8, label_names=["a", "b"], labels=[0, 1, 1, 0], groups=["g1", "g1", "g2", "g2"])
+    s = PatchStore(path)
+    assert s.label_names == ["a", "b"]
+    assert s.labels.tolist() == [0, 1, 1, 0] and s.groups == ["g1", "g1", "g2", "g2"]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    out = tmp_path / "x.h5"
+    with pytest.raises(RuntimeError):
+        with PatchStoreWriter(out, patch_size=8) as w:
+            w.append(np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 2)))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(make_store):
+    path = make_store(n=2, size=8)
+    with pytest.raises(SimclrPathError, match="--force"):
+        with PatchStoreWriter(path, patch_size=8):
+            pass
+    with PatchStoreWriter(path, patch_size=8, force=True) as w:
+        w.append(np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 2)))
+    assert len(PatchStore(path)) == 1
+
+
+def test_truncated_and_foreign_files_fail_clearly(make_store, tmp_path):
+    path = make_store(n=8, size=16)
+    bad = tmp_path / "trunc.h5"
+    bad.write_bytes(path.read_bytes()[:1500])
+    with pytest.raises(SimclrPathError, match="trunc.h5"):
+        PatchStore(bad)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = [1]
+    with pytest.raises(SimclrPathError, match="not a simclr-path patch store"):
+        PatchStore(other)
+    with pytest.raises(SimclrPathError, match="not found"):
+        PatchStore(tmp_path / "missing.h5")
+
+
+def test_embedding_roundtrip(tmp_path):
+    feats = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+    p = write_embeddings(tmp_path / "e.h5", feats, np.zeros((5, 2)), {"slide_id": "A", "layer": "pooled"},
+                         labels=np.array([0, 1, 0, 1, 1]), groups=list("abcde"), label_names=["x", "y"])
+    e = EmbeddingStore(p)
+    np.testing.assert_array_equal(e.features, feats)
+    assert e.slide_id == "A" and e.label_names == ["x", "y"] and e.groups == list("abcde")
+    assert e.labels.tolist() == [0, 1, 0, 1, 1]
