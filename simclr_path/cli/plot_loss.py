@@ -1,0 +1,23 @@
+"""``simclr-path plot-loss``: loss curve of a pretraining run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "Plot the loss and learning-rate curve of a pretraining run (metrics.csv) as a PNG."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="pretraining run directory (or its metrics.csv)")
+    p.add_argument("--out", type=Path, required=True, help="output PNG")
+    p.add_argument("--title", default=None, help="figure title")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from simclr_path.figures import plot_loss_curve
+
+    csv = args.run / "metrics.csv" if args.run.is_dir() else args.run
+    plot_loss_curve(csv, args.out, title=args.title, force=args.force)
+    return 0
