@@ -1,0 +1,251 @@
+"""Patch embeddings: run a trained encoder over every patch of a store (``simclr-path embed``).
+
+Throughput comes from batching (one contiguous HDF5 slice per batch, read by DataLoader workers),
+``torch.inference_mode``, channels-last memory layout, bf16 autocast on GPUs that support it, and
+resizing/normalising whole batches as tensors on the device instead of patch by patch with PIL.
+
+Feature layers (``EmbedConfig.layer``):
+
+* ``pooled``: the backbone output, (N, num_features), what SimCLR's linear evaluation uses
+  (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations").
+* ``stageN``: global-average-pooled output of feature stage N as timm numbers them
+  (``model.feature_info``; for ResNets 0 = stem, 1-4 = layer1-layer4), via timm's generic
+  ``forward_intermediates``; for layer-wise linear evaluation.
+* ``head``: the SimCLR projection-head output, when the run directory has the head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from simclr_path.config import EmbedConfig
+from simclr_path.errors import SimclrPathError
+from simclr_path.model import encoder_info, load_encoder
+from simclr_path.store import PatchStore, write_embeddings
+
+# ImageNet statistics, as timm models expect (and as the SimCLR views are normalised).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_STAGE = re.compile(r"stage(\d+)")
+
+
+def preprocess(patches: torch.Tensor, image_size: int, device: torch.device | str = "cpu",
+               channels_last: bool = False) -> torch.Tensor:
+    """Evaluation transform for a batch: uint8 (B, S, S, 3) RGB -> float (B, 3, image_size, image_size).
+
+    Resizes with antialiased bilinear interpolation when ``S != image_size`` and normalises with
+    ImageNet mean/std. Works on whole batches on ``device`` (the one eval transform of the package).
+    """
+    x = patches.to(device, non_blocking=True)
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                          antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file (identifies the exact encoder an embedding came from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SimclrPathError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise SimclrPathError(f"--device {device!r}: expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+class FeatureExtractor(nn.Module):
+    """Wrap a timm backbone so ``forward`` returns the chosen layer: (B, 3, H, W) -> (B, D).
+
+    Args:
+        backbone: timm model built with ``num_classes=0``.
+        layer: ``pooled``, ``stageN`` or ``head``.
+        head: projection head (needed for ``layer="head"``), mapping (B, num_features) -> (B, P).
+    """
+
+    def __init__(self, backbone: nn.Module, layer: str = "pooled", head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.layer = layer
+        self.head = head
+        self.stage: int | None = None
+        m = _STAGE.fullmatch(layer)
+        if m:
+            info = getattr(backbone, "feature_info", None)
+            if info is None or not hasattr(backbone, "forward_intermediates"):
+                raise SimclrPathError(f"layer {layer!r}: this timm model does not expose feature stages "
+                                      "(forward_intermediates); use --layer pooled")
+            n = len(info)
+            self.stage = int(m.group(1))
+            if self.stage >= n:
+                raise SimclrPathError(f"layer {layer!r}: the model has feature stages 0-{n - 1}; "
+                                      f"choose --layer stage0 ... stage{n - 1} or pooled")
+        elif layer == "head":
+            if head is None:
+                raise SimclrPathError("layer 'head': no projection head was found for this encoder")
+        elif layer != "pooled":
+            raise SimclrPathError(f"layer {layer!r}: expected pooled, stageN (e.g. stage3) or head")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stage is not None:
+            (fmap,) = self.backbone.forward_intermediates(x, indices=[self.stage], intermediates_only=True,
+                                                          stop_early=True)
+            if fmap.ndim == 4:  # (B, C, h, w) -> (B, C): global average pooling
+                return fmap.mean(dim=(2, 3))
+            return fmap.mean(dim=1)  # token layouts (B, T, C)
+        z = self.backbone(x)
+        if self.head is not None and self.layer == "head":
+            z = self.head(z)
+        return z
+
+
+def _load_head(encoder_path: Path, device: torch.device) -> nn.Module:
+    from simclr_path import model as model_mod
+
+    loader = getattr(model_mod, "load_projection_head", None)
+    if loader is None:
+        raise SimclrPathError("layer 'head': this version of simclr-path cannot load projection heads; "
+                              "use --layer pooled or stageN")
+    head = loader(encoder_path.parent)
+    return head.eval().to(device)
+
+
+class _Batches(Dataset):
+    """Contiguous slices of a store: one HDF5 read per batch (much faster than patch by patch)."""
+
+    def __init__(self, store: PatchStore, batch_size: int) -> None:
+        self.store = store
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return (len(self.store) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        lo = i * self.batch_size
+        return torch.from_numpy(np.ascontiguousarray(self.store[lo:lo + self.batch_size]))
+
+
+def _use_bf16(cfg: EmbedConfig, device: torch.device) -> bool:
+    # bf16 autocast pays off on GPUs with bf16 tensor cores; on CPU it is usually slower here and
+    # changes the features, so it stays off.
+    return bool(cfg.amp and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def embed_store(encoder_path: str | os.PathLike, store_path: str | os.PathLike, out: str | os.PathLike,
+                cfg: EmbedConfig | None = None, force: bool = False, progress: bool = True) -> Path:
+    """Embed every patch of ``store_path`` with the encoder and write an embedding file to ``out``.
+
+    Output (HDF5, see :mod:`simclr_path.store`): ``/features`` float32 (N, D), ``/coords`` (N, 2),
+    ``/labels`` and ``/groups`` when the store has them; attributes ``slide_id``,
+    ``source_store``, ``encoder_sha256``, ``arch``, ``layer``, ``image_size``, ``label_names``.
+    A store without patches gives a (0, D) file and a warning.
+
+    Args:
+        encoder_path: ``encoder.pt`` (with ``encoder.json`` beside it) or a run directory.
+        store_path: patch store from ``tile`` or ``import-patches``.
+        out: embedding file to write (atomically).
+        cfg: batch size, layer, image size, AMP, device, workers.
+        force: overwrite ``out``.
+        progress: show a progress bar.
+    """
+    cfg = cfg or EmbedConfig()
+    enc = Path(encoder_path)
+    if enc.is_dir():
+        enc = enc / "encoder.pt"
+    if not enc.is_file():
+        raise SimclrPathError(f"{enc}: encoder file not found; train one with 'simclr-path pretrain'")
+    out = Path(out)
+    if out.exists() and not force:
+        raise SimclrPathError(f"{out}: output already exists; pass --force to overwrite it")
+    if cfg.batch_size < 1:
+        raise SimclrPathError(f"embed.batch_size must be >= 1, got {cfg.batch_size}")
+    info = encoder_info(enc)
+    store = PatchStore(store_path)
+    device = resolve_device(cfg.device)
+    image_size = int(cfg.image_size or info.get("image_size") or store.patch_size)
+    if image_size < 8:
+        raise SimclrPathError(f"embed.image_size must be >= 8, got {image_size}")
+    enc_mpp, store_mpp = info.get("mpp"), store.mpp
+    if enc_mpp and store_mpp and abs(float(enc_mpp) - float(store_mpp)) > 0.1 * float(enc_mpp):
+        warnings.warn(f"{store.path}: patches are at {store_mpp} um/px but the encoder was trained at "
+                      f"{enc_mpp} um/px; features may be poor", stacklevel=2)
+
+    backbone = load_encoder(enc, arch=info.get("arch"), device=device)
+    head = _load_head(enc, device) if cfg.layer == "head" else None
+    model = FeatureExtractor(backbone, cfg.layer, head).eval().to(device)
+    channels_last = bool(cfg.channels_last)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    bf16 = _use_bf16(cfg, device)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model(x).float()
+
+    n = len(store)
+    with torch.inference_mode():
+        dim = int(run(preprocess(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8), image_size,
+                                 device, channels_last)).shape[1])
+        feats = np.zeros((n, dim), dtype=np.float32)
+        if n == 0:
+            warnings.warn(f"{store.path}: store has no patches (no tissue?); writing an empty embedding "
+                          f"file (0, {dim})", stacklevel=2)
+        else:
+            batches = _Batches(store, cfg.batch_size)
+            workers = min(int(cfg.workers), len(batches) - 1)  # one batch: no worker start-up cost
+            loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=max(workers, 0),
+                                pin_memory=device.type == "cuda", persistent_workers=False)
+            from tqdm.auto import tqdm
+
+            pos = 0
+            with tqdm(total=n, unit="patch", desc=f"embed {store.slide_id}", disable=None if progress else True,
+                      leave=False) as bar:
+                for raw in loader:
+                    z = run(preprocess(raw, image_size, device, channels_last))
+                    feats[pos:pos + len(z)] = z.cpu().numpy()
+                    pos += len(z)
+                    bar.update(len(z))
+    if not np.isfinite(feats).all():
+        raise SimclrPathError(f"{enc}: encoder produced NaN or infinite features on {store.path}; "
+                              "the encoder is probably broken (diverged training)")
+    attrs: dict[str, Any] = {
+        "kind": "embeddings", "slide_id": store.slide_id, "source_store": str(store.path),
+        "encoder": str(enc), "encoder_sha256": file_sha256(enc), "arch": info.get("arch"),
+        "layer": cfg.layer, "image_size": image_size, "feature_dim": dim, "n_patches": n,
+        "mpp": store.mpp, "patch_size": store.patch_size, "store_kind": store.attrs.get("kind"),
+        "source_path": store.attrs.get("source_path"), "level0_mpp": store.attrs.get("level0_mpp"),
+    }
+    labels = store.labels
+    groups = store.groups
+    label_names = store.label_names
+    store.close()
+    return write_embeddings(out, feats, store.coords, attrs, labels=labels, groups=groups,
+                            label_names=label_names, force=force)

@@ -1,0 +1,152 @@
+"""The samples sheet: which slides exist, their label, their patient, and where the file is.
+
+Format: a tab-separated file with a header row::
+
+    slide_id    path                      label    patient_id    mpp     split
+    S01         slides/S01.svs            SCC      P01           0.25    train
+    S02         slides/S02.svs            normal   P01                   train
+    S03         /data/wsi/S03.ndpi        SCC      P02                   test
+
+Required columns: ``slide_id``, ``path``, ``label``, ``patient_id``. Optional: ``mpp`` (level-0
+microns per pixel, for slides whose files lack it; empty = read from the file) and ``split``
+(``train`` or ``test`` on every row; when given, the classifier uses it instead of grouped K-fold).
+Lines starting with ``#`` are comments.
+
+Relative paths are resolved against the current directory first (what Snakemake users expect:
+the workflow runs from the project root), then against ``base_dir`` (default: the sheet's folder).
+The returned ``path`` column holds the path that exists (unchanged when found relative to the
+current directory).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from simclr_path.errors import SimclrPathError
+
+REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id")
+OPTIONAL_COLUMNS = ("mpp", "split")
+SPLITS = ("train", "test")
+# A slide id becomes a file name (results/patches/{slide}.h5): no separators, no leading dot.
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def is_safe_id(value: str) -> bool:
+    """True when ``value`` can be used as a file name on every platform (no ``/``, ``..``, dot file)."""
+    return bool(_SAFE_ID.fullmatch(value)) and ".." not in value
+
+
+def read_samples(path: str | os.PathLike, labels: Sequence[str] | None = None, check_files: bool = True,
+                 base_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Read and validate a samples sheet; any problem raises one :class:`SimclrPathError` line.
+
+    Args:
+        path: the TSV file.
+        labels: the allowed label values (e.g. ``config.classify.labels``); None allows any.
+        check_files: require every slide file to exist.
+        base_dir: second place to resolve relative slide paths (default: the sheet's folder).
+
+    Returns:
+        One row per slide with columns ``slide_id, path, label, patient_id`` (strings), plus
+        ``mpp`` (float, NaN when empty) and ``split`` (string) when the sheet has them.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SimclrPathError(f"{p}: samples sheet not found")
+    try:
+        df = pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise SimclrPathError(f"{p}: not a readable tab-separated samples sheet "
+                              f"({str(exc).splitlines()[0]})") from None
+    except pd.errors.EmptyDataError:
+        raise SimclrPathError(f"{p}: samples sheet is empty; expected a header row with columns "
+                              f"{', '.join(REQUIRED_COLUMNS)}") from None
+    return validate_samples(df, labels=labels, check_files=check_files,
+                            base_dir=base_dir if base_dir is not None else p.parent, where=str(p))
+
+
+def validate_samples(df: pd.DataFrame, labels: Sequence[str] | None = None, check_files: bool = True,
+                     base_dir: str | os.PathLike | None = None, where: str = "samples sheet") -> pd.DataFrame:
+    """Validate a samples table already in memory (see :func:`read_samples`); returns a clean copy."""
+    df = df.copy()
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise SimclrPathError(f"{where}: missing column(s) {', '.join(missing)}; the sheet must be tab-separated "
+                              f"with columns {', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(OPTIONAL_COLUMNS)})")
+    if df.empty:
+        raise SimclrPathError(f"{where}: no slides listed; add one row per slide")
+    for col in df.columns:
+        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
+            df[col] = df[col].fillna("").astype(str).str.strip()
+
+    def line(i: int) -> str:  # header is line 1 (comment lines are not counted)
+        return f"{where}: row {i + 1} (slide_id {df['slide_id'].iloc[i]!r})"
+
+    for col in REQUIRED_COLUMNS:
+        empty = df.index[df[col] == ""]
+        if len(empty):
+            i = df.index.get_loc(empty[0])
+            raise SimclrPathError(f"{line(i)}: field {col!r} is empty; every slide needs a {col}")
+    for i, sid in enumerate(df["slide_id"]):
+        if not is_safe_id(sid):
+            raise SimclrPathError(f"{line(i)}: slide_id {sid!r} is not a safe file name; use only letters, "
+                                  "digits, '.', '_' and '-', no '/', no '..' and no leading dot")
+    dup = df["slide_id"][df["slide_id"].duplicated()]
+    if len(dup):
+        rows = [i + 1 for i, s in enumerate(df["slide_id"]) if s == dup.iloc[0]]
+        raise SimclrPathError(f"{where}: slide_id {dup.iloc[0]!r} appears more than once (rows {rows}); "
+                              "slide ids must be unique")
+    if labels is not None:
+        allowed = [str(x) for x in labels]
+        for i, lab in enumerate(df["label"]):
+            if lab not in allowed:
+                raise SimclrPathError(f"{line(i)}: label {lab!r} is not one of the configured labels {allowed}; "
+                                      "fix the sheet or set classify.labels in the config")
+    classes = sorted(df["label"].unique())
+    if len(classes) < 2:
+        raise SimclrPathError(f"{where}: every slide has label {classes[0]!r}; a classifier needs at least "
+                              "two classes (e.g. SCC and normal)")
+    if "mpp" in df.columns:
+        values = []
+        for i, v in enumerate(df["mpp"]):
+            if v == "":
+                values.append(float("nan"))
+                continue
+            try:
+                f = float(v)
+            except ValueError:
+                f = float("nan")
+            if not (f > 0 and f < 1000):
+                raise SimclrPathError(f"{line(i)}: mpp {v!r} is not a positive number of microns per pixel "
+                                      "(e.g. 0.25); leave it empty to read it from the slide file")
+            values.append(f)
+        df["mpp"] = values
+    if "split" in df.columns:
+        for i, v in enumerate(df["split"]):
+            if v not in SPLITS:
+                raise SimclrPathError(f"{line(i)}: split {v!r} must be 'train' or 'test' on every row; "
+                                      "remove the split column to use patient-grouped K-fold evaluation")
+        if df["split"].nunique() < 2:
+            raise SimclrPathError(f"{where}: split column has only {df['split'].iloc[0]!r}; "
+                                  "it needs both train and test slides")
+    base = Path(base_dir) if base_dir is not None else None
+    resolved = []
+    for i, raw in enumerate(df["path"]):
+        cand = Path(raw).expanduser()
+        found = cand
+        if not cand.is_absolute() and not cand.exists() and base is not None and (base / cand).exists():
+            found = base / cand
+        if check_files and not found.exists():
+            tried = str(cand) if cand.is_absolute() or base is None else f"{cand} and {base / cand}"
+            raise SimclrPathError(f"{line(i)}: slide file not found (tried {tried}); fix the path "
+                                  "(relative paths are resolved against the current directory, then the "
+                                  "sheet's folder)")
+        resolved.append(str(found))
+    df["path"] = resolved
+    return df.reset_index(drop=True)
