@@ -154,6 +154,14 @@ class EmbedConfig:
     device: str = "auto"
     workers: int = 2
 
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "embed.batch_size", "must be >= 1")
+        _check(self.image_size is None or self.image_size >= 8, "embed.image_size", "must be >= 8")
+        _check(self.layer in ("pooled", "head") or (self.layer.startswith("stage") and self.layer[5:].isdigit()),
+               "embed.layer", f"must be pooled, head or stageN (e.g. stage3), got {self.layer!r}")
+        _check(self.device in ("auto", "cpu", "cuda"), "embed.device", "must be auto, cpu or cuda")
+        _check(self.workers >= 0, "embed.workers", "must be >= 0")
+
 
 @dataclass
 class ClassifyConfig:
@@ -168,9 +176,17 @@ class ClassifyConfig:
     bootstrap: int = 1000
     max_iter: int = 2000
     seed: int = 0
+    tsne_max_points: int = 2000  # t-SNE figures: stratified sample of at most this many patches
+    tsne_perplexity: float = 30.0  # capped at (points - 1) / 3 for small samples
 
     def __post_init__(self) -> None:
         _check(self.folds >= 2, "classify.folds", "must be >= 2")
+        _check(self.top_k >= 1, "classify.top_k", "must be >= 1")
+        _check(self.bootstrap >= 0, "classify.bootstrap", "must be >= 0")
+        _check(len(self.c_grid) >= 1 and all(c > 0 for c in self.c_grid), "classify.c_grid",
+               "must list one or more positive numbers")
+        _check(len(set(self.labels)) >= 2, "classify.labels", "must list at least two distinct labels")
+        _check(self.tsne_max_points >= 10, "classify.tsne_max_points", "must be >= 10")
         _check(self.inner_folds >= 2, "classify.inner_folds", "must be >= 2")
 
 
