@@ -1,0 +1,23 @@
+"""``simclr-path plot-confusion``: confusion matrices of a classifier run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "Confusion matrices (patch and slide level) from a 'classify' results folder."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classify", type=Path, required=True, help="results folder of 'simclr-path classify'")
+    p.add_argument("--out", type=Path, required=True, help="output PNG")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from simclr_path.figures import plot_confusion
+    from simclr_path.outputs import check_can_write
+
+    check_can_write(args.out, args.force)
+    plot_confusion(args.classify, args.out, force=True)
+    return 0

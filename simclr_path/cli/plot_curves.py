@@ -1,0 +1,25 @@
+"""``simclr-path plot-curves``: ROC and precision-recall curves of a classifier run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "ROC and precision-recall curves (patch and slide level) from a 'classify' results folder."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classify", type=Path, required=True, help="results folder of 'simclr-path classify'")
+    p.add_argument("--out-roc", type=Path, required=True, help="ROC PNG")
+    p.add_argument("--out-pr", type=Path, required=True, help="precision-recall PNG")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+def run(args: argparse.Namespace) -> int:
+    from simclr_path.figures import plot_curves
+    from simclr_path.outputs import check_can_write
+
+    check_can_write(args.out_roc, args.force)
+    check_can_write(args.out_pr, args.force)
+    plot_curves(args.classify, args.out_roc, args.out_pr, force=True)
+    return 0

@@ -1,0 +1,26 @@
+"""``simclr-path plot-heatmap``: SCC probability of every patch over the slide thumbnail."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "Per-patch SCC probability heatmap over the slide thumbnail (from a 'classify' folder or 'predict' CSV)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classify", type=Path, required=True,
+                   help="results folder of 'simclr-path classify' (or a CSV written by 'simclr-path predict')")
+    p.add_argument("--store", type=Path, required=True, help="the slide's patch store")
+    p.add_argument("--out", type=Path, required=True, help="output PNG")
+    p.add_argument("--slide-id", default=None, help="slide to draw [default: the store's slide id]")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from simclr_path.figures import plot_heatmap
+    from simclr_path.outputs import check_can_write
+
+    check_can_write(args.out, args.force)
+    plot_heatmap(args.classify, args.store, args.out, slide_id=args.slide_id, force=True)
+    return 0
