@@ -39,7 +39,14 @@ from simclr_path.outputs import atomic_dir, atomic_output, check_can_write
 from simclr_path.store import EmbeddingStore
 
 MODEL_FORMAT_VERSION = 1
-SCALAR_KEYS = ("auroc", "average_precision", "balanced_accuracy", "sensitivity", "specificity", "f1")
+SCALAR_KEYS = (
+    "auroc",
+    "average_precision",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "f1",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,28 +91,37 @@ def _load_files(paths: Sequence[str | os.PathLike]) -> list[EmbeddingStore]:
         by_dim = {}
         for s in stores:
             by_dim.setdefault(s.features.shape[1], s.path)
-        raise SimclrPathError(f"embedding files have different feature sizes {sorted(by_dim)} (e.g. "
-                              f"{', '.join(str(p) for p in by_dim.values())}); embed every slide with the same "
-                              "encoder and layer")
+        raise SimclrPathError(
+            f"embedding files have different feature sizes {sorted(by_dim)} (e.g. "
+            f"{', '.join(str(p) for p in by_dim.values())}); embed every slide with the same "
+            "encoder and layer"
+        )
     for key in ("encoder_sha256", "layer"):
         vals = {s.attrs.get(key) for s in stores}
         if len(vals) > 1:
             odd = next(s for s in stores if s.attrs.get(key) != stores[0].attrs.get(key))
-            raise SimclrPathError(f"{odd.path}: {key} {odd.attrs.get(key)!r} differs from {stores[0].path} "
-                                  f"({stores[0].attrs.get(key)!r}); embed every slide with the same encoder "
-                                  "and layer")
+            raise SimclrPathError(
+                f"{odd.path}: {key} {odd.attrs.get(key)!r} differs from {stores[0].path} "
+                f"({stores[0].attrs.get(key)!r}); embed every slide with the same encoder "
+                "and layer"
+            )
     seen: dict[str, Path] = {}
     for s in stores:
         if s.attrs.get("store_kind") != "patches" and s.labels is None:
             if s.slide_id in seen:
-                raise SimclrPathError(f"{s.path}: slide {s.slide_id!r} was already given in {seen[s.slide_id]}; "
-                                      "pass each slide's embedding file once")
+                raise SimclrPathError(
+                    f"{s.path}: slide {s.slide_id!r} was already given in {seen[s.slide_id]}; "
+                    "pass each slide's embedding file once"
+                )
             seen[s.slide_id] = s.path
     return stores
 
 
-def load_table(embedding_paths: Sequence[str | os.PathLike], samples: str | os.PathLike | pd.DataFrame | None,
-               cfg: ClassifyConfig) -> PatchTable:
+def load_table(
+    embedding_paths: Sequence[str | os.PathLike],
+    samples: str | os.PathLike | pd.DataFrame | None,
+    cfg: ClassifyConfig,
+) -> PatchTable:
     """Read embedding files and attach labels and patients (from the sheet or from the files)."""
     from simclr_path.samples import read_samples, validate_samples
 
@@ -126,18 +142,31 @@ def load_table(embedding_paths: Sequence[str | os.PathLike], samples: str | os.P
         for s in stores:
             sid = s.slide_id
             if sid not in by_id.index:
-                raise SimclrPathError(f"{s.path}: embedding file is for slide {sid!r}, which is not in the samples "
-                                      f"sheet {where}; add a row for it or leave the file out")
+                raise SimclrPathError(
+                    f"{s.path}: embedding file is for slide {sid!r}, which is not in the samples "
+                    f"sheet {where}; add a row for it or leave the file out"
+                )
             if sid in {r["slide_id"] for r in rows}:
-                raise SimclrPathError(f"{s.path}: slide {sid!r} is given twice; pass each embedding file once")
+                raise SimclrPathError(
+                    f"{s.path}: slide {sid!r} is given twice; pass each embedding file once"
+                )
             r = by_id.loc[sid]
             n = len(s)
             if n == 0:
-                warnings.warn(f"{s.path}: slide {sid!r} has no patches; it is left out", stacklevel=2)
+                warnings.warn(
+                    f"{s.path}: slide {sid!r} has no patches; it is left out", stacklevel=2
+                )
                 continue
             yi = classes.index(r["label"])
-            rows.append({"slide_id": sid, "patient_id": r["patient_id"], "label": r["label"], "y": yi,
-                         **({"split": r["split"]} if "split" in sheet.columns else {})})
+            rows.append(
+                {
+                    "slide_id": sid,
+                    "patient_id": r["patient_id"],
+                    "label": r["label"],
+                    "y": yi,
+                    **({"split": r["split"]} if "split" in sheet.columns else {}),
+                }
+            )
             parts["X"].append(s.features)
             parts["y"].append(np.full(n, yi))
             parts["slide"].append(np.full(n, sid, dtype=object))
@@ -146,15 +175,20 @@ def load_table(embedding_paths: Sequence[str | os.PathLike], samples: str | os.P
             parts["coords"].append(s.coords)
         unused = sorted(set(sheet["slide_id"]) - {r["slide_id"] for r in rows})
         if unused:
-            warnings.warn(f"{len(unused)} slide(s) of the samples sheet have no embeddings and are left out "
-                          f"(first: {unused[0]})", stacklevel=2)
+            warnings.warn(
+                f"{len(unused)} slide(s) of the samples sheet have no embeddings and are left out "
+                f"(first: {unused[0]})",
+                stacklevel=2,
+            )
         slides = pd.DataFrame(rows)
     else:
         classes = []
         for s in stores:
             if s.labels is None or not s.label_names:
-                raise SimclrPathError(f"{s.path}: embedding file has no patch labels; pass --samples SHEET "
-                                      "with the slide labels and patients")
+                raise SimclrPathError(
+                    f"{s.path}: embedding file has no patch labels; pass --samples SHEET "
+                    "with the slide labels and patients"
+                )
             classes += [c for c in s.label_names if c not in classes]
         for s in stores:
             n = len(s)
@@ -162,11 +196,16 @@ def load_table(embedding_paths: Sequence[str | os.PathLike], samples: str | os.P
                 continue
             lab = np.asarray(s.labels, dtype=np.int64)
             if lab.min() < 0 or lab.max() >= len(s.label_names):
-                raise SimclrPathError(f"{s.path}: labels outside label_names; re-import the patches")
+                raise SimclrPathError(
+                    f"{s.path}: labels outside label_names; re-import the patches"
+                )
             remap = np.array([classes.index(c) for c in s.label_names])
             if s.groups is None or all(g == "" for g in s.groups):
-                warnings.warn(f"{s.path}: patches have no groups; every patch is its own group, so near-duplicate "
-                              "patches may land on both sides of a split (import with --groups)", stacklevel=2)
+                warnings.warn(
+                    f"{s.path}: patches have no groups; every patch is its own group, so near-duplicate "
+                    "patches may land on both sides of a split (import with --groups)",
+                    stacklevel=2,
+                )
                 groups = np.array([f"{s.slide_id}:{i}" for i in range(n)], dtype=object)
             else:
                 groups = np.asarray(s.groups, dtype=object)
@@ -182,23 +221,40 @@ def load_table(embedding_paths: Sequence[str | os.PathLike], samples: str | os.P
         g_all = np.concatenate(parts["slide"])
         df = pd.DataFrame({"slide_id": g_all, "y": y_all})
         # a group's label is its most common patch label (groups are single-class in practice)
-        slide_y = df.groupby("slide_id", sort=False)["y"].agg(lambda v: int(np.bincount(v).argmax()))
-        slides = pd.DataFrame({"slide_id": slide_y.index, "patient_id": slide_y.index,
-                               "label": [classes[i] for i in slide_y.values], "y": slide_y.values})
+        slide_y = df.groupby("slide_id", sort=False)["y"].agg(
+            lambda v: int(np.bincount(v).argmax())
+        )
+        slides = pd.DataFrame(
+            {
+                "slide_id": slide_y.index,
+                "patient_id": slide_y.index,
+                "label": [classes[i] for i in slide_y.values],
+                "y": slide_y.values,
+            }
+        )
     if slides.empty:
         raise SimclrPathError("every embedding file is empty; nothing to classify")
     positive = find_positive(classes, cfg.positive_label)
     if positive is None and len(classes) == 2:
-        raise SimclrPathError(f"positive label {cfg.positive_label!r} is not one of the classes {classes}; "
-                              "set classify.positive_label")
+        raise SimclrPathError(
+            f"positive label {cfg.positive_label!r} is not one of the classes {classes}; "
+            "set classify.positive_label"
+        )
     first = stores[0].attrs
     return PatchTable(
         X=np.concatenate(parts["X"]).astype(np.float32, copy=False).reshape(-1, dim),
-        y=np.concatenate(parts["y"]).astype(np.int64), slide=np.concatenate(parts["slide"]),
-        patient=np.concatenate(parts["patient"]), patch_index=np.concatenate(parts["idx"]),
-        coords=np.concatenate(parts["coords"]).reshape(-1, 2), classes=list(classes), positive=positive,
-        slides=slides.reset_index(drop=True), encoder_sha256=first.get("encoder_sha256"),
-        layer=first.get("layer"), arch=first.get("arch"))
+        y=np.concatenate(parts["y"]).astype(np.int64),
+        slide=np.concatenate(parts["slide"]),
+        patient=np.concatenate(parts["patient"]),
+        patch_index=np.concatenate(parts["idx"]),
+        coords=np.concatenate(parts["coords"]).reshape(-1, 2),
+        classes=list(classes),
+        positive=positive,
+        slides=slides.reset_index(drop=True),
+        encoder_sha256=first.get("encoder_sha256"),
+        layer=first.get("layer"),
+        arch=first.get("arch"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +265,9 @@ def patients_per_class(slides: pd.DataFrame, classes: Sequence[str]) -> dict[str
     return {c: int(slides.loc[slides["label"] == c, "patient_id"].nunique()) for c in classes}
 
 
-def make_folds(slides: pd.DataFrame, classes: Sequence[str], cfg: ClassifyConfig) -> tuple[np.ndarray, str]:
+def make_folds(
+    slides: pd.DataFrame, classes: Sequence[str], cfg: ClassifyConfig
+) -> tuple[np.ndarray, str]:
     """Assign every slide to an outer test fold (``fold`` array aligned with ``slides``).
 
     Patient-grouped stratified K-fold with ``min(cfg.folds, patients in the smallest class)``
@@ -221,27 +279,37 @@ def make_folds(slides: pd.DataFrame, classes: Sequence[str], cfg: ClassifyConfig
     scarce = {c: n for c, n in counts.items() if n < 2}
     if scarce:
         c, n = next(iter(scarce.items()))
-        raise SimclrPathError(f"class {c!r} has slides from only {n} patient(s); patient-grouped evaluation needs "
-                              "at least 2 patients per class (one to train on, one to test on), because a "
-                              "patient is never on both sides of a split; add slides from more patients")
+        raise SimclrPathError(
+            f"class {c!r} has slides from only {n} patient(s); patient-grouped evaluation needs "
+            "at least 2 patients per class (one to train on, one to test on), because a "
+            "patient is never on both sides of a split; add slides from more patients"
+        )
     if "split" in slides.columns:
         test = (slides["split"] == "test").to_numpy()
         both = set(slides.loc[test, "patient_id"]) & set(slides.loc[~test, "patient_id"])
         if both:
-            raise SimclrPathError(f"samples sheet split: patient {sorted(both)[0]!r} has slides in both train and "
-                                  "test; put all slides of a patient on one side")
+            raise SimclrPathError(
+                f"samples sheet split: patient {min(both)!r} has slides in both train and "
+                "test; put all slides of a patient on one side"
+            )
         missing = [c for c in classes if c not in set(slides.loc[~test, "label"])]
         if missing:
-            raise SimclrPathError(f"samples sheet split: no training slide of class {missing[0]!r}; "
-                                  "move some of its patients to train")
+            raise SimclrPathError(
+                f"samples sheet split: no training slide of class {missing[0]!r}; "
+                "move some of its patients to train"
+            )
         return np.where(test, 0, -1), "split"
     k = min(cfg.folds, min(counts.values()))
     if k < cfg.folds:
-        warnings.warn(f"using {k} outer folds instead of {cfg.folds}: the smallest class has {k} patients",
-                      stacklevel=2)
+        warnings.warn(
+            f"using {k} outer folds instead of {cfg.folds}: the smallest class has {k} patients",
+            stacklevel=2,
+        )
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.seed)
     fold = np.full(len(slides), -1)
-    for i, (_, te) in enumerate(splitter.split(np.zeros(len(slides)), slides["y"], groups=slides["patient_id"])):
+    for i, (_, te) in enumerate(
+        splitter.split(np.zeros(len(slides)), slides["y"], groups=slides["patient_id"])
+    ):
         fold[te] = i
     return fold, f"grouped_{k}fold"
 
@@ -255,7 +323,9 @@ def _check_disjoint(train_patients: np.ndarray, test_patients: np.ndarray) -> No
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
-def fit_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, cfg: ClassifyConfig):
+def fit_probe(
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, cfg: ClassifyConfig
+):
     """StandardScaler + LogisticRegression(class_weight="balanced"); C by inner grouped CV.
 
     Returns the fitted sklearn pipeline and the chosen C.
@@ -267,22 +337,33 @@ def fit_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, 
 
     present = np.unique(y)
     if len(present) < n_classes:
-        raise SimclrPathError(f"a training fold lacks class index {sorted(set(range(n_classes)) - set(present))}; "
-                              "add patients of that class")
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=cfg.max_iter))
+        raise SimclrPathError(
+            f"a training fold lacks class index {sorted(set(range(n_classes)) - set(present))}; "
+            "add patients of that class"
+        )
+    pipe = make_pipeline(
+        StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=cfg.max_iter)
+    )
     grid = list(cfg.c_grid)
     per_class = min(len(set(groups[y == c])) for c in range(n_classes))
     k = min(cfg.inner_folds, per_class)
     if len(grid) == 1 or k < 2:
         c = grid[0] if len(grid) == 1 else grid[len(grid) // 2]
         if len(grid) > 1:
-            warnings.warn(f"too few patients per class ({per_class}) for inner cross-validation; using C={c}",
-                          stacklevel=2)
+            warnings.warn(
+                f"too few patients per class ({per_class}) for inner cross-validation; using C={c}",
+                stacklevel=2,
+            )
         pipe.set_params(logisticregression__C=c)
         return pipe.fit(X, y), float(c)
-    search = GridSearchCV(pipe, {"logisticregression__C": grid},
-                          cv=StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.seed),
-                          scoring="roc_auc" if n_classes == 2 else "roc_auc_ovr", error_score=np.nan, refit=True)
+    search = GridSearchCV(
+        pipe,
+        {"logisticregression__C": grid},
+        cv=StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.seed),
+        scoring="roc_auc" if n_classes == 2 else "roc_auc_ovr",
+        error_score=np.nan,
+        refit=True,
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Only one class is present.*")
         warnings.filterwarnings("ignore", message=".*scores are non-finite.*")
@@ -311,17 +392,27 @@ class LinearModel:
         return int(self.coef.shape[1])
 
     @classmethod
-    def from_pipeline(cls, pipe, classes: Sequence[str], positive: int | None, meta: dict[str, Any]) -> LinearModel:
+    def from_pipeline(
+        cls, pipe, classes: Sequence[str], positive: int | None, meta: dict[str, Any]
+    ) -> LinearModel:
         scaler, lr = pipe[0], pipe[-1]
-        return cls(mean=scaler.mean_.astype(np.float64), scale=scaler.scale_.astype(np.float64),
-                   coef=lr.coef_.astype(np.float64), intercept=lr.intercept_.astype(np.float64),
-                   classes=list(classes), positive=positive, meta=meta)
+        return cls(
+            mean=scaler.mean_.astype(np.float64),
+            scale=scaler.scale_.astype(np.float64),
+            coef=lr.coef_.astype(np.float64),
+            intercept=lr.intercept_.astype(np.float64),
+            classes=list(classes),
+            positive=positive,
+            meta=meta,
+        )
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.feature_dim:
-            raise SimclrPathError(f"features have {X.shape[-1] if X.ndim else 0} dimensions but the classifier "
-                                  f"expects {self.feature_dim}")
+            raise SimclrPathError(
+                f"features have {X.shape[-1] if X.ndim else 0} dimensions but the classifier "
+                f"expects {self.feature_dim}"
+            )
         z = ((X - self.mean) / self.scale) @ self.coef.T + self.intercept
         if self.coef.shape[0] == 1:
             p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
@@ -332,10 +423,22 @@ class LinearModel:
 
     def save(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
-        np.savez(folder / "model.npz", mean=self.mean, scale=self.scale, coef=self.coef, intercept=self.intercept)
-        info = {"format_version": MODEL_FORMAT_VERSION, "kind": "standard_scaler+logistic_regression",
-                "classes": self.classes, "positive": None if self.positive is None else self.classes[self.positive],
-                "feature_dim": self.feature_dim, "simclr_path_version": __version__, **self.meta}
+        np.savez(
+            folder / "model.npz",
+            mean=self.mean,
+            scale=self.scale,
+            coef=self.coef,
+            intercept=self.intercept,
+        )
+        info = {
+            "format_version": MODEL_FORMAT_VERSION,
+            "kind": "standard_scaler+logistic_regression",
+            "classes": self.classes,
+            "positive": None if self.positive is None else self.classes[self.positive],
+            "feature_dim": self.feature_dim,
+            "simclr_path_version": __version__,
+            **self.meta,
+        }
         (folder / "model.json").write_text(json.dumps(_jsonable(info), indent=2))
 
     @classmethod
@@ -343,19 +446,27 @@ class LinearModel:
         folder = Path(folder)
         npz, js = folder / "model.npz", folder / "model.json"
         if not npz.is_file() or not js.is_file():
-            raise SimclrPathError(f"{folder}: no classifier here (model.npz and model.json); "
-                                  "train one with 'simclr-path classify'")
+            raise SimclrPathError(
+                f"{folder}: no classifier here (model.npz and model.json); "
+                "train one with 'simclr-path classify'"
+            )
         try:
             info = json.loads(js.read_text())
             with np.load(npz, allow_pickle=False) as a:  # plain arrays only: no code can be loaded
                 arrays = {k: a[k] for k in ("mean", "scale", "coef", "intercept")}
         except (json.JSONDecodeError, KeyError, ValueError, OSError) as exc:
-            raise SimclrPathError(f"{folder}: classifier files are damaged ({exc}); rerun 'simclr-path classify'") \
-                from None
+            raise SimclrPathError(
+                f"{folder}: classifier files are damaged ({exc}); rerun 'simclr-path classify'"
+            ) from None
         classes = list(info["classes"])
         pos = info.get("positive")
         meta = {k: v for k, v in info.items() if k not in ("classes", "positive")}
-        return cls(**arrays, classes=classes, positive=classes.index(pos) if pos in classes else None, meta=meta)
+        return cls(
+            **arrays,
+            classes=classes,
+            positive=classes.index(pos) if pos in classes else None,
+            meta=meta,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,8 +488,13 @@ def _jsonable(obj: Any) -> Any:
     return _nan_to_none(obj)
 
 
-def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], positive: int | None,
-                           pred: np.ndarray | None = None) -> dict[str, Any]:
+def classification_metrics(
+    y: np.ndarray,
+    proba: np.ndarray,
+    classes: Sequence[str],
+    positive: int | None,
+    pred: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Metrics of predictions ``proba`` (N, K) for true class indices ``y`` (N,).
 
     ``auroc``, ``average_precision``, ``sensitivity``, ``specificity`` and ``f1`` are positive
@@ -386,12 +502,17 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[s
     ``average_precision`` are macro one-vs-rest and ``f1`` is macro. ``balanced_accuracy`` and
     ``confusion_matrix`` (rows true, columns predicted, in ``classes`` order) use all classes.
     """
-    from sklearn.metrics import (average_precision_score, balanced_accuracy_score, confusion_matrix, f1_score,
-                                 roc_auc_score)
+    from sklearn.metrics import (
+        average_precision_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        roc_auc_score,
+    )
 
     k = len(classes)
     pred = proba.argmax(axis=1) if pred is None else pred
-    out: dict[str, Any] = {"n": int(len(y))}
+    out: dict[str, Any] = {"n": len(y)}
     if len(y) == 0:
         return out
     with warnings.catch_warnings():
@@ -402,18 +523,26 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[s
             yb, pb, s = y == positive, pred == positive, proba[:, positive]
             both = 0 < yb.sum() < len(yb)
             out["auroc"] = float(roc_auc_score(yb, s)) if both else float("nan")
-            out["average_precision"] = float(average_precision_score(yb, s)) if both else float("nan")
+            out["average_precision"] = (
+                float(average_precision_score(yb, s)) if both else float("nan")
+            )
             out["sensitivity"] = float(pb[yb].mean()) if yb.any() else float("nan")
             out["specificity"] = float((~pb[~yb]).mean()) if (~yb).any() else float("nan")
             out["f1"] = float(f1_score(yb, pb, zero_division=0.0))
         if k > 2:
             present = np.unique(y)
-            out["f1_macro"] = float(f1_score(y, pred, average="macro", labels=list(range(k)), zero_division=0.0))
+            out["f1_macro"] = float(
+                f1_score(y, pred, average="macro", labels=list(range(k)), zero_division=0.0)
+            )
             if len(present) == k:
-                out["auroc_macro"] = float(roc_auc_score(y, proba, multi_class="ovr", average="macro",
-                                                         labels=list(range(k))))
-                out["average_precision_macro"] = float(np.mean(
-                    [average_precision_score(y == c, proba[:, c]) for c in range(k)]))
+                out["auroc_macro"] = float(
+                    roc_auc_score(
+                        y, proba, multi_class="ovr", average="macro", labels=list(range(k))
+                    )
+                )
+                out["average_precision_macro"] = float(
+                    np.mean([average_precision_score(y == c, proba[:, c]) for c in range(k)])
+                )
             else:
                 out["auroc_macro"] = out["average_precision_macro"] = float("nan")
             if positive is None:
@@ -424,8 +553,9 @@ def classification_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[s
     return out
 
 
-def bootstrap_auroc(y: np.ndarray, proba: np.ndarray, clusters: np.ndarray, positive: int | None, n: int,
-                    seed: int) -> list[float] | None:
+def bootstrap_auroc(
+    y: np.ndarray, proba: np.ndarray, clusters: np.ndarray, positive: int | None, n: int, seed: int
+) -> list[float] | None:
     """Percentile 95% CI of AUROC by resampling ``clusters`` (patients) with replacement."""
     from sklearn.metrics import roc_auc_score
 
@@ -450,8 +580,9 @@ def bootstrap_auroc(y: np.ndarray, proba: np.ndarray, clusters: np.ndarray, posi
     return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
 
 
-def aggregate_slides(slide: np.ndarray, proba: np.ndarray, classes: Sequence[str], positive: int | None,
-                     top_k: int) -> pd.DataFrame:
+def aggregate_slides(
+    slide: np.ndarray, proba: np.ndarray, classes: Sequence[str], positive: int | None, top_k: int
+) -> pd.DataFrame:
     """Slide scores from patch probabilities: mean probability per class, and for the positive
     class also the mean of the ``top_k`` highest patch probabilities (``score_topk``)."""
     cols = [f"prob_{c}" for c in classes]
@@ -474,17 +605,24 @@ def _summary(per_fold: list[dict[str, Any]]) -> dict[str, dict[str, float | None
         vals = np.array([f[key] for f in per_fold if f.get(key) is not None], dtype=float)
         vals = vals[np.isfinite(vals)]
         if len(vals):
-            out[key] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if len(vals) > 1 else None,
-                        "n_folds": int(len(vals))}
+            out[key] = {
+                "mean": float(vals.mean()),
+                "sd": float(vals.std(ddof=1)) if len(vals) > 1 else None,
+                "n_folds": len(vals),
+            }
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-def classify(embedding_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-             samples: str | os.PathLike | pd.DataFrame | None = None, cfg: ClassifyConfig | None = None,
-             force: bool = False) -> dict[str, Any]:
+def classify(
+    embedding_paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    samples: str | os.PathLike | pd.DataFrame | None = None,
+    cfg: ClassifyConfig | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
     """Train and evaluate the linear SCC classifier; write the results folder; return the metrics.
 
     Args:
@@ -516,17 +654,32 @@ def classify(embedding_paths: Sequence[str | os.PathLike], out_dir: str | os.Pat
         proba[te] = pipe.predict_proba(t.X[te])
         sl = aggregate_slides(t.slide[te], proba[te], t.classes, t.positive, cfg.top_k)
         sy = sl["slide_id"].map(dict(zip(t.slides["slide_id"], t.slides["y"]))).to_numpy()
-        sm = classification_metrics(sy, sl[[f"prob_{x}" for x in t.classes]].to_numpy(), t.classes, t.positive)
+        sm = classification_metrics(
+            sy, sl[[f"prob_{x}" for x in t.classes]].to_numpy(), t.classes, t.positive
+        )
         if t.positive is not None:
             sm["auroc_topk"] = classification_metrics(
-                sy, _topk_proba(sl, t.classes, t.positive), t.classes, t.positive).get("auroc")
-        folds_out.append({"fold": int(f), "C": c, "n_train_patches": int(tr.sum()), "n_test_patches": int(te.sum()),
-                          "n_train_patients": int(len(set(t.patient[tr]))),
-                          "n_test_patients": int(len(set(t.patient[te]))),
-                          "n_test_slides": int(len(sl)),
-                          "patch": {kk: v for kk, v in classification_metrics(
-                              t.y[te], proba[te], t.classes, t.positive).items() if kk != "confusion_matrix"},
-                          "slide": {kk: v for kk, v in sm.items() if kk != "confusion_matrix"}})
+                sy, _topk_proba(sl, t.classes, t.positive), t.classes, t.positive
+            ).get("auroc")
+        folds_out.append(
+            {
+                "fold": int(f),
+                "C": c,
+                "n_train_patches": int(tr.sum()),
+                "n_test_patches": int(te.sum()),
+                "n_train_patients": len(set(t.patient[tr])),
+                "n_test_patients": len(set(t.patient[te])),
+                "n_test_slides": len(sl),
+                "patch": {
+                    kk: v
+                    for kk, v in classification_metrics(
+                        t.y[te], proba[te], t.classes, t.positive
+                    ).items()
+                    if kk != "confusion_matrix"
+                },
+                "slide": {kk: v for kk, v in sm.items() if kk != "confusion_matrix"},
+            }
+        )
 
     ev = patch_fold >= 0
     patch_metrics = classification_metrics(t.y[ev], proba[ev], t.classes, t.positive)
@@ -540,37 +693,73 @@ def classify(embedding_paths: Sequence[str | os.PathLike], out_dir: str | os.Pat
     slide_metrics = classification_metrics(sy, sp, t.classes, t.positive)
     if t.positive is not None:
         slide_metrics["auroc_topk"] = classification_metrics(
-            sy, _topk_proba(slides_pred, t.classes, t.positive), t.classes, t.positive).get("auroc")
-    slide_metrics["auroc_ci95"] = bootstrap_auroc(sy, sp, slides_pred["patient_id"].to_numpy(), t.positive,
-                                                  cfg.bootstrap, cfg.seed)
+            sy, _topk_proba(slides_pred, t.classes, t.positive), t.classes, t.positive
+        ).get("auroc")
+    slide_metrics["auroc_ci95"] = bootstrap_auroc(
+        sy, sp, slides_pred["patient_id"].to_numpy(), t.positive, cfg.bootstrap, cfg.seed
+    )
 
     final, c_final = fit_probe(t.X, t.y, t.patient, k, cfg)
-    model = LinearModel.from_pipeline(final, t.classes, t.positive, meta={
-        "C": c_final, "top_k": cfg.top_k, "encoder_sha256": t.encoder_sha256, "layer": t.layer, "arch": t.arch,
-        "n_train_patches": int(len(t.y)), "n_train_slides": int(len(t.slides)),
-        "n_train_patients": int(t.slides["patient_id"].nunique())})
+    model = LinearModel.from_pipeline(
+        final,
+        t.classes,
+        t.positive,
+        meta={
+            "C": c_final,
+            "top_k": cfg.top_k,
+            "encoder_sha256": t.encoder_sha256,
+            "layer": t.layer,
+            "arch": t.arch,
+            "n_train_patches": len(t.y),
+            "n_train_slides": len(t.slides),
+            "n_train_patients": int(t.slides["patient_id"].nunique()),
+        },
+    )
 
-    patches = pd.DataFrame({"slide_id": t.slide, "patient_id": t.patient, "patch_index": t.patch_index,
-                            "x": t.coords[:, 0], "y": t.coords[:, 1], "label": [t.classes[i] for i in t.y],
-                            "fold": patch_fold})
+    patches = pd.DataFrame(
+        {
+            "slide_id": t.slide,
+            "patient_id": t.patient,
+            "patch_index": t.patch_index,
+            "x": t.coords[:, 0],
+            "y": t.coords[:, 1],
+            "label": [t.classes[i] for i in t.y],
+            "fold": patch_fold,
+        }
+    )
     for j, c in enumerate(t.classes):
         patches[f"prob_{c}"] = proba[:, j]
     if t.positive is not None:
         patches["score"] = proba[:, t.positive]
-    patches["pred"] = [t.classes[i] if ev_i else "" for i, ev_i in zip(np.nan_to_num(proba).argmax(1), ev)]
+    patches["pred"] = [
+        t.classes[i] if ev_i else "" for i, ev_i in zip(np.nan_to_num(proba).argmax(1), ev)
+    ]
     metrics = {
-        "task": {"classes": t.classes, "positive": None if t.positive is None else t.classes[t.positive],
-                 "score": f"P({t.classes[t.positive]})" if t.positive is not None else "macro one-vs-rest",
-                 "labels_from": "samples sheet" if samples is not None else "embedding files",
-                 "evaluation": scheme, "n_folds": len(fold_ids), "n_patches": int(len(t.y)),
-                 "n_slides": int(len(t.slides)), "n_patients": int(t.slides["patient_id"].nunique()),
-                 "n_evaluated_slides": int(len(slides_pred)), "patients_per_class":
-                     patients_per_class(t.slides, t.classes),
-                 "encoder_sha256": t.encoder_sha256, "layer": t.layer, "arch": t.arch, "top_k": cfg.top_k},
+        "task": {
+            "classes": t.classes,
+            "positive": None if t.positive is None else t.classes[t.positive],
+            "score": f"P({t.classes[t.positive]})"
+            if t.positive is not None
+            else "macro one-vs-rest",
+            "labels_from": "samples sheet" if samples is not None else "embedding files",
+            "evaluation": scheme,
+            "n_folds": len(fold_ids),
+            "n_patches": len(t.y),
+            "n_slides": len(t.slides),
+            "n_patients": int(t.slides["patient_id"].nunique()),
+            "n_evaluated_slides": len(slides_pred),
+            "patients_per_class": patients_per_class(t.slides, t.classes),
+            "encoder_sha256": t.encoder_sha256,
+            "layer": t.layer,
+            "arch": t.arch,
+            "top_k": cfg.top_k,
+        },
         "patch": patch_metrics,
         "slide": slide_metrics,
-        "fold_summary": {"patch": _summary([f["patch"] for f in folds_out]),
-                         "slide": _summary([f["slide"] for f in folds_out])},
+        "fold_summary": {
+            "patch": _summary([f["patch"] for f in folds_out]),
+            "slide": _summary([f["slide"] for f in folds_out]),
+        },
         "folds": folds_out,
         "final_model": {"C": c_final},
         "config": asdict(cfg),
@@ -596,8 +785,12 @@ def load_model(model_dir: str | os.PathLike) -> LinearModel:
     return LinearModel.load(model_dir)
 
 
-def predict(model_dir: str | os.PathLike, embedding_paths: Sequence[str | os.PathLike], out_csv: str | os.PathLike,
-            force: bool = False) -> Path:
+def predict(
+    model_dir: str | os.PathLike,
+    embedding_paths: Sequence[str | os.PathLike],
+    out_csv: str | os.PathLike,
+    force: bool = False,
+) -> Path:
     """Score new slides with a saved classifier; one CSV with patch rows and slide rows.
 
     Columns: ``level`` (patch | slide), ``slide_id``, ``patch_index``, ``x``, ``y``,
@@ -614,22 +807,37 @@ def predict(model_dir: str | os.PathLike, embedding_paths: Sequence[str | os.Pat
         s = EmbeddingStore(p)
         d = s.features.shape[1] if s.features.ndim == 2 else 0
         if d != model.feature_dim:
-            raise SimclrPathError(f"{s.path}: embeddings have {d} dimensions but the classifier in {model_dir} "
-                                  f"expects {model.feature_dim}; embed with the encoder and layer the classifier "
-                                  f"was trained on ({model.meta.get('arch')}, layer {model.meta.get('layer')})")
+            raise SimclrPathError(
+                f"{s.path}: embeddings have {d} dimensions but the classifier in {model_dir} "
+                f"expects {model.feature_dim}; embed with the encoder and layer the classifier "
+                f"was trained on ({model.meta.get('arch')}, layer {model.meta.get('layer')})"
+            )
         want = model.meta.get("encoder_sha256")
         if want and s.attrs.get("encoder_sha256") and s.attrs["encoder_sha256"] != want:
-            warnings.warn(f"{s.path}: embedded with a different encoder than the classifier was trained on",
-                          stacklevel=2)
+            warnings.warn(
+                f"{s.path}: embedded with a different encoder than the classifier was trained on",
+                stacklevel=2,
+            )
         if len(s) == 0:
-            warnings.warn(f"{s.path}: slide {s.slide_id!r} has no patches; its slide row has no scores",
-                          stacklevel=2)
-            frames.append(pd.DataFrame({"level": ["slide"], "slide_id": [s.slide_id], "n_patches": [0]}))
+            warnings.warn(
+                f"{s.path}: slide {s.slide_id!r} has no patches; its slide row has no scores",
+                stacklevel=2,
+            )
+            frames.append(
+                pd.DataFrame({"level": ["slide"], "slide_id": [s.slide_id], "n_patches": [0]})
+            )
             continue
         proba = model.predict_proba(s.features)
         sid = np.full(len(s), s.slide_id, dtype=object)
-        pr = pd.DataFrame({"level": "patch", "slide_id": sid, "patch_index": np.arange(len(s)),
-                           "x": s.coords[:, 0], "y": s.coords[:, 1]})
+        pr = pd.DataFrame(
+            {
+                "level": "patch",
+                "slide_id": sid,
+                "patch_index": np.arange(len(s)),
+                "x": s.coords[:, 0],
+                "y": s.coords[:, 1],
+            }
+        )
         for j, c in enumerate(model.classes):
             pr[f"prob_{c}"] = proba[:, j]
         if model.positive is not None:
@@ -639,7 +847,15 @@ def predict(model_dir: str | os.PathLike, embedding_paths: Sequence[str | os.Pat
         sl.insert(0, "level", "slide")
         frames += [pr, sl]
     df = pd.concat(frames, ignore_index=True)
-    cols = ["level", "slide_id", "patch_index", "x", "y", "n_patches", *[f"prob_{c}" for c in model.classes]]
+    cols = [
+        "level",
+        "slide_id",
+        "patch_index",
+        "x",
+        "y",
+        "n_patches",
+        *[f"prob_{c}" for c in model.classes],
+    ]
     cols += [c for c in ("score", "score_topk") if c in df.columns] + ["pred"]
     df = df.reindex(columns=cols)
     for c in ("patch_index", "x", "y", "n_patches"):

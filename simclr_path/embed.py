@@ -40,8 +40,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _STAGE = re.compile(r"stage(\d+)")
 
 
-def preprocess(patches: torch.Tensor, image_size: int, device: torch.device | str = "cpu",
-               channels_last: bool = False) -> torch.Tensor:
+def preprocess(
+    patches: torch.Tensor,
+    image_size: int,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> torch.Tensor:
     """Evaluation transform for a batch: uint8 (B, S, S, 3) RGB -> float (B, 3, image_size, image_size).
 
     Resizes with antialiased bilinear interpolation when ``S != image_size`` and normalises with
@@ -52,8 +56,9 @@ def preprocess(patches: torch.Tensor, image_size: int, device: torch.device | st
         x = x.unsqueeze(0)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
-                          antialias=True)
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
@@ -76,7 +81,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SimclrPathError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+        raise SimclrPathError(
+            "--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto"
+        )
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise SimclrPathError(f"--device {device!r}: expected auto, cpu or cuda")
     return torch.device(device)
@@ -91,7 +98,9 @@ class FeatureExtractor(nn.Module):
         head: projection head (needed for ``layer="head"``), mapping (B, num_features) -> (B, P).
     """
 
-    def __init__(self, backbone: nn.Module, layer: str = "pooled", head: nn.Module | None = None) -> None:
+    def __init__(
+        self, backbone: nn.Module, layer: str = "pooled", head: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.layer = layer
@@ -101,13 +110,17 @@ class FeatureExtractor(nn.Module):
         if m:
             info = getattr(backbone, "feature_info", None)
             if info is None or not hasattr(backbone, "forward_intermediates"):
-                raise SimclrPathError(f"layer {layer!r}: this timm model does not expose feature stages "
-                                      "(forward_intermediates); use --layer pooled")
+                raise SimclrPathError(
+                    f"layer {layer!r}: this timm model does not expose feature stages "
+                    "(forward_intermediates); use --layer pooled"
+                )
             n = len(info)
             self.stage = int(m.group(1))
             if self.stage >= n:
-                raise SimclrPathError(f"layer {layer!r}: the model has feature stages 0-{n - 1}; "
-                                      f"choose --layer stage0 ... stage{n - 1} or pooled")
+                raise SimclrPathError(
+                    f"layer {layer!r}: the model has feature stages 0-{n - 1}; "
+                    f"choose --layer stage0 ... stage{n - 1} or pooled"
+                )
         elif layer == "head":
             if head is None:
                 raise SimclrPathError("layer 'head': no projection head was found for this encoder")
@@ -116,8 +129,9 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stage is not None:
-            (fmap,) = self.backbone.forward_intermediates(x, indices=[self.stage], intermediates_only=True,
-                                                          stop_early=True)
+            (fmap,) = self.backbone.forward_intermediates(
+                x, indices=[self.stage], intermediates_only=True, stop_early=True
+            )
             if fmap.ndim == 4:  # (B, C, h, w) -> (B, C): global average pooling
                 return fmap.mean(dim=(2, 3))
             return fmap.mean(dim=1)  # token layouts (B, T, C)
@@ -132,8 +146,10 @@ def _load_head(encoder_path: Path, device: torch.device) -> nn.Module:
 
     loader = getattr(model_mod, "load_projection_head", None)
     if loader is None:
-        raise SimclrPathError("layer 'head': this version of simclr-path cannot load projection heads; "
-                              "use --layer pooled or stageN")
+        raise SimclrPathError(
+            "layer 'head': this version of simclr-path cannot load projection heads; "
+            "use --layer pooled or stageN"
+        )
     head = loader(encoder_path.parent)
     return head.eval().to(device)
 
@@ -150,7 +166,7 @@ class _Batches(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         lo = i * self.batch_size
-        return torch.from_numpy(np.ascontiguousarray(self.store[lo:lo + self.batch_size]))
+        return torch.from_numpy(np.ascontiguousarray(self.store[lo : lo + self.batch_size]))
 
 
 def _use_bf16(cfg: EmbedConfig, device: torch.device) -> bool:
@@ -159,8 +175,14 @@ def _use_bf16(cfg: EmbedConfig, device: torch.device) -> bool:
     return bool(cfg.amp and device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
-def embed_store(encoder_path: str | os.PathLike, store_path: str | os.PathLike, out: str | os.PathLike,
-                cfg: EmbedConfig | None = None, force: bool = False, progress: bool = True) -> Path:
+def embed_store(
+    encoder_path: str | os.PathLike,
+    store_path: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: EmbedConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
     """Embed every patch of ``store_path`` with the encoder and write an embedding file to ``out``.
 
     Output (HDF5, see :mod:`simclr_path.store`): ``/features`` float32 (N, D), ``/coords`` (N, 2),
@@ -181,7 +203,9 @@ def embed_store(encoder_path: str | os.PathLike, store_path: str | os.PathLike, 
     if enc.is_dir():
         enc = enc / "encoder.pt"
     if not enc.is_file():
-        raise SimclrPathError(f"{enc}: encoder file not found; train one with 'simclr-path pretrain'")
+        raise SimclrPathError(
+            f"{enc}: encoder file not found; train one with 'simclr-path pretrain'"
+        )
     out = Path(out)
     if out.exists() and not force:
         raise SimclrPathError(f"{out}: output already exists; pass --force to overwrite it")
@@ -195,8 +219,11 @@ def embed_store(encoder_path: str | os.PathLike, store_path: str | os.PathLike, 
         raise SimclrPathError(f"embed.image_size must be >= 8, got {image_size}")
     enc_mpp, store_mpp = info.get("mpp"), store.mpp
     if enc_mpp and store_mpp and abs(float(enc_mpp) - float(store_mpp)) > 0.1 * float(enc_mpp):
-        warnings.warn(f"{store.path}: patches are at {store_mpp} um/px but the encoder was trained at "
-                      f"{enc_mpp} um/px; features may be poor", stacklevel=2)
+        warnings.warn(
+            f"{store.path}: patches are at {store_mpp} um/px but the encoder was trained at "
+            f"{enc_mpp} um/px; features may be poor",
+            stacklevel=2,
+        )
 
     backbone = load_encoder(enc, arch=info.get("arch"), device=device)
     head = _load_head(enc, device) if cfg.layer == "head" else None
@@ -212,40 +239,82 @@ def embed_store(encoder_path: str | os.PathLike, store_path: str | os.PathLike, 
 
     n = len(store)
     with torch.inference_mode():
-        dim = int(run(preprocess(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8), image_size,
-                                 device, channels_last)).shape[1])
+        dim = int(
+            run(
+                preprocess(
+                    torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8),
+                    image_size,
+                    device,
+                    channels_last,
+                )
+            ).shape[1]
+        )
         feats = np.zeros((n, dim), dtype=np.float32)
         if n == 0:
-            warnings.warn(f"{store.path}: store has no patches (no tissue?); writing an empty embedding "
-                          f"file (0, {dim})", stacklevel=2)
+            warnings.warn(
+                f"{store.path}: store has no patches (no tissue?); writing an empty embedding "
+                f"file (0, {dim})",
+                stacklevel=2,
+            )
         else:
             batches = _Batches(store, cfg.batch_size)
             workers = min(int(cfg.workers), len(batches) - 1)  # one batch: no worker start-up cost
-            loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=max(workers, 0),
-                                pin_memory=device.type == "cuda", persistent_workers=False)
+            loader = DataLoader(
+                batches,
+                batch_size=None,
+                shuffle=False,
+                num_workers=max(workers, 0),
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+            )
             from tqdm.auto import tqdm
 
             pos = 0
-            with tqdm(total=n, unit="patch", desc=f"embed {store.slide_id}", disable=None if progress else True,
-                      leave=False) as bar:
+            with tqdm(
+                total=n,
+                unit="patch",
+                desc=f"embed {store.slide_id}",
+                disable=None if progress else True,
+                leave=False,
+            ) as bar:
                 for raw in loader:
                     z = run(preprocess(raw, image_size, device, channels_last))
-                    feats[pos:pos + len(z)] = z.cpu().numpy()
+                    feats[pos : pos + len(z)] = z.cpu().numpy()
                     pos += len(z)
                     bar.update(len(z))
     if not np.isfinite(feats).all():
-        raise SimclrPathError(f"{enc}: encoder produced NaN or infinite features on {store.path}; "
-                              "the encoder is probably broken (diverged training)")
+        raise SimclrPathError(
+            f"{enc}: encoder produced NaN or infinite features on {store.path}; "
+            "the encoder is probably broken (diverged training)"
+        )
     attrs: dict[str, Any] = {
-        "kind": "embeddings", "slide_id": store.slide_id, "source_store": str(store.path),
-        "encoder": str(enc), "encoder_sha256": file_sha256(enc), "arch": info.get("arch"),
-        "layer": cfg.layer, "image_size": image_size, "feature_dim": dim, "n_patches": n,
-        "mpp": store.mpp, "patch_size": store.patch_size, "store_kind": store.attrs.get("kind"),
-        "source_path": store.attrs.get("source_path"), "level0_mpp": store.attrs.get("level0_mpp"),
+        "kind": "embeddings",
+        "slide_id": store.slide_id,
+        "source_store": str(store.path),
+        "encoder": str(enc),
+        "encoder_sha256": file_sha256(enc),
+        "arch": info.get("arch"),
+        "layer": cfg.layer,
+        "image_size": image_size,
+        "feature_dim": dim,
+        "n_patches": n,
+        "mpp": store.mpp,
+        "patch_size": store.patch_size,
+        "store_kind": store.attrs.get("kind"),
+        "source_path": store.attrs.get("source_path"),
+        "level0_mpp": store.attrs.get("level0_mpp"),
     }
     labels = store.labels
     groups = store.groups
     label_names = store.label_names
     store.close()
-    return write_embeddings(out, feats, store.coords, attrs, labels=labels, groups=groups,
-                            label_names=label_names, force=force)
+    return write_embeddings(
+        out,
+        feats,
+        store.coords,
+        attrs,
+        labels=labels,
+        groups=groups,
+        label_names=label_names,
+        force=force,
+    )

@@ -8,17 +8,18 @@ atomically and returns its path; each is also a ``simclr-path plot-*`` subcomman
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from simclr_path.errors import SimclrPathError  # noqa: E402
-from simclr_path.outputs import atomic_output  # noqa: E402
+from simclr_path.errors import SimclrPathError
+from simclr_path.outputs import atomic_output
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under common colour-vision deficiencies.
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -40,23 +41,34 @@ def save_figure(fig: plt.Figure, out: str | os.PathLike, force: bool = True) -> 
     return Path(out)
 
 
-def plot_loss_curve(metrics_csv: str | os.PathLike, out: str | os.PathLike, title: str | None = None,
-                    force: bool = True) -> Path:
+def plot_loss_curve(
+    metrics_csv: str | os.PathLike,
+    out: str | os.PathLike,
+    title: str | None = None,
+    force: bool = True,
+) -> Path:
     """Training loss (raw and smoothed) and learning rate against optimiser step.
 
     ``metrics_csv`` is the ``metrics.csv`` of a pretraining run (columns ``step``, ``loss``, ``lr``).
     """
     p = Path(metrics_csv)
     if not p.is_file():
-        raise SimclrPathError(f"{p}: metrics file not found; it is written by 'simclr-path pretrain'")
+        raise SimclrPathError(
+            f"{p}: metrics file not found; it is written by 'simclr-path pretrain'"
+        )
     df = pd.read_csv(p)
     if not {"step", "loss"} <= set(df.columns) or df.empty:
         raise SimclrPathError(f"{p}: expected columns 'step' and 'loss' with at least one row")
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(df["step"], df["loss"], color=OKABE_ITO[5], alpha=0.5, lw=1, label="loss")
     window = max(1, len(df) // 20)
-    ax.plot(df["step"], df["loss"].rolling(window, min_periods=1).mean(), color=OKABE_ITO[0], lw=2,
-            label=f"loss (moving mean of {window})")
+    ax.plot(
+        df["step"],
+        df["loss"].rolling(window, min_periods=1).mean(),
+        color=OKABE_ITO[0],
+        lw=2,
+        label=f"loss (moving mean of {window})",
+    )
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("NT-Xent loss")
     ax.set_title(title or "SimCLR pretraining loss")
@@ -77,14 +89,28 @@ def plot_loss_curve(metrics_csv: str | os.PathLike, out: str | os.PathLike, titl
 # ----------------------------------------------------------------------------------------------
 def _legend_or_note(ax: plt.Axes, n_categories: int, what: str) -> None:
     if n_categories <= 12:
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, markerscale=2, fontsize=8,
-                  title=what)
+        ax.legend(
+            loc="center left",
+            bbox_to_anchor=(1.01, 0.5),
+            frameon=False,
+            markerscale=2,
+            fontsize=8,
+            title=what,
+        )
     else:
-        ax.text(1.01, 0.5, f"{n_categories} {what}s\n(legend omitted)", transform=ax.transAxes, va="center",
-                fontsize=8)
+        ax.text(
+            1.01,
+            0.5,
+            f"{n_categories} {what}s\n(legend omitted)",
+            transform=ax.transAxes,
+            va="center",
+            fontsize=8,
+        )
 
 
-def sample_embeddings(embedding_paths, max_points: int, samples=None, seed: int = 0) -> pd.DataFrame:
+def sample_embeddings(
+    embedding_paths, max_points: int, samples=None, seed: int = 0
+) -> pd.DataFrame:
     """Stratified sample (by slide and label) of at most ``max_points`` patches from embedding files.
 
     Returns one row per sampled patch: ``file`` (index into ``embedding_paths``), ``patch_index``,
@@ -97,8 +123,11 @@ def sample_embeddings(embedding_paths, max_points: int, samples=None, seed: int 
         raise SimclrPathError("no embedding files given; pass --embeddings EMB.h5 [EMB.h5 ...]")
     slide_label: dict[str, str] = {}
     if samples is not None:
-        sheet = (validate_samples(samples, check_files=False) if isinstance(samples, pd.DataFrame)
-                 else read_samples(samples, check_files=False))
+        sheet = (
+            validate_samples(samples, check_files=False)
+            if isinstance(samples, pd.DataFrame)
+            else read_samples(samples, check_files=False)
+        )
         slide_label = dict(zip(sheet["slide_id"], sheet["label"]))
     rows = []
     feats = []
@@ -106,22 +135,35 @@ def sample_embeddings(embedding_paths, max_points: int, samples=None, seed: int 
     for fi, p in enumerate(embedding_paths):
         s = EmbeddingStore(p)
         if dim is not None and s.features.shape[1] != dim:
-            raise SimclrPathError(f"{p}: feature size {s.features.shape[1]} differs from the other files ({dim})")
+            raise SimclrPathError(
+                f"{p}: feature size {s.features.shape[1]} differs from the other files ({dim})"
+            )
         dim = s.features.shape[1]
         n = len(s)
         if n == 0:
             continue
         if samples is not None:
             if s.slide_id not in slide_label:
-                raise SimclrPathError(f"{p}: slide {s.slide_id!r} is not in the samples sheet {samples}")
+                raise SimclrPathError(
+                    f"{p}: slide {s.slide_id!r} is not in the samples sheet {samples}"
+                )
             labels = [slide_label[s.slide_id]] * n
         elif s.labels is not None and s.label_names:
             labels = [s.label_names[i] for i in s.labels]
         else:
             labels = ["unlabelled"] * n
         groups = s.groups if s.groups is not None and any(s.groups) else [s.slide_id] * n
-        rows.append(pd.DataFrame({"file": fi, "patch_index": np.arange(n), "slide_id": s.slide_id,
-                                  "label": labels, "group": groups}))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "file": fi,
+                    "patch_index": np.arange(n),
+                    "slide_id": s.slide_id,
+                    "label": labels,
+                    "group": groups,
+                }
+            )
+        )
         feats.append(s.features)
     if not rows:
         raise SimclrPathError("every embedding file is empty; nothing to plot")
@@ -130,7 +172,9 @@ def sample_embeddings(embedding_paths, max_points: int, samples=None, seed: int 
     rng = np.random.default_rng(seed)
     strata = df.groupby(["slide_id", "label"], sort=True).indices
     quota = int(np.ceil(max_points / len(strata)))
-    keep = np.concatenate([rng.choice(ix, size=min(quota, len(ix)), replace=False) for ix in strata.values()])
+    keep = np.concatenate(
+        [rng.choice(ix, size=min(quota, len(ix)), replace=False) for ix in strata.values()]
+    )
     if len(keep) > max_points:
         keep = rng.choice(keep, size=max_points, replace=False)
     keep = np.sort(keep)
@@ -152,7 +196,9 @@ def tsne_2d(features: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np
     if X.shape[1] > 50:  # the usual PCA pre-reduction: faster and less noisy neighbourhoods
         X = PCA(n_components=min(50, n - 1), random_state=seed).fit_transform(X)
     perp = float(min(perplexity, max(2.0, (n - 1) / 3.0)))
-    return TSNE(n_components=2, perplexity=perp, init="pca", learning_rate="auto", random_state=seed).fit_transform(X)
+    return TSNE(
+        n_components=2, perplexity=perp, init="pca", learning_rate="auto", random_state=seed
+    ).fit_transform(X)
 
 
 def _scatter_by(ax: plt.Axes, xy: np.ndarray, cats: pd.Series, what: str) -> None:
@@ -166,9 +212,18 @@ def _scatter_by(ax: plt.Axes, xy: np.ndarray, cats: pd.Series, what: str) -> Non
     _legend_or_note(ax, len(names), what)
 
 
-def plot_tsne(embedding_paths, out_label: str | os.PathLike, out_slide: str | os.PathLike, samples=None,
-              max_points: int | None = None, perplexity: float | None = None, stores=None,
-              out_thumbnails: str | os.PathLike | None = None, seed: int = 0, force: bool = True) -> list[Path]:
+def plot_tsne(
+    embedding_paths,
+    out_label: str | os.PathLike,
+    out_slide: str | os.PathLike,
+    samples=None,
+    max_points: int | None = None,
+    perplexity: float | None = None,
+    stores=None,
+    out_thumbnails: str | os.PathLike | None = None,
+    seed: int = 0,
+    force: bool = True,
+) -> list[Path]:
     """t-SNE of a stratified patch sample, coloured by label (``out_label``) and by slide or source
     group (``out_slide``); with ``stores`` (the patch stores) also a map drawn with the patches
     themselves (``out_thumbnails``). Returns the written paths.
@@ -181,7 +236,9 @@ def plot_tsne(embedding_paths, out_label: str | os.PathLike, out_slide: str | os
     max_points = max_points or d.tsne_max_points
     perplexity = perplexity or d.tsne_perplexity
     if (stores is None) != (out_thumbnails is None):
-        raise SimclrPathError("the thumbnail map needs both the patch stores (--stores) and --out-thumbnails")
+        raise SimclrPathError(
+            "the thumbnail map needs both the patch stores (--stores) and --out-thumbnails"
+        )
     df = sample_embeddings(embedding_paths, max_points, samples=samples, seed=seed)
     xy = tsne_2d(np.stack(df["features"].to_list()), perplexity, seed)
     written = []
@@ -191,16 +248,28 @@ def plot_tsne(embedding_paths, out_label: str | os.PathLike, out_slide: str | os
     written.append(save_figure(fig, out_label, force=force))
     by_group = df["slide_id"].nunique() == 1 and df["group"].nunique() > 1
     fig, ax = plt.subplots(figsize=(7.5, 6))
-    _scatter_by(ax, xy, df["group"] if by_group else df["slide_id"], "group" if by_group else "slide")
-    ax.set_title(f"t-SNE of {len(df)} patch embeddings, coloured by {'source group' if by_group else 'slide'}")
+    _scatter_by(
+        ax, xy, df["group"] if by_group else df["slide_id"], "group" if by_group else "slide"
+    )
+    ax.set_title(
+        f"t-SNE of {len(df)} patch embeddings, coloured by {'source group' if by_group else 'slide'}"
+    )
     written.append(save_figure(fig, out_slide, force=force))
     if stores is not None:
         written.append(_plot_tsne_thumbnails(df, xy, stores, out_thumbnails, seed, force))
     return written
 
 
-def _plot_tsne_thumbnails(df: pd.DataFrame, xy: np.ndarray, stores, out, seed: int, force: bool,
-                          grid: int = 32, cell: int = 40) -> Path:
+def _plot_tsne_thumbnails(
+    df: pd.DataFrame,
+    xy: np.ndarray,
+    stores,
+    out,
+    seed: int,
+    force: bool,
+    grid: int = 32,
+    cell: int = 40,
+) -> Path:
     """The t-SNE map with each grid cell showing one patch that falls in it (first come, random order)."""
     from PIL import Image
 
@@ -212,7 +281,9 @@ def _plot_tsne_thumbnails(df: pd.DataFrame, xy: np.ndarray, stores, out, seed: i
         opened[st.slide_id] = st
     missing = sorted(set(df["slide_id"]) - set(opened))
     if missing:
-        raise SimclrPathError(f"no patch store given for slide {missing[0]!r}; pass its store with --stores")
+        raise SimclrPathError(
+            f"no patch store given for slide {missing[0]!r}; pass its store with --stores"
+        )
     lo, hi = xy.min(axis=0), xy.max(axis=0)
     u = (xy - lo) / np.maximum(hi - lo, 1e-9)
     cx = np.minimum((u[:, 0] * grid).astype(int), grid - 1)
@@ -224,17 +295,23 @@ def _plot_tsne_thumbnails(df: pd.DataFrame, xy: np.ndarray, stores, out, seed: i
             continue
         taken[cy[i], cx[i]] = True
         st = opened[df["slide_id"].iloc[i]]
-        patch = Image.fromarray(st[int(df["patch_index"].iloc[i])]).resize((cell, cell), Image.BILINEAR)
+        patch = Image.fromarray(st[int(df["patch_index"].iloc[i])]).resize(
+            (cell, cell), Image.BILINEAR
+        )
         r = (grid - 1 - cy[i]) * cell  # image row 0 is the top (largest t-SNE 2)
         c = cx[i] * cell
-        canvas[r:r + cell, c:c + cell] = np.asarray(patch)
+        canvas[r : r + cell, c : c + cell] = np.asarray(patch)
     for st in opened.values():
         st.close()
     fig, ax = plt.subplots(figsize=(8, 8))
-    ax.imshow(canvas, extent=(lo[0], hi[0], lo[1], hi[1]), aspect="auto", interpolation="antialiased")
+    ax.imshow(
+        canvas, extent=(lo[0], hi[0], lo[1], hi[1]), aspect="auto", interpolation="antialiased"
+    )
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
-    ax.set_title(f"t-SNE map drawn with patches ({int(taken.sum())} of {len(df)} shown, one per cell)")
+    ax.set_title(
+        f"t-SNE map drawn with patches ({int(taken.sum())} of {len(df)} shown, one per cell)"
+    )
     return save_figure(fig, out, force=force)
 
 
@@ -248,35 +325,60 @@ def _read_classify_dir(folder: str | os.PathLike) -> tuple[dict, pd.DataFrame, p
     files = [d / "metrics.json", d / "predictions_patches.csv", d / "predictions_slides.csv"]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise SimclrPathError(f"{d}: not a 'simclr-path classify' results folder (missing {', '.join(missing)})")
+        raise SimclrPathError(
+            f"{d}: not a 'simclr-path classify' results folder (missing {', '.join(missing)})"
+        )
     metrics = json.loads(files[0].read_text())
     patches = pd.read_csv(files[1])
     slides = pd.read_csv(files[2])
     return metrics, patches[patches["fold"] >= 0], slides
 
 
-def _curve_sets(metrics: dict, patches: pd.DataFrame, slides: pd.DataFrame) -> dict[str, list[tuple]]:
+def _curve_sets(
+    metrics: dict, patches: pd.DataFrame, slides: pd.DataFrame
+) -> dict[str, list[tuple]]:
     """Per level, a list of (name, binary truth, score) for the curves."""
     classes = metrics["task"]["classes"]
     pos = metrics["task"].get("positive")
     sets: dict[str, list[tuple]] = {"patch": [], "slide": []}
     if pos is not None:
-        sets["patch"].append((f"{pos} vs rest", (patches["label"] == pos).to_numpy(), patches["score"].to_numpy()))
+        sets["patch"].append(
+            (f"{pos} vs rest", (patches["label"] == pos).to_numpy(), patches["score"].to_numpy())
+        )
         yb = (slides["label"] == pos).to_numpy()
         sets["slide"].append(("mean of patches", yb, slides["score"].to_numpy()))
-        sets["slide"].append((f"top-{metrics['task'].get('top_k', '')} mean", yb, slides["score_topk"].to_numpy()))
+        sets["slide"].append(
+            (f"top-{metrics['task'].get('top_k', '')} mean", yb, slides["score_topk"].to_numpy())
+        )
     else:
         for c in classes:
-            sets["patch"].append((f"{c} vs rest", (patches["label"] == c).to_numpy(), patches[f"prob_{c}"].to_numpy()))
-            sets["slide"].append((f"{c} vs rest", (slides["label"] == c).to_numpy(), slides[f"prob_{c}"].to_numpy()))
+            sets["patch"].append(
+                (
+                    f"{c} vs rest",
+                    (patches["label"] == c).to_numpy(),
+                    patches[f"prob_{c}"].to_numpy(),
+                )
+            )
+            sets["slide"].append(
+                (f"{c} vs rest", (slides["label"] == c).to_numpy(), slides[f"prob_{c}"].to_numpy())
+            )
     return sets
 
 
-def plot_curves(classify_dir: str | os.PathLike, out_roc: str | os.PathLike, out_pr: str | os.PathLike,
-                force: bool = True) -> list[Path]:
+def plot_curves(
+    classify_dir: str | os.PathLike,
+    out_roc: str | os.PathLike,
+    out_pr: str | os.PathLike,
+    force: bool = True,
+) -> list[Path]:
     """ROC and precision-recall curves (out-of-fold predictions) at patch and slide level,
     AUROC / average precision in the legends."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+    from sklearn.metrics import (
+        average_precision_score,
+        precision_recall_curve,
+        roc_auc_score,
+        roc_curve,
+    )
 
     metrics, patches, slides = _read_classify_dir(classify_dir)
     sets = _curve_sets(metrics, patches, slides)
@@ -291,11 +393,23 @@ def plot_curves(classify_dir: str | os.PathLike, out_roc: str | os.PathLike, out
                     continue
                 if kind == "roc":
                     fpr, tpr, _ = roc_curve(yb, s)
-                    ax.plot(fpr, tpr, color=col, lw=2, label=f"{name} (AUROC {roc_auc_score(yb, s):.3f})")
+                    ax.plot(
+                        fpr,
+                        tpr,
+                        color=col,
+                        lw=2,
+                        label=f"{name} (AUROC {roc_auc_score(yb, s):.3f})",
+                    )
                 else:
                     prec, rec, _ = precision_recall_curve(yb, s)
-                    ax.plot(rec, prec, color=col, lw=2, drawstyle="steps-post",
-                            label=f"{name} (AP {average_precision_score(yb, s):.3f})")
+                    ax.plot(
+                        rec,
+                        prec,
+                        color=col,
+                        lw=2,
+                        drawstyle="steps-post",
+                        label=f"{name} (AP {average_precision_score(yb, s):.3f})",
+                    )
             if kind == "roc":
                 ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="chance")
                 ax.set_xlabel("false positive rate (1 - specificity)")
@@ -311,33 +425,50 @@ def plot_curves(classify_dir: str | os.PathLike, out_roc: str | os.PathLike, out
             ax.grid(alpha=0.3)
             n = len(patches) if level == "patch" else len(slides)
             ax.set_title(f"{level} level (n={n})")
-            ax.legend(loc="lower right" if kind == "roc" else "lower left", frameon=False, fontsize=8)
-        fig.suptitle(("ROC" if kind == "roc" else "Precision-recall") + " curves, out-of-fold predictions "
-                     f"({metrics['task'].get('evaluation', '')})")
+            ax.legend(
+                loc="lower right" if kind == "roc" else "lower left", frameon=False, fontsize=8
+            )
+        fig.suptitle(
+            ("ROC" if kind == "roc" else "Precision-recall") + " curves, out-of-fold predictions "
+            f"({metrics['task'].get('evaluation', '')})"
+        )
         written.append(save_figure(fig, out, force=force))
     return written
 
 
-def plot_confusion(classify_dir: str | os.PathLike, out: str | os.PathLike, force: bool = True) -> Path:
+def plot_confusion(
+    classify_dir: str | os.PathLike, out: str | os.PathLike, force: bool = True
+) -> Path:
     """Confusion matrices (counts and row percentages) at patch and slide level."""
     metrics, _, _ = _read_classify_dir(classify_dir)
     classes = metrics["task"]["classes"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
     for ax, level in zip(axes, ("patch", "slide")):
-        cm = np.asarray(metrics[level].get("confusion_matrix") or np.zeros((len(classes),) * 2), dtype=float)
+        cm = np.asarray(
+            metrics[level].get("confusion_matrix") or np.zeros((len(classes),) * 2), dtype=float
+        )
         rows = cm.sum(axis=1, keepdims=True)
         frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
         im = ax.imshow(frac, cmap="cividis", vmin=0, vmax=1)
         for i in range(cm.shape[0]):
             for j in range(cm.shape[1]):
-                ax.text(j, i, f"{int(cm[i, j])}\n({100 * frac[i, j]:.0f}%)", ha="center", va="center", fontsize=9,
-                        color="black" if frac[i, j] > 0.6 else "white")
+                ax.text(
+                    j,
+                    i,
+                    f"{int(cm[i, j])}\n({100 * frac[i, j]:.0f}%)",
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="black" if frac[i, j] > 0.6 else "white",
+                )
         ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
         ax.set_yticks(range(len(classes)), classes)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         bacc = metrics[level].get("balanced_accuracy")
-        ax.set_title(f"{level} level" + (f" (balanced accuracy {bacc:.3f})" if bacc is not None else ""))
+        ax.set_title(
+            f"{level} level" + (f" (balanced accuracy {bacc:.3f})" if bacc is not None else "")
+        )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     fig.suptitle("Confusion matrices, out-of-fold predictions")
     return save_figure(fig, out, force=force)
@@ -346,7 +477,9 @@ def plot_confusion(classify_dir: str | os.PathLike, out: str | os.PathLike, forc
 # ----------------------------------------------------------------------------------------------
 # Slide heatmaps
 # ----------------------------------------------------------------------------------------------
-def slide_thumbnail(store, max_side: int = 1024) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+def slide_thumbnail(
+    store, max_side: int = 1024
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """A picture of the slide behind a store's patches and its extent in level-0 pixels.
 
     From the slide file through OpenSlide when ``source_path`` exists and opens, otherwise a
@@ -361,29 +494,37 @@ def slide_thumbnail(store, max_side: int = 1024) -> tuple[np.ndarray, tuple[floa
     fp = patch_footprint(store)
     src = store.attrs.get("source_path")
     if src and Path(src).is_file():
-        try:
-            import openslide
+        import openslide
 
+        try:
             with openslide.OpenSlide(src) as sl:
                 w, h = sl.dimensions
                 thumb = np.asarray(sl.get_thumbnail((max_side, max_side)).convert("RGB"))
             return thumb, (0.0, float(w), float(h), 0.0)
-        except Exception:  # unreadable slide: fall back to the mosaic, which needs nothing but the store
-            pass
+        except (
+            openslide.OpenSlideError,
+            OSError,
+        ) as exc:  # fall back to the mosaic, always possible
+            warnings.warn(
+                f"{src}: cannot read the slide ({exc}); drawing a mosaic of the patches instead",
+                stacklevel=2,
+            )
     x0, y0 = coords.min(axis=0)
     x1, y1 = coords.max(axis=0) + fp
     scale = max(x1 - x0, y1 - y0) / max_side  # level-0 pixels per mosaic pixel
     scale = max(scale, fp / store.patch_size)  # never upsample patches
     W, H = int(np.ceil((x1 - x0) / scale)), int(np.ceil((y1 - y0) / scale))
     canvas = np.full((H, W, 3), 255, dtype=np.uint8)
-    side = max(1, int(round(fp / scale)))
+    side = max(1, round(fp / scale))
     for lo in range(0, len(store), 256):
-        batch = store[lo:lo + 256]
+        batch = store[lo : lo + 256]
         for k, patch in enumerate(batch):
             x, y = coords[lo + k]
             c, r = int((x - x0) / scale), int((y - y0) / scale)
             small = np.asarray(Image.fromarray(patch).resize((side, side), Image.BILINEAR))
-            canvas[r:r + side, c:c + side] = small[:max(0, min(side, H - r)), :max(0, min(side, W - c))]
+            canvas[r : r + side, c : c + side] = small[
+                : max(0, min(side, H - r)), : max(0, min(side, W - c))
+            ]
     return canvas, (float(x0), float(x0 + W * scale), float(y0 + H * scale), float(y0))
 
 
@@ -395,8 +536,14 @@ def patch_footprint(store) -> float:
     return float(store.patch_size)
 
 
-def plot_heatmap(classify: str | os.PathLike, store: str | os.PathLike, out: str | os.PathLike,
-                 slide_id: str | None = None, force: bool = True, max_side: int = 1024) -> Path:
+def plot_heatmap(
+    classify: str | os.PathLike,
+    store: str | os.PathLike,
+    out: str | os.PathLike,
+    slide_id: str | None = None,
+    force: bool = True,
+    max_side: int = 1024,
+) -> Path:
     """SCC probability of every patch drawn over the slide thumbnail (viridis, with colour bar).
 
     Args:
@@ -417,18 +564,26 @@ def plot_heatmap(classify: str | os.PathLike, store: str | os.PathLike, out: str
             preds = preds[preds["level"] == "patch"]
         pos = None  # a predict CSV's score column is P(positive class); its name is in model.json
     else:
-        raise SimclrPathError(f"{src}: not found; give a 'classify' results folder or a 'predict' CSV")
+        raise SimclrPathError(
+            f"{src}: not found; give a 'classify' results folder or a 'predict' CSV"
+        )
     if "score" not in preds.columns:
-        raise SimclrPathError(f"{src}: predictions have no positive-class score (no class like "
-                              "classify.positive_label); a probability heatmap needs one")
+        raise SimclrPathError(
+            f"{src}: predictions have no positive-class score (no class like "
+            "classify.positive_label); a probability heatmap needs one"
+        )
     st = PatchStore(store)
     sid = slide_id or st.slide_id
     rows = preds[preds["slide_id"].astype(str) == sid]
     if rows.empty:
-        raise SimclrPathError(f"{src}: no patch predictions for slide {sid!r}; pass --slide-id or the right store")
+        raise SimclrPathError(
+            f"{src}: no patch predictions for slide {sid!r}; pass --slide-id or the right store"
+        )
     if (rows["x"] < 0).all():
-        raise SimclrPathError(f"{store}: patches have no slide coordinates (imported tiles); heatmaps need a "
-                              "store made by 'simclr-path tile'")
+        raise SimclrPathError(
+            f"{store}: patches have no slide coordinates (imported tiles); heatmaps need a "
+            "store made by 'simclr-path tile'"
+        )
     thumb, extent = slide_thumbnail(st, max_side=max_side)
     fp = patch_footprint(st)
     x0, x1, y1, y0 = extent
@@ -437,15 +592,25 @@ def plot_heatmap(classify: str | os.PathLike, store: str | os.PathLike, out: str
     heat = np.full((h, w), np.nan)
     for x, y, s in zip(rows["x"].to_numpy(), rows["y"].to_numpy(), rows["score"].to_numpy()):
         c0, r0 = int((x - x0) / sx), int((y - y0) / sy)
-        c1, r1 = max(c0 + 1, int(np.ceil((x + fp - x0) / sx))), max(r0 + 1, int(np.ceil((y + fp - y0) / sy)))
-        heat[max(r0, 0):r1, max(c0, 0):c1] = s
+        c1, r1 = (
+            max(c0 + 1, int(np.ceil((x + fp - x0) / sx))),
+            max(r0 + 1, int(np.ceil((y + fp - y0) / sy))),
+        )
+        heat[max(r0, 0) : r1, max(c0, 0) : c1] = s
     label = f"P({pos})" if pos else "P(positive class)"
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5 * h / max(w, 1) + 1.2))
     axes[0].imshow(thumb, extent=extent)
     axes[0].set_title(f"{sid}: slide")
     axes[1].imshow(thumb, extent=extent)
-    im = axes[1].imshow(np.ma.masked_invalid(heat), extent=extent, cmap="viridis", vmin=0, vmax=1, alpha=0.6,
-                        interpolation="nearest")
+    im = axes[1].imshow(
+        np.ma.masked_invalid(heat),
+        extent=extent,
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        alpha=0.6,
+        interpolation="nearest",
+    )
     axes[1].set_title(f"{sid}: {label} per patch (slide mean {rows['score'].mean():.2f})")
     for ax in axes:
         ax.set_xlabel("x (level-0 pixels)")

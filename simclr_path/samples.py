@@ -41,8 +41,12 @@ def is_safe_id(value: str) -> bool:
     return bool(_SAFE_ID.fullmatch(value)) and ".." not in value
 
 
-def read_samples(path: str | os.PathLike, labels: Sequence[str] | None = None, check_files: bool = True,
-                 base_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+def read_samples(
+    path: str | os.PathLike,
+    labels: Sequence[str] | None = None,
+    check_files: bool = True,
+    base_dir: str | os.PathLike | None = None,
+) -> pd.DataFrame:
     """Read and validate a samples sheet; any problem raises one :class:`SimclrPathError` line.
 
     Args:
@@ -61,24 +65,39 @@ def read_samples(path: str | os.PathLike, labels: Sequence[str] | None = None, c
     try:
         df = pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False, comment="#")
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise SimclrPathError(f"{p}: not a readable tab-separated samples sheet "
-                              f"({str(exc).splitlines()[0]})") from None
+        raise SimclrPathError(
+            f"{p}: not a readable tab-separated samples sheet ({str(exc).splitlines()[0]})"
+        ) from None
     except pd.errors.EmptyDataError:
-        raise SimclrPathError(f"{p}: samples sheet is empty; expected a header row with columns "
-                              f"{', '.join(REQUIRED_COLUMNS)}") from None
-    return validate_samples(df, labels=labels, check_files=check_files,
-                            base_dir=base_dir if base_dir is not None else p.parent, where=str(p))
+        raise SimclrPathError(
+            f"{p}: samples sheet is empty; expected a header row with columns "
+            f"{', '.join(REQUIRED_COLUMNS)}"
+        ) from None
+    return validate_samples(
+        df,
+        labels=labels,
+        check_files=check_files,
+        base_dir=base_dir if base_dir is not None else p.parent,
+        where=str(p),
+    )
 
 
-def validate_samples(df: pd.DataFrame, labels: Sequence[str] | None = None, check_files: bool = True,
-                     base_dir: str | os.PathLike | None = None, where: str = "samples sheet") -> pd.DataFrame:
+def validate_samples(
+    df: pd.DataFrame,
+    labels: Sequence[str] | None = None,
+    check_files: bool = True,
+    base_dir: str | os.PathLike | None = None,
+    where: str = "samples sheet",
+) -> pd.DataFrame:
     """Validate a samples table already in memory (see :func:`read_samples`); returns a clean copy."""
     df = df.copy()
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise SimclrPathError(f"{where}: missing column(s) {', '.join(missing)}; the sheet must be tab-separated "
-                              f"with columns {', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(OPTIONAL_COLUMNS)})")
+        raise SimclrPathError(
+            f"{where}: missing column(s) {', '.join(missing)}; the sheet must be tab-separated "
+            f"with columns {', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(OPTIONAL_COLUMNS)})"
+        )
     if df.empty:
         raise SimclrPathError(f"{where}: no slides listed; add one row per slide")
     for col in df.columns:
@@ -95,23 +114,31 @@ def validate_samples(df: pd.DataFrame, labels: Sequence[str] | None = None, chec
             raise SimclrPathError(f"{line(i)}: field {col!r} is empty; every slide needs a {col}")
     for i, sid in enumerate(df["slide_id"]):
         if not is_safe_id(sid):
-            raise SimclrPathError(f"{line(i)}: slide_id {sid!r} is not a safe file name; use only letters, "
-                                  "digits, '.', '_' and '-', no '/', no '..' and no leading dot")
+            raise SimclrPathError(
+                f"{line(i)}: slide_id {sid!r} is not a safe file name; use only letters, "
+                "digits, '.', '_' and '-', no '/', no '..' and no leading dot"
+            )
     dup = df["slide_id"][df["slide_id"].duplicated()]
     if len(dup):
         rows = [i + 1 for i, s in enumerate(df["slide_id"]) if s == dup.iloc[0]]
-        raise SimclrPathError(f"{where}: slide_id {dup.iloc[0]!r} appears more than once (rows {rows}); "
-                              "slide ids must be unique")
+        raise SimclrPathError(
+            f"{where}: slide_id {dup.iloc[0]!r} appears more than once (rows {rows}); "
+            "slide ids must be unique"
+        )
     if labels is not None:
         allowed = [str(x) for x in labels]
         for i, lab in enumerate(df["label"]):
             if lab not in allowed:
-                raise SimclrPathError(f"{line(i)}: label {lab!r} is not one of the configured labels {allowed}; "
-                                      "fix the sheet or set classify.labels in the config")
+                raise SimclrPathError(
+                    f"{line(i)}: label {lab!r} is not one of the configured labels {allowed}; "
+                    "fix the sheet or set classify.labels in the config"
+                )
     classes = sorted(df["label"].unique())
     if len(classes) < 2:
-        raise SimclrPathError(f"{where}: every slide has label {classes[0]!r}; a classifier needs at least "
-                              "two classes (e.g. SCC and normal)")
+        raise SimclrPathError(
+            f"{where}: every slide has label {classes[0]!r}; a classifier needs at least "
+            "two classes (e.g. SCC and normal)"
+        )
     if "mpp" in df.columns:
         values = []
         for i, v in enumerate(df["mpp"]):
@@ -123,30 +150,43 @@ def validate_samples(df: pd.DataFrame, labels: Sequence[str] | None = None, chec
             except ValueError:
                 f = float("nan")
             if not (f > 0 and f < 1000):
-                raise SimclrPathError(f"{line(i)}: mpp {v!r} is not a positive number of microns per pixel "
-                                      "(e.g. 0.25); leave it empty to read it from the slide file")
+                raise SimclrPathError(
+                    f"{line(i)}: mpp {v!r} is not a positive number of microns per pixel "
+                    "(e.g. 0.25); leave it empty to read it from the slide file"
+                )
             values.append(f)
         df["mpp"] = values
     if "split" in df.columns:
         for i, v in enumerate(df["split"]):
             if v not in SPLITS:
-                raise SimclrPathError(f"{line(i)}: split {v!r} must be 'train' or 'test' on every row; "
-                                      "remove the split column to use patient-grouped K-fold evaluation")
+                raise SimclrPathError(
+                    f"{line(i)}: split {v!r} must be 'train' or 'test' on every row; "
+                    "remove the split column to use patient-grouped K-fold evaluation"
+                )
         if df["split"].nunique() < 2:
-            raise SimclrPathError(f"{where}: split column has only {df['split'].iloc[0]!r}; "
-                                  "it needs both train and test slides")
+            raise SimclrPathError(
+                f"{where}: split column has only {df['split'].iloc[0]!r}; "
+                "it needs both train and test slides"
+            )
     base = Path(base_dir) if base_dir is not None else None
     resolved = []
     for i, raw in enumerate(df["path"]):
         cand = Path(raw).expanduser()
         found = cand
-        if not cand.is_absolute() and not cand.exists() and base is not None and (base / cand).exists():
+        if (
+            not cand.is_absolute()
+            and not cand.exists()
+            and base is not None
+            and (base / cand).exists()
+        ):
             found = base / cand
         if check_files and not found.exists():
             tried = str(cand) if cand.is_absolute() or base is None else f"{cand} and {base / cand}"
-            raise SimclrPathError(f"{line(i)}: slide file not found (tried {tried}); fix the path "
-                                  "(relative paths are resolved against the current directory, then the "
-                                  "sheet's folder)")
+            raise SimclrPathError(
+                f"{line(i)}: slide file not found (tried {tried}); fix the path "
+                "(relative paths are resolved against the current directory, then the "
+                "sheet's folder)"
+            )
         resolved.append(str(found))
     df["path"] = resolved
     return df.reset_index(drop=True)

@@ -14,7 +14,9 @@ def _assert_png_not_blank(path, min_size=(300, 200)):
 
 
 def test_plot_loss_cli(tmp_path, capsys):
-    df = pd.DataFrame({"step": np.arange(50), "loss": np.linspace(5, 2, 50), "lr": np.linspace(0, 1e-3, 50)})
+    df = pd.DataFrame(
+        {"step": np.arange(50), "loss": np.linspace(5, 2, 50), "lr": np.linspace(0, 1e-3, 50)}
+    )
     df.to_csv(tmp_path / "metrics.csv", index=False)
     assert main(["plot-loss", str(tmp_path), "--out", str(tmp_path / "loss.png")]) == 0
     _assert_png_not_blank(tmp_path / "loss.png")
@@ -22,3 +24,180 @@ def test_plot_loss_cli(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "metrics file not found" in err[0]
     assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier and embedding figures on a tiny synthetic cohort
+# ---------------------------------------------------------------------------------------------
+import pytest
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """4 patients x (SCC, normal) slides: patch stores on a 6x6 grid, embeddings, a classify run."""
+    from simclr_path.classify import classify
+    from simclr_path.config import ClassifyConfig
+    from simclr_path.store import PatchStoreWriter, write_embeddings
+
+    root = tmp_path_factory.mktemp("cohort")
+    rng = np.random.default_rng(0)
+    rows, embs, stores = [], [], []
+    g, size = 6, 16
+    for p in range(4):
+        for lab, colour in (("SCC", (150, 60, 140)), ("normal", (235, 180, 215))):
+            sid = f"P{p}-{lab}"
+            coords = np.stack(np.meshgrid(np.arange(g), np.arange(g)), -1).reshape(-1, 2) * size * 2
+            patches = np.clip(
+                np.array(colour) + rng.normal(0, 25, (g * g, size, size, 3)), 0, 255
+            ).astype(np.uint8)
+            with PatchStoreWriter(
+                root / f"{sid}.store.h5",
+                size,
+                attrs={"slide_id": sid, "kind": "slide", "mpp": 0.5, "level0_mpp": 0.25},
+            ) as w:
+                w.append(patches, coords)
+            X = rng.normal(size=(g * g, 8)).astype(np.float32)
+            X[:, 0] += 1.5 * (lab == "SCC")
+            write_embeddings(root / f"{sid}.h5", X, coords, {"slide_id": sid})
+            embs.append(root / f"{sid}.h5")
+            stores.append(root / f"{sid}.store.h5")
+            rows.append({"slide_id": sid, "path": "x.svs", "label": lab, "patient_id": f"P{p}"})
+    sheet = root / "samples.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    classify(embs, root / "cls", samples=sheet, cfg=ClassifyConfig(bootstrap=50, c_grid=[0.1, 1.0]))
+    return {"root": root, "embs": embs, "stores": stores, "sheet": sheet, "cls": root / "cls"}
+
+
+def test_plot_tsne_cli(cohort, tmp_path, capsys):
+    outs = [tmp_path / n for n in ("label.png", "slide.png", "thumbs.png")]
+    args = [
+        "plot-tsne",
+        "--embeddings",
+        *map(str, cohort["embs"]),
+        "--samples",
+        str(cohort["sheet"]),
+        "--out-label",
+        str(outs[0]),
+        "--out-slide",
+        str(outs[1]),
+        "--stores",
+        *map(str, cohort["stores"]),
+        "--out-thumbnails",
+        str(outs[2]),
+        "--max-points",
+        "150",
+    ]
+    assert main(args) == 0
+    for o in outs:
+        _assert_png_not_blank(o)
+    capsys.readouterr()
+    assert main(args) != 0  # outputs exist, no --force
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_tsne_sample_is_stratified(cohort):
+    from simclr_path.figures import sample_embeddings
+
+    df = sample_embeddings(cohort["embs"], 80, samples=cohort["sheet"])
+    assert len(df) == 80
+    counts = df["slide_id"].value_counts()
+    assert len(counts) == 8 and counts.min() == counts.max() == 10
+    assert set(df["label"]) == {"SCC", "normal"}
+
+
+def test_plot_curves_confusion_heatmap_cli(cohort, tmp_path, capsys):
+    roc, pr, cm, hm = (tmp_path / n for n in ("roc.png", "pr.png", "cm.png", "hm.png"))
+    assert (
+        main(
+            [
+                "plot-curves",
+                "--classify",
+                str(cohort["cls"]),
+                "--out-roc",
+                str(roc),
+                "--out-pr",
+                str(pr),
+            ]
+        )
+        == 0
+    )
+    assert main(["plot-confusion", "--classify", str(cohort["cls"]), "--out", str(cm)]) == 0
+    assert (
+        main(
+            [
+                "plot-heatmap",
+                "--classify",
+                str(cohort["cls"]),
+                "--store",
+                str(cohort["stores"][0]),
+                "--out",
+                str(hm),
+            ]
+        )
+        == 0
+    )
+    for p in (roc, pr, cm, hm):
+        _assert_png_not_blank(p)
+    # heatmap from a 'predict' CSV, and a clear error for a slide without predictions
+    from simclr_path.classify import predict
+
+    csv = predict(cohort["cls"], cohort["embs"][:1], tmp_path / "pred.csv")
+    assert (
+        main(
+            [
+                "plot-heatmap",
+                "--classify",
+                str(csv),
+                "--store",
+                str(cohort["stores"][0]),
+                "--out",
+                str(tmp_path / "hm2.png"),
+            ]
+        )
+        == 0
+    )
+    _assert_png_not_blank(tmp_path / "hm2.png")
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "plot-heatmap",
+                "--classify",
+                str(csv),
+                "--store",
+                str(cohort["stores"][1]),
+                "--out",
+                str(tmp_path / "hm3.png"),
+            ]
+        )
+        != 0
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no patch predictions for slide 'P0-normal'" in err[0]
+    assert not (tmp_path / "hm3.png").exists()
+    assert (
+        main(
+            [
+                "plot-curves",
+                "--classify",
+                str(tmp_path),
+                "--out-roc",
+                str(tmp_path / "r.png"),
+                "--out-pr",
+                str(tmp_path / "p.png"),
+            ]
+        )
+        != 0
+    )
+    assert "not a 'simclr-path classify' results folder" in capsys.readouterr().err
+
+
+def test_heatmap_mosaic_matches_coordinates(cohort):
+    from simclr_path.figures import slide_thumbnail
+    from simclr_path.store import PatchStore
+
+    st = PatchStore(cohort["stores"][0])
+    img, extent = slide_thumbnail(st)
+    # 6 x 6 patches of 32 level-0 px (16 px at 0.5 um/px over a 0.25 um/px scan)
+    assert extent == (0.0, 192.0, 192.0, 0.0)
+    assert img.shape[2] == 3 and img.shape[0] == img.shape[1] and (img < 250).mean() > 0.9

@@ -7,19 +7,33 @@ from pathlib import Path
 
 from simclr_path.config import ClassifyConfig, load_config
 
-HELP = "Train and evaluate a logistic-regression SCC classifier on embeddings (patient-grouped folds)."
+HELP = (
+    "Train and evaluate a logistic-regression SCC classifier on embeddings (patient-grouped folds)."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ClassifyConfig()
-    p.add_argument("--embeddings", type=Path, nargs="+", required=True, help="embedding files (one per slide)")
-    p.add_argument("--samples", type=Path, default=None,
-                   help="samples sheet (TSV: slide_id, path, label, patient_id[, mpp, split]); omit for "
-                        "imported patch sets whose embeddings carry labels and groups")
-    p.add_argument("--out", type=Path, required=True,
-                   help="results folder: metrics.json, predictions_patches.csv, predictions_slides.csv, "
-                        "model.npz, model.json")
-    p.add_argument("--folds", type=int, default=None, help=f"outer patient-grouped folds [config: {d.folds}]")
+    p.add_argument(
+        "--embeddings", type=Path, nargs="+", required=True, help="embedding files (one per slide)"
+    )
+    p.add_argument(
+        "--samples",
+        type=Path,
+        default=None,
+        help="samples sheet (TSV: slide_id, path, label, patient_id[, mpp, split]); omit for "
+        "imported patch sets whose embeddings carry labels and groups",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="results folder: metrics.json, predictions_patches.csv, predictions_slides.csv, "
+        "model.npz, model.json",
+    )
+    p.add_argument(
+        "--folds", type=int, default=None, help=f"outer patient-grouped folds [config: {d.folds}]"
+    )
     p.add_argument("--config", type=Path, default=None, help="YAML config (section 'classify')")
     p.add_argument("--force", action="store_true", help="replace an existing results folder")
 
@@ -36,5 +50,7 @@ def run(args: argparse.Namespace) -> int:
     txt = f"slide AUROC {auc:.3f}" if auc is not None else "slide AUROC n/a"
     if ci:
         txt += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
-    print(f"{args.out}: {txt}, slide balanced accuracy {s.get('balanced_accuracy', float('nan')):.3f}")
+    print(
+        f"{args.out}: {txt}, slide balanced accuracy {s.get('balanced_accuracy', float('nan')):.3f}"
+    )
     return 0

@@ -13,16 +13,29 @@ HELP = "Embed every patch of a patch store with a trained encoder (HDF5 /feature
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = EmbedConfig()
     p.add_argument("store", type=Path, help="patch store (from 'tile' or 'import-patches')")
-    p.add_argument("--encoder", type=Path, required=True, help="encoder.pt (or a pretraining run directory)")
+    p.add_argument(
+        "--encoder", type=Path, required=True, help="encoder.pt (or a pretraining run directory)"
+    )
     p.add_argument("--out", type=Path, required=True, help="embedding file to write (.h5)")
-    p.add_argument("--layer", default=None,
-                   help=f"pooled (backbone output), stageN (pooled feature stage N), head (projection head) "
-                        f"[config: {d.layer}]")
-    p.add_argument("--batch-size", type=int, default=None, help=f"patches per batch [config: {d.batch_size}]")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize patches to this side [config: the encoder's training image size]")
+    p.add_argument(
+        "--layer",
+        default=None,
+        help=f"pooled (backbone output), stageN (pooled feature stage N), head (projection head) "
+        f"[config: {d.layer}]",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help=f"patches per batch [config: {d.batch_size}]"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize patches to this side [config: the encoder's training image size]",
+    )
     p.add_argument("--device", default=None, help=f"auto, cpu or cuda [config: {d.device}]")
-    p.add_argument("--workers", type=int, default=None, help=f"DataLoader workers [config: {d.workers}]")
+    p.add_argument(
+        "--workers", type=int, default=None, help=f"DataLoader workers [config: {d.workers}]"
+    )
     p.add_argument("--config", type=Path, default=None, help="YAML config (section 'embed')")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
@@ -30,8 +43,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from simclr_path.embed import embed_store
 
-    over = {k: v for k, v in {"layer": args.layer, "batch_size": args.batch_size, "image_size": args.image_size,
-                              "device": args.device, "workers": args.workers}.items() if v is not None}
+    over = {
+        k: v
+        for k, v in {
+            "layer": args.layer,
+            "batch_size": args.batch_size,
+            "image_size": args.image_size,
+            "device": args.device,
+            "workers": args.workers,
+        }.items()
+        if v is not None
+    }
     cfg = load_config(args.config, overrides={"embed": over}).embed
     out = embed_store(args.encoder, args.store, args.out, cfg=cfg, force=args.force)
     print(out)

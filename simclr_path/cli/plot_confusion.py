@@ -9,7 +9,9 @@ HELP = "Confusion matrices (patch and slide level) from a 'classify' results fol
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--classify", type=Path, required=True, help="results folder of 'simclr-path classify'")
+    p.add_argument(
+        "--classify", type=Path, required=True, help="results folder of 'simclr-path classify'"
+    )
     p.add_argument("--out", type=Path, required=True, help="output PNG")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 

@@ -9,7 +9,9 @@ HELP = "ROC and precision-recall curves (patch and slide level) from a 'classify
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--classify", type=Path, required=True, help="results folder of 'simclr-path classify'")
+    p.add_argument(
+        "--classify", type=Path, required=True, help="results folder of 'simclr-path classify'"
+    )
     p.add_argument("--out-roc", type=Path, required=True, help="ROC PNG")
     p.add_argument("--out-pr", type=Path, required=True, help="precision-recall PNG")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")

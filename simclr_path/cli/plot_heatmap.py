@@ -9,8 +9,12 @@ HELP = "Per-patch SCC probability heatmap over the slide thumbnail (from a 'clas
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--classify", type=Path, required=True,
-                   help="results folder of 'simclr-path classify' (or a CSV written by 'simclr-path predict')")
+    p.add_argument(
+        "--classify",
+        type=Path,
+        required=True,
+        help="results folder of 'simclr-path classify' (or a CSV written by 'simclr-path predict')",
+    )
     p.add_argument("--store", type=Path, required=True, help="the slide's patch store")
     p.add_argument("--out", type=Path, required=True, help="output PNG")
     p.add_argument("--slide-id", default=None, help="slide to draw [default: the store's slide id]")

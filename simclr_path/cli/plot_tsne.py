@@ -13,13 +13,28 @@ HELP = "t-SNE of a stratified patch sample coloured by label and by slide (optio
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ClassifyConfig()
     p.add_argument("--embeddings", type=Path, nargs="+", required=True, help="embedding files")
-    p.add_argument("--samples", type=Path, default=None, help="samples sheet (slide labels); omit for imported sets")
+    p.add_argument(
+        "--samples",
+        type=Path,
+        default=None,
+        help="samples sheet (slide labels); omit for imported sets",
+    )
     p.add_argument("--out-label", type=Path, required=True, help="PNG coloured by label")
-    p.add_argument("--out-slide", type=Path, required=True, help="PNG coloured by slide (or source group)")
-    p.add_argument("--stores", type=Path, nargs="+", default=None, help="patch stores, for --out-thumbnails")
-    p.add_argument("--out-thumbnails", type=Path, default=None, help="PNG of the map drawn with patches")
-    p.add_argument("--max-points", type=int, default=None,
-                   help=f"patches in the sample [config: classify.tsne_max_points = {d.tsne_max_points}]")
+    p.add_argument(
+        "--out-slide", type=Path, required=True, help="PNG coloured by slide (or source group)"
+    )
+    p.add_argument(
+        "--stores", type=Path, nargs="+", default=None, help="patch stores, for --out-thumbnails"
+    )
+    p.add_argument(
+        "--out-thumbnails", type=Path, default=None, help="PNG of the map drawn with patches"
+    )
+    p.add_argument(
+        "--max-points",
+        type=int,
+        default=None,
+        help=f"patches in the sample [config: classify.tsne_max_points = {d.tsne_max_points}]",
+    )
     p.add_argument("--config", type=Path, default=None, help="YAML config (section 'classify')")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
@@ -33,7 +48,16 @@ def run(args: argparse.Namespace) -> int:
     for out in (args.out_label, args.out_slide, args.out_thumbnails):
         if out is not None:
             check_can_write(out, args.force)
-    plot_tsne(args.embeddings, args.out_label, args.out_slide, samples=args.samples,
-              max_points=args.max_points or cfg.tsne_max_points, perplexity=cfg.tsne_perplexity,
-              stores=args.stores, out_thumbnails=args.out_thumbnails, seed=cfg.seed, force=True)
+    plot_tsne(
+        args.embeddings,
+        args.out_label,
+        args.out_slide,
+        samples=args.samples,
+        max_points=args.max_points or cfg.tsne_max_points,
+        perplexity=cfg.tsne_perplexity,
+        stores=args.stores,
+        out_thumbnails=args.out_thumbnails,
+        seed=cfg.seed,
+        force=True,
+    )
     return 0

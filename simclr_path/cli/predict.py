@@ -9,8 +9,12 @@ HELP = "Score embedding files with a classifier from 'classify' (CSV of patch an
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="results folder of 'simclr-path classify'")
-    p.add_argument("--embeddings", type=Path, nargs="+", required=True, help="embedding files to score")
+    p.add_argument(
+        "--model", type=Path, required=True, help="results folder of 'simclr-path classify'"
+    )
+    p.add_argument(
+        "--embeddings", type=Path, nargs="+", required=True, help="embedding files to score"
+    )
     p.add_argument("--out", type=Path, required=True, help="output CSV")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 

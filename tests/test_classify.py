@@ -1,0 +1,408 @@
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import LC25000, needs
+
+from simclr_path.classify import LinearModel, classify, fit_probe, load_table, make_folds, predict
+from simclr_path.cli import main
+from simclr_path.config import ClassifyConfig
+from simclr_path.errors import SimclrPathError
+from simclr_path.store import EmbeddingStore, write_embeddings
+
+FAST = ClassifyConfig(bootstrap=100, c_grid=[0.01, 1.0])
+
+
+def make_cohort(
+    folder, n_patients=10, patches=60, shift=1.0, dim=8, seed=0, two_slides=True, sha="enc1"
+):
+    """Slides of SCC and normal patients; feature 0 is shifted by ``shift`` in SCC patches, so the
+    Bayes patch-level AUROC is Phi(shift / sqrt(2))."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, paths = [], []
+    for p in range(n_patients):
+        labels = ["SCC", "normal"] if two_slides else [["SCC", "normal"][p % 2]]
+        for j, lab in enumerate(labels):
+            sid = f"P{p}-S{j}"
+            X = rng.normal(size=(patches, dim)).astype(np.float32)
+            X[:, 0] += shift * (lab == "SCC")
+            coords = np.stack([np.arange(patches) * 64, np.zeros(patches, dtype=np.int64)], axis=1)
+            write_embeddings(
+                folder / f"{sid}.h5",
+                X,
+                coords,
+                {"slide_id": sid, "encoder_sha256": sha, "layer": "pooled"},
+            )
+            paths.append(folder / f"{sid}.h5")
+            rows.append(
+                {"slide_id": sid, "path": f"{sid}.svs", "label": lab, "patient_id": f"P{p}"}
+            )
+    sheet = folder / "samples.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    return paths, sheet
+
+
+def test_known_signal_gives_expected_auroc(tmp_path):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=12, patches=100, shift=1.0)
+    m = classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    expected = 0.5 * (1 + math.erf(1.0 / math.sqrt(2) / math.sqrt(2)))  # Phi(1/sqrt(2)) = 0.760
+    assert abs(m["patch"]["auroc"] - expected) < 0.04
+    # averaging 100 patches per slide separates the slides completely
+    assert m["slide"]["auroc"] == 1.0 and m["slide"]["balanced_accuracy"] == 1.0
+    lo, hi = m["slide"]["auroc_ci95"]
+    assert lo <= m["slide"]["auroc"] <= hi
+    for key in (
+        "auroc",
+        "average_precision",
+        "balanced_accuracy",
+        "sensitivity",
+        "specificity",
+        "f1",
+    ):
+        assert key in m["patch"] and key in m["slide"]
+        assert m["fold_summary"]["slide"][key]["n_folds"] == 5
+    assert np.asarray(m["slide"]["confusion_matrix"]).sum() == 24
+    assert m["task"]["evaluation"] == "grouped_5fold" and m["task"]["positive"] == "SCC"
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == [
+        "metrics.json",
+        "model.json",
+        "model.npz",
+        "predictions_patches.csv",
+        "predictions_slides.csv",
+    ]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["slide"]["auroc"] == 1.0
+
+
+def test_no_signal_is_near_chance(tmp_path):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=12, patches=100, shift=0.0)
+    m = classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    assert abs(m["patch"]["auroc"] - 0.5) < 0.06
+
+
+def test_no_patient_on_both_sides(tmp_path):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=9, patches=10, shift=1.0)
+    classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    patches = pd.read_csv(tmp_path / "out" / "predictions_patches.csv")
+    assert (patches.groupby("patient_id")["fold"].nunique() == 1).all()
+    assert (patches["fold"] >= 0).all() and patches["prob_SCC"].notna().all()
+    # many random cohorts: every fold keeps whole patients on one side
+    rng = np.random.default_rng(1)
+    for seed in range(20):
+        n = int(rng.integers(30, 60))
+        slides = pd.DataFrame(
+            {
+                "slide_id": [f"s{i}" for i in range(n)],
+                "patient_id": [f"p{x}" for x in rng.integers(0, n // 2, n)],
+                "label": rng.choice(["SCC", "normal"], n),
+            }
+        )
+        slides["y"] = (slides["label"] == "normal").astype(int)
+        if (slides.groupby("label")["patient_id"].nunique() < 2).any():
+            continue
+        fold, _ = make_folds(slides, ["SCC", "normal"], ClassifyConfig(seed=seed))
+        assert (pd.Series(fold).groupby(slides["patient_id"]).nunique() == 1).all()
+
+
+def test_split_column(tmp_path):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=8, patches=20, shift=2.0)
+    df = pd.read_csv(sheet, sep="\t")
+    df["split"] = ["test" if int(p[1:]) >= 6 else "train" for p in df["patient_id"]]
+    df.to_csv(sheet, sep="\t", index=False)
+    m = classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    assert m["task"]["evaluation"] == "split" and m["slide"]["n"] == 4
+    df.loc[0, "split"] = "test"  # P0 now has one slide in test and one in train
+    df.to_csv(sheet, sep="\t", index=False)
+    with pytest.raises(SimclrPathError, match="patient 'P0' has slides in both train and test"):
+        classify(paths, tmp_path / "out2", samples=sheet, cfg=FAST)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_predict_after_reload_equals_in_memory(tmp_path):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=30, shift=1.0)
+    classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    t = load_table(paths, sheet, FAST)
+    pipe, c = fit_probe(t.X, t.y, t.patient, 2, FAST)  # the final model, refitted in memory
+    assert json.loads((tmp_path / "out" / "model.json").read_text())["C"] == c
+    out = predict(tmp_path / "out", paths[:2], tmp_path / "pred.csv")
+    df = pd.read_csv(out)
+    pr = df[df["level"] == "patch"]
+    ref = pipe.predict_proba(np.concatenate([EmbeddingStore(p).features for p in paths[:2]]))
+    np.testing.assert_allclose(
+        pr[["prob_SCC", "prob_normal"]].to_numpy(), ref, atol=1e-6
+    )  # sklearn computes in float32
+    np.testing.assert_allclose(pr["score"], ref[:, 0], atol=1e-6)
+    sl = df[df["level"] == "slide"]
+    assert list(sl["slide_id"]) == ["P0-S0", "P0-S1"] and list(sl["n_patches"]) == [30, 30]
+    np.testing.assert_allclose(sl["score"].iloc[0], ref[:30, 0].mean(), atol=1e-6)
+    np.testing.assert_allclose(
+        sl["score_topk"].iloc[0], np.sort(ref[:30, 0])[::-1][: FAST.top_k].mean(), atol=1e-6
+    )
+    m = LinearModel.load(tmp_path / "out")
+    np.testing.assert_allclose(m.predict_proba(t.X[:5]), pipe.predict_proba(t.X[:5]), atol=1e-6)
+
+
+def test_multiclass_from_embedding_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    names = ["lung_aca", "lung_n", "lung_scc"]
+    groups, labels = [], []
+    for g in range(18):
+        groups += [f"g{g}"] * 8
+        labels += [g % 3] * 8
+    labels = np.array(labels)
+    X = rng.normal(size=(len(labels), 6)).astype(np.float32)
+    X[np.arange(len(labels)), labels] += 2.5
+    write_embeddings(
+        tmp_path / "lc.h5",
+        X,
+        -np.ones((len(labels), 2)),
+        {"slide_id": "lc", "store_kind": "patches"},
+        labels=labels,
+        groups=groups,
+        label_names=names,
+    )
+    m = classify([tmp_path / "lc.h5"], tmp_path / "out", cfg=ClassifyConfig(bootstrap=50))
+    assert m["task"]["classes"] == names and m["task"]["positive"] == "lung_scc"
+    assert m["task"]["n_slides"] == 18 and m["task"]["n_patients"] == 18
+    assert np.asarray(m["patch"]["confusion_matrix"]).shape == (3, 3)
+    assert (
+        m["slide"]["balanced_accuracy"] > 0.9
+        and m["patch"]["auroc"] > 0.9
+        and m["patch"]["auroc_macro"] > 0.9
+    )
+    slides = pd.read_csv(tmp_path / "out" / "predictions_slides.csv")
+    assert len(slides) == 18 and {"prob_lung_scc", "score", "score_topk"} <= set(slides.columns)
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_bad_input_cli(tmp_path, capsys):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=4, patches=10)
+    out = tmp_path / "out"
+    # fewer than two patients per class
+    few, few_sheet = make_cohort(tmp_path / "few", n_patients=3, patches=10, two_slides=False)
+    assert (
+        main(
+            [
+                "classify",
+                "--embeddings",
+                *map(str, few),
+                "--samples",
+                str(few_sheet),
+                "--out",
+                str(out),
+            ]
+        )
+        != 0
+    )
+    line = _one_error_line(capsys)
+    assert "class 'normal' has slides from only 1 patient" in line and "never on both sides" in line
+    assert not out.exists()
+    # an embedding file whose slide is not in the sheet
+    write_embeddings(
+        tmp_path / "stray.h5",
+        np.zeros((3, 8)),
+        np.zeros((3, 2)),
+        {"slide_id": "stray", "encoder_sha256": "enc1", "layer": "pooled"},
+    )
+    assert (
+        main(
+            [
+                "classify",
+                "--embeddings",
+                *map(str, paths),
+                str(tmp_path / "stray.h5"),
+                "--samples",
+                str(sheet),
+                "--out",
+                str(out),
+            ]
+        )
+        != 0
+    )
+    assert "slide 'stray', which is not in the samples sheet" in _one_error_line(capsys)
+    assert not out.exists()
+    # a sheet error
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("slide_id\tpath\tlabel\n")
+    assert (
+        main(
+            ["classify", "--embeddings", *map(str, paths), "--samples", str(bad), "--out", str(out)]
+        )
+        != 0
+    )
+    assert "missing column(s) patient_id" in _one_error_line(capsys)
+    # no labels anywhere
+    assert main(["classify", "--embeddings", *map(str, paths), "--out", str(out)]) != 0
+    assert "pass --samples" in _one_error_line(capsys)
+    assert not out.exists()
+    # a good run, then predict with embeddings of another size
+    assert (
+        main(
+            [
+                "classify",
+                "--embeddings",
+                *map(str, paths),
+                "--samples",
+                str(sheet),
+                "--out",
+                str(out),
+                "--folds",
+                "2",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert json.loads((out / "metrics.json").read_text())["task"]["n_folds"] == 2
+    assert (
+        main(
+            [
+                "classify",
+                "--embeddings",
+                *map(str, paths),
+                "--samples",
+                str(sheet),
+                "--out",
+                str(out),
+            ]
+        )
+        != 0
+    )
+    assert "already exists" in _one_error_line(capsys)
+    write_embeddings(
+        tmp_path / "wide.h5", np.zeros((3, 16)), np.zeros((3, 2)), {"slide_id": "wide"}
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out),
+                "--embeddings",
+                str(tmp_path / "wide.h5"),
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        != 0
+    )
+    line = _one_error_line(capsys)
+    assert "16 dimensions but the classifier" in line and "expects 8" in line
+    assert not (tmp_path / "p.csv").exists()
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out),
+                "--embeddings",
+                str(paths[0]),
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        == 0
+    )
+    # mixing encoders
+    other, _ = make_cohort(tmp_path / "other", n_patients=2, patches=5, sha="enc2")
+    assert (
+        main(
+            [
+                "classify",
+                "--embeddings",
+                str(paths[0]),
+                str(other[0]),
+                "--samples",
+                str(sheet),
+                "--out",
+                str(tmp_path / "mix"),
+            ]
+        )
+        != 0
+    )
+    assert "encoder_sha256" in _one_error_line(capsys)
+
+
+def _lc25000_subset_store(tmp_path, per_class_groups=6, per_group=3, size=32):
+    """A small store from lc25000-dev: ``import_patches`` on a linked subset when it exists, else
+    built here with PatchStoreWriter."""
+    from PIL import Image
+
+    df = pd.read_csv(LC25000 / "groups.csv")
+    picked = []
+    for _, d in df.groupby("label"):
+        for g in sorted(d["group"].unique())[:per_class_groups]:
+            picked.append(d[d["group"] == g].head(per_group))
+    sub = pd.concat(picked)
+    out = tmp_path / "lc.h5"
+    try:
+        from simclr_path.import_patches import import_patches
+    except ImportError:
+        import_patches = None
+    if import_patches is not None:
+        root = tmp_path / "lc"
+        for rel in sub["path"]:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).symlink_to(LC25000 / rel)
+        sub.to_csv(root / "groups.csv", index=False)
+        import_patches(root, out, patch_size=size, groups_csv=root / "groups.csv")
+        return out
+    from simclr_path.store import PatchStoreWriter
+
+    names = sorted(sub["label"].unique())
+    imgs = np.stack(
+        [
+            np.asarray(Image.open(LC25000 / p).convert("RGB").resize((size, size)))
+            for p in sub["path"]
+        ]
+    )
+    with PatchStoreWriter(
+        out, size, attrs={"slide_id": "lc25000-dev", "kind": "patches"}, label_names=names
+    ) as w:
+        w.append(
+            imgs,
+            -np.ones((len(sub), 2)),
+            labels=[names.index(x) for x in sub["label"]],
+            groups=list(sub["group"]),
+            names=list(sub["path"]),
+        )
+    return out
+
+
+@needs(LC25000)
+def test_lc25000_imported_store_end_to_end(tmp_path):
+    import torch
+
+    from simclr_path.config import EmbedConfig
+    from simclr_path.embed import embed_store
+    from simclr_path.model import create_backbone, save_encoder
+
+    store = _lc25000_subset_store(tmp_path)
+    torch.manual_seed(0)
+    save_encoder(create_backbone("resnet18"), tmp_path / "encoder.pt", "resnet18", image_size=32)
+    emb = embed_store(
+        tmp_path / "encoder.pt",
+        store,
+        tmp_path / "lc_emb.h5",
+        EmbedConfig(workers=0),
+        progress=False,
+    )
+    m = classify([emb], tmp_path / "out", cfg=ClassifyConfig(bootstrap=50, c_grid=[0.1, 1.0]))
+    assert m["task"]["classes"] == ["lung_aca", "lung_n", "lung_scc"]
+    assert m["task"]["positive"] == "lung_scc" and m["task"]["n_patients"] == 18
+    for level in ("patch", "slide"):
+        assert 0.0 <= m[level]["auroc"] <= 1.0 and 0.0 <= m[level]["balanced_accuracy"] <= 1.0
+    # even a random encoder separates these classes better than chance (colour and texture differ)
+    assert m["slide"]["auroc"] > 0.6
+    patches = pd.read_csv(tmp_path / "out" / "predictions_patches.csv")
+    assert (patches.groupby("patient_id")["fold"].nunique() == 1).all()

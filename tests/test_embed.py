@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from simclr_path.cli import main
+from simclr_path.config import EmbedConfig
+from simclr_path.embed import embed_store, file_sha256, preprocess
+from simclr_path.errors import SimclrPathError
+from simclr_path.model import create_backbone, load_encoder, save_encoder
+from simclr_path.store import EmbeddingStore
+
+ARCH = "resnet18"
+STAGE_CHANNELS = [64, 64, 128, 256, 512]  # timm feature_info of resnet18: stem, layer1-4
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("enc") / "encoder.pt"
+    save_encoder(create_backbone(ARCH), path, ARCH, image_size=32, mpp=0.5)
+    return path
+
+
+def test_embed_pooled_matches_one_by_one(encoder, make_store, tmp_path):
+    store = make_store(n=10, size=40)  # patches are resized from 40 to the encoder's 32 px
+    out = embed_store(
+        encoder, store, tmp_path / "emb.h5", EmbedConfig(batch_size=4, workers=0), progress=False
+    )
+    e = EmbeddingStore(out)
+    assert e.features.shape == (10, 512) and e.features.dtype == np.float32
+    assert (
+        e.attrs["slide_id"] == "S1" and e.attrs["layer"] == "pooled" and e.attrs["image_size"] == 32
+    )
+    assert e.attrs["encoder_sha256"] == file_sha256(encoder) and e.attrs["arch"] == ARCH
+    assert e.attrs["source_store"] == str(store)
+    np.testing.assert_array_equal(e.coords[:, 0], np.arange(10) * 40)
+    model = load_encoder(encoder)
+    from simclr_path.store import PatchStore
+
+    ps = PatchStore(store)
+    with torch.no_grad():
+        ref = np.stack(
+            [model(preprocess(torch.from_numpy(ps[i]), 32))[0].numpy() for i in range(10)]
+        )
+    np.testing.assert_allclose(e.features, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_layerwise_dimensions(encoder, make_store, tmp_path):
+    store = make_store(n=6, size=32)
+    for stage, ch in enumerate(STAGE_CHANNELS):
+        out = embed_store(
+            encoder,
+            store,
+            tmp_path / f"s{stage}.h5",
+            EmbedConfig(layer=f"stage{stage}", workers=0),
+            progress=False,
+        )
+        e = EmbeddingStore(out)
+        assert e.features.shape == (6, ch) and e.attrs["layer"] == f"stage{stage}"
+    # the last stage pooled is the backbone's pooled output (resnet: global average pool of layer4)
+    pooled = embed_store(encoder, store, tmp_path / "p.h5", EmbedConfig(workers=0), progress=False)
+    np.testing.assert_allclose(
+        EmbeddingStore(pooled).features,
+        EmbeddingStore(tmp_path / "s4.h5").features,
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    with pytest.raises(SimclrPathError, match="stage0 ... stage4"):
+        embed_store(
+            encoder, store, tmp_path / "bad.h5", EmbedConfig(layer="stage9"), progress=False
+        )
+    assert not (tmp_path / "bad.h5").exists()
+
+
+def test_labels_groups_workers_and_image_size(encoder, make_store, tmp_path):
+    labels = np.array([0, 1] * 6)
+    groups = [f"g{i // 4}" for i in range(12)]
+    store = make_store(
+        n=12, size=32, label_names=["lung_n", "lung_scc"], labels=labels, groups=groups
+    )
+    out = embed_store(
+        encoder,
+        store,
+        tmp_path / "e.h5",
+        EmbedConfig(batch_size=4, workers=1, image_size=48),
+        progress=False,
+    )
+    e = EmbeddingStore(out)
+    assert e.features.shape == (12, 512) and e.attrs["image_size"] == 48
+    np.testing.assert_array_equal(e.labels, labels)
+    assert e.groups == groups and e.label_names == ["lung_n", "lung_scc"]
+
+
+def test_empty_store_gives_empty_file(encoder, tmp_path):
+    from simclr_path.store import PatchStoreWriter
+
+    with PatchStoreWriter(tmp_path / "empty.h5", 32, attrs={"slide_id": "E"}):
+        pass
+    with pytest.warns(UserWarning, match="no patches"):
+        out = embed_store(encoder, tmp_path / "empty.h5", tmp_path / "e.h5", progress=False)
+    assert EmbeddingStore(out).features.shape == (0, 512)
+
+
+def test_embed_cli(encoder, make_store, tmp_path, capsys):
+    store = make_store(n=5, size=32)
+    out = tmp_path / "cli.h5"
+    args = [
+        "embed",
+        str(store),
+        "--encoder",
+        str(encoder),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--layer",
+        "stage2",
+    ]
+    assert main(args) == 0
+    assert EmbeddingStore(out).features.shape == (5, 128)
+    capsys.readouterr()
+    assert main(args) != 0  # exists, no --force
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0]
+    assert main([*args, "--force", "--layer", "conv"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "embed.layer" in err[0]
+    assert (
+        main(
+            [
+                "embed",
+                str(store),
+                "--encoder",
+                str(tmp_path / "none.pt"),
+                "--out",
+                str(tmp_path / "x.h5"),
+            ]
+        )
+        != 0
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "encoder file not found" in err[0]
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_head_layer(encoder, make_store, tmp_path):
+    import simclr_path.model as model_mod
+
+    store = make_store(n=4, size=32)
+    if not hasattr(model_mod, "load_projection_head"):
+        with pytest.raises(SimclrPathError, match="projection head"):
+            embed_store(
+                encoder, store, tmp_path / "h.h5", EmbedConfig(layer="head"), progress=False
+            )
+    else:  # the run directory has no head for this bare encoder: a clear error either way
+        with pytest.raises(SimclrPathError):
+            embed_store(
+                encoder, store, tmp_path / "h.h5", EmbedConfig(layer="head"), progress=False
+            )
+    assert not (tmp_path / "h.h5").exists()

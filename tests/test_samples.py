@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from simclr_path.errors import SimclrPathError
+from simclr_path.samples import is_safe_id, read_samples
+
+HEADER = "slide_id\tpath\tlabel\tpatient_id"
+
+
+def _sheet(tmp_path, lines, header=HEADER, name="samples.tsv"):
+    p = tmp_path / name
+    p.write_text("\n".join([header, *lines]) + "\n")
+    return p
+
+
+@pytest.fixture
+def slides(tmp_path):
+    (tmp_path / "wsi").mkdir()
+    for s in ("A", "B", "C"):
+        (tmp_path / "wsi" / f"{s}.svs").write_bytes(b"x")
+    return tmp_path
+
+
+def test_read_good_sheet_resolves_relative_paths(slides, tmp_path, monkeypatch):
+    sheet = _sheet(tmp_path, ["# a comment", "A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2"])
+    df = read_samples(sheet, labels=["SCC", "normal"])
+    assert list(df["slide_id"]) == ["A", "B"] and list(df["label"]) == ["SCC", "normal"]
+    assert all(pd.Series(df["path"]).map(lambda p: p.endswith(".svs")))
+    # from another working directory the path is found next to the sheet (base_dir fallback)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    df2 = read_samples(sheet)
+    assert df2["path"].iloc[0] == str(tmp_path / "wsi" / "A.svs")
+    # relative to the current directory first: unchanged string
+    monkeypatch.chdir(tmp_path)
+    assert read_samples(sheet)["path"].iloc[0] == "wsi/A.svs"
+
+
+def test_optional_columns(slides, tmp_path):
+    sheet = _sheet(
+        tmp_path,
+        ["A\twsi/A.svs\tSCC\tP1\t0.25\ttrain", "B\twsi/B.svs\tnormal\tP2\t\ttest"],
+        header=HEADER + "\tmpp\tsplit",
+    )
+    df = read_samples(sheet)
+    assert df["mpp"].iloc[0] == 0.25 and pd.isna(df["mpp"].iloc[1])
+    assert list(df["split"]) == ["train", "test"]
+
+
+@pytest.mark.parametrize(
+    "lines, header, labels, expect",
+    [
+        (["A\twsi/A.svs\tSCC"], "slide_id\tpath\tlabel", None, "missing column(s) patient_id"),
+        (
+            ["A\twsi/A.svs\tSCC\tP1", "A\twsi/B.svs\tnormal\tP2"],
+            HEADER,
+            None,
+            "appears more than once",
+        ),
+        (
+            ["../A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2"],
+            HEADER,
+            None,
+            "not a safe file name",
+        ),
+        (
+            ["a/b\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2"],
+            HEADER,
+            None,
+            "not a safe file name",
+        ),
+        (
+            [".A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2"],
+            HEADER,
+            None,
+            "not a safe file name",
+        ),
+        (
+            ["A b\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2"],
+            HEADER,
+            None,
+            "not a safe file name",
+        ),
+        (
+            ["A\twsi/A.svs\tSCC\tP1", "B\twsi/nope.svs\tnormal\tP2"],
+            HEADER,
+            None,
+            "row 2 (slide_id 'B'): slide file not found",
+        ),
+        (
+            ["A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\ttumour\tP2"],
+            HEADER,
+            ["SCC", "normal"],
+            "label 'tumour' is not one",
+        ),
+        (["A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tSCC\tP2"], HEADER, None, "at least two classes"),
+        (
+            ["A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\t"],
+            HEADER,
+            None,
+            "field 'patient_id' is empty",
+        ),
+        (
+            ["A\twsi/A.svs\tSCC\tP1\t-1", "B\twsi/B.svs\tnormal\tP2\t"],
+            HEADER + "\tmpp",
+            None,
+            "mpp '-1'",
+        ),
+        (
+            ["A\twsi/A.svs\tSCC\tP1\tx", "B\twsi/B.svs\tnormal\tP2\t"],
+            HEADER + "\tmpp",
+            None,
+            "mpp 'x'",
+        ),
+        (
+            ["A\twsi/A.svs\tSCC\tP1\tval", "B\twsi/B.svs\tnormal\tP2\ttest"],
+            HEADER + "\tsplit",
+            None,
+            "split 'val'",
+        ),
+        (
+            ["A\twsi/A.svs\tSCC\tP1\ttest", "B\twsi/B.svs\tnormal\tP2\ttest"],
+            HEADER + "\tsplit",
+            None,
+            "needs both train and test",
+        ),
+        ([], HEADER, None, "no slides listed"),
+    ],
+)
+def test_bad_sheets_one_clear_line(slides, tmp_path, monkeypatch, lines, header, labels, expect):
+    monkeypatch.chdir(tmp_path)
+    sheet = _sheet(tmp_path, lines, header=header)
+    with pytest.raises(SimclrPathError) as err:
+        read_samples(sheet, labels=labels)
+    msg = str(err.value)
+    assert expect in msg and "\n" not in msg and "samples.tsv" in msg
+
+
+def test_missing_and_empty_sheet(tmp_path):
+    with pytest.raises(SimclrPathError, match="not found"):
+        read_samples(tmp_path / "none.tsv")
+    (tmp_path / "empty.tsv").write_text("")
+    with pytest.raises(SimclrPathError, match="empty"):
+        read_samples(tmp_path / "empty.tsv")
+
+
+def test_check_files_off(tmp_path):
+    sheet = _sheet(tmp_path, ["A\tnope/A.svs\tSCC\tP1", "B\tnope/B.svs\tnormal\tP2"])
+    assert len(read_samples(sheet, check_files=False)) == 2
+
+
+def test_safe_ids():
+    assert is_safe_id("TCGA-CR-7395_01.a")
+    for bad in ("", "..", "a..b", "/abs", "a\\b", ".x", "é"):
+        assert not is_safe_id(bad)
