@@ -153,9 +153,11 @@ class EmbedConfig:
     channels_last: bool = True
     device: str = "auto"
     workers: int = 2
+    cpu_chunk: int = 32  # on CPU the model sees batches of at most this (big ones thrash the cache)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "embed.batch_size", "must be >= 1")
+        _check(self.cpu_chunk >= 1, "embed.cpu_chunk", "must be >= 1")
         _check(self.image_size is None or self.image_size >= 8, "embed.image_size", "must be >= 8")
         _check(self.layer in ("pooled", "head") or (self.layer.startswith("stage") and self.layer[5:].isdigit()),
                "embed.layer", f"must be pooled, head or stageN (e.g. stage3), got {self.layer!r}")
