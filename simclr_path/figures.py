@@ -223,10 +223,12 @@ def plot_tsne(
     out_thumbnails: str | os.PathLike | None = None,
     seed: int = 0,
     force: bool = True,
+    out_umap: str | os.PathLike | None = None,
 ) -> list[Path]:
     """t-SNE of a stratified patch sample, coloured by label (``out_label``) and by slide or source
     group (``out_slide``); with ``stores`` (the patch stores) also a map drawn with the patches
-    themselves (``out_thumbnails``). Returns the written paths.
+    themselves (``out_thumbnails``); with ``out_umap`` also a UMAP (McInnes et al. 2018) of the
+    same sample coloured by label (needs the optional ``umap-learn``). Returns the written paths.
 
     ``max_points`` and ``perplexity`` default to ``ClassifyConfig.tsne_max_points`` / ``tsne_perplexity``.
     """
@@ -239,6 +241,14 @@ def plot_tsne(
         raise SimclrPathError(
             "the thumbnail map needs both the patch stores (--stores) and --out-thumbnails"
         )
+    if out_umap is not None:
+        try:
+            import umap  # optional: pip install "simclr-path[umap]"
+        except ImportError:
+            raise SimclrPathError(
+                "--out-umap needs the optional package umap-learn; install it with "
+                "pip install 'simclr-path[umap]' or leave --out-umap out"
+            ) from None
     df = sample_embeddings(embedding_paths, max_points, samples=samples, seed=seed)
     xy = tsne_2d(np.stack(df["features"].to_list()), perplexity, seed)
     written = []
@@ -257,6 +267,17 @@ def plot_tsne(
     written.append(save_figure(fig, out_slide, force=force))
     if stores is not None:
         written.append(_plot_tsne_thumbnails(df, xy, stores, out_thumbnails, seed, force))
+    if out_umap is not None:
+        from sklearn.preprocessing import StandardScaler
+
+        X = StandardScaler().fit_transform(np.stack(df["features"].to_list()))
+        uv = umap.UMAP(n_neighbors=min(15, len(df) - 1), random_state=seed).fit_transform(X)
+        fig, ax = plt.subplots(figsize=(7.5, 6))
+        _scatter_by(ax, uv, df["label"], "label")
+        ax.set_xlabel("UMAP 1")
+        ax.set_ylabel("UMAP 2")
+        ax.set_title(f"UMAP of {len(df)} patch embeddings, coloured by label")
+        written.append(save_figure(fig, out_umap, force=force))
     return written
 
 

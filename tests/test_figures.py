@@ -201,3 +201,29 @@ def test_heatmap_mosaic_matches_coordinates(cohort):
     # 6 x 6 patches of 32 level-0 px (16 px at 0.5 um/px over a 0.25 um/px scan)
     assert extent == (0.0, 192.0, 192.0, 0.0)
     assert img.shape[2] == 3 and img.shape[0] == img.shape[1] and (img < 250).mean() > 0.9
+
+
+def test_umap_optional(cohort, tmp_path, capsys):
+    import importlib.util
+
+    args = [
+        "plot-tsne",
+        "--embeddings",
+        *map(str, cohort["embs"]),
+        "--out-label",
+        str(tmp_path / "l.png"),
+        "--out-slide",
+        str(tmp_path / "s.png"),
+        "--out-umap",
+        str(tmp_path / "u.png"),
+        "--max-points",
+        "100",
+    ]
+    if importlib.util.find_spec("umap") is None:
+        assert main(args) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "umap-learn" in err[0]
+        assert not (tmp_path / "l.png").exists()
+    else:
+        assert main(args) == 0
+        _assert_png_not_blank(tmp_path / "u.png")

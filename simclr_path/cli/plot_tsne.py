@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out-thumbnails", type=Path, default=None, help="PNG of the map drawn with patches"
     )
     p.add_argument(
+        "--out-umap",
+        type=Path,
+        default=None,
+        help="PNG of a UMAP coloured by label (needs the optional umap-learn)",
+    )
+    p.add_argument(
         "--max-points",
         type=int,
         default=None,
@@ -45,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from simclr_path.outputs import check_can_write
 
     cfg = load_config(args.config).classify
-    for out in (args.out_label, args.out_slide, args.out_thumbnails):
+    for out in (args.out_label, args.out_slide, args.out_thumbnails, args.out_umap):
         if out is not None:
             check_can_write(out, args.force)
     plot_tsne(
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         perplexity=cfg.tsne_perplexity,
         stores=args.stores,
         out_thumbnails=args.out_thumbnails,
+        out_umap=args.out_umap,
         seed=cfg.seed,
         force=True,
     )
