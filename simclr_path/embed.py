@@ -243,16 +243,14 @@ def embed_store(
 
     n = len(store)
     with torch.inference_mode():
-        dim = int(
-            run(
-                preprocess(
-                    torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8),
-                    image_size,
-                    device,
-                    channels_last,
-                )
-            ).shape[1]
-        )
+        probe = torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8)
+        try:  # one dummy patch: the feature size, and a clear error if the size does not fit
+            dim = int(run(preprocess(probe, image_size, device, channels_last)).shape[1])
+        except (RuntimeError, AssertionError) as exc:
+            raise SimclrPathError(
+                f"{enc}: the {info.get('arch')} encoder cannot run on {image_size} px inputs "
+                f"({str(exc).splitlines()[0][:160]}); set --image-size to its training size"
+            ) from None
         feats = np.zeros((n, dim), dtype=np.float32)
         if n == 0:
             warnings.warn(

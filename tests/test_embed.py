@@ -160,3 +160,26 @@ def test_head_layer(encoder, make_store, tmp_path):
                 encoder, store, tmp_path / "h.h5", EmbedConfig(layer="head"), progress=False
             )
     assert not (tmp_path / "h.h5").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cuda_without_gpu(encoder, make_store, tmp_path, capsys):
+    store = make_store(n=2, size=32)
+    assert (
+        main(
+            [
+                "embed",
+                str(store),
+                "--encoder",
+                str(encoder),
+                "--out",
+                str(tmp_path / "c.h5"),
+                "--device",
+                "cuda",
+            ]
+        )
+        != 0
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA GPU" in err[0]
+    assert not (tmp_path / "c.h5").exists()
