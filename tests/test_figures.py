@@ -227,3 +227,25 @@ def test_umap_optional(cohort, tmp_path, capsys):
     else:
         assert main(args) == 0
         _assert_png_not_blank(tmp_path / "u.png")
+
+
+def test_thumbnail_from_slide_file(tmp_path):
+    from conftest import SLIDES
+
+    slide = SLIDES / "cmu-1-small-region.svs"
+    if not slide.exists():
+        pytest.skip(f"{slide} not available")
+    from simclr_path.figures import slide_thumbnail
+    from simclr_path.store import PatchStore, PatchStoreWriter
+
+    with PatchStoreWriter(
+        tmp_path / "s.h5",
+        16,
+        attrs={"slide_id": "cmu", "source_path": str(slide), "mpp": 0.5, "level0_mpp": 0.499},
+    ) as w:
+        w.append(
+            np.zeros((4, 16, 16, 3), dtype=np.uint8), np.array([[0, 0], [16, 0], [0, 16], [16, 16]])
+        )
+    img, extent = slide_thumbnail(PatchStore(tmp_path / "s.h5"), max_side=256)
+    assert extent == (0.0, 2220.0, 2967.0, 0.0)  # the whole slide, from OpenSlide
+    assert max(img.shape[:2]) == 256 and img.std() > 5
