@@ -204,6 +204,10 @@ def tsne_2d(features: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np
 def _scatter_by(ax: plt.Axes, xy: np.ndarray, cats: pd.Series, what: str) -> None:
     names = sorted(cats.unique(), key=str)
     colors = category_colors(len(names))
+    if len(names) > len(OKABE_ITO):
+        # many slides/groups: golden-ratio steps through viridis, so neighbours in name order
+        # (often the same class) get distant colours
+        colors = [plt.cm.viridis(x) for x in np.mod(np.arange(len(names)) * 0.6180339887, 1.0)]
     for name, col in zip(names, colors):
         m = (cats == name).to_numpy()
         ax.scatter(xy[m, 0], xy[m, 1], s=6, color=col, alpha=0.8, linewidths=0, label=str(name))
