@@ -61,7 +61,7 @@ def naive(encoder: Path, store_path: Path, image_size: int, device: torch.device
 def model_ceiling(
     encoder: Path, image_size: int, device: torch.device, batch: int, n: int
 ) -> float:
-    """Forward passes alone on ready tensors (no reading, no preprocessing): the compute limit, patches/s."""
+    """Forward passes alone on ready tensors (no reading, no preprocessing): patches/s limit."""
     from simclr_path.model import load_encoder
 
     model = load_encoder(encoder, device=device).to(memory_format=torch.channels_last)
@@ -134,7 +134,8 @@ def main() -> None:
     )
     print(f"naive one-at-a-time : {args.n / t_naive:8.1f} patches/s ({t_naive:.1f} s)")
     print(
-        f"embed_store         : {args.n / t_embed:8.1f} patches/s ({t_embed:.1f} s, incl. model load and write)"
+        f"embed_store         : {args.n / t_embed:8.1f} patches/s ({t_embed:.1f} s, "
+        "incl. model load and write)"
     )
     print(f"ratio               : {t_naive / t_embed:8.2f}x")
     print(

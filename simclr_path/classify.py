@@ -202,7 +202,8 @@ def load_table(
             remap = np.array([classes.index(c) for c in s.label_names])
             if s.groups is None or all(g == "" for g in s.groups):
                 warnings.warn(
-                    f"{s.path}: patches have no groups; every patch is its own group, so near-duplicate "
+                    f"{s.path}: patches have no groups; every patch is its own group, so "
+                    "near-duplicate "
                     "patches may land on both sides of a split (import with --groups)",
                     stacklevel=2,
                 )

@@ -46,7 +46,7 @@ def preprocess(
     device: torch.device | str = "cpu",
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """Evaluation transform for a batch: uint8 (B, S, S, 3) RGB -> float (B, 3, image_size, image_size).
+    """Evaluation transform of a batch: uint8 (B, S, S, 3) RGB -> float (B, 3, size, size).
 
     Resizes with antialiased bilinear interpolation when ``S != image_size`` and normalises with
     ImageNet mean/std. Works on whole batches on ``device`` (the one eval transform of the package).

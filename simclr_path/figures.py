@@ -21,7 +21,8 @@ import pandas as pd
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import atomic_output
 
-# Okabe & Ito (2008), "Color Universal Design": distinguishable under common colour-vision deficiencies.
+# Okabe & Ito (2008), "Color Universal Design": distinguishable under common colour-vision
+# deficiencies.
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 DPI = 120
 
@@ -49,7 +50,8 @@ def plot_loss_curve(
 ) -> Path:
     """Training loss (raw and smoothed) and learning rate against optimiser step.
 
-    ``metrics_csv`` is the ``metrics.csv`` of a pretraining run (columns ``step``, ``loss``, ``lr``).
+    ``metrics_csv`` is the ``metrics.csv`` of a pretraining run (columns ``step``, ``loss``,
+    ``lr``).
     """
     p = Path(metrics_csv)
     if not p.is_file():
@@ -111,7 +113,7 @@ def _legend_or_note(ax: plt.Axes, n_categories: int, what: str) -> None:
 def sample_embeddings(
     embedding_paths, max_points: int, samples=None, seed: int = 0
 ) -> pd.DataFrame:
-    """Stratified sample (by slide and label) of at most ``max_points`` patches from embedding files.
+    """Stratified sample (by slide and label) of at most ``max_points`` patches of embedding files.
 
     Returns one row per sampled patch: ``file`` (index into ``embedding_paths``), ``patch_index``,
     ``slide_id``, ``label``, ``group`` (source group or the slide id) and ``features`` (D,).
@@ -184,7 +186,7 @@ def sample_embeddings(
 
 
 def tsne_2d(features: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np.ndarray:
-    """2-D t-SNE (van der Maaten & Hinton 2008) of ``features`` (N, D) -> (N, 2), PCA-initialised."""
+    """2-D t-SNE (van der Maaten & Hinton 2008), PCA-initialised: (N, D) features -> (N, 2)."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
     from sklearn.preprocessing import StandardScaler
@@ -234,7 +236,8 @@ def plot_tsne(
     themselves (``out_thumbnails``); with ``out_umap`` also a UMAP (McInnes et al. 2018) of the
     same sample coloured by label (needs the optional ``umap-learn``). Returns the written paths.
 
-    ``max_points`` and ``perplexity`` default to ``ClassifyConfig.tsne_max_points`` / ``tsne_perplexity``.
+    ``max_points`` and ``perplexity`` default to ``ClassifyConfig.tsne_max_points`` and
+    ``tsne_perplexity``.
     """
     from simclr_path.config import ClassifyConfig
 
@@ -266,7 +269,8 @@ def plot_tsne(
         ax, xy, df["group"] if by_group else df["slide_id"], "group" if by_group else "slide"
     )
     ax.set_title(
-        f"t-SNE of {len(df)} patch embeddings, coloured by {'source group' if by_group else 'slide'}"
+        f"t-SNE of {len(df)} patch embeddings, "
+        f"coloured by {'source group' if by_group else 'slide'}"
     )
     written.append(save_figure(fig, out_slide, force=force))
     if stores is not None:
@@ -295,7 +299,7 @@ def _plot_tsne_thumbnails(
     grid: int = 32,
     cell: int = 40,
 ) -> Path:
-    """The t-SNE map with each grid cell showing one patch that falls in it (first come, random order)."""
+    """The t-SNE map, each grid cell showing one patch that falls in it (random order)."""
     from PIL import Image
 
     from simclr_path.store import PatchStore

@@ -37,7 +37,7 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 def is_safe_id(value: str) -> bool:
-    """True when ``value`` can be used as a file name on every platform (no ``/``, ``..``, dot file)."""
+    """True when ``value`` is a safe file name everywhere (no ``/``, no ``..``, no dot file)."""
     return bool(_SAFE_ID.fullmatch(value)) and ".." not in value
 
 
@@ -89,7 +89,7 @@ def validate_samples(
     base_dir: str | os.PathLike | None = None,
     where: str = "samples sheet",
 ) -> pd.DataFrame:
-    """Validate a samples table already in memory (see :func:`read_samples`); returns a clean copy."""
+    """Validate a samples table in memory (see :func:`read_samples`); returns a clean copy."""
     df = df.copy()
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "Per-patch SCC probability heatmap over the slide thumbnail (from a 'classify' folder or 'predict' CSV)."
+HELP = "Per-patch SCC probability over the slide thumbnail (from 'classify' or a 'predict' CSV)."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

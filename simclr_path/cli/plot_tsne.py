@@ -7,7 +7,7 @@ from pathlib import Path
 
 from simclr_path.config import ClassifyConfig
 
-HELP = "t-SNE of a stratified patch sample coloured by label and by slide (optionally drawn with patches)."
+HELP = "t-SNE of a stratified patch sample coloured by label and by slide (or drawn with patches)."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
