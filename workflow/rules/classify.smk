@@ -1,0 +1,29 @@
+# Logistic-regression SCC classifier with patient-grouped evaluation, one per run.
+
+
+rule classify:
+    input:
+        embeddings=classify_embeddings,
+        samples=samples_input(),
+        config=run_stage_config("classify"),
+    output:
+        metrics="results/classify/{run}/metrics.json",
+        patches="results/classify/{run}/predictions_patches.csv",
+        slides="results/classify/{run}/predictions_slides.csv",
+        model="results/classify/{run}/model.npz",
+        model_info="results/classify/{run}/model.json",
+    log:
+        "results/logs/classify/{run}.log",
+    benchmark:
+        "results/benchmarks/classify/{run}.tsv"
+    conda:
+        "../../envs/simclr-path.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    params:
+        samples=samples_arg(),
+        out=subpath(output.metrics, parent=True),
+    shell:
+        "simclr-path classify --embeddings {input.embeddings} {params.samples} "
+        "--out {params.out} --config {input.config} --force > {log} 2>&1"

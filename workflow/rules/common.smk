@@ -1,0 +1,292 @@
+# Config validation, the samples sheet, per-run configurations and target lists.
+#
+# Everything here runs at DAG build. A user error (bad config value, broken samples sheet,
+# missing slide) stops the build with ONE line naming the field or row (raised as a
+# WorkflowError, so Snakemake prints the message and no Python traceback).
+import copy
+import re
+from pathlib import Path
+
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from simclr_path import config as spc
+from simclr_path.errors import SimclrPathError
+from simclr_path.samples import read_samples
+
+SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+SECTIONS = [
+    f for f in spc.defaults_dict()
+]  # tile, augment, model, train, embed, classify
+# Which config sections each CLI stage reads (one YAML per stage and run, so that changing
+# e.g. the classifier's folds reruns classification only, not pretraining).
+STAGE_SECTIONS = {
+    "pretrain": ["augment", "model", "train"],
+    "embed": ["embed"],
+    "classify": ["classify"],
+}
+
+
+def fail(message):
+    """Stop the DAG build with one clear line (Snakemake prints it without a traceback)."""
+    raise WorkflowError(message)
+
+
+def check_schema(cfg):
+    """One-line schema error (field path + problem) before Snakemake's verbose validation."""
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(cfg))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        fail(
+            f"config: {where}: {error.message} (see workflow/schemas/config.schema.yaml "
+            "or `simclr-path schema`)"
+        )
+
+
+# The user's values before defaults are filled: a preset must not be masked by schema defaults.
+USER_CONFIG = copy.deepcopy(config)
+check_schema(USER_CONFIG)
+validate(
+    config, str(SCHEMA)
+)  # fills every default (one source of truth: simclr_path.config)
+
+
+def resolved_config(run=None):
+    """The resolved PipelineConfig: defaults < preset < config sections < runs[run] overrides."""
+    top = {s: USER_CONFIG.get(s) or {} for s in SECTIONS}
+    preset = USER_CONFIG.get("preset", "default")
+    where = "config"
+    over = {}
+    if run is not None:
+        over = dict(config["runs"][run] or {})
+        preset = over.pop("preset", preset)
+        over.pop("description", None)
+        where = f"config runs.{run}"
+    try:
+        merged = spc.merge_overrides(
+            spc.merge_overrides({}, top, "config"), over, where
+        )
+        return spc.build_config(preset, merged, where)
+    except SimclrPathError as exc:
+        fail(str(exc))
+
+
+TILE_CFG = resolved_config()
+RUNS = list(config["runs"])
+RUN_CFG = {run: resolved_config(run) for run in RUNS}
+
+
+def stage_values(run, stage):
+    """Resolved sections one CLI stage reads, as a plain dict (written to its --config YAML)."""
+    if stage == "tile":
+        return {"tile": spc.to_dict(TILE_CFG)["tile"]}
+    full = spc.to_dict(RUN_CFG[run])
+    return {s: full[s] for s in STAGE_SECTIONS[stage]}
+
+
+# ---------------------------------------------------------------------------- samples sheet
+DEMO = config["demo"]
+DEMO_DIR = Path(DEMO["dir"])
+
+
+def _is_demo_path(p):
+    return Path(p).parent == DEMO_DIR
+
+
+def load_samples(path):
+    """Validated samples sheet; demo slides (under demo.dir) need not exist yet."""
+    try:
+        df = read_samples(
+            path, labels=TILE_CFG.classify.labels, check_files=False, base_dir="."
+        )
+    except SimclrPathError as exc:
+        fail(str(exc))
+    for i, row in df.iterrows():
+        where = f"{path}: row {i + 1} (slide_id {row.slide_id!r})"
+        if _is_demo_path(row.path):
+            if Path(row.path).name != f"{row.slide_id}.tiff":
+                fail(
+                    f"{where}: demo slides under {DEMO_DIR}/ must be named "
+                    f"{{slide_id}}.tiff, got {row.path!r}"
+                )
+        elif not Path(row.path).exists():
+            fail(
+                f"{where}: slide file not found: {row.path}; fix the path (relative paths are "
+                "resolved against the directory you run snakemake from)"
+            )
+    return df
+
+
+SAMPLES = load_samples(config["samples"]) if config["samples"] else None
+SLIDES = [] if SAMPLES is None else list(SAMPLES["slide_id"])
+PATCH_SETS = dict(config["patch_datasets"])
+for _name in PATCH_SETS:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", _name) or ".." in _name:
+        fail(
+            f"config: patch_datasets.{_name}: not a safe file name (letters, digits, . _ -)"
+        )
+    if _name in SLIDES:
+        fail(
+            f"config: patch_datasets.{_name}: the name is also a slide_id in {config['samples']}"
+        )
+    if not Path(PATCH_SETS[_name]["dir"]).is_dir():
+        fail(
+            f"config: patch_datasets.{_name}.dir: folder not found: {PATCH_SETS[_name]['dir']}"
+        )
+if not SLIDES and not PATCH_SETS:
+    fail("config: no data; set 'samples' (a samples sheet) and/or 'patch_datasets'")
+
+# Every store is pretrained on; classification uses the slides (labels from the samples sheet)
+# when there are any, else the imported patch sets (labels and groups from the stores).
+STORES = SLIDES + list(PATCH_SETS)
+CLASSIFY_IDS = SLIDES if SLIDES else list(PATCH_SETS)
+DEMO_SLIDES = (
+    []
+    if SAMPLES is None
+    else [r.slide_id for r in SAMPLES.itertuples() if _is_demo_path(r.path)]
+)
+
+
+def one_of(names):
+    """Wildcard regex matching exactly these names (never matches when the list is empty)."""
+    return "|".join(re.escape(n) for n in names) if names else "(?!x)x"
+
+
+wildcard_constraints:
+    run=one_of(RUNS),
+    slide=one_of(SLIDES),
+    dataset=one_of(list(PATCH_SETS)),
+    store=one_of(STORES),
+    demo_slide=one_of(DEMO_SLIDES),
+
+
+def sample(slide):
+    return SAMPLES.set_index("slide_id").loc[slide]
+
+
+def slide_mpp_arg(wildcards):
+    """``--slide-mpp X`` when the samples sheet gives the slide's mpp, else nothing."""
+    if "mpp" not in SAMPLES.columns:
+        return ""
+    value = sample(wildcards.slide)["mpp"]
+    return "" if value != value else f"--slide-mpp {value}"  # NaN check
+
+
+def store_path(name):
+    return f"results/patches/{name}.h5"
+
+
+def run_stage_config(stage):
+    return f"results/config/{{run}}/{stage}.yaml"
+
+
+def classify_embeddings(wildcards):
+    return expand(
+        "results/embeddings/{run}/{id}.h5", run=wildcards.run, id=CLASSIFY_IDS
+    )
+
+
+def samples_arg():
+    return f"--samples {config['samples']}" if SLIDES else ""
+
+
+def samples_input():
+    return [config["samples"]] if SLIDES else []
+
+
+def report_caption(name):
+    return f"../report/{name}.rst"
+
+
+def run_figures(run):
+    """Every figure of one run (the report's per-run section)."""
+    fig = f"results/figures/{run}"
+    out = [
+        f"{fig}/loss.png",
+        f"{fig}/augmentations.png",
+        f"{fig}/tsne_label.png",
+        f"{fig}/tsne_slide.png",
+        f"{fig}/roc.png",
+        f"{fig}/pr.png",
+        f"{fig}/confusion.png",
+        f"{fig}/metrics.html",
+    ]
+    if config["figures"]["thumbnails"]:
+        out.append(f"{fig}/tsne_thumbnails.png")
+    if config["figures"]["heatmaps"] and SLIDES:
+        out += [f"{fig}/heatmaps/{s}.png" for s in SLIDES]
+    return out
+
+
+def final_outputs():
+    out = [f"results/qc/{s}.png" for s in SLIDES]
+    for run in RUNS:
+        out += run_figures(run)
+        out.append(f"results/classify/{run}/metrics.json")
+    out += [
+        "results/summary/runs.tsv",
+        "results/summary/runs.png",
+        "results/summary/runs.html",
+    ]
+    return out
+
+
+def demo_params(wildcards):
+    """Kind from the label (the positive label -> scc), seed from the sheet row."""
+    row = SAMPLES.index[SAMPLES["slide_id"] == wildcards.demo_slide][0]
+    label = SAMPLES.loc[row, "label"]
+    kind = "scc" if label == TILE_CFG.classify.positive_label else "normal"
+    artefacts = DEMO["artefacts"].get(wildcards.demo_slide, "")
+    extra = f"--artefacts {artefacts}" if artefacts else ""
+    return {"kind": kind, "seed": int(DEMO["seed"]) + int(row), "extra": extra}
+
+
+def import_args(wildcards):
+    ds = PATCH_SETS[wildcards.dataset]
+    size = ds.get("patch_size") or TILE_CFG.tile.patch_size
+    groups = f"--groups {ds['groups']}" if ds.get("groups") else ""
+    return f"--patch-size {size} {groups}"
+
+
+def pretrain_command():
+    """Plain CLI, or the package module under a launcher such as torchrun (multi-GPU DDP)."""
+    launcher = config["pretrain_launcher"].strip()
+    return f"{launcher} -m simclr_path" if launcher else "simclr-path"
+
+
+def run_overrides():
+    """Run name -> its overrides as 'section.key=value; ...' (what distinguishes the runs)."""
+    out = {}
+    for run in RUNS:
+        over = dict(config["runs"][run] or {})
+        parts = [f"preset={over.pop('preset')}"] if "preset" in over else []
+        desc = over.pop("description", "")
+        for section, values in over.items():
+            parts += [f"{section}.{k}={v}" for k, v in (values or {}).items()]
+        out[run] = {"overrides": "; ".join(parts) or "(defaults)", "description": desc}
+    return out
+
+
+def write_report(path):
+    """Run ``snakemake --report PATH`` in a child process with this run's exact config."""
+    import shlex
+    import subprocess
+    import sys
+
+    # The user's merged config (config files + --config values), so the child sees the same DAG.
+    cfg_file = Path(".snakemake") / "simclr_path_report_config.yaml"
+    cfg_file.parent.mkdir(exist_ok=True)
+    cfg_file.write_text(yaml.safe_dump(USER_CONFIG, sort_keys=False))
+    cmd = [sys.executable, "-m", "snakemake", "--report", path]
+    cmd += ["--snakefile", workflow.main_snakefile, "--configfile", str(cfg_file)]
+    logger.info(f"Writing the report: {shlex.join(cmd)}")
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        logger.error(f"report failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    else:
+        logger.info(f"Report written to {path}")

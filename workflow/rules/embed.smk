@@ -1,0 +1,23 @@
+# Patch embeddings: one file per run and store.
+
+
+rule embed:
+    input:
+        store="results/patches/{store}.h5",
+        encoder="results/pretrain/{run}/encoder.pt",
+        config=run_stage_config("embed"),
+    output:
+        "results/embeddings/{run}/{store}.h5",
+    log:
+        "results/logs/embed/{run}/{store}.log",
+    benchmark:
+        "results/benchmarks/embed/{run}/{store}.tsv"
+    conda:
+        "../../envs/simclr-path.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        gpu=1,
+    shell:
+        "simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
+        "--config {input.config} --workers {threads} --force > {log} 2>&1"

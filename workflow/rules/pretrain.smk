@@ -1,0 +1,96 @@
+# SimCLR pretraining, one job per named run (config `runs:`), plus the augmentation preview.
+
+
+rule run_config:
+    output:
+        "results/config/{run}/{stage}.yaml",
+    log:
+        "results/logs/config/{run}/{stage}.log",
+    wildcard_constraints:
+        stage="pretrain|embed|classify",
+    localrule: True
+    params:
+        values=lambda w: stage_values(w.run, w.stage),
+    run:
+        Path(output[0]).write_text(yaml.safe_dump(params.values, sort_keys=False))
+
+
+rule pretrain:
+    input:
+        stores=expand("results/patches/{store}.h5", store=STORES),
+        config=run_stage_config("pretrain"),
+    output:
+        encoder="results/pretrain/{run}/encoder.pt",
+        encoder_info="results/pretrain/{run}/encoder.json",
+        metrics="results/pretrain/{run}/metrics.csv",
+        summary="results/pretrain/{run}/summary.json",
+        config="results/pretrain/{run}/config.yaml",
+    log:
+        "results/logs/pretrain/{run}.log",
+    benchmark:
+        "results/benchmarks/pretrain/{run}.tsv"
+    conda:
+        "../../envs/simclr-path.yaml"
+    threads: 8
+    resources:
+        mem_mb=16000,
+        gpu=config["pretrain_gpus"],
+    params:
+        command=pretrain_command(),
+        out=subpath(output.encoder, parent=True),
+    shell:
+        "{params.command} pretrain {input.stores} --out {params.out} --config {input.config} "
+        "--force > {log} 2>&1"
+
+
+rule preview:
+    input:
+        stores=expand("results/patches/{store}.h5", store=STORES),
+        config=run_stage_config("pretrain"),
+    output:
+        report(
+            "results/figures/{run}/augmentations.png",
+            caption=report_caption("augmentations"),
+            category="2. Pretraining",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "augmented views"},
+        ),
+    log:
+        "results/logs/preview/{run}.log",
+    benchmark:
+        "results/benchmarks/preview/{run}.tsv"
+    conda:
+        "../../envs/simclr-path.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    params:
+        pairs=config["figures"]["preview_pairs"],
+    shell:
+        "simclr-path preview {input.stores} --out {output} --config {input.config} "
+        "--pairs {params.pairs} --force > {log} 2>&1"
+
+
+rule plot_loss:
+    input:
+        "results/pretrain/{run}/metrics.csv",
+    output:
+        report(
+            "results/figures/{run}/loss.png",
+            caption=report_caption("loss"),
+            category="2. Pretraining",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "loss curve"},
+        ),
+    log:
+        "results/logs/plot_loss/{run}.log",
+    benchmark:
+        "results/benchmarks/plot_loss/{run}.tsv"
+    conda:
+        "../../envs/plot.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    shell:
+        "simclr-path plot-loss {input} --out {output} --title 'SimCLR pretraining: {wildcards.run}' "
+        "--force > {log} 2>&1"

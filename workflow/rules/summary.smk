@@ -1,0 +1,45 @@
+# Comparison of runs (one table + one figure in the report) and the automatic report.
+
+
+rule compare_runs:
+    input:
+        metrics=expand("results/classify/{run}/metrics.json", run=RUNS),
+        pretrain=expand("results/pretrain/{run}/summary.json", run=RUNS),
+    output:
+        tsv="results/summary/runs.tsv",
+        png=report(
+            "results/summary/runs.png",
+            caption=report_caption("compare_runs"),
+            category="0. Summary",
+            subcategory="runs",
+            labels={"figure": "runs compared"},
+        ),
+        html=report(
+            "results/summary/runs.html",
+            caption=report_caption("compare_runs"),
+            category="0. Summary",
+            subcategory="runs",
+            labels={"figure": "runs table"},
+        ),
+    log:
+        "results/logs/compare_runs.log",
+    benchmark:
+        "results/benchmarks/compare_runs.tsv"
+    conda:
+        "../../envs/plot.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    params:
+        runs=RUNS,
+        overrides=run_overrides(),
+    script:
+        "../scripts/compare_runs.py"
+
+
+# After a successful run, write the HTML report of every tracked artefact (config report.auto).
+# It runs `snakemake --report` in a child process with the same config files and --config
+# values; it is skipped for dry runs and by `--no-hooks`.
+onsuccess:
+    if config["report"]["auto"]:
+        write_report(config["report"]["path"])

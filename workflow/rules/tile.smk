@@ -1,0 +1,63 @@
+# Slides -> HDF5 patch stores + QC pictures; imported patch sets -> patch stores.
+
+
+rule tile_config:
+    output:
+        "results/config/tile.yaml",
+    log:
+        "results/logs/config/tile.log",
+    localrule: True
+    params:
+        values=stage_values(None, "tile"),
+    run:
+        Path(output[0]).write_text(yaml.safe_dump(params.values, sort_keys=False))
+
+
+rule tile:
+    input:
+        slide=lambda w: sample(w.slide)["path"],
+        config="results/config/tile.yaml",
+    output:
+        store="results/patches/{slide}.h5",
+        qc=report(
+            "results/qc/{slide}.png",
+            caption=report_caption("qc"),
+            category="1. Tiling",
+            subcategory="QC pictures",
+            labels={"slide": "{slide}", "figure": "tissue QC"},
+        ),
+    log:
+        "results/logs/tile/{slide}.log",
+    benchmark:
+        "results/benchmarks/tile/{slide}.tsv"
+    conda:
+        "../../envs/simclr-path.yaml"
+    threads: TILE_CFG.tile.workers
+    resources:
+        mem_mb=4000,
+    params:
+        mpp=slide_mpp_arg,
+    shell:
+        "simclr-path tile {input.slide} --out {output.store} --slide-id {wildcards.slide} "
+        "--qc {output.qc} --config {input.config} --workers {threads} {params.mpp} "
+        "--force > {log} 2>&1"
+
+
+rule import_patches:
+    input:
+        lambda w: PATCH_SETS[w.dataset]["dir"],
+    output:
+        "results/patches/{dataset}.h5",
+    log:
+        "results/logs/import_patches/{dataset}.log",
+    benchmark:
+        "results/benchmarks/import_patches/{dataset}.tsv"
+    conda:
+        "../../envs/simclr-path.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    params:
+        args=import_args,
+    shell:
+        "simclr-path import-patches {input} --out {output} {params.args} --force > {log} 2>&1"

@@ -1,0 +1,107 @@
+"""Snakemake script: compare runs on the same classifier metrics (table + figure).
+
+Writes ``runs.tsv`` (one row per run), ``runs.html`` (the same, for the report) and ``runs.png``
+(slide- and patch-level AUROC and slide balanced accuracy per run, with the bootstrap 95% CI of
+the slide AUROC as error bars).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+# Okabe-Ito (colour-blind safe)
+COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00"]
+
+
+def _num(v):
+    return float("nan") if v is None else float(v)
+
+
+def summarise(runs, metrics_files, pretrain_files, overrides) -> pd.DataFrame:
+    rows = []
+    for run, mf, pf in zip(runs, metrics_files, pretrain_files):
+        m = json.loads(Path(mf).read_text())
+        p = json.loads(Path(pf).read_text()) if pf and Path(pf).exists() else {}
+        s, pt = m.get("slide", {}), m.get("patch", {})
+        ci = s.get("auroc_ci95") or [None, None]
+        info = overrides.get(run, {})
+        rows.append(
+            {
+                "run": run,
+                "overrides": info.get("overrides", ""),
+                "description": info.get("description", ""),
+                "slide_auroc": _num(s.get("auroc")),
+                "slide_auroc_ci_low": _num(ci[0]),
+                "slide_auroc_ci_high": _num(ci[1]),
+                "slide_average_precision": _num(s.get("average_precision")),
+                "slide_balanced_accuracy": _num(s.get("balanced_accuracy")),
+                "slide_sensitivity": _num(s.get("sensitivity")),
+                "slide_specificity": _num(s.get("specificity")),
+                "patch_auroc": _num(pt.get("auroc")),
+                "patch_balanced_accuracy": _num(pt.get("balanced_accuracy")),
+                "pretrain_steps": p.get("steps"),
+                "pretrain_final_loss": _num(p.get("final_loss")),
+                "pretrain_wall_s": _num(p.get("wall_time_s", p.get("wall_s"))),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def plot(df: pd.DataFrame, out: str) -> None:
+    bars = [
+        ("slide_auroc", "slide AUROC"),
+        ("patch_auroc", "patch AUROC"),
+        ("slide_balanced_accuracy", "slide balanced accuracy"),
+    ]
+    x = np.arange(len(df))
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(df) + 2.5), 4.0), dpi=120)
+    for j, (col, name) in enumerate(bars):
+        vals = df[col].to_numpy(dtype=float)
+        kw = {}
+        if col == "slide_auroc":
+            lo = vals - df["slide_auroc_ci_low"].to_numpy(dtype=float)
+            hi = df["slide_auroc_ci_high"].to_numpy(dtype=float) - vals
+            err = np.vstack([lo, hi])
+            if np.isfinite(err).all():
+                kw = {"yerr": err, "capsize": 3}
+        ax.bar(x + (j - (len(bars) - 1) / 2) * width, np.nan_to_num(vals), width,
+               label=name, color=COLOURS[j], **kw)
+    ax.set_xticks(x, df["run"], rotation=30 if len(df) > 4 else 0, ha="right" if len(df) > 4 else "center")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("run (named pretraining configuration)")
+    ax.set_ylabel("metric (patient-grouped cross-validation)")
+    ax.set_title("Runs compared on the same linear-probe metrics")
+    ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def fmt(v):
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.3f}"
+    return "" if v is None else str(v)
+
+
+def main(sm) -> None:
+    df = summarise(list(sm.params.runs), list(sm.input.metrics), list(sm.input.pretrain),
+                   dict(sm.params.overrides))
+    df.to_csv(sm.output.tsv, sep="\t", index=False)
+    plot(df, sm.output.png)
+    html = df.map(fmt).to_html(index=False, border=0)
+    Path(sm.output.html).write_text(
+        "<html><body><h3>Runs compared (same classifier, same folds)</h3>" + html + "</body></html>\n"
+    )
+
+
+if __name__ == "__main__" and "snakemake" in globals():
+    main(globals()["snakemake"])

@@ -1,0 +1,61 @@
+"""Snakemake script: one run's classifier metrics.json -> an HTML table for the report."""
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+METRICS = [
+    ("auroc", "AUROC"),
+    ("auroc_topk", "AUROC (top-k slide score)"),
+    ("average_precision", "average precision"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("f1", "F1"),
+    ("accuracy", "accuracy"),
+    ("n", "n"),
+]
+
+
+def fmt(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def table(metrics: dict) -> pd.DataFrame:
+    rows = []
+    summary = metrics.get("fold_summary", {})
+    for key, name in METRICS:
+        row = {"metric": name}
+        for level in ("slide", "patch"):
+            value = metrics.get(level, {}).get(key)
+            row[f"{level} (pooled)"] = fmt(value)
+            fs = summary.get(level, {}).get(key)
+            if isinstance(fs, dict) and "mean" in fs:
+                row[f"{level} fold mean ± sd"] = f"{fmt(fs['mean'])} ± {fmt(fs.get('sd'))}"
+        rows.append(row)
+    ci = metrics.get("slide", {}).get("auroc_ci95")
+    if ci:
+        rows.append({"metric": "slide AUROC 95% CI (bootstrap)", "slide (pooled)": f"{fmt(ci[0])}-{fmt(ci[1])}"})
+    return pd.DataFrame(rows).fillna("")
+
+
+def main(metrics_path: str, out: str, run: str) -> None:
+    metrics = json.loads(Path(metrics_path).read_text())
+    task = metrics.get("task", {})
+    df = table(metrics)
+    head = (
+        f"<h3>Classifier metrics: run {run}</h3><p>{task.get('evaluation', '')}; "
+        f"{task.get('n_slides', '?')} slides, {task.get('n_patients', '?')} patients, "
+        f"{task.get('n_patches', '?')} patches, {task.get('n_folds', '?')} folds; "
+        f"score {task.get('score', '')}</p>"
+    )
+    Path(out).write_text(f"<html><body>{head}{df.to_html(index=False, border=0)}</body></html>\n")
+
+
+if __name__ == "__main__" and "snakemake" in globals():
+    sm = globals()["snakemake"]
+    main(sm.input[0], sm.output[0], sm.wildcards.run)
