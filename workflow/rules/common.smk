@@ -29,8 +29,11 @@ STAGE_SECTIONS = {
 
 
 def fail(message):
-    """Stop the DAG build with one clear line (Snakemake prints it without a traceback)."""
-    raise WorkflowError(message)
+    """Stop the DAG build with one clear line on stderr and exit status 1 (no traceback)."""
+    import sys
+
+    print(f"simclr-path workflow: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 def check_schema(cfg):
@@ -73,7 +76,10 @@ def resolved_config(run=None):
         )
         return spc.build_config(preset, merged, where)
     except SimclrPathError as exc:
-        fail(str(exc))
+        msg = str(exc)
+        if run is not None and msg.startswith("config: "):  # name the run that is wrong
+            msg = f"{where}: {msg[len('config: '):]}"
+        fail(msg)
 
 
 TILE_CFG = resolved_config()
@@ -106,6 +112,7 @@ def load_samples(path):
         )
     except SimclrPathError as exc:
         fail(str(exc))
+    validate(df, "../schemas/samples.schema.yaml")
     for i, row in df.iterrows():
         where = f"{path}: row {i + 1} (slide_id {row.slide_id!r})"
         if _is_demo_path(row.path):

@@ -1,0 +1,289 @@
+"""The Snakemake workflow: DAG, lint, format, bad input, and a tiny end-to-end run with report.
+
+Every test runs ``snakemake`` in a subprocess inside a temporary copy of the workflow (Snakefile,
+workflow/, config/, envs/), so nothing is written into the checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import LC25000, ROOT, needs
+
+COPY = ("Snakefile", "workflow", "config", "envs")
+
+
+def workdir(tmp_path: Path, config: dict | None = None, samples: str | None = None) -> Path:
+    """A copy of the workflow in ``tmp_path/wf`` with an optional test config and samples sheet."""
+    wf = tmp_path / "wf"
+    wf.mkdir()
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, wf / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, wf / name)
+    if samples is not None:
+        (wf / "config" / "samples.test.tsv").write_text(samples)
+    if config is not None:
+        (wf / "config" / "test.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return wf
+
+
+def smk(wf: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", *args]
+    if (wf / "config" / "test.yaml").is_file():
+        cmd += ["--configfile", "config/test.yaml"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, cwd=wf, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def job_counts(out: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run -> {rule: count}."""
+    counts = {}
+    block = out.split("Job stats:", 1)[-1]
+    for line in block.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def tsv(rows: list[tuple[str, str, str, str]]) -> str:
+    lines = ["slide_id\tpath\tlabel\tpatient_id"] + ["\t".join(r) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def demo_rows(n: int) -> list[tuple[str, str, str, str]]:
+    return [
+        (f"S{i}", f"resources/demo/S{i}.tiff", "SCC" if i % 2 else "normal", f"P{i}")
+        for i in range(1, n + 1)
+    ]
+
+
+# A tiny but complete configuration: 4 small synthetic slides, 32 px patches, a few steps.
+TINY = {
+    "samples": "config/samples.test.tsv",
+    "demo": {"width": 1024, "height": 1024, "mpp": 0.5, "artefacts": {}},
+    "preset": "cpu-fast",
+    "tile": {"mpp": 1.0, "patch_size": 32, "workers": 1},
+    "augment": {"image_size": 32},
+    "model": {"arch": "resnet18", "head_hidden_dim": 64, "head_out_dim": 32},
+    "train": {"max_steps": 4, "batch_size": 16, "workers": 0, "checkpoint_every": 4, "log_every": 1},
+    "embed": {"batch_size": 64, "workers": 0},
+    "classify": {"folds": 2, "inner_folds": 2, "bootstrap": 20, "tsne_max_points": 100},
+    "figures": {"preview_pairs": 2},
+    "runs": {"baseline": {}},
+    "report": {"auto": True, "path": "report.html"},
+}
+
+
+def test_dry_run_full_dag(tmp_path):
+    wf = workdir(tmp_path)
+    done = smk(wf, "-n", "--cores", "2")
+    assert done.returncode == 0, done.stderr
+    counts = job_counts(done.stdout + done.stderr)
+    n = len([r for r in (ROOT / "config/samples.demo.tsv").read_text().splitlines()
+             if r and not r.startswith(("#", "slide_id"))])
+    assert counts["demo_slide"] == n and counts["tile"] == n and counts["embed"] == n
+    assert counts["pretrain"] == 1 and counts["classify"] == 1 and counts["compare_runs"] == 1
+    assert counts["plot_heatmap"] == n
+    for rule in ("preview", "plot_loss", "plot_tsne", "plot_curves", "plot_confusion",
+                 "metrics_table", "all"):
+        assert counts[rule] == 1, rule
+
+
+def test_lint_and_format(tmp_path):
+    wf = workdir(tmp_path)
+    done = smk(wf, "--lint")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Lints for" not in done.stdout + done.stderr
+    snakefmt = shutil.which("snakefmt")
+    if snakefmt is None:
+        pytest.skip("snakefmt not installed (test extra)")
+    fmt = subprocess.run([snakefmt, "--check", "Snakefile", "workflow"], cwd=wf,
+                         capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stderr
+
+
+def _one_error_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode != 0
+    lines = [ln for ln in done.stderr.splitlines() if "simclr-path workflow: error:" in ln]
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "sheet, expected",
+    [
+        (tsv(demo_rows(2) + [("S1", "resources/demo/S9.tiff", "SCC", "P9")]), "'S1' appears more"),
+        (tsv([("S1", "resources/demo/S1.tiff", "tumour", "P1")] + demo_rows(3)[1:]),
+         "label 'tumour'"),
+        (tsv([("S1", "/no/such/slide.svs", "SCC", "P1")] + demo_rows(3)[1:]),
+         "row 1 (slide_id 'S1'): slide file not found"),
+        (tsv([("../x", "resources/demo/x.tiff", "SCC", "P1")] + demo_rows(3)[1:]),
+         "not a safe file name"),
+        ("slide_id\tpath\tlabel\nS1\ta\tSCC\n", "missing column(s) patient_id"),
+    ],
+    ids=["duplicate", "label", "missing-file", "unsafe-id", "missing-column"],
+)
+def test_broken_samples_sheet_stops_dag_build(tmp_path, sheet, expected):
+    wf = workdir(tmp_path, {"samples": "config/samples.test.tsv"}, sheet)
+    line = _one_error_line(smk(wf, "-n", "--cores", "1"))
+    assert expected in line and "samples.test.tsv" in line
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ({"tile": {"mpp": "fine"}}, "config: tile.mpp: 'fine' is not of type 'number'"),
+        ({"tile": {"mpp": -1.0}}, "tile.mpp must be > 0"),
+        ({"train": {"optimiser": "adamw"}}, "config: train: Additional properties"),
+        ({"runs": {"a": {"model": {"head_layers": 5}}}}, "config runs.a: model.head_layers"),
+        ({"runs": {"a": {"tile": {"mpp": 2.0}}}}, "config: runs.a: Additional properties"),
+    ],
+    ids=["type", "range", "unknown-key", "run-range", "run-tile"],
+)
+def test_bad_config_value_stops_dag_build(tmp_path, config, expected):
+    wf = workdir(tmp_path, config)
+    assert expected in _one_error_line(smk(wf, "-n", "--cores", "1"))
+
+
+def test_ablation_config_dry_runs_into_the_grid(tmp_path):
+    wf = workdir(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "2",
+         "--configfile", "config/ablation.yaml"],
+        cwd=wf, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    counts = job_counts(done.stdout + done.stderr)
+    runs = yaml.safe_load((ROOT / "config/ablation.yaml").read_text())["runs"]
+    assert counts["pretrain"] == len(runs) >= 8
+    assert counts["classify"] == len(runs) and counts["compare_runs"] == 1
+    assert counts["tile"] == counts["demo_slide"]  # tiling is shared by every run
+    assert counts["embed"] == len(runs) * counts["tile"]
+
+
+def test_tiny_ablation_jobs(tmp_path):
+    cfg = dict(TINY, runs={"a": {}, "b": {"model": {"head_layers": 0}},
+                           "c": {"augment": {"stain_p": 0.0}}})
+    wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
+    done = smk(wf, "-n", "--cores", "2")
+    assert done.returncode == 0, done.stderr
+    counts = job_counts(done.stdout + done.stderr)
+    assert counts["pretrain"] == 3 and counts["embed"] == 12 and counts["tile"] == 4
+    assert counts["plot_heatmap"] == 12 and counts["run_config"] == 9
+    # each run's resolved config is written where the CLI reads it
+    assert "results/config/b/pretrain.yaml" in done.stdout + done.stderr
+
+
+@needs(LC25000)
+def test_patch_dataset_config_dry_runs(tmp_path):
+    wf = workdir(tmp_path)
+    cfg = yaml.safe_load((ROOT / "config/patches.example.yaml").read_text())
+    cfg["patch_datasets"]["lc25000"]["dir"] = str(LC25000)
+    cfg["patch_datasets"]["lc25000"]["groups"] = str(LC25000 / "groups.csv")
+    (wf / "config" / "test.yaml").write_text(yaml.safe_dump(cfg))
+    done = smk(wf, "-n", "--cores", "2")
+    assert done.returncode == 0, done.stderr
+    counts = job_counts(done.stdout + done.stderr)
+    assert counts["import_patches"] == 1 and counts["embed"] == 1
+    assert "tile" not in counts and "plot_heatmap" not in counts
+
+
+def _require_commands(*names: str) -> None:
+    from simclr_path.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    missing = [n for n in names if n not in sub.choices]
+    if missing:
+        pytest.skip(f"simclr-path subcommands not built yet: {missing}")
+
+
+PIPELINE_COMMANDS = ("demo-slide", "tile", "preview", "pretrain", "embed", "classify",
+                     "plot-tsne", "plot-curves", "plot-confusion", "plot-heatmap", "plot-loss")
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_with_report(tmp_path):
+    """4 tiny synthetic slides, a few steps of a small model: every artefact and the report."""
+    _require_commands(*PIPELINE_COMMANDS)
+    wf = workdir(tmp_path, TINY, tsv(demo_rows(4)))
+    t0 = time.perf_counter()
+    done = smk(wf, "--cores", "2", timeout=600)
+    elapsed = time.perf_counter() - t0
+    assert done.returncode == 0, done.stderr[-5000:]
+    print(f"tiny end-to-end run: {elapsed:.1f} s")
+    for path in [f"results/qc/S{i}.png" for i in range(1, 5)] + [
+        "results/pretrain/baseline/encoder.pt",
+        "results/classify/baseline/metrics.json",
+        "results/classify/baseline/predictions_slides.csv",
+        "results/figures/baseline/loss.png",
+        "results/figures/baseline/augmentations.png",
+        "results/figures/baseline/tsne_label.png",
+        "results/figures/baseline/tsne_slide.png",
+        "results/figures/baseline/tsne_thumbnails.png",
+        "results/figures/baseline/roc.png",
+        "results/figures/baseline/pr.png",
+        "results/figures/baseline/confusion.png",
+        "results/figures/baseline/metrics.html",
+        "results/figures/baseline/heatmaps/S1.png",
+        "results/summary/runs.tsv",
+        "results/summary/runs.png",
+        "results/summary/runs.html",
+    ]:
+        assert (wf / path).is_file() and (wf / path).stat().st_size > 0, path
+    runs = (wf / "results/summary/runs.tsv").read_text().splitlines()
+    assert runs[0].startswith("run\t") and runs[1].startswith("baseline\t")
+    report = wf / "report.html"
+    assert report.is_file() and report.stat().st_size > 10_000, done.stderr[-3000:]
+    for log in ("tile/S1.log", "pretrain/baseline.log", "classify/baseline.log"):
+        assert (wf / "results/logs" / log).is_file()
+
+    # nothing left to do
+    again = smk(wf, "-n", "--cores", "2")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+    # touching one embedding file reruns classification and figures only
+    time.sleep(1.1)
+    (wf / "results/embeddings/baseline/S1.h5").touch()
+    counts = job_counts(smk(wf, "-n", "--cores", "2").stdout)
+    assert counts.get("classify") == 1 and counts.get("plot_tsne") == 1
+    assert "pretrain" not in counts and "embed" not in counts and "tile" not in counts
+
+    # touching one patch store reruns what depends on it: its embedding (through pretraining, which
+    # reads every store) and downstream; never another slide's tiling or demo slide
+    (wf / "results/patches/S2.h5").touch()
+    out = smk(wf, "-n", "--cores", "2").stdout
+    counts = job_counts(out)
+    assert "tile" not in counts and "demo_slide" not in counts and "tile_config" not in counts
+    assert counts["pretrain"] == 1 and counts["embed"] == 4
+
+
+@pytest.mark.slow
+def test_failed_slide_fails_its_own_job(tmp_path):
+    """A corrupt slide fails its own tile job with its own log; --keep-going tiles the others."""
+    _require_commands("demo-slide", "tile")
+    rows = demo_rows(2) + [("BAD", "slides/bad.tiff", "SCC", "P9")]
+    wf = workdir(tmp_path, TINY, tsv(rows))
+    (wf / "slides").mkdir()
+    (wf / "slides/bad.tiff").write_bytes(b"II*\x00 this is not a slide")
+    targets = [f"results/patches/{s}.h5" for s in ("S1", "S2", "BAD")]
+    done = smk(wf, "--cores", "2", "--keep-going", *targets, timeout=300)
+    assert done.returncode != 0
+    assert (wf / "results/patches/S1.h5").is_file() and (wf / "results/patches/S2.h5").is_file()
+    assert not (wf / "results/patches/BAD.h5").exists()
+    log = (wf / "results/logs/tile/BAD.log").read_text()
+    assert "error" in log.lower() and "Traceback" not in log
