@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 ENVS = sorted((ROOT / "envs").glob("*.yaml"))
@@ -92,7 +91,7 @@ def rule_blocks():
     out = []
     for smk in RULES:
         text = smk.read_text()
-        for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.S | re.M):
+        for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.DOTALL | re.MULTILINE):
             name, body = m.groups()
             env = re.search(r'conda:\s*\n\s*"([^"]+)"', body)
             if not env:
@@ -122,7 +121,9 @@ def test_env_parses_and_is_pinned(path):
 
 def test_every_rule_that_runs_code_has_an_env():
     for smk in RULES:
-        for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", smk.read_text(), re.S | re.M):
+        for m in re.finditer(
+            r"^rule (\w+):\n(.*?)(?=^rule |\Z)", smk.read_text(), re.DOTALL | re.MULTILINE
+        ):
             name, body = m.groups()
             if "shell:" in body or "script:" in body:
                 assert "conda:" in body, f"rule {name} in {smk.name} has no conda env"

@@ -7,8 +7,8 @@ import json
 import jsonschema
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from simclr_path import config as C
 from simclr_path.cli import main
 from simclr_path.cli.schema import config_schema, schema_text, section_schema
@@ -58,7 +58,9 @@ def test_empty_config_gets_every_default():
 def test_run_overrides_carry_no_defaults():
     """Filling defaults into runs would silently reset top-level sections."""
     schema = config_schema()
-    cfg = _fill_defaults({"train": {"lr": 0.5}, "runs": {"a": {"model": {"head_layers": 0}}}}, schema)
+    cfg = _fill_defaults(
+        {"train": {"lr": 0.5}, "runs": {"a": {"model": {"head_layers": 0}}}}, schema
+    )
     assert cfg["runs"]["a"] == {"model": {"head_layers": 0}}
     assert cfg["train"]["lr"] == 0.5
 
@@ -88,8 +90,9 @@ def test_bad_values_are_rejected(bad, where):
     assert ".".join(str(p) for p in err.absolute_path).startswith(where)
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "ablation.yaml", "slides.example.yaml",
-                                  "patches.example.yaml"])
+@pytest.mark.parametrize(
+    "name", ["config.yaml", "ablation.yaml", "slides.example.yaml", "patches.example.yaml"]
+)
 def test_shipped_configs_validate(name):
     path = ROOT / "config" / name
     data = yaml.safe_load(path.read_text())

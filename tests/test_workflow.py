@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import LC25000, ROOT, needs
 
 COPY = ("Snakefile", "workflow", "config", "envs")
@@ -44,7 +43,9 @@ def smk(wf: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess
     if (wf / "config" / "test.yaml").is_file():
         cmd += ["--configfile", "config/test.yaml"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, cwd=wf, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        cmd, cwd=wf, capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
 
 
 def job_counts(out: str) -> dict[str, int]:
@@ -79,7 +80,13 @@ TINY = {
     "tile": {"mpp": 1.0, "patch_size": 32, "workers": 1},
     "augment": {"image_size": 32},
     "model": {"arch": "resnet18", "head_hidden_dim": 64, "head_out_dim": 32},
-    "train": {"max_steps": 4, "batch_size": 16, "workers": 0, "checkpoint_every": 4, "log_every": 1},
+    "train": {
+        "max_steps": 4,
+        "batch_size": 16,
+        "workers": 0,
+        "checkpoint_every": 4,
+        "log_every": 1,
+    },
     "embed": {"batch_size": 64, "workers": 0},
     "classify": {"folds": 2, "inner_folds": 2, "bootstrap": 20, "tsne_max_points": 100},
     "figures": {"preview_pairs": 2},
@@ -93,13 +100,25 @@ def test_dry_run_full_dag(tmp_path):
     done = smk(wf, "-n", "--cores", "2")
     assert done.returncode == 0, done.stderr
     counts = job_counts(done.stdout + done.stderr)
-    n = len([r for r in (ROOT / "config/samples.demo.tsv").read_text().splitlines()
-             if r and not r.startswith(("#", "slide_id"))])
+    n = len(
+        [
+            r
+            for r in (ROOT / "config/samples.demo.tsv").read_text().splitlines()
+            if r and not r.startswith(("#", "slide_id"))
+        ]
+    )
     assert counts["demo_slide"] == n and counts["tile"] == n and counts["embed"] == n
     assert counts["pretrain"] == 1 and counts["classify"] == 1 and counts["compare_runs"] == 1
     assert counts["plot_heatmap"] == n
-    for rule in ("preview", "plot_loss", "plot_tsne", "plot_curves", "plot_confusion",
-                 "metrics_table", "all"):
+    for rule in (
+        "preview",
+        "plot_loss",
+        "plot_tsne",
+        "plot_curves",
+        "plot_confusion",
+        "metrics_table",
+        "all",
+    ):
         assert counts[rule] == 1, rule
 
 
@@ -111,8 +130,13 @@ def test_lint_and_format(tmp_path):
     snakefmt = shutil.which("snakefmt")
     if snakefmt is None:
         pytest.skip("snakefmt not installed (test extra)")
-    fmt = subprocess.run([snakefmt, "--check", "Snakefile", "workflow"], cwd=wf,
-                         capture_output=True, text=True)
+    fmt = subprocess.run(
+        [snakefmt, "--check", "Snakefile", "workflow"],
+        cwd=wf,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert fmt.returncode == 0, fmt.stderr
 
 
@@ -128,12 +152,18 @@ def _one_error_line(done: subprocess.CompletedProcess) -> str:
     "sheet, expected",
     [
         (tsv(demo_rows(2) + [("S1", "resources/demo/S9.tiff", "SCC", "P9")]), "'S1' appears more"),
-        (tsv([("S1", "resources/demo/S1.tiff", "tumour", "P1")] + demo_rows(3)[1:]),
-         "label 'tumour'"),
-        (tsv([("S1", "/no/such/slide.svs", "SCC", "P1")] + demo_rows(3)[1:]),
-         "row 1 (slide_id 'S1'): slide file not found"),
-        (tsv([("../x", "resources/demo/x.tiff", "SCC", "P1")] + demo_rows(3)[1:]),
-         "not a safe file name"),
+        (
+            tsv([("S1", "resources/demo/S1.tiff", "tumour", "P1")] + demo_rows(3)[1:]),
+            "label 'tumour'",
+        ),
+        (
+            tsv([("S1", "/no/such/slide.svs", "SCC", "P1")] + demo_rows(3)[1:]),
+            "row 1 (slide_id 'S1'): slide file not found",
+        ),
+        (
+            tsv([("../x", "resources/demo/x.tiff", "SCC", "P1")] + demo_rows(3)[1:]),
+            "not a safe file name",
+        ),
         ("slide_id\tpath\tlabel\nS1\ta\tSCC\n", "missing column(s) patient_id"),
     ],
     ids=["duplicate", "label", "missing-file", "unsafe-id", "missing-column"],
@@ -163,9 +193,21 @@ def test_bad_config_value_stops_dag_build(tmp_path, config, expected):
 def test_ablation_config_dry_runs_into_the_grid(tmp_path):
     wf = workdir(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "2",
-         "--configfile", "config/ablation.yaml"],
-        cwd=wf, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "--cores",
+            "2",
+            "--configfile",
+            "config/ablation.yaml",
+        ],
+        cwd=wf,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     counts = job_counts(done.stdout + done.stderr)
@@ -177,8 +219,9 @@ def test_ablation_config_dry_runs_into_the_grid(tmp_path):
 
 
 def test_tiny_ablation_jobs(tmp_path):
-    cfg = dict(TINY, runs={"a": {}, "b": {"model": {"head_layers": 0}},
-                           "c": {"augment": {"stain_p": 0.0}}})
+    cfg = dict(
+        TINY, runs={"a": {}, "b": {"model": {"head_layers": 0}}, "c": {"augment": {"stain_p": 0.0}}}
+    )
     wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
     done = smk(wf, "-n", "--cores", "2")
     assert done.returncode == 0, done.stderr
@@ -212,8 +255,19 @@ def _require_commands(*names: str) -> None:
         pytest.skip(f"simclr-path subcommands not built yet: {missing}")
 
 
-PIPELINE_COMMANDS = ("demo-slide", "tile", "preview", "pretrain", "embed", "classify",
-                     "plot-tsne", "plot-curves", "plot-confusion", "plot-heatmap", "plot-loss")
+PIPELINE_COMMANDS = (
+    "demo-slide",
+    "tile",
+    "preview",
+    "pretrain",
+    "embed",
+    "classify",
+    "plot-tsne",
+    "plot-curves",
+    "plot-confusion",
+    "plot-heatmap",
+    "plot-loss",
+)
 
 
 @pytest.mark.slow

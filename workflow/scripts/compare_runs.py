@@ -12,9 +12,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 # Okabe-Ito (colour-blind safe)
 COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00"]
@@ -72,9 +72,17 @@ def plot(df: pd.DataFrame, out: str) -> None:
             err = np.vstack([lo, hi])
             if np.isfinite(err).all():
                 kw = {"yerr": err, "capsize": 3}
-        ax.bar(x + (j - (len(bars) - 1) / 2) * width, np.nan_to_num(vals), width,
-               label=name, color=COLOURS[j], **kw)
-    ax.set_xticks(x, df["run"], rotation=30 if len(df) > 4 else 0, ha="right" if len(df) > 4 else "center")
+        ax.bar(
+            x + (j - (len(bars) - 1) / 2) * width,
+            np.nan_to_num(vals),
+            width,
+            label=name,
+            color=COLOURS[j],
+            **kw,
+        )
+    ax.set_xticks(
+        x, df["run"], rotation=30 if len(df) > 4 else 0, ha="right" if len(df) > 4 else "center"
+    )
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("run (named pretraining configuration)")
     ax.set_ylabel("metric (patient-grouped cross-validation)")
@@ -93,13 +101,19 @@ def fmt(v):
 
 
 def main(sm) -> None:
-    df = summarise(list(sm.params.runs), list(sm.input.metrics), list(sm.input.pretrain),
-                   dict(sm.params.overrides))
+    df = summarise(
+        list(sm.params.runs),
+        list(sm.input.metrics),
+        list(sm.input.pretrain),
+        dict(sm.params.overrides),
+    )
     df.to_csv(sm.output.tsv, sep="\t", index=False)
     plot(df, sm.output.png)
     html = df.map(fmt).to_html(index=False, border=0)
     Path(sm.output.html).write_text(
-        "<html><body><h3>Runs compared (same classifier, same folds)</h3>" + html + "</body></html>\n"
+        "<html><body><h3>Runs compared (same classifier, same folds)</h3>"
+        + html
+        + "</body></html>\n"
     )
 
 

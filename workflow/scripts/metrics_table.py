@@ -39,7 +39,12 @@ def table(metrics: dict) -> pd.DataFrame:
         rows.append(row)
     ci = metrics.get("slide", {}).get("auroc_ci95")
     if ci:
-        rows.append({"metric": "slide AUROC 95% CI (bootstrap)", "slide (pooled)": f"{fmt(ci[0])}-{fmt(ci[1])}"})
+        rows.append(
+            {
+                "metric": "slide AUROC 95% CI (bootstrap)",
+                "slide (pooled)": f"{fmt(ci[0])}-{fmt(ci[1])}",
+            }
+        )
     return pd.DataFrame(rows).fillna("")
 
 
