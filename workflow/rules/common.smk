@@ -286,6 +286,13 @@ def write_report(path):
     import sys
 
     # The user's merged config (config files + --config values), so the child sees the same DAG.
+    missing = [f for f in final_outputs() if not Path(f).exists()]
+    if missing:  # a run of single targets: the report needs every tracked artefact
+        logger.info(
+            f"Report not written: {len(missing)} final outputs missing (e.g. {missing[0]}); "
+            f"run `snakemake` without targets, or `snakemake --report {path}` when complete."
+        )
+        return
     cfg_file = Path(".snakemake") / "simclr_path_report_config.yaml"
     cfg_file.parent.mkdir(exist_ok=True)
     cfg_file.write_text(yaml.safe_dump(USER_CONFIG, sort_keys=False))

@@ -62,7 +62,7 @@ def plot(df: pd.DataFrame, out: str) -> None:
     ]
     x = np.arange(len(df))
     width = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(df) + 2.5), 4.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(df) + 2.5), 4.6), dpi=120)
     for j, (col, name) in enumerate(bars):
         vals = df[col].to_numpy(dtype=float)
         kw = {}
@@ -88,7 +88,7 @@ def plot(df: pd.DataFrame, out: str) -> None:
     ax.set_ylabel("metric (patient-grouped cross-validation)")
     ax.set_title("Runs compared on the same linear-probe metrics")
     ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
