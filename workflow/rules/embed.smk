@@ -20,4 +20,4 @@ rule embed:
         gpu=1,
     shell:
         "simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
-        "--config {input.config} --workers {threads} --force > {log} 2>&1"
+        "--config {input.config} --force > {log} 2>&1"

@@ -45,7 +45,8 @@ rule tile:
 
 rule import_patches:
     input:
-        lambda w: PATCH_SETS[w.dataset]["dir"],
+        dir=lambda w: PATCH_SETS[w.dataset]["dir"],
+        groups=lambda w: PATCH_SETS[w.dataset]["groups"] or [],
     output:
         "results/patches/{dataset}.h5",
     log:
@@ -60,4 +61,4 @@ rule import_patches:
     params:
         args=import_args,
     shell:
-        "simclr-path import-patches {input} --out {output} {params.args} --force > {log} 2>&1"
+        "simclr-path import-patches {input.dir} --out {output} {params.args} --force > {log} 2>&1"
