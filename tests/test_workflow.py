@@ -24,7 +24,7 @@ COPY = ("Snakefile", "workflow", "config", "envs")
 def workdir(tmp_path: Path, config: dict | None = None, samples: str | None = None) -> Path:
     """A copy of the workflow in ``tmp_path/wf`` with an optional test config and samples sheet."""
     wf = tmp_path / "wf"
-    wf.mkdir()
+    wf.mkdir(parents=True)
     for name in COPY:
         src = ROOT / name
         if src.is_dir():
@@ -230,6 +230,19 @@ def test_tiny_ablation_jobs(tmp_path):
     assert counts["plot_heatmap"] == 12 and counts["run_config"] == 9
     # each run's resolved config is written where the CLI reads it
     assert "results/config/b/pretrain.yaml" in done.stdout + done.stderr
+
+
+def test_layer_eval_jobs(tmp_path):
+    """Layer-wise linear evaluation: every layer embedded, classified and compared per run."""
+    cfg = dict(TINY, layer_eval=["stage2", "stage3", "head"], runs={"a": {}, "b": {}})
+    wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
+    done = smk(wf, "-n", "--cores", "2")
+    assert done.returncode == 0, done.stderr
+    counts = job_counts(done.stdout + done.stderr)
+    assert counts["embed_layer"] == 2 * 3 * 4 and counts["classify_layer"] == 2 * 3
+    assert counts["compare_layers"] == 2 and counts["embed"] == 2 * 4
+    bad = workdir(tmp_path / "bad", dict(cfg, layer_eval=["block9"]), tsv(demo_rows(4)))
+    assert "layer_eval.0" in _one_error_line(smk(bad, "-n", "--cores", "1"))
 
 
 @needs(LC25000)

@@ -124,6 +124,14 @@ WORKFLOW_PROPERTIES: dict[str, dict[str, Any]] = {
             },
         },
     },
+    "layer_eval": {
+        "type": "array",
+        "items": {"type": "string", "pattern": "^(pooled|head|stage[0-9]+)$"},
+        "default": [],
+        "description": "layer-wise linear evaluation: backbone layers (pooled, stageN, head) "
+        "embedded and classified with the same probe and folds for every run, compared in "
+        "results/summary/{run}/layers.{tsv,png,html}; empty = off",
+    },
     "pretrain_launcher": {
         "type": "string",
         "default": "",

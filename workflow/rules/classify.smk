@@ -27,3 +27,34 @@ rule classify:
     shell:
         "simclr-path classify --embeddings {input.embeddings} {params.samples} "
         "--out {params.out} --config {input.config} --force > {log} 2>&1"
+
+
+rule classify_layer:
+    input:
+        embeddings=lambda w: expand(
+            "results/embeddings/{run}/layers/{layer}/{id}.h5",
+            run=w.run,
+            layer=w.layer,
+            id=CLASSIFY_IDS,
+        ),
+        samples=samples_input(),
+        config=run_stage_config("classify"),
+    output:
+        metrics="results/classify/{run}/layers/{layer}/metrics.json",
+        patches="results/classify/{run}/layers/{layer}/predictions_patches.csv",
+        slides="results/classify/{run}/layers/{layer}/predictions_slides.csv",
+    log:
+        "results/logs/classify_layer/{run}/{layer}.log",
+    benchmark:
+        "results/benchmarks/classify_layer/{run}/{layer}.tsv"
+    conda:
+        "../../envs/simclr-path.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    params:
+        samples=samples_arg(),
+        out=subpath(output.metrics, parent=True),
+    shell:
+        "simclr-path classify --embeddings {input.embeddings} {params.samples} "
+        "--out {params.out} --config {input.config} --force > {log} 2>&1"

@@ -84,6 +84,7 @@ def resolved_config(run=None):
 
 TILE_CFG = resolved_config()
 RUNS = list(config["runs"])
+LAYERS = list(dict.fromkeys(config["layer_eval"]))
 RUN_CFG = {run: resolved_config(run) for run in RUNS}
 
 
@@ -166,6 +167,7 @@ def one_of(names):
 
 wildcard_constraints:
     run=one_of(RUNS),
+    layer=one_of(LAYERS),
     slide=one_of(SLIDES),
     dataset=one_of(list(PATCH_SETS)),
     store=one_of(STORES),
@@ -235,6 +237,10 @@ def final_outputs():
     for run in RUNS:
         out += run_figures(run)
         out.append(f"results/classify/{run}/metrics.json")
+        if LAYERS:  # layer-wise linear evaluation
+            out += [
+                f"results/summary/{run}/layers.{ext}" for ext in ("tsv", "png", "html")
+            ]
     out += [
         "results/summary/runs.tsv",
         "results/summary/runs.png",

@@ -21,3 +21,26 @@ rule embed:
     shell:
         "simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
         "--config {input.config} --force > {log} 2>&1"
+
+
+# Layer-wise linear evaluation (config `layer_eval`): the same stores embedded from other layers.
+rule embed_layer:
+    input:
+        store="results/patches/{store}.h5",
+        encoder="results/pretrain/{run}/encoder.pt",
+        config=run_stage_config("embed"),
+    output:
+        "results/embeddings/{run}/layers/{layer}/{store}.h5",
+    log:
+        "results/logs/embed_layer/{run}/{layer}/{store}.log",
+    benchmark:
+        "results/benchmarks/embed_layer/{run}/{layer}/{store}.tsv"
+    conda:
+        "../../envs/simclr-path.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        gpu=1,
+    shell:
+        "simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
+        "--layer {wildcards.layer} --config {input.config} --force > {log} 2>&1"

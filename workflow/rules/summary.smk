@@ -43,3 +43,42 @@ rule compare_runs:
 onsuccess:
     if config["report"]["auto"]:
         write_report(config["report"]["path"])
+
+
+rule compare_layers:
+    input:
+        metrics=expand(
+            "results/classify/{{run}}/layers/{layer}/metrics.json", layer=LAYERS
+        ),
+        pretrain="results/pretrain/{run}/summary.json",
+    output:
+        tsv="results/summary/{run}/layers.tsv",
+        png=report(
+            "results/summary/{run}/layers.png",
+            caption=report_caption("compare_layers"),
+            category="0. Summary",
+            subcategory="layers of {run}",
+            labels={"run": "{run}", "figure": "layers compared"},
+        ),
+        html=report(
+            "results/summary/{run}/layers.html",
+            caption=report_caption("compare_layers"),
+            category="0. Summary",
+            subcategory="layers of {run}",
+            labels={"run": "{run}", "figure": "layers table"},
+        ),
+    log:
+        "results/logs/compare_layers/{run}.log",
+    benchmark:
+        "results/benchmarks/compare_layers/{run}.tsv"
+    conda:
+        "../../envs/plot.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    params:
+        runs=LAYERS,
+        overrides={layer: {"overrides": f"embed.layer={layer}"} for layer in LAYERS},
+        what="layer",
+    script:
+        "../scripts/compare_runs.py"

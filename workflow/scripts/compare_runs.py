@@ -54,7 +54,10 @@ def summarise(runs, metrics_files, pretrain_files, overrides) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot(df: pd.DataFrame, out: str) -> None:
+XLABEL = "run (named pretraining configuration)"
+
+
+def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> None:
     bars = [
         ("slide_auroc", "slide AUROC"),
         ("patch_auroc", "patch AUROC"),
@@ -84,9 +87,9 @@ def plot(df: pd.DataFrame, out: str) -> None:
         x, df["run"], rotation=30 if len(df) > 4 else 0, ha="right" if len(df) > 4 else "center"
     )
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("run (named pretraining configuration)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("metric (patient-grouped cross-validation)")
-    ax.set_title("Runs compared on the same linear-probe metrics")
+    ax.set_title(title or "Runs compared on the same linear-probe metrics")
     ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
@@ -101,19 +104,23 @@ def fmt(v):
 
 
 def main(sm) -> None:
-    df = summarise(
-        list(sm.params.runs),
-        list(sm.input.metrics),
-        list(sm.input.pretrain),
-        dict(sm.params.overrides),
-    )
+    """Rows are runs (rule compare_runs) or one run's layers (rule compare_layers)."""
+    what = sm.params.get("what", "run")
+    names = list(sm.params.runs)
+    pretrain = list(sm.input.pretrain) if what == "run" else [str(sm.input.pretrain)] * len(names)
+    df = summarise(names, list(sm.input.metrics), pretrain, dict(sm.params.overrides))
+    df = df.rename(columns={"run": what})
     df.to_csv(sm.output.tsv, sep="\t", index=False)
-    plot(df, sm.output.png)
+    if what == "run":
+        title, xlabel = "Runs compared on the same linear-probe metrics", XLABEL
+    else:
+        run = sm.wildcards.run
+        title = f"Layer-wise linear evaluation of run {run}"
+        xlabel = "features from layer (same probe, same folds)"
+    plot(df.rename(columns={what: "run"}), sm.output.png, title=title, xlabel=xlabel)
     html = df.map(fmt).to_html(index=False, border=0)
     Path(sm.output.html).write_text(
-        "<html><body><h3>Runs compared (same classifier, same folds)</h3>"
-        + html
-        + "</body></html>\n"
+        f"<html><body><h3>{title} (same classifier, same folds)</h3>{html}</body></html>\n"
     )
 
 
