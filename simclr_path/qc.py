@@ -1,0 +1,69 @@
+"""QC picture of one tiled slide: thumbnail, tissue outline and the grid of kept patches.
+
+A reviewer checks at a glance that the tissue was found, that glass, pen ink and folds were left
+out, and that the patch grid covers the tissue.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.collections import PolyCollection
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from simclr_path.figures import OKABE_ITO, save_figure
+
+
+def plot_qc(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: float,
+            coords: np.ndarray, size0: float, level0_mpp: float, out: str | os.PathLike,
+            title: str, force: bool = True) -> Path:
+    """Write the QC PNG atomically.
+
+    Args:
+        thumb: RGB uint8 (h, w, 3) slide thumbnail at ``thumb_mpp`` um/px.
+        mask: bool (hm, wm) tissue mask at ``mask_mpp`` um/px.
+        coords: (N, 2) level-0 top-left (x, y) of the kept patches.
+        size0: patch side in level-0 pixels.
+        level0_mpp: level-0 um/px (axes are in millimetres on the slide).
+        title: figure title (slide id, mpp, patch count).
+    """
+    h0_um, w0_um = thumb.shape[0] * thumb_mpp, thumb.shape[1] * thumb_mpp
+    aspect = thumb.shape[1] / max(thumb.shape[0], 1)
+    fig_w = 9.0
+    fig, ax = plt.subplots(figsize=(fig_w, max(3.0, min(14.0, fig_w / aspect + 0.8))))
+    to_mm = 1e-3
+    ax.imshow(thumb, extent=(0, w0_um * to_mm, h0_um * to_mm, 0), interpolation="lanczos")
+    handles = []
+    if mask.any():
+        ys = (np.arange(mask.shape[0]) + 0.5) * mask_mpp * to_mm
+        xs = (np.arange(mask.shape[1]) + 0.5) * mask_mpp * to_mm
+        ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5], colors=[OKABE_ITO[2]],
+                   linewidths=1.5)
+        handles.append(Line2D([], [], color=OKABE_ITO[2], lw=1.5, label="tissue outline"))
+    if len(coords):
+        s = size0 * level0_mpp * to_mm
+        x = coords[:, 0] * level0_mpp * to_mm
+        y = coords[:, 1] * level0_mpp * to_mm
+        verts = np.stack([np.stack([x, y], 1), np.stack([x + s, y], 1),
+                          np.stack([x + s, y + s], 1), np.stack([x, y + s], 1)], axis=1)
+        lw = 0.6 if len(coords) < 2000 else 0.3
+        ax.add_collection(PolyCollection(verts, facecolors="none", edgecolors=OKABE_ITO[0],
+                                         linewidths=lw))
+        handles.append(Patch(facecolor="none", edgecolor=OKABE_ITO[0],
+                             label=f"kept patches ({len(coords)})"))
+    ax.set_xlim(0, w0_um * to_mm)
+    ax.set_ylim(h0_um * to_mm, 0)
+    ax.set_xlabel("x on slide (mm)")
+    ax.set_ylabel("y on slide (mm)")
+    ax.set_title(title, fontsize=10)
+    if handles:
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2,
+                  frameon=False, fontsize=9)
+    return save_figure(fig, out, force=force)

@@ -1,0 +1,253 @@
+"""Whole-slide access: opening any OpenSlide format, level-0 resolution (mpp), level choice, reads.
+
+OpenSlide (Goode et al. 2013, "OpenSlide: a vendor-neutral software foundation for digital
+pathology") reads Aperio .svs, Hamamatsu .ndpi, MIRAX .mrxs, Philips, Leica, Ventana and generic
+tiled TIFF. Physical resolution comes from the slide's metadata in a fixed order
+(:data:`MPP_SOURCES`); a slide without it is an error, never a silent guess.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from simclr_path.errors import SimclrPathError
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+# (property key(s), scale to microns): tried in this order after an explicit --slide-mpp
+_MPP_KEYS: list[tuple[tuple[str, str | None], float]] = [
+    (("openslide.mpp-x", "openslide.mpp-y"), 1.0),
+    (("aperio.MPP", None), 1.0),
+    (("mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_X",
+      "mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_Y"), 1.0),
+    (("philips.DICOM_PIXEL_SPACING", None), 1000.0),  # "dy dx" in millimetres
+]
+#: Every source of level-0 mpp, in the order they are tried (for messages and the README).
+MPP_SOURCES = ["--slide-mpp"] + [k for (keys, _) in _MPP_KEYS for k in keys if k] + [
+    "tiff.XResolution/tiff.ResolutionUnit"]
+# plausible level-0 resolutions of a microscope scan; a TIFF saying 72 dpi is not one
+_MPP_RANGE = (0.01, 50.0)
+# a target this much finer than the scan still reads level 0 (rounding in metadata, e.g. 0.499)
+_FINER_TOLERANCE = 1.02
+
+
+def validate_slide_id(slide_id: str) -> str:
+    """Return ``slide_id`` if it is a safe file name, else raise :class:`SimclrPathError`.
+
+    Slide ids become file names (``results/patches/{slide_id}.h5``), so they may only hold
+    letters, digits, ``.``, ``_`` and ``-``, must not start with ``.`` and cannot be ``..``.
+    """
+    s = str(slide_id)
+    if not _SAFE_ID.match(s) or s in (".", ".."):
+        raise SimclrPathError(
+            f"slide id {s!r} is not a safe file name; use letters, digits, '.', '_' and '-' only "
+            "(no '/', no leading '.')")
+    return s
+
+
+def _float(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        v = float(str(value).split()[0])
+    except (ValueError, IndexError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: float | None = None,
+                mpp_from_objective: bool = False) -> tuple[float, str]:
+    """Level-0 microns per pixel of a slide and where it came from.
+
+    Order: ``slide_mpp``; ``openslide.mpp-x/y``; vendor keys (``aperio.MPP``, MIRAX
+    ``MICROMETER_PER_PIXEL_X/Y``, ``philips.DICOM_PIXEL_SPACING``); TIFF ``XResolution`` with
+    ``ResolutionUnit`` centimeter or inch; ``openslide.objective-power`` (mpp = 10 / objective)
+    only when ``mpp_from_objective``.
+
+    Returns:
+        (mpp, source) where source names the key used.
+    """
+    if slide_mpp is not None:
+        if not (slide_mpp > 0 and math.isfinite(slide_mpp)):
+            raise SimclrPathError(f"--slide-mpp must be a positive number, got {slide_mpp}")
+        return float(slide_mpp), "--slide-mpp"
+    lo, hi = _MPP_RANGE
+    for (kx, ky), scale in _MPP_KEYS:
+        x = _float(properties.get(kx))
+        if x is None:
+            continue
+        y = _float(properties.get(ky)) if ky else None
+        mpp = (x + y) / 2 * scale if y is not None else x * scale
+        if lo <= mpp <= hi:
+            return mpp, kx
+    xres = _float(properties.get("tiff.XResolution"))
+    unit = str(properties.get("tiff.ResolutionUnit", "")).lower()
+    per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+    if xres is not None and per_unit is not None:
+        yres = _float(properties.get("tiff.YResolution"))
+        mpp = per_unit / (xres if yres is None else (xres + yres) / 2)
+        if lo <= mpp <= hi:
+            return mpp, "tiff.XResolution"
+    objective = _float(properties.get("openslide.objective-power"))
+    if mpp_from_objective and objective is not None:
+        return 10.0 / objective, "openslide.objective-power"
+    hint = (f"; it reports objective power {objective:g}x, so --mpp-from-objective would use "
+            f"{10.0 / objective:g}" if objective is not None else "")
+    raise SimclrPathError(
+        f"{path}: level-0 microns per pixel unknown (tried {', '.join(MPP_SOURCES[1:])}"
+        f"{', openslide.objective-power' if mpp_from_objective else ''}); pass --slide-mpp "
+        f"(e.g. --slide-mpp 0.25 for a 40x scan, 0.5 for 20x){hint}")
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """Where to read pixels for a target resolution.
+
+    ``level``: pyramid level read; ``level_mpp``: its microns per pixel; ``scale``: level pixels
+    per target pixel (>= about 1: the read is shrunk by this factor); ``downsample``: level-0
+    pixels per level pixel.
+    """
+
+    level: int
+    level_mpp: float
+    downsample: float
+    scale: float
+
+
+class Slide:
+    """An open whole-slide image with a known level-0 resolution.
+
+    Args:
+        path: any file OpenSlide reads.
+        slide_mpp: level-0 microns per pixel, overriding the metadata.
+        mpp_from_objective: allow mpp = 10 / objective power when nothing better exists.
+    """
+
+    def __init__(self, path: str | os.PathLike, slide_mpp: float | None = None,
+                 mpp_from_objective: bool = False) -> None:
+        self.path = Path(path)
+        self._osr = open_openslide(self.path)
+        self.properties: dict[str, str] = dict(self._osr.properties)
+        self.mpp, self.mpp_source = resolve_mpp(self.properties, self.path, slide_mpp,
+                                                mpp_from_objective)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height)."""
+        return tuple(self._osr.dimensions)
+
+    @property
+    def level_count(self) -> int:
+        return int(self._osr.level_count)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._osr.level_downsamples)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(d) for d in self._osr.level_dimensions)
+
+    def level_for(self, target_mpp: float) -> LevelChoice:
+        """The coarsest level still at least as fine as ``target_mpp`` (then resize the rest)."""
+        if target_mpp * _FINER_TOLERANCE < self.mpp:
+            raise SimclrPathError(
+                f"{self.path}: target {target_mpp:g} um/px is finer than the scan "
+                f"({self.mpp:g} um/px from {self.mpp_source}); choose --mpp {self.mpp:.4g} or "
+                "coarser")
+        best = 0
+        for lv, ds in enumerate(self.level_downsamples):
+            # 0.1% slack: downsamples such as 2.0005 still count as exactly 2
+            if self.mpp * ds <= target_mpp * 1.001:
+                best = lv
+        ds = self.level_downsamples[best]
+        return LevelChoice(best, self.mpp * ds, ds, target_mpp / (self.mpp * ds))
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) at ``level``; (x, y) is the level-0 top-left.
+
+        Transparent pixels (outside the scanned area) are composited on white.
+        """
+        return read_rgb(self._osr, x, y, level, width, height)
+
+    def read_at_mpp(self, mpp: float, max_rows: int = 4096) -> tuple[np.ndarray, float]:
+        """The whole slide as RGB at about ``mpp`` um/px (clamped to the scan): (image, its mpp).
+
+        Reads the coarsest level at least that fine, in bands of at most ``max_rows`` level rows
+        (a slide without a pyramid never needs its full level 0 in memory), and shrinks each band
+        with area interpolation.
+        """
+        mpp = max(mpp, self.mpp)
+        choice = self.level_for(mpp)
+        w_l, h_l = self.level_dimensions[choice.level]
+        w0, h0 = self.dimensions
+        w = max(1, int(round(w0 * self.mpp / mpp)))
+        h = max(1, int(round(h0 * self.mpp / mpp)))
+        if (w, h) == (w_l, h_l):
+            return self.read_region(0, 0, choice.level, w_l, h_l), w0 * self.mpp / w
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        rows_per_out = h_l / h  # level rows per output row
+        step = max(1, int(max_rows // max(rows_per_out, 1)))  # output rows per band
+        for r0 in range(0, h, step):
+            r1 = min(h, r0 + step)
+            ly0 = int(round(r0 * rows_per_out))
+            ly1 = h_l if r1 == h else int(round(r1 * rows_per_out))
+            band = self.read_region(0, int(round(ly0 * choice.downsample)), choice.level, w_l,
+                                    max(1, ly1 - ly0))
+            out[r0:r1] = cv2.resize(band, (w, r1 - r0), interpolation=cv2.INTER_AREA)
+        return out, w0 * self.mpp / w
+
+    def close(self) -> None:
+        self._osr.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_openslide(path: str | os.PathLike):
+    """``openslide.OpenSlide(path)`` with one clear error for a missing, corrupt or unknown file."""
+    import openslide
+
+    p = Path(path)
+    if not p.exists():
+        raise SimclrPathError(f"{p}: slide not found")
+    if not p.is_file():
+        raise SimclrPathError(f"{p}: not a file (for MIRAX give the .mrxs file, not its folder)")
+    try:
+        return openslide.OpenSlide(str(p))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SimclrPathError(
+            f"{p}: not a slide OpenSlide can read (unsupported format or corrupt file); check "
+            "the file is complete and is .svs, .ndpi, .mrxs, .scn, .bif, .vms or tiled .tiff"
+        ) from None
+    except (openslide.OpenSlideError, OSError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SimclrPathError(f"{p}: slide cannot be read ({msg}); the file may be corrupt or "
+                              "truncated") from None
+
+
+def read_rgb(osr, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+    """``osr.read_region`` as RGB uint8 (height, width, 3), composited on white."""
+    import openslide
+
+    try:
+        rgba = np.asarray(osr.read_region((int(x), int(y)), int(level), (int(width), int(height))))
+    except openslide.OpenSlideError as exc:
+        raise SimclrPathError(f"slide read failed at level {level}, ({x}, {y}) size "
+                              f"{width}x{height}: {exc}; the file may be corrupt") from None
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:  # fast path: fully scanned region
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha[..., None].astype(np.float32) / 255.0
+    rgb = rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,319 @@
+"""Cut a slide into tissue patches at a chosen physical resolution and write a patch store.
+
+The grid is laid out in target pixels (``cfg.mpp`` um/px): patch ``(i, j)`` covers target pixels
+``[j * stride, j * stride + patch_size)`` horizontally (same vertically), i.e. level-0 top-left
+``round(j * stride * f)`` with ``f = cfg.mpp / level0_mpp``. A patch is kept when its tissue
+fraction on a low-resolution mask (:mod:`simclr_path.tissue`) is at least ``cfg.min_tissue``.
+
+Pixels are read in blocks of ``block_patches x block_patches`` grid cells: one
+``read_region`` per block at the coarsest pyramid level at least as fine as the target, one resize
+of the whole block to the target resolution, then the patches are cut out with NumPy. Compared with
+one ``read_region`` per patch this decodes every JPEG tile of the slide about once instead of
+once per overlapping patch and amortises OpenSlide's per-call overhead
+(``benchmarks/bench_tiling.py``). Blocks are read by ``cfg.workers`` threads, each with its own
+OpenSlide handle (OpenSlide, OpenCV and the NumPy copies release the GIL); results are consumed in
+order, so the output is deterministic: patches in row-major order of the grid.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from simclr_path.config import TileConfig
+from simclr_path.errors import SimclrPathError
+from simclr_path.outputs import check_can_write
+from simclr_path.slide import LevelChoice, Slide, open_openslide, read_rgb, validate_slide_id
+from simclr_path.store import PatchStoreWriter
+from simclr_path.tissue import any_patch_filter, patch_keep, tissue_fractions, tissue_mask
+
+
+_QC_SIDE = 1600  # longer side of the QC thumbnail in pixels
+
+
+class NoTissueWarning(UserWarning):
+    """A slide gave no patches: the store is written empty (the CLI prints one warning line)."""
+
+
+@dataclass
+class TileResult:
+    """What :func:`tile_slide` wrote."""
+
+    path: Path
+    slide_id: str
+    n_patches: int
+    n_grid: int  # grid cells considered
+    n_tissue: int  # grid cells with enough tissue (before optional patch filters)
+    level: int  # pyramid level read
+    level_mpp: float
+    level0_mpp: float
+    mpp_source: str
+    mpp: float
+    patch_size: int
+    stride: int
+    seconds: float
+    qc: Path | None = None
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The patch grid of one slide.
+
+    ``xs``/``ys``: level-0 top-left of each column/row; ``f``: level-0 pixels per target pixel;
+    ``size0``: patch side in level-0 pixels.
+    """
+
+    xs: np.ndarray  # (nx,) int64
+    ys: np.ndarray  # (ny,) int64
+    f: float
+    patch_size: int
+    stride: int
+
+    @property
+    def size0(self) -> float:
+        return self.patch_size * self.f
+
+
+def make_grid(width: int, height: int, level0_mpp: float, mpp: float, patch_size: int,
+              stride: int, path: str | os.PathLike = "slide") -> Grid:
+    """Grid of patches of ``patch_size`` target pixels every ``stride`` target pixels."""
+    f = mpp / level0_mpp
+    tw, th = width / f, height / f  # slide size in target pixels
+    if patch_size > tw or patch_size > th:
+        raise SimclrPathError(
+            f"{path}: a {patch_size} px patch at {mpp:g} um/px ({patch_size * mpp:g} um) is larger "
+            f"than the slide ({width}x{height} px at {level0_mpp:g} um/px = "
+            f"{width * level0_mpp:.0f}x{height * level0_mpp:.0f} um); use a smaller --patch-size "
+            "or a finer --mpp")
+    nx = int(math.floor((tw - patch_size) / stride)) + 1
+    ny = int(math.floor((th - patch_size) / stride)) + 1
+    xs = np.round(np.arange(nx) * stride * f).astype(np.int64)
+    ys = np.round(np.arange(ny) * stride * f).astype(np.int64)
+    return Grid(xs, ys, f, patch_size, stride)
+
+
+def tissue_attrs(cfg: TileConfig) -> dict[str, object]:
+    """The tissue-detection parameters as ``tissue.<name>`` store attributes."""
+    names = ("min_tissue", "tissue_mpp", "saturation_floor", "median_blur", "closing_um",
+             "min_object_um2", "min_hole_um2", "remove_pen", "drop_white", "drop_black",
+             "drop_blur")
+    return {f"tissue.{n}": getattr(cfg, n) for n in names}
+
+
+class _Reader:
+    """Reads blocks of patches; one OpenSlide handle per thread."""
+
+    def __init__(self, path: Path, grid: Grid, choice: LevelChoice) -> None:
+        self.path, self.grid, self.choice = path, grid, choice
+        self._local = threading.local()
+        self._handles: list = []
+        self._lock = threading.Lock()
+
+    def _osr(self):
+        osr = getattr(self._local, "osr", None)
+        if osr is None:
+            osr = open_openslide(self.path)
+            self._local.osr = osr
+            with self._lock:
+                self._handles.append(osr)
+        return osr
+
+    def read_block(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Patches of the grid cells ``rows x cols`` (increasing indices into the grid).
+
+        One region read at the chosen level covering the cells' bounding box, one resize to the
+        target resolution, then slicing. Returns (len(rows) * len(cols), S, S, 3) uint8 in
+        row-major order.
+        """
+        g, ch = self.grid, self.choice
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+        # block extent in target pixels (exact) and in level-0 pixels
+        tx0, ty0 = c0 * g.stride, r0 * g.stride
+        tw = (c1 - c0) * g.stride + g.patch_size
+        th = (r1 - r0) * g.stride + g.patch_size
+        x0, y0 = int(g.xs[c0]), int(g.ys[r0])
+        # level pixels covering the block; resized to exactly (tw, th) target pixels
+        lw = max(1, int(round(tw * g.f / ch.downsample)))
+        lh = max(1, int(round(th * g.f / ch.downsample)))
+        img = read_rgb(self._osr(), x0, y0, ch.level, lw, lh)
+        if (lw, lh) != (tw, th):
+            interp = cv2.INTER_AREA if lw > tw else cv2.INTER_LINEAR
+            img = cv2.resize(img, (tw, th), interpolation=interp)
+        s = g.patch_size
+        out = np.empty((len(rows) * len(cols), s, s, 3), dtype=np.uint8)
+        k = 0
+        for r in rows:
+            oy = int(r) * g.stride - ty0
+            for c in cols:
+                ox = int(c) * g.stride - tx0
+                out[k] = img[oy:oy + s, ox:ox + s]
+                k += 1
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.close()
+        self._handles.clear()
+
+
+def _blocks(keep: np.ndarray, bp: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(block row, rows, cols) of every block holding a kept cell, row-major, trimmed to them."""
+    ny, nx = keep.shape
+    for bi, r0 in enumerate(range(0, ny, bp)):
+        for c0 in range(0, nx, bp):
+            sub = keep[r0:r0 + bp, c0:c0 + bp]
+            if not sub.any():
+                continue
+            rr = np.flatnonzero(sub.any(axis=1)) + r0
+            cc = np.flatnonzero(sub.any(axis=0)) + c0
+            yield bi, np.arange(rr[0], rr[-1] + 1), np.arange(cc[0], cc[-1] + 1)
+
+
+def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
+               cfg: TileConfig | None = None, slide_id: str | None = None,
+               slide_mpp: float | None = None, qc: str | os.PathLike | None = None,
+               force: bool = False, progress: bool = True) -> TileResult:
+    """Tile one slide into a patch store (and optionally a QC picture).
+
+    Args:
+        slide_path: any slide OpenSlide reads.
+        out: patch store path (HDF5, written atomically; see :mod:`simclr_path.store`).
+        cfg: tiling parameters (default :class:`~simclr_path.config.TileConfig`).
+        slide_id: id stored in the file (default: the slide file's stem); must be a safe name.
+        slide_mpp: level-0 um/px, overriding the slide's metadata.
+        qc: optional PNG path for the QC picture (:func:`simclr_path.qc.plot_qc`).
+        force: overwrite existing outputs.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        :class:`TileResult`. A slide without tissue gives an empty store and a
+        :class:`NoTissueWarning`.
+
+    Store content: ``/patches`` (N, S, S, 3) uint8 RGB at ``cfg.mpp``; ``/coords`` (N, 2) level-0
+    top-left (x, y), row-major grid order.
+    """
+    t_start = time.perf_counter()
+    cfg = cfg or TileConfig()
+    path = Path(slide_path)
+    slide_id = validate_slide_id(slide_id if slide_id is not None else path.stem)
+    check_can_write(out, force)
+    if qc is not None:
+        check_can_write(qc, force)
+    stride = int(cfg.stride or cfg.patch_size)
+
+    with Slide(path, slide_mpp=slide_mpp, mpp_from_objective=cfg.mpp_from_objective) as slide:
+        choice = slide.level_for(cfg.mpp)
+        width, height = slide.dimensions
+        grid = make_grid(width, height, slide.mpp, cfg.mpp, cfg.patch_size, stride, path)
+        thumb, thumb_mpp = slide.read_at_mpp(cfg.tissue_mpp)
+        level0_mpp, mpp_source = slide.mpp, slide.mpp_source
+        if qc is not None:  # a sharper picture for people than the mask needs
+            qc_img, qc_mpp = slide.read_at_mpp(max(width, height) * slide.mpp / _QC_SIDE)
+    mask = tissue_mask(thumb, thumb_mpp, cfg)
+    gx, gy = np.meshgrid(grid.xs, grid.ys)  # (ny, nx)
+    frac = tissue_fractions(mask, thumb_mpp, gx.ravel(), gy.ravel(), grid.size0, level0_mpp)
+    keep = (frac >= cfg.min_tissue).reshape(gy.shape) & mask.any()
+    n_tissue = int(keep.sum())
+
+    attrs = {"kind": "slide", "slide_id": slide_id, "source_path": str(path.resolve()),
+             "level0_mpp": level0_mpp, "mpp_source": mpp_source, "mpp": cfg.mpp,
+             "stride": stride, "level": choice.level, "level_mpp": choice.level_mpp,
+             "slide_width": width, "slide_height": height, **tissue_attrs(cfg)}
+    kept_coords: list[np.ndarray] = []
+    filt = any_patch_filter(cfg)
+    reader = _Reader(path, grid, choice)
+    try:
+        with PatchStoreWriter(out, cfg.patch_size, attrs=attrs, force=force) as writer:
+            if n_tissue:
+                _read_all(reader, keep, cfg, writer, kept_coords, filt, progress, slide_id)
+            n = writer.n
+    finally:
+        reader.close()
+    coords = np.concatenate(kept_coords) if kept_coords else np.zeros((0, 2), np.int64)
+    if n == 0:
+        why = ("no tissue found" if n_tissue == 0 else
+               f"all {n_tissue} tissue patches were dropped by the white/black/blur filters")
+        warnings.warn(f"{path}: {why}; wrote an empty store {out} (check the QC picture, "
+                      "--min-tissue, or the slide itself)", NoTissueWarning, stacklevel=2)
+    qc_path = None
+    if qc is not None:
+        from simclr_path.qc import plot_qc
+
+        qc_path = plot_qc(qc_img, qc_mpp, mask, thumb_mpp, coords, grid.size0, level0_mpp, qc,
+                          title=f"{slide_id}: {n} patches of {cfg.patch_size} px at "
+                                f"{cfg.mpp:g} um/px (level-0 {level0_mpp:.4g} um/px)",
+                          force=force)
+    return TileResult(Path(out), slide_id, n, grid.xs.size * grid.ys.size, n_tissue,
+                      choice.level, choice.level_mpp, level0_mpp, mpp_source, cfg.mpp,
+                      cfg.patch_size, stride, time.perf_counter() - t_start, qc_path)
+
+
+def _read_all(reader: _Reader, keep: np.ndarray, cfg: TileConfig, writer: PatchStoreWriter,
+              kept_coords: list[np.ndarray], filt: bool, progress: bool, slide_id: str) -> None:
+    """Read every block with ``cfg.workers`` threads; write patches in row-major grid order."""
+    from tqdm.auto import tqdm
+
+    grid = reader.grid
+    blocks = list(_blocks(keep, cfg.block_patches))
+    window = 2 * cfg.workers  # blocks in flight: bounded memory, readers never starve
+    bar = tqdm(total=int(keep.sum()), unit="patch", desc=f"tile {slide_id}",
+               disable=None if progress else True, dynamic_ncols=True)
+    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # one block row
+    current_row = blocks[0][0] if blocks else 0
+
+    def flush() -> None:
+        """Write the finished block row: its patches sorted row-major across blocks."""
+        if not pending:
+            return
+        patches = np.concatenate([p for p, _, _ in pending])
+        coords = np.concatenate([c for _, c, _ in pending])
+        order = np.lexsort((coords[:, 0], coords[:, 1]))
+        patches, coords = patches[order], coords[order]
+        if filt:
+            ok = patch_keep(patches, cfg)
+            patches, coords = patches[ok], coords[ok]
+        writer.append(patches, coords)
+        kept_coords.append(coords)
+        pending.clear()
+
+    with ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tile") as pool:
+        futures: list[tuple[int, np.ndarray, np.ndarray, Future]] = []
+        it = iter(blocks)
+        try:
+            for b in it:
+                futures.append((*b, pool.submit(reader.read_block, b[1], b[2])))
+                if len(futures) < window:
+                    continue
+                current_row = _consume(futures.pop(0), keep, grid, pending, flush, bar,
+                                       current_row)
+            while futures:
+                current_row = _consume(futures.pop(0), keep, grid, pending, flush, bar,
+                                       current_row)
+            flush()
+        finally:
+            for *_, fut in futures:
+                fut.cancel()
+            bar.close()
+
+
+def _consume(item, keep, grid, pending, flush, bar, current_row) -> int:
+    block_row, rows, cols, fut = item
+    patches = fut.result()
+    if block_row != current_row:
+        flush()
+    sel = keep[np.ix_(rows, cols)].ravel()  # the block is a rectangle; keep its tissue cells
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    coords = np.stack([grid.xs[cc.ravel()[sel]], grid.ys[rr.ravel()[sel]]], axis=1)
+    pending.append((patches[sel], coords, None))
+    bar.update(int(sel.sum()))
+    return block_row

@@ -1,0 +1,156 @@
+"""Tissue detection on a low-resolution slide image, and per-patch filters.
+
+The mask follows the common recipe of WSI toolkits (e.g. CLAM, Lu et al. 2021, Nat. Biomed.
+Eng.): stained tissue is saturated and glass is not, so Otsu's threshold (Otsu 1979) on the
+median-blurred HSV saturation separates them. The threshold never goes below a floor, so a blank
+slide (whose saturation is only noise) yields no tissue instead of half of its noise. Closing joins
+nearby fragments; small objects (dust) and small holes (lumens) are removed
+(connected components, OpenCV). Pen ink is saturated
+too, so it can optionally be suppressed by hue (blue / green) and darkness (black).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from simclr_path.config import TileConfig
+
+# OpenCV hue is 0-179 (degrees / 2): green, cyan and blue inks lie in 35-127; H&E stains are
+# pink-to-purple (hue >= 130 or <= 10), so they are untouched.
+_PEN_HUE = (35, 128)
+_PEN_MIN_SAT = 60
+_BLACK_MAX_VALUE = 60
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation (H, W) uint8 of an RGB uint8 (H, W, 3) image."""
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
+
+
+def pen_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of blue, green or black marker ink: bool (H, W)."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    coloured = (h >= _PEN_HUE[0]) & (h < _PEN_HUE[1]) & (s >= _PEN_MIN_SAT)
+    black = v < _BLACK_MAX_VALUE
+    return coloured | black
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    r = max(0, int(round(radius_px)))
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None) -> np.ndarray:
+    """Boolean tissue mask (H, W) of an RGB uint8 (H, W, 3) slide image at ``mpp`` um/px.
+
+    Steps: saturation -> median blur (``cfg.median_blur``) -> threshold max(Otsu,
+    ``cfg.saturation_floor``) -> [pen suppression] -> closing (``cfg.closing_um``) -> remove
+    objects smaller than ``cfg.min_object_um2`` and fill holes smaller than ``cfg.min_hole_um2``.
+    """
+    cfg = cfg or TileConfig()
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
+        raise ValueError(f"expected an RGB image (H, W, 3), got {rgb.shape}")
+    sat = saturation(rgb)
+    k = min(cfg.median_blur, 2 * (min(sat.shape) // 2) - 1) if min(sat.shape) > 2 else 1
+    if k >= 3:
+        sat = cv2.medianBlur(sat, k)
+    otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = sat > max(float(otsu), float(cfg.saturation_floor))
+    if cfg.remove_pen:
+        pen = cv2.dilate(pen_mask(rgb).astype(np.uint8), _disk(16.0 / mpp)) > 0
+        mask &= ~pen
+    if cfg.closing_um > 0:
+        mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE,
+                                _disk(cfg.closing_um / mpp)) > 0
+    px_area = mpp * mpp
+    if cfg.min_object_um2 > 0:
+        mask = _drop_small(mask, cfg.min_object_um2 / px_area)
+    if cfg.min_hole_um2 > 0:
+        mask = ~_drop_small(~mask, cfg.min_hole_um2 / px_area, keep_border=True)
+    return mask
+
+
+def _drop_small(mask: np.ndarray, min_area_px: float, keep_border: bool = False) -> np.ndarray:
+    """``mask`` without 8-connected components smaller than ``min_area_px``.
+
+    With ``keep_border`` components touching the image border stay (the background around the
+    tissue is not a hole).
+    """
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    small = stats[:, cv2.CC_STAT_AREA] < min_area_px
+    small[0] = False  # label 0 is the other phase
+    if keep_border:
+        h, w = mask.shape
+        x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+        border = (x == 0) | (y == 0) | (x + stats[:, cv2.CC_STAT_WIDTH] >= w) | (
+            y + stats[:, cv2.CC_STAT_HEIGHT] >= h)
+        small &= ~border
+    if not small.any():
+        return mask
+    return mask & ~small[labels]
+
+
+def tissue_fractions(mask: np.ndarray, mask_mpp: float, xs: np.ndarray, ys: np.ndarray,
+                     size: float, level0_mpp: float) -> np.ndarray:
+    """Tissue fraction of square boxes from a mask, via an integral image.
+
+    Args:
+        mask: bool (h, w) tissue mask at ``mask_mpp`` um/px.
+        xs, ys: (N,) level-0 top-left corners of the boxes.
+        size: box side in level-0 pixels.
+        level0_mpp: level-0 um/px.
+
+    Returns:
+        (N,) float64 fractions in [0, 1].
+    """
+    if len(xs) == 0:
+        return np.zeros(0)
+    h, w = mask.shape
+    integral = cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_64F)  # (h + 1, w + 1)
+    f = level0_mpp / mask_mpp  # mask pixels per level-0 pixel
+    x0 = np.clip(np.round(np.asarray(xs) * f).astype(np.int64), 0, w)
+    y0 = np.clip(np.round(np.asarray(ys) * f).astype(np.int64), 0, h)
+    x1 = np.clip(np.round((np.asarray(xs) + size) * f).astype(np.int64), 0, w)
+    y1 = np.clip(np.round((np.asarray(ys) + size) * f).astype(np.int64), 0, h)
+    x1, y1 = np.maximum(x1, np.minimum(x0 + 1, w)), np.maximum(y1, np.minimum(y0 + 1, h))
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    s = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return s / area
+
+
+def white_fraction(patches: np.ndarray, threshold: int = 220) -> np.ndarray:
+    """(N,) fraction of near-white pixels (every channel > ``threshold``) of (N, S, S, 3) uint8."""
+    return (patches > threshold).all(axis=-1).mean(axis=(1, 2))
+
+
+def black_fraction(patches: np.ndarray, threshold: int = 40) -> np.ndarray:
+    """(N,) fraction of near-black pixels (every channel < ``threshold``) of (N, S, S, 3) uint8."""
+    return (patches < threshold).all(axis=-1).mean(axis=(1, 2))
+
+
+def blur_variance(patches: np.ndarray) -> np.ndarray:
+    """(N,) variance of the Laplacian of the grey image (Pech-Pacheco et al. 2000): low = blurred."""
+    out = np.empty(len(patches))
+    for i, p in enumerate(patches):
+        grey = cv2.cvtColor(p, cv2.COLOR_RGB2GRAY)
+        out[i] = cv2.Laplacian(grey, cv2.CV_64F).var()
+    return out
+
+
+def patch_keep(patches: np.ndarray, cfg: TileConfig) -> np.ndarray:
+    """(N,) bool: patches that pass the optional white / black / blur filters of ``cfg``."""
+    keep = np.ones(len(patches), dtype=bool)
+    if len(patches) == 0:
+        return keep
+    if cfg.drop_white is not None:
+        keep &= white_fraction(patches) <= cfg.drop_white
+    if cfg.drop_black is not None:
+        keep &= black_fraction(patches) <= cfg.drop_black
+    if cfg.drop_blur is not None:
+        keep &= blur_variance(patches) >= cfg.drop_blur
+    return keep
+
+
+def any_patch_filter(cfg: TileConfig) -> bool:
+    return cfg.drop_white is not None or cfg.drop_black is not None or cfg.drop_blur is not None
