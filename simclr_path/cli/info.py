@@ -1,0 +1,98 @@
+"""``simclr-path info``: a readable summary of a patch store (or an embedding file)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "Summarise a patch store or embedding file: kind, slide, patches, resolution, labels."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", type=Path, help="patch store or embedding file (.h5)")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def summary(path: Path) -> list[str]:
+    """Lines describing the store at ``path`` (raises SimclrPathError for a bad file)."""
+    import h5py
+    import numpy as np
+
+    from simclr_path.errors import SimclrPathError
+    from simclr_path.store import _read_attr
+
+    if not path.is_file():
+        raise SimclrPathError(f"{path}: file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise SimclrPathError(f"{path}: not a readable HDF5 file (truncated or corrupt); "
+                              "recreate it with --force") from None
+    try:
+        with f:
+            attrs = {k: _read_attr(v) for k, v in f.attrs.items()}
+            if "patches" in f:
+                what, data = "patch store", f["patches"]
+            elif "features" in f:
+                what, data = "embedding file", f["features"]
+            else:
+                raise SimclrPathError(f"{path}: not a simclr-path patch store or embedding file "
+                                      f"(objects: {', '.join(f.keys()) or 'none'})")
+            if "format_version" not in attrs:
+                raise SimclrPathError(f"{path}: {what} has no format_version attribute; it was "
+                                      "not completed by simclr-path: recreate it with --force")
+            shape = data.shape
+            labels = f["labels"][:] if "labels" in f else None
+            groups = f["groups"][:] if "groups" in f else None
+    except OSError as exc:
+        raise SimclrPathError(f"{path}: damaged HDF5 file ({exc}); recreate it with "
+                              "--force") from None
+
+    def a(key, fmt="{}"):
+        v = attrs.get(key)
+        return "-" if v is None else fmt.format(v)
+
+    lines = [f"{path}: {what} (format {attrs['format_version']}, simclr-path "
+             f"{a('simclr_path_version')})"]
+    rows: list[tuple[str, str]] = []
+    if what == "patch store":
+        rows += [("kind", a("kind")), ("slide id", a("slide_id")), ("source", a("source_path")),
+                 ("patches", f"{shape[0]} x {shape[1]}x{shape[2]} px")]
+        if attrs.get("kind") == "slide":
+            rows += [("mpp", a("mpp", "{:g} um/px")),
+                     ("level-0 mpp", f"{a('level0_mpp', '{:.4g} um/px')} (from "
+                                     f"{a('mpp_source')})"),
+                     ("stride", a("stride", "{} px")),
+                     ("read level", f"{a('level')} ({a('level_mpp', '{:.4g} um/px')})")]
+            tissue = {k.split(".", 1)[1]: v for k, v in attrs.items() if k.startswith("tissue.")}
+            if tissue:
+                rows.append(("tissue", " ".join(f"{k}={v}" for k, v in sorted(tissue.items()))))
+    else:
+        rows += [("slide id", a("slide_id")), ("source store", a("source_store")),
+                 ("features", f"{shape[0]} x {shape[1] if len(shape) > 1 else 0}"),
+                 ("encoder", f"{a('arch')} layer {a('layer')} image size {a('image_size')}")]
+    if labels is not None:
+        names = attrs.get("label_names") or []
+        counts = np.bincount(labels, minlength=len(names)) if len(labels) else []
+        rows.append(("labels", ", ".join(
+            f"{names[i] if i < len(names) else i}: {int(c)}" for i, c in enumerate(counts))
+            or "none"))
+    if groups is not None:
+        uniq = {g for g in groups if g not in (b"", "")}
+        rows.append(("groups", str(len(uniq)) if uniq else "none"))
+    rows.append(("file size", _size(path.stat().st_size)))
+    width = max(len(k) for k, _ in rows)
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    print("\n".join(summary(args.store)))
+    return 0

@@ -1,0 +1,185 @@
+"""Import a folder of labelled tiles (one subfolder per class) as a patch store.
+
+``DIR/<class>/**/*.png|jpg|jpeg|tif|tiff`` becomes a store of ``kind="patches"`` with ``/labels``
+(index into the ``label_names`` attribute, classes sorted by name), ``/names`` (paths relative to
+``DIR``), ``/groups`` from an optional CSV of ``path,group`` (the patient or source image of each
+tile; grouped evaluation keeps a group on one side of every split) and ``/coords`` of (-1, -1).
+Tiles are stored in sorted order of class then relative path, so the store is deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from simclr_path.errors import SimclrPathError
+from simclr_path.outputs import check_can_write
+from simclr_path.store import PatchStoreWriter
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+_CHUNK = 256
+
+
+@dataclass
+class ImportResult:
+    """What :func:`import_patches` wrote."""
+
+    path: Path
+    n_patches: int
+    patch_size: int
+    label_names: list[str]
+    counts: dict[str, int]  # tiles per class
+    n_groups: int  # distinct groups (0 without a groups CSV)
+
+
+def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted subfolders) and (relative path, label) of every tile, sorted."""
+    if not folder.is_dir():
+        raise SimclrPathError(f"{folder}: folder not found")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise SimclrPathError(f"{folder}: no class subfolders; put the tiles of each class in "
+                              f"its own subfolder (e.g. {folder}/SCC/*.png, {folder}/normal/*.png)")
+    tiles: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        files = sorted(
+            p.relative_to(folder).as_posix() for p in (folder / name).rglob("*")
+            if p.is_file() and p.suffix.lower() in EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        tiles += [(f, label) for f in files]
+    if not tiles:
+        raise SimclrPathError(f"{folder}: no PNG/JPEG/TIFF tiles in the class subfolders "
+                              f"{', '.join(classes)}")
+    return classes, tiles
+
+
+def read_groups(csv: str | os.PathLike, tiles: list[str]) -> list[str]:
+    """Group of each tile from a CSV with columns ``path`` (relative to the folder) and ``group``."""
+    import pandas as pd
+
+    p = Path(csv)
+    if not p.is_file():
+        raise SimclrPathError(f"{p}: groups CSV not found")
+    try:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise SimclrPathError(f"{p}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in ("path", "group") if c not in df.columns]
+    if missing:
+        raise SimclrPathError(f"{p}: missing column(s) {', '.join(missing)}; expected columns "
+                              f"path,group (found {', '.join(map(str, df.columns))})")
+    paths = df["path"].str.strip().str.replace("\\", "/", regex=False).map(
+        lambda s: s[2:] if s.startswith("./") else s)
+    mapping = dict(zip(paths, df["group"].str.strip()))
+    absent = [t for t in tiles if not mapping.get(t)]
+    if absent:
+        raise SimclrPathError(f"{p}: no group for {len(absent)} tile(s), e.g. {absent[0]!r}; add a "
+                              "row path,group for every tile (path relative to the folder)")
+    return [mapping[t] for t in tiles]
+
+
+def _read_tile(path: Path, patch_size: int | None) -> np.ndarray:
+    """RGB uint8 (S, S, 3); centre-cropped to a square and resized when ``patch_size`` is set."""
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise SimclrPathError(f"{path}: cannot read tile ({exc.strerror})") from None
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if img is None:
+        raise SimclrPathError(f"{path}: not a readable image; remove or replace this tile")
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if patch_size is None:
+        return img
+    h, w = img.shape[:2]
+    if h != w:  # keep the physical scale isotropic: crop the centre square, then resize
+        s = min(h, w)
+        y0, x0 = (h - s) // 2, (w - s) // 2
+        img = img[y0:y0 + s, x0:x0 + s]
+    if img.shape[0] != patch_size:
+        interp = cv2.INTER_AREA if img.shape[0] > patch_size else cv2.INTER_LINEAR
+        img = cv2.resize(img, (patch_size, patch_size), interpolation=interp)
+    return img
+
+
+def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
+                   patch_size: int | None = None, groups_csv: str | os.PathLike | None = None,
+                   force: bool = False, progress: bool = True, workers: int = 2) -> ImportResult:
+    """Write a patch store from a folder of labelled tiles.
+
+    Args:
+        folder: one subfolder per class holding PNG/JPEG/TIFF tiles (nested folders allowed).
+        out: patch store path (written atomically).
+        patch_size: resize every tile to this side; without it all tiles must be squares of one
+            size.
+        groups_csv: CSV with columns ``path`` (relative to ``folder``) and ``group``; extra columns
+            are ignored. Every tile needs a group.
+        force: overwrite ``out``.
+        progress: progress bar on stderr.
+        workers: decoding threads.
+
+    Store: ``/patches`` (N, S, S, 3) uint8, ``/coords`` (N, 2) = -1, ``/labels`` (N,),
+    ``/groups`` (N,) ("" without a CSV), ``/names`` (N,); attrs ``kind="patches"``,
+    ``label_names``, ``source_path``.
+    """
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    if patch_size is not None and patch_size < 8:
+        raise SimclrPathError(f"--patch-size must be >= 8, got {patch_size}")
+    check_can_write(out, force)
+    classes, tiles = list_tiles(folder)
+    names = [t for t, _ in tiles]
+    labels = np.array([lab for _, lab in tiles], dtype=np.int64)
+    groups = read_groups(groups_csv, names) if groups_csv is not None else [""] * len(names)
+
+    first = _read_tile(folder / names[0], patch_size)
+    size = patch_size if patch_size is not None else first.shape[0]
+    if patch_size is None and first.shape[0] != first.shape[1]:
+        raise SimclrPathError(f"{folder / names[0]}: tile is {first.shape[1]}x{first.shape[0]}, "
+                              "not square; pass --patch-size to crop and resize every tile")
+    attrs = {"kind": "patches", "slide_id": _store_id(out, folder),
+             "source_path": str(folder.resolve()), "mpp": None, "level0_mpp": None,
+             "stride": None, "groups_csv": str(groups_csv) if groups_csv else None}
+
+    def load(name: str) -> np.ndarray:
+        img = _read_tile(folder / name, patch_size)
+        if img.shape[:2] != (size, size):
+            raise SimclrPathError(
+                f"{folder / name}: tile is {img.shape[1]}x{img.shape[0]} but {names[0]} is "
+                f"{size}x{size}; pass --patch-size to resize every tile to one size")
+        return img
+
+    bar = tqdm(total=len(names), unit="tile", desc=f"import {folder.name}",
+               disable=None if progress else True, dynamic_ncols=True)
+    try:
+        with PatchStoreWriter(out, size, attrs=attrs, label_names=classes, force=force) as w, \
+                ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for lo in range(0, len(names), _CHUNK):
+                chunk = names[lo:lo + _CHUNK]
+                patches = np.stack(list(pool.map(load, chunk)))
+                w.append(patches, np.full((len(chunk), 2), -1, dtype=np.int64),
+                         labels=labels[lo:lo + _CHUNK], groups=groups[lo:lo + _CHUNK],
+                         names=chunk)
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+    counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
+    n_groups = len(set(groups)) if groups_csv is not None else 0
+    return ImportResult(Path(out), len(names), size, classes, counts, n_groups)
+
+
+def _store_id(out: str | os.PathLike, folder: Path) -> str:
+    """The store's id: the output file's stem when it is a safe name, else the folder's name."""
+    from simclr_path.slide import validate_slide_id
+
+    for cand in (Path(out).stem, folder.resolve().name):
+        try:
+            return validate_slide_id(cand)
+        except SimclrPathError:
+            continue
+    return "patches"
