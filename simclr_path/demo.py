@@ -118,8 +118,8 @@ class _Layout:
         rng = np.random.default_rng([seed, KINDS.index(kind)])
         um = 1.0 / mpp  # level-0 pixels per micron
         self.px_per_plan = _PLAN_UM * um
-        ph = max(16, int(math.ceil(height / self.px_per_plan)))
-        pw = max(16, int(math.ceil(width / self.px_per_plan)))
+        ph = max(16, math.ceil(height / self.px_per_plan))
+        pw = max(16, math.ceil(width / self.px_per_plan))
         self.plan_shape = (ph, pw)
         size_um = min(width, height) * mpp
 
@@ -172,6 +172,11 @@ class _Layout:
                                                         self.px_per_plan) > 1.5)
             ax_, ay_ = ax_[keep], ay_[keep]
             ar = rng.uniform(25, 33, ax_.size) * um
+            # air spaces lie inside the tissue: none cut notches into its outline
+            for ang in np.linspace(0, 2 * math.pi, 8, endpoint=False):
+                reach = ar + 10 * um
+                inside = in_tissue(ax_ + reach * math.cos(ang), ay_ + reach * math.sin(ang))
+                ax_, ay_, ar = ax_[inside], ay_[inside], ar[inside]
             self.alveoli = _Objects(ax_, ay_, ar, ar * rng.uniform(0.75, 1.0, ax_.size),
                                     rng.uniform(0, 180, ax_.size), np.ones(ax_.size, np.float32))
             # small regular nuclei lining the septa (those inside air spaces are carved away)
@@ -268,8 +273,8 @@ class _Layout:
 
     def _draw(self, img: np.ndarray, obj: _Objects, y0: int, y1: int) -> None:
         for i in obj.rows(y0, y1):
-            cv2.ellipse(img, (int(round(obj.cx[i] * 4)), int(round((obj.cy[i] - y0) * 4))),
-                        (max(1, int(round(obj.a[i] * 4))), max(1, int(round(obj.b[i] * 4)))),
+            cv2.ellipse(img, (round(obj.cx[i] * 4), round((obj.cy[i] - y0) * 4)),
+                        (max(1, round(obj.a[i] * 4)), max(1, round(obj.b[i] * 4))),
                         float(obj.angle[i]), 0, 360, float(obj.value[i]), -1, cv2.LINE_8, 2)
 
     def _pearls(self, Hn: np.ndarray, Hb: np.ndarray, E: np.ndarray, y0: int, y1: int) -> None:
@@ -277,7 +282,7 @@ class _Layout:
         for i in self.pearls.rows(y0, y1):
             cx, cy, a, b = (float(v[i]) for v in (self.pearls.cx, self.pearls.cy,
                                                    self.pearls.a, self.pearls.b))
-            r = int(math.ceil(a)) + 1
+            r = math.ceil(a) + 1
             xa, xb = max(0, int(cx) - r), min(self.width, int(cx) + r + 1)
             ya, yb = max(y0, int(cy) - r), min(y1, int(cy) + r + 1)
             if xa >= xb or ya >= yb:
@@ -414,13 +419,13 @@ def make_demo_slide(out: str | os.PathLike, kind: str = "scc", seed: int = 0, wi
         levels.append(cv2.resize(prev, (nw, nh), interpolation=cv2.INTER_AREA))
     desc = (f"simclr-path demo slide: kind={kind} seed={seed} mpp={mpp} "
             f"artefacts={','.join(arts) or 'none'}")
-    with atomic_output(out, force=force) as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=level0.nbytes > 2**31) as tw:
-            for i, lv in enumerate(levels):
-                res = 1e4 / (mpp * level0.shape[1] / lv.shape[1])  # pixels per centimetre
-                tw.write(lv, tile=(tile, tile), compression="jpeg",
-                         compressionargs={"level": quality}, photometric="rgb",
-                         resolution=(res, res), resolutionunit="CENTIMETER",
-                         subfiletype=0 if i == 0 else 1, description=desc if i == 0 else None,
-                         metadata=None, software="simclr-path", maxworkers=2)
+    with atomic_output(out, force=force) as tmp, \
+            tifffile.TiffWriter(tmp, bigtiff=level0.nbytes > 2**31) as tw:
+        for i, lv in enumerate(levels):
+            res = 1e4 / (mpp * level0.shape[1] / lv.shape[1])  # pixels per centimetre
+            tw.write(lv, tile=(tile, tile), compression="jpeg",
+                     compressionargs={"level": quality}, photometric="rgb",
+                     resolution=(res, res), resolutionunit="CENTIMETER",
+                     subfiletype=0 if i == 0 else 1, description=desc if i == 0 else None,
+                     metadata=None, software="simclr-path", maxworkers=2)
     return Path(out)

@@ -74,7 +74,7 @@ def read_groups(csv: str | os.PathLike, tiles: list[str]) -> list[str]:
         raise SimclrPathError(f"{p}: missing column(s) {', '.join(missing)}; expected columns "
                               f"path,group (found {', '.join(map(str, df.columns))})")
     paths = df["path"].str.strip().str.replace("\\", "/", regex=False).map(
-        lambda s: s[2:] if s.startswith("./") else s)
+        lambda s: s.removeprefix("./"))
     mapping = dict(zip(paths, df["group"].str.strip()))
     absent = [t for t in tiles if not mapping.get(t)]
     if absent:

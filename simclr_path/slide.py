@@ -188,8 +188,8 @@ class Slide:
         choice = self.level_for(mpp)
         w_l, h_l = self.level_dimensions[choice.level]
         w0, h0 = self.dimensions
-        w = max(1, int(round(w0 * self.mpp / mpp)))
-        h = max(1, int(round(h0 * self.mpp / mpp)))
+        w = max(1, round(w0 * self.mpp / mpp))
+        h = max(1, round(h0 * self.mpp / mpp))
         if (w, h) == (w_l, h_l):
             return self.read_region(0, 0, choice.level, w_l, h_l), w0 * self.mpp / w
         out = np.empty((h, w, 3), dtype=np.uint8)
@@ -197,9 +197,9 @@ class Slide:
         step = max(1, int(max_rows // max(rows_per_out, 1)))  # output rows per band
         for r0 in range(0, h, step):
             r1 = min(h, r0 + step)
-            ly0 = int(round(r0 * rows_per_out))
-            ly1 = h_l if r1 == h else int(round(r1 * rows_per_out))
-            band = self.read_region(0, int(round(ly0 * choice.downsample)), choice.level, w_l,
+            ly0 = round(r0 * rows_per_out)
+            ly1 = h_l if r1 == h else round(r1 * rows_per_out)
+            band = self.read_region(0, round(ly0 * choice.downsample), choice.level, w_l,
                                     max(1, ly1 - ly0))
             out[r0:r1] = cv2.resize(band, (w, r1 - r0), interpolation=cv2.INTER_AREA)
         return out, w0 * self.mpp / w
@@ -207,7 +207,7 @@ class Slide:
     def close(self) -> None:
         self._osr.close()
 
-    def __enter__(self) -> Slide:
+    def __enter__(self) -> Slide:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -37,7 +37,6 @@ from simclr_path.slide import LevelChoice, Slide, open_openslide, read_rgb, vali
 from simclr_path.store import PatchStoreWriter
 from simclr_path.tissue import any_patch_filter, patch_keep, tissue_fractions, tissue_mask
 
-
 _QC_SIDE = 1600  # longer side of the QC thumbnail in pixels
 
 
@@ -95,8 +94,8 @@ def make_grid(width: int, height: int, level0_mpp: float, mpp: float, patch_size
             f"than the slide ({width}x{height} px at {level0_mpp:g} um/px = "
             f"{width * level0_mpp:.0f}x{height * level0_mpp:.0f} um); use a smaller --patch-size "
             "or a finer --mpp")
-    nx = int(math.floor((tw - patch_size) / stride)) + 1
-    ny = int(math.floor((th - patch_size) / stride)) + 1
+    nx = math.floor((tw - patch_size) / stride) + 1
+    ny = math.floor((th - patch_size) / stride) + 1
     xs = np.round(np.arange(nx) * stride * f).astype(np.int64)
     ys = np.round(np.arange(ny) * stride * f).astype(np.int64)
     return Grid(xs, ys, f, patch_size, stride)
@@ -143,8 +142,8 @@ class _Reader:
         th = (r1 - r0) * g.stride + g.patch_size
         x0, y0 = int(g.xs[c0]), int(g.ys[r0])
         # level pixels covering the block; resized to exactly (tw, th) target pixels
-        lw = max(1, int(round(tw * g.f / ch.downsample)))
-        lh = max(1, int(round(th * g.f / ch.downsample)))
+        lw = max(1, round(tw * g.f / ch.downsample))
+        lh = max(1, round(th * g.f / ch.downsample))
         img = read_rgb(self._osr(), x0, y0, ch.level, lw, lh)
         if (lw, lh) != (tw, th):
             interp = cv2.INTER_AREA if lw > tw else cv2.INTER_LINEAR

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+
 from simclr_path.config import TileConfig
 
 # OpenCV hue is 0-179 (degrees / 2): green, cyan and blue inks lie in 35-127; H&E stains are
@@ -37,7 +38,7 @@ def pen_mask(rgb: np.ndarray) -> np.ndarray:
 
 
 def _disk(radius_px: float) -> np.ndarray:
-    r = max(0, int(round(radius_px)))
+    r = max(0, round(radius_px))
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
@@ -77,7 +78,7 @@ def _drop_small(mask: np.ndarray, min_area_px: float, keep_border: bool = False)
     With ``keep_border`` components touching the image border stay (the background around the
     tissue is not a hole).
     """
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    _n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     small = stats[:, cv2.CC_STAT_AREA] < min_area_px
     small[0] = False  # label 0 is the other phase
     if keep_border:

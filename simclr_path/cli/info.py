@@ -59,16 +59,16 @@ def summary(path: Path) -> list[str]:
         v = attrs.get(key)
         return "-" if v is None else fmt.format(v)
 
-    lines = [f"{path}: {what} (format {attrs['format_version']}, simclr-path "
-             f"{a('simclr_path_version')})"]
+    lines = [(f"{path}: {what} (format {attrs['format_version']}, simclr-path "
+             f"{a('simclr_path_version')})")]
     rows: list[tuple[str, str]] = []
     if what == "patch store":
         rows += [("kind", a("kind")), ("slide id", a("slide_id")), ("source", a("source_path")),
                  ("patches", f"{shape[0]} x {shape[1]}x{shape[2]} px")]
         if attrs.get("kind") == "slide":
             rows += [("mpp", a("mpp", "{:g} um/px")),
-                     ("level-0 mpp", f"{a('level0_mpp', '{:.4g} um/px')} (from "
-                                     f"{a('mpp_source')})"),
+                     ("level-0 mpp", (f"{a('level0_mpp', '{:.4g} um/px')} (from "
+                                     f"{a('mpp_source')})")),
                      ("stride", a("stride", "{} px")),
                      ("read level", f"{a('level')} ({a('level_mpp', '{:.4g} um/px')})")]
             tissue = {k.split(".", 1)[1]: v for k, v in attrs.items() if k.startswith("tissue.")}

@@ -1,0 +1,106 @@
+"""import-patches: class folders -> labelled store with groups and names; bad folders."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from conftest import LC25000, needs
+
+from simclr_path.cli import main
+from simclr_path.errors import SimclrPathError
+from simclr_path.import_patches import import_patches
+from simclr_path.store import PatchStore
+
+
+def _write(path, img):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+
+
+@pytest.fixture
+def tiles(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tiles"
+    imgs = {}
+    for name in ("SCC/b.png", "SCC/a.png", "SCC/sub/c.tif", "normal/x.jpg", "normal/y.png"):
+        img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        _write(root / name, img)
+        imgs[name] = img
+    (root / "SCC" / "notes.txt").write_text("ignored")
+    (root / "groups.csv").write_text(
+        "path,label,group\nSCC/a.png,SCC,p1\nSCC/b.png,SCC,p1\nSCC/sub/c.tif,SCC,p2\n"
+        "normal/x.jpg,normal,p3\n./normal/y.png,normal,p3\n")
+    return root, imgs
+
+
+def test_import_with_groups(tiles, tmp_path):
+    root, imgs = tiles
+    res = import_patches(root, tmp_path / "p.h5", groups_csv=root / "groups.csv", progress=False)
+    assert res.n_patches == 5 and res.counts == {"SCC": 3, "normal": 2} and res.n_groups == 3
+    s = PatchStore(tmp_path / "p.h5")
+    assert s.label_names == ["SCC", "normal"] and s.labels.tolist() == [0, 0, 0, 1, 1]
+    assert s.names == ["SCC/a.png", "SCC/b.png", "SCC/sub/c.tif", "normal/x.jpg", "normal/y.png"]
+    assert s.groups == ["p1", "p1", "p2", "p3", "p3"]
+    assert s.attrs["kind"] == "patches" and (s.coords == -1).all() and s.patch_size == 32
+    np.testing.assert_array_equal(s[0], imgs["SCC/a.png"])  # lossless formats are exact
+    np.testing.assert_array_equal(s[2], imgs["SCC/sub/c.tif"])
+    jpg = cv2.cvtColor(cv2.imread(str(root / "normal/x.jpg")), cv2.COLOR_BGR2RGB)  # lossy
+    np.testing.assert_array_equal(s[3], jpg)
+
+
+def test_resize_and_size_mismatch(tiles, tmp_path):
+    root, _ = tiles
+    _write(root / "normal" / "big.png", np.zeros((48, 64, 3), np.uint8))
+    with pytest.raises(SimclrPathError, match="--patch-size"):
+        import_patches(root, tmp_path / "p.h5", progress=False)
+    assert not (tmp_path / "p.h5").exists()
+    res = import_patches(root, tmp_path / "p.h5", patch_size=16, progress=False)
+    s = PatchStore(tmp_path / "p.h5")
+    assert res.n_patches == 6 and s[:].shape == (6, 16, 16, 3)
+    assert s.groups == [""] * 6  # no CSV: no groups
+
+
+def test_bad_folders(tiles, tmp_path):
+    root, _ = tiles
+    with pytest.raises(SimclrPathError, match="not found"):
+        import_patches(tmp_path / "nope", tmp_path / "p.h5")
+    empty = tmp_path / "flat"
+    empty.mkdir()
+    _write(empty / "a.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(SimclrPathError, match="no class subfolders"):
+        import_patches(empty, tmp_path / "p.h5")
+    (root / "groups.csv").write_text("path,group\nSCC/a.png,p1\n")
+    with pytest.raises(SimclrPathError, match="no group for 4 tile"):
+        import_patches(root, tmp_path / "p.h5", groups_csv=root / "groups.csv")
+    (root / "SCC" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(SimclrPathError, match="bad.png: not a readable image"):
+        import_patches(root, tmp_path / "p.h5", progress=False)
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_cli(tiles, tmp_path, capsys):
+    root, _ = tiles
+    out = tmp_path / "p.h5"
+    args = ["import-patches", str(root), "--out", str(out), "--groups", str(root / "groups.csv")]
+    assert main(args) == 0
+    assert "5 tiles" in capsys.readouterr().out
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force" in err[0]
+    assert main(["import-patches", str(root), "--out", str(out), "--groups",
+                 str(tmp_path / "missing.csv"), "--force"]) == 2
+    assert "groups CSV not found" in capsys.readouterr().err
+
+
+@needs(LC25000)
+def test_lc25000_dev(tmp_path):
+    res = import_patches(LC25000, tmp_path / "lc.h5", patch_size=32,
+                         groups_csv=LC25000 / "groups.csv", progress=False)
+    s = PatchStore(tmp_path / "lc.h5")
+    assert len(s) == res.n_patches == 1452 and s.label_names == ["lung_aca", "lung_n", "lung_scc"]
+    assert len(set(s.groups)) == 75 and res.n_groups == 75
+    assert sorted(res.counts) == s.label_names and sum(res.counts.values()) == 1452
+    # every group is one class
+    for g in set(s.groups):
+        assert len({int(lab) for lab, gg in zip(s.labels, s.groups) if gg == g}) == 1

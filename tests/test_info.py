@@ -1,0 +1,58 @@
+"""simclr-path info: summaries of slide stores, imported stores and embedding files; bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from simclr_path.cli import main
+from simclr_path.store import PatchStoreWriter, write_embeddings
+
+
+def test_slide_store(tmp_path, capsys):
+    path = tmp_path / "S1.h5"
+    attrs = {"kind": "slide", "slide_id": "S1", "source_path": "/data/S1.svs", "mpp": 0.5,
+             "level0_mpp": 0.25, "mpp_source": "aperio.MPP", "stride": 224, "level": 1,
+             "level_mpp": 0.5, "tissue.min_tissue": 0.5}
+    with PatchStoreWriter(path, 16, attrs=attrs) as w:
+        w.append(np.zeros((3, 16, 16, 3), np.uint8), np.zeros((3, 2)))
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    for text in ("patch store", "slide id     S1", "/data/S1.svs", "3 x 16x16 px", "0.5 um/px",
+                 "0.25 um/px (from aperio.MPP)", "224 px", "min_tissue=0.5", "file size"):
+        assert text in out, text
+
+
+def test_imported_store(make_store, capsys):
+    path = make_store(n=6, size=8, label_names=["a", "b"], labels=[0, 1, 1, 1, 0, 1],
+                      groups=["g1", "g1", "g2", "g2", "g3", "g3"])
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "a: 2, b: 4" in out and "groups" in out and " 3\n" in out
+
+
+def test_embedding_file(tmp_path, capsys):
+    path = write_embeddings(tmp_path / "e.h5", np.zeros((5, 7)), np.zeros((5, 2)),
+                            {"slide_id": "S2", "arch": "resnet18", "layer": "pooled",
+                             "image_size": 64})
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "embedding file" in out and "5 x 7" in out and "resnet18" in out
+
+
+def test_bad_files(tmp_path, make_store, capsys):
+    assert main(["info", str(tmp_path / "missing.h5")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0]
+    good = make_store(n=20, size=32)
+    data = good.read_bytes()
+    trunc = tmp_path / "trunc.h5"
+    trunc.write_bytes(data[: len(data) // 3])
+    assert main(["info", str(trunc)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trunc.h5" in err[0] and "Traceback" not in err[0]
+    import h5py
+
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = [1]
+    assert main(["info", str(tmp_path / "other.h5")]) == 2
+    assert "not a simclr-path" in capsys.readouterr().err

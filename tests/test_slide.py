@@ -1,0 +1,101 @@
+"""Slide access: safe ids, mpp resolution order, level choice, region reads, bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SLIDES, needs
+
+from simclr_path.demo import make_demo_slide
+from simclr_path.errors import SimclrPathError
+from simclr_path.slide import Slide, resolve_mpp, validate_slide_id
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo_slide(tmp_path_factory.mktemp("slide") / "s.tiff", kind="scc", seed=0,
+                           width=1024, height=768, mpp=0.5)
+
+
+@pytest.mark.parametrize("good", ["S1", "TCGA-CR-7395.01A", "a_b-c.d", "_x"])
+def test_valid_slide_ids(good):
+    assert validate_slide_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", ".hidden", "a/b", "../x", "a b", "x\\y", "é"])
+def test_unsafe_slide_ids(bad):
+    with pytest.raises(SimclrPathError, match="not a safe file name"):
+        validate_slide_id(bad)
+
+
+def test_mpp_resolution_order():
+    props = {"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25", "aperio.MPP": "0.5",
+             "tiff.XResolution": "20000", "tiff.ResolutionUnit": "centimeter",
+             "openslide.objective-power": "20"}
+    assert resolve_mpp(props, "s", slide_mpp=0.3) == (0.3, "--slide-mpp")
+    assert resolve_mpp(props, "s") == (0.25, "openslide.mpp-x")
+    del props["openslide.mpp-x"], props["openslide.mpp-y"]
+    assert resolve_mpp(props, "s") == (0.5, "aperio.MPP")
+    del props["aperio.MPP"]
+    assert resolve_mpp(props, "s") == (pytest.approx(0.5), "tiff.XResolution")
+    props.update({"tiff.XResolution": "50800", "tiff.ResolutionUnit": "inch"})
+    assert resolve_mpp(props, "s")[0] == pytest.approx(0.5)
+    props["tiff.XResolution"] = "72"  # a default 72 dpi is no microscope resolution
+    with pytest.raises(SimclrPathError) as exc:
+        resolve_mpp(props, "s.svs")
+    msg = str(exc.value)
+    assert "s.svs" in msg and "openslide.mpp-x" in msg and "aperio.MPP" in msg
+    assert "--slide-mpp" in msg and "--mpp-from-objective would use 0.5" in msg
+    assert "\n" not in msg
+    assert resolve_mpp(props, "s", mpp_from_objective=True) == (0.5, "openslide.objective-power")
+    mirax = {"mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_X": "0.24",
+             "mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_Y": "0.26"}
+    assert resolve_mpp(mirax, "s")[0] == pytest.approx(0.25)
+    with pytest.raises(SimclrPathError, match="positive"):
+        resolve_mpp({}, "s", slide_mpp=-1)
+
+
+def test_level_choice_and_reads(demo):
+    with Slide(demo) as s:
+        assert s.mpp == pytest.approx(0.5) and s.mpp_source == "openslide.mpp-x"
+        assert s.dimensions == (1024, 768) and s.level_count >= 3
+        c = s.level_for(1.0)
+        assert (c.level, c.level_mpp, c.scale) == (1, 1.0, 1.0)
+        c = s.level_for(1.5)  # level 1 (1.0) is the coarsest still at least as fine
+        assert c.level == 1 and c.scale == pytest.approx(1.5)
+        c = s.level_for(0.75)
+        assert c.level == 0 and c.scale == pytest.approx(1.5)
+        assert s.level_for(100).level == s.level_count - 1
+        with pytest.raises(SimclrPathError, match="finer than the scan"):
+            s.level_for(0.25)
+        img = s.read_region(100, 50, 0, 64, 32)
+        assert img.shape == (32, 64, 3) and img.dtype == np.uint8
+        # beyond the slide: transparent pixels become white
+        out = s.read_region(1000, 740, 0, 64, 64)
+        assert (out[40:, 40:] == 255).all()
+        thumb, mpp = s.read_at_mpp(8.0)
+        assert thumb.shape == (48, 64, 3) and mpp == pytest.approx(8.0)
+        banded, _ = s.read_at_mpp(4.0, max_rows=40)  # band-wise reading equals one read
+        whole, _ = s.read_at_mpp(4.0)
+        assert np.abs(banded.astype(int) - whole.astype(int)).mean() < 2
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    with pytest.raises(SimclrPathError, match="not found"):
+        Slide(tmp_path / "nope.svs")
+    fake = tmp_path / "fake.svs"
+    fake.write_text("not a slide")
+    with pytest.raises(SimclrPathError, match="not a slide OpenSlide can read"):
+        Slide(fake)
+
+
+@needs(SLIDES)
+def test_real_slides():
+    with pytest.raises(SimclrPathError, match="--slide-mpp"):
+        Slide(SLIDES / "tcga-cr-7395-01a-01-ts1.svs")
+    with Slide(SLIDES / "tcga-cr-7395-01a-01-ts1.svs", slide_mpp=0.5) as s:
+        assert s.mpp == 0.5 and s.level_for(1.0).level == 1
+    with Slide(SLIDES / "cmu-1-small-region.svs") as s:
+        assert s.mpp == pytest.approx(0.499) and s.level_for(0.5).level == 0
+    with pytest.raises(SimclrPathError, match="broken.svs"):
+        Slide(SLIDES / "broken.svs")

@@ -1,0 +1,234 @@
+"""Tiling: grid, block reads equal per-patch reads, determinism, store metadata, CLI, bad input."""
+
+from __future__ import annotations
+
+import cv2
+import h5py
+import numpy as np
+import openslide
+import pytest
+import tifffile
+import yaml
+from conftest import SLIDES, needs
+
+from simclr_path.cli import main
+from simclr_path.config import TileConfig
+from simclr_path.demo import make_demo_slide
+from simclr_path.errors import SimclrPathError
+from simclr_path.store import PatchStore
+from simclr_path.tiling import NoTissueWarning, make_grid, tile_slide
+
+CFG = TileConfig(mpp=1.0, patch_size=64, workers=2, block_patches=4)
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    return make_demo_slide(tmp_path_factory.mktemp("tiling") / "S1.tiff", kind="scc", seed=1,
+                           width=1536, height=1024, mpp=0.5)
+
+
+@pytest.fixture(scope="module")
+def blank(tmp_path_factory):
+    """A pyramidal TIFF of empty glass (with noise) at 0.5 um/px."""
+    path = tmp_path_factory.mktemp("blank") / "blank.tiff"
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(236, 3, (1024, 1024, 3)), 0, 255).astype(np.uint8)
+    with tifffile.TiffWriter(path) as tw:
+        for i in range(3):
+            tw.write(img, tile=(256, 256), compression="jpeg", photometric="rgb",
+                     resolution=(2e4 / 2**i, 2e4 / 2**i), resolutionunit="CENTIMETER",
+                     subfiletype=0 if i == 0 else 1)
+            img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2),
+                             interpolation=cv2.INTER_AREA)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiled(slide, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiled") / "S1.h5"
+    res = tile_slide(slide, out, CFG, progress=False)
+    return res, PatchStore(out)
+
+
+def test_grid():
+    g = make_grid(1000, 600, 0.25, 0.5, 100, 100)
+    assert g.f == 2 and g.xs.tolist() == [0, 200, 400, 600, 800] and g.ys.tolist() == [0, 200, 400]
+    g = make_grid(1000, 600, 0.25, 0.5, 100, 50)  # overlapping
+    assert g.xs.size == 9 and g.ys.size == 5
+    with pytest.raises(SimclrPathError, match="larger than the slide"):
+        make_grid(1000, 600, 0.25, 0.5, 400, 400)
+
+
+def test_store_content_and_metadata(tiled, slide):
+    res, store = tiled
+    assert res.n_patches == len(store) > 20 and res.level == 1 and res.level_mpp == 1.0
+    assert store.patch_size == 64 and store.slide_id == "S1" and store.mpp == 1.0
+    a = store.attrs
+    assert a["kind"] == "slide" and a["level0_mpp"] == 0.5 and a["stride"] == 64
+    assert a["source_path"] == str(slide.resolve()) and a["mpp_source"] == "openslide.mpp-x"
+    assert a["tissue.min_tissue"] == 0.5 and a["tissue.saturation_floor"] == 20
+    assert a["tissue.drop_white"] is None and a["tissue.remove_pen"] is False
+    c = store.coords
+    assert (c % 128 == 0).all()  # level-0 grid of 64 px at 1 um/px on a 0.5 um/px slide
+    assert (c[:, 0] + 128 <= 1536).all() and (c[:, 1] + 128 <= 1024).all()
+    order = np.lexsort((c[:, 0], c[:, 1]))
+    assert (order == np.arange(len(c))).all()  # row-major, deterministic
+    assert len(np.unique(c, axis=0)) == len(c)
+
+
+def test_block_reads_equal_per_patch_reads(tiled, slide):
+    _, store = tiled
+    osr = openslide.OpenSlide(str(slide))
+    for i in np.linspace(0, len(store) - 1, 5).astype(int):
+        x, y = store.coords[i]
+        direct = np.asarray(osr.read_region((int(x), int(y)), 1, (64, 64)))[..., :3]
+        np.testing.assert_array_equal(store[int(i)], direct)
+
+
+def test_resized_block_reads_near_per_patch_reads(slide, tmp_path):
+    """At 0.75 um/px (level 0 shrunk by 1.5) a block resize matches per-patch resizes."""
+    cfg = TileConfig(mpp=0.75, patch_size=48, workers=1, block_patches=5)
+    tile_slide(slide, tmp_path / "a.h5", cfg, progress=False)
+    store = PatchStore(tmp_path / "a.h5")
+    osr = openslide.OpenSlide(str(slide))
+    diffs = []
+    for i in np.linspace(0, len(store) - 1, 6).astype(int):
+        x, y = store.coords[i]
+        direct = np.asarray(osr.read_region((int(x), int(y)), 0, (72, 72)))[..., :3]
+        direct = cv2.resize(direct, (48, 48), interpolation=cv2.INTER_AREA)
+        diffs.append(np.abs(store[int(i)].astype(int) - direct.astype(int)).mean())
+    assert max(diffs) < 6.0
+
+
+def test_workers_and_block_size_do_not_change_output(slide, tiled, tmp_path):
+    _, ref = tiled
+    for workers, bp in ((1, 1), (2, 3)):
+        cfg = TileConfig(mpp=1.0, patch_size=64, workers=workers, block_patches=bp)
+        out = tmp_path / f"w{workers}_{bp}.h5"
+        tile_slide(slide, out, cfg, progress=False)
+        s = PatchStore(out)
+        np.testing.assert_array_equal(s.coords, ref.coords)
+        np.testing.assert_array_equal(s[:], ref[:])
+
+
+def test_stride_min_tissue_and_filters(slide, tiled, tmp_path):
+    _, ref = tiled
+    over = tile_slide(slide, tmp_path / "o.h5", TileConfig(mpp=1.0, patch_size=64, stride=32),
+                      progress=False)
+    assert over.n_patches > 3 * len(ref) and over.stride == 32
+    every = tile_slide(slide, tmp_path / "all.h5", TileConfig(mpp=1.0, patch_size=64,
+                                                               min_tissue=0.0), progress=False)
+    assert every.n_patches == every.n_grid == 12 * 8
+    strict = tile_slide(slide, tmp_path / "s.h5", TileConfig(mpp=1.0, patch_size=64,
+                                                              min_tissue=1.0), progress=False)
+    assert 0 < strict.n_patches < len(ref)
+    white = tile_slide(slide, tmp_path / "w.h5", TileConfig(mpp=1.0, patch_size=64,
+                                                             min_tissue=0.0, drop_white=0.5),
+                       progress=False)
+    assert white.n_tissue == every.n_patches and white.n_patches < every.n_patches
+
+
+def test_no_tissue_gives_empty_store_and_warning(blank, tmp_path):
+    with pytest.warns(NoTissueWarning, match="no tissue"):
+        res = tile_slide(blank, tmp_path / "b.h5", CFG, qc=tmp_path / "b.png", progress=False)
+    assert res.n_patches == 0 and (tmp_path / "b.png").is_file()
+    s = PatchStore(tmp_path / "b.h5")
+    assert len(s) == 0 and s[:].shape == (0, 64, 64, 3) and s.coords.shape == (0, 2)
+
+
+def test_cli_no_tissue_exit_0_with_warning_line(blank, tmp_path, capsys):
+    out = tmp_path / "b.h5"
+    assert main(["tile", str(blank), "--out", str(out), "--mpp", "1", "--patch-size", "64"]) == 0
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("simclr-path tile: warning:") and "no tissue" in err[0]
+    assert out.is_file()
+
+
+def test_cli_config_and_overrides(slide, tmp_path, capsys):
+    conf = tmp_path / "tile.yaml"
+    conf.write_text(yaml.safe_dump({"tile": {"mpp": 1.0, "patch_size": 32, "min_tissue": 0.9}}))
+    out = tmp_path / "c.h5"
+    qc = tmp_path / "c.png"
+    rc = main(["tile", str(slide), "--out", str(out), "--config", str(conf), "--patch-size", "64",
+               "--slide-id", "case-7", "--qc", str(qc), "--workers", "1"])
+    assert rc == 0, capsys.readouterr().err
+    s = PatchStore(out)
+    assert s.patch_size == 64 and s.mpp == 1.0 and s.attrs["tissue.min_tissue"] == 0.9
+    assert s.slide_id == "case-7" and qc.is_file()
+    assert "patches of 64 px" in capsys.readouterr().out
+
+
+def _one_error(capsys) -> str:
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_cli_bad_input(slide, tmp_path, capsys):
+    out = tmp_path / "x.h5"
+    assert main(["tile", str(tmp_path / "missing.svs"), "--out", str(out)]) == 2
+    assert "not found" in _one_error(capsys)
+    fake = tmp_path / "fake.tiff"
+    fake.write_bytes(b"II*\x00garbage")
+    assert main(["tile", str(fake), "--out", str(out)]) == 2
+    assert "fake.tiff" in _one_error(capsys)
+    assert main(["tile", str(slide), "--out", str(out), "--mpp", "0.25"]) == 2
+    assert "finer than the scan" in _one_error(capsys)
+    assert main(["tile", str(slide), "--out", str(out), "--mpp", "1", "--patch-size", "600"]) == 2
+    assert "larger than the slide" in _one_error(capsys)
+    assert main(["tile", str(slide), "--out", str(out), "--slide-id", "../evil"]) == 2
+    assert "safe file name" in _one_error(capsys)
+    assert not out.exists()
+    assert main(["tile", str(slide), "--out", str(out), "--mpp", "1", "--patch-size", "64"]) == 0
+    capsys.readouterr()
+    before = out.read_bytes()
+    assert main(["tile", str(slide), "--out", str(out), "--mpp", "1", "--patch-size", "64"]) == 2
+    assert "--force" in _one_error(capsys)
+    assert out.read_bytes() == before
+    assert main(["tile", str(slide), "--out", str(out), "--mpp", "1", "--patch-size", "32",
+                 "--force"]) == 0
+    assert PatchStore(out).patch_size == 32
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+
+
+@needs(SLIDES)
+def test_real_slides(tmp_path, capsys):
+    tcga = SLIDES / "tcga-cr-7395-01a-01-ts1.svs"
+    out = tmp_path / "tcga.h5"
+    assert main(["tile", str(tcga), "--out", str(out)]) == 2
+    err = _one_error(capsys)
+    assert "tcga-cr-7395-01a-01-ts1.svs" in err and "--slide-mpp" in err and not out.exists()
+    assert main(["tile", str(tcga), "--out", str(out), "--slide-mpp", "0.5", "--mpp", "1.0",
+                 "--qc", str(tmp_path / "tcga.png")]) == 0
+    s = PatchStore(out)
+    assert len(s) > 20 and s.attrs["level0_mpp"] == 0.5 and s.attrs["mpp_source"] == "--slide-mpp"
+    # tissue patches: mostly stained, not glass
+    assert np.mean([(s[i].astype(int).min(axis=-1) < 200).mean() for i in range(len(s))]) > 0.5
+    cmu = SLIDES / "cmu-1-small-region.svs"
+    assert main(["tile", str(cmu), "--out", str(tmp_path / "cmu.h5")]) == 0
+    s = PatchStore(tmp_path / "cmu.h5")
+    assert len(s) > 10 and s.patch_size == 224 and s.mpp == 0.5
+    assert s.attrs["level0_mpp"] == pytest.approx(0.499)
+    capsys.readouterr()
+    assert main(["tile", str(SLIDES / "broken.svs"), "--out", str(tmp_path / "b.h5")]) == 2
+    assert "broken.svs" in _one_error(capsys) and not (tmp_path / "b.h5").exists()
+
+
+def test_truncated_output_never_appears(slide, tmp_path, monkeypatch):
+    """A failure while writing leaves no store under the final name."""
+    from simclr_path import tiling
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tiling._Reader, "read_block", boom)
+    with pytest.raises(RuntimeError):
+        tile_slide(slide, tmp_path / "t.h5", CFG, progress=False)
+    assert not (tmp_path / "t.h5").exists() and not list(tmp_path.iterdir())
+
+
+def test_h5_layout(tiled):
+    _, store = tiled
+    with h5py.File(store.path) as f:
+        assert f["patches"].chunks == (1, 64, 64, 3) and f["coords"].dtype == np.int64
