@@ -33,7 +33,14 @@ import numpy as np
 from simclr_path.config import TileConfig
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import check_can_write
-from simclr_path.slide import LevelChoice, Slide, open_openslide, read_rgb, validate_slide_id
+from simclr_path.slide import (
+    LevelChoice,
+    Slide,
+    TiffTiles,
+    open_openslide,
+    read_rgb,
+    validate_slide_id,
+)
 from simclr_path.store import PatchStoreWriter
 from simclr_path.tissue import any_patch_filter, patch_keep, tissue_fractions, tissue_mask
 
@@ -112,11 +119,13 @@ def tissue_attrs(cfg: TileConfig) -> dict[str, object]:
 class _Reader:
     """Reads blocks of patches; one OpenSlide handle per thread."""
 
-    def __init__(self, path: Path, grid: Grid, choice: LevelChoice) -> None:
+    def __init__(self, path: Path, grid: Grid, choice: LevelChoice, direct: bool = True) -> None:
         self.path, self.grid, self.choice = path, grid, choice
         self._local = threading.local()
         self._handles: list = []
         self._lock = threading.Lock()
+        # tiled TIFF (SVS, generic TIFF): decode tiles directly, shared by all threads
+        self.tiles = TiffTiles.open(path, self._osr(), [choice.level]) if direct else None
 
     def _osr(self):
         osr = getattr(self._local, "osr", None)
@@ -144,7 +153,11 @@ class _Reader:
         # level pixels covering the block; resized to exactly (tw, th) target pixels
         lw = max(1, round(tw * g.f / ch.downsample))
         lh = max(1, round(th * g.f / ch.downsample))
-        img = read_rgb(self._osr(), x0, y0, ch.level, lw, lh)
+        if self.tiles is not None:
+            img = self.tiles.read(ch.level, round(x0 / ch.downsample), round(y0 / ch.downsample),
+                                  lw, lh)
+        else:
+            img = read_rgb(self._osr(), x0, y0, ch.level, lw, lh)
         if (lw, lh) != (tw, th):
             interp = cv2.INTER_AREA if lw > tw else cv2.INTER_LINEAR
             img = cv2.resize(img, (tw, th), interpolation=interp)
@@ -160,6 +173,9 @@ class _Reader:
         return out
 
     def close(self) -> None:
+        if self.tiles is not None:
+            self.tiles.close()
+            self.tiles = None
         for h in self._handles:
             h.close()
         self._handles.clear()
@@ -224,13 +240,14 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     keep = (frac >= cfg.min_tissue).reshape(gy.shape) & mask.any()
     n_tissue = int(keep.sum())
 
+    reader = _Reader(path, grid, choice, direct=cfg.tiff_direct)
     attrs = {"kind": "slide", "slide_id": slide_id, "source_path": str(path.resolve()),
              "level0_mpp": level0_mpp, "mpp_source": mpp_source, "mpp": cfg.mpp,
              "stride": stride, "level": choice.level, "level_mpp": choice.level_mpp,
              "slide_width": width, "slide_height": height, **tissue_attrs(cfg)}
+    attrs["reader"] = "tifffile" if reader.tiles is not None else "openslide"
     kept_coords: list[np.ndarray] = []
     filt = any_patch_filter(cfg)
-    reader = _Reader(path, grid, choice)
     try:
         with PatchStoreWriter(out, cfg.patch_size, attrs=attrs, force=force) as writer:
             if n_tissue:

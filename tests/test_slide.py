@@ -99,3 +99,34 @@ def test_real_slides():
         assert s.mpp == pytest.approx(0.499) and s.level_for(0.5).level == 0
     with pytest.raises(SimclrPathError, match="broken.svs"):
         Slide(SLIDES / "broken.svs")
+
+
+def test_direct_tiff_tiles_equal_openslide(demo):
+    import openslide
+
+    from simclr_path.slide import TiffTiles, read_rgb
+
+    osr = openslide.OpenSlide(str(demo))
+    tiles = TiffTiles.open(demo, osr, [0, 1, 2])
+    assert tiles is not None
+    for level in (0, 1, 2):
+        ds = round(osr.level_downsamples[level])
+        for x, y, w, h in ((0, 0, 100, 70), (250, 130, 300, 200), (200, 150, 200, 100)):
+            ref = read_rgb(osr, x * ds, y * ds, level, w, h)  # includes area outside the image
+            np.testing.assert_array_equal(tiles.read(level, x, y, w, h), ref)
+    tiles.close()
+
+
+@needs(SLIDES)
+def test_direct_tiff_tiles_on_real_svs():
+    import openslide
+
+    from simclr_path.slide import TiffTiles, read_rgb
+
+    for name in ("cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"):  # JPEG, JPEG 2000
+        osr = openslide.OpenSlide(str(SLIDES / name))
+        tiles = TiffTiles.open(SLIDES / name, osr, [0])
+        assert tiles is not None, name
+        np.testing.assert_array_equal(tiles.read(0, 900, 700, 300, 260),
+                                      read_rgb(osr, 900, 700, 0, 300, 260))
+        tiles.close()

@@ -111,6 +111,17 @@ def test_workers_and_block_size_do_not_change_output(slide, tiled, tmp_path):
         np.testing.assert_array_equal(s[:], ref[:])
 
 
+def test_openslide_reader_gives_the_same_store(slide, tiled, tmp_path):
+    _, ref = tiled
+    assert ref.attrs["reader"] == "tifffile"
+    cfg = TileConfig(mpp=1.0, patch_size=64, workers=2, block_patches=4, tiff_direct=False)
+    tile_slide(slide, tmp_path / "os.h5", cfg, progress=False)
+    s = PatchStore(tmp_path / "os.h5")
+    assert s.attrs["reader"] == "openslide"
+    np.testing.assert_array_equal(s.coords, ref.coords)
+    np.testing.assert_array_equal(s[:], ref[:])
+
+
 def test_stride_min_tissue_and_filters(slide, tiled, tmp_path):
     _, ref = tiled
     over = tile_slide(slide, tmp_path / "o.h5", TileConfig(mpp=1.0, patch_size=64, stride=32),
