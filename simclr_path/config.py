@@ -46,7 +46,7 @@ class TileConfig:
     workers: int = 2  # parallel block readers
     block_patches: int = 8  # a read block is block_patches x block_patches patches
     mpp_from_objective: bool = False  # derive mpp from objective power (10 / objective) when asked
-    tiff_direct: bool = True  # tiled-TIFF slides (SVS, generic TIFF): decode tiles directly, not via OpenSlide
+    tiff_direct: bool = True  # decode tiled-TIFF tiles (SVS, generic TIFF) without OpenSlide
 
     def __post_init__(self) -> None:
         _check(self.mpp > 0, "tile.mpp", f"must be > 0, got {self.mpp}")
