@@ -64,6 +64,17 @@ def _read_attr(v: Any) -> Any:
     return v
 
 
+def encode_patch(patch: np.ndarray) -> tuple[bytes, int]:
+    """One (S, S, 3) uint8 patch as a ``/patches`` chunk: (LZF bytes, 0), or (raw bytes, 1) when
+    LZF does not shrink it (filter mask 1 = LZF skipped, as h5py's filter does). Releases the GIL,
+    so writers can compress in parallel threads (:meth:`PatchStoreWriter.append_encoded`)."""
+    import imagecodecs
+
+    raw = np.ascontiguousarray(patch, dtype=np.uint8).tobytes()
+    data = imagecodecs.lzf_encode(raw)
+    return (data, 0) if len(data) < len(raw) else (raw, 1)
+
+
 class PatchStoreWriter:
     """Append patches to a new store; the file appears under its final name only on success.
 
@@ -137,6 +148,29 @@ class PatchStoreWriter:
                 ds = self._f[name]
                 ds.resize(hi, axis=0)
                 ds[lo:hi] = data
+        self.n = hi
+
+    def append_encoded(self, chunks: Sequence[tuple[bytes, int]], coords: np.ndarray) -> None:
+        """Append patches already compressed by :func:`encode_patch` (e.g. in worker threads).
+
+        ``chunks``: one ``(data, filter_mask)`` per patch; ``coords``: (n, 2) level-0 (x, y).
+        Stores without labels only.
+        """
+        assert self._f is not None and self.label_names is None
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        n = len(chunks)
+        if n == 0:
+            return
+        if len(coords) != n:
+            raise ValueError("chunks and coords differ in length")
+        lo, hi = self.n, self.n + n
+        ds = self._f["patches"]
+        ds.resize(hi, axis=0)
+        for i, (data, mask) in enumerate(chunks):
+            ds.id.write_direct_chunk((lo + i, 0, 0, 0), data, filter_mask=mask)
+        c = self._f["coords"]
+        c.resize(hi, axis=0)
+        c[lo:hi] = coords
         self.n = hi
 
     def __exit__(self, exc_type, exc, tb) -> bool:

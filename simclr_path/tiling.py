@@ -41,7 +41,7 @@ from simclr_path.slide import (
     read_rgb,
     validate_slide_id,
 )
-from simclr_path.store import PatchStoreWriter
+from simclr_path.store import PatchStoreWriter, encode_patch
 from simclr_path.tissue import any_patch_filter, patch_keep, tissue_fractions, tissue_mask
 
 _QC_SIDE = 1600  # longer side of the QC thumbnail in pixels
@@ -274,62 +274,68 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
                       cfg.patch_size, stride, time.perf_counter() - t_start, qc_path)
 
 
+def _block_job(reader: _Reader, rows: np.ndarray, cols: np.ndarray, keep: np.ndarray,
+               cfg: TileConfig, filt: bool) -> tuple[np.ndarray, list[tuple[bytes, int]], int]:
+    """Worker thread: read a block, keep its tissue cells, filter, compress each patch.
+
+    Returns level-0 coords (n, 2), the compressed ``/patches`` chunks and the block's tissue-cell
+    count. Compression runs here, in parallel, because a single writer thread compressing
+    every patch would be the bottleneck (LZF costs about as much as decoding the JPEG tiles).
+    """
+    grid = reader.grid
+    patches = reader.read_block(rows, cols)
+    sel = keep[np.ix_(rows, cols)].ravel()  # the block is a rectangle; keep its tissue cells
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    coords = np.stack([grid.xs[cc.ravel()[sel]], grid.ys[rr.ravel()[sel]]], axis=1)
+    patches = patches[sel]
+    n_tissue = len(patches)
+    if filt:
+        ok = patch_keep(patches, cfg)
+        patches, coords = patches[ok], coords[ok]
+    return coords, [encode_patch(p) for p in patches], n_tissue
+
+
 def _read_all(reader: _Reader, keep: np.ndarray, cfg: TileConfig, writer: PatchStoreWriter,
               kept_coords: list[np.ndarray], filt: bool, progress: bool, slide_id: str) -> None:
     """Read every block with ``cfg.workers`` threads; write patches in row-major grid order."""
     from tqdm.auto import tqdm
 
-    grid = reader.grid
     blocks = list(_blocks(keep, cfg.block_patches))
     window = 2 * cfg.workers  # blocks in flight: bounded memory, readers never starve
     bar = tqdm(total=int(keep.sum()), unit="patch", desc=f"tile {slide_id}",
                disable=None if progress else True, dynamic_ncols=True)
-    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # one block row
+    pending: list[tuple[np.ndarray, list[tuple[bytes, int]]]] = []  # blocks of one block row
     current_row = blocks[0][0] if blocks else 0
 
     def flush() -> None:
-        """Write the finished block row: its patches sorted row-major across blocks."""
+        """Write the finished block row: its patches sorted row-major across its blocks."""
         if not pending:
             return
-        patches = np.concatenate([p for p, _, _ in pending])
-        coords = np.concatenate([c for _, c, _ in pending])
+        coords = np.concatenate([c for c, _ in pending])
+        chunks = [ch for _, block in pending for ch in block]
         order = np.lexsort((coords[:, 0], coords[:, 1]))
-        patches, coords = patches[order], coords[order]
-        if filt:
-            ok = patch_keep(patches, cfg)
-            patches, coords = patches[ok], coords[ok]
-        writer.append(patches, coords)
-        kept_coords.append(coords)
+        writer.append_encoded([chunks[i] for i in order], coords[order])
+        kept_coords.append(coords[order])
         pending.clear()
 
+    futures: list[tuple[int, Future]] = []
     with ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tile") as pool:
-        futures: list[tuple[int, np.ndarray, np.ndarray, Future]] = []
-        it = iter(blocks)
         try:
-            for b in it:
-                futures.append((*b, pool.submit(reader.read_block, b[1], b[2])))
-                if len(futures) < window:
+            for i, (block_row, rows, cols) in enumerate(blocks):
+                futures.append((block_row, pool.submit(_block_job, reader, rows, cols, keep,
+                                                       cfg, filt)))
+                if len(futures) < window and i < len(blocks) - 1:
                     continue
-                current_row = _consume(futures.pop(0), keep, grid, pending, flush, bar,
-                                       current_row)
-            while futures:
-                current_row = _consume(futures.pop(0), keep, grid, pending, flush, bar,
-                                       current_row)
+                while futures and (len(futures) >= window or i == len(blocks) - 1):
+                    row, fut = futures.pop(0)
+                    coords, chunks, n_tissue = fut.result()
+                    if row != current_row:
+                        flush()
+                        current_row = row
+                    pending.append((coords, chunks))
+                    bar.update(n_tissue)
             flush()
         finally:
-            for *_, fut in futures:
+            for _, fut in futures:
                 fut.cancel()
             bar.close()
-
-
-def _consume(item, keep, grid, pending, flush, bar, current_row) -> int:
-    block_row, rows, cols, fut = item
-    patches = fut.result()
-    if block_row != current_row:
-        flush()
-    sel = keep[np.ix_(rows, cols)].ravel()  # the block is a rectangle; keep its tissue cells
-    rr, cc = np.meshgrid(rows, cols, indexing="ij")
-    coords = np.stack([grid.xs[cc.ravel()[sel]], grid.ys[rr.ravel()[sel]]], axis=1)
-    pending.append((patches[sel], coords, None))
-    bar.update(int(sel.sum()))
-    return block_row

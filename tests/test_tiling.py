@@ -243,3 +243,20 @@ def test_h5_layout(tiled):
     _, store = tiled
     with h5py.File(store.path) as f:
         assert f["patches"].chunks == (1, 64, 64, 3) and f["coords"].dtype == np.int64
+
+
+def test_encoded_append_roundtrip(tmp_path):
+    """Patches compressed in worker threads read back exactly, compressible or not."""
+    from simclr_path.store import PatchStoreWriter, encode_patch
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # LZF cannot shrink it
+    flat = np.full((16, 16, 3), 200, np.uint8)
+    chunks = [encode_patch(noise), encode_patch(flat)]
+    assert chunks[0][1] == 1 and chunks[1][1] == 0 and len(chunks[1][0]) < flat.nbytes
+    with PatchStoreWriter(tmp_path / "e.h5", 16) as w:
+        w.append_encoded(chunks, [[0, 0], [16, 0]])
+        w.append(flat[None], [[32, 0]])
+    s = PatchStore(tmp_path / "e.h5")
+    np.testing.assert_array_equal(s[:], np.stack([noise, flat, flat]))
+    assert s.coords.tolist() == [[0, 0], [16, 0], [32, 0]]
