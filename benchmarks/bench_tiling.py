@@ -9,7 +9,8 @@ shrunk by 2, as for a 40x slide tiled at 20x):
   resize per block, ``--workers`` reader threads; tiles decoded directly (tiled TIFF) and, for
   comparison, through OpenSlide's ``read_region`` (``tiff_direct=False``).
 * naive: the same grid and kept patches, one ``read_region`` + one resize per patch, in one thread
-  (and, to separate the gain of block reads from the gain of threads, in ``--workers`` threads).
+  (and, to separate the gain of block reads from the gain of threads, in ``--workers`` threads);
+  these two only read. A third, complete naive tiler also appends each patch to a patch store.
 
 Both give the same pixels (checked on a sample of patches). The JPEG decode limit is the time to
 decode every level-0 tile under the kept patches once (imagecodecs, as OpenSlide's libjpeg would),
@@ -48,11 +49,14 @@ def make_slide(size: int) -> Path:
 
 
 def naive(slide: Path, coords: np.ndarray, level: int, read_size: int, patch_size: int,
-          workers: int) -> tuple[float, np.ndarray]:
-    """One read_region and one resize per patch. Returns (seconds, first 16 patches)."""
+          workers: int, store: Path | None = None) -> tuple[float, np.ndarray]:
+    """One read_region and one resize per patch; with ``store``, each patch is also appended
+    to a patch store (as a complete naive tiler would). Returns (seconds, first 16 patches)."""
     import threading
 
     import openslide
+
+    from simclr_path.store import PatchStoreWriter
 
     local = threading.local()
 
@@ -67,11 +71,18 @@ def naive(slide: Path, coords: np.ndarray, level: int, read_size: int, patch_siz
         return rgb
 
     t0 = time.perf_counter()
+    first = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        first = []
-        for i, p in enumerate(pool.map(read, coords)):
-            if i < 16:
-                first.append(p)
+        if store is None:
+            for i, p in enumerate(pool.map(read, coords)):
+                if i < 16:
+                    first.append(p)
+        else:
+            with PatchStoreWriter(store, patch_size, force=True) as w:
+                for i, (p, xy) in enumerate(zip(pool.map(read, coords), coords)):
+                    w.append(p[None], xy[None])
+                    if i < 16:
+                        first.append(p)
     return time.perf_counter() - t0, np.stack(first)
 
 
@@ -143,6 +154,9 @@ def main() -> None:
     read_size = round(args.patch_size * args.mpp / res.level_mpp)  # level pixels per patch
     t_naive1, p_naive = naive(slide, coords, res.level, read_size, args.patch_size, 1)
     t_naiveN, _ = naive(slide, coords, res.level, read_size, args.patch_size, args.workers)
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        t_naiveW, _ = naive(slide, coords, res.level, read_size, args.patch_size, 1,
+                            store=Path(tmp) / "naive.h5")
     diff = np.abs(first.astype(int) - p_naive.astype(int))
     n_tiles, t_dec1, t_decN = decode_limit(slide, res.level, coords, args.patch_size * f,
                                            args.workers)
@@ -159,6 +173,8 @@ def main() -> None:
           f"-> tile_slide is {t_naive1 / res.seconds:.2f}x faster")
     print(f"naive, {args.workers} threads     : {t_naiveN:7.1f} s  {n / t_naiveN:8.1f} patches/s  "
           f"-> tile_slide is {t_naiveN / res.seconds:.2f}x faster")
+    print(f"naive + store, 1 thr.: {t_naiveW:7.1f} s  {n / t_naiveW:8.1f} patches/s  "
+          f"-> tile_slide is {t_naiveW / res.seconds:.2f}x faster")
     print(f"JPEG decode limit    : {n_tiles} tiles under the kept patches decode in "
           f"{t_dec1:.1f} s (1 thread), {t_decN:.1f} s ({args.workers} threads) -> "
           f"{n / t_decN:.1f} patches/s; tile_slide reaches {t_decN / res.seconds:.0%} of it")
@@ -167,7 +183,8 @@ def main() -> None:
         "size": args.size, "patches": n, "workers": args.workers,
         "block_patches": args.block_patches, "tile_slide_s": res.seconds, "reader": reader,
         "tile_slide_openslide_s": res_os.seconds,
-        "naive_1_thread_s": t_naive1, "naive_n_threads_s": t_naiveN, "decode_tiles": n_tiles,
+        "naive_1_thread_s": t_naive1, "naive_n_threads_s": t_naiveN,
+        "naive_with_store_s": t_naiveW, "decode_tiles": n_tiles,
         "decode_1_thread_s": t_dec1, "decode_n_threads_s": t_decN,
         "mean_abs_diff": float(diff.mean())}, indent=2))
 
