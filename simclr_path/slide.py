@@ -258,7 +258,8 @@ class TiffTiles:
 
     OpenSlide's ``read_region`` spends most of its time after decoding (compositing into a
     premultiplied ARGB canvas, converting to RGBA, copying into PIL and NumPy): on this machine
-    about 12 ns per pixel against 4 ns for the JPEG decode itself (``benchmarks/bench_tiling.py``).
+    about 25 ns per output pixel against 4 ns per pixel for the JPEG decode itself
+    (``benchmarks/bench_tiling.py``).
     For slides whose pyramid levels are tiled TIFF pages, this reader decodes the tiles a region
     needs with tifffile / imagecodecs (the same libjpeg-turbo / OpenJPEG decoders) and pastes them
     into an RGB array. :meth:`open` checks that it reproduces OpenSlide's pixels on a sample region
