@@ -175,7 +175,7 @@ class Slide:
 
         Transparent pixels (outside the scanned area) are composited on white.
         """
-        return read_rgb(self._osr, x, y, level, width, height)
+        return read_rgb(self._osr, x, y, level, width, height, self.path)
 
     def read_at_mpp(self, mpp: float, max_rows: int = 4096) -> tuple[np.ndarray, float]:
         """The whole slide as RGB at about ``mpp`` um/px (clamped to the scan): (image, its mpp).
@@ -236,15 +236,16 @@ def open_openslide(path: str | os.PathLike):
                               "truncated") from None
 
 
-def read_rgb(osr, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+def read_rgb(osr, x: int, y: int, level: int, width: int, height: int,
+             path: str | os.PathLike = "slide") -> np.ndarray:
     """``osr.read_region`` as RGB uint8 (height, width, 3), composited on white."""
     import openslide
 
     try:
         rgba = np.asarray(osr.read_region((int(x), int(y)), int(level), (int(width), int(height))))
     except openslide.OpenSlideError as exc:
-        raise SimclrPathError(f"slide read failed at level {level}, ({x}, {y}) size "
-                              f"{width}x{height}: {exc}; the file may be corrupt") from None
+        raise SimclrPathError(f"{path}: read failed at level {level}, ({x}, {y}) size "
+                              f"{width}x{height} ({exc}); the file may be corrupt") from None
     alpha = rgba[..., 3]
     if alpha.min() == 255:  # fast path: fully scanned region
         return np.ascontiguousarray(rgba[..., :3])
@@ -333,7 +334,13 @@ class TiffTiles:
                 if n == 0:
                     continue  # sparse tile: nothing scanned there
                 data = os.pread(self._fd, n, page.dataoffsets[idx])
-                tile = decode(data, idx, jpegtables=tables)[0]
+                try:
+                    tile = decode(data, idx, jpegtables=tables)[0]
+                except Exception as exc:  # noqa: BLE001  (codec errors have many types)
+                    raise SimclrPathError(
+                        f"{self.path}: tile {idx} of level {level} cannot be decoded "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''});"
+                        " the file may be corrupt or truncated") from None
                 tile = tile.reshape(tile.shape[-3], tile.shape[-2], tile.shape[-1])
                 # overlap of this tile with the requested region, in level pixels
                 ax, ay = max(x0, tx * tw), max(y0, ty * th)

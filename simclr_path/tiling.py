@@ -157,7 +157,7 @@ class _Reader:
             img = self.tiles.read(ch.level, round(x0 / ch.downsample), round(y0 / ch.downsample),
                                   lw, lh)
         else:
-            img = read_rgb(self._osr(), x0, y0, ch.level, lw, lh)
+            img = read_rgb(self._osr(), x0, y0, ch.level, lw, lh, self.path)
         if (lw, lh) != (tw, th):
             interp = cv2.INTER_AREA if lw > tw else cv2.INTER_LINEAR
             img = cv2.resize(img, (tw, th), interpolation=interp)

@@ -260,3 +260,28 @@ def test_encoded_append_roundtrip(tmp_path):
     s = PatchStore(tmp_path / "e.h5")
     np.testing.assert_array_equal(s[:], np.stack([noise, flat, flat]))
     assert s.coords.tolist() == [[0, 0], [16, 0], [32, 0]]
+
+
+def test_corrupt_tiles_fail_clearly(slide, tmp_path, capsys):
+    """A slide whose header is fine but whose level-1 JPEG tiles are garbage: one clear line."""
+    import shutil
+
+    bad = tmp_path / "corrupt.tiff"
+    shutil.copy(slide, bad)
+    with tifffile.TiffFile(bad) as tf:
+        page = tf.pages[1]
+        spans = list(zip(page.dataoffsets, page.databytecounts))
+    with open(bad, "r+b") as fh:
+        for off, n in spans:
+            fh.seek(off + 2)
+            fh.write(b"\x13" * (n - 2))
+    from simclr_path.slide import TiffTiles
+
+    with tifffile.TiffFile(bad) as tf:
+        tiles = TiffTiles(bad, {1: tf.pages[1]}, tifffile.TiffFile(bad))
+        with pytest.raises(SimclrPathError, match="cannot be decoded"):
+            tiles.read(1, 0, 0, 300, 300)
+        tiles.close()
+    out = tmp_path / "c.h5"
+    rc = main(["tile", str(bad), "--out", str(out), "--mpp", "1", "--patch-size", "64"])
+    assert rc == 2 and "corrupt.tiff" in _one_error(capsys) and not out.exists()
