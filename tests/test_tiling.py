@@ -285,3 +285,21 @@ def test_corrupt_tiles_fail_clearly(slide, tmp_path, capsys):
     out = tmp_path / "c.h5"
     rc = main(["tile", str(bad), "--out", str(out), "--mpp", "1", "--patch-size", "64"])
     assert rc == 2 and "corrupt.tiff" in _one_error(capsys) and not out.exists()
+
+
+def test_slide_without_mpp(slide, tmp_path, capsys):
+    """No resolution metadata: one line naming the file and --slide-mpp; works with it."""
+    img = np.asarray(openslide.OpenSlide(str(slide)).read_region((0, 0), 1, (768, 512)))[..., :3]
+    nompp = tmp_path / "nompp.tiff"
+    with tifffile.TiffWriter(nompp) as tw:
+        tw.write(np.ascontiguousarray(img), tile=(256, 256), compression="jpeg",
+                 photometric="rgb")
+    out = tmp_path / "n.h5"
+    assert main(["tile", str(nompp), "--out", str(out), "--mpp", "1", "--patch-size", "64"]) == 2
+    err = _one_error(capsys)
+    assert "nompp.tiff" in err and "microns per pixel unknown" in err and "--slide-mpp" in err
+    assert not out.exists()
+    assert main(["tile", str(nompp), "--out", str(out), "--mpp", "2", "--patch-size", "64",
+                 "--slide-mpp", "1.0"]) == 0
+    s = PatchStore(out)
+    assert len(s) > 0 and s.attrs["mpp_source"] == "--slide-mpp" and s.attrs["level0_mpp"] == 1.0
