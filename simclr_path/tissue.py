@@ -58,6 +58,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None) -> n
         sat = cv2.medianBlur(sat, k)
     otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     mask = sat > max(float(otsu), float(cfg.saturation_floor))
+    pen = None
     if cfg.remove_pen:
         pen = cv2.dilate(pen_mask(rgb).astype(np.uint8), _disk(16.0 / mpp)) > 0
         mask &= ~pen
@@ -65,10 +66,12 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None) -> n
         mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE,
                                 _disk(cfg.closing_um / mpp)) > 0
     px_area = mpp * mpp
-    if cfg.min_object_um2 > 0:
-        mask = _drop_small(mask, cfg.min_object_um2 / px_area)
     if cfg.min_hole_um2 > 0:
         mask = ~_drop_small(~mask, cfg.min_hole_um2 / px_area, keep_border=True)
+    if pen is not None:  # closing and hole filling must not bridge a pen stroke again
+        mask &= ~pen
+    if cfg.min_object_um2 > 0:
+        mask = _drop_small(mask, cfg.min_object_um2 / px_area)
     return mask
 
 

@@ -61,6 +61,10 @@ def test_pen_suppression():
     cleaned = tissue_mask(img, MPP, TileConfig(remove_pen=True))
     assert not cleaned[185, 100] and cleaned[100, 100]
     assert pen_mask(img)[185, 100] and not pen_mask(img)[100, 100]
+    across = with_disc(glass())
+    cv2.line(across, (20, 100), (180, 100), (40, 110, 170), 4)  # ink over the tissue
+    assert tissue_mask(across, MPP)[100, 100]  # closing keeps it without pen removal
+    assert not tissue_mask(across, MPP, TileConfig(remove_pen=True))[100, 100]
 
 
 def test_tissue_fractions_match_brute_force():
