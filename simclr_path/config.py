@@ -132,6 +132,10 @@ class TrainConfig:
     log_every: int = 10  # steps
     sync_batchnorm: bool = True  # used only when more than one process
     time_budget_s: float | None = None  # stop cleanly after this wall time
+    tensorboard: bool = True  # TensorBoard event files in RUN_DIR/tensorboard
+    mlflow: bool = False  # also log to MLflow when it is installed
+    mlflow_uri: str | None = None  # MLflow tracking URI; None = a file store in RUN_DIR/mlruns
+    mlflow_experiment: str = "simclr-path"
 
     def __post_init__(self) -> None:
         _check(self.optimizer in ("lars", "adamw", "sgd"), "train.optimizer", "must be lars, adamw or sgd")
@@ -141,6 +145,13 @@ class TrainConfig:
         _check(self.temperature > 0, "train.temperature", "must be > 0")
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.workers >= 0, "train.workers", "must be >= 0")
+        _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+        _check(self.max_patches_per_slide is None or self.max_patches_per_slide >= 1,
+               "train.max_patches_per_slide", "must be >= 1")
+        _check(self.time_budget_s is None or self.time_budget_s > 0, "train.time_budget_s", "must be > 0")
 
 
 @dataclass

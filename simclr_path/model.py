@@ -128,3 +128,100 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, device: str |
         raise SimclrPathError(f"{p}: encoder does not match timm model {arch!r} "
                               f"({str(exc).splitlines()[0]})") from None
     return model.eval().to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# SimCLR projection head and model
+# ----------------------------------------------------------------------------------------------
+class ProjectionHead(nn.Module):
+    """SimCLR projection head g(.): (B, in_dim) -> (B, out_dim).
+
+    ``layers`` = 0: identity (the loss sees the backbone features; out_dim = in_dim); 1: one linear
+    layer; 2: Linear-BN-ReLU-Linear as in SimCLR (Chen et al. 2020); 3: two hidden blocks as in
+    SimCLRv2 (Chen et al. 2020b, "Big Self-Supervised Models are Strong Semi-Supervised
+    Learners"). ``batchnorm`` adds BatchNorm1d after each hidden linear layer (whose bias is then
+    redundant and dropped).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int | None = None, out_dim: int = 128, layers: int = 2,
+                 batchnorm: bool = True) -> None:
+        super().__init__()
+        if layers not in (0, 1, 2, 3):
+            raise ValueError(f"layers must be 0, 1, 2 or 3, got {layers}")
+        hidden_dim = int(hidden_dim or in_dim)
+        self.in_dim, self.hidden_dim, self.layers, self.batchnorm = int(in_dim), hidden_dim, layers, batchnorm
+        self.out_dim = int(in_dim) if layers == 0 else int(out_dim)
+        blocks: list[nn.Module] = []
+        d = self.in_dim
+        for _ in range(max(0, layers - 1)):
+            blocks.append(nn.Linear(d, hidden_dim, bias=not batchnorm))
+            if batchnorm:
+                blocks.append(nn.BatchNorm1d(hidden_dim))
+            blocks.append(nn.ReLU(inplace=True))
+            d = hidden_dim
+        if layers >= 1:
+            blocks.append(nn.Linear(d, self.out_dim))
+        self.net = nn.Sequential(*blocks) if blocks else nn.Identity()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (B, in_dim) -> z: (B, out_dim)."""
+        return self.net(h)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (stored in ``encoder.json`` as ``head``)."""
+        return {"in_dim": self.in_dim, "hidden_dim": self.hidden_dim, "out_dim": self.out_dim,
+                "layers": self.layers, "batchnorm": self.batchnorm}
+
+
+class SimCLRModel(nn.Module):
+    """Backbone f(.) plus projection head g(.): (B, 3, H, W) -> (h (B, F), z (B, D))."""
+
+    def __init__(self, backbone: nn.Module, head: ProjectionHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.backbone(x)
+        return h, self.head(h)
+
+
+def create_simclr_model(cfg: Any) -> SimCLRModel:
+    """Backbone and head from a :class:`~simclr_path.config.ModelConfig`."""
+    backbone = create_backbone(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights)
+    head = ProjectionHead(int(backbone.num_features), cfg.head_hidden_dim, cfg.head_out_dim,
+                          cfg.head_layers, cfg.head_batchnorm)
+    return SimCLRModel(backbone, head)
+
+
+def save_projection_head(head: ProjectionHead, path: str | os.PathLike, force: bool = False) -> Path:
+    """Write ``head.pt`` (a state dict of tensors) atomically."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    with atomic_output(path, force=force) as tmp:
+        torch.save(sd, tmp)
+    return Path(path)
+
+
+def load_projection_head(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ProjectionHead:
+    """The trained projection head of a pretraining run, in eval mode: (B, F) -> (B, D).
+
+    Reads ``head.pt`` and the ``head`` entry of ``encoder.json`` in ``run_dir`` (a run directory,
+    or its ``encoder.pt``). With ``layers = 0`` the head is the identity.
+    """
+    d = Path(run_dir)
+    if d.is_file():
+        d = d.parent
+    info = encoder_info(d / "encoder.pt")
+    spec = info.get("head")
+    if not isinstance(spec, dict):
+        raise SimclrPathError(f"{d / 'encoder.json'}: no projection head recorded; "
+                              "the run was not written by 'simclr-path pretrain'")
+    head = ProjectionHead(spec["in_dim"], spec.get("hidden_dim"), spec["out_dim"], spec["layers"],
+                          spec.get("batchnorm", True))
+    sd = load_state_dict_file(d / "head.pt", "projection head file") if spec["layers"] > 0 else {}
+    try:
+        head.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise SimclrPathError(f"{d / 'head.pt'}: does not match the head in encoder.json "
+                              f"({str(exc).splitlines()[0]})") from None
+    return head.eval().to(device)

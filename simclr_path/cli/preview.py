@@ -1,0 +1,31 @@
+"""``simclr-path preview``: a PNG grid of augmented SimCLR view pairs from patch stores."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from simclr_path.config import PRESETS, load_config
+
+HELP = "Write a PNG grid of augmented view pairs (the SimCLR training views) from patch stores."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stores", type=Path, nargs="*", metavar="STORE.h5", help="patch stores")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (section augment)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="named preset [default]")
+    p.add_argument("--pairs", type=int, default=8, help="number of view pairs (rows)")
+    p.add_argument("--seed", type=int, default=0, help="which patches and augmentations")
+    p.add_argument("--force", action="store_true", help="overwrite an existing PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    from simclr_path.outputs import check_can_write
+    from simclr_path.transforms import preview
+
+    check_can_write(args.out, args.force)
+    cfg = load_config(args.config, args.preset)
+    print(preview(args.stores, args.out, cfg.augment, n_pairs=args.pairs, seed=args.seed,
+                  force=args.force))
+    return 0

@@ -1,0 +1,202 @@
+"""SimCLR training data over many patch stores (slide stores and imported patch stores).
+
+* :func:`open_stores` validates the inputs (no stores, empty stores, views larger than patches).
+* :class:`BatchPlan` decides, for every epoch, which patches are used (optionally at most
+  ``max_patches_per_slide`` per store, redrawn each epoch), shuffles them across slides, and splits
+  each global batch between processes (like ``DistributedSampler``, dropping the incomplete last
+  batch). Everything is a pure function of ``(seed, epoch)``, so a run resumed at step ``k``
+  sees exactly the batches an uninterrupted run would.
+* :class:`TwoViewBatches` is the map-style dataset the DataLoader workers index with one whole
+  batch at a time (a list of ``(store, patch)`` keys and a seed): each worker opens the HDF5 files
+  lazily in its own process (:class:`~simclr_path.store.PatchStore`), reads the patches, and
+  applies the geometric augmentations (:class:`~simclr_path.transforms.GeometricViews`) on uint8,
+  returning two uint8 tensors. Colour and stain augmentation run later, batched on the device.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from simclr_path.config import AugmentConfig
+from simclr_path.errors import SimclrPathError
+from simclr_path.store import PatchStore
+
+
+def open_stores(paths: Sequence[str | os.PathLike | PatchStore], image_size: int | None = None,
+                ) -> list[PatchStore]:
+    """Open and check the training stores; return those with patches.
+
+    A store without patches (a slide without tissue) is skipped with a warning when others have
+    patches; all empty, none given, or views larger than a store's patches raise
+    :class:`SimclrPathError`.
+    """
+    if not paths:
+        raise SimclrPathError("no patch stores given; pass one or more STORE.h5 files "
+                              "(from 'simclr-path tile' or 'simclr-path import-patches')")
+    stores = [p if isinstance(p, PatchStore) else PatchStore(p) for p in paths]
+    kept = [s for s in stores if len(s) > 0]
+    if not kept:
+        names = ", ".join(str(s.path) for s in stores[:3]) + (" ..." if len(stores) > 3 else "")
+        raise SimclrPathError(f"{names}: no patches in the given store(s); tile with a lower "
+                              "--min-tissue or check the slides")
+    for s in stores:
+        if len(s) == 0:
+            warnings.warn(f"{s.path}: store has no patches; skipped", stacklevel=2)
+    if image_size is not None:
+        for s in kept:
+            if image_size > s.patch_size:
+                raise SimclrPathError(
+                    f"{s.path}: augment.image_size {image_size} is larger than the stored "
+                    f"{s.patch_size} px patches; use --image-size <= {s.patch_size} or re-tile "
+                    "with a larger --patch-size")
+    return kept
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (independent streams for different parts)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One process's share of a global batch: ``keys`` (B, 2) = (store index, patch index)."""
+
+    epoch: int
+    index: int  # batch index within the epoch
+    keys: np.ndarray
+    seed: int  # seeds the geometric augmentation of this batch
+
+
+class BatchPlan:
+    """Deterministic batches across stores, sharded between processes.
+
+    Args:
+        sizes: number of patches of each store.
+        batch_size: per-process batch size B.
+        seed: run seed.
+        max_patches_per_slide: use at most this many patches of each store per epoch (a fresh
+            random subset each epoch); None = all.
+        rank, world_size: this process and the number of processes; each global batch of
+            ``B * world_size`` patches is split in contiguous slices by rank.
+    """
+
+    def __init__(self, sizes: Sequence[int], batch_size: int, seed: int = 0,
+                 max_patches_per_slide: int | None = None, rank: int = 0, world_size: int = 1,
+                 names: Sequence[str] | None = None) -> None:
+        self.sizes = [int(n) for n in sizes]
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.cap = max_patches_per_slide
+        self.rank, self.world_size = int(rank), int(world_size)
+        if self.cap is not None and self.cap < 1:
+            raise SimclrPathError(f"train.max_patches_per_slide must be >= 1, got {self.cap}")
+        used = sum(min(n, self.cap) if self.cap else n for n in self.sizes)
+        self.patches_per_epoch = used
+        global_batch = self.batch_size * self.world_size
+        if used < global_batch:
+            what = f" ({self.world_size} processes x {self.batch_size})" if self.world_size > 1 else ""
+            where = f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}: " if names else ""
+            raise SimclrPathError(
+                f"{where}batch size {global_batch}{what} is larger than the {used} training "
+                f"patches{' (after max_patches_per_slide)' if self.cap else ''}; use a smaller "
+                "--batch-size or more patches")
+        self.batches_per_epoch = used // global_batch
+
+    def epoch_keys(self, epoch: int) -> np.ndarray:
+        """All (store, patch) keys of ``epoch`` in training order, before sharding: (M, 2)."""
+        rng = np.random.default_rng(_seed(self.seed, epoch, 7))
+        parts = []
+        for si, n in enumerate(self.sizes):
+            idx = (np.sort(rng.choice(n, size=self.cap, replace=False))
+                   if self.cap is not None and self.cap < n else np.arange(n))
+            parts.append(np.stack([np.full(len(idx), si), idx], axis=1))
+        keys = np.concatenate(parts).astype(np.int64)
+        return keys[rng.permutation(len(keys))]
+
+    def batches(self, start_step: int = 0, total_steps: int | None = None) -> Iterator[Batch]:
+        """This process's batches from global step ``start_step`` on (epochs repeat as needed)."""
+        step = int(start_step)
+        while total_steps is None or step < total_steps:
+            epoch, b = divmod(step, self.batches_per_epoch)
+            keys = self.epoch_keys(epoch)
+            g = self.batch_size * self.world_size
+            while b < self.batches_per_epoch and (total_steps is None or step < total_steps):
+                lo = b * g + self.rank * self.batch_size
+                yield Batch(epoch, b, keys[lo:lo + self.batch_size],
+                            _seed(self.seed, epoch, b, self.rank, 11))
+                b += 1
+                step += 1
+
+
+class TwoViewBatches(Dataset):
+    """Map-style dataset indexed by :class:`Batch`: returns two uint8 views of each patch.
+
+    ``dataset[batch]`` -> ``(v1, v2)``, each uint8 (B, s, s, 3) with s = ``cfg.image_size``.
+    Used with ``DataLoader(dataset, batch_size=None, sampler=plan.batches(...))`` so each worker
+    reads and augments a whole batch (few, large messages between processes).
+    """
+
+    def __init__(self, stores: Sequence[PatchStore], cfg: AugmentConfig) -> None:
+        from simclr_path.transforms import GeometricViews
+
+        self.stores = list(stores)
+        self.cfg = cfg
+        self.geometric = GeometricViews(cfg)
+
+    def __len__(self) -> int:  # not used for sampling; the plan drives the loader
+        return sum(len(s) for s in self.stores)
+
+    def read(self, keys: np.ndarray) -> list[np.ndarray]:
+        """The patches of ``keys`` (B, 2), in order; one sorted HDF5 read per store."""
+        out: list[np.ndarray | None] = [None] * len(keys)
+        for si in np.unique(keys[:, 0]):
+            rows = np.nonzero(keys[:, 0] == si)[0]
+            patches = self.stores[int(si)][keys[rows, 1]]
+            for r, p in zip(rows, patches):
+                out[r] = p
+        return out  # type: ignore[return-value]
+
+    def __getitem__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        patches = self.read(batch.keys)
+        self.geometric.seed(batch.seed)
+        v1 = np.stack([self.geometric(p) for p in patches])
+        v2 = np.stack([self.geometric(p) for p in patches])
+        return torch.from_numpy(v1), torch.from_numpy(v2)
+
+
+class _PlanSampler:
+    """Iterable over :class:`Batch` items, generated lazily (a long run has many epochs)."""
+
+    def __init__(self, plan: BatchPlan, start_step: int, total_steps: int) -> None:
+        self.plan, self.start, self.total = plan, int(start_step), int(total_steps)
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.plan.batches(self.start, self.total)
+
+
+def _worker_init(_: int) -> None:
+    # Workers augment on uint8 with OpenCV: one thread each, so N workers use N cores, not N^2.
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def make_loader(stores: Sequence[PatchStore], cfg: AugmentConfig, plan: BatchPlan, start_step: int,
+                total_steps: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    """DataLoader of ``(v1, v2)`` uint8 view batches for steps ``start_step .. total_steps - 1``."""
+    ds = TwoViewBatches(stores, cfg)
+    sampler = _PlanSampler(plan, start_step, total_steps)
+    kw = {"prefetch_factor": 4, "persistent_workers": False} if workers > 0 else {}
+    return DataLoader(ds, batch_size=None, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None, **kw)

@@ -1,0 +1,105 @@
+"""NT-Xent, the SimCLR contrastive loss, with negatives gathered from every process.
+
+Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations", eq. 1:
+for 2N projections of N pairs, the loss of anchor i with positive j(i) is
+
+    l_i = -log( exp(sim(z_i, z_j) / t) / sum_{k != i} exp(sim(z_i, z_k) / t) )
+
+with cosine similarity ``sim`` and temperature ``t``, averaged over all 2N anchors.
+
+Under DDP each process holds N local pairs; the negatives of its anchors are the projections of
+*all* processes (2 N W candidates). The gather must be differentiable in the right way: the loss of
+process r depends on the projections of process q, so the gradient w.r.t. q's projections is the
+**sum** over all processes of their losses' gradients. :class:`GatherLayer` all-reduces the
+gradient in its backward pass and returns the local slice. The bug this avoids, found in several
+public SimCLR implementations: gathering with ``torch.distributed.all_gather`` (no gradient at
+all: the other processes' projections act as constants, and each process only learns from its own
+loss' gradient w.r.t. its own projections), or a custom backward that returns
+``grad_output[rank]`` without the all-reduce; either way the gradient misses the contributions of
+the other processes' losses, so multi-GPU training silently optimises a different objective than
+single-GPU training with the same global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class GatherLayer(torch.autograd.Function):
+    """All-gather with a correct backward: (N, D) per process -> (W * N, D) in rank order.
+
+    Backward: the incoming gradient of the full gathered tensor is summed over all processes
+    (``all_reduce``), and each process keeps the slice of its own rows. Works with any backend
+    that supports all_gather and all_reduce (nccl, gloo).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x)
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, D) from every process, concatenated in rank order (W * N, D); identity when not
+    distributed."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return GatherLayer.apply(x)
+    return x
+
+
+class NTXentLoss(nn.Module):
+    """Normalised temperature-scaled cross entropy (NT-Xent) for two views.
+
+    Args:
+        temperature: softmax temperature t (SimCLR uses 0.1-0.5).
+        gather_distributed: under ``torch.distributed``, use the projections of all processes as
+            negatives (the effective batch is the global batch).
+
+    ``loss(z1, z2)``: z1, z2 (N, D) projections of the two views of the same N images (row i of
+    z1 and row i of z2 are a positive pair). Returns the mean over this process's 2N anchors; with
+    DDP's gradient averaging this yields exactly the gradient of the global-batch loss.
+    """
+
+    def __init__(self, temperature: float = 0.1, gather_distributed: bool = True) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.gather_distributed = gather_distributed
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        if z1.shape != z2.shape or z1.ndim != 2:
+            raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        n = z1.shape[0]
+        z1 = F.normalize(z1.float(), dim=1)
+        z2 = F.normalize(z2.float(), dim=1)
+        anchors = torch.cat([z1, z2])  # (2N, D): local anchors
+        offset = 0
+        if self.gather_distributed and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            a1, a2 = gather_with_grad(z1), gather_with_grad(z2)  # (W N, D) each
+            offset = dist.get_rank() * n
+            cands = torch.cat([a1, a2])  # (2 W N, D)
+        else:
+            cands = anchors
+        m = cands.shape[0] // 2  # candidates per view
+        logits = anchors @ cands.T / self.temperature  # (2N, 2M)
+        rows = torch.arange(2 * n, device=z1.device)
+        local = torch.arange(n, device=z1.device) + offset
+        self_idx = torch.cat([local, local + m])  # each anchor's own column
+        pos_idx = torch.cat([local + m, local])  # its other view
+        # an anchor is not its own negative
+        logits = logits.index_put((rows, self_idx), logits.new_full((2 * n,), float("-inf")))
+        return F.cross_entropy(logits, pos_idx)

@@ -1,0 +1,608 @@
+"""SimCLR pretraining (``simclr-path pretrain``): the loop, checkpoints, resume, run directory.
+
+Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations":
+two augmented views of each patch, a timm backbone f and projection head g, NT-Xent on g(f(x)),
+LARS with linear LR scaling, warm-up then cosine decay.
+
+Run directory (``--out RUN_DIR``)::
+
+    config.yaml    resolved configuration (written first)
+    metrics.csv    step, epoch, loss, lr, pairs_per_s, data_time_s, compute_time_s (one row a step)
+    checkpoint.pt  model, head, optimiser, scheduler, grad scaler, RNG states, step (atomic)
+    loss.png       loss and LR curves
+    head.pt        projection head state dict (see model.load_projection_head)
+    encoder.pt     backbone only, a plain timm state dict; encoder.json its metadata
+    summary.json   steps, epochs, wall time, pairs/s, final loss -- written last: a run directory
+                   without it is not complete
+    tensorboard/   TensorBoard event files (train.tensorboard)
+
+Processes: run plainly for one CPU or GPU, or under ``torchrun`` for several GPUs or nodes
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` from the environment; NCCL on CUDA, gloo on CPU). Each
+process trains on its own slice of every global batch; NT-Xent negatives come from all processes
+(:mod:`simclr_path.loss`); only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from simclr_path import __version__
+from simclr_path.config import PipelineConfig, TrainConfig, to_dict
+from simclr_path.errors import SimclrPathError
+from simclr_path.outputs import atomic_output
+
+CHECKPOINT_VERSION = 1
+METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "pairs_per_s", "data_time_s", "compute_time_s"]
+# Files a run writes; --force removes exactly these (never other files of the folder).
+RUN_FILES = ["config.yaml", "metrics.csv", "checkpoint.pt", "loss.png", "head.pt", "encoder.pt",
+             "encoder.json", "summary.json"]
+RUN_DIRS = ["tensorboard", "mlruns"]
+# Files that mark a run as finished; removed before any (re)start so a failed run never has them.
+COMPLETE_FILES = ["summary.json", "encoder.pt", "encoder.json", "head.pt", "loss.png"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and processes
+# ----------------------------------------------------------------------------------------------
+class Dist:
+    """This process's place in a torchrun job (or a single process)."""
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.initialized_here = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device: torch.device) -> None:
+        if not self.enabled or (dist.is_available() and dist.is_initialized()):
+            return
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method="env://")
+        self.initialized_here = True
+
+    def barrier(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` -> a device; ``cuda`` without a GPU is a user error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SimclrPathError("--device cuda: no CUDA GPU is available to PyTorch "
+                              f"(torch {torch.__version__}); use --device cpu or --device auto")
+    if name not in ("auto", "cpu", "cuda"):
+        raise SimclrPathError(f"--device {name}: expected auto, cpu or cuda")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def amp_mode(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for float32.
+
+    CUDA: bf16 where the GPU supports it, else fp16 (with a GradScaler). CPU: float32 even with
+    ``amp: true`` -- CPU bf16 autocast was 1.6-2.5x slower than float32 on this machine's AVX2 cores
+    without native bf16 (``benchmarks/bench_train.py --cpu-bf16``), so enabling it would only hurt.
+    """
+    if not cfg.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ----------------------------------------------------------------------------------------------
+def scaled_lr(cfg: TrainConfig, global_batch: int) -> float:
+    """Base LR (quoted at batch 256) scaled with the global batch (Goyal et al. 2017; SimCLR)."""
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * global_batch / 256.0
+    if cfg.lr_scaling == "sqrt":
+        return cfg.lr * math.sqrt(global_batch / 256.0)
+    return cfg.lr
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: weights (decayed, LARS-adapted) and biases/norm parameters (neither).
+
+    As in SimCLR, biases and batch-norm parameters (every tensor with ndim <= 1) are excluded from
+    weight decay and from the LARS trust ratio.
+    """
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "adapt": True},
+            {"params": no_decay, "weight_decay": 0.0, "adapt": False}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "lars":
+        from timm.optim import Lars
+
+        for g in groups:  # timm's Lars adapts a group when weight_decay != 0 or always_adapt
+            g["always_adapt"] = g.pop("adapt")
+        return Lars(groups, lr=lr, momentum=cfg.momentum, trust_coeff=0.001)
+    for g in groups:
+        g.pop("adapt")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    """Linear warm-up from 0, then cosine decay to 0, stepped once per optimiser step."""
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=0.0,
+                             warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
+                             t_in_epochs=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    """RNG states as tensors and primitive types (loadable with ``weights_only=True``)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half checkpoint."""
+    with atomic_output(path, force=True) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; one clear error when it is unusable."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt zip, truncated file, foreign pickle ...
+        raise SimclrPathError(f"{path}: cannot read checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); delete it "
+                              "and rerun without --resume, or with --force") from None
+    need = {"format_version", "step", "model", "optimizer", "scheduler", "config"}
+    if not isinstance(ck, dict) or not need <= set(ck):
+        raise SimclrPathError(f"{path}: not a simclr-path checkpoint; rerun without --resume or "
+                              "with --force")
+    return ck
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    m = getattr(model, "_orig_mod", model)  # torch.compile
+    m = getattr(m, "module", m)  # DDP
+    return getattr(m, "_orig_mod", m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directory
+# ----------------------------------------------------------------------------------------------
+def _prepare_run_dir(out: Path, resume: bool, force: bool) -> bool:
+    """Check and clean RUN_DIR; return True when a checkpoint will be resumed (rank 0 only)."""
+    has_ckpt = (out / "checkpoint.pt").is_file()
+    if out.exists() and not out.is_dir():
+        raise SimclrPathError(f"{out}: exists and is not a directory; choose another --out")
+    nonempty = out.is_dir() and any(out.iterdir())
+    if resume and has_ckpt:
+        for name in COMPLETE_FILES:  # a resumed run is incomplete until it finishes again
+            (out / name).unlink(missing_ok=True)
+        return True
+    if nonempty and not force and not resume:
+        raise SimclrPathError(f"{out}: run directory exists and is not empty; pass --resume to "
+                              "continue its checkpoint or --force to start over")
+    if nonempty and not resume and force or (resume and not has_ckpt):
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        for name in RUN_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(text)
+
+
+class _Metrics:
+    """metrics.csv, appended a window at a time; on resume, rows after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        rows: list[list[str]] = []
+        if resume_step is not None and path.is_file():
+            with path.open(newline="") as f:
+                rd = csv.reader(f)
+                header = next(rd, None)
+                if header == METRIC_COLUMNS:
+                    rows = [r for r in rd if r and int(r[0]) <= resume_step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(METRIC_COLUMNS)
+            w.writerows(rows)
+        os.replace(tmp, path)
+        self.last_loss = float(rows[-1][2]) if rows else float("nan")
+
+    def append(self, rows: list[list[Any]]) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerows(rows)
+        if rows:
+            self.last_loss = float(rows[-1][2])
+
+
+class _Tracker:
+    """Optional experiment tracking: TensorBoard event files, MLflow when installed and enabled."""
+
+    def __init__(self, out: Path, cfg: PipelineConfig, enabled: bool) -> None:
+        self.tb = None
+        self.mlflow = None
+        if not enabled:
+            return
+        t = cfg.train
+        if t.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+            except ImportError:
+                warnings.warn("train.tensorboard: tensorboard is not installed; not logging",
+                              stacklevel=3)
+        if t.mlflow:
+            try:
+                import mlflow
+            except ImportError:
+                warnings.warn("train.mlflow: mlflow is not installed (pip install mlflow); "
+                              "not logging to MLflow", stacklevel=3)
+            else:
+                uri = t.mlflow_uri or (out / "mlruns").resolve().as_uri()
+                mlflow.set_tracking_uri(uri)
+                mlflow.set_experiment(t.mlflow_experiment)
+                self.mlflow = mlflow
+                mlflow.start_run(run_name=out.name)
+                flat = {f"{s}.{k}": v for s, d in to_dict(cfg).items() if s in
+                        ("augment", "model", "train") for k, v in d.items()}
+                mlflow.log_params({k: str(v)[:250] for k, v in flat.items()})
+
+    def log(self, rows: list[list[Any]]) -> None:
+        for step, _epoch, loss, lr, pps, dt, ct in rows:
+            if self.tb is not None:
+                self.tb.add_scalar("train/loss", loss, step)
+                self.tb.add_scalar("train/lr", lr, step)
+                self.tb.add_scalar("train/pairs_per_s", pps, step)
+                self.tb.add_scalar("train/data_time_s", dt, step)
+                self.tb.add_scalar("train/compute_time_s", ct, step)
+            if self.mlflow is not None:
+                self.mlflow.log_metrics({"loss": loss, "lr": lr, "pairs_per_s": pps}, step=step)
+
+    def close(self, summary: dict[str, Any] | None = None, out: Path | None = None) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        if self.mlflow is not None:
+            if summary is not None:
+                self.mlflow.log_metrics({k: float(v) for k, v in summary.items()
+                                         if isinstance(v, (int, float)) and math.isfinite(v)})
+                for name in ("loss.png", "summary.json", "config.yaml"):
+                    if out is not None and (out / name).is_file():
+                        self.mlflow.log_artifact(str(out / name))
+            self.mlflow.end_run(status="FINISHED" if summary is not None else "FAILED")
+
+
+def _on_step_end(step: int) -> None:
+    """Hook called after every optimiser step (tests use it to simulate an interruption)."""
+
+
+def _store_mpp(stores) -> float | None:
+    mpps = {round(float(s.mpp), 6) for s in stores if s.mpp is not None}
+    return mpps.pop() if len(mpps) == 1 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: PipelineConfig | None = None,
+             resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Pretrain a SimCLR encoder on patch stores; write the run directory ``out``.
+
+    Args:
+        stores: patch stores (``tile`` or ``import-patches`` output).
+        out: run directory (see the module docstring for its contents).
+        cfg: resolved configuration; its ``augment``, ``model`` and ``train`` sections are used.
+        resume: continue from ``out/checkpoint.pt`` when there is one (else start fresh).
+        force: start over in a non-empty ``out`` (only this run's files are removed).
+        progress: show a progress bar (rank 0 only).
+
+    Returns:
+        The summary also written to ``summary.json``: steps, epochs, wall_time_s, pairs_per_s,
+        final_loss, ... .
+
+    Under ``torchrun`` every process calls this with the same arguments.
+    """
+    from simclr_path.data import BatchPlan, open_stores
+    from simclr_path.model import create_simclr_model
+
+    cfg = cfg or PipelineConfig()
+    t_cfg, a_cfg, m_cfg = cfg.train, cfg.augment, cfg.model
+    out = Path(out)
+    world = Dist()
+    # ---- every check a user can fail comes before the run directory is touched ----
+    device = resolve_device(t_cfg.device, world.local_rank)
+    opened = open_stores(stores, image_size=a_cfg.image_size)
+    plan = BatchPlan([len(s) for s in opened], t_cfg.batch_size, t_cfg.seed, t_cfg.max_patches_per_slide,
+                     world.rank, world.world_size, names=[str(s.path) for s in opened])
+    torch.manual_seed(t_cfg.seed)
+    np.random.seed(t_cfg.seed % 2**32)
+    random.seed(t_cfg.seed)
+    model = create_simclr_model(m_cfg)  # unknown arch, bad weights file
+    ck = None
+    if resume and (out / "checkpoint.pt").is_file():
+        ck = load_checkpoint(out / "checkpoint.pt")
+        old = json.loads(ck["config"])
+        if old.get("model") != to_dict(cfg)["model"]:
+            raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with a different model "
+                                  "section; resume with the same configuration or use --force")
+        if int(ck.get("world_size", 1)) * int(old["train"]["batch_size"]) != \
+                world.world_size * t_cfg.batch_size:
+            raise SimclrPathError(f"{out / 'checkpoint.pt'}: global batch size differs from the "
+                                  "checkpoint's; resume with the same batch size and process count")
+        try:
+            model.load_state_dict(ck["model"])
+        except RuntimeError as exc:
+            raise SimclrPathError(f"{out / 'checkpoint.pt'}: model weights do not fit "
+                                  f"({str(exc).splitlines()[0][:160]}); use --force to start over") from None
+    world.init(device)
+    try:
+        if world.main:
+            _prepare_run_dir(out, resume, force)
+        world.barrier()
+        return _train(opened, out, cfg, progress, world, device, plan, model, ck)
+    finally:
+        world.close()
+
+
+def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, device: torch.device,
+           plan, model: nn.Module, ck: dict[str, Any] | None) -> dict[str, Any]:
+    from simclr_path.data import make_loader
+    from simclr_path.loss import NTXentLoss
+    from simclr_path.model import save_encoder, save_projection_head
+    from simclr_path.transforms import ColorAugment
+
+    t_cfg, a_cfg, m_cfg = cfg.train, cfg.augment, cfg.model
+    spe = plan.batches_per_epoch
+    total_steps = int(t_cfg.max_steps) if t_cfg.max_steps else int(t_cfg.epochs) * spe
+    # warm-up is capped at half the run so that short runs (max_steps, demos) still decay
+    warmup_steps = min(round(t_cfg.warmup_epochs * spe), total_steps // 2)
+    lr = scaled_lr(t_cfg, t_cfg.batch_size * world.world_size)
+    cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
+    if world.main:
+        _write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    # ---- model, optimiser, schedule ----
+    if world.enabled and t_cfg.sync_batchnorm and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    model = model.to(device)
+    memory_format = torch.channels_last if t_cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = build_optimizer(model, t_cfg, lr)
+    scheduler = build_scheduler(optimizer, total_steps, warmup_steps)
+    dtype = amp_mode(t_cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start_step = 0
+    wall_before = 0.0
+    if ck is not None:
+        try:
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            if ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise SimclrPathError(f"{out / 'checkpoint.pt'}: optimiser state does not fit this "
+                                  f"configuration ({exc}); use --force to start over") from None
+        _set_rng_state(ck["rng"])
+        start_step = int(ck["step"])
+        wall_before = float(ck.get("wall_time_s", 0.0))
+    train_model: nn.Module = model
+    if world.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t_cfg.compile:
+        train_model = torch.compile(train_model)
+    criterion = NTXentLoss(t_cfg.temperature, gather_distributed=True)
+    colour = ColorAugment(a_cfg)
+    metrics = _Metrics(out / "metrics.csv", start_step if ck is not None else None) if world.main else None
+    tracker = _Tracker(out, cfg, enabled=world.main)
+
+    def checkpoint(step: int, wall: float) -> None:
+        if not world.main:
+            return
+        save_checkpoint(out / "checkpoint.pt", {
+            "format_version": CHECKPOINT_VERSION, "simclr_path_version": __version__,
+            "step": step, "epoch": step // spe, "batch_in_epoch": step % spe,
+            "total_steps": total_steps, "world_size": world.world_size,
+            "model": {k: v.detach().cpu() for k, v in _unwrap(train_model).state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "rng": _rng_state(), "config": cfg_json, "wall_time_s": wall,
+        })
+
+    # ---- loop ----
+    from tqdm.auto import tqdm
+
+    loader = make_loader(opened, a_cfg, plan, start_step, total_steps, t_cfg.workers,
+                         pin_memory=device.type == "cuda")
+    bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
+               disable=None if progress and world.main else True)
+    t0 = time.perf_counter()
+    step = start_step
+    stopped = "completed"
+    pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss on device, lr)
+    win_t0, win_data = time.perf_counter(), 0.0
+    pairs_per_s = float("nan")
+    train_model.train()
+    non_blocking = device.type == "cuda"
+
+    def flush() -> None:
+        nonlocal win_t0, win_data, pairs_per_s
+        if not pending:
+            return
+        losses = torch.stack([p[1] for p in pending]).float()
+        if world.enabled:
+            dist.all_reduce(losses, op=dist.ReduceOp.SUM)
+            losses /= world.world_size
+        losses = losses.cpu().tolist()  # the one device sync per window
+        now = time.perf_counter()
+        n = len(pending)
+        span = max(now - win_t0, 1e-9)
+        pairs_per_s = n * t_cfg.batch_size * world.world_size / span
+        data_t = win_data / n
+        comp_t = max(span - win_data, 0.0) / n
+        rows = [[s, (s - 1) // spe, v, lr_s, round(pairs_per_s, 3), round(data_t, 5),
+                 round(comp_t, 5)] for (s, _, lr_s), v in zip(pending, losses)]
+        bad = [r for r in rows if not math.isfinite(r[2])]
+        pending.clear()
+        win_t0, win_data = now, 0.0
+        if world.main:
+            metrics.append(rows)
+            tracker.log(rows)
+            bar.set_postfix(loss=f"{rows[-1][2]:.4f}", lr=f"{rows[-1][3]:.3g}", pairs_s=f"{pairs_per_s:.1f}")
+        if bad:
+            raise SimclrPathError(
+                f"{out}: loss became {bad[0][2]} at step {bad[0][0]}; lower train.lr, use "
+                "train.optimizer adamw, or set train.amp false; the last good checkpoint is "
+                f"{out / 'checkpoint.pt'} (resume after changing the config is not supported)")
+
+    try:
+        it = iter(loader)
+        while step < total_steps:
+            td = time.perf_counter()
+            try:
+                v1, v2 = next(it)
+            except StopIteration:
+                break
+            win_data += time.perf_counter() - td
+            views = torch.cat([v1, v2]).to(device, non_blocking=non_blocking)  # (2B, s, s, 3) uint8
+            gen = torch.Generator().manual_seed(_aug_seed(t_cfg.seed, step, world.rank))
+            x = colour(views, gen).contiguous(memory_format=memory_format)  # (2B, 3, s, s)
+            scheduler.step_update(step + 1)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                _, z = train_model(x)
+            z1, z2 = z.float().chunk(2)
+            loss = criterion(z1, z2)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            pending.append((step, loss.detach(), optimizer.param_groups[0]["lr"]))
+            if world.main:
+                bar.update(1)
+            stop_now = False
+            if t_cfg.time_budget_s is not None:
+                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                if world.enabled:  # every process must stop at the same step
+                    dist.broadcast(elapsed, src=0)
+                stop_now = float(elapsed) >= t_cfg.time_budget_s
+            if len(pending) >= t_cfg.log_every or step == total_steps or stop_now:
+                flush()
+            if step % t_cfg.checkpoint_every == 0 and step < total_steps and not stop_now:
+                flush()
+                checkpoint(step, wall_before + time.perf_counter() - t0)
+            _on_step_end(step)
+            if stop_now and step < total_steps:
+                stopped = "time_budget"
+                break
+        flush()
+    except BaseException:
+        bar.close()
+        tracker.close(None)
+        raise
+    bar.close()
+    if step < total_steps and stopped == "completed":
+        stopped = "data_exhausted"
+    wall = wall_before + time.perf_counter() - t0
+    checkpoint(step, wall)
+    summary: dict[str, Any] = {}
+    if world.main:
+        from simclr_path.figures import plot_loss_curve
+
+        core = _unwrap(train_model)
+        mpp = _store_mpp(opened)
+        if math.isfinite(metrics.last_loss):  # at least one row
+            plot_loss_curve(out / "metrics.csv", out / "loss.png",
+                            title=f"SimCLR pretraining loss ({m_cfg.arch}, {out.name})")
+        save_projection_head(core.head, out / "head.pt", force=True)
+        save_encoder(core.backbone, out / "encoder.pt", m_cfg.arch, force=True,
+                     image_size=a_cfg.image_size, mpp=mpp, head=core.head.config(),
+                     stores=[str(s.path) for s in opened], steps=step,
+                     simclr_path_version=__version__)
+        trained_steps = step - start_step
+        summary = {
+            "steps": step, "total_steps": total_steps, "epochs": round(step / spe, 4),
+            "steps_per_epoch": spe, "stopped": stopped,
+            "wall_time_s": round(wall, 3),
+            "pairs_per_s": round(trained_steps * plan.batch_size * world.world_size
+                                 / max(time.perf_counter() - t0, 1e-9), 3),
+            "final_loss": metrics.last_loss, "global_batch_size": plan.batch_size * world.world_size,
+            "lr": lr, "world_size": world.world_size, "device": str(device),
+            "amp": str(dtype).replace("torch.", "") if dtype else "float32",
+            "arch": m_cfg.arch, "image_size": a_cfg.image_size, "mpp": mpp,
+            "n_stores": len(opened), "patches_per_epoch": plan.patches_per_epoch,
+            "resumed_from_step": start_step if ck is not None else None,
+        }
+        _write_text(out / "summary.json", json.dumps(summary, indent=2))
+        tracker.close(summary, out)
+    world.barrier()
+    return summary
+
+
+def _aug_seed(seed: int, step: int, rank: int) -> int:
+    from simclr_path.data import _seed
+
+    return _seed(seed, step, rank, 13)
