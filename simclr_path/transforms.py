@@ -41,7 +41,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # skimage.color.rgb_from_hed; OD_rgb = stains @ RGB_FROM_HED and stains = OD_rgb @ HED_FROM_RGB.
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]],
                             dtype=torch.float64)
-RGB_FROM_HED = RGB_FROM_HED / RGB_FROM_HED.norm(dim=1, keepdim=True)
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 
 # Optical density floor: intensities are clamped to >= 1/255 before the log (a black pixel has
@@ -275,7 +274,7 @@ class ColorAugment:
                                           ("brightness", "contrast", "saturation", "hue")))
         if bool(p["blur_on"].any()):
             idx = p["blur_on"].nonzero().squeeze(1)
-            x[idx.to(dev)] = gaussian_blur(x[idx.to(dev)], p["sigma"][idx])
+            x[idx.to(dev)] = gaussian_blur(x[idx.to(dev)], p["sigma"][idx]).clamp_(0.0, 1.0)
         if bool(p["gray_on"].any()):
             idx = p["gray_on"].nonzero().squeeze(1).to(dev)
             x[idx] = _gray(x[idx]).expand(-1, 3, -1, -1)

@@ -33,3 +33,40 @@ def test_corrupt_encoder_fails_clearly(tmp_path):
     (tmp_path / "encoder.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SimclrPathError, match="cannot read"):
         load_encoder(tmp_path / "encoder.pt", arch="resnet18")
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2, 3])
+def test_projection_head_depths(layers, tmp_path):
+    from simclr_path.model import (
+        ProjectionHead,
+        SimCLRModel,
+        load_projection_head,
+        save_projection_head,
+    )
+
+    head = ProjectionHead(512, hidden_dim=64, out_dim=16, layers=layers, batchnorm=True)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in head.modules())
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules())
+    assert n_linear == layers and n_bn == max(0, layers - 1)
+    model = SimCLRModel(create_backbone("resnet18"), head)
+    h, z = model(torch.randn(4, 3, 32, 32))
+    assert h.shape == (4, 512) and z.shape == (4, 512 if layers == 0 else 16)
+    assert head.out_dim == z.shape[1]
+    # round trip through a run directory (encoder.json records the head)
+    save_encoder(model.backbone, tmp_path / "encoder.pt", "resnet18", image_size=32, head=head.config())
+    save_projection_head(head, tmp_path / "head.pt")
+    head.eval()
+    again = load_projection_head(tmp_path)
+    assert not again.training
+    with torch.no_grad():
+        assert torch.equal(again(h), head(h))
+
+
+def test_projection_head_without_batchnorm_and_missing_head(tmp_path):
+    from simclr_path.model import ProjectionHead, load_projection_head
+
+    head = ProjectionHead(8, out_dim=4, layers=3, batchnorm=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules())
+    save_encoder(create_backbone("resnet18"), tmp_path / "encoder.pt", "resnet18")
+    with pytest.raises(SimclrPathError, match="no projection head recorded"):
+        load_projection_head(tmp_path)

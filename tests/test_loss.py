@@ -1,0 +1,135 @@
+"""NT-Xent: against an independent reference, lightly's NTXentLoss, and across gloo processes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from simclr_path.loss import NTXentLoss
+
+
+def reference_ntxent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
+    """Eq. 1 of Chen et al. 2020, written as plain loops in float64 (no masking tricks)."""
+    z = torch.cat([z1, z2]).double()
+    z = z / z.norm(dim=1, keepdim=True)
+    n2 = z.shape[0]
+    n = n2 // 2
+    total = 0.0
+    for i in range(n2):
+        j = (i + n) % n2
+        sims = [torch.dot(z[i], z[k]) / t for k in range(n2) if k != i]
+        denom = torch.logsumexp(torch.stack(sims), dim=0)
+        total = total + (denom - torch.dot(z[i], z[j]) / t)
+    return total / n2
+
+
+def _inputs(n=6, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64),
+            torch.randn(n, d, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5])
+def test_matches_reference_value_and_gradient(t):
+    a, b = _inputs()
+    z1, z2 = a.clone().float().requires_grad_(), b.clone().float().requires_grad_()
+    loss = NTXentLoss(t)(z1, z2)
+    loss.backward()
+    r1, r2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = reference_ntxent(r1, r2, t)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert torch.allclose(z1.grad.double(), r1.grad, atol=1e-5)
+    assert torch.allclose(z2.grad.double(), r2.grad, atol=1e-5)
+
+
+def test_matches_lightly():
+    lightly_loss = pytest.importorskip("lightly.loss")
+    a, b = _inputs(n=8, d=16, seed=3)
+    ours = [a.clone().float().requires_grad_(), b.clone().float().requires_grad_()]
+    theirs = [a.clone().float().requires_grad_(), b.clone().float().requires_grad_()]
+    lo = NTXentLoss(0.2)(*ours)
+    lt = lightly_loss.NTXentLoss(temperature=0.2)(*theirs)
+    lo.backward()
+    lt.backward()
+    assert abs(lo.item() - lt.item()) < 1e-5
+    for x, y in zip(ours, theirs):
+        assert torch.allclose(x.grad, y.grad, atol=1e-5)
+
+
+def test_perfect_alignment_gives_low_loss_and_bad_shapes_raise():
+    z = torch.eye(4) * 10
+    assert NTXentLoss(0.1)(z, z).item() < 1e-3
+    assert math.isclose(NTXentLoss(0.1)(torch.ones(4, 3), torch.ones(4, 3)).item(), math.log(7), rel_tol=1e-5)
+    with pytest.raises(ValueError):
+        NTXentLoss(0.1)(torch.ones(4, 3), torch.ones(3, 3))
+
+
+# ---- two gloo processes with batch N == one process with batch 2N ----
+N, D_IN, D_OUT, T = 4, 6, 5, 0.3
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(2 * N, D_IN, generator=g)
+    x2 = torch.randn(2 * N, D_IN, generator=g)
+    lin = torch.nn.Linear(D_IN, D_OUT)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(D_OUT, D_IN, generator=g))
+        lin.bias.copy_(torch.randn(D_OUT, generator=g))
+    return x1, x2, lin
+
+
+def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x1, x2, lin = _setup()
+        sl = slice(rank * N, (rank + 1) * N)
+        z1 = lin(x1[sl]).detach().requires_grad_()
+        z2 = lin(x2[sl]).detach().requires_grad_()
+        loss = NTXentLoss(T)(z1, z2)
+        loss.backward()
+        # parameter gradients as DDP computes them: local backward, then mean over processes
+        p1, p2 = lin(x1[sl]), lin(x2[sl])
+        lin.zero_grad()
+        NTXentLoss(T)(p1, p2).backward()
+        grads = torch.cat([lin.weight.grad.flatten(), lin.bias.grad.flatten()])
+        dist.all_reduce(grads)
+        grads /= world
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        mean_loss /= world
+        zg = torch.stack([z1.grad, z2.grad])
+        all_zg = [torch.empty_like(zg) for _ in range(world)]
+        dist.all_gather(all_zg, zg)
+        if rank == 0:
+            torch.save({"loss": mean_loss, "param_grad": grads, "z_grad": torch.cat(all_zg, dim=1)},
+                       out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path):
+    out = tmp_path / "dist.pt"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+
+    x1, x2, lin = _setup()
+    z1 = lin(x1).detach().requires_grad_()
+    z2 = lin(x2).detach().requires_grad_()
+    loss = NTXentLoss(T)(z1, z2)
+    loss.backward()
+    lin.zero_grad()
+    NTXentLoss(T)(lin(x1), lin(x2)).backward()
+    grads = torch.cat([lin.weight.grad.flatten(), lin.bias.grad.flatten()])
+
+    assert abs(got["loss"].item() - loss.item()) < 1e-5
+    assert torch.allclose(got["param_grad"], grads, atol=1e-5)
+    # each process's loss is a mean over its own anchors: its gradient w.r.t. the projections
+    # (summed over processes by the gather's backward) is W times the global one
+    assert torch.allclose(got["z_grad"] / 2, torch.stack([z1.grad, z2.grad]), atol=1e-5)

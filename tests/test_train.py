@@ -1,0 +1,267 @@
+"""SimCLR pretraining: learning, resume == uninterrupted, run directory, bad input, DDP on gloo."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import simclr_path.train as T
+from simclr_path.cli import main
+from simclr_path.config import load_config
+from simclr_path.errors import SimclrPathError
+from simclr_path.model import encoder_info, load_encoder, load_projection_head
+from simclr_path.store import PatchStoreWriter
+
+COMPLETE = ["summary.json", "encoder.pt"]
+
+
+def _easy_store(path, n=32, size=32, seed=0, slide_id="E"):
+    """Patches of a few distinct coloured shapes: easy to tell apart, hard to confuse views."""
+    rng = np.random.default_rng(seed)
+    patches = np.full((n, size, size, 3), 235, dtype=np.uint8)
+    for i in range(n):
+        colour = rng.integers(20, 200, 3)
+        y, x = rng.integers(0, size // 2, 2)
+        h, w = rng.integers(size // 4, size // 2, 2)
+        patches[i, y:y + h, x:x + w] = colour
+        patches[i] = np.clip(patches[i] + rng.normal(0, 8, patches[i].shape), 0, 255)
+    with PatchStoreWriter(path, patch_size=size, attrs={"slide_id": slide_id, "kind": "slide", "mpp": 0.5}) as w:
+        w.append(patches, np.zeros((n, 2), dtype=np.int64))
+    return path
+
+
+def _cfg(**train):
+    base = {"batch_size": 8, "max_steps": 4, "workers": 0, "optimizer": "adamw", "lr": 1e-3,
+            "lr_scaling": "none", "warmup_epochs": 0.0, "checkpoint_every": 2, "log_every": 2,
+            "tensorboard": False}
+    base.update(train)
+    return load_config(overrides={"augment": {"image_size": 32}, "model": {"arch": "resnet18"},
+                                  "train": base})
+
+
+@pytest.fixture
+def stores(tmp_path):
+    return [_easy_store(tmp_path / "a.h5", seed=0, slide_id="A"),
+            _easy_store(tmp_path / "b.h5", n=24, seed=1, slide_id="B")]
+
+
+def test_a_few_steps_lower_the_loss(stores, tmp_path):
+    cfg = _cfg(max_steps=24, batch_size=16, log_every=4, lr=2e-3)
+    summary = T.pretrain(stores, tmp_path / "run", cfg, progress=False)
+    df = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert len(df) == 24 and summary["steps"] == 24
+    assert df["loss"].tail(6).mean() < df["loss"].head(6).mean() - 0.2
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(stores, tmp_path, monkeypatch):
+    cfg = _cfg(max_steps=5)
+    T.pretrain(stores, tmp_path / "full", cfg, progress=False)
+
+    def crash(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_on_step_end", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.pretrain(stores, tmp_path / "cut", cfg, progress=False)
+    assert not any((tmp_path / "cut" / f).exists() for f in COMPLETE)  # not complete
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(T, "_on_step_end", lambda step: None)
+    summary = T.pretrain(stores, tmp_path / "cut", cfg, resume=True, progress=False)
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 5
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ma = pd.read_csv(tmp_path / "full" / "metrics.csv")
+    mb = pd.read_csv(tmp_path / "cut" / "metrics.csv")
+    assert ma["step"].tolist() == mb["step"].tolist() == [1, 2, 3, 4, 5]
+    assert np.allclose(ma["loss"], mb["loss"], rtol=0, atol=0)
+
+
+def test_run_directory_and_reloaded_encoder(stores, tmp_path):
+    cfg = _cfg(max_steps=3, tensorboard=True)
+    run = tmp_path / "run"
+    summary = T.pretrain(stores, run, cfg, progress=False)
+    for name in ["encoder.pt", "encoder.json", "head.pt", "checkpoint.pt", "metrics.csv", "loss.png",
+                 "config.yaml", "summary.json"]:
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("steps", "epochs", "wall_time_s", "pairs_per_s", "final_loss"):
+        assert key in on_disk
+    assert np.isfinite(on_disk["final_loss"]) and on_disk["pairs_per_s"] > 0
+    assert list(pd.read_csv(run / "metrics.csv").columns) == T.METRIC_COLUMNS
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["max_steps"] == 3 and resolved["augment"]["image_size"] == 32
+    info = encoder_info(run / "encoder.pt")
+    assert info["arch"] == "resnet18" and info["image_size"] == 32 and info["mpp"] == 0.5
+    assert info["head"]["layers"] == 2 and info["head"]["out_dim"] == 128
+
+    # the encoder is the trained backbone: same features as the checkpoint's weights
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    from simclr_path.model import create_simclr_model
+
+    model = create_simclr_model(load_config(overrides={"model": {"arch": "resnet18"}}).model)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    enc = load_encoder(run)
+    head = load_projection_head(run)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        h, z = model(x)
+        assert torch.equal(enc(x), h)
+        assert torch.equal(head(enc(x)), z)
+        assert torch.equal(load_encoder(run / "encoder.pt")(x), enc(x))
+
+
+def test_existing_run_dir_needs_force_or_resume(stores, tmp_path):
+    cfg = _cfg(max_steps=2)
+    run = tmp_path / "run"
+    T.pretrain(stores, run, cfg, progress=False)
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(SimclrPathError, match="--resume .* or --force"):
+        T.pretrain(stores, run, cfg, progress=False)
+    s = T.pretrain(stores, run, cfg, force=True, progress=False)
+    assert s["resumed_from_step"] is None
+    assert (run / "notes.txt").read_text() == "mine"  # --force removes only run files
+    s = T.pretrain(stores, run, cfg, resume=True, progress=False)  # finished: nothing left to do
+    assert s["resumed_from_step"] == 2 and s["steps"] == 2 and (run / "summary.json").is_file()
+
+
+def test_nan_loss_stops_with_clear_error(stores, tmp_path, monkeypatch):
+    from simclr_path import loss as L
+
+    orig = L.NTXentLoss.forward
+    monkeypatch.setattr(L.NTXentLoss, "forward", lambda self, a, b: orig(self, a, b) * float("nan"))
+    with pytest.raises(SimclrPathError, match="loss became nan at step 1"):
+        T.pretrain(stores, tmp_path / "run", _cfg(max_steps=3), progress=False)
+    assert not any((tmp_path / "run" / f).exists() for f in COMPLETE)
+
+
+def test_time_budget_stops_cleanly(stores, tmp_path):
+    s = T.pretrain(stores, tmp_path / "run", _cfg(max_steps=50, time_budget_s=1e-6), progress=False)
+    assert s["stopped"] == "time_budget" and s["steps"] == 1
+    assert (tmp_path / "run" / "encoder.pt").is_file()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def test_lr_schedule_and_lars_groups():
+    cfg = load_config(overrides={"train": {"lr": 0.3, "batch_size": 512}}).train
+    assert T.scaled_lr(cfg, 512) == pytest.approx(0.6)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = T.build_optimizer(model, cfg, 0.6)
+    assert type(opt).__name__ == "Lars"
+    decay, no_decay = opt.param_groups
+    assert decay["always_adapt"] and decay["weight_decay"] == cfg.weight_decay
+    assert not no_decay["always_adapt"] and no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) == 3  # linear bias, bn weight, bn bias
+    sched = T.build_scheduler(opt, total_steps=100, warmup_steps=10)
+    lrs = []
+    for s in range(1, 101):
+        sched.step_update(s)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.06) and lrs[9] == pytest.approx(0.6)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:])) and lrs[-1] < 1e-3
+
+
+def test_mlflow_missing_does_not_break(stores, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mlflow(name, *args, **kwargs):
+        if name == "mlflow":
+            raise ImportError("no mlflow")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    with pytest.warns(UserWarning, match="mlflow is not installed"):
+        T.pretrain(stores, tmp_path / "run", _cfg(max_steps=1, mlflow=True), progress=False)
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+# ---- bad input through the CLI: one line, exit != 0, nothing that looks complete ----
+def _cli(args, capsys):
+    rc = main(["pretrain", *map(str, args), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+BASE = ["--image-size", "32", "--batch-size", "8", "--max-steps", "1", "--workers", "0"]
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("no_stores", "no patch stores given"),
+    ("empty", "no patches"),
+    ("image_size", "image_size 64 is larger than the stored 32 px"),
+    ("batch", "batch size 64 is larger than the 32 training patches"),
+    ("arch", "unknown timm model 'resnet181'; did you mean resnet18"),
+    ("cuda", "--device cuda: no CUDA GPU"),
+])
+def test_bad_input_cli(case, expect, tmp_path, capsys, make_store):
+    store = _easy_store(tmp_path / "s.h5")
+    args = {
+        "no_stores": [],
+        "empty": [make_store(n=0, size=32, name="e.h5")],
+        "image_size": [store, "--image-size", "64"],
+        "batch": [store, "--batch-size", "64"],
+        "arch": [store, "--arch", "resnet181"],
+        "cuda": [store, "--device", "cuda"],
+    }[case]
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is available")
+    out = tmp_path / "run"
+    rc, err = _cli([*args[:1], *BASE, *args[1:], "--out", out] if args else [*BASE, "--out", out], capsys)
+    assert rc != 0
+    assert expect in err and len(err.splitlines()) == 1, err
+    assert not any((out / f).exists() for f in COMPLETE)
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
+    store = _easy_store(tmp_path / "s.h5")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"\x00garbage")
+    rc, err = _cli([store, *BASE, "--out", out, "--resume"], capsys)
+    assert rc != 0 and "cannot read checkpoint" in err and len(err.splitlines()) == 1
+    assert not any((out / f).exists() for f in COMPLETE)
+
+
+def test_cli_options_override_config(tmp_path, capsys):
+    store = _easy_store(tmp_path / "s.h5")
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"train": {"optimizer": "sgd", "lr": 0.05, "max_steps": 7},
+                                        "model": {"head_layers": 1}}))
+    rc, _ = _cli([store, *BASE, "--config", cfg_file, "--out", tmp_path / "run", "--seed", "3"], capsys)
+    assert rc == 0
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["train"]["optimizer"] == "sgd" and resolved["train"]["max_steps"] == 1
+    assert resolved["train"]["seed"] == 3 and resolved["model"]["head_layers"] == 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes(tmp_path):
+    """The multi-GPU command of the README, on two CPU processes (gloo)."""
+    a = _easy_store(tmp_path / "a.h5")
+    b = _easy_store(tmp_path / "b.h5", seed=1)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "simclr_path",
+           "pretrain", str(a), str(b), "--out", str(out), *BASE, "--batch-size", "4", "--max-steps", "2",
+           "--arch", "test_resnet", "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 8 and summary["steps"] == 2
+    assert load_encoder(out).num_features == encoder_info(out / "encoder.pt")["num_features"]

@@ -1,0 +1,164 @@
+"""Two-view augmentations: stain jitter physics, ranges, shapes, determinism, preview PNG."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from simclr_path.config import AugmentConfig
+from simclr_path.errors import SimclrPathError
+from simclr_path.transforms import (
+    HED_FROM_RGB,
+    RGB_FROM_HED,
+    ColorAugment,
+    GeometricViews,
+    color_jitter,
+    eval_transform,
+    gaussian_blur,
+    stain_jitter,
+    to_float,
+)
+
+
+def _he_like(n=4, size=24, seed=0) -> torch.Tensor:
+    """uint8 (n, size, size, 3): a pink/purple tissue half and a white background half."""
+    rng = np.random.default_rng(seed)
+    x = np.full((n, size, size, 3), 255, dtype=np.uint8)
+    tissue = rng.normal([180, 110, 170], 20, size=(n, size, size // 2, 3))
+    x[:, :, : size // 2] = np.clip(tissue, 0, 255).astype(np.uint8)
+    return torch.from_numpy(x)
+
+
+def test_stain_matrices_match_skimage():
+    skc = pytest.importorskip("skimage.color")
+    assert np.allclose(RGB_FROM_HED.numpy(), skc.rgb_from_hed, atol=1e-6)
+    assert np.allclose(HED_FROM_RGB.numpy(), skc.hed_from_rgb, atol=1e-6)
+
+
+def test_stain_jitter_identity_range_and_white_background():
+    x = to_float(_he_like())
+    n = x.shape[0]
+    same = stain_jitter(x, torch.ones(n, 3), torch.zeros(n, 3))
+    assert torch.allclose(same, x.clamp(min=1 / 255), atol=1e-5)
+    for alpha, beta in ((1.3, 0.2), (0.7, -0.2), (1.5, 0.5)):
+        y = stain_jitter(x, torch.full((n, 3), alpha), torch.full((n, 3), beta))
+        assert y.min() >= 0 and y.max() <= 1
+        assert (y[..., 12:] >= 0.99).all(), "white background must stay white"
+        assert (y[..., :12] - x[..., :12]).abs().mean() > 0.02, "tissue must change"
+
+
+def test_stain_jitter_changes_haematoxylin_only_when_asked():
+    x = to_float(_he_like(n=1))
+    alpha = torch.tensor([[1.5, 1.0, 1.0]])
+    y = stain_jitter(x, alpha, torch.zeros(1, 3))
+    od = lambda t: -torch.log(t.clamp(min=1 / 255))
+    hed_x = torch.einsum("bchw,cs->bshw", od(x), HED_FROM_RGB.float())
+    hed_y = torch.einsum("bchw,cs->bshw", od(y), HED_FROM_RGB.float())
+    tissue = (slice(None), slice(None), slice(None), slice(0, 12))
+    ratio = hed_y[tissue][:, 0].mean() / hed_x[tissue][:, 0].mean()
+    assert abs(ratio - 1.5) < 0.1
+    # eosin is untouched except where clamping to the valid range kicks in
+    assert (hed_y[tissue][:, 1] - hed_x[tissue][:, 1]).abs().median() < 1e-4
+
+
+def test_color_jitter_and_blur_identity_and_range():
+    x = to_float(_he_like())
+    n = x.shape[0]
+    ones, zeros = torch.ones(n), torch.zeros(n)
+    assert torch.allclose(color_jitter(x, ones, ones, ones, zeros), x, atol=1e-5)
+    y = color_jitter(x, ones * 1.5, ones * 0.5, ones * 2, ones * 0.1)
+    assert y.min() >= 0 and y.max() <= 1
+    b = gaussian_blur(x, torch.tensor([0.5, 1.0, 2.0, 5.0]))
+    assert b.shape == x.shape
+    assert b[3].std() < x[3].std()  # blurred
+    assert torch.allclose(b.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=0.05)
+
+
+def test_color_augment_shapes_range_and_determinism():
+    cfg = AugmentConfig(image_size=24, stain_p=1.0, color_p=1.0, blur_p=0.5, grayscale_p=0.5,
+                        stain_scale=0.3, stain_shift=0.3)
+    aug = ColorAugment(cfg)
+    v = _he_like(n=8)
+    a = aug(v, torch.Generator().manual_seed(1), normalize_output=False)
+    b = aug(v, torch.Generator().manual_seed(1), normalize_output=False)
+    c = aug(v, torch.Generator().manual_seed(2), normalize_output=False)
+    assert a.shape == (8, 3, 24, 24) and a.dtype == torch.float32
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # samples differ from one another: parameters are drawn per sample
+    same_input = v[:1].expand(8, -1, -1, -1).contiguous()
+    d = aug(same_input, torch.Generator().manual_seed(3), normalize_output=False)
+    assert (d[0] - d[1:]).abs().amax(dim=(1, 2, 3)).min() > 0
+    normed = aug(v, torch.Generator().manual_seed(1))
+    assert normed.min() < 0  # ImageNet-normalised
+
+
+def test_no_augmentation_is_identity():
+    cfg = AugmentConfig(image_size=24, stain_p=0, color_p=0, blur_p=0, grayscale_p=0)
+    v = _he_like()
+    out = ColorAugment(cfg)(v, torch.Generator().manual_seed(0), normalize_output=False)
+    assert torch.allclose(out, to_float(v))
+
+
+def test_geometric_views_shapes_and_determinism():
+    cfg = AugmentConfig(image_size=16)
+    geo = GeometricViews(cfg)
+    patch = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    a1, a2 = geo.views(patch, seed=5)
+    b1, b2 = GeometricViews(cfg).views(patch, seed=5)
+    assert a1.shape == (16, 16, 3) and a1.dtype == np.uint8
+    assert np.array_equal(a1, b1) and np.array_equal(a2, b2)
+    assert not np.array_equal(a1, a2)
+
+
+def test_flips_are_not_correlated():
+    cfg = AugmentConfig(image_size=8, crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], rot90=0.0)
+    geo = GeometricViews(cfg)
+    patch = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    geo.seed(0)
+    kinds = set()
+    for _ in range(40):
+        v = geo(patch)
+        kinds.add((np.array_equal(v, patch[:, ::-1]), np.array_equal(v, patch[::-1]),
+                   np.array_equal(v, patch[::-1, ::-1])))
+    assert len(kinds) == 4  # none, h, v, both all occur
+
+
+def test_eval_transform():
+    x = _he_like(n=2, size=32)
+    y = eval_transform(x, 16)
+    assert y.shape == (2, 3, 16, 16)
+    z = eval_transform(x.numpy()[0], 32, channels_last=True)
+    assert z.shape == (1, 3, 32, 32) and z.is_contiguous(memory_format=torch.channels_last)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    assert torch.allclose(z[0], (x[0].permute(2, 0, 1).float() / 255 - mean) / std, atol=1e-5)
+
+
+def test_preview_writes_a_png(make_store, tmp_path):
+    from PIL import Image
+
+    from simclr_path.transforms import preview
+
+    s1 = make_store(n=6, size=32, name="a.h5", slide_id="A")
+    s2 = make_store(n=4, size=32, name="b.h5", slide_id="B", seed=1)
+    out = preview([s1, s2], tmp_path / "p.png", AugmentConfig(image_size=24), n_pairs=3, seed=0)
+    img = np.asarray(Image.open(out).convert("L"))
+    assert img.shape[0] > 200 and img.shape[1] > 150
+    assert img.std() > 10  # not blank
+
+
+def test_preview_cli_errors(make_store, tmp_path, capsys):
+    from simclr_path.cli import main
+
+    s = make_store(n=4, size=16)
+    rc = main(["preview", str(s), "--out", str(tmp_path / "p.png"), "--pairs", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "image_size 224 is larger than the stored 16 px" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "p.png").exists()
+    with pytest.raises(SimclrPathError):
+        from simclr_path.transforms import preview
+
+        preview([], tmp_path / "q.png")
