@@ -498,6 +498,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     pairs_per_s = float("nan")
     train_model.train()
     non_blocking = device.type == "cuda"
+    x_buf: torch.Tensor | None = None
 
     def flush() -> None:
         nonlocal win_t0, win_data, pairs_per_s
@@ -538,9 +539,13 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             except StopIteration:
                 break
             win_data += time.perf_counter() - td
-            views = torch.cat([v1, v2]).to(device, non_blocking=non_blocking)  # (2B, s, s, 3) uint8
+            views = torch.cat([v1, v2]).to(device, non_blocking=non_blocking)  # (2B, 3, s, s) uint8
             gen = torch.Generator().manual_seed(_aug_seed(t_cfg.seed, step, world.rank))
-            x = colour(views, gen).contiguous(memory_format=memory_format)  # (2B, 3, s, s)
+            if x_buf is None or x_buf.shape[0] != views.shape[0]:
+                # one input buffer for the whole run, in the model's memory format; the previous
+                # step's graph (which saved it) is gone by the time it is overwritten
+                x_buf = torch.empty(views.shape, device=device).contiguous(memory_format=memory_format)
+            x = colour(views, gen, out=x_buf)  # (2B, 3, s, s) float32
             scheduler.step_update(step + 1)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 _, z = train_model(x)

@@ -74,7 +74,7 @@ def test_two_views_per_batch_are_deterministic_and_uint8(make_store):
     ds = TwoViewBatches(stores, AugmentConfig(image_size=12))
     batch = next(BatchPlan([8, 8], 4, seed=0).batches(0, 1))
     v1, v2 = ds[batch]
-    assert v1.shape == v2.shape == (4, 12, 12, 3) and v1.dtype == torch.uint8
+    assert v1.shape == v2.shape == (4, 3, 12, 12) and v1.dtype == torch.uint8  # planar
     w1, w2 = TwoViewBatches(stores, AugmentConfig(image_size=12))[batch]
     assert torch.equal(v1, w1) and torch.equal(v2, w2)
     # the patches read are the ones the keys name (no augmentation: full crop, no flips)
@@ -82,7 +82,7 @@ def test_two_views_per_batch_are_deterministic_and_uint8(make_store):
                           rot90=0)
     p1, _ = TwoViewBatches(stores, plain)[batch]
     for row, (si, pi) in zip(p1.numpy(), batch.keys):
-        assert np.array_equal(row, stores[si][int(pi)])
+        assert np.array_equal(row.transpose(1, 2, 0), stores[si][int(pi)])
 
 
 def test_loader_workers_open_their_own_files_and_match_in_process(make_store):
@@ -128,3 +128,17 @@ def test_each_worker_opens_the_hdf5_files_lazily_itself(make_store):
     assert os.getpid() not in pids
     for r in rows:
         assert int(r[1]) == int(r[0]) and int(r[2]) == int(r[0])  # handles opened in the worker
+
+
+def test_direct_chunk_reads_equal_h5py_reads(tmp_path, make_store):
+    from simclr_path.data import _read_patch
+    from simclr_path.store import PatchStoreWriter
+
+    smooth = np.tile(np.arange(16, dtype=np.uint8)[None, :, None, None], (5, 1, 16, 3))  # LZF shrinks
+    with PatchStoreWriter(tmp_path / "smooth.h5", 16) as w:
+        w.append(smooth, np.zeros((5, 2)))
+    noisy = make_store(n=5, size=16, name="noisy.h5")  # LZF cannot shrink: stored raw
+    for path in (tmp_path / "smooth.h5", noisy):
+        s = PatchStore(path)
+        for i in range(5):
+            assert np.array_equal(_read_patch(s, i), s[i])

@@ -162,3 +162,43 @@ def test_preview_cli_errors(make_store, tmp_path, capsys):
         from simclr_path.transforms import preview
 
         preview([], tmp_path / "q.png")
+
+
+def test_blur_matches_scipy_and_the_device_path():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from simclr_path.transforms import _blur_
+
+    x = to_float(_he_like(n=2, size=20)).contiguous()
+    sigma = torch.tensor([0.8, 1.5])
+    cpu = gaussian_blur(x, sigma)  # OpenCV path
+    generic = _blur_(x.clone().transpose(2, 3).contiguous().transpose(2, 3), sigma)  # torch path
+    for i, s in enumerate(sigma.tolist()):
+        ref = np.stack([ndimage.gaussian_filter(x[i, c].numpy(), s, mode="mirror", truncate=2.5)
+                        for c in range(3)])
+        assert np.allclose(cpu[i].numpy(), ref, atol=2e-3)
+    assert torch.allclose(cpu, generic, atol=1e-5)
+
+
+def test_rot90_matches_numpy():
+    import albumentations as A
+
+    from simclr_path.transforms import _RandomRotate90
+
+    img = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    t = _RandomRotate90(p=1.0)
+    assert isinstance(t, A.RandomRotate90)
+    for k in range(4):
+        assert np.array_equal(t.apply(img, factor=k), np.rot90(img, k))
+
+
+def test_cpu_chunks_equal_whole_batch_and_out_buffer():
+    cfg = AugmentConfig(image_size=24, stain_p=0.5, color_p=0.5, blur_p=0.5, grayscale_p=0.3)
+    v = _he_like(n=8).permute(0, 3, 1, 2).contiguous()
+    one = ColorAugment(cfg, cpu_chunk=1)(v, torch.Generator().manual_seed(4))
+    whole = ColorAugment(cfg, cpu_chunk=8)(v, torch.Generator().manual_seed(4))
+    assert torch.allclose(one, whole, atol=1e-5)
+    out = torch.empty(8, 3, 24, 24).contiguous(memory_format=torch.channels_last)
+    got = ColorAugment(cfg)(v, torch.Generator().manual_seed(4), out=out)
+    assert got is out and torch.allclose(out, one, atol=1e-6)
+    with pytest.raises(ValueError):
+        ColorAugment(cfg)(v, torch.Generator(), out=torch.empty(2, 3, 24, 24))
