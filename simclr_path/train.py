@@ -117,7 +117,7 @@ def amp_mode(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 
     CUDA: bf16 where the GPU supports it, else fp16 (with a GradScaler). CPU: bf16 only on CPUs
     with native bf16 instructions (AVX512-BF16 / AMX): there bf16 autocast trained ResNet-18/50
-    1.7-2.2x faster than float32 (``benchmarks/bench_train.py``); without them bf16 is emulated
+    1.7-2.0x faster than float32 (``benchmarks/bench_train.py``); without them bf16 is emulated
     by conversions and brings no speed-up, so ``amp`` falls back to float32 there.
     """
     if not cfg.amp:
@@ -450,7 +450,12 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     if ck is not None:
         try:
             optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
+            if int(ck.get("total_steps", total_steps)) == total_steps:
+                scheduler.load_state_dict(ck["scheduler"])
+            else:  # e.g. resumed with a larger --max-steps: warm-up + cosine over the new length
+                warnings.warn(f"{out / 'checkpoint.pt'}: run length changed from "
+                              f"{ck.get('total_steps')} to {total_steps} steps; the LR schedule is "
+                              "re-planned for the new length", stacklevel=2)
             if ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
         except (ValueError, KeyError, RuntimeError) as exc:

@@ -265,3 +265,14 @@ def test_torchrun_two_gloo_processes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 8 and summary["steps"] == 2
     assert load_encoder(out).num_features == encoder_info(out / "encoder.pt")["num_features"]
+
+
+def test_resume_with_more_steps_continues(stores, tmp_path):
+    run = tmp_path / "run"
+    T.pretrain(stores, run, _cfg(max_steps=2), progress=False)
+    with pytest.warns(UserWarning, match="re-planned"):
+        s = T.pretrain(stores, run, _cfg(max_steps=4), resume=True, progress=False)
+    assert s["resumed_from_step"] == 2 and s["steps"] == 4
+    assert pd.read_csv(run / "metrics.csv")["step"].tolist() == [1, 2, 3, 4]
+    lr = pd.read_csv(run / "metrics.csv")["lr"].tolist()
+    assert lr[2] > 0  # a live schedule, not the old one's end
