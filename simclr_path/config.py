@@ -131,7 +131,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps
     log_every: int = 10  # steps
     sync_batchnorm: bool = True  # used only when more than one process
-    time_budget_s: float | None = None  # stop cleanly after this wall time
+    time_budget_s: float | None = None  # stop after these seconds; the LR schedule is re-planned to end then
     tensorboard: bool = True  # TensorBoard event files in RUN_DIR/tensorboard
     mlflow: bool = False  # also log to MLflow when it is installed
     mlflow_uri: str | None = None  # MLflow tracking URI; None = a file store in RUN_DIR/mlruns

@@ -177,6 +177,44 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
                              t_in_epochs=False)
 
 
+def replan_scheduler(scheduler, total_steps: int, warmup_steps: int) -> None:
+    """Give a :func:`build_scheduler` schedule a new length, in place: afterwards it equals
+    ``build_scheduler(optimizer, total_steps, min(warmup_steps, total_steps // 2))``.
+
+    Used under a time budget, where the run length is only known once the step rate is measured.
+    """
+    warm = min(warmup_steps, total_steps // 2)
+    scheduler.t_initial = max(1, total_steps - warm)
+    scheduler.warmup_t = warm
+    scheduler.warmup_steps = ([(v - scheduler.warmup_lr_init) / warm for v in scheduler.base_values]
+                              if warm else [1 for _ in scheduler.base_values])
+
+
+# Time budget: the first steps (DataLoader start-up, first allocations) are left out of the step
+# rate, and the schedule is re-planned once a few steps have been measured.
+BUDGET_SKIP_STEPS = 2
+BUDGET_MIN_STEPS = 3
+
+
+def budget_steps(step: int, elapsed: float, ref: tuple[int, float], budget: float, cap: int) -> int | None:
+    """The step a run can reach within ``budget`` seconds, at the mean step rate since ``ref``.
+
+    Args:
+        step, elapsed: steps done and seconds since the start of this invocation.
+        ref: (step, elapsed) where the rate measurement started.
+        budget: the time budget in seconds.
+        cap: never plan beyond this (the epochs / max_steps length).
+
+    Returns:
+        ``step <= planned <= cap``, or None while fewer than ``BUDGET_MIN_STEPS`` steps are measured.
+    """
+    ref_step, ref_t = ref
+    if step - ref_step < BUDGET_MIN_STEPS or elapsed <= ref_t:
+        return None
+    rate = (step - ref_step) / (elapsed - ref_t)  # steps per second
+    return int(min(cap, step + max(0.0, budget - elapsed) * rate))
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
@@ -429,7 +467,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     spe = plan.batches_per_epoch
     total_steps = int(t_cfg.max_steps) if t_cfg.max_steps else int(t_cfg.epochs) * spe
     # warm-up is capped at half the run so that short runs (max_steps, demos) still decay
-    warmup_steps = min(round(t_cfg.warmup_epochs * spe), total_steps // 2)
+    warmup_wanted = round(t_cfg.warmup_epochs * spe)
+    warmup_steps = min(warmup_wanted, total_steps // 2)
     lr = scaled_lr(t_cfg, t_cfg.batch_size * world.world_size)
     cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
     if world.main:
@@ -493,6 +532,11 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
 
     loader = make_loader(opened, a_cfg, plan, start_step, total_steps, t_cfg.workers,
                          pin_memory=device.type == "cuda")
+    # The LR schedule's length. Under train.time_budget_s it is re-planned at every step from the
+    # measured step rate so that warm-up + cosine decay end when the budget does (never beyond
+    # total_steps); the rate is a running mean, so re-plans move the end by a step or so at most.
+    planned = total_steps
+    budget_ref: tuple[int, float] | None = None
     bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=None if progress and world.main else True)
     t0 = time.perf_counter()
@@ -537,7 +581,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
 
     try:
         it = iter(loader)
-        while step < total_steps:
+        while step < planned:
             td = time.perf_counter()
             try:
                 v1, v2 = next(it)
@@ -570,15 +614,27 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 if world.enabled:  # every process must stop at the same step
                     dist.broadcast(elapsed, src=0)
                 stop_now = float(elapsed) >= t_cfg.time_budget_s
-            if len(pending) >= t_cfg.log_every or step == total_steps or stop_now:
+                if step - start_step == BUDGET_SKIP_STEPS:
+                    budget_ref = (step, float(elapsed))
+                new = (budget_steps(step, float(elapsed), budget_ref, t_cfg.time_budget_s, total_steps)
+                       if budget_ref is not None and not stop_now else None)
+                if new is not None and new != planned:
+                    planned = new
+                    replan_scheduler(scheduler, planned, warmup_wanted)
+                    if world.main:
+                        bar.total = planned
+                        bar.refresh()
+            if len(pending) >= t_cfg.log_every or step >= planned or stop_now:
                 flush()
-            if step % t_cfg.checkpoint_every == 0 and step < total_steps and not stop_now:
+            if step % t_cfg.checkpoint_every == 0 and step < planned and not stop_now:
                 flush()
                 checkpoint(step, wall_before + time.perf_counter() - t0)
             _on_step_end(step)
             if stop_now and step < total_steps:
                 stopped = "time_budget"
                 break
+        if stopped == "completed" and planned <= step < total_steps:
+            stopped = "time_budget"  # the re-planned schedule ended just before the budget
         flush()
     except BaseException:
         bar.close()
@@ -605,7 +661,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                      simclr_path_version=__version__)
         trained_steps = step - start_step
         summary = {
-            "steps": step, "total_steps": total_steps, "epochs": round(step / spe, 4),
+            "steps": step, "total_steps": total_steps, "planned_steps": planned,
+            "epochs": round(step / spe, 4),
             "steps_per_epoch": spe, "stopped": stopped,
             "wall_time_s": round(wall, 3),
             "pairs_per_s": round(trained_steps * plan.batch_size * world.world_size

@@ -156,6 +156,56 @@ def test_time_budget_stops_cleanly(stores, tmp_path):
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1
 
 
+def test_replan_scheduler_equals_a_fresh_schedule():
+    lr = 0.5
+    def lrs(sched, opt, n):
+        out = []
+        for s in range(1, n + 1):
+            sched.step_update(s)
+            out.append(opt.param_groups[0]["lr"])
+        return out
+
+    def new_opt():
+        return torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=lr)
+
+    for total, warm in [(40, 10), (12, 10), (30, 0)]:
+        o1, o2 = new_opt(), new_opt()
+        replanned = T.build_scheduler(o1, total_steps=1000, warmup_steps=10)
+        T.replan_scheduler(replanned, total, warm)
+        fresh = T.build_scheduler(o2, total, min(warm, total // 2))
+        assert lrs(replanned, o1, total) == pytest.approx(lrs(fresh, o2, total))
+        assert o1.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # ends at zero
+
+
+def test_budget_steps_from_the_measured_rate():
+    assert T.budget_steps(4, 2.0, (2, 1.0), 10.0, 1000) is None  # too few steps measured
+    # 10 steps in 5 s since the reference: 2 steps/s, 10 s left -> 20 more steps
+    assert T.budget_steps(12, 10.0, (2, 5.0), 20.0, 1000) == 32
+    assert T.budget_steps(12, 10.0, (2, 5.0), 20.0, 25) == 25  # capped by epochs / max_steps
+    assert T.budget_steps(12, 25.0, (2, 5.0), 20.0, 1000) == 12  # over budget: stop now
+
+
+def test_time_budget_plans_the_schedule_to_end_at_the_budget(stores, tmp_path, monkeypatch):
+    class Clock:  # every reading advances 50 ms: a steady, machine-independent step rate
+        t = 0.0
+
+        @classmethod
+        def perf_counter(cls):
+            cls.t += 0.05
+            return cls.t
+
+    monkeypatch.setattr(T, "time", Clock)
+    cfg = _cfg(max_steps=100_000, time_budget_s=2.0, log_every=1, checkpoint_every=10**6,
+               warmup_epochs=0.5)  # 4 warm-up steps
+    s = T.pretrain(stores, tmp_path / "run", cfg, progress=False)
+    assert s["stopped"] == "time_budget" and 6 < s["steps"] < s["total_steps"] == 100_000
+    # the re-planned warm-up + cosine ran to its end at the budget, not its first percent
+    assert s["steps"] == s["planned_steps"] and s["wall_time_s"] <= 2.0 + 0.1
+    lr = pd.read_csv(tmp_path / "run" / "metrics.csv")["lr"].to_numpy()
+    assert lr.max() == pytest.approx(1e-3) and lr[-1] < 1e-6, lr
+    assert (tmp_path / "run" / "encoder.pt").is_file()
+
+
 def test_lr_schedule_and_lars_groups():
     cfg = load_config(overrides={"train": {"lr": 0.3, "batch_size": 512}}).train
     assert T.scaled_lr(cfg, 512) == pytest.approx(0.6)

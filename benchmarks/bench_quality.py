@@ -1,0 +1,503 @@
+"""Benchmark: representation quality of a budgeted SimCLR run on real H&E, against baselines.
+
+Issue 6. One run:
+
+1. imports ``../shared/data/lc25000-dev`` (LC25000 lung tiles, classes ``lung_aca``, ``lung_n``,
+   ``lung_scc``, with ``groups.csv`` = source image of each tile) as a patch store with
+   :func:`simclr_path.import_patches.import_patches` into ``--work`` (an existing valid import
+   there is reused);
+2. pretrains with the chosen recipe (``--preset``, ``--set section.key=value``) under a fixed
+   wall-clock budget (``train.time_budget_s = --budget-s``; the LR schedule is re-planned from
+   the measured step rate so that warm-up + cosine decay end at the budget). Pretraining reads
+   only the patches, never the labels or groups;
+3. embeds every patch with the trained encoder (pooled backbone features,
+   :func:`simclr_path.embed.embed_store`) at ``--embed-size`` (default: the pretraining image
+   size; ``native`` = the stored 224 px; several sizes comma-separated);
+4. evaluates the project's linear probe (:func:`simclr_path.classify.classify`: standardised
+   features, balanced logistic regression, C by inner grouped CV) with grouped stratified K-fold
+   over the source images (no group on both sides of a split);
+5. evaluates two baselines with the same probe and the same folds: per-channel colour histograms
+   (``--hist-bins`` bins per RGB channel, each normalised to sum 1) and a randomly initialised
+   encoder of the same architecture (the SimCLR run's own initial weights: same seed), embedded
+   the same way.
+
+It prints, per feature set, SCC-vs-rest AUROC (``lung_scc`` positive) and three-class balanced
+accuracy of the pooled out-of-fold patch predictions, the wall times (pretrain, embed, probe), and
+the SimCLR differences against each baseline; ``--out`` writes everything as JSON (atomically).
+
+    python benchmarks/bench_quality.py                          # cpu-fast preset, 600 s budget
+    python benchmarks/bench_quality.py --budget-s 300 --set augment.image_size=64 --out q.json
+    python benchmarks/bench_quality.py --embed-size pretrain,native --work /tmp/bq
+
+``--limit N`` keeps N tiles, a third per class, spread evenly over each class's groups (for the
+smoke test; figures on a subset are not comparable with the full set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lc25000-dev"
+POSITIVE = "lung_scc"
+# Issue 6 targets at the 600 s budget (and SimCLR better than each baseline on both).
+TARGET_AUROC = 0.99
+TARGET_BALACC = 0.95
+
+
+# ----------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------
+def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["train.lr=1e-3", "augment.crop_scale=[0.3, 1.0]"]`` -> nested overrides (YAML values)."""
+    from simclr_path.errors import SimclrPathError
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise SimclrPathError(f"--set {item!r}: expected section.key=value "
+                                  "(e.g. --set train.lr=0.001)")
+        try:
+            out.setdefault(section, {})[name] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise SimclrPathError(f"--set {item!r}: value is not valid YAML "
+                                  f"({str(exc).splitlines()[0]})") from None
+    return out
+
+
+def _deep_merge(base: dict[str, dict[str, Any]], top: dict[str, dict[str, Any]]) -> dict:
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in top.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def embed_sizes(spec: str, pretrain_size: int, native: int) -> list[int]:
+    """``"pretrain,native,128"`` -> distinct pixel sizes in the order given."""
+    from simclr_path.errors import SimclrPathError
+
+    sizes: list[int] = []
+    for tok in (t.strip() for t in spec.split(",") if t.strip()):
+        if tok == "pretrain":
+            s = pretrain_size
+        elif tok == "native":
+            s = native
+        elif tok.isdigit() and int(tok) >= 8:
+            s = int(tok)
+        else:
+            raise SimclrPathError(f"--embed-size {spec!r}: expected pretrain, native or a pixel "
+                                  "size >= 8, comma-separated")
+        if s not in sizes:
+            sizes.append(s)
+    if not sizes:
+        raise SimclrPathError("--embed-size: give at least one of pretrain, native or a size")
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def select_tiles(data: Path, limit: int | None, seed: int) -> tuple[list[str], list[str], bool]:
+    """Tiles (paths relative to ``data``, in store order) and their groups: all, or ``limit``.
+
+    The subset has ``limit // classes`` tiles per class (the remainder to the first classes),
+    taken round-robin over the class's groups in a seeded random order, so that as many groups
+    as possible are represented and none dominates. The flag says whether all tiles are kept.
+    """
+    from simclr_path.import_patches import list_tiles, read_groups
+
+    classes, tiles = list_tiles(data)
+    names = [t for t, _ in tiles]
+    groups = read_groups(data / "groups.csv", names)
+    if limit is None or limit >= len(names):
+        return names, groups, True
+    rng = random.Random(seed)
+    keep: list[int] = []
+    for c in range(len(classes)):
+        want = limit // len(classes) + (1 if c < limit % len(classes) else 0)
+        by_group: dict[str, list[int]] = {}
+        for i, (_, lab) in enumerate(tiles):
+            if lab == c:
+                by_group.setdefault(groups[i], []).append(i)
+        order = sorted(by_group)
+        rng.shuffle(order)
+        for g in order:
+            rng.shuffle(by_group[g])
+        picked: list[int] = []
+        while len(picked) < want and any(by_group.values()):
+            for g in order:
+                if by_group[g] and len(picked) < want:
+                    picked.append(by_group[g].pop())
+        keep += picked
+    keep.sort()  # store order: class, then path
+    return [names[i] for i in keep], [groups[i] for i in keep], False
+
+
+def _store_matches(path: Path, names: list[str], groups: list[str]) -> bool:
+    """True when ``path`` is a readable patch store of exactly these tiles and groups."""
+    from simclr_path.errors import SimclrPathError
+    from simclr_path.store import PatchStore
+
+    try:
+        with PatchStore(path) as s:
+            ok = (len(s) == len(names) and s.names == names and s.groups == groups
+                  and s.labels is not None and s.label_names is not None)
+            if ok:  # the last patch is readable (a truncated file fails here)
+                ok = s[len(s) - 1].shape == (s.patch_size, s.patch_size, 3)
+            return bool(ok)
+    except (SimclrPathError, OSError, KeyError, ValueError):
+        return False
+
+
+def import_store(data: Path, work: Path, limit: int | None, seed: int) -> tuple[Path, bool]:
+    """Import the tiles (or a ``limit`` subset) as a patch store in ``work``; reuse a valid one.
+
+    Returns the store path and whether an existing import was reused. A subset is imported from a
+    folder of symbolic links to the chosen tiles (and its own groups CSV), so only those tiles are
+    decoded.
+    """
+    from simclr_path.import_patches import import_patches
+
+    names, groups, full = select_tiles(data, limit, seed)
+    stem = data.name if full else f"{data.name}-n{len(names)}-seed{seed}"
+    store = work / f"{stem}.h5"
+    if store.is_file() and _store_matches(store, names, groups):
+        return store, True
+    src, groups_csv = data, data / "groups.csv"
+    if not full:
+        src = work / f"{stem}-tiles"
+        for n in names:
+            link = src / n
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to((data / n).resolve())
+        groups_csv = src.with_suffix(".groups.csv")
+        import pandas as pd
+
+        pd.DataFrame({"path": names, "group": groups}).to_csv(groups_csv, index=False)
+    import_patches(src, store, groups_csv=groups_csv, force=True, progress=True)
+    return store, False
+
+
+# ----------------------------------------------------------------------------------------------
+# Features
+# ----------------------------------------------------------------------------------------------
+def colour_histograms(patches: np.ndarray, bins: int) -> np.ndarray:
+    """Per-channel intensity histograms: uint8 (N, S, S, 3) -> float32 (N, 3 * bins).
+
+    Channel c's ``bins`` equal-width bins over 0-255 fill columns ``c * bins : (c + 1) * bins``;
+    each channel's histogram sums to 1.
+    """
+    n = len(patches)
+    b = (patches.reshape(n, -1, 3).astype(np.int64) * bins) >> 8  # (N, P, 3) bin of each value
+    idx = b + np.arange(3) * bins + (np.arange(n) * 3 * bins)[:, None, None]
+    counts = np.bincount(idx.ravel(), minlength=n * 3 * bins).reshape(n, 3 * bins)
+    return (counts / (patches.shape[1] * patches.shape[2])).astype(np.float32)
+
+
+def write_hist_embeddings(store_path: Path, out: Path, bins: int, chunk: int = 128) -> Path:
+    """Colour-histogram features of every patch as an embedding file (same labels and groups)."""
+    from tqdm.auto import tqdm
+
+    from simclr_path.store import PatchStore, write_embeddings
+
+    with PatchStore(store_path) as s:
+        feats = np.zeros((len(s), 3 * bins), dtype=np.float32)
+        for lo in tqdm(range(0, len(s), chunk), desc="colour histograms", unit="chunk",
+                       leave=False, disable=None):
+            feats[lo:lo + chunk] = colour_histograms(s[lo:lo + chunk], bins)
+        attrs = {"kind": "embeddings", "slide_id": s.slide_id, "source_store": str(s.path),
+                 "encoder": None, "encoder_sha256": f"colour-hist-{bins}", "arch": None,
+                 "layer": f"rgb_hist_{bins}", "image_size": s.patch_size,
+                 "feature_dim": 3 * bins, "n_patches": len(s), "mpp": s.mpp,
+                 "patch_size": s.patch_size, "store_kind": s.attrs.get("kind")}
+        return write_embeddings(out, feats, s.coords, attrs, labels=s.labels, groups=s.groups,
+                                label_names=s.label_names, force=True)
+
+
+def random_init_encoder(arch: str, seed: int, image_size: int, out_dir: Path) -> Path:
+    """A randomly initialised backbone saved as an encoder (``encoder.pt`` + ``encoder.json``).
+
+    Seeded exactly as :func:`simclr_path.train.pretrain` seeds before building its model, so
+    these are the SimCLR run's initial weights (when it starts from no weights file).
+    """
+    from simclr_path.model import create_backbone, save_encoder
+
+    torch.manual_seed(seed)
+    backbone = create_backbone(arch, pretrained=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return save_encoder(backbone, out_dir / "encoder.pt", arch, force=True,
+                        image_size=image_size, random_init=True, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Probe
+# ----------------------------------------------------------------------------------------------
+def probe(emb: Path, out_dir: Path, cfg) -> tuple[dict[str, Any], np.ndarray]:
+    """The project's linear probe with grouped CV; returns (summary, outer fold of each patch)."""
+    import pandas as pd
+
+    from simclr_path.classify import classify
+
+    m = classify([emb], out_dir, cfg=cfg, force=True)
+    folds = pd.read_csv(out_dir / "predictions_patches.csv")["fold"].to_numpy()
+    p = m["patch"]
+    fs = m["fold_summary"]["patch"]
+    return {
+        "auroc_scc": p["auroc"], "balanced_accuracy": p["balanced_accuracy"],
+        "accuracy": p["accuracy"], "auroc_macro": p.get("auroc_macro"),
+        "average_precision_scc": p["average_precision"],
+        "confusion_matrix": p["confusion_matrix"],
+        "fold_auroc_scc": fs.get("auroc"), "fold_balanced_accuracy": fs.get("balanced_accuracy"),
+        "group_auroc_scc_ci95": m["slide"].get("auroc_ci95"),
+        "C_per_fold": [f["C"] for f in m["folds"]], "evaluation": m["task"]["evaluation"],
+        "classes": m["task"]["classes"], "positive": m["task"]["positive"],
+    }, folds
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+def _fmt(v: float | None, nd: int = 4) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.{nd}f}"
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """SimCLR row ``a`` against baseline row ``b``: differences and error ratios (< 1 = better)."""
+    out = {}
+    for key in ("auroc_scc", "balanced_accuracy"):
+        x, y = a[key], b[key]
+        out[f"{key}_diff"] = x - y
+        out[f"{key}_error_ratio"] = (1 - x) / (1 - y) if y < 1 else (0.0 if x == 1 else math.inf)
+    return out
+
+
+def print_report(res: dict[str, Any]) -> None:
+    rows = res["rows"]
+    pre = res["pretrain"]
+    print(f"\n{res['data']} ({res['n_patches']} patches, {res['n_groups']} groups, "
+          f"{res['evaluation']}); preset {res['preset']}, budget {res['budget_s']:.0f} s, "
+          f"{pre['arch']} at {pre['image_size']} px: {pre['steps']} steps "
+          f"({pre['epochs']} epochs, {pre['pairs_per_s']:.1f} pairs/s, stopped: {pre['stopped']})")
+    head = (f"{'features':<16}{'embed px':>9}{'SCC AUROC':>11}{'bal. acc':>10}"
+            f"{'pretrain s':>12}{'embed s':>9}{'probe s':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['name']:<16}{r['embed_size'] or '-':>9}{_fmt(r['auroc_scc']):>11}"
+              f"{_fmt(r['balanced_accuracy']):>10}{_fmt(r['pretrain_s'], 1):>12}"
+              f"{_fmt(r['embed_s'], 1):>9}{_fmt(r['probe_s'], 1):>9}")
+    print("\nSimCLR vs baselines (difference; error ratio (1 - SimCLR) / (1 - baseline), < 1 = "
+          "better):")
+    for c in res["comparisons"]:
+        print(f"  {c['simclr']:<14} vs {c['baseline']:<16} AUROC {c['auroc_scc_diff']:+.4f} "
+              f"(x{c['auroc_scc_error_ratio']:.2f})   bal. acc {c['balanced_accuracy_diff']:+.4f} "
+              f"(x{c['balanced_accuracy_error_ratio']:.2f})")
+    for t in res["targets"]:
+        print(f"  target {t['simclr']}: AUROC >= {TARGET_AUROC} and bal. acc >= {TARGET_BALACC} "
+              f"and better than every baseline: {'met' if t['met'] else 'NOT met'}")
+    print(f"  total wall time {res['wall_s']:.0f} s on {res['machine']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                    help="tile folder with class subfolders and groups.csv [../shared/data/lc25000-dev]")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="working folder (store, run, embeddings); an import there is reused "
+                         "[a temporary folder, removed at the end]")
+    ap.add_argument("--preset", default="cpu-fast", help="named config preset [cpu-fast]")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override, value parsed as YAML; repeatable")
+    ap.add_argument("--budget-s", type=float, default=600.0,
+                    help="pretraining wall-clock budget in seconds [600]")
+    ap.add_argument("--embed-size", default="pretrain",
+                    help="embedding image size(s): pretrain, native or pixels, comma-separated "
+                         "[pretrain]")
+    ap.add_argument("--hist-bins", type=int, default=32, help="colour histogram bins per channel [32]")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="use N tiles, a third per class spread over the groups [all]")
+    ap.add_argument("--seed", type=int, default=0, help="train, probe and subset seed [0]")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (torch.set_num_threads) [torch's default]")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--force", action="store_true", help="overwrite --out")
+    ap.add_argument("--no-progress", action="store_true", help="no pretraining progress bar")
+    return ap
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The benchmark in ``work``; returns the results (also what ``--out`` gets)."""
+    from tqdm.auto import tqdm
+
+    from simclr_path.config import load_config, to_dict
+    from simclr_path.embed import embed_store
+    from simclr_path.errors import SimclrPathError
+    from simclr_path.outputs import check_can_write
+    from simclr_path.store import PatchStore
+    from simclr_path.train import pretrain
+
+    t_all = time.perf_counter()
+    if args.out is not None:
+        check_can_write(args.out, args.force)  # fail before ten minutes of training, not after
+    if args.hist_bins < 2 or args.hist_bins > 256:
+        raise SimclrPathError(f"--hist-bins must be in 2-256, got {args.hist_bins}")
+    if args.limit is not None and args.limit < 30:
+        raise SimclrPathError(f"--limit must be >= 30 (grouped 5-fold CV over 3 classes), "
+                              f"got {args.limit}")
+    if not (args.data / "groups.csv").is_file():
+        raise SimclrPathError(f"{args.data}: no groups.csv (columns path,label,group); the "
+                              "benchmark needs the groups for grouped cross-validation")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SimclrPathError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    overrides = _deep_merge({"train": {"seed": args.seed, "time_budget_s": args.budget_s},
+                             "classify": {"seed": args.seed}}, parse_set(args.set))
+    cfg = load_config(preset=args.preset, overrides=overrides)
+    stages = tqdm(total=4, desc="bench_quality", unit="stage", disable=None, position=0)
+
+    stages.set_postfix_str("import")
+    t0 = time.perf_counter()
+    store, reused = import_store(args.data, work, args.limit, args.seed)
+    import_s = time.perf_counter() - t0
+    with PatchStore(store) as s:
+        n_patches, native = len(s), s.patch_size
+        n_groups = len(set(s.groups or []))
+    sizes = embed_sizes(args.embed_size, cfg.augment.image_size, native)
+    stages.update(1)
+
+    stages.set_postfix_str("pretrain")
+    t0 = time.perf_counter()
+    summary = pretrain([store], work / "simclr-run", cfg, force=True,
+                       progress=not args.no_progress)
+    pretrain_s = time.perf_counter() - t0
+    stages.update(1)
+
+    stages.set_postfix_str("embed")
+    rand_dir = work / "random-init"
+    random_init_encoder(cfg.model.arch, cfg.train.seed, cfg.augment.image_size, rand_dir)
+    emb_dir = work / "embeddings"
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    feature_sets: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    hist = write_hist_embeddings(store, emb_dir / f"colour-hist-{args.hist_bins}.h5", args.hist_bins)
+    feature_sets.append({"name": "colour-hist", "embed_size": None, "emb": hist,
+                         "embed_s": time.perf_counter() - t0, "pretrain_s": None})
+    for size in sizes:
+        ecfg = dataclasses.replace(cfg.embed, image_size=size, layer="pooled")
+        for name, enc, pre_s in (("simclr", work / "simclr-run" / "encoder.pt", pretrain_s),
+                                 ("random-init", rand_dir / "encoder.pt", None)):
+            t0 = time.perf_counter()
+            emb = embed_store(enc, store, emb_dir / f"{name}-{size}.h5", ecfg, force=True)
+            feature_sets.append({"name": f"{name}@{size}", "kind": name, "embed_size": size,
+                                 "emb": emb, "embed_s": time.perf_counter() - t0,
+                                 "pretrain_s": pre_s})
+    stages.update(1)
+
+    stages.set_postfix_str("probe")
+    rows: list[dict[str, Any]] = []
+    ref_folds = None
+    for fs in tqdm(feature_sets, desc="linear probes", unit="set", leave=False, disable=None):
+        t0 = time.perf_counter()
+        metrics, folds = probe(fs["emb"], work / "probe" / Path(fs["emb"]).stem, cfg.classify)
+        if ref_folds is None:
+            ref_folds = folds
+        elif not np.array_equal(folds, ref_folds):  # same store order + seed: a bug otherwise
+            raise AssertionError(f"{fs['name']}: cross-validation folds differ from the first set")
+        rows.append({"name": fs["name"], "kind": fs.get("kind", fs["name"]),
+                     "embed_size": fs["embed_size"], "pretrain_s": fs["pretrain_s"],
+                     "embed_s": fs["embed_s"], "probe_s": time.perf_counter() - t0, **metrics})
+    stages.update(1)
+    stages.close()
+
+    hist_row = next(r for r in rows if r["kind"] == "colour-hist")
+    comparisons, targets = [], []
+    for r in (r for r in rows if r["kind"] == "simclr"):
+        rand_row = next(x for x in rows if x["kind"] == "random-init"
+                        and x["embed_size"] == r["embed_size"])
+        better = True
+        for base in (hist_row, rand_row):
+            c = {"simclr": r["name"], "baseline": base["name"], **compare(r, base)}
+            comparisons.append(c)
+            better &= c["auroc_scc_diff"] > 0 and c["balanced_accuracy_diff"] > 0
+        targets.append({"simclr": r["name"], "met": bool(
+            better and r["auroc_scc"] >= TARGET_AUROC and r["balanced_accuracy"] >= TARGET_BALACC)})
+    return {
+        "data": str(args.data), "store": str(store), "store_reused": reused,
+        "import_s": import_s, "n_patches": n_patches, "n_groups": n_groups,
+        "limit": args.limit, "evaluation": rows[0]["evaluation"], "preset": args.preset,
+        "overrides": parse_set(args.set), "budget_s": args.budget_s, "seed": args.seed,
+        "embed_sizes": sizes, "hist_bins": args.hist_bins,
+        "pretrain": {**summary, "call_s": pretrain_s},
+        "rows": rows, "comparisons": comparisons, "targets": targets,
+        "config": to_dict(cfg), "wall_s": time.perf_counter() - t_all,
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch "
+                   f"{torch.get_num_threads()} threads" + (
+                       f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "torch": torch.__version__, "argv": sys.argv[1:],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the table; write ``--out``; return the results."""
+    from simclr_path.outputs import atomic_output
+
+    args = build_parser().parse_args(argv)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        res = run(args, args.work)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench_quality.") as tmp:
+            res = run(args, Path(tmp))
+    print_report(res)
+    if args.out is not None:
+        with atomic_output(args.out, force=args.force) as tmp:
+            tmp.write_text(json.dumps(_finite(res), indent=2))
+        print(f"  results: {args.out}")
+    return res
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> None, paths -> str, numpy -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+if __name__ == "__main__":
+    from simclr_path.errors import SimclrPathError
+
+    try:
+        main()
+    except SimclrPathError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

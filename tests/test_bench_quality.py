@@ -1,0 +1,76 @@
+"""Smoke test of benchmarks/bench_quality.py on the real LC25000 dev tiles (tiny budget and subset).
+
+It checks the code path (import, budgeted pretraining, embedding, probes, report, JSON), not the
+quality targets of issue 6.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from collections import Counter
+
+import pytest
+from conftest import LC25000, ROOT, needs
+
+from simclr_path.errors import SimclrPathError
+
+pytestmark = needs(LC25000)
+
+
+@pytest.fixture(scope="module")
+def bq():
+    path = ROOT / "benchmarks" / "bench_quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_subset_is_stratified_over_classes_and_groups(bq):
+    names, groups, full = bq.select_tiles(LC25000, 31, seed=0)
+    assert not full and len(names) == 31 and names == sorted(names)
+    per_class = Counter(n.split("/")[0] for n in names)
+    assert sorted(per_class.values()) == [10, 10, 11]
+    assert len(set(groups)) == 31  # 25 groups per class: one tile from each of 10-11 groups
+    assert bq.select_tiles(LC25000, 31, seed=0)[0] == names  # seeded
+    all_names, _, all_full = bq.select_tiles(LC25000, None, seed=0)
+    assert all_full and len(all_names) == 1452
+
+
+def test_import_is_reused_when_valid(bq, tmp_path):
+    store, reused = bq.import_store(LC25000, tmp_path, 30, seed=1)
+    assert not reused and store.is_file()
+    assert bq.import_store(LC25000, tmp_path, 30, seed=1) == (store, True)
+    store.write_bytes(b"not a store")  # damaged: imported again
+    assert bq.import_store(LC25000, tmp_path, 30, seed=1) == (store, False)
+
+
+def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    res = bq.main([
+        "--work", str(tmp_path / "work"), "--limit", "30", "--budget-s", "4", "--seed", "0",
+        "--set", "model.arch=resnet18", "--set", "augment.image_size=32",
+        "--set", "train.batch_size=8", "--set", "train.workers=0",
+        "--set", "train.tensorboard=false", "--set", "embed.workers=0",
+        "--set", "classify.bootstrap=0", "--set", "classify.c_grid=[1.0]",
+        "--out", str(out), "--no-progress",
+    ])
+    printed = capsys.readouterr().out
+    for name in ("colour-hist", "simclr@32", "random-init@32", "SCC AUROC", "bal. acc"):
+        assert name in printed
+    saved = json.loads(out.read_text())
+    assert [r["name"] for r in saved["rows"]] == ["colour-hist", "simclr@32", "random-init@32"]
+    assert saved["n_patches"] == 30 and saved["pretrain"]["steps"] >= 1
+    assert saved["pretrain"]["stopped"] in ("time_budget", "completed")
+    for r in saved["rows"]:
+        for key in ("auroc_scc", "balanced_accuracy"):
+            assert isinstance(r[key], float) and 0.0 <= r[key] <= 1.0, (r["name"], key)
+        assert r["embed_s"] >= 0 and r["probe_s"] > 0
+    assert len(saved["comparisons"]) == 2 and all(
+        math.isfinite(c["auroc_scc_diff"]) for c in saved["comparisons"])
+    assert res["rows"][1]["auroc_scc"] == saved["rows"][1]["auroc_scc"]
+    with pytest.raises(SimclrPathError):  # --out exists: no overwrite without --force
+        bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--out", str(out)])
+
