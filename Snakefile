@@ -21,6 +21,7 @@ include: "workflow/rules/tile.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/classify.smk"
+include: "workflow/rules/finetune.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/summary.smk"
 

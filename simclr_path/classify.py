@@ -24,7 +24,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ class PatchTable:
     encoder_sha256: str | None
     layer: str | None
     arch: str | None
+    source: np.ndarray | None = None  # (N,) index of each patch's file in the list given
 
 
 def find_positive(classes: Sequence[str], positive_label: str) -> int | None:
@@ -82,10 +83,12 @@ def find_positive(classes: Sequence[str], positive_label: str) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def _load_files(paths: Sequence[str | os.PathLike]) -> list[EmbeddingStore]:
+def _load_files(
+    paths: Sequence[str | os.PathLike], opener: Callable[[Any], Any], what: str
+) -> list[EmbeddingStore]:
     if not paths:
-        raise SimclrPathError("no embedding files given; pass --embeddings EMB.h5 [EMB.h5 ...]")
-    stores = [EmbeddingStore(p) for p in paths]
+        raise SimclrPathError(f"no {what}s given; pass one or more (e.g. --embeddings EMB.h5)")
+    stores = [opener(p) for p in paths]
     dims = {s.features.shape[1] if s.features.ndim == 2 else -1 for s in stores}
     if len(dims) > 1:
         by_dim = {}
@@ -111,7 +114,7 @@ def _load_files(paths: Sequence[str | os.PathLike]) -> list[EmbeddingStore]:
             if s.slide_id in seen:
                 raise SimclrPathError(
                     f"{s.path}: slide {s.slide_id!r} was already given in {seen[s.slide_id]}; "
-                    "pass each slide's embedding file once"
+                    f"pass each slide's {what} once"
                 )
             seen[s.slide_id] = s.path
     return stores
@@ -121,12 +124,23 @@ def load_table(
     embedding_paths: Sequence[str | os.PathLike],
     samples: str | os.PathLike | pd.DataFrame | None,
     cfg: ClassifyConfig,
+    opener: Callable[[Any], Any] = EmbeddingStore,
+    what: str = "embedding file",
 ) -> PatchTable:
-    """Read embedding files and attach labels and patients (from the sheet or from the files)."""
+    """Read embedding files and attach labels and patients (from the sheet or from the files).
+
+    ``opener`` maps a path to a reader with ``features`` (N, D), ``coords``, ``labels``,
+    ``groups``, ``label_names``, ``attrs``, ``slide_id`` and ``path`` (an
+    :class:`~simclr_path.store.EmbeddingStore` by default; ``finetune`` passes patch stores with
+    zero-width features, named ``what`` in messages). ``source`` of the result maps each patch
+    to the index of its file.
+    """
     from simclr_path.samples import read_samples, validate_samples
 
-    stores = _load_files(embedding_paths)
-    parts: dict[str, list] = {k: [] for k in ("X", "y", "slide", "patient", "idx", "coords")}
+    stores = _load_files(embedding_paths, opener, what)
+    parts: dict[str, list] = {
+        k: [] for k in ("X", "y", "slide", "patient", "idx", "coords", "src")
+    }
     dim = stores[0].features.shape[1]
     if samples is not None:
         if isinstance(samples, pd.DataFrame):
@@ -139,16 +153,16 @@ def load_table(
         classes = [c for c in cfg.labels if c in present]
         by_id = sheet.set_index("slide_id")
         rows = []
-        for s in stores:
+        for i_file, s in enumerate(stores):
             sid = s.slide_id
             if sid not in by_id.index:
                 raise SimclrPathError(
-                    f"{s.path}: embedding file is for slide {sid!r}, which is not in the samples "
+                    f"{s.path}: {what} is for slide {sid!r}, which is not in the samples "
                     f"sheet {where}; add a row for it or leave the file out"
                 )
             if sid in {r["slide_id"] for r in rows}:
                 raise SimclrPathError(
-                    f"{s.path}: slide {sid!r} is given twice; pass each embedding file once"
+                    f"{s.path}: slide {sid!r} is given twice; pass each {what} once"
                 )
             r = by_id.loc[sid]
             n = len(s)
@@ -173,10 +187,11 @@ def load_table(
             parts["patient"].append(np.full(n, r["patient_id"], dtype=object))
             parts["idx"].append(np.arange(n))
             parts["coords"].append(s.coords)
+            parts["src"].append(np.full(n, i_file))
         unused = sorted(set(sheet["slide_id"]) - {r["slide_id"] for r in rows})
         if unused:
             warnings.warn(
-                f"{len(unused)} slide(s) of the samples sheet have no embeddings and are left out "
+                f"{len(unused)} slide(s) of the samples sheet have no {what} and are left out "
                 f"(first: {unused[0]})",
                 stacklevel=2,
             )
@@ -186,11 +201,11 @@ def load_table(
         for s in stores:
             if s.labels is None or not s.label_names:
                 raise SimclrPathError(
-                    f"{s.path}: embedding file has no patch labels; pass --samples SHEET "
+                    f"{s.path}: {what} has no patch labels; pass --samples SHEET "
                     "with the slide labels and patients"
                 )
             classes += [c for c in s.label_names if c not in classes]
-        for s in stores:
+        for i_file, s in enumerate(stores):
             n = len(s)
             if n == 0:
                 continue
@@ -216,8 +231,9 @@ def load_table(
             parts["patient"].append(groups)
             parts["idx"].append(np.arange(n))
             parts["coords"].append(s.coords)
+            parts["src"].append(np.full(n, i_file))
         if not parts["X"]:
-            raise SimclrPathError("every embedding file is empty; nothing to classify")
+            raise SimclrPathError(f"every {what} is empty; nothing to classify")
         y_all = np.concatenate(parts["y"])
         g_all = np.concatenate(parts["slide"])
         df = pd.DataFrame({"slide_id": g_all, "y": y_all})
@@ -234,7 +250,7 @@ def load_table(
             }
         )
     if slides.empty:
-        raise SimclrPathError("every embedding file is empty; nothing to classify")
+        raise SimclrPathError(f"every {what} is empty; nothing to classify")
     positive = find_positive(classes, cfg.positive_label)
     if positive is None and len(classes) == 2:
         raise SimclrPathError(
@@ -242,9 +258,10 @@ def load_table(
             "set classify.positive_label"
         )
     first = stores[0].attrs
+    y = np.concatenate(parts["y"]).astype(np.int64)
     return PatchTable(
-        X=np.concatenate(parts["X"]).astype(np.float32, copy=False).reshape(-1, dim),
-        y=np.concatenate(parts["y"]).astype(np.int64),
+        X=np.concatenate(parts["X"]).astype(np.float32, copy=False).reshape(len(y), dim),
+        y=y,
         slide=np.concatenate(parts["slide"]),
         patient=np.concatenate(parts["patient"]),
         patch_index=np.concatenate(parts["idx"]),
@@ -255,6 +272,7 @@ def load_table(
         encoder_sha256=first.get("encoder_sha256"),
         layer=first.get("layer"),
         arch=first.get("arch"),
+        source=np.concatenate(parts["src"]).astype(np.int64),
     )
 
 
@@ -619,6 +637,109 @@ def _summary(per_fold: list[dict[str, Any]]) -> dict[str, dict[str, float | None
 
 
 # ----------------------------------------------------------------------------------------------
+# Evaluation shared with ``finetune``: out-of-fold probabilities -> metrics and prediction tables
+# ----------------------------------------------------------------------------------------------
+def evaluate_fold(
+    t: PatchTable, te: np.ndarray, proba_te: np.ndarray, cfg: ClassifyConfig
+) -> dict[str, Any]:
+    """One outer fold's test metrics from its patch probabilities ``proba_te`` (n_test, K).
+
+    Returns ``n_test_slides`` and the patch- and slide-level metrics (without confusion
+    matrices; the pooled metrics carry those).
+    """
+    sl = aggregate_slides(t.slide[te], proba_te, t.classes, t.positive, cfg.top_k)
+    sy = sl["slide_id"].map(dict(zip(t.slides["slide_id"], t.slides["y"]))).to_numpy()
+    sm = classification_metrics(
+        sy, sl[[f"prob_{x}" for x in t.classes]].to_numpy(), t.classes, t.positive
+    )
+    if t.positive is not None:
+        sm["auroc_topk"] = _topk_auroc(sy, sl, t.positive)
+    pm = classification_metrics(t.y[te], proba_te, t.classes, t.positive)
+    return {
+        "n_test_slides": len(sl),
+        "patch": {kk: v for kk, v in pm.items() if kk != "confusion_matrix"},
+        "slide": {kk: v for kk, v in sm.items() if kk != "confusion_matrix"},
+    }
+
+
+def pooled_results(
+    t: PatchTable,
+    proba: np.ndarray,
+    patch_fold: np.ndarray,
+    slide_fold: dict[str, int],
+    cfg: ClassifyConfig,
+) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """Pooled out-of-fold results: patch metrics, slide metrics (with the patient-bootstrap AUROC
+    CI), the slide predictions table and the patch predictions table (``predictions_*.csv``).
+
+    ``proba`` (N, K) holds each patch's test-fold probabilities (NaN for train-only patches,
+    ``patch_fold`` -1).
+    """
+    ev = patch_fold >= 0
+    patch_metrics = classification_metrics(t.y[ev], proba[ev], t.classes, t.positive)
+    slides_pred = aggregate_slides(t.slide[ev], proba[ev], t.classes, t.positive, cfg.top_k)
+    info = t.slides.set_index("slide_id")
+    slides_pred.insert(1, "patient_id", slides_pred["slide_id"].map(info["patient_id"]).to_numpy())
+    slides_pred.insert(2, "label", slides_pred["slide_id"].map(info["label"]).to_numpy())
+    slides_pred.insert(3, "fold", slides_pred["slide_id"].map(slide_fold).to_numpy())
+    sy = np.array([t.classes.index(x) for x in slides_pred["label"]])
+    sp = slides_pred[[f"prob_{x}" for x in t.classes]].to_numpy()
+    slide_metrics = classification_metrics(sy, sp, t.classes, t.positive)
+    if t.positive is not None:
+        slide_metrics["auroc_topk"] = _topk_auroc(sy, slides_pred, t.positive)
+    slide_metrics["auroc_ci95"] = bootstrap_auroc(
+        sy, sp, slides_pred["patient_id"].to_numpy(), t.positive, cfg.bootstrap, cfg.seed
+    )
+    patches = pd.DataFrame(
+        {
+            "slide_id": t.slide,
+            "patient_id": t.patient,
+            "patch_index": t.patch_index,
+            "x": t.coords[:, 0],
+            "y": t.coords[:, 1],
+            "label": [t.classes[i] for i in t.y],
+            "fold": patch_fold,
+        }
+    )
+    for j, c in enumerate(t.classes):
+        patches[f"prob_{c}"] = proba[:, j]
+    if t.positive is not None:
+        patches["score"] = proba[:, t.positive]
+    patches["pred"] = [
+        t.classes[i] if ev_i else "" for i, ev_i in zip(np.nan_to_num(proba).argmax(1), ev)
+    ]
+    return patch_metrics, slide_metrics, slides_pred, patches
+
+
+def task_summary(
+    t: PatchTable,
+    labels_from: str,
+    scheme: str,
+    n_folds: int,
+    n_evaluated_slides: int,
+    cfg: ClassifyConfig,
+) -> dict[str, Any]:
+    """The ``task`` entry of ``metrics.json``: classes, score, evaluation scheme and counts."""
+    return {
+        "classes": t.classes,
+        "positive": None if t.positive is None else t.classes[t.positive],
+        "score": f"P({t.classes[t.positive]})" if t.positive is not None else "macro one-vs-rest",
+        "labels_from": labels_from,
+        "evaluation": scheme,
+        "n_folds": n_folds,
+        "n_patches": len(t.y),
+        "n_slides": len(t.slides),
+        "n_patients": int(t.slides["patient_id"].nunique()),
+        "n_evaluated_slides": n_evaluated_slides,
+        "patients_per_class": patients_per_class(t.slides, t.classes),
+        "encoder_sha256": t.encoder_sha256,
+        "layer": t.layer,
+        "arch": t.arch,
+        "top_k": cfg.top_k,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
 def classify(
@@ -657,13 +778,6 @@ def classify(
         _check_disjoint(t.patient[tr], t.patient[te])
         pipe, c = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg)
         proba[te] = pipe.predict_proba(t.X[te])
-        sl = aggregate_slides(t.slide[te], proba[te], t.classes, t.positive, cfg.top_k)
-        sy = sl["slide_id"].map(dict(zip(t.slides["slide_id"], t.slides["y"]))).to_numpy()
-        sm = classification_metrics(
-            sy, sl[[f"prob_{x}" for x in t.classes]].to_numpy(), t.classes, t.positive
-        )
-        if t.positive is not None:
-            sm["auroc_topk"] = _topk_auroc(sy, sl, t.positive)
         folds_out.append(
             {
                 "fold": int(f),
@@ -672,32 +786,12 @@ def classify(
                 "n_test_patches": int(te.sum()),
                 "n_train_patients": len(set(t.patient[tr])),
                 "n_test_patients": len(set(t.patient[te])),
-                "n_test_slides": len(sl),
-                "patch": {
-                    kk: v
-                    for kk, v in classification_metrics(
-                        t.y[te], proba[te], t.classes, t.positive
-                    ).items()
-                    if kk != "confusion_matrix"
-                },
-                "slide": {kk: v for kk, v in sm.items() if kk != "confusion_matrix"},
+                **evaluate_fold(t, te, proba[te], cfg),
             }
         )
 
-    ev = patch_fold >= 0
-    patch_metrics = classification_metrics(t.y[ev], proba[ev], t.classes, t.positive)
-    slides_pred = aggregate_slides(t.slide[ev], proba[ev], t.classes, t.positive, cfg.top_k)
-    info = t.slides.set_index("slide_id")
-    slides_pred.insert(1, "patient_id", slides_pred["slide_id"].map(info["patient_id"]).to_numpy())
-    slides_pred.insert(2, "label", slides_pred["slide_id"].map(info["label"]).to_numpy())
-    slides_pred.insert(3, "fold", slides_pred["slide_id"].map(slide_fold).to_numpy())
-    sy = np.array([t.classes.index(x) for x in slides_pred["label"]])
-    sp = slides_pred[[f"prob_{x}" for x in t.classes]].to_numpy()
-    slide_metrics = classification_metrics(sy, sp, t.classes, t.positive)
-    if t.positive is not None:
-        slide_metrics["auroc_topk"] = _topk_auroc(sy, slides_pred, t.positive)
-    slide_metrics["auroc_ci95"] = bootstrap_auroc(
-        sy, sp, slides_pred["patient_id"].to_numpy(), t.positive, cfg.bootstrap, cfg.seed
+    patch_metrics, slide_metrics, slides_pred, patches = pooled_results(
+        t, proba, patch_fold, slide_fold, cfg
     )
 
     final, c_final = fit_probe(t.X, t.y, t.patient, k, cfg)
@@ -716,45 +810,15 @@ def classify(
             "n_train_patients": int(t.slides["patient_id"].nunique()),
         },
     )
-
-    patches = pd.DataFrame(
-        {
-            "slide_id": t.slide,
-            "patient_id": t.patient,
-            "patch_index": t.patch_index,
-            "x": t.coords[:, 0],
-            "y": t.coords[:, 1],
-            "label": [t.classes[i] for i in t.y],
-            "fold": patch_fold,
-        }
-    )
-    for j, c in enumerate(t.classes):
-        patches[f"prob_{c}"] = proba[:, j]
-    if t.positive is not None:
-        patches["score"] = proba[:, t.positive]
-    patches["pred"] = [
-        t.classes[i] if ev_i else "" for i, ev_i in zip(np.nan_to_num(proba).argmax(1), ev)
-    ]
     metrics = {
-        "task": {
-            "classes": t.classes,
-            "positive": None if t.positive is None else t.classes[t.positive],
-            "score": f"P({t.classes[t.positive]})"
-            if t.positive is not None
-            else "macro one-vs-rest",
-            "labels_from": "samples sheet" if samples is not None else "embedding files",
-            "evaluation": scheme,
-            "n_folds": len(fold_ids),
-            "n_patches": len(t.y),
-            "n_slides": len(t.slides),
-            "n_patients": int(t.slides["patient_id"].nunique()),
-            "n_evaluated_slides": len(slides_pred),
-            "patients_per_class": patients_per_class(t.slides, t.classes),
-            "encoder_sha256": t.encoder_sha256,
-            "layer": t.layer,
-            "arch": t.arch,
-            "top_k": cfg.top_k,
-        },
+        "task": task_summary(
+            t,
+            "samples sheet" if samples is not None else "embedding files",
+            scheme,
+            len(fold_ids),
+            len(slides_pred),
+            cfg,
+        ),
         "patch": patch_metrics,
         "slide": slide_metrics,
         "fold_summary": {

@@ -205,6 +205,47 @@ class ClassifyConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning of the pretrained encoder plus a linear head (``simclr-path finetune``)."""
+
+    epochs: int = 20  # most epochs per fold; early stopping on the validation loss usually ends sooner
+    patience: int = 3  # stop after this many epochs without a lower validation loss
+    lr: float = 1e-4  # AdamW learning rate of the encoder (cosine decay over epochs)
+    head_lr: float = 1e-3  # AdamW learning rate of the linear head
+    weight_decay: float = 1e-4  # not applied to biases and normalisation weights
+    batch_size: int = 64
+    val_fraction: float = 0.2  # share of each class's training patients held out for early stopping
+    label_fraction: float = 1.0  # keep this share of each class's training patients (at least 1)
+    image_size: int | None = None  # None = the encoder's training image size
+    max_patches_per_slide: int | None = None  # training patches drawn per slide and epoch; None = all
+    color_jitter: float = 0.5  # probability of light stain + colour jitter per patch (flips, rot90 always)
+    freeze_bn: bool = False  # keep pretrained BatchNorm statistics (for very small batches)
+    final_model: bool = True  # also fine-tune on all labelled patients and save encoder.pt
+    amp: bool = True  # bf16 autocast where supported (as train.amp)
+    device: str = "auto"  # auto | cpu | cuda
+    workers: int = 0  # DataLoader workers reading patches
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "finetune.epochs", "must be >= 1")
+        _check(self.patience >= 1, "finetune.patience", "must be >= 1")
+        _check(self.lr > 0, "finetune.lr", "must be > 0")
+        _check(self.head_lr > 0, "finetune.head_lr", "must be > 0")
+        _check(self.weight_decay >= 0, "finetune.weight_decay", "must be >= 0")
+        _check(self.batch_size >= 2, "finetune.batch_size", "must be >= 2")
+        _check(0.0 < self.val_fraction < 1.0, "finetune.val_fraction",
+               f"must be in (0, 1), got {self.val_fraction}")
+        _check(0.0 < self.label_fraction <= 1.0, "finetune.label_fraction",
+               f"must be in (0, 1], got {self.label_fraction}")
+        _check(self.image_size is None or self.image_size >= 8, "finetune.image_size", "must be >= 8")
+        _check(self.max_patches_per_slide is None or self.max_patches_per_slide >= 1,
+               "finetune.max_patches_per_slide", "must be >= 1")
+        _check(0.0 <= self.color_jitter <= 1.0, "finetune.color_jitter", "is a probability")
+        _check(self.device in ("auto", "cpu", "cuda"), "finetune.device", "must be auto, cpu or cuda")
+        _check(self.workers >= 0, "finetune.workers", "must be >= 0")
+
+
+@dataclass
 class PipelineConfig:
     """All stage parameters together: what ``--config YAML`` and the workflow's ``runs:`` override."""
 
@@ -214,6 +255,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # Named presets: overrides of the defaults above, by section. ``cpu-fast`` is tuned for a
@@ -238,7 +280,7 @@ _SECTIONS = {f.name: f.type for f in fields(PipelineConfig)}
 
 def _section_cls(name: str) -> type:
     return {"tile": TileConfig, "augment": AugmentConfig, "model": ModelConfig, "train": TrainConfig,
-            "embed": EmbedConfig, "classify": ClassifyConfig}[name]
+            "embed": EmbedConfig, "classify": ClassifyConfig, "finetune": FinetuneConfig}[name]
 
 
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:

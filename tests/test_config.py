@@ -36,4 +36,18 @@ def test_bad_yaml(tmp_path):
 
 
 def test_defaults_dict_has_every_section():
-    assert set(defaults_dict()) == {"tile", "augment", "model", "train", "embed", "classify"}
+    assert set(defaults_dict()) == {
+        "tile", "augment", "model", "train", "embed", "classify", "finetune"
+    }
+
+
+def test_finetune_section_validates():
+    from simclr_path.config import build_config
+
+    cfg = build_config("default", {"finetune": {"label_fraction": 0.1, "epochs": 2}})
+    assert cfg.finetune.label_fraction == 0.1 and cfg.finetune.epochs == 2
+    for bad, field in (({"label_fraction": 0.0}, "label_fraction"),
+                       ({"val_fraction": 1.0}, "val_fraction"),
+                       ({"batch_size": 1}, "batch_size"), ({"device": "tpu"}, "device")):
+        with pytest.raises(SimclrPathError, match=f"finetune.{field}"):
+            build_config("default", {"finetune": bad})

@@ -253,6 +253,25 @@ def test_layer_eval_jobs(tmp_path):
     assert "layer_eval.0" in _one_error_line(smk(bad, "-n", "--cores", "1"))
 
 
+def test_finetune_eval_jobs(tmp_path):
+    """Fine-tuning: every run at every label fraction, one comparison per run; off by default."""
+    cfg = dict(TINY, finetune_eval=[1.0, 0.1, 0.01], runs={"a": {}, "b": {}})
+    wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
+    done = smk(wf, "-n", "-p", "--cores", "2")
+    assert done.returncode == 0, done.stderr
+    counts = job_counts(done.stdout + done.stderr)
+    assert counts["finetune"] == 2 * 3 and counts["compare_finetune"] == 2
+    assert counts["classify"] == 2 and counts["run_config"] == 2 * 4  # + finetune.yaml per run
+    out = done.stdout + done.stderr
+    for frac in ("1.0", "0.1", "0.01"):
+        assert f"results/finetune/b/labels_{frac}/metrics.json" in out
+    assert "--label-fraction 0.01" in out
+    off = smk(workdir(tmp_path / "off", TINY, tsv(demo_rows(4))), "-n", "--cores", "2")
+    assert "finetune" not in job_counts(off.stdout + off.stderr)
+    bad = workdir(tmp_path / "bad", dict(cfg, finetune_eval=[0.0]), tsv(demo_rows(4)))
+    assert "finetune_eval.0" in _one_error_line(smk(bad, "-n", "--cores", "1"))
+
+
 @needs(LC25000)
 def test_patch_dataset_config_dry_runs(tmp_path):
     wf = workdir(tmp_path)

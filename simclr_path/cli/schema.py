@@ -132,6 +132,15 @@ WORKFLOW_PROPERTIES: dict[str, dict[str, Any]] = {
         "embedded and classified with the same probe and folds for every run, compared in "
         "results/summary/{run}/layers.{tsv,png,html}; empty = off",
     },
+    "finetune_eval": {
+        "type": "array",
+        "items": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "default": [],
+        "description": "fine-tuning: label fractions (e.g. [1.0, 0.1, 0.01]) at which every run's "
+        "encoder is fine-tuned end to end ('simclr-path finetune', section finetune) and "
+        "compared with the linear probe in results/summary/{run}/finetune.{tsv,png,html}; "
+        "empty = off",
+    },
     "pretrain_launcher": {
         "type": "string",
         "default": "",

@@ -25,6 +25,8 @@ STAGE_SECTIONS = {
     "pretrain": ["augment", "model", "train"],
     "embed": ["embed"],
     "classify": ["classify"],
+    # fine-tuning also reads classify (labels, folds, top-k) and train (tracking switches)
+    "finetune": ["finetune", "classify", "train"],
 }
 
 
@@ -85,6 +87,8 @@ def resolved_config(run=None):
 TILE_CFG = resolved_config()
 RUNS = list(config["runs"])
 LAYERS = list(dict.fromkeys(config["layer_eval"]))
+# Fine-tuning label fractions as written in results paths (1.0 -> "1.0", 0.01 -> "0.01").
+FRACTIONS = list(dict.fromkeys(str(float(f)) for f in config["finetune_eval"]))
 RUN_CFG = {run: resolved_config(run) for run in RUNS}
 
 
@@ -168,6 +172,7 @@ def one_of(names):
 wildcard_constraints:
     run=one_of(RUNS),
     layer=one_of(LAYERS),
+    fraction=one_of(FRACTIONS),
     slide=one_of(SLIDES),
     dataset=one_of(list(PATCH_SETS)),
     store=one_of(STORES),
@@ -240,6 +245,11 @@ def final_outputs():
         if LAYERS:  # layer-wise linear evaluation
             out += [
                 f"results/summary/{run}/layers.{ext}" for ext in ("tsv", "png", "html")
+            ]
+        if FRACTIONS:  # fine-tuning vs the linear probe
+            out += [
+                f"results/summary/{run}/finetune.{ext}"
+                for ext in ("tsv", "png", "html")
             ]
     out += [
         "results/summary/runs.tsv",

@@ -7,7 +7,7 @@ rule run_config:
     log:
         "results/logs/config/{run}/{stage}.log",
     wildcard_constraints:
-        stage="pretrain|embed|classify",
+        stage="pretrain|embed|classify|finetune",
     localrule: True
     params:
         values=lambda w: stage_values(w.run, w.stage),

@@ -104,7 +104,8 @@ def fmt(v):
 
 
 def main(sm) -> None:
-    """Rows are runs (rule compare_runs) or one run's layers (rule compare_layers)."""
+    """Rows are runs (rule compare_runs), one run's layers (rule compare_layers) or one run's
+    linear probe and fine-tuned models (rule compare_finetune)."""
     what = sm.params.get("what", "run")
     names = list(sm.params.runs)
     pretrain = list(sm.input.pretrain) if what == "run" else [str(sm.input.pretrain)] * len(names)
@@ -117,10 +118,12 @@ def main(sm) -> None:
         run = sm.wildcards.run
         title = f"Layer-wise linear evaluation of run {run}"
         xlabel = "features from layer (same probe, same folds)"
+    title = sm.params.get("title") or title  # e.g. rule compare_finetune
+    xlabel = sm.params.get("xlabel") or xlabel
     plot(df.rename(columns={what: "run"}), sm.output.png, title=title, xlabel=xlabel)
     html = df.map(fmt).to_html(index=False, border=0)
     Path(sm.output.html).write_text(
-        f"<html><body><h3>{title} (same classifier, same folds)</h3>{html}</body></html>\n"
+        f"<html><body><h3>{title} (same folds)</h3>{html}</body></html>\n"
     )
 
 

@@ -1,0 +1,612 @@
+"""End-to-end fine-tuning of the pretrained encoder plus a linear head (``simclr-path finetune``).
+
+The fine-tuning protocol of SimCLR (Chen et al. 2020, section 4 and appendix B.5) as a patient-
+level evaluation next to the linear probe of :mod:`simclr_path.classify`, on the same data and
+the same splits:
+
+* labels and patients come from :func:`simclr_path.classify.load_table` (slide labels from the
+  samples sheet, or the labels and groups of imported patch stores), read from the patch stores
+  themselves because fine-tuning needs the images, not embeddings;
+* the outer folds are :func:`simclr_path.classify.make_folds`, so fold ``i`` tests exactly the
+  slides that the linear probe's fold ``i`` tests;
+* in every fold, ``label_fraction`` keeps that share of each class's training patients (at least
+  one per class, chosen with a fixed seed) -- the semi-supervised 1% / 10% setting of SimCLR, by
+  patient here because patches of one patient are not independent labels;
+* ``val_fraction`` of the kept patients (by class, at least one) is held out for early stopping on
+  the validation loss; with a single kept patient in some class there is nothing to hold out and
+  the fold trains for ``epochs``;
+* training: AdamW (encoder ``lr``, head ``head_lr``, cosine decay), class-balanced cross-entropy,
+  light augmentation (flips, 90-degree rotations, and with probability ``color_jitter`` a mild
+  HED stain and colour jitter of :class:`simclr_path.transforms.ColorAugment`).
+
+Output folder (written atomically; the layout of ``classify``, so ``plot-curves``,
+``plot-confusion``, ``plot-heatmap`` and the workflow's metrics table read it unchanged)::
+
+    metrics.json              the keys of classify's, plus per-fold training details
+    predictions_patches.csv   out-of-fold patch probabilities
+    predictions_slides.csv    out-of-fold slide scores
+    history.csv               fold, epoch, train_loss, val_loss, val_auroc, lr, seconds, best
+    encoder.pt, encoder.json  the encoder fine-tuned on all labelled patients (finetune.final_model;
+                              loads with model.load_encoder, embeds with 'simclr-path embed')
+    classifier.pt             its linear head: a state dict of ``weight`` (K, F) and ``bias`` (K,)
+    tensorboard/              per-epoch losses and validation AUROC (train.tensorboard)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from simclr_path import __version__
+from simclr_path.classify import (
+    PatchTable,
+    _check_disjoint,
+    _jsonable,
+    _summary,
+    classification_metrics,
+    evaluate_fold,
+    load_table,
+    make_folds,
+    pooled_results,
+    task_summary,
+)
+from simclr_path.config import AugmentConfig, FinetuneConfig, PipelineConfig
+from simclr_path.errors import SimclrPathError
+from simclr_path.model import encoder_info, load_encoder, save_encoder
+from simclr_path.outputs import atomic_dir, check_can_write
+from simclr_path.store import PatchStore
+from simclr_path.transforms import ColorAugment, eval_transform, normalize, to_float
+
+HISTORY_COLUMNS = ["fold", "epoch", "train_loss", "val_loss", "val_auroc", "lr", "seconds", "best"]
+# Light colour augmentation for fine-tuning: a fraction of the pretraining strengths, no blur or
+# grayscale (the labels depend on morphology and staining that strong jitter would blur away).
+_LIGHT = {"stain_scale": 0.03, "stain_shift": 0.03, "brightness": 0.1, "contrast": 0.1,
+          "saturation": 0.05, "hue": 0.01, "blur_p": 0.0, "grayscale_p": 0.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: patch stores read through classify.load_table
+# ----------------------------------------------------------------------------------------------
+class _StoreLabels:
+    """A patch store as :func:`~simclr_path.classify.load_table` reads embedding files: its
+    coords, labels, groups and slide id, with zero-width features (N, 0)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.store = PatchStore(path)
+        self.path = self.store.path
+        self.attrs = {**self.store.attrs, "store_kind": self.store.attrs.get("kind")}
+        self.features = np.zeros((len(self.store), 0), dtype=np.float32)
+        self.coords = self.store.coords
+        self.labels = self.store.labels
+        self.groups = self.store.groups
+
+    @property
+    def slide_id(self) -> str:
+        return self.store.slide_id
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.store.label_names
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
+def load_patch_table(
+    store_paths: Sequence[str | os.PathLike],
+    samples: str | os.PathLike | pd.DataFrame | None,
+    cfg: PipelineConfig,
+) -> tuple[PatchTable, list[PatchStore]]:
+    """Labels, patients and patch addresses of every patch (``source`` = index into the returned
+    stores, ``patch_index`` = index in its store), exactly as ``classify`` labels embeddings."""
+    opened: list[_StoreLabels] = []
+
+    def opener(p: str | os.PathLike) -> _StoreLabels:
+        opened.append(_StoreLabels(p))
+        return opened[-1]
+
+    t = load_table(store_paths, samples, cfg.classify, opener=opener, what="patch store")
+    stores = [o.store for o in opened]
+    sizes = {s.patch_size for s in stores if len(s)}
+    if len(sizes) > 1:
+        odd = next(s for s in stores if s.patch_size != stores[0].patch_size)
+        raise SimclrPathError(
+            f"{odd.path}: patches are {odd.patch_size} px but {stores[0].path} has "
+            f"{stores[0].patch_size} px; tile or import every store with the same patch size"
+        )
+    return t, stores
+
+
+def _pick_patients(
+    slides: pd.DataFrame, classes: Sequence[str], fraction: float, rng: np.random.Generator,
+    leave: int = 0,
+) -> set[str]:
+    """Patients keeping ``max(1, round(fraction * n_c))`` of each class's ``n_c`` patients (at
+    most ``n_c - leave``), drawn in one random order of all patients (so a patient with slides of
+    two classes counts for both)."""
+    order = rng.permutation(np.array(sorted(set(slides["patient_id"])), dtype=object))
+    rank = {p: i for i, p in enumerate(order)}
+    chosen: set[str] = set()
+    for c in classes:
+        pats = sorted(set(slides.loc[slides["label"] == c, "patient_id"]), key=rank.__getitem__)
+        want = min(max(1, round(fraction * len(pats))), len(pats) - leave)
+        have = sum(p in chosen for p in pats)
+        for p in pats:
+            if have >= want:
+                break
+            if p not in chosen:
+                chosen.add(p)
+                have += 1
+    return chosen
+
+
+def label_subset(
+    slides: pd.DataFrame, classes: Sequence[str], fraction: float, seed: int
+) -> set[str]:
+    """The labelled training patients kept at ``fraction``: per class ``max(1, round(fraction *
+    n_c))`` of its ``n_c`` patients, the same for the same seed (all patients at 1.0)."""
+    if fraction >= 1.0:
+        return set(slides["patient_id"])
+    return _pick_patients(slides, classes, fraction, np.random.default_rng([seed, 1]))
+
+
+def validation_split(
+    slides: pd.DataFrame, classes: Sequence[str], fraction: float, seed: int
+) -> set[str]:
+    """Patients held out for early stopping: ``fraction`` of each class's patients (at least one),
+    or none when some class could not keep a training and a validation patient."""
+    counts = slides.groupby("label")["patient_id"].nunique()
+    if any(counts.get(c, 0) < 2 for c in classes):
+        return set()
+    val = _pick_patients(slides, classes, fraction, np.random.default_rng([seed, 2]), leave=1)
+    for c in classes:
+        pats = set(slides.loc[slides["label"] == c, "patient_id"])
+        if not pats & val or not pats - val:  # a patient with slides of both classes
+            return set()
+    return val
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches, augmentation and the model
+# ----------------------------------------------------------------------------------------------
+class _PatchBatches(Dataset):
+    """Batch ``b`` = uint8 patches (B, S, S, 3) of table rows ``batches[b]``, one sorted HDF5
+    read per store, and those rows (B,)."""
+
+    def __init__(self, stores: Sequence[PatchStore], source: np.ndarray, index: np.ndarray,
+                 batches: Sequence[np.ndarray]) -> None:
+        self.stores, self.source, self.index, self.batches = list(stores), source, index, batches
+        self.size = stores[0].patch_size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.batches[b]
+        out = np.empty((len(rows), self.size, self.size, 3), dtype=np.uint8)
+        src = self.source[rows]
+        for s in np.unique(src):
+            m = src == s
+            out[m] = self.stores[s][self.index[rows[m]]]
+        return torch.from_numpy(out), torch.from_numpy(np.asarray(rows, dtype=np.int64))
+
+
+def _iter_batches(data: _PatchBatches, workers: int, pin: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if workers == 0 or len(data) < 2:
+        for b in range(len(data)):
+            yield data[b]
+        return
+    yield from DataLoader(data, batch_size=None, shuffle=False, num_workers=min(workers, len(data)),
+                          pin_memory=pin)
+
+
+def _batches(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+class Augment:
+    """Fine-tuning augmentation of a uint8 batch (B, S, S, 3) -> normalised float (B, 3, s, s):
+    resize to ``image_size``, random flip and 90-degree rotation per patch, and with probability
+    ``color_jitter`` a light stain and colour jitter; all randomness from one torch Generator."""
+
+    def __init__(self, image_size: int, color_jitter: float) -> None:
+        self.image_size = int(image_size)
+        self.color = None
+        if color_jitter > 0:
+            light = AugmentConfig(image_size=max(8, self.image_size), stain_p=color_jitter,
+                                  color_p=color_jitter, **_LIGHT)
+            self.color = ColorAugment(light)
+
+    def __call__(self, raw: torch.Tensor, g: torch.Generator, device: torch.device) -> torch.Tensor:
+        x = to_float(raw.to(device, non_blocking=True))
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        x = x.contiguous()
+        n = len(x)
+        k = torch.randint(0, 4, (n,), generator=g)
+        flip = torch.rand(n, generator=g) < 0.5
+        for r in (1, 2, 3):
+            idx = (k == r).nonzero().squeeze(1).to(device)
+            if len(idx):
+                x[idx] = torch.rot90(x[idx], r, dims=(2, 3))
+        idx = flip.nonzero().squeeze(1).to(device)
+        if len(idx):
+            x[idx] = x[idx].flip(3)
+        if self.color is not None:
+            return self.color(x, g)
+        return normalize(x)
+
+
+class FinetuneModel(nn.Module):
+    """Encoder plus linear head: (B, 3, H, W) -> logits (B, K)."""
+
+    def __init__(self, backbone: nn.Module, n_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(int(backbone.num_features), n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _train_mode(model: FinetuneModel, freeze_bn: bool) -> None:
+    model.train()
+    if freeze_bn:  # keep the pretrained running statistics: tiny batches make them noisy
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# One training (an outer fold or the final model)
+# ----------------------------------------------------------------------------------------------
+class _Run:
+    """Everything a training needs that is the same for every fold."""
+
+    def __init__(self, t: PatchTable, stores: list[PatchStore], encoder: Path, ft: FinetuneConfig,
+                 image_size: int, device: torch.device, progress: bool, tracker: Any) -> None:
+        self.t, self.stores, self.encoder, self.ft = t, stores, encoder, ft
+        self.image_size, self.device, self.progress, self.tracker = image_size, device, progress, tracker
+        self.k = len(t.classes)
+        self.augment = Augment(image_size, ft.color_jitter)
+        from simclr_path.train import amp_mode
+
+        self.amp = amp_mode(ft, device)  # reads ft.amp: bf16 where it pays off, fp16 on old GPUs
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def _cap(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """At most ``max_patches_per_slide`` random rows of each slide (all when unset)."""
+        cap = self.ft.max_patches_per_slide
+        if cap is None:
+            return rows
+        keep = []
+        for s in pd.unique(self.t.slide[rows]):
+            r = rows[self.t.slide[rows] == s]
+            keep.append(r if len(r) <= cap else rng.choice(r, cap, replace=False))
+        return np.sort(np.concatenate(keep)) if keep else rows
+
+    def predict(self, model: FinetuneModel, rows: np.ndarray) -> np.ndarray:
+        """Class probabilities (len(rows), K) of the table rows, eval transform, no augmentation."""
+        model.eval()
+        out = np.zeros((len(rows), self.k), dtype=np.float64)
+        data = _PatchBatches(self.stores, self.t.source, self.t.patch_index,
+                             _batches(np.asarray(rows), self.ft.batch_size))
+        pos = 0
+        with torch.inference_mode(), self.autocast():
+            for raw, _ in _iter_batches(data, self.ft.workers, self.device.type == "cuda"):
+                x = eval_transform(raw, self.image_size, self.device)
+                p = torch.softmax(model(x).float(), dim=1).cpu().numpy()
+                out[pos:pos + len(p)] = p
+                pos += len(p)
+        return out
+
+    def fit(self, name: str, train_rows: np.ndarray, val_rows: np.ndarray, seed: int
+            ) -> tuple[FinetuneModel, list[dict[str, Any]], dict[str, Any]]:
+        """Fine-tune a fresh copy of the encoder on ``train_rows``; early stopping on the
+        validation loss of ``val_rows`` (none: train ``epochs``). Returns the best model, the
+        per-epoch history and a summary (epochs run, best epoch, stop reason)."""
+        ft, t, dev = self.ft, self.t, self.device
+        torch.manual_seed(seed)
+        rng = np.random.default_rng([seed, 3])
+        g = torch.Generator().manual_seed(seed)
+        model = FinetuneModel(load_encoder(self.encoder, device=dev), self.k).to(dev)
+        from simclr_path.train import param_groups
+
+        groups = []
+        for part, lr in ((model.backbone, ft.lr), (model.head, ft.head_lr)):
+            for grp in param_groups(part, ft.weight_decay):
+                grp.pop("adapt")
+                groups.append({**grp, "lr": lr})
+        opt = torch.optim.AdamW(groups)
+        counts = np.bincount(t.y[train_rows], minlength=self.k).astype(np.float64)
+        if (counts == 0).any():
+            missing = [t.classes[i] for i in np.flatnonzero(counts == 0)]
+            raise SimclrPathError(f"{name}: no training patches of class {missing[0]!r}; add "
+                                  "patients of that class or raise finetune.label_fraction")
+        # class-balanced cross-entropy, as classify's class_weight="balanced"
+        weight = torch.tensor(counts.sum() / (self.k * counts), dtype=torch.float32, device=dev)
+        steps_per_epoch = math.ceil(len(self._cap(train_rows, np.random.default_rng(0))) / ft.batch_size)
+        total = max(1, ft.epochs * steps_per_epoch)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
+        scaler = torch.amp.GradScaler(enabled=self.amp == torch.float16)
+        yv = torch.as_tensor(t.y[val_rows], device=dev)
+        history: list[dict[str, Any]] = []
+        best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        bad, stopped = 0, "epochs"
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(1, ft.epochs + 1), desc=f"finetune {name}", unit="epoch", leave=False,
+                   disable=None if self.progress else True)
+        for epoch in bar:
+            t0 = time.perf_counter()
+            rows = self._cap(train_rows, rng)
+            rows = rows[rng.permutation(len(rows))]
+            data = _PatchBatches(self.stores, t.source, t.patch_index, _batches(rows, ft.batch_size))
+            _train_mode(model, ft.freeze_bn)
+            tot, n = 0.0, 0
+            for raw, r in _iter_batches(data, ft.workers, dev.type == "cuda"):
+                if len(r) < 2 and n > 0:  # a single-patch last batch breaks BatchNorm; skip it
+                    continue
+                x = self.augment(raw, g, dev)
+                y = torch.as_tensor(t.y[r.numpy()], device=dev)
+                with self.autocast():
+                    loss = F.cross_entropy(model(x).float(), y, weight=weight)
+                if not torch.isfinite(loss):
+                    raise SimclrPathError(f"{name}: the fine-tuning loss became {loss.item()} at "
+                                          f"epoch {epoch}; lower finetune.lr / finetune.head_lr")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                tot += float(loss.detach()) * len(r)
+                n += len(r)
+            row: dict[str, Any] = {"fold": name, "epoch": epoch, "train_loss": tot / max(n, 1),
+                                   "val_loss": float("nan"), "val_auroc": float("nan"),
+                                   "lr": opt.param_groups[0]["lr"], "best": False}
+            if len(val_rows):
+                pv = self.predict(model, val_rows)
+                row["val_loss"] = float(F.nll_loss(torch.log(torch.as_tensor(pv, device=dev)
+                                                             .clamp_min(1e-12)).float(), yv,
+                                                   weight=weight))
+                row["val_auroc"] = classification_metrics(t.y[val_rows], pv, t.classes,
+                                                          t.positive).get("auroc", float("nan"))
+                improved = best is None or row["val_loss"] < best[0] - 1e-6
+            else:
+                improved = True  # no validation patients: the last epoch is kept
+            if improved:
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = (row["val_loss"] if len(val_rows) else 0.0, epoch, state)
+                row["best"], bad = True, 0
+            else:
+                bad += 1
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            history.append(row)
+            self._log(name, row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
+            if bad >= ft.patience:
+                stopped = "early_stopping"
+                break
+        bar.close()
+        assert best is not None
+        model.load_state_dict(best[2])
+        if len(val_rows):  # mark only the epoch finally kept
+            for h in history:
+                h["best"] = h["epoch"] == best[1]
+        info = {"epochs_run": len(history), "best_epoch": best[1], "stopped": stopped,
+                "early_stopping": bool(len(val_rows)),
+                "n_train_patches": len(train_rows), "n_val_patches": len(val_rows),
+                "train_loss_first": history[0]["train_loss"],
+                "train_loss_last": history[-1]["train_loss"],
+                "best_val_loss": best[0] if len(val_rows) else None}
+        return model, history, info
+
+    def _log(self, name: str, row: dict[str, Any]) -> None:
+        tb = getattr(self.tracker, "tb", None)
+        if tb is not None:
+            for key in ("train_loss", "val_loss", "val_auroc", "lr"):
+                v = row[key]
+                if isinstance(v, float) and math.isfinite(v):
+                    tb.add_scalar(f"{name}/{key}", v, row["epoch"])
+        ml = getattr(self.tracker, "mlflow", None)
+        if ml is not None:
+            ml.log_metrics({f"{name}.{k}": float(row[k]) for k in ("train_loss", "val_loss", "val_auroc")
+                            if math.isfinite(float(row[k]))}, step=row["epoch"])
+
+
+def _rows_of(t: PatchTable, patients: set[str], mask: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(mask & np.isin(t.patient, np.array(sorted(patients), dtype=object)))
+
+
+def _split_rows(t: PatchTable, train_slides: pd.DataFrame, train_mask: np.ndarray,
+                ft: FinetuneConfig, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Label fraction, then the inner validation split, of the training patients."""
+    kept = label_subset(train_slides, t.classes, ft.label_fraction, seed)
+    kept_slides = train_slides[train_slides["patient_id"].isin(kept)]
+    val = validation_split(kept_slides, t.classes, ft.val_fraction, seed)
+    _check_disjoint(np.array(sorted(kept - val), dtype=object), np.array(sorted(val), dtype=object))
+    info = {"n_labelled_patients": len(kept), "n_val_patients": len(val),
+            "labelled_patients_per_class": {
+                c: int(kept_slides.loc[kept_slides["label"] == c, "patient_id"].nunique())
+                for c in t.classes}}
+    return _rows_of(t, kept - val, train_mask), _rows_of(t, val, train_mask), info
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def finetune(
+    store_paths: Sequence[str | os.PathLike],
+    encoder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    samples: str | os.PathLike | pd.DataFrame | None = None,
+    cfg: PipelineConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune the encoder with a linear head under ``classify``'s patient-grouped folds.
+
+    Args:
+        store_paths: patch stores (one per slide with a samples sheet, or imported patch stores
+            carrying labels and groups).
+        encoder: ``encoder.pt`` of a pretraining run (``encoder.json`` beside it) or the run dir.
+        out_dir: results folder (see the module docstring), written atomically.
+        samples: samples sheet (path or DataFrame); None when the stores carry labels.
+        cfg: its ``finetune`` (training), ``classify`` (labels, folds, top-k, bootstrap, seed) and
+            ``train`` (tensorboard / mlflow tracking) sections are used.
+        force: replace an existing ``out_dir``.
+        progress: show progress bars.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    cfg = cfg or PipelineConfig()
+    ft, ccfg = cfg.finetune, cfg.classify
+    if not store_paths:
+        raise SimclrPathError("no patch stores given; pass one or more STORE.h5")
+    check_can_write(out_dir, force)
+    enc = Path(encoder)
+    if enc.is_dir():
+        enc = enc / "encoder.pt"
+    if not enc.is_file():
+        raise SimclrPathError(f"{enc}: encoder file not found; train one with "
+                              "'simclr-path pretrain'")
+    info = encoder_info(enc)
+    t, stores = load_patch_table(store_paths, samples, cfg)
+    image_size = int(ft.image_size or info.get("image_size") or stores[0].patch_size)
+    from simclr_path.train import resolve_device
+
+    device = resolve_device(ft.device)
+    load_encoder(enc, device="cpu")  # a broken or mismatched encoder fails before any training
+    fold_of_slide, scheme = make_folds(t.slides, t.classes, ccfg)
+    slide_fold = dict(zip(t.slides["slide_id"], fold_of_slide))
+    patch_fold = np.array([slide_fold[s] for s in t.slide])
+    fold_ids = sorted(f for f in set(fold_of_slide.tolist()) if f >= 0)
+    proba = np.full((len(t.y), len(t.classes)), np.nan)
+    folds_out: list[dict[str, Any]] = []
+    history: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+
+    with atomic_dir(out_dir, force=force) as tmp:
+        from simclr_path.train import _Tracker
+
+        tracker = _Tracker(tmp, cfg, enabled=True)
+        summary: dict[str, Any] | None = None
+        try:
+            run = _Run(t, stores, enc, ft, image_size, device, progress, tracker)
+            for f in fold_ids:
+                te = patch_fold == f
+                tr = ~te
+                _check_disjoint(t.patient[tr], t.patient[te])
+                train_slides = t.slides[np.asarray(fold_of_slide) != f]
+                tr_rows, va_rows, split = _split_rows(t, train_slides, tr, ft, ft.seed + 1000 * f)
+                _check_disjoint(t.patient[tr_rows], t.patient[va_rows])
+                model, hist, fit = run.fit(f"fold{f}", tr_rows, va_rows, ft.seed + f)
+                history += hist
+                proba[te] = run.predict(model, np.flatnonzero(te))
+                folds_out.append({
+                    "fold": int(f),
+                    "n_test_patches": int(te.sum()),
+                    "n_train_patients": len(set(t.patient[tr_rows])),
+                    "n_test_patients": len(set(t.patient[te])),
+                    **split,
+                    **fit,
+                    **evaluate_fold(t, te, proba[te], ccfg),
+                })
+                del model
+            if not any(f["early_stopping"] for f in folds_out):
+                warnings.warn("fine-tuning without early stopping: some class has a single "
+                              "labelled training patient, so no validation patients were held "
+                              f"out; each fold trained {ft.epochs} epochs", stacklevel=2)
+            patch_metrics, slide_metrics, slides_pred, patches = pooled_results(
+                t, proba, patch_fold, slide_fold, ccfg)
+            final: dict[str, Any] | None = None
+            if ft.final_model:
+                tr_rows, va_rows, split = _split_rows(t, t.slides, np.ones(len(t.y), bool), ft,
+                                                      ft.seed + 999_999)
+                model, hist, fit = run.fit("final", tr_rows, va_rows, ft.seed + 999_999)
+                history += hist
+                final = {**split, **fit}
+                save_encoder(model.backbone, tmp / "encoder.pt", info["arch"],
+                             image_size=image_size, mpp=info.get("mpp"),
+                             fine_tuned_from=str(enc), classes=t.classes,
+                             positive=None if t.positive is None else t.classes[t.positive],
+                             label_fraction=ft.label_fraction, simclr_path_version=__version__)
+                torch.save({k: v.detach().cpu() for k, v in model.head.state_dict().items()},
+                           tmp / "classifier.pt")
+            task = task_summary(t, "samples sheet" if samples is not None else "patch stores",
+                                scheme, len(fold_ids), len(slides_pred), ccfg)
+            task.update({"model": "fine-tuned encoder + linear head", "encoder": str(enc),
+                         "arch": info.get("arch"), "layer": "pooled", "image_size": image_size,
+                         "label_fraction": ft.label_fraction})
+            metrics = {
+                "task": task,
+                "patch": patch_metrics,
+                "slide": slide_metrics,
+                "fold_summary": {
+                    "patch": _summary([f["patch"] for f in folds_out]),
+                    "slide": _summary([f["slide"] for f in folds_out]),
+                },
+                "folds": folds_out,
+                "final_model": final,
+                "config": {"finetune": asdict(ft), "classify": asdict(ccfg)},
+                "wall_time_s": round(time.perf_counter() - t_start, 3),
+                "simclr_path_version": __version__,
+            }
+            metrics = _jsonable(metrics)
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            patches.to_csv(tmp / "predictions_patches.csv", index=False)
+            slides_pred.to_csv(tmp / "predictions_slides.csv", index=False)
+            with open(tmp / "history.csv", "w", newline="") as fh:
+                w = csv.DictWriter(fh, HISTORY_COLUMNS)
+                w.writeheader()
+                w.writerows(history)
+            summary = {"slide_auroc": metrics["slide"].get("auroc") or float("nan"),
+                       "patch_auroc": metrics["patch"].get("auroc") or float("nan")}
+            tb = getattr(tracker, "tb", None)
+            if tb is not None:
+                for k, v in summary.items():
+                    if math.isfinite(v):
+                        tb.add_scalar(f"test/{k}", v, 0)
+        finally:
+            tracker.close(summary, tmp if summary is not None else None)
+            for s in stores:
+                s.close()
+    return metrics
+
+
+def load_classifier(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> FinetuneModel:
+    """The final fine-tuned model of a ``finetune`` folder (encoder + head), in eval mode."""
+    d = Path(out_dir)
+    info = encoder_info(d / "encoder.pt")
+    if not (d / "classifier.pt").is_file() or "classes" not in info:
+        raise SimclrPathError(f"{d}: no fine-tuned classifier here (encoder.pt, classifier.pt); "
+                              "run 'simclr-path finetune' with finetune.final_model: true")
+    model = FinetuneModel(load_encoder(d / "encoder.pt", device="cpu"), len(info["classes"]))
+    from simclr_path.model import load_state_dict_file
+
+    model.head.load_state_dict(load_state_dict_file(d / "classifier.pt", "classifier file"))
+    return model.eval().to(device)
+

@@ -1,0 +1,228 @@
+"""Fine-tuning (``simclr-path finetune``): training, folds, label fractions, outputs, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from simclr_path.classify import make_folds
+from simclr_path.cli import main
+from simclr_path.config import PipelineConfig, build_config
+from simclr_path.errors import SimclrPathError
+from simclr_path.finetune import (
+    Augment,
+    finetune,
+    label_subset,
+    load_classifier,
+    load_patch_table,
+    validation_split,
+)
+from simclr_path.model import create_backbone, save_encoder
+from simclr_path.store import PatchStoreWriter
+
+ARCH = "test_byobnet"  # a tiny timm model: tests stay fast on a busy CPU
+SIZE = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spin-waits made these tiny
+    trainings ~10x slower with two."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("enc") / "encoder.pt"
+    save_encoder(create_backbone(ARCH), path, ARCH, image_size=SIZE, mpp=0.5)
+    return path
+
+
+def _patches(rng, n: int, scc: bool) -> np.ndarray:
+    """Noisy patches whose colour tells the class: pink-purple (SCC) vs pale pink (normal)."""
+    base = np.array([150, 60, 160] if scc else [230, 180, 200], dtype=np.float64)
+    x = base + rng.normal(0, 25, size=(n, SIZE, SIZE, 3))
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """8 patients, one slide each, 4 per class, 8 patches a slide; sheet + stores."""
+    d = tmp_path_factory.mktemp("cohort")
+    rng = np.random.default_rng(0)
+    rows, paths = [], []
+    for i in range(8):
+        label = "SCC" if i % 2 == 0 else "normal"
+        sid = f"S{i}"
+        with PatchStoreWriter(d / f"{sid}.h5", patch_size=SIZE,
+                              attrs={"slide_id": sid, "kind": "slide", "mpp": 0.5}) as w:
+            coords = np.stack([np.arange(8) * SIZE, np.zeros(8, dtype=np.int64)], axis=1)
+            w.append(_patches(rng, 8, label == "SCC"), coords)
+        paths.append(d / f"{sid}.h5")
+        rows.append({"slide_id": sid, "path": f"{sid}.svs", "label": label, "patient_id": f"P{i}"})
+    sheet = d / "samples.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    return paths, sheet
+
+
+def tiny_cfg(**ft) -> PipelineConfig:
+    over = {"epochs": 3, "patience": 5, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-2,
+            "device": "cpu", "amp": False, **ft}
+    return build_config("default", {"finetune": over,
+                                    "classify": {"folds": 2, "bootstrap": 20},
+                                    "train": {"tensorboard": True}})
+
+
+@pytest.fixture(scope="module")
+def result(cohort, encoder, tmp_path_factory):
+    paths, sheet = cohort
+    out = tmp_path_factory.mktemp("ft") / "out"
+    m = finetune(paths, encoder, out, samples=sheet, cfg=tiny_cfg(), progress=False)
+    return m, out
+
+
+def test_training_lowers_loss_and_writes_classify_layout(result):
+    m, out = result
+    names = {p.name for p in out.iterdir()}
+    assert {"metrics.json", "predictions_patches.csv", "predictions_slides.csv", "history.csv",
+            "encoder.pt", "encoder.json", "classifier.pt", "tensorboard"} <= names
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    hist = pd.read_csv(out / "history.csv")
+    for _, h in hist.groupby("fold"):
+        assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
+        assert np.isfinite(h["train_loss"]).all() and h["best"].sum() == 1
+    assert set(hist["fold"]) == {"fold0", "fold1", "final"}
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == m  # what the API returns is what it wrote
+    assert saved["task"]["evaluation"] == "grouped_2fold" and saved["task"]["positive"] == "SCC"
+    for level in ("patch", "slide"):
+        for key in ("auroc", "average_precision", "balanced_accuracy", "sensitivity",
+                    "specificity", "f1"):
+            v = saved[level][key]
+            assert v is not None and 0.0 <= v <= 1.0 and math.isfinite(v), (level, key)
+        assert saved["fold_summary"][level]["auroc"]["n_folds"] == 2
+    assert np.asarray(saved["slide"]["confusion_matrix"]).sum() == 8
+    assert saved["patch"]["auroc"] > 0.8  # colour separates the classes
+    pp = pd.read_csv(out / "predictions_patches.csv")
+    assert len(pp) == 64 and np.allclose(pp[["prob_SCC", "prob_normal"]].sum(axis=1), 1.0)
+    assert len(pd.read_csv(out / "predictions_slides.csv")) == 8
+    assert list(out.joinpath("tensorboard").iterdir())  # event files
+    model = load_classifier(out)
+    assert model.head.out_features == 2
+
+
+def test_plots_read_the_output(result, tmp_path):
+    _, out = result
+    assert main(["plot-curves", "--classify", str(out), "--out-roc", str(tmp_path / "roc.png"),
+                 "--out-pr", str(tmp_path / "pr.png")]) == 0
+    assert main(["plot-confusion", "--classify", str(out), "--out",
+                 str(tmp_path / "cm.png")]) == 0
+    assert (tmp_path / "roc.png").stat().st_size > 0 and (tmp_path / "cm.png").stat().st_size > 0
+
+
+def test_folds_are_classifys_and_patient_disjoint(result, cohort):
+    m, _ = result
+    paths, sheet = cohort
+    cfg = tiny_cfg()
+    t, stores = load_patch_table(paths, sheet, cfg)
+    fold, _ = make_folds(t.slides, t.classes, cfg.classify)  # what classify uses
+    pred = pd.read_csv(result[1] / "predictions_slides.csv")
+    assert dict(zip(pred["slide_id"], pred["fold"])) == dict(zip(t.slides["slide_id"], fold))
+    for f in m["folds"]:
+        test = set(t.slides.loc[fold == f["fold"], "patient_id"])
+        assert f["n_test_patients"] == len(test) and f["n_train_patients"] + f["n_val_patients"] == 8 - len(test)
+        assert f["early_stopping"] and f["n_val_patients"] >= 2
+    for s in stores:
+        s.close()
+
+
+def test_label_fraction_keeps_patients_per_class():
+    slides = pd.DataFrame({"patient_id": [f"P{i}" for i in range(30)],
+                           "label": ["SCC"] * 20 + ["normal"] * 10})
+    for frac, want in ((1.0, (20, 10)), (0.5, (10, 5)), (0.1, (2, 1)), (0.01, (1, 1))):
+        kept = label_subset(slides, ["SCC", "normal"], frac, seed=3)
+        got = tuple(slides[slides.patient_id.isin(kept)].groupby("label").size()[["SCC", "normal"]])
+        assert got == want, frac
+        assert kept == label_subset(slides, ["SCC", "normal"], frac, seed=3)  # deterministic
+    assert label_subset(slides, ["SCC", "normal"], 0.1, 3) != label_subset(slides, ["SCC", "normal"], 0.1, 4)
+    val = validation_split(slides, ["SCC", "normal"], 0.2, seed=0)
+    assert len(val & set(slides.patient_id[:20])) == 4 and len(val & set(slides.patient_id[20:])) == 2
+    one = slides.iloc[[0, 1, 20]]  # a single normal patient: nothing to hold out
+    assert validation_split(one, ["SCC", "normal"], 0.2, seed=0) == set()
+
+
+def test_augment_shapes_and_determinism():
+    import torch
+
+    raw = torch.randint(0, 256, (5, 40, 40, 3), dtype=torch.uint8)
+    aug = Augment(32, color_jitter=1.0)
+    a = aug(raw, torch.Generator().manual_seed(1), torch.device("cpu"))
+    b = aug(raw, torch.Generator().manual_seed(1), torch.device("cpu"))
+    assert a.shape == (5, 3, 32, 32) and torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_imported_store_labels(encoder, tmp_path):
+    rng = np.random.default_rng(1)
+    n = 32
+    labels = np.array([0, 1] * (n // 2))
+    groups = [f"G{i % 8}" for i in range(n)]  # 8 groups, each single-class
+    with PatchStoreWriter(tmp_path / "set.h5", patch_size=SIZE, attrs={"slide_id": "set", "kind": "patches"},
+                          label_names=["lung_scc", "lung_n"]) as w:
+        pats = np.concatenate([_patches(rng, 1, lab == 0) for lab in labels])
+        w.append(pats, np.full((n, 2), -1), labels=labels, groups=groups)
+    cfg = build_config("default", {"finetune": {"epochs": 1, "batch_size": 16, "device": "cpu",
+                                                "final_model": False},
+                                   "classify": {"folds": 2, "bootstrap": 0},
+                                   "train": {"tensorboard": False}})
+    m = finetune([tmp_path / "set.h5"], encoder, tmp_path / "o", cfg=cfg, progress=False)
+    assert m["task"]["labels_from"] == "patch stores" and m["task"]["positive"] == "lung_scc"
+    assert m["task"]["n_slides"] == 8 and not (tmp_path / "o" / "tensorboard").exists()
+
+
+def test_bad_input_one_line_and_no_output(cohort, encoder, tmp_path, capsys):
+    paths, sheet = cohort
+    out = tmp_path / "o"
+    cases = [
+        ([str(paths[0]), "--encoder", str(tmp_path / "nope.pt")], "encoder file not found"),
+        ([str(tmp_path / "missing.h5"), "--encoder", str(encoder)], "patch store not found"),
+        ([*map(str, paths[:1]), "--encoder", str(encoder)], "only 1 patient"),
+        ([*map(str, paths), "--encoder", str(encoder), "--label-fraction", "0"],
+         "finetune.label_fraction"),
+    ]
+    for args, msg in cases:
+        code = main(["finetune", *args, "--samples", str(sheet), "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and msg in err and len(err.splitlines()) == 1, err
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]
+    out.mkdir()
+    with pytest.raises(SimclrPathError, match="already exists"):
+        finetune(paths, encoder, out, samples=sheet, cfg=tiny_cfg())
+
+
+def test_cli_one_percent_labels_trains_without_early_stopping(cohort, encoder, tmp_path, capsys):
+    paths, sheet = cohort
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("finetune: {batch_size: 16, final_model: false, amp: false}\n"
+                   "classify: {folds: 2, bootstrap: 0}\ntrain: {tensorboard: false}\n")
+    with pytest.warns(UserWarning, match="without early stopping"):
+        code = main(["finetune", *map(str, paths), "--encoder", str(encoder), "--samples",
+                     str(sheet), "--out", str(tmp_path / "o"), "--config", str(cfg), "--epochs",
+                     "1", "--label-fraction", "0.01", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert "label fraction 0.01" in capsys.readouterr().out
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["config"]["finetune"]["epochs"] == 1 and m["task"]["label_fraction"] == 0.01
+    for f in m["folds"]:  # 1% of 2 patients per class: still one per class
+        assert f["n_labelled_patients"] == 2
+        assert f["labelled_patients_per_class"] == {"SCC": 1, "normal": 1}
+        assert f["n_val_patients"] == 0 and not f["early_stopping"]
+    assert m["final_model"] is None and not (tmp_path / "o" / "encoder.pt").exists()
