@@ -28,6 +28,7 @@ the SimCLR differences against each baseline; ``--out`` writes everything as JSO
     python benchmarks/bench_quality.py                          # cpu-fast preset, 600 s budget
     python benchmarks/bench_quality.py --budget-s 300 --set augment.image_size=64 --out q.json
     python benchmarks/bench_quality.py --embed-size pretrain,native --work /tmp/bq
+    python benchmarks/bench_quality.py --run /tmp/bq/simclr-run --embed-size native  # no training
 
 ``--limit N`` keeps N tiles, a third per class, spread evenly over each class's groups (for the
 smoke test; figures on a subset are not comparable with the full set).
@@ -293,7 +294,8 @@ def print_report(res: dict[str, Any]) -> None:
     rows = res["rows"]
     pre = res["pretrain"]
     print(f"\n{res['data']} ({res['n_patches']} patches, {res['n_groups']} groups, "
-          f"{res['evaluation']}); preset {res['preset']}, budget {res['budget_s']:.0f} s, "
+          f"{res['evaluation']}); {'run ' + res['run'] if res['run'] else 'preset ' + res['preset']}"
+          f", budget {res['budget_s'] or 0:.0f} s, "
           f"{pre['arch']} at {pre['image_size']} px: {pre['steps']} steps "
           f"({pre['epochs']} epochs, {pre['pairs_per_s']:.1f} pairs/s, stopped: {pre['stopped']})")
     head = (f"{'features':<16}{'embed px':>9}{'SCC AUROC':>11}{'bal. acc':>10}"
@@ -331,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="config override, value parsed as YAML; repeatable")
     ap.add_argument("--budget-s", type=float, default=600.0,
                     help="pretraining wall-clock budget in seconds [600]")
+    ap.add_argument("--run", type=Path, default=None,
+                    help="evaluate this finished pretraining run directory (its config.yaml, "
+                         "encoder.pt, summary.json) instead of pretraining; --preset, --budget-s "
+                         "and --seed are then the run's")
     ap.add_argument("--embed-size", default="pretrain",
                     help="embedding image size(s): pretrain, native or pixels, comma-separated "
                          "[pretrain]")
@@ -374,7 +380,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     overrides = _deep_merge({"train": {"seed": args.seed, "time_budget_s": args.budget_s},
                              "classify": {"seed": args.seed}}, parse_set(args.set))
-    cfg = load_config(preset=args.preset, overrides=overrides)
+    if args.run is not None:
+        if not (args.run / "summary.json").is_file():
+            raise SimclrPathError(f"{args.run}: no summary.json; not a finished pretraining run")
+        cfg = load_config(args.run / "config.yaml", overrides=parse_set(args.set))
+    else:
+        cfg = load_config(preset=args.preset, overrides=overrides)
     stages = tqdm(total=4, desc="bench_quality", unit="stage", disable=None, position=0)
 
     stages.set_postfix_str("import")
@@ -389,9 +400,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     stages.set_postfix_str("pretrain")
     t0 = time.perf_counter()
-    summary = pretrain([store], work / "simclr-run", cfg, force=True,
-                       progress=not args.no_progress)
-    pretrain_s = time.perf_counter() - t0
+    run_dir = args.run or work / "simclr-run"
+    if args.run is None:
+        summary = pretrain([store], run_dir, cfg, force=True, progress=not args.no_progress)
+        pretrain_s = time.perf_counter() - t0
+    else:  # the loop's wall time; set-up and saving are not in it
+        summary = json.loads((args.run / "summary.json").read_text())
+        pretrain_s = float(summary["wall_time_s"])
     stages.update(1)
 
     stages.set_postfix_str("embed")
@@ -406,7 +421,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                          "embed_s": time.perf_counter() - t0, "pretrain_s": None})
     for size in sizes:
         ecfg = dataclasses.replace(cfg.embed, image_size=size, layer="pooled")
-        for name, enc, pre_s in (("simclr", work / "simclr-run" / "encoder.pt", pretrain_s),
+        for name, enc, pre_s in (("simclr", run_dir / "encoder.pt", pretrain_s),
                                  ("random-init", rand_dir / "encoder.pt", None)):
             t0 = time.perf_counter()
             emb = embed_store(enc, store, emb_dir / f"{name}-{size}.h5", ecfg, force=True)
@@ -447,7 +462,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "data": str(args.data), "store": str(store), "store_reused": reused,
         "import_s": import_s, "n_patches": n_patches, "n_groups": n_groups,
         "limit": args.limit, "evaluation": rows[0]["evaluation"], "preset": args.preset,
-        "overrides": parse_set(args.set), "budget_s": args.budget_s, "seed": args.seed,
+        "overrides": parse_set(args.set), "run": None if args.run is None else str(args.run),
+        "budget_s": cfg.train.time_budget_s, "seed": cfg.train.seed,
         "embed_sizes": sizes, "hist_bins": args.hist_bins,
         "pretrain": {**summary, "call_s": pretrain_s},
         "rows": rows, "comparisons": comparisons, "targets": targets,

@@ -73,4 +73,9 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
     assert res["rows"][1]["auroc_scc"] == saved["rows"][1]["auroc_scc"]
     with pytest.raises(SimclrPathError):  # --out exists: no overwrite without --force
         bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--out", str(out)])
+    # the finished run again, without training: same store (reused), same encoder and figures
+    again = bq.main(["--work", str(tmp_path / "work"), "--limit", "30",
+                     "--run", str(tmp_path / "work" / "simclr-run"), "--no-progress"])
+    assert again["store_reused"] and again["pretrain"]["steps"] == saved["pretrain"]["steps"]
+    assert again["rows"][1]["auroc_scc"] == pytest.approx(saved["rows"][1]["auroc_scc"])
 
