@@ -333,6 +333,66 @@ def make_folds(
     return fold, f"grouped_{k}fold"
 
 
+FINAL_FOLD = -1  # ``fold`` of :func:`label_subset` for the final model fitted on all patients
+
+
+def pick_patients(
+    slides: pd.DataFrame, classes: Sequence[str], fraction: float, rng: np.random.Generator,
+    leave: int = 0,
+) -> set[str]:
+    """Patients keeping ``max(1, round(fraction * n_c))`` of each class's ``n_c`` patients (at
+    most ``n_c - leave``), drawn in one random order of all patients (so a patient with slides of
+    two classes counts for both)."""
+    order = rng.permutation(np.array(sorted(set(slides["patient_id"])), dtype=object))
+    rank = {p: i for i, p in enumerate(order)}
+    chosen: set[str] = set()
+    for c in classes:
+        pats = sorted(set(slides.loc[slides["label"] == c, "patient_id"]), key=rank.__getitem__)
+        want = min(max(1, round(fraction * len(pats))), len(pats) - leave)
+        have = sum(p in chosen for p in pats)
+        for p in pats:
+            if have >= want:
+                break
+            if p not in chosen:
+                chosen.add(p)
+                have += 1
+    return chosen
+
+
+def label_subset(
+    slides: pd.DataFrame, classes: Sequence[str], fraction: float, seed: int,
+    fold: int = FINAL_FOLD,
+) -> set[str]:
+    """The labelled training patients kept at ``fraction`` (``classify.label_fraction``,
+    ``finetune.label_fraction``): per class ``max(1, round(fraction * n_c))`` of its ``n_c``
+    patients in ``slides`` (all patients at 1.0).
+
+    ``slides`` are the training slides of outer fold ``fold`` (:data:`FINAL_FOLD` for the final
+    model on all slides). ``classify`` and ``finetune`` both call this with ``classify.seed``, so
+    at one fraction and fold the linear probe and fine-tuning are given the same patients.
+    """
+    if fraction >= 1.0:
+        return set(slides["patient_id"])
+    return pick_patients(slides, classes, fraction, np.random.default_rng([seed, 1, fold + 1]))
+
+
+def label_info(
+    slides: pd.DataFrame, classes: Sequence[str], kept: set[str], fraction: float
+) -> dict[str, Any]:
+    """A fold's labelled patients for ``metrics.json``: their number, per class, and (below a
+    fraction of 1) their ids, so that two methods' label budgets can be checked to match."""
+    sl = slides[slides["patient_id"].isin(kept)]
+    info: dict[str, Any] = {
+        "n_labelled_patients": len(kept),
+        "labelled_patients_per_class": {
+            c: int(sl.loc[sl["label"] == c, "patient_id"].nunique()) for c in classes
+        },
+    }
+    if fraction < 1.0:
+        info["labelled_patients"] = sorted(kept)
+    return info
+
+
 def _check_disjoint(train_patients: np.ndarray, test_patients: np.ndarray) -> None:
     both = set(train_patients) & set(test_patients)
     if both:  # a bug, never a user error
@@ -772,9 +832,16 @@ def classify(
     from tqdm.auto import tqdm
 
     fold_ids = sorted(f for f in set(fold_of_slide.tolist()) if f >= 0)
+
+    def labelled(train_slides: pd.DataFrame, train_mask: np.ndarray, fold: int):
+        """Training patches of the patients kept at ``cfg.label_fraction``, and their info."""
+        kept = label_subset(train_slides, t.classes, cfg.label_fraction, cfg.seed, fold)
+        rows = train_mask & np.isin(t.patient, np.array(sorted(kept), dtype=object))
+        return rows, label_info(train_slides, t.classes, kept, cfg.label_fraction)
+
     for f in tqdm(fold_ids, desc="classify folds", disable=None, leave=False):
         te = patch_fold == f
-        tr = ~te
+        tr, split = labelled(t.slides[np.asarray(fold_of_slide) != f], ~te, f)
         _check_disjoint(t.patient[tr], t.patient[te])
         pipe, c = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg)
         proba[te] = pipe.predict_proba(t.X[te])
@@ -786,6 +853,7 @@ def classify(
                 "n_test_patches": int(te.sum()),
                 "n_train_patients": len(set(t.patient[tr])),
                 "n_test_patients": len(set(t.patient[te])),
+                **split,
                 **evaluate_fold(t, te, proba[te], cfg),
             }
         )
@@ -794,7 +862,8 @@ def classify(
         t, proba, patch_fold, slide_fold, cfg
     )
 
-    final, c_final = fit_probe(t.X, t.y, t.patient, k, cfg)
+    tr, final_split = labelled(t.slides, np.ones(len(t.y), bool), FINAL_FOLD)
+    final, c_final = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg)
     model = LinearModel.from_pipeline(
         final,
         t.classes,
@@ -805,20 +874,23 @@ def classify(
             "encoder_sha256": t.encoder_sha256,
             "layer": t.layer,
             "arch": t.arch,
-            "n_train_patches": len(t.y),
-            "n_train_slides": len(t.slides),
-            "n_train_patients": int(t.slides["patient_id"].nunique()),
+            "n_train_patches": int(tr.sum()),
+            "n_train_slides": int(t.slides["patient_id"].isin(set(t.patient[tr])).sum()),
+            "n_train_patients": len(set(t.patient[tr])),
+            "label_fraction": cfg.label_fraction,
         },
     )
+    task = task_summary(
+        t,
+        "samples sheet" if samples is not None else "embedding files",
+        scheme,
+        len(fold_ids),
+        len(slides_pred),
+        cfg,
+    )
+    task["label_fraction"] = cfg.label_fraction
     metrics = {
-        "task": task_summary(
-            t,
-            "samples sheet" if samples is not None else "embedding files",
-            scheme,
-            len(fold_ids),
-            len(slides_pred),
-            cfg,
-        ),
+        "task": task,
         "patch": patch_metrics,
         "slide": slide_metrics,
         "fold_summary": {
@@ -826,7 +898,7 @@ def classify(
             "slide": _summary([f["slide"] for f in folds_out]),
         },
         "folds": folds_out,
-        "final_model": {"C": c_final},
+        "final_model": {"C": c_final, **final_split},
         "config": asdict(cfg),
         "simclr_path_version": __version__,
     }

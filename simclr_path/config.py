@@ -189,7 +189,8 @@ class ClassifyConfig:
     top_k: int = 10  # slide score = mean of the top-k patch probabilities (plus the plain mean)
     bootstrap: int = 1000
     max_iter: int = 2000
-    seed: int = 0
+    seed: int = 0  # outer folds, and which patients a label fraction keeps (probe and fine-tuning)
+    label_fraction: float = 1.0  # share of each class's training patients kept per fold (min 1)
     tsne_max_points: int = 2000  # t-SNE figures: stratified sample of at most this many patches
     tsne_perplexity: float = 30.0  # capped at (points - 1) / 3 for small samples
 
@@ -202,6 +203,8 @@ class ClassifyConfig:
         _check(len(set(self.labels)) >= 2, "classify.labels", "must list at least two distinct labels")
         _check(self.tsne_max_points >= 10, "classify.tsne_max_points", "must be >= 10")
         _check(self.inner_folds >= 2, "classify.inner_folds", "must be >= 2")
+        _check(0.0 < self.label_fraction <= 1.0, "classify.label_fraction",
+               f"must be in (0, 1], got {self.label_fraction}")
 
 
 @dataclass

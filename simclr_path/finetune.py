@@ -10,8 +10,10 @@ the same splits:
 * the outer folds are :func:`simclr_path.classify.make_folds`, so fold ``i`` tests exactly the
   slides that the linear probe's fold ``i`` tests;
 * in every fold, ``label_fraction`` keeps that share of each class's training patients (at least
-  one per class, chosen with a fixed seed) -- the semi-supervised 1% / 10% setting of SimCLR, by
-  patient here because patches of one patient are not independent labels;
+  one per class) -- the semi-supervised 1% / 10% setting of SimCLR, by patient here because
+  patches of one patient are not independent labels; the patients are drawn by
+  :func:`simclr_path.classify.label_subset` with ``classify.seed``, so the linear probe at the
+  same ``classify.label_fraction`` is given exactly the same labelled patients per fold;
 * ``val_fraction`` of the kept patients (by class, at least one) is held out for early stopping on
   the validation loss; with a single kept patient in some class there is nothing to hold out and
   the fold trains for ``epochs``;
@@ -55,18 +57,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from simclr_path import __version__
 from simclr_path.classify import (
+    FINAL_FOLD,
     PatchTable,
     _check_disjoint,
     _jsonable,
     _summary,
     classification_metrics,
     evaluate_fold,
+    label_info,
+    label_subset,
     load_table,
     make_folds,
+    pick_patients,
     pooled_results,
     task_summary,
 )
-from simclr_path.config import AugmentConfig, FinetuneConfig, PipelineConfig
+from simclr_path.config import AugmentConfig, ClassifyConfig, FinetuneConfig, PipelineConfig
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, load_encoder, save_encoder
 from simclr_path.outputs import atomic_dir, check_can_write
@@ -133,39 +139,6 @@ def load_patch_table(
     return t, stores
 
 
-def _pick_patients(
-    slides: pd.DataFrame, classes: Sequence[str], fraction: float, rng: np.random.Generator,
-    leave: int = 0,
-) -> set[str]:
-    """Patients keeping ``max(1, round(fraction * n_c))`` of each class's ``n_c`` patients (at
-    most ``n_c - leave``), drawn in one random order of all patients (so a patient with slides of
-    two classes counts for both)."""
-    order = rng.permutation(np.array(sorted(set(slides["patient_id"])), dtype=object))
-    rank = {p: i for i, p in enumerate(order)}
-    chosen: set[str] = set()
-    for c in classes:
-        pats = sorted(set(slides.loc[slides["label"] == c, "patient_id"]), key=rank.__getitem__)
-        want = min(max(1, round(fraction * len(pats))), len(pats) - leave)
-        have = sum(p in chosen for p in pats)
-        for p in pats:
-            if have >= want:
-                break
-            if p not in chosen:
-                chosen.add(p)
-                have += 1
-    return chosen
-
-
-def label_subset(
-    slides: pd.DataFrame, classes: Sequence[str], fraction: float, seed: int
-) -> set[str]:
-    """The labelled training patients kept at ``fraction``: per class ``max(1, round(fraction *
-    n_c))`` of its ``n_c`` patients, the same for the same seed (all patients at 1.0)."""
-    if fraction >= 1.0:
-        return set(slides["patient_id"])
-    return _pick_patients(slides, classes, fraction, np.random.default_rng([seed, 1]))
-
-
 def validation_split(
     slides: pd.DataFrame, classes: Sequence[str], fraction: float, seed: int
 ) -> set[str]:
@@ -174,7 +147,7 @@ def validation_split(
     counts = slides.groupby("label")["patient_id"].nunique()
     if any(counts.get(c, 0) < 2 for c in classes):
         return set()
-    val = _pick_patients(slides, classes, fraction, np.random.default_rng([seed, 2]), leave=1)
+    val = pick_patients(slides, classes, fraction, np.random.default_rng([seed, 2]), leave=1)
     for c in classes:
         pats = set(slides.loc[slides["label"] == c, "patient_id"])
         if not pats & val or not pats - val:  # a patient with slides of both classes
@@ -441,16 +414,16 @@ def _rows_of(t: PatchTable, patients: set[str], mask: np.ndarray) -> np.ndarray:
 
 
 def _split_rows(t: PatchTable, train_slides: pd.DataFrame, train_mask: np.ndarray,
-                ft: FinetuneConfig, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Label fraction, then the inner validation split, of the training patients."""
-    kept = label_subset(train_slides, t.classes, ft.label_fraction, seed)
+                ft: FinetuneConfig, ccfg: ClassifyConfig, fold: int, seed: int
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Label fraction (classify's draw for this ``fold``: the probe's patients at that fraction),
+    then the inner validation split (``seed``) of the training patients."""
+    kept = label_subset(train_slides, t.classes, ft.label_fraction, ccfg.seed, fold)
     kept_slides = train_slides[train_slides["patient_id"].isin(kept)]
     val = validation_split(kept_slides, t.classes, ft.val_fraction, seed)
     _check_disjoint(np.array(sorted(kept - val), dtype=object), np.array(sorted(val), dtype=object))
-    info = {"n_labelled_patients": len(kept), "n_val_patients": len(val),
-            "labelled_patients_per_class": {
-                c: int(kept_slides.loc[kept_slides["label"] == c, "patient_id"].nunique())
-                for c in t.classes}}
+    info = {**label_info(train_slides, t.classes, kept, ft.label_fraction),
+            "n_val_patients": len(val)}
     return _rows_of(t, kept - val, train_mask), _rows_of(t, val, train_mask), info
 
 
@@ -521,7 +494,8 @@ def finetune(
                 tr = ~te
                 _check_disjoint(t.patient[tr], t.patient[te])
                 train_slides = t.slides[np.asarray(fold_of_slide) != f]
-                tr_rows, va_rows, split = _split_rows(t, train_slides, tr, ft, ft.seed + 1000 * f)
+                tr_rows, va_rows, split = _split_rows(t, train_slides, tr, ft, ccfg, f,
+                                                      ft.seed + 1000 * f)
                 _check_disjoint(t.patient[tr_rows], t.patient[va_rows])
                 model, hist, fit = run.fit(f"fold{f}", tr_rows, va_rows, ft.seed + f)
                 history += hist
@@ -545,7 +519,7 @@ def finetune(
             final: dict[str, Any] | None = None
             if ft.final_model:
                 tr_rows, va_rows, split = _split_rows(t, t.slides, np.ones(len(t.y), bool), ft,
-                                                      ft.seed + 999_999)
+                                                      ccfg, FINAL_FOLD, ft.seed + 999_999)
                 model, hist, fit = run.fit("final", tr_rows, va_rows, ft.seed + 999_999)
                 history += hist
                 final = {**split, **fit}

@@ -109,6 +109,42 @@ def test_no_patient_on_both_sides(tmp_path):
         assert (pd.Series(fold).groupby(slides["patient_id"]).nunique() == 1).all()
 
 
+def test_label_fraction_trains_on_fewer_patients(tmp_path, capsys):
+    """A label fraction keeps that share of each class's training patients per fold (at least
+    one), the same ones for the same seed; every slide is still tested."""
+    from dataclasses import replace
+
+    from simclr_path.classify import label_subset
+
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=20, patches=20, two_slides=False)
+    cfg = replace(FAST, folds=2, label_fraction=0.2)
+    m = classify(paths, tmp_path / "out", samples=sheet, cfg=cfg)
+    t = load_table(paths, sheet, cfg)
+    fold, _ = make_folds(t.slides, t.classes, cfg)
+    for f in m["folds"]:  # 10 training patients (5 per class) per fold: 1 of each class kept
+        train = t.slides[fold != f["fold"]]
+        kept = label_subset(train, t.classes, 0.2, cfg.seed, f["fold"])
+        assert f["labelled_patients"] == sorted(kept) and f["n_train_patients"] == len(kept) == 2
+        assert f["labelled_patients_per_class"] == {"SCC": 1, "normal": 1}
+        assert set(kept) <= set(train["patient_id"])
+        assert f["n_train_patches"] == 2 * 20
+    assert m["task"]["label_fraction"] == 0.2 and m["config"]["label_fraction"] == 0.2
+    assert m["final_model"]["n_labelled_patients"] == 4  # round(0.2 * 10) per class
+    assert m["task"]["n_evaluated_slides"] == 20
+    assert len(pd.read_csv(tmp_path / "out" / "predictions_slides.csv")) == 20
+    assert json.loads((tmp_path / "out" / "model.json").read_text())["n_train_patients"] == 4
+    # all labels: no patient lists, every training patient used
+    full = classify(paths, tmp_path / "all", samples=sheet, cfg=replace(cfg, label_fraction=1.0))
+    for f in full["folds"]:
+        assert "labelled_patients" not in f and f["n_labelled_patients"] == f["n_train_patients"] == 10
+    # the CLI flag
+    code = main(["classify", "--embeddings", *map(str, paths), "--samples", str(sheet), "--out",
+                 str(tmp_path / "cli"), "--folds", "2", "--label-fraction", "0.2"])
+    assert code == 0 and "at label fraction 0.2" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert [f["labelled_patients"] for f in saved["folds"]] == [f["labelled_patients"] for f in m["folds"]]
+
+
 def test_split_column(tmp_path):
     paths, sheet = make_cohort(tmp_path / "c", n_patients=8, patches=20, shift=2.0)
     df = pd.read_csv(sheet, sep="\t")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from simclr_path.config import PRESETS, build_config, defaults_dict, load_config
+from simclr_path.config import PRESETS, ClassifyConfig, build_config, defaults_dict, load_config
 from simclr_path.errors import SimclrPathError
 
 
@@ -51,3 +51,11 @@ def test_finetune_section_validates():
                        ({"batch_size": 1}, "batch_size"), ({"device": "tpu"}, "device")):
         with pytest.raises(SimclrPathError, match=f"finetune.{field}"):
             build_config("default", {"finetune": bad})
+
+
+def test_classify_label_fraction_validates():
+    assert build_config("default", {"classify": {"label_fraction": 0.1}}).classify.label_fraction == 0.1
+    assert ClassifyConfig().label_fraction == 1.0
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(SimclrPathError, match=r"classify.label_fraction must be in \(0, 1\]"):
+            build_config("default", {"classify": {"label_fraction": bad}})

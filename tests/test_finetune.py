@@ -9,20 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simclr_path.classify import make_folds
+from simclr_path.classify import classify, label_subset, make_folds
 from simclr_path.cli import main
 from simclr_path.config import PipelineConfig, build_config
 from simclr_path.errors import SimclrPathError
 from simclr_path.finetune import (
     Augment,
     finetune,
-    label_subset,
     load_classifier,
     load_patch_table,
     validation_split,
 )
 from simclr_path.model import create_backbone, save_encoder
-from simclr_path.store import PatchStoreWriter
+from simclr_path.store import PatchStoreWriter, write_embeddings
 
 ARCH = "test_byobnet"  # a tiny timm model: tests stay fast on a busy CPU
 SIZE = 32
@@ -158,6 +157,37 @@ def test_label_fraction_keeps_patients_per_class():
     assert len(val & set(slides.patient_id[:20])) == 4 and len(val & set(slides.patient_id[20:])) == 2
     one = slides.iloc[[0, 1, 20]]  # a single normal patient: nothing to hold out
     assert validation_split(one, ["SCC", "normal"], 0.2, seed=0) == set()
+
+
+def test_probe_and_finetuning_get_the_same_labelled_patients(cohort, encoder, tmp_path):
+    """At one label fraction, fold by fold (and for the final model), the linear probe and
+    fine-tuning train on the same patients: one draw (classify.label_subset, classify.seed)."""
+    paths, sheet = cohort
+    rng = np.random.default_rng(5)
+    emb = []
+    for p in paths:  # embeddings of the same slides (the probe's input)
+        sid = p.stem
+        emb.append(write_embeddings(tmp_path / "emb" / f"{sid}.h5", rng.normal(size=(8, 4)),
+                                    np.zeros((8, 2)), {"slide_id": sid, "layer": "pooled"}))
+    for seed in (0, 7):  # classify.seed sets the folds and the draw; finetune.seed does not
+        cfg = build_config("default", {
+            "finetune": {"epochs": 1, "batch_size": 16, "device": "cpu", "amp": False,
+                         "label_fraction": 0.5, "seed": 3},
+            "classify": {"folds": 2, "bootstrap": 0, "c_grid": [1.0], "label_fraction": 0.5,
+                         "seed": seed},
+            "train": {"tensorboard": False}})
+        ft = finetune(paths, encoder, tmp_path / f"ft{seed}", samples=sheet, cfg=cfg,
+                      progress=False)
+        probe = classify(emb, tmp_path / f"probe{seed}", samples=sheet, cfg=cfg.classify)
+        assert [f["fold"] for f in ft["folds"]] == [f["fold"] for f in probe["folds"]] == [0, 1]
+        for a, b in zip(ft["folds"], probe["folds"]):
+            # 2 training patients per class per fold, half of them kept
+            assert a["labelled_patients"] == b["labelled_patients"] and len(a["labelled_patients"]) == 2
+            assert a["labelled_patients_per_class"] == b["labelled_patients_per_class"] == {
+                "SCC": 1, "normal": 1}
+            assert a["n_val_patients"] == 0 and b["n_train_patients"] == 2
+        assert ft["final_model"]["labelled_patients"] == probe["final_model"]["labelled_patients"]
+        assert len(ft["final_model"]["labelled_patients"]) == 4
 
 
 def test_augment_shapes_and_determinism():

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import LC25000, ROOT, needs
@@ -262,9 +263,14 @@ def test_finetune_eval_jobs(tmp_path):
     counts = job_counts(done.stdout + done.stderr)
     assert counts["finetune"] == 2 * 3 and counts["compare_finetune"] == 2
     assert counts["classify"] == 2 and counts["run_config"] == 2 * 4  # + finetune.yaml per run
+    # the linear probe at each fraction below 1 (at 1.0 it is the run's classify job)
+    assert counts["classify_fraction"] == 2 * 2
     out = done.stdout + done.stderr
     for frac in ("1.0", "0.1", "0.01"):
         assert f"results/finetune/b/labels_{frac}/metrics.json" in out
+    for frac in ("0.1", "0.01"):
+        assert f"results/classify_fraction/b/labels_{frac}/metrics.json" in out
+    assert "classify_fraction/b/labels_1.0" not in out
     assert "--label-fraction 0.01" in out
     off = smk(workdir(tmp_path / "off", TINY, tsv(demo_rows(4))), "-n", "--cores", "2")
     assert "finetune" not in job_counts(off.stdout + off.stderr)
@@ -310,16 +316,37 @@ PIPELINE_COMMANDS = (
 )
 
 
+# Fine-tuning in the tiny run: one epoch on at most 32 patches per slide and fold, no final model.
+TINY_FINETUNE = {
+    "finetune_eval": [1.0, 0.5],
+    "finetune": {
+        "epochs": 1,
+        "batch_size": 16,
+        "max_patches_per_slide": 32,
+        "final_model": False,
+        "device": "cpu",
+        "amp": False,
+    },
+}
+
+
 @pytest.mark.slow
 def test_tiny_end_to_end_with_report(tmp_path):
-    """4 tiny synthetic slides, a few steps of a small model: every artefact and the report."""
-    _require_commands(*PIPELINE_COMMANDS)
-    wf = workdir(tmp_path, TINY, tsv(demo_rows(4)))
+    """4 tiny synthetic slides, a few steps of a small model: every artefact and the report,
+    fine-tuning at two label fractions and its comparison with the linear probe included."""
+    _require_commands(*PIPELINE_COMMANDS, "finetune")
+    wf = workdir(tmp_path, {**TINY, **TINY_FINETUNE}, tsv(demo_rows(4)))
     t0 = time.perf_counter()
-    done = smk(wf, "--cores", "2", timeout=600)
+    # one thread per fine-tuning job: two OpenMP threads spin-wait on a busy 2-core machine
+    done = smk(wf, "--cores", "2", "--set-threads", "finetune=1", timeout=600)
     elapsed = time.perf_counter() - t0
     assert done.returncode == 0, done.stderr[-5000:]
     print(f"tiny end-to-end run: {elapsed:.1f} s")
+    bench = wf / "results/benchmarks"
+    extra = [*bench.glob("finetune/*/*.tsv"), *bench.glob("classify_fraction/*/*.tsv"),
+             *bench.glob("compare_finetune/*.tsv")]
+    print("fine-tuning jobs (s):", {str(b.relative_to(bench)): float(
+        b.read_text().splitlines()[1].split("\t")[0]) for b in extra})
     for path in [f"results/qc/S{i}.png" for i in range(1, 5)] + [
         "results/pretrain/baseline/encoder.pt",
         "results/classify/baseline/metrics.json",
@@ -339,11 +366,31 @@ def test_tiny_end_to_end_with_report(tmp_path):
         "results/summary/runs.html",
     ]:
         assert (wf / path).is_file() and (wf / path).stat().st_size > 0, path
+    for frac in ("1.0", "0.5"):
+        for name in ("metrics.json", "predictions_slides.csv", "history.csv"):
+            assert (wf / f"results/finetune/baseline/labels_{frac}/{name}").is_file(), (frac, name)
+    assert (wf / "results/classify_fraction/baseline/labels_0.5/metrics.json").is_file()
+    assert not (wf / "results/classify_fraction/baseline/labels_1.0").exists()  # classify's own
+    ft = pd.read_csv(wf / "results/summary/baseline/finetune.tsv", sep="\t")
+    assert list(ft["method"]) == ["linear probe"] * 2 + ["fine-tuned"] * 2
+    assert list(ft["label_fraction"]) == [1.0, 0.5, 1.0, 0.5]
+    assert ft[["slide_auroc", "patch_auroc"]].notna().all().all()
+    assert ft["slide_auroc"].between(0, 1).all() and ft["patch_auroc"].between(0, 1).all()
+    # at each fraction the probe and fine-tuning had the same labelled patients per fold
+    for frac in (1.0, 0.5):
+        at = ft[ft["label_fraction"] == frac]
+        assert at["labelled_patients_per_fold"].nunique() == 1
+    for path in ("finetune.png", "finetune.html"):
+        assert (wf / "results/summary/baseline" / path).stat().st_size > 0
     runs = (wf / "results/summary/runs.tsv").read_text().splitlines()
     assert runs[0].startswith("run\t") and runs[1].startswith("baseline\t")
     report = wf / "report.html"
     assert report.is_file() and report.stat().st_size > 10_000, done.stderr[-3000:]
-    for log in ("tile/S1.log", "pretrain/baseline.log", "classify/baseline.log"):
+    text = report.read_text(errors="replace")
+    for artefact in ("finetune.png", "finetune.html", "fine-tuning vs linear probe"):
+        assert artefact in text, artefact  # the comparison is in the report
+    for log in ("tile/S1.log", "pretrain/baseline.log", "classify/baseline.log",
+                "finetune/baseline/labels_0.5.log", "classify_fraction/baseline/labels_0.5.log"):
         assert (wf / "results/logs" / log).is_file()
 
     # nothing left to do
@@ -357,7 +404,9 @@ def test_tiny_end_to_end_with_report(tmp_path):
     dry = smk(wf, "-n", "--cores", "2")
     counts = job_counts(dry.stdout + dry.stderr)
     assert counts.get("classify") == 1 and counts.get("plot_tsne") == 1
+    assert counts.get("classify_fraction") == 1 and counts.get("compare_finetune") == 1
     assert "pretrain" not in counts and "embed" not in counts and "tile" not in counts
+    assert "finetune" not in counts  # it reads the patch stores, not the embeddings
 
     # touching one patch store reruns what depends on it: its embedding (through pretraining, which
     # reads every store) and downstream; never another slide's tiling or demo slide
@@ -365,7 +414,7 @@ def test_tiny_end_to_end_with_report(tmp_path):
     dry = smk(wf, "-n", "--cores", "2")
     counts = job_counts(dry.stdout + dry.stderr)
     assert "tile" not in counts and "demo_slide" not in counts and "tile_config" not in counts
-    assert counts["pretrain"] == 1 and counts["embed"] == 4
+    assert counts["pretrain"] == 1 and counts["embed"] == 4 and counts["finetune"] == 2
 
 
 @pytest.mark.slow

@@ -34,6 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--folds", type=int, default=None, help=f"outer patient-grouped folds [config: {d.folds}]"
     )
+    p.add_argument(
+        "--label-fraction",
+        type=float,
+        default=None,
+        help="train on this share of each class's patients per fold, e.g. 0.1 or 0.01 (at least "
+        "one per class; the patients 'finetune' keeps at that fraction) "
+        f"[config: {d.label_fraction}]",
+    )
     p.add_argument("--config", type=Path, default=None, help="YAML config (section 'classify')")
     p.add_argument("--force", action="store_true", help="replace an existing results folder")
 
@@ -41,7 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from simclr_path.classify import classify
 
-    over = {"folds": args.folds} if args.folds is not None else {}
+    over = {
+        k: v
+        for k, v in (("folds", args.folds), ("label_fraction", args.label_fraction))
+        if v is not None
+    }
     cfg = load_config(args.config, overrides={"classify": over}).classify
     m = classify(args.embeddings, args.out, samples=args.samples, cfg=cfg, force=args.force)
     s = m["slide"]
@@ -50,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
     txt = f"slide AUROC {auc:.3f}" if auc is not None else "slide AUROC n/a"
     if ci:
         txt += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+    frac = f" at label fraction {cfg.label_fraction}" if cfg.label_fraction < 1.0 else ""
+    bacc = s.get("balanced_accuracy")
     print(
-        f"{args.out}: {txt}, slide balanced accuracy {s.get('balanced_accuracy', float('nan')):.3f}"
+        f"{args.out}{frac}: {txt}, slide balanced accuracy "
+        f"{'n/a' if bacc is None else f'{bacc:.3f}'}"
     )
     return 0

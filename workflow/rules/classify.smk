@@ -29,6 +29,8 @@ rule classify:
         "--out {params.out} --config {input.config} --force > {log} 2>&1"
 
 
+# Layer-wise linear evaluation (config layer_eval). Not under results/classify/{run}/: classify
+# replaces that folder as a whole (atomically), which would delete nested results.
 rule classify_layer:
     input:
         embeddings=lambda w: expand(
@@ -40,9 +42,9 @@ rule classify_layer:
         samples=samples_input(),
         config=run_stage_config("classify"),
     output:
-        metrics="results/classify/{run}/layers/{layer}/metrics.json",
-        patches="results/classify/{run}/layers/{layer}/predictions_patches.csv",
-        slides="results/classify/{run}/layers/{layer}/predictions_slides.csv",
+        metrics="results/classify_layer/{run}/{layer}/metrics.json",
+        patches="results/classify_layer/{run}/{layer}/predictions_patches.csv",
+        slides="results/classify_layer/{run}/{layer}/predictions_slides.csv",
     log:
         "results/logs/classify_layer/{run}/{layer}.log",
     benchmark:

@@ -89,6 +89,8 @@ RUNS = list(config["runs"])
 LAYERS = list(dict.fromkeys(config["layer_eval"]))
 # Fine-tuning label fractions as written in results paths (1.0 -> "1.0", 0.01 -> "0.01").
 FRACTIONS = list(dict.fromkeys(str(float(f)) for f in config["finetune_eval"]))
+# The linear probe at those fractions below 1 (rule classify_fraction; 1.0 is rule classify).
+PROBE_FRACTIONS = [f for f in FRACTIONS if float(f) < 1.0]
 RUN_CFG = {run: resolved_config(run) for run in RUNS}
 
 
@@ -203,6 +205,13 @@ def classify_embeddings(wildcards):
     return expand(
         "results/embeddings/{run}/{id}.h5", run=wildcards.run, id=CLASSIFY_IDS
     )
+
+
+def probe_metrics(run, fraction):
+    """metrics.json of the linear probe of ``run`` at a label fraction (as written in paths)."""
+    if float(fraction) >= 1.0:
+        return f"results/classify/{run}/metrics.json"
+    return f"results/classify_fraction/{run}/labels_{fraction}/metrics.json"
 
 
 def samples_arg():

@@ -32,9 +32,44 @@ rule finetune:
         "--force > {log} 2>&1"
 
 
+# The linear probe's side at each label fraction below 1 (at 1.0 it is rule classify): the same
+# patients per fold as rule finetune at that fraction (one draw, classify.seed). A folder of its
+# own: classify replaces results/classify/{run}/ as a whole, which would delete nested results.
+rule classify_fraction:
+    input:
+        embeddings=classify_embeddings,
+        samples=samples_input(),
+        config=run_stage_config("classify"),
+    output:
+        metrics="results/classify_fraction/{run}/labels_{fraction}/metrics.json",
+        patches="results/classify_fraction/{run}/labels_{fraction}/predictions_patches.csv",
+        slides="results/classify_fraction/{run}/labels_{fraction}/predictions_slides.csv",
+        model="results/classify_fraction/{run}/labels_{fraction}/model.npz",
+        model_info="results/classify_fraction/{run}/labels_{fraction}/model.json",
+    log:
+        "results/logs/classify_fraction/{run}/labels_{fraction}.log",
+    benchmark:
+        "results/benchmarks/classify_fraction/{run}/labels_{fraction}.tsv"
+    wildcard_constraints:
+        fraction=one_of(PROBE_FRACTIONS),
+    conda:
+        "../../envs/simclr-path.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    params:
+        samples=samples_arg(),
+        out=subpath(output.metrics, parent=True),
+    shell:
+        "simclr-path classify --embeddings {input.embeddings} {params.samples} "
+        "--label-fraction {wildcards.fraction} --out {params.out} "
+        "--config {input.config} --force > {log} 2>&1"
+
+
 rule compare_finetune:
     input:
-        metrics=lambda w: [f"results/classify/{w.run}/metrics.json"]
+        # linear probe then fine-tuning, each at every fraction (the order of params.rows)
+        metrics=lambda w: [probe_metrics(w.run, f) for f in FRACTIONS]
         + expand(
             "results/finetune/{run}/labels_{fraction}/metrics.json",
             run=w.run,
@@ -67,19 +102,12 @@ rule compare_finetune:
     resources:
         mem_mb=1000,
     params:
-        runs=["linear probe"] + [f"fine-tuned {float(f):.0%} labels" for f in FRACTIONS],
-        overrides=dict(
-            [("linear probe", {"overrides": "frozen encoder, all labels"})]
-            + [
-                (
-                    f"fine-tuned {float(f):.0%} labels",
-                    {"overrides": f"finetune.label_fraction={f}"},
-                )
-                for f in FRACTIONS
-            ]
-        ),
-        what="method",
-        title=lambda w: f"Fine-tuning vs linear probe, run {w.run}",
-        xlabel="method (same patient-grouped folds)",
+        rows=[
+            {"method": m, "label_fraction": float(f)}
+            for m in ("linear probe", "fine-tuned")
+            for f in FRACTIONS
+        ],
+        what="label_fraction",
+        title=lambda w: f"Fine-tuning vs linear probe by label fraction, run {w.run}",
     script:
         "../scripts/compare_runs.py"

@@ -48,7 +48,7 @@ onsuccess:
 rule compare_layers:
     input:
         metrics=expand(
-            "results/classify/{{run}}/layers/{layer}/metrics.json", layer=LAYERS
+            "results/classify_layer/{{run}}/{layer}/metrics.json", layer=LAYERS
         ),
         pretrain="results/pretrain/{run}/summary.json",
     output:

@@ -2,7 +2,9 @@
 
 Writes ``runs.tsv`` (one row per run), ``runs.html`` (the same, for the report) and ``runs.png``
 (slide- and patch-level AUROC and slide balanced accuracy per run, with the bootstrap 95% CI of
-the slide AUROC as error bars).
+the slide AUROC as error bars). The same for one run's layers (rule compare_layers), and for one
+run's linear probe and fine-tuning at each label fraction (rule compare_finetune: one row per
+method and fraction; the figure plots AUROC against the label fraction, one line per method).
 """
 
 import json
@@ -97,6 +99,66 @@ def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> N
     plt.close(fig)
 
 
+def percent(f: float) -> str:
+    """0.01 -> '1%', 0.005 -> '0.5%', 1.0 -> '100%'."""
+    return f"{100 * f:g}%"
+
+
+def plot_fractions(df: pd.DataFrame, out: str, title: str) -> None:
+    """Slide and patch AUROC (two panels) against the label fraction, one line per method; the
+    slide panel's error bars are the patient-bootstrap 95% CI."""
+    from simclr_path.figures import OKABE_ITO, save_figure
+
+    fracs = sorted(df["label_fraction"].unique())
+    log_x = len(fracs) > 1 and fracs[-1] / fracs[0] > 5
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.2), sharey=True)
+    methods = list(dict.fromkeys(df["method"]))
+    for ax, level in zip(axes, ("slide", "patch")):
+        for j, method in enumerate(methods):
+            d = df[df["method"] == method].sort_values("label_fraction")
+            # a small sideways offset per method, so that error bars at one fraction stay apart
+            off = (j - (len(methods) - 1) / 2) * 0.03
+            x = d["label_fraction"].to_numpy(dtype=float)
+            x = x * 10**off if log_x else x + off * max(fracs[-1] - fracs[0], 0.5)
+            y = d[f"{level}_auroc"].to_numpy(dtype=float)
+            err = None
+            if level == "slide":
+                e = np.vstack([y - d["slide_auroc_ci_low"].to_numpy(dtype=float),
+                               d["slide_auroc_ci_high"].to_numpy(dtype=float) - y])
+                err = np.where(np.isfinite(e), e, 0.0)
+            ax.errorbar(x, y, yerr=err, color=OKABE_ITO[j],
+                        marker="os^D"[j % 4], capsize=3, label=method)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xticks(fracs, [percent(f) for f in fracs])
+        ax.minorticks_off()
+        ax.set_ylim(0, 1.05)
+        ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
+        ax.set_xlabel("labelled training patients per fold (share of each class)")
+        ax.set_title(f"{level} AUROC")
+    axes[0].set_ylabel("AUROC (patient-grouped cross-validation)")
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, out)
+
+
+def summarise_fractions(rows, metrics_files, pretrain_file) -> pd.DataFrame:
+    """One row per (method, label fraction), with the mean labelled patients per fold."""
+    names = [f"{r['method']}, {percent(r['label_fraction'])} labels" for r in rows]
+    df = summarise(names, metrics_files, [pretrain_file] * len(names), {})
+    df = df.drop(columns=["run", "overrides", "description"])
+    labelled = []
+    for mf in metrics_files:
+        folds = json.loads(Path(mf).read_text()).get("folds", [])
+        n = [f["n_labelled_patients"] for f in folds if "n_labelled_patients" in f]
+        labelled.append(float(np.mean(n)) if n else float("nan"))
+    df.insert(0, "labelled_patients_per_fold", labelled)
+    df.insert(0, "label_fraction", [float(r["label_fraction"]) for r in rows])
+    df.insert(0, "method", [r["method"] for r in rows])
+    return df
+
+
 def fmt(v):
     if isinstance(v, float):
         return "n/a" if math.isnan(v) else f"{v:.3f}"
@@ -107,6 +169,17 @@ def main(sm) -> None:
     """Rows are runs (rule compare_runs), one run's layers (rule compare_layers) or one run's
     linear probe and fine-tuned models (rule compare_finetune)."""
     what = sm.params.get("what", "run")
+    if what == "label_fraction":
+        title = sm.params.title
+        df = summarise_fractions(list(sm.params.rows), list(sm.input.metrics), str(sm.input.pretrain))
+        df.to_csv(sm.output.tsv, sep="\t", index=False)
+        plot_fractions(df, sm.output.png, title)
+        html = df.map(fmt).to_html(index=False, border=0)
+        Path(sm.output.html).write_text(
+            f"<html><body><h3>{title} (same folds; at each fraction the same labelled patients)"
+            f"</h3>{html}</body></html>\n"
+        )
+        return
     names = list(sm.params.runs)
     pretrain = list(sm.input.pretrain) if what == "run" else [str(sm.input.pretrain)] * len(names)
     df = summarise(names, list(sm.input.metrics), pretrain, dict(sm.params.overrides))
@@ -118,8 +191,6 @@ def main(sm) -> None:
         run = sm.wildcards.run
         title = f"Layer-wise linear evaluation of run {run}"
         xlabel = "features from layer (same probe, same folds)"
-    title = sm.params.get("title") or title  # e.g. rule compare_finetune
-    xlabel = sm.params.get("xlabel") or xlabel
     plot(df.rename(columns={what: "run"}), sm.output.png, title=title, xlabel=xlabel)
     html = df.map(fmt).to_html(index=False, border=0)
     Path(sm.output.html).write_text(
