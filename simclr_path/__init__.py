@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "SimclrPathError", "PatchStore", "load_encoder"]
+__all__ = ["PatchStore", "SimclrPathError", "__version__", "load_encoder"]
 
 _LAZY = {
     "SimclrPathError": "simclr_path.errors",

@@ -37,7 +37,7 @@ def load_state_dict_file(path: str | os.PathLike, what: str = "weights file") ->
         raise SimclrPathError(f"{p}: {what} not found")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip, pickle with code objects, truncated file ...
+    except Exception as exc:  # noqa: BLE001  corrupt zip, pickle with code objects, truncated file ...
         raise SimclrPathError(f"{p}: cannot read {what} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     for key in ("state_dict", "model"):  # common wrappers
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):

@@ -104,7 +104,7 @@ class PatchStoreWriter:
         self._f: h5py.File | None = None
         self.n = 0
 
-    def __enter__(self) -> PatchStoreWriter:
+    def __enter__(self) -> PatchStoreWriter:  # noqa: PYI034  (final classes)
         self._ctx = atomic_output(self.path, force=self.force)
         tmp = self._ctx.__enter__()
         self._f = h5py.File(tmp, "w")
@@ -300,7 +300,7 @@ class PatchStore:
     def close(self) -> None:
         self._h5.close()
 
-    def __enter__(self) -> PatchStore:
+    def __enter__(self) -> PatchStore:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -316,20 +316,20 @@ def write_embeddings(path: str | os.PathLike, features: np.ndarray, coords: np.n
                      force: bool = False) -> Path:
     """Write an embedding store atomically. ``features``: (N, D) float32, ``coords``: (N, 2)."""
     features = np.asarray(features, dtype=np.float32)
-    with atomic_output(path, force=force) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=features, chunks=(min(max(len(features), 1), 1024), features.shape[1])
-                             if features.ndim == 2 and features.shape[1] > 0 and len(features) > 0 else None)
-            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
-            if labels is not None:
-                f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-            if groups is not None:
-                f.create_dataset("groups", data=list(groups), dtype=_STR)
-            all_attrs = {"format_version": FORMAT_VERSION, "simclr_path_version": __version__, **attrs}
-            if label_names is not None:
-                all_attrs["label_names"] = list(label_names)
-            for k, v in all_attrs.items():
-                f.attrs[k] = _attr_value(v)
+    chunks = ((min(max(len(features), 1), 1024), features.shape[1])
+              if features.ndim == 2 and features.shape[1] > 0 and len(features) > 0 else None)
+    with atomic_output(path, force=force) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=features, chunks=chunks)
+        f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
+        if labels is not None:
+            f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+        if groups is not None:
+            f.create_dataset("groups", data=list(groups), dtype=_STR)
+        all_attrs = {"format_version": FORMAT_VERSION, "simclr_path_version": __version__, **attrs}
+        if label_names is not None:
+            all_attrs["label_names"] = list(label_names)
+        for k, v in all_attrs.items():
+            f.attrs[k] = _attr_value(v)
     return Path(path)
 
 

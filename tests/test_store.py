@@ -34,18 +34,16 @@ def test_labels_groups_and_names(make_store):
 
 def test_failed_write_leaves_nothing(tmp_path):
     out = tmp_path / "x.h5"
-    with pytest.raises(RuntimeError):
-        with PatchStoreWriter(out, patch_size=8) as w:
-            w.append(np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 2)))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), PatchStoreWriter(out, patch_size=8) as w:
+        w.append(np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 2)))
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_needs_force(make_store):
     path = make_store(n=2, size=8)
-    with pytest.raises(SimclrPathError, match="--force"):
-        with PatchStoreWriter(path, patch_size=8):
-            pass
+    with pytest.raises(SimclrPathError, match="--force"), PatchStoreWriter(path, patch_size=8):
+        pass
     with PatchStoreWriter(path, patch_size=8, force=True) as w:
         w.append(np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 2)))
     assert len(PatchStore(path)) == 1
