@@ -136,6 +136,9 @@ class TrainConfig:
     mlflow: bool = False  # also log to MLflow when it is installed
     mlflow_uri: str | None = None  # MLflow tracking URI; None = a file store in RUN_DIR/mlruns
     mlflow_experiment: str = "simclr-path"
+    wandb: bool = False  # also log to Weights & Biases when it is installed (files in RUN_DIR/wandb)
+    wandb_project: str = "simclr-path"
+    wandb_mode: str = "offline"  # online | offline (no network; upload later: wandb sync) | disabled
 
     def __post_init__(self) -> None:
         _check(self.optimizer in ("lars", "adamw", "sgd"), "train.optimizer", "must be lars, adamw or sgd")
@@ -152,6 +155,9 @@ class TrainConfig:
         _check(self.max_patches_per_slide is None or self.max_patches_per_slide >= 1,
                "train.max_patches_per_slide", "must be >= 1")
         _check(self.time_budget_s is None or self.time_budget_s > 0, "train.time_budget_s", "must be > 0")
+        _check(self.wandb_mode in ("online", "offline", "disabled"), "train.wandb_mode",
+               f"must be online, offline or disabled, got {self.wandb_mode!r}")
+        _check(bool(self.wandb_project.strip()), "train.wandb_project", "must not be empty")
 
 
 @dataclass

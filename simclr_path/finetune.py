@@ -31,7 +31,8 @@ Output folder (written atomically; the layout of ``classify``, so ``plot-curves`
     encoder.pt, encoder.json  the encoder fine-tuned on all labelled patients (finetune.final_model;
                               loads with model.load_encoder, embeds with 'simclr-path embed')
     classifier.pt             its linear head: a state dict of ``weight`` (K, F) and ``bias`` (K,)
-    tensorboard/              per-epoch losses and validation AUROC (train.tensorboard)
+    tensorboard/              per-epoch losses and validation AUROC (train.tensorboard; also to
+                              mlruns/ with train.mlflow and wandb/ with train.wandb when installed)
 """
 
 from __future__ import annotations
@@ -397,16 +398,10 @@ class _Run:
         return model, history, info
 
     def _log(self, name: str, row: dict[str, Any]) -> None:
-        tb = getattr(self.tracker, "tb", None)
-        if tb is not None:
-            for key in ("train_loss", "val_loss", "val_auroc", "lr"):
-                v = row[key]
-                if isinstance(v, float) and math.isfinite(v):
-                    tb.add_scalar(f"{name}/{key}", v, row["epoch"])
-        ml = getattr(self.tracker, "mlflow", None)
-        if ml is not None:
-            ml.log_metrics({f"{name}.{k}": float(row[k]) for k in ("train_loss", "val_loss", "val_auroc")
-                            if math.isfinite(float(row[k]))}, step=row["epoch"])
+        # epochs restart in every fold: W&B gets them as the metric "{name}/epoch"
+        keys = ("train_loss", "val_loss", "val_auroc", "lr")
+        self.tracker.scalars({f"{name}/{k}": row[k] for k in keys}, row["epoch"],
+                             step_key=f"{name}/epoch")
 
 
 def _rows_of(t: PatchTable, patients: set[str], mask: np.ndarray) -> np.ndarray:
@@ -448,7 +443,7 @@ def finetune(
         out_dir: results folder (see the module docstring), written atomically.
         samples: samples sheet (path or DataFrame); None when the stores carry labels.
         cfg: its ``finetune`` (training), ``classify`` (labels, folds, top-k, bootstrap, seed) and
-            ``train`` (tensorboard / mlflow tracking) sections are used.
+            ``train`` (tensorboard / mlflow / wandb tracking) sections are used.
         force: replace an existing ``out_dir``.
         progress: show progress bars.
 
@@ -485,7 +480,7 @@ def finetune(
     with atomic_dir(out_dir, force=force) as tmp:
         from simclr_path.train import _Tracker
 
-        tracker = _Tracker(tmp, cfg, enabled=True)
+        tracker = _Tracker(tmp, cfg, enabled=True, name=Path(out_dir).name)
         summary: dict[str, Any] | None = None
         try:
             run = _Run(t, stores, enc, ft, image_size, device, progress, tracker)
@@ -559,11 +554,7 @@ def finetune(
                 w.writerows(history)
             summary = {"slide_auroc": metrics["slide"].get("auroc") or float("nan"),
                        "patch_auroc": metrics["patch"].get("auroc") or float("nan")}
-            tb = getattr(tracker, "tb", None)
-            if tb is not None:
-                for k, v in summary.items():
-                    if math.isfinite(v):
-                        tb.add_scalar(f"test/{k}", v, 0)
+            tracker.scalars({f"test/{k}": v for k, v in summary.items()}, 0, step_key="test/step")
         finally:
             tracker.close(summary, tmp if summary is not None else None)
             for s in stores:

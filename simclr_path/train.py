@@ -15,6 +15,8 @@ Run directory (``--out RUN_DIR``)::
     summary.json   steps, epochs, wall time, pairs/s, final loss -- written last: a run directory
                    without it is not complete
     tensorboard/   TensorBoard event files (train.tensorboard)
+    mlruns/        MLflow file store (train.mlflow, when mlflow is installed and no mlflow_uri)
+    wandb/         Weights & Biases run files (train.wandb, when wandb is installed)
 
 Processes: run plainly for one CPU or GPU, or under ``torchrun`` for several GPUs or nodes
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` from the environment; NCCL on CUDA, gloo on CPU). Each
@@ -51,7 +53,7 @@ METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "pairs_per_s", "data_time_s", "
 # Files a run writes; --force removes exactly these (never other files of the folder).
 RUN_FILES = ["config.yaml", "metrics.csv", "checkpoint.pt", "loss.png", "head.pt", "encoder.pt",
              "encoder.json", "summary.json"]
-RUN_DIRS = ["tensorboard", "mlruns"]
+RUN_DIRS = ["tensorboard", "mlruns", "wandb"]
 # Files that mark a run as finished; removed before any (re)start so a failed run never has them.
 COMPLETE_FILES = ["summary.json", "encoder.pt", "encoder.json", "head.pt", "loss.png"]
 
@@ -327,11 +329,23 @@ class _Metrics:
 
 
 class _Tracker:
-    """Optional experiment tracking: TensorBoard event files, MLflow when installed and enabled."""
+    """Optional experiment tracking of a run directory ``out``.
 
-    def __init__(self, out: Path, cfg: PipelineConfig, enabled: bool) -> None:
+    TensorBoard event files in ``out/tensorboard`` (train.tensorboard, on by default); MLflow
+    (train.mlflow: a local file store in ``out/mlruns`` unless train.mlflow_uri) and Weights &
+    Biases (train.wandb: files in ``out/wandb``, offline by default, ``wandb sync`` uploads them
+    later) when enabled and installed. A backend that is not installed gives one warning and is
+    skipped, so tracking is never required. :meth:`close` ends every backend and may be called
+    more than once.
+    """
+
+    def __init__(self, out: Path, cfg: PipelineConfig, enabled: bool,
+                 name: str | None = None) -> None:
+        """``name``: the run's name in MLflow and W&B (default ``out.name``; fine-tuning writes
+        into a temporary folder and passes the final one's)."""
         self.tb = None
         self.mlflow = None
+        self.wandb = None  # the wandb Run
         if not enabled:
             return
         t = cfg.train
@@ -354,34 +368,72 @@ class _Tracker:
                 mlflow.set_tracking_uri(uri)
                 mlflow.set_experiment(t.mlflow_experiment)
                 self.mlflow = mlflow
-                mlflow.start_run(run_name=out.name)
+                mlflow.start_run(run_name=name or out.name)
                 flat = {f"{s}.{k}": v for s, d in to_dict(cfg).items() if s in
                         ("augment", "model", "train") for k, v in d.items()}
                 mlflow.log_params({k: str(v)[:250] for k, v in flat.items()})
+        if t.wandb:
+            try:
+                import wandb
+            except ImportError:
+                warnings.warn("train.wandb: wandb is not installed (pip install wandb); "
+                              "not logging to Weights & Biases", stacklevel=3)
+            else:
+                try:  # e.g. mode online without 'wandb login': tracking must not stop training
+                    self.wandb = wandb.init(project=t.wandb_project, name=name or out.name,
+                                            dir=str(out), mode=t.wandb_mode, config=to_dict(cfg))
+                except Exception as exc:  # noqa: BLE001 - wandb raises its own error types
+                    warnings.warn(f"train.wandb: wandb.init failed ({exc}); not logging to "
+                                  "Weights & Biases (train.wandb_mode offline needs no login)",
+                                  stacklevel=3)
+
+    def scalars(self, values: dict[str, float], step: int, step_key: str | None = None) -> None:
+        """Log the finite ``values`` (name -> number) at ``step`` to every backend.
+
+        ``step_key``: for series whose steps restart (fine-tuning epochs per fold), W&B gets the
+        step as the metric ``step_key`` instead of its own step, which must only increase.
+        """
+        values = {k: float(v) for k, v in values.items()
+                  if isinstance(v, (int, float)) and math.isfinite(v)}
+        if not values:
+            return
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(values, step=step)
+        if self.wandb is not None:
+            if step_key is None:
+                self.wandb.log(values, step=step)
+            else:
+                self.wandb.log({**values, step_key: step})
 
     def log(self, rows: list[list[Any]]) -> None:
+        """Rows of metrics.csv (METRIC_COLUMNS) of pretraining."""
         for step, _epoch, loss, lr, pps, dt, ct in rows:
-            if self.tb is not None:
-                self.tb.add_scalar("train/loss", loss, step)
-                self.tb.add_scalar("train/lr", lr, step)
-                self.tb.add_scalar("train/pairs_per_s", pps, step)
-                self.tb.add_scalar("train/data_time_s", dt, step)
-                self.tb.add_scalar("train/compute_time_s", ct, step)
-            if self.mlflow is not None:
-                self.mlflow.log_metrics({"loss": loss, "lr": lr, "pairs_per_s": pps}, step=step)
+            self.scalars({"train/loss": loss, "train/lr": lr, "train/pairs_per_s": pps,
+                          "train/data_time_s": dt, "train/compute_time_s": ct}, step)
 
     def close(self, summary: dict[str, Any] | None = None, out: Path | None = None) -> None:
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
-        if self.mlflow is not None:
+        """Flush and end every backend; ``summary`` None marks the run failed (MLflow, W&B)."""
+        tb, ml, wb = self.tb, self.mlflow, self.wandb
+        self.tb = self.mlflow = self.wandb = None  # a second close does nothing
+        numbers = {k: float(v) for k, v in (summary or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if tb is not None:
+            tb.flush()
+            tb.close()
+        if ml is not None:
             if summary is not None:
-                self.mlflow.log_metrics({k: float(v) for k, v in summary.items()
-                                         if isinstance(v, (int, float)) and math.isfinite(v)})
+                ml.log_metrics(numbers)
                 for name in ("loss.png", "summary.json", "config.yaml"):
                     if out is not None and (out / name).is_file():
-                        self.mlflow.log_artifact(str(out / name))
-            self.mlflow.end_run(status="FINISHED" if summary is not None else "FAILED")
+                        ml.log_artifact(str(out / name))
+            ml.end_run(status="FINISHED" if summary is not None else "FAILED")
+        if wb is not None:
+            if summary is not None:
+                wb.summary.update(numbers)
+            wb.finish(exit_code=0 if summary is not None else 1)
 
 
 def _on_step_end(step: int) -> None:
@@ -512,7 +564,6 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     criterion = NTXentLoss(t_cfg.temperature, gather_distributed=True)
     colour = ColorAugment(a_cfg)
     metrics = _Metrics(out / "metrics.csv", start_step if ck is not None else None) if world.main else None
-    tracker = _Tracker(out, cfg, enabled=world.main)
 
     def checkpoint(step: int, wall: float) -> None:
         if not world.main:
@@ -548,6 +599,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     train_model.train()
     non_blocking = device.type == "cuda"
     x_buf: torch.Tensor | None = None
+    # created just before the try so that every exit below ends it (FAILED unless finished)
+    tracker = _Tracker(out, cfg, enabled=world.main)
 
     def flush() -> None:
         nonlocal win_t0, win_data, pairs_per_s
@@ -641,41 +694,46 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         tracker.close(None)
         raise
     bar.close()
-    if step < total_steps and stopped == "completed":
-        stopped = "data_exhausted"
-    wall = wall_before + time.perf_counter() - t0
-    checkpoint(step, wall)
-    summary: dict[str, Any] = {}
-    if world.main:
-        from simclr_path.figures import plot_loss_curve
+    try:  # writing the final files can fail too (disk full): the tracker still ends, FAILED
+        if step < total_steps and stopped == "completed":
+            stopped = "data_exhausted"
+        wall = wall_before + time.perf_counter() - t0
+        checkpoint(step, wall)
+        summary: dict[str, Any] = {}
+        if world.main:
+            from simclr_path.figures import plot_loss_curve
 
-        core = _unwrap(train_model)
-        mpp = _store_mpp(opened)
-        if math.isfinite(metrics.last_loss):  # at least one row
-            plot_loss_curve(out / "metrics.csv", out / "loss.png",
-                            title=f"SimCLR pretraining loss ({m_cfg.arch}, {out.name})")
-        save_projection_head(core.head, out / "head.pt", force=True)
-        save_encoder(core.backbone, out / "encoder.pt", m_cfg.arch, force=True,
-                     image_size=a_cfg.image_size, mpp=mpp, head=core.head.config(),
-                     stores=[str(s.path) for s in opened], steps=step,
-                     simclr_path_version=__version__)
-        trained_steps = step - start_step
-        summary = {
-            "steps": step, "total_steps": total_steps, "planned_steps": planned,
-            "epochs": round(step / spe, 4),
-            "steps_per_epoch": spe, "stopped": stopped,
-            "wall_time_s": round(wall, 3),
-            "pairs_per_s": round(trained_steps * plan.batch_size * world.world_size
-                                 / max(time.perf_counter() - t0, 1e-9), 3),
-            "final_loss": metrics.last_loss, "global_batch_size": plan.batch_size * world.world_size,
-            "lr": lr, "world_size": world.world_size, "device": str(device),
-            "amp": str(dtype).replace("torch.", "") if dtype else "float32",
-            "arch": m_cfg.arch, "image_size": a_cfg.image_size, "mpp": mpp,
-            "n_stores": len(opened), "patches_per_epoch": plan.patches_per_epoch,
-            "resumed_from_step": start_step if ck is not None else None,
-        }
-        _write_text(out / "summary.json", json.dumps(summary, indent=2))
-        tracker.close(summary, out)
+            core = _unwrap(train_model)
+            mpp = _store_mpp(opened)
+            if math.isfinite(metrics.last_loss):  # at least one row
+                plot_loss_curve(out / "metrics.csv", out / "loss.png",
+                                title=f"SimCLR pretraining loss ({m_cfg.arch}, {out.name})")
+            save_projection_head(core.head, out / "head.pt", force=True)
+            save_encoder(core.backbone, out / "encoder.pt", m_cfg.arch, force=True,
+                         image_size=a_cfg.image_size, mpp=mpp, head=core.head.config(),
+                         stores=[str(s.path) for s in opened], steps=step,
+                         simclr_path_version=__version__)
+            trained_steps = step - start_step
+            summary = {
+                "steps": step, "total_steps": total_steps, "planned_steps": planned,
+                "epochs": round(step / spe, 4),
+                "steps_per_epoch": spe, "stopped": stopped,
+                "wall_time_s": round(wall, 3),
+                "pairs_per_s": round(trained_steps * plan.batch_size * world.world_size
+                                     / max(time.perf_counter() - t0, 1e-9), 3),
+                "final_loss": metrics.last_loss,
+                "global_batch_size": plan.batch_size * world.world_size,
+                "lr": lr, "world_size": world.world_size, "device": str(device),
+                "amp": str(dtype).replace("torch.", "") if dtype else "float32",
+                "arch": m_cfg.arch, "image_size": a_cfg.image_size, "mpp": mpp,
+                "n_stores": len(opened), "patches_per_epoch": plan.patches_per_epoch,
+                "resumed_from_step": start_step if ck is not None else None,
+            }
+            _write_text(out / "summary.json", json.dumps(summary, indent=2))
+            tracker.close(summary, out)
+    except BaseException:
+        tracker.close(None)
+        raise
     world.barrier()
     return summary
 

@@ -225,20 +225,136 @@ def test_lr_schedule_and_lars_groups():
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:])) and lrs[-1] < 1e-3
 
 
-def test_mlflow_missing_does_not_break(stores, tmp_path, monkeypatch):
+@pytest.mark.parametrize("package", ["mlflow", "wandb"])
+def test_tracking_package_missing_does_not_break(package, stores, tmp_path, monkeypatch):
     import builtins
 
     real_import = builtins.__import__
 
-    def no_mlflow(name, *args, **kwargs):
-        if name == "mlflow":
-            raise ImportError("no mlflow")
+    def no_package(name, *args, **kwargs):
+        if name == package:
+            raise ImportError(f"no {package}")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_mlflow)
-    with pytest.warns(UserWarning, match="mlflow is not installed"):
-        T.pretrain(stores, tmp_path / "run", _cfg(max_steps=1, mlflow=True), progress=False)
+    monkeypatch.delitem(sys.modules, package, raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_package)
+    with pytest.warns(UserWarning, match=f"{package} is not installed") as record:
+        T.pretrain(stores, tmp_path / "run", _cfg(max_steps=1, **{package: True}), progress=False)
+    assert len([w for w in record if "is not installed" in str(w.message)]) == 1
     assert (tmp_path / "run" / "summary.json").is_file()
+    assert not (tmp_path / "run" / ("mlruns" if package == "mlflow" else "wandb")).exists()
+
+
+def _fake_wandb(monkeypatch):
+    """A ``wandb`` module that records init / log / summary / finish calls."""
+    import types
+
+    calls: dict = {"init": [], "log": [], "summary": {}, "finish": []}
+
+    class Run:
+        summary = calls["summary"]
+
+        def log(self, data, step=None):
+            calls["log"].append((dict(data), step))
+
+        def finish(self, exit_code=None):
+            calls["finish"].append(exit_code)
+
+    def init(**kwargs):
+        calls["init"].append(kwargs)
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    return calls
+
+
+def _fake_mlflow(monkeypatch):
+    """An ``mlflow`` module that records every call as (name, args, kwargs)."""
+    import types
+
+    calls: list = []
+
+    def rec(name):
+        return lambda *a, **k: calls.append((name, a, k))
+
+    names = ["set_tracking_uri", "set_experiment", "start_run", "log_params", "log_metrics",
+             "log_artifact", "end_run"]
+    monkeypatch.setitem(sys.modules, "mlflow", types.SimpleNamespace(**{n: rec(n) for n in names}))
+    return calls
+
+
+def test_wandb_logs_offline_run_under_run_dir(stores, tmp_path, monkeypatch):
+    calls = _fake_wandb(monkeypatch)
+    run = tmp_path / "run"
+    cfg = _cfg(max_steps=2, wandb=True, wandb_project="proj")
+    T.pretrain(stores, run, cfg, progress=False)
+    (init,) = calls["init"]
+    assert init["dir"] == str(run) and init["mode"] == "offline" and init["project"] == "proj"
+    assert init["name"] == "run"
+    assert init["config"]["train"]["batch_size"] == 8 and init["config"]["train"]["wandb"] is True
+    assert init["config"]["model"]["arch"] == "resnet18"
+    df = pd.read_csv(run / "metrics.csv")
+    assert [step for _, step in calls["log"]] == df["step"].tolist() == [1, 2]
+    for (data, _), (_, row) in zip(calls["log"], df.iterrows()):
+        assert data["train/loss"] == pytest.approx(row["loss"])
+        assert data["train/lr"] == pytest.approx(row["lr"])
+    assert calls["summary"]["steps"] == 2 and "final_loss" in calls["summary"]
+    assert calls["finish"] == [0]
+
+
+def test_mlflow_logs_to_file_store_under_run_dir(stores, tmp_path, monkeypatch):
+    calls = _fake_mlflow(monkeypatch)
+    run = tmp_path / "run"
+    T.pretrain(stores, run, _cfg(max_steps=2, mlflow=True), progress=False)
+    by = {}
+    for name, a, k in calls:
+        by.setdefault(name, []).append((a, k))
+    assert by["set_tracking_uri"] == [(((run / "mlruns").resolve().as_uri(),), {})]
+    assert by["set_experiment"] == [(("simclr-path",), {})]
+    assert by["start_run"] == [((), {"run_name": "run"})]
+    (((params,), _),) = by["log_params"]
+    assert params["train.batch_size"] == "8" and params["model.arch"] == "resnet18"
+    df = pd.read_csv(run / "metrics.csv")
+    per_step = [(a[0], k["step"]) for a, k in by["log_metrics"] if "step" in k]
+    assert [s for _, s in per_step] == df["step"].tolist() == [1, 2]
+    for (m, _), (_, row) in zip(per_step, df.iterrows()):
+        assert m["train/loss"] == pytest.approx(row["loss"]) and m["train/lr"] == pytest.approx(row["lr"])
+    final = [a[0] for a, k in by["log_metrics"] if "step" not in k]
+    assert final and final[0]["steps"] == 2.0
+    assert ((str(run / "summary.json"),), {}) in by["log_artifact"]
+    assert calls[-1] == ("end_run", (), {"status": "FINISHED"})
+
+
+def test_tracking_ends_failed_on_error(stores, tmp_path, monkeypatch):
+    wb, ml = _fake_wandb(monkeypatch), _fake_mlflow(monkeypatch)
+
+    def crash(step):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_on_step_end", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.pretrain(stores, tmp_path / "run", _cfg(max_steps=2, mlflow=True, wandb=True),
+                   progress=False)
+    assert wb["finish"] == [1] and not wb["summary"]
+    assert ml[-1] == ("end_run", (), {"status": "FAILED"})
+
+
+def test_tracker_scalars_with_restarting_steps(tmp_path, monkeypatch):
+    """Fine-tuning epochs restart per fold: W&B gets them as a metric, never as its step."""
+    calls = _fake_wandb(monkeypatch)
+    tr = T._Tracker(tmp_path / ".tmp-x", _cfg(wandb=True, wandb_mode="disabled"), enabled=True,
+                    name="out")
+    assert calls["init"][0]["mode"] == "disabled" and calls["init"][0]["name"] == "out"
+    tr.scalars({"fold0/val_loss": 0.5, "fold0/val_auroc": float("nan")}, 3, step_key="fold0/epoch")
+    tr.close({"slide_auroc": 0.9, "note": "x"})
+    tr.close(None)  # a second close does nothing
+    assert calls["log"] == [({"fold0/val_loss": 0.5, "fold0/epoch": 3}, None)]
+    assert calls["summary"] == {"slide_auroc": 0.9} and calls["finish"] == [0]
+
+
+def test_wandb_mode_is_validated():
+    with pytest.raises(SimclrPathError, match="train.wandb_mode must be online, offline or disabled"):
+        load_config(overrides={"train": {"wandb_mode": "offlne"}})
 
 
 # ---- bad input through the CLI: one line, exit != 0, nothing that looks complete ----
