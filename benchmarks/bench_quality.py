@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -340,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--embed-size", default="pretrain",
                     help="embedding image size(s): pretrain, native or pixels, comma-separated "
                          "[pretrain]")
+    ap.add_argument("--layers", default="pooled",
+                    help="embedding layer(s) of both encoders: pooled, stageN, comma-separated "
+                         "[pooled]")
     ap.add_argument("--hist-bins", type=int, default=32, help="colour histogram bins per channel [32]")
     ap.add_argument("--limit", type=int, default=None,
                     help="use N tiles, a third per class spread over the groups [all]")
@@ -396,6 +400,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         n_patches, native = len(s), s.patch_size
         n_groups = len(set(s.groups or []))
     sizes = embed_sizes(args.embed_size, cfg.augment.image_size, native)
+    layers = [x.strip() for x in args.layers.split(",") if x.strip()]
+    for layer in layers:  # the same check as the config's, before any training
+        dataclasses.replace(cfg.embed, layer=layer)
     stages.update(1)
 
     stages.set_postfix_str("pretrain")
@@ -419,15 +426,17 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     hist = write_hist_embeddings(store, emb_dir / f"colour-hist-{args.hist_bins}.h5", args.hist_bins)
     feature_sets.append({"name": "colour-hist", "embed_size": None, "emb": hist,
                          "embed_s": time.perf_counter() - t0, "pretrain_s": None})
-    for size in sizes:
-        ecfg = dataclasses.replace(cfg.embed, image_size=size, layer="pooled")
+    for layer, size in itertools.product(layers, sizes):
+        ecfg = dataclasses.replace(cfg.embed, image_size=size, layer=layer)
+        tag = f"{size}" if layer == "pooled" else f"{size}:{layer}"
         for name, enc, pre_s in (("simclr", run_dir / "encoder.pt", pretrain_s),
                                  ("random-init", rand_dir / "encoder.pt", None)):
             t0 = time.perf_counter()
-            emb = embed_store(enc, store, emb_dir / f"{name}-{size}.h5", ecfg, force=True)
-            feature_sets.append({"name": f"{name}@{size}", "kind": name, "embed_size": size,
-                                 "emb": emb, "embed_s": time.perf_counter() - t0,
-                                 "pretrain_s": pre_s})
+            emb = embed_store(enc, store, emb_dir / f"{name}-{tag.replace(':', '-')}.h5", ecfg,
+                              force=True)
+            feature_sets.append({"name": f"{name}@{tag}", "kind": name, "embed_size": size,
+                                 "layer": layer, "emb": emb,
+                                 "embed_s": time.perf_counter() - t0, "pretrain_s": pre_s})
     stages.update(1)
 
     stages.set_postfix_str("probe")
@@ -449,8 +458,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     hist_row = next(r for r in rows if r["kind"] == "colour-hist")
     comparisons, targets = [], []
     for r in (r for r in rows if r["kind"] == "simclr"):
-        rand_row = next(x for x in rows if x["kind"] == "random-init"
-                        and x["embed_size"] == r["embed_size"])
+        rand_row = next(x for x in rows  # same size and layer
+                        if x["name"] == r["name"].replace("simclr@", "random-init@", 1))
         better = True
         for base in (hist_row, rand_row):
             c = {"simclr": r["name"], "baseline": base["name"], **compare(r, base)}

@@ -273,8 +273,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},
     "cpu-fast": {
         "augment": {"image_size": 96},
+        # one loader worker: on a 2-4 core machine a second one takes a core from the model,
+        # which is >95% of a CPU step (benchmarks/README.md, Pretraining)
         "train": {"batch_size": 64, "optimizer": "adamw", "lr": 1e-3, "lr_scaling": "none",
-                  "weight_decay": 1e-4, "warmup_epochs": 1.0, "temperature": 0.2},
+                  "weight_decay": 1e-4, "warmup_epochs": 1.0, "temperature": 0.2, "workers": 1},
     },
     "gpu": {
         "augment": {"image_size": 224},
