@@ -79,3 +79,14 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
     assert again["store_reused"] and again["pretrain"]["steps"] == saved["pretrain"]["steps"]
     assert again["rows"][1]["auroc_scc"] == pytest.approx(saved["rows"][1]["auroc_scc"])
 
+    # another backbone layer of both encoders, compared layer with layer
+    staged = bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--layers", "stage3",
+                      "--run", str(tmp_path / "work" / "simclr-run"), "--no-progress",
+                      "--set", "embed.workers=0", "--set", "classify.bootstrap=0",
+                      "--set", "classify.c_grid=[1.0]"])
+    assert [r["name"] for r in staged["rows"]] == [
+        "colour-hist", "simclr@32:stage3", "random-init@32:stage3"]
+    assert [c["baseline"] for c in staged["comparisons"]] == ["colour-hist", "random-init@32:stage3"]
+    with pytest.raises(SimclrPathError, match="embed.layer"):
+        bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--layers", "block9",
+                 "--run", str(tmp_path / "work" / "simclr-run"), "--no-progress"])
