@@ -889,7 +889,21 @@ def classify(
         cfg,
     )
     task["label_fraction"] = cfg.label_fraction
-    metrics = {
+    metrics = metrics_document(task, patch_metrics, slide_metrics, folds_out,
+                               {"C": c_final, **final_split}, asdict(cfg))
+    with atomic_dir(out_dir, force=force) as tmp:
+        write_evaluation(tmp, metrics, patches, slides_pred)
+        model.save(tmp)
+    return metrics
+
+
+def metrics_document(task: dict[str, Any], patch_metrics: dict[str, Any],
+                     slide_metrics: dict[str, Any], folds_out: list[dict[str, Any]],
+                     final_model: dict[str, Any] | None, config: dict[str, Any],
+                     **extra: Any) -> dict[str, Any]:
+    """The JSON-ready ``metrics.json`` of an evaluation (``classify`` and ``finetune`` share it):
+    task, pooled patch/slide metrics, per-fold summary, folds, final model, config."""
+    return _jsonable({
         "task": task,
         "patch": patch_metrics,
         "slide": slide_metrics,
@@ -898,16 +912,20 @@ def classify(
             "slide": _summary([f["slide"] for f in folds_out]),
         },
         "folds": folds_out,
-        "final_model": {"C": c_final, **final_split},
-        "config": asdict(cfg),
+        "final_model": final_model,
+        "config": config,
+        **extra,
         "simclr_path_version": __version__,
-    }
-    with atomic_dir(out_dir, force=force) as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
-        patches.to_csv(tmp / "predictions_patches.csv", index=False)
-        slides_pred.to_csv(tmp / "predictions_slides.csv", index=False)
-        model.save(tmp)
-    return _jsonable(metrics)
+    })
+
+
+def write_evaluation(folder: Path, metrics: dict[str, Any], patches: pd.DataFrame,
+                     slides_pred: pd.DataFrame) -> None:
+    """``metrics.json``, ``predictions_patches.csv`` and ``predictions_slides.csv`` in ``folder``
+    (a temporary folder that is renamed into place when complete)."""
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    patches.to_csv(folder / "predictions_patches.csv", index=False)
+    slides_pred.to_csv(folder / "predictions_slides.csv", index=False)
 
 
 def _topk_auroc(y: np.ndarray, sl: pd.DataFrame, positive: int) -> float:

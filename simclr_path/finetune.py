@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import math
 import os
 import time
@@ -61,17 +60,17 @@ from simclr_path.classify import (
     FINAL_FOLD,
     PatchTable,
     _check_disjoint,
-    _jsonable,
-    _summary,
     classification_metrics,
     evaluate_fold,
     label_info,
     label_subset,
     load_table,
     make_folds,
+    metrics_document,
     pick_patients,
     pooled_results,
     task_summary,
+    write_evaluation,
 )
 from simclr_path.config import AugmentConfig, ClassifyConfig, FinetuneConfig, PipelineConfig
 from simclr_path.errors import SimclrPathError
@@ -530,24 +529,11 @@ def finetune(
             task.update({"model": "fine-tuned encoder + linear head", "encoder": str(enc),
                          "arch": info.get("arch"), "layer": "pooled", "image_size": image_size,
                          "label_fraction": ft.label_fraction})
-            metrics = {
-                "task": task,
-                "patch": patch_metrics,
-                "slide": slide_metrics,
-                "fold_summary": {
-                    "patch": _summary([f["patch"] for f in folds_out]),
-                    "slide": _summary([f["slide"] for f in folds_out]),
-                },
-                "folds": folds_out,
-                "final_model": final,
-                "config": {"finetune": asdict(ft), "classify": asdict(ccfg)},
-                "wall_time_s": round(time.perf_counter() - t_start, 3),
-                "simclr_path_version": __version__,
-            }
-            metrics = _jsonable(metrics)
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            patches.to_csv(tmp / "predictions_patches.csv", index=False)
-            slides_pred.to_csv(tmp / "predictions_slides.csv", index=False)
+            metrics = metrics_document(
+                task, patch_metrics, slide_metrics, folds_out, final,
+                {"finetune": asdict(ft), "classify": asdict(ccfg)},
+                wall_time_s=round(time.perf_counter() - t_start, 3))
+            write_evaluation(tmp, metrics, patches, slides_pred)
             with open(tmp / "history.csv", "w", newline="") as fh:
                 w = csv.DictWriter(fh, HISTORY_COLUMNS)
                 w.writeheader()
