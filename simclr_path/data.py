@@ -135,7 +135,7 @@ class BatchPlan:
                 step += 1
 
 
-def _read_patch(store: PatchStore, i: int) -> np.ndarray:
+def read_patch(store: PatchStore, i: int) -> np.ndarray:
     """One patch of a store. Patch stores keep one LZF-compressed patch per HDF5 chunk
     (:mod:`simclr_path.store`): reading the raw chunk and decoding it with imagecodecs takes half
     the time of h5py's filter pipeline, and 50x less than h5py fancy indexing of a batch."""
@@ -171,7 +171,7 @@ class TwoViewBatches(Dataset):
 
     def read(self, keys: np.ndarray) -> list[np.ndarray]:
         """The patches of ``keys`` (B, 2), in order (each (S, S, 3) uint8)."""
-        return [_read_patch(self.stores[int(si)], int(pi)) for si, pi in keys]
+        return [read_patch(self.stores[int(si)], int(pi)) for si, pi in keys]
 
     def __getitem__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         patches = self.read(batch.keys)

@@ -73,6 +73,7 @@ from simclr_path.classify import (
     write_evaluation,
 )
 from simclr_path.config import AugmentConfig, ClassifyConfig, FinetuneConfig, PipelineConfig
+from simclr_path.data import read_patch
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, load_encoder, save_encoder
 from simclr_path.outputs import atomic_dir, check_can_write
@@ -159,8 +160,10 @@ def validation_split(
 # Batches, augmentation and the model
 # ----------------------------------------------------------------------------------------------
 class _PatchBatches(Dataset):
-    """Batch ``b`` = uint8 patches (B, S, S, 3) of table rows ``batches[b]``, one sorted HDF5
-    read per store, and those rows (B,)."""
+    """Batch ``b`` = uint8 patches (B, S, S, 3) of table rows ``batches[b]`` and those rows (B,).
+
+    Rows are random across the stores, so each patch is one direct chunk read
+    (:func:`simclr_path.data.read_patch`), not h5py fancy indexing (~50x slower per patch)."""
 
     def __init__(self, stores: Sequence[PatchStore], source: np.ndarray, index: np.ndarray,
                  batches: Sequence[np.ndarray]) -> None:
@@ -173,10 +176,8 @@ class _PatchBatches(Dataset):
     def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.batches[b]
         out = np.empty((len(rows), self.size, self.size, 3), dtype=np.uint8)
-        src = self.source[rows]
-        for s in np.unique(src):
-            m = src == s
-            out[m] = self.stores[s][self.index[rows[m]]]
+        for j, r in enumerate(rows):
+            out[j] = read_patch(self.stores[self.source[r]], int(self.index[r]))
         return torch.from_numpy(out), torch.from_numpy(np.asarray(rows, dtype=np.int64))
 
 

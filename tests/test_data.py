@@ -131,7 +131,7 @@ def test_each_worker_opens_the_hdf5_files_lazily_itself(make_store):
 
 
 def test_direct_chunk_reads_equal_h5py_reads(tmp_path, make_store):
-    from simclr_path.data import _read_patch
+    from simclr_path.data import read_patch
     from simclr_path.store import PatchStoreWriter
 
     smooth = np.tile(np.arange(16, dtype=np.uint8)[None, :, None, None], (5, 1, 16, 3))  # LZF shrinks
@@ -141,4 +141,4 @@ def test_direct_chunk_reads_equal_h5py_reads(tmp_path, make_store):
     for path in (tmp_path / "smooth.h5", noisy):
         s = PatchStore(path)
         for i in range(5):
-            assert np.array_equal(_read_patch(s, i), s[i])
+            assert np.array_equal(read_patch(s, i), s[i])
