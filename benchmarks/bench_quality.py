@@ -11,19 +11,24 @@ Issue 6. One run:
    the measured step rate so that warm-up + cosine decay end at the budget). Pretraining reads
    only the patches, never the labels or groups;
 3. embeds every patch with the trained encoder (pooled backbone features,
-   :func:`simclr_path.embed.embed_store`) at ``--embed-size`` (default: the pretraining image
-   size; ``native`` = the stored 224 px; several sizes comma-separated);
+   :func:`simclr_path.embed.embed_store`) at ``--embed-size`` (``default``: the size
+   ``simclr-path embed`` picks, :func:`simclr_path.embed.fixres_size`; ``pretrain`` = the
+   pretraining image size; ``native`` = the stored 224 px; several sizes comma-separated);
 4. evaluates the project's linear probe (:func:`simclr_path.classify.classify`: standardised
    features, balanced logistic regression, C by inner grouped CV) with grouped stratified K-fold
-   over the source images (no group on both sides of a split);
+   over the source images (no group on both sides of a split), repeated ``--repeats`` times with
+   fold seeds ``seed, seed + 1, ...`` (one split of 75 groups moves AUROC by several hundredths,
+   so one split cannot rank feature sets; every feature set gets the same splits);
 5. evaluates two baselines with the same probe and the same folds: per-channel colour histograms
    (``--hist-bins`` bins per RGB channel, each normalised to sum 1) and a randomly initialised
    encoder of the same architecture (the SimCLR run's own initial weights: same seed), embedded
    the same way.
 
 It prints, per feature set, SCC-vs-rest AUROC (``lung_scc`` positive) and three-class balanced
-accuracy of the pooled out-of-fold patch predictions, the wall times (pretrain, embed, probe), and
-the SimCLR differences against each baseline; ``--out`` writes everything as JSON (atomically).
+accuracy of the pooled out-of-fold patch predictions (mean and standard deviation over the
+repeats), the wall times (pretrain, embed, probe), and the SimCLR differences against each
+baseline, paired by split (mean difference, and in how many splits SimCLR is better); ``--out``
+writes everything as JSON (atomically).
 
     python benchmarks/bench_quality.py                          # cpu-fast preset, 600 s budget
     python benchmarks/bench_quality.py --budget-s 300 --set augment.image_size=64 --out q.json
@@ -91,25 +96,31 @@ def _deep_merge(base: dict[str, dict[str, Any]], top: dict[str, dict[str, Any]])
     return out
 
 
-def embed_sizes(spec: str, pretrain_size: int, native: int) -> list[int]:
-    """``"pretrain,native,128"`` -> distinct pixel sizes in the order given."""
+def embed_sizes(spec: str, pretrain_size: int, native: int, default: int) -> list[int]:
+    """``"default,pretrain,native,128"`` -> distinct pixel sizes in the order given.
+
+    ``default`` is the size ``simclr-path embed`` picks by itself (:func:`embed.fixres_size`).
+    """
     from simclr_path.errors import SimclrPathError
 
     sizes: list[int] = []
     for tok in (t.strip() for t in spec.split(",") if t.strip()):
-        if tok == "pretrain":
+        if tok == "default":
+            s = default
+        elif tok == "pretrain":
             s = pretrain_size
         elif tok == "native":
             s = native
         elif tok.isdigit() and int(tok) >= 8:
             s = int(tok)
         else:
-            raise SimclrPathError(f"--embed-size {spec!r}: expected pretrain, native or a pixel "
-                                  "size >= 8, comma-separated")
+            raise SimclrPathError(f"--embed-size {spec!r}: expected default, pretrain, native or "
+                                  "a pixel size >= 8, comma-separated")
         if s not in sizes:
             sizes.append(s)
     if not sizes:
-        raise SimclrPathError("--embed-size: give at least one of pretrain, native or a size")
+        raise SimclrPathError("--embed-size: give at least one of default, pretrain, native or "
+                              "a size")
     return sizes
 
 
@@ -234,7 +245,8 @@ def write_hist_embeddings(store_path: Path, out: Path, bins: int, chunk: int = 1
                                 label_names=s.label_names, force=True)
 
 
-def random_init_encoder(arch: str, seed: int, image_size: int, out_dir: Path) -> Path:
+def random_init_encoder(arch: str, seed: int, image_size: int, out_dir: Path,
+                        crop_scale: list[float] | None = None) -> Path:
     """A randomly initialised backbone saved as an encoder (``encoder.pt`` + ``encoder.json``).
 
     Seeded exactly as :func:`simclr_path.train.pretrain` seeds before building its model, so
@@ -246,7 +258,8 @@ def random_init_encoder(arch: str, seed: int, image_size: int, out_dir: Path) ->
     backbone = create_backbone(arch, pretrained=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     return save_encoder(backbone, out_dir / "encoder.pt", arch, force=True,
-                        image_size=image_size, random_init=True, seed=seed)
+                        image_size=image_size, crop_scale=crop_scale, random_init=True,
+                        seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,13 +294,34 @@ def _fmt(v: float | None, nd: int = 4) -> str:
     return "-" if v is None or not math.isfinite(v) else f"{v:.{nd}f}"
 
 
-def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-    """SimCLR row ``a`` against baseline row ``b``: differences and error ratios (< 1 = better)."""
-    out = {}
-    for key in ("auroc_scc", "balanced_accuracy"):
+METRICS = ("auroc_scc", "balanced_accuracy")
+
+
+def summarise_repeats(per_repeat: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-split probe results -> means and (sample) standard deviations of the headline metrics."""
+    out: dict[str, Any] = {}
+    for key in METRICS:
+        v = np.array([r[key] for r in per_repeat], dtype=float)
+        out[key] = float(v.mean())
+        out[f"{key}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return out
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """SimCLR row ``a`` against baseline row ``b``, paired by split.
+
+    Mean difference, its standard deviation over the splits, the number of splits in which ``a``
+    is better, and the error ratio of the means ((1 - a) / (1 - b), < 1 = better).
+    """
+    out: dict[str, Any] = {}
+    for key in METRICS:
         x, y = a[key], b[key]
+        d = np.array([p[key] - q[key] for p, q in zip(a["per_repeat"], b["per_repeat"], strict=True)])
         out[f"{key}_diff"] = x - y
+        out[f"{key}_diff_sd"] = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+        out[f"{key}_wins"] = int((d > 0).sum())
         out[f"{key}_error_ratio"] = (1 - x) / (1 - y) if y < 1 else (0.0 if x == 1 else math.inf)
+    out["repeats"] = len(a["per_repeat"])
     return out
 
 
@@ -299,20 +333,26 @@ def print_report(res: dict[str, Any]) -> None:
           f", budget {res['budget_s'] or 0:.0f} s, "
           f"{pre['arch']} at {pre['image_size']} px: {pre['steps']} steps "
           f"({pre['epochs']} epochs, {pre['pairs_per_s']:.1f} pairs/s, stopped: {pre['stopped']})")
-    head = (f"{'features':<16}{'embed px':>9}{'SCC AUROC':>11}{'bal. acc':>10}"
+    n = res["repeats"]
+    print(f"probe: {n} split(s) of {res['evaluation']}, fold seeds {res['fold_seeds']}; "
+          "figures are mean ± sd over the splits")
+    head = (f"{'features':<22}{'embed px':>9}{'SCC AUROC':>16}{'bal. acc':>16}"
             f"{'pretrain s':>12}{'embed s':>9}{'probe s':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['name']:<16}{r['embed_size'] or '-':>9}{_fmt(r['auroc_scc']):>11}"
-              f"{_fmt(r['balanced_accuracy']):>10}{_fmt(r['pretrain_s'], 1):>12}"
-              f"{_fmt(r['embed_s'], 1):>9}{_fmt(r['probe_s'], 1):>9}")
-    print("\nSimCLR vs baselines (difference; error ratio (1 - SimCLR) / (1 - baseline), < 1 = "
-          "better):")
+        print(f"{r['name']:<22}{r['embed_size'] or '-':>9}"
+              f"{_fmt(r['auroc_scc']) + ' ± ' + _fmt(r['auroc_scc_sd'], 3):>16}"
+              f"{_fmt(r['balanced_accuracy']) + ' ± ' + _fmt(r['balanced_accuracy_sd'], 3):>16}"
+              f"{_fmt(r['pretrain_s'], 1):>12}{_fmt(r['embed_s'], 1):>9}{_fmt(r['probe_s'], 1):>9}")
+    print(f"\nSimCLR vs baselines, paired by split (mean difference ± sd; splits where SimCLR is "
+          f"better, of {n}; error ratio (1 - SimCLR) / (1 - baseline), < 1 = better):")
     for c in res["comparisons"]:
-        print(f"  {c['simclr']:<14} vs {c['baseline']:<16} AUROC {c['auroc_scc_diff']:+.4f} "
-              f"(x{c['auroc_scc_error_ratio']:.2f})   bal. acc {c['balanced_accuracy_diff']:+.4f} "
-              f"(x{c['balanced_accuracy_error_ratio']:.2f})")
+        print(f"  {c['simclr']:<20} vs {c['baseline']:<22} AUROC {c['auroc_scc_diff']:+.4f} ± "
+              f"{c['auroc_scc_diff_sd']:.3f} ({c['auroc_scc_wins']}/{n}, "
+              f"x{c['auroc_scc_error_ratio']:.2f})   bal. acc {c['balanced_accuracy_diff']:+.4f} ± "
+              f"{c['balanced_accuracy_diff_sd']:.3f} ({c['balanced_accuracy_wins']}/{n}, "
+              f"x{c['balanced_accuracy_error_ratio']:.2f})")
     for t in res["targets"]:
         print(f"  target {t['simclr']}: AUROC >= {TARGET_AUROC} and bal. acc >= {TARGET_BALACC} "
               f"and better than every baseline: {'met' if t['met'] else 'NOT met'}")
@@ -338,9 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate this finished pretraining run directory (its config.yaml, "
                          "encoder.pt, summary.json) instead of pretraining; --preset, --budget-s "
                          "and --seed are then the run's")
-    ap.add_argument("--embed-size", default="pretrain",
-                    help="embedding image size(s): pretrain, native or pixels, comma-separated "
-                         "[pretrain]")
+    ap.add_argument("--embed-size", default="default",
+                    help="embedding image size(s), comma-separated: default (what 'simclr-path "
+                         "embed' picks: the training size scaled for the crops), pretrain, "
+                         "native or pixels [default]")
     ap.add_argument("--layers", default="pooled",
                     help="embedding layer(s) of both encoders: pooled, stageN, comma-separated "
                          "[pooled]")
@@ -348,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=None,
                     help="use N tiles, a third per class spread over the groups [all]")
     ap.add_argument("--seed", type=int, default=0, help="train, probe and subset seed [0]")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="grouped CV splits of the probe, fold seeds seed, seed + 1, ... [5]")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (torch.set_num_threads) [torch's default]")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -361,7 +404,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from simclr_path.config import load_config, to_dict
-    from simclr_path.embed import embed_store
+    from simclr_path.embed import embed_store, fixres_size
     from simclr_path.errors import SimclrPathError
     from simclr_path.outputs import check_can_write
     from simclr_path.store import PatchStore
@@ -372,6 +415,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         check_can_write(args.out, args.force)  # fail before ten minutes of training, not after
     if args.hist_bins < 2 or args.hist_bins > 256:
         raise SimclrPathError(f"--hist-bins must be in 2-256, got {args.hist_bins}")
+    if args.repeats < 1:
+        raise SimclrPathError(f"--repeats must be >= 1, got {args.repeats}")
     if args.limit is not None and args.limit < 30:
         raise SimclrPathError(f"--limit must be >= 30 (grouped 5-fold CV over 3 classes), "
                               f"got {args.limit}")
@@ -399,7 +444,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with PatchStore(store) as s:
         n_patches, native = len(s), s.patch_size
         n_groups = len(set(s.groups or []))
-    sizes = embed_sizes(args.embed_size, cfg.augment.image_size, native)
+    sizes = embed_sizes(args.embed_size, cfg.augment.image_size, native,
+                        fixres_size(cfg.augment.image_size, cfg.augment.crop_scale, native))
     layers = [x.strip() for x in args.layers.split(",") if x.strip()]
     for layer in layers:  # the same check as the config's, before any training
         dataclasses.replace(cfg.embed, layer=layer)
@@ -418,7 +464,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     stages.set_postfix_str("embed")
     rand_dir = work / "random-init"
-    random_init_encoder(cfg.model.arch, cfg.train.seed, cfg.augment.image_size, rand_dir)
+    random_init_encoder(cfg.model.arch, cfg.train.seed, cfg.augment.image_size, rand_dir,
+                        list(cfg.augment.crop_scale))
     emb_dir = work / "embeddings"
     emb_dir.mkdir(parents=True, exist_ok=True)
     feature_sets: list[dict[str, Any]] = []
@@ -441,17 +488,28 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     stages.set_postfix_str("probe")
     rows: list[dict[str, Any]] = []
-    ref_folds = None
-    for fs in tqdm(feature_sets, desc="linear probes", unit="set", leave=False, disable=None):
+    fold_seeds = [cfg.classify.seed + r for r in range(args.repeats)]
+    ref_folds: dict[int, np.ndarray] = {}
+    bar = tqdm(total=len(feature_sets) * len(fold_seeds), desc="linear probes", unit="probe",
+               leave=False, disable=None)
+    for fs in feature_sets:
         t0 = time.perf_counter()
-        metrics, folds = probe(fs["emb"], work / "probe" / Path(fs["emb"]).stem, cfg.classify)
-        if ref_folds is None:
-            ref_folds = folds
-        elif not np.array_equal(folds, ref_folds):  # same store order + seed: a bug otherwise
-            raise AssertionError(f"{fs['name']}: cross-validation folds differ from the first set")
+        per_repeat = []
+        for fold_seed in fold_seeds:
+            ccfg = dataclasses.replace(cfg.classify, seed=fold_seed)
+            metrics, folds = probe(fs["emb"], work / "probe" / Path(fs["emb"]).stem /
+                                   f"split{fold_seed}", ccfg)
+            ref = ref_folds.setdefault(fold_seed, folds)
+            if not np.array_equal(folds, ref):  # same store order + seed: a bug otherwise
+                raise AssertionError(f"{fs['name']}: cross-validation folds of split "
+                                     f"{fold_seed} differ from the first feature set's")
+            per_repeat.append({"fold_seed": fold_seed, **metrics})
+            bar.update(1)
         rows.append({"name": fs["name"], "kind": fs.get("kind", fs["name"]),
                      "embed_size": fs["embed_size"], "pretrain_s": fs["pretrain_s"],
-                     "embed_s": fs["embed_s"], "probe_s": time.perf_counter() - t0, **metrics})
+                     "embed_s": fs["embed_s"], "probe_s": time.perf_counter() - t0,
+                     **summarise_repeats(per_repeat), "per_repeat": per_repeat})
+    bar.close()
     stages.update(1)
     stages.close()
 
@@ -470,7 +528,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {
         "data": str(args.data), "store": str(store), "store_reused": reused,
         "import_s": import_s, "n_patches": n_patches, "n_groups": n_groups,
-        "limit": args.limit, "evaluation": rows[0]["evaluation"], "preset": args.preset,
+        "limit": args.limit, "evaluation": rows[0]["per_repeat"][0]["evaluation"],
+        "repeats": args.repeats, "fold_seeds": fold_seeds, "preset": args.preset,
         "overrides": parse_set(args.set), "run": None if args.run is None else str(args.run),
         "budget_s": cfg.train.time_budget_s, "seed": cfg.train.seed,
         "embed_sizes": sizes, "hist_bins": args.hist_bins,

@@ -166,7 +166,7 @@ class EmbedConfig:
 
     batch_size: int = 256
     layer: str = "pooled"  # pooled | stageN (pooled output of backbone stage N) | head
-    image_size: int | None = None  # None = the encoder's training image size
+    image_size: int | None = None  # None = the encoder's training size scaled for its crops (embed.fixres_size)
     amp: bool = True
     channels_last: bool = True
     device: str = "auto"

@@ -12,14 +12,20 @@ Feature layers (``EmbedConfig.layer``):
   (``model.feature_info``; for ResNets 0 = stem, 1-4 = layer1-layer4), via timm's generic
   ``forward_intermediates``; for layer-wise linear evaluation.
 * ``head``: the SimCLR projection-head output, when the run directory has the head.
+
+Input size (``EmbedConfig.image_size``): by default a SimCLR encoder sees each whole patch at
+:func:`fixres_size` of its training size, not at the training size itself, because random
+resized crops magnify the tissue during training (FixRes: Touvron et al. 2019).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,27 @@ from simclr_path.store import PatchStore, write_embeddings
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _STAGE = re.compile(r"stage(\d+)")
+
+
+def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size: int,
+                multiple: int = 8) -> int:
+    """Input size at which whole patches show tissue at the scale the encoder trained on.
+
+    A RandomResizedCrop view covers an area fraction ``s ~ U(a, b)`` of the patch, i.e. a side
+    fraction ``sqrt(s)``, resized to ``train_size``: the tissue looks ``1 / sqrt(s)`` times
+    larger than in the whole patch resized to ``train_size``. Matching the mean magnification
+    gives ``train_size / E[sqrt(s)]``, with ``E[sqrt(s)] = 2/3 (b^1.5 - a^1.5) / (b - a)``
+    (Touvron et al. 2019, "Fixing the train-test resolution discrepancy"). For crop scale
+    0.2-1.0 that is 1.32x: 96 -> 128 px. Rounded to ``multiple``; never above ``patch_size`` (no
+    upsampling past the stored pixels) nor below ``train_size``. Without a crop scale (an encoder
+    from an older version, or fine-tuned on whole patches) the training size is returned.
+    """
+    if not crop_scale:
+        return int(train_size)
+    a, b = float(crop_scale[0]), float(crop_scale[1])
+    mean_side = math.sqrt(a) if b - a < 1e-9 else 2.0 / 3.0 * (b ** 1.5 - a ** 1.5) / (b - a)
+    size = multiple * round(train_size / mean_side / multiple)
+    return int(max(train_size, min(size, max(patch_size, train_size))))
 
 
 def preprocess(
@@ -214,7 +241,12 @@ def embed_store(
     info = encoder_info(enc)
     store = PatchStore(store_path)
     device = resolve_device(cfg.device)
-    image_size = int(cfg.image_size or info.get("image_size") or store.patch_size)
+    if cfg.image_size:
+        image_size = int(cfg.image_size)
+    elif info.get("image_size"):
+        image_size = fixres_size(int(info["image_size"]), info.get("crop_scale"), store.patch_size)
+    else:
+        image_size = int(store.patch_size)
     if image_size < 8:
         raise SimclrPathError(f"embed.image_size must be >= 8, got {image_size}")
     enc_mpp, store_mpp = info.get("mpp"), store.mpp

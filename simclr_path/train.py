@@ -710,7 +710,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                                 title=f"SimCLR pretraining loss ({m_cfg.arch}, {out.name})")
             save_projection_head(core.head, out / "head.pt", force=True)
             save_encoder(core.backbone, out / "encoder.pt", m_cfg.arch, force=True,
-                         image_size=a_cfg.image_size, mpp=mpp, head=core.head.config(),
+                         image_size=a_cfg.image_size, crop_scale=list(a_cfg.crop_scale), mpp=mpp,
+                         head=core.head.config(),
                          stores=[str(s.path) for s in opened], steps=step,
                          simclr_path_version=__version__)
             trained_steps = step - start_step

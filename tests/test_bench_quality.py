@@ -55,38 +55,63 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
         "--set", "train.batch_size=8", "--set", "train.workers=0",
         "--set", "train.tensorboard=false", "--set", "embed.workers=0",
         "--set", "classify.bootstrap=0", "--set", "classify.c_grid=[1.0]",
-        "--out", str(out), "--no-progress",
+        "--repeats", "2", "--out", str(out), "--no-progress",
     ])
     printed = capsys.readouterr().out
-    for name in ("colour-hist", "simclr@32", "random-init@32", "SCC AUROC", "bal. acc"):
+    for name in ("colour-hist", "simclr@40", "random-init@40", "SCC AUROC", "bal. acc"):
         assert name in printed
     saved = json.loads(out.read_text())
-    assert [r["name"] for r in saved["rows"]] == ["colour-hist", "simclr@32", "random-init@32"]
+    assert [r["name"] for r in saved["rows"]] == ["colour-hist", "simclr@40", "random-init@40"]
     assert saved["n_patches"] == 30 and saved["pretrain"]["steps"] >= 1
     assert saved["pretrain"]["stopped"] in ("time_budget", "completed")
+    assert saved["repeats"] == 2 and saved["fold_seeds"] == [0, 1]
     for r in saved["rows"]:
         for key in ("auroc_scc", "balanced_accuracy"):
             assert isinstance(r[key], float) and 0.0 <= r[key] <= 1.0, (r["name"], key)
+            per = [p[key] for p in r["per_repeat"]]
+            assert len(per) == 2 and r[key] == pytest.approx(sum(per) / 2)
+            assert r[f"{key}_sd"] == pytest.approx(abs(per[0] - per[1]) / math.sqrt(2))
+        assert [p["fold_seed"] for p in r["per_repeat"]] == [0, 1]
         assert r["embed_s"] >= 0 and r["probe_s"] > 0
-    assert len(saved["comparisons"]) == 2 and all(
-        math.isfinite(c["auroc_scc_diff"]) for c in saved["comparisons"])
+    assert len(saved["comparisons"]) == 2
+    for c in saved["comparisons"]:
+        assert math.isfinite(c["auroc_scc_diff"]) and c["repeats"] == 2
+        assert 0 <= c["auroc_scc_wins"] <= 2 and 0 <= c["balanced_accuracy_wins"] <= 2
     assert res["rows"][1]["auroc_scc"] == saved["rows"][1]["auroc_scc"]
     with pytest.raises(SimclrPathError):  # --out exists: no overwrite without --force
         bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--out", str(out)])
     # the finished run again, without training: same store (reused), same encoder and figures
     again = bq.main(["--work", str(tmp_path / "work"), "--limit", "30",
-                     "--run", str(tmp_path / "work" / "simclr-run"), "--no-progress"])
+                     "--run", str(tmp_path / "work" / "simclr-run"), "--no-progress",
+                     "--repeats", "2"])
     assert again["store_reused"] and again["pretrain"]["steps"] == saved["pretrain"]["steps"]
     assert again["rows"][1]["auroc_scc"] == pytest.approx(saved["rows"][1]["auroc_scc"])
 
     # another backbone layer of both encoders, compared layer with layer
     staged = bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--layers", "stage3",
+                      "--repeats", "1",
                       "--run", str(tmp_path / "work" / "simclr-run"), "--no-progress",
                       "--set", "embed.workers=0", "--set", "classify.bootstrap=0",
                       "--set", "classify.c_grid=[1.0]"])
     assert [r["name"] for r in staged["rows"]] == [
-        "colour-hist", "simclr@32:stage3", "random-init@32:stage3"]
-    assert [c["baseline"] for c in staged["comparisons"]] == ["colour-hist", "random-init@32:stage3"]
+        "colour-hist", "simclr@40:stage3", "random-init@40:stage3"]
+    assert [c["baseline"] for c in staged["comparisons"]] == ["colour-hist", "random-init@40:stage3"]
     with pytest.raises(SimclrPathError, match="embed.layer"):
         bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--layers", "block9",
                  "--run", str(tmp_path / "work" / "simclr-run"), "--no-progress"])
+
+
+def test_paired_comparison_counts_splits(bq):
+    a = {"auroc_scc": 0.9, "balanced_accuracy": 0.8,
+         "per_repeat": [{"auroc_scc": 0.95, "balanced_accuracy": 0.8},
+                        {"auroc_scc": 0.85, "balanced_accuracy": 0.8}]}
+    b = {"auroc_scc": 0.875, "balanced_accuracy": 0.85,
+         "per_repeat": [{"auroc_scc": 0.9, "balanced_accuracy": 0.9},
+                        {"auroc_scc": 0.85, "balanced_accuracy": 0.8}]}
+    c = bq.compare(a, b)
+    assert c["auroc_scc_diff"] == pytest.approx(0.025) and c["auroc_scc_wins"] == 1  # a tie is no win
+    assert c["balanced_accuracy_wins"] == 0 and c["repeats"] == 2
+    assert c["auroc_scc_diff_sd"] == pytest.approx(0.05 / math.sqrt(2))
+    assert c["auroc_scc_error_ratio"] == pytest.approx(0.1 / 0.125)
+    s = bq.summarise_repeats(a["per_repeat"])
+    assert s["auroc_scc"] == pytest.approx(0.9) and s["balanced_accuracy_sd"] == 0.0

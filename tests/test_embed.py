@@ -6,7 +6,7 @@ import torch
 
 from simclr_path.cli import main
 from simclr_path.config import EmbedConfig
-from simclr_path.embed import embed_store, file_sha256, preprocess
+from simclr_path.embed import embed_store, file_sha256, fixres_size, preprocess
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import create_backbone, load_encoder, save_encoder
 from simclr_path.store import EmbeddingStore
@@ -183,3 +183,26 @@ def test_cuda_without_gpu(encoder, make_store, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no CUDA GPU" in err[0]
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_fixres_size_matches_the_mean_crop_magnification():
+    # crop area U(0.2, 1): mean side fraction 2/3 (1 - 0.2^1.5) / 0.8 = 0.759 -> 96 / 0.759 = 126.5
+    assert fixres_size(96, [0.2, 1.0], 224) == 128
+    assert fixres_size(64, [0.2, 1.0], 224) == 88  # 84.3 rounded to a multiple of 8
+    assert fixres_size(96, [0.25, 0.25], 224) == 192  # fixed half-side crops: twice the size
+    assert fixres_size(224, [0.2, 1.0], 224) == 224  # never past the stored pixels
+    assert fixres_size(96, [0.2, 1.0], 64) == 96  # nor below the training size
+    assert fixres_size(96, [1.0, 1.0], 224) == 96  # whole-patch training: no change
+    assert fixres_size(96, None, 224) == 96  # encoders without a recorded crop scale
+
+
+def test_default_size_follows_the_encoders_crop_scale(make_store, tmp_path):
+    torch.manual_seed(0)
+    enc = tmp_path / "encoder.pt"
+    save_encoder(create_backbone(ARCH), enc, ARCH, image_size=32, crop_scale=[0.2, 1.0])
+    store = make_store(n=4, size=64)
+    out = embed_store(enc, store, tmp_path / "e.h5", EmbedConfig(workers=0), progress=False)
+    assert EmbeddingStore(out).attrs["image_size"] == 40  # 32 / 0.759 = 42.2 -> 40
+    out = embed_store(enc, store, tmp_path / "f.h5", EmbedConfig(workers=0, image_size=32),
+                      progress=False)  # an explicit size wins
+    assert EmbeddingStore(out).attrs["image_size"] == 32
