@@ -69,6 +69,7 @@ class PatchTable:
     encoder_sha256: str | None
     layer: str | None
     arch: str | None
+    image_size: int | None = None  # embedding input size (the same in every file)
     source: np.ndarray | None = None  # (N,) index of each patch's file in the list given
 
 
@@ -99,14 +100,16 @@ def _load_files(
             f"{', '.join(str(p) for p in by_dim.values())}); embed every slide with the same "
             "encoder and layer"
         )
-    for key in ("encoder_sha256", "layer"):
+    # image_size too: the default embedding size changed (embed.fixres_size), so files embedded
+    # before and after an upgrade can share an encoder but not a feature space
+    for key in ("encoder_sha256", "layer", "image_size"):
         vals = {s.attrs.get(key) for s in stores}
         if len(vals) > 1:
             odd = next(s for s in stores if s.attrs.get(key) != stores[0].attrs.get(key))
             raise SimclrPathError(
                 f"{odd.path}: {key} {odd.attrs.get(key)!r} differs from {stores[0].path} "
-                f"({stores[0].attrs.get(key)!r}); embed every slide with the same encoder "
-                "and layer"
+                f"({stores[0].attrs.get(key)!r}); embed every slide with the same encoder, "
+                "layer and image size"
             )
     seen: dict[str, Path] = {}
     for s in stores:
@@ -272,6 +275,7 @@ def load_table(
         encoder_sha256=first.get("encoder_sha256"),
         layer=first.get("layer"),
         arch=first.get("arch"),
+        image_size=first.get("image_size"),
         source=np.concatenate(parts["src"]).astype(np.int64),
     )
 
@@ -874,6 +878,7 @@ def classify(
             "encoder_sha256": t.encoder_sha256,
             "layer": t.layer,
             "arch": t.arch,
+            "image_size": t.image_size,
             "n_train_patches": int(tr.sum()),
             "n_train_slides": int(t.slides["patient_id"].isin(set(t.patient[tr])).sum()),
             "n_train_patients": len(set(t.patient[tr])),
@@ -974,6 +979,13 @@ def predict(
         if want and s.attrs.get("encoder_sha256") and s.attrs["encoder_sha256"] != want:
             warnings.warn(
                 f"{s.path}: embedded with a different encoder than the classifier was trained on",
+                stacklevel=2,
+            )
+        size = model.meta.get("image_size")
+        if size and s.attrs.get("image_size") and int(s.attrs["image_size"]) != int(size):
+            warnings.warn(
+                f"{s.path}: embedded at {s.attrs['image_size']} px but the classifier was trained "
+                f"on {size} px embeddings; embed with --image-size {size}",
                 stacklevel=2,
             )
         if len(s) == 0:

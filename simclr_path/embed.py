@@ -64,7 +64,7 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
     a, b = float(crop_scale[0]), float(crop_scale[1])
     mean_side = math.sqrt(a) if b - a < 1e-9 else 2.0 / 3.0 * (b ** 1.5 - a ** 1.5) / (b - a)
     size = multiple * round(train_size / mean_side / multiple)
-    return int(max(train_size, min(size, max(patch_size, train_size))))
+    return int(max(train_size, min(size, patch_size)))
 
 
 def preprocess(

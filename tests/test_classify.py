@@ -18,7 +18,8 @@ FAST = ClassifyConfig(bootstrap=100, c_grid=[0.01, 1.0])
 
 
 def make_cohort(
-    folder, n_patients=10, patches=60, shift=1.0, dim=8, seed=0, two_slides=True, sha="enc1"
+    folder, n_patients=10, patches=60, shift=1.0, dim=8, seed=0, two_slides=True, sha="enc1",
+    image_size=None,
 ):
     """Slides of SCC and normal patients; feature 0 is shifted by ``shift`` in SCC patches, so the
     Bayes patch-level AUROC is Phi(shift / sqrt(2))."""
@@ -36,7 +37,8 @@ def make_cohort(
                 folder / f"{sid}.h5",
                 X,
                 coords,
-                {"slide_id": sid, "encoder_sha256": sha, "layer": "pooled"},
+                {"slide_id": sid, "encoder_sha256": sha, "layer": "pooled"}
+                | ({} if image_size is None else {"image_size": image_size}),
             )
             paths.append(folder / f"{sid}.h5")
             rows.append(
@@ -181,6 +183,17 @@ def test_predict_after_reload_equals_in_memory(tmp_path):
     )
     m = LinearModel.load(tmp_path / "out")
     np.testing.assert_allclose(m.predict_proba(t.X[:5]), pipe.predict_proba(t.X[:5]), atol=1e-6)
+
+
+def test_embedding_sizes_must_match(tmp_path):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=20, image_size=128)
+    old, _ = make_cohort(tmp_path / "old", n_patients=6, patches=20, image_size=96)
+    with pytest.raises(SimclrPathError, match="image_size 96 differs"):
+        classify([*paths[:-1], old[-1]], tmp_path / "mix", samples=sheet, cfg=FAST)
+    classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    assert json.loads((tmp_path / "out" / "model.json").read_text())["image_size"] == 128
+    with pytest.warns(UserWarning, match="embedded at 96 px .* --image-size 128"):
+        predict(tmp_path / "out", old[:1], tmp_path / "pred.csv")
 
 
 def test_multiclass_from_embedding_labels(tmp_path):

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--image-size",
         type=int,
         default=None,
-        help="resize patches to this side [config: the encoder's training size scaled for its crop scale, capped at the patch size]",
+        help="resize patches to this side [config: the encoder's training size scaled for its "
+        "crop scale, capped at the patch size]",
     )
     p.add_argument("--device", default=None, help=f"auto, cpu or cuda [config: {d.device}]")
     p.add_argument(
