@@ -70,6 +70,7 @@ class PatchTable:
     layer: str | None
     arch: str | None
     image_size: int | None = None  # embedding input size (the same in every file)
+    tta: bool = False  # embedded with rotation/flip test-time augmentation (embed.tta)
     source: np.ndarray | None = None  # (N,) index of each patch's file in the list given
 
 
@@ -102,14 +103,18 @@ def _load_files(
         )
     # image_size too: the default embedding size changed (embed.fixres_size), so files embedded
     # before and after an upgrade can share an encoder but not a feature space
-    for key in ("encoder_sha256", "layer", "image_size"):
-        vals = {s.attrs.get(key) for s in stores}
+    def attr(s: EmbeddingStore, key: str) -> Any:
+        v = s.attrs.get(key)
+        return bool(v) if key == "tta" else v  # files from before embed.tta have no attribute
+
+    for key in ("encoder_sha256", "layer", "image_size", "tta"):
+        vals = {attr(s, key) for s in stores}
         if len(vals) > 1:
-            odd = next(s for s in stores if s.attrs.get(key) != stores[0].attrs.get(key))
+            odd = next(s for s in stores if attr(s, key) != attr(stores[0], key))
             raise SimclrPathError(
-                f"{odd.path}: {key} {odd.attrs.get(key)!r} differs from {stores[0].path} "
-                f"({stores[0].attrs.get(key)!r}); embed every slide with the same encoder, "
-                "layer and image size"
+                f"{odd.path}: {key} {attr(odd, key)!r} differs from {stores[0].path} "
+                f"({attr(stores[0], key)!r}); embed every slide with the same encoder, "
+                "layer, image size and --tta setting"
             )
     seen: dict[str, Path] = {}
     for s in stores:
@@ -276,6 +281,7 @@ def load_table(
         layer=first.get("layer"),
         arch=first.get("arch"),
         image_size=first.get("image_size"),
+        tta=bool(first.get("tta", False)),
         source=np.concatenate(parts["src"]).astype(np.int64),
     )
 
@@ -879,6 +885,7 @@ def classify(
             "layer": t.layer,
             "arch": t.arch,
             "image_size": t.image_size,
+            "tta": t.tta,
             "n_train_patches": int(tr.sum()),
             "n_train_slides": int(t.slides["patient_id"].isin(set(t.patient[tr])).sum()),
             "n_train_patients": len(set(t.patient[tr])),
@@ -986,6 +993,13 @@ def predict(
             warnings.warn(
                 f"{s.path}: embedded at {s.attrs['image_size']} px but the classifier was trained "
                 f"on {size} px embeddings; embed with --image-size {size}",
+                stacklevel=2,
+            )
+        if "tta" in model.meta and bool(s.attrs.get("tta", False)) != bool(model.meta["tta"]):
+            flag = "--tta" if model.meta["tta"] else "--no-tta"
+            warnings.warn(
+                f"{s.path}: tta {bool(s.attrs.get('tta', False))} but the classifier was trained "
+                f"on tta {bool(model.meta['tta'])} embeddings; embed with {flag}",
                 stacklevel=2,
             )
         if len(s) == 0:

@@ -172,6 +172,7 @@ class EmbedConfig:
     device: str = "auto"
     workers: int = 2
     cpu_chunk: int = 32  # on CPU the model sees batches of at most this (big ones thrash the cache)
+    tta: bool = False  # average each patch's features over its 8 rotations and flips (8x the compute)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "embed.batch_size", "must be >= 1")

@@ -13,6 +13,9 @@ Feature layers (``EmbedConfig.layer``):
   ``forward_intermediates``; for layer-wise linear evaluation.
 * ``head``: the SimCLR projection-head output, when the run directory has the head.
 
+With ``EmbedConfig.tta`` each patch's features are the mean over its 8 rotations and flips
+(:func:`dihedral_views`), at 8 times the compute.
+
 Input size (``EmbedConfig.image_size``): by default a SimCLR encoder sees each whole patch at
 :func:`fixres_size` of its training size, not at the training size itself, because random
 resized crops magnify the tissue during training (FixRes: Touvron et al. 2019).
@@ -65,6 +68,19 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
     mean_side = math.sqrt(a) if b - a < 1e-9 else 2.0 / 3.0 * (b ** 1.5 - a ** 1.5) / (b - a)
     size = multiple * round(train_size / mean_side / multiple)
     return int(max(train_size, min(size, patch_size)))
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 rotations and reflections (dihedral group D4) of a batch (B, C, H, W), identity first.
+
+    Tissue has no canonical orientation, so averaging an encoder's features over these views
+    (test-time augmentation) gives orientation-invariant features.
+    """
+    views = []
+    for k in range(4):
+        r = torch.rot90(x, k, dims=(2, 3)) if k else x
+        views += [r, r.flip(3)]
+    return views
 
 
 def preprocess(
@@ -269,9 +285,14 @@ def embed_store(
     # cache: ~32-patch chunks run 25% faster per patch (benchmarks/bench_embed.py).
     chunk = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, cfg.cpu_chunk)
 
+    def forward(c: torch.Tensor) -> torch.Tensor:
+        if not cfg.tta:
+            return model(c).float()
+        return torch.stack([model(v).float() for v in dihedral_views(c)]).mean(0)
+
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            return torch.cat([model(c).float() for c in x.split(chunk)])
+            return torch.cat([forward(c) for c in x.split(chunk)])
 
     n = len(store)
     with torch.inference_mode():
@@ -330,6 +351,7 @@ def embed_store(
         "arch": info.get("arch"),
         "layer": cfg.layer,
         "image_size": image_size,
+        "tta": bool(cfg.tta),
         "feature_dim": dim,
         "n_patches": n,
         "mpp": store.mpp,

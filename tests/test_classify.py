@@ -19,7 +19,7 @@ FAST = ClassifyConfig(bootstrap=100, c_grid=[0.01, 1.0])
 
 def make_cohort(
     folder, n_patients=10, patches=60, shift=1.0, dim=8, seed=0, two_slides=True, sha="enc1",
-    image_size=None,
+    image_size=None, tta=None,
 ):
     """Slides of SCC and normal patients; feature 0 is shifted by ``shift`` in SCC patches, so the
     Bayes patch-level AUROC is Phi(shift / sqrt(2))."""
@@ -38,7 +38,8 @@ def make_cohort(
                 X,
                 coords,
                 {"slide_id": sid, "encoder_sha256": sha, "layer": "pooled"}
-                | ({} if image_size is None else {"image_size": image_size}),
+                | ({} if image_size is None else {"image_size": image_size})
+                | ({} if tta is None else {"tta": tta}),
             )
             paths.append(folder / f"{sid}.h5")
             rows.append(
@@ -190,10 +191,15 @@ def test_embedding_sizes_must_match(tmp_path):
     old, _ = make_cohort(tmp_path / "old", n_patients=6, patches=20, image_size=96)
     with pytest.raises(SimclrPathError, match="image_size 96 differs"):
         classify([*paths[:-1], old[-1]], tmp_path / "mix", samples=sheet, cfg=FAST)
+    tta, _ = make_cohort(tmp_path / "tta", n_patients=6, patches=20, image_size=128, tta=True)
+    with pytest.raises(SimclrPathError, match="tta True differs"):
+        classify([*paths[:-1], tta[-1]], tmp_path / "mix", samples=sheet, cfg=FAST)
     classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
     assert json.loads((tmp_path / "out" / "model.json").read_text())["image_size"] == 128
     with pytest.warns(UserWarning, match="embedded at 96 px .* --image-size 128"):
         predict(tmp_path / "out", old[:1], tmp_path / "pred.csv")
+    with pytest.warns(UserWarning, match="tta True .* embed with --no-tta"):
+        predict(tmp_path / "out", tta[:1], tmp_path / "pred2.csv")
 
 
 def test_multiclass_from_embedding_labels(tmp_path):

@@ -6,7 +6,7 @@ import torch
 
 from simclr_path.cli import main
 from simclr_path.config import EmbedConfig
-from simclr_path.embed import embed_store, file_sha256, fixres_size, preprocess
+from simclr_path.embed import dihedral_views, embed_store, file_sha256, fixres_size, preprocess
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import create_backbone, load_encoder, save_encoder
 from simclr_path.store import EmbeddingStore
@@ -206,3 +206,52 @@ def test_default_size_follows_the_encoders_crop_scale(make_store, tmp_path):
     out = embed_store(enc, store, tmp_path / "f.h5", EmbedConfig(workers=0, image_size=32),
                       progress=False)  # an explicit size wins
     assert EmbeddingStore(out).attrs["image_size"] == 32
+
+
+def test_dihedral_views_are_the_8_distinct_symmetries():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    views = dihedral_views(x)
+    assert len(views) == 8 and torch.equal(views[0], x)
+    assert len({v.numpy().tobytes() for v in views}) == 8
+    # closed under rotation: the views of a rotated batch are the same set
+    rot = {v.numpy().tobytes() for v in dihedral_views(torch.rot90(x, 1, dims=(2, 3)))}
+    assert rot == {v.numpy().tobytes() for v in views}
+
+
+def test_tta_features_do_not_depend_on_orientation(encoder, tmp_path):
+    from simclr_path.store import PatchStoreWriter
+
+    rng = np.random.default_rng(1)
+    patches = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    coords = np.zeros((5, 2), dtype=np.int64)
+    stores = {}
+    for name, p in (("orig", patches), ("turned", np.ascontiguousarray(np.rot90(patches, 1, (1, 2))[:, :, ::-1]))):
+        stores[name] = tmp_path / f"{name}.h5"
+        with PatchStoreWriter(stores[name], patch_size=32, attrs={"slide_id": name, "mpp": 0.5}) as w:
+            w.append(p, coords)
+
+    def feats(name, tta):
+        cfg = EmbedConfig(workers=0, tta=tta, batch_size=3)
+        out = embed_store(encoder, stores[name], tmp_path / f"{name}-{tta}.h5", cfg, force=True,
+                          progress=False)
+        e = EmbeddingStore(out)
+        assert e.attrs["tta"] == tta
+        return e.features
+
+    assert not np.allclose(feats("orig", False), feats("turned", False), atol=1e-3)
+    np.testing.assert_allclose(feats("orig", True), feats("turned", True), rtol=1e-4, atol=1e-4)
+    # the TTA feature is the mean of the 8 plain features
+    model = load_encoder(encoder)
+    with torch.no_grad():
+        x = preprocess(torch.from_numpy(patches), 32)
+        ref = torch.stack([model(v) for v in dihedral_views(x)]).mean(0).numpy()
+    np.testing.assert_allclose(feats("orig", True), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_embed_cli_tta_flag(encoder, make_store, tmp_path):
+    store = make_store(n=3, size=32)
+    base = ["embed", str(store), "--encoder", str(encoder), "--workers", "0"]
+    assert main([*base, "--out", str(tmp_path / "t.h5"), "--tta"]) == 0
+    assert main([*base, "--out", str(tmp_path / "p.h5")]) == 0
+    assert bool(EmbeddingStore(tmp_path / "t.h5").attrs["tta"])
+    assert not bool(EmbeddingStore(tmp_path / "p.h5").attrs["tta"])

@@ -35,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help=f"auto, cpu or cuda [config: {d.device}]")
     p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average each patch's features over its 8 rotations and flips (8x the compute) "
+        f"[config: {d.tta}]",
+    )
+    p.add_argument(
         "--workers", type=int, default=None, help=f"DataLoader workers [config: {d.workers}]"
     )
     p.add_argument("--config", type=Path, default=None, help="YAML config (section 'embed')")
@@ -52,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             "image_size": args.image_size,
             "device": args.device,
             "workers": args.workers,
+            "tta": args.tta,
         }.items()
         if v is not None
     }
