@@ -273,7 +273,9 @@ class PipelineConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},
     "cpu-fast": {
-        "augment": {"image_size": 96},
+        # 128 px views: at equal wall time never worse than 96 px, better once there are a few
+        # hundred steps (benchmarks/README.md, quality study 3)
+        "augment": {"image_size": 128},
         # one loader worker: on a 2-4 core machine a second one takes a core from the model,
         # which is >95% of a CPU step (benchmarks/README.md, Pretraining)
         "train": {"batch_size": 64, "optimizer": "adamw", "lr": 1e-3, "lr_scaling": "none",
