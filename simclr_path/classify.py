@@ -74,6 +74,11 @@ class PatchTable:
     source: np.ndarray | None = None  # (N,) index of each patch's file in the list given
 
 
+def _tta(attrs: dict[str, Any]) -> bool:
+    """An embedding file's ``tta`` attribute (``embed.tta``); files from before it have none."""
+    return bool(attrs.get("tta", False))
+
+
 def find_positive(classes: Sequence[str], positive_label: str) -> int | None:
     """Index of the positive (SCC) class: exact case-insensitive name, else a name containing it
     (``lung_scc`` for ``SCC``); None when no class matches."""
@@ -104,8 +109,7 @@ def _load_files(
     # image_size too: the default embedding size changed (embed.fixres_size), so files embedded
     # before and after an upgrade can share an encoder but not a feature space
     def attr(s: EmbeddingStore, key: str) -> Any:
-        v = s.attrs.get(key)
-        return bool(v) if key == "tta" else v  # files from before embed.tta have no attribute
+        return _tta(s.attrs) if key == "tta" else s.attrs.get(key)
 
     for key in ("encoder_sha256", "layer", "image_size", "tta"):
         vals = {attr(s, key) for s in stores}
@@ -281,7 +285,7 @@ def load_table(
         layer=first.get("layer"),
         arch=first.get("arch"),
         image_size=first.get("image_size"),
-        tta=bool(first.get("tta", False)),
+        tta=_tta(first),
         source=np.concatenate(parts["src"]).astype(np.int64),
     )
 
@@ -995,10 +999,10 @@ def predict(
                 f"on {size} px embeddings; embed with --image-size {size}",
                 stacklevel=2,
             )
-        if "tta" in model.meta and bool(s.attrs.get("tta", False)) != bool(model.meta["tta"]):
+        if "tta" in model.meta and _tta(s.attrs) != bool(model.meta["tta"]):
             flag = "--tta" if model.meta["tta"] else "--no-tta"
             warnings.warn(
-                f"{s.path}: tta {bool(s.attrs.get('tta', False))} but the classifier was trained "
+                f"{s.path}: tta {_tta(s.attrs)} but the classifier was trained "
                 f"on tta {bool(model.meta['tta'])} embeddings; embed with {flag}",
                 stacklevel=2,
             )

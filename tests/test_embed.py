@@ -248,10 +248,13 @@ def test_tta_features_do_not_depend_on_orientation(encoder, tmp_path):
     np.testing.assert_allclose(feats("orig", True), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_embed_cli_tta_flag(encoder, make_store, tmp_path):
+def test_embed_cli_tta_flag(encoder, make_store, tmp_path, capsys):
     store = make_store(n=3, size=32)
     base = ["embed", str(store), "--encoder", str(encoder), "--workers", "0"]
     assert main([*base, "--out", str(tmp_path / "t.h5"), "--tta"]) == 0
     assert main([*base, "--out", str(tmp_path / "p.h5")]) == 0
     assert bool(EmbeddingStore(tmp_path / "t.h5").attrs["tta"])
     assert not bool(EmbeddingStore(tmp_path / "p.h5").attrs["tta"])
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "t.h5")]) == 0
+    assert "image size 32 tta" in capsys.readouterr().out

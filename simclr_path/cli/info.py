@@ -77,7 +77,8 @@ def summary(path: Path) -> list[str]:
     else:
         rows += [("slide id", a("slide_id")), ("source store", a("source_store")),
                  ("features", f"{shape[0]} x {shape[1] if len(shape) > 1 else 0}"),
-                 ("encoder", f"{a('arch')} layer {a('layer')} image size {a('image_size')}")]
+                 ("encoder", f"{a('arch')} layer {a('layer')} image size {a('image_size')}"
+                             + (" tta" if attrs.get("tta") else ""))]
     if labels is not None:
         names = attrs.get("label_names") or []
         counts = np.bincount(labels, minlength=len(names)) if len(labels) else []
