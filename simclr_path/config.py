@@ -80,11 +80,19 @@ class AugmentConfig:
     blur_p: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.5])
     grayscale_p: float = 0.0
+    local_crops: int = 0  # extra small views per patch (multi-crop, Caron et al. 2020); 0 = two views only
+    local_size: int = 64  # side of each local view
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.2])  # area range of local crops
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 8, "augment.image_size", "must be >= 8")
-        lo, hi = self.crop_scale
-        _check(0 < lo <= hi <= 1, "augment.crop_scale", f"must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        for name in ("crop_scale", "local_crop_scale"):
+            lo, hi = getattr(self, name)
+            _check(0 < lo <= hi <= 1, f"augment.{name}",
+                   f"must satisfy 0 < min <= max <= 1, got {getattr(self, name)}")
+        _check(self.local_crops >= 0, "augment.local_crops", f"must be >= 0, got {self.local_crops}")
+        _check(self.local_crops == 0 or 8 <= self.local_size <= self.image_size, "augment.local_size",
+               f"must be between 8 and augment.image_size ({self.image_size}), got {self.local_size}")
         for name in ("hflip", "vflip", "rot90", "stain_p", "color_p", "blur_p", "grayscale_p"):
             v = getattr(self, name)
             _check(0.0 <= v <= 1.0, f"augment.{name}", f"is a probability, got {v}")

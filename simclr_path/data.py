@@ -10,7 +10,8 @@
   batch at a time (a list of ``(store, patch)`` keys and a seed): each worker opens the HDF5 files
   lazily in its own process (:class:`~simclr_path.store.PatchStore`), reads the patches, and
   applies the geometric augmentations (:class:`~simclr_path.transforms.GeometricViews`) on uint8,
-  returning two uint8 tensors. Colour and stain augmentation run later, batched on the device.
+  returning two uint8 tensors (three with multi-crop's local views). Colour and stain
+  augmentation run later, batched on the device.
 """
 
 from __future__ import annotations
@@ -154,7 +155,9 @@ class TwoViewBatches(Dataset):
     """Map-style dataset indexed by :class:`Batch`: returns two uint8 views of each patch.
 
     ``dataset[batch]`` -> ``(v1, v2)``, each uint8 (B, 3, s, s) with s = ``cfg.image_size``
-    (planar, which the batched colour ops read fastest).
+    (planar, which the batched colour ops read fastest). With ``cfg.local_crops`` = K > 0
+    (multi-crop) it returns ``(v1, v2, local)``, ``local`` uint8 (K * B, 3, l, l) with
+    l = ``cfg.local_size``, crop-major: row ``k * B + i`` is local crop k of patch i.
     Used with ``DataLoader(dataset, batch_size=None, sampler=plan.batches(...))`` so each worker
     reads and augments a whole batch (few, large messages between processes).
     """
@@ -165,6 +168,7 @@ class TwoViewBatches(Dataset):
         self.stores = list(stores)
         self.cfg = cfg
         self.geometric = GeometricViews(cfg)
+        self.local = GeometricViews(cfg, local=True) if cfg.local_crops else None
 
     def __len__(self) -> int:  # not used for sampling; the plan drives the loader
         return sum(len(s) for s in self.stores)
@@ -173,12 +177,17 @@ class TwoViewBatches(Dataset):
         """The patches of ``keys`` (B, 2), in order (each (S, S, 3) uint8)."""
         return [read_patch(self.stores[int(si)], int(pi)) for si, pi in keys]
 
-    def __getitem__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         patches = self.read(batch.keys)
         self.geometric.seed(batch.seed)
         v1 = np.stack([self.geometric(p) for p in patches]).transpose(0, 3, 1, 2)
         v2 = np.stack([self.geometric(p) for p in patches]).transpose(0, 3, 1, 2)
-        return torch.from_numpy(np.ascontiguousarray(v1)), torch.from_numpy(np.ascontiguousarray(v2))
+        out = [torch.from_numpy(np.ascontiguousarray(v1)), torch.from_numpy(np.ascontiguousarray(v2))]
+        if self.local is not None:
+            self.local.seed(_seed(batch.seed, 17))  # its own stream: global views do not change
+            loc = np.stack([self.local(p) for _ in range(self.cfg.local_crops) for p in patches])
+            out.append(torch.from_numpy(np.ascontiguousarray(loc.transpose(0, 3, 1, 2))))
+        return tuple(out)
 
 
 class _PlanSampler:

@@ -70,6 +70,13 @@ class NTXentLoss(nn.Module):
     ``loss(z1, z2)``: z1, z2 (N, D) projections of the two views of the same N images (row i of
     z1 and row i of z2 are a positive pair). Returns the mean over this process's 2N anchors; with
     DDP's gradient averaging this yields exactly the gradient of the global-batch loss.
+
+    ``loss(z1, z2, local)`` with multi-crop (Caron et al. 2020, "Unsupervised Learning of Visual
+    Features by Contrasting Cluster Assignments", section 3.2): ``local`` (K N, D) holds K small
+    views of the same N images, crop-major (row k N + i is crop k of image i). The loss is the
+    mean of the two-view loss over the 1 + 2K pairs (z1, z2), (z1, local_k), (z2, local_k): each
+    local view is contrasted with the global views only, as in SwAV and DINO, since two small
+    crops of one patch need not show the same tissue.
     """
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = True) -> None:
@@ -79,9 +86,22 @@ class NTXentLoss(nn.Module):
         self.temperature = float(temperature)
         self.gather_distributed = gather_distributed
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
         if z1.shape != z2.shape or z1.ndim != 2:
             raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        if local is None:
+            return self._pair(z1, z2)
+        n = z1.shape[0]
+        if local.ndim != 2 or local.shape[1] != z1.shape[1] or local.shape[0] % n or not len(local):
+            raise ValueError(f"local must be (K N, D) with N = {n}, D = {z1.shape[1]}, K >= 1, "
+                             f"got {tuple(local.shape)}")
+        losses = [self._pair(z1, z2)]
+        for lk in local.split(n):
+            losses += [self._pair(z1, lk), self._pair(z2, lk)]
+        return torch.stack(losses).mean()
+
+    def _pair(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """Eq. 1 for one pair of views, (N, D) each."""
         n = z1.shape[0]
         z1 = F.normalize(z1.float(), dim=1)
         z2 = F.normalize(z2.float(), dim=1)

@@ -181,8 +181,13 @@ class SimCLRModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, *more: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``more``: batches at other sizes (multi-crop's local views, (B_i, 3, h_i, w_i)). Each
+        size goes through the backbone on its own and all features through the head together,
+        as in SwAV (Caron et al. 2020): h (B + sum B_i, F), z (B + sum B_i, D), rows in order."""
         h = self.backbone(x)
+        if more:
+            h = torch.cat([h, *(self.backbone(m) for m in more)])
         return h, self.head(h)
 
 

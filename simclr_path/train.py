@@ -563,6 +563,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         train_model = torch.compile(train_model)
     criterion = NTXentLoss(t_cfg.temperature, gather_distributed=True)
     colour = ColorAugment(a_cfg)
+    colour_local = ColorAugment(a_cfg)  # its own scratch buffers: local views have another size
     metrics = _Metrics(out / "metrics.csv", start_step if ck is not None else None) if world.main else None
 
     def checkpoint(step: int, wall: float) -> None:
@@ -599,6 +600,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     train_model.train()
     non_blocking = device.type == "cuda"
     x_buf: torch.Tensor | None = None
+    xl_buf: torch.Tensor | None = None
     # created just before the try so that every exit below ends it (FAILED unless finished)
     tracker = _Tracker(out, cfg, enabled=world.main)
 
@@ -637,7 +639,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         while step < planned:
             td = time.perf_counter()
             try:
-                v1, v2 = next(it)
+                v1, v2, *local = next(it)  # local: [(K B, 3, l, l) uint8] with multi-crop
             except StopIteration:
                 break
             win_data += time.perf_counter() - td
@@ -648,11 +650,17 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 # step's graph (which saved it) is gone by the time it is overwritten
                 x_buf = torch.empty(views.shape, device=device).contiguous(memory_format=memory_format)
             x = colour(views, gen, out=x_buf)  # (2B, 3, s, s) float32
+            if local:
+                lv = local[0].to(device, non_blocking=non_blocking)
+                if xl_buf is None or xl_buf.shape != lv.shape:
+                    xl_buf = torch.empty(lv.shape, device=device).contiguous(memory_format=memory_format)
+                local = [colour_local(lv, gen, out=xl_buf)]  # (K B, 3, l, l) float32
             scheduler.step_update(step + 1)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                _, z = train_model(x)
-            z1, z2 = z.float().chunk(2)
-            loss = criterion(z1, z2)
+                _, z = train_model(x, *local)  # (2B + K B, D)
+            z = z.float()
+            n = v1.shape[0]
+            loss = criterion(z[:n], z[n:2 * n], z[2 * n:] if local else None)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -22,6 +22,9 @@ def test_presets_build_and_override(tmp_path):
     ({"train": {"bogus": 1}}, "unknown key train.bogus"),
     ({"nope": {}}, "unknown section"),
     ({"tile": {"min_tissue": 2}}, "tile.min_tissue"),
+    ({"augment": {"local_crops": -1}}, "augment.local_crops"),
+    ({"augment": {"local_crops": 2, "image_size": 48, "local_size": 64}}, "augment.local_size"),
+    ({"augment": {"local_crop_scale": [0.3, 0.1]}}, "augment.local_crop_scale"),
 ])
 def test_bad_values_name_the_field(overrides, match):
     with pytest.raises(SimclrPathError, match=match):
@@ -59,3 +62,8 @@ def test_classify_label_fraction_validates():
     for bad in (0.0, -0.5, 1.5):
         with pytest.raises(SimclrPathError, match=r"classify.label_fraction must be in \(0, 1\]"):
             build_config("default", {"classify": {"label_fraction": bad}})
+
+
+def test_local_size_is_checked_only_with_local_crops():
+    cfg = load_config(overrides={"augment": {"image_size": 32}})  # local_size 64 unused
+    assert cfg.augment.local_crops == 0 and cfg.augment.local_size > 32

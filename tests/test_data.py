@@ -85,6 +85,26 @@ def test_two_views_per_batch_are_deterministic_and_uint8(make_store):
         assert np.array_equal(row.transpose(1, 2, 0), stores[si][int(pi)])
 
 
+def test_local_crops_add_small_views_and_leave_the_global_views_unchanged(make_store):
+    stores = open_stores([make_store(n=8, size=16, name="a.h5")])
+    batch = next(BatchPlan([8], 4, seed=3).batches(0, 1))
+    cfg = AugmentConfig(image_size=12, local_crops=3, local_size=8)
+    v1, v2, loc = TwoViewBatches(stores, cfg)[batch]
+    assert loc.shape == (3 * 4, 3, 8, 8) and loc.dtype == torch.uint8
+    w1, w2 = TwoViewBatches(stores, AugmentConfig(image_size=12))[batch]
+    assert torch.equal(v1, w1) and torch.equal(v2, w2)  # the local views use their own stream
+    _, _, again = TwoViewBatches(stores, cfg)[batch]
+    assert torch.equal(loc, again)
+    # crop-major: row k * B + i is a crop of patch i; full-area "local" crops of a plain config
+    # are the patch itself, resized
+    plain = AugmentConfig(image_size=16, local_crops=2, local_size=16, local_crop_scale=[1.0, 1.0],
+                          crop_ratio=[1.0, 1.0], hflip=0, vflip=0, rot90=0)
+    _, _, loc = TwoViewBatches(stores, plain)[batch]
+    for k in range(2):
+        for i, (si, pi) in enumerate(batch.keys):
+            assert np.array_equal(loc[k * 4 + i].numpy().transpose(1, 2, 0), stores[si][int(pi)])
+
+
 def test_loader_workers_open_their_own_files_and_match_in_process(make_store):
     s1 = make_store(n=12, size=16, name="a.h5")
     s2 = make_store(n=12, size=16, name="b.h5", seed=2)

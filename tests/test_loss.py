@@ -46,6 +46,24 @@ def test_matches_reference_value_and_gradient(t):
     assert torch.allclose(z2.grad.double(), r2.grad, atol=1e-5)
 
 
+def test_multi_crop_is_the_mean_over_global_and_local_pairs():
+    a, b = _inputs(n=5, d=4, seed=1)
+    loc = torch.randn(2 * 5, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    z1, z2, zl = (t.clone().float().requires_grad_() for t in (a, b, loc))
+    loss = NTXentLoss(0.2)(z1, z2, zl)
+    loss.backward()
+    r1, r2, rl = (t.clone().requires_grad_() for t in (a, b, loc))
+    pairs = [(r1, r2)] + [(g, rl[k * 5:(k + 1) * 5]) for k in range(2) for g in (r1, r2)]
+    ref = torch.stack([reference_ntxent(x, y, 0.2) for x, y in pairs]).mean()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    for got, want in ((z1, r1), (z2, r2), (zl, rl)):
+        assert torch.allclose(got.grad.double(), want.grad, atol=1e-5)
+    assert torch.equal(NTXentLoss(0.2)(a.float(), b.float(), None), NTXentLoss(0.2)(a.float(), b.float()))
+    with pytest.raises(ValueError, match="local must be"):
+        NTXentLoss(0.2)(z1, z2, torch.randn(7, 4))
+
+
 def test_matches_lightly():
     lightly_loss = pytest.importorskip("lightly.loss")
     a, b = _inputs(n=8, d=16, seed=3)

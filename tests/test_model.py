@@ -70,3 +70,18 @@ def test_projection_head_without_batchnorm_and_missing_head(tmp_path):
     save_encoder(create_backbone("resnet18"), tmp_path / "encoder.pt", "resnet18")
     with pytest.raises(SimclrPathError, match="no projection head recorded"):
         load_projection_head(tmp_path)
+
+
+def test_simclr_model_takes_batches_of_other_sizes():
+    from simclr_path.config import ModelConfig
+    from simclr_path.model import create_simclr_model
+
+    torch.manual_seed(0)
+    m = create_simclr_model(ModelConfig(arch="resnet18")).eval()
+    x, small = torch.randn(2, 3, 32, 32), torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        h, z = m(x, small)
+        assert h.shape == (6, m.backbone.num_features) and z.shape[0] == 6
+        assert torch.allclose(h[:2], m.backbone(x), atol=1e-6)
+        assert torch.allclose(h[2:], m.backbone(small), atol=1e-6)
+        assert torch.allclose(z, m.head(h), atol=1e-6)

@@ -62,6 +62,17 @@ def test_a_few_steps_lower_the_loss(stores, tmp_path):
     assert df["loss"].tail(6).mean() < df["loss"].head(6).mean() - 0.2
 
 
+def test_multi_crop_trains_and_lowers_the_loss(stores, tmp_path):
+    cfg = _cfg(max_steps=24, batch_size=16, log_every=4, lr=2e-3)
+    cfg.augment.local_crops, cfg.augment.local_size = 2, 16
+    summary = T.pretrain(stores, tmp_path / "run", cfg, progress=False)
+    df = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert summary["steps"] == 24 and np.isfinite(df["loss"]).all()
+    assert df["loss"].tail(6).mean() < df["loss"].head(6).mean() - 0.2
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["augment"]["local_crops"] == 2
+
+
 def test_interrupted_then_resumed_equals_uninterrupted(stores, tmp_path, monkeypatch):
     cfg = _cfg(max_steps=5)
     T.pretrain(stores, tmp_path / "full", cfg, progress=False)
@@ -144,7 +155,7 @@ def test_nan_loss_stops_with_clear_error(stores, tmp_path, monkeypatch):
     from simclr_path import loss as L
 
     orig = L.NTXentLoss.forward
-    monkeypatch.setattr(L.NTXentLoss, "forward", lambda self, a, b: orig(self, a, b) * float("nan"))
+    monkeypatch.setattr(L.NTXentLoss, "forward", lambda self, *z: orig(self, *z) * float("nan"))
     with pytest.raises(SimclrPathError, match="loss became nan at step 1"):
         T.pretrain(stores, tmp_path / "run", _cfg(max_steps=3), progress=False)
     assert not any((tmp_path / "run" / f).exists() for f in COMPLETE)
@@ -432,6 +443,24 @@ def test_torchrun_two_gloo_processes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 8 and summary["steps"] == 2
     assert load_encoder(out).num_features == encoder_info(out / "encoder.pt")["num_features"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_with_multi_crop(tmp_path):
+    """Local views of another size go through the same DDP forward as the global ones."""
+    a = _easy_store(tmp_path / "a.h5")
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"augment": {"local_crops": 1, "local_size": 16}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "simclr_path",
+           "pretrain", str(a), "--out", str(out), *BASE, "--batch-size", "4", "--max-steps", "2",
+           "--arch", "test_resnet", "--config", str(cfg_file), "--local-crops", "2", "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    assert yaml.safe_load((out / "config.yaml").read_text())["augment"]["local_crops"] == 2
 
 
 def test_resume_with_more_steps_continues(stores, tmp_path):

@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"pairs per process and step [config: {t.batch_size}]")
     p.add_argument("--image-size", type=int, default=None,
                    help=f"side of the augmented views [config: {a.image_size}]")
+    p.add_argument("--local-crops", type=int, default=None, metavar="K",
+                   help=f"K extra small views per patch (multi-crop) [config: {a.local_crops}]")
     p.add_argument("--lr", type=float, default=None,
                    help=f"base learning rate at batch 256 [config: {t.lr}, scaling {t.lr_scaling}]")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
@@ -45,7 +47,7 @@ def overrides(args: argparse.Namespace) -> dict[str, dict]:
     """CLI options that were given, as config overrides by section."""
     sections = {
         "model": {"arch": args.arch},
-        "augment": {"image_size": args.image_size},
+        "augment": {"image_size": args.image_size, "local_crops": args.local_crops},
         "train": {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
                   "lr": args.lr, "device": args.device, "workers": args.workers,
                   "time_budget_s": args.time_budget, "seed": args.seed},
