@@ -157,7 +157,7 @@ class TwoViewBatches(Dataset):
     ``dataset[batch]`` -> ``(v1, v2)``, each uint8 (B, 3, s, s) with s = ``cfg.image_size``
     (planar, which the batched colour ops read fastest). With ``cfg.local_crops`` = K > 0
     (multi-crop) it returns ``(v1, v2, local)``, ``local`` uint8 (K * B, 3, l, l) with
-    l = ``cfg.local_size``, crop-major: row ``k * B + i`` is local crop k of patch i.
+    l = ``cfg.local_view_size``, crop-major: row ``k * B + i`` is local crop k of patch i.
     Used with ``DataLoader(dataset, batch_size=None, sampler=plan.batches(...))`` so each worker
     reads and augments a whole batch (few, large messages between processes).
     """

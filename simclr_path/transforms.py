@@ -89,7 +89,7 @@ class GeometricViews:
     ``views(patch, seed)`` maps an (S, S, 3) uint8 patch to two independent (s, s, 3) uint8 views,
     s = ``cfg.image_size``. Results depend only on ``seed``, not on the worker that runs it.
     ``local=True`` makes the small views of multi-crop instead (Caron et al. 2020): side
-    ``cfg.local_size``, crop area ``cfg.local_crop_scale``, the same flips and rotations.
+    ``cfg.local_view_size``, crop area ``cfg.local_crop_scale``, the same flips and rotations.
     """
 
     def __init__(self, cfg: AugmentConfig, local: bool = False) -> None:
@@ -97,7 +97,7 @@ class GeometricViews:
         import cv2
 
         self.cfg = cfg
-        s = int(cfg.local_size if local else cfg.image_size)
+        s = cfg.local_view_size if local else int(cfg.image_size)
         scale = tuple(cfg.local_crop_scale if local else cfg.crop_scale)
         self.compose = A.Compose([
             A.RandomResizedCrop(size=(s, s), scale=scale, ratio=tuple(cfg.crop_ratio),

@@ -64,6 +64,8 @@ def test_classify_label_fraction_validates():
             build_config("default", {"classify": {"label_fraction": bad}})
 
 
-def test_local_size_is_checked_only_with_local_crops():
-    cfg = load_config(overrides={"augment": {"image_size": 32}})  # local_size 64 unused
-    assert cfg.augment.local_crops == 0 and cfg.augment.local_size > 32
+def test_local_view_size_defaults_to_half_the_view_size():
+    assert load_config(overrides={"augment": {"image_size": 128}}).augment.local_view_size == 64
+    assert load_config(overrides={"augment": {"image_size": 10}}).augment.local_view_size == 8
+    cfg = load_config(overrides={"augment": {"image_size": 128, "local_size": 96}})
+    assert cfg.augment.local_view_size == 96
