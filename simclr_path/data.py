@@ -152,7 +152,7 @@ def read_patch(store: PatchStore, i: int) -> np.ndarray:
 
 
 class TwoViewBatches(Dataset):
-    """Map-style dataset indexed by :class:`Batch`: returns two uint8 views of each patch.
+    """Map-style dataset indexed by :class:`Batch`: two uint8 views of each patch (plus local views).
 
     ``dataset[batch]`` -> ``(v1, v2)``, each uint8 (B, 3, s, s) with s = ``cfg.image_size``
     (planar, which the batched colour ops read fastest). With ``cfg.local_crops`` = K > 0
@@ -213,7 +213,7 @@ def _worker_init(_: int) -> None:
 
 def make_loader(stores: Sequence[PatchStore], cfg: AugmentConfig, plan: BatchPlan, start_step: int,
                 total_steps: int, workers: int, pin_memory: bool = False) -> DataLoader:
-    """DataLoader of ``(v1, v2)`` uint8 view batches for steps ``start_step .. total_steps - 1``."""
+    """DataLoader of ``(v1, v2[, local])`` uint8 view batches for steps ``start_step .. total_steps - 1``."""
     ds = TwoViewBatches(stores, cfg)
     sampler = _PlanSampler(plan, start_step, total_steps)
     kw = {"prefetch_factor": 4, "persistent_workers": False} if workers > 0 else {}

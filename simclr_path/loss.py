@@ -89,32 +89,31 @@ class NTXentLoss(nn.Module):
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
         if z1.shape != z2.shape or z1.ndim != 2:
             raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
-        if local is None:
-            return self._pair(z1, z2)
         n = z1.shape[0]
-        if local.ndim != 2 or local.shape[1] != z1.shape[1] or local.shape[0] % n or not len(local):
+        if local is not None and (local.ndim != 2 or local.shape[1] != z1.shape[1]
+                                  or local.shape[0] % n or not len(local)):
             raise ValueError(f"local must be (K N, D) with N = {n}, D = {z1.shape[1]}, K >= 1, "
                              f"got {tuple(local.shape)}")
-        losses = [self._pair(z1, z2)]
-        for lk in local.split(n):
-            losses += [self._pair(z1, lk), self._pair(z2, lk)]
-        return torch.stack(losses).mean()
-
-    def _pair(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        """Eq. 1 for one pair of views, (N, D) each."""
-        n = z1.shape[0]
-        z1 = F.normalize(z1.float(), dim=1)
-        z2 = F.normalize(z2.float(), dim=1)
-        anchors = torch.cat([z1, z2])  # (2N, D): local anchors
+        views = [z1, z2, *(local.split(n) if local is not None else ())]
+        views = [F.normalize(v.float(), dim=1) for v in views]  # (N, D) each: local anchors
         offset = 0
+        cands = views
         if self.gather_distributed and dist.is_available() and dist.is_initialized() \
                 and dist.get_world_size() > 1:
-            a1, a2 = gather_with_grad(z1), gather_with_grad(z2)  # (W N, D) each
+            cands = [gather_with_grad(v) for v in views]  # (W N, D) each, gathered once
             offset = dist.get_rank() * n
-            cands = torch.cat([a1, a2])  # (2 W N, D)
-        else:
-            cands = anchors
-        m = cands.shape[0] // 2  # candidates per view
+        pairs = [(0, 1)] + [(g, 2 + k) for k in range(len(views) - 2) for g in (0, 1)]
+        return torch.stack([self._pair(views[a], views[b], cands[a], cands[b], offset)
+                            for a, b in pairs]).mean()
+
+    def _pair(self, z1: torch.Tensor, z2: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
+              offset: int) -> torch.Tensor:
+        """Eq. 1 for one pair of views: normalised local anchors z1, z2 (N, D), candidates c1, c2
+        (M, D) (all processes' rows; c = z in one process), this process's rows from ``offset``."""
+        n = z1.shape[0]
+        anchors = torch.cat([z1, z2])  # (2N, D)
+        cands = torch.cat([c1, c2])  # (2M, D)
+        m = c1.shape[0]  # candidates per view
         logits = anchors @ cands.T / self.temperature  # (2N, 2M)
         rows = torch.arange(2 * n, device=z1.device)
         local = torch.arange(n, device=z1.device) + offset

@@ -1,8 +1,9 @@
 """SimCLR pretraining (``simclr-path pretrain``): the loop, checkpoints, resume, run directory.
 
 Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations":
-two augmented views of each patch, a timm backbone f and projection head g, NT-Xent on g(f(x)),
-LARS with linear LR scaling, warm-up then cosine decay.
+two augmented views of each patch (plus K small local views with multi-crop, Caron et al. 2020),
+a timm backbone f and projection head g, NT-Xent on g(f(x)), LARS with linear LR scaling, warm-up
+then cosine decay.
 
 Run directory (``--out RUN_DIR``)::
 
@@ -489,6 +490,12 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
         if old.get("model") != to_dict(cfg)["model"]:
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with a different model "
                                   "section; resume with the same configuration or use --force")
+        # keys a checkpoint from an older version lacks had their defaults then (e.g. no local crops)
+        aug = to_dict(cfg)["augment"]
+        if {**to_dict(PipelineConfig())["augment"], **old.get("augment", {})} != aug:
+            raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with different "
+                                  "augmentations (augment section, e.g. local_crops); resume with "
+                                  f"the run's own settings (--config {out / 'config.yaml'}) or use --force")
         if int(ck.get("world_size", 1)) * int(old["train"]["batch_size"]) != \
                 world.world_size * t_cfg.batch_size:
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: global batch size differs from the "

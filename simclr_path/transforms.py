@@ -1,4 +1,5 @@
-"""Two-view SimCLR augmentations for H&E patches, and the evaluation transform.
+"""SimCLR augmentations for H&E patches (two views, optional multi-crop local views), and the
+evaluation transform.
 
 The work is split where it is cheapest (Chen et al. 2020, "A Simple Framework for Contrastive
 Learning of Visual Representations", section 3 and appendix A):

@@ -22,6 +22,8 @@ def test_presets_build_and_override(tmp_path):
     ({"train": {"bogus": 1}}, "unknown key train.bogus"),
     ({"nope": {}}, "unknown section"),
     ({"tile": {"min_tissue": 2}}, "tile.min_tissue"),
+    ({"augment": {"hflip": 2}}, "augment.hflip"),
+    ({"augment": {"stain_p": -0.1}}, "augment.stain_p"),
     ({"augment": {"local_crops": -1}}, "augment.local_crops"),
     ({"augment": {"local_crops": 2, "image_size": 48, "local_size": 64}}, "augment.local_size"),
     ({"augment": {"local_crop_scale": [0.3, 0.1]}}, "augment.local_crop_scale"),

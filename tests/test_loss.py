@@ -101,7 +101,15 @@ def _setup():
     return x1, x2, lin
 
 
-def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+def _local(k: int, sl: slice, lin) -> torch.Tensor | None:
+    """K local views of the images in ``sl``, crop-major (K * len, D_OUT); None when K = 0."""
+    if not k:
+        return None
+    xl = torch.randn(k, 2 * N, D_IN, generator=torch.Generator().manual_seed(1))
+    return lin(xl[:, sl].reshape(-1, D_IN))
+
+
+def _worker(rank: int, world: int, init_file: str, out_file: str, k: int = 0) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -110,12 +118,13 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         sl = slice(rank * N, (rank + 1) * N)
         z1 = lin(x1[sl]).detach().requires_grad_()
         z2 = lin(x2[sl]).detach().requires_grad_()
-        loss = NTXentLoss(T)(z1, z2)
+        zl = _local(k, sl, lin)
+        loss = NTXentLoss(T)(z1, z2, None if zl is None else zl.detach())
         loss.backward()
         # parameter gradients as DDP computes them: local backward, then mean over processes
         p1, p2 = lin(x1[sl]), lin(x2[sl])
         lin.zero_grad()
-        NTXentLoss(T)(p1, p2).backward()
+        NTXentLoss(T)(p1, p2, _local(k, sl, lin)).backward()
         grads = torch.cat([lin.weight.grad.flatten(), lin.bias.grad.flatten()])
         dist.all_reduce(grads)
         grads /= world
@@ -132,18 +141,20 @@ def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path):
+@pytest.mark.parametrize("k", [0, 2])  # k local views per image (multi-crop)
+def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path, k):
     out = tmp_path / "dist.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), k), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
 
     x1, x2, lin = _setup()
     z1 = lin(x1).detach().requires_grad_()
     z2 = lin(x2).detach().requires_grad_()
-    loss = NTXentLoss(T)(z1, z2)
+    zl = _local(k, slice(0, 2 * N), lin)
+    loss = NTXentLoss(T)(z1, z2, None if zl is None else zl.detach())
     loss.backward()
     lin.zero_grad()
-    NTXentLoss(T)(lin(x1), lin(x2)).backward()
+    NTXentLoss(T)(lin(x1), lin(x2), _local(k, slice(0, 2 * N), lin)).backward()
     grads = torch.cat([lin.weight.grad.flatten(), lin.bias.grad.flatten()])
 
     assert abs(got["loss"].item() - loss.item()) < 1e-5
