@@ -374,5 +374,6 @@ def to_dict(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def defaults_dict() -> dict[str, Any]:
-    """The defaults of every section as a nested dict (used by the workflow schema test)."""
+    """The defaults of every section as a nested dict (the workflow schema test; resume fills
+    keys that older checkpoints lack)."""
     return to_dict(PipelineConfig())

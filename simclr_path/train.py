@@ -45,7 +45,7 @@ import yaml
 from torch import nn
 
 from simclr_path import __version__
-from simclr_path.config import PipelineConfig, TrainConfig, to_dict
+from simclr_path.config import PipelineConfig, TrainConfig, defaults_dict, to_dict
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import atomic_output
 
@@ -491,8 +491,7 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with a different model "
                                   "section; resume with the same configuration or use --force")
         # keys a checkpoint from an older version lacks had their defaults then (e.g. no local crops)
-        aug = to_dict(cfg)["augment"]
-        if {**to_dict(PipelineConfig())["augment"], **old.get("augment", {})} != aug:
+        if {**defaults_dict()["augment"], **old.get("augment", {})} != to_dict(cfg)["augment"]:
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with different "
                                   "augmentations (augment section, e.g. local_crops); resume with "
                                   f"the run's own settings (--config {out / 'config.yaml'}) or use --force")
