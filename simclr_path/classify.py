@@ -468,6 +468,19 @@ def fit_probe(
     return search.best_estimator_, float(search.best_params_["logisticregression__C"])
 
 
+def warn_grid_edge(grid: Sequence[float], chosen: Sequence[float]) -> None:
+    """Warn when inner cross-validation picked an end of ``classify.c_grid`` in at least half
+    of the fits: the best C may lie beyond it."""
+    if len(set(grid)) < 2 or not chosen:
+        return
+    for end, side in ((min(grid), "below"), (max(grid), "above")):
+        n = sum(c == end for c in chosen)
+        if 2 * n >= len(chosen):
+            warnings.warn(f"classify.c_grid: C={end:g}, the grid's end, was chosen in {n} of "
+                          f"{len(chosen)} fits; the best C may lie {side} it: extend "
+                          "classify.c_grid", stacklevel=2)
+
+
 @dataclass
 class LinearModel:
     """The saved classifier as plain arrays: ``predict_proba(X)`` maps (N, D) -> (N, K).
@@ -896,6 +909,7 @@ def classify(
             "label_fraction": cfg.label_fraction,
         },
     )
+    warn_grid_edge(cfg.c_grid, [f["C"] for f in folds_out] + [c_final])
     task = task_summary(
         t,
         "samples sheet" if samples is not None else "embedding files",

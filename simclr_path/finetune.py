@@ -75,7 +75,7 @@ from simclr_path.classify import (
 from simclr_path.config import AugmentConfig, ClassifyConfig, FinetuneConfig, PipelineConfig
 from simclr_path.data import read_patch
 from simclr_path.errors import SimclrPathError
-from simclr_path.model import encoder_info, load_encoder, save_encoder
+from simclr_path.model import encoder_info, load_encoder, output_stride, save_encoder
 from simclr_path.outputs import atomic_dir, check_can_write
 from simclr_path.store import PatchStore
 from simclr_path.transforms import ColorAugment, eval_transform, normalize, to_float
@@ -464,10 +464,14 @@ def finetune(
     info = encoder_info(enc)
     t, stores = load_patch_table(store_paths, samples, cfg)
     image_size = int(ft.image_size or info.get("image_size") or stores[0].patch_size)
-    from simclr_path.train import resolve_device
+    from simclr_path.train import check_view_sizes, resolve_device
 
     device = resolve_device(ft.device)
-    load_encoder(enc, device="cpu")  # a broken or mismatched encoder fails before any training
+    # a broken or mismatched encoder fails before any training
+    backbone = load_encoder(enc, device="cpu")
+    check_view_sizes([("finetune.image_size", image_size, "set finetune.image_size")],
+                     str(info.get("arch", "the encoder")), output_stride(backbone))
+    del backbone
     fold_of_slide, scheme = make_folds(t.slides, t.classes, ccfg)
     slide_fold = dict(zip(t.slides["slide_id"], fold_of_slide))
     patch_fold = np.array([slide_fold[s] for s in t.slide])

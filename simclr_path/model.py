@@ -133,6 +133,16 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, device: str |
 # ----------------------------------------------------------------------------------------------
 # SimCLR projection head and model
 # ----------------------------------------------------------------------------------------------
+def output_stride(backbone: nn.Module) -> int | None:
+    """Input pixels per pixel of the backbone's last feature map (timm ``feature_info``; 32 for
+    ResNets), or None when the model does not say."""
+    info = getattr(backbone, "feature_info", None)
+    try:
+        return int(info[-1]["reduction"])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return None
+
+
 class ProjectionHead(nn.Module):
     """SimCLR projection head g(.): (B, in_dim) -> (B, out_dim).
 

@@ -449,6 +449,21 @@ def _store_mpp(stores) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
+def check_view_sizes(sizes: list[tuple[str, int, str]], arch: str, stride: int | None) -> None:
+    """Refuse training views smaller than the backbone's output stride.
+
+    ``sizes``: (config key, view side in px, how to change it). Such a view reaches the last
+    stage as a 1 x 1 map that the stage's strided 3 x 3 convolution pads on every side, so those
+    layers learn from padding. It also trips a oneDNN bug: in CPU bf16 autocast, that
+    convolution's backward on a 1 x 1 input returns NaN in about a third of calls (PyTorch 2.14,
+    oneDNN 3.12; benchmarks/README.md, study 5)."""
+    for key, size, how in sizes if stride else []:
+        if size < stride:
+            raise SimclrPathError(
+                f"{key} is {size} px, smaller than {arch}'s output stride ({stride} px): its last "
+                f"stage would see only padding; {how} to at least {stride}")
+
+
 def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: PipelineConfig | None = None,
              resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Pretrain a SimCLR encoder on patch stores; write the run directory ``out``.
@@ -468,7 +483,7 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
     Under ``torchrun`` every process calls this with the same arguments.
     """
     from simclr_path.data import BatchPlan, open_stores
-    from simclr_path.model import create_simclr_model
+    from simclr_path.model import create_simclr_model, output_stride
 
     cfg = cfg or PipelineConfig()
     t_cfg, a_cfg, m_cfg = cfg.train, cfg.augment, cfg.model
@@ -483,6 +498,11 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
     np.random.seed(t_cfg.seed % 2**32)
     random.seed(t_cfg.seed)
     model = create_simclr_model(m_cfg)  # unknown arch, bad weights file
+    views = [("augment.image_size", a_cfg.image_size, "set --image-size")]
+    if a_cfg.local_crops:
+        views.append(("augment.local_size", a_cfg.local_view_size,
+                      "set augment.local_size"))
+    check_view_sizes(views, m_cfg.arch, output_stride(model.backbone))
     ck = None
     if resume and (out / "checkpoint.pt").is_file():
         ck = load_checkpoint(out / "checkpoint.pt")

@@ -8,7 +8,15 @@ import pandas as pd
 import pytest
 from conftest import LC25000, needs
 
-from simclr_path.classify import LinearModel, classify, fit_probe, load_table, make_folds, predict
+from simclr_path.classify import (
+    LinearModel,
+    classify,
+    fit_probe,
+    load_table,
+    make_folds,
+    predict,
+    warn_grid_edge,
+)
 from simclr_path.cli import main
 from simclr_path.config import ClassifyConfig
 from simclr_path.errors import SimclrPathError
@@ -461,3 +469,15 @@ def test_lc25000_imported_store_end_to_end(tmp_path):
     assert m["slide"]["auroc"] > 0.6
     patches = pd.read_csv(tmp_path / "out" / "predictions_patches.csv")
     assert (patches.groupby("patient_id")["fold"].nunique() == 1).all()
+
+
+@pytest.mark.parametrize("chosen, side", [([1e-3] * 5, "below"), ([10.0, 10.0, 1e-3, 0.1], "above")])
+def test_a_c_grid_end_chosen_in_half_the_fits_warns(chosen, side):
+    with pytest.warns(UserWarning, match=f"classify.c_grid: C=.* chosen in .* lie {side} it"):
+        warn_grid_edge([1e-3, 1e-2, 1e-1, 1.0, 10.0], chosen)
+
+
+def test_an_inner_c_does_not_warn(recwarn):
+    warn_grid_edge([1e-3, 1e-2, 1e-1, 1.0, 10.0], [0.01, 0.1, 1e-3, 1.0, 0.1])
+    warn_grid_edge([1.0], [1.0])  # a fixed C is the user's choice
+    assert not [w for w in recwarn if "c_grid" in str(w.message)]

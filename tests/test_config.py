@@ -66,8 +66,11 @@ def test_classify_label_fraction_validates():
             build_config("default", {"classify": {"label_fraction": bad}})
 
 
-def test_local_view_size_defaults_to_half_the_view_size():
-    assert load_config(overrides={"augment": {"image_size": 128}}).augment.local_view_size == 64
-    assert load_config(overrides={"augment": {"image_size": 10}}).augment.local_view_size == 8
+@pytest.mark.parametrize("image_size, local", [(128, 64), (64, 32), (48, 32), (32, 32), (10, 10)])
+def test_local_view_size_defaults_to_half_the_view_size_but_not_below_32(image_size, local):
+    assert load_config(overrides={"augment": {"image_size": image_size}}).augment.local_view_size == local
+
+
+def test_local_view_size_can_be_set():
     cfg = load_config(overrides={"augment": {"image_size": 128, "local_size": 96}})
     assert cfg.augment.local_view_size == 96

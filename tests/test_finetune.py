@@ -224,12 +224,16 @@ def test_imported_store_labels(encoder, tmp_path):
 def test_bad_input_one_line_and_no_output(cohort, encoder, tmp_path, capsys):
     paths, sheet = cohort
     out = tmp_path / "o"
+    small = tmp_path / "small.yaml"
+    small.write_text("finetune: {image_size: 16}\n")
     cases = [
         ([str(paths[0]), "--encoder", str(tmp_path / "nope.pt")], "encoder file not found"),
         ([str(tmp_path / "missing.h5"), "--encoder", str(encoder)], "patch store not found"),
         ([*map(str, paths[:1]), "--encoder", str(encoder)], "only 1 patient"),
         ([*map(str, paths), "--encoder", str(encoder), "--label-fraction", "0"],
          "finetune.label_fraction"),
+        ([*map(str, paths), "--encoder", str(encoder), "--config", str(small)],
+         "finetune.image_size is 16 px, smaller than test_byobnet's output stride (32 px)"),
     ]
     for args, msg in cases:
         code = main(["finetune", *args, "--samples", str(sheet), "--out", str(out)])

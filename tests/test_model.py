@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from simclr_path.errors import SimclrPathError
-from simclr_path.model import create_backbone, load_encoder, save_encoder
+from simclr_path.model import create_backbone, load_encoder, output_stride, save_encoder
 
 
 def test_encoder_roundtrip_gives_identical_features(tmp_path):
@@ -85,3 +85,8 @@ def test_simclr_model_takes_batches_of_other_sizes():
         assert torch.allclose(h[:2], m.backbone(x), atol=1e-6)
         assert torch.allclose(h[2:], m.backbone(small), atol=1e-6)
         assert torch.allclose(z, m.head(h), atol=1e-6)
+
+
+def test_output_stride_from_timm_feature_info():
+    assert output_stride(create_backbone("resnet18")) == 32
+    assert output_stride(torch.nn.Conv2d(3, 8, 3)) is None  # a model that does not say

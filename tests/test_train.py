@@ -63,10 +63,9 @@ def test_a_few_steps_lower_the_loss(stores, tmp_path):
 
 
 def test_multi_crop_trains_and_lowers_the_loss(stores, tmp_path):
-    # float32: on CPUs with native bf16 this tiny model (1 x 1 feature maps from 16 px views)
-    # can reach a non-finite loss in bf16 within 24 steps
-    cfg = _cfg(max_steps=24, batch_size=16, log_every=4, lr=2e-3, amp=False)
-    cfg.augment.local_crops, cfg.augment.local_size = 2, 16
+    # local views as large as the global ones (the least a ResNet takes) but cropped tighter
+    cfg = _cfg(max_steps=24, batch_size=16, log_every=4, lr=2e-3)
+    cfg.augment.local_crops, cfg.augment.local_size = 2, 32
     summary = T.pretrain(stores, tmp_path / "run", cfg, progress=False)
     df = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert summary["steps"] == 24 and np.isfinite(df["loss"]).all()
@@ -388,6 +387,8 @@ BASE = ["--image-size", "32", "--batch-size", "8", "--max-steps", "1", "--worker
     ("batch", "batch size 64 is larger than the 32 training patches"),
     ("arch", "unknown timm model 'resnet181'; did you mean resnet18"),
     ("cuda", "--device cuda: no CUDA GPU"),
+    ("small_view", "augment.image_size is 16 px, smaller than resnet18's output stride (32 px)"),
+    ("small_local", "augment.local_size is 16 px, smaller than resnet18's output stride (32 px)"),
 ])
 def test_bad_input_cli(case, expect, tmp_path, capsys, make_store):
     store = _easy_store(tmp_path / "s.h5")
@@ -398,7 +399,10 @@ def test_bad_input_cli(case, expect, tmp_path, capsys, make_store):
         "batch": [store, "--batch-size", "64"],
         "arch": [store, "--arch", "resnet181"],
         "cuda": [store, "--device", "cuda"],
+        "small_view": [store, "--image-size", "16"],
+        "small_local": [store, "--local-crops", "2", "--config", tmp_path / "c.yaml"],
     }[case]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"augment": {"local_size": 16}}))
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("a GPU is available")
     out = tmp_path / "run"
@@ -453,7 +457,7 @@ def test_torchrun_two_gloo_processes_with_multi_crop(tmp_path):
     a = _easy_store(tmp_path / "a.h5")
     out = tmp_path / "run"
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(yaml.safe_dump({"augment": {"local_crops": 1, "local_size": 16}}))
+    cfg_file.write_text(yaml.safe_dump({"augment": {"local_crops": 1, "local_size": 32}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "simclr_path",
            "pretrain", str(a), "--out", str(out), *BASE, "--batch-size", "4", "--max-steps", "2",
