@@ -421,7 +421,9 @@ def fit_probe(
 ):
     """StandardScaler + LogisticRegression(class_weight="balanced"); C by inner grouped CV.
 
-    Returns the fitted sklearn pipeline and the chosen C.
+    Returns the fitted sklearn pipeline, the chosen C, and "below" / "above" when that C is the
+    grid's lowest / highest and scored strictly better than its neighbour (the best C may lie
+    beyond the grid; a tie, as on separable data, says nothing), else None.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
@@ -450,7 +452,7 @@ def fit_probe(
             )
         pipe.set_params(logisticregression__C=c)
         with threadpool_limits(1, user_api="blas"):
-            return pipe.fit(X, y), float(c)
+            return pipe.fit(X, y), float(c), None
     search = GridSearchCV(
         pipe,
         {"logisticregression__C": grid},
@@ -465,19 +467,33 @@ def fit_probe(
         warnings.filterwarnings("ignore", message=".*Only one class is present.*")
         warnings.filterwarnings("ignore", message=".*scores are non-finite.*")
         search.fit(X, y, groups=groups)
-    return search.best_estimator_, float(search.best_params_["logisticregression__C"])
+    best = float(search.best_params_["logisticregression__C"])
+    return search.best_estimator_, best, _grid_edge(search.cv_results_, best)
 
 
-def warn_grid_edge(grid: Sequence[float], chosen: Sequence[float]) -> None:
-    """Warn when inner cross-validation picked an end of ``classify.c_grid`` in at least half
-    of the fits: the best C may lie beyond it."""
-    if len(set(grid)) < 2 or not chosen:
+def _grid_edge(cv_results: dict[str, Any], best: float) -> str | None:
+    """"below" / "above" when ``best`` is the lowest / highest C tried and its mean inner score
+    beats the next C's; None otherwise."""
+    cs = np.asarray(cv_results["param_logisticregression__C"], dtype=float)
+    scores = np.asarray(cv_results["mean_test_score"], dtype=float)
+    order = np.argsort(cs)
+    cs, scores = cs[order], scores[order]
+    for i, j, side in ((0, 1, "below"), (-1, -2, "above")):
+        if best == cs[i] and scores[i] > scores[j]:  # False for a tie or NaN
+            return side
+    return None
+
+
+def warn_grid_edge(grid: Sequence[float], edges: Sequence[str | None]) -> None:
+    """Warn when, in at least half of the fits, inner cross-validation preferred an end of
+    ``classify.c_grid`` to its neighbour (``edges`` from :func:`fit_probe`)."""
+    if len(set(grid)) < 3:  # with two values every choice is an end: the user's own pair
         return
-    for end, side in ((min(grid), "below"), (max(grid), "above")):
-        n = sum(c == end for c in chosen)
-        if 2 * n >= len(chosen):
-            warnings.warn(f"classify.c_grid: C={end:g}, the grid's end, was chosen in {n} of "
-                          f"{len(chosen)} fits; the best C may lie {side} it: extend "
+    for side, end in (("below", min(grid)), ("above", max(grid))):
+        n = sum(e == side for e in edges)
+        if edges and 2 * n >= len(edges):
+            warnings.warn(f"classify.c_grid: C={end:g}, the grid's end, scored best in {n} of "
+                          f"{len(edges)} fits; the best C may lie {side} it: extend "
                           "classify.c_grid", stacklevel=2)
 
 
@@ -856,6 +872,7 @@ def classify(
     patch_fold = np.array([slide_fold[s] for s in t.slide])
     proba = np.full((len(t.y), k), np.nan)
     folds_out = []
+    edges: list[str | None] = []  # fit_probe's grid-edge flags, for one warning at the end
     from tqdm.auto import tqdm
 
     fold_ids = sorted(f for f in set(fold_of_slide.tolist()) if f >= 0)
@@ -870,7 +887,8 @@ def classify(
         te = patch_fold == f
         tr, split = labelled(t.slides[np.asarray(fold_of_slide) != f], ~te, f)
         _check_disjoint(t.patient[tr], t.patient[te])
-        pipe, c = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg)
+        pipe, c, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg)
+        edges.append(edge)
         proba[te] = pipe.predict_proba(t.X[te])
         folds_out.append(
             {
@@ -890,7 +908,7 @@ def classify(
     )
 
     tr, final_split = labelled(t.slides, np.ones(len(t.y), bool), FINAL_FOLD)
-    final, c_final = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg)
+    final, c_final, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg)
     model = LinearModel.from_pipeline(
         final,
         t.classes,
@@ -909,7 +927,7 @@ def classify(
             "label_fraction": cfg.label_fraction,
         },
     )
-    warn_grid_edge(cfg.c_grid, [f["C"] for f in folds_out] + [c_final])
+    warn_grid_edge(cfg.c_grid, [*edges, edge])
     task = task_summary(
         t,
         "samples sheet" if samples is not None else "embedding files",

@@ -469,7 +469,8 @@ def finetune(
     device = resolve_device(ft.device)
     # a broken or mismatched encoder fails before any training
     backbone = load_encoder(enc, device="cpu")
-    check_view_sizes([("finetune.image_size", image_size, "set finetune.image_size")],
+    key = "finetune.image_size" if ft.image_size else "finetune.image_size (the encoder's image_size)"
+    check_view_sizes([(key, image_size, "set finetune.image_size")],
                      str(info.get("arch", "the encoder")), output_stride(backbone))
     del backbone
     fold_of_slide, scheme = make_folds(t.slides, t.classes, ccfg)

@@ -130,9 +130,6 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, device: str |
     return model.eval().to(device)
 
 
-# ----------------------------------------------------------------------------------------------
-# SimCLR projection head and model
-# ----------------------------------------------------------------------------------------------
 def output_stride(backbone: nn.Module) -> int | None:
     """Input pixels per pixel of the backbone's last feature map (timm ``feature_info``; 32 for
     ResNets), or None when the model does not say."""
@@ -143,6 +140,9 @@ def output_stride(backbone: nn.Module) -> int | None:
         return None
 
 
+# ----------------------------------------------------------------------------------------------
+# SimCLR projection head and model
+# ----------------------------------------------------------------------------------------------
 class ProjectionHead(nn.Module):
     """SimCLR projection head g(.): (B, in_dim) -> (B, out_dim).
 

@@ -453,15 +453,15 @@ def check_view_sizes(sizes: list[tuple[str, int, str]], arch: str, stride: int |
     """Refuse training views smaller than the backbone's output stride.
 
     ``sizes``: (config key, view side in px, how to change it). Such a view reaches the last
-    stage as a 1 x 1 map that the stage's strided 3 x 3 convolution pads on every side, so those
-    layers learn from padding. It also trips a oneDNN bug: in CPU bf16 autocast, that
-    convolution's backward on a 1 x 1 input returns NaN in about a third of calls (PyTorch 2.14,
-    oneDNN 3.12; benchmarks/README.md, study 5)."""
+    stage as a 2 x 2 or 1 x 1 map, mostly padding for its strided 3 x 3 convolution. The 1 x 1
+    case (views of at most half the stride) also trips a oneDNN bug: in CPU bf16 autocast that
+    convolution's backward returns NaN gradients in some calls (PyTorch 2.14, oneDNN 3.12;
+    benchmarks/README.md, study 5)."""
     for key, size, how in sizes if stride else []:
         if size < stride:
             raise SimclrPathError(
-                f"{key} is {size} px, smaller than {arch}'s output stride ({stride} px): its last "
-                f"stage would see only padding; {how} to at least {stride}")
+                f"{key} is {size} px, smaller than {arch}'s output stride ({stride} px), too small "
+                f"for its last stage; {how} to at least {stride}")
 
 
 def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: PipelineConfig | None = None,
@@ -498,10 +498,11 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
     np.random.seed(t_cfg.seed % 2**32)
     random.seed(t_cfg.seed)
     model = create_simclr_model(m_cfg)  # unknown arch, bad weights file
-    views = [("augment.image_size", a_cfg.image_size, "set --image-size")]
+    views = [("augment.image_size", a_cfg.image_size, "set augment.image_size (--image-size)")]
     if a_cfg.local_crops:
-        views.append(("augment.local_size", a_cfg.local_view_size,
-                      "set augment.local_size"))
+        default = " (by default half of augment.image_size, at least 32)" if a_cfg.local_size is None else ""
+        views.append((f"augment.local_size{default}", a_cfg.local_view_size,
+                      "set augment.local_size in the config"))
     check_view_sizes(views, m_cfg.arch, output_stride(model.backbone))
     ck = None
     if resume and (out / "checkpoint.pt").is_file():
@@ -515,6 +516,16 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with different "
                                   "augmentations (augment section, e.g. local_crops); resume with "
                                   f"the run's own settings (--config {out / 'config.yaml'}) or use --force")
+        if a_cfg.local_crops:
+            was = ck.get("local_view_size")
+            if was is None:  # not recorded before: local_size null meant half of image_size (>= 8)
+                o = old.get("augment", {})
+                was = o.get("local_size") or max(8, int(o.get("image_size", a_cfg.image_size)) // 2)
+            if int(was) != a_cfg.local_view_size:
+                raise SimclrPathError(
+                    f"{out / 'checkpoint.pt'}: was trained with local views of {was} px, this "
+                    f"configuration makes them {a_cfg.local_view_size} px; set augment.local_size: "
+                    f"{was} in the config or use --force")
         if int(ck.get("world_size", 1)) * int(old["train"]["batch_size"]) != \
                 world.world_size * t_cfg.batch_size:
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: global batch size differs from the "
@@ -603,6 +614,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "rng": _rng_state(), "config": cfg_json, "wall_time_s": wall,
+            # resolved: local_size null depends on the defaults of the version that ran
+            "local_view_size": a_cfg.local_view_size if a_cfg.local_crops else 0,
         })
 
     # ---- loop ----

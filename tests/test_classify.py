@@ -174,7 +174,7 @@ def test_predict_after_reload_equals_in_memory(tmp_path):
     paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=30, shift=1.0)
     classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
     t = load_table(paths, sheet, FAST)
-    pipe, c = fit_probe(t.X, t.y, t.patient, 2, FAST)  # the final model, refitted in memory
+    pipe, c, _ = fit_probe(t.X, t.y, t.patient, 2, FAST)  # the final model, refitted in memory
     assert json.loads((tmp_path / "out" / "model.json").read_text())["C"] == c
     out = predict(tmp_path / "out", paths[:2], tmp_path / "pred.csv")
     df = pd.read_csv(out)
@@ -471,13 +471,27 @@ def test_lc25000_imported_store_end_to_end(tmp_path):
     assert (patches.groupby("patient_id")["fold"].nunique() == 1).all()
 
 
-@pytest.mark.parametrize("chosen, side", [([1e-3] * 5, "below"), ([10.0, 10.0, 1e-3, 0.1], "above")])
-def test_a_c_grid_end_chosen_in_half_the_fits_warns(chosen, side):
-    with pytest.warns(UserWarning, match=f"classify.c_grid: C=.* chosen in .* lie {side} it"):
-        warn_grid_edge([1e-3, 1e-2, 1e-1, 1.0, 10.0], chosen)
+@pytest.mark.parametrize("edges, side", [(["below"] * 4 + [None], "below"),
+                                         (["above", "above", None, "below"], "above")])
+def test_a_c_grid_end_that_wins_in_half_the_fits_warns(edges, side):
+    with pytest.warns(UserWarning, match=f"classify.c_grid: C=.* scored best in .* lie {side} it"):
+        warn_grid_edge([1e-3, 1e-2, 1e-1, 1.0, 10.0], edges)
 
 
-def test_an_inner_c_does_not_warn(recwarn):
-    warn_grid_edge([1e-3, 1e-2, 1e-1, 1.0, 10.0], [0.01, 0.1, 1e-3, 1.0, 0.1])
-    warn_grid_edge([1.0], [1.0])  # a fixed C is the user's choice
+def test_rare_or_no_edge_wins_do_not_warn(recwarn):
+    warn_grid_edge([1e-3, 1e-2, 1e-1, 1.0, 10.0], [None, "below", None, None, "above"])
+    warn_grid_edge([1.0], [None, None])  # a fixed C is the user's choice
     assert not [w for w in recwarn if "c_grid" in str(w.message)]
+
+
+def test_fit_probe_flags_a_winning_grid_end_but_not_a_tie():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(12), 10)
+    y = groups % 2
+    cfg = ClassifyConfig(c_grid=[1e-4, 1e-3, 1e-2], inner_folds=3)
+    # noisy, weakly informative features in many dimensions: strong regularisation scores best
+    X = rng.normal(0, 1, (120, 300)) + 0.25 * y[:, None] * (rng.random(300) < 0.05)
+    assert fit_probe(X, y, groups, 2, cfg)[1:] == (1e-4, "below")
+    # perfectly separable: every C scores 1.0, the tie goes to the first and says nothing
+    X = np.c_[y * 10.0, rng.normal(0, 1, (120, 3))]
+    assert fit_probe(X, y, groups, 2, cfg)[1:] == (1e-4, None)

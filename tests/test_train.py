@@ -496,3 +496,33 @@ def test_resume_with_other_augmentations_is_refused(stores, tmp_path):
     torch.save(ck, run / "checkpoint.pt")
     with pytest.warns(UserWarning, match="re-planned"):
         assert T.pretrain(stores, run, _cfg(max_steps=4), resume=True, progress=False)["steps"] == 4
+
+
+def test_resume_refuses_local_views_of_another_size(stores, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(max_steps=2)
+    cfg.augment.local_crops = 1  # local_size null: 32 px at image_size 32
+    T.pretrain(stores, run, cfg, progress=False)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["local_view_size"] == 32
+    # a checkpoint from before the size was recorded: null then meant half of 32 px, i.e. 16 px
+    del ck["local_view_size"]
+    torch.save(ck, run / "checkpoint.pt")
+    cfg = _cfg(max_steps=4)
+    cfg.augment.local_crops = 1
+    with pytest.raises(SimclrPathError, match="local views of 16 px, this configuration makes them 32 px"):
+        T.pretrain(stores, run, cfg, resume=True, progress=False)
+
+
+def test_check_view_sizes():
+    T.check_view_sizes([("augment.image_size", 16, "set it")], "m", None)  # stride unknown: no check
+    T.check_view_sizes([("augment.image_size", 32, "set it")], "m", 32)
+    with pytest.raises(SimclrPathError, match=r"augment.image_size is 31 px, smaller than m's output "
+                                              r"stride \(32 px\).*set it to at least 32"):
+        T.check_view_sizes([("augment.image_size", 32, "x"), ("augment.image_size", 31, "set it")], "m", 32)
+
+
+def test_two_view_training_ignores_the_local_size(stores, tmp_path):
+    cfg = _cfg(max_steps=1)
+    cfg.augment.local_size = 16  # below the stride, but unused without local crops
+    assert T.pretrain(stores, tmp_path / "run", cfg, progress=False)["steps"] == 1
