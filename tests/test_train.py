@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,22 +55,33 @@ def stores(tmp_path):
             _easy_store(tmp_path / "b.h5", n=24, seed=1, slide_id="B")]
 
 
-def test_a_few_steps_lower_the_loss(stores, tmp_path):
-    cfg = _cfg(max_steps=24, batch_size=16, log_every=4, lr=2e-3)
-    summary = T.pretrain(stores, tmp_path / "run", cfg, progress=False)
-    df = pd.read_csv(tmp_path / "run" / "metrics.csv")
-    assert len(df) == 24 and summary["steps"] == 24
-    assert df["loss"].tail(6).mean() < df["loss"].head(6).mean() - 0.2
+# NT-Xent of identical embeddings (a collapsed encoder) for batch 16: log(2N - 1). A random
+# ResNet-18 starts near it on 32 px views and collapses onto it within a few dozen steps, so
+# learning is shown with timm's tiny test_resnet, whose loss falls well below it (2.0-2.3 after
+# 40 steps for training seeds 0-4).
+COLLAPSED_16 = math.log(2 * 16 - 1)
 
 
-def test_multi_crop_trains_and_lowers_the_loss(stores, tmp_path):
+def _learns(stores, run, cfg):
+    summary = T.pretrain(stores, run, cfg, progress=False)
+    loss = pd.read_csv(run / "metrics.csv")["loss"]
+    assert len(loss) == summary["steps"] == cfg.train.max_steps and np.isfinite(loss).all()
+    assert loss.tail(8).mean() < loss.head(4).mean() - 0.3
+    assert loss.tail(8).mean() < COLLAPSED_16 - 0.5  # positives closer than negatives
+
+
+def test_a_few_steps_learn_more_than_a_collapsed_encoder(stores, tmp_path):
+    cfg = _cfg(max_steps=40, batch_size=16, log_every=4)
+    cfg.model.arch = "test_resnet"
+    _learns(stores, tmp_path / "run", cfg)
+
+
+def test_multi_crop_learns(stores, tmp_path):
     # local views as large as the global ones (the least a ResNet takes) but cropped tighter
-    cfg = _cfg(max_steps=24, batch_size=16, log_every=4, lr=2e-3)
+    cfg = _cfg(max_steps=40, batch_size=16, log_every=4)
+    cfg.model.arch = "test_resnet"
     cfg.augment.local_crops, cfg.augment.local_size = 2, 32
-    summary = T.pretrain(stores, tmp_path / "run", cfg, progress=False)
-    df = pd.read_csv(tmp_path / "run" / "metrics.csv")
-    assert summary["steps"] == 24 and np.isfinite(df["loss"]).all()
-    assert df["loss"].tail(6).mean() < df["loss"].head(6).mean() - 0.2
+    _learns(stores, tmp_path / "run", cfg)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["augment"]["local_crops"] == 2
 
