@@ -774,6 +774,9 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 "lr": lr, "world_size": world.world_size, "device": str(device),
                 "amp": str(dtype).replace("torch.", "") if dtype else "float32",
                 "arch": m_cfg.arch, "image_size": a_cfg.image_size, "mpp": mpp,
+                # resolved here: config.yaml may say local_size null
+                "local_crops": a_cfg.local_crops,
+                "local_view_size": a_cfg.local_view_size if a_cfg.local_crops else None,
                 "n_stores": len(opened), "patches_per_epoch": plan.patches_per_epoch,
                 "resumed_from_step": start_step if ck is not None else None,
             }

@@ -82,6 +82,8 @@ def test_multi_crop_learns(stores, tmp_path):
     cfg.model.arch = "test_resnet"
     cfg.augment.local_crops, cfg.augment.local_size = 2, 32
     _learns(stores, tmp_path / "run", cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["local_crops"] == 2 and summary["local_view_size"] == 32
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["augment"]["local_crops"] == 2
 
