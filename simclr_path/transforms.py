@@ -522,21 +522,17 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return (x * std + mean).clamp(0.0, 1.0)
 
 
-def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
-            cfg: AugmentConfig | None = None, n_pairs: int = 8, seed: int = 0,
-            force: bool = True) -> Path:
-    """Write a PNG grid of ``n_pairs`` augmented view pairs: original patch, view 1, view 2.
+def preview_views(stores: Sequence[str | os.PathLike], cfg: AugmentConfig | None = None,
+                  n_pairs: int = 8, seed: int = 0) -> tuple[list[str], list[list[np.ndarray]]]:
+    """The images of :func:`preview`: ``(row names, rows)``, one row per sampled patch.
 
-    Patches are drawn at random (seeded) across all ``stores``; the views go through exactly the
-    training pipeline (:class:`GeometricViews` then :class:`ColorAugment`).
+    Row ``r`` is ``[patch (S, S, 3), view 1 (s, s, 3), view 2 (s, s, 3), local 1 (l, l, 3), ...]``,
+    uint8, with ``cfg.local_crops`` local views of side ``cfg.local_view_size`` (multi-crop) after
+    the two full-size views. Patches are drawn at random (seeded) across all ``stores``; the views
+    go through the training pipeline (:class:`GeometricViews`, local ones included, then
+    :class:`ColorAugment`).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from simclr_path.data import open_stores
-    from simclr_path.figures import save_figure
 
     cfg = cfg or AugmentConfig()
     if n_pairs < 1:
@@ -547,8 +543,8 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
     flat = rng.choice(int(sizes.sum()), size=n_pairs, replace=int(sizes.sum()) < n_pairs)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     geo = GeometricViews(cfg)
-    colour = ColorAugment(cfg)
-    originals, v1, v2, names = [], [], [], []
+    geo_local = GeometricViews(cfg, local=True) if cfg.local_crops else None
+    originals, v1, v2, local, names = [], [], [], [], []
     for k, f in enumerate(flat):
         si = int(np.searchsorted(offsets, f, side="right") - 1)
         patch = opened[si][int(f - offsets[si])]
@@ -556,19 +552,56 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
         originals.append(patch)
         v1.append(a)
         v2.append(b)
+        if geo_local is not None:
+            geo_local.seed(seed * 1_000_003 + k + 17)
+            local += [geo_local(patch) for _ in range(cfg.local_crops)]
         names.append(f"{opened[si].slide_id} #{int(f - offsets[si])}")
     g = torch.Generator().manual_seed(seed)
     both = torch.from_numpy(np.stack(v1 + v2))
-    views = colour(both, g, normalize_output=False).permute(0, 2, 3, 1).numpy()
-    fig, axes = plt.subplots(n_pairs, 3, figsize=(3 * 2.0, n_pairs * 2.0 + 0.6), squeeze=False)
-    for r in range(n_pairs):
-        for c, (img, title) in enumerate(((originals[r], f"patch {names[r]}"),
-                                          (views[r], "view 1"), (views[n_pairs + r], "view 2"))):
+    views = _colour_u8(ColorAugment(cfg), both, g)
+    lv = _colour_u8(ColorAugment(cfg), torch.from_numpy(np.stack(local)), g) if local else None
+    k = cfg.local_crops
+    rows = [[originals[r], views[r], views[n_pairs + r], *(lv[r * k:(r + 1) * k] if k else [])]
+            for r in range(n_pairs)]
+    return names, rows
+
+
+def _colour_u8(colour: ColorAugment, views: torch.Tensor, g: torch.Generator) -> np.ndarray:
+    """(B, s, s, 3) uint8 views -> the same views colour-augmented, (B, s, s, 3) uint8 (to show)."""
+    x = colour(views, g, normalize_output=False).permute(0, 2, 3, 1).numpy()
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
+            cfg: AugmentConfig | None = None, n_pairs: int = 8, seed: int = 0,
+            force: bool = True) -> Path:
+    """Write a PNG grid of ``n_pairs`` augmented view pairs: original patch, view 1, view 2, and
+    with multi-crop (``cfg.local_crops`` > 0) the local views of the same patch
+    (:func:`preview_views`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from simclr_path.figures import save_figure
+
+    cfg = cfg or AugmentConfig()
+    names, rows = preview_views(stores, cfg, n_pairs, seed)
+    n_cols = len(rows[0])
+    fig, axes = plt.subplots(n_pairs, n_cols, figsize=(n_cols * 2.0, n_pairs * 2.0 + 0.6),
+                             squeeze=False)
+    titles = ["view 1", "view 2"] + [f"local {j + 1}" for j in range(n_cols - 3)]
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
             ax = axes[r, c]
             ax.imshow(img)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(title, fontsize=7)
-    fig.suptitle(f"SimCLR augmented view pairs ({cfg.image_size} px views)", fontsize=10)
+            ax.set_title(f"patch {names[r]}" if c == 0 else f"{titles[c - 1]} ({img.shape[0]} px)",
+                         fontsize=7)
+    what = f"{cfg.image_size} px views"
+    if cfg.local_crops:
+        what += f" + {cfg.local_crops} local views of {cfg.local_view_size} px"
+    fig.suptitle(f"SimCLR augmented views ({what})", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out_png, force=force)

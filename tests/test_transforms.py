@@ -149,6 +149,32 @@ def test_preview_writes_a_png(make_store, tmp_path):
     assert img.std() > 10  # not blank
 
 
+def test_preview_shows_local_views(make_store, tmp_path):
+    from PIL import Image
+
+    from simclr_path.transforms import preview, preview_views
+
+    s = make_store(n=6, size=32, name="a.h5", slide_id="A")
+    cfg = AugmentConfig(image_size=24, local_crops=2, local_size=12)
+    names, rows = preview_views([s], cfg, n_pairs=3, seed=0)
+    assert len(names) == len(rows) == 3
+    for row in rows:
+        assert [im.shape for im in row] == [(32, 32, 3), (24, 24, 3), (24, 24, 3), (12, 12, 3),
+                                            (12, 12, 3)]
+        assert all(im.dtype == np.uint8 for im in row)
+        assert not np.array_equal(row[3], row[4])  # two different local crops
+    again = preview_views([s], cfg, n_pairs=3, seed=0)[1]
+    assert all(np.array_equal(a, b) for r1, r2 in zip(rows, again) for a, b in zip(r1, r2))
+    # the full-size views do not depend on whether local views are drawn
+    plain = preview_views([s], AugmentConfig(image_size=24), n_pairs=3, seed=0)[1]
+    assert all(len(r) == 3 for r in plain)
+    assert all(np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+               for a, b in zip(rows, plain))
+    wide = Image.open(preview([s], tmp_path / "w.png", cfg, n_pairs=3, seed=0))
+    narrow = Image.open(preview([s], tmp_path / "n.png", AugmentConfig(image_size=24), n_pairs=3))
+    assert wide.width > narrow.width * 1.5 and wide.height == narrow.height
+
+
 def test_preview_cli_errors(make_store, tmp_path, capsys):
     from simclr_path.cli import main
 
