@@ -333,6 +333,14 @@ def print_report(res: dict[str, Any]) -> None:
           f", budget {res['budget_s'] or 0:.0f} s, "
           f"{pre['arch']} at {pre['image_size']} px: {pre['steps']} steps "
           f"({pre['epochs']} epochs, {pre['pairs_per_s']:.1f} pairs/s, stopped: {pre['stopped']})")
+    fit = pre.get("budget_fit")
+    if fit:
+        trial = ", ".join(f"{r['image_size']} px" + (f" + {r['local_crops']} x {r['local_view_size']}"
+                                                      if r["local_crops"] else "")
+                          + f": ~{r['predicted_steps']} steps" for r in fit["rungs"])
+        print(f"views fitted to the budget (train.budget_min_steps {fit['min_steps']}): asked for "
+              f"{fit['requested']}, trained {fit['trained']} (trial passes {fit['trial_s']:.1f} s: "
+              f"{trial})")
     n = res["repeats"]
     print(f"probe: {n} split(s) of {res['evaluation']}, fold seeds {res['fold_seeds']}; "
           "figures are mean ± sd over the splits")
@@ -444,8 +452,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with PatchStore(store) as s:
         n_patches, native = len(s), s.patch_size
         n_groups = len(set(s.groups or []))
-    sizes = embed_sizes(args.embed_size, cfg.augment.image_size, native,
-                        fixres_size(cfg.augment.image_size, cfg.augment.crop_scale, native))
+    embed_sizes(args.embed_size, cfg.augment.image_size, native, native)  # the spec, before training
     layers = [x.strip() for x in args.layers.split(",") if x.strip()]
     for layer in layers:  # the same check as the config's, before any training
         dataclasses.replace(cfg.embed, layer=layer)
@@ -457,9 +464,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.run is None:
         summary = pretrain([store], run_dir, cfg, force=True, progress=not args.no_progress)
         pretrain_s = time.perf_counter() - t0
+        # the views actually trained (train.budget_min_steps may have fitted smaller ones)
+        cfg = load_config(run_dir / "config.yaml")
     else:  # the loop's wall time; set-up and saving are not in it
         summary = json.loads((args.run / "summary.json").read_text())
         pretrain_s = float(summary["wall_time_s"])
+    sizes = embed_sizes(args.embed_size, cfg.augment.image_size, native,
+                        fixres_size(cfg.augment.image_size, cfg.augment.crop_scale, native))
     stages.update(1)
 
     stages.set_postfix_str("embed")

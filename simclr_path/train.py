@@ -19,6 +19,10 @@ Run directory (``--out RUN_DIR``)::
     mlruns/        MLflow file store (train.mlflow, when mlflow is installed and no mlflow_uri)
     wandb/         Weights & Biases run files (train.wandb, when wandb is installed)
 
+With ``train.time_budget_s`` the LR schedule is re-planned from the measured step rate to end
+at the budget, and with ``train.budget_min_steps`` too the views are first fitted to the budget
+(:mod:`simclr_path.budget`).
+
 Processes: run plainly for one CPU or GPU, or under ``torchrun`` for several GPUs or nodes
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` from the environment; NCCL on CUDA, gloo on CPU). Each
 process trains on its own slice of every global batch; NT-Xent negatives come from all processes
@@ -28,6 +32,7 @@ process trains on its own slice of every global batch; NT-Xent negatives come fr
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -45,7 +50,7 @@ import yaml
 from torch import nn
 
 from simclr_path import __version__
-from simclr_path.config import PipelineConfig, TrainConfig, defaults_dict, to_dict
+from simclr_path.config import AugmentConfig, PipelineConfig, TrainConfig, defaults_dict, to_dict
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import atomic_output
 
@@ -505,9 +510,16 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
                       "set augment.local_size in the config"))
     check_view_sizes(views, m_cfg.arch, output_stride(model.backbone))
     ck = None
+    fit: dict[str, Any] | None = None
     if resume and (out / "checkpoint.pt").is_file():
         ck = load_checkpoint(out / "checkpoint.pt")
         old = json.loads(ck["config"])
+        if (t_cfg.budget_min_steps and ck.get("budget_fit")
+                and ck.get("augment_requested") == to_dict(cfg)["augment"]):
+            # the run trained views fitted to its budget: keep them (the machine may differ now)
+            cfg = dataclasses.replace(cfg, augment=AugmentConfig(**old["augment"]))
+            a_cfg = cfg.augment
+            fit = ck["budget_fit"]
         if old.get("model") != to_dict(cfg)["model"]:
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with a different model "
                                   "section; resume with the same configuration or use --force")
@@ -540,13 +552,52 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
         if world.main:
             _prepare_run_dir(out, resume, force)
         world.barrier()
-        return _train(opened, out, cfg, progress, world, device, plan, model, ck)
+        if ck is None and t_cfg.time_budget_s and t_cfg.budget_min_steps:
+            cfg, fit = _fit_budget(cfg, model, plan, world, device, out)
+        return _train(opened, out, cfg, progress, world, device, plan, model, ck, fit)
     finally:
         world.close()
 
 
+def _fit_budget(cfg: PipelineConfig, model: nn.Module, plan, world: Dist, device: torch.device,
+                out: Path) -> tuple[PipelineConfig, dict[str, Any]]:
+    """``cfg`` with the views :func:`simclr_path.budget.fit_views_to_budget` picks (rank 0's
+    choice on every process), and the record of that choice."""
+    from simclr_path.budget import describe, fit_views_to_budget, view_ladder
+    from simclr_path.model import output_stride
+
+    t_cfg = cfg.train
+    stride = output_stride(model.backbone)
+    total = int(t_cfg.max_steps) if t_cfg.max_steps else int(t_cfg.epochs) * plan.batches_per_epoch
+    memory_format = torch.channels_last if t_cfg.channels_last else torch.contiguous_format
+    model.to(device)
+    a, fit = fit_views_to_budget(model, cfg.augment, t_cfg.batch_size, float(t_cfg.time_budget_s),
+                                 int(t_cfg.budget_min_steps), total, stride, device,
+                                 amp_mode(t_cfg, device), memory_format)
+    if world.enabled:  # every process trains rank 0's choice and stops at rank 0's budget
+        got = torch.tensor([fit["chosen"], fit["trial_s"]], dtype=torch.float64,
+                           device=device if device.type == "cuda" else "cpu")
+        dist.broadcast(got, src=0)
+        fit["chosen"], fit["trial_s"] = int(got[0].item()), float(got[1].item())
+        a = view_ladder(cfg.augment, stride)[fit["chosen"]]
+        fit["trained"] = describe(a)
+    if fit["chosen"] and world.main:
+        first, last = fit["rungs"][0], fit["rungs"][fit["chosen"]]
+        warnings.warn(
+            f"{out}: the {t_cfg.time_budget_s:.0f} s budget buys about {first['predicted_steps']} "
+            f"steps of {fit['requested']} on this machine, fewer than train.budget_min_steps "
+            f"({t_cfg.budget_min_steps}); training {fit['trained']} instead (about "
+            f"{last['predicted_steps']} steps; train.budget_min_steps: null keeps the configured "
+            "views)", stacklevel=3)
+    fit["augment_requested"] = to_dict(cfg)["augment"]
+    return dataclasses.replace(cfg, augment=a), fit
+
+
 def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, device: torch.device,
-           plan, model: nn.Module, ck: dict[str, Any] | None) -> dict[str, Any]:
+           plan, model: nn.Module, ck: dict[str, Any] | None,
+           fit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The loop. ``fit``: the record of :func:`_fit_budget` (its trial passes count against the
+    time budget), or None."""
     from simclr_path.data import make_loader
     from simclr_path.loss import NTXentLoss
     from simclr_path.model import save_encoder, save_projection_head
@@ -616,6 +667,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             "rng": _rng_state(), "config": cfg_json, "wall_time_s": wall,
             # resolved: local_size null depends on the defaults of the version that ran
             "local_view_size": a_cfg.local_view_size if a_cfg.local_crops else 0,
+            # views fitted to the time budget: what was asked for, so that resume keeps them
+            "budget_fit": fit or {}, "augment_requested": (fit or {}).get("augment_requested"),
         })
 
     # ---- loop ----
@@ -628,6 +681,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     # total_steps); the rate is a running mean, so re-plans move the end by a step or so at most.
     planned = total_steps
     budget_ref: tuple[int, float] | None = None
+    budget_s = None if t_cfg.time_budget_s is None else max(
+        1e-3, t_cfg.time_budget_s - (float(fit["trial_s"]) if fit and ck is None else 0.0))
     bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=None if progress and world.main else True)
     t0 = time.perf_counter()
@@ -713,10 +768,10 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
                 if world.enabled:  # every process must stop at the same step
                     dist.broadcast(elapsed, src=0)
-                stop_now = float(elapsed) >= t_cfg.time_budget_s
+                stop_now = float(elapsed) >= budget_s
                 if step - start_step == BUDGET_SKIP_STEPS:
                     budget_ref = (step, float(elapsed))
-                new = (budget_steps(step, float(elapsed), budget_ref, t_cfg.time_budget_s, total_steps)
+                new = (budget_steps(step, float(elapsed), budget_ref, budget_s, total_steps)
                        if budget_ref is not None and not stop_now else None)
                 if new is not None and new != planned:
                     planned = new
@@ -777,6 +832,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 # resolved here: config.yaml may say local_size null
                 "local_crops": a_cfg.local_crops,
                 "local_view_size": a_cfg.local_view_size if a_cfg.local_crops else None,
+                "budget_fit": {k: v for k, v in fit.items() if k != "augment_requested"} if fit else None,
                 "n_stores": len(opened), "patches_per_epoch": plan.patches_per_epoch,
                 "resumed_from_step": start_step if ck is not None else None,
             }

@@ -64,6 +64,13 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
     assert [r["name"] for r in saved["rows"]] == ["colour-hist", "simclr@40", "random-init@40"]
     assert saved["n_patches"] == 30 and saved["pretrain"]["steps"] >= 1
     assert saved["pretrain"]["stopped"] in ("time_budget", "completed")
+    # cpu-fast fits its views to the budget: 4 s buy far fewer than 250 steps of 32 px views plus
+    # 4 local ones, so the cheaper rung (32 px two-view) is trained and embedded
+    fit = saved["pretrain"]["budget_fit"]
+    assert fit["min_steps"] == 250 and fit["rungs"][0]["image_size"] == 32
+    assert saved["config"]["augment"]["local_crops"] == (4 if fit["chosen"] == 0 else 0)
+    assert saved["pretrain"]["local_crops"] == saved["config"]["augment"]["local_crops"]
+    assert "views fitted to the budget (train.budget_min_steps 250)" in printed
     assert saved["repeats"] == 2 and saved["fold_seeds"] == [0, 1]
     for r in saved["rows"]:
         for key in ("auroc_scc", "balanced_accuracy"):

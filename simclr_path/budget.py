@@ -1,0 +1,142 @@
+"""Fitting the training views to a wall-clock budget (``train.budget_min_steps``).
+
+A time-budgeted recipe (``train.time_budget_s``, the ``cpu-fast`` preset) is tuned on one
+machine, but the same budget buys 3-7 times fewer steps on a 2-core CPU without native bf16
+than on one with it (benchmarks/README.md, study 6): there the ``cpu-fast`` views (128 px plus
+four 64 px local crops) got 55-107 steps in 600 s, and with 55 ended below a random-init encoder. So before
+training, :func:`fit_views_to_budget` times one forward + backward pass at each rung of
+:func:`view_ladder` (the configured views first, then cheaper ones) and trains the first rung
+for which the budget buys at least ``train.budget_min_steps`` steps (or the cheapest rung).
+
+The choice depends on the machine's speed, so it is recorded: ``config.yaml`` and
+``encoder.json`` hold the views actually trained, ``summary.json`` and the checkpoint hold
+the whole decision (``budget_fit``), and ``--resume`` keeps the checkpoint's views.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from simclr_path.config import AugmentConfig
+
+
+def _round8(x: float) -> int:
+    return max(8, round(x / 8.0) * 8)
+
+
+def view_ladder(a: AugmentConfig, stride: int | None) -> list[AugmentConfig]:
+    """The configured views, then cheaper ones, most expensive first.
+
+    Rungs: the configured views; with multi-crop, the same full-size views without local crops;
+    then two views of 3/4 and of 1/2 the side (multiples of 8). No rung has a view below the
+    backbone's output ``stride`` (``train.check_view_sizes``) and no two rungs are equal.
+    """
+    floor = int(stride or 8)
+    rungs = [a]
+    if a.local_crops:
+        rungs.append(dataclasses.replace(a, local_crops=0, local_size=None))
+    for f in (0.75, 0.5):
+        size = _round8(a.image_size * f)
+        if size >= floor:
+            rungs.append(dataclasses.replace(a, image_size=size, local_crops=0, local_size=None))
+    out: list[AugmentConfig] = []
+    for r in rungs:
+        if all(r != o for o in out):
+            out.append(r)
+    return out
+
+
+def describe(a: AugmentConfig) -> str:
+    """``"128 px views + 4 x 64 px local views"`` / ``"96 px views"``."""
+    s = f"{a.image_size} px views"
+    if a.local_crops:
+        s += f" + {a.local_crops} x {a.local_view_size} px local views"
+    return s
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_train_pass(model: nn.Module, a: AugmentConfig, device: torch.device,
+                    dtype: torch.dtype | None, memory_format: torch.memory_format,
+                    pairs: int) -> float:
+    """Seconds per pair of one training forward + backward at ``a``'s view sizes.
+
+    Random inputs, ``pairs`` pairs (two full-size views each plus ``a.local_crops`` local views),
+    one untimed pass first (allocations, kernel selection). Time it at the training batch size:
+    on CPUs a small batch runs faster per pair (its activations stay in cache), and predicted
+    from 8 pairs the 600 s budget bought 96 steps of ``cpu-fast`` views where 64-pair training
+    got 55 (study 6). The model's parameters, buffers (batch
+    norm statistics) and gradients are as before afterwards, and the global RNGs are not used.
+    """
+    state = copy.deepcopy(model.state_dict())
+    was_training = model.training
+    model.train()
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n: int, s: int) -> torch.Tensor:
+        x = torch.randn(n, 3, s, s, generator=g)
+        return x.to(device).contiguous(memory_format=memory_format)
+
+    x = batch(2 * pairs, a.image_size)
+    more = [batch(a.local_crops * pairs, a.local_view_size)] if a.local_crops else []
+    try:
+        seconds = 0.0
+        for i in range(2):
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                _, z = model(x, *more)
+            z.float().square().mean().backward()
+            _sync(device)
+            if i:
+                seconds = time.perf_counter() - t0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(state)
+        model.train(was_training)
+    return seconds / pairs
+
+
+def fit_views_to_budget(model: nn.Module, a: AugmentConfig, batch_size: int, budget_s: float,
+                        min_steps: int, max_steps: int, stride: int | None, device: torch.device,
+                        dtype: torch.dtype | None, memory_format: torch.memory_format,
+                        ) -> tuple[AugmentConfig, dict[str, Any]]:
+    """The views to train within ``budget_s`` seconds, and the record of the decision.
+
+    Walks :func:`view_ladder` from the configured views down, timing each rung
+    (:func:`time_train_pass`, scaled to ``batch_size`` pairs per step), and stops at the first
+    whose predicted step count reaches ``min(min_steps, max_steps)`` (a run capped at fewer steps
+    needs no more); when none does, the cheapest rung. The trial passes count against the budget.
+
+    Returns ``(augment section to train, record)``; the record has ``min_steps``, ``budget_s``,
+    ``trial_s`` (seconds spent timing), ``chosen`` (rung index) and ``rungs``: per rung timed,
+    ``image_size``, ``local_crops``, ``local_view_size`` and ``predicted_steps``.
+    """
+    t0 = time.perf_counter()
+    need = min(int(min_steps), int(max_steps))
+    rungs = view_ladder(a, stride)
+    rows: list[dict[str, Any]] = []
+    chosen = len(rungs) - 1
+    for i, r in enumerate(rungs):
+        per_pair = time_train_pass(model, r, device, dtype, memory_format, batch_size)
+        left = max(0.0, budget_s - (time.perf_counter() - t0))
+        steps = int(left / max(per_pair * batch_size, 1e-9))
+        rows.append({"image_size": r.image_size, "local_crops": r.local_crops,
+                     "local_view_size": r.local_view_size if r.local_crops else None,
+                     "predicted_steps": steps})
+        if steps >= need:
+            chosen = i
+            break
+    record = {"min_steps": int(min_steps), "budget_s": float(budget_s),
+              "trial_s": round(time.perf_counter() - t0, 3), "chosen": chosen,
+              "requested": describe(a), "trained": describe(rungs[chosen]), "rungs": rows}
+    return rungs[chosen], record

@@ -1,0 +1,158 @@
+"""Fitting the training views to a time budget: the ladder, the timed trial, the choice, and
+pretraining with ``train.budget_min_steps`` (config, encoder, summary, checkpoint, resume)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import simclr_path.budget as B
+import simclr_path.train as T
+from simclr_path.config import AugmentConfig, load_config
+from simclr_path.model import create_simclr_model, encoder_info
+
+
+def _sizes(rungs):
+    return [(r.image_size, r.local_crops, r.local_view_size if r.local_crops else None) for r in rungs]
+
+
+def test_view_ladder():
+    cpu_fast = load_config(preset="cpu-fast").augment
+    assert _sizes(B.view_ladder(cpu_fast, 32)) == [(128, 4, 64), (128, 0, None), (96, 0, None),
+                                                    (64, 0, None)]
+    two_view = AugmentConfig(image_size=96)
+    assert _sizes(B.view_ladder(two_view, 32)) == [(96, 0, None), (72, 0, None), (48, 0, None)]
+    # never below the output stride: 40 * 3/4 = 30 -> 32 px is kept, 40 / 2 = 20 -> 24 px is not
+    assert _sizes(B.view_ladder(AugmentConfig(image_size=40), 32)) == [(40, 0, None), (32, 0, None)]
+    assert _sizes(B.view_ladder(AugmentConfig(image_size=32), 32)) == [(32, 0, None)]
+    rung = B.view_ladder(cpu_fast, 32)[2]
+    assert rung.crop_scale == cpu_fast.crop_scale and rung.stain_p == cpu_fast.stain_p
+    assert B.describe(cpu_fast) == "128 px views + 4 x 64 px local views"
+    assert B.describe(rung) == "96 px views"
+
+
+def test_trial_pass_leaves_the_model_as_it_was():
+    cfg = load_config(overrides={"model": {"arch": "resnet18"}})
+    torch.manual_seed(0)
+    model = create_simclr_model(cfg.model).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    a = AugmentConfig(image_size=32, local_crops=2, local_size=32)
+    s = B.time_train_pass(model, a, torch.device("cpu"), None, torch.channels_last, pairs=2)
+    assert s > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # batch-norm statistics too
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def _fake_cost(per_pixel):
+    """A stand-in for the timed pass: seconds per pair proportional to the pixels of a pair."""
+    def cost(model, a, device, dtype, memory_format, pairs):
+        px = 2 * a.image_size ** 2 + (a.local_crops * a.local_view_size ** 2 if a.local_crops else 0)
+        return px * per_pixel
+    return cost
+
+
+@pytest.mark.parametrize("min_steps, max_steps, chosen", [
+    (1000, 10**6, 0),    # 64 + 2 x 32: 100 s / (10240 px * 1e-6 s * 8 pairs) = 1220 steps
+    (1500, 10**6, 1),    # 64 px two views: 1525 steps
+    (2000, 10**6, 2),    # 48 px: 2712 steps
+    (5000, 10**6, 3),    # 32 px: 6103 steps
+    (10**6, 10**6, 3),   # nothing fits: the cheapest rung
+    (10**6, 50, 0),      # a run capped at 50 steps needs only 50
+])
+def test_fit_picks_the_first_rung_the_budget_affords(monkeypatch, min_steps, max_steps, chosen):
+    monkeypatch.setattr(B, "time_train_pass", _fake_cost(1e-6))
+    a = AugmentConfig(image_size=64, local_crops=2, local_size=32)
+    got, rec = B.fit_views_to_budget(None, a, 8, 100.0, min_steps, max_steps, 32,
+                                     torch.device("cpu"), None, torch.channels_last)
+    assert rec["chosen"] == chosen and got == B.view_ladder(a, 32)[chosen]
+    assert len(rec["rungs"]) == chosen + 1  # stops timing at the first rung that fits
+    assert [r["image_size"] for r in rec["rungs"]] == [64, 64, 48, 32][:chosen + 1]
+    assert rec["rungs"][0]["predicted_steps"] == int(100.0 / (10240 * 1e-6 * 8))
+    assert rec["requested"] == "64 px views + 2 x 32 px local views"
+    assert rec["trained"] == B.describe(got) and rec["min_steps"] == min_steps
+
+
+def _cfg(**train):
+    base = {"batch_size": 8, "max_steps": 3, "workers": 0, "optimizer": "adamw", "lr": 1e-3,
+            "lr_scaling": "none", "warmup_epochs": 0.0, "checkpoint_every": 2, "log_every": 1,
+            "tensorboard": False, "time_budget_s": 10.0}
+    base.update(train)
+    return load_config(overrides={"augment": {"image_size": 64, "local_crops": 2},
+                                  "model": {"arch": "resnet18"}, "train": base})
+
+
+def test_pretrain_trains_the_views_the_budget_affords(make_store, tmp_path, monkeypatch):
+    store = make_store(n=24, size=64)
+    # 1e-4 s per pixel: the 64 + 2 x 32 px views (1 s a pair, 8 s a step) get 1 step in 10 s,
+    # 64 px two views 1, 48 px 2, 32 px (0.2 s a pair) 6 >= the 3 the run is capped at
+    monkeypatch.setattr(B, "time_train_pass", _fake_cost(1e-4))
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"the 10 s budget buys about 1 steps of 64 px views \+ 2 x "
+                                         r"32 px local views.*training 32 px views instead"):
+        s = T.pretrain([store], run, _cfg(budget_min_steps=300), progress=False)
+    assert s["steps"] == 3 and s["image_size"] == 32 and s["local_crops"] == 0
+    fit = s["budget_fit"]
+    assert fit["chosen"] == 3 and fit["trained"] == "32 px views" and fit["min_steps"] == 300
+    assert [r["predicted_steps"] for r in fit["rungs"]] == [1, 1, 2, 6]
+    assert json.loads((run / "summary.json").read_text())["budget_fit"] == fit
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["augment"]["image_size"] == 32 and saved["augment"]["local_crops"] == 0
+    assert encoder_info(run / "encoder.pt")["image_size"] == 32
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["augment_requested"]["image_size"] == 64 and ck["augment_requested"]["local_crops"] == 2
+    # resume with the configuration asked for: the fitted views go on, nothing is timed again
+    monkeypatch.setattr(B, "time_train_pass", lambda *a, **k: pytest.fail("timed on resume"))
+    with pytest.warns(UserWarning, match="re-planned"):
+        s2 = T.pretrain([store], run, _cfg(budget_min_steps=300, max_steps=5), resume=True,
+                        progress=False)
+    assert s2["steps"] == 5 and s2["image_size"] == 32 and s2["budget_fit"]["chosen"] == 3
+
+
+def test_pretrain_keeps_the_configured_views_when_the_budget_affords_them(make_store, tmp_path,
+                                                                          recwarn):
+    store = make_store(n=24, size=64)
+    s = T.pretrain([store], tmp_path / "run", _cfg(budget_min_steps=2, time_budget_s=600.0),
+                   progress=False)  # really timed: a tiny ResNet-18 step takes well under a second
+    assert s["budget_fit"]["chosen"] == 0 and len(s["budget_fit"]["rungs"]) == 1
+    assert s["image_size"] == 64 and s["local_crops"] == 2 and s["local_view_size"] == 32
+    assert not [w for w in recwarn if "budget buys" in str(w.message)]
+    # without budget_min_steps (or without a time budget) nothing is timed or recorded
+    s = T.pretrain([store], tmp_path / "plain", _cfg(), progress=False)
+    assert s["budget_fit"] is None and s["image_size"] == 64
+
+
+@pytest.mark.slow
+def test_torchrun_processes_train_the_same_fitted_views(make_store, tmp_path):
+    """Under torchrun every process times the ladder and all train rank 0's rung."""
+    import os
+    import subprocess
+    import sys
+
+    store = make_store(n=24, size=64)
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "augment": {"image_size": 64, "local_crops": 1, "local_size": 32},
+        "train": {"budget_min_steps": 10**6, "optimizer": "adamw", "lr_scaling": "none",
+                  "warmup_epochs": 0.0, "tensorboard": False, "log_every": 1}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "simclr_path",
+           "pretrain", str(store), "--out", str(out), "--config", str(cfg_file), "--device", "cpu",
+           "--workers", "0", "--batch-size", "4", "--max-steps", "100000", "--time-budget", "3",
+           "--arch", "test_resnet", "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.count("budget buys about") == 1  # one warning line, from rank 0
+    summary = json.loads((out / "summary.json").read_text())
+    fit = summary["budget_fit"]
+    assert summary["world_size"] == 2 and summary["steps"] >= 1
+    assert fit["chosen"] == len(fit["rungs"]) - 1  # nothing affords 10**6 steps: the cheapest
+    assert summary["image_size"] == fit["rungs"][-1]["image_size"] < 64
+    assert yaml.safe_load((out / "config.yaml").read_text())["augment"]["local_crops"] == 0
