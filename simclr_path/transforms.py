@@ -589,7 +589,7 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
     names, rows = preview_views(stores, cfg, n_pairs, seed)
     n_cols = len(rows[0])
     fig, axes = plt.subplots(n_pairs, n_cols, figsize=(n_cols * 2.0, n_pairs * 2.0 + 0.6),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")  # leaves room for the suptitle
     titles = ["view 1", "view 2"] + [f"local {j + 1}" for j in range(n_cols - 3)]
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
@@ -603,5 +603,4 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
     if cfg.local_crops:
         what += f" + {cfg.local_crops} local views of {cfg.local_view_size} px"
     fig.suptitle(f"SimCLR augmented views ({what})", fontsize=10)
-    fig.tight_layout()
     return save_figure(fig, out_png, force=force)
