@@ -45,9 +45,12 @@ def view_ladder(a: AugmentConfig, stride: int | None) -> list[AugmentConfig]:
         size = _round8(a.image_size * f)
         if size >= floor:
             rungs.append(dataclasses.replace(a, image_size=size, local_crops=0, local_size=None))
+    def key(r: AugmentConfig) -> AugmentConfig:  # local_size means nothing without local crops
+        return r if r.local_crops else dataclasses.replace(r, local_size=None)
+
     out: list[AugmentConfig] = []
     for r in rungs:
-        if all(r != o for o in out):
+        if all(key(r) != key(o) for o in out):
             out.append(r)
     return out
 
@@ -74,9 +77,9 @@ def time_train_pass(model: nn.Module, a: AugmentConfig, device: torch.device,
     one untimed pass first (allocations, kernel selection). Time it at the training batch size:
     on CPUs a small batch runs faster per pair (its activations stay in cache), and predicted
     from 8 pairs the 600 s budget bought 96 steps of ``cpu-fast`` views where 64-pair training
-    got 55 (study 6). The model's parameters, buffers (batch
-    norm statistics) and gradients are as before afterwards, and the global RNGs are not used.
-    """
+    got 55 (study 6). The model's parameters, buffers (batch norm statistics) and mode are as
+    before afterwards, its gradients are None, and the inputs do not draw from the global RNGs
+    (a backbone with dropout or drop-path still does)."""
     state = copy.deepcopy(model.state_dict())
     was_training = model.training
     model.train()
@@ -119,22 +122,31 @@ def fit_views_to_budget(model: nn.Module, a: AugmentConfig, batch_size: int, bud
 
     Returns ``(augment section to train, record)``; the record has ``min_steps``, ``budget_s``,
     ``trial_s`` (seconds spent timing), ``chosen`` (rung index) and ``rungs``: per rung timed,
-    ``image_size``, ``local_crops``, ``local_view_size`` and ``predicted_steps``.
+    ``image_size``, ``local_crops``, ``local_view_size`` and ``predicted_steps`` (None, with
+    ``error``, for a cheaper rung the model cannot run, which is skipped).
     """
     t0 = time.perf_counter()
     need = min(int(min_steps), int(max_steps))
     rungs = view_ladder(a, stride)
     rows: list[dict[str, Any]] = []
-    chosen = len(rungs) - 1
+    chosen = 0
     for i, r in enumerate(rungs):
-        per_pair = time_train_pass(model, r, device, dtype, memory_format, batch_size)
+        try:
+            per_pair = time_train_pass(model, r, device, dtype, memory_format, batch_size)
+        except RuntimeError as exc:  # e.g. a ViT whose patch size does not divide this view side
+            if i == 0:
+                raise  # the configured views themselves do not run: training would fail too
+            rows.append({"image_size": r.image_size, "local_crops": r.local_crops,
+                         "local_view_size": r.local_view_size if r.local_crops else None,
+                         "predicted_steps": None, "error": str(exc).splitlines()[0][:200]})
+            continue
+        chosen = i  # the cheapest rung that runs, unless one before it affords the steps
         left = max(0.0, budget_s - (time.perf_counter() - t0))
         steps = int(left / max(per_pair * batch_size, 1e-9))
         rows.append({"image_size": r.image_size, "local_crops": r.local_crops,
                      "local_view_size": r.local_view_size if r.local_crops else None,
                      "predicted_steps": steps})
         if steps >= need:
-            chosen = i
             break
     record = {"min_steps": int(min_steps), "budget_s": float(budget_s),
               "trial_s": round(time.perf_counter() - t0, 3), "chosen": chosen,

@@ -514,12 +514,13 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
     if resume and (out / "checkpoint.pt").is_file():
         ck = load_checkpoint(out / "checkpoint.pt")
         old = json.loads(ck["config"])
-        if (t_cfg.budget_min_steps and ck.get("budget_fit")
-                and ck.get("augment_requested") == to_dict(cfg)["augment"]):
+        if ck.get("budget_fit") and ck.get("augment_requested") == to_dict(cfg)["augment"]:
             # the run trained views fitted to its budget: keep them (the machine may differ now)
             cfg = dataclasses.replace(cfg, augment=AugmentConfig(**old["augment"]))
             a_cfg = cfg.augment
             fit = ck["budget_fit"]
+        elif ck.get("budget_fit") and old.get("augment") == to_dict(cfg)["augment"]:
+            fit = ck["budget_fit"]  # resumed with the run's own config.yaml: keep the record
         if old.get("model") != to_dict(cfg)["model"]:
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with a different model "
                                   "section; resume with the same configuration or use --force")
@@ -570,15 +571,17 @@ def _fit_budget(cfg: PipelineConfig, model: nn.Module, plan, world: Dist, device
     stride = output_stride(model.backbone)
     total = int(t_cfg.max_steps) if t_cfg.max_steps else int(t_cfg.epochs) * plan.batches_per_epoch
     memory_format = torch.channels_last if t_cfg.channels_last else torch.contiguous_format
-    model.to(device)
+    model.to(device, memory_format=memory_format)  # as _train will train it
     a, fit = fit_views_to_budget(model, cfg.augment, t_cfg.batch_size, float(t_cfg.time_budget_s),
                                  int(t_cfg.budget_min_steps), total, stride, device,
                                  amp_mode(t_cfg, device), memory_format)
     if world.enabled:  # every process trains rank 0's choice and stops at rank 0's budget
-        got = torch.tensor([fit["chosen"], fit["trial_s"]], dtype=torch.float64,
-                           device=device if device.type == "cuda" else "cpu")
+        dev = device if device.type == "cuda" else "cpu"
+        got = torch.tensor([fit["chosen"]], dtype=torch.float64, device=dev)
         dist.broadcast(got, src=0)
-        fit["chosen"], fit["trial_s"] = int(got[0].item()), float(got[1].item())
+        spent = torch.tensor([fit["trial_s"]], dtype=torch.float64, device=dev)
+        dist.all_reduce(spent, op=dist.ReduceOp.MAX)  # the slowest process's trial time
+        fit["chosen"], fit["trial_s"] = int(got.item()), float(spent.item())
         a = view_ladder(cfg.augment, stride)[fit["chosen"]]
         fit["trained"] = describe(a)
     if fit["chosen"] and world.main:
@@ -765,7 +768,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 bar.update(1)
             stop_now = False
             if t_cfg.time_budget_s is not None:
-                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64,
+                                       device=device if device.type == "cuda" else "cpu")  # NCCL: CUDA
                 if world.enabled:  # every process must stop at the same step
                     dist.broadcast(elapsed, src=0)
                 stop_now = float(elapsed) >= budget_s

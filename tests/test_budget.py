@@ -28,6 +28,8 @@ def test_view_ladder():
     # never below the output stride: 40 * 3/4 = 30 -> 32 px is kept, 40 / 2 = 20 -> 24 px is not
     assert _sizes(B.view_ladder(AugmentConfig(image_size=40), 32)) == [(40, 0, None), (32, 0, None)]
     assert _sizes(B.view_ladder(AugmentConfig(image_size=32), 32)) == [(32, 0, None)]
+    # a configured local_size without local crops is no reason to time the same views twice
+    assert _sizes(B.view_ladder(AugmentConfig(image_size=8, local_size=8), None)) == [(8, 0, None)]
     rung = B.view_ladder(cpu_fast, 32)[2]
     assert rung.crop_scale == cpu_fast.crop_scale and rung.stain_p == cpu_fast.stain_p
     assert B.describe(cpu_fast) == "128 px views + 4 x 64 px local views"
@@ -79,6 +81,29 @@ def test_fit_picks_the_first_rung_the_budget_affords(monkeypatch, min_steps, max
     assert rec["trained"] == B.describe(got) and rec["min_steps"] == min_steps
 
 
+def test_fit_skips_a_rung_the_model_cannot_run(monkeypatch):
+    cost = _fake_cost(1e-6)
+
+    def picky(model, a, *args):
+        if a.image_size == 48:
+            raise RuntimeError("Input height (48) doesn't match model (64).\nmore")
+        return cost(model, a, *args)
+
+    monkeypatch.setattr(B, "time_train_pass", picky)
+    a = AugmentConfig(image_size=64, local_crops=2, local_size=32)
+    got, rec = B.fit_views_to_budget(None, a, 8, 100.0, 5000, 10**6, 32, torch.device("cpu"),
+                                     None, torch.channels_last)
+    assert got.image_size == 32 and rec["chosen"] == 3
+    assert rec["rungs"][2]["predicted_steps"] is None
+    assert rec["rungs"][2]["error"] == "Input height (48) doesn't match model (64)."
+    # all but the 48 px rung fail the need: the cheapest that runs is the 32 px one (chosen above);
+    # when the configured views themselves cannot run, that is the error training would give
+    monkeypatch.setattr(B, "time_train_pass", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError, match="x"):
+        B.fit_views_to_budget(None, a, 8, 100.0, 5000, 10**6, 32, torch.device("cpu"), None,
+                              torch.channels_last)
+
+
 def _cfg(**train):
     base = {"batch_size": 8, "max_steps": 3, "workers": 0, "optimizer": "adamw", "lr": 1e-3,
             "lr_scaling": "none", "warmup_epochs": 0.0, "checkpoint_every": 2, "log_every": 1,
@@ -113,6 +138,16 @@ def test_pretrain_trains_the_views_the_budget_affords(make_store, tmp_path, monk
         s2 = T.pretrain([store], run, _cfg(budget_min_steps=300, max_steps=5), resume=True,
                         progress=False)
     assert s2["steps"] == 5 and s2["image_size"] == 32 and s2["budget_fit"]["chosen"] == 3
+    # resumed with the run's own config.yaml (the fitted views): the record is kept, so a later
+    # resume with the configuration asked for (here without budget_min_steps) still works
+    with pytest.warns(UserWarning, match="re-planned"):
+        s3 = T.pretrain([store], run, load_config(run / "config.yaml",
+                                                  overrides={"train": {"max_steps": 6}}),
+                        resume=True, progress=False)
+    assert s3["steps"] == 6 and s3["budget_fit"]["chosen"] == 3
+    with pytest.warns(UserWarning, match="re-planned"):
+        s4 = T.pretrain([store], run, _cfg(max_steps=7), resume=True, progress=False)
+    assert s4["steps"] == 7 and s4["image_size"] == 32 and s4["budget_fit"]["chosen"] == 3
 
 
 def test_pretrain_keeps_the_configured_views_when_the_budget_affords_them(make_store, tmp_path,
