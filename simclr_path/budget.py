@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from simclr_path.config import AugmentConfig
 
@@ -45,6 +46,7 @@ def view_ladder(a: AugmentConfig, stride: int | None) -> list[AugmentConfig]:
         size = _round8(a.image_size * f)
         if size >= floor:
             rungs.append(dataclasses.replace(a, image_size=size, local_crops=0, local_size=None))
+
     def key(r: AugmentConfig) -> AugmentConfig:  # local_size means nothing without local crops
         return r if r.local_crops else dataclasses.replace(r, local_size=None)
 
@@ -112,13 +114,14 @@ def time_train_pass(model: nn.Module, a: AugmentConfig, device: torch.device,
 def fit_views_to_budget(model: nn.Module, a: AugmentConfig, batch_size: int, budget_s: float,
                         min_steps: int, max_steps: int, stride: int | None, device: torch.device,
                         dtype: torch.dtype | None, memory_format: torch.memory_format,
-                        ) -> tuple[AugmentConfig, dict[str, Any]]:
+                        progress: bool = False) -> tuple[AugmentConfig, dict[str, Any]]:
     """The views to train within ``budget_s`` seconds, and the record of the decision.
 
     Walks :func:`view_ladder` from the configured views down, timing each rung
     (:func:`time_train_pass`, scaled to ``batch_size`` pairs per step), and stops at the first
     whose predicted step count reaches ``min(min_steps, max_steps)`` (a run capped at fewer steps
-    needs no more); when none does, the cheapest rung. The trial passes count against the budget.
+    needs no more); when none does, the cheapest rung. The trial passes count against the budget
+    (seconds to tens of seconds on a slow CPU: ``progress`` shows a bar over the rungs).
 
     Returns ``(augment section to train, record)``; the record has ``min_steps``, ``budget_s``,
     ``trial_s`` (seconds spent timing), ``chosen`` (rung index) and ``rungs``: per rung timed,
@@ -130,7 +133,10 @@ def fit_views_to_budget(model: nn.Module, a: AugmentConfig, batch_size: int, bud
     rungs = view_ladder(a, stride)
     rows: list[dict[str, Any]] = []
     chosen = 0
-    for i, r in enumerate(rungs):
+    bar = tqdm(rungs, desc="timing views for the budget", unit="rung", leave=False,
+               disable=None if progress else True)
+    for i, r in enumerate(bar):
+        bar.set_postfix_str(describe(r))
         try:
             per_pair = time_train_pass(model, r, device, dtype, memory_format, batch_size)
         except RuntimeError as exc:  # e.g. a ViT whose patch size does not divide this view side
@@ -148,6 +154,7 @@ def fit_views_to_budget(model: nn.Module, a: AugmentConfig, batch_size: int, bud
                      "predicted_steps": steps})
         if steps >= need:
             break
+    bar.close()
     record = {"min_steps": int(min_steps), "budget_s": float(budget_s),
               "trial_s": round(time.perf_counter() - t0, 3), "chosen": chosen,
               "requested": describe(a), "trained": describe(rungs[chosen]), "rungs": rows}

@@ -554,14 +554,14 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
             _prepare_run_dir(out, resume, force)
         world.barrier()
         if ck is None and t_cfg.time_budget_s and t_cfg.budget_min_steps:
-            cfg, fit = _fit_budget(cfg, model, plan, world, device, out)
+            cfg, fit = _fit_budget(cfg, model, plan, world, device, out, progress)
         return _train(opened, out, cfg, progress, world, device, plan, model, ck, fit)
     finally:
         world.close()
 
 
 def _fit_budget(cfg: PipelineConfig, model: nn.Module, plan, world: Dist, device: torch.device,
-                out: Path) -> tuple[PipelineConfig, dict[str, Any]]:
+                out: Path, progress: bool) -> tuple[PipelineConfig, dict[str, Any]]:
     """``cfg`` with the views :func:`simclr_path.budget.fit_views_to_budget` picks (rank 0's
     choice on every process), and the record of that choice."""
     from simclr_path.budget import describe, fit_views_to_budget, view_ladder
@@ -574,7 +574,8 @@ def _fit_budget(cfg: PipelineConfig, model: nn.Module, plan, world: Dist, device
     model.to(device, memory_format=memory_format)  # as _train will train it
     a, fit = fit_views_to_budget(model, cfg.augment, t_cfg.batch_size, float(t_cfg.time_budget_s),
                                  int(t_cfg.budget_min_steps), total, stride, device,
-                                 amp_mode(t_cfg, device), memory_format)
+                                 amp_mode(t_cfg, device), memory_format,
+                                 progress=progress and world.main)
     if world.enabled:  # every process trains rank 0's choice and stops at rank 0's budget
         dev = device if device.type == "cuda" else "cpu"
         got = torch.tensor([fit["chosen"]], dtype=torch.float64, device=dev)

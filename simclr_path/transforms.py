@@ -553,7 +553,7 @@ def preview_views(stores: Sequence[str | os.PathLike], cfg: AugmentConfig | None
         v1.append(a)
         v2.append(b)
         if geo_local is not None:
-            geo_local.seed(seed * 1_000_003 + k + 17)
+            geo_local.seed(int(np.random.SeedSequence([seed, k, 17]).generate_state(1)[0]))
             local += [geo_local(patch) for _ in range(cfg.local_crops)]
         names.append(f"{opened[si].slide_id} #{int(f - offsets[si])}")
     g = torch.Generator().manual_seed(seed)
@@ -583,6 +583,7 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from simclr_path.budget import describe
     from simclr_path.figures import save_figure
 
     cfg = cfg or AugmentConfig()
@@ -599,8 +600,5 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
             ax.set_yticks([])
             ax.set_title(f"patch {names[r]}" if c == 0 else f"{titles[c - 1]} ({img.shape[0]} px)",
                          fontsize=7)
-    what = f"{cfg.image_size} px views"
-    if cfg.local_crops:
-        what += f" + {cfg.local_crops} local views of {cfg.local_view_size} px"
-    fig.suptitle(f"SimCLR augmented views ({what})", fontsize=10)
+    fig.suptitle(f"SimCLR augmented views ({describe(cfg)})", fontsize=10)
     return save_figure(fig, out_png, force=force)
