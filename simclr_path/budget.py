@@ -73,33 +73,40 @@ def _sync(device: torch.device) -> None:
 def time_train_pass(model: nn.Module, a: AugmentConfig, device: torch.device,
                     dtype: torch.dtype | None, memory_format: torch.memory_format,
                     pairs: int) -> float:
-    """Seconds per pair of one training forward + backward at ``a``'s view sizes.
+    """Seconds per pair of one training step's compute at ``a``'s view sizes.
 
-    Random inputs, ``pairs`` pairs (two full-size views each plus ``a.local_crops`` local views),
-    one untimed pass first (allocations, kernel selection). Time it at the training batch size:
-    on CPUs a small batch runs faster per pair (its activations stay in cache), and predicted
-    from 8 pairs the 600 s budget bought 96 steps of ``cpu-fast`` views where 64-pair training
-    got 55 (study 6). The model's parameters, buffers (batch norm statistics) and mode are as
-    before afterwards, its gradients are None, and the inputs do not draw from the global RNGs
-    (a backbone with dropout or drop-path still does)."""
+    Timed: the batched colour and stain augmentation of the uint8 views (``ColorAugment``, as
+    the loop runs it) and the forward + backward pass, on random inputs of ``pairs`` pairs (two
+    full-size views each plus ``a.local_crops`` local views), after one untimed step
+    (allocations, kernel selection). Left out: the loader's crops (another process) and the
+    optimiser step. Time it at the training batch size: on CPUs a small batch runs faster per
+    pair (its activations stay in cache), and predicted from 8 pairs the 600 s budget bought 96
+    steps of ``cpu-fast`` views where 64-pair training got 55 (study 6). The model's parameters,
+    buffers (batch norm statistics) and mode are as before afterwards, its gradients are None,
+    and nothing draws from the global RNGs (a backbone with dropout or drop-path still does)."""
+    from simclr_path.transforms import ColorAugment
+
     state = copy.deepcopy(model.state_dict())
     was_training = model.training
     model.train()
     g = torch.Generator().manual_seed(0)
 
-    def batch(n: int, s: int) -> torch.Tensor:
-        x = torch.randn(n, 3, s, s, generator=g)
-        return x.to(device).contiguous(memory_format=memory_format)
+    def batch(n: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        views = torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, generator=g).to(device)
+        return views, torch.empty(views.shape, device=device).contiguous(memory_format=memory_format)
 
-    x = batch(2 * pairs, a.image_size)
-    more = [batch(a.local_crops * pairs, a.local_view_size)] if a.local_crops else []
+    groups = [batch(2 * pairs, a.image_size)]
+    if a.local_crops:
+        groups.append(batch(a.local_crops * pairs, a.local_view_size))
+    colour = [ColorAugment(a) for _ in groups]  # own scratch buffers per view size, as in the loop
     try:
         seconds = 0.0
         for i in range(2):
             _sync(device)
             t0 = time.perf_counter()
+            x = [c(v, g, out=buf) for c, (v, buf) in zip(colour, groups)]
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                _, z = model(x, *more)
+                _, z = model(*x)
             z.float().square().mean().backward()
             _sync(device)
             if i:

@@ -521,6 +521,13 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
             fit = ck["budget_fit"]
         elif ck.get("budget_fit") and old.get("augment") == to_dict(cfg)["augment"]:
             fit = ck["budget_fit"]  # resumed with the run's own config.yaml: keep the record
+        fitted_to = float(fit.get("budget_s", 0.0)) if fit else 0.0
+        if fitted_to and t_cfg.time_budget_s and world.main and fitted_to != float(t_cfg.time_budget_s):
+            # views cannot change mid-run, so a new budget only moves the stop and the LR schedule
+            warnings.warn(f"{out / 'checkpoint.pt'}: its views ({fit.get('trained')}) were fitted "
+                          f"to a {fitted_to:.0f} s budget; resume keeps them with the "
+                          f"{float(t_cfg.time_budget_s):.0f} s budget (use --force to start over "
+                          "and fit them again)", stacklevel=2)
         if old.get("model") != to_dict(cfg)["model"]:
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with a different model "
                                   "section; resume with the same configuration or use --force")

@@ -148,6 +148,13 @@ def test_pretrain_trains_the_views_the_budget_affords(make_store, tmp_path, monk
     with pytest.warns(UserWarning, match="re-planned"):
         s4 = T.pretrain([store], run, _cfg(max_steps=7), resume=True, progress=False)
     assert s4["steps"] == 7 and s4["image_size"] == 32 and s4["budget_fit"]["chosen"] == 3
+    # another budget on resume: the fitted views go on (they cannot change mid-run), said once
+    with pytest.warns(UserWarning) as got:
+        s5 = T.pretrain([store], run, _cfg(budget_min_steps=300, max_steps=8, time_budget_s=20.0),
+                        resume=True, progress=False)
+    said = [str(w.message) for w in got if "fitted to a 10 s budget" in str(w.message)]
+    assert len(said) == 1 and "(32 px views)" in said[0] and "with the 20 s budget" in said[0]
+    assert s5["steps"] == 8 and s5["image_size"] == 32 and s5["budget_fit"]["chosen"] == 3
 
 
 def test_pretrain_keeps_the_configured_views_when_the_budget_affords_them(make_store, tmp_path,
