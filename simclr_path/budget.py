@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from simclr_path.config import AugmentConfig
+from simclr_path.transforms import ColorAugment
 
 
 def _round8(x: float) -> int:
@@ -84,8 +85,6 @@ def time_train_pass(model: nn.Module, a: AugmentConfig, device: torch.device,
     steps of ``cpu-fast`` views where 64-pair training got 55 (study 6). The model's parameters,
     buffers (batch norm statistics) and mode are as before afterwards, its gradients are None,
     and nothing draws from the global RNGs (a backbone with dropout or drop-path still does)."""
-    from simclr_path.transforms import ColorAugment
-
     state = copy.deepcopy(model.state_dict())
     was_training = model.training
     model.train()
