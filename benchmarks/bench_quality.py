@@ -19,10 +19,11 @@ Issue 6. One run:
    over the source images (no group on both sides of a split), repeated ``--repeats`` times with
    fold seeds ``seed, seed + 1, ...`` (one split of 75 groups moves AUROC by several hundredths,
    so one split cannot rank feature sets; every feature set gets the same splits);
-5. evaluates two baselines with the same probe and the same folds: per-channel colour histograms
-   (``--hist-bins`` bins per RGB channel, each normalised to sum 1) and a randomly initialised
-   encoder of the same architecture (the SimCLR run's own initial weights: same seed), embedded
-   the same way.
+5. evaluates three baselines with the same probe and the same folds: per-channel colour
+   histograms (``--hist-bins`` bins per RGB channel, each normalised to sum 1), the same
+   histograms square-rooted (the Hellinger embedding; a linear probe on it is a stronger
+   baseline: study 9 in benchmarks/README.md) and a randomly initialised encoder of the same
+   architecture (the SimCLR run's own initial weights: same seed), embedded the same way.
 
 It prints, per feature set, SCC-vs-rest AUROC (``lung_scc`` positive) and three-class balanced
 accuracy of the pooled out-of-fold patch predictions (mean and standard deviation over the
@@ -225,8 +226,14 @@ def colour_histograms(patches: np.ndarray, bins: int) -> np.ndarray:
     return (counts / (patches.shape[1] * patches.shape[2])).astype(np.float32)
 
 
-def write_hist_embeddings(store_path: Path, out: Path, bins: int, chunk: int = 128) -> Path:
-    """Colour-histogram features of every patch as an embedding file (same labels and groups)."""
+def write_hist_embeddings(store_path: Path, out: Path, bins: int, chunk: int = 128,
+                          sqrt: bool = False) -> Path:
+    """Colour-histogram features of every patch as an embedding file (same labels and groups).
+
+    ``sqrt``: the square root of each bin (Hellinger embedding: Euclidean distance between such
+    vectors is the Hellinger distance between the histograms, which suits a linear probe better
+    than raw frequencies dominated by a few large bins).
+    """
     from tqdm.auto import tqdm
 
     from simclr_path.store import PatchStore, write_embeddings
@@ -236,9 +243,12 @@ def write_hist_embeddings(store_path: Path, out: Path, bins: int, chunk: int = 1
         for lo in tqdm(range(0, len(s), chunk), desc="colour histograms", unit="chunk",
                        leave=False, disable=None):
             feats[lo:lo + chunk] = colour_histograms(s[lo:lo + chunk], bins)
+        if sqrt:
+            np.sqrt(feats, out=feats)
+        tag = f"colour-hist{'-sqrt' if sqrt else ''}-{bins}"
         attrs = {"kind": "embeddings", "slide_id": s.slide_id, "source_store": str(s.path),
-                 "encoder": None, "encoder_sha256": f"colour-hist-{bins}", "arch": None,
-                 "layer": f"rgb_hist_{bins}", "image_size": s.patch_size,
+                 "encoder": None, "encoder_sha256": tag, "arch": None,
+                 "layer": f"rgb_hist{'_sqrt' if sqrt else ''}_{bins}", "image_size": s.patch_size,
                  "feature_dim": 3 * bins, "n_patches": len(s), "mpp": s.mpp,
                  "patch_size": s.patch_size, "store_kind": s.attrs.get("kind")}
         return write_embeddings(out, feats, s.coords, attrs, labels=s.labels, groups=s.groups,
@@ -480,10 +490,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     emb_dir = work / "embeddings"
     emb_dir.mkdir(parents=True, exist_ok=True)
     feature_sets: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    hist = write_hist_embeddings(store, emb_dir / f"colour-hist-{args.hist_bins}.h5", args.hist_bins)
-    feature_sets.append({"name": "colour-hist", "embed_size": None, "emb": hist,
-                         "embed_s": time.perf_counter() - t0, "pretrain_s": None})
+    for name, sqrt in (("colour-hist", False), ("colour-hist-sqrt", True)):
+        t0 = time.perf_counter()
+        hist = write_hist_embeddings(store, emb_dir / f"{name}-{args.hist_bins}.h5",
+                                     args.hist_bins, sqrt=sqrt)
+        feature_sets.append({"name": name, "embed_size": None, "emb": hist,
+                             "embed_s": time.perf_counter() - t0, "pretrain_s": None})
     for layer, size in itertools.product(layers, sizes):
         ecfg = dataclasses.replace(cfg.embed, image_size=size, layer=layer)
         tag = f"{size}" if layer == "pooled" else f"{size}:{layer}"
@@ -524,13 +536,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     stages.update(1)
     stages.close()
 
-    hist_row = next(r for r in rows if r["kind"] == "colour-hist")
+    hist_rows = [r for r in rows if r["kind"].startswith("colour-hist")]
     comparisons, targets = [], []
     for r in (r for r in rows if r["kind"] == "simclr"):
         rand_row = next(x for x in rows  # same size and layer
                         if x["name"] == r["name"].replace("simclr@", "random-init@", 1))
         better = True
-        for base in (hist_row, rand_row):
+        for base in (*hist_rows, rand_row):
             c = {"simclr": r["name"], "baseline": base["name"], **compare(r, base)}
             comparisons.append(c)
             better &= c["auroc_scc_diff"] > 0 and c["balanced_accuracy_diff"] > 0

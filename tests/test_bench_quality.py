@@ -11,6 +11,7 @@ import json
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 from conftest import LC25000, ROOT, needs
 
@@ -58,10 +59,12 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
         "--repeats", "2", "--out", str(out), "--no-progress",
     ])
     printed = capsys.readouterr().out
-    for name in ("colour-hist", "simclr@40", "random-init@40", "SCC AUROC", "bal. acc"):
+    for name in ("colour-hist", "colour-hist-sqrt", "simclr@40", "random-init@40", "SCC AUROC",
+                 "bal. acc"):
         assert name in printed
     saved = json.loads(out.read_text())
-    assert [r["name"] for r in saved["rows"]] == ["colour-hist", "simclr@40", "random-init@40"]
+    assert [r["name"] for r in saved["rows"]] == [
+        "colour-hist", "colour-hist-sqrt", "simclr@40", "random-init@40"]
     assert saved["n_patches"] == 30 and saved["pretrain"]["steps"] >= 1
     assert saved["pretrain"]["stopped"] in ("time_budget", "completed")
     # cpu-fast fits its views to the budget: 4 s buy far fewer than 250 steps of 32 px views plus
@@ -80,11 +83,12 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
             assert r[f"{key}_sd"] == pytest.approx(abs(per[0] - per[1]) / math.sqrt(2))
         assert [p["fold_seed"] for p in r["per_repeat"]] == [0, 1]
         assert r["embed_s"] >= 0 and r["probe_s"] > 0
-    assert len(saved["comparisons"]) == 2
+    assert [c["baseline"] for c in saved["comparisons"]] == [
+        "colour-hist", "colour-hist-sqrt", "random-init@40"]
     for c in saved["comparisons"]:
         assert math.isfinite(c["auroc_scc_diff"]) and c["repeats"] == 2
         assert 0 <= c["auroc_scc_wins"] <= 2 and 0 <= c["balanced_accuracy_wins"] <= 2
-    assert res["rows"][1]["auroc_scc"] == saved["rows"][1]["auroc_scc"]
+    assert res["rows"][2]["auroc_scc"] == saved["rows"][2]["auroc_scc"]
     with pytest.raises(SimclrPathError):  # --out exists: no overwrite without --force
         bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--out", str(out)])
     # the finished run again, without training: same store (reused), same encoder and figures
@@ -92,7 +96,7 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
                      "--run", str(tmp_path / "work" / "simclr-run"), "--no-progress",
                      "--repeats", "2"])
     assert again["store_reused"] and again["pretrain"]["steps"] == saved["pretrain"]["steps"]
-    assert again["rows"][1]["auroc_scc"] == pytest.approx(saved["rows"][1]["auroc_scc"])
+    assert again["rows"][2]["auroc_scc"] == pytest.approx(saved["rows"][2]["auroc_scc"])
 
     # another backbone layer of both encoders, compared layer with layer
     staged = bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--layers", "stage3",
@@ -101,11 +105,34 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
                       "--set", "embed.workers=0", "--set", "classify.bootstrap=0",
                       "--set", "classify.c_grid=[1.0]"])
     assert [r["name"] for r in staged["rows"]] == [
-        "colour-hist", "simclr@40:stage3", "random-init@40:stage3"]
-    assert [c["baseline"] for c in staged["comparisons"]] == ["colour-hist", "random-init@40:stage3"]
+        "colour-hist", "colour-hist-sqrt", "simclr@40:stage3", "random-init@40:stage3"]
+    assert [c["baseline"] for c in staged["comparisons"]] == [
+        "colour-hist", "colour-hist-sqrt", "random-init@40:stage3"]
     with pytest.raises(SimclrPathError, match="embed.layer"):
         bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--layers", "block9",
                  "--run", str(tmp_path / "work" / "simclr-run"), "--no-progress"])
+
+
+def test_colour_histograms_count_each_channel(bq):
+    patches = np.zeros((2, 2, 2, 3), dtype=np.uint8)
+    patches[0, :, :, 0] = 255  # all red values in the last bin
+    patches[1, 0, 0] = (8, 100, 200)  # one pixel off black
+    h = bq.colour_histograms(patches, bins=4)
+    assert h.shape == (2, 12) and np.allclose(h.reshape(2, 3, 4).sum(-1), 1.0)
+    assert h[0].tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0]
+    assert h[1].tolist() == [1, 0, 0, 0, 0.75, 0.25, 0, 0, 0.75, 0, 0, 0.25]
+
+
+def test_sqrt_histograms_are_the_square_root(bq, tmp_path):
+    from simclr_path.store import EmbeddingStore
+
+    store, _ = bq.import_store(LC25000, tmp_path, 12, seed=0)
+    raw = bq.write_hist_embeddings(store, tmp_path / "raw.h5", 8)
+    hell = bq.write_hist_embeddings(store, tmp_path / "sqrt.h5", 8, sqrt=True)
+    a, b = EmbeddingStore(raw), EmbeddingStore(hell)
+    assert a.features.shape == (12, 24) and np.allclose(a.features.reshape(12, 3, 8).sum(-1), 1)
+    assert np.allclose(b.features, np.sqrt(a.features))
+    assert (b.features > a.features).any()  # not the raw histogram under another name
 
 
 def test_paired_comparison_counts_splits(bq):
