@@ -226,33 +226,44 @@ def colour_histograms(patches: np.ndarray, bins: int) -> np.ndarray:
     return (counts / (patches.shape[1] * patches.shape[2])).astype(np.float32)
 
 
-def write_hist_embeddings(store_path: Path, out: Path, bins: int, chunk: int = 128,
-                          sqrt: bool = False) -> Path:
-    """Colour-histogram features of every patch as an embedding file (same labels and groups).
+# Histogram baselines: name -> transform of the per-channel frequencies. "colour-hist-sqrt" is
+# the Hellinger embedding: Euclidean distance between square-rooted histograms is the Hellinger
+# distance between them, so a few large bins do not dominate a linear probe (study 9).
+HIST_BASELINES = {"colour-hist": None, "colour-hist-sqrt": np.sqrt}
 
-    ``sqrt``: the square root of each bin (Hellinger embedding: Euclidean distance between such
-    vectors is the Hellinger distance between the histograms, which suits a linear probe better
-    than raw frequencies dominated by a few large bins).
+
+def write_hist_embeddings(store_path: Path, out_dir: Path, bins: int,
+                          chunk: int = 128) -> dict[str, tuple[Path, float]]:
+    """Every :data:`HIST_BASELINES` feature set of every patch as an embedding file
+    ``out_dir / "{name}-{bins}.h5"`` (same labels and groups), from one pass over the store.
+
+    Returns name -> (path, seconds: the shared pass plus that set's transform and write).
     """
     from tqdm.auto import tqdm
 
     from simclr_path.store import PatchStore, write_embeddings
 
+    out: dict[str, tuple[Path, float]] = {}
+    t0 = time.perf_counter()
     with PatchStore(store_path) as s:
         feats = np.zeros((len(s), 3 * bins), dtype=np.float32)
         for lo in tqdm(range(0, len(s), chunk), desc="colour histograms", unit="chunk",
                        leave=False, disable=None):
             feats[lo:lo + chunk] = colour_histograms(s[lo:lo + chunk], bins)
-        if sqrt:
-            np.sqrt(feats, out=feats)
-        tag = f"colour-hist{'-sqrt' if sqrt else ''}-{bins}"
-        attrs = {"kind": "embeddings", "slide_id": s.slide_id, "source_store": str(s.path),
-                 "encoder": None, "encoder_sha256": tag, "arch": None,
-                 "layer": f"rgb_hist{'_sqrt' if sqrt else ''}_{bins}", "image_size": s.patch_size,
-                 "feature_dim": 3 * bins, "n_patches": len(s), "mpp": s.mpp,
-                 "patch_size": s.patch_size, "store_kind": s.attrs.get("kind")}
-        return write_embeddings(out, feats, s.coords, attrs, labels=s.labels, groups=s.groups,
-                                label_names=s.label_names, force=True)
+        pass_s = time.perf_counter() - t0
+        for name, transform in HIST_BASELINES.items():
+            t0 = time.perf_counter()
+            attrs = {"kind": "embeddings", "slide_id": s.slide_id, "source_store": str(s.path),
+                     "encoder": None, "encoder_sha256": f"{name}-{bins}", "arch": None,
+                     "layer": f"{name.replace('-', '_')}_{bins}", "image_size": s.patch_size,
+                     "feature_dim": 3 * bins, "n_patches": len(s), "mpp": s.mpp,
+                     "patch_size": s.patch_size, "store_kind": s.attrs.get("kind")}
+            path = write_embeddings(out_dir / f"{name}-{bins}.h5",
+                                    feats if transform is None else transform(feats), s.coords,
+                                    attrs, labels=s.labels, groups=s.groups,
+                                    label_names=s.label_names, force=True)
+            out[name] = (path, pass_s + time.perf_counter() - t0)
+    return out
 
 
 def random_init_encoder(arch: str, seed: int, image_size: int, out_dir: Path,
@@ -490,12 +501,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     emb_dir = work / "embeddings"
     emb_dir.mkdir(parents=True, exist_ok=True)
     feature_sets: list[dict[str, Any]] = []
-    for name, sqrt in (("colour-hist", False), ("colour-hist-sqrt", True)):
-        t0 = time.perf_counter()
-        hist = write_hist_embeddings(store, emb_dir / f"{name}-{args.hist_bins}.h5",
-                                     args.hist_bins, sqrt=sqrt)
+    for name, (hist, hist_s) in write_hist_embeddings(store, emb_dir, args.hist_bins).items():
         feature_sets.append({"name": name, "embed_size": None, "emb": hist,
-                             "embed_s": time.perf_counter() - t0, "pretrain_s": None})
+                             "embed_s": hist_s, "pretrain_s": None})
     for layer, size in itertools.product(layers, sizes):
         ecfg = dataclasses.replace(cfg.embed, image_size=size, layer=layer)
         tag = f"{size}" if layer == "pooled" else f"{size}:{layer}"
@@ -536,7 +544,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     stages.update(1)
     stages.close()
 
-    hist_rows = [r for r in rows if r["kind"].startswith("colour-hist")]
+    hist_rows = [r for r in rows if r["kind"] in HIST_BASELINES]
     comparisons, targets = [], []
     for r in (r for r in rows if r["kind"] == "simclr"):
         rand_row = next(x for x in rows  # same size and layer

@@ -127,8 +127,10 @@ def test_sqrt_histograms_are_the_square_root(bq, tmp_path):
     from simclr_path.store import EmbeddingStore
 
     store, _ = bq.import_store(LC25000, tmp_path, 12, seed=0)
-    raw = bq.write_hist_embeddings(store, tmp_path / "raw.h5", 8)
-    hell = bq.write_hist_embeddings(store, tmp_path / "sqrt.h5", 8, sqrt=True)
+    written = bq.write_hist_embeddings(store, tmp_path, 8)
+    assert sorted(written) == ["colour-hist", "colour-hist-sqrt"]
+    (raw, _), (hell, _) = written["colour-hist"], written["colour-hist-sqrt"]
+    assert raw.name == "colour-hist-8.h5" and hell.name == "colour-hist-sqrt-8.h5"
     a, b = EmbeddingStore(raw), EmbeddingStore(hell)
     assert a.features.shape == (12, 24) and np.allclose(a.features.reshape(12, 3, 8).sum(-1), 1)
     assert np.allclose(b.features, np.sqrt(a.features))
