@@ -143,6 +143,7 @@ class TrainConfig:
     momentum: float = 0.9
     warmup_epochs: float = 10.0
     temperature: float = 0.1
+    loss: str = "ntxent"  # ntxent (SimCLR) | dcl (decoupled: the positive left out of the denominator)
     amp: bool = True  # bf16 where supported, fp16 + grad scaler otherwise, off on CPU without bf16
     channels_last: bool = True
     compile: bool = False
@@ -169,6 +170,7 @@ class TrainConfig:
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
         _check(self.batch_size >= 2, "train.batch_size", "must be >= 2")
         _check(self.temperature > 0, "train.temperature", "must be > 0")
+        _check(self.loss in ("ntxent", "dcl"), "train.loss", f"must be ntxent or dcl, got {self.loss!r}")
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")

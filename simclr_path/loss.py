@@ -77,14 +77,24 @@ class NTXentLoss(nn.Module):
     mean of the two-view loss over the 1 + 2K pairs (z1, z2), (z1, local_k), (z2, local_k): each
     local view is contrasted with the global views only, as in SwAV and DINO, since two small
     crops of one patch need not show the same tissue.
+
+    ``decoupled=True`` is the decoupled contrastive loss (DCL; Yeh et al. 2022, "Decoupled
+    Contrastive Learning", eq. 6): the positive is left out of the denominator,
+
+        l_i = -sim(z_i, z_j) / t + log sum_{k != i, j} exp(sim(z_i, z_k) / t),
+
+    which removes the negative-positive coupling that shrinks NT-Xent's gradient when a small
+    batch holds few hard negatives (their section 3). The loss can be negative.
     """
 
-    def __init__(self, temperature: float = 0.1, gather_distributed: bool = True) -> None:
+    def __init__(self, temperature: float = 0.1, gather_distributed: bool = True,
+                 decoupled: bool = False) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.gather_distributed = gather_distributed
+        self.decoupled = bool(decoupled)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
         if z1.shape != z2.shape or z1.ndim != 2:
@@ -121,4 +131,8 @@ class NTXentLoss(nn.Module):
         pos_idx = torch.cat([local + m, local])  # its other view
         # an anchor is not its own negative
         logits = logits.index_put((rows, self_idx), logits.new_full((2 * n,), float("-inf")))
-        return F.cross_entropy(logits, pos_idx)
+        if not self.decoupled:
+            return F.cross_entropy(logits, pos_idx)
+        pos = logits[rows, pos_idx]  # (2N,)
+        negs = logits.index_put((rows, pos_idx), logits.new_full((2 * n,), float("-inf")))
+        return (torch.logsumexp(negs, dim=1) - pos).mean()

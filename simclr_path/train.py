@@ -660,7 +660,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if t_cfg.compile:
         train_model = torch.compile(train_model)
-    criterion = NTXentLoss(t_cfg.temperature, gather_distributed=True)
+    criterion = NTXentLoss(t_cfg.temperature, gather_distributed=True, decoupled=t_cfg.loss == "dcl")
     colour = ColorAugment(a_cfg)
     colour_local = ColorAugment(a_cfg)  # its own scratch buffers: local views have another size
     metrics = _Metrics(out / "metrics.csv", start_step if ck is not None else None) if world.main else None

@@ -11,8 +11,9 @@ import torch.multiprocessing as mp
 from simclr_path.loss import NTXentLoss
 
 
-def reference_ntxent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
-    """Eq. 1 of Chen et al. 2020, written as plain loops in float64 (no masking tricks)."""
+def reference_ntxent(z1: torch.Tensor, z2: torch.Tensor, t: float, decoupled: bool = False) -> torch.Tensor:
+    """Eq. 1 of Chen et al. 2020, written as plain loops in float64 (no masking tricks); with
+    ``decoupled``, eq. 6 of Yeh et al. 2022 (DCL: the positive is not in the denominator)."""
     z = torch.cat([z1, z2]).double()
     z = z / z.norm(dim=1, keepdim=True)
     n2 = z.shape[0]
@@ -20,7 +21,7 @@ def reference_ntxent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tens
     total = 0.0
     for i in range(n2):
         j = (i + n) % n2
-        sims = [torch.dot(z[i], z[k]) / t for k in range(n2) if k != i]
+        sims = [torch.dot(z[i], z[k]) / t for k in range(n2) if k != i and not (decoupled and k == j)]
         denom = torch.logsumexp(torch.stack(sims), dim=0)
         total = total + (denom - torch.dot(z[i], z[j]) / t)
     return total / n2
@@ -32,14 +33,15 @@ def _inputs(n=6, d=5, seed=0):
             torch.randn(n, d, generator=g, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
 @pytest.mark.parametrize("t", [0.1, 0.5])
-def test_matches_reference_value_and_gradient(t):
+def test_matches_reference_value_and_gradient(t, decoupled):
     a, b = _inputs()
     z1, z2 = a.clone().float().requires_grad_(), b.clone().float().requires_grad_()
-    loss = NTXentLoss(t)(z1, z2)
+    loss = NTXentLoss(t, decoupled=decoupled)(z1, z2)
     loss.backward()
     r1, r2 = a.clone().requires_grad_(), b.clone().requires_grad_()
-    ref = reference_ntxent(r1, r2, t)
+    ref = reference_ntxent(r1, r2, t, decoupled)
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-5
     assert torch.allclose(z1.grad.double(), r1.grad, atol=1e-5)
@@ -78,6 +80,25 @@ def test_matches_lightly():
         assert torch.allclose(x.grad, y.grad, atol=1e-5)
 
 
+def test_decoupled_matches_lightly_and_drops_the_positive_from_the_denominator():
+    a, b = _inputs(n=8, d=16, seed=4)
+    ours = [a.clone().float().requires_grad_(), b.clone().float().requires_grad_()]
+    dcl = NTXentLoss(0.2, decoupled=True)(*ours)
+    # the decoupled loss is the coupled one minus the mean log of 1 / (1 - p_pos): always lower
+    assert dcl.item() < NTXentLoss(0.2)(a.float(), b.float()).item()
+    # with identical views of orthogonal vectors the positive term is 1 / t and every negative is 0
+    z = torch.eye(4)
+    assert math.isclose(NTXentLoss(0.5, decoupled=True)(z, z).item(), math.log(6) - 2.0, rel_tol=1e-5)
+    lightly_loss = pytest.importorskip("lightly.loss")
+    theirs = [a.clone().float().requires_grad_(), b.clone().float().requires_grad_()]
+    lt = lightly_loss.DCLLoss(temperature=0.2)(*theirs)
+    dcl.backward()
+    lt.backward()
+    assert abs(dcl.item() - lt.item()) < 1e-5
+    for x, y in zip(ours, theirs):
+        assert torch.allclose(x.grad, y.grad, atol=1e-5)
+
+
 def test_perfect_alignment_gives_low_loss_and_bad_shapes_raise():
     z = torch.eye(4) * 10
     assert NTXentLoss(0.1)(z, z).item() < 1e-3
@@ -109,7 +130,7 @@ def _local(k: int, sl: slice, lin) -> torch.Tensor | None:
     return lin(xl[:, sl].reshape(-1, D_IN))
 
 
-def _worker(rank: int, world: int, init_file: str, out_file: str, k: int = 0) -> None:
+def _worker(rank: int, world: int, init_file: str, out_file: str, k: int = 0, dcl: bool = False) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -119,12 +140,12 @@ def _worker(rank: int, world: int, init_file: str, out_file: str, k: int = 0) ->
         z1 = lin(x1[sl]).detach().requires_grad_()
         z2 = lin(x2[sl]).detach().requires_grad_()
         zl = _local(k, sl, lin)
-        loss = NTXentLoss(T)(z1, z2, None if zl is None else zl.detach())
+        loss = NTXentLoss(T, decoupled=dcl)(z1, z2, None if zl is None else zl.detach())
         loss.backward()
         # parameter gradients as DDP computes them: local backward, then mean over processes
         p1, p2 = lin(x1[sl]), lin(x2[sl])
         lin.zero_grad()
-        NTXentLoss(T)(p1, p2, _local(k, sl, lin)).backward()
+        NTXentLoss(T, decoupled=dcl)(p1, p2, _local(k, sl, lin)).backward()
         grads = torch.cat([lin.weight.grad.flatten(), lin.bias.grad.flatten()])
         dist.all_reduce(grads)
         grads /= world
@@ -141,20 +162,21 @@ def _worker(rank: int, world: int, init_file: str, out_file: str, k: int = 0) ->
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("k", [0, 2])  # k local views per image (multi-crop)
-def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path, k):
+# k local views per image (multi-crop); dcl: the decoupled loss
+@pytest.mark.parametrize(("k", "dcl"), [(0, False), (2, False), (0, True)])
+def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path, k, dcl):
     out = tmp_path / "dist.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), k), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), k, dcl), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
 
     x1, x2, lin = _setup()
     z1 = lin(x1).detach().requires_grad_()
     z2 = lin(x2).detach().requires_grad_()
     zl = _local(k, slice(0, 2 * N), lin)
-    loss = NTXentLoss(T)(z1, z2, None if zl is None else zl.detach())
+    loss = NTXentLoss(T, decoupled=dcl)(z1, z2, None if zl is None else zl.detach())
     loss.backward()
     lin.zero_grad()
-    NTXentLoss(T)(lin(x1), lin(x2), _local(k, slice(0, 2 * N), lin)).backward()
+    NTXentLoss(T, decoupled=dcl)(lin(x1), lin(x2), _local(k, slice(0, 2 * N), lin)).backward()
     grads = torch.cat([lin.weight.grad.flatten(), lin.bias.grad.flatten()])
 
     assert abs(got["loss"].item() - loss.item()) < 1e-5
