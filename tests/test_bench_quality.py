@@ -89,6 +89,17 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
         assert math.isfinite(c["auroc_scc_diff"]) and c["repeats"] == 2
         assert 0 <= c["auroc_scc_wins"] <= 2 and 0 <= c["balanced_accuracy_wins"] <= 2
     assert res["rows"][2]["auroc_scc"] == saved["rows"][2]["auroc_scc"]
+    # per-group accuracy of every split: the 30 tiles come from 30 groups (one tile each)
+    groups = set(saved["rows"][0]["per_repeat"][0]["group_accuracy"])
+    assert len(groups) == 30 and all(g.startswith("lung_") for g in groups)
+    for r in saved["rows"]:
+        for p in r["per_repeat"]:
+            assert set(p["group_accuracy"]) == groups
+            assert set(p["group_accuracy"].values()) <= {0.0, 1.0}  # one tile per group here
+        assert r["missed_groups"] == bq.missed_groups(r["per_repeat"])
+    assert saved["missed_by_all"] == sorted(
+        set.intersection(*(set(r["missed_groups"]) for r in saved["rows"])))
+    assert "groups missed (under half of their patches right" in printed
     with pytest.raises(SimclrPathError):  # --out exists: no overwrite without --force
         bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--out", str(out)])
     # the finished run again, without training: same store (reused), same encoder and figures
@@ -135,6 +146,15 @@ def test_sqrt_histograms_are_the_square_root(bq, tmp_path):
     assert a.features.shape == (12, 24) and np.allclose(a.features.reshape(12, 3, 8).sum(-1), 1)
     assert np.allclose(b.features, np.sqrt(a.features))
     assert (b.features > a.features).any()  # not the raw histogram under another name
+
+
+def test_missed_groups_average_over_splits(bq):
+    per_repeat = [{"group_accuracy": {"a": 0.0, "b": 1.0, "c": 0.4, "d": 0.5}},
+                  {"group_accuracy": {"a": 0.2, "b": 0.0, "c": 0.4, "d": 0.5}},
+                  {"group_accuracy": {"a": 0.9, "b": 0.0, "c": 0.8, "d": 0.5}}]
+    # means: a 0.37, b 0.33, c 0.53, d 0.5 (exactly half right is not missed)
+    assert bq.missed_groups(per_repeat) == ["a", "b"]
+    assert bq.missed_groups(per_repeat[:1]) == ["a", "c"]
 
 
 def test_paired_comparison_counts_splits(bq):
