@@ -398,7 +398,8 @@ def print_report(res: dict[str, Any]) -> None:
               f"x{c['balanced_accuracy_error_ratio']:.2f})")
     print("\ngroups missed (under half of their patches right, averaged over the splits):")
     for r in rows:
-        print(f"  {r['name']:<20} {len(r['missed_groups']):>2}: {', '.join(r['missed_groups']) or '-'}")
+        missed = r["missed_groups"]
+        print(f"  {r['name']:<20} {len(missed):>2}: {', '.join(missed) or '-'}")
     print(f"  {'missed by all':<20} {len(res['missed_by_all']):>2}: "
           f"{', '.join(res['missed_by_all']) or '-'}")
     for t in res["targets"]:

@@ -304,9 +304,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # hundred steps (quality study 3); 4 local crops of 64 px: 40% fewer steps in the same
         # time, higher AUROC for every seed (study 4; benchmarks/README.md, study 5 for the NaN
         # that kept it out until views below the output stride were refused)
-        # no Gaussian blur, and weight decay 0.05 below: at 128 px views a blur of up to 1.5 px
-        # removes much of a nucleus' detail; together +0.010-0.011 AUROC (5 of 5 splits, two
-        # seeds) for two-view training (the budget fallback) and level with multi-crop (study 12)
+        # no Gaussian blur, and weight decay 0.05 below: a nucleus is a few pixels across in a
+        # 128 px view, so a blur of up to 1.5 px asks the encoder to ignore its detail; together
+        # +0.010-0.011 AUROC (5 of 5 splits, two seeds) for two-view training (the budget
+        # fallback), level with multi-crop (quality study 12)
         "augment": {"image_size": 128, "local_crops": 4, "blur_p": 0.0},
         # one loader worker: on a 2-4 core machine a second one takes a core from the model,
         # which is >95% of a CPU step (benchmarks/README.md, Pretraining)
