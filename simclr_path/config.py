@@ -307,7 +307,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # no Gaussian blur, and weight decay 0.05 below: a nucleus is a few pixels across in a
         # 128 px view, so a blur of up to 1.5 px asks the encoder to ignore its detail; together
         # +0.010-0.011 AUROC (5 of 5 splits, two seeds) for two-view training (the budget
-        # fallback), level with multi-crop (quality study 12)
+        # fallback), no change with multi-crop (quality study 12)
         "augment": {"image_size": 128, "local_crops": 4, "blur_p": 0.0},
         # one loader worker: on a 2-4 core machine a second one takes a core from the model,
         # which is >95% of a CPU step (benchmarks/README.md, Pretraining)
