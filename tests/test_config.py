@@ -27,6 +27,11 @@ def test_presets_build_and_override(tmp_path):
     ({"augment": {"local_crops": -1}}, "augment.local_crops"),
     ({"augment": {"local_crops": 2, "image_size": 48, "local_size": 64}}, "augment.local_size"),
     ({"augment": {"local_crop_scale": [0.3, 0.1]}}, "augment.local_crop_scale"),
+    ({"augment": {"stain_scale": 1.0}}, "augment.stain_scale"),
+    ({"augment": {"stain_shift": -0.1}}, "augment.stain_shift"),
+    ({"augment": {"brightness": -0.2}}, "augment.brightness"),
+    ({"augment": {"hue": 0.6}}, "augment.hue"),
+    ({"augment": {"blur_sigma": [0.0, 1.0]}}, "augment.blur_sigma"),
 ])
 def test_bad_values_name_the_field(overrides, match):
     with pytest.raises(SimclrPathError, match=match):
