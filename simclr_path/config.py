@@ -25,6 +25,14 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise SimclrPathError(f"config: {name} {msg}")
 
 
+def _range(value: Any, name: str) -> tuple[float, float]:
+    """``value`` as a (min, max) pair of numbers, or one clear error naming the field."""
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    _check(ok, name, f"must be a [min, max] pair of numbers, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
 @dataclass
 class TileConfig:
     """Tiling and tissue detection (``simclr-path tile``)."""
@@ -91,8 +99,10 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 8, "augment.image_size", "must be >= 8")
+        lo, hi = _range(self.crop_ratio, "augment.crop_ratio")
+        _check(0 < lo <= hi, "augment.crop_ratio", f"must satisfy 0 < min <= max, got {self.crop_ratio}")
         for name in ("crop_scale", "local_crop_scale"):
-            lo, hi = getattr(self, name)
+            lo, hi = _range(getattr(self, name), f"augment.{name}")
             _check(0 < lo <= hi <= 1, f"augment.{name}",
                    f"must satisfy 0 < min <= max <= 1, got {getattr(self, name)}")
         _check(self.local_crops >= 0, "augment.local_crops", f"must be >= 0, got {self.local_crops}")
@@ -107,8 +117,9 @@ class AugmentConfig:
         for name in ("stain_shift", "brightness", "contrast", "saturation"):
             v = getattr(self, name)
             _check(v >= 0.0, f"augment.{name}", f"is a jitter strength and must be >= 0, got {v}")
-        _check(0.0 <= self.hue <= 0.5, "augment.hue", f"must be in [0, 0.5] (a fraction of the hue circle), got {self.hue}")
-        lo, hi = self.blur_sigma
+        _check(0.0 <= self.hue <= 0.5, "augment.hue",
+               f"must be in [0, 0.5] (a fraction of the hue circle), got {self.hue}")
+        lo, hi = _range(self.blur_sigma, "augment.blur_sigma")
         _check(0 < lo <= hi, "augment.blur_sigma", f"must satisfy 0 < min <= max, got {self.blur_sigma}")
 
     @property

@@ -32,6 +32,9 @@ def test_presets_build_and_override(tmp_path):
     ({"augment": {"brightness": -0.2}}, "augment.brightness"),
     ({"augment": {"hue": 0.6}}, "augment.hue"),
     ({"augment": {"blur_sigma": [0.0, 1.0]}}, "augment.blur_sigma"),
+    ({"augment": {"blur_sigma": [0.5, 1.0, 2.0]}}, "augment.blur_sigma"),
+    ({"augment": {"crop_scale": 0.5}}, "augment.crop_scale"),
+    ({"augment": {"crop_ratio": [1.3, 0.75]}}, "augment.crop_ratio"),
 ])
 def test_bad_values_name_the_field(overrides, match):
     with pytest.raises(SimclrPathError, match=match):
