@@ -630,11 +630,16 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-if __name__ == "__main__":
+def cli(entry) -> None:
+    """Run ``entry()``; bad input is one ``error:`` line on stderr and exit status 2."""
     from simclr_path.errors import SimclrPathError
 
     try:
-        main()
+        entry()
     except SimclrPathError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -120,10 +120,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    from simclr_path.errors import SimclrPathError
-
-    try:
-        main()
-    except SimclrPathError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    bq.cli(main)

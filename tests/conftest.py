@@ -13,6 +13,16 @@ SLIDES = SHARED_DATA / "slides"
 LC25000 = SHARED_DATA / "lc25000-dev"
 
 
+def load_benchmark(name: str):
+    """Import ``benchmarks/{name}.py`` as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def needs(path: Path) -> pytest.MarkDecorator:
     """Skip a test cleanly when a piece of ../shared/data is absent."""
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not available")

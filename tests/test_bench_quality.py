@@ -6,14 +6,13 @@ quality targets of issue 6.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import LC25000, ROOT, needs
+from conftest import LC25000, load_benchmark, needs
 
 from simclr_path.errors import SimclrPathError
 
@@ -22,11 +21,7 @@ pytestmark = needs(LC25000)
 
 @pytest.fixture(scope="module")
 def bq():
-    path = ROOT / "benchmarks" / "bench_quality.py"
-    spec = importlib.util.spec_from_file_location("bench_quality", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_quality")
 
 
 def test_subset_is_stratified_over_classes_and_groups(bq):

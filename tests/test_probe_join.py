@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_benchmark
 
 from simclr_path.errors import SimclrPathError
 from simclr_path.store import EmbeddingStore, write_embeddings
@@ -18,11 +17,7 @@ CLASSES = ["lung_aca", "lung_n", "lung_scc"]
 
 @pytest.fixture(scope="module")
 def pj():
-    path = ROOT / "benchmarks" / "probe_join.py"
-    spec = importlib.util.spec_from_file_location("probe_join", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("probe_join")
 
 
 def _cohort(tmp_path, groups_per_class=6, per_group=4, seed=0):
