@@ -315,6 +315,26 @@ def probe(emb: Path, out_dir: Path, cfg) -> tuple[dict[str, Any], np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
+def probe_splits(emb: Path, out_dir: Path, cfg, fold_seeds: list[int],
+                 ref_folds: dict[int, np.ndarray], name: str, bar=None) -> list[dict[str, Any]]:
+    """:func:`probe` on each grouped split (``out_dir/split{seed}``); returns one result per split.
+
+    ``ref_folds`` (fold seed -> outer fold of each patch) is shared by every feature set of one
+    store: the first set fills it and the others must match it, so all are scored on one split."""
+    per_repeat = []
+    for fold_seed in fold_seeds:
+        metrics, folds = probe(Path(emb), out_dir / f"split{fold_seed}",
+                               dataclasses.replace(cfg, seed=fold_seed))
+        ref = ref_folds.setdefault(fold_seed, folds)
+        if not np.array_equal(folds, ref):  # same store order + seed: a bug otherwise
+            raise AssertionError(f"{name}: cross-validation folds of split {fold_seed} differ "
+                                 "from the first feature set's")
+        per_repeat.append({"fold_seed": fold_seed, **metrics})
+        if bar is not None:
+            bar.update(1)
+    return per_repeat
+
+
 def _fmt(v: float | None, nd: int = 4) -> str:
     return "-" if v is None or not math.isfinite(v) else f"{v:.{nd}f}"
 
@@ -545,17 +565,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                leave=False, disable=None)
     for fs in feature_sets:
         t0 = time.perf_counter()
-        per_repeat = []
-        for fold_seed in fold_seeds:
-            ccfg = dataclasses.replace(cfg.classify, seed=fold_seed)
-            metrics, folds = probe(fs["emb"], work / "probe" / Path(fs["emb"]).stem /
-                                   f"split{fold_seed}", ccfg)
-            ref = ref_folds.setdefault(fold_seed, folds)
-            if not np.array_equal(folds, ref):  # same store order + seed: a bug otherwise
-                raise AssertionError(f"{fs['name']}: cross-validation folds of split "
-                                     f"{fold_seed} differ from the first feature set's")
-            per_repeat.append({"fold_seed": fold_seed, **metrics})
-            bar.update(1)
+        per_repeat = probe_splits(fs["emb"], work / "probe" / Path(fs["emb"]).stem, cfg.classify,
+                                  fold_seeds, ref_folds, fs["name"], bar)
         rows.append({"name": fs["name"], "kind": fs.get("kind", fs["name"]),
                      "embed_size": fs["embed_size"], "pretrain_s": fs["pretrain_s"],
                      "embed_s": fs["embed_s"], "probe_s": time.perf_counter() - t0,

@@ -17,7 +17,6 @@ imported patch store): same patches in the same order, with labels and groups.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,8 @@ def check_same_patches(stores: list[Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
     from simclr_path.config import load_config
     from simclr_path.errors import SimclrPathError
     from simclr_path.store import EmbeddingStore, write_embeddings
@@ -80,17 +81,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                               labels=first.labels, groups=first.groups,
                               label_names=first.label_names, force=True)
     cfg = load_config(preset=args.preset).classify
+    fold_seeds = [cfg.seed + r for r in range(args.repeats)]
+    inputs = [*args.embeddings, joined]
+    ref_folds: dict[int, np.ndarray] = {}
     rows = []
-    for i, emb in enumerate([*args.embeddings, joined]):
-        name = "joined" if emb == joined else f"{i}:{Path(emb).stem}"
-        per_repeat = []
-        for r in range(args.repeats):
-            seed = cfg.seed + r
-            m, _ = bq.probe(Path(emb), args.work / "probe" / name.replace(":", "-") / f"split{seed}",
-                            dataclasses.replace(cfg, seed=seed))
-            per_repeat.append({"fold_seed": seed, **m})
-        rows.append({"name": name, "per_repeat": per_repeat, **bq.summarise_repeats(per_repeat),
-                     "missed_groups": bq.missed_groups(per_repeat)})
+    with tqdm(total=len(inputs) * len(fold_seeds), desc="linear probes", unit="probe",
+              leave=False, disable=None) as bar:
+        for i, emb in enumerate(inputs):
+            name = "joined" if emb == joined else f"{i}:{Path(emb).stem}"
+            per_repeat = bq.probe_splits(emb, args.work / "probe" / name.replace(":", "-"), cfg,
+                                         fold_seeds, ref_folds, name, bar)
+            rows.append({"name": name, "per_repeat": per_repeat,
+                         **bq.summarise_repeats(per_repeat),
+                         "missed_groups": bq.missed_groups(per_repeat)})
     return rows
 
 
