@@ -53,6 +53,8 @@ import random
 import sys
 import tempfile
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -292,7 +294,11 @@ def probe(emb: Path, out_dir: Path, cfg) -> tuple[dict[str, Any], np.ndarray]:
 
     from simclr_path.classify import classify
 
-    m = classify([emb], out_dir, cfg=cfg, force=True)
+    with warnings.catch_warnings():
+        # classify warns per fit when C sits at an end of its grid; the report gives one line
+        # per feature set instead (c_choices)
+        warnings.filterwarnings("ignore", message="classify.c_grid")
+        m = classify([emb], out_dir, cfg=cfg, force=True)
     pred = pd.read_csv(out_dir / "predictions_patches.csv")
     folds = pred["fold"].to_numpy()
     # share of each source image's (group's) patches predicted right: errors come in whole groups
@@ -315,6 +321,20 @@ def probe(emb: Path, out_dir: Path, cfg) -> tuple[dict[str, Any], np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
+def c_choices(per_repeat: list[dict[str, Any]], grid: list[float]) -> str:
+    """The probe's C, chosen by inner CV in each outer fold of every split, as ``C=x: n/N, ...``,
+    with a note when an end of ``classify.c_grid`` won in at least half of the folds (the best C
+    may lie beyond it; quality study 5 found extending the grid below 1e-3 changed nothing)."""
+    cs = [c for r in per_repeat for c in r["C_per_fold"]]
+    counts = Counter(cs)
+    text = ", ".join(f"C={c:g}: {counts[c]}/{len(cs)}" for c in sorted(counts))
+    for side, end in (("low", min(grid)), ("high", max(grid))):
+        if len(set(grid)) >= 3 and 2 * counts.get(end, 0) >= len(cs):
+            text += (f" (the grid's {side} end; to extend it: "
+                     "--set classify.c_grid=[1e-5,1e-4,1e-3,1e-2,0.1,1,10])")
+    return text
+
+
 def probe_splits(emb: Path, out_dir: Path, cfg, fold_seeds: list[int],
                  ref_folds: dict[int, np.ndarray], name: str, bar=None) -> list[dict[str, Any]]:
     """:func:`probe` on each grouped split (``out_dir/split{seed}``); returns one result per split.
@@ -416,6 +436,10 @@ def print_report(res: dict[str, Any]) -> None:
               f"x{c['auroc_scc_error_ratio']:.2f})   bal. acc {c['balanced_accuracy_diff']:+.4f} ± "
               f"{c['balanced_accuracy_diff_sd']:.3f} ({c['balanced_accuracy_wins']}/{n}, "
               f"x{c['balanced_accuracy_error_ratio']:.2f})")
+    grid = res["config"]["classify"]["c_grid"]
+    print("\nprobe regularisation (C chosen by inner grouped CV, every outer fold of every split):")
+    for r in rows:
+        print(f"  {r['name']:<20} {c_choices(r['per_repeat'], grid)}")
     print("\ngroups missed (under half of their patches right, averaged over the splits):")
     for r in rows:
         missed = r["missed_groups"]

@@ -11,6 +11,10 @@ lists, ``None``).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -360,8 +364,65 @@ def _section_cls(name: str) -> type:
             "embed": EmbedConfig, "classify": ClassifyConfig, "finetune": FinetuneConfig}[name]
 
 
+# A number as YAML 1.2 and Python write it. PyYAML follows YAML 1.1, where a float needs a dot:
+# ``lr: 1e-4`` loads as the string "1e-4" (Snakemake's loader does the same).
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+@functools.cache
+def _numeric_fields(section: str) -> dict[str, tuple[type, bool]]:
+    """Field -> (int or float, is a list) for the numeric fields of a section's dataclass."""
+    out = {}
+    for name, hint in typing.get_type_hints(_section_cls(section)).items():
+        is_list = typing.get_origin(hint) is list
+        if is_list:
+            hint = typing.get_args(hint)[0]
+        if typing.get_origin(hint) in (types.UnionType, typing.Union):
+            kinds = [a for a in typing.get_args(hint) if a in (int, float)]
+            hint = kinds[0] if len(kinds) == 1 else None
+        if hint in (int, float):
+            out[name] = (hint, is_list)
+    return out
+
+
+def _number(value: Any, kind: type, name: str, where: str) -> Any:
+    """A string written as a number (``"1e-4"``) in a numeric field -> that number; another
+    string there -> one clear error; any other value is left to the dataclass's own checks."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if _NUMBER.fullmatch(text):
+        number = float(text)
+        if kind is float:
+            return number
+        if number.is_integer():
+            return int(number)
+    raise SimclrPathError(f"{where}: {name} must be {'a number' if kind is float else 'an integer'}"
+                          f", got the string {value!r}")
+
+
+def coerce_numbers(section: str, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` (one section's keys) with numbers that YAML loaded as strings made numbers.
+
+    ``lr: 1e-4`` is the string "1e-4" to YAML 1.1 loaders (PyYAML, Snakemake's); it is taken
+    as the number it looks like. A non-numeric string in a numeric field raises one clear error.
+    """
+    numeric = _numeric_fields(section) if section in _SECTIONS else {}
+    out = dict(values)
+    for key, (kind, is_list) in numeric.items():
+        if key not in out:
+            continue
+        name = f"{section}.{key}"
+        if is_list and isinstance(out[key], (list, tuple)):
+            out[key] = [_number(v, kind, name, where) for v in out[key]]
+        else:
+            out[key] = _number(out[key], kind, name, where)
+    return out
+
+
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
-    """Return ``base`` (a nested dict of sections) updated by ``overrides``; unknown keys raise."""
+    """Return ``base`` (a nested dict of sections) updated by ``overrides``; unknown keys raise,
+    and numbers that YAML read as strings (``1e-4``) become numbers (:func:`coerce_numbers`)."""
     out = {k: dict(v) for k, v in base.items()}
     for section, values in (overrides or {}).items():
         if section not in _SECTIONS:
@@ -369,10 +430,10 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str)
         if not isinstance(values, dict):
             raise SimclrPathError(f"{where}: section {section!r} must be a mapping")
         known = {f.name for f in fields(_section_cls(section))}
-        for key, value in values.items():
+        for key in values:
             if key not in known:
                 raise SimclrPathError(f"{where}: unknown key {section}.{key}; known keys: {sorted(known)}")
-            out.setdefault(section, {})[key] = value
+        out.setdefault(section, {}).update(coerce_numbers(section, values, where))
     return out
 
 

@@ -95,6 +95,8 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
     assert saved["missed_by_all"] == sorted(
         set.intersection(*(set(r["missed_groups"]) for r in saved["rows"])))
     assert "groups missed (under half of their patches right" in printed
+    # one line per feature set with the probe's C over 5 outer folds x 2 splits (a grid of one)
+    assert printed.count("C=1: 10/10") == 4 and "classify.c_grid" not in printed
     with pytest.raises(SimclrPathError):  # --out exists: no overwrite without --force
         bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--out", str(out)])
     # the finished run again, without training: same store (reused), same encoder and figures
@@ -166,3 +168,14 @@ def test_paired_comparison_counts_splits(bq):
     assert c["auroc_scc_error_ratio"] == pytest.approx(0.1 / 0.125)
     s = bq.summarise_repeats(a["per_repeat"])
     assert s["auroc_scc"] == pytest.approx(0.9) and s["balanced_accuracy_sd"] == 0.0
+
+
+def test_c_choices_summarise_every_fold_and_flag_the_grid_ends(bq):
+    grid = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    per_repeat = [{"C_per_fold": [1e-3, 1e-3, 1e-2]}, {"C_per_fold": [1e-3, 1.0, 1e-3]}]
+    text = bq.c_choices(per_repeat, grid)
+    assert text.startswith("C=0.001: 4/6, C=0.01: 1/6, C=1: 1/6")
+    assert "the grid's low end" in text and "high end" not in text
+    assert "grid's" not in bq.c_choices([{"C_per_fold": [1e-2, 1e-1, 10.0]}], grid)  # 1 of 3
+    assert "the grid's high end" in bq.c_choices([{"C_per_fold": [10.0, 10.0, 1.0]}], grid)
+    assert "grid's" not in bq.c_choices([{"C_per_fold": [1.0, 1.0]}], [1.0])  # the user's one C

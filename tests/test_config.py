@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from simclr_path.config import PRESETS, ClassifyConfig, build_config, defaults_dict, load_config
 from simclr_path.errors import SimclrPathError
@@ -82,3 +83,28 @@ def test_local_view_size_defaults_to_half_the_view_size_but_not_below_32(image_s
 def test_local_view_size_can_be_set():
     cfg = load_config(overrides={"augment": {"image_size": 128, "local_size": 96}})
     assert cfg.augment.local_view_size == 96
+
+
+def test_yaml_exponent_numbers_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) loads `1e-4`, which has no dot, as the string "1e-4"
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  lr: 1e-4\n  max_steps: 1e3\nclassify:\n  c_grid: [1e-5, 1e-4, 0.01]\n"
+                 "tile:\n  drop_white: 5e-1\n")
+    assert yaml.safe_load(y.read_text())["train"]["lr"] == "1e-4"
+    cfg = load_config(y)
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
+    assert cfg.classify.c_grid == pytest.approx([1e-5, 1e-4, 0.01])
+    assert cfg.tile.drop_white == 0.5
+    # string fields are left alone, whatever they look like
+    assert load_config(overrides={"model": {"arch": "1e3"}}).model.arch == "1e3"
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"train": {"lr": "fast"}}, r"train.lr must be a number, got the string 'fast'"),
+    ({"train": {"batch_size": "2.5"}}, r"train.batch_size must be an integer, got the string '2.5'"),
+    ({"classify": {"c_grid": [0.1, "x"]}}, r"classify.c_grid must be a number, got the string 'x'"),
+])
+def test_non_numeric_strings_in_numeric_fields_name_the_field(overrides, match):
+    with pytest.raises(SimclrPathError, match=match):
+        load_config(overrides=overrides)

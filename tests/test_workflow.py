@@ -186,17 +186,30 @@ def test_broken_samples_sheet_stops_dag_build(tmp_path, sheet, expected):
 @pytest.mark.parametrize(
     "config, expected",
     [
-        ({"tile": {"mpp": "fine"}}, "config: tile.mpp: 'fine' is not of type 'number'"),
+        ({"tile": {"mpp": "fine"}}, "config: tile.mpp must be a number, got the string 'fine'"),
+        ({"runs": {"a": {"train": {"lr": "x"}}}}, "config runs.a: train.lr must be a number"),
         ({"tile": {"mpp": -1.0}}, "tile.mpp must be > 0"),
         ({"train": {"optimiser": "adamw"}}, "config: train: Additional properties"),
         ({"runs": {"a": {"model": {"head_layers": 5}}}}, "config runs.a: model.head_layers"),
         ({"runs": {"a": {"tile": {"mpp": 2.0}}}}, "config: runs.a: Additional properties"),
     ],
-    ids=["type", "range", "unknown-key", "run-range", "run-tile"],
+    ids=["type", "run-type", "range", "unknown-key", "run-range", "run-tile"],
 )
 def test_bad_config_value_stops_dag_build(tmp_path, config, expected):
     wf = workdir(tmp_path, config)
     assert expected in _one_error_line(smk(wf, "-n", "--cores", "1"))
+
+
+def test_exponent_numbers_in_config_yaml_are_numbers(tmp_path):
+    # Snakemake's YAML loader (YAML 1.1) reads `1e-4` as a string; the schema wants a number
+    wf = workdir(tmp_path)
+    (wf / "config" / "test.yaml").write_text(
+        "train:\n  lr: 1e-4\nruns:\n  baseline: {}\n  small-c:\n    classify:\n"
+        "      c_grid: [1e-5, 1e-4, 1e-3]\n"
+    )
+    done = smk(wf, "-n", "--cores", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pretrain" in job_counts(done.stdout + done.stderr)
 
 
 def test_ablation_config_dry_runs_into_the_grid(tmp_path):

@@ -53,6 +53,28 @@ def check_schema(cfg):
         )
 
 
+def coerce_numbers(cfg):
+    """In place: numbers that YAML 1.1 (Snakemake's loader) reads as strings, such as
+    ``lr: 1e-4``, become numbers before the schema sees them, in the sections and in every run
+    (simclr_path.config.coerce_numbers); a non-numeric string in a numeric field fails.
+    """
+    runs = cfg.get("runs")
+    runs = runs if isinstance(runs, dict) else {}  # anything else: the schema names it
+    try:
+        for where, sections in [
+            ("config", cfg),
+            *((f"config runs.{run}", over) for run, over in runs.items()),
+        ]:
+            if not isinstance(sections, dict):
+                continue  # the schema names it
+            for s in SECTIONS:
+                if isinstance(sections.get(s), dict):
+                    sections[s] = spc.coerce_numbers(s, sections[s], where)
+    except SimclrPathError as exc:
+        fail(str(exc))
+
+
+coerce_numbers(config)
 # The user's values before defaults are filled: a preset must not be masked by schema defaults.
 USER_CONFIG = copy.deepcopy(config)
 check_schema(USER_CONFIG)
