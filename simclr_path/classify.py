@@ -864,7 +864,7 @@ def classify(
         force: replace an existing ``out_dir``.
     """
     cfg = cfg or ClassifyConfig()
-    check_can_write(out_dir, force)
+    check_can_write(out_dir, force, kind="dir", marker="metrics.json")
     t = load_table(embedding_paths, samples, cfg)
     k = len(t.classes)
     fold_of_slide, scheme = make_folds(t.slides, t.classes, cfg)
@@ -939,7 +939,7 @@ def classify(
     task["label_fraction"] = cfg.label_fraction
     metrics = metrics_document(task, patch_metrics, slide_metrics, folds_out,
                                {"C": c_final, **final_split}, asdict(cfg))
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force, marker="metrics.json") as tmp:
         write_evaluation(tmp, metrics, patches, slides_pred)
         model.save(tmp)
     return metrics

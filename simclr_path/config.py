@@ -65,6 +65,12 @@ class TileConfig:
         _check(self.patch_size >= 8, "tile.patch_size", f"must be >= 8, got {self.patch_size}")
         _check(self.stride is None or self.stride >= 1, "tile.stride", "must be >= 1")
         _check(0.0 <= self.min_tissue <= 1.0, "tile.min_tissue", "must be in [0, 1]")
+        for name in ("drop_white", "drop_black"):  # fractions of a patch's pixels; NaN fails too
+            v = getattr(self, name)
+            _check(v is None or 0.0 <= v <= 1.0, f"tile.{name}",
+                   f"is a fraction of the patch's pixels and must be in [0, 1], got {v}")
+        _check(self.drop_blur is None or self.drop_blur >= 0.0, "tile.drop_blur",
+               f"is a Laplacian variance and must be >= 0, got {self.drop_blur}")
         _check(self.tissue_mpp > 0, "tile.tissue_mpp", "must be > 0")
         _check(self.workers >= 1, "tile.workers", "must be >= 1")
         _check(self.block_patches >= 1, "tile.block_patches", "must be >= 1")
@@ -370,59 +376,69 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @functools.cache
-def _numeric_fields(section: str) -> dict[str, tuple[type, bool]]:
-    """Field -> (int or float, is a list) for the numeric fields of a section's dataclass."""
+def _field_types(section: str) -> dict[str, tuple[type, bool, bool]]:
+    """Field -> (int, float, bool or str; is a list; may be None) for a section's dataclass
+    (fields of other types are not listed)."""
     out = {}
     for name, hint in typing.get_type_hints(_section_cls(section)).items():
+        optional = False
+        if typing.get_origin(hint) in (types.UnionType, typing.Union):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional = len(args) < len(typing.get_args(hint))
+            if len(args) != 1:
+                continue
+            hint = args[0]
         is_list = typing.get_origin(hint) is list
         if is_list:
             hint = typing.get_args(hint)[0]
-        if typing.get_origin(hint) in (types.UnionType, typing.Union):
-            kinds = [a for a in typing.get_args(hint) if a in (int, float)]
-            hint = kinds[0] if len(kinds) == 1 else None
-        if hint in (int, float):
-            out[name] = (hint, is_list)
+        if hint in (int, float, bool, str):
+            out[name] = (hint, is_list, optional)
     return out
 
 
-def _number(value: Any, kind: type, name: str, where: str) -> Any:
-    """A string written as a number (``"1e-4"``) in a numeric field -> that number; another
-    string there -> one clear error; any other value is left to the dataclass's own checks."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if _NUMBER.fullmatch(text):
-        number = float(text)
-        if kind is float:
-            return number
-        if number.is_integer():
-            return int(number)
-    raise SimclrPathError(f"{where}: {name} must be {'a number' if kind is float else 'an integer'}"
-                          f", got the string {value!r}")
+_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def coerce_numbers(section: str, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """``values`` (one section's keys) with numbers that YAML loaded as strings made numbers.
+def _value(value: Any, kind: type, name: str, where: str) -> Any:
+    """``value`` for a field of type ``kind``: a string written as a number (``"1e-4"``) becomes
+    that number and a whole float an int; a value of another type raises one clear error."""
+    if isinstance(value, str) and kind in (int, float) and _NUMBER.fullmatch(value.strip()):
+        value = float(value.strip())
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    ok = {int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          bool: isinstance(value, bool), str: isinstance(value, str)}[kind]
+    if not ok:
+        raise SimclrPathError(f"{where}: {name} must be {_KIND[kind]}, got {value!r}")
+    return value
 
-    ``lr: 1e-4`` is the string "1e-4" to YAML 1.1 loaders (PyYAML, Snakemake's); it is taken
-    as the number it looks like. A non-numeric string in a numeric field raises one clear error.
+
+def coerce_section(section: str, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` (one section's keys) checked against the field types, one clear error each.
+
+    Numbers that YAML 1.1 loaders (PyYAML, Snakemake's) read as strings, such as ``lr: 1e-4``,
+    are taken as the numbers they look like; a list field needs a list, a bool field true or
+    false (not the string "no"), a string field a string. Ranges are the dataclasses' checks.
     """
-    numeric = _numeric_fields(section) if section in _SECTIONS else {}
+    types_ = _field_types(section) if section in _SECTIONS else {}
     out = dict(values)
-    for key, (kind, is_list) in numeric.items():
-        if key not in out:
+    for key, (kind, is_list, optional) in types_.items():
+        if key not in out or (optional and out[key] is None):
             continue
         name = f"{section}.{key}"
-        if is_list and isinstance(out[key], (list, tuple)):
-            out[key] = [_number(v, kind, name, where) for v in out[key]]
+        if is_list:
+            if not isinstance(out[key], (list, tuple)):
+                raise SimclrPathError(f"{where}: {name} must be a list, got {out[key]!r}")
+            out[key] = [_value(v, kind, name, where) for v in out[key]]
         else:
-            out[key] = _number(out[key], kind, name, where)
+            out[key] = _value(out[key], kind, name, where)
     return out
 
 
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
     """Return ``base`` (a nested dict of sections) updated by ``overrides``; unknown keys raise,
-    and numbers that YAML read as strings (``1e-4``) become numbers (:func:`coerce_numbers`)."""
+    values of the wrong type raise, and numbers that YAML read as strings (``1e-4``) become numbers (:func:`coerce_section`)."""
     out = {k: dict(v) for k, v in base.items()}
     for section, values in (overrides or {}).items():
         if section not in _SECTIONS:
@@ -433,7 +449,7 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str)
         for key in values:
             if key not in known:
                 raise SimclrPathError(f"{where}: unknown key {section}.{key}; known keys: {sorted(known)}")
-        out.setdefault(section, {}).update(coerce_numbers(section, values, where))
+        out.setdefault(section, {}).update(coerce_section(section, values, where))
     return out
 
 
@@ -453,12 +469,16 @@ def build_config(preset: str = "default", overrides: dict[str, Any] | None = Non
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with the safe loader; one clear error for a missing or bad file."""
     p = Path(path)
+    if p.is_dir():
+        raise SimclrPathError(f"{p}: is a folder; give a YAML config file")
     if not p.is_file():
         raise SimclrPathError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise SimclrPathError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise SimclrPathError(f"{p}: not a text file (not UTF-8); give a YAML config file") from None
     if not isinstance(data, dict):
         raise SimclrPathError(f"{p}: expected a mapping of sections (tile, augment, model, train, ...)")
     return data
@@ -472,6 +492,8 @@ def load_config(path: str | Path | None = None, preset: str | None = None,
     """
     data: dict[str, Any] = load_yaml(path) if path else {}
     file_preset = data.pop("preset", None)
+    if file_preset is not None and not isinstance(file_preset, str):
+        raise SimclrPathError(f"{path}: preset must be a name, one of {sorted(PRESETS)}; got {file_preset!r}")
     cfg_dict = merge_overrides({}, data, str(path) if path else "config")
     cfg_dict = merge_overrides(cfg_dict, overrides or {}, "command line")
     return build_config(preset or file_preset or "default", cfg_dict, str(path) if path else "config")

@@ -42,6 +42,25 @@ def save_figure(fig: plt.Figure, out: str | os.PathLike, force: bool = True) -> 
     return Path(out)
 
 
+def _read_table(path: Path, columns: set[str], numeric: set[str] = frozenset(),
+                how: str = "") -> pd.DataFrame:
+    """A CSV with at least one row and ``columns`` (``numeric`` ones all numbers), or one clear
+    error naming the file (an empty, truncated, binary or foreign file)."""
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise SimclrPathError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0][:80]})"
+                              f"{how}") from None
+    missing = sorted(columns - set(df.columns))
+    if missing or df.empty:
+        raise SimclrPathError(f"{path}: expected columns {', '.join(sorted(columns))} with at least "
+                              f"one row{' (missing ' + ', '.join(missing) + ')' if missing else ''}{how}")
+    bad = [c for c in sorted(numeric) if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise SimclrPathError(f"{path}: column {bad[0]} is not all numbers{how}")
+    return df
+
+
 def plot_loss_curve(
     metrics_csv: str | os.PathLike,
     out: str | os.PathLike,
@@ -58,9 +77,8 @@ def plot_loss_curve(
         raise SimclrPathError(
             f"{p}: metrics file not found; it is written by 'simclr-path pretrain'"
         )
-    df = pd.read_csv(p)
-    if not {"step", "loss"} <= set(df.columns) or df.empty:
-        raise SimclrPathError(f"{p}: expected columns 'step' and 'loss' with at least one row")
+    df = _read_table(p, {"step", "loss"}, numeric={"step", "loss"},
+                     how="; it is written by 'simclr-path pretrain' after its first logged steps")
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(df["step"], df["loss"], color=OKABE_ITO[5], alpha=0.5, lw=1, label="loss")
     window = max(1, len(df) // 20)
@@ -257,6 +275,8 @@ def plot_tsne(
                 "pip install 'simclr-path[umap]' or leave --out-umap out"
             ) from None
     df = sample_embeddings(embedding_paths, max_points, samples=samples, seed=seed)
+    # every sampled slide's store, checked before any figure is written
+    opened = None if stores is None else _stores_for(stores, set(df["slide_id"]))
     xy = tsne_2d(np.stack(df["features"].to_list()), perplexity, seed)
     written = []
     fig, ax = plt.subplots(figsize=(7.5, 6))
@@ -274,7 +294,7 @@ def plot_tsne(
     )
     written.append(save_figure(fig, out_slide, force=force))
     if stores is not None:
-        written.append(_plot_tsne_thumbnails(df, xy, stores, out_thumbnails, seed, force))
+        written.append(_plot_tsne_thumbnails(df, xy, opened, out_thumbnails, seed, force))
     if out_umap is not None:
         from sklearn.preprocessing import StandardScaler
 
@@ -289,30 +309,36 @@ def plot_tsne(
     return written
 
 
-def _plot_tsne_thumbnails(
-    df: pd.DataFrame,
-    xy: np.ndarray,
-    stores,
-    out,
-    seed: int,
-    force: bool,
-    grid: int = 32,
-    cell: int = 40,
-) -> Path:
-    """The t-SNE map, each grid cell showing one patch that falls in it (random order)."""
-    from PIL import Image
-
+def _stores_for(stores, slide_ids: set[str]) -> dict:
+    """Slide id -> opened patch store, for every slide in ``slide_ids``, or one clear error."""
     from simclr_path.store import PatchStore
 
     opened = {}
     for p in stores:
         st = PatchStore(p)
         opened[st.slide_id] = st
-    missing = sorted(set(df["slide_id"]) - set(opened))
+    missing = sorted(slide_ids - set(opened))
     if missing:
         raise SimclrPathError(
             f"no patch store given for slide {missing[0]!r}; pass its store with --stores"
         )
+    return opened
+
+
+def _plot_tsne_thumbnails(
+    df: pd.DataFrame,
+    xy: np.ndarray,
+    opened: dict,
+    out,
+    seed: int,
+    force: bool,
+    grid: int = 32,
+    cell: int = 40,
+) -> Path:
+    """The t-SNE map, each grid cell showing one patch that falls in it (random order);
+    ``opened``: slide id -> patch store (:func:`_stores_for`)."""
+    from PIL import Image
+
     lo, hi = xy.min(axis=0), xy.max(axis=0)
     u = (xy - lo) / np.maximum(hi - lo, 1e-9)
     cx = np.minimum((u[:, 0] * grid).astype(int), grid - 1)
@@ -357,9 +383,15 @@ def _read_classify_dir(folder: str | os.PathLike) -> tuple[dict, pd.DataFrame, p
         raise SimclrPathError(
             f"{d}: not a 'simclr-path classify' results folder (missing {', '.join(missing)})"
         )
-    metrics = json.loads(files[0].read_text())
-    patches = pd.read_csv(files[1])
-    slides = pd.read_csv(files[2])
+    how = "; rerun 'simclr-path classify' with --force"
+    try:
+        metrics = json.loads(files[0].read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        metrics = None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("task"), dict):
+        raise SimclrPathError(f"{files[0]}: not a classify metrics file{how}")
+    patches = _read_table(files[1], {"slide_id", "label", "fold"}, numeric={"fold"}, how=how)
+    slides = _read_table(files[2], {"slide_id", "label"}, how=how)
     return metrics, patches[patches["fold"] >= 0], slides
 
 
@@ -588,7 +620,8 @@ def plot_heatmap(
         metrics, preds, _ = _read_classify_dir(src)
         pos = metrics["task"].get("positive")
     elif src.is_file():
-        preds = pd.read_csv(src)
+        preds = _read_table(src, {"slide_id", "x", "y"},
+                            how="; give a CSV written by 'simclr-path predict'")
         if "level" in preds.columns:
             preds = preds[preds["level"] == "patch"]
         pos = None  # a predict CSV's score column is P(positive class); its name is in model.json
@@ -602,6 +635,9 @@ def plot_heatmap(
             "classify.positive_label); a probability heatmap needs one"
         )
     st = PatchStore(store)
+    if slide_id is not None and st.slide_id and str(slide_id) != str(st.slide_id):
+        raise SimclrPathError(f"{store}: holds slide {st.slide_id!r}, not {slide_id!r}; give the "
+                              f"patch store of slide {slide_id!r} (or leave out --slide-id)")
     sid = slide_id or st.slide_id
     rows = preds[preds["slide_id"].astype(str) == sid]
     if rows.empty:

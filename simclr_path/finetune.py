@@ -454,7 +454,7 @@ def finetune(
     ft, ccfg = cfg.finetune, cfg.classify
     if not store_paths:
         raise SimclrPathError("no patch stores given; pass one or more STORE.h5")
-    check_can_write(out_dir, force)
+    check_can_write(out_dir, force, kind="dir", marker="metrics.json")
     enc = Path(encoder)
     if enc.is_dir():
         enc = enc / "encoder.pt"
@@ -482,7 +482,7 @@ def finetune(
     history: list[dict[str, Any]] = []
     t_start = time.perf_counter()
 
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force, marker="metrics.json") as tmp:
         from simclr_path.train import _Tracker
 
         tracker = _Tracker(tmp, cfg, enabled=True, name=Path(out_dir).name)

@@ -83,6 +83,10 @@ def read_groups(csv: str | os.PathLike, tiles: list[str]) -> list[str]:
     return [mapping[t] for t in tiles]
 
 
+# a tile is one training image: larger sides are a typo, and would allocate gigabytes per tile
+MAX_PATCH_SIZE = 4096
+
+
 def _read_tile(path: Path, patch_size: int | None) -> np.ndarray:
     """RGB uint8 (S, S, 3); centre-cropped to a square and resized when ``patch_size`` is set."""
     try:
@@ -129,8 +133,8 @@ def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
     from tqdm.auto import tqdm
 
     folder = Path(folder)
-    if patch_size is not None and patch_size < 8:
-        raise SimclrPathError(f"--patch-size must be >= 8, got {patch_size}")
+    if patch_size is not None and not 8 <= patch_size <= MAX_PATCH_SIZE:
+        raise SimclrPathError(f"--patch-size must be between 8 and {MAX_PATCH_SIZE}, got {patch_size}")
     check_can_write(out, force)
     classes, tiles = list_tiles(folder)
     names = [t for t, _ in tiles]

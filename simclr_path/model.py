@@ -100,9 +100,16 @@ def encoder_info(path: str | os.PathLike) -> dict[str, Any]:
         raise SimclrPathError(f"{side}: encoder metadata not found next to {Path(path).name}; "
                               "encoders written by 'simclr-path pretrain' have it")
     try:
-        return json.loads(side.read_text())
+        info = json.loads(side.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise SimclrPathError(f"{side}: not valid JSON ({exc})") from None
+    except UnicodeDecodeError:
+        raise SimclrPathError(f"{side}: not a text file; encoders written by 'simclr-path "
+                              "pretrain' have a JSON one") from None
+    if not isinstance(info, dict):
+        raise SimclrPathError(f"{side}: expected a JSON object of encoder metadata, got a "
+                              f"{type(info).__name__}; encoders written by 'simclr-path pretrain' have one")
+    return info
 
 
 def load_encoder(path: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu") -> nn.Module:

@@ -17,13 +17,38 @@ from pathlib import Path
 from simclr_path.errors import SimclrPathError
 
 
-def check_can_write(path: str | os.PathLike, force: bool) -> Path:
-    """Return ``path`` as a Path; raise if it exists and ``force`` is false."""
+def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
+                    marker: str | None = None) -> Path:
+    """Return ``path`` as a Path, ready to be written; raise one clear error where it cannot be.
+
+    Args:
+        path: the output, a file (``kind="file"``) or a folder (``kind="dir"``).
+        force: replace an existing output.
+        marker: for folders, a file that this command's own results folder holds (e.g.
+            ``metrics.json``): ``force`` never replaces a non-empty folder without it, so a
+            mistyped ``--out`` cannot delete an unrelated folder.
+    """
     p = Path(path)
-    if p.exists() and not force:
-        raise SimclrPathError(f"{p}: output already exists; pass --force to overwrite it")
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "dir" and (not p.name or Path(os.path.abspath(p)) == Path.cwd()):
+        raise SimclrPathError(f"{p}: cannot write results over the current folder; "
+                              "give a new folder name")
+    if p.exists():
+        if not force:
+            raise SimclrPathError(f"{p}: output already exists; pass --force to overwrite it")
+        if kind == "file" and p.is_dir():
+            raise SimclrPathError(f"{p}: is a folder, but this output is a file; give a file path")
+        if kind == "dir" and not p.is_dir():
+            raise SimclrPathError(f"{p}: is a file, but this output is a folder; give a folder path")
+        if kind == "dir" and marker and any(p.iterdir()) and not (p / marker).is_file():
+            raise SimclrPathError(f"{p}: exists and is not a results folder of this command (no "
+                                  f"{marker}); --force only replaces earlier results, so choose "
+                                  "another folder")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:  # the first ancestor that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SimclrPathError(f"{p}: {parent} is a file, not a folder; give an output path in a folder")
+    p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
 
@@ -34,7 +59,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     The temporary file is in the same folder (same file system, so the rename is atomic) and is
     removed when the block raises.
     """
-    final = check_can_write(path, force)
+    final = check_can_write(path, force, kind="file")
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -47,9 +72,11 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds."""
-    final = check_can_write(path, force)
+def atomic_dir(path: str | os.PathLike, force: bool = False,
+               marker: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds.
+    ``marker``: see :func:`check_can_write`."""
+    final = check_can_write(path, force, kind="dir", marker=marker)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp

@@ -87,8 +87,13 @@ class Dist:
     def init(self, device: torch.device) -> None:
         if not self.enabled or (dist.is_available() and dist.is_initialized()):
             return
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://")
+        if device.type == "cuda":
+            # NCCL collectives (the first barrier included) and pinned-memory threads use the
+            # current device: without this every rank would open its communicator on cuda:0
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", init_method="env://", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo", init_method="env://")
         self.initialized_here = True
 
     def barrier(self) -> None:
@@ -196,6 +201,13 @@ def replan_scheduler(scheduler, total_steps: int, warmup_steps: int) -> None:
     scheduler.warmup_t = warm
     scheduler.warmup_steps = ([(v - scheduler.warmup_lr_init) / warm for v in scheduler.base_values]
                               if warm else [1 for _ in scheduler.base_values])
+
+
+# train keys a resume must keep: the optimiser and LR schedule are restored from the checkpoint,
+# and the loss defines the run (max_steps, epochs and the time budget may change: the schedule is
+# re-planned; batch_size is checked as the global batch)
+RESUME_FIXED_TRAIN_KEYS = ("optimizer", "lr", "lr_scaling", "weight_decay", "momentum",
+                           "warmup_epochs", "temperature", "loss", "seed")
 
 
 # Time budget: the first steps (DataLoader start-up, first allocations) are left out of the step
@@ -546,6 +558,15 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
                     f"{out / 'checkpoint.pt'}: was trained with local views of {was} px, this "
                     f"configuration makes them {a_cfg.local_view_size} px; set augment.local_size: "
                     f"{was} in the config or use --force")
+        # restored from the checkpoint (optimiser and schedule state) or changing the objective
+        # mid-run: a new value would be ignored or silently mix two runs
+        was, now = old.get("train", {}), to_dict(cfg)["train"]
+        changed = [k for k in RESUME_FIXED_TRAIN_KEYS if k in was and was[k] != now[k]]
+        if changed:
+            raise SimclrPathError(
+                f"{out / 'checkpoint.pt'}: was trained with other "
+                + ", ".join(f"train.{k} ({was[k]!r}, now {now[k]!r})" for k in changed)
+                + f"; resume with the run's own settings (--config {out / 'config.yaml'}) or use --force")
         if int(ck.get("world_size", 1)) * int(old["train"]["batch_size"]) != \
                 world.world_size * t_cfg.batch_size:
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: global batch size differs from the "
@@ -642,6 +663,10 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             optimizer.load_state_dict(ck["optimizer"])
             if int(ck.get("total_steps", total_steps)) == total_steps:
                 scheduler.load_state_dict(ck["scheduler"])
+                # a time budget re-planned the saved schedule to end early; this invocation runs
+                # to total_steps (or re-plans to its own budget), so the schedule must too, or
+                # every step past the old plan's end would train at LR 0 (a no-op otherwise)
+                replan_scheduler(scheduler, total_steps, warmup_wanted)
             else:  # e.g. resumed with a larger --max-steps: warm-up + cosine over the new length
                 warnings.warn(f"{out / 'checkpoint.pt'}: run length changed from "
                               f"{ck.get('total_steps')} to {total_steps} steps; the LR schedule is "

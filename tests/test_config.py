@@ -101,10 +101,47 @@ def test_yaml_exponent_numbers_are_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"train": {"lr": "fast"}}, r"train.lr must be a number, got the string 'fast'"),
-    ({"train": {"batch_size": "2.5"}}, r"train.batch_size must be an integer, got the string '2.5'"),
-    ({"classify": {"c_grid": [0.1, "x"]}}, r"classify.c_grid must be a number, got the string 'x'"),
+    ({"train": {"lr": "fast"}}, r"train.lr must be a number, got 'fast'"),
+    ({"train": {"batch_size": "2.5"}}, r"train.batch_size must be an integer, got 2.5"),
+    ({"tile": {"patch_size": 22.5}}, r"tile.patch_size must be an integer, got 22.5"),
+    ({"tile": {"workers": True}}, r"tile.workers must be an integer, got True"),
+    ({"classify": {"c_grid": [0.1, "x"]}}, r"classify.c_grid must be a number, got 'x'"),
+    ({"classify": {"labels": "SCC"}}, r"classify.labels must be a list, got 'SCC'"),
+    ({"tile": {"mpp": [1]}}, r"tile.mpp must be a number, got \[1\]"),
+    ({"tile": {"remove_pen": "no"}}, r"tile.remove_pen must be true or false, got 'no'"),
+    ({"embed": {"layer": 5}}, r"embed.layer must be a string, got 5"),
 ])
-def test_non_numeric_strings_in_numeric_fields_name_the_field(overrides, match):
+def test_values_of_the_wrong_type_name_the_field(overrides, match):
     with pytest.raises(SimclrPathError, match=match):
         load_config(overrides=overrides)
+
+
+def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
+    cfg = load_config(overrides={"tile": {"patch_size": 224.0, "stride": None},
+                                 "embed": {"tta": False}})
+    assert cfg.tile.patch_size == 224 and isinstance(cfg.tile.patch_size, int)
+    assert cfg.tile.stride is None and cfg.embed.tta is False
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"tile": {"drop_white": -1.0}}, "tile.drop_white"),
+    ({"tile": {"drop_black": float("nan")}}, "tile.drop_black"),
+    ({"tile": {"drop_white": 5.0}}, "tile.drop_white"),
+    ({"tile": {"drop_blur": -1.0}}, "tile.drop_blur"),
+])
+def test_patch_filters_are_range_checked(overrides, match):
+    with pytest.raises(SimclrPathError, match=match):
+        load_config(overrides=overrides)
+
+
+def test_config_file_that_is_binary_a_folder_or_names_a_bad_preset(tmp_path):
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00tile")
+    with pytest.raises(SimclrPathError, match="bin.yaml: not a text file"):
+        load_config(binary)
+    with pytest.raises(SimclrPathError, match="is a folder; give a YAML config file"):
+        load_config(tmp_path)
+    bad = tmp_path / "p.yaml"
+    bad.write_text("preset: [a]\n")
+    with pytest.raises(SimclrPathError, match=r"p.yaml: preset must be a name"):
+        load_config(bad)

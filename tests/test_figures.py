@@ -249,3 +249,69 @@ def test_thumbnail_from_slide_file(tmp_path):
     img, extent = slide_thumbnail(PatchStore(tmp_path / "s.h5"), max_side=256)
     assert extent == (0.0, 2220.0, 2967.0, 0.0)  # the whole slide, from OpenSlide
     assert max(img.shape[:2]) == 256 and img.std() > 5
+
+
+def test_heatmap_refuses_a_slide_id_that_is_not_the_stores(cohort, tmp_path, capsys):
+    out = tmp_path / "hm.png"
+    argv = ["plot-heatmap", "--classify", str(cohort["cls"]), "--store", str(cohort["stores"][0]),
+            "--out", str(out), "--slide-id", "P1-SCC"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds slide 'P0-SCC', not 'P1-SCC'" in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage, match", [
+    ({"predictions_slides.csv": ""}, "predictions_slides.csv: not a readable CSV table"),
+    ({"predictions_patches.csv": "a,b\n1,2\n"}, "predictions_patches.csv: expected columns"),
+    ({"metrics.json": "{broken"}, "metrics.json: not a classify metrics file"),
+    ({"metrics.json": "[1, 2]"}, "metrics.json: not a classify metrics file"),
+])
+def test_damaged_results_folder_gives_one_line(cohort, tmp_path, capsys, damage, match):
+    import shutil
+
+    cls = tmp_path / "cls"
+    shutil.copytree(cohort["cls"], cls)
+    for name, text in damage.items():
+        (cls / name).write_text(text)
+    for argv in (["plot-curves", "--classify", str(cls), "--out-roc", str(tmp_path / "r.png"),
+                  "--out-pr", str(tmp_path / "p.png")],
+                 ["plot-confusion", "--classify", str(cls), "--out", str(tmp_path / "c.png")]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+    assert not any(p.suffix == ".png" for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "not a readable CSV table"),
+    ("step,loss\n", "expected columns loss, step with at least one row"),
+    ("step,loss\n1,abc\n", "column loss is not all numbers"),
+])
+def test_plot_loss_damaged_metrics_csv(tmp_path, capsys, text, match):
+    (tmp_path / "metrics.csv").write_text(text)
+    assert main(["plot-loss", str(tmp_path), "--out", str(tmp_path / "l.png")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not (tmp_path / "l.png").exists()
+
+
+def test_plot_tsne_max_points_is_validated(cohort, tmp_path, capsys):
+    argv = ["plot-tsne", "--embeddings", *map(str, cohort["embs"]), "--samples",
+            str(cohort["sheet"]), "--out-label", str(tmp_path / "a.png"),
+            "--out-slide", str(tmp_path / "b.png")]
+    for bad in ("0", "-5"):
+        assert main([*argv, "--max-points", bad]) != 0
+        assert "classify.tsne_max_points must be >= 10" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_plot_tsne_checks_the_stores_before_writing_anything(cohort, tmp_path, capsys):
+    argv = ["plot-tsne", "--embeddings", *map(str, cohort["embs"]), "--samples",
+            str(cohort["sheet"]), "--out-label", str(tmp_path / "a.png"),
+            "--out-slide", str(tmp_path / "b.png"), "--stores", str(cohort["stores"][0]),
+            "--out-thumbnails", str(tmp_path / "t.png")]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no patch store given for slide" in err[0]
+    assert not any(tmp_path.iterdir())

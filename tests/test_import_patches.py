@@ -104,3 +104,11 @@ def test_lc25000_dev(tmp_path):
     # every group is one class
     for g in set(s.groups):
         assert len({int(lab) for lab, gg in zip(s.labels, s.groups) if gg == g}) == 1
+
+
+@pytest.mark.parametrize("size", [4, 100000])
+def test_patch_size_out_of_range_is_refused(tiles, tmp_path, size):
+    root, _ = tiles
+    with pytest.raises(SimclrPathError, match="--patch-size must be between 8 and 4096"):
+        import_patches(root, tmp_path / "p.h5", patch_size=size, progress=False)
+    assert not (tmp_path / "p.h5").exists()

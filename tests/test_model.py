@@ -90,3 +90,13 @@ def test_simclr_model_takes_batches_of_other_sizes():
 def test_output_stride_from_timm_feature_info():
     assert output_stride(create_backbone("resnet18")) == 32
     assert output_stride(torch.nn.Conv2d(3, 8, 3)) is None  # a model that does not say
+
+
+def test_encoder_json_that_is_not_an_object_is_one_clear_error(tmp_path):
+    from simclr_path.errors import SimclrPathError
+    from simclr_path.model import encoder_info
+
+    (tmp_path / "encoder.pt").write_bytes(b"")
+    (tmp_path / "encoder.json").write_text("[1, 2]")
+    with pytest.raises(SimclrPathError, match="encoder.json: expected a JSON object"):
+        encoder_info(tmp_path / "encoder.pt")

@@ -540,3 +540,46 @@ def test_two_view_training_ignores_the_local_size(stores, tmp_path):
     cfg = _cfg(max_steps=1)
     cfg.augment.local_size = 16  # below the stride, but unused without local crops
     assert T.pretrain(stores, tmp_path / "run", cfg, progress=False)["steps"] == 1
+
+
+def test_resume_after_a_budget_stop_trains_at_a_live_lr(stores, tmp_path, monkeypatch):
+    # a time budget re-plans the saved LR schedule to end early; a resume without it runs on to
+    # max_steps and must not train those steps at the old plan's final LR of 0
+    run = tmp_path / "run"
+    monkeypatch.setattr(T, "budget_steps", lambda *a: 4)  # the budget buys 4 of the 8 steps
+    assert T.pretrain(stores, run, _cfg(max_steps=8, time_budget_s=3600.0, log_every=1),
+                      progress=False)["steps"] == 4
+    monkeypatch.undo()
+    s = T.pretrain(stores, run, _cfg(max_steps=8, log_every=1), resume=True, progress=False)
+    assert s["steps"] == 8
+    lr = pd.read_csv(run / "metrics.csv").set_index("step")["lr"]
+    assert (lr.loc[5:7] > 0).all() and lr.loc[8] == 0.0
+
+
+def test_resume_refuses_other_optimisation_settings(stores, tmp_path):
+    run = tmp_path / "run"
+    T.pretrain(stores, run, _cfg(max_steps=2), progress=False)
+    with pytest.raises(SimclrPathError, match=r"train.lr \(0.001, now 0.01\).*--force"):
+        T.pretrain(stores, run, _cfg(max_steps=4, lr=1e-2), resume=True, progress=False)
+    with pytest.raises(SimclrPathError, match=r"train.temperature"):
+        T.pretrain(stores, run, _cfg(max_steps=4, temperature=0.5), resume=True, progress=False)
+
+
+def test_ddp_on_cuda_pins_each_rank_to_its_gpu(monkeypatch):
+    # NCCL's first collective uses the current device: without set_device every rank would
+    # build its communicator on cuda:0 (not runnable without GPUs; the calls are recorded)
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(T.dist, "init_process_group",
+                        lambda **kw: calls.append(("init", kw["backend"], kw.get("device_id"))))
+    world = T.Dist()
+    world.init(torch.device("cuda", 1))
+    assert calls == [("set_device", torch.device("cuda", 1)),
+                     ("init", "nccl", torch.device("cuda", 1))]
+    calls.clear()
+    T.Dist().init(torch.device("cpu"))
+    assert calls == [("init", "gloo", None)]

@@ -186,7 +186,7 @@ def test_broken_samples_sheet_stops_dag_build(tmp_path, sheet, expected):
 @pytest.mark.parametrize(
     "config, expected",
     [
-        ({"tile": {"mpp": "fine"}}, "config: tile.mpp must be a number, got the string 'fine'"),
+        ({"tile": {"mpp": "fine"}}, "config: tile.mpp must be a number, got 'fine'"),
         ({"runs": {"a": {"train": {"lr": "x"}}}}, "config runs.a: train.lr must be a number"),
         ({"tile": {"mpp": -1.0}}, "tile.mpp must be > 0"),
         ({"train": {"optimiser": "adamw"}}, "config: train: Additional properties"),

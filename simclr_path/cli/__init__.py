@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -67,10 +68,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_output(dest: str) -> bool:
+    return dest in ("out", "qc") or dest.startswith("out_")
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Before a command runs: no two outputs share a path, and no output is one of the inputs
+    (``--force`` must never replace a command's own input with its output)."""
+    values = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    outs = {k: v for k, v in values.items() if _is_output(k) and isinstance(v, (str, os.PathLike))}
+    seen: dict[str, str] = {}
+    for dest, path in outs.items():
+        key = os.path.abspath(path)
+        if key in seen:
+            raise SimclrPathError(f"{path}: given for both --{seen[key].replace('_', '-')} and "
+                                  f"--{dest.replace('_', '-')}; give each output its own path")
+        seen[key] = dest
+    existing = {dest: path for dest, path in outs.items() if os.path.exists(path)}
+    for dest, value in values.items():
+        if _is_output(dest) or not existing:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(item, (str, os.PathLike)) or not os.path.exists(item):
+                continue
+            for out_dest, path in existing.items():
+                if os.path.samefile(item, path):
+                    raise SimclrPathError(
+                        f"{path}: is an input of this command ({dest.replace('_', '-')}) and its "
+                        f"--{out_dest.replace('_', '-')} output; write the output elsewhere")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_output_paths(args)
         return int(args._run(args) or 0)
     except SimclrPathError as exc:
         print(f"simclr-path {args.command}: error: {exc}", file=sys.stderr)

@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from simclr_path.figures import plot_tsne
     from simclr_path.outputs import check_can_write
 
-    cfg = load_config(args.config).classify
+    over = {} if args.max_points is None else {"tsne_max_points": args.max_points}
+    cfg = load_config(args.config, overrides={"classify": over}).classify  # validates the value
     for out in (args.out_label, args.out_slide, args.out_thumbnails, args.out_umap):
         if out is not None:
             check_can_write(out, args.force)
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         args.out_label,
         args.out_slide,
         samples=args.samples,
-        max_points=args.max_points or cfg.tsne_max_points,
+        max_points=cfg.tsne_max_points,
         perplexity=cfg.tsne_perplexity,
         stores=args.stores,
         out_thumbnails=args.out_thumbnails,

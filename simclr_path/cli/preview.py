@@ -7,6 +7,7 @@ from pathlib import Path
 
 from simclr_path.config import PRESETS, load_config
 
+MAX_PAIRS = 64
 HELP = "Write a PNG grid of augmented view pairs (the SimCLR training views) from patch stores."
 
 
@@ -15,15 +16,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     p.add_argument("--config", type=Path, default=None, help="YAML config (section augment)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="named preset [default]")
-    p.add_argument("--pairs", type=int, default=8, help="number of view pairs (rows)")
+    p.add_argument("--pairs", type=int, default=8, help=f"number of view pairs (rows, at most {MAX_PAIRS})")
     p.add_argument("--seed", type=int, default=0, help="which patches and augmentations")
     p.add_argument("--force", action="store_true", help="overwrite an existing PNG")
 
 
 def run(args: argparse.Namespace) -> int:
+    from simclr_path.errors import SimclrPathError
     from simclr_path.outputs import check_can_write
     from simclr_path.transforms import preview
 
+    if not 1 <= args.pairs <= MAX_PAIRS:  # one row each: more would not make a readable figure
+        raise SimclrPathError(f"--pairs must be between 1 and {MAX_PAIRS}, got {args.pairs}")
+    if args.seed < 0:
+        raise SimclrPathError(f"--seed must be >= 0, got {args.seed}")
     check_can_write(args.out, args.force)
     cfg = load_config(args.config, args.preset)
     print(preview(args.stores, args.out, cfg.augment, n_pairs=args.pairs, seed=args.seed,

@@ -53,10 +53,10 @@ def check_schema(cfg):
         )
 
 
-def coerce_numbers(cfg):
-    """In place: numbers that YAML 1.1 (Snakemake's loader) reads as strings, such as
-    ``lr: 1e-4``, become numbers before the schema sees them, in the sections and in every run
-    (simclr_path.config.coerce_numbers); a non-numeric string in a numeric field fails.
+def coerce_sections(cfg):
+    """In place, in the sections and in every run, before the schema sees them: numbers that
+    YAML 1.1 (Snakemake's loader) reads as strings, such as ``lr: 1e-4``, become numbers, and a
+    value of the wrong type fails with one line (simclr_path.config.coerce_section).
     """
     runs = cfg.get("runs")
     runs = runs if isinstance(runs, dict) else {}  # anything else: the schema names it
@@ -69,12 +69,12 @@ def coerce_numbers(cfg):
                 continue  # the schema names it
             for s in SECTIONS:
                 if isinstance(sections.get(s), dict):
-                    sections[s] = spc.coerce_numbers(s, sections[s], where)
+                    sections[s] = spc.coerce_section(s, sections[s], where)
     except SimclrPathError as exc:
         fail(str(exc))
 
 
-coerce_numbers(config)
+coerce_sections(config)
 # The user's values before defaults are filled: a preset must not be masked by schema defaults.
 USER_CONFIG = copy.deepcopy(config)
 check_schema(USER_CONFIG)

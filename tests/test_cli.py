@@ -1,0 +1,47 @@
+"""The command line's checks that run before any command: outputs against inputs and each other."""
+
+from __future__ import annotations
+
+import pytest
+
+from simclr_path.cli import main
+
+
+def _err(argv, capsys):
+    rc = main(argv)
+    return rc, capsys.readouterr().err.strip()
+
+
+def test_force_never_writes_an_output_over_an_input(tmp_path, capsys):
+    slide = tmp_path / "s.tiff"
+    slide.write_bytes(b"my slide")
+    rc, err = _err(["tile", str(slide), "--out", str(slide), "--force"], capsys)
+    assert rc != 0 and len(err.splitlines()) == 1
+    assert "is an input of this command (slide) and its --out output" in err
+    assert slide.read_bytes() == b"my slide"
+    run = tmp_path / "run"
+    run.mkdir()
+    rc, err = _err(["plot-loss", str(run), "--out", str(run), "--force"], capsys)
+    assert rc != 0 and "is an input of this command" in err and run.is_dir()
+
+
+@pytest.mark.parametrize("argv", [
+    ["plot-curves", "--classify", "C", "--out-roc", "{d}/same.png", "--out-pr", "{d}/same.png"],
+    ["tile", "{d}/s.tiff", "--out", "{d}/q.h5", "--qc", "{d}/q.h5"],
+])
+def test_two_outputs_on_one_path_are_refused_before_anything_is_written(argv, tmp_path, capsys):
+    (tmp_path / "s.tiff").write_bytes(b"x")
+    rc, err = _err([a.format(d=tmp_path) for a in argv], capsys)
+    assert rc != 0 and "give each output its own path" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tiff"]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--pairs", "100000"], "--pairs must be between 1 and 64"),
+    (["--pairs", "0"], "--pairs must be between 1 and 64"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+])
+def test_preview_bounds(tmp_path, capsys, extra, match):
+    rc, err = _err(["preview", str(tmp_path / "s.h5"), "--out", str(tmp_path / "p.png"), *extra],
+                   capsys)
+    assert rc != 0 and match in err and not (tmp_path / "p.png").exists()

@@ -1,0 +1,67 @@
+"""Outputs: never overwritten without --force, never replacing a folder that is not ours, and
+one clear error where a path cannot be written."""
+
+from __future__ import annotations
+
+import pytest
+
+from simclr_path.errors import SimclrPathError
+from simclr_path.outputs import atomic_dir, atomic_output, check_can_write
+
+
+def test_existing_output_needs_force(tmp_path):
+    f = tmp_path / "a.h5"
+    f.write_text("mine")
+    with pytest.raises(SimclrPathError, match="already exists; pass --force"):
+        check_can_write(f, force=False)
+    assert check_can_write(f, force=True) == f and f.read_text() == "mine"
+
+
+def test_file_output_that_is_a_folder_and_folder_output_that_is_a_file(tmp_path):
+    with pytest.raises(SimclrPathError, match="is a folder, but this output is a file"):
+        check_can_write(tmp_path, force=True)
+    f = tmp_path / "x"
+    f.write_text("")
+    with pytest.raises(SimclrPathError, match="is a file, but this output is a folder"):
+        check_can_write(f, force=True, kind="dir")
+
+
+def test_output_under_a_file_names_the_file(tmp_path):
+    f = tmp_path / "slide.tiff"
+    f.write_text("")
+    with pytest.raises(SimclrPathError, match="slide.tiff is a file, not a folder"):
+        check_can_write(f / "deeper" / "x.h5", force=False)
+    assert not (f.parent / "deeper").exists()
+
+
+def test_parents_are_made(tmp_path):
+    out = tmp_path / "a" / "b" / "c.png"
+    assert check_can_write(out, force=False) == out and out.parent.is_dir() and not out.exists()
+
+
+def test_force_never_replaces_a_folder_that_is_not_a_results_folder(tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    (victim / "data").mkdir(parents=True)
+    (victim / "data" / "important.txt").write_text("keep")
+    with (pytest.raises(SimclrPathError, match="not a results folder of this command"),
+          atomic_dir(victim, force=True, marker="metrics.json") as tmp):
+        (tmp / "metrics.json").write_text("{}")
+    assert (victim / "data" / "important.txt").read_text() == "keep"
+    # earlier results (with the marker) and an empty folder are replaced
+    (victim / "data" / "important.txt").unlink()
+    (victim / "data").rmdir()
+    (victim / "metrics.json").write_text("old")
+    with atomic_dir(victim, force=True, marker="metrics.json") as tmp:
+        (tmp / "metrics.json").write_text("new")
+    assert (victim / "metrics.json").read_text() == "new"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SimclrPathError, match="cannot write results over the current folder"):
+        check_can_write(".", force=True, kind="dir")
+
+
+def test_failed_block_leaves_no_output(tmp_path):
+    out = tmp_path / "x.csv"
+    with pytest.raises(RuntimeError), atomic_output(out) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
