@@ -39,6 +39,8 @@ class ImportResult:
 
 def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted subfolders) and (relative path, label) of every tile, sorted."""
+    if folder.is_file():
+        raise SimclrPathError(f"{folder}: is a file; give the folder with one subfolder of tiles per class")
     if not folder.is_dir():
         raise SimclrPathError(f"{folder}: folder not found")
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -51,6 +53,9 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
             p.relative_to(folder).as_posix() for p in (folder / name).rglob("*")
             if p.is_file() and p.suffix.lower() in EXTENSIONS
             and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        if not files:  # a class without tiles would be a class the classifier never sees
+            raise SimclrPathError(f"{folder / name}: class folder has no PNG/JPEG/TIFF tiles; add "
+                                  "its tiles or remove the folder")
         tiles += [(f, label) for f in files]
     if not tiles:
         raise SimclrPathError(f"{folder}: no PNG/JPEG/TIFF tiles in the class subfolders "
@@ -75,7 +80,12 @@ def read_groups(csv: str | os.PathLike, tiles: list[str]) -> list[str]:
                               f"path,group (found {', '.join(map(str, df.columns))})")
     paths = df["path"].str.strip().str.replace("\\", "/", regex=False).map(
         lambda s: s.removeprefix("./"))
-    mapping = dict(zip(paths, df["group"].str.strip()))
+    groups = df["group"].str.strip()
+    clash = groups.groupby(paths).nunique()
+    if (clash > 1).any():
+        raise SimclrPathError(f"{p}: tile {clash[clash > 1].index[0]!r} has rows with different "
+                              "groups; give each tile one group")
+    mapping = dict(zip(paths, groups))
     absent = [t for t in tiles if not mapping.get(t)]
     if absent:
         raise SimclrPathError(f"{p}: no group for {len(absent)} tile(s), e.g. {absent[0]!r}; add a "

@@ -198,6 +198,8 @@ class _LazyH5:
         self._pid: int | None = None
         if not self.path.exists():
             raise SimclrPathError(f"{self.path}: {what} not found")
+        if self.path.is_dir():
+            raise SimclrPathError(f"{self.path}: is a folder; give the {what} file (.h5)")
         self._open()  # validate now, in the parent, so errors surface before any worker starts
 
     def _open(self) -> h5py.File:

@@ -112,3 +112,18 @@ def test_patch_size_out_of_range_is_refused(tiles, tmp_path, size):
     with pytest.raises(SimclrPathError, match="--patch-size must be between 8 and 4096"):
         import_patches(root, tmp_path / "p.h5", patch_size=size, progress=False)
     assert not (tmp_path / "p.h5").exists()
+
+
+def test_empty_class_folder_a_file_for_the_folder_and_clashing_groups(tiles, tmp_path):
+    root, _ = tiles
+    with pytest.raises(SimclrPathError, match="groups.csv: is a file; give the folder"):
+        import_patches(root / "groups.csv", tmp_path / "p.h5")
+    (root / "groups.csv").write_text(
+        "path,group\nSCC/a.png,p1\nSCC/b.png,p1\nSCC/sub/c.tif,p2\nnormal/x.jpg,p3\n"
+        "normal/y.png,p3\nSCC/a.png,p9\n")
+    with pytest.raises(SimclrPathError, match="'SCC/a.png' has rows with different groups"):
+        import_patches(root, tmp_path / "p.h5", groups_csv=root / "groups.csv", progress=False)
+    (root / "adeno").mkdir()
+    with pytest.raises(SimclrPathError, match="adeno: class folder has no PNG/JPEG/TIFF tiles"):
+        import_patches(root, tmp_path / "p.h5", progress=False)
+    assert not (tmp_path / "p.h5").exists()

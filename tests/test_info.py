@@ -56,3 +56,18 @@ def test_bad_files(tmp_path, make_store, capsys):
         f["x"] = [1]
     assert main(["info", str(tmp_path / "other.h5")]) == 2
     assert "not a simclr-path" in capsys.readouterr().err
+
+
+def test_a_folder_or_a_slide_given_to_info(tmp_path, make_store, capsys):
+    assert main(["info", str(tmp_path)]) == 2
+    assert "is a folder; give a patch store or embedding file" in capsys.readouterr().err
+    slide = tmp_path / "s.tiff"
+    slide.write_bytes(b"II*\x00" + b"\x00" * 64)
+    assert main(["info", str(slide)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written by simclr-path" in err[0] and "--force" not in err[0]
+    good = make_store(n=20, size=32)
+    trunc = tmp_path / "trunc.h5"
+    trunc.write_bytes(good.read_bytes()[:3000])
+    assert main(["info", str(trunc)]) == 2
+    assert "truncated or corrupt; recreate it with --force" in capsys.readouterr().err

@@ -62,6 +62,8 @@ def test_truncated_and_foreign_files_fail_clearly(make_store, tmp_path):
         PatchStore(other)
     with pytest.raises(SimclrPathError, match="not found"):
         PatchStore(tmp_path / "missing.h5")
+    with pytest.raises(SimclrPathError, match="is a folder; give the patch store file"):
+        PatchStore(tmp_path)
 
 
 def test_embedding_roundtrip(tmp_path):

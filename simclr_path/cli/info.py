@@ -28,13 +28,18 @@ def summary(path: Path) -> list[str]:
     from simclr_path.errors import SimclrPathError
     from simclr_path.store import _read_attr
 
+    if path.is_dir():
+        raise SimclrPathError(f"{path}: is a folder; give a patch store or embedding file (.h5)")
     if not path.is_file():
         raise SimclrPathError(f"{path}: file not found")
     try:
         f = h5py.File(path, "r")
     except OSError:
-        raise SimclrPathError(f"{path}: not a readable HDF5 file (truncated or corrupt); "
-                              "recreate it with --force") from None
+        with open(path, "rb") as fh:  # HDF5's signature: a damaged .h5, or another kind of file
+            is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+        hint = ("truncated or corrupt; recreate it with --force" if is_hdf5 or path.suffix == ".h5"
+                else "give a patch store or embedding file written by simclr-path")
+        raise SimclrPathError(f"{path}: not a readable HDF5 file ({hint})") from None
     try:
         with f:
             attrs = {k: _read_attr(v) for k, v in f.attrs.items()}
