@@ -38,6 +38,9 @@ from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import atomic_dir, atomic_output, check_can_write
 from simclr_path.store import EmbeddingStore
 
+# what this command writes into its results folder: --force replaces only a folder holding one
+RESULT_FILES = ("metrics.json", "predictions_patches.csv", "predictions_slides.csv", "model.npz", "model.json")
+
 MODEL_FORMAT_VERSION = 1
 SCALAR_KEYS = (
     "auroc",
@@ -864,7 +867,7 @@ def classify(
         force: replace an existing ``out_dir``.
     """
     cfg = cfg or ClassifyConfig()
-    check_can_write(out_dir, force, kind="dir", marker="metrics.json")
+    check_can_write(out_dir, force, kind="dir", markers=RESULT_FILES)
     t = load_table(embedding_paths, samples, cfg)
     k = len(t.classes)
     fold_of_slide, scheme = make_folds(t.slides, t.classes, cfg)
@@ -939,7 +942,7 @@ def classify(
     task["label_fraction"] = cfg.label_fraction
     metrics = metrics_document(task, patch_metrics, slide_metrics, folds_out,
                                {"C": c_final, **final_split}, asdict(cfg))
-    with atomic_dir(out_dir, force=force, marker="metrics.json") as tmp:
+    with atomic_dir(out_dir, force=force, markers=RESULT_FILES) as tmp:
         write_evaluation(tmp, metrics, patches, slides_pred)
         model.save(tmp)
     return metrics
@@ -1028,7 +1031,8 @@ def predict(
         if size and s.attrs.get("image_size") and int(s.attrs["image_size"]) != int(size):
             warnings.warn(
                 f"{s.path}: embedded at {s.attrs['image_size']} px but the classifier was trained "
-                f"on {size} px embeddings; embed with --image-size {size}",
+                f"on {size} px embeddings; embed with --image-size {size} (unless its patches "
+                "cover another field of view, which 'embed' scales its input size for)",
                 stacklevel=2,
             )
         if "tta" in model.meta and _tta(s.attrs) != bool(model.meta["tta"]):

@@ -372,7 +372,7 @@ def _section_cls(name: str) -> type:
 
 # A number as YAML 1.2 and Python write it. PyYAML follows YAML 1.1, where a float needs a dot:
 # ``lr: 1e-4`` loads as the string "1e-4" (Snakemake's loader does the same).
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @functools.cache
@@ -402,7 +402,7 @@ _KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a st
 def _value(value: Any, kind: type, name: str, where: str) -> Any:
     """``value`` for a field of type ``kind``: a string written as a number (``"1e-4"``) becomes
     that number and a whole float an int; a value of another type raises one clear error."""
-    if isinstance(value, str) and kind in (int, float) and _NUMBER.fullmatch(value.strip()):
+    if isinstance(value, str) and kind in (int, float) and NUMBER.fullmatch(value.strip()):
         value = float(value.strip())
     if kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)

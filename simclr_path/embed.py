@@ -50,7 +50,7 @@ _STAGE = re.compile(r"stage(\d+)")
 
 
 def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size: int,
-                multiple: int = 8) -> int:
+                multiple: int = 8, side_ratio: float | None = None) -> int:
     """Input size at which whole patches show tissue at the scale the encoder trained on.
 
     A RandomResizedCrop view covers an area fraction ``s ~ U(a, b)`` of the patch, i.e. a side
@@ -58,16 +58,34 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
     larger than in the whole patch resized to ``train_size``. Matching the mean magnification
     gives ``train_size / E[sqrt(s)]``, with ``E[sqrt(s)] = 2/3 (b^1.5 - a^1.5) / (b - a)``
     (Touvron et al. 2019, "Fixing the train-test resolution discrepancy"). For crop scale
-    0.2-1.0 that is 1.32x: 96 -> 128 px. Rounded to ``multiple``; never above ``patch_size`` (no
-    upsampling past the stored pixels) nor below ``train_size``. Without a crop scale (an encoder
-    from an older version, or fine-tuned on whole patches) the training size is returned.
+    0.2-1.0 that is 1.32x: 96 -> 128 px. ``side_ratio``: the physical side (pixels x mpp) of
+    the patches embedded over that of the training patches, where both are known; patches
+    that hold more or less tissue need a proportionally larger or smaller input. Rounded to
+    ``multiple``; never above ``patch_size`` (no upsampling past the stored pixels) nor, at
+    ratio 1 (or unknown), below ``train_size``. Without a crop scale (an encoder from an older
+    version, or fine-tuned on whole patches) the training size is returned, scaled the same way.
     """
-    if not crop_scale:
+    size = float(train_size)
+    if crop_scale:
+        a, b = float(crop_scale[0]), float(crop_scale[1])
+        size /= math.sqrt(a) if b - a < 1e-9 else 2.0 / 3.0 * (b ** 1.5 - a ** 1.5) / (b - a)
+    rescaled = side_ratio is not None and abs(side_ratio - 1.0) > 1e-3
+    if rescaled:
+        size *= side_ratio
+    elif not crop_scale:
         return int(train_size)
-    a, b = float(crop_scale[0]), float(crop_scale[1])
-    mean_side = math.sqrt(a) if b - a < 1e-9 else 2.0 / 3.0 * (b ** 1.5 - a ** 1.5) / (b - a)
-    size = multiple * round(train_size / mean_side / multiple)
-    return int(max(train_size, min(size, patch_size)))
+    size = multiple * round(size / multiple)
+    floor = multiple if rescaled else train_size
+    return int(max(floor, min(size, patch_size)))
+
+
+def side_ratio(info: dict[str, Any], store) -> float | None:
+    """Physical side of ``store``'s patches over the encoder's training patches (``encoder.json``
+    ``patch_size`` and ``mpp``), or None where either is unknown (imported tiles have no mpp)."""
+    p, m = info.get("patch_size"), info.get("mpp")
+    if not (p and m and store.mpp):
+        return None
+    return float(store.patch_size) * float(store.mpp) / (float(p) * float(m))
 
 
 def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
@@ -260,7 +278,8 @@ def embed_store(
     if cfg.image_size:
         image_size = int(cfg.image_size)
     elif info.get("image_size"):
-        image_size = fixres_size(int(info["image_size"]), info.get("crop_scale"), store.patch_size)
+        image_size = fixres_size(int(info["image_size"]), info.get("crop_scale"), store.patch_size,
+                                 side_ratio=side_ratio(info, store))
     else:
         image_size = int(store.patch_size)
     if image_size < 8:

@@ -80,6 +80,10 @@ from simclr_path.outputs import atomic_dir, check_can_write
 from simclr_path.store import PatchStore
 from simclr_path.transforms import ColorAugment, eval_transform, normalize, to_float
 
+# what this command writes into its results folder: --force replaces only a folder holding one
+RESULT_FILES = ("metrics.json", "predictions_patches.csv", "predictions_slides.csv", "history.csv",
+                "encoder.pt", "encoder.json", "classifier.pt")
+
 HISTORY_COLUMNS = ["fold", "epoch", "train_loss", "val_loss", "val_auroc", "lr", "seconds", "best"]
 # Light colour augmentation for fine-tuning: a fraction of the pretraining strengths, no blur or
 # grayscale (the labels depend on morphology and staining that strong jitter would blur away).
@@ -454,7 +458,7 @@ def finetune(
     ft, ccfg = cfg.finetune, cfg.classify
     if not store_paths:
         raise SimclrPathError("no patch stores given; pass one or more STORE.h5")
-    check_can_write(out_dir, force, kind="dir", marker="metrics.json")
+    check_can_write(out_dir, force, kind="dir", markers=RESULT_FILES)
     enc = Path(encoder)
     if enc.is_dir():
         enc = enc / "encoder.pt"
@@ -482,7 +486,7 @@ def finetune(
     history: list[dict[str, Any]] = []
     t_start = time.perf_counter()
 
-    with atomic_dir(out_dir, force=force, marker="metrics.json") as tmp:
+    with atomic_dir(out_dir, force=force, markers=RESULT_FILES) as tmp:
         from simclr_path.train import _Tracker
 
         tracker = _Tracker(tmp, cfg, enabled=True, name=Path(out_dir).name)

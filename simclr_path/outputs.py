@@ -11,22 +11,23 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from simclr_path.errors import SimclrPathError
 
 
 def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
-                    marker: str | None = None) -> Path:
+                    markers: Sequence[str] = ()) -> Path:
     """Return ``path`` as a Path, ready to be written; raise one clear error where it cannot be.
 
     Args:
         path: the output, a file (``kind="file"``) or a folder (``kind="dir"``).
         force: replace an existing output.
-        marker: for folders, a file that this command's own results folder holds (e.g.
-            ``metrics.json``): ``force`` never replaces a non-empty folder without it, so a
-            mistyped ``--out`` cannot delete an unrelated folder.
+        markers: for folders, files that this command writes (e.g. ``metrics.json``):
+            ``force`` never replaces a non-empty folder that holds none of them, so a mistyped
+            ``--out`` cannot delete an unrelated folder. Any one is enough: Snakemake deletes
+            a rule's declared outputs before rerunning it and leaves the others.
     """
     p = Path(path)
     if kind == "dir" and (not p.name or Path(os.path.abspath(p)) == Path.cwd()):
@@ -39,10 +40,11 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
             raise SimclrPathError(f"{p}: is a folder, but this output is a file; give a file path")
         if kind == "dir" and not p.is_dir():
             raise SimclrPathError(f"{p}: is a file, but this output is a folder; give a folder path")
-        if kind == "dir" and marker and any(p.iterdir()) and not (p / marker).is_file():
-            raise SimclrPathError(f"{p}: exists and is not a results folder of this command (no "
-                                  f"{marker}); --force only replaces earlier results, so choose "
-                                  "another folder")
+        if kind == "dir" and markers and any(p.iterdir()) and \
+                not any((p / m).exists() for m in markers):
+            raise SimclrPathError(f"{p}: exists and is not a results folder of this command (none "
+                                  f"of {', '.join(markers)}); --force only replaces earlier "
+                                  "results, so choose another folder")
     parent = p.parent
     while not parent.exists() and parent != parent.parent:  # the first ancestor that exists
         parent = parent.parent
@@ -73,10 +75,10 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False,
-               marker: str | None = None) -> Iterator[Path]:
+               markers: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds.
-    ``marker``: see :func:`check_can_write`."""
-    final = check_can_write(path, force, kind="dir", marker=marker)
+    ``markers``: see :func:`check_can_write`."""
+    final = check_can_write(path, force, kind="dir", markers=markers)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp

@@ -458,6 +458,12 @@ def _on_step_end(step: int) -> None:
     """Hook called after every optimiser step (tests use it to simulate an interruption)."""
 
 
+def _store_patch_size(stores) -> int | None:
+    """The training stores' patch side, or None when they differ."""
+    sizes = {int(s.patch_size) for s in stores}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def _store_mpp(stores) -> float | None:
     mpps = {round(float(s.mpp), 6) for s in stores if s.mpp is not None}
     return mpps.pop() if len(mpps) == 1 else None
@@ -850,6 +856,9 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             save_projection_head(core.head, out / "head.pt", force=True)
             save_encoder(core.backbone, out / "encoder.pt", m_cfg.arch, force=True,
                          image_size=a_cfg.image_size, crop_scale=list(a_cfg.crop_scale), mpp=mpp,
+                         # the training patches' side: embed scales its input size for stores
+                         # of another side (embed.fixres_size)
+                         patch_size=_store_patch_size(opened),
                          head=core.head.config(),
                          stores=[str(s.path) for s in opened], steps=step,
                          simclr_path_version=__version__)

@@ -45,3 +45,15 @@ def test_preview_bounds(tmp_path, capsys, extra, match):
     rc, err = _err(["preview", str(tmp_path / "s.h5"), "--out", str(tmp_path / "p.png"), *extra],
                    capsys)
     assert rc != 0 and match in err and not (tmp_path / "p.png").exists()
+
+
+def test_text_options_are_not_taken_for_paths(tmp_path, capsys):
+    import pandas as pd
+
+    pd.DataFrame({"step": [1, 2], "loss": [3.0, 2.0], "lr": [0.1, 0.0]}).to_csv(
+        tmp_path / "metrics.csv", index=False)
+    out = tmp_path / "loss.png"
+    out.write_bytes(b"old")
+    # a --title that happens to name the output file is a title, not an input
+    assert main(["plot-loss", str(tmp_path), "--out", str(out), "--title", str(out), "--force"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"

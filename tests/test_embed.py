@@ -9,7 +9,7 @@ from simclr_path.config import EmbedConfig
 from simclr_path.embed import dihedral_views, embed_store, file_sha256, fixres_size, preprocess
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import create_backbone, load_encoder, save_encoder
-from simclr_path.store import EmbeddingStore
+from simclr_path.store import EmbeddingStore, PatchStore
 
 ARCH = "resnet18"
 STAGE_CHANNELS = [64, 64, 128, 256, 512]  # timm feature_info of resnet18: stem, layer1-4
@@ -194,6 +194,11 @@ def test_fixres_size_matches_the_mean_crop_magnification():
     assert fixres_size(96, [0.2, 1.0], 64) == 96  # nor below the training size
     assert fixres_size(96, [1.0, 1.0], 224) == 96  # whole-patch training: no change
     assert fixres_size(96, None, 224) == 96  # encoders without a recorded crop scale
+    # patches of another physical side than the training ones: the same tissue scale
+    assert fixres_size(128, [0.2, 1.0], 448, side_ratio=2.0) == 336  # 168 x 2
+    assert fixres_size(128, [0.2, 1.0], 112, side_ratio=0.5) == 88  # 168 / 2 = 84 -> 88
+    assert fixres_size(128, [0.2, 1.0], 224, side_ratio=1.0) == 168  # same side: as before
+    assert fixres_size(96, None, 448, side_ratio=2.0) == 192
 
 
 def test_default_size_follows_the_encoders_crop_scale(make_store, tmp_path):
@@ -206,6 +211,18 @@ def test_default_size_follows_the_encoders_crop_scale(make_store, tmp_path):
     out = embed_store(enc, store, tmp_path / "f.h5", EmbedConfig(workers=0, image_size=32),
                       progress=False)  # an explicit size wins
     assert EmbeddingStore(out).attrs["image_size"] == 32
+    # trained on 32 px patches at the store's mpp: its 64 px patches hold twice the tissue side
+    mpp = PatchStore(store).mpp
+    assert mpp
+    save_encoder(create_backbone(ARCH), enc, ARCH, force=True, image_size=32,
+                 crop_scale=[0.2, 1.0], patch_size=32, mpp=mpp)
+    out = embed_store(enc, store, tmp_path / "g.h5", EmbedConfig(workers=0), progress=False)
+    assert EmbeddingStore(out).attrs["image_size"] == 64  # 42.2 x 2 = 84 -> at most 64 px
+    # the same field of view (64 px at half the mpp): the training scale again
+    save_encoder(create_backbone(ARCH), enc, ARCH, force=True, image_size=32,
+                 crop_scale=[0.2, 1.0], patch_size=32, mpp=2 * mpp)
+    out = embed_store(enc, store, tmp_path / "h.h5", EmbedConfig(workers=0), progress=False)
+    assert EmbeddingStore(out).attrs["image_size"] == 40
 
 
 def test_dihedral_views_are_the_8_distinct_symmetries():

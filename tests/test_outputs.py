@@ -44,16 +44,22 @@ def test_force_never_replaces_a_folder_that_is_not_a_results_folder(tmp_path, mo
     (victim / "data").mkdir(parents=True)
     (victim / "data" / "important.txt").write_text("keep")
     with (pytest.raises(SimclrPathError, match="not a results folder of this command"),
-          atomic_dir(victim, force=True, marker="metrics.json") as tmp):
+          atomic_dir(victim, force=True, markers=("metrics.json", "model.npz")) as tmp):
         (tmp / "metrics.json").write_text("{}")
     assert (victim / "data" / "important.txt").read_text() == "keep"
     # earlier results (with the marker) and an empty folder are replaced
     (victim / "data" / "important.txt").unlink()
     (victim / "data").rmdir()
     (victim / "metrics.json").write_text("old")
-    with atomic_dir(victim, force=True, marker="metrics.json") as tmp:
+    with atomic_dir(victim, force=True, markers=("metrics.json", "model.npz")) as tmp:
         (tmp / "metrics.json").write_text("new")
     assert (victim / "metrics.json").read_text() == "new"
+    # a rerun by Snakemake, which deleted the declared outputs (metrics.json) but not the others
+    (victim / "metrics.json").unlink()
+    (victim / "model.npz").write_text("old")
+    with atomic_dir(victim, force=True, markers=("metrics.json", "model.npz")) as tmp:
+        (tmp / "metrics.json").write_text("newer")
+    assert sorted(p.name for p in victim.iterdir()) == ["metrics.json"]
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SimclrPathError, match="cannot write results over the current folder"):
         check_can_write(".", force=True, kind="dir")

@@ -133,6 +133,7 @@ def test_run_directory_and_reloaded_encoder(stores, tmp_path):
     info = encoder_info(run / "encoder.pt")
     assert info["arch"] == "resnet18" and info["image_size"] == 32 and info["mpp"] == 0.5
     assert info["crop_scale"] == resolved["augment"]["crop_scale"]  # embed's default size uses it
+    assert info["patch_size"] == 32  # the training patches' side, for stores of another side
     assert info["head"]["layers"] == 2 and info["head"]["out_dim"] == 128
 
     # the encoder is the trained backbone: same features as the checkpoint's weights

@@ -205,11 +205,12 @@ def test_exponent_numbers_in_config_yaml_are_numbers(tmp_path):
     wf = workdir(tmp_path)
     (wf / "config" / "test.yaml").write_text(
         "train:\n  lr: 1e-4\nruns:\n  baseline: {}\n  small-c:\n    classify:\n"
-        "      c_grid: [1e-5, 1e-4, 1e-3]\n"
+        "      c_grid: [1e-5, 1e-4, 1e-3]\nfinetune_eval: [1e-1]\n"
     )
     done = smk(wf, "-n", "--cores", "1")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "pretrain" in job_counts(done.stdout + done.stderr)
+    counts = job_counts(done.stdout + done.stderr)
+    assert "pretrain" in counts and "finetune" in counts
 
 
 def test_ablation_config_dry_runs_into_the_grid(tmp_path):

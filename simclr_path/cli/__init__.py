@@ -75,8 +75,9 @@ def _is_output(dest: str) -> bool:
 def check_output_paths(args: argparse.Namespace) -> None:
     """Before a command runs: no two outputs share a path, and no output is one of the inputs
     (``--force`` must never replace a command's own input with its output)."""
+    # paths are the Path-typed arguments: a --title or --slide-id is text, whatever it says
     values = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    outs = {k: v for k, v in values.items() if _is_output(k) and isinstance(v, (str, os.PathLike))}
+    outs = {k: v for k, v in values.items() if _is_output(k) and isinstance(v, os.PathLike)}
     seen: dict[str, str] = {}
     for dest, path in outs.items():
         key = os.path.abspath(path)
@@ -89,7 +90,7 @@ def check_output_paths(args: argparse.Namespace) -> None:
         if _is_output(dest) or not existing:
             continue
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            if not isinstance(item, (str, os.PathLike)) or not os.path.exists(item):
+            if not isinstance(item, os.PathLike) or not os.path.exists(item):
                 continue
             for out_dest, path in existing.items():
                 if os.path.samefile(item, path):

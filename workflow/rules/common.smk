@@ -72,6 +72,12 @@ def coerce_sections(cfg):
                     sections[s] = spc.coerce_section(s, sections[s], where)
     except SimclrPathError as exc:
         fail(str(exc))
+    # the workflow's own numeric keys (the schema names anything else that is wrong)
+    if isinstance(cfg.get("finetune_eval"), list):
+        cfg["finetune_eval"] = [
+            float(v) if isinstance(v, str) and spc.NUMBER.fullmatch(v.strip()) else v
+            for v in cfg["finetune_eval"]
+        ]
 
 
 coerce_sections(config)
