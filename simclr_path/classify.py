@@ -256,6 +256,15 @@ def load_table(
         slide_y = df.groupby("slide_id", sort=False)["y"].agg(
             lambda v: int(np.bincount(v).argmax())
         )
+        mixed = df.groupby("slide_id", sort=False)["y"].nunique()
+        if (mixed > 1).any():
+            warnings.warn(
+                f"{int((mixed > 1).sum())} group(s) hold patches of several classes (e.g. "
+                f"{mixed[mixed > 1].index[0]!r}); each counts as its majority class in folds, "
+                "slide-level metrics and label fractions; give each source image or patient its "
+                "own group per class if that is not meant",
+                stacklevel=2,
+            )
         slides = pd.DataFrame(
             {
                 "slide_id": slide_y.index,
@@ -447,7 +456,7 @@ def fit_probe(
     per_class = min(len(set(groups[y == c])) for c in range(n_classes))
     k = min(cfg.inner_folds, per_class)
     if len(grid) == 1 or k < 2:
-        c = grid[0] if len(grid) == 1 else grid[len(grid) // 2]
+        c = grid[0] if len(grid) == 1 else sorted(grid)[len(grid) // 2]
         if len(grid) > 1:
             warnings.warn(
                 f"too few patients per class ({per_class}) for inner cross-validation; using C={c}",

@@ -35,11 +35,21 @@ def category_colors(n: int) -> list[str]:
 
 
 def save_figure(fig: plt.Figure, out: str | os.PathLike, force: bool = True) -> Path:
-    """Write ``fig`` as PNG atomically and close it."""
+    """Write ``fig`` atomically in the format its suffix names (``.png``, ``.pdf``, ``.svg``,
+    ...; PNG without a suffix) and close it."""
+    fmt = Path(out).suffix.lower().lstrip(".") or "png"
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        plt.close(fig)
+        raise SimclrPathError(f"{out}: matplotlib cannot write .{fmt} figures; use one of "
+                              + ", ".join(f".{k}" for k in sorted(supported)))
     with atomic_output(out, force=force) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+        fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return Path(out)
+
+
+TEXT_COLUMNS = ("slide_id", "patient_id", "label", "pred", "level")
 
 
 def _read_table(path: Path, columns: set[str], numeric: set[str] = frozenset(),
@@ -47,7 +57,12 @@ def _read_table(path: Path, columns: set[str], numeric: set[str] = frozenset(),
     """A CSV with at least one row and ``columns`` (``numeric`` ones all numbers), or one clear
     error naming the file (an empty, truncated, binary or foreign file)."""
     try:
-        df = pd.read_csv(path)
+        # ids and class names stay text as written: "001" is not 1, a class "NA" is not missing,
+        # and classes "0" / "1" still match metrics.json's strings
+        head = pd.read_csv(path, nrows=0).columns
+        text = [c for c in head if c in TEXT_COLUMNS]
+        df = pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False,
+                         na_values={c: ["", "nan", "NaN"] for c in head if c not in text})
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise SimclrPathError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0][:80]})"
                               f"{how}") from None
@@ -191,13 +206,16 @@ def sample_embeddings(
     X = np.concatenate(feats)
     rng = np.random.default_rng(seed)
     strata = df.groupby(["slide_id", "label"], sort=True).indices
-    quota = int(np.ceil(max_points / len(strata)))
-    keep = np.concatenate(
-        [rng.choice(ix, size=min(quota, len(ix)), replace=False) for ix in strata.values()]
-    )
-    if len(keep) > max_points:
-        keep = rng.choice(keep, size=max_points, replace=False)
-    keep = np.sort(keep)
+    # equal shares per (slide, label), and what small strata leave unused goes to the others
+    # (water-filling, smallest first): a big slide is not cut to a share small slides cannot use
+    quota, left = {}, int(max_points)
+    by_size = sorted(strata, key=lambda k: len(strata[k]))
+    for i, key in enumerate(by_size):
+        quota[key] = min(len(strata[key]), left // (len(by_size) - i))
+        left -= quota[key]
+    keep = np.sort(np.concatenate(
+        [rng.choice(ix, size=quota[key], replace=False) for key, ix in strata.items()]
+    ))
     out = df.iloc[keep].reset_index(drop=True)
     out["features"] = list(X[keep])
     return out
@@ -476,9 +494,16 @@ def plot_curves(
                 ax.set_xlabel("false positive rate (1 - specificity)")
                 ax.set_ylabel("true positive rate (sensitivity)")
             else:
-                if sets[level]:
-                    prev = float(np.mean(sets[level][0][1]))
-                    ax.axhline(prev, color="grey", ls="--", lw=1, label=f"prevalence ({prev:.2f})")
+                # a no-skill line per distinct prevalence (one-vs-rest curves of several
+                # classes each have their own), in its curve's colour when there are several
+                prevs = {}
+                for (name, yb, _), col in zip(sets[level], OKABE_ITO):
+                    prevs.setdefault(round(float(np.mean(yb)), 3), []).append((name, col))
+                for prev, named in prevs.items():
+                    col = "grey" if len(prevs) == 1 else named[0][1]
+                    who = "" if len(prevs) == 1 else f"{', '.join(n for n, _ in named)} "
+                    ax.axhline(prev, color=col, ls="--", lw=1,
+                               label=f"{who}prevalence ({prev:.2f})")
                 ax.set_xlabel("recall (sensitivity)")
                 ax.set_ylabel("precision")
             ax.set_xlim(-0.01, 1.01)

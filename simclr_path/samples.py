@@ -20,6 +20,7 @@ current directory).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Sequence
@@ -63,7 +64,11 @@ def read_samples(
     if not p.is_file():
         raise SimclrPathError(f"{p}: samples sheet not found")
     try:
-        df = pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False, comment="#")
+        # only whole lines starting with '#' are comments: pandas' comment= would also cut a
+        # field such as patient "case#1" at its '#'
+        text = "".join(line for line in p.read_text(encoding="utf-8").splitlines(keepends=True)
+                       if not line.lstrip().startswith("#"))
+        df = pd.read_csv(io.StringIO(text), sep="\t", dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise SimclrPathError(
             f"{p}: not a readable tab-separated samples sheet ({str(exc).splitlines()[0]})"

@@ -56,7 +56,7 @@ def _float(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        v = float(str(value).split()[0])
+        v = float(str(value).replace('"', ' ').split()[0])  # Philips quotes its values
     except (ValueError, IndexError):
         return None
     return v if math.isfinite(v) and v > 0 else None

@@ -21,6 +21,9 @@ from simclr_path.config import TileConfig
 _PEN_HUE = (35, 128)
 _PEN_MIN_SAT = 60
 _BLACK_MAX_VALUE = 60
+# Near-black pixels have a high HSV saturation ((V - min) / V) from a few levels of noise: an
+# opaque black fill outside the scanned area, debris or a coverslip edge would pass as tissue.
+_DARK_MAX_VALUE = 40
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -46,7 +49,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None) -> n
     """Boolean tissue mask (H, W) of an RGB uint8 (H, W, 3) slide image at ``mpp`` um/px.
 
     Steps: saturation -> median blur (``cfg.median_blur``) -> threshold max(Otsu,
-    ``cfg.saturation_floor``) -> [pen suppression] -> closing (``cfg.closing_um``) -> remove
+    ``cfg.saturation_floor``), near-black pixels excluded -> [pen suppression] -> closing (``cfg.closing_um``) -> remove
     objects smaller than ``cfg.min_object_um2`` and fill holes smaller than ``cfg.min_hole_um2``.
     """
     cfg = cfg or TileConfig()
@@ -58,13 +61,18 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None) -> n
         sat = cv2.medianBlur(sat, k)
     otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     mask = sat > max(float(otsu), float(cfg.saturation_floor))
+    mask &= np.ascontiguousarray(rgb).max(axis=2) >= _DARK_MAX_VALUE  # V of HSV
     pen = None
     if cfg.remove_pen:
         pen = cv2.dilate(pen_mask(rgb).astype(np.uint8), _disk(16.0 / mpp)) > 0
         mask &= ~pen
     if cfg.closing_um > 0:
-        mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE,
-                                _disk(cfg.closing_um / mpp)) > 0
+        # padded with glass: OpenCV's default border counts the outside as tissue when
+        # eroding, so closing would fill the glass between tissue and the image edge
+        r = max(0, round(cfg.closing_um / mpp))
+        h, w = mask.shape
+        padded = cv2.copyMakeBorder(mask.astype(np.uint8), r, r, r, r, cv2.BORDER_CONSTANT, value=0)
+        mask = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, _disk(cfg.closing_um / mpp))[r:r + h, r:r + w] > 0
     px_area = mpp * mpp
     if cfg.min_hole_um2 > 0:
         mask = ~_drop_small(~mask, cfg.min_hole_um2 / px_area, keep_border=True)

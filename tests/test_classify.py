@@ -495,3 +495,25 @@ def test_fit_probe_flags_a_winning_grid_end_but_not_a_tie():
     # perfectly separable: every C scores 1.0, the tie goes to the first and says nothing
     X = np.c_[y * 10.0, rng.normal(0, 1, (120, 3))]
     assert fit_probe(X, y, groups, 2, cfg)[1:] == (1e-4, None)
+
+
+def test_groups_of_several_classes_warn_that_they_count_as_their_majority(tmp_path):
+    rng = np.random.default_rng(0)
+    groups = [f"g{g}" for g in range(12) for _ in range(6)]
+    labels = np.array([g % 2 for g in range(12) for _ in range(6)])
+    labels[:2] = 1 - labels[:2]  # group g0 holds 2 patches of the other class
+    X = rng.normal(size=(len(labels), 4)).astype(np.float32)
+    write_embeddings(tmp_path / "p.h5", X, -np.ones((len(labels), 2)),
+                     {"slide_id": "p", "store_kind": "patches"}, labels=labels, groups=groups,
+                     label_names=["normal", "SCC"])
+    with pytest.warns(UserWarning, match=r"1 group\(s\) hold patches of several classes .*'g0'"):
+        classify([tmp_path / "p.h5"], tmp_path / "out", cfg=ClassifyConfig(bootstrap=0))
+
+
+def test_too_few_patients_for_inner_cv_uses_the_middle_of_an_unsorted_grid():
+    groups = np.repeat(np.arange(3), 5)  # class 1 has one patient: no inner folds
+    y = groups % 2
+    X = np.random.default_rng(0).normal(size=(15, 3))
+    cfg = ClassifyConfig(c_grid=[10.0, 1e-3, 1.0], inner_folds=3)
+    with pytest.warns(UserWarning, match="using C=1.0"):
+        assert fit_probe(X, y, groups, 2, cfg)[1] == 1.0

@@ -105,6 +105,26 @@ def test_tsne_sample_is_stratified(cohort):
     assert set(df["label"]) == {"SCC", "normal"}
 
 
+def test_tsne_sample_gives_small_slides_unused_share_to_big_ones(tmp_path):
+    from simclr_path.figures import sample_embeddings
+    from simclr_path.store import write_embeddings
+
+    rng = np.random.default_rng(0)
+    paths, rows = [], []
+    for i, n in enumerate([1000] + [5] * 9):
+        sid = f"S{i}"
+        coords = np.stack([np.arange(n), np.zeros(n, int)], 1)
+        write_embeddings(tmp_path / f"{sid}.h5", rng.normal(size=(n, 4)).astype(np.float32),
+                         coords, {"slide_id": sid})
+        paths.append(tmp_path / f"{sid}.h5")
+        rows.append({"slide_id": sid, "path": "x.svs", "label": "SCC" if i % 2 else "normal",
+                     "patient_id": f"P{i}"})
+    sheet = tmp_path / "s.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    counts = sample_embeddings(paths, 200, samples=sheet)["slide_id"].value_counts()
+    assert counts.sum() == 200 and counts["S0"] == 155 and (counts.drop("S0") == 5).all()
+
+
 def test_plot_curves_confusion_heatmap_cli(cohort, tmp_path, capsys):
     roc, pr, cm, hm = (tmp_path / n for n in ("roc.png", "pr.png", "cm.png", "hm.png"))
     assert (
@@ -315,3 +335,31 @@ def test_plot_tsne_checks_the_stores_before_writing_anything(cohort, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no patch store given for slide" in err[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_figures_are_written_in_the_format_their_suffix_names(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from simclr_path.errors import SimclrPathError
+    from simclr_path.figures import save_figure
+
+    for name, magic in (("f.png", b"\x89PNG"), ("f.pdf", b"%PDF"), ("f.jpg", b"\xff\xd8")):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1])
+        assert save_figure(fig, tmp_path / name).read_bytes()[:len(magic)] == magic
+    fig, _ = plt.subplots()
+    with pytest.raises(SimclrPathError, match=r"f.xyz: matplotlib cannot write .xyz figures"):
+        save_figure(fig, tmp_path / "f.xyz")
+    assert not (tmp_path / "f.xyz").exists()
+
+
+def test_result_tables_keep_ids_and_class_names_as_written(tmp_path):
+    from simclr_path.figures import _read_table
+
+    csv = tmp_path / "p.csv"
+    csv.write_text("slide_id,patient_id,label,fold,score,pred\n001,007,1,0,0.9,1\n"
+                   "002,008,NA,1,,0\n")
+    df = _read_table(csv, {"slide_id", "label", "fold"}, numeric={"fold", "score"})
+    assert df["slide_id"].tolist() == ["001", "002"] and df["patient_id"].tolist() == ["007", "008"]
+    assert df["label"].tolist() == ["1", "NA"] and df["pred"].tolist() == ["1", "0"]
+    assert df["score"].isna().tolist() == [False, True]

@@ -156,3 +156,11 @@ def test_safe_ids():
     assert is_safe_id("TCGA-CR-7395_01.a")
     for bad in ("", "..", "a..b", "/abs", "a\\b", ".x", "é"):
         assert not is_safe_id(bad)
+
+
+def test_only_whole_lines_starting_with_hash_are_comments(tmp_path):
+    sheet = _sheet(tmp_path, ["  # indented comment", "A\twsi/A#1.svs\tSCC\tcase#1",
+                              "B\twsi/B.svs\tnormal\tcase#2"])
+    df = read_samples(sheet, check_files=False)
+    assert df["patient_id"].tolist() == ["case#1", "case#2"]
+    assert df["path"].tolist()[0].endswith("A#1.svs")

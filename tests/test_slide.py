@@ -48,6 +48,9 @@ def test_mpp_resolution_order():
     assert "--slide-mpp" in msg and "--mpp-from-objective would use 0.5" in msg
     assert "\n" not in msg
     assert resolve_mpp(props, "s", mpp_from_objective=True) == (0.5, "openslide.objective-power")
+    # Philips writes "dy dx" in millimetres, each value in double quotes
+    philips = {"philips.DICOM_PIXEL_SPACING": '"0.000227" "0.000227"'}
+    assert resolve_mpp(philips, "s.tiff") == (pytest.approx(0.227), "philips.DICOM_PIXEL_SPACING")
     mirax = {"mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_X": "0.24",
              "mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_Y": "0.26"}
     assert resolve_mpp(mirax, "s")[0] == pytest.approx(0.25)

@@ -53,6 +53,25 @@ def test_disc_found_speck_removed_hole_filled():
     assert not tissue_mask(img, MPP, cfg)[100, 100]  # kept when hole filling is off
 
 
+def test_closing_does_not_fill_the_glass_between_tissue_and_the_edge():
+    img = glass(60, 100)
+    img[6:41, 30:71] = (200, 120, 190)  # a block 6 px (48 um) below the top edge
+    cfg = TileConfig(min_object_um2=0, min_hole_um2=0)  # closing only (64 um)
+    mask = tissue_mask(img, MPP, cfg)
+    assert mask[6:41, 30:71].mean() > 0.95
+    assert mask[0:5, 30:71].mean() == 0.0  # glass above it, as glass below it is
+    assert mask[46:60, 30:71].mean() == 0.0
+
+
+def test_near_black_is_not_tissue():
+    rng = np.random.default_rng(0)
+    img = with_disc(glass())
+    img[:, 180:] = np.clip(rng.normal(3, 1.5, (200, 20, 3)), 0, 255).astype(np.uint8)  # black fill
+    mask = tissue_mask(img, MPP)
+    assert not mask[:, 185:].any()
+    assert mask[100, 100]
+
+
 def test_pen_suppression():
     img = with_disc(glass())
     cv2.line(img, (10, 190), (190, 180), (40, 110, 170), 8)  # blue marker outside the tissue

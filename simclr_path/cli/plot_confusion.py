@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--classify", type=Path, required=True, help="results folder of 'simclr-path classify'"
     )
-    p.add_argument("--out", type=Path, required=True, help="output PNG")
+    p.add_argument("--out", type=Path, required=True, help="output figure (PNG; PDF or SVG by its suffix)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 

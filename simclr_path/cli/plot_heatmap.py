@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="results folder of 'simclr-path classify' (or a CSV written by 'simclr-path predict')",
     )
     p.add_argument("--store", type=Path, required=True, help="the slide's patch store")
-    p.add_argument("--out", type=Path, required=True, help="output PNG")
+    p.add_argument("--out", type=Path, required=True, help="output figure (PNG; PDF or SVG by its suffix)")
     p.add_argument("--slide-id", default=None, help="slide to draw [default: the store's slide id]")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 

@@ -10,7 +10,7 @@ HELP = "Plot the loss and learning-rate curve of a pretraining run (metrics.csv)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="pretraining run directory (or its metrics.csv)")
-    p.add_argument("--out", type=Path, required=True, help="output PNG")
+    p.add_argument("--out", type=Path, required=True, help="output figure (PNG; PDF or SVG by its suffix)")
     p.add_argument("--title", default=None, help="figure title")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 

@@ -13,7 +13,7 @@ HELP = "Write a PNG grid of augmented view pairs (the SimCLR training views) fro
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", type=Path, nargs="*", metavar="STORE.h5", help="patch stores")
-    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--out", type=Path, required=True, help="figure to write (PNG; PDF or SVG by its suffix)")
     p.add_argument("--config", type=Path, default=None, help="YAML config (section augment)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="named preset [default]")
     p.add_argument("--pairs", type=int, default=8, help=f"number of view pairs (rows, at most {MAX_PAIRS})")
