@@ -24,6 +24,24 @@ def test_local_weights_file_is_used(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), m.state_dict().values()))
 
 
+def test_weights_of_a_smaller_architecture_are_refused(tmp_path):
+    # resnet18's tensors all exist in resnet34, which has more blocks: those would stay random
+    torch.save(create_backbone("resnet18").state_dict(), tmp_path / "w.pt")
+    with pytest.raises(SimclrPathError, match=r"w.pt: weights do not match timm model 'resnet34' "
+                                              r"\(\d+ of \d+ tensors missing, first: layer"):
+        create_backbone("resnet34", weights=tmp_path / "w.pt")
+    # a classifier in the file is ignored, and so is a missing BN step counter
+    sd = create_backbone("resnet18").state_dict()
+    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    sd["fc.weight"] = torch.zeros(10, 512)
+    torch.save(sd, tmp_path / "w2.pt")
+    create_backbone("resnet18", weights=tmp_path / "w2.pt")
+
+
+def test_timm_names_with_a_weights_tag_are_accepted():
+    assert create_backbone("resnet18.a1_in1k").num_features == 512
+
+
 def test_unknown_arch_suggests_names():
     with pytest.raises(SimclrPathError, match="did you mean resnet18"):
         create_backbone("resnet181")

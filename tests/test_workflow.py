@@ -406,6 +406,8 @@ def test_tiny_end_to_end_with_report(tmp_path):
     for log in ("tile/S1.log", "pretrain/baseline.log", "classify/baseline.log",
                 "finetune/baseline/labels_0.5.log", "classify_fraction/baseline/labels_0.5.log"):
         assert (wf / "results/logs" / log).is_file()
+    for log in ("metrics_table/baseline.log", "compare_runs.log"):  # script rules log too
+        assert "wrote results/" in (wf / "results/logs" / log).read_text(), log
 
     # nothing left to do
     again = smk(wf, "-n", "--cores", "2")
@@ -446,3 +448,40 @@ def test_failed_slide_fails_its_own_job(tmp_path):
     assert not (wf / "results/patches/BAD.h5").exists()
     log = (wf / "results/logs/tile/BAD.log").read_text()
     assert "error" in log.lower() and "Traceback" not in log
+
+
+def test_slide_path_with_spaces_and_an_id_starting_with_a_dash(tmp_path):
+    """Shell commands quote user paths, and --slide-id=ID cannot be taken for an option."""
+    _require_commands("demo-slide", "tile")
+    rows = [("-C1", "my slides/Case 1.tiff", "SCC", "P1"), ("C2", "my slides/Case 2.tiff", "normal", "P2")]
+    wf = workdir(tmp_path, TINY, tsv(rows))
+    (wf / "my slides").mkdir()
+    for name in ("Case 1", "Case 2"):
+        made = subprocess.run(
+            [sys.executable, "-m", "simclr_path", "demo-slide", "--out", f"my slides/{name}.tiff",
+             "--width", "512", "--height", "512", "--mpp", "0.5"],
+            cwd=wf, capture_output=True, text=True, check=False,
+        )
+        assert made.returncode == 0, made.stderr
+    done = smk(wf, "--cores", "2", "results/patches/-C1.h5", timeout=300)
+    assert done.returncode == 0, (wf / "results/logs/tile/-C1.log").read_text()[-2000:]
+    from simclr_path.store import PatchStore
+
+    assert PatchStore(wf / "results/patches/-C1.h5").slide_id == "-C1"
+
+
+def test_slurm_profile_sends_every_gpu_rule_to_a_gpu_partition():
+    """The SLURM plugin turns a rule's `gpu` resource into --gpus and refuses --gres/--gpus in
+    slurm_extra, so GPU rules need a GPU partition and no slurm_extra GPU request."""
+    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+    gpu_rules = set()
+    for smk_file in (ROOT / "workflow/rules").glob("*.smk"):
+        for block in re.split(r"^(?=rule \w+:)", smk_file.read_text(), flags=re.MULTILINE):
+            m = re.match(r"rule (\w+):", block)
+            if m and re.search(r"^\s+gpu=", block, flags=re.MULTILINE):
+                gpu_rules.add(m.group(1))
+    assert {"pretrain", "embed", "embed_layer", "finetune"} <= gpu_rules
+    for rule in gpu_rules:
+        res = profile["set-resources"].get(rule, {})
+        assert res.get("slurm_partition") == "<gpu-partition>", rule
+        assert "gres" not in str(res.get("slurm_extra", "")), rule

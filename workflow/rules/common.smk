@@ -243,7 +243,9 @@ def probe_metrics(run, fraction):
 
 
 def samples_arg():
-    return f"--samples {config['samples']}" if SLIDES else ""
+    import shlex
+
+    return f"--samples {shlex.quote(config['samples'])}" if SLIDES else ""
 
 
 def samples_input():
@@ -307,9 +309,11 @@ def demo_params(wildcards):
 
 
 def import_args(wildcards):
+    import shlex
+
     ds = PATCH_SETS[wildcards.dataset]
     size = ds.get("patch_size") or TILE_CFG.tile.patch_size
-    groups = f"--groups {ds['groups']}" if ds.get("groups") else ""
+    groups = f"--groups {shlex.quote(ds['groups'])}" if ds.get("groups") else ""
     return f"--patch-size {size} {groups}"
 
 

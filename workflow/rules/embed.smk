@@ -28,6 +28,8 @@ rule embed_layer:
     input:
         store="results/patches/{store}.h5",
         encoder="results/pretrain/{run}/encoder.pt",
+        # read for layer 'head' (the projection head's output)
+        head="results/pretrain/{run}/head.pt",
         config=run_stage_config("embed"),
     output:
         "results/embeddings/{run}/layers/{layer}/{store}.h5",

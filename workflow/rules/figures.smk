@@ -146,7 +146,7 @@ rule plot_heatmap:
         classify=subpath(input.metrics, parent=True),
     shell:
         "simclr-path plot-heatmap --classify {params.classify} --store {input.store} "
-        "--slide-id {wildcards.slide} --out {output} --force > {log} 2>&1"
+        "--slide-id={wildcards.slide} --out {output} --force > {log} 2>&1"
 
 
 rule metrics_table:

@@ -22,6 +22,7 @@ rule pretrain:
     output:
         encoder="results/pretrain/{run}/encoder.pt",
         encoder_info="results/pretrain/{run}/encoder.json",
+        head="results/pretrain/{run}/head.pt",
         metrics="results/pretrain/{run}/metrics.csv",
         summary="results/pretrain/{run}/summary.json",
         config="results/pretrain/{run}/config.yaml",

@@ -38,7 +38,7 @@ rule tile:
     params:
         mpp=slide_mpp_arg,
     shell:
-        "simclr-path tile {input.slide} --out {output.store} --slide-id {wildcards.slide} "
+        "simclr-path tile {input.slide:q} --out {output.store} --slide-id={wildcards.slide} "
         "--qc {output.qc} --config {input.config} --workers {threads} {params.mpp} "
         "--force > {log} 2>&1"
 
@@ -61,4 +61,4 @@ rule import_patches:
     params:
         args=import_args,
     shell:
-        "simclr-path import-patches {input.dir} --out {output} {params.args} --force > {log} 2>&1"
+        "simclr-path import-patches {input.dir:q} --out {output} {params.args} --force > {log} 2>&1"
