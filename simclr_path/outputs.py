@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -93,3 +94,15 @@ def atomic_dir(path: str | os.PathLike, force: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def logged_to(log: str | os.PathLike) -> Iterator[None]:
+    """stdout and stderr, and the traceback of a failure, go to ``log`` inside the block (the
+    Snakemake script rules' ``log:`` files)."""
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            yield
+        except Exception:
+            traceback.print_exc()
+            raise

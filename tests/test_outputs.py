@@ -71,3 +71,14 @@ def test_failed_block_leaves_no_output(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_logged_to_keeps_prints_and_the_traceback_of_a_failure(tmp_path):
+    from simclr_path.outputs import logged_to
+
+    log = tmp_path / "rule.log"
+    with pytest.raises(ValueError), logged_to(log):
+        print("step one")
+        raise ValueError("bad table")
+    text = log.read_text()
+    assert "step one" in text and "Traceback" in text and "ValueError: bad table" in text

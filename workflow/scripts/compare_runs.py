@@ -198,20 +198,10 @@ def main(sm) -> None:
     )
 
 
-def _run_logged(sm, fn) -> None:
-    """Run ``fn`` with stdout and stderr (tracebacks included) in the rule's log file."""
-    import contextlib
-    import traceback
-
-    with open(sm.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            fn()
-        except Exception:
-            traceback.print_exc()
-            raise
-        print(f"wrote {', '.join(map(str, sm.output))}")
-
-
 if __name__ == "__main__" and "snakemake" in globals():
     sm = globals()["snakemake"]
-    _run_logged(sm, lambda: main(sm))
+    from simclr_path.outputs import logged_to
+
+    with logged_to(sm.log[0]):
+        main(sm)
+        print(f"wrote {', '.join(map(str, sm.output))}")

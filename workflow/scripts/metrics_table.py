@@ -61,20 +61,10 @@ def main(metrics_path: str, out: str, run: str) -> None:
     Path(out).write_text(f"<html><body>{head}{df.to_html(index=False, border=0)}</body></html>\n")
 
 
-def _run_logged(sm, fn) -> None:
-    """Run ``fn`` with stdout and stderr (tracebacks included) in the rule's log file."""
-    import contextlib
-    import traceback
-
-    with open(sm.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            fn()
-        except Exception:
-            traceback.print_exc()
-            raise
-        print(f"wrote {', '.join(map(str, sm.output))}")
-
-
 if __name__ == "__main__" and "snakemake" in globals():
     sm = globals()["snakemake"]
-    _run_logged(sm, lambda: main(sm.input[0], sm.output[0], sm.wildcards.run))
+    from simclr_path.outputs import logged_to
+
+    with logged_to(sm.log[0]):
+        main(sm.input[0], sm.output[0], sm.wildcards.run)
+        print(f"wrote {', '.join(map(str, sm.output))}")
