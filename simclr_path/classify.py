@@ -337,6 +337,11 @@ def make_folds(
                 f"samples sheet split: patient {min(both)!r} has slides in both train and "
                 "test; put all slides of a patient on one side"
             )
+        if not test.any():
+            raise SimclrPathError(
+                "samples sheet split: none of the slides with patches is a test slide; pass "
+                "the stores of the 'test' slides too (slides without patches are left out)"
+            )
         missing = [c for c in classes if c not in set(slides.loc[~test, "label"])]
         if missing:
             raise SimclrPathError(

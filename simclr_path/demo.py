@@ -402,6 +402,8 @@ def make_demo_slide(out: str | os.PathLike, kind: str = "scc", seed: int = 0, wi
         raise SimclrPathError(f"TIFF tile size must be a multiple of 16, got {tile}")
     if level_factor < 2:
         raise SimclrPathError(f"level_factor must be >= 2, got {level_factor}")
+    if int(seed) < 0:
+        raise SimclrPathError(f"seed must be >= 0, got {seed}")
     check_can_write(out, force)
 
     layout = _Layout(kind, int(seed), int(width), int(height), float(mpp), arts)

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from simclr_path.config import EmbedConfig
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, load_encoder
+from simclr_path.outputs import check_can_write
 from simclr_path.store import PatchStore, write_embeddings
 
 # ImageNet statistics, as timm models expect (and as the SimCLR views are normalised).
@@ -274,6 +275,7 @@ def embed_store(
         raise SimclrPathError(f"embed.batch_size must be >= 1, got {cfg.batch_size}")
     info = encoder_info(enc)
     store = PatchStore(store_path)
+    check_can_write(out, force)  # a folder or a path under a file fails now, not after embedding
     device = resolve_device(cfg.device)
     if cfg.image_size:
         image_size = int(cfg.image_size)

@@ -34,15 +34,27 @@ def category_colors(n: int) -> list[str]:
     return [matplotlib.colors.to_hex(c) for c in plt.cm.viridis(np.linspace(0, 1, n))]
 
 
+def figure_format(out: str | os.PathLike) -> str:
+    """The format a figure path's suffix names (``png`` without one); one clear error for a suffix
+    matplotlib cannot write. Commands call it before their work, not only when saving."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fmt = Path(out).suffix.lower().lstrip(".") or "png"
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in supported:
+        raise SimclrPathError(f"{out}: matplotlib cannot write .{fmt} figures; use one of "
+                              + ", ".join(f".{k}" for k in sorted(supported)))
+    return fmt
+
+
 def save_figure(fig: plt.Figure, out: str | os.PathLike, force: bool = True) -> Path:
     """Write ``fig`` atomically in the format its suffix names (``.png``, ``.pdf``, ``.svg``,
     ...; PNG without a suffix) and close it."""
-    fmt = Path(out).suffix.lower().lstrip(".") or "png"
-    supported = fig.canvas.get_supported_filetypes()
-    if fmt not in supported:
+    try:
+        fmt = figure_format(out)
+    except SimclrPathError:
         plt.close(fig)
-        raise SimclrPathError(f"{out}: matplotlib cannot write .{fmt} figures; use one of "
-                              + ", ".join(f".{k}" for k in sorted(supported)))
+        raise
     with atomic_output(out, force=force) as tmp:
         fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight")
     plt.close(fig)

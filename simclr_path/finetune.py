@@ -75,7 +75,7 @@ from simclr_path.classify import (
 from simclr_path.config import AugmentConfig, ClassifyConfig, FinetuneConfig, PipelineConfig
 from simclr_path.data import read_patch
 from simclr_path.errors import SimclrPathError
-from simclr_path.model import encoder_info, load_encoder, output_stride, save_encoder
+from simclr_path.model import encoder_info, feature_dim, load_encoder, output_stride, save_encoder
 from simclr_path.outputs import atomic_dir, check_can_write
 from simclr_path.store import PatchStore
 from simclr_path.transforms import ColorAugment, eval_transform, normalize, to_float
@@ -134,14 +134,19 @@ def load_patch_table(
 
     t = load_table(store_paths, samples, cfg.classify, opener=opener, what="patch store")
     stores = [o.store for o in opened]
-    sizes = {s.patch_size for s in stores if len(s)}
-    if len(sizes) > 1:
-        odd = next(s for s in stores if s.patch_size != stores[0].patch_size)
+    used = [s for s in stores if len(s)]  # empty stores add no patches, whatever their size
+    odd = next((s for s in used if s.patch_size != used[0].patch_size), None)
+    if odd is not None:
         raise SimclrPathError(
-            f"{odd.path}: patches are {odd.patch_size} px but {stores[0].path} has "
-            f"{stores[0].patch_size} px; tile or import every store with the same patch size"
+            f"{odd.path}: patches are {odd.patch_size} px but {used[0].path} has "
+            f"{used[0].patch_size} px; tile or import every store with the same patch size"
         )
     return t, stores
+
+
+def _patch_size(stores: Sequence[PatchStore]) -> int:
+    """The patch side of the stores that hold patches (empty ones may have been tiled otherwise)."""
+    return next((s.patch_size for s in stores if len(s)), stores[0].patch_size)
 
 
 def validation_split(
@@ -172,7 +177,7 @@ class _PatchBatches(Dataset):
     def __init__(self, stores: Sequence[PatchStore], source: np.ndarray, index: np.ndarray,
                  batches: Sequence[np.ndarray]) -> None:
         self.stores, self.source, self.index, self.batches = list(stores), source, index, batches
-        self.size = stores[0].patch_size
+        self.size = _patch_size(stores)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -238,7 +243,7 @@ class FinetuneModel(nn.Module):
     def __init__(self, backbone: nn.Module, n_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(int(backbone.num_features), n_classes)
+        self.head = nn.Linear(feature_dim(backbone), n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -284,8 +289,10 @@ class _Run:
             keep.append(r if len(r) <= cap else rng.choice(r, cap, replace=False))
         return np.sort(np.concatenate(keep)) if keep else rows
 
-    def predict(self, model: FinetuneModel, rows: np.ndarray) -> np.ndarray:
-        """Class probabilities (len(rows), K) of the table rows, eval transform, no augmentation."""
+    def predict(self, model: FinetuneModel, rows: np.ndarray, name: str = "fine-tuning") -> np.ndarray:
+        """Class probabilities (len(rows), K) of the table rows, eval transform, no augmentation.
+        Non-finite outputs (weights that diverged in the last steps) stop with one line naming
+        ``name``, before they reach the metrics."""
         model.eval()
         out = np.zeros((len(rows), self.k), dtype=np.float64)
         data = _PatchBatches(self.stores, self.t.source, self.t.patch_index,
@@ -297,6 +304,9 @@ class _Run:
                 p = torch.softmax(model(x).float(), dim=1).cpu().numpy()
                 out[pos:pos + len(p)] = p
                 pos += len(p)
+        if not np.isfinite(out).all():
+            raise SimclrPathError(f"{name}: the fine-tuned model predicts non-finite "
+                                  "probabilities; lower finetune.lr / finetune.head_lr")
         return out
 
     def fit(self, name: str, train_rows: np.ndarray, val_rows: np.ndarray, seed: int
@@ -365,7 +375,7 @@ class _Run:
                                    "val_loss": float("nan"), "val_auroc": float("nan"),
                                    "lr": opt.param_groups[0]["lr"], "best": False}
             if len(val_rows):
-                pv = self.predict(model, val_rows)
+                pv = self.predict(model, val_rows, f"{name} (epoch {epoch})")
                 row["val_loss"] = float(F.nll_loss(torch.log(torch.as_tensor(pv, device=dev)
                                                              .clamp_min(1e-12)).float(), yv,
                                                    weight=weight))
@@ -390,9 +400,8 @@ class _Run:
         bar.close()
         assert best is not None
         model.load_state_dict(best[2])
-        if len(val_rows):  # mark only the epoch finally kept
-            for h in history:
-                h["best"] = h["epoch"] == best[1]
+        for h in history:  # mark only the epoch finally kept
+            h["best"] = h["epoch"] == best[1]
         info = {"epochs_run": len(history), "best_epoch": best[1], "stopped": stopped,
                 "early_stopping": bool(len(val_rows)),
                 "n_train_patches": len(train_rows), "n_val_patches": len(val_rows),
@@ -467,7 +476,7 @@ def finetune(
                               "'simclr-path pretrain'")
     info = encoder_info(enc)
     t, stores = load_patch_table(store_paths, samples, cfg)
-    image_size = int(ft.image_size or info.get("image_size") or stores[0].patch_size)
+    image_size = int(ft.image_size or info.get("image_size") or _patch_size(stores))
     from simclr_path.train import check_view_sizes, resolve_device
 
     device = resolve_device(ft.device)
@@ -503,7 +512,7 @@ def finetune(
                 _check_disjoint(t.patient[tr_rows], t.patient[va_rows])
                 model, hist, fit = run.fit(f"fold{f}", tr_rows, va_rows, ft.seed + f)
                 history += hist
-                proba[te] = run.predict(model, np.flatnonzero(te))
+                proba[te] = run.predict(model, np.flatnonzero(te), f"fold{f}")
                 folds_out.append({
                     "fold": int(f),
                     "n_test_patches": int(te.sum()),
@@ -527,8 +536,10 @@ def finetune(
                 model, hist, fit = run.fit("final", tr_rows, va_rows, ft.seed + 999_999)
                 history += hist
                 final = {**split, **fit}
+                first = next(s for s in stores if len(s))
+                # the patches it was fine-tuned on, whole, at image_size (embed sizes from these)
                 save_encoder(model.backbone, tmp / "encoder.pt", info["arch"],
-                             image_size=image_size, mpp=info.get("mpp"),
+                             image_size=image_size, mpp=first.mpp, patch_size=first.patch_size,
                              fine_tuned_from=str(enc), classes=t.classes,
                              positive=None if t.positive is None else t.classes[t.positive],
                              label_fraction=ft.label_fraction, simclr_path_version=__version__)

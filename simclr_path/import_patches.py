@@ -10,6 +10,7 @@ Tiles are stored in sorted order of class then relative path, so the store is de
 from __future__ import annotations
 
 import os
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,12 @@ from simclr_path.outputs import check_can_write
 from simclr_path.store import PatchStoreWriter
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-_CHUNK = 256
+_CHUNK_BYTES = 256 * 2**20  # decoded tiles held at a time: 1783 of 224 px, 5 of 4096 px
+
+
+def _nfc(name: str) -> str:
+    """Names compared in one Unicode form: a Mac folder or zip may spell 'é' as 'e' + accent."""
+    return unicodedata.normalize("NFC", name)
 
 
 @dataclass
@@ -43,16 +49,23 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
         raise SimclrPathError(f"{folder}: is a file; give the folder with one subfolder of tiles per class")
     if not folder.is_dir():
         raise SimclrPathError(f"{folder}: folder not found")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted((d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                     key=_nfc)  # the label order must not depend on how a copy spells names
     if not classes:
         raise SimclrPathError(f"{folder}: no class subfolders; put the tiles of each class in "
                               f"its own subfolder (e.g. {folder}/SCC/*.png, {folder}/normal/*.png)")
     tiles: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
         files = sorted(
-            p.relative_to(folder).as_posix() for p in (folder / name).rglob("*")
-            if p.is_file() and p.suffix.lower() in EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+            (p.relative_to(folder).as_posix() for p in (folder / name).rglob("*")
+             if p.is_file() and p.suffix.lower() in EXTENSIONS
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)), key=_nfc)
+        for f in files:  # names are stored as UTF-8 text in the store
+            try:
+                f.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SimclrPathError(f"{folder / f!s}: file name is not valid UTF-8 (e.g. from a "
+                                      "Latin-1 zip); rename it") from None
         if not files:  # a class without tiles would be a class the classifier never sees
             raise SimclrPathError(f"{folder / name}: class folder has no PNG/JPEG/TIFF tiles; add "
                                   "its tiles or remove the folder")
@@ -85,12 +98,12 @@ def read_groups(csv: str | os.PathLike, tiles: list[str]) -> list[str]:
     if (clash > 1).any():
         raise SimclrPathError(f"{p}: tile {clash[clash > 1].index[0]!r} has rows with different "
                               "groups; give each tile one group")
-    mapping = dict(zip(paths, groups))
-    absent = [t for t in tiles if not mapping.get(t)]
+    mapping = dict(zip(paths.map(_nfc), groups))
+    absent = [t for t in tiles if not mapping.get(_nfc(t))]
     if absent:
         raise SimclrPathError(f"{p}: no group for {len(absent)} tile(s), e.g. {absent[0]!r}; add a "
                               "row path,group for every tile (path relative to the folder)")
-    return [mapping[t] for t in tiles]
+    return [mapping[_nfc(t)] for t in tiles]
 
 
 # a tile is one training image: larger sides are a typo, and would allocate gigabytes per tile
@@ -156,6 +169,10 @@ def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
     if patch_size is None and first.shape[0] != first.shape[1]:
         raise SimclrPathError(f"{folder / names[0]}: tile is {first.shape[1]}x{first.shape[0]}, "
                               "not square; pass --patch-size to crop and resize every tile")
+    if size > MAX_PATCH_SIZE:
+        raise SimclrPathError(f"{folder / names[0]}: tile is {size}x{size} px, larger than "
+                              f"{MAX_PATCH_SIZE}; pass --patch-size to resize every tile")
+    chunk_n = max(1, _CHUNK_BYTES // (size * size * 3))
     attrs = {"kind": "patches", "slide_id": _store_id(out, folder),
              "source_path": str(folder.resolve()), "mpp": None, "level0_mpp": None,
              "stride": None, "groups_csv": str(groups_csv) if groups_csv else None}
@@ -173,11 +190,11 @@ def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
     try:
         with PatchStoreWriter(out, size, attrs=attrs, label_names=classes, force=force) as w, \
                 ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for lo in range(0, len(names), _CHUNK):
-                chunk = names[lo:lo + _CHUNK]
+            for lo in range(0, len(names), chunk_n):
+                chunk = names[lo:lo + chunk_n]
                 patches = np.stack(list(pool.map(load, chunk)))
                 w.append(patches, np.full((len(chunk), 2), -1, dtype=np.int64),
-                         labels=labels[lo:lo + _CHUNK], groups=groups[lo:lo + _CHUNK],
+                         labels=labels[lo:lo + chunk_n], groups=groups[lo:lo + chunk_n],
                          names=chunk)
                 bar.update(len(chunk))
     finally:

@@ -47,8 +47,16 @@ def load_state_dict_file(path: str | os.PathLike, what: str = "weights file") ->
     return obj
 
 
+def feature_dim(backbone: nn.Module) -> int:
+    """Width F of ``backbone(x)`` (B, F) for a timm model made with ``num_classes=0``: timm's
+    ``head_hidden_size`` where a layer follows the pooling (MobileNetV3: 1024 outputs from 288
+    ``num_features``), else ``num_features`` (0 when the model states neither)."""
+    return int(getattr(backbone, "head_hidden_size", None) or getattr(backbone, "num_features", 0))
+
+
 def create_backbone(arch: str, pretrained: bool = False, weights: str | os.PathLike | None = None) -> nn.Module:
-    """Create a timm backbone without classifier: ``model(x)`` maps (B, 3, H, W) -> (B, num_features).
+    """Create a timm backbone without classifier: ``model(x)`` maps (B, 3, H, W) -> (B, F), with
+    F = :func:`feature_dim`.
 
     Args:
         arch: any timm model name (``timm.list_models()``), optionally with a weights tag
@@ -89,7 +97,7 @@ def save_encoder(backbone: nn.Module, path: str | os.PathLike, arch: str, force:
     path = Path(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     info = {"format_version": ENCODER_FORMAT_VERSION, "arch": arch,
-            "num_features": int(getattr(backbone, "num_features", 0)), **meta}
+            "num_features": feature_dim(backbone), **meta}
     with atomic_output(path.with_suffix(".json"), force=force) as tmp:
         tmp.write_text(json.dumps(info, indent=2))
     with atomic_output(path, force=force) as tmp:
@@ -113,6 +121,9 @@ def encoder_info(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(info, dict):
         raise SimclrPathError(f"{side}: expected a JSON object of encoder metadata, got a "
                               f"{type(info).__name__}; encoders written by 'simclr-path pretrain' have one")
+    if not isinstance(info.get("arch"), str) or not info["arch"].strip():
+        raise SimclrPathError(f"{side}: no model name ('arch', e.g. \"resnet18\"); encoders "
+                              "written by 'simclr-path pretrain' record it")
     return info
 
 
@@ -215,7 +226,7 @@ class SimCLRModel(nn.Module):
 def create_simclr_model(cfg: Any) -> SimCLRModel:
     """Backbone and head from a :class:`~simclr_path.config.ModelConfig`."""
     backbone = create_backbone(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights)
-    head = ProjectionHead(int(backbone.num_features), cfg.head_hidden_dim, cfg.head_out_dim,
+    head = ProjectionHead(feature_dim(backbone), cfg.head_hidden_dim, cfg.head_out_dim,
                           cfg.head_layers, cfg.head_batchnorm)
     return SimCLRModel(backbone, head)
 

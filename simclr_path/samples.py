@@ -123,12 +123,15 @@ def validate_samples(
                 f"{line(i)}: slide_id {sid!r} is not a safe file name; use only letters, "
                 "digits, '.', '_' and '-', no '/', no '..' and no leading dot"
             )
-    dup = df["slide_id"][df["slide_id"].duplicated()]
+    # ids become file names, and S01.h5 and s01.h5 are one file on macOS and Windows
+    folded = df["slide_id"].str.casefold()
+    dup = folded[folded.duplicated()]
     if len(dup):
-        rows = [i + 1 for i, s in enumerate(df["slide_id"]) if s == dup.iloc[0]]
+        rows = [i + 1 for i, s in enumerate(folded) if s == dup.iloc[0]]
+        ids = sorted({df["slide_id"].iloc[r - 1] for r in rows})
         raise SimclrPathError(
-            f"{where}: slide_id {dup.iloc[0]!r} appears more than once (rows {rows}); "
-            "slide ids must be unique"
+            f"{where}: slide_id {' / '.join(map(repr, ids))} appears more than once (rows "
+            f"{rows}); slide ids must be unique, ignoring upper and lower case"
         )
     if labels is not None:
         allowed = [str(x) for x in labels]

@@ -45,7 +45,7 @@ def validate_slide_id(slide_id: str) -> str:
     letters, digits, ``.``, ``_`` and ``-``, must not start with ``.`` and cannot be ``..``.
     """
     s = str(slide_id)
-    if not _SAFE_ID.match(s) or s in (".", ".."):
+    if not _SAFE_ID.fullmatch(s) or s in (".", ".."):  # fullmatch: "$" would let "S1\n" pass
         raise SimclrPathError(
             f"slide id {s!r} is not a safe file name; use letters, digits, '.', '_' and '-' only "
             "(no '/', no leading '.')")

@@ -47,7 +47,7 @@ def _attr_value(v: Any) -> Any:
         return "none"
     if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
         return np.array(v, dtype=_STR)
-    if isinstance(v, (bool, int, float, str, np.integer, np.floating)):
+    if isinstance(v, (bool, int, float, str, np.bool_, np.integer, np.floating)):
         return v
     return str(v)
 
@@ -107,16 +107,22 @@ class PatchStoreWriter:
     def __enter__(self) -> PatchStoreWriter:  # noqa: PYI034  (final classes)
         self._ctx = atomic_output(self.path, force=self.force)
         tmp = self._ctx.__enter__()
-        self._f = h5py.File(tmp, "w")
-        s = self.patch_size
-        self._f.create_dataset("patches", shape=(0, s, s, 3), maxshape=(None, s, s, 3), dtype=np.uint8,
-                               chunks=(1, s, s, 3), compression="lzf")
-        self._f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype=np.int64,
-                               chunks=(4096, 2))
-        if self.label_names is not None:
-            self._f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-            self._f.create_dataset("groups", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(4096,))
-            self._f.create_dataset("names", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(4096,))
+        try:
+            self._f = h5py.File(tmp, "w")
+            s = self.patch_size
+            self._f.create_dataset("patches", shape=(0, s, s, 3), maxshape=(None, s, s, 3),
+                                   dtype=np.uint8, chunks=(1, s, s, 3), compression="lzf")
+            self._f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype=np.int64,
+                                   chunks=(4096, 2))
+            if self.label_names is not None:
+                for name, dtype in (("labels", np.int64), ("groups", _STR), ("names", _STR)):
+                    self._f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                           chunks=(4096,))
+        except BaseException as err:  # no temporary file left behind
+            if self._f is not None:
+                self._f.close()
+            self._ctx.__exit__(type(err), err, err.__traceback__)
+            raise
         return self
 
     def append(self, patches: np.ndarray, coords: np.ndarray, labels: np.ndarray | None = None,
@@ -176,15 +182,19 @@ class PatchStoreWriter:
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self._f is not None and self._ctx is not None
         try:
-            if exc_type is None:
-                attrs = {"format_version": FORMAT_VERSION, "simclr_path_version": __version__,
-                         "patch_size": self.patch_size, "n_patches": self.n, **self.attrs}
-                if self.label_names is not None:
-                    attrs["label_names"] = self.label_names
-                for k, v in attrs.items():
-                    self._f.attrs[k] = _attr_value(v)
-        finally:
-            self._f.close()
+            try:
+                if exc_type is None:
+                    attrs = {"format_version": FORMAT_VERSION, "simclr_path_version": __version__,
+                             "patch_size": self.patch_size, "n_patches": self.n, **self.attrs}
+                    if self.label_names is not None:
+                        attrs["label_names"] = self.label_names
+                    for k, v in attrs.items():
+                        self._f.attrs[k] = _attr_value(v)
+            finally:
+                self._f.close()
+        except BaseException as err:  # e.g. a full disk on the last flush: remove the temporary file
+            self._ctx.__exit__(type(err), err, err.__traceback__)
+            raise
         return bool(self._ctx.__exit__(exc_type, exc, tb))
 
 

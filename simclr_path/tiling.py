@@ -223,6 +223,9 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     slide_id = validate_slide_id(slide_id if slide_id is not None else path.stem)
     check_can_write(out, force)
     if qc is not None:
+        from simclr_path.figures import figure_format
+
+        figure_format(qc)  # a suffix matplotlib cannot write fails now, not after the tiling
         check_can_write(qc, force)
     stride = int(cfg.stride or cfg.patch_size)
 

@@ -168,6 +168,13 @@ def test_split_column(tmp_path):
     with pytest.raises(SimclrPathError, match="patient 'P0' has slides in both train and test"):
         classify(paths, tmp_path / "out2", samples=sheet, cfg=FAST)
     assert not (tmp_path / "out2").exists()
+    # only the training slides' stores given: nothing to test on, so no metrics at all
+    df["split"] = ["test" if int(p[1:]) >= 6 else "train" for p in df["patient_id"]]
+    df.to_csv(sheet, sep="\t", index=False)
+    train_only = [p for p, pid in zip(paths, df["patient_id"]) if int(pid[1:]) < 6]
+    with pytest.raises(SimclrPathError, match="none of the slides with patches is a test slide"):
+        classify(train_only, tmp_path / "out3", samples=sheet, cfg=FAST)
+    assert not (tmp_path / "out3").exists()
 
 
 def test_predict_after_reload_equals_in_memory(tmp_path):

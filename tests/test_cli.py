@@ -25,6 +25,23 @@ def test_force_never_writes_an_output_over_an_input(tmp_path, capsys):
     assert rc != 0 and "is an input of this command" in err and run.is_dir()
 
 
+def test_force_never_replaces_a_folder_that_holds_an_input(tmp_path, capsys):
+    ft = tmp_path / "ft1"
+    ft.mkdir()
+    (ft / "metrics.json").write_text("{}")
+    (ft / "encoder.pt").write_bytes(b"weights")
+    (tmp_path / "s.h5").write_bytes(b"x")
+    rc, err = _err(["finetune", str(tmp_path / "s.h5"), "--encoder", str(ft / "encoder.pt"),
+                    "--out", str(ft), "--force"], capsys)
+    assert rc != 0 and len(err.splitlines()) == 1
+    assert "is an input of this command (encoder) inside its --out folder" in err
+    assert (ft / "encoder.pt").read_bytes() == b"weights"
+    # without --force nothing is replaced, so the usual 'already exists' applies
+    rc, err = _err(["finetune", str(tmp_path / "s.h5"), "--encoder", str(ft / "encoder.pt"),
+                    "--out", str(ft)], capsys)
+    assert rc != 0 and "already exists" in err
+
+
 @pytest.mark.parametrize("argv", [
     ["plot-curves", "--classify", "C", "--out-roc", "{d}/same.png", "--out-pr", "{d}/same.png"],
     ["tile", "{d}/s.tiff", "--out", "{d}/q.h5", "--qc", "{d}/q.h5"],

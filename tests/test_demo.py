@@ -98,7 +98,9 @@ def test_bad_arguments(tmp_path):
         make_demo_slide(tmp_path / "x.tiff", artefacts=["coffee"])
     with pytest.raises(SimclrPathError, match="too small"):
         make_demo_slide(tmp_path / "x.tiff", width=100, height=100)
-    assert not (tmp_path / "x.tiff").exists()
+    with pytest.raises(SimclrPathError, match="seed must be >= 0"):
+        make_demo_slide(tmp_path / "new" / "x.tiff", seed=-1)
+    assert not (tmp_path / "x.tiff").exists() and not (tmp_path / "new").exists()
 
 
 def test_cli(tmp_path, capsys):

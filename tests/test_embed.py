@@ -103,6 +103,23 @@ def test_empty_store_gives_empty_file(encoder, tmp_path):
     assert EmbeddingStore(out).features.shape == (0, 512)
 
 
+def test_an_output_that_cannot_be_written_fails_before_embedding(encoder, make_store, tmp_path,
+                                                                  monkeypatch):
+    import simclr_path.embed as embed_mod
+
+    store = make_store(n=4)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+
+    def no_model(*a, **k):
+        raise AssertionError("the encoder was loaded before the output was checked")
+
+    monkeypatch.setattr(embed_mod, "load_encoder", no_model)
+    for out, msg in ((tmp_path / "folder", "is a folder"), (tmp_path / "file" / "e.h5", "file")):
+        with pytest.raises(SimclrPathError, match=msg):
+            embed_store(encoder, store, out, force=True, progress=False)
+
+
 def test_embed_cli(encoder, make_store, tmp_path, capsys):
     store = make_store(n=5, size=32)
     out = tmp_path / "cli.h5"

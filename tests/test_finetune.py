@@ -120,6 +120,9 @@ def test_training_lowers_loss_and_writes_classify_layout(result):
     assert {"fold0/train_loss", "fold1/val_loss", "final/train_loss", "test/slide_auroc"} <= set(tags)
     model = load_classifier(out)
     assert model.head.out_features == 2
+    # what it was fine-tuned on, so embed sizes its input for these patches
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["patch_size"] == SIZE and meta["mpp"] == 0.5 and meta["image_size"] == SIZE
 
 
 def test_plots_read_the_output(result, tmp_path):
@@ -263,3 +266,49 @@ def test_cli_one_percent_labels_trains_without_early_stopping(cohort, encoder, t
         assert f["labelled_patients_per_class"] == {"SCC": 1, "normal": 1}
         assert f["n_val_patients"] == 0 and not f["early_stopping"]
     assert m["final_model"] is None and not (tmp_path / "o" / "encoder.pt").exists()
+
+
+def test_without_validation_only_the_kept_epoch_is_marked_best(cohort, encoder, tmp_path):
+    paths, sheet = cohort
+    cfg = tiny_cfg(epochs=2, final_model=False, label_fraction=0.01)
+    cfg.classify.bootstrap = 0
+    with pytest.warns(UserWarning, match="without early stopping"):
+        finetune(paths, encoder, tmp_path / "o", samples=sheet, cfg=cfg, progress=False)
+    hist = pd.read_csv(tmp_path / "o" / "history.csv")
+    for _, h in hist.groupby("fold"):  # no validation patients: the last epoch is kept
+        assert h["best"].tolist() == [False, True]
+
+
+def test_non_finite_predictions_stop_with_one_line(cohort, encoder, tmp_path, monkeypatch):
+    import torch
+
+    from simclr_path import finetune as ft_mod
+
+    forward = ft_mod.FinetuneModel.forward
+
+    def diverged(self, x):  # weights that blew up in the last step: NaN at evaluation only
+        y = forward(self, x)
+        return y if self.training else y * float("nan")
+
+    monkeypatch.setattr(ft_mod.FinetuneModel, "forward", diverged)
+    paths, sheet = cohort
+    with pytest.raises(SimclrPathError, match="predicts non-finite probabilities; lower finetune.lr"):
+        finetune(paths, encoder, tmp_path / "o", samples=sheet, cfg=tiny_cfg(epochs=1),
+                 progress=False)
+    assert not (tmp_path / "o").exists()
+    assert torch.isfinite(forward(ft_mod.FinetuneModel(create_backbone(ARCH), 2).eval(),
+                                  torch.zeros(1, 3, SIZE, SIZE))).all()
+
+
+def test_an_empty_store_of_another_patch_size_is_left_out(cohort, encoder, tmp_path):
+    paths, sheet = cohort
+    with PatchStoreWriter(tmp_path / "E.h5", patch_size=2 * SIZE,
+                          attrs={"slide_id": "E", "kind": "slide", "mpp": 0.5}):
+        pass  # no tissue: no patches
+    df = pd.read_csv(sheet, sep="\t")
+    df.loc[len(df)] = {"slide_id": "E", "path": "E.svs", "label": "SCC", "patient_id": "P9"}
+    df.to_csv(tmp_path / "s.tsv", sep="\t", index=False)
+    cfg = tiny_cfg(epochs=1, final_model=False)
+    m = finetune([tmp_path / "E.h5", *paths], encoder, tmp_path / "o", samples=tmp_path / "s.tsv",
+                 cfg=cfg, progress=False)
+    assert m["task"]["image_size"] == SIZE and m["task"]["n_slides"] == 8

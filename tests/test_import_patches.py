@@ -127,3 +127,39 @@ def test_empty_class_folder_a_file_for_the_folder_and_clashing_groups(tiles, tmp
     with pytest.raises(SimclrPathError, match="adeno: class folder has no PNG/JPEG/TIFF tiles"):
         import_patches(root, tmp_path / "p.h5", progress=False)
     assert not (tmp_path / "p.h5").exists()
+
+
+def test_unicode_names_match_their_groups_in_either_form(tmp_path):
+    import unicodedata
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "tiles"
+    for name in ("SCC/tumo\u0301r.png", "normal/x.png"):  # 'ó' as o + combining accent (a Mac)
+        _write(root / name, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    csv = tmp_path / "g.csv"
+    composed = unicodedata.normalize("NFC", "SCC/tumo\u0301r.png")  # as typed in a CSV
+    csv.write_text(f"path,group\n{composed},p1\nnormal/x.png,p2\n", encoding="utf-8")
+    res = import_patches(root, tmp_path / "p.h5", groups_csv=csv, progress=False)
+    assert res.n_groups == 2 and PatchStore(tmp_path / "p.h5").groups == ["p1", "p2"]
+
+
+def test_a_file_name_that_is_not_utf8_is_one_clear_error(tiles, tmp_path):
+    import os
+
+    root, _ = tiles
+    bad = os.fsencode(root / "SCC") + b"/tum\xf6r.png"  # Latin-1 bytes, as from an old zip
+    with open(bad, "wb") as fh:
+        fh.write(cv2.imencode(".png", np.zeros((32, 32, 3), np.uint8))[1].tobytes())
+    with pytest.raises(SimclrPathError, match="file name is not valid UTF-8.*rename it"):
+        import_patches(root, tmp_path / "p.h5", progress=False)
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_tiles_larger_than_the_limit_need_patch_size(tmp_path):
+    root = tmp_path / "tiles"
+    for name in ("SCC/a.png", "normal/b.png"):
+        _write(root / name, np.zeros((4100, 4100, 3), np.uint8))
+    with pytest.raises(SimclrPathError, match="tile is 4100x4100 px, larger than 4096; pass --patch-size"):
+        import_patches(root, tmp_path / "p.h5", progress=False)
+    res = import_patches(root, tmp_path / "p.h5", patch_size=64, progress=False)
+    assert res.patch_size == 64 and res.n_patches == 2

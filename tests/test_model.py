@@ -105,6 +105,22 @@ def test_simclr_model_takes_batches_of_other_sizes():
         assert torch.allclose(z, m.head(h), atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["mobilenetv3_small_050", "resnet18"])
+def test_heads_take_the_width_the_backbone_outputs(arch, tmp_path):
+    # MobileNetV3 has a layer after its pooling: 1024 outputs from 288 num_features
+    from simclr_path.config import ModelConfig
+    from simclr_path.finetune import FinetuneModel
+    from simclr_path.model import create_simclr_model, encoder_info, feature_dim, save_encoder
+
+    m = create_simclr_model(ModelConfig(arch=arch)).eval()
+    with torch.no_grad():
+        h, z = m(torch.randn(2, 3, 64, 64))
+        assert h.shape == (2, feature_dim(m.backbone)) and z.shape == (2, 128)
+        assert FinetuneModel(m.backbone, 3)(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+    save_encoder(m.backbone, tmp_path / "encoder.pt", arch)
+    assert encoder_info(tmp_path / "encoder.pt")["num_features"] == h.shape[1]
+
+
 def test_output_stride_from_timm_feature_info():
     assert output_stride(create_backbone("resnet18")) == 32
     assert output_stride(torch.nn.Conv2d(3, 8, 3)) is None  # a model that does not say
@@ -118,3 +134,7 @@ def test_encoder_json_that_is_not_an_object_is_one_clear_error(tmp_path):
     (tmp_path / "encoder.json").write_text("[1, 2]")
     with pytest.raises(SimclrPathError, match="encoder.json: expected a JSON object"):
         encoder_info(tmp_path / "encoder.pt")
+    for meta in ('{"image_size": 96}', '{"arch": 5}', '{"arch": " "}'):
+        (tmp_path / "encoder.json").write_text(meta)
+        with pytest.raises(SimclrPathError, match="encoder.json: no model name"):
+            encoder_info(tmp_path / "encoder.pt")

@@ -60,6 +60,12 @@ def test_optional_columns(slides, tmp_path):
             None,
             "appears more than once",
         ),
+        (  # one file on macOS and Windows
+            ["S01\twsi/A.svs\tSCC\tP1", "s01\twsi/B.svs\tnormal\tP2"],
+            HEADER,
+            None,
+            "slide_id 'S01' / 's01' appears more than once (rows [1, 2])",
+        ),
         (
             ["../A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2"],
             HEADER,

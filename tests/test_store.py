@@ -40,6 +40,23 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failure_while_finishing_leaves_no_temporary_file(tmp_path):
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("cannot store this attribute")
+
+    with pytest.raises(RuntimeError, match="cannot store"), \
+            PatchStoreWriter(tmp_path / "x.h5", patch_size=8, attrs={"bad": Unprintable()}) as w:
+        w.append(np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 2)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_numpy_bool_attributes_round_trip(tmp_path):
+    with PatchStoreWriter(tmp_path / "x.h5", patch_size=8, attrs={"flag": np.bool_(False)}):
+        pass
+    assert PatchStore(tmp_path / "x.h5").attrs["flag"] is False
+
+
 def test_existing_output_needs_force(make_store):
     path = make_store(n=2, size=8)
     with pytest.raises(SimclrPathError, match="--force"), PatchStoreWriter(path, patch_size=8):

@@ -190,6 +190,9 @@ def test_cli_bad_input(slide, tmp_path, capsys):
     assert "larger than the slide" in _one_error(capsys)
     assert main(["tile", str(slide), "--out", str(out), "--slide-id", "../evil"]) == 2
     assert "safe file name" in _one_error(capsys)
+    # a QC format matplotlib cannot write fails before the slide is tiled
+    assert main(["tile", str(slide), "--out", str(out), "--qc", str(tmp_path / "qc.bmp")]) == 2
+    assert "cannot write .bmp figures" in _one_error(capsys)
     assert not out.exists()
     assert main(["tile", str(slide), "--out", str(out), "--mpp", "1", "--patch-size", "64"]) == 0
     capsys.readouterr()

@@ -16,6 +16,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from simclr_path import __version__
 from simclr_path.errors import SimclrPathError
@@ -86,6 +87,7 @@ def check_output_paths(args: argparse.Namespace) -> None:
                                   f"--{dest.replace('_', '-')}; give each output its own path")
         seen[key] = dest
     existing = {dest: path for dest, path in outs.items() if os.path.exists(path)}
+    replaces = bool(values.get("force")) and not values.get("resume")  # --resume keeps the run
     for dest, value in values.items():
         if _is_output(dest) or not existing:
             continue
@@ -97,6 +99,13 @@ def check_output_paths(args: argparse.Namespace) -> None:
                     raise SimclrPathError(
                         f"{path}: is an input of this command ({dest.replace('_', '-')}) and its "
                         f"--{out_dest.replace('_', '-')} output; write the output elsewhere")
+                # --force replaces an output folder whole: an input inside it would go with it
+                if replaces and os.path.isdir(path) and \
+                        Path(item).resolve().is_relative_to(Path(path).resolve()):
+                    raise SimclrPathError(
+                        f"{item}: is an input of this command ({dest.replace('_', '-')}) inside "
+                        f"its --{out_dest.replace('_', '-')} folder {path}; write the output "
+                        "elsewhere")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -172,7 +172,7 @@ for _name in PATCH_SETS:
         fail(
             f"config: patch_datasets.{_name}: not a safe file name (letters, digits, . _ -)"
         )
-    if _name in SLIDES:
+    if _name.casefold() in {s.casefold() for s in SLIDES}:
         fail(
             f"config: patch_datasets.{_name}: the name is also a slide_id in {config['samples']}"
         )
