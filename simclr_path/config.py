@@ -176,6 +176,7 @@ class TrainConfig:
     warmup_epochs: float = 10.0
     temperature: float = 0.1
     loss: str = "ntxent"  # ntxent (SimCLR) | dcl (decoupled: the positive left out of the denominator)
+    drop_nearest: int = 0  # per anchor, the k most similar other patches leave the negatives (false-negative elimination)
     amp: bool = True  # bf16 where supported, fp16 + grad scaler otherwise, off on CPU without bf16
     channels_last: bool = True
     compile: bool = False
@@ -203,6 +204,7 @@ class TrainConfig:
         _check(self.batch_size >= 2, "train.batch_size", "must be >= 2")
         _check(self.temperature > 0, "train.temperature", "must be > 0")
         _check(self.loss in ("ntxent", "dcl"), "train.loss", f"must be ntxent or dcl, got {self.loss!r}")
+        _check(self.drop_nearest >= 0, "train.drop_nearest", "must be >= 0")
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")

@@ -85,16 +85,26 @@ class NTXentLoss(nn.Module):
 
     which removes the negative-positive coupling that shrinks NT-Xent's gradient when a small
     batch holds few hard negatives (their section 3). The loss can be negative.
+
+    ``drop_nearest=k`` is false-negative elimination (Huynh et al. 2022, "Boosting Contrastive
+    Self-Supervised Learning with False Negative Cancellation", section 3.2): for each anchor the
+    k other images whose closer view is most similar to it (both of their views) leave the
+    denominator. Tiles of one tissue region, or near-duplicate tiles, would otherwise be pushed
+    apart as negatives. The choice is made on detached similarities; at least one negative image
+    is always kept.
     """
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = True,
-                 decoupled: bool = False) -> None:
+                 decoupled: bool = False, drop_nearest: int = 0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if isinstance(drop_nearest, bool) or int(drop_nearest) != drop_nearest or drop_nearest < 0:
+            raise ValueError(f"drop_nearest must be an integer >= 0, got {drop_nearest!r}")
         self.temperature = float(temperature)
         self.gather_distributed = gather_distributed
         self.decoupled = bool(decoupled)
+        self.drop_nearest = int(drop_nearest)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
         if z1.shape != z2.shape or z1.ndim != 2:
@@ -131,8 +141,23 @@ class NTXentLoss(nn.Module):
         pos_idx = torch.cat([local + m, local])  # its other view
         # an anchor is not its own negative
         logits = logits.index_put((rows, self_idx), logits.new_full((2 * n,), float("-inf")))
+        k = min(self.drop_nearest, m - 2)  # m - 1 other images; keep one as a negative
+        if k > 0:
+            logits = logits.masked_fill(self._nearest(logits.detach(), rows, pos_idx, m, k), float("-inf"))
         if not self.decoupled:
             return F.cross_entropy(logits, pos_idx)
         pos = logits[rows, pos_idx]  # (2N,)
         negs = logits.index_put((rows, pos_idx), logits.new_full((2 * n,), float("-inf")))
         return (torch.logsumexp(negs, dim=1) - pos).mean()
+
+    @staticmethod
+    def _nearest(logits: torch.Tensor, rows: torch.Tensor, pos_idx: torch.Tensor, m: int,
+                 k: int) -> torch.Tensor:
+        """(2N, 2M) bool: both columns of each anchor's k most similar other images. ``logits``
+        (2N, 2M) has -inf in the anchor's own column; its positive's column is set to -inf here,
+        so the anchor's own image is never chosen."""
+        s = logits.index_put((rows, pos_idx), logits.new_full((len(rows),), float("-inf")))
+        per_image = torch.maximum(s[:, :m], s[:, m:])  # (2N, M): the closer of the two views
+        idx = per_image.topk(k, dim=1).indices  # (2N, k)
+        mask = torch.zeros_like(s, dtype=torch.bool)
+        return mask.scatter_(1, idx, True).scatter_(1, idx + m, True)

@@ -207,7 +207,7 @@ def replan_scheduler(scheduler, total_steps: int, warmup_steps: int) -> None:
 # and the loss defines the run (max_steps, epochs and the time budget may change: the schedule is
 # re-planned; batch_size is checked as the global batch)
 RESUME_FIXED_TRAIN_KEYS = ("optimizer", "lr", "lr_scaling", "weight_decay", "momentum",
-                           "warmup_epochs", "temperature", "loss", "seed")
+                           "warmup_epochs", "temperature", "loss", "drop_nearest", "seed")
 
 
 # Time budget: the first steps (DataLoader start-up, first allocations) are left out of the step
@@ -691,7 +691,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if t_cfg.compile:
         train_model = torch.compile(train_model)
-    criterion = NTXentLoss(t_cfg.temperature, gather_distributed=True, decoupled=t_cfg.loss == "dcl")
+    criterion = NTXentLoss(t_cfg.temperature, gather_distributed=True, decoupled=t_cfg.loss == "dcl",
+                           drop_nearest=t_cfg.drop_nearest)
     colour = ColorAugment(a_cfg)
     colour_local = ColorAugment(a_cfg)  # its own scratch buffers: local views have another size
     metrics = _Metrics(out / "metrics.csv", start_step if ck is not None else None) if world.main else None

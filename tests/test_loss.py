@@ -11,9 +11,12 @@ import torch.multiprocessing as mp
 from simclr_path.loss import NTXentLoss
 
 
-def reference_ntxent(z1: torch.Tensor, z2: torch.Tensor, t: float, decoupled: bool = False) -> torch.Tensor:
+def reference_ntxent(z1: torch.Tensor, z2: torch.Tensor, t: float, decoupled: bool = False,
+                     drop: int = 0) -> torch.Tensor:
     """Eq. 1 of Chen et al. 2020, written as plain loops in float64 (no masking tricks); with
-    ``decoupled``, eq. 6 of Yeh et al. 2022 (DCL: the positive is not in the denominator)."""
+    ``decoupled``, eq. 6 of Yeh et al. 2022 (DCL: the positive is not in the denominator); with
+    ``drop``, the ``drop`` other images closest to the anchor (by their closer view) are left out
+    of its denominator (false-negative elimination, Huynh et al. 2022)."""
     z = torch.cat([z1, z2]).double()
     z = z / z.norm(dim=1, keepdim=True)
     n2 = z.shape[0]
@@ -21,7 +24,11 @@ def reference_ntxent(z1: torch.Tensor, z2: torch.Tensor, t: float, decoupled: bo
     total = 0.0
     for i in range(n2):
         j = (i + n) % n2
-        sims = [torch.dot(z[i], z[k]) / t for k in range(n2) if k != i and not (decoupled and k == j)]
+        others = [b for b in range(n) if b != i % n]
+        closeness = {b: max(torch.dot(z[i], z[b]).item(), torch.dot(z[i], z[b + n]).item()) for b in others}
+        dropped = sorted(others, key=lambda b: -closeness[b])[:drop]
+        sims = [torch.dot(z[i], z[k]) / t for k in range(n2)
+                if k != i and not (decoupled and k == j) and k % n not in dropped]
         denom = torch.logsumexp(torch.stack(sims), dim=0)
         total = total + (denom - torch.dot(z[i], z[j]) / t)
     return total / n2
@@ -46,6 +53,44 @@ def test_matches_reference_value_and_gradient(t, decoupled):
     assert abs(loss.item() - ref.item()) < 1e-5
     assert torch.allclose(z1.grad.double(), r1.grad, atol=1e-5)
     assert torch.allclose(z2.grad.double(), r2.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("drop", [1, 3])
+def test_drop_nearest_matches_reference_value_and_gradient(drop, decoupled):
+    a, b = _inputs(n=7, d=4, seed=5)
+    z1, z2 = a.clone().float().requires_grad_(), b.clone().float().requires_grad_()
+    loss = NTXentLoss(0.2, decoupled=decoupled, drop_nearest=drop)(z1, z2)
+    loss.backward()
+    r1, r2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = reference_ntxent(r1, r2, 0.2, decoupled, drop=drop)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert torch.allclose(z1.grad.double(), r1.grad, atol=1e-5)
+    assert torch.allclose(z2.grad.double(), r2.grad, atol=1e-5)
+    # it changes the loss: the dropped negatives are the largest terms of the denominator
+    assert loss.item() < NTXentLoss(0.2, decoupled=decoupled)(a.float(), b.float()).item() - 1e-3
+
+
+def test_drop_nearest_removes_a_duplicate_image_from_the_negatives():
+    # images 0 = 1 and 2 = 3 are tiles seen twice: as negatives of each other they are false ones
+    a, b = _inputs(n=4, d=6, seed=6)
+    a[1], b[1], a[3], b[3] = a[0], b[0], a[2], b[2]
+    loss = NTXentLoss(0.5, drop_nearest=1)(a.float(), b.float())
+    # each anchor's twin leaves its denominator; the other pair's four views stay
+    z = torch.nn.functional.normalize(torch.cat([a[[0, 2]], b[[0, 2]]]), dim=1) / 0.5 ** 0.5
+    sim = z @ z.T  # (4, 4): rows/columns a0, a2, b0, b2, divided by t
+    ref = torch.stack([torch.log(sim[i, (i + 2) % 4].exp() + 2 * sim[i, [k for k in range(4) if k % 2 != i % 2]].exp().sum())
+                       - sim[i, (i + 2) % 4] for i in range(4)]).mean()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert loss.item() < NTXentLoss(0.5)(a.float(), b.float()).item() - 0.1
+    # at least one negative image stays, whatever k asks
+    two = NTXentLoss(0.5, drop_nearest=5)(a[:2].float() + 0.1, b[:2].float())
+    assert torch.isfinite(two)
+    assert abs(two.item() - NTXentLoss(0.5)(a[:2].float() + 0.1, b[:2].float()).item()) < 1e-6
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="drop_nearest"):
+            NTXentLoss(0.5, drop_nearest=bad)
 
 
 def test_multi_crop_is_the_mean_over_global_and_local_pairs():
@@ -124,7 +169,8 @@ def _local(k: int, sl: slice, lin) -> torch.Tensor | None:
     return lin(xl[:, sl].reshape(-1, D_IN))
 
 
-def _worker(rank: int, world: int, init_file: str, out_file: str, k: int = 0, dcl: bool = False) -> None:
+def _worker(rank: int, world: int, init_file: str, out_file: str, k: int = 0, dcl: bool = False,
+            drop: int = 0) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -134,12 +180,12 @@ def _worker(rank: int, world: int, init_file: str, out_file: str, k: int = 0, dc
         z1 = lin(x1[sl]).detach().requires_grad_()
         z2 = lin(x2[sl]).detach().requires_grad_()
         zl = _local(k, sl, lin)
-        loss = NTXentLoss(T, decoupled=dcl)(z1, z2, None if zl is None else zl.detach())
+        loss = NTXentLoss(T, decoupled=dcl, drop_nearest=drop)(z1, z2, None if zl is None else zl.detach())
         loss.backward()
         # parameter gradients as DDP computes them: local backward, then mean over processes
         p1, p2 = lin(x1[sl]), lin(x2[sl])
         lin.zero_grad()
-        NTXentLoss(T, decoupled=dcl)(p1, p2, _local(k, sl, lin)).backward()
+        NTXentLoss(T, decoupled=dcl, drop_nearest=drop)(p1, p2, _local(k, sl, lin)).backward()
         grads = torch.cat([lin.weight.grad.flatten(), lin.bias.grad.flatten()])
         dist.all_reduce(grads)
         grads /= world
@@ -156,21 +202,22 @@ def _worker(rank: int, world: int, init_file: str, out_file: str, k: int = 0, dc
         dist.destroy_process_group()
 
 
-# k local views per image (multi-crop); dcl: the decoupled loss
-@pytest.mark.parametrize(("k", "dcl"), [(0, False), (2, False), (0, True)])
-def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path, k, dcl):
+# k local views per image (multi-crop); dcl: the decoupled loss; drop: false negatives dropped
+# (chosen among all processes' images)
+@pytest.mark.parametrize(("k", "dcl", "drop"), [(0, False, 0), (2, False, 0), (0, True, 0), (2, False, 2)])
+def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path, k, dcl, drop):
     out = tmp_path / "dist.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), k, dcl), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), k, dcl, drop), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
 
     x1, x2, lin = _setup()
     z1 = lin(x1).detach().requires_grad_()
     z2 = lin(x2).detach().requires_grad_()
     zl = _local(k, slice(0, 2 * N), lin)
-    loss = NTXentLoss(T, decoupled=dcl)(z1, z2, None if zl is None else zl.detach())
+    loss = NTXentLoss(T, decoupled=dcl, drop_nearest=drop)(z1, z2, None if zl is None else zl.detach())
     loss.backward()
     lin.zero_grad()
-    NTXentLoss(T, decoupled=dcl)(lin(x1), lin(x2), _local(k, slice(0, 2 * N), lin)).backward()
+    NTXentLoss(T, decoupled=dcl, drop_nearest=drop)(lin(x1), lin(x2), _local(k, slice(0, 2 * N), lin)).backward()
     grads = torch.cat([lin.weight.grad.flatten(), lin.bias.grad.flatten()])
 
     assert abs(got["loss"].item() - loss.item()) < 1e-5
