@@ -92,10 +92,18 @@ class NTXentLoss(nn.Module):
     denominator. Tiles of one tissue region, or near-duplicate tiles, would otherwise be pushed
     apart as negatives. The choice is made on detached similarities; at least one negative image
     is always kept.
+
+    ``hard_beta=b > 0`` weights the negatives by their similarity (Robinson et al. 2021,
+    "Contrastive Learning with Hard Negative Samples", eq. 3 with tau+ = 0): the sum over the
+    M' negatives becomes M' times their mean under q(k) proportional to exp(b sim(z_i, z_k) / t),
+
+        log sum_k exp(s_k) -> log M' + logsumexp_k((1 + b) s_k) - logsumexp_k(b s_k),
+
+    with s_k = sim(z_i, z_k) / t, so hard negatives weigh more; b = 0 is NT-Xent (or DCL).
     """
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = True,
-                 decoupled: bool = False, drop_nearest: int = 0) -> None:
+                 decoupled: bool = False, drop_nearest: int = 0, hard_beta: float = 0.0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -105,6 +113,9 @@ class NTXentLoss(nn.Module):
         self.gather_distributed = gather_distributed
         self.decoupled = bool(decoupled)
         self.drop_nearest = int(drop_nearest)
+        if not hard_beta >= 0:  # NaN too
+            raise ValueError(f"hard_beta must be >= 0, got {hard_beta!r}")
+        self.hard_beta = float(hard_beta)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
         if z1.shape != z2.shape or z1.ndim != 2:
@@ -144,11 +155,19 @@ class NTXentLoss(nn.Module):
         k = min(self.drop_nearest, m - 2)  # m - 1 other images; keep one as a negative
         if k > 0:
             logits = logits.masked_fill(self._nearest(logits.detach(), rows, pos_idx, m, k), float("-inf"))
-        if not self.decoupled:
+        if not self.decoupled and not self.hard_beta:
             return F.cross_entropy(logits, pos_idx)
         pos = logits[rows, pos_idx]  # (2N,)
         negs = logits.index_put((rows, pos_idx), logits.new_full((2 * n,), float("-inf")))
-        return (torch.logsumexp(negs, dim=1) - pos).mean()
+        if self.hard_beta:  # log of the reweighted negative sum (-inf columns weigh nothing)
+            b = self.hard_beta
+            count = torch.isfinite(negs).sum(dim=1).to(negs.dtype)
+            neg = count.log() + torch.logsumexp((1 + b) * negs, dim=1) - torch.logsumexp(b * negs, dim=1)
+        else:
+            neg = torch.logsumexp(negs, dim=1)
+        if self.decoupled:
+            return (neg - pos).mean()
+        return (torch.logaddexp(pos, neg) - pos).mean()
 
     @staticmethod
     def _nearest(logits: torch.Tensor, rows: torch.Tensor, pos_idx: torch.Tensor, m: int,

@@ -216,6 +216,10 @@ class _LazyH5:
         try:
             f = h5py.File(self.path, "r")
         except OSError as exc:
+            if "lock file" in str(exc).lower():  # NFS/Lustre without locks, or a live writer
+                raise SimclrPathError(
+                    f"{self.path}: cannot lock the HDF5 {self._what} ({exc}); if its file system "
+                    "has no file locks, set HDF5_USE_FILE_LOCKING=FALSE") from None
             raise SimclrPathError(f"{self.path}: not a readable HDF5 {self._what} ({exc}); "
                                   "it may be truncated: recreate it with --force") from None
         self._f, self._pid = f, os.getpid()

@@ -207,7 +207,8 @@ def replan_scheduler(scheduler, total_steps: int, warmup_steps: int) -> None:
 # and the loss defines the run (max_steps, epochs and the time budget may change: the schedule is
 # re-planned; batch_size is checked as the global batch)
 RESUME_FIXED_TRAIN_KEYS = ("optimizer", "lr", "lr_scaling", "weight_decay", "momentum",
-                           "warmup_epochs", "temperature", "loss", "drop_nearest", "seed")
+                           "warmup_epochs", "temperature", "loss", "drop_nearest", "hard_beta",
+                           "seed")
 
 
 # Time budget: the first steps (DataLoader start-up, first allocations) are left out of the step
@@ -692,7 +693,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     if t_cfg.compile:
         train_model = torch.compile(train_model)
     criterion = NTXentLoss(t_cfg.temperature, gather_distributed=True, decoupled=t_cfg.loss == "dcl",
-                           drop_nearest=t_cfg.drop_nearest)
+                           drop_nearest=t_cfg.drop_nearest, hard_beta=t_cfg.hard_beta)
     colour = ColorAugment(a_cfg)
     colour_local = ColorAugment(a_cfg)  # its own scratch buffers: local views have another size
     metrics = _Metrics(out / "metrics.csv", start_step if ck is not None else None) if world.main else None
@@ -737,6 +738,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     train_model.train()
     non_blocking = device.type == "cuda"
     x_buf: torch.Tensor | None = None
+    v_buf: torch.Tensor | None = None
     xl_buf: torch.Tensor | None = None
     # created just before the try so that every exit below ends it (FAILED unless finished)
     tracker = _Tracker(out, cfg, enabled=world.main)
@@ -779,8 +781,22 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 v1, v2, *local = next(it)  # local: [(K B, 3, l, l) uint8] with multi-crop
             except StopIteration:
                 break
+            except RuntimeError as exc:  # a worker killed by SIGBUS: /dev/shm is full
+                if "shared memory" not in str(exc):
+                    raise
+                raise SimclrPathError(
+                    f"{out}: a data loader worker ran out of shared memory (/dev/shm); give the "
+                    "container more (docker run --shm-size=2g), or lower train.workers or "
+                    "train.batch_size") from None
             win_data += time.perf_counter() - td
-            views = torch.cat([v1, v2]).to(device, non_blocking=non_blocking)  # (2B, 3, s, s) uint8
+            n = v1.shape[0]
+            if v_buf is None or v_buf.shape != (2 * n, *v1.shape[1:]):
+                v_buf = torch.empty((2 * n, *v1.shape[1:]), dtype=v1.dtype, device=device)
+            # both views straight from the loader's (pinned, on CUDA) tensors into one reused
+            # buffer: torch.cat on the host would make a new, unpinned tensor every step
+            views = v_buf  # (2B, 3, s, s) uint8
+            views[:n].copy_(v1, non_blocking=non_blocking)
+            views[n:].copy_(v2, non_blocking=non_blocking)
             gen = torch.Generator().manual_seed(_aug_seed(t_cfg.seed, step, world.rank))
             if x_buf is None or x_buf.shape[0] != views.shape[0]:
                 # one input buffer for the whole run, in the model's memory format; the previous
@@ -796,7 +812,6 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 _, z = train_model(x, *local)  # (2B + K B, D)
             z = z.float()
-            n = v1.shape[0]
             loss = criterion(z[:n], z[n:2 * n], z[2 * n:] if local else None)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -128,8 +128,11 @@ def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
     ({"tile": {"drop_black": float("nan")}}, "tile.drop_black"),
     ({"tile": {"drop_white": 5.0}}, "tile.drop_white"),
     ({"tile": {"drop_blur": -1.0}}, "tile.drop_blur"),
+    ({"train": {"seed": -1}}, "train.seed"),  # numpy's seeds are >= 0: a traceback mid-run
+    ({"train": {"hard_beta": -0.5}}, "train.hard_beta"),
+    ({"train": {"drop_nearest": -1}}, "train.drop_nearest"),
 ])
-def test_patch_filters_are_range_checked(overrides, match):
+def test_ranges_are_checked(overrides, match):
     with pytest.raises(SimclrPathError, match=match):
         load_config(overrides=overrides)
 

@@ -71,3 +71,31 @@ def test_a_folder_or_a_slide_given_to_info(tmp_path, make_store, capsys):
     trunc.write_bytes(good.read_bytes()[:3000])
     assert main(["info", str(trunc)]) == 2
     assert "truncated or corrupt; recreate it with --force" in capsys.readouterr().err
+
+
+def test_a_locked_or_unreadable_file(tmp_path, make_store, capsys, monkeypatch):
+    import builtins
+
+    import h5py
+
+    good = make_store(n=2, size=8)
+    real_file, real_open = h5py.File, builtins.open
+
+    def locked(*a, **k):
+        raise OSError("Unable to synchronously open file (unable to lock file, errno = 11)")
+
+    monkeypatch.setattr(h5py, "File", locked)
+    assert main(["info", str(good)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot lock the HDF5 file" in err[0] and "--force" not in err[0]
+
+    def unreadable(*a, **k):  # what chmod 000 does for a user who is not root
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(h5py, "File", unreadable)
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: unreadable() if str(p) == str(good)
+                        else real_open(p, *a, **k))
+    assert main(["info", str(good)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read the file (Permission denied)" in err[0]
+    monkeypatch.setattr(h5py, "File", real_file)

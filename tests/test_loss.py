@@ -12,11 +12,12 @@ from simclr_path.loss import NTXentLoss
 
 
 def reference_ntxent(z1: torch.Tensor, z2: torch.Tensor, t: float, decoupled: bool = False,
-                     drop: int = 0) -> torch.Tensor:
+                     drop: int = 0, beta: float = 0.0) -> torch.Tensor:
     """Eq. 1 of Chen et al. 2020, written as plain loops in float64 (no masking tricks); with
     ``decoupled``, eq. 6 of Yeh et al. 2022 (DCL: the positive is not in the denominator); with
     ``drop``, the ``drop`` other images closest to the anchor (by their closer view) are left out
-    of its denominator (false-negative elimination, Huynh et al. 2022)."""
+    of its denominator (false-negative elimination, Huynh et al. 2022); with ``beta``, the
+    negatives' sum is M times their mean weighted by exp(beta * s) (Robinson et al. 2021)."""
     z = torch.cat([z1, z2]).double()
     z = z / z.norm(dim=1, keepdim=True)
     n2 = z.shape[0]
@@ -30,6 +31,13 @@ def reference_ntxent(z1: torch.Tensor, z2: torch.Tensor, t: float, decoupled: bo
         sims = [torch.dot(z[i], z[k]) / t for k in range(n2)
                 if k != i and not (decoupled and k == j) and k % n not in dropped]
         denom = torch.logsumexp(torch.stack(sims), dim=0)
+        if beta:
+            pos = torch.dot(z[i], z[j]) / t
+            negs = [s for k, s in zip((k for k in range(n2) if k != i and not (decoupled and k == j)
+                                       and k % n not in dropped), sims) if k != j]
+            w = torch.stack([torch.exp(beta * s) for s in negs])
+            ng = len(negs) * (w * torch.stack([torch.exp(s) for s in negs])).sum() / w.sum()
+            denom = torch.log(ng if decoupled else torch.exp(pos) + ng)
         total = total + (denom - torch.dot(z[i], z[j]) / t)
     return total / n2
 
@@ -70,6 +78,29 @@ def test_drop_nearest_matches_reference_value_and_gradient(drop, decoupled):
     assert torch.allclose(z2.grad.double(), r2.grad, atol=1e-5)
     # it changes the loss: the dropped negatives are the largest terms of the denominator
     assert loss.item() < NTXentLoss(0.2, decoupled=decoupled)(a.float(), b.float()).item() - 1e-3
+
+
+@pytest.mark.parametrize(("decoupled", "drop"), [(False, 0), (True, 0), (False, 2)])
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+def test_hard_negative_weighting_matches_reference(beta, decoupled, drop):
+    a, b = _inputs(n=6, d=4, seed=7)
+    z1, z2 = a.clone().float().requires_grad_(), b.clone().float().requires_grad_()
+    loss = NTXentLoss(0.3, decoupled=decoupled, drop_nearest=drop, hard_beta=beta)(z1, z2)
+    loss.backward()
+    r1, r2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = reference_ntxent(r1, r2, 0.3, decoupled, drop=drop, beta=beta)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert torch.allclose(z1.grad.double(), r1.grad, atol=1e-5)
+    assert torch.allclose(z2.grad.double(), r2.grad, atol=1e-5)
+    # hard negatives weigh more: the loss rises with beta
+    plain = NTXentLoss(0.3, decoupled=decoupled, drop_nearest=drop)(a.float(), b.float())
+    assert loss.item() > plain.item() + 1e-3
+    assert abs(NTXentLoss(0.3, decoupled=decoupled, drop_nearest=drop, hard_beta=0.0)(
+        a.float(), b.float()).item() - plain.item()) < 1e-6
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="hard_beta"):
+            NTXentLoss(0.3, hard_beta=bad)
 
 
 def test_drop_nearest_removes_a_duplicate_image_from_the_negatives():
@@ -170,7 +201,7 @@ def _local(k: int, sl: slice, lin) -> torch.Tensor | None:
 
 
 def _worker(rank: int, world: int, init_file: str, out_file: str, k: int = 0, dcl: bool = False,
-            drop: int = 0) -> None:
+            drop: int = 0, beta: float = 0.0) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -180,12 +211,12 @@ def _worker(rank: int, world: int, init_file: str, out_file: str, k: int = 0, dc
         z1 = lin(x1[sl]).detach().requires_grad_()
         z2 = lin(x2[sl]).detach().requires_grad_()
         zl = _local(k, sl, lin)
-        loss = NTXentLoss(T, decoupled=dcl, drop_nearest=drop)(z1, z2, None if zl is None else zl.detach())
+        loss = NTXentLoss(T, decoupled=dcl, drop_nearest=drop, hard_beta=beta)(z1, z2, None if zl is None else zl.detach())
         loss.backward()
         # parameter gradients as DDP computes them: local backward, then mean over processes
         p1, p2 = lin(x1[sl]), lin(x2[sl])
         lin.zero_grad()
-        NTXentLoss(T, decoupled=dcl, drop_nearest=drop)(p1, p2, _local(k, sl, lin)).backward()
+        NTXentLoss(T, decoupled=dcl, drop_nearest=drop, hard_beta=beta)(p1, p2, _local(k, sl, lin)).backward()
         grads = torch.cat([lin.weight.grad.flatten(), lin.bias.grad.flatten()])
         dist.all_reduce(grads)
         grads /= world
@@ -204,20 +235,23 @@ def _worker(rank: int, world: int, init_file: str, out_file: str, k: int = 0, dc
 
 # k local views per image (multi-crop); dcl: the decoupled loss; drop: false negatives dropped
 # (chosen among all processes' images)
-@pytest.mark.parametrize(("k", "dcl", "drop"), [(0, False, 0), (2, False, 0), (0, True, 0), (2, False, 2)])
-def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path, k, dcl, drop):
+# beta: hard-negative weighting
+@pytest.mark.parametrize(("k", "dcl", "drop", "beta"), [
+    (0, False, 0, 0.0), (2, False, 0, 0.0), (0, True, 0, 0.0), (2, False, 2, 0.0), (2, False, 2, 1.0)])
+def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path, k, dcl, drop, beta):
     out = tmp_path / "dist.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), k, dcl, drop), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), k, dcl, drop, beta), nprocs=2,
+             join=True)
     got = torch.load(out, weights_only=True)
 
     x1, x2, lin = _setup()
     z1 = lin(x1).detach().requires_grad_()
     z2 = lin(x2).detach().requires_grad_()
     zl = _local(k, slice(0, 2 * N), lin)
-    loss = NTXentLoss(T, decoupled=dcl, drop_nearest=drop)(z1, z2, None if zl is None else zl.detach())
+    loss = NTXentLoss(T, decoupled=dcl, drop_nearest=drop, hard_beta=beta)(z1, z2, None if zl is None else zl.detach())
     loss.backward()
     lin.zero_grad()
-    NTXentLoss(T, decoupled=dcl, drop_nearest=drop)(lin(x1), lin(x2), _local(k, slice(0, 2 * N), lin)).backward()
+    NTXentLoss(T, decoupled=dcl, drop_nearest=drop, hard_beta=beta)(lin(x1), lin(x2), _local(k, slice(0, 2 * N), lin)).backward()
     grads = torch.cat([lin.weight.grad.flatten(), lin.bias.grad.flatten()])
 
     assert abs(got["loss"].item() - loss.item()) < 1e-5

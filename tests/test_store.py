@@ -91,3 +91,14 @@ def test_embedding_roundtrip(tmp_path):
     np.testing.assert_array_equal(e.features, feats)
     assert e.slide_id == "A" and e.label_names == ["x", "y"] and e.groups == list("abcde")
     assert e.labels.tolist() == [0, 1, 0, 1, 1]
+
+
+def test_a_file_lock_failure_is_not_called_truncation(make_store, monkeypatch):
+    path = make_store(n=2, size=8)
+
+    def locked(*a, **k):
+        raise OSError("Unable to synchronously open file (unable to lock file, errno = 37)")
+
+    monkeypatch.setattr(h5py, "File", locked)
+    with pytest.raises(SimclrPathError, match="cannot lock the HDF5 patch store.*HDF5_USE_FILE_LOCKING=FALSE"):
+        PatchStore(path)

@@ -584,3 +584,19 @@ def test_ddp_on_cuda_pins_each_rank_to_its_gpu(monkeypatch):
     calls.clear()
     T.Dist().init(torch.device("cpu"))
     assert calls == [("init", "gloo", None)]
+
+
+def test_a_loader_out_of_shared_memory_is_one_clear_error(stores, tmp_path, monkeypatch):
+    import simclr_path.data as data_mod
+
+    class Dead:
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            raise RuntimeError("DataLoader worker (pid 42) is killed by signal: Bus error. It is "
+                               "possible that dataloader's workers are out of shared memory.")
+
+    monkeypatch.setattr(data_mod, "make_loader", lambda *a, **k: Dead())
+    with pytest.raises(SimclrPathError, match=r"out of shared memory \(/dev/shm\).*--shm-size"):
+        T.pretrain(stores, tmp_path / "run", _cfg(), progress=False)

@@ -34,9 +34,15 @@ def summary(path: Path) -> list[str]:
         raise SimclrPathError(f"{path}: file not found")
     try:
         f = h5py.File(path, "r")
-    except OSError:
-        with open(path, "rb") as fh:  # HDF5's signature: a damaged .h5, or another kind of file
-            is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError as exc:
+        if "lock file" in str(exc).lower():  # a live writer, or no locks on this file system
+            raise SimclrPathError(f"{path}: cannot lock the HDF5 file ({exc}); if its file system "
+                                  "has no file locks, set HDF5_USE_FILE_LOCKING=FALSE") from None
+        try:
+            with open(path, "rb") as fh:  # HDF5's signature: a damaged .h5, or another kind of file
+                is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+        except OSError as exc2:
+            raise SimclrPathError(f"{path}: cannot read the file ({exc2.strerror})") from None
         hint = ("truncated or corrupt; recreate it with --force" if is_hdf5 or path.suffix == ".h5"
                 else "give a patch store or embedding file written by simclr-path")
         raise SimclrPathError(f"{path}: not a readable HDF5 file ({hint})") from None
