@@ -413,6 +413,18 @@ def test_tiny_end_to_end_with_report(tmp_path):
     again = smk(wf, "-n", "--cores", "2")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
+    # worker counts change how fast stages run, not what they write: no rerun, and the new
+    # counts reach the command lines
+    faster = {**TINY, **TINY_FINETUNE, "tile": {**TINY["tile"], "workers": 2},
+              "train": {**TINY["train"], "workers": 1}, "embed": {**TINY["embed"], "workers": 1}}
+    (wf / "config" / "test.yaml").write_text(yaml.safe_dump(faster, sort_keys=False))
+    dry = smk(wf, "-n", "--cores", "2")
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+    forced = smk(wf, "-n", "-p", "--cores", "2", "--forcerun", "pretrain", "embed")
+    assert "--workers 1 --force" in forced.stdout and "--workers 0" not in forced.stdout
+    (wf / "config" / "test.yaml").write_text(yaml.safe_dump({**TINY, **TINY_FINETUNE},
+                                                            sort_keys=False))
+
     # changing one embedding file reruns classification and figures only (Snakemake 9 compares
     # checksums of small inputs, so a plain `touch` of an unchanged file reruns nothing)
     time.sleep(1.1)

@@ -122,12 +122,24 @@ PROBE_FRACTIONS = [f for f in FRACTIONS if float(f) < 1.0]
 RUN_CFG = {run: resolved_config(run) for run in RUNS}
 
 
+# Settings of how fast a stage runs, not of what it writes. They stay out of the stage YAMLs,
+# whose changes rerun the stage, and reach the command line through `threads` or `resources`,
+# which never trigger a rerun: a new worker count must not retrain an encoder.
+SPEED_KEYS = {"tile": ("workers",), "train": ("workers",), "embed": ("workers",)}
+
+
 def stage_values(run, stage):
-    """Resolved sections one CLI stage reads, as a plain dict (written to its --config YAML)."""
+    """Resolved sections one CLI stage reads, as a plain dict (written to its --config YAML),
+    less the SPEED_KEYS."""
     if stage == "tile":
-        return {"tile": spc.to_dict(TILE_CFG)["tile"]}
-    full = spc.to_dict(RUN_CFG[run])
-    return {s: full[s] for s in STAGE_SECTIONS[stage]}
+        out = {"tile": spc.to_dict(TILE_CFG)["tile"]}
+    else:
+        full = spc.to_dict(RUN_CFG[run])
+        out = {s: full[s] for s in STAGE_SECTIONS[stage]}
+    for section, keys in SPEED_KEYS.items():
+        for key in keys:
+            out.get(section, {}).pop(key, None)
+    return out
 
 
 # ---------------------------------------------------------------------------- samples sheet

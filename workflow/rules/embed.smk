@@ -18,9 +18,11 @@ rule embed:
     resources:
         mem_mb=8000,
         gpu=1,
+        # embed.workers: a resource, so that changing it reruns nothing (common.smk, SPEED_KEYS)
+        loader_workers=lambda w: RUN_CFG[w.run].embed.workers,
     shell:
         "simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
-        "--config {input.config} --force > {log} 2>&1"
+        "--config {input.config} --workers {resources.loader_workers} --force > {log} 2>&1"
 
 
 # Layer-wise linear evaluation (config `layer_eval`): the same stores embedded from other layers.
@@ -43,6 +45,9 @@ rule embed_layer:
     resources:
         mem_mb=8000,
         gpu=1,
+        # embed.workers: a resource, so that changing it reruns nothing (common.smk, SPEED_KEYS)
+        loader_workers=lambda w: RUN_CFG[w.run].embed.workers,
     shell:
         "simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
-        "--layer {wildcards.layer} --config {input.config} --force > {log} 2>&1"
+        "--layer {wildcards.layer} --config {input.config} --workers {resources.loader_workers} "
+        "--force > {log} 2>&1"

@@ -36,12 +36,14 @@ rule pretrain:
     resources:
         mem_mb=16000,
         gpu=config["pretrain_gpus"],
+        # train.workers: a resource, so that changing it reruns nothing (common.smk, SPEED_KEYS)
+        loader_workers=lambda w: RUN_CFG[w.run].train.workers,
     params:
         command=pretrain_command(),
         out=subpath(output.encoder, parent=True),
     shell:
         "{params.command} pretrain {input.stores} --out {params.out} --config {input.config} "
-        "--force > {log} 2>&1"
+        "--workers {resources.loader_workers} --force > {log} 2>&1"
 
 
 rule preview:
