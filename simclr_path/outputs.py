@@ -51,8 +51,7 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
         parent = parent.parent
     if not parent.is_dir():
         raise SimclrPathError(f"{p}: {parent} is a file, not a folder; give an output path in a folder")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return p
+    return p  # missing folders are made by atomic_output / atomic_dir, when there is a result
 
 
 @contextlib.contextmanager
@@ -63,6 +62,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     removed when the block raises.
     """
     final = check_can_write(path, force, kind="file")
+    final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -80,6 +80,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False,
     """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds.
     ``markers``: see :func:`check_can_write`."""
     final = check_can_write(path, force, kind="dir", markers=markers)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp

@@ -59,9 +59,10 @@ def test_two_outputs_on_one_path_are_refused_before_anything_is_written(argv, tm
     (["--seed", "-1"], "--seed must be >= 0"),
 ])
 def test_preview_bounds(tmp_path, capsys, extra, match):
-    rc, err = _err(["preview", str(tmp_path / "s.h5"), "--out", str(tmp_path / "p.png"), *extra],
-                   capsys)
-    assert rc != 0 and match in err and not (tmp_path / "p.png").exists()
+    rc, err = _err(["preview", str(tmp_path / "s.h5"), "--out", str(tmp_path / "new" / "p.png"),
+                    *extra], capsys)
+    assert rc != 0 and match in err
+    assert not (tmp_path / "new").exists()  # no empty folder left by a refused command
 
 
 def test_text_options_are_not_taken_for_paths(tmp_path, capsys):

@@ -34,9 +34,19 @@ def test_output_under_a_file_names_the_file(tmp_path):
     assert not (f.parent / "deeper").exists()
 
 
-def test_parents_are_made(tmp_path):
+def test_parents_are_made_only_when_something_is_written(tmp_path):
     out = tmp_path / "a" / "b" / "c.png"
-    assert check_can_write(out, force=False) == out and out.parent.is_dir() and not out.exists()
+    # the check makes nothing: a command refused later must leave no empty folders
+    assert check_can_write(out, force=False) == out and not (tmp_path / "a").exists()
+    with pytest.raises(RuntimeError), atomic_output(out):
+        raise RuntimeError("failed before the result")
+    assert not out.exists()
+    with atomic_output(out) as tmp:
+        tmp.write_bytes(b"x")
+    assert out.read_bytes() == b"x"
+    with atomic_dir(tmp_path / "d" / "e") as tmp:
+        (tmp / "f.txt").write_text("y")
+    assert (tmp_path / "d" / "e" / "f.txt").read_text() == "y"
 
 
 def test_force_never_replaces_a_folder_that_is_not_a_results_folder(tmp_path, monkeypatch):
