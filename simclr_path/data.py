@@ -217,8 +217,8 @@ def make_loader(stores: Sequence[PatchStore], cfg: AugmentConfig, plan: BatchPla
     """DataLoader of ``(v1, v2[, local])`` uint8 view batches for steps ``start_step .. total_steps - 1``."""
     ds = TwoViewBatches(stores, cfg)
     sampler = _PlanSampler(plan, start_step, total_steps)
-    # two batches ahead per worker (PyTorch's default): at batch 256 of 224 px views a batch is
-    # 77 MB of shared memory, and Docker's default /dev/shm is 64 MB
+    # two batches ahead per worker (PyTorch's default), not more: each is in shared memory (77 MB
+    # at batch 256 of 224 px views), and containers often have little (Docker's default: 64 MB)
     kw = {"prefetch_factor": 2, "persistent_workers": False} if workers > 0 else {}
     return DataLoader(ds, batch_size=None, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None, **kw)

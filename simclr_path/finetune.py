@@ -134,19 +134,20 @@ def load_patch_table(
 
     t = load_table(store_paths, samples, cfg.classify, opener=opener, what="patch store")
     stores = [o.store for o in opened]
-    used = [s for s in stores if len(s)]  # empty stores add no patches, whatever their size
-    odd = next((s for s in used if s.patch_size != used[0].patch_size), None)
+    first = _first_used(stores)
+    odd = next((s for s in stores if len(s) and s.patch_size != first.patch_size), None)
     if odd is not None:
         raise SimclrPathError(
-            f"{odd.path}: patches are {odd.patch_size} px but {used[0].path} has "
-            f"{used[0].patch_size} px; tile or import every store with the same patch size"
+            f"{odd.path}: patches are {odd.patch_size} px but {first.path} has "
+            f"{first.patch_size} px; tile or import every store with the same patch size"
         )
     return t, stores
 
 
-def _patch_size(stores: Sequence[PatchStore]) -> int:
-    """The patch side of the stores that hold patches (empty ones may have been tiled otherwise)."""
-    return next((s.patch_size for s in stores if len(s)), stores[0].patch_size)
+def _first_used(stores: Sequence[PatchStore]) -> PatchStore:
+    """The first store that holds patches: empty ones add none, whatever their patch size or mpp
+    (``load_table`` has refused a set of stores without patches)."""
+    return next((s for s in stores if len(s)), stores[0])
 
 
 def validation_split(
@@ -177,7 +178,7 @@ class _PatchBatches(Dataset):
     def __init__(self, stores: Sequence[PatchStore], source: np.ndarray, index: np.ndarray,
                  batches: Sequence[np.ndarray]) -> None:
         self.stores, self.source, self.index, self.batches = list(stores), source, index, batches
-        self.size = _patch_size(stores)
+        self.size = _first_used(stores).patch_size
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -289,10 +290,11 @@ class _Run:
             keep.append(r if len(r) <= cap else rng.choice(r, cap, replace=False))
         return np.sort(np.concatenate(keep)) if keep else rows
 
-    def predict(self, model: FinetuneModel, rows: np.ndarray, name: str = "fine-tuning") -> np.ndarray:
+    def predict(self, model: FinetuneModel, rows: np.ndarray, name: str | None = "fine-tuning"
+                ) -> np.ndarray:
         """Class probabilities (len(rows), K) of the table rows, eval transform, no augmentation.
         Non-finite outputs (weights that diverged in the last steps) stop with one line naming
-        ``name``, before they reach the metrics."""
+        ``name``, before they reach the metrics; ``name=None`` returns them unchecked."""
         model.eval()
         out = np.zeros((len(rows), self.k), dtype=np.float64)
         data = _PatchBatches(self.stores, self.t.source, self.t.patch_index,
@@ -304,9 +306,8 @@ class _Run:
                 p = torch.softmax(model(x).float(), dim=1).cpu().numpy()
                 out[pos:pos + len(p)] = p
                 pos += len(p)
-        if not np.isfinite(out).all():
-            raise SimclrPathError(f"{name}: the fine-tuned model predicts non-finite "
-                                  "probabilities; lower finetune.lr / finetune.head_lr")
+        if name is not None and not np.isfinite(out).all():
+            raise SimclrPathError(_diverged(name))
         return out
 
     def fit(self, name: str, train_rows: np.ndarray, val_rows: np.ndarray, seed: int
@@ -375,13 +376,16 @@ class _Run:
                                    "val_loss": float("nan"), "val_auroc": float("nan"),
                                    "lr": opt.param_groups[0]["lr"], "best": False}
             if len(val_rows):
-                pv = self.predict(model, val_rows, f"{name} (epoch {epoch})")
-                row["val_loss"] = float(F.nll_loss(torch.log(torch.as_tensor(pv, device=dev)
-                                                             .clamp_min(1e-12)).float(), yv,
-                                                   weight=weight))
-                row["val_auroc"] = classification_metrics(t.y[val_rows], pv, t.classes,
-                                                          t.positive).get("auroc", float("nan"))
-                improved = best is None or row["val_loss"] < best[0] - 1e-6
+                pv = self.predict(model, val_rows, name=None)
+                if np.isfinite(pv).all():
+                    row["val_loss"] = float(F.nll_loss(torch.log(torch.as_tensor(pv, device=dev)
+                                                                 .clamp_min(1e-12)).float(), yv,
+                                                       weight=weight))
+                    row["val_auroc"] = classification_metrics(t.y[val_rows], pv, t.classes,
+                                                              t.positive).get("auroc", float("nan"))
+                # diverged weights (non-finite outputs) never improve: an earlier epoch is kept
+                improved = math.isfinite(row["val_loss"]) and (
+                    best is None or row["val_loss"] < best[0] - 1e-6)
             else:
                 improved = True  # no validation patients: the last epoch is kept
             if improved:
@@ -398,7 +402,8 @@ class _Run:
                 stopped = "early_stopping"
                 break
         bar.close()
-        assert best is not None
+        if best is None:  # every epoch's validation predictions were non-finite
+            raise SimclrPathError(_diverged(name))
         model.load_state_dict(best[2])
         for h in history:  # mark only the epoch finally kept
             h["best"] = h["epoch"] == best[1]
@@ -415,6 +420,11 @@ class _Run:
         keys = ("train_loss", "val_loss", "val_auroc", "lr")
         self.tracker.scalars({f"{name}/{k}": row[k] for k in keys}, row["epoch"],
                              step_key=f"{name}/epoch")
+
+
+def _diverged(name: str) -> str:
+    return (f"{name}: the fine-tuned model predicts non-finite probabilities; lower "
+            "finetune.lr / finetune.head_lr")
 
 
 def _rows_of(t: PatchTable, patients: set[str], mask: np.ndarray) -> np.ndarray:
@@ -476,7 +486,7 @@ def finetune(
                               "'simclr-path pretrain'")
     info = encoder_info(enc)
     t, stores = load_patch_table(store_paths, samples, cfg)
-    image_size = int(ft.image_size or info.get("image_size") or _patch_size(stores))
+    image_size = int(ft.image_size or info.get("image_size") or _first_used(stores).patch_size)
     from simclr_path.train import check_view_sizes, resolve_device
 
     device = resolve_device(ft.device)
@@ -536,7 +546,7 @@ def finetune(
                 model, hist, fit = run.fit("final", tr_rows, va_rows, ft.seed + 999_999)
                 history += hist
                 final = {**split, **fit}
-                first = next(s for s in stores if len(s))
+                first = _first_used(stores)
                 # the patches it was fine-tuned on, whole, at image_size (embed sizes from these)
                 save_encoder(model.backbone, tmp / "encoder.pt", info["arch"],
                              image_size=image_size, mpp=first.mpp, patch_size=first.patch_size,

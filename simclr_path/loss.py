@@ -113,8 +113,8 @@ class NTXentLoss(nn.Module):
         self.gather_distributed = gather_distributed
         self.decoupled = bool(decoupled)
         self.drop_nearest = int(drop_nearest)
-        if not hard_beta >= 0:  # NaN too
-            raise ValueError(f"hard_beta must be >= 0, got {hard_beta!r}")
+        if not 0 <= hard_beta < float("inf"):  # NaN and inf too (inf - inf in the weights)
+            raise ValueError(f"hard_beta must be a finite number >= 0, got {hard_beta!r}")
         self.hard_beta = float(hard_beta)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,6 +133,10 @@ class NTXentLoss(nn.Module):
                 and dist.get_world_size() > 1:
             cands = [gather_with_grad(v) for v in views]  # (W N, D) each, gathered once
             offset = dist.get_rank() * n
+        if (self.decoupled or self.hard_beta) and cands[0].shape[0] < 2:
+            # NT-Xent still has the other view in its denominator; these have no term left
+            raise ValueError("the decoupled loss and hard-negative weighting need at least 2 "
+                             "images (one negative), got 1")
         pairs = [(0, 1)] + [(g, 2 + k) for k in range(len(views) - 2) for g in (0, 1)]
         return torch.stack([self._pair(views[a], views[b], cands[a], cands[b], offset)
                             for a, b in pairs]).mean()

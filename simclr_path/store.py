@@ -198,6 +198,21 @@ class PatchStoreWriter:
         return bool(self._ctx.__exit__(exc_type, exc, tb))
 
 
+def open_h5(path: str | os.PathLike, what: str = "HDF5 file") -> h5py.File:
+    """``path`` opened read-only. A file that cannot be locked or read gets one clear error; any
+    other failure (a damaged or foreign file) is an OSError for the caller to word."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        if "lock file" in str(exc).lower():  # HDF5's "unable to lock file": NFS/Lustre, a live writer
+            raise SimclrPathError(f"{path}: cannot lock the {what} ({exc}); if its file system has "
+                                  "no file locks, set HDF5_USE_FILE_LOCKING=FALSE") from None
+        if not os.access(path, os.R_OK):
+            raise SimclrPathError(f"{path}: cannot read the {what} (permission denied); check "
+                                  "the file's permissions") from None
+        raise
+
+
 class _LazyH5:
     """An HDF5 file opened on first use in each process, so DataLoader workers never share a handle."""
 
@@ -214,12 +229,8 @@ class _LazyH5:
 
     def _open(self) -> h5py.File:
         try:
-            f = h5py.File(self.path, "r")
+            f = open_h5(self.path, self._what)
         except OSError as exc:
-            if "lock file" in str(exc).lower():  # NFS/Lustre without locks, or a live writer
-                raise SimclrPathError(
-                    f"{self.path}: cannot lock the HDF5 {self._what} ({exc}); if its file system "
-                    "has no file locks, set HDF5_USE_FILE_LOCKING=FALSE") from None
             raise SimclrPathError(f"{self.path}: not a readable HDF5 {self._what} ({exc}); "
                                   "it may be truncated: recreate it with --force") from None
         self._f, self._pid = f, os.getpid()

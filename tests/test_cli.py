@@ -36,6 +36,13 @@ def test_force_never_replaces_a_folder_that_holds_an_input(tmp_path, capsys):
     assert rc != 0 and len(err.splitlines()) == 1
     assert "is an input of this command (encoder) inside its --out folder" in err
     assert (ft / "encoder.pt").read_bytes() == b"weights"
+    # pretrain --force removes only its run's own files: the run's saved config may be an input
+    from simclr_path.cli import build_parser, check_output_paths
+
+    (ft / "config.yaml").write_text("train: {}\n")
+    check_output_paths(build_parser().parse_args(
+        ["pretrain", str(tmp_path / "s.h5"), "--config", str(ft / "config.yaml"), "--out", str(ft),
+         "--force"]))
     # without --force nothing is replaced, so the usual 'already exists' applies
     rc, err = _err(["finetune", str(tmp_path / "s.h5"), "--encoder", str(ft / "encoder.pt"),
                     "--out", str(ft)], capsys)

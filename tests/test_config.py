@@ -130,6 +130,7 @@ def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
     ({"tile": {"drop_blur": -1.0}}, "tile.drop_blur"),
     ({"train": {"seed": -1}}, "train.seed"),  # numpy's seeds are >= 0: a traceback mid-run
     ({"train": {"hard_beta": -0.5}}, "train.hard_beta"),
+    ({"train": {"hard_beta": float("inf")}}, "train.hard_beta"),
     ({"train": {"drop_nearest": -1}}, "train.drop_nearest"),
 ])
 def test_ranges_are_checked(overrides, match):

@@ -122,7 +122,7 @@ def test_training_lowers_loss_and_writes_classify_layout(result):
     assert model.head.out_features == 2
     # what it was fine-tuned on, so embed sizes its input for these patches
     meta = json.loads((out / "encoder.json").read_text())
-    assert meta["patch_size"] == SIZE and meta["mpp"] == 0.5 and meta["image_size"] == SIZE
+    assert meta["patch_size"] == SIZE and meta["image_size"] == SIZE
 
 
 def test_plots_read_the_output(result, tmp_path):
@@ -300,15 +300,44 @@ def test_non_finite_predictions_stop_with_one_line(cohort, encoder, tmp_path, mo
                                   torch.zeros(1, 3, SIZE, SIZE))).all()
 
 
-def test_an_empty_store_of_another_patch_size_is_left_out(cohort, encoder, tmp_path):
+def test_an_empty_store_of_another_patch_size_is_left_out(cohort, tmp_path):
     paths, sheet = cohort
+    # an encoder that records no image size, pretrained at another mpp than these stores
+    enc = tmp_path / "enc" / "encoder.pt"
+    enc.parent.mkdir()
+    save_encoder(create_backbone(ARCH), enc, ARCH, mpp=0.25)
     with PatchStoreWriter(tmp_path / "E.h5", patch_size=2 * SIZE,
-                          attrs={"slide_id": "E", "kind": "slide", "mpp": 0.5}):
+                          attrs={"slide_id": "E", "kind": "slide", "mpp": 1.0}):
         pass  # no tissue: no patches
     df = pd.read_csv(sheet, sep="\t")
     df.loc[len(df)] = {"slide_id": "E", "path": "E.svs", "label": "SCC", "patient_id": "P9"}
     df.to_csv(tmp_path / "s.tsv", sep="\t", index=False)
-    cfg = tiny_cfg(epochs=1, final_model=False)
-    m = finetune([tmp_path / "E.h5", *paths], encoder, tmp_path / "o", samples=tmp_path / "s.tsv",
-                 cfg=cfg, progress=False)
+    m = finetune([tmp_path / "E.h5", *paths], enc, tmp_path / "o", samples=tmp_path / "s.tsv",
+                 cfg=tiny_cfg(epochs=1), progress=False)
+    # the size of the patches it trained on, not of the empty store listed first
     assert m["task"]["image_size"] == SIZE and m["task"]["n_slides"] == 8
+    meta = json.loads((tmp_path / "o" / "encoder.json").read_text())
+    assert (meta["mpp"], meta["patch_size"], meta["image_size"]) == (0.5, SIZE, SIZE)
+
+
+def test_a_diverged_validation_epoch_keeps_the_earlier_one(cohort, encoder, tmp_path, monkeypatch):
+    from simclr_path import finetune as ft_mod
+
+    predict, calls = ft_mod._Run.predict, []
+
+    def second_epoch_diverges(self, model, rows, name="fine-tuning"):
+        out = predict(self, model, rows, name)
+        if name is None:  # validation: epochs 2, 4, ... of the run come out as NaN
+            calls.append(1)
+            if len(calls) % 2 == 0:
+                out = out * np.nan
+        return out
+
+    monkeypatch.setattr(ft_mod._Run, "predict", second_epoch_diverges)
+    paths, sheet = cohort
+    finetune(paths, encoder, tmp_path / "o", samples=sheet,
+             cfg=tiny_cfg(epochs=2, final_model=False), progress=False)
+    hist = pd.read_csv(tmp_path / "o" / "history.csv")
+    assert len(calls) == 4  # two folds, two epochs, each with validation patients
+    for _, h in hist.groupby("fold"):
+        assert h["best"].tolist() == [True, False] and np.isnan(h["val_loss"].iloc[1])

@@ -74,12 +74,11 @@ def test_a_folder_or_a_slide_given_to_info(tmp_path, make_store, capsys):
 
 
 def test_a_locked_or_unreadable_file(tmp_path, make_store, capsys, monkeypatch):
-    import builtins
+    import os
 
     import h5py
 
     good = make_store(n=2, size=8)
-    real_file, real_open = h5py.File, builtins.open
 
     def locked(*a, **k):
         raise OSError("Unable to synchronously open file (unable to lock file, errno = 11)")
@@ -89,13 +88,18 @@ def test_a_locked_or_unreadable_file(tmp_path, make_store, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot lock the HDF5 file" in err[0] and "--force" not in err[0]
 
-    def unreadable(*a, **k):  # what chmod 000 does for a user who is not root
-        raise PermissionError(13, "Permission denied")
+    def denied(*a, **k):  # what chmod 000 does for a user who is not root
+        raise PermissionError(13, "Unable to synchronously open file (Permission denied)")
 
-    monkeypatch.setattr(h5py, "File", unreadable)
-    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: unreadable() if str(p) == str(good)
-                        else real_open(p, *a, **k))
+    monkeypatch.setattr(h5py, "File", denied)
+    monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(good))
     assert main(["info", str(good)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot read the file (Permission denied)" in err[0]
-    monkeypatch.setattr(h5py, "File", real_file)
+    assert len(err) == 1 and "cannot read the HDF5 file (permission denied)" in err[0]
+    import pytest
+
+    from simclr_path.errors import SimclrPathError
+    from simclr_path.store import PatchStore
+
+    with pytest.raises(SimclrPathError, match="cannot read the patch store .permission denied"):
+        PatchStore(good)  # every command's reader says the same

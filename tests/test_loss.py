@@ -98,9 +98,11 @@ def test_hard_negative_weighting_matches_reference(beta, decoupled, drop):
     assert loss.item() > plain.item() + 1e-3
     assert abs(NTXentLoss(0.3, decoupled=decoupled, drop_nearest=drop, hard_beta=0.0)(
         a.float(), b.float()).item() - plain.item()) < 1e-6
-    for bad in (-0.1, float("nan")):
+    for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="hard_beta"):
             NTXentLoss(0.3, hard_beta=bad)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        NTXentLoss(0.3, decoupled=decoupled, hard_beta=beta)(a[:1].float(), b[:1].float())
 
 
 def test_drop_nearest_removes_a_duplicate_image_from_the_negatives():

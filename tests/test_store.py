@@ -100,5 +100,5 @@ def test_a_file_lock_failure_is_not_called_truncation(make_store, monkeypatch):
         raise OSError("Unable to synchronously open file (unable to lock file, errno = 37)")
 
     monkeypatch.setattr(h5py, "File", locked)
-    with pytest.raises(SimclrPathError, match="cannot lock the HDF5 patch store.*HDF5_USE_FILE_LOCKING=FALSE"):
+    with pytest.raises(SimclrPathError, match="cannot lock the patch store.*HDF5_USE_FILE_LOCKING=FALSE"):
         PatchStore(path)

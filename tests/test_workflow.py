@@ -416,12 +416,16 @@ def test_tiny_end_to_end_with_report(tmp_path):
     # worker counts change how fast stages run, not what they write: no rerun, and the new
     # counts reach the command lines
     faster = {**TINY, **TINY_FINETUNE, "tile": {**TINY["tile"], "workers": 2},
-              "train": {**TINY["train"], "workers": 1}, "embed": {**TINY["embed"], "workers": 1}}
+              "train": {**TINY["train"], "workers": 1}, "embed": {**TINY["embed"], "workers": 1},
+              "finetune": {**TINY_FINETUNE["finetune"], "workers": 1}}
     (wf / "config" / "test.yaml").write_text(yaml.safe_dump(faster, sort_keys=False))
     dry = smk(wf, "-n", "--cores", "2")
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
-    forced = smk(wf, "-n", "-p", "--cores", "2", "--forcerun", "pretrain", "embed")
-    assert "--workers 1 --force" in forced.stdout and "--workers 0" not in forced.stdout
+    forced = smk(wf, "-n", "-p", "--cores", "2", "--forcerun", "pretrain", "embed", "finetune")
+    for command in ("pretrain", "embed", "finetune"):  # each one's command line has the new count
+        lines = [x for x in forced.stdout.splitlines() if f"simclr-path {command} " in x
+                 or f"-m simclr_path {command} " in x]
+        assert lines and all("--workers 1 " in x for x in lines), (command, lines[:1])
     (wf / "config" / "test.yaml").write_text(yaml.safe_dump({**TINY, **TINY_FINETUNE},
                                                             sort_keys=False))
 

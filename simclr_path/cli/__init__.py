@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        # a command whose --out folder --force replaces whole (outputs.atomic_dir) says so
+        p.set_defaults(_run=mod.run, _replaces_out_dir=getattr(mod, "REPLACES_OUT_DIR", False))
     return parser
 
 
@@ -87,7 +88,7 @@ def check_output_paths(args: argparse.Namespace) -> None:
                                   f"--{dest.replace('_', '-')}; give each output its own path")
         seen[key] = dest
     existing = {dest: path for dest, path in outs.items() if os.path.exists(path)}
-    replaces = bool(values.get("force")) and not values.get("resume")  # --resume keeps the run
+    replaces = bool(values.get("force")) and getattr(args, "_replaces_out_dir", False)
     for dest, value in values.items():
         if _is_output(dest) or not existing:
             continue
@@ -99,7 +100,7 @@ def check_output_paths(args: argparse.Namespace) -> None:
                     raise SimclrPathError(
                         f"{path}: is an input of this command ({dest.replace('_', '-')}) and its "
                         f"--{out_dest.replace('_', '-')} output; write the output elsewhere")
-                # --force replaces an output folder whole: an input inside it would go with it
+                # --force replaces such an output folder whole: an input inside it would go too
                 if replaces and os.path.isdir(path) and \
                         Path(item).resolve().is_relative_to(Path(path).resolve()):
                     raise SimclrPathError(

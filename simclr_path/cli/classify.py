@@ -11,6 +11,7 @@ HELP = (
     "Train and evaluate a logistic-regression SCC classifier on embeddings (patient-grouped folds)."
 )
 
+REPLACES_OUT_DIR = True  # --force replaces the whole --out folder (outputs.atomic_dir)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ClassifyConfig()

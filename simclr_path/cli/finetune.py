@@ -13,6 +13,7 @@ HELP = (
     "(classify's patient-grouped folds; early stopping; label fractions)."
 )
 
+REPLACES_OUT_DIR = True  # --force replaces the whole --out folder (outputs.atomic_dir)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = FinetuneConfig()
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help=f"most epochs per fold [config: {d.epochs}]")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help=f"[config: {d.device}]")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"DataLoader workers [config: {d.workers}]")
     p.add_argument("--config", type=Path, default=None,
                    help="YAML config (sections 'finetune', 'classify'; 'train' for tracking)")
     p.add_argument("--force", action="store_true", help="replace an existing results folder")
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from simclr_path.finetune import finetune
 
     over = {k: v for k, v in (("label_fraction", args.label_fraction), ("epochs", args.epochs),
-                              ("device", args.device)) if v is not None}
+                              ("device", args.device), ("workers", args.workers)) if v is not None}
     cfg = load_config(args.config, overrides={"finetune": over})
     m = finetune(args.stores, args.encoder, args.out, samples=args.samples, cfg=cfg,
                  force=args.force)

@@ -22,27 +22,20 @@ def _size(n: int) -> str:
 
 def summary(path: Path) -> list[str]:
     """Lines describing the store at ``path`` (raises SimclrPathError for a bad file)."""
-    import h5py
     import numpy as np
 
     from simclr_path.errors import SimclrPathError
-    from simclr_path.store import _read_attr
+    from simclr_path.store import _read_attr, open_h5
 
     if path.is_dir():
         raise SimclrPathError(f"{path}: is a folder; give a patch store or embedding file (.h5)")
     if not path.is_file():
         raise SimclrPathError(f"{path}: file not found")
     try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        if "lock file" in str(exc).lower():  # a live writer, or no locks on this file system
-            raise SimclrPathError(f"{path}: cannot lock the HDF5 file ({exc}); if its file system "
-                                  "has no file locks, set HDF5_USE_FILE_LOCKING=FALSE") from None
-        try:
-            with open(path, "rb") as fh:  # HDF5's signature: a damaged .h5, or another kind of file
-                is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
-        except OSError as exc2:
-            raise SimclrPathError(f"{path}: cannot read the file ({exc2.strerror})") from None
+        f = open_h5(path)
+    except OSError:
+        with open(path, "rb") as fh:  # HDF5's signature: a damaged .h5, or another kind of file
+            is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
         hint = ("truncated or corrupt; recreate it with --force" if is_hdf5 or path.suffix == ".h5"
                 else "give a patch store or embedding file written by simclr-path")
         raise SimclrPathError(f"{path}: not a readable HDF5 file ({hint})") from None

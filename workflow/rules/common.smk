@@ -125,7 +125,12 @@ RUN_CFG = {run: resolved_config(run) for run in RUNS}
 # Settings of how fast a stage runs, not of what it writes. They stay out of the stage YAMLs,
 # whose changes rerun the stage, and reach the command line through `threads` or `resources`,
 # which never trigger a rerun: a new worker count must not retrain an encoder.
-SPEED_KEYS = {"tile": ("workers",), "train": ("workers",), "embed": ("workers",)}
+SPEED_KEYS = {
+    "tile": ("workers",),
+    "train": ("workers",),
+    "embed": ("workers",),
+    "finetune": ("workers",),
+}
 
 
 def stage_values(run, stage):

@@ -23,13 +23,15 @@ rule finetune:
     resources:
         mem_mb=8000,
         gpu=1,
+        # finetune.workers: a resource, so that changing it reruns nothing (common.smk, SPEED_KEYS)
+        loader_workers=lambda w: RUN_CFG[w.run].finetune.workers,
     params:
         samples=samples_arg(),
         out=subpath(output.metrics, parent=True),
     shell:
         "simclr-path finetune {input.stores} --encoder {input.encoder} {params.samples} "
         "--label-fraction {wildcards.fraction} --out {params.out} --config {input.config} "
-        "--force > {log} 2>&1"
+        "--workers {resources.loader_workers} --force > {log} 2>&1"
 
 
 # The linear probe's side at each label fraction below 1 (at 1.0 it is rule classify): the same
