@@ -272,7 +272,10 @@ class ClassifyConfig:
         _check(len(self.c_grid) >= 1 and all(c > 0 for c in self.c_grid), "classify.c_grid",
                "must list one or more positive numbers")
         _check(len(set(self.labels)) >= 2, "classify.labels", "must list at least two distinct labels")
-        _check(self.tsne_max_points >= 10, "classify.tsne_max_points", "must be >= 10")
+        # Barnes-Hut t-SNE: 100,000 points already take the better part of an hour on a CPU
+        _check(10 <= self.tsne_max_points <= 100_000, "classify.tsne_max_points",
+               "must be between 10 and 100000")
+        _check(self.tsne_perplexity > 0, "classify.tsne_perplexity", "must be > 0")
         _check(self.inner_folds >= 2, "classify.inner_folds", "must be >= 2")
         _check(0.0 < self.label_fraction <= 1.0, "classify.label_fraction",
                f"must be in (0, 1], got {self.label_fraction}")

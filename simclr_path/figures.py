@@ -117,7 +117,7 @@ def plot_loss_curve(
         label=f"loss (moving mean of {window})",
     )
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("NT-Xent loss")
+    ax.set_ylabel("contrastive loss (train.loss)")
     ax.set_title(title or "SimCLR pretraining loss")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
@@ -177,7 +177,6 @@ def sample_embeddings(
         )
         slide_label = dict(zip(sheet["slide_id"], sheet["label"]))
     rows = []
-    feats = []
     dim = None
     for fi, p in enumerate(embedding_paths):
         s = EmbeddingStore(p)
@@ -211,11 +210,10 @@ def sample_embeddings(
                 }
             )
         )
-        feats.append(s.features)
+        del s  # one file's features in memory at a time: the sample is read below
     if not rows:
         raise SimclrPathError("every embedding file is empty; nothing to plot")
     df = pd.concat(rows, ignore_index=True)
-    X = np.concatenate(feats)
     rng = np.random.default_rng(seed)
     strata = df.groupby(["slide_id", "label"], sort=True).indices
     # equal shares per (slide, label), and what small strata leave unused goes to the others
@@ -229,7 +227,10 @@ def sample_embeddings(
         [rng.choice(ix, size=quota[key], replace=False) for key, ix in strata.items()]
     ))
     out = df.iloc[keep].reset_index(drop=True)
-    out["features"] = list(X[keep])
+    X = np.empty((len(out), dim), dtype=np.float32)
+    for fi, pos in out.groupby("file").indices.items():  # positions in ``out``
+        X[pos] = EmbeddingStore(embedding_paths[fi]).features[out["patch_index"].to_numpy()[pos]]
+    out["features"] = list(X)
     return out
 
 
@@ -403,7 +404,10 @@ def _plot_tsne_thumbnails(
 # ----------------------------------------------------------------------------------------------
 # Classifier figures (from a 'simclr-path classify' results folder)
 # ----------------------------------------------------------------------------------------------
-def _read_classify_dir(folder: str | os.PathLike) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+def _read_classify_dir(folder: str | os.PathLike, held_out_only: bool = True
+                       ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """metrics.json, the patch predictions (only held-out ones, fold >= 0, unless
+    ``held_out_only`` is false) and the slide predictions of a classify folder."""
     import json
 
     d = Path(folder)
@@ -420,9 +424,22 @@ def _read_classify_dir(folder: str | os.PathLike) -> tuple[dict, pd.DataFrame, p
         metrics = None
     if not isinstance(metrics, dict) or not isinstance(metrics.get("task"), dict):
         raise SimclrPathError(f"{files[0]}: not a classify metrics file{how}")
-    patches = _read_table(files[1], {"slide_id", "label", "fold"}, numeric={"fold"}, how=how)
-    slides = _read_table(files[2], {"slide_id", "label"}, how=how)
-    return metrics, patches[patches["fold"] >= 0], slides
+    task = metrics["task"]
+    classes = task.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise SimclrPathError(f"{files[0]}: no task.classes{how}")
+    for level in ("patch", "slide"):
+        if not isinstance(metrics.get(level), dict) or not isinstance(
+                metrics[level].get("confusion_matrix"), list):
+            raise SimclrPathError(f"{files[0]}: no {level}-level confusion matrix{how}")
+    # the score columns the figures read, checked as numbers (a damaged value is one line)
+    scores = ["score"] if task.get("positive") is not None else [f"prob_{c}" for c in classes]
+    patches = _read_table(files[1], {"slide_id", "label", "fold", *scores},
+                          numeric={"fold", *scores}, how=how)
+    slide_scores = [*scores, "score_topk"] if task.get("positive") is not None else scores
+    slides = _read_table(files[2], {"slide_id", "label", *slide_scores},
+                         numeric=set(slide_scores), how=how)
+    return metrics, patches[patches["fold"] >= 0] if held_out_only else patches, slides
 
 
 def _curve_sets(
@@ -477,7 +494,7 @@ def plot_curves(
     for kind, out in (("roc", out_roc), ("pr", out_pr)):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
         for ax, level in zip(axes, ("patch", "slide")):
-            for (name, yb, s), col in zip(sets[level], OKABE_ITO):
+            for (name, yb, s), col in zip(sets[level], category_colors(len(sets[level]))):
                 ok = np.isfinite(s)
                 yb, s = yb[ok], s[ok]
                 if yb.all() or not yb.any():
@@ -509,7 +526,7 @@ def plot_curves(
                 # a no-skill line per distinct prevalence (one-vs-rest curves of several
                 # classes each have their own), in its curve's colour when there are several
                 prevs = {}
-                for (name, yb, _), col in zip(sets[level], OKABE_ITO):
+                for (name, yb, _), col in zip(sets[level], category_colors(len(sets[level]))):
                     prevs.setdefault(round(float(np.mean(yb)), 3), []).append((name, col))
                 for prev, named in prevs.items():
                     col = "grey" if len(prevs) == 1 else named[0][1]
@@ -542,9 +559,7 @@ def plot_confusion(
     classes = metrics["task"]["classes"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
     for ax, level in zip(axes, ("patch", "slide")):
-        cm = np.asarray(
-            metrics[level].get("confusion_matrix") or np.zeros((len(classes),) * 2), dtype=float
-        )
+        cm = np.asarray(metrics[level]["confusion_matrix"], dtype=float)  # checked when read
         rows = cm.sum(axis=1, keepdims=True)
         frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
         im = ax.imshow(frac, cmap="cividis", vmin=0, vmax=1)
@@ -575,6 +590,27 @@ def plot_confusion(
 # ----------------------------------------------------------------------------------------------
 # Slide heatmaps
 # ----------------------------------------------------------------------------------------------
+def _heatmap_unavailable(st, sid: str, reason: str, out: str | os.PathLike, force: bool,
+                         max_side: int) -> Path:
+    """The slide's picture titled with why it has no heatmap (closes ``st``)."""
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    try:
+        thumb, extent = slide_thumbnail(st, max_side=max_side)
+    except (ValueError, SimclrPathError):  # no slide file and no patches to draw a mosaic of
+        thumb = None
+    if thumb is None:
+        ax.text(0.5, 0.5, "no picture of the slide", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        ax.imshow(thumb, extent=extent)
+        ax.set_xlabel("x (level-0 pixels)")
+        ax.set_ylabel("y (level-0 pixels)")
+    ax.set_title(f"{sid}: no heatmap ({reason})")
+    st.close()
+    return save_figure(fig, out, force=force)
+
+
 def slide_thumbnail(
     store, max_side: int = 1024
 ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
@@ -653,8 +689,11 @@ def plot_heatmap(
     from simclr_path.store import PatchStore
 
     src = Path(classify)
+    train_only: set[str] = set()  # slides a samples-sheet split kept for training
     if src.is_dir():
-        metrics, preds, _ = _read_classify_dir(src)
+        metrics, preds, _ = _read_classify_dir(src, held_out_only=False)
+        train_only = set(preds.loc[preds["fold"] < 0, "slide_id"].astype(str))
+        preds = preds[preds["fold"] >= 0]
         pos = metrics["task"].get("positive")
     elif src.is_file():
         preds = _read_table(src, {"slide_id", "x", "y"},
@@ -677,6 +716,12 @@ def plot_heatmap(
                               f"patch store of slide {slide_id!r} (or leave out --slide-id)")
     sid = slide_id or st.slide_id
     rows = preds[preds["slide_id"].astype(str) == sid]
+    # a slide without held-out predictions gets its picture and the reason, not an error: the
+    # workflow draws one heatmap per slide, and a blank slide must not fail the whole run
+    reason = ("no tissue patches" if not len(st) else
+              "a training slide of the samples-sheet split" if str(sid) in train_only else None)
+    if rows.empty and reason:
+        return _heatmap_unavailable(st, str(sid), reason, out, force, max_side)
     if rows.empty:
         raise SimclrPathError(
             f"{src}: no patch predictions for slide {sid!r}; pass --slide-id or the right store"

@@ -281,11 +281,94 @@ def test_heatmap_refuses_a_slide_id_that_is_not_the_stores(cohort, tmp_path, cap
     assert not out.exists()
 
 
+def test_a_slide_without_held_out_predictions_gets_its_picture_and_the_reason(cohort, tmp_path,
+                                                                            capsys):
+    import shutil
+
+    from simclr_path.store import PatchStoreWriter
+
+    # no tissue: tiling wrote an empty store, and classify left the slide out
+    with PatchStoreWriter(tmp_path / "blank.h5", 16, attrs={"slide_id": "blank", "kind": "slide",
+                                                            "mpp": 0.5, "level0_mpp": 0.25}):
+        pass
+    out = tmp_path / "blank.png"
+    assert main(["plot-heatmap", "--classify", str(cohort["cls"]), "--store",
+                 str(tmp_path / "blank.h5"), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert out.stat().st_size > 0
+    # a training slide of a samples-sheet split: rows with fold -1 only
+    cls = tmp_path / "cls"
+    shutil.copytree(cohort["cls"], cls)
+    pp = pd.read_csv(cls / "predictions_patches.csv", dtype={"slide_id": str})
+    pp.loc[pp["slide_id"] == "P0-SCC", "fold"] = -1
+    pp.to_csv(cls / "predictions_patches.csv", index=False)
+    out = tmp_path / "train.png"
+    assert main(["plot-heatmap", "--classify", str(cls), "--store", str(cohort["stores"][0]),
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    _assert_png_not_blank(out)
+    # a slide that classify never saw is still an error
+    with PatchStoreWriter(tmp_path / "other.h5", 16, attrs={"slide_id": "other", "kind": "slide",
+                                                            "mpp": 0.5}) as w:
+        w.append(np.zeros((1, 16, 16, 3), np.uint8), np.zeros((1, 2), np.int64))
+    assert main(["plot-heatmap", "--classify", str(cohort["cls"]), "--store",
+                 str(tmp_path / "other.h5"), "--out", str(tmp_path / "o.png")]) != 0
+    assert "no patch predictions for slide 'other'" in capsys.readouterr().err
+
+
+def _set_first(csv: str, column: str, value: str) -> str:
+    """``csv`` with ``column`` of its first data row set to ``value``."""
+    lines = csv.splitlines()
+    i = lines[0].split(",").index(column)
+    cells = lines[1].split(",")
+    cells[i] = value
+    return "\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n"
+
+
+def _drop_key(text: str, section: str, key: str) -> str:
+    import json
+
+    d = json.loads(text)
+    del d[section][key]
+    return json.dumps(d)
+
+
+def test_curves_draw_every_class_of_a_many_class_task(tmp_path, monkeypatch):
+    import json
+
+    from simclr_path import figures
+
+    classes = [f"c{i}" for i in range(10)]  # more than the 8 colour-blind-safe colours
+    rng = np.random.default_rng(0)
+    n = 200
+    y = rng.integers(0, 10, n)
+    prob = rng.dirichlet(np.ones(10), n)
+    cls = tmp_path / "cls"
+    cls.mkdir()
+    patches = pd.DataFrame({"slide_id": [f"s{i % 20}" for i in range(n)], "label": [classes[k] for k in y],
+                            "fold": 0, **{f"prob_{c}": prob[:, j] for j, c in enumerate(classes)}})
+    patches.to_csv(cls / "predictions_patches.csv", index=False)
+    slides = patches.groupby("slide_id").agg({"label": "first", **{f"prob_{c}": "mean" for c in classes}})
+    slides.reset_index().to_csv(cls / "predictions_slides.csv", index=False)
+    cm = np.zeros((10, 10), int).tolist()
+    (cls / "metrics.json").write_text(json.dumps({
+        "task": {"classes": classes, "positive": None, "evaluation": "grouped_2fold"},
+        "patch": {"confusion_matrix": cm}, "slide": {"confusion_matrix": cm}}))
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: drawn.append(fig))
+    figures.plot_curves(cls, tmp_path / "roc.png", tmp_path / "pr.png")
+    roc = drawn[0]
+    labels = roc.axes[0].get_legend_handles_labels()[1]
+    assert sum(lab.startswith("c") and "vs rest" in lab for lab in labels) == 10, labels
+
+
 @pytest.mark.parametrize("damage, match", [
     ({"predictions_slides.csv": ""}, "predictions_slides.csv: not a readable CSV table"),
     ({"predictions_patches.csv": "a,b\n1,2\n"}, "predictions_patches.csv: expected columns"),
     ({"metrics.json": "{broken"}, "metrics.json: not a classify metrics file"),
     ({"metrics.json": "[1, 2]"}, "metrics.json: not a classify metrics file"),
+    ({"predictions_patches.csv": lambda t: _set_first(t, "score", "abc")},
+     "predictions_patches.csv: column score is not all numbers"),
+    ({"metrics.json": lambda t: _drop_key(t, "slide", "confusion_matrix")},
+     "metrics.json: no slide-level confusion matrix"),  # was drawn as a matrix of zeros
 ])
 def test_damaged_results_folder_gives_one_line(cohort, tmp_path, capsys, damage, match):
     import shutil
@@ -293,7 +376,8 @@ def test_damaged_results_folder_gives_one_line(cohort, tmp_path, capsys, damage,
     cls = tmp_path / "cls"
     shutil.copytree(cohort["cls"], cls)
     for name, text in damage.items():
-        (cls / name).write_text(text)
+        old = (cls / name).read_text()
+        (cls / name).write_text(text(old) if callable(text) else text)
     for argv in (["plot-curves", "--classify", str(cls), "--out-roc", str(tmp_path / "r.png"),
                   "--out-pr", str(tmp_path / "p.png")],
                  ["plot-confusion", "--classify", str(cls), "--out", str(tmp_path / "c.png")]):
@@ -320,9 +404,9 @@ def test_plot_tsne_max_points_is_validated(cohort, tmp_path, capsys):
     argv = ["plot-tsne", "--embeddings", *map(str, cohort["embs"]), "--samples",
             str(cohort["sheet"]), "--out-label", str(tmp_path / "a.png"),
             "--out-slide", str(tmp_path / "b.png")]
-    for bad in ("0", "-5"):
+    for bad in ("0", "-5", "1000000"):  # a million points would run t-SNE for hours
         assert main([*argv, "--max-points", bad]) != 0
-        assert "classify.tsne_max_points must be >= 10" in capsys.readouterr().err
+        assert "classify.tsne_max_points must be between 10 and 100000" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

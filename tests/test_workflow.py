@@ -293,6 +293,17 @@ def test_finetune_eval_jobs(tmp_path):
 
 
 @needs(LC25000)
+def test_a_samples_sheet_split_draws_heatmaps_of_the_test_slides_only(tmp_path):
+    # training slides have no held-out predictions to draw
+    rows = ["\t".join(r) + ("\ttest" if int(r[0][1:]) > 2 else "\ttrain") for r in demo_rows(4)]
+    sheet = "slide_id\tpath\tlabel\tpatient_id\tsplit\n" + "\n".join(rows) + "\n"
+    wf = workdir(tmp_path, TINY, sheet)
+    done = smk(wf, "-n", "-p", "--cores", "2")
+    assert done.returncode == 0, done.stderr
+    assert job_counts(done.stdout + done.stderr)["plot_heatmap"] == 2
+    assert "heatmaps/S3.png" in done.stdout and "heatmaps/S1.png" not in done.stdout
+
+
 def test_patch_dataset_config_dry_runs(tmp_path):
     wf = workdir(tmp_path)
     cfg = yaml.safe_load((ROOT / "config/patches.example.yaml").read_text())

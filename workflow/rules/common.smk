@@ -183,6 +183,12 @@ def load_samples(path):
 
 SAMPLES = load_samples(config["samples"]) if config["samples"] else None
 SLIDES = [] if SAMPLES is None else list(SAMPLES["slide_id"])
+# heatmaps show held-out predictions: with a samples-sheet split only the test slides have them
+HEATMAP_SLIDES = (
+    SLIDES
+    if SAMPLES is None or "split" not in SAMPLES.columns
+    else list(SAMPLES.loc[SAMPLES["split"] == "test", "slide_id"])
+)
 PATCH_SETS = dict(config["patch_datasets"])
 for _name in PATCH_SETS:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", _name) or ".." in _name:
@@ -288,8 +294,8 @@ def run_figures(run):
     ]
     if config["figures"]["thumbnails"]:
         out.append(f"{fig}/tsne_thumbnails.png")
-    if config["figures"]["heatmaps"] and SLIDES:
-        out += [f"{fig}/heatmaps/{s}.png" for s in SLIDES]
+    if config["figures"]["heatmaps"]:
+        out += [f"{fig}/heatmaps/{s}.png" for s in HEATMAP_SLIDES]
     return out
 
 
