@@ -293,13 +293,20 @@ def probe(emb: Path, out_dir: Path, cfg) -> tuple[dict[str, Any], np.ndarray]:
     import pandas as pd
 
     from simclr_path.classify import classify
+    from simclr_path.errors import SimclrPathError
 
     with warnings.catch_warnings():
         # classify warns per fit when C sits at an end of its grid; the report gives one line
         # per feature set instead (c_choices)
         warnings.filterwarnings("ignore", message="classify.c_grid")
         m = classify([emb], out_dir, cfg=cfg, force=True)
-    pred = pd.read_csv(out_dir / "predictions_patches.csv")
+    if m["task"]["positive"] != POSITIVE:  # else "auroc" would silently be the macro one
+        raise SimclrPathError(f"{out_dir}: the probe's positive class is "
+                              f"{m['task']['positive']!r}, not {POSITIVE!r}; leave "
+                              "classify.positive_label at its default")
+    # ids as text: numeric-looking groups keep their leading zeros, "NA" stays a name
+    pred = pd.read_csv(out_dir / "predictions_patches.csv", dtype={"patient_id": str},
+                       keep_default_na=False)
     folds = pred["fold"].to_numpy()
     # share of each source image's (group's) patches predicted right: errors come in whole groups
     right = (pred["label"] == pred["pred"]).groupby(pred["patient_id"].astype(str)).mean()
@@ -368,7 +375,7 @@ def summarise_repeats(per_repeat: list[dict[str, Any]]) -> dict[str, Any]:
     for key in METRICS:
         v = np.array([r[key] for r in per_repeat], dtype=float)
         out[key] = float(v.mean())
-        out[f"{key}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        out[f"{key}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else None  # "-": one split
     return out
 
 
@@ -383,7 +390,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         x, y = a[key], b[key]
         d = np.array([p[key] - q[key] for p, q in zip(a["per_repeat"], b["per_repeat"], strict=True)])
         out[f"{key}_diff"] = x - y
-        out[f"{key}_diff_sd"] = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+        out[f"{key}_diff_sd"] = float(d.std(ddof=1)) if len(d) > 1 else None
         out[f"{key}_wins"] = int((d > 0).sum())
         out[f"{key}_error_ratio"] = (1 - x) / (1 - y) if y < 1 else (0.0 if x == 1 else math.inf)
     out["repeats"] = len(a["per_repeat"])
@@ -432,9 +439,9 @@ def print_report(res: dict[str, Any]) -> None:
           f"better, of {n}; error ratio (1 - SimCLR) / (1 - baseline), < 1 = better):")
     for c in res["comparisons"]:
         print(f"  {c['simclr']:<20} vs {c['baseline']:<22} AUROC {c['auroc_scc_diff']:+.4f} ± "
-              f"{c['auroc_scc_diff_sd']:.3f} ({c['auroc_scc_wins']}/{n}, "
+              f"{_fmt(c['auroc_scc_diff_sd'], 3)} ({c['auroc_scc_wins']}/{n}, "
               f"x{c['auroc_scc_error_ratio']:.2f})   bal. acc {c['balanced_accuracy_diff']:+.4f} ± "
-              f"{c['balanced_accuracy_diff_sd']:.3f} ({c['balanced_accuracy_wins']}/{n}, "
+              f"{_fmt(c['balanced_accuracy_diff_sd'], 3)} ({c['balanced_accuracy_wins']}/{n}, "
               f"x{c['balanced_accuracy_error_ratio']:.2f})")
     grid = res["config"]["classify"]["c_grid"]
     print("\nprobe regularisation (C chosen by inner grouped CV, every outer fold of every split):")
@@ -532,7 +539,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     stages.set_postfix_str("import")
     t0 = time.perf_counter()
-    store, reused = import_store(args.data, work, args.limit, args.seed)
+    # --limit's subset: the one the run trained on (its training seed) when re-evaluating
+    store, reused = import_store(args.data, work, args.limit,
+                                 cfg.train.seed if args.run is not None else args.seed)
     import_s = time.perf_counter() - t0
     with PatchStore(store) as s:
         n_patches, native = len(s), s.patch_size
@@ -541,6 +550,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     layers = [x.strip() for x in args.layers.split(",") if x.strip()]
     for layer in layers:  # the same check as the config's, before any training
         dataclasses.replace(cfg.embed, layer=layer)
+        if layer == "head":  # the random-init baseline has no projection head to match
+            raise SimclrPathError("--layers head: the random-init baseline has no projection "
+                                  "head; use pooled or stageN")
     stages.update(1)
 
     stages.set_postfix_str("pretrain")

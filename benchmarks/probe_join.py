@@ -2,13 +2,20 @@
 
 Joins embedding files of the same patch store column-wise and runs ``bench_quality.py``'s probe
 (the project's ``classify``: StandardScaler + logistic regression, C by inner grouped CV) on the
-same grouped splits, for each input alone and for the join. Each set is standardised and scaled
-by 1 / sqrt(its width), so every set has the same total weight under the probe's L2 penalty
-whatever its width (512 SimCLR features against 96 histogram bins). If the join misses the same
-source images as its parts, those images are missing from every feature set, not from one.
+same grouped splits, for each input alone and for the join. The probe standardises every column,
+so a set's total weight under its L2 penalty grows with its width (512 SimCLR features against
+96 histogram bins); scaling a set's columns before the join would be undone. So each set's
+columns are repeated round(widest / its width) times: a column repeated r times weighs as one
+scaled by sqrt(r), and the sets weigh about the same. (Before 2026-12-05 the script scaled the
+sets by 1 / sqrt(width), which the probe undid: study 14's joins weighed each column the same.)
+If the join misses the same source images as its parts, those images are missing from every
+feature set, not from one.
 
     python benchmarks/probe_join.py WORK/embeddings/simclr-168.h5 \\
         WORK/embeddings/colour-hist-sqrt-32.h5 --work join [--repeats 5]
+
+The probe's settings are the preset's ``classify`` section (fold seeds 0-4, the default C grid):
+the same splits as ``bench_quality.py`` run without ``--seed`` or ``--set classify.*``.
 
 The inputs are ``bench_quality.py --work WORK`` outputs (or ``simclr-path embed`` files of one
 imported patch store): same patches in the same order, with labels and groups.
@@ -31,14 +38,12 @@ _ONE_ENCODER = {"format_version", "simclr_path_version", "label_names", "encoder
 
 
 def join_features(stores: list[Any]) -> np.ndarray:
-    """(N, D_1 + ... + D_k) float32: each store's (N, D_i) features standardised per column and
-    scaled by 1 / sqrt(D_i); constant columns become 0."""
-    parts = []
-    for s in stores:
-        x = s.features.astype(np.float64)
-        sd = x.std(axis=0)
-        z = np.divide(x - x.mean(axis=0), sd, out=np.zeros_like(x), where=sd > 0)
-        parts.append(z / np.sqrt(x.shape[1]))
+    """(N, r_1 D_1 + ... + r_k D_k) float32: each store's (N, D_i) features, columns repeated
+    r_i = round(max_j D_j / D_i) times, so that under the probe's per-column standardisation and
+    L2 penalty every set has about the same total weight."""
+    widest = max(s.features.shape[1] for s in stores)
+    parts = [np.tile(s.features, (1, max(1, round(widest / s.features.shape[1]))))
+             for s in stores]
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
@@ -100,8 +105,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def print_rows(rows: list[dict[str, Any]]) -> None:
     print(f"{'features':40s} {'SCC AUROC':>16s} {'bal. acc':>16s}  groups missed")
     for r in rows:
-        print(f"{r['name'][:40]:40s} {r['auroc_scc']:.4f} ± {r['auroc_scc_sd']:.3f} "
-              f"{r['balanced_accuracy']:.4f} ± {r['balanced_accuracy_sd']:.3f}  "
+        print(f"{r['name'][:40]:40s} {r['auroc_scc']:.4f} ± {bq._fmt(r['auroc_scc_sd'], 3)} "
+              f"{r['balanced_accuracy']:.4f} ± {bq._fmt(r['balanced_accuracy_sd'], 3)}  "
               f"{len(r['missed_groups'])}: {', '.join(r['missed_groups'])}")
     for r in rows[:-1]:
         c = bq.compare(rows[-1], r)
