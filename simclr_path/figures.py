@@ -494,11 +494,13 @@ def plot_curves(
     for kind, out in (("roc", out_roc), ("pr", out_pr)):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
         for ax, level in zip(axes, ("patch", "slide")):
+            drawn = []  # (name, truth, colour) of the curves drawn, for the prevalence lines
             for (name, yb, s), col in zip(sets[level], category_colors(len(sets[level]))):
                 ok = np.isfinite(s)
                 yb, s = yb[ok], s[ok]
                 if yb.all() or not yb.any():
                     continue
+                drawn.append((name, yb, col))
                 if kind == "roc":
                     fpr, tpr, _ = roc_curve(yb, s)
                     ax.plot(
@@ -526,7 +528,7 @@ def plot_curves(
                 # a no-skill line per distinct prevalence (one-vs-rest curves of several
                 # classes each have their own), in its curve's colour when there are several
                 prevs = {}
-                for (name, yb, _), col in zip(sets[level], category_colors(len(sets[level]))):
+                for name, yb, col in drawn:
                     prevs.setdefault(round(float(np.mean(yb)), 3), []).append((name, col))
                 for prev, named in prevs.items():
                     col = "grey" if len(prevs) == 1 else named[0][1]
@@ -736,14 +738,19 @@ def plot_heatmap(
     x0, x1, y1, y0 = extent
     h, w = thumb.shape[:2]
     sx, sy = (x1 - x0) / w, (y1 - y0) / h
-    heat = np.full((h, w), np.nan)
+    # overlapping patches (stride < patch size) share their pixels: the mean of their scores,
+    # not whichever patch came last
+    total, count = np.zeros((h, w)), np.zeros((h, w))
     for x, y, s in zip(rows["x"].to_numpy(), rows["y"].to_numpy(), rows["score"].to_numpy()):
         c0, r0 = int((x - x0) / sx), int((y - y0) / sy)
         c1, r1 = (
             max(c0 + 1, int(np.ceil((x + fp - x0) / sx))),
             max(r0 + 1, int(np.ceil((y + fp - y0) / sy))),
         )
-        heat[max(r0, 0) : r1, max(c0, 0) : c1] = s
+        if np.isfinite(s):
+            total[max(r0, 0) : r1, max(c0, 0) : c1] += s
+            count[max(r0, 0) : r1, max(c0, 0) : c1] += 1
+    heat = np.divide(total, count, out=np.full((h, w), np.nan), where=count > 0)
     label = f"P({pos})" if pos else "P(positive class)"
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5 * h / max(w, 1) + 1.2))
     axes[0].imshow(thumb, extent=extent)

@@ -447,3 +447,22 @@ def test_result_tables_keep_ids_and_class_names_as_written(tmp_path):
     assert df["slide_id"].tolist() == ["001", "002"] and df["patient_id"].tolist() == ["007", "008"]
     assert df["label"].tolist() == ["1", "NA"] and df["pred"].tolist() == ["1", "0"]
     assert df["score"].isna().tolist() == [False, True]
+
+
+def test_heatmap_averages_overlapping_patches(tmp_path, monkeypatch):
+    from simclr_path import figures
+    from simclr_path.store import PatchStoreWriter
+
+    # two 16 px patches at stride 8: the middle 8 px belong to both
+    with PatchStoreWriter(tmp_path / "s.h5", 16, attrs={"slide_id": "S", "kind": "slide",
+                                                        "mpp": 0.5, "level0_mpp": 0.5}) as w:
+        w.append(np.full((2, 16, 16, 3), 200, np.uint8), np.array([[0, 0], [8, 0]]))
+    pd.DataFrame({"slide_id": ["S", "S"], "x": [0, 8], "y": [0, 0], "score": [0.2, 0.8]}).to_csv(
+        tmp_path / "pred.csv", index=False)
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: drawn.append(fig))
+    figures.plot_heatmap(tmp_path / "pred.csv", tmp_path / "s.h5", tmp_path / "h.png")
+    heat = drawn[0].axes[1].get_images()[1].get_array()
+    row = heat[0].filled(np.nan)
+    values = sorted({round(float(v), 3) for v in row if np.isfinite(v)})
+    assert values == [0.2, 0.5, 0.8], values  # the shared pixels get the mean, not the last
