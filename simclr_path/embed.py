@@ -232,9 +232,11 @@ class _Batches(Dataset):
 
 
 def _use_bf16(cfg: EmbedConfig, device: torch.device) -> bool:
-    # bf16 autocast pays off on GPUs with bf16 tensor cores; on CPU it is usually slower here and
-    # changes the features, so it stays off.
-    return bool(cfg.amp and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    # bf16 autocast pays off on GPUs with bf16 tensor cores (not on older ones, where it is
+    # emulated); on CPU it is usually slower here and changes the features, so it stays off.
+    from simclr_path.train import cuda_has_native_bf16
+
+    return bool(cfg.amp and device.type == "cuda" and cuda_has_native_bf16(device))
 
 
 def embed_store(

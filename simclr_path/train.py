@@ -85,12 +85,14 @@ class Dist:
         return self.rank == 0
 
     def init(self, device: torch.device) -> None:
+        if device.type == "cuda" and self.enabled:
+            # NCCL collectives (the first barrier included) and pinned-memory threads use the
+            # current device: without this every rank would work on cuda:0 (also when a caller
+            # made the process group)
+            torch.cuda.set_device(device)
         if not self.enabled or (dist.is_available() and dist.is_initialized()):
             return
         if device.type == "cuda":
-            # NCCL collectives (the first barrier included) and pinned-memory threads use the
-            # current device: without this every rank would open its communicator on cuda:0
-            torch.cuda.set_device(device)
             dist.init_process_group(backend="nccl", init_method="env://", device_id=device)
         else:
             dist.init_process_group(backend="gloo", init_method="env://")
@@ -114,7 +116,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise SimclrPathError(f"--device {name}: expected auto, cpu or cuda")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if per_node > gpus:  # two ranks on one GPU: NCCL fails at start-up with an unclear error
+        raise SimclrPathError(f"torchrun started {per_node} processes on this node but it has "
+                              f"{gpus} GPU(s); set --nproc_per_node to at most {gpus}")
+    return torch.device("cuda", local_rank % gpus)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -136,8 +142,15 @@ def amp_mode(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if not cfg.amp:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores: compute capability 8.0 or later (Ampere, Hopper, ...). On older GPUs
+    (V100, T4) ``torch.cuda.is_bf16_supported()`` is True too, through emulation, which is slower
+    than float32; fp16 with a GradScaler is their fast mixed precision."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,6 +597,12 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: model weights do not fit "
                                   f"({str(exc).splitlines()[0][:160]}); use --force to start over") from None
     world.init(device)
+    if device.type == "cuda":
+        # fixed input sizes: cuDNN may pick the fastest convolution once; TF32 for what stays
+        # in float32 outside autocast
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     try:
         if world.main:
             _prepare_run_dir(out, resume, force)

@@ -584,6 +584,21 @@ def test_ddp_on_cuda_pins_each_rank_to_its_gpu(monkeypatch):
     calls.clear()
     T.Dist().init(torch.device("cpu"))
     assert calls == [("init", "gloo", None)]
+    # a process group the caller made: the rank is still pinned to its GPU
+    calls.clear()
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
+    T.Dist().init(torch.device("cuda", 1))
+    assert calls == [("set_device", torch.device("cuda", 1))]
+
+
+def test_more_ranks_than_gpus_on_a_node_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(SimclrPathError, match="4 processes on this node but it has 2 GPU"):
+        T.resolve_device("auto", local_rank=3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert T.resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
 
 
 def test_a_loader_out_of_shared_memory_is_one_clear_error(stores, tmp_path, monkeypatch):
@@ -600,3 +615,19 @@ def test_a_loader_out_of_shared_memory_is_one_clear_error(stores, tmp_path, monk
     monkeypatch.setattr(data_mod, "make_loader", lambda *a, **k: Dead())
     with pytest.raises(SimclrPathError, match=r"out of shared memory \(/dev/shm\).*--shm-size"):
         T.pretrain(stores, tmp_path / "run", _cfg(), progress=False)
+
+
+@pytest.mark.parametrize(("capability", "dtype"), [((7, 0), "float16"), ((7, 5), "float16"),
+                                                   ((8, 0), "bfloat16"), ((9, 0), "bfloat16")])
+def test_cuda_mixed_precision_is_bf16_only_with_bf16_tensor_cores(capability, dtype, monkeypatch):
+    # V100 (7.0) and T4 (7.5) report bf16 "supported" through emulation, slower than float32
+    import torch
+
+    from simclr_path.config import EmbedConfig
+    from simclr_path.embed import _use_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    cuda = torch.device("cuda", 0)
+    assert T.amp_mode(_cfg().train, cuda) == getattr(torch, dtype)
+    assert _use_bf16(EmbedConfig(), cuda) == (dtype == "bfloat16")
