@@ -309,7 +309,7 @@ def probe(emb: Path, out_dir: Path, cfg) -> tuple[dict[str, Any], np.ndarray]:
                        keep_default_na=False)
     folds = pred["fold"].to_numpy()
     # share of each source image's (group's) patches predicted right: errors come in whole groups
-    right = (pred["label"] == pred["pred"]).groupby(pred["patient_id"].astype(str)).mean()
+    right = (pred["label"] == pred["pred"]).groupby(pred["patient_id"]).mean()
     p = m["patch"]
     fs = m["fold_summary"]["patch"]
     return {

@@ -694,11 +694,15 @@ def plot_heatmap(
     train_only: set[str] = set()  # slides a samples-sheet split kept for training
     if src.is_dir():
         metrics, preds, _ = _read_classify_dir(src, held_out_only=False)
+        bad = [c for c in ("x", "y") if not pd.api.types.is_numeric_dtype(preds.get(c, ""))]
+        if bad:
+            raise SimclrPathError(f"{src / 'predictions_patches.csv'}: no numeric column {bad[0]} "
+                                  "(patch coordinates); rerun 'simclr-path classify' with --force")
         train_only = set(preds.loc[preds["fold"] < 0, "slide_id"].astype(str))
         preds = preds[preds["fold"] >= 0]
         pos = metrics["task"].get("positive")
     elif src.is_file():
-        preds = _read_table(src, {"slide_id", "x", "y"},
+        preds = _read_table(src, {"slide_id", "x", "y", "score"}, numeric={"x", "y", "score"},
                             how="; give a CSV written by 'simclr-path predict'")
         if "level" in preds.columns:
             preds = preds[preds["level"] == "patch"]

@@ -466,3 +466,20 @@ def test_heatmap_averages_overlapping_patches(tmp_path, monkeypatch):
     row = heat[0].filled(np.nan)
     values = sorted({round(float(v), 3) for v in row if np.isfinite(v)})
     assert values == [0.2, 0.5, 0.8], values  # the shared pixels get the mean, not the last
+
+
+def test_heatmap_inputs_with_damaged_coordinates_or_scores_give_one_line(cohort, tmp_path, capsys):
+    import shutil
+
+    cls = tmp_path / "cls"
+    shutil.copytree(cohort["cls"], cls)
+    csv = cls / "predictions_patches.csv"
+    csv.write_text(_set_first(csv.read_text(), "x", "abc"))
+    pred = tmp_path / "pred.csv"
+    pred.write_text("slide_id,x,y,score\nP0-SCC,0,0,high\n")
+    for src, match in ((cls, "no numeric column x"), (pred, "column score is not all numbers")):
+        assert main(["plot-heatmap", "--classify", str(src), "--store", str(cohort["stores"][0]),
+                     "--out", str(tmp_path / "h.png")]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+    assert not (tmp_path / "h.png").exists()

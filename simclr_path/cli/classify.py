@@ -13,6 +13,7 @@ HELP = (
 
 REPLACES_OUT_DIR = True  # --force replaces the whole --out folder (outputs.atomic_dir)
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ClassifyConfig()
     p.add_argument(

@@ -15,6 +15,7 @@ HELP = (
 
 REPLACES_OUT_DIR = True  # --force replaces the whole --out folder (outputs.atomic_dir)
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = FinetuneConfig()
     p.add_argument("stores", type=Path, nargs="+", metavar="STORE",

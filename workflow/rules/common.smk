@@ -5,6 +5,7 @@
 # WorkflowError, so Snakemake prints the message and no Python traceback).
 import copy
 import re
+import shlex
 from pathlib import Path
 
 import yaml
@@ -266,8 +267,6 @@ def probe_metrics(run, fraction):
 
 
 def samples_arg():
-    import shlex
-
     return f"--samples {shlex.quote(config['samples'])}" if SLIDES else ""
 
 
@@ -332,8 +331,6 @@ def demo_params(wildcards):
 
 
 def import_args(wildcards):
-    import shlex
-
     ds = PATCH_SETS[wildcards.dataset]
     size = ds.get("patch_size") or TILE_CFG.tile.patch_size
     groups = f"--groups {shlex.quote(ds['groups'])}" if ds.get("groups") else ""
