@@ -178,6 +178,7 @@ class TrainConfig:
     loss: str = "ntxent"  # ntxent (SimCLR) | dcl (decoupled: the positive left out of the denominator)
     drop_nearest: int = 0  # per anchor, the k most similar other patches leave the negatives (false-negative elimination)
     hard_beta: float = 0.0  # > 0: negatives weighted by exp(beta * similarity / temperature) (Robinson et al. 2021)
+    ema_decay: float | None = None  # keep a moving average of the weights (Polyak); encoder.pt is the average
     amp: bool = True  # bf16 where supported, fp16 + grad scaler otherwise, off on CPU without bf16
     channels_last: bool = True
     compile: bool = False
@@ -208,6 +209,8 @@ class TrainConfig:
         _check(self.drop_nearest >= 0, "train.drop_nearest", "must be >= 0")
         _check(self.seed >= 0, "train.seed", "must be >= 0")
         _check(0 <= self.hard_beta < float("inf"), "train.hard_beta", "must be a finite number >= 0")
+        _check(self.ema_decay is None or 0 < self.ema_decay < 1, "train.ema_decay",
+               "must be between 0 and 1 (e.g. 0.99), or null for none")
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")

@@ -134,8 +134,11 @@ def plot_loss_curve(
 # ----------------------------------------------------------------------------------------------
 # t-SNE maps
 # ----------------------------------------------------------------------------------------------
+LEGEND_MAX = 12  # categories named in a legend; more get a note instead
+
+
 def _legend_or_note(ax: plt.Axes, n_categories: int, what: str) -> None:
-    if n_categories <= 12:
+    if n_categories <= LEGEND_MAX:
         ax.legend(
             loc="center left",
             bbox_to_anchor=(1.01, 0.5),
@@ -179,12 +182,12 @@ def sample_embeddings(
     rows = []
     dim = None
     for fi, p in enumerate(embedding_paths):
-        s = EmbeddingStore(p)
-        if dim is not None and s.features.shape[1] != dim:
+        s = EmbeddingStore(p, features=False)  # only the sampled rows are read, below
+        if dim is not None and s.shape[1] != dim:
             raise SimclrPathError(
-                f"{p}: feature size {s.features.shape[1]} differs from the other files ({dim})"
+                f"{p}: feature size {s.shape[1]} differs from the other files ({dim})"
             )
-        dim = s.features.shape[1]
+        dim = s.shape[1]
         n = len(s)
         if n == 0:
             continue
@@ -210,7 +213,6 @@ def sample_embeddings(
                 }
             )
         )
-        del s  # one file's features in memory at a time: the sample is read below
     if not rows:
         raise SimclrPathError("every embedding file is empty; nothing to plot")
     df = pd.concat(rows, ignore_index=True)
@@ -229,7 +231,8 @@ def sample_embeddings(
     out = df.iloc[keep].reset_index(drop=True)
     X = np.empty((len(out), dim), dtype=np.float32)
     for fi, pos in out.groupby("file").indices.items():  # positions in ``out``
-        X[pos] = EmbeddingStore(embedding_paths[fi]).features[out["patch_index"].to_numpy()[pos]]
+        X[pos] = EmbeddingStore(embedding_paths[fi], features=False).read_rows(
+            out["patch_index"].to_numpy()[pos])
     out["features"] = list(X)
     return out
 
@@ -259,9 +262,14 @@ def _scatter_by(ax: plt.Axes, xy: np.ndarray, cats: pd.Series, what: str) -> Non
         # many slides/groups: golden-ratio steps through viridis, so neighbours in name order
         # (often the same class) get distant colours
         colors = [plt.cm.viridis(x) for x in np.mod(np.arange(len(names)) * 0.6180339887, 1.0)]
-    for name, col in zip(names, colors):
-        m = (cats == name).to_numpy()
-        ax.scatter(xy[m, 0], xy[m, 1], s=6, color=col, alpha=0.8, linewidths=0, label=str(name))
+    index = {name: i for i, name in enumerate(names)}
+    point_colors = matplotlib.colors.to_rgba_array(colors)[[index[c] for c in cats]]  # (N, 4)
+    # one scatter in a shuffled order: drawn category by category, the last would cover the rest
+    order = np.random.default_rng(0).permutation(len(xy))
+    ax.scatter(xy[order, 0], xy[order, 1], s=6, c=point_colors[order], alpha=0.8, linewidths=0)
+    if len(names) <= LEGEND_MAX:  # legend entries
+        for name, col in zip(names, colors):
+            ax.scatter([], [], s=6, color=col, alpha=0.8, linewidths=0, label=str(name))
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
     _legend_or_note(ax, len(names), what)

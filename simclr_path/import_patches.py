@@ -9,6 +9,7 @@ Tiles are stored in sorted order of class then relative path, so the store is de
 
 from __future__ import annotations
 
+import io
 import os
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
@@ -110,16 +111,37 @@ def read_groups(csv: str | os.PathLike, tiles: list[str]) -> list[str]:
 MAX_PATCH_SIZE = 4096
 
 
+def _on_white(buf: np.ndarray) -> np.ndarray | None:
+    """RGB uint8 of an image with transparency (alpha channel or a transparent palette colour),
+    composited onto white, as slide background is; None for an image without (OpenCV's
+    decoder, which drops alpha and would leave transparent pixels black, reads those)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(buf.tobytes())) as im:  # reads the header only
+            if im.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in im.info:
+                return None
+            if im.mode.startswith(("I", "F")):  # 16-bit / float: Pillow would clip, not scale
+                return None
+            rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"), dtype=np.float32)
+    except Exception:  # noqa: BLE001 -- not an image Pillow reads: OpenCV decides
+        return None
+    alpha = rgba[..., 3:] / 255.0
+    return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+
+
 def _read_tile(path: Path, patch_size: int | None) -> np.ndarray:
     """RGB uint8 (S, S, 3); centre-cropped to a square and resized when ``patch_size`` is set."""
     try:
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise SimclrPathError(f"{path}: cannot read tile ({exc.strerror})") from None
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    img = _on_white(buf) if buf[:3].tobytes() != b"\xff\xd8\xff" else None  # JPEG: no alpha
     if img is None:
-        raise SimclrPathError(f"{path}: not a readable image; remove or replace this tile")
-    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+        if img is None:
+            raise SimclrPathError(f"{path}: not a readable image; remove or replace this tile")
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if patch_size is None:
         return img
     h, w = img.shape[:2]

@@ -1,6 +1,6 @@
 """HDF5 formats shared by every stage: the patch store and the embedding store.
 
-Patch store (format_version 1)::
+Patch store (format_version 2; 1 wrote None attributes as the text "none")::
 
     /patches   uint8  (N, S, S, 3)  RGB patches, one patch per chunk, LZF-compressed
     /coords    int64  (N, 2)        level-0 top-left (x, y) of each patch; (-1, -1) for imported tiles
@@ -13,7 +13,7 @@ Patch store (format_version 1)::
 LZF with one patch per chunk: a random read decompresses exactly one patch, and LZF decodes at
 several hundred MB/s (gzip is 3-5x slower to read), which keeps the training loader fed.
 
-Embedding store (format_version 1)::
+Embedding store (format_version 2, as the patch store)::
 
     /features  float32 (N, D)
     /coords    int64   (N, 2)
@@ -37,14 +37,16 @@ from simclr_path import __version__
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import atomic_output
 
-FORMAT_VERSION = 1
+# 2: None is an empty attribute (format 1 wrote the string "none", so a string "none" read back as None)
+FORMAT_VERSION = 2
 _STR = h5py.string_dtype("utf-8")
 
 
 def _attr_value(v: Any) -> Any:
-    """HDF5 attributes cannot hold None or nested containers: store them as strings."""
+    """HDF5 attributes cannot hold None or nested containers: None becomes an empty attribute,
+    anything else that is not a number, a string or a list of strings its text."""
     if v is None:
-        return "none"
+        return h5py.Empty("f")
     if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
         return np.array(v, dtype=_STR)
     if isinstance(v, (bool, int, float, str, np.bool_, np.integer, np.floating)):
@@ -52,10 +54,21 @@ def _attr_value(v: Any) -> Any:
     return str(v)
 
 
-def _read_attr(v: Any) -> Any:
+def read_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
+    """A store's HDF5 attributes as Python values (None, str, list[str], numbers)."""
+    try:
+        legacy = int(attrs.get("format_version", FORMAT_VERSION)) < 2
+    except (TypeError, ValueError):  # not a store of ours: its callers say so
+        legacy = False
+    return {k: _read_attr(v, legacy) for k, v in attrs.items()}
+
+
+def _read_attr(v: Any, legacy: bool = False) -> Any:
+    if isinstance(v, h5py.Empty):
+        return None
     if isinstance(v, bytes):
         v = v.decode()
-    if isinstance(v, str) and v == "none":
+    if legacy and isinstance(v, str) and v == "none":
         return None
     if isinstance(v, np.ndarray) and v.dtype.kind in ("O", "S", "U"):
         return [x.decode() if isinstance(x, bytes) else str(x) for x in v]
@@ -86,7 +99,7 @@ class PatchStoreWriter:
     Args:
         path: final store path.
         patch_size: side S of every patch.
-        attrs: metadata written as HDF5 attributes (None becomes "none").
+        attrs: metadata written as HDF5 attributes (None becomes an empty attribute).
         label_names: class names when patches carry labels (imported patch sets).
         force: overwrite an existing file.
     """
@@ -266,7 +279,7 @@ class PatchStore:
                                   f"{', '.join(missing) or 'format_version'}); create it with "
                                   "'simclr-path tile' or 'simclr-path import-patches'")
         try:
-            self.attrs: dict[str, Any] = {k: _read_attr(v) for k, v in f.attrs.items()}
+            self.attrs: dict[str, Any] = read_attrs(f.attrs)
             self._len = int(f["patches"].shape[0])
             self.coords: np.ndarray = f["coords"][:]
             self.labels: np.ndarray | None = f["labels"][:] if "labels" in f else None
@@ -361,9 +374,13 @@ def write_embeddings(path: str | os.PathLike, features: np.ndarray, coords: np.n
 
 
 class EmbeddingStore:
-    """Read an embedding store fully into memory (features are small: N x D float32)."""
+    """Read an embedding store into memory (features are small: N x D float32).
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    ``features=False`` leaves the features on disk (``.features`` is None; ``.shape`` is (N, D)
+    and :meth:`read_rows` reads a subset), for callers that sample a few rows of many files.
+    """
+
+    def __init__(self, path: str | os.PathLike, features: bool = True) -> None:
         h5 = _LazyH5(path, "embedding file")
         f = h5.file
         if "features" not in f or "format_version" not in f.attrs:
@@ -371,8 +388,9 @@ class EmbeddingStore:
             raise SimclrPathError(f"{path}: not a simclr-path embedding file; create it with 'simclr-path embed'")
         try:
             self.path = Path(path)
-            self.attrs: dict[str, Any] = {k: _read_attr(v) for k, v in f.attrs.items()}
-            self.features: np.ndarray = f["features"][:]
+            self.attrs: dict[str, Any] = read_attrs(f.attrs)
+            self.shape: tuple[int, int] = tuple(f["features"].shape)  # (N, D)
+            self.features: np.ndarray | None = f["features"][:] if features else None
             self.coords: np.ndarray = f["coords"][:]
             self.labels: np.ndarray | None = f["labels"][:] if "labels" in f else None
             self.groups: list[str] | None = (
@@ -381,6 +399,9 @@ class EmbeddingStore:
             raise SimclrPathError(f"{path}: embedding file is damaged ({exc}); recreate it with --force") from None
         finally:
             h5.close()
+        if int(self.attrs["format_version"]) > FORMAT_VERSION:
+            raise SimclrPathError(f"{path}: embedding format {self.attrs['format_version']} is newer "
+                                  f"than this simclr-path ({FORMAT_VERSION}); upgrade simclr-path")
 
     @property
     def slide_id(self) -> str:
@@ -391,4 +412,21 @@ class EmbeddingStore:
         return self.attrs.get("label_names")
 
     def __len__(self) -> int:
-        return len(self.features)
+        return self.shape[0]
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), D) float32 features of the given row indices, read from the file."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        uniq, inverse = np.unique(rows[order], return_inverse=True)  # h5py wants increasing rows
+        h5 = _LazyH5(self.path, "embedding file")
+        try:
+            got = h5.file["features"][uniq] if len(uniq) else np.empty((0, self.shape[1]), np.float32)
+        except (OSError, KeyError, IndexError, TypeError) as exc:
+            raise SimclrPathError(f"{self.path}: embedding file is damaged ({exc}); recreate it "
+                                  "with --force") from None
+        finally:
+            h5.close()
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        out[order] = got[inverse]
+        return out

@@ -239,7 +239,8 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
             qc_img, qc_mpp = slide.read_at_mpp(max(width, height) * slide.mpp / _QC_SIDE)
     mask = tissue_mask(thumb, thumb_mpp, cfg)
     gx, gy = np.meshgrid(grid.xs, grid.ys)  # (ny, nx)
-    frac = tissue_fractions(mask, thumb_mpp, gx.ravel(), gy.ravel(), grid.size0, level0_mpp)
+    frac = tissue_fractions(mask, thumb_mpp, gx.ravel(), gy.ravel(), grid.size0, level0_mpp,
+                            level0_size=(width, height))
     keep = (frac >= cfg.min_tissue).reshape(gy.shape) & mask.any()
     n_tissue = int(keep.sum())
 

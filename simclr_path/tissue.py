@@ -104,7 +104,8 @@ def _drop_small(mask: np.ndarray, min_area_px: float, keep_border: bool = False)
 
 
 def tissue_fractions(mask: np.ndarray, mask_mpp: float, xs: np.ndarray, ys: np.ndarray,
-                     size: float, level0_mpp: float) -> np.ndarray:
+                     size: float, level0_mpp: float,
+                     level0_size: tuple[int, int] | None = None) -> np.ndarray:
     """Tissue fraction of square boxes from a mask, via an integral image.
 
     Args:
@@ -112,6 +113,9 @@ def tissue_fractions(mask: np.ndarray, mask_mpp: float, xs: np.ndarray, ys: np.n
         xs, ys: (N,) level-0 top-left corners of the boxes.
         size: box side in level-0 pixels.
         level0_mpp: level-0 um/px.
+        level0_size: (width, height) of level 0 when the mask covers the whole slide: each axis
+            is then scaled by its own mask/slide ratio (a mask's side is rounded to whole pixels
+            per axis, so one mpp is exact for one axis only).
 
     Returns:
         (N,) float64 fractions in [0, 1].
@@ -120,11 +124,13 @@ def tissue_fractions(mask: np.ndarray, mask_mpp: float, xs: np.ndarray, ys: np.n
         return np.zeros(0)
     h, w = mask.shape
     integral = cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_64F)  # (h + 1, w + 1)
-    f = level0_mpp / mask_mpp  # mask pixels per level-0 pixel
-    x0 = np.clip(np.round(np.asarray(xs) * f).astype(np.int64), 0, w)
-    y0 = np.clip(np.round(np.asarray(ys) * f).astype(np.int64), 0, h)
-    x1 = np.clip(np.round((np.asarray(xs) + size) * f).astype(np.int64), 0, w)
-    y1 = np.clip(np.round((np.asarray(ys) + size) * f).astype(np.int64), 0, h)
+    fx = fy = level0_mpp / mask_mpp  # mask pixels per level-0 pixel
+    if level0_size is not None:
+        fx, fy = w / level0_size[0], h / level0_size[1]
+    x0 = np.clip(np.round(np.asarray(xs) * fx).astype(np.int64), 0, w)
+    y0 = np.clip(np.round(np.asarray(ys) * fy).astype(np.int64), 0, h)
+    x1 = np.clip(np.round((np.asarray(xs) + size) * fx).astype(np.int64), 0, w)
+    y1 = np.clip(np.round((np.asarray(ys) + size) * fy).astype(np.int64), 0, h)
     x1, y1 = np.maximum(x1, np.minimum(x0 + 1, w)), np.maximum(y1, np.minimum(y0 + 1, h))
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
     s = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]

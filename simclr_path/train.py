@@ -221,7 +221,7 @@ def replan_scheduler(scheduler, total_steps: int, warmup_steps: int) -> None:
 # re-planned; batch_size is checked as the global batch)
 RESUME_FIXED_TRAIN_KEYS = ("optimizer", "lr", "lr_scaling", "weight_decay", "momentum",
                            "warmup_epochs", "temperature", "loss", "drop_nearest", "hard_beta",
-                           "seed")
+                           "ema_decay", "seed")
 
 
 # Time budget: the first steps (DataLoader start-up, first allocations) are left out of the step
@@ -705,6 +705,24 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         _set_rng_state(ck["rng"])
         start_step = int(ck["step"])
         wall_before = float(ck.get("wall_time_s", 0.0))
+    ema = None
+    if t_cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        # of the plain module (its parameters are those DDP and torch.compile train); every
+        # process keeps one, rank 0's is saved
+        ema = ModelEmaV3(model, decay=t_cfg.ema_decay)
+        if ck is not None:
+            if not ck.get("ema"):
+                raise SimclrPathError(f"{out / 'checkpoint.pt'}: has no weight average (it was "
+                                      "trained without train.ema_decay); resume with the run's own "
+                                      f"settings (--config {out / 'config.yaml'}) or use --force")
+            try:
+                ema.module.load_state_dict(ck["ema"])
+            except RuntimeError as exc:
+                raise SimclrPathError(f"{out / 'checkpoint.pt'}: weight average does not fit "
+                                      f"({str(exc).splitlines()[0][:160]}); use --force to start "
+                                      "over") from None
     train_model: nn.Module = model
     if world.enabled:
         train_model = nn.parallel.DistributedDataParallel(
@@ -727,6 +745,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             "model": {k: v.detach().cpu() for k, v in _unwrap(train_model).state_dict().items()},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()} if ema else {},
             "rng": _rng_state(), "config": cfg_json, "wall_time_s": wall,
             # resolved: local_size null depends on the defaults of the version that ran
             "local_view_size": a_cfg.local_view_size if a_cfg.local_crops else 0,
@@ -837,6 +856,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             scaler.step(optimizer)
             scaler.update()
             step += 1
+            if ema is not None:
+                ema.update(model, step)  # step 1 copies the weights, later steps average (decay)
             pending.append((step, loss.detach(), optimizer.param_groups[0]["lr"]))
             if world.main:
                 bar.update(1)
@@ -883,7 +904,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         if world.main:
             from simclr_path.figures import plot_loss_curve
 
-            core = _unwrap(train_model)
+            # the weight average, when kept, is the run's encoder (and head)
+            core = ema.module if ema is not None else _unwrap(train_model)
             mpp = _store_mpp(opened)
             if math.isfinite(metrics.last_loss):  # at least one row
                 plot_loss_curve(out / "metrics.csv", out / "loss.png",
@@ -896,6 +918,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                          patch_size=_store_patch_size(opened),
                          head=core.head.config(),
                          stores=[str(s.path) for s in opened], steps=step,
+                         ema_decay=t_cfg.ema_decay,
                          simclr_path_version=__version__)
             trained_steps = step - start_step
             summary = {
@@ -907,7 +930,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                                      / max(time.perf_counter() - t0, 1e-9), 3),
                 "final_loss": metrics.last_loss,
                 "global_batch_size": plan.batch_size * world.world_size,
-                "lr": lr, "world_size": world.world_size, "device": str(device),
+                "lr": lr, "ema_decay": t_cfg.ema_decay, "world_size": world.world_size, "device": str(device),
                 "amp": str(dtype).replace("torch.", "") if dtype else "float32",
                 "arch": m_cfg.arch, "image_size": a_cfg.image_size, "mpp": mpp,
                 # resolved here: config.yaml may say local_size null

@@ -22,6 +22,7 @@ and :func:`preview` draws a grid of augmented view pairs.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -57,6 +58,23 @@ _LN2 = math.log(2.0)
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 _GRAY = torch.tensor([0.299, 0.587, 0.114])
+
+
+def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` on ``device``. Host-to-GPU copies of the small per-sample parameters are
+    non-blocking: a blocking ``.to`` waits for every kernel queued before it, so ten of them per
+    batch would keep the CPU from running ahead of the GPU. (Safe from pageable memory: CUDA
+    stages the data before the call returns.)"""
+    return t.to(device, dtype=dtype, non_blocking=t.device.type == "cpu" and device.type == "cuda")
+
+
+@functools.cache
+def _device_constants(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Luma weights (3,) and ImageNet mean, 1 / std (1, 3, 1, 1), made once per device."""
+    with torch.inference_mode(False):  # cached: usable later with autograd even if first made in inference mode
+        return {"gray": _to(_GRAY, device, dtype),
+                "mean": _to(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), device, dtype),
+                "inv_std": _to((1.0 / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1), device, dtype)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,8 +226,8 @@ def _stain_(x: torch.Tensor, mats: torch.Tensor, shift: torch.Tensor, od: torch.
     # pixel holds (mean OD / _TISSUE_OD, capped at 1)
     torch.sum(od, dim=1, keepdim=True, out=w).mul_(_LN2 / (3.0 * _TISSUE_OD)).clamp_(max=1.0)
     xv = x.view(b, 3, -1)
-    torch.bmm(mats.to(x.device), od.view(b, 3, -1), out=xv)
-    xv.addcmul_(shift.to(x.device), w.view(b, 1, -1), value=1.0 / _LN2)
+    torch.bmm(_to(mats, x.device), od.view(b, 3, -1), out=xv)
+    xv.addcmul_(_to(shift, x.device), w.view(b, 1, -1), value=1.0 / _LN2)
     return _exp2_(x.clamp_(min=0.0).neg_())
 
 
@@ -262,13 +280,13 @@ def color_linear(brightness: torch.Tensor, contrast: torch.Tensor, saturation: t
 def _mean_luma(x: torch.Tensor) -> torch.Tensor:
     """(b, 3, H, W) -> (b,) mean luma, from every 4th row and column (the contrast anchor)."""
     sub = x[:, :, ::4, ::4]
-    return torch.einsum("bchw,c->b", sub, _GRAY.to(x.device, x.dtype)) / sub[0, 0].numel()
+    return torch.einsum("bchw,c->b", sub, _device_constants(x.device, x.dtype)["gray"]) / sub[0, 0].numel()
 
 
 def _color(x: torch.Tensor, mats: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """y = M x + d, clamped to [0, 1], written to ``out`` (b, 3, H, W)."""
     b = x.shape[0]
-    torch.baddbmm(shift.to(x.device), mats.to(x.device), x.view(b, 3, -1), out=out.view(b, 3, -1))
+    torch.baddbmm(_to(shift, x.device), _to(mats, x.device), x.view(b, 3, -1), out=out.view(b, 3, -1))
     return out.clamp_(0.0, 1.0)
 
 
@@ -285,13 +303,13 @@ def color_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tens
     """
     x = x.float().contiguous()
     mats, k = color_linear(brightness, contrast, saturation, hue)
-    shift = (k.to(x.device) * _mean_luma(x))[:, None, None].expand(-1, 3, 1)
+    shift = (_to(k, x.device) * _mean_luma(x))[:, None, None].expand(-1, 3, 1)
     return _color(x, mats, shift, torch.empty_like(x))
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 1, H, W) luma (ITU-R 601)."""
-    return torch.einsum("bchw,c->bhw", x, _GRAY.to(x.device, x.dtype)).unsqueeze(1)
+    return torch.einsum("bchw,c->bhw", x, _device_constants(x.device, x.dtype)["gray"]).unsqueeze(1)
 
 
 def _kernels(sigma: torch.Tensor, h: int, w: int, sigma_max: float | None = None
@@ -323,7 +341,7 @@ def _blur_(x: torch.Tensor, sigma: torch.Tensor, scratch: _Scratch | None = None
             for c in range(3):
                 cv2.sepFilter2D(xn[i, c], -1, ki, ki, dst=xn[i, c], borderType=cv2.BORDER_REFLECT_101)
         return x
-    k = k.to(x.device)
+    k = _to(k, x.device)
     pad = scratch.padded(h + 2 * r, w) if scratch is not None else x.new_empty(b, 3, h + 2 * r, w)
     pad[:, :, r:r + h] = x
     for i in range(1, r + 1):  # reflect rows: pad row r - i mirrors image row i
@@ -357,9 +375,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype)[None, :, None, None]
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype)[None, :, None, None]
-    return (x - mean) / std
+    const = _device_constants(x.device, x.dtype)
+    return (x - const["mean"]) * const["inv_std"]  # as ColorAugment normalises training views
 
 
 class ColorAugment:
@@ -436,8 +453,8 @@ class ColorAugment:
         elif out.shape != (n, 3, h, w) or out.dtype != torch.float32 or out.device != dev:
             raise ValueError(f"out must be float32 {(n, 3, h, w)} on {dev}, got {out.dtype} "
                              f"{tuple(out.shape)} on {out.device}")
-        mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-        inv_std = (1.0 / torch.tensor(IMAGENET_STD, device=dev)).view(1, 3, 1, 1)
+        const = _device_constants(dev, torch.float32)
+        mean, inv_std = const["mean"], const["inv_std"]
         step = self.cuda_chunk if dev.type == "cuda" else max(1, self.cpu_chunk)
         scale = 1.0 / 255.0 if views.dtype == torch.uint8 else 1.0
         for lo in range(0, n, step):
@@ -468,13 +485,14 @@ class ColorAugment:
             if idx is None:
                 _stain_(x, stain_m, stain_c, sc.od, sc.w)
             else:
-                sub = x[idx.to(dev)]
-                x[idx.to(dev)] = _stain_(sub, stain_m[idx], stain_c[idx], torch.empty_like(sub),
+                idx_d = _to(idx, dev)
+                sub = x[idx_d]
+                x[idx_d] = _stain_(sub, stain_m[idx], stain_c[idx], torch.empty_like(sub),
                                          torch.empty_like(sub[:, :1]))
         on = p["color_on"][sl]
         if bool(on.any()):
             # unselected samples have identity parameters: M = I, shift = 0
-            shift = (p["color_k"][sl].to(dev) * _mean_luma(x))[:, None, None].expand(-1, 3, 1)
+            shift = (_to(p["color_k"][sl], dev) * _mean_luma(x))[:, None, None].expand(-1, 3, 1)
             x = _color(x, p["color_m"][sl], shift, sc.od)
         on = p["blur_on"][sl]
         if bool(on.any()):
@@ -483,11 +501,12 @@ class ColorAugment:
             if idx is None:
                 _blur_(x, p["sigma"][sl], sc, smax)
             else:
-                x[idx.to(dev)] = _blur_(x[idx.to(dev)], p["sigma"][sl][idx], None, smax)
+                idx_d = _to(idx, dev)
+                x[idx_d] = _blur_(x[idx_d], p["sigma"][sl][idx], None, smax)
             x.clamp_(0.0, 1.0)
         on = p["gray_on"][sl]
         if bool(on.any()):
-            idx = on.nonzero().squeeze(1).to(dev)
+            idx = _to(on.nonzero().squeeze(1), dev)
             x[idx] = _gray(x[idx]).expand(-1, 3, -1, -1)
         return x
 

@@ -132,6 +132,8 @@ def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
     ({"train": {"hard_beta": -0.5}}, "train.hard_beta"),
     ({"train": {"hard_beta": float("inf")}}, "train.hard_beta"),
     ({"train": {"drop_nearest": -1}}, "train.drop_nearest"),
+    ({"train": {"ema_decay": 1.0}}, "train.ema_decay"),
+    ({"train": {"ema_decay": 0}}, "train.ema_decay"),
 ])
 def test_ranges_are_checked(overrides, match):
     with pytest.raises(SimclrPathError, match=match):

@@ -483,3 +483,25 @@ def test_heatmap_inputs_with_damaged_coordinates_or_scores_give_one_line(cohort,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0], err
     assert not (tmp_path / "h.png").exists()
+
+
+def test_tsne_categories_are_drawn_interleaved_not_one_over_another():
+    import matplotlib.pyplot as plt
+
+    from simclr_path.figures import OKABE_ITO, _scatter_by
+
+    fig, ax = plt.subplots()
+    cats = pd.Series(["a"] * 50 + ["b"] * 50)
+    xy = np.random.default_rng(0).normal(size=(100, 2))
+    _scatter_by(ax, xy, cats, "label")
+    drawn = [c for c in ax.collections if len(c.get_offsets())]
+    assert len(drawn) == 1 and len(drawn[0].get_offsets()) == 100
+    faces = drawn[0].get_facecolors()[:, :3]
+    blue = np.isclose(faces, plt.matplotlib.colors.to_rgb(OKABE_ITO[0])).all(axis=1)
+    # each point keeps its category's colour, and "b" is not simply drawn after all of "a"
+    assert blue.sum() == 50 and 0 < blue[50:].sum() < 50
+    offsets = np.asarray(drawn[0].get_offsets())
+    for p, is_a in zip(offsets, blue):
+        assert is_a == (np.flatnonzero((xy == p).all(axis=1))[0] < 50)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+    plt.close(fig)

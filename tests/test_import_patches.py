@@ -163,3 +163,29 @@ def test_tiles_larger_than_the_limit_need_patch_size(tmp_path):
         import_patches(root, tmp_path / "p.h5", progress=False)
     res = import_patches(root, tmp_path / "p.h5", patch_size=64, progress=False)
     assert res.patch_size == 64 and res.n_patches == 2
+
+
+def test_transparent_pixels_are_composited_onto_white(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "tiles"
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = (200, 40, 120)
+    rgba[:4, :, 3] = 255  # opaque top, fully transparent (black underneath) bottom
+    rgba[4:, :, :3] = 0
+    rgba[7, :, 3] = 128  # and one half-transparent black row
+    (root / "SCC").mkdir(parents=True)
+    (root / "normal").mkdir()
+    Image.fromarray(rgba, "RGBA").save(root / "SCC" / "a.png")
+    pal = Image.fromarray(np.array([[0, 1], [1, 1]], np.uint8), "P")  # index 0 is transparent
+    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    pal.info["transparency"] = 0
+    pal.resize((8, 8), Image.NEAREST).save(root / "normal" / "b.png", transparency=0)
+    g16 = Image.fromarray(np.full((8, 8), 30000, np.uint16))  # 16-bit grey with a transparent value
+    assert g16.mode.startswith("I")
+    g16.save(root / "normal" / "c.png", transparency=0)
+    s = PatchStore(import_patches(root, tmp_path / "p.h5", progress=False).path)
+    assert (s[0][:4] == (200, 40, 120)).all() and (s[0][4:7] == 255).all()
+    assert (s[2] == 30000 >> 8).all()  # scaled to 8 bits as OpenCV does, not clipped to white
+    assert (s[0][7] == 127).all()  # 0 * 128/255 + 255 * 127/255
+    assert (s[1][:4, :4] == 255).all() and (s[1][4:, 4:] == (10, 20, 30)).all()

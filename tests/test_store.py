@@ -57,6 +57,24 @@ def test_numpy_bool_attributes_round_trip(tmp_path):
     assert PatchStore(tmp_path / "x.h5").attrs["flag"] is False
 
 
+def test_none_and_the_string_none_are_told_apart(tmp_path):
+    attrs = {"slide_id": "none", "mpp": None, "names": ["none", "b"]}
+    with PatchStoreWriter(tmp_path / "x.h5", patch_size=8, attrs=attrs):
+        pass
+    write_embeddings(tmp_path / "e.h5", np.zeros((1, 2), np.float32), np.zeros((1, 2)), attrs=attrs)
+    for got in (PatchStore(tmp_path / "x.h5").attrs, EmbeddingStore(tmp_path / "e.h5").attrs):
+        assert got["slide_id"] == "none" and got["mpp"] is None and got["names"] == ["none", "b"]
+    for name in ("x.h5", "e.h5"):  # a store of format 1 wrote None as "none"
+        with h5py.File(tmp_path / name, "r+") as f:
+            f.attrs["format_version"], f.attrs["mpp"] = 1, "none"
+    assert PatchStore(tmp_path / "x.h5").attrs["mpp"] is None
+    assert EmbeddingStore(tmp_path / "e.h5").attrs["mpp"] is None
+    with h5py.File(tmp_path / "e.h5", "r+") as f:
+        f.attrs["format_version"] = 3
+    with pytest.raises(SimclrPathError, match="embedding format 3 is newer .* upgrade simclr-path"):
+        EmbeddingStore(tmp_path / "e.h5")
+
+
 def test_existing_output_needs_force(make_store):
     path = make_store(n=2, size=8)
     with pytest.raises(SimclrPathError, match="--force"), PatchStoreWriter(path, patch_size=8):
@@ -102,3 +120,14 @@ def test_a_file_lock_failure_is_not_called_truncation(make_store, monkeypatch):
     monkeypatch.setattr(h5py, "File", locked)
     with pytest.raises(SimclrPathError, match="cannot lock the patch store.*HDF5_USE_FILE_LOCKING=FALSE"):
         PatchStore(path)
+
+
+def test_embedding_rows_read_from_disk_in_any_order(tmp_path):
+    feats = np.arange(20, dtype=np.float32).reshape(10, 2)
+    write_embeddings(tmp_path / "e.h5", feats, np.zeros((10, 2)), attrs={"slide_id": "S"})
+    s = EmbeddingStore(tmp_path / "e.h5", features=False)
+    assert s.features is None and s.shape == (10, 2) and len(s) == 10
+    rows = np.array([7, 2, 7, 0])
+    np.testing.assert_array_equal(s.read_rows(rows), feats[rows])
+    assert s.read_rows(np.array([], np.int64)).shape == (0, 2)
+    np.testing.assert_array_equal(EmbeddingStore(tmp_path / "e.h5").features, feats)

@@ -100,6 +100,16 @@ def test_tissue_fractions_match_brute_force():
     assert tissue_fractions(mask, MPP, np.zeros(0), np.zeros(0), size, level0_mpp).size == 0
 
 
+def test_tissue_fractions_scale_each_axis_by_the_mask_shape():
+    # a 1000 x 1100 level 0 whose mask came out 100 x 100 (per-axis rounding, here exaggerated):
+    # its top half is tissue, so the level-0 box at y 450-550 is tissue above y 550 only
+    mask = np.zeros((100, 100), bool)
+    mask[:50] = True
+    args = (mask, 5.0, np.array([0]), np.array([450]), 100.0, 0.5)  # 5 um/px = 0.5 um/px / 0.1
+    assert tissue_fractions(*args)[0] == pytest.approx(0.5)  # the horizontal scale on both axes
+    assert tissue_fractions(*args, level0_size=(1000, 1100))[0] == pytest.approx(1.0)
+
+
 def test_patch_filters():
     rng = np.random.default_rng(0)
     tissue = rng.integers(60, 200, (32, 32, 3), dtype=np.uint8)

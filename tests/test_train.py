@@ -631,3 +631,46 @@ def test_cuda_mixed_precision_is_bf16_only_with_bf16_tensor_cores(capability, dt
     cuda = torch.device("cuda", 0)
     assert T.amp_mode(_cfg().train, cuda) == getattr(torch, dtype)
     assert _use_bf16(EmbedConfig(), cuda) == (dtype == "bfloat16")
+
+
+def test_weight_average_is_the_saved_encoder(stores, tmp_path, monkeypatch):
+    """train.ema_decay: step 1 copies the weights, each later step averages them in; training
+    itself is unchanged, and encoder.pt holds the average."""
+    saved = []
+    real = T.save_checkpoint
+    monkeypatch.setattr(T, "save_checkpoint", lambda path, state: (
+        saved.append({k: {n: v.clone() for n, v in state[k].items()} for k in ("model", "ema")}),
+        real(path, state)))
+    d = 0.9
+    T.pretrain(stores, tmp_path / "ema", _cfg(max_steps=3, checkpoint_every=1, ema_decay=d), progress=False)
+    (w1, e1), (w2, e2), (w3, e3) = [(s["model"], s["ema"]) for s in saved]  # steps 1, 2 and the end
+    floats = [k for k in w1 if w1[k].is_floating_point()]
+    assert floats and all(torch.equal(e1[k], w1[k]) for k in floats)
+    assert all(torch.allclose(e2[k], d * w1[k] + (1 - d) * w2[k], rtol=1e-5, atol=1e-6) for k in floats)
+    expect = {k: d * (d * w1[k] + (1 - d) * w2[k]) + (1 - d) * w3[k] for k in floats}
+    assert all(torch.allclose(e3[k], expect[k], rtol=1e-5, atol=1e-6) for k in floats)
+    assert not all(torch.equal(e3[k], w3[k]) for k in floats)  # an average, not the last weights
+    enc = torch.load(tmp_path / "ema" / "encoder.pt", weights_only=True)
+    assert all(torch.equal(v, e3["backbone." + k]) for k, v in enc.items())
+    assert encoder_info(tmp_path / "ema" / "encoder.pt")["ema_decay"] == d
+    # the online weights are those of a run without the average
+    T.pretrain(stores, tmp_path / "plain", _cfg(max_steps=3), progress=False)
+    plain = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(plain["model"][k], w3[k]) for k in w3) and plain["ema"] == {}
+
+
+def test_weight_average_resumes_exactly_and_must_be_kept(stores, tmp_path, monkeypatch):
+    cfg = _cfg(max_steps=5, ema_decay=0.8)
+    T.pretrain(stores, tmp_path / "full", cfg, progress=False)
+    monkeypatch.setattr(T, "_on_step_end", lambda step: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if step == 3 else None)
+    with pytest.raises(KeyboardInterrupt):
+        T.pretrain(stores, tmp_path / "cut", cfg, progress=False)
+    monkeypatch.setattr(T, "_on_step_end", lambda step: None)
+    for other in (_cfg(max_steps=5), _cfg(max_steps=5, ema_decay=0.9)):
+        with pytest.raises(SimclrPathError, match=r"train.ema_decay \(0.8, now (None|0.9)\).*--force"):
+            T.pretrain(stores, tmp_path / "cut", other, resume=True, progress=False)
+    T.pretrain(stores, tmp_path / "cut", cfg, resume=True, progress=False)
+    a = torch.load(tmp_path / "full" / "encoder.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "encoder.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

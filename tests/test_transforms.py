@@ -228,3 +228,33 @@ def test_cpu_chunks_equal_whole_batch_and_out_buffer():
     assert got is out and torch.allclose(out, one, atol=1e-6)
     with pytest.raises(ValueError):
         ColorAugment(cfg)(v, torch.Generator(), out=torch.empty(2, 3, 24, 24))
+
+
+def test_no_blocking_host_to_device_copy_per_batch(monkeypatch):
+    """On a GPU a blocking ``.to`` waits for all queued kernels; the per-sample parameters must
+    go over without one. Every host-to-device copy goes through ``_to``, checked on the "meta"
+    device (the same code path as CUDA, no GPU), and ``_to`` copies to CUDA without blocking."""
+    import sys
+
+    import simclr_path.transforms as tr
+
+    callers = []
+    real = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type == "meta":
+            callers.append(sys._getframe(1).f_code.co_name)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    cfg = AugmentConfig(image_size=16, stain_p=0.5, color_p=0.5, blur_p=0.5, grayscale_p=0.5)
+    views = torch.zeros(8, 3, 16, 16, dtype=torch.uint8, device="meta")
+    out = ColorAugment(cfg)(views, torch.Generator().manual_seed(0))
+    assert out.device.type == "meta" and out.shape == (8, 3, 16, 16)
+    assert callers and set(callers) == {"_to"}
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(k) or self)
+    tr._to(torch.zeros(3), torch.device("cuda", 0))
+    tr._to(torch.zeros(3), torch.device("cpu"), torch.float64)
+    assert [c["non_blocking"] for c in calls] == [True, False]

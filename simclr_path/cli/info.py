@@ -25,7 +25,7 @@ def summary(path: Path) -> list[str]:
     import numpy as np
 
     from simclr_path.errors import SimclrPathError
-    from simclr_path.store import _read_attr, open_h5
+    from simclr_path.store import open_h5, read_attrs
 
     if path.is_dir():
         raise SimclrPathError(f"{path}: is a folder; give a patch store or embedding file (.h5)")
@@ -41,7 +41,7 @@ def summary(path: Path) -> list[str]:
         raise SimclrPathError(f"{path}: not a readable HDF5 file ({hint})") from None
     try:
         with f:
-            attrs = {k: _read_attr(v) for k, v in f.attrs.items()}
+            attrs = read_attrs(f.attrs)
             if "patches" in f:
                 what, data = "patch store", f["patches"]
             elif "features" in f:
