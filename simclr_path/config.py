@@ -368,7 +368,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "gpu": {
         "augment": {"image_size": 224},
         "model": {"arch": "resnet50"},
-        "train": {"batch_size": 512, "optimizer": "lars", "lr": 0.3, "lr_scaling": "linear",
+        # 256 pairs per process: about 21 GiB of activations in bf16 (benchmarks/bench_memory.py),
+        # so a 40 GB card holds it; 512 needs about 42 GiB, an 80 GB card. More pairs come from
+        # more processes (torchrun); the LR scales with the global batch
+        "train": {"batch_size": 256, "optimizer": "lars", "lr": 0.3, "lr_scaling": "linear",
                   "weight_decay": 1e-6, "warmup_epochs": 10.0, "temperature": 0.1, "compile": True},
     },
 }

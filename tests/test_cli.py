@@ -82,3 +82,30 @@ def test_text_options_are_not_taken_for_paths(tmp_path, capsys):
     # a --title that happens to name the output file is a title, not an input
     assert main(["plot-loss", str(tmp_path), "--out", str(out), "--title", str(out), "--force"]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("command, hint", [("pretrain", "lower train.batch_size"),
+                                           ("embed", "lower embed.batch_size")])
+def test_a_gpu_out_of_memory_is_one_line_with_what_to_lower(command, hint, tmp_path, capsys, monkeypatch):
+    import torch
+
+    import simclr_path.embed
+    import simclr_path.train
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\\nGPU 0 ...")
+
+    monkeypatch.setattr(simclr_path.train, "pretrain", oom)
+    monkeypatch.setattr(simclr_path.embed, "embed_store", oom)
+    store = tmp_path / "s.h5"
+    store.write_bytes(b"")
+    argv = {"pretrain": ["pretrain", str(store), "--out", str(tmp_path / "run"), "--no-progress"],
+            "embed": ["embed", str(store), "--encoder", str(tmp_path / "encoder.pt"), "--out", str(tmp_path / "e.h5")]}
+    rc, err = _err(argv[command], capsys)
+    assert rc == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"simclr-path {command}: error: the GPU ran out of memory (CUDA out of memory.")
+    assert hint in err
+    with pytest.raises(RuntimeError, match="not memory"):  # any other error is not disguised as one
+        monkeypatch.setattr(simclr_path.train, "pretrain", lambda *a, **k: (_ for _ in ()).throw(
+            RuntimeError("not memory")))
+        main(argv["pretrain"])

@@ -109,6 +109,20 @@ def check_output_paths(args: argparse.Namespace) -> None:
                         "elsewhere")
 
 
+# what to lower when a GPU runs out of memory, by command
+_GPU_MEMORY_HINTS = {
+    "pretrain": "lower train.batch_size (--batch-size, pairs per process) or augment.image_size, "
+                "or spread the batch over more GPUs with torchrun",
+    "embed": "lower embed.batch_size (--batch-size)",
+    "finetune": "lower finetune.batch_size in the config",
+}
+
+
+def _gpu_out_of_memory(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # never imported here: only a command that used it can fail so
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -121,6 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"simclr-path {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not _gpu_out_of_memory(exc):
+            raise
+        hint = _GPU_MEMORY_HINTS.get(args.command, "lower the batch size")
+        print(f"simclr-path {args.command}: error: the GPU ran out of memory "
+              f"({str(exc).splitlines()[0][:200]}); {hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
