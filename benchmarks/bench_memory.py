@@ -3,8 +3,11 @@
 Counts the bytes autograd saves for the backward pass in one training forward (the activations,
 the bulk of training memory) of the preset's model at its view sizes under the chosen autocast
 dtype, for a batch of n and of 2n images; the difference over n is the cost of one image. Adds the
-weights, gradients and optimiser state. A lower bound: cuDNN workspaces, the allocator's slack
-and the NT-Xent similarity matrix (small next to the activations) come on top.
+weights, gradients and optimiser state. An estimate for eager mode: cuDNN workspaces, the
+allocator's slack, the input batch and the augmentation buffers come on top, while
+``torch.compile`` may recompute some activations and keep less. CPU autocast keeps the dtypes
+CUDA's does for ResNets; CUDA runs LayerNorm and softmax in float32, so ConvNeXt or ViT models
+are undercounted.
 
     python benchmarks/bench_memory.py [--preset gpu] [--arch resnet50] [--image-size 224]
                                       [--amp bf16|fp16|fp32] [--batch-sizes 128,256,512]
@@ -88,7 +91,7 @@ def main() -> None:
         act = b * est["per_pair"] / gib
         print(f"{b:>18} {act:>16.1f} {act + est['model_state'] / gib:>18.1f}"
               + ("  <- the preset" if b == cfg.train.batch_size else ""))
-    print("a lower bound: cuDNN workspaces and the allocator's slack come on top")
+    print("eager mode; cuDNN workspaces, the allocator's slack and the input batch come on top")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,16 @@ def read_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
     return {k: _read_attr(v, legacy) for k, v in attrs.items()}
 
 
+def _check_version(path: Path, attrs: dict[str, Any], what: str) -> None:
+    v = attrs.get("format_version")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+        raise SimclrPathError(f"{path}: format_version {v!r} is not a version number; recreate the "
+                              "file with simclr-path (--force)")
+    if int(v) > FORMAT_VERSION:
+        raise SimclrPathError(f"{path}: {what} format {int(v)} is newer than this simclr-path "
+                              f"({FORMAT_VERSION}); upgrade simclr-path")
+
+
 def _read_attr(v: Any, legacy: bool = False) -> Any:
     if isinstance(v, h5py.Empty):
         return None
@@ -287,9 +297,7 @@ class PatchStore:
                 [g.decode() if isinstance(g, bytes) else g for g in f["groups"][:]] if "groups" in f else None)
         except (OSError, KeyError) as exc:
             raise SimclrPathError(f"{self.path}: patch store is damaged ({exc}); recreate it with --force") from None
-        if int(self.attrs["format_version"]) > FORMAT_VERSION:
-            raise SimclrPathError(f"{self.path}: store format {self.attrs['format_version']} is newer than "
-                                  f"this simclr-path ({FORMAT_VERSION}); upgrade simclr-path")
+        _check_version(self.path, self.attrs, "store")
 
     @property
     def path(self) -> Path:
@@ -389,6 +397,7 @@ class EmbeddingStore:
         try:
             self.path = Path(path)
             self.attrs: dict[str, Any] = read_attrs(f.attrs)
+            _check_version(self.path, self.attrs, "embedding")  # before reading what may differ
             self.shape: tuple[int, int] = tuple(f["features"].shape)  # (N, D)
             self.features: np.ndarray | None = f["features"][:] if features else None
             self.coords: np.ndarray = f["coords"][:]
@@ -399,9 +408,6 @@ class EmbeddingStore:
             raise SimclrPathError(f"{path}: embedding file is damaged ({exc}); recreate it with --force") from None
         finally:
             h5.close()
-        if int(self.attrs["format_version"]) > FORMAT_VERSION:
-            raise SimclrPathError(f"{path}: embedding format {self.attrs['format_version']} is newer "
-                                  f"than this simclr-path ({FORMAT_VERSION}); upgrade simclr-path")
 
     @property
     def slide_id(self) -> str:

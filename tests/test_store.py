@@ -73,6 +73,11 @@ def test_none_and_the_string_none_are_told_apart(tmp_path):
         f.attrs["format_version"] = 3
     with pytest.raises(SimclrPathError, match="embedding format 3 is newer .* upgrade simclr-path"):
         EmbeddingStore(tmp_path / "e.h5")
+    for value, match in ((3, "store format 3 is newer"), ("two", "format_version 'two' is not a version")):
+        with h5py.File(tmp_path / "x.h5", "r+") as f:
+            f.attrs["format_version"] = value
+        with pytest.raises(SimclrPathError, match=match):
+            PatchStore(tmp_path / "x.h5")
 
 
 def test_existing_output_needs_force(make_store):

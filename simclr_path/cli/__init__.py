@@ -111,16 +111,24 @@ def check_output_paths(args: argparse.Namespace) -> None:
 
 # what to lower when a GPU runs out of memory, by command
 _GPU_MEMORY_HINTS = {
-    "pretrain": "lower train.batch_size (--batch-size, pairs per process) or augment.image_size, "
-                "or spread the batch over more GPUs with torchrun",
+    "pretrain": "lower train.batch_size (--batch-size, pairs per process; add processes with "
+                "torchrun to keep the global batch) or augment.image_size",
     "embed": "lower embed.batch_size (--batch-size)",
     "finetune": "lower finetune.batch_size in the config",
 }
 
 
-def _gpu_out_of_memory(exc: BaseException) -> bool:
+def _gpu_out_of_memory(exc: BaseException) -> BaseException | None:
+    """The CUDA out-of-memory error behind ``exc`` (itself, or what it was raised from, as
+    torch.compile's backend errors are), or None."""
     torch = sys.modules.get("torch")  # never imported here: only a command that used it can fail so
-    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+    seen = set()
+    while torch is not None and exc is not None and id(exc) not in seen:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,13 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"simclr-path {args.command}: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
-        if not _gpu_out_of_memory(exc):
+    except Exception as exc:
+        oom = _gpu_out_of_memory(exc)
+        if oom is None:
             raise
         hint = _GPU_MEMORY_HINTS.get(args.command, "lower the batch size")
-        print(f"simclr-path {args.command}: error: the GPU ran out of memory "
-              f"({str(exc).splitlines()[0][:200]}); {hint}", file=sys.stderr)
-        return 1
+        detail = (str(oom).splitlines() or [""])[0][:200]
+        print(f"simclr-path {args.command}: error: the GPU ran out of memory ({detail}); {hint}",
+              file=sys.stderr)
+        return SimclrPathError.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover
