@@ -130,6 +130,23 @@ def _on_white(buf: np.ndarray) -> np.ndarray | None:
     return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
 
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    """8-bit samples of a decoded image. 16-bit files often hold 10-, 12- or 14-bit camera
+    samples, which a plain shift by 8 bits would leave nearly black; in a brightfield tile the
+    largest sample (background or eosin) lies near the top of the range, so it gives the depth.
+    Float images are taken as 0-1 (0-255 where a sample exceeds 1)."""
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        top = int(img.max())
+        bits = next(b for b in (8, 10, 12, 14, 16) if top < 1 << b)
+        scale = 255.0 / ((1 << bits) - 1)
+    else:
+        img = np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if float(img.max()) <= 1.0 else 1.0
+    return np.clip(np.rint(img.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+
+
 def _read_tile(path: Path, patch_size: int | None) -> np.ndarray:
     """RGB uint8 (S, S, 3); centre-cropped to a square and resized when ``patch_size`` is set."""
     try:
@@ -138,10 +155,10 @@ def _read_tile(path: Path, patch_size: int | None) -> np.ndarray:
         raise SimclrPathError(f"{path}: cannot read tile ({exc.strerror})") from None
     img = _on_white(buf) if buf[:3].tobytes() != b"\xff\xd8\xff" else None  # JPEG: no alpha
     if img is None:
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if buf.size else None
         if img is None:
             raise SimclrPathError(f"{path}: not a readable image; remove or replace this tile")
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        img = cv2.cvtColor(_to_uint8(img), cv2.COLOR_BGR2RGB)
     if patch_size is None:
         return img
     h, w = img.shape[:2]

@@ -189,3 +189,21 @@ def test_transparent_pixels_are_composited_onto_white(tmp_path):
     assert (s[2] == 30000 >> 8).all()  # scaled to 8 bits as OpenCV does, not clipped to white
     assert (s[0][7] == 127).all()  # 0 * 128/255 + 255 * 127/255
     assert (s[1][:4, :4] == 255).all() and (s[1][4:, 4:] == (10, 20, 30)).all()
+
+
+def test_high_bit_depth_tiles_are_scaled_by_their_depth(tmp_path):
+    """12-bit camera samples in a 16-bit TIFF fill the 8-bit range, as do full 16-bit ones;
+    float tiles are read as 0-1."""
+    root = tmp_path / "tiles"
+    (root / "SCC").mkdir(parents=True)
+    (root / "normal").mkdir()
+    rgb = np.array([[[4095, 2048, 0]]], np.uint16).repeat(4, 0).repeat(4, 1)  # 12-bit samples
+    assert cv2.imwrite(str(root / "SCC" / "a12.tif"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert cv2.imwrite(str(root / "SCC" / "b16.tif"),
+                       cv2.cvtColor(rgb * 16 + 15, cv2.COLOR_RGB2BGR))  # the same, 16-bit
+    f = np.array([[[1.0, 0.5, 0.0]]], np.float32).repeat(4, 0).repeat(4, 1)
+    assert cv2.imwrite(str(root / "normal" / "c.tif"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    s = PatchStore(import_patches(root, tmp_path / "p.h5", progress=False).path)
+    want = np.array([255, 128, 0], np.uint8)
+    for i in range(3):
+        assert s[i].dtype == np.uint8 and (s[i] == want).all(), (s.names[i], s[i][0, 0])

@@ -677,10 +677,12 @@ def test_weight_average_resumes_exactly_and_must_be_kept(stores, tmp_path, monke
 
 
 def test_the_cpu_fast_preset_trains_as_shipped(stores, tmp_path):
-    """RegNetX-400MF with 4 local crops (quality study 18): its views fit its output stride."""
+    """RegNetX-400MF with 4 local crops (quality study 18) at AdamW 4e-3 (study 19): its views
+    fit its output stride."""
     cfg = load_config(preset="cpu-fast", overrides={
         "augment": {"image_size": 32, "local_size": 32},
         "train": {"max_steps": 2, "batch_size": 4, "workers": 0, "tensorboard": False}})
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.lr_scaling) == ("adamw", 4e-3, "none")
     summary = T.pretrain(stores, tmp_path / "run", cfg, progress=False)
     assert summary["arch"] == "regnetx_004" and summary["local_crops"] == 4 and summary["steps"] == 2
     assert load_encoder(tmp_path / "run").num_features == 384
