@@ -144,7 +144,7 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     else:
         img = np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
         scale = 255.0 if float(img.max()) <= 1.0 else 1.0
-    return np.clip(np.rint(img.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(img.astype(np.float32, copy=False) * scale), 0, 255).astype(np.uint8)
 
 
 def _read_tile(path: Path, patch_size: int | None) -> np.ndarray:
