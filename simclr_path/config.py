@@ -363,7 +363,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # which is >95% of a CPU step (benchmarks/README.md, Pretraining)
         # AdamW at 4e-3: with RegNetX-400MF higher AUROC than 2e-3 in 14 of 15 paired splits (two
         # seeds of multi-crop, one of the two-view fallback; +0.006 to +0.011, balanced accuracy
-        # +0.007 to +0.019; quality study 19); 2e-3 had beaten 1e-3 with ResNet-18 (study 5)
+        # +0.007 to +0.019; quality study 19); 2e-3 had beaten 1e-3 with ResNet-18 (study 5);
+        # 6e-3 was better or level at 450 steps, worse at 600 (study 20), where the target is nearest
         # budget_min_steps 250: where the time budget buys fewer steps of those views (a 2-core CPU
         # without native bf16: 55-107 in 600 s; with 55, worse than random init), cheaper views
         # are trained instead: there two 96 px views got 273 steps, above both baselines (study 6)
