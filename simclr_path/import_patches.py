@@ -111,6 +111,20 @@ def read_groups(csv: str | os.PathLike, tiles: list[str]) -> list[str]:
 MAX_PATCH_SIZE = 4096
 
 
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _on_white_16(buf: np.ndarray) -> np.ndarray | None:
+    """RGB uint8 of a 16-bit PNG with an alpha channel (IHDR bit depth 16, colour type 4 or 6),
+    colour scaled by its depth as ``_to_uint8`` does, composited onto white."""
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # BGRA uint16 (grey + alpha comes as BGRA too)
+    if img is None or img.ndim != 3 or img.shape[2] != 4:
+        return None
+    alpha = img[..., 3:].astype(np.float32) / 65535.0
+    rgb = _to_uint8(np.ascontiguousarray(img[..., 2::-1])).astype(np.float32)
+    return np.rint(rgb * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+
+
 def _on_white(buf: np.ndarray) -> np.ndarray | None:
     """RGB uint8 of an image with transparency (alpha channel or a transparent palette colour),
     composited onto white, as slide background is; None for an image without (OpenCV's
@@ -123,6 +137,8 @@ def _on_white(buf: np.ndarray) -> np.ndarray | None:
                 return None
             if im.mode.startswith(("I", "F")):  # 16-bit / float: Pillow would clip, not scale
                 return None
+            if buf[:8].tobytes() == _PNG and buf.size > 25 and buf[24] == 16 and buf[25] in (4, 6):
+                return _on_white_16(buf)  # 16-bit grey/RGB + alpha: Pillow reads it at 8 bits
             rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"), dtype=np.float32)
     except Exception:  # noqa: BLE001 -- not an image Pillow reads: OpenCV decides
         return None

@@ -207,3 +207,17 @@ def test_high_bit_depth_tiles_are_scaled_by_their_depth(tmp_path):
     want = np.array([255, 128, 0], np.uint8)
     for i in range(3):
         assert s[i].dtype == np.uint8 and (s[i] == want).all(), (s.names[i], s[i][0, 0])
+
+
+def test_16_bit_png_with_alpha_keeps_its_depth(tmp_path):
+    """12-bit samples in a 16-bit RGBA PNG are scaled by their depth, transparent pixels white."""
+    root = tmp_path / "tiles"
+    (root / "SCC").mkdir(parents=True)
+    (root / "normal").mkdir()
+    bgra = np.zeros((4, 4, 4), np.uint16)
+    bgra[..., 2], bgra[..., 1], bgra[..., 3] = 4095, 2048, 65535  # R 4095, G 2048, B 0, opaque
+    bgra[2:, :, 3] = 0  # bottom half transparent
+    assert cv2.imwrite(str(root / "SCC" / "a.png"), bgra)
+    assert cv2.imwrite(str(root / "normal" / "b.png"), np.full((4, 4, 3), 255, np.uint8))
+    s = PatchStore(import_patches(root, tmp_path / "p.h5", progress=False).path)
+    assert (s[0][:2] == (255, 128, 0)).all() and (s[0][2:] == 255).all(), s[0][:, 0]
