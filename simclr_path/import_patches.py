@@ -42,6 +42,7 @@ class ImportResult:
     label_names: list[str]
     counts: dict[str, int]  # tiles per class
     n_groups: int  # distinct groups (0 without a groups CSV)
+    bit_depth: int | None = None  # depth 16-bit samples were scaled from (None: no 16-bit tiles)
 
 
 def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -114,18 +115,18 @@ MAX_PATCH_SIZE = 4096
 _PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _on_white_16(buf: np.ndarray) -> np.ndarray | None:
+def _on_white_16(buf: np.ndarray, bits: int | None, where: Path) -> np.ndarray | None:
     """RGB uint8 of a 16-bit PNG with an alpha channel (IHDR bit depth 16, colour type 4 or 6),
     colour scaled by its depth as ``_to_uint8`` does, composited onto white."""
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # BGRA uint16 (grey + alpha comes as BGRA too)
     if img is None or img.ndim != 3 or img.shape[2] != 4:
         return None
     alpha = img[..., 3:].astype(np.float32) / 65535.0
-    rgb = _to_uint8(np.ascontiguousarray(img[..., 2::-1])).astype(np.float32)
+    rgb = _to_uint8(np.ascontiguousarray(img[..., 2::-1]), bits, where).astype(np.float32)
     return np.rint(rgb * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
 
-def _on_white(buf: np.ndarray) -> np.ndarray | None:
+def _on_white(buf: np.ndarray, bits: int | None, where: Path) -> np.ndarray | None:
     """RGB uint8 of an image with transparency (alpha channel or a transparent palette colour),
     composited onto white, as slide background is; None for an image without (OpenCV's
     decoder, which drops alpha and would leave transparent pixels black, reads those)."""
@@ -138,7 +139,7 @@ def _on_white(buf: np.ndarray) -> np.ndarray | None:
             if im.mode.startswith(("I", "F")):  # 16-bit / float: Pillow would clip, not scale
                 return None
             if buf[:8].tobytes() == _PNG and buf.size > 25 and buf[24] == 16 and buf[25] in (4, 6):
-                return _on_white_16(buf)  # 16-bit grey/RGB + alpha: Pillow reads it at 8 bits
+                return _on_white_16(buf, bits, where)  # Pillow would read it at 8 bits
             rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"), dtype=np.float32)
     except Exception:  # noqa: BLE001 -- not an image Pillow reads: OpenCV decides
         return None
@@ -146,16 +147,28 @@ def _on_white(buf: np.ndarray) -> np.ndarray | None:
     return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
 
-def _to_uint8(img: np.ndarray) -> np.ndarray:
+DEPTHS = (8, 10, 12, 14, 16)  # sample depths of cameras that write 16-bit files
+
+
+def _depth_of(top: int) -> int:
+    """The smallest camera depth whose range holds the sample ``top``."""
+    return next(b for b in DEPTHS if top < 1 << b)
+
+
+def _to_uint8(img: np.ndarray, bits: int | None = None, where: Path | None = None) -> np.ndarray:
     """8-bit samples of a decoded image. 16-bit files often hold 10-, 12- or 14-bit camera
-    samples, which a plain shift by 8 bits would leave nearly black; in a brightfield tile the
-    largest sample (background or eosin) lies near the top of the range, so it gives the depth.
-    Float images are taken as 0-1 (0-255 where a sample exceeds 1)."""
+    samples, which a plain shift by 8 bits would leave nearly black, so 16-bit samples are
+    scaled from ``bits`` (the dataset's depth, see :func:`scan_depth`; None: this tile's own,
+    from its largest sample). Float images are taken as 0-1 (0-255 where a sample exceeds 1)."""
     if img.dtype == np.uint8:
         return img
     if img.dtype == np.uint16:
         top = int(img.max())
-        bits = next(b for b in (8, 10, 12, 14, 16) if top < 1 << b)
+        if bits is None:
+            bits = _depth_of(top)
+        elif top >= 1 << bits:
+            raise SimclrPathError(f"{where}: sample {top} does not fit {bits} bits; pass a larger "
+                                  f"--bit-depth (at least {_depth_of(top)}) or leave it out")
         scale = 255.0 / ((1 << bits) - 1)
     else:
         img = np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
@@ -163,18 +176,71 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(img.astype(np.float32, copy=False) * scale), 0, 255).astype(np.uint8)
 
 
-def _read_tile(path: Path, patch_size: int | None) -> np.ndarray:
-    """RGB uint8 (S, S, 3); centre-cropped to a square and resized when ``patch_size`` is set."""
+_TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _sixteen_bit(path: Path) -> bool:
+    """Whether a tile holds 16-bit integer samples, from its header alone (PNG IHDR, TIFF tags)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(26)
+        if head[:8] == _PNG:
+            return len(head) > 24 and head[24] == 16
+        if head[:4] in _TIFF:
+            from PIL import Image
+
+            with Image.open(path) as im:  # reads the first IFD, not the pixels
+                tags = im.tag_v2
+                bps = tags.get(258, 1)
+                fmt = tags.get(339, 1)  # SampleFormat: 1 unsigned integer, 3 float
+                return 16 in (bps if isinstance(bps, tuple) else (bps,)) and \
+                    (fmt if isinstance(fmt, int) else fmt[0]) == 1
+    except Exception:  # noqa: BLE001 -- unreadable here: the decoder reports it when importing
+        return False
+    return False
+
+
+def scan_depth(folder: Path, names: list[str], workers: int = 2, progress: bool = True) -> int | None:
+    """The sample depth of a dataset's 16-bit tiles (10, 12, 14 or 16), from the largest sample
+    over all of them; None when no tile is 16-bit. One depth for the whole dataset keeps tiles
+    comparable: a tile's own largest sample would brighten a genuinely dark tile 4-fold."""
+    from tqdm.auto import tqdm
+
+    def top(name: str) -> int:
+        path = folder / name
+        if not _sixteen_bit(path):
+            return -1
+        try:  # np.fromfile: cv2.imread cannot open non-ASCII paths on Windows
+            img = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        except OSError:
+            return -1
+        if img is None or img.dtype != np.uint16:
+            return -1  # the import reports an unreadable tile with its path
+        if img.ndim == 3 and img.shape[2] in (2, 4):
+            img = img[..., :-1]  # alpha is not a colour sample
+        return int(img.max())
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        tops = list(tqdm(pool.map(top, names), total=len(names), unit="tile",
+                         desc=f"sample depth {folder.name}", disable=None if progress else True,
+                         dynamic_ncols=True))
+    best = max(tops, default=-1)
+    return _depth_of(best) if best >= 0 else None
+
+
+def _read_tile(path: Path, patch_size: int | None, bits: int | None = None) -> np.ndarray:
+    """RGB uint8 (S, S, 3); centre-cropped to a square and resized when ``patch_size`` is set;
+    16-bit samples scaled from ``bits`` (see :func:`_to_uint8`)."""
     try:
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise SimclrPathError(f"{path}: cannot read tile ({exc.strerror})") from None
-    img = _on_white(buf) if buf[:3].tobytes() != b"\xff\xd8\xff" else None  # JPEG: no alpha
+    img = _on_white(buf, bits, path) if buf[:3].tobytes() != b"\xff\xd8\xff" else None  # JPEG
     if img is None:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if buf.size else None
         if img is None:
             raise SimclrPathError(f"{path}: not a readable image; remove or replace this tile")
-        img = cv2.cvtColor(_to_uint8(img), cv2.COLOR_BGR2RGB)
+        img = cv2.cvtColor(_to_uint8(img, bits, path), cv2.COLOR_BGR2RGB)
     if patch_size is None:
         return img
     h, w = img.shape[:2]
@@ -190,7 +256,8 @@ def _read_tile(path: Path, patch_size: int | None) -> np.ndarray:
 
 def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
                    patch_size: int | None = None, groups_csv: str | os.PathLike | None = None,
-                   force: bool = False, progress: bool = True, workers: int = 2) -> ImportResult:
+                   force: bool = False, progress: bool = True, workers: int = 2,
+                   bit_depth: int | None = None) -> ImportResult:
     """Write a patch store from a folder of labelled tiles.
 
     Args:
@@ -203,23 +270,29 @@ def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
         force: overwrite ``out``.
         progress: progress bar on stderr.
         workers: decoding threads.
+        bit_depth: depth of the samples in 16-bit tiles (e.g. 12 for a 12-bit camera); None
+            reads every 16-bit tile's largest sample first and takes the smallest of 10, 12, 14
+            and 16 bits that holds them all.
 
     Store: ``/patches`` (N, S, S, 3) uint8, ``/coords`` (N, 2) = -1, ``/labels`` (N,),
     ``/groups`` (N,) ("" without a CSV), ``/names`` (N,); attrs ``kind="patches"``,
-    ``label_names``, ``source_path``.
+    ``label_names``, ``source_path``, ``bit_depth``.
     """
     from tqdm.auto import tqdm
 
     folder = Path(folder)
     if patch_size is not None and not 8 <= patch_size <= MAX_PATCH_SIZE:
         raise SimclrPathError(f"--patch-size must be between 8 and {MAX_PATCH_SIZE}, got {patch_size}")
+    if bit_depth is not None and not 8 <= bit_depth <= 16:
+        raise SimclrPathError(f"--bit-depth must be between 8 and 16, got {bit_depth}")
     check_can_write(out, force)
     classes, tiles = list_tiles(folder)
     names = [t for t, _ in tiles]
     labels = np.array([lab for _, lab in tiles], dtype=np.int64)
     groups = read_groups(groups_csv, names) if groups_csv is not None else [""] * len(names)
+    bits = bit_depth if bit_depth is not None else scan_depth(folder, names, workers, progress)
 
-    first = _read_tile(folder / names[0], patch_size)
+    first = _read_tile(folder / names[0], patch_size, bits)
     size = patch_size if patch_size is not None else first.shape[0]
     if patch_size is None and first.shape[0] != first.shape[1]:
         raise SimclrPathError(f"{folder / names[0]}: tile is {first.shape[1]}x{first.shape[0]}, "
@@ -230,10 +303,11 @@ def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
     chunk_n = max(1, _CHUNK_BYTES // (size * size * 3))
     attrs = {"kind": "patches", "slide_id": _store_id(out, folder),
              "source_path": str(folder.resolve()), "mpp": None, "level0_mpp": None,
-             "stride": None, "groups_csv": str(groups_csv) if groups_csv else None}
+             "stride": None, "groups_csv": str(groups_csv) if groups_csv else None,
+             "bit_depth": bits}
 
     def load(name: str) -> np.ndarray:
-        img = _read_tile(folder / name, patch_size)
+        img = _read_tile(folder / name, patch_size, bits)
         if img.shape[:2] != (size, size):
             raise SimclrPathError(
                 f"{folder / name}: tile is {img.shape[1]}x{img.shape[0]} but {names[0]} is "
@@ -256,7 +330,7 @@ def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
         bar.close()
     counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
     n_groups = len(set(groups)) if groups_csv is not None else 0
-    return ImportResult(Path(out), len(names), size, classes, counts, n_groups)
+    return ImportResult(Path(out), len(names), size, classes, counts, n_groups, bits)
 
 
 def _store_id(out: str | os.PathLike, folder: Path) -> str:

@@ -194,19 +194,74 @@ def test_transparent_pixels_are_composited_onto_white(tmp_path):
 def test_high_bit_depth_tiles_are_scaled_by_their_depth(tmp_path):
     """12-bit camera samples in a 16-bit TIFF fill the 8-bit range, as do full 16-bit ones;
     float tiles are read as 0-1."""
+    want = np.array([255, 128, 0], np.uint8)
+    rgb = np.array([[[4095, 2048, 0]]], np.uint16).repeat(4, 0).repeat(4, 1)  # 12-bit samples
+    for depth, tile in ((12, rgb), (16, rgb * 16 + 15)):  # the same colour at 16 bits
+        root = tmp_path / f"tiles{depth}"
+        (root / "SCC").mkdir(parents=True)
+        (root / "normal").mkdir()
+        assert cv2.imwrite(str(root / "SCC" / "a.tif"), cv2.cvtColor(tile, cv2.COLOR_RGB2BGR))
+        assert cv2.imwrite(str(root / "normal" / "b.png"), cv2.cvtColor(tile, cv2.COLOR_RGB2BGR))
+        f = np.array([[[1.0, 0.5, 0.0]]], np.float32).repeat(4, 0).repeat(4, 1)
+        assert cv2.imwrite(str(root / "normal" / "c.tif"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        res = import_patches(root, tmp_path / f"p{depth}.h5", progress=False)
+        assert res.bit_depth == depth
+        s = PatchStore(res.path)
+        assert s.attrs["bit_depth"] == depth
+        for i in range(3):
+            assert s[i].dtype == np.uint8 and (s[i] == want).all(), (s.names[i], s[i][0, 0])
+
+
+def test_one_bit_depth_for_the_whole_dataset(tmp_path):
+    """A dark 12-bit tile stays dark beside a bright one (a depth per tile would brighten it
+    4-fold); --bit-depth states the depth and refuses samples that do not fit it."""
     root = tmp_path / "tiles"
     (root / "SCC").mkdir(parents=True)
     (root / "normal").mkdir()
-    rgb = np.array([[[4095, 2048, 0]]], np.uint16).repeat(4, 0).repeat(4, 1)  # 12-bit samples
-    assert cv2.imwrite(str(root / "SCC" / "a12.tif"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    assert cv2.imwrite(str(root / "SCC" / "b16.tif"),
-                       cv2.cvtColor(rgb * 16 + 15, cv2.COLOR_RGB2BGR))  # the same, 16-bit
-    f = np.array([[[1.0, 0.5, 0.0]]], np.float32).repeat(4, 0).repeat(4, 1)
-    assert cv2.imwrite(str(root / "normal" / "c.tif"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    bright = np.full((4, 4, 3), 4095, np.uint16)
+    dark = np.full((4, 4, 3), 1000, np.uint16)  # under 1024: alone it would pass for 10 bits
+    assert cv2.imwrite(str(root / "SCC" / "dark.png"), dark)
+    assert cv2.imwrite(str(root / "normal" / "bright.tif"), bright)
     s = PatchStore(import_patches(root, tmp_path / "p.h5", progress=False).path)
-    want = np.array([255, 128, 0], np.uint8)
-    for i in range(3):
-        assert s[i].dtype == np.uint8 and (s[i] == want).all(), (s.names[i], s[i][0, 0])
+    assert (s[0] == round(1000 * 255 / 4095)).all() and (s[1] == 255).all()
+
+    res = import_patches(root, tmp_path / "p14.h5", progress=False, bit_depth=14)
+    s = PatchStore(res.path)
+    assert res.bit_depth == 14 and (s[1] == round(4095 * 255 / 16383)).all()
+    with pytest.raises(SimclrPathError, match=r"bright.tif: sample 4095 does not fit 10 bits; "
+                                              r"pass a larger --bit-depth \(at least 12\)"):
+        import_patches(root, tmp_path / "p10.h5", progress=False, bit_depth=10)
+    assert not (tmp_path / "p10.h5").exists()
+    with pytest.raises(SimclrPathError, match="--bit-depth must be between 8 and 16, got 17"):
+        import_patches(root, tmp_path / "p17.h5", progress=False, bit_depth=17)
+
+
+def test_cli_bit_depth(tmp_path, capsys):
+    root = tmp_path / "tiles"
+    (root / "SCC").mkdir(parents=True)
+    (root / "normal").mkdir()
+    assert cv2.imwrite(str(root / "SCC" / "a.png"), np.full((4, 4, 3), 4095, np.uint16))
+    assert cv2.imwrite(str(root / "normal" / "b.png"), np.full((4, 4, 3), 9, np.uint8))
+    args = ["import-patches", str(root), "--out", str(tmp_path / "p.h5")]
+    assert main([*args, "--bit-depth", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a.png: sample 4095 does not fit 10 bits" in err[0], err
+    assert main(args) == 0
+    assert "16-bit samples scaled from 12 bits" in capsys.readouterr().out
+
+
+def test_16_bit_tiles_are_found_from_their_headers(tmp_path):
+    from simclr_path.import_patches import _sixteen_bit
+
+    cases = {"a.png": np.zeros((4, 4, 3), np.uint16), "b.tif": np.zeros((4, 4), np.uint16),
+             "c.png": np.zeros((4, 4, 3), np.uint8), "d.tif": np.zeros((4, 4, 3), np.uint8),
+             "e.tif": np.zeros((4, 4, 3), np.float32), "f.jpg": np.zeros((4, 4, 3), np.uint8)}
+    for name, img in cases.items():
+        assert cv2.imwrite(str(tmp_path / name), img)
+    (tmp_path / "g.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # truncated: the import reports it
+    found = {name: _sixteen_bit(tmp_path / name) for name in [*cases, "g.png"]}
+    assert found == {"a.png": True, "b.tif": True, "c.png": False, "d.tif": False,
+                     "e.tif": False, "f.jpg": False, "g.png": False}
 
 
 def test_16_bit_png_with_alpha_keeps_its_depth(tmp_path):

@@ -309,11 +309,13 @@ def test_patch_dataset_config_dry_runs(tmp_path):
     cfg = yaml.safe_load((ROOT / "config/patches.example.yaml").read_text())
     cfg["patch_datasets"]["lc25000"]["dir"] = str(LC25000)
     cfg["patch_datasets"]["lc25000"]["groups"] = str(LC25000 / "groups.csv")
+    cfg["patch_datasets"]["lc25000"]["bit_depth"] = 12
     (wf / "config" / "test.yaml").write_text(yaml.safe_dump(cfg))
-    done = smk(wf, "-n", "--cores", "2")
+    done = smk(wf, "-n", "-p", "--cores", "2")
     assert done.returncode == 0, done.stderr
     counts = job_counts(done.stdout + done.stderr)
     assert counts["import_patches"] == 1 and counts["embed"] == 1
+    assert "--patch-size 224 --groups" in done.stdout and "--bit-depth 12" in done.stdout
     assert "tile" not in counts and "plot_heatmap" not in counts
 
 

@@ -44,7 +44,7 @@ WORKFLOW_PROPERTIES: dict[str, dict[str, Any]] = {
     "patch_datasets": {
         "type": "object",
         "default": {},
-        "description": "imported patch sets: name -> {dir, groups, patch_size}; each becomes "
+        "description": "imported patch sets: name -> {dir, groups, patch_size, bit_depth}; each becomes "
         "results/patches/{name}.h5 through 'simclr-path import-patches'",
         "additionalProperties": {
             "type": "object",
@@ -61,6 +61,14 @@ WORKFLOW_PROPERTIES: dict[str, dict[str, Any]] = {
                     "type": ["integer", "null"],
                     "default": None,
                     "description": "resize tiles to this side; null = tile.patch_size",
+                },
+                "bit_depth": {
+                    "type": ["integer", "null"],
+                    "default": None,
+                    "minimum": 8,
+                    "maximum": 16,
+                    "description": "sample depth of 16-bit tiles (e.g. 12); null = the smallest "
+                    "of 10/12/14/16 bits that holds the dataset's largest sample",
                 },
             },
         },

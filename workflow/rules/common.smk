@@ -334,7 +334,10 @@ def import_args(wildcards):
     ds = PATCH_SETS[wildcards.dataset]
     size = ds.get("patch_size") or TILE_CFG.tile.patch_size
     groups = f"--groups {shlex.quote(ds['groups'])}" if ds.get("groups") else ""
-    return f"--patch-size {size} {groups}"
+    depth = (
+        f"--bit-depth {int(ds['bit_depth'])}" if ds.get("bit_depth") is not None else ""
+    )
+    return f"--patch-size {size} {groups} {depth}"
 
 
 def pretrain_command():
