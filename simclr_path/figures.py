@@ -626,8 +626,9 @@ def slide_thumbnail(
 ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """A picture of the slide behind a store's patches and its extent in level-0 pixels.
 
-    From the slide file through OpenSlide when ``source_path`` exists and opens, otherwise a
-    mosaic of the store's own patches placed at their coordinates (always possible).
+    The thumbnail stored by ``tile`` when there is one (no slide file needed), else from the
+    slide file through OpenSlide when ``source_path`` exists and opens, otherwise a mosaic of
+    the store's own patches placed at their coordinates (always possible; reads every patch).
 
     Returns:
         image: (h, w, 3) uint8; extent: (x0, x1, y1, y0) level-0 pixels, for ``imshow(extent=...)``.
@@ -636,6 +637,11 @@ def slide_thumbnail(
 
     coords = store.coords
     fp = patch_footprint(store)
+    stored, w, h = store.thumbnail, store.attrs.get("slide_width"), store.attrs.get("slide_height")
+    if stored is not None and w and h:
+        from simclr_path.tiling import shrink
+
+        return shrink(stored, max_side), (0.0, float(w), float(h), 0.0)
     src = store.attrs.get("source_path")
     if src and Path(src).is_file():
         import openslide

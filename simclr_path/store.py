@@ -7,6 +7,8 @@ Patch store (format_version 2; 1 wrote None attributes as the text "none")::
     /labels    int64  (N,)          optional: class index into attribute ``label_names``
     /groups    str    (N,)          optional: group (patient / source image) of each patch
     /names     str    (N,)          optional: source file of each imported tile
+    /thumbnail uint8  (h, w, 3)     optional: the whole slide, longer side <= 1024 px (tiled
+                                    slides; heatmaps are drawn on it without the slide file)
     attrs: format_version, kind ("slide" | "patches"), slide_id, source_path, level0_mpp, mpp,
            patch_size, stride, tissue parameters (``tissue.*``), simclr_path_version, n_patches
 
@@ -179,6 +181,17 @@ class PatchStoreWriter:
                 ds[lo:hi] = data
         self.n = hi
 
+    def set_thumbnail(self, image: np.ndarray) -> None:
+        """Store a picture of the whole slide: (h, w, 3) uint8, covering level-0 (0, 0) to
+        (slide_width, slide_height)."""
+        assert self._f is not None, "use PatchStoreWriter as a context manager"
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+            raise ValueError(f"thumbnail must be (h, w, 3) uint8, got {image.shape} {image.dtype}")
+        if "thumbnail" in self._f:
+            del self._f["thumbnail"]
+        self._f.create_dataset("thumbnail", data=image, compression="gzip", compression_opts=4)
+
     def append_encoded(self, chunks: Sequence[tuple[bytes, int]], coords: np.ndarray) -> None:
         """Append patches already compressed by :func:`encode_patch` (e.g. in worker threads).
 
@@ -325,6 +338,13 @@ class PatchStore:
         if "names" not in f:
             return None
         return [n.decode() if isinstance(n, bytes) else n for n in f["names"][:]]
+
+    @property
+    def thumbnail(self) -> np.ndarray | None:
+        """The stored picture of the whole slide, (h, w, 3) uint8, or None (imported tiles,
+        stores written before it was stored)."""
+        f = self._h5.file
+        return f["thumbnail"][:] if "thumbnail" in f else None
 
     def __len__(self) -> int:
         return self._len

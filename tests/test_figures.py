@@ -271,6 +271,25 @@ def test_thumbnail_from_slide_file(tmp_path):
     assert max(img.shape[:2]) == 256 and img.std() > 5
 
 
+def test_thumbnail_stored_by_tile_needs_no_slide_file(tmp_path):
+    import shutil
+
+    from simclr_path.config import TileConfig
+    from simclr_path.demo import make_demo_slide
+    from simclr_path.figures import slide_thumbnail
+    from simclr_path.store import PatchStore
+    from simclr_path.tiling import tile_slide
+
+    slide = make_demo_slide(tmp_path / "S1.tiff", kind="scc", seed=1, width=1536, height=1024,
+                            mpp=0.5)
+    tile_slide(slide, tmp_path / "S1.h5", TileConfig(mpp=1.0, patch_size=64), progress=False)
+    shutil.move(slide, tmp_path / "moved.tiff")  # the slide is gone: no OpenSlide, no mosaic
+    with PatchStore(tmp_path / "S1.h5") as st:
+        img, extent = slide_thumbnail(st, max_side=512)
+        assert extent == (0.0, 1536.0, 1024.0, 0.0) and img.shape == (342, 512, 3)
+        assert (img < 200).any(axis=2).mean() > 0.2  # the slide's tissue, not a blank canvas
+
+
 def test_heatmap_refuses_a_slide_id_that_is_not_the_stores(cohort, tmp_path, capsys):
     out = tmp_path / "hm.png"
     argv = ["plot-heatmap", "--classify", str(cohort["cls"]), "--store", str(cohort["stores"][0]),

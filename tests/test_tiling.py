@@ -15,6 +15,7 @@ from simclr_path.cli import main
 from simclr_path.config import TileConfig
 from simclr_path.demo import make_demo_slide
 from simclr_path.errors import SimclrPathError
+from simclr_path.slide import Slide
 from simclr_path.store import PatchStore
 from simclr_path.tiling import NoTissueWarning, make_grid, tile_slide
 
@@ -246,6 +247,16 @@ def test_h5_layout(tiled):
     _, store = tiled
     with h5py.File(store.path) as f:
         assert f["patches"].chunks == (1, 64, 64, 3) and f["coords"].dtype == np.int64
+
+
+def test_store_keeps_a_thumbnail_of_the_whole_slide(tiled, slide):
+    _, store = tiled
+    thumb = store.thumbnail
+    assert thumb.shape == (683, 1024, 3) and thumb.dtype == np.uint8  # 1536 x 1024 px, shrunk
+    with Slide(slide) as sl:
+        full, _ = sl.read_at_mpp(0.5)
+    want = cv2.resize(full, (1024, 683), interpolation=cv2.INTER_AREA).astype(np.int16)
+    assert np.abs(thumb.astype(np.int16) - want).mean() < 1.0
 
 
 def test_encoded_append_roundtrip(tmp_path):
