@@ -9,9 +9,11 @@ Tiles are stored in sorted order of class then relative path, so the store is de
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import unicodedata
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ class ImportResult:
     counts: dict[str, int]  # tiles per class
     n_groups: int  # distinct groups (0 without a groups CSV)
     bit_depth: int | None = None  # depth 16-bit samples were scaled from (None: no 16-bit tiles)
+    depth_tile: str | None = None  # the tile with the largest 16-bit sample (None: depth stated)
 
 
 def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -113,22 +116,13 @@ MAX_PATCH_SIZE = 4096
 
 
 _PNG = b"\x89PNG\r\n\x1a\n"
+_TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+DEPTHS = (8, 10, 12, 14, 16)  # sample depths of cameras that write 16-bit files
 
 
-def _on_white_16(buf: np.ndarray, bits: int | None, where: Path) -> np.ndarray | None:
-    """RGB uint8 of a 16-bit PNG with an alpha channel (IHDR bit depth 16, colour type 4 or 6),
-    colour scaled by its depth as ``_to_uint8`` does, composited onto white."""
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # BGRA uint16 (grey + alpha comes as BGRA too)
-    if img is None or img.ndim != 3 or img.shape[2] != 4:
-        return None
-    alpha = img[..., 3:].astype(np.float32) / 65535.0
-    rgb = _to_uint8(np.ascontiguousarray(img[..., 2::-1]), bits, where).astype(np.float32)
-    return np.rint(rgb * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-
-
-def _on_white(buf: np.ndarray, bits: int | None, where: Path) -> np.ndarray | None:
-    """RGB uint8 of an image with transparency (alpha channel or a transparent palette colour),
-    composited onto white, as slide background is; None for an image without (OpenCV's
+def _on_white(buf: np.ndarray) -> np.ndarray | None:
+    """RGB uint8 of an 8-bit image with transparency (alpha channel or a transparent palette
+    colour), composited onto white, as slide background is; None for an image without (OpenCV's
     decoder, which drops alpha and would leave transparent pixels black, reads those)."""
     from PIL import Image, ImageOps
 
@@ -138,8 +132,6 @@ def _on_white(buf: np.ndarray, bits: int | None, where: Path) -> np.ndarray | No
                 return None
             if im.mode.startswith(("I", "F")):  # 16-bit / float: Pillow would clip, not scale
                 return None
-            if buf[:8].tobytes() == _PNG and buf.size > 25 and buf[24] == 16 and buf[25] in (4, 6):
-                return _on_white_16(buf, bits, where)  # Pillow would read it at 8 bits
             rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"), dtype=np.float32)
     except Exception:  # noqa: BLE001 -- not an image Pillow reads: OpenCV decides
         return None
@@ -147,7 +139,68 @@ def _on_white(buf: np.ndarray, bits: int | None, where: Path) -> np.ndarray | No
     return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
 
-DEPTHS = (8, 10, 12, 14, 16)  # sample depths of cameras that write 16-bit files
+def _sixteen_bit(path: Path) -> str | None:
+    """``"png"`` or ``"tiff"`` when a tile holds 16-bit unsigned samples, from its header alone
+    (PNG IHDR; TIFF BitsPerSample and SampleFormat, via tifffile), else None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(26)
+        if head[:8] == _PNG:
+            return "png" if len(head) > 24 and head[24] == 16 else None
+        if head[:4] in _TIFF:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:  # reads the first IFD, not the pixels
+                page = tf.pages.first
+                return ("tiff" if page.bitspersample == 16 and page.sampleformat == 1
+                        and page.photometric in (0, 1, 2) else None)  # grey or RGB, not CMYK
+    except Exception:  # noqa: BLE001 -- unreadable here: the decoder reports it when importing
+        return None
+    return None
+
+
+def _tiff_samples(buf: np.ndarray) -> tuple[np.ndarray, tuple[int, ...], int]:
+    """The first page of a TIFF through tifffile: samples (h, w, S), its ExtraSamples and its
+    Photometric tag."""
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(buf.tobytes())) as tf:
+        page = tf.pages.first
+        arr = page.asarray()
+        if page.planarconfig == 2 and arr.ndim == 3:  # separate planes: (S, h, w)
+            arr = np.moveaxis(arr, 0, -1)
+        return arr.reshape(*arr.shape[:2], -1), tuple(page.extrasamples or ()), int(page.photometric)
+
+
+def _decode16(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray | None, bool, bool]:
+    """A 16-bit tile's RGB samples (h, w, 3) uint16, its alpha (h, w, 1) float32 in 0-1 or
+    None, whether the colour is premultiplied by the alpha (TIFF associated alpha) and whether
+    the samples are inverted (TIFF MinIsWhite: 0 is white; inverted after scaling, because the
+    depth is not known here)."""
+    buf = np.fromfile(path, dtype=np.uint8)  # np.fromfile: cv2.imread fails on non-ASCII paths
+    img, alpha, premultiplied, inverted = None, None, False, False
+    if kind == "tiff":  # tifffile: OpenCV reads planar TIFFs wrong and grey + alpha at 8 bits
+        try:
+            arr, extra, photometric = _tiff_samples(buf)
+            colour = arr.shape[2] - len(extra)
+            if extra and extra[0] in (1, 2) and colour in (1, 3):  # 1 associated, 2 straight
+                alpha = arr[..., colour:colour + 1].astype(np.float32) / 65535.0
+                premultiplied = extra[0] == 1
+            img, inverted = arr[..., :max(colour, 1)], photometric == 0
+        except Exception:  # noqa: BLE001 -- a compression tifffile lacks: OpenCV tries below
+            img = None
+    if img is None:
+        dec = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        if dec is None or dec.dtype != np.uint16:
+            raise SimclrPathError(f"{path}: not a readable 16-bit image; remove or replace this tile")
+        dec = dec.reshape(*dec.shape[:2], -1)  # OpenCV: grey, BGR or BGRA (grey + alpha too)
+        if dec.shape[2] in (2, 4):
+            alpha = dec[..., -1:].astype(np.float32) / 65535.0
+            dec = dec[..., :-1]
+        img = dec[..., ::-1] if dec.shape[2] == 3 else dec
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    return np.ascontiguousarray(img[..., :3]), alpha, premultiplied, inverted
 
 
 def _depth_of(top: int) -> int:
@@ -155,11 +208,13 @@ def _depth_of(top: int) -> int:
     return next(b for b in DEPTHS if top < 1 << b)
 
 
-def _to_uint8(img: np.ndarray, bits: int | None = None, where: Path | None = None) -> np.ndarray:
+def _to_uint8(img: np.ndarray, bits: int | None = None, where: Path | None = None,
+              stated: bool = False) -> np.ndarray:
     """8-bit samples of a decoded image. 16-bit files often hold 10-, 12- or 14-bit camera
     samples, which a plain shift by 8 bits would leave nearly black, so 16-bit samples are
-    scaled from ``bits`` (the dataset's depth, see :func:`scan_depth`; None: this tile's own,
-    from its largest sample). Float images are taken as 0-1 (0-255 where a sample exceeds 1)."""
+    scaled from ``bits`` (the dataset's depth, see :func:`scan_depth`, or ``--bit-depth`` when
+    ``stated``; None: this tile's own, from its largest sample). Float images are taken as 0-1
+    (0-255 where a sample exceeds 1)."""
     if img.dtype == np.uint8:
         return img
     if img.dtype == np.uint16:
@@ -167,80 +222,94 @@ def _to_uint8(img: np.ndarray, bits: int | None = None, where: Path | None = Non
         if bits is None:
             bits = _depth_of(top)
         elif top >= 1 << bits:
-            raise SimclrPathError(f"{where}: sample {top} does not fit {bits} bits; pass a larger "
-                                  f"--bit-depth (at least {_depth_of(top)}) or leave it out")
+            fix = (f"pass a larger --bit-depth (at least {_depth_of(top)}) or leave it out"
+                   if stated else f"pass --bit-depth {_depth_of(top)}")
+            raise SimclrPathError(f"{where}: sample {top} does not fit {bits} bits; {fix}")
         scale = 255.0 / ((1 << bits) - 1)
-    else:
+    elif img.dtype.kind == "f":
         img = np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
         scale = 255.0 if float(img.max()) <= 1.0 else 1.0
+    else:  # signed or 32-bit integers: no brightfield camera writes them
+        raise SimclrPathError(f"{where}: {img.dtype} samples are not supported; save the tile "
+                              "with 8- or 16-bit unsigned (or float) samples")
     return np.clip(np.rint(img.astype(np.float32, copy=False) * scale), 0, 255).astype(np.uint8)
 
 
-_TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+@dataclass
+class DepthScan:
+    """What :func:`scan_depth` found: how many tiles are 16-bit, and their largest sample."""
+
+    n_tiles: int  # 16-bit tiles
+    top: int = -1  # largest colour sample over them (-1: not read)
+    top_tile: str | None = None  # the tile that holds it
+
+    @property
+    def bits(self) -> int | None:
+        """The dataset's depth: the smallest of 8-16 bits holding ``top`` (None: no 16-bit tile)."""
+        return _depth_of(self.top) if self.n_tiles and self.top >= 0 else None
 
 
-def _sixteen_bit(path: Path) -> bool:
-    """Whether a tile holds 16-bit integer samples, from its header alone (PNG IHDR, TIFF tags)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(26)
-        if head[:8] == _PNG:
-            return len(head) > 24 and head[24] == 16
-        if head[:4] in _TIFF:
-            from PIL import Image
-
-            with Image.open(path) as im:  # reads the first IFD, not the pixels
-                tags = im.tag_v2
-                bps = tags.get(258, 1)
-                fmt = tags.get(339, 1)  # SampleFormat: 1 unsigned integer, 3 float
-                return 16 in (bps if isinstance(bps, tuple) else (bps,)) and \
-                    (fmt if isinstance(fmt, int) else fmt[0]) == 1
-    except Exception:  # noqa: BLE001 -- unreadable here: the decoder reports it when importing
-        return False
-    return False
-
-
-def scan_depth(folder: Path, names: list[str], workers: int = 2, progress: bool = True) -> int | None:
-    """The sample depth of a dataset's 16-bit tiles (10, 12, 14 or 16), from the largest sample
-    over all of them; None when no tile is 16-bit. One depth for the whole dataset keeps tiles
-    comparable: a tile's own largest sample would brighten a genuinely dark tile 4-fold."""
+def scan_depth(folder: Path, names: list[str], workers: int = 2, progress: bool = True,
+               read: bool = True) -> DepthScan:
+    """Find a dataset's 16-bit tiles (from their headers) and, with ``read``, the largest sample
+    over all of them. One depth for the whole dataset keeps tiles comparable: a tile's own
+    largest sample would brighten a genuinely dark tile 4-fold."""
     from tqdm.auto import tqdm
 
-    def top(name: str) -> int:
+    def top(name: str) -> int | None:  # None: not 16-bit; -1: 16-bit, not read
         path = folder / name
-        if not _sixteen_bit(path):
+        kind = _sixteen_bit(path)
+        if kind is None:
+            return None
+        if not read:
             return -1
-        try:  # np.fromfile: cv2.imread cannot open non-ASCII paths on Windows
-            img = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-        except OSError:
-            return -1
-        if img is None or img.dtype != np.uint16:
-            return -1  # the import reports an unreadable tile with its path
-        if img.ndim == 3 and img.shape[2] in (2, 4):
-            img = img[..., :-1]  # alpha is not a colour sample
-        return int(img.max())
+        return int(_decode16(path, kind)[0].max())  # MinIsWhite too: the raw samples
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         tops = list(tqdm(pool.map(top, names), total=len(names), unit="tile",
                          desc=f"sample depth {folder.name}", disable=None if progress else True,
                          dynamic_ncols=True))
-    best = max(tops, default=-1)
-    return _depth_of(best) if best >= 0 else None
+    found = [(t, n) for t, n in zip(tops, names) if t is not None]
+    if not found:
+        return DepthScan(0)
+    t, n = max(found, key=lambda x: x[0])
+    return DepthScan(len(found), t, n if t >= 0 else None)
 
 
-def _read_tile(path: Path, patch_size: int | None, bits: int | None = None) -> np.ndarray:
+def _read_tile(path: Path, patch_size: int | None, bits: int | None = None,
+               stated: bool = False) -> np.ndarray:
     """RGB uint8 (S, S, 3); centre-cropped to a square and resized when ``patch_size`` is set;
-    16-bit samples scaled from ``bits`` (see :func:`_to_uint8`)."""
+    16-bit samples scaled from ``bits`` (see :func:`_to_uint8`), transparent pixels white."""
     try:
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise SimclrPathError(f"{path}: cannot read tile ({exc.strerror})") from None
-    img = _on_white(buf, bits, path) if buf[:3].tobytes() != b"\xff\xd8\xff" else None  # JPEG
+    kind = _sixteen_bit(path) if buf[:3].tobytes() != b"\xff\xd8\xff" else None  # JPEG: 8 bits
+    if kind is not None:
+        rgb, alpha, premultiplied, inverted = _decode16(path, kind)
+        img = _to_uint8(rgb, bits, path, stated)
+        if inverted:
+            img = 255 - img
+        if alpha is not None:
+            c = img.astype(np.float32)
+            c = c + 255.0 * (1.0 - alpha) if premultiplied else c * alpha + 255.0 * (1.0 - alpha)
+            img = np.clip(np.rint(c), 0, 255).astype(np.uint8)
+    else:
+        img = _on_white(buf) if buf[:3].tobytes() != b"\xff\xd8\xff" else None  # JPEG: no alpha
     if img is None:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if buf.size else None
+        if img is not None:
+            img = cv2.cvtColor(_to_uint8(img, bits, path, stated), cv2.COLOR_BGR2RGB)
+        elif buf[:4].tobytes() in _TIFF:  # e.g. float16 samples, which OpenCV refuses
+            try:
+                arr, _, photometric = _tiff_samples(buf)
+            except Exception:  # noqa: BLE001 -- reported below as unreadable
+                arr, photometric = None, -1
+            if arr is not None and photometric in (1, 2) and arr.shape[2] in (1, 3, 4):
+                img = _to_uint8(np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr[..., :3],
+                                bits, path, stated)
         if img is None:
             raise SimclrPathError(f"{path}: not a readable image; remove or replace this tile")
-        img = cv2.cvtColor(_to_uint8(img, bits, path), cv2.COLOR_BGR2RGB)
     if patch_size is None:
         return img
     h, w = img.shape[:2]
@@ -271,13 +340,31 @@ def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
         progress: progress bar on stderr.
         workers: decoding threads.
         bit_depth: depth of the samples in 16-bit tiles (e.g. 12 for a 12-bit camera); None
-            reads every 16-bit tile's largest sample first and takes the smallest of 10, 12, 14
-            and 16 bits that holds them all.
+            reads every 16-bit tile's largest sample first and takes the smallest of 8, 10,
+            12, 14 and 16 bits that holds them all.
 
     Store: ``/patches`` (N, S, S, 3) uint8, ``/coords`` (N, 2) = -1, ``/labels`` (N,),
     ``/groups`` (N,) ("" without a CSV), ``/names`` (N,); attrs ``kind="patches"``,
     ``label_names``, ``source_path``, ``bit_depth``.
     """
+    with _quiet_opencv():  # a bad tile gets one line from us, not OpenCV's log on top
+        return _import_patches(Path(folder), out, patch_size, groups_csv, force, progress, workers,
+                               bit_depth)
+
+
+@contextlib.contextmanager
+def _quiet_opencv() -> Iterator[None]:
+    prev = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(prev)
+
+
+def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None,
+                    groups_csv: str | os.PathLike | None, force: bool, progress: bool,
+                    workers: int, bit_depth: int | None) -> ImportResult:
     from tqdm.auto import tqdm
 
     folder = Path(folder)
@@ -290,9 +377,11 @@ def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
     names = [t for t, _ in tiles]
     labels = np.array([lab for _, lab in tiles], dtype=np.int64)
     groups = read_groups(groups_csv, names) if groups_csv is not None else [""] * len(names)
-    bits = bit_depth if bit_depth is not None else scan_depth(folder, names, workers, progress)
+    scan = scan_depth(folder, names, workers, progress, read=bit_depth is None)
+    stated = bit_depth is not None
+    bits = bit_depth if stated else scan.bits
 
-    first = _read_tile(folder / names[0], patch_size, bits)
+    first = _read_tile(folder / names[0], patch_size, bits, stated)
     size = patch_size if patch_size is not None else first.shape[0]
     if patch_size is None and first.shape[0] != first.shape[1]:
         raise SimclrPathError(f"{folder / names[0]}: tile is {first.shape[1]}x{first.shape[0]}, "
@@ -304,10 +393,10 @@ def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
     attrs = {"kind": "patches", "slide_id": _store_id(out, folder),
              "source_path": str(folder.resolve()), "mpp": None, "level0_mpp": None,
              "stride": None, "groups_csv": str(groups_csv) if groups_csv else None,
-             "bit_depth": bits}
+             "bit_depth": bits if scan.n_tiles else None}
 
     def load(name: str) -> np.ndarray:
-        img = _read_tile(folder / name, patch_size, bits)
+        img = _read_tile(folder / name, patch_size, bits, stated)
         if img.shape[:2] != (size, size):
             raise SimclrPathError(
                 f"{folder / name}: tile is {img.shape[1]}x{img.shape[0]} but {names[0]} is "
@@ -330,7 +419,8 @@ def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
         bar.close()
     counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
     n_groups = len(set(groups)) if groups_csv is not None else 0
-    return ImportResult(Path(out), len(names), size, classes, counts, n_groups, bits)
+    return ImportResult(Path(out), len(names), size, classes, counts, n_groups,
+                        bits if scan.n_tiles else None, scan.top_tile)
 
 
 def _store_id(out: str | os.PathLike, folder: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import tifffile
 from conftest import LC25000, needs
 
 from simclr_path.cli import main
@@ -222,10 +223,13 @@ def test_one_bit_depth_for_the_whole_dataset(tmp_path):
     dark = np.full((4, 4, 3), 1000, np.uint16)  # under 1024: alone it would pass for 10 bits
     assert cv2.imwrite(str(root / "SCC" / "dark.png"), dark)
     assert cv2.imwrite(str(root / "normal" / "bright.tif"), bright)
-    s = PatchStore(import_patches(root, tmp_path / "p.h5", progress=False).path)
+    res = import_patches(root, tmp_path / "p.h5", progress=False)
+    s = PatchStore(res.path)
     assert (s[0] == round(1000 * 255 / 4095)).all() and (s[1] == 255).all()
+    assert res.bit_depth == 12 and res.depth_tile == "normal/bright.tif"
 
     res = import_patches(root, tmp_path / "p14.h5", progress=False, bit_depth=14)
+    assert res.depth_tile is None  # stated, not read
     s = PatchStore(res.path)
     assert res.bit_depth == 14 and (s[1] == round(4095 * 255 / 16383)).all()
     with pytest.raises(SimclrPathError, match=r"bright.tif: sample 4095 does not fit 10 bits; "
@@ -247,7 +251,13 @@ def test_cli_bit_depth(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a.png: sample 4095 does not fit 10 bits" in err[0], err
     assert main(args) == 0
-    assert "16-bit samples scaled from 12 bits" in capsys.readouterr().out
+    assert "16-bit samples scaled from 12 bits (the largest sample is in SCC/a.png)" in \
+        capsys.readouterr().out
+    # a stated depth where no tile is 16-bit is not recorded
+    assert cv2.imwrite(str(root / "SCC" / "a.png"), np.full((4, 4, 3), 9, np.uint8))
+    assert main([*args, "--bit-depth", "12", "--force"]) == 0
+    assert "16-bit" not in capsys.readouterr().out
+    assert PatchStore(tmp_path / "p.h5").attrs["bit_depth"] is None
 
 
 def test_16_bit_tiles_are_found_from_their_headers(tmp_path):
@@ -258,10 +268,57 @@ def test_16_bit_tiles_are_found_from_their_headers(tmp_path):
              "e.tif": np.zeros((4, 4, 3), np.float32), "f.jpg": np.zeros((4, 4, 3), np.uint8)}
     for name, img in cases.items():
         assert cv2.imwrite(str(tmp_path / name), img)
-    (tmp_path / "g.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # truncated: the import reports it
-    found = {name: _sixteen_bit(tmp_path / name) for name in [*cases, "g.png"]}
-    assert found == {"a.png": True, "b.tif": True, "c.png": False, "d.tif": False,
-                     "e.tif": False, "f.jpg": False, "g.png": False}
+    tifffile.imwrite(tmp_path / "g.tif", np.zeros((4, 4, 4), np.uint16), photometric="separated")
+    (tmp_path / "h.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # truncated: the import reports it
+    found = {name: _sixteen_bit(tmp_path / name) for name in [*cases, "g.tif", "h.png"]}
+    assert found == {"a.png": "png", "b.tif": "tiff", "c.png": None, "d.tif": None,
+                     "e.tif": None, "f.jpg": None, "g.tif": None, "h.png": None}
+
+
+def test_16_bit_tiff_layouts(tmp_path):
+    """Planar, grey + alpha (straight or premultiplied), RGBA, big-endian and MinIsWhite 16-bit
+    TIFFs (OpenCV reads planar ones wrong and grey + alpha at 8 bits) and float16 samples
+    (which OpenCV refuses) give the same colours as a plain RGB TIFF."""
+    root = tmp_path / "tiles"
+    (root / "SCC").mkdir(parents=True)
+    (root / "normal").mkdir()
+    rgb = np.zeros((4, 4, 3), np.uint16)
+    rgb[...] = (2000, 1000, 3000)
+    rgb[0, 0] = 4000  # the dataset's largest sample: 12 bits
+    grey, opaque = rgb[..., :1], np.full((4, 4, 1), 65535, np.uint16)
+    half = np.full((4, 4, 1), 32768, np.uint16)
+    w = {"photometric": "rgb"}
+    tifffile.imwrite(root / "SCC" / "a.tif", rgb, **w)
+    tifffile.imwrite(root / "SCC" / "b.tif", np.moveaxis(rgb, -1, 0), planarconfig="separate", **w)
+    tifffile.imwrite(root / "SCC" / "c.tif", rgb, byteorder=">", **w)
+    tifffile.imwrite(root / "SCC" / "d.tif", np.dstack([rgb, opaque]), extrasamples=[2], **w)
+    tifffile.imwrite(root / "normal" / "e.tif", np.dstack([grey, opaque]),
+                     photometric="minisblack", extrasamples=[2])
+    tifffile.imwrite(root / "normal" / "f.tif", np.dstack([grey // 2, half]),
+                     photometric="minisblack", extrasamples=[1])  # premultiplied, half covered
+    tifffile.imwrite(root / "normal" / "g.tif", grey[..., 0], photometric="miniswhite")
+    tifffile.imwrite(root / "normal" / "h.tif", (rgb / 4095).astype(np.float16), **w)
+    s = PatchStore(import_patches(root, tmp_path / "p.h5", progress=False).path)
+    assert s.attrs["bit_depth"] == 12
+    want = np.rint(np.array([2000, 1000, 3000]) * 255 / 4095)
+    for i in range(4):
+        assert (s[i][1, 1] == want).all(), (s.names[i], s[i][1, 1])
+    assert (s[4][1, 1] == want[0]).all()
+    assert (np.abs(s[5][1, 1].astype(int) - round(want[0] / 2 + 127.5)) <= 1).all()
+    assert (s[6][1, 1] == 255 - want[0]).all()  # MinIsWhite: 2000 is light
+    assert (np.abs(s[7][1, 1].astype(int) - want) <= 1).all()
+
+
+def test_unsupported_samples_fail_clearly(tmp_path):
+    root = tmp_path / "tiles"
+    (root / "SCC").mkdir(parents=True)
+    (root / "normal").mkdir()
+    assert cv2.imwrite(str(root / "SCC" / "a.png"), np.zeros((4, 4, 3), np.uint8))
+    tifffile.imwrite(root / "normal" / "b.tif", np.zeros((4, 4, 3), np.int16), photometric="rgb")
+    with pytest.raises(SimclrPathError, match="b.tif: int16 samples are not supported; save the "
+                                              "tile with 8- or 16-bit unsigned"):
+        import_patches(root, tmp_path / "p.h5", progress=False)
+    assert not (tmp_path / "p.h5").exists()
 
 
 def test_16_bit_png_with_alpha_keeps_its_depth(tmp_path):

@@ -33,5 +33,6 @@ def run(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{k}: {v}" for k, v in res.counts.items())
     print(f"{res.path}: {res.n_patches} tiles of {res.patch_size} px ({counts}); "
           f"{res.n_groups or 'no'} groups"
-          + (f"; 16-bit samples scaled from {res.bit_depth} bits" if res.bit_depth else ""))
+          + (f"; 16-bit samples scaled from {res.bit_depth} bits" if res.bit_depth else "")
+          + (f" (the largest sample is in {res.depth_tile})" if res.depth_tile else ""))
     return 0
