@@ -253,6 +253,8 @@ def test_cli_bit_depth(tmp_path, capsys):
     assert main(args) == 0
     assert "16-bit samples scaled from 12 bits (the largest sample is in SCC/a.png)" in \
         capsys.readouterr().out
+    assert main(["info", str(tmp_path / "p.h5")]) == 0
+    assert "bit depth  16-bit samples scaled from 12 bits" in capsys.readouterr().out
     # a stated depth where no tile is 16-bit is not recorded
     assert cv2.imwrite(str(root / "SCC" / "a.png"), np.full((4, 4, 3), 9, np.uint8))
     assert main([*args, "--bit-depth", "12", "--force"]) == 0

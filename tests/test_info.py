@@ -15,10 +15,12 @@ def test_slide_store(tmp_path, capsys):
              "level_mpp": 0.5, "tissue.min_tissue": 0.5}
     with PatchStoreWriter(path, 16, attrs=attrs) as w:
         w.append(np.zeros((3, 16, 16, 3), np.uint8), np.zeros((3, 2)))
+        w.set_thumbnail(np.zeros((30, 40, 3), np.uint8))
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     for text in ("patch store", "slide id     S1", "/data/S1.svs", "3 x 16x16 px", "0.5 um/px",
-                 "0.25 um/px (from aperio.MPP)", "224 px", "min_tissue=0.5", "file size"):
+                 "0.25 um/px (from aperio.MPP)", "224 px", "min_tissue=0.5", "40x30 px",
+                 "file size"):
         assert text in out, text
 
 

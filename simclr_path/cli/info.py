@@ -55,6 +55,7 @@ def summary(path: Path) -> list[str]:
             shape = data.shape
             labels = f["labels"][:] if "labels" in f else None
             groups = f["groups"][:] if "groups" in f else None
+            thumb = f["thumbnail"].shape if "thumbnail" in f else None
     except OSError as exc:
         raise SimclrPathError(f"{path}: damaged HDF5 file ({exc}); recreate it with "
                               "--force") from None
@@ -78,6 +79,9 @@ def summary(path: Path) -> list[str]:
             tissue = {k.split(".", 1)[1]: v for k, v in attrs.items() if k.startswith("tissue.")}
             if tissue:
                 rows.append(("tissue", " ".join(f"{k}={v}" for k, v in sorted(tissue.items()))))
+            rows.append(("thumbnail", f"{thumb[1]}x{thumb[0]} px" if thumb else "none"))
+        elif attrs.get("bit_depth"):
+            rows.append(("bit depth", f"16-bit samples scaled from {attrs['bit_depth']} bits"))
     else:
         rows += [("slide id", a("slide_id")), ("source store", a("source_store")),
                  ("features", f"{shape[0]} x {shape[1] if len(shape) > 1 else 0}"),
