@@ -639,7 +639,7 @@ def slide_thumbnail(
     fp = patch_footprint(store)
     stored, w, h = store.thumbnail, store.attrs.get("slide_width"), store.attrs.get("slide_height")
     if stored is not None and w and h:
-        from simclr_path.tiling import shrink
+        from simclr_path.store import shrink
 
         return shrink(stored, max_side), (0.0, float(w), float(h), 0.0)
     src = store.attrs.get("source_path")

@@ -100,6 +100,22 @@ def encode_patch(patch: np.ndarray) -> tuple[bytes, int]:
     return (data, 0) if len(data) < len(raw) else (raw, 1)
 
 
+THUMBNAIL_SIDE = 1024  # longer side of a store's slide thumbnail (heatmaps' default size)
+
+
+def shrink(image: np.ndarray, side: int) -> np.ndarray:
+    """``image`` (h, w, 3) uint8 with its longer side at most ``side`` (box filter: an area
+    average, as for a downsampled slide level)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    f = side / max(h, w)
+    if f >= 1:
+        return image
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
 class PatchStoreWriter:
     """Append patches to a new store; the file appears under its final name only on success.
 
@@ -183,11 +199,12 @@ class PatchStoreWriter:
 
     def set_thumbnail(self, image: np.ndarray) -> None:
         """Store a picture of the whole slide: (h, w, 3) uint8, covering level-0 (0, 0) to
-        (slide_width, slide_height)."""
+        (slide_width, slide_height); shrunk to a longer side of ``THUMBNAIL_SIDE``."""
         assert self._f is not None, "use PatchStoreWriter as a context manager"
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
             raise ValueError(f"thumbnail must be (h, w, 3) uint8, got {image.shape} {image.dtype}")
+        image = shrink(image, THUMBNAIL_SIDE)
         if "thumbnail" in self._f:
             del self._f["thumbnail"]
         self._f.create_dataset("thumbnail", data=image, compression="gzip", compression_opts=4)

@@ -45,17 +45,6 @@ from simclr_path.store import PatchStoreWriter, encode_patch
 from simclr_path.tissue import any_patch_filter, patch_keep, tissue_fractions, tissue_mask
 
 _QC_SIDE = 1600  # longer side of the QC thumbnail in pixels
-THUMBNAIL_SIDE = 1024  # longer side of the thumbnail kept in the store (heatmaps' default size)
-
-
-def shrink(image: np.ndarray, side: int) -> np.ndarray:
-    """``image`` (h, w, 3) with its longer side at most ``side`` (area interpolation)."""
-    h, w = image.shape[:2]
-    f = side / max(h, w)
-    if f >= 1:
-        return image
-    return cv2.resize(image, (max(1, round(w * f)), max(1, round(h * f))),
-                      interpolation=cv2.INTER_AREA)
 
 
 class NoTissueWarning(UserWarning):
@@ -266,7 +255,7 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     filt = any_patch_filter(cfg)
     try:
         with PatchStoreWriter(out, cfg.patch_size, attrs=attrs, force=force) as writer:
-            writer.set_thumbnail(shrink(qc_img, THUMBNAIL_SIDE))
+            writer.set_thumbnail(qc_img)
             if n_tissue:
                 _read_all(reader, keep, cfg, writer, kept_coords, filt, progress, slide_id)
             n = writer.n
