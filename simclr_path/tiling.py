@@ -236,8 +236,13 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
         thumb, thumb_mpp = slide.read_at_mpp(cfg.tissue_mpp)
         level0_mpp, mpp_source = slide.mpp, slide.mpp_source
         # a sharper picture for people than the mask needs: the QC picture and, shrunk, the
-        # store's thumbnail, on which heatmaps are drawn without the slide file
-        qc_img, qc_mpp = slide.read_at_mpp(max(width, height) * slide.mpp / _QC_SIDE)
+        # store's thumbnail, on which heatmaps are drawn without the slide file. Without --qc
+        # a slide without a pyramid keeps the mask's picture: a second pass over its level 0
+        # only for the thumbnail would cost as much as the mask did
+        if qc is not None or slide.level_count > 1:
+            qc_img, qc_mpp = slide.read_at_mpp(max(width, height) * slide.mpp / _QC_SIDE)
+        else:
+            qc_img, qc_mpp = thumb, thumb_mpp
     mask = tissue_mask(thumb, thumb_mpp, cfg)
     gx, gy = np.meshgrid(grid.xs, grid.ys)  # (ny, nx)
     frac = tissue_fractions(mask, thumb_mpp, gx.ravel(), gy.ravel(), grid.size0, level0_mpp,

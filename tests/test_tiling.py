@@ -259,6 +259,23 @@ def test_store_keeps_a_thumbnail_of_the_whole_slide(tiled, slide):
     assert np.abs(thumb.astype(np.int16) - want).mean() < 1.0
 
 
+def test_a_slide_without_a_pyramid_is_read_once_without_qc(tmp_path):
+    """Without --qc the thumbnail of a one-level slide is the tissue mask's picture (8 um/px),
+    not a second pass over level 0; with --qc it is the sharper QC picture, shrunk."""
+    img = np.full((1024, 1536, 3), 235, np.uint8)
+    img[200:800, 300:1200] = (150, 60, 140)
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, img, photometric="rgb", tile=(256, 256), resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    cfg = TileConfig(mpp=1.0, patch_size=64)
+    tile_slide(flat, tmp_path / "a.h5", cfg, progress=False)
+    tile_slide(flat, tmp_path / "b.h5", cfg, progress=False, qc=tmp_path / "qc.png")
+    assert PatchStore(tmp_path / "a.h5").thumbnail.shape == (64, 96, 3)  # 1536 px * 0.5 / 8
+    sharp = PatchStore(tmp_path / "b.h5").thumbnail
+    assert sharp.shape == (683, 1024, 3)
+    assert (np.abs(sharp[300, 400].astype(int) - (150, 60, 140)) <= 2).all()
+
+
 def test_encoded_append_roundtrip(tmp_path):
     """Patches compressed in worker threads read back exactly, compressible or not."""
     from simclr_path.store import PatchStoreWriter, encode_patch
