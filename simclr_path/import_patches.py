@@ -139,18 +139,23 @@ def _on_white(buf: np.ndarray) -> np.ndarray | None:
     return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
 
-def _sixteen_bit(path: Path) -> str | None:
+def _sixteen_bit(path: Path, buf: np.ndarray | None = None) -> str | None:
     """``"png"`` or ``"tiff"`` when a tile holds 16-bit unsigned samples, from its header alone
-    (PNG IHDR; TIFF BitsPerSample and SampleFormat, via tifffile), else None."""
+    (PNG IHDR; TIFF BitsPerSample and SampleFormat, via tifffile), else None. ``buf``: the
+    file's bytes when already read (the import), else only the header is read (the scan)."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(26)
+        if buf is None:
+            with open(path, "rb") as fh:
+                head = fh.read(26)
+        else:
+            head = buf[:26].tobytes()
         if head[:8] == _PNG:
             return "png" if len(head) > 24 and head[24] == 16 else None
         if head[:4] in _TIFF:
             import tifffile
 
-            with tifffile.TiffFile(path) as tf:  # reads the first IFD, not the pixels
+            src = path if buf is None else io.BytesIO(buf.tobytes())
+            with tifffile.TiffFile(src) as tf:  # reads the first IFD, not the pixels
                 page = tf.pages.first
                 return ("tiff" if page.bitspersample == 16 and page.sampleformat == 1
                         and page.photometric in (0, 1, 2) else None)  # grey or RGB, not CMYK
@@ -172,12 +177,14 @@ def _tiff_samples(buf: np.ndarray) -> tuple[np.ndarray, tuple[int, ...], int]:
         return arr.reshape(*arr.shape[:2], -1), tuple(page.extrasamples or ()), int(page.photometric)
 
 
-def _decode16(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray | None, bool, bool]:
+def _decode16(path: Path, kind: str,
+              buf: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, bool, bool]:
     """A 16-bit tile's RGB samples (h, w, 3) uint16, its alpha (h, w, 1) float32 in 0-1 or
     None, whether the colour is premultiplied by the alpha (TIFF associated alpha) and whether
     the samples are inverted (TIFF MinIsWhite: 0 is white; inverted after scaling, because the
-    depth is not known here)."""
-    buf = np.fromfile(path, dtype=np.uint8)  # np.fromfile: cv2.imread fails on non-ASCII paths
+    depth is not known here). ``buf``: the file's bytes when already read."""
+    if buf is None:  # np.fromfile: cv2.imread fails on non-ASCII paths
+        buf = np.fromfile(path, dtype=np.uint8)
     img, alpha, premultiplied, inverted = None, None, False, False
     if kind == "tiff":  # tifffile: OpenCV reads planar TIFFs wrong and grey + alpha at 8 bits
         try:
@@ -284,9 +291,9 @@ def _read_tile(path: Path, patch_size: int | None, bits: int | None = None,
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise SimclrPathError(f"{path}: cannot read tile ({exc.strerror})") from None
-    kind = _sixteen_bit(path) if buf[:3].tobytes() != b"\xff\xd8\xff" else None  # JPEG: 8 bits
+    kind = _sixteen_bit(path, buf) if buf[:3].tobytes() != b"\xff\xd8\xff" else None  # JPEG: 8 bits
     if kind is not None:
-        rgb, alpha, premultiplied, inverted = _decode16(path, kind)
+        rgb, alpha, premultiplied, inverted = _decode16(path, kind, buf)
         img = _to_uint8(rgb, bits, path, stated)
         if inverted:
             img = 255 - img
@@ -367,7 +374,6 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
                     workers: int, bit_depth: int | None) -> ImportResult:
     from tqdm.auto import tqdm
 
-    folder = Path(folder)
     if patch_size is not None and not 8 <= patch_size <= MAX_PATCH_SIZE:
         raise SimclrPathError(f"--patch-size must be between 8 and {MAX_PATCH_SIZE}, got {patch_size}")
     if bit_depth is not None and not 8 <= bit_depth <= 16:
