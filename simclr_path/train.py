@@ -276,6 +276,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_rank(seed: int, rank: int, step: int) -> None:
+    """Give a process other than rank 0 its own torch RNG stream (CPU and CUDA).
+
+    Every process seeds alike so that the model starts alike, and resume restores rank 0's
+    saved state on every process; without this, dropout and drop-path would draw the same masks
+    on every rank. Rank 0 keeps the configured seed's stream (a single process is unchanged);
+    the others' streams derive from (seed, rank, step), so a resumed run is reproducible.
+    """
+    if rank:
+        torch.manual_seed((int(seed) * 1_000_003 + int(rank) * 7_919 + int(step)) % 2**63)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves a half checkpoint."""
     with atomic_output(path, force=True) as tmp:
@@ -535,6 +547,7 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
     np.random.seed(t_cfg.seed % 2**32)
     random.seed(t_cfg.seed)
     model = create_simclr_model(m_cfg)  # unknown arch, bad weights file
+    seed_rank(t_cfg.seed, world.rank, 0)  # after the (identical) initialisation
     views = [("augment.image_size", a_cfg.image_size, "set augment.image_size (--image-size)")]
     if a_cfg.local_crops:
         default = " (by default half of augment.image_size, at least 32)" if a_cfg.local_size is None else ""
@@ -704,6 +717,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                                   f"configuration ({exc}); use --force to start over") from None
         _set_rng_state(ck["rng"])
         start_step = int(ck["step"])
+        seed_rank(t_cfg.seed, world.rank, start_step)  # the saved state is rank 0's
         wall_before = float(ck.get("wall_time_s", 0.0))
     ema = None
     if t_cfg.ema_decay:
@@ -763,6 +777,9 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     # total_steps); the rate is a running mean, so re-plans move the end by a step or so at most.
     planned = total_steps
     budget_ref: tuple[int, float] | None = None
+    clock_group = None  # the process group that shares rank 0's clock under a time budget
+    if t_cfg.time_budget_s is not None and world.enabled:
+        clock_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     budget_s = None if t_cfg.time_budget_s is None else max(
         1e-3, t_cfg.time_budget_s - (float(fit["trial_s"]) if fit and ck is None else 0.0))
     bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
@@ -863,14 +880,16 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 bar.update(1)
             stop_now = False
             if t_cfg.time_budget_s is not None:
-                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64,
-                                       device=device if device.type == "cuda" else "cpu")  # NCCL: CUDA
-                if world.enabled:  # every process must stop at the same step
-                    dist.broadcast(elapsed, src=0)
-                stop_now = float(elapsed) >= budget_s
+                elapsed = time.perf_counter() - t0
+                if world.enabled:  # every process must stop at the same step: rank 0's clock
+                    # over a CPU (gloo) group: a CUDA tensor would sync the device every step
+                    clock = torch.tensor([elapsed], dtype=torch.float64)
+                    dist.broadcast(clock, src=0, group=clock_group)
+                    elapsed = float(clock)
+                stop_now = elapsed >= budget_s
                 if step - start_step == BUDGET_SKIP_STEPS:
-                    budget_ref = (step, float(elapsed))
-                new = (budget_steps(step, float(elapsed), budget_ref, budget_s, total_steps)
+                    budget_ref = (step, elapsed)
+                new = (budget_steps(step, elapsed, budget_ref, budget_s, total_steps)
                        if budget_ref is not None and not stop_now else None)
                 if new is not None and new != planned:
                     planned = new

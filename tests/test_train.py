@@ -686,3 +686,16 @@ def test_the_cpu_fast_preset_trains_as_shipped(stores, tmp_path):
     summary = T.pretrain(stores, tmp_path / "run", cfg, progress=False)
     assert summary["arch"] == "regnetx_004" and summary["local_crops"] == 4 and summary["steps"] == 2
     assert load_encoder(tmp_path / "run").num_features == 384
+
+
+def test_seed_rank_gives_other_ranks_their_own_reproducible_stream():
+    def draw(rank, step):
+        torch.manual_seed(5)
+        T.seed_rank(5, rank, step)
+        return torch.rand(4)
+
+    torch.manual_seed(5)
+    plain = torch.rand(4)
+    assert torch.equal(draw(0, 0), plain)  # rank 0 (and a single process) unchanged
+    assert not torch.equal(draw(1, 0), draw(0, 0)) and not torch.equal(draw(1, 0), draw(2, 0))
+    assert torch.equal(draw(1, 7), draw(1, 7)) and not torch.equal(draw(1, 7), draw(1, 0))

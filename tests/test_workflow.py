@@ -499,6 +499,19 @@ def test_slide_path_with_spaces_and_an_id_starting_with_a_dash(tmp_path):
     assert PatchStore(wf / "results/patches/-C1.h5").slide_id == "-C1"
 
 
+def test_every_gpu_rule_runs_its_command_on_gpus_of_its_own():
+    """The `gpu` resource only counts jobs: each GPU job claims its GPUs (simclr-path with-gpus),
+    or jobs run side by side would all use GPU 0."""
+    n = 0
+    for smk_file in (ROOT / "workflow/rules").glob("*.smk"):
+        for block in re.split(r"^(?=rule \w+:)", smk_file.read_text(), flags=re.MULTILINE):
+            if re.match(r"rule (\w+):", block) and re.search(r"^\s+gpu=", block, flags=re.MULTILINE):
+                shell = block.split("shell:", 1)[1]
+                assert shell.split('"')[1].startswith("simclr-path with-gpus {resources.gpu} -- "), block[:40]
+                n += 1
+    assert n >= 4
+
+
 def test_slurm_profile_sends_every_gpu_rule_to_a_gpu_partition():
     """The SLURM plugin turns a rule's `gpu` resource into --gpus and refuses --gres/--gpus in
     slurm_extra, so GPU rules need a GPU partition and no slurm_extra GPU request."""

@@ -39,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "plot-loss": "plot_loss",
     "finetune": "finetune",
     "schema": "schema",
+    "with-gpus": "with_gpus",
 }
 
 

@@ -21,7 +21,7 @@ rule embed:
         # embed.workers: a resource, so that changing it reruns nothing (common.smk, SPEED_KEYS)
         loader_workers=lambda w: RUN_CFG[w.run].embed.workers,
     shell:
-        "simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
+        "simclr-path with-gpus {resources.gpu} -- simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
         "--config {input.config} --workers {resources.loader_workers} --force > {log} 2>&1"
 
 
@@ -48,6 +48,6 @@ rule embed_layer:
         # embed.workers: a resource, so that changing it reruns nothing (common.smk, SPEED_KEYS)
         loader_workers=lambda w: RUN_CFG[w.run].embed.workers,
     shell:
-        "simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
+        "simclr-path with-gpus {resources.gpu} -- simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
         "--layer {wildcards.layer} --config {input.config} --workers {resources.loader_workers} "
         "--force > {log} 2>&1"

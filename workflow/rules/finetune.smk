@@ -29,7 +29,7 @@ rule finetune:
         samples=samples_arg(),
         out=subpath(output.metrics, parent=True),
     shell:
-        "simclr-path finetune {input.stores} --encoder {input.encoder} {params.samples} "
+        "simclr-path with-gpus {resources.gpu} -- simclr-path finetune {input.stores} --encoder {input.encoder} {params.samples} "
         "--label-fraction {wildcards.fraction} --out {params.out} --config {input.config} "
         "--workers {resources.loader_workers} --force > {log} 2>&1"
 

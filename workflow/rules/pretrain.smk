@@ -42,7 +42,7 @@ rule pretrain:
         command=pretrain_command(),
         out=subpath(output.encoder, parent=True),
     shell:
-        "{params.command} pretrain {input.stores} --out {params.out} --config {input.config} "
+        "simclr-path with-gpus {resources.gpu} -- {params.command} pretrain {input.stores} --out {params.out} --config {input.config} "
         "--workers {resources.loader_workers} --force > {log} 2>&1"
 
 

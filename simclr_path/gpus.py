@@ -1,0 +1,138 @@
+"""Give a workflow job GPUs of its own: ``simclr-path with-gpus N -- COMMAND ...``.
+
+Snakemake's ``gpu`` resource only counts jobs: with ``resources: gpu=4`` on a 4-GPU machine it
+starts up to four GPU jobs at once, but each would pick ``cuda:0`` (and a torchrun job GPUs 0 to
+k-1). This wrapper claims ``N`` GPUs no other job holds, through an exclusive ``flock`` on one lock
+file per GPU in the machine's temporary folder, sets ``CUDA_VISIBLE_DEVICES`` to them and
+replaces itself with the command (``exec``): the locks stay with the command's process and are
+released by the kernel when it exits, however it ends. When every GPU is taken (another workflow
+on the same machine) it waits.
+
+It steps aside, running the command unchanged, where a scheduler already gave the job its GPUs
+(``SLURM_JOB_ID`` is set) and on a machine without GPUs. ``CUDA_VISIBLE_DEVICES`` set by the user
+is the pool to share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from simclr_path.errors import SimclrPathError
+
+SCHEDULER_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")  # jobs that come with their GPUs
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/kfd")  # NVIDIA's driver, AMD's ROCm
+_held: list[int] = []  # this process's lock descriptors (see :func:`release`)
+
+
+def gpu_pool() -> list[str]:
+    """The GPUs a job may claim: ``CUDA_VISIBLE_DEVICES``' entries, else every GPU of the machine."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+    if not any(Path(d).exists() for d in GPU_DRIVER_PATHS):
+        return []  # no GPU driver: skip importing torch (seconds) in every job on a CPU machine
+    import torch  # only here: a set CUDA_VISIBLE_DEVICES needs no CUDA query
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def lock_dir() -> Path:
+    """One folder per user in the machine's temporary folder: the jobs of every workflow run by
+    this user on this machine share it."""
+    path = Path(tempfile.gettempdir()) / f"simclr-path-gpus-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def try_claim(count: int, pool: list[str], folder: Path) -> tuple[list[str], list[int]] | None:
+    """``count`` GPUs of ``pool`` that no other process holds, with the open lock files' descriptors
+    (keep them open: closing one releases its GPU), or None when fewer are free."""
+    import fcntl
+
+    got: list[str] = []
+    fds: list[int] = []
+    for gpu in pool:
+        if len(got) == count:
+            break
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in gpu)  # a UUID, a MIG id
+        fd = os.open(folder / f"gpu-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        got.append(gpu)
+        fds.append(fd)
+    if len(got) < count:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return got, fds
+
+
+def claim(count: int, poll_s: float = 2.0, timeout_s: float | None = None) -> list[str] | None:
+    """Claim ``count`` GPUs for this process and what it ``exec``s, and point
+    ``CUDA_VISIBLE_DEVICES`` at them; None (nothing changed) where the wrapper steps aside.
+
+    Raises :class:`SimclrPathError` when the pool has fewer than ``count`` GPUs, or none came
+    free within ``timeout_s``.
+    """
+    if count < 0:
+        raise SimclrPathError(f"GPU count {count}: expected 0 or more")
+    if count == 0 or any(os.environ.get(v) for v in SCHEDULER_VARS):
+        return None
+    pool = gpu_pool()
+    if not pool:
+        return None  # a CPU machine: the job runs on CPU (device auto) or fails with its own message
+    if count > len(pool):
+        raise SimclrPathError(f"a job asks for {count} GPUs but this machine has {len(pool)} "
+                              f"({', '.join(pool)}); lower pretrain_gpus (and --nproc_per_node) "
+                              f"to at most {len(pool)}")
+    folder = lock_dir()
+    start = time.monotonic()
+    told = False
+    while (got := try_claim(count, pool, folder)) is None:
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            raise SimclrPathError(f"no {count} free GPU(s) of {len(pool)} within {timeout_s:.0f} s "
+                                  f"(locks in {folder})")
+        if not told:
+            print(f"waiting for {count} free GPU(s): all {len(pool)} are held by other jobs "
+                  f"(locks in {folder})", file=sys.stderr, flush=True)
+            told = True
+        time.sleep(poll_s)
+    gpus, fds = got
+    for fd in fds:
+        os.set_inheritable(fd, True)  # held by the exec'd command until it exits
+    _held.extend(fds)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    return gpus
+
+
+def release() -> None:
+    """Give back the GPUs :func:`claim` took in this process (an exec'd command or the process's
+    end releases them too)."""
+    while _held:
+        os.close(_held.pop())
+
+
+def exec_with_gpus(count: int, command: list[str]) -> None:
+    """Claim ``count`` GPUs (:func:`claim`) and replace this process with ``command``; returns
+    only by raising :class:`SimclrPathError` (no GPUs free in time, or no such command)."""
+    if not command:
+        raise SimclrPathError("no command given: simclr-path with-gpus N -- COMMAND [ARGS ...]")
+    gpus = claim(count)
+    if gpus is not None:
+        print(f"CUDA_VISIBLE_DEVICES={','.join(gpus)}", file=sys.stderr, flush=True)
+    with contextlib.suppress(BrokenPipeError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        release()
+        raise SimclrPathError(f"cannot run {command[0]!r}: {exc.strerror}", exit_code=127) from None

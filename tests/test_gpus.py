@@ -1,0 +1,129 @@
+"""GPU claims for workflow jobs: each job gets GPUs no other job holds (no GPU needed: the pool
+comes from CUDA_VISIBLE_DEVICES, which the wrapper reads without querying CUDA)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from simclr_path import gpus as G
+from simclr_path.errors import SimclrPathError
+
+SHOW = [sys.executable, "-c", "import os, sys; print(os.environ.get('CUDA_VISIBLE_DEVICES'))"]
+
+
+def _env(tmp_path, visible: str | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (*G.SCHEDULER_VARS, "CUDA_VISIBLE_DEVICES")}
+    env["TMPDIR"] = str(tmp_path)  # the lock folder lives under the temporary folder
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    return {**env, **extra}
+
+
+def _wrap(count: int, command: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "simclr_path", "with-gpus", str(count), "--", *command],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def test_concurrent_jobs_get_different_gpus_and_the_lock_ends_with_the_command(tmp_path):
+    env = _env(tmp_path, "0,1,2")
+    hold = [sys.executable, "-c",
+            "import os, time; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(30)"]
+    first = _wrap(2, hold, env)
+    try:
+        assert first.stdout.readline().strip() == "0,1"  # held until the command exits
+        second = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", "1", "--", *SHOW],
+                                capture_output=True, text=True, env=env, timeout=60, check=True)
+        assert second.stdout.strip() == "2"
+        # all three taken by two jobs: a third job waits, and says so once
+        holder = _wrap(1, hold, env)
+        assert holder.stdout.readline().strip() == "2"
+        waiting = _wrap(1, SHOW, env)
+        time.sleep(3)
+        assert waiting.poll() is None
+        first.kill()  # however the command ends, its GPUs come free
+        out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0 and out.strip() in ("0", "1")
+        assert err.count("waiting for 1 free GPU") == 1
+        holder.kill()
+        holder.wait()
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_the_command_exit_status_and_output_pass_through(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", "1", "--", sys.executable, "-c",
+                          "import sys; print('ok'); sys.exit(3)"],
+                         capture_output=True, text=True, env=_env(tmp_path, "5"), timeout=60, check=False)
+    assert res.returncode == 3 and res.stdout.strip() == "ok"
+    assert "CUDA_VISIBLE_DEVICES=5" in res.stderr
+
+
+@pytest.mark.parametrize("extra", [{"SLURM_JOB_ID": "42"}, {}])
+def test_steps_aside_under_a_scheduler_and_for_zero_gpus(tmp_path, extra):
+    count = 1 if extra else 0
+    res = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", str(count), "--", *SHOW],
+                         capture_output=True, text=True, env=_env(tmp_path, "3,7", **extra),
+                         timeout=60, check=True)
+    assert res.stdout.strip() == "3,7"  # unchanged: the scheduler (or nobody) chose
+    assert not list(tmp_path.glob("simclr-path-gpus-*/*.lock"))
+
+
+def test_more_gpus_than_the_machine_has_is_one_clear_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", "4", "--", *SHOW],
+                         capture_output=True, text=True, env=_env(tmp_path, "0,1"), timeout=60, check=False)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip().count("\n") == 0 and "asks for 4 GPUs" in res.stderr
+    assert "at most 2" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_command_that_does_not_exist_is_one_clear_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", "1", "--", "no-such-cmd-xyz"],
+                         capture_output=True, text=True, env=_env(tmp_path, "0"), timeout=60, check=False)
+    assert res.returncode == 127 and "cannot run 'no-such-cmd-xyz'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_claim_in_process_sets_the_devices_and_times_out_when_all_are_held(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(G.tempfile, "tempdir", None)  # re-read TMPDIR
+    for var in G.SCHEDULER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b,GPU-3c4d")  # UUIDs are ids too
+    held = G.try_claim(1, ["GPU-1a2b"], G.lock_dir())
+    assert held is not None
+    try:
+        assert G.claim(1) == ["GPU-3c4d"] and os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-3c4d"
+        with pytest.raises(SimclrPathError, match="no 1 free GPU"):  # both held now
+            G.claim(1, poll_s=0.05, timeout_s=0.2)
+        G.release()
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b,GPU-3c4d")
+        assert G.claim(1) == ["GPU-3c4d"]  # released: free again
+        G.release()
+    finally:
+        for fd in held[1]:
+            os.close(fd)
+    with pytest.raises(SimclrPathError, match="expected 0 or more"):
+        G.claim(-1)
+
+
+def test_pool_without_a_gpu_driver_is_empty_and_with_one_asks_torch(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(G, "GPU_DRIVER_PATHS", (str(tmp_path / "none"),))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("torch asked"))
+    assert G.gpu_pool() == []
+    monkeypatch.setattr(G, "GPU_DRIVER_PATHS", (str(tmp_path),))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert G.gpu_pool() == ["0", "1", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+    assert G.gpu_pool() == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # hides every GPU
+    assert G.gpu_pool() == []
