@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from simclr_path import __version__
-from simclr_path.config import ClassifyConfig
+from simclr_path.config import CLASSIFY_PROBE_KEYS, ClassifyConfig
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import atomic_dir, atomic_output, check_can_write
 from simclr_path.store import EmbeddingStore
@@ -723,6 +723,38 @@ def bootstrap_auroc(
     return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
 
 
+# Fewest patients of a class for a patient-bootstrap CI: with fewer, most resamples repeat the
+# same few patients, and a perfectly separated pair reports the degenerate "1.000-1.000".
+MIN_CI_PATIENTS = 5
+
+
+def auroc_ci(
+    sy: np.ndarray,
+    sp: np.ndarray,
+    slides_pred: pd.DataFrame,
+    classes: Sequence[str],
+    positive: int | None,
+    cfg: ClassifyConfig,
+) -> tuple[list[float] | None, str | None]:
+    """The slide AUROC's patient-bootstrap 95% CI, or None and why it is not given (the
+    ``auroc_ci95`` and ``auroc_ci95_note`` of ``metrics.json``)."""
+    if cfg.bootstrap <= 0:
+        return None, "CI not shown: the bootstrap is off (classify.bootstrap: 0)"
+    counts = slides_pred.groupby("label")["patient_id"].nunique()
+    per_class = {c: int(counts.get(c, 0)) for c in classes}
+    fewest = min(per_class.values())
+    if fewest < MIN_CI_PATIENTS:
+        few = (f"{fewest} patients per class" if len(set(per_class.values())) == 1 else
+               f"{fewest} patients in class {min(per_class, key=per_class.get)!r}")
+        return None, (f"CI not shown: {few} (a patient bootstrap needs at least "
+                      f"{MIN_CI_PATIENTS} per class)")
+    ci = bootstrap_auroc(sy, sp, slides_pred["patient_id"].to_numpy(), positive, cfg.bootstrap,
+                         cfg.seed)
+    if ci is None:
+        return None, "CI not shown: too few bootstrap resamples held every class"
+    return ci, None
+
+
 def aggregate_slides(
     slide: np.ndarray, proba: np.ndarray, classes: Sequence[str], positive: int | None, top_k: int
 ) -> pd.DataFrame:
@@ -807,8 +839,8 @@ def pooled_results(
     slide_metrics = classification_metrics(sy, sp, t.classes, t.positive)
     if t.positive is not None:
         slide_metrics["auroc_topk"] = _topk_auroc(sy, slides_pred, t.positive)
-    slide_metrics["auroc_ci95"] = bootstrap_auroc(
-        sy, sp, slides_pred["patient_id"].to_numpy(), t.positive, cfg.bootstrap, cfg.seed
+    slide_metrics["auroc_ci95"], slide_metrics["auroc_ci95_note"] = auroc_ci(
+        sy, sp, slides_pred, t.classes, t.positive, cfg
     )
     patches = pd.DataFrame(
         {
@@ -954,8 +986,10 @@ def classify(
         cfg,
     )
     task["label_fraction"] = cfg.label_fraction
+    # the keys it read: the workflow's classify YAML leaves the t-SNE figure's own keys out
+    used = {k: v for k, v in asdict(cfg).items() if k in CLASSIFY_PROBE_KEYS}
     metrics = metrics_document(task, patch_metrics, slide_metrics, folds_out,
-                               {"C": c_final, **final_split}, asdict(cfg))
+                               {"C": c_final, **final_split}, used)
     with atomic_dir(out_dir, force=force, markers=RESULT_FILES) as tmp:
         write_evaluation(tmp, metrics, patches, slides_pred)
         model.save(tmp)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import types
 import typing
@@ -61,7 +62,9 @@ class TileConfig:
     tiff_direct: bool = True  # decode tiled-TIFF tiles (SVS, generic TIFF) without OpenSlide
 
     def __post_init__(self) -> None:
-        _check(self.mpp > 0, "tile.mpp", f"must be > 0, got {self.mpp}")
+        # NaN and inf pass "> 0" tests or fail them far from here ("a 224 px patch at inf um/px")
+        _check(math.isfinite(self.mpp) and self.mpp > 0, "tile.mpp",
+               f"must be a finite number of microns per pixel > 0, got {self.mpp}")
         _check(self.patch_size >= 8, "tile.patch_size", f"must be >= 8, got {self.patch_size}")
         _check(self.stride is None or self.stride >= 1, "tile.stride", "must be >= 1")
         _check(0.0 <= self.min_tissue <= 1.0, "tile.min_tissue", "must be in [0, 1]")
@@ -71,7 +74,8 @@ class TileConfig:
                    f"is a fraction of the patch's pixels and must be in [0, 1], got {v}")
         _check(self.drop_blur is None or self.drop_blur >= 0.0, "tile.drop_blur",
                f"is a Laplacian variance and must be >= 0, got {self.drop_blur}")
-        _check(self.tissue_mpp > 0, "tile.tissue_mpp", "must be > 0")
+        _check(math.isfinite(self.tissue_mpp) and self.tissue_mpp > 0, "tile.tissue_mpp",
+               f"must be a finite number of microns per pixel > 0, got {self.tissue_mpp}")
         _check(self.workers >= 1, "tile.workers", "must be >= 1")
         _check(self.block_patches >= 1, "tile.block_patches", "must be >= 1")
         _check(self.median_blur % 2 == 1, "tile.median_blur", "must be odd")
@@ -205,6 +209,12 @@ class TrainConfig:
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
         _check(self.batch_size >= 2, "train.batch_size", "must be >= 2")
         _check(self.temperature > 0, "train.temperature", "must be > 0")
+        # checked here: a bad value otherwise passes the DAG build and fails in the optimiser
+        _check(0 < self.lr < float("inf"), "train.lr", f"must be a finite number > 0, got {self.lr}")
+        _check(0 <= self.weight_decay < float("inf"), "train.weight_decay",
+               f"must be a finite number >= 0, got {self.weight_decay}")
+        _check(0 <= self.momentum < 1, "train.momentum",
+               f"must be in [0, 1) (e.g. 0.9), got {self.momentum}")
         _check(self.loss in ("ntxent", "dcl"), "train.loss", f"must be ntxent or dcl, got {self.loss!r}")
         _check(self.drop_nearest >= 0, "train.drop_nearest", "must be >= 0")
         _check(self.seed >= 0, "train.seed", "must be >= 0")
@@ -282,6 +292,17 @@ class ClassifyConfig:
         _check(self.inner_folds >= 2, "classify.inner_folds", "must be >= 2")
         _check(0.0 < self.label_fraction <= 1.0, "classify.label_fraction",
                f"must be in (0, 1], got {self.label_fraction}")
+
+
+# The classify keys each reader uses. The workflow writes only these into a stage's config YAML
+# (workflow/rules/common.smk, STAGE_KEYS), so that changing another key does not rerun that stage
+# (a new t-SNE sample size must not rerun fine-tuning); keep them in step with their readers.
+CLASSIFY_TSNE_KEYS = ("tsne_max_points", "tsne_perplexity", "seed")  # figures.plot_tsne
+# finetune.finetune: classify.load_table, make_folds, label_subset, evaluate_fold, pooled_results
+CLASSIFY_FINETUNE_KEYS = ("labels", "positive_label", "folds", "seed", "top_k", "bootstrap")
+# classify.classify: every key but the t-SNE figure's own
+CLASSIFY_PROBE_KEYS = tuple(f.name for f in fields(ClassifyConfig)
+                            if f.name not in ("tsne_max_points", "tsne_perplexity"))
 
 
 @dataclass

@@ -72,7 +72,13 @@ from simclr_path.classify import (
     task_summary,
     write_evaluation,
 )
-from simclr_path.config import AugmentConfig, ClassifyConfig, FinetuneConfig, PipelineConfig
+from simclr_path.config import (
+    CLASSIFY_FINETUNE_KEYS,
+    AugmentConfig,
+    ClassifyConfig,
+    FinetuneConfig,
+    PipelineConfig,
+)
 from simclr_path.data import read_patch
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, feature_dim, load_encoder, output_stride, save_encoder
@@ -562,7 +568,9 @@ def finetune(
                          "label_fraction": ft.label_fraction})
             metrics = metrics_document(
                 task, patch_metrics, slide_metrics, folds_out, final,
-                {"finetune": asdict(ft), "classify": asdict(ccfg)},
+                # the classify keys it read (the workflow's finetune YAML holds only those)
+                {"finetune": asdict(ft),
+                 "classify": {k: getattr(ccfg, k) for k in CLASSIFY_FINETUNE_KEYS}},
                 wall_time_s=round(time.perf_counter() - t_start, 3))
             write_evaluation(tmp, metrics, patches, slides_pred)
             with open(tmp / "history.csv", "w", newline="") as fh:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -54,6 +55,31 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
     return p  # missing folders are made by atomic_output / atomic_dir, when there is a result
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc), else
+    set and restored under a lock (os.umask can only be read by setting it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def _default_mode(tmp: Path, mode: int) -> None:
+    """Give ``tmp`` the permissions open()/mkdir() would have given ``final`` (``mode`` less the
+    umask): mkstemp and mkdtemp make it private (0600/0700), and the rename would keep that."""
+    os.chmod(tmp, mode & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
@@ -68,6 +94,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _default_mode(tmp_path, 0o666)
         os.replace(tmp_path, final)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -84,6 +111,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False,
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        _default_mode(tmp, 0o777)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)

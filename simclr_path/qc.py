@@ -24,7 +24,14 @@ from simclr_path.figures import OKABE_ITO, save_figure
 def plot_qc(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: float,
             coords: np.ndarray, size0: float, level0_mpp: float, out: str | os.PathLike,
             title: str, force: bool = True) -> Path:
-    """Write the QC PNG atomically.
+    """Write the QC PNG atomically (the picture of :func:`qc_figure`)."""
+    fig = qc_figure(thumb, thumb_mpp, mask, mask_mpp, coords, size0, level0_mpp, title)
+    return save_figure(fig, out, force=force)
+
+
+def qc_figure(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: float,
+              coords: np.ndarray, size0: float, level0_mpp: float, title: str) -> plt.Figure:
+    """The QC picture.
 
     Args:
         thumb: RGB uint8 (h, w, 3) slide thumbnail at ``thumb_mpp`` um/px.
@@ -37,7 +44,10 @@ def plot_qc(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: flo
     h0_um, w0_um = thumb.shape[0] * thumb_mpp, thumb.shape[1] * thumb_mpp
     aspect = thumb.shape[1] / max(thumb.shape[0], 1)
     fig_w = 9.0
-    fig, ax = plt.subplots(figsize=(fig_w, max(3.0, min(14.0, fig_w / aspect + 0.8))))
+    # constrained layout makes room for the legend below the axis labels, whatever the shape:
+    # an offset in axes fractions put it on the x label of a wide (short) slide
+    fig, ax = plt.subplots(figsize=(fig_w, max(3.0, min(14.0, fig_w / aspect + 0.8))),
+                           layout="constrained")
     to_mm = 1e-3
     ax.imshow(thumb, extent=(0, w0_um * to_mm, h0_um * to_mm, 0), interpolation="lanczos")
     handles = []
@@ -64,6 +74,5 @@ def plot_qc(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: flo
     ax.set_ylabel("y on slide (mm)")
     ax.set_title(title, fontsize=10)
     if handles:
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2,
-                  frameon=False, fontsize=9)
-    return save_figure(fig, out, force=force)
+        fig.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False, fontsize=9)
+    return fig

@@ -75,8 +75,11 @@ def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: 
         (mpp, source) where source names the key used.
     """
     if slide_mpp is not None:
-        if not (slide_mpp > 0 and math.isfinite(slide_mpp)):
-            raise SimclrPathError(f"--slide-mpp must be a positive number, got {slide_mpp}")
+        if not _MPP_RANGE[0] <= slide_mpp <= _MPP_RANGE[1]:  # NaN fails too
+            raise SimclrPathError(
+                f"--slide-mpp must be a positive number of level-0 microns per pixel between "
+                f"{_MPP_RANGE[0]:g} and {_MPP_RANGE[1]:g} (0.25 for a 40x scan, 0.5 for 20x), "
+                f"got {slide_mpp}")
         return float(slide_mpp), "--slide-mpp"
     lo, hi = _MPP_RANGE
     for (kx, ky), scale in _MPP_KEYS:

@@ -5,7 +5,8 @@ The grid is laid out in target pixels (``cfg.mpp`` um/px): patch ``(i, j)`` cove
 ``round(j * stride * f)`` with ``f = cfg.mpp / level0_mpp``. A patch is kept when its tissue
 fraction on a low-resolution mask (:mod:`simclr_path.tissue`) is at least ``cfg.min_tissue``.
 
-Pixels are read in blocks of ``block_patches x block_patches`` grid cells: one
+Pixels are read in blocks of ``block_patches x block_patches`` grid cells (fewer where a stride
+far above the patch size would make a block mostly gap, :func:`block_cells`): one
 ``read_region`` per block at the coarsest pyramid level at least as fine as the target, one resize
 of the whole block to the target resolution, then the patches are cut out with NumPy. Compared with
 one ``read_region`` per patch this decodes every JPEG tile of the slide about once instead of
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import time
 import warnings
@@ -181,6 +183,18 @@ class _Reader:
         self._handles.clear()
 
 
+def block_cells(block_patches: int, patch_size: int, stride: int) -> int:
+    """Grid cells per side of a read block: ``block_patches``, or fewer when the stride leaves gaps.
+
+    A block is read whole, gaps between its cells included, so its side is ``(b - 1) * stride +
+    patch_size`` target pixels. Keeping that within ``block_patches * patch_size`` bounds the
+    pixels read per block by those of ``block_patches**2`` abutting patches, whatever the stride:
+    a stride far above the patch size reads patch by patch (``b = 1``) instead of mostly gap.
+    """
+    fit = (block_patches - 1) * patch_size // stride + 1  # largest b with the side in budget
+    return max(1, min(block_patches, fit))
+
+
 def _blocks(keep: np.ndarray, bp: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(block row, rows, cols) of every block holding a kept cell, row-major, trimmed to them."""
     ny, nx = keep.shape
@@ -220,7 +234,7 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     t_start = time.perf_counter()
     cfg = cfg or TileConfig()
     path = Path(slide_path)
-    slide_id = validate_slide_id(slide_id if slide_id is not None else path.stem)
+    slide_id = validate_slide_id(slide_id) if slide_id is not None else _id_from_name(path)
     check_can_write(out, force)
     if qc is not None:
         from simclr_path.figures import figure_format
@@ -268,10 +282,17 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
         reader.close()
     coords = np.concatenate(kept_coords) if kept_coords else np.zeros((0, 2), np.int64)
     if n == 0:
-        why = ("no tissue found" if n_tissue == 0 else
-               f"all {n_tissue} tissue patches were dropped by the white/black/blur filters")
-        warnings.warn(f"{path}: {why}; wrote an empty store {out} (check the QC picture, "
-                      "--min-tissue, or the slide itself)", NoTissueWarning, stacklevel=2)
+        empty = f"wrote an empty store {out}"
+        if n_tissue:
+            msg = (f"all {n_tissue} tissue patches were dropped by the white/black/blur filters; "
+                   f"{empty} (check --drop-white/--drop-black/--drop-blur and the QC picture)")
+        elif mask.any():  # tissue, but no grid cell holds the required share of it
+            area_mm2 = float(mask.sum()) * thumb_mpp * thumb_mpp * 1e-6
+            msg = (f"tissue found ({area_mm2:.2g} mm²) but no patch reached --min-tissue "
+                   f"{cfg.min_tissue:g}; lower it or use a smaller --patch-size/--mpp; {empty}")
+        else:
+            msg = f"no tissue found; {empty} (check the QC picture or the slide itself)"
+        warnings.warn(f"{path}: {msg}", NoTissueWarning, stacklevel=2)
     qc_path = None
     if qc is not None:
         from simclr_path.qc import plot_qc
@@ -283,6 +304,19 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     return TileResult(Path(out), slide_id, n, grid.xs.size * grid.ys.size, n_tissue,
                       choice.level, choice.level_mpp, level0_mpp, mpp_source, cfg.mpp,
                       cfg.patch_size, stride, time.perf_counter() - t_start, qc_path)
+
+
+def _id_from_name(path: Path) -> str:
+    """The slide id from the file name, or one error that says so and suggests a safe
+    ``--slide-id`` (the name is the user's choice, so the rule alone would puzzle)."""
+    try:
+        return validate_slide_id(path.stem)
+    except SimclrPathError:
+        suggestion = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("_.") or "slide"
+        raise SimclrPathError(
+            f"{path}: the slide id taken from its file name, {path.stem!r}, is not a safe file "
+            "name (letters, digits, '.', '_' and '-' only, no leading '.'); pass an id, e.g. "
+            f"--slide-id {suggestion}") from None
 
 
 def _block_job(reader: _Reader, rows: np.ndarray, cols: np.ndarray, keep: np.ndarray,
@@ -311,7 +345,8 @@ def _read_all(reader: _Reader, keep: np.ndarray, cfg: TileConfig, writer: PatchS
     """Read every block with ``cfg.workers`` threads; write patches in row-major grid order."""
     from tqdm.auto import tqdm
 
-    blocks = list(_blocks(keep, cfg.block_patches))
+    g = reader.grid
+    blocks = list(_blocks(keep, block_cells(cfg.block_patches, g.patch_size, g.stride)))
     window = 2 * cfg.workers  # blocks in flight: bounded memory, readers never starve
     bar = tqdm(total=int(keep.sum()), unit="patch", desc=f"tile {slide_id}",
                disable=None if progress else True, dynamic_ncols=True)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -88,6 +89,31 @@ def test_known_signal_gives_expected_auroc(tmp_path):
         "predictions_slides.csv",
     ]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["slide"]["auroc"] == 1.0
+
+
+def test_few_patients_per_class_give_no_ci_and_say_why(tmp_path, capsys):
+    # 3 patients per class, perfectly separated: every resample would give "1.000-1.000"
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=3, patches=40, shift=4.0)
+    code = main(["classify", "--embeddings", *map(str, paths), "--samples", str(sheet), "--out",
+                 str(tmp_path / "out"), "--folds", "3"])
+    out = capsys.readouterr().out
+    assert code == 0 and "95% CI" not in out
+    assert "CI not shown: 3 patients per class" in out
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["slide"]["auroc"] == 1.0
+    assert m["slide"]["auroc_ci95"] is None  # the key stays, with the reason beside it
+    assert m["slide"]["auroc_ci95_note"].startswith("CI not shown: 3 patients per class")
+    # the t-SNE figure's keys are not the classifier's: they are not recorded as used
+    assert "tsne_max_points" not in m["config"] and m["config"]["folds"] == 3
+
+
+def test_enough_patients_give_a_ci_and_no_note(tmp_path):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=20, shift=1.0)
+    m = classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    assert len(m["slide"]["auroc_ci95"]) == 2 and m["slide"]["auroc_ci95_note"] is None
+    off = classify(paths, tmp_path / "off", samples=sheet, cfg=replace(FAST, bootstrap=0))
+    assert off["slide"]["auroc_ci95"] is None and "bootstrap is off" in off["slide"][
+        "auroc_ci95_note"]
 
 
 def test_no_signal_is_near_chance(tmp_path):

@@ -112,3 +112,59 @@ def test_a_gpu_out_of_memory_is_one_line_with_what_to_lower(command, hint, tmp_p
         monkeypatch.setattr(simclr_path.train, "pretrain", lambda *a, **k: (_ for _ in ()).throw(
             RuntimeError("not memory")))
         main(argv["pretrain"])
+
+
+def test_sigterm_removes_the_unfinished_output_and_exits_143(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # made in a child process: the demo's image code starts thread pools here, and a later test's
+    # DataLoader forking this process with them would hang
+    slide = tmp_path / "s.tiff"
+    subprocess.run([sys.executable, "-m", "simclr_path", "demo-slide", "--out", str(slide), "--width",
+                    "2048", "--height", "2048", "--mpp", "0.5"], check=True, capture_output=True)
+    # a million 8 px patches: tens of seconds of tiling, so the signal lands mid-write
+    cmd = [sys.executable, "-m", "simclr_path", "tile", str(slide), "--out", str(tmp_path / "s.h5"),
+           "--patch-size", "8", "--stride", "2", "--min-tissue", "0", "--workers", "1",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".s.h5.*.tmp")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the store's temporary file never appeared"
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.3)  # well into the writing
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip() == "simclr-path tile: terminated (SIGTERM); unfinished outputs removed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tiff"]
+
+
+def test_sigterm_handler_is_restored_after_a_command(tmp_path, capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    main(["tile", str(tmp_path / "missing.tiff"), "--out", str(tmp_path / "x.h5")])
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_help_shows_real_defaults_only(capsys):
+    def help_of(command):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        return " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+
+    tile = help_of("tile")
+    assert "[config: 0.5]" in tile and "[config: 224]" in tile
+    assert "(default: None)" not in tile  # "not given, so the config decides" is no default
+    assert "--no-progress no progress bar (default: False)" in tile  # a real default stays
+    demo = help_of("demo-slide")
+    assert "(default: scc)" in demo and "(default: 0)" in demo and "(default: )" not in demo

@@ -124,6 +124,12 @@ def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
 
 
 @pytest.mark.parametrize("overrides, match", [
+    ({"tile": {"mpp": float("inf")}}, "tile.mpp must be a finite number of microns per pixel > 0, got inf"),
+    ({"tile": {"mpp": float("nan")}}, "tile.mpp must be a finite number"),
+    ({"tile": {"mpp": 0}}, "tile.mpp must be a finite number"),
+    ({"tile": {"tissue_mpp": float("inf")}}, "tile.tissue_mpp must be a finite number"),
+    ({"tile": {"tissue_mpp": float("nan")}}, "tile.tissue_mpp must be a finite number"),
+    ({"tile": {"tissue_mpp": -8}}, "tile.tissue_mpp must be a finite number"),
     ({"tile": {"drop_white": -1.0}}, "tile.drop_white"),
     ({"tile": {"drop_black": float("nan")}}, "tile.drop_black"),
     ({"tile": {"drop_white": 5.0}}, "tile.drop_white"),
@@ -134,10 +140,36 @@ def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
     ({"train": {"drop_nearest": -1}}, "train.drop_nearest"),
     ({"train": {"ema_decay": 1.0}}, "train.ema_decay"),
     ({"train": {"ema_decay": 0}}, "train.ema_decay"),
+    ({"train": {"lr": -1}}, r"train.lr must be a finite number > 0, got -1"),
+    ({"train": {"lr": 0}}, "train.lr"),
+    ({"train": {"lr": float("nan")}}, "train.lr"),
+    ({"train": {"lr": float("inf")}}, "train.lr"),
+    ({"train": {"weight_decay": -1e-4}}, "train.weight_decay must be a finite number >= 0"),
+    ({"train": {"weight_decay": float("nan")}}, "train.weight_decay"),
+    ({"train": {"momentum": 1.0}}, r"train.momentum must be in \[0, 1\)"),
+    ({"train": {"momentum": -0.1}}, "train.momentum"),
 ])
 def test_ranges_are_checked(overrides, match):
     with pytest.raises(SimclrPathError, match=match):
         load_config(overrides=overrides)
+
+
+def test_optimiser_values_at_their_limits_pass():
+    cfg = load_config(overrides={"train": {"lr": 1e-8, "weight_decay": 0.0, "momentum": 0.0}})
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.momentum) == (1e-8, 0.0, 0.0)
+
+
+def test_a_negative_learning_rate_is_one_line_on_the_command_line(tmp_path, capsys):
+    from simclr_path.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: -1\n")
+    store = tmp_path / "s.h5"
+    store.write_bytes(b"not read: the config fails first")
+    rc = main(["pretrain", str(store), "--out", str(tmp_path / "run"), "--config", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "train.lr must be a finite number > 0, got -1" in err
 
 
 def test_config_file_that_is_binary_a_folder_or_names_a_bad_preset(tmp_path):

@@ -258,9 +258,15 @@ def test_cli_one_percent_labels_trains_without_early_stopping(cohort, encoder, t
                      str(sheet), "--out", str(tmp_path / "o"), "--config", str(cfg), "--epochs",
                      "1", "--label-fraction", "0.01", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
-    assert "label fraction 0.01" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "label fraction 0.01" in out and "CI not shown: the bootstrap is off" in out
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["config"]["finetune"]["epochs"] == 1 and m["task"]["label_fraction"] == 0.01
+    # the classify keys it read and no others (the workflow's finetune YAML holds only these)
+    from simclr_path.config import CLASSIFY_FINETUNE_KEYS
+
+    assert set(m["config"]["classify"]) == set(CLASSIFY_FINETUNE_KEYS)
+    assert m["config"]["classify"]["folds"] == 2
     for f in m["folds"]:  # 1% of 2 patients per class: still one per class
         assert f["n_labelled_patients"] == 2
         assert f["labelled_patients_per_class"] == {"SCC": 1, "normal": 1}

@@ -83,6 +83,28 @@ def test_failed_block_leaves_no_output(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_get_the_umask_permissions_not_the_temporary_ones(tmp_path, umask):
+    import os
+    import stat
+
+    from simclr_path.outputs import current_umask
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        with atomic_output(tmp_path / "a.csv") as tmp:
+            tmp.write_text("x")
+        with atomic_dir(tmp_path / "run") as tmp:
+            (tmp / "metrics.json").write_text("{}")
+        with atomic_dir(tmp_path / "run", force=True) as tmp:  # replacing an existing folder
+            (tmp / "metrics.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.csv").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o777 & ~umask
+
+
 def test_logged_to_keeps_prints_and_the_traceback_of_a_failure(tmp_path):
     from simclr_path.outputs import logged_to
 

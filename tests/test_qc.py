@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import matplotlib.image as mpimg
 import numpy as np
+import pytest
 
-from simclr_path.qc import plot_qc
+from simclr_path.qc import plot_qc, qc_figure
 
 
 def test_qc_picture(tmp_path):
@@ -29,3 +30,28 @@ def test_qc_without_tissue(tmp_path):
     out = plot_qc(thumb, 8.0, np.zeros((50, 50), bool), 8.0, np.zeros((0, 2)), 128, 0.5,
                   tmp_path / "empty.png", title="blank: 0 patches")
     assert out.is_file() and out.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("shape", [(175, 1000), (100, 100), (1000, 175)])  # wide, square, tall
+def test_legend_is_below_the_axis_labels_whatever_the_slide_shape(shape):
+    import matplotlib.pyplot as plt
+
+    h, w = shape
+    thumb = np.full((h, w, 3), 240, np.uint8)
+    thumb[h // 4:3 * h // 4, w // 4:3 * w // 4] = (200, 120, 190)
+    mask = np.zeros((h, w), bool)
+    mask[h // 4:3 * h // 4, w // 4:3 * w // 4] = True
+    coords = np.array([[w, h], [w + 64, h]])  # level-0 px at 0.5 um/px (thumbnail: 2 um/px)
+    fig = qc_figure(thumb, 2.0, mask, 2.0, coords, 64, 0.5, title="S1: 2 patches")
+    try:
+        renderer = fig.canvas.get_renderer()
+        fig.draw(renderer)
+        ax = fig.axes[0]
+        legend = (fig.legends or [ax.get_legend()])[0]
+        box = legend.get_window_extent(renderer)
+        labels = ax.xaxis.get_tightbbox(renderer)  # x tick labels and x label
+        assert box.y1 <= labels.y0 + 1  # below them (display y grows upwards), not over them
+        assert not box.overlaps(ax.xaxis.label.get_window_extent(renderer))
+        assert fig.bbox.y0 <= box.y0  # and inside the figure
+    finally:
+        plt.close(fig)

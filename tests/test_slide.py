@@ -58,6 +58,15 @@ def test_mpp_resolution_order():
         resolve_mpp({}, "s", slide_mpp=-1)
 
 
+@pytest.mark.parametrize("bad", [72.0, 0.001, 0.0, float("inf"), float("nan")])
+def test_slide_mpp_gets_the_plausibility_range_of_metadata(bad):
+    # 72 is a screen's dpi, not a microscope's um/px: the range the metadata must be in
+    with pytest.raises(SimclrPathError, match=r"--slide-mpp must be .* between 0.01 and 50 "):
+        resolve_mpp({"openslide.mpp-x": "0.25"}, "s", slide_mpp=bad)
+    assert resolve_mpp({}, "s", slide_mpp=0.01) == (0.01, "--slide-mpp")
+    assert resolve_mpp({}, "s", slide_mpp=50) == (50.0, "--slide-mpp")
+
+
 def test_level_choice_and_reads(demo):
     with Slide(demo) as s:
         assert s.mpp == pytest.approx(0.5) and s.mpp_source == "openslide.mpp-x"

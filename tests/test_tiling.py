@@ -17,7 +17,7 @@ from simclr_path.demo import make_demo_slide
 from simclr_path.errors import SimclrPathError
 from simclr_path.slide import Slide
 from simclr_path.store import PatchStore
-from simclr_path.tiling import NoTissueWarning, make_grid, tile_slide
+from simclr_path.tiling import NoTissueWarning, block_cells, make_grid, tile_slide
 
 CFG = TileConfig(mpp=1.0, patch_size=64, workers=2, block_patches=4)
 
@@ -112,6 +112,45 @@ def test_workers_and_block_size_do_not_change_output(slide, tiled, tmp_path):
         np.testing.assert_array_equal(s[:], ref[:])
 
 
+def test_block_cells_bound_the_pixels_read_per_block():
+    for bp in range(1, 11):
+        for size in (8, 16, 64, 224):
+            for stride in (1, size // 2, size, size + 1, 2 * size, 3 * size + 5, 1000, 10**6):
+                b = block_cells(bp, size, stride)
+                assert 1 <= b <= bp
+                side = (b - 1) * stride + size  # target pixels per block side, gaps included
+                assert side <= bp * size  # as many pixels as bp x bp abutting patches, at most
+                if b < bp:  # and no smaller than that budget needs
+                    assert b * stride + size > bp * size
+                if stride <= size:
+                    assert b == bp
+    assert block_cells(8, 16, 1000) == 1  # the reviewer's case: patch by patch
+
+
+def test_sparse_grid_reads_the_same_patches_in_small_blocks(slide, tmp_path, monkeypatch):
+    from simclr_path import tiling
+
+    cfg = TileConfig(mpp=1.0, patch_size=16, stride=100, min_tissue=0.0, workers=2,
+                     block_patches=8)
+    reads = []
+    read_block = tiling._Reader.read_block
+
+    def counted(self, rows, cols):
+        reads.append(((rows[-1] - rows[0]) * 100 + 16) * ((cols[-1] - cols[0]) * 100 + 16))
+        return read_block(self, rows, cols)
+
+    monkeypatch.setattr(tiling._Reader, "read_block", counted)
+    new = tile_slide(slide, tmp_path / "new.h5", cfg, progress=False)
+    assert new.n_patches == 8 * 5 and max(reads) <= (8 * 16) ** 2
+    monkeypatch.setattr(tiling, "block_cells", lambda bp, size, stride: bp)  # one block, as before
+    reads.clear()
+    tile_slide(slide, tmp_path / "old.h5", cfg, progress=False)
+    assert max(reads) == (7 * 100 + 16) * (4 * 100 + 16)
+    a, b = PatchStore(tmp_path / "new.h5"), PatchStore(tmp_path / "old.h5")
+    np.testing.assert_array_equal(a.coords, b.coords)
+    np.testing.assert_array_equal(a[:], b[:])
+
+
 def test_openslide_reader_gives_the_same_store(slide, tiled, tmp_path):
     _, ref = tiled
     assert ref.attrs["reader"] == "tifffile"
@@ -146,6 +185,20 @@ def test_no_tissue_gives_empty_store_and_warning(blank, tmp_path):
     assert res.n_patches == 0 and (tmp_path / "b.png").is_file()
     s = PatchStore(tmp_path / "b.h5")
     assert len(s) == 0 and s[:].shape == (0, 64, 64, 3) and s.coords.shape == (0, 2)
+
+
+def test_tissue_without_a_patch_reaching_min_tissue_says_so(slide, blank, tmp_path):
+    cfg = TileConfig(mpp=2.0, patch_size=128, min_tissue=1.0)  # 256 um patches: none all tissue
+    with pytest.warns(NoTissueWarning) as caught:
+        res = tile_slide(slide, tmp_path / "s.h5", cfg, progress=False)
+    (msg,) = [str(w.message) for w in caught]
+    assert res.n_patches == 0 and "no tissue found" not in msg
+    assert "tissue found (0.1" in msg and "mm²) but no patch reached --min-tissue 1;" in msg
+    assert "lower it or use a smaller --patch-size/--mpp" in msg
+    with pytest.warns(NoTissueWarning) as caught:  # a blank slide: no tissue at all
+        tile_slide(blank, tmp_path / "b.h5", cfg, progress=False)
+    (msg,) = [str(w.message) for w in caught]
+    assert "no tissue found" in msg and "--min-tissue" not in msg
 
 
 def test_cli_no_tissue_exit_0_with_warning_line(blank, tmp_path, capsys):
@@ -189,8 +242,23 @@ def test_cli_bad_input(slide, tmp_path, capsys):
     assert "finer than the scan" in _one_error(capsys)
     assert main(["tile", str(slide), "--out", str(out), "--mpp", "1", "--patch-size", "600"]) == 2
     assert "larger than the slide" in _one_error(capsys)
+    assert main(["tile", str(slide), "--out", str(out), "--mpp", "inf"]) == 2
+    assert "tile.mpp must be a finite number of microns per pixel > 0, got inf" in _one_error(capsys)
+    assert main(["tile", str(slide), "--out", str(out), "--slide-mpp", "72"]) == 2
+    assert "--slide-mpp must be a positive number of level-0 microns per pixel between 0.01 " \
+           "and 50" in _one_error(capsys)
     assert main(["tile", str(slide), "--out", str(out), "--slide-id", "../evil"]) == 2
     assert "safe file name" in _one_error(capsys)
+    # an id from an unsafe file name: said to come from the name, with a safe one to pass
+    spaced = tmp_path / "my slide (1).tiff"
+    spaced.symlink_to(slide)
+    assert main(["tile", str(spaced), "--out", str(out)]) == 2
+    err = _one_error(capsys)
+    assert "my slide (1).tiff: the slide id taken from its file name, 'my slide (1)', is not a " \
+           "safe file name" in err and err.endswith("pass an id, e.g. --slide-id my_slide_1")
+    assert not out.exists()
+    assert main(["tile", str(tmp_path / ".hidden.tiff"), "--slide-id", "h", "--out", str(out)]) == 2
+    assert "not found" in _one_error(capsys)  # an explicit id is not checked against the name
     # a QC format matplotlib cannot write fails before the slide is tiled
     assert main(["tile", str(slide), "--out", str(out), "--qc", str(tmp_path / "qc.bmp")]) == 2
     assert "cannot write .bmp figures" in _one_error(capsys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from conftest import LC25000, SLIDES, needs
 
 from simclr_path.config import TileConfig
 from simclr_path.tissue import (
@@ -84,6 +85,91 @@ def test_pen_suppression():
     cv2.line(across, (20, 100), (180, 100), (40, 110, 170), 4)  # ink over the tissue
     assert tissue_mask(across, MPP)[100, 100]  # closing keeps it without pen removal
     assert not tissue_mask(across, MPP, TileConfig(remove_pen=True))[100, 100]
+
+
+def test_pen_mask_tells_ink_from_hematoxylin():
+    def ink(*colours):
+        return pen_mask(np.array([colours], np.uint8))[0].tolist()
+
+    # dark hematoxylin, bluish hematoxylin, lavender and purple nuclei, eosin, glass
+    assert ink((55, 21, 56), (74, 95, 119), (150, 110, 210), (90, 40, 160), (220, 120, 190),
+               (238, 238, 238)) == [False] * 6
+    # cyan-blue, dark blue, deep blue and green markers, black ink
+    assert ink((40, 110, 170), (20, 40, 120), (30, 30, 150), (50, 120, 80), (30, 30, 35)) == [True] * 5
+
+
+def test_pen_mask_drops_specks_below_the_minimum_area():
+    img = glass()
+    img[10:14, 10:14] = (40, 110, 170)  # 16 px * 64 um2: a stray speck, not a marker stroke
+    img[100:110, 20:180] = (40, 110, 170)
+    assert pen_mask(img)[12, 12]
+    ink = pen_mask(img, MPP)
+    assert not ink[12, 12] and ink[105, 100]
+
+
+@pytest.fixture(scope="module")
+def demo_thumbnails(tmp_path_factory):
+    """8 um/px pictures of the same synthetic SCC slide without and with a blue pen stroke."""
+    from simclr_path.demo import make_demo_slide
+    from simclr_path.slide import Slide
+
+    out = []
+    for arts in ([], ["pen"]):
+        path = make_demo_slide(tmp_path_factory.mktemp("pen") / "demo.tiff", kind="scc", seed=0,
+                               width=2048, height=2048, mpp=1.0, artefacts=arts)
+        with Slide(path) as slide:
+            out.append(slide.read_at_mpp(MPP))
+    return out
+
+
+def test_remove_pen_keeps_hematoxylin_of_the_demo_slide(demo_thumbnails):
+    (thumb, mpp), _ = demo_thumbnails
+    plain = tissue_mask(thumb, mpp)
+    cleaned = tissue_mask(thumb, mpp, TileConfig(remove_pen=True))
+    assert plain.sum() > 10000
+    assert (plain & ~cleaned).sum() <= 0.002 * plain.sum()  # was 5 % of the tumour
+
+
+def test_remove_pen_removes_the_demo_slides_ink(demo_thumbnails):
+    (clean, _), (inked, mpp) = demo_thumbnails
+    ink = np.abs(inked.astype(int) - clean.astype(int)).sum(axis=-1) > 60
+    assert ink.sum() > 500
+    assert tissue_mask(inked, mpp)[ink].mean() > 0.9  # without removal the ink is "tissue"
+    cleaned = tissue_mask(inked, mpp, TileConfig(remove_pen=True))
+    assert not cleaned[ink].any()
+    near = cv2.dilate(ink.astype(np.uint8), _ink_margin(mpp)) > 0  # ink + the removal margin
+    assert (tissue_mask(clean, mpp) & ~cleaned & ~near).sum() <= 20
+
+
+def _ink_margin(mpp):
+    r = round(24.0 / mpp)  # the 16 um dilation of the ink plus a pixel of blending
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+@needs(LC25000)
+def test_pen_mask_leaves_real_he_patches_alone():
+    paths = sorted(LC25000.glob("*/*.jp*g"))
+    assert paths
+    fractions = []
+    for path in paths[::2]:
+        rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        fractions.append(pen_mask(rgb).mean())  # per pixel, no minimum area: the colour rule alone
+    assert np.mean(fractions) < 0.002  # the hue rule flagged 20 % of these patches' pixels
+    assert max(fractions) < 0.05  # and 98 % of the bluest patch
+
+
+@needs(SLIDES)
+@pytest.mark.parametrize("name, slide_mpp", [("cmu-1-small-region.svs", None),
+                                             ("tcga-cr-7395-01a-01-ts1.svs", 0.5)])
+def test_remove_pen_keeps_the_tissue_of_real_slides(name, slide_mpp):
+    from simclr_path.slide import Slide
+
+    with Slide(SLIDES / name, slide_mpp=slide_mpp) as slide:
+        thumb, mpp = slide.read_at_mpp(8.0)
+    plain = tissue_mask(thumb, mpp)
+    cleaned = tissue_mask(thumb, mpp, TileConfig(remove_pen=True))
+    assert plain.sum() > 1000
+    assert (plain & ~cleaned).sum() <= 0.01 * plain.sum()  # CMU-1 lost 8 % to the hue rule
 
 
 def test_tissue_fractions_match_brute_force():

@@ -188,16 +188,86 @@ def test_broken_samples_sheet_stops_dag_build(tmp_path, sheet, expected):
     [
         ({"tile": {"mpp": "fine"}}, "config: tile.mpp must be a number, got 'fine'"),
         ({"runs": {"a": {"train": {"lr": "x"}}}}, "config runs.a: train.lr must be a number"),
-        ({"tile": {"mpp": -1.0}}, "tile.mpp must be > 0"),
+        ({"tile": {"mpp": -1.0}}, "tile.mpp must be a finite number of microns per pixel > 0"),
         ({"train": {"optimiser": "adamw"}}, "config: train: Additional properties"),
         ({"runs": {"a": {"model": {"head_layers": 5}}}}, "config runs.a: model.head_layers"),
         ({"runs": {"a": {"tile": {"mpp": 2.0}}}}, "config: runs.a: Additional properties"),
+        ({"train": {"lr": -1}}, "config: train.lr must be a finite number > 0, got -1"),
+        ({"runs": {"a": {"train": {"momentum": 1.5}}}}, "config runs.a: train.momentum"),
     ],
-    ids=["type", "run-type", "range", "unknown-key", "run-range", "run-tile"],
+    ids=["type", "run-type", "range", "unknown-key", "run-range", "run-tile", "lr", "momentum"],
 )
 def test_bad_config_value_stops_dag_build(tmp_path, config, expected):
     wf = workdir(tmp_path, config)
     assert expected in _one_error_line(smk(wf, "-n", "--cores", "1"))
+
+
+def test_nested_config_values_on_the_command_line(tmp_path):
+    # --config parses nested values as text: {'auto': False} arrives as {'auto': 'False'}
+    wf = workdir(tmp_path, TINY, tsv(demo_rows(4)))
+    done = smk(wf, "-n", "-p", "--cores", "1", "--config", "report={'auto':False}",
+               "figures={'heatmaps':False,'preview_pairs':3}", "demo={'width':1536}",
+               "train={'amp':False,'lr':1e-3}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "plot_heatmap" not in job_counts(done.stdout + done.stderr)
+    assert "--width 1536" in done.stdout
+    bad = smk(wf, "-n", "--cores", "1", "--config", "figures={'preview_pairs':2.5}")
+    assert "figures.preview_pairs: '2.5' is not of type 'integer'" in _one_error_line(bad)
+    bad = smk(wf, "-n", "--cores", "1", "--config", "report={'auto':no}")  # only true/false
+    assert "report.auto: 'no' is not of type 'boolean'" in _one_error_line(bad)
+
+
+def test_a_positive_label_missing_from_the_sheet_stops_dag_build(tmp_path):
+    rows = [(f"S{i}", f"resources/demo/S{i}.tiff", ["tumour", "normal"][i % 2], f"P{i}")
+            for i in range(4)]
+    cfg = dict(TINY, classify={**TINY["classify"], "labels": ["tumour", "normal"]})
+    line = _one_error_line(smk(workdir(tmp_path / "a", cfg, tsv(rows)), "-n", "--cores", "1"))
+    assert "config: classify.positive_label 'SCC' is not one of the labels in " in line
+    assert "(tumour, normal); set classify.positive_label" in line
+    good = dict(cfg, classify={**cfg["classify"], "positive_label": "tumour"})
+    done = smk(workdir(tmp_path / "b", good, tsv(rows)), "-n", "--cores", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    typo = dict(good, runs={"a": {}, "b": {"classify": {"positive_label": "tumor"}}})
+    line = _one_error_line(smk(workdir(tmp_path / "c", typo, tsv(rows)), "-n", "--cores", "1"))
+    assert "config runs.b: classify.positive_label 'tumor'" in line
+
+
+def test_each_stage_yaml_holds_only_the_keys_it_reads(tmp_path):
+    """A t-SNE key reruns the t-SNE figure only; a probe key reruns classification, not
+    fine-tuning."""
+    cfg = dict(TINY, finetune_eval=[1.0])
+    wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
+    stages = ("classify", "tsne", "finetune")
+    targets = [f"results/config/baseline/{s}.yaml" for s in stages]
+
+    def write(classify):
+        (wf / "config" / "test.yaml").write_text(
+            yaml.safe_dump(dict(cfg, classify={**TINY["classify"], **classify})))
+        done = smk(wf, "--cores", "1", *targets)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return {s: (wf / t).read_text() for s, t in zip(stages, targets)}
+
+    first = write({})
+    assert yaml.safe_load(first["tsne"]) == {
+        "classify": {"tsne_max_points": 100, "tsne_perplexity": 30.0, "seed": 0}}
+    assert "tsne" not in first["classify"] and "tsne" not in first["finetune"]
+    assert "c_grid" not in first["finetune"] and "c_grid" in first["classify"]
+    tsne = write({"tsne_max_points": 50, "tsne_perplexity": 5.0})
+    assert tsne["classify"] == first["classify"] and tsne["finetune"] == first["finetune"]
+    assert "tsne_max_points: 50" in tsne["tsne"]
+    probe = write({"tsne_max_points": 50, "tsne_perplexity": 5.0, "c_grid": [0.1],
+                   "inner_folds": 4, "max_iter": 500})
+    assert probe["finetune"] == first["finetune"] and probe["classify"] != first["classify"]
+    # and Snakemake sees nothing to redo in the unchanged ones
+    dry = smk(wf, "-n", "--cores", "1", *targets)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def test_demo_config_removes_the_pen_ink_it_draws():
+    # the QC caption asks the user to check that pen marks are left out
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    if any("pen" in a.split(",") for a in cfg["demo"]["artefacts"].values()):
+        assert cfg["tile"]["remove_pen"] is True
 
 
 def test_exponent_numbers_in_config_yaml_are_numbers(tmp_path):
@@ -250,7 +320,7 @@ def test_tiny_ablation_jobs(tmp_path):
     assert done.returncode == 0, done.stderr
     counts = job_counts(done.stdout + done.stderr)
     assert counts["pretrain"] == 3 and counts["embed"] == 12 and counts["tile"] == 4
-    assert counts["plot_heatmap"] == 12 and counts["run_config"] == 9
+    assert counts["plot_heatmap"] == 12 and counts["run_config"] == 3 * 4  # + tsne.yaml per run
     # each run's resolved config is written where the CLI reads it
     assert "results/config/b/pretrain.yaml" in done.stdout + done.stderr
 
@@ -276,7 +346,7 @@ def test_finetune_eval_jobs(tmp_path):
     assert done.returncode == 0, done.stderr
     counts = job_counts(done.stdout + done.stderr)
     assert counts["finetune"] == 2 * 3 and counts["compare_finetune"] == 2
-    assert counts["classify"] == 2 and counts["run_config"] == 2 * 4  # + finetune.yaml per run
+    assert counts["classify"] == 2 and counts["run_config"] == 2 * 5  # + finetune.yaml per run
     # the linear probe at each fraction below 1 (at 1.0 it is the run's classify job)
     assert counts["classify_fraction"] == 2 * 2
     out = done.stdout + done.stderr
@@ -317,6 +387,15 @@ def test_patch_dataset_config_dry_runs(tmp_path):
     assert counts["import_patches"] == 1 and counts["embed"] == 1
     assert "--patch-size 224 --groups" in done.stdout and "--bit-depth 12" in done.stdout
     assert "tile" not in counts and "plot_heatmap" not in counts
+
+
+def test_a_missing_groups_csv_stops_dag_build(tmp_path):
+    cfg = dict(PATCHES_ONLY, patch_datasets={"tiles": {"dir": "tiles", "groups": "no/g.csv"}})
+    wf = workdir(tmp_path, cfg)
+    (wf / "tiles" / "SCC").mkdir(parents=True)
+    (wf / "tiles" / "normal").mkdir()
+    line = _one_error_line(smk(wf, "-n", "--cores", "1", "--replace-workflow-config"))
+    assert "config: patch_datasets.tiles.groups: file not found: no/g.csv" in line
 
 
 def _require_commands(*names: str) -> None:
@@ -527,3 +606,55 @@ def test_slurm_profile_sends_every_gpu_rule_to_a_gpu_partition():
         res = profile["set-resources"].get(rule, {})
         assert res.get("slurm_partition") == "<gpu-partition>", rule
         assert "gres" not in str(res.get("slurm_extra", "")), rule
+
+
+def _placeholder_outputs(wf: Path, *args: str) -> None:
+    """Every output of the DAG as a small placeholder (valid PNGs), as if the pipeline had run."""
+    from PIL import Image
+
+    done = smk(wf, "-D", "--cores", "1", *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for line in done.stdout.splitlines()[1:]:
+        path = wf / line.split("\t")[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".png":
+            Image.new("RGB", (8, 8), "white").save(path)
+        else:
+            path.write_text("{}\n" if path.suffix == ".json" else "placeholder\n")
+
+
+# A patch-dataset config without `samples:`: under --replace-workflow-config the demo's
+# samples sheet of config/config.yaml must not come back (in the report's child run too).
+PATCHES_ONLY = {
+    "patch_datasets": {"tiles": {"dir": "tiles"}},
+    "classify": {"folds": 2, "inner_folds": 2, "bootstrap": 0},
+    "figures": {"heatmaps": False, "thumbnails": False},
+    "runs": {"baseline": {}},
+    "report": {"auto": True, "path": "report.html"},
+}
+
+
+def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path):
+    wf = workdir(tmp_path, PATCHES_ONLY)
+    for cls in ("SCC", "normal"):
+        (wf / "tiles" / cls).mkdir(parents=True)
+        (wf / "tiles" / cls / "a.png").write_bytes(b"")
+    replace = "--replace-workflow-config"
+    _placeholder_outputs(wf, replace)
+    target = wf / "results/config/baseline/classify.yaml"
+    target.unlink()  # one cheap job to run, so that onsuccess writes the report
+    done = smk(wf, "--cores", "1", replace, "results/config/baseline/classify.yaml")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Report written to report.html" in done.stderr, done.stderr[-3000:]
+    assert (wf / "report.html").stat().st_size > 10_000
+
+    # a report that cannot be written: one line, a non-zero exit, and the older report moved
+    # aside so that it cannot pass for this run's
+    target.unlink()
+    bad = wf / "results/figures/baseline/roc.png"
+    bad.unlink()
+    bad.mkdir()  # exists, but cannot be read into the report
+    done = smk(wf, "--cores", "1", replace, "results/config/baseline/classify.yaml")
+    line = _one_error_line(done)
+    assert "report not written" in line and "report.stale.html" in line
+    assert not (wf / "report.html").exists() and (wf / "report.stale.html").is_file()

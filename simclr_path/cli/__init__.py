@@ -12,10 +12,13 @@ non-zero exit code, with no traceback; anything else is a bug and keeps its trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from simclr_path import __version__
@@ -52,6 +55,18 @@ def _load(module: str):
         raise
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only for real defaults: an option defaulting to None means "not
+    given" (e.g. tile options that fall back to the config, whose value the help already states
+    as [config: ...]), and "(default: None)" there would contradict it; "(default: )" says
+    nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simclr-path",
@@ -64,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         if mod is None:
             continue
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_DefaultsHelpFormatter)
         mod.add_arguments(p)
         # a command whose --out folder --force replaces whole (outputs.atomic_dir) says so
         p.set_defaults(_run=mod.run, _replaces_out_dir=getattr(mod, "REPLACES_OUT_DIR", False))
@@ -132,18 +147,50 @@ def _gpu_out_of_memory(exc: BaseException) -> BaseException | None:
     return None
 
 
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM: unwinding runs every cleanup (``finally``, the
+    ``except BaseException`` of :mod:`simclr_path.outputs`) that the default action, an immediate
+    exit, would skip, leaving a large hidden temporary file beside the output."""
+
+    def __init__(self) -> None:
+        super().__init__(143)  # 128 + SIGTERM, as a shell reports a process killed by it
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` inside the block; the previous handler comes back after.
+    Only the main thread may set handlers (main() called from another thread keeps the default)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        check_output_paths(args)
-        return int(args._run(args) or 0)
+        with _sigterm_unwinds():
+            check_output_paths(args)
+            return int(args._run(args) or 0)
     except SimclrPathError as exc:
         print(f"simclr-path {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"simclr-path {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"simclr-path {args.command}: terminated (SIGTERM); unfinished outputs removed",
+              file=sys.stderr)
+        return int(exc.code)
     except Exception as exc:
         oom = _gpu_out_of_memory(exc)
         if oom is None:

@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     txt = f"slide AUROC {auc:.3f}" if auc is not None else "slide AUROC n/a"
     if ci:
         txt += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+    elif s.get("auroc_ci95_note"):
+        txt += f" ({s['auroc_ci95_note']})"
     frac = f" at label fraction {cfg.label_fraction}" if cfg.label_fraction < 1.0 else ""
     bacc = s.get("balanced_accuracy")
     print(

@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     ci = s.get("auroc_ci95")
     if ci:
         txt += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+    elif s.get("auroc_ci95_note"):
+        txt += f" ({s['auroc_ci95_note']})"
     bacc = s.get("balanced_accuracy")
     print(f"{args.out}: fine-tuned at label fraction {cfg.finetune.label_fraction}: {txt}, "
           f"slide balanced accuracy {'n/a' if bacc is None else f'{bacc:.3f}'}")

@@ -20,14 +20,20 @@ SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 SECTIONS = [
     f for f in spc.defaults_dict()
 ]  # tile, augment, model, train, embed, classify
-# Which config sections each CLI stage reads (one YAML per stage and run, so that changing
-# e.g. the classifier's folds reruns classification only, not pretraining).
-STAGE_SECTIONS = {
-    "pretrain": ["augment", "model", "train"],
-    "embed": ["embed"],
-    "classify": ["classify"],
+# Which config sections (all keys, or only those listed) each CLI stage reads: one YAML per stage
+# and run, so that changing a key reruns only the stages that read it (the classifier's folds
+# rerun classification, not pretraining; the t-SNE sample size the t-SNE figure alone).
+STAGE_KEYS = {
+    "pretrain": {"augment": None, "model": None, "train": None},
+    "embed": {"embed": None},
+    "classify": {"classify": spc.CLASSIFY_PROBE_KEYS},
+    "tsne": {"classify": spc.CLASSIFY_TSNE_KEYS},
     # fine-tuning also reads classify (labels, folds, top-k) and train (tracking switches)
-    "finetune": ["finetune", "classify", "train"],
+    "finetune": {
+        "finetune": None,
+        "classify": spc.CLASSIFY_FINETUNE_KEYS,
+        "train": None,
+    },
 }
 
 
@@ -39,12 +45,14 @@ def fail(message):
     raise SystemExit(1)
 
 
+SCHEMA_DICT = yaml.safe_load(SCHEMA.read_text())
+
+
 def check_schema(cfg):
     """One-line schema error (field path + problem) before Snakemake's verbose validation."""
     import jsonschema
 
-    schema = yaml.safe_load(SCHEMA.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = jsonschema.Draft202012Validator(SCHEMA_DICT)
     error = jsonschema.exceptions.best_match(validator.iter_errors(cfg))
     if error is not None:
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
@@ -54,11 +62,45 @@ def check_schema(cfg):
         )
 
 
-def coerce_sections(cfg):
-    """In place, in the sections and in every run, before the schema sees them: numbers that
-    YAML 1.1 (Snakemake's loader) reads as strings, such as ``lr: 1e-4``, become numbers, and a
-    value of the wrong type fails with one line (simclr_path.config.coerce_section).
+def from_text(value, schema):
+    """``value`` with text that reads as the schema's number or boolean converted to it.
+
+    ``--config`` parses nested values with YAML's BaseLoader, so ``report={'auto': False}``
+    arrives as ``{'auto': 'False'}``, and YAML 1.1 reads ``lr: 1e-4`` as a string. Only the
+    words true/false become booleans (not yes/no); anything else is left for the schema to name.
     """
+    while "$ref" in schema:  # "#/$defs/NAME"
+        schema = SCHEMA_DICT["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        extra = extra if isinstance(extra, dict) else {}
+        return {k: from_text(v, props.get(k, extra)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_text(v, schema.get("items") or {}) for v in value]
+    if not isinstance(value, str):
+        return value
+    kinds = schema.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    text = value.strip()
+    if "boolean" in kinds and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if ("integer" in kinds or "number" in kinds) and spc.NUMBER.fullmatch(text):
+        number = float(text)
+        if "integer" in kinds and number.is_integer():
+            return int(number)
+        if "number" in kinds:
+            return number
+    return value
+
+
+def coerce_sections(cfg):
+    """In place, in the sections and in every run, before the schema sees them: numbers and
+    booleans written as text (``--config`` values, YAML 1.1's ``lr: 1e-4``) become numbers and
+    booleans in every key the schema types (from_text), and a stage value of the wrong type
+    fails with one line (simclr_path.config.coerce_section).
+    """
+    cfg.update(from_text(dict(cfg), SCHEMA_DICT))
     runs = cfg.get("runs")
     runs = runs if isinstance(runs, dict) else {}  # anything else: the schema names it
     try:
@@ -73,12 +115,6 @@ def coerce_sections(cfg):
                     sections[s] = spc.coerce_section(s, sections[s], where)
     except SimclrPathError as exc:
         fail(str(exc))
-    # the workflow's own numeric keys (the schema names anything else that is wrong)
-    if isinstance(cfg.get("finetune_eval"), list):
-        cfg["finetune_eval"] = [
-            float(v) if isinstance(v, str) and spc.NUMBER.fullmatch(v.strip()) else v
-            for v in cfg["finetune_eval"]
-        ]
 
 
 coerce_sections(config)
@@ -141,7 +177,10 @@ def stage_values(run, stage):
         out = {"tile": spc.to_dict(TILE_CFG)["tile"]}
     else:
         full = spc.to_dict(RUN_CFG[run])
-        out = {s: full[s] for s in STAGE_SECTIONS[stage]}
+        out = {
+            s: full[s] if keys is None else {k: full[s][k] for k in keys}
+            for s, keys in STAGE_KEYS[stage].items()
+        }
     for section, keys in SPEED_KEYS.items():
         for key in keys:
             out.get(section, {}).pop(key, None)
@@ -204,6 +243,13 @@ for _name in PATCH_SETS:
         fail(
             f"config: patch_datasets.{_name}.dir: folder not found: {PATCH_SETS[_name]['dir']}"
         )
+    _groups = PATCH_SETS[_name].get("groups")
+    if _groups and not Path(_groups).is_file():
+        fail(
+            f"config: patch_datasets.{_name}.groups: file not found: {_groups}; give the CSV "
+            "of tile path -> group (relative to where you run snakemake), or null for one "
+            "group per tile"
+        )
 if not SLIDES and not PATCH_SETS:
     fail("config: no data; set 'samples' (a samples sheet) and/or 'patch_datasets'")
 
@@ -216,6 +262,41 @@ DEMO_SLIDES = (
     if SAMPLES is None
     else [r.slide_id for r in SAMPLES.itertuples() if _is_demo_path(r.path)]
 )
+
+
+def check_positive_label():
+    """Stop the build when classify cannot find the positive class among two labels: it would
+    fail only at classification, after hours of pretraining (simclr_path.classify.load_table).
+    """
+    from simclr_path.classify import find_positive
+
+    if SLIDES:
+        source = config["samples"]
+        present = set(SAMPLES["label"])
+    else:  # import-patches labels the tiles by their class subfolders
+        source = "the class subfolders of patch_datasets"
+        present = {
+            d.name
+            for ds in PATCH_SETS.values()
+            for d in Path(ds["dir"]).iterdir()
+            if d.is_dir() and not d.name.startswith(".")
+        }
+    for run, cfg in RUN_CFG.items():
+        ccfg = cfg.classify
+        classes = (
+            [c for c in ccfg.labels if c in present] if SLIDES else sorted(present)
+        )
+        if len(classes) == 2 and find_positive(classes, ccfg.positive_label) is None:
+            over = (config["runs"][run] or {}).get("classify") or {}
+            where = f"config runs.{run}" if "positive_label" in over else "config"
+            fail(
+                f"{where}: classify.positive_label {ccfg.positive_label!r} is not one of the "
+                f"labels in {source} ({', '.join(classes)}); set classify.positive_label to "
+                "the one of them that is the positive (tumour) class"
+            )
+
+
+check_positive_label()
 
 
 def one_of(names):
@@ -360,12 +441,14 @@ def run_overrides():
 
 
 def write_report(path):
-    """Run ``snakemake --report PATH`` in a child process with this run's exact config."""
-    import shlex
+    """Run ``snakemake --report PATH`` in a child process with this run's exact config.
+
+    A failure stops with one line and exit status 1, and moves an older report at PATH aside,
+    so that it cannot pass for this run's.
+    """
     import subprocess
     import sys
 
-    # The user's merged config (config files + --config values), so the child sees the same DAG.
     missing = [f for f in final_outputs() if not Path(f).exists()]
     if missing:  # a run of single targets: the report needs every tracked artefact
         logger.info(
@@ -374,13 +457,37 @@ def write_report(path):
         )
         return
     cfg_file = Path(".snakemake") / "simclr_path_report_config.yaml"
+    log = Path(".snakemake") / "simclr_path_report.log"
     cfg_file.parent.mkdir(exist_ok=True)
+    # USER_CONFIG is the whole merged config (config/config.yaml unless the user replaced it,
+    # config files, --config values), so the child replaces its workflow config with it: merged
+    # over config/config.yaml again, the demo's keys (its samples) would come back underneath.
     cfg_file.write_text(yaml.safe_dump(USER_CONFIG, sort_keys=False))
     cmd = [sys.executable, "-m", "snakemake", "--report", path]
     cmd += ["--snakefile", workflow.main_snakefile, "--configfile", str(cfg_file)]
+    cmd += ["--replace-workflow-config"]
     logger.info(f"Writing the report: {shlex.join(cmd)}")
     done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        logger.error(f"report failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    else:
+    log.write_text(done.stdout + done.stderr)
+    if done.returncode == 0:
         logger.info(f"Report written to {path}")
+        return
+    # the child's own error: the line after "SomeError:" (Snakemake prints the message there)
+    lines = [x.strip() for x in done.stderr.splitlines() if x.strip()]
+    heads = [
+        i for i, x in enumerate(lines[:-1]) if re.fullmatch(r"\w*(Error|Exception):", x)
+    ]
+    why = (
+        lines[heads[-1] + 1]
+        if heads
+        else (lines[-1] if lines else f"exit {done.returncode}")
+    )
+    old, moved = Path(path), ""
+    if old.is_file():
+        stale = old.with_name(f"{old.stem}.stale{old.suffix}")
+        old.replace(stale)
+        moved = f"; the older report was moved to {stale}"
+    fail(
+        f"report not written: {why}{moved}; full output in {log}; "
+        f"fix it and run `snakemake --report {path}`"
+    )

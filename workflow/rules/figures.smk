@@ -8,7 +8,7 @@ rule plot_tsne:
         embeddings=classify_embeddings,
         stores=expand("results/patches/{id}.h5", id=CLASSIFY_IDS),
         samples=samples_input(),
-        config=run_stage_config("classify"),
+        config=run_stage_config("tsne"),
     output:
         label=report(
             f"{FIG}/tsne_label.png",

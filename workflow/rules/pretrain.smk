@@ -7,7 +7,7 @@ rule run_config:
     log:
         "results/logs/config/{run}/{stage}.log",
     wildcard_constraints:
-        stage="pretrain|embed|classify|finetune",
+        stage=one_of(STAGE_KEYS),
     localrule: True
     params:
         values=lambda w: stage_values(w.run, w.stage),

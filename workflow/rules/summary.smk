@@ -38,8 +38,9 @@ rule compare_runs:
 
 
 # After a successful run, write the HTML report of every tracked artefact (config report.auto).
-# It runs `snakemake --report` in a child process with the same config files and --config
-# values; it is skipped for dry runs and by `--no-hooks`.
+# It runs `snakemake --report` in a child process with the same merged config; it is skipped
+# for dry runs and by `--no-hooks`. If the child fails, the run exits 1 with one line and an
+# older report is moved aside (common.smk, write_report).
 onsuccess:
     if config["report"]["auto"]:
         write_report(config["report"]["path"])

@@ -45,6 +45,13 @@ def table(metrics: dict) -> pd.DataFrame:
                 "slide (pooled)": f"{fmt(ci[0])}-{fmt(ci[1])}",
             }
         )
+    elif metrics.get("slide", {}).get("auroc_ci95_note"):  # why there is none (few patients)
+        rows.append(
+            {
+                "metric": "slide AUROC 95% CI (bootstrap)",
+                "slide (pooled)": metrics["slide"]["auroc_ci95_note"],
+            }
+        )
     return pd.DataFrame(rows).fillna("")
 
 
