@@ -42,6 +42,8 @@ from simclr_path.store import EmbeddingStore
 RESULT_FILES = ("metrics.json", "predictions_patches.csv", "predictions_slides.csv", "model.npz", "model.json")
 
 MODEL_FORMAT_VERSION = 1
+KNOWN_MODEL_FORMATS = (1,)  # what LinearModel.load reads
+MODEL_KIND = "standard_scaler+logistic_regression"
 SCALAR_KEYS = (
     "auroc",
     "average_precision",
@@ -75,6 +77,8 @@ class PatchTable:
     image_size: int | None = None  # embedding input size (the same in every file)
     tta: bool = False  # embedded with rotation/flip test-time augmentation (embed.tta)
     source: np.ndarray | None = None  # (N,) index of each patch's file in the list given
+    encoder: str | None = None  # encoder path the first file was embedded with (for messages)
+    input_mpp: float | None = None  # um of tissue per input pixel, where every file agrees
 
 
 def _tta(attrs: dict[str, Any]) -> bool:
@@ -133,6 +137,14 @@ def _load_files(
                 )
             seen[s.slide_id] = s.path
     return stores
+
+
+def _common_input_mpp(stores: Sequence[Any]) -> float | None:
+    """The files' shared :func:`input_mpp` (within 1%), or None where any lacks it or they differ."""
+    vals = [input_mpp(s.attrs) for s in stores]
+    if not vals or any(v is None for v in vals) or max(vals) > 1.01 * min(vals):
+        return None
+    return float(np.mean(vals))
 
 
 def load_table(
@@ -299,6 +311,8 @@ def load_table(
         image_size=first.get("image_size"),
         tta=_tta(first),
         source=np.concatenate(parts["src"]).astype(np.int64),
+        encoder=first.get("encoder"),
+        input_mpp=_common_input_mpp(stores),
     )
 
 
@@ -575,7 +589,7 @@ class LinearModel:
         )
         info = {
             "format_version": MODEL_FORMAT_VERSION,
-            "kind": "standard_scaler+logistic_regression",
+            "kind": MODEL_KIND,
             "classes": self.classes,
             "positive": None if self.positive is None else self.classes[self.positive],
             "feature_dim": self.feature_dim,
@@ -593,21 +607,67 @@ class LinearModel:
                 f"{folder}: no classifier here (model.npz and model.json); "
                 "train one with 'simclr-path classify'"
             )
+
+        def damaged(what: str, path: Path = js) -> SimclrPathError:
+            return SimclrPathError(
+                f"{path}: classifier files are damaged ({what}); rerun 'simclr-path classify'"
+            )
+
         try:
             info = json.loads(js.read_text())
-            with np.load(npz, allow_pickle=False) as a:  # plain arrays only: no code can be loaded
-                arrays = {k: a[k] for k in ("mean", "scale", "coef", "intercept")}
-        except (json.JSONDecodeError, KeyError, ValueError, OSError) as exc:
-            raise SimclrPathError(
-                f"{folder}: classifier files are damaged ({exc}); rerun 'simclr-path classify'"
-            ) from None
-        classes = list(info["classes"])
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise damaged(str(exc).splitlines()[0][:160]) from None
+        if not isinstance(info, dict):
+            raise damaged(f"a JSON {type(info).__name__}, not an object")
+        version, kind = info.get("format_version"), info.get("kind")
+        if type(version) is not int or version not in KNOWN_MODEL_FORMATS:
+            newer = type(version) is int and version > MODEL_FORMAT_VERSION
+            if newer:
+                raise SimclrPathError(
+                    f"{js}: classifier format_version {version} is newer than this simclr-path "
+                    f"reads ({MODEL_FORMAT_VERSION}); upgrade simclr-path"
+                )
+            raise damaged(f"format_version {version!r}, expected {MODEL_FORMAT_VERSION}")
+        if kind != MODEL_KIND:
+            raise damaged(f"kind {kind!r}, expected {MODEL_KIND!r}")
+        classes = info.get("classes")
+        if (not isinstance(classes, list) or len(classes) < 2
+                or not all(isinstance(c, str) and c for c in classes)
+                or len(set(classes)) != len(classes)):
+            raise damaged(f"'classes' must list 2 or more distinct class names, got {classes!r}")
         pos = info.get("positive")
+        if pos is not None and pos not in classes:
+            raise damaged(f"positive class {pos!r} is not one of the classes {classes}")
+        try:
+            with np.load(npz, allow_pickle=False) as a:  # plain arrays only: no code can be loaded
+                arrays = {k: np.asarray(a[k], dtype=np.float64)
+                          for k in ("mean", "scale", "coef", "intercept")}
+        except (KeyError, ValueError, TypeError, OSError, EOFError) as exc:
+            raise damaged(str(exc).splitlines()[0][:160] or type(exc).__name__, npz) from None
+        mean, scale, coef, intercept = (arrays[k] for k in ("mean", "scale", "coef", "intercept"))
+        # sklearn's layout: one row of coefficients for two classes, one per class otherwise
+        rows = 1 if len(classes) == 2 else len(classes)
+        if coef.ndim != 2 or coef.shape[0] != rows or coef.shape[1] < 1:
+            raise damaged(f"coef has shape {coef.shape}, expected ({rows}, D) for "
+                          f"{len(classes)} classes", npz)
+        dim = coef.shape[1]
+        for name, arr, shape in (("intercept", intercept, (rows,)), ("mean", mean, (dim,)),
+                                 ("scale", scale, (dim,))):
+            if arr.shape != shape:
+                raise damaged(f"{name} has shape {arr.shape}, expected {shape}", npz)
+        for name, arr in arrays.items():
+            if not np.isfinite(arr).all():
+                raise damaged(f"{name} holds NaN or infinite values", npz)
+        if not (scale > 0).all():
+            raise damaged("scale holds values <= 0", npz)
+        top_k = info.get("top_k")
+        if top_k is not None and (type(top_k) is not int or top_k < 1):
+            raise damaged(f"top_k {top_k!r} is not a positive integer")
         meta = {k: v for k, v in info.items() if k not in ("classes", "positive")}
         return cls(
             **arrays,
             classes=classes,
-            positive=classes.index(pos) if pos in classes else None,
+            positive=None if pos is None else classes.index(pos),
             meta=meta,
         )
 
@@ -966,6 +1026,8 @@ def classify(
             "C": c_final,
             "top_k": cfg.top_k,
             "encoder_sha256": t.encoder_sha256,
+            "encoder": t.encoder,
+            "input_mpp": t.input_mpp,
             "layer": t.layer,
             "arch": t.arch,
             "image_size": t.image_size,
@@ -1037,6 +1099,58 @@ def _topk_auroc(y: np.ndarray, sl: pd.DataFrame, positive: int) -> float:
     return float(roc_auc_score(yb, sl["score_topk"].to_numpy()))
 
 
+def input_mpp(attrs: dict[str, Any]) -> float | None:
+    """Micrometres of tissue per encoder input pixel of an embedding file (patch side x mpp /
+    image_size), or None where the file does not record all three (imported tiles: no mpp)."""
+    try:
+        v = float(attrs["patch_size"]) * float(attrs["mpp"]) / float(attrs["image_size"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def check_compatible(model: LinearModel, model_dir: str | os.PathLike, s: EmbeddingStore) -> None:
+    """Refuse an embedding file whose features live in another space than the classifier's
+    training embeddings: another arch, encoder, layer, input size or TTA setting gives vectors
+    of the right length but a different meaning, and scores of them look plausible and are
+    nonsense. A key missing on either side (a model or file from before it was recorded) is not
+    compared."""
+    meta, a = model.meta, s.attrs
+    enc = meta.get("encoder") or "RUN/encoder.pt"
+    fix_enc = f"embed with the encoder the classifier was trained on ({enc})"
+
+    def differs(key: str) -> bool:
+        return meta.get(key) is not None and a.get(key) is not None and a[key] != meta[key]
+
+    where = f"the classifier in {model_dir}"
+    if differs("arch"):
+        raise SimclrPathError(f"{s.path}: embedded with a {a['arch']} encoder but {where} was "
+                              f"trained on {meta['arch']} embeddings; {fix_enc}")
+    if differs("encoder_sha256"):
+        raise SimclrPathError(
+            f"{s.path}: embedded with encoder sha256 {str(a['encoder_sha256'])[:12]}... but "
+            f"{where} was trained on embeddings of encoder {str(meta['encoder_sha256'])[:12]}...; "
+            f"{fix_enc}")
+    if differs("layer"):
+        raise SimclrPathError(f"{s.path}: embeddings of layer {a['layer']!r} but {where} was "
+                              f"trained on layer {meta['layer']!r}; embed with --layer "
+                              f"{meta['layer']}")
+    if "tta" in meta and meta["tta"] is not None and _tta(a) != bool(meta["tta"]):
+        flag = "--tta" if meta["tta"] else "--no-tta"
+        raise SimclrPathError(f"{s.path}: tta {_tta(a)} but {where} was trained on tta "
+                              f"{bool(meta['tta'])} embeddings; embed with {flag}")
+    size = meta.get("image_size")
+    if size and a.get("image_size") and int(a["image_size"]) != int(size):
+        # embed scales its input size with the patches' field of view (embed.side_ratio): at
+        # the same micrometres per input pixel the encoder sees tissue at its training scale
+        mine, theirs = input_mpp(a), meta.get("input_mpp")
+        if mine is None or not theirs or abs(mine - float(theirs)) > 0.05 * float(theirs):
+            raise SimclrPathError(
+                f"{s.path}: embedded at {a['image_size']} px but {where} was trained on {size} px "
+                f"embeddings; embed with --image-size {size}")
+
+
+
 def load_model(model_dir: str | os.PathLike) -> LinearModel:
     """Load the classifier saved by :func:`classify` (plain arrays, no pickle)."""
     return LinearModel.load(model_dir)
@@ -1069,27 +1183,7 @@ def predict(
                 f"expects {model.feature_dim}; embed with the encoder and layer the classifier "
                 f"was trained on ({model.meta.get('arch')}, layer {model.meta.get('layer')})"
             )
-        want = model.meta.get("encoder_sha256")
-        if want and s.attrs.get("encoder_sha256") and s.attrs["encoder_sha256"] != want:
-            warnings.warn(
-                f"{s.path}: embedded with a different encoder than the classifier was trained on",
-                stacklevel=2,
-            )
-        size = model.meta.get("image_size")
-        if size and s.attrs.get("image_size") and int(s.attrs["image_size"]) != int(size):
-            warnings.warn(
-                f"{s.path}: embedded at {s.attrs['image_size']} px but the classifier was trained "
-                f"on {size} px embeddings; embed with --image-size {size} (unless its patches "
-                "cover another field of view, which 'embed' scales its input size for)",
-                stacklevel=2,
-            )
-        if "tta" in model.meta and _tta(s.attrs) != bool(model.meta["tta"]):
-            flag = "--tta" if model.meta["tta"] else "--no-tta"
-            warnings.warn(
-                f"{s.path}: tta {_tta(s.attrs)} but the classifier was trained "
-                f"on tta {bool(model.meta['tta'])} embeddings; embed with {flag}",
-                stacklevel=2,
-            )
+        check_compatible(model, model_dir, s)
         if len(s) == 0:
             warnings.warn(
                 f"{s.path}: slide {s.slide_id!r} has no patches; its slide row has no scores",

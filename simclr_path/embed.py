@@ -89,6 +89,17 @@ def side_ratio(info: dict[str, Any], store) -> float | None:
     return float(store.patch_size) * float(store.mpp) / (float(p) * float(m))
 
 
+def default_image_size(info: dict[str, Any], store) -> int:
+    """Input size for whole patches of ``store`` when none is set: :func:`fixres_size` of the
+    encoder's training size (``encoder.json`` ``info``), or the stored patch size for an encoder
+    that records none. ``embed`` and ``finetune`` both use it, so the probe and fine-tuning see
+    the tissue at one scale."""
+    if info.get("image_size"):
+        return fixres_size(int(info["image_size"]), info.get("crop_scale"), store.patch_size,
+                           side_ratio=side_ratio(info, store))
+    return int(store.patch_size)
+
+
 def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
     """The 8 rotations and reflections (dihedral group D4) of a batch (B, C, H, W), identity first.
 
@@ -279,13 +290,7 @@ def embed_store(
     store = PatchStore(store_path)
     check_can_write(out, force)  # a folder or a path under a file fails now, not after embedding
     device = resolve_device(cfg.device)
-    if cfg.image_size:
-        image_size = int(cfg.image_size)
-    elif info.get("image_size"):
-        image_size = fixres_size(int(info["image_size"]), info.get("crop_scale"), store.patch_size,
-                                 side_ratio=side_ratio(info, store))
-    else:
-        image_size = int(store.patch_size)
+    image_size = int(cfg.image_size) if cfg.image_size else default_image_size(info, store)
     if image_size < 8:
         raise SimclrPathError(f"embed.image_size must be >= 8, got {image_size}")
     enc_mpp, store_mpp = info.get("mpp"), store.mpp

@@ -80,6 +80,7 @@ from simclr_path.config import (
     PipelineConfig,
 )
 from simclr_path.data import read_patch
+from simclr_path.embed import default_image_size
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, feature_dim, load_encoder, output_stride, save_encoder
 from simclr_path.outputs import atomic_dir, check_can_write
@@ -492,13 +493,15 @@ def finetune(
                               "'simclr-path pretrain'")
     info = encoder_info(enc)
     t, stores = load_patch_table(store_paths, samples, cfg)
-    image_size = int(ft.image_size or info.get("image_size") or _first_used(stores).patch_size)
+    # embed's default size (the probe's): whole patches at the scale the encoder's crops showed
+    # the tissue; the training size itself would shrink it (1.32x for crops of 0.2-1)
+    image_size = int(ft.image_size or default_image_size(info, _first_used(stores)))
     from simclr_path.train import check_view_sizes, resolve_device
 
     device = resolve_device(ft.device)
     # a broken or mismatched encoder fails before any training
     backbone = load_encoder(enc, device="cpu")
-    key = "finetune.image_size" if ft.image_size else "finetune.image_size (the encoder's image_size)"
+    key = "finetune.image_size" if ft.image_size else "finetune.image_size (embed's default size)"
     check_view_sizes([(key, image_size, "set finetune.image_size")],
                      str(info.get("arch", "the encoder")), output_stride(backbone))
     del backbone

@@ -1,6 +1,6 @@
 """Import a folder of labelled tiles (one subfolder per class) as a patch store.
 
-``DIR/<class>/**/*.png|jpg|jpeg|tif|tiff`` becomes a store of ``kind="patches"`` with ``/labels``
+``DIR/<class>/**/*.png|jpg|jpeg|tif|tiff|bmp|webp`` becomes a store of ``kind="patches"`` with ``/labels``
 (index into the ``label_names`` attribute, classes sorted by name), ``/names`` (paths relative to
 ``DIR``), ``/groups`` from an optional CSV of ``path,group`` (the patient or source image of each
 tile; grouped evaluation keeps a group on one side of every split) and ``/coords`` of (-1, -1).
@@ -13,6 +13,7 @@ import contextlib
 import io
 import os
 import unicodedata
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +26,13 @@ from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import check_can_write
 from simclr_path.store import PatchStoreWriter
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")  # OpenCV and Pillow read all
+FORMATS = "PNG/JPEG/TIFF/BMP/WebP"
+# images in formats not imported: skipped with a warning, not in silence (other files, e.g. a
+# README or groups.csv, are skipped quietly)
+OTHER_IMAGES = (".gif", ".jp2", ".j2k", ".jpx", ".jxl", ".avif", ".heic", ".heif", ".ppm",
+                ".pgm", ".pnm", ".pbm", ".exr", ".hdr", ".svg", ".psd", ".ico", ".dcm", ".svs",
+                ".ndpi", ".mrxs", ".scn", ".vms", ".czi", ".qptiff")
 _CHUNK_BYTES = 256 * 2**20  # decoded tiles held at a time: 1783 of 224 px, 5 of 4096 px
 
 
@@ -60,11 +67,12 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
         raise SimclrPathError(f"{folder}: no class subfolders; put the tiles of each class in "
                               f"its own subfolder (e.g. {folder}/SCC/*.png, {folder}/normal/*.png)")
     tiles: list[tuple[str, int]] = []
+    skipped: list[str] = []
     for label, name in enumerate(classes):
-        files = sorted(
-            (p.relative_to(folder).as_posix() for p in (folder / name).rglob("*")
-             if p.is_file() and p.suffix.lower() in EXTENSIONS
-             and not any(part.startswith(".") for part in p.relative_to(folder).parts)), key=_nfc)
+        found = [p.relative_to(folder) for p in (folder / name).rglob("*") if p.is_file()]
+        found = [r for r in found if not any(part.startswith(".") for part in r.parts)]
+        files = sorted((r.as_posix() for r in found if r.suffix.lower() in EXTENSIONS), key=_nfc)
+        skipped += [r.as_posix() for r in found if r.suffix.lower() in OTHER_IMAGES]
         for f in files:  # names are stored as UTF-8 text in the store
             try:
                 f.encode("utf-8")
@@ -72,11 +80,19 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
                 raise SimclrPathError(f"{folder / f!s}: file name is not valid UTF-8 (e.g. from a "
                                       "Latin-1 zip); rename it") from None
         if not files:  # a class without tiles would be a class the classifier never sees
-            raise SimclrPathError(f"{folder / name}: class folder has no PNG/JPEG/TIFF tiles; add "
+            other = [f for f in skipped if f.split("/", 1)[0] == name]
+            why = (f" (only {len(other)} file(s) of unsupported formats, e.g. {other[0]}: convert "
+                   f"them to PNG)" if other else "")
+            raise SimclrPathError(f"{folder / name}: class folder has no {FORMATS} tiles{why}; add "
                                   "its tiles or remove the folder")
         tiles += [(f, label) for f in files]
+    if skipped:
+        skipped.sort(key=_nfc)
+        warnings.warn(f"{folder}: {len(skipped)} image file(s) of unsupported formats skipped "
+                      f"(e.g. {skipped[0]}); import reads {FORMATS}: convert them to import them",
+                      stacklevel=2)
     if not tiles:
-        raise SimclrPathError(f"{folder}: no PNG/JPEG/TIFF tiles in the class subfolders "
+        raise SimclrPathError(f"{folder}: no {FORMATS} tiles in the class subfolders "
                               f"{', '.join(classes)}")
     return classes, tiles
 
@@ -337,7 +353,7 @@ def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
     """Write a patch store from a folder of labelled tiles.
 
     Args:
-        folder: one subfolder per class holding PNG/JPEG/TIFF tiles (nested folders allowed).
+        folder: one subfolder per class holding PNG/JPEG/TIFF/BMP/WebP tiles (nested folders allowed).
         out: patch store path (written atomically).
         patch_size: resize every tile to this side; without it all tiles must be squares of one
             size.

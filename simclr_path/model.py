@@ -11,6 +11,9 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +33,72 @@ def _unknown_arch(arch: str) -> SimclrPathError:
     return SimclrPathError(f"unknown timm model {arch!r}{hint}")
 
 
+_NOT_A_STATE_DICT = "save model.state_dict() with torch.save"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def load_state_dict_file(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
     """Load a tensor state dict safely (``weights_only=True``); one clear error if it is unreadable."""
     p = Path(path)
     if not p.is_file():
         raise SimclrPathError(f"{p}: {what} not found")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  corrupt zip, pickle with code objects, truncated file ...
-        raise SimclrPathError(f"{p}: cannot read {what} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        with warnings.catch_warnings():
+            # torch's aside on a foreign pickle's protocol: the error below says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # a whole pickled model, a plain pickle or no torch file at all (JSON, text): torch's
+        # own text is a page of advice to load untrusted code with weights_only=False
+        raise SimclrPathError(f"{p}: cannot read {what}: not a state dict of tensors (a pickled "
+                              f"model, or not a torch file); {_NOT_A_STATE_DICT}") from None
+    except Exception as exc:  # noqa: BLE001  corrupt zip, truncated or empty file ...
+        first = _ANSI.sub("", (str(exc).splitlines() or [""])[0])[:160]
+        raise SimclrPathError(f"{p}: cannot read {what} ({type(exc).__name__}{': ' if first else ''}"
+                              f"{first}); the file is truncated or damaged: copy or write it "
+                              "again") from None
     for key in ("state_dict", "model"):  # common wrappers
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SimclrPathError(f"{p}: {what} is not a state dict of tensors")
+        raise SimclrPathError(f"{p}: {what} is not a state dict of tensors; {_NOT_A_STATE_DICT}")
     return obj
+
+
+# key prefixes that wrap a backbone's own names: a simclr-path checkpoint's SimCLRModel
+# ("backbone."), DDP ("module."), torch.compile ("_orig_mod.")
+_WRAPPER_PREFIXES = ("backbone.", "module.", "_orig_mod.")
+
+
+def _unwrap_keys(sd: dict[str, torch.Tensor], own: Any) -> dict[str, torch.Tensor]:
+    """``sd`` with wrapper prefixes stripped while none of its keys is one of ``own``'s (the
+    tensors under other prefixes, e.g. a checkpoint's projection head, are left out)."""
+    while sd and not any(k in own for k in sd):
+        for pre in _WRAPPER_PREFIXES:
+            sub = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+            if sub:
+                sd = sub
+                break
+        else:
+            break
+    return sd
+
+
+def _mismatch(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], strict: bool) -> str | None:
+    """How ``sd`` fails to fit a model with state dict ``own`` (missing tensors, unexpected ones
+    when ``strict``, shapes), naming the first of each; None when it fits."""
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    extra = [k for k in sd if k not in own] if strict else []
+    shape = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of {len(own)} tensors missing, first: {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected, first: {extra[0]}")
+    if shape:
+        parts.append(f"{len(shape)} of other shapes, first: {shape[0]} "
+                     f"{tuple(sd[shape[0]].shape)} vs {tuple(own[shape[0]].shape)}")
+    return "; ".join(parts) or None
 
 
 def feature_dim(backbone: nn.Module) -> int:
@@ -74,19 +128,15 @@ def create_backbone(arch: str, pretrained: bool = False, weights: str | os.PathL
                                   "set pretrained: false or pass a local weights file") from None
         raise
     if weights is not None:
-        sd = load_state_dict_file(weights)
         own = model.state_dict()
+        sd = _unwrap_keys(load_state_dict_file(weights), own)
         sd = {k: v for k, v in sd.items() if k in own}
         # every tensor must come from the file: a partial match (e.g. resnet50 weights for a
         # resnet101) would leave part of the backbone at random without a word
-        missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-        if missing:
-            raise SimclrPathError(f"{weights}: weights do not match timm model {arch!r} "
-                                  f"({len(missing)} of {len(own)} tensors missing, first: "
-                                  f"{missing[0]}); give weights of this architecture")
-        bad = [k for k in sd if sd[k].shape != own[k].shape]
-        if bad:
-            raise SimclrPathError(f"{weights}: tensor shapes do not match {arch!r} (first: {bad[0]})")
+        why = _mismatch(sd, own, strict=False)
+        if why:
+            raise SimclrPathError(f"{weights}: weights do not match timm model {arch!r} ({why}); "
+                                  "give weights of this architecture")
         model.load_state_dict(sd, strict=False)
     return model
 
@@ -143,12 +193,13 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, device: str |
     if arch is None:
         arch = encoder_info(p)["arch"]
     model = create_backbone(arch)
-    sd = load_state_dict_file(p, "encoder file")
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        raise SimclrPathError(f"{p}: encoder does not match timm model {arch!r} "
-                              f"({str(exc).splitlines()[0]})") from None
+    own = model.state_dict()
+    sd = _unwrap_keys(load_state_dict_file(p, "encoder file"), own)
+    why = _mismatch(sd, own, strict=True)
+    if why:  # torch's own message names no tensor on its first line
+        raise SimclrPathError(f"{p}: encoder does not match timm model {arch!r} ({why}); give "
+                              f"the encoder.pt written with its encoder.json")
+    model.load_state_dict(sd, strict=True)
     return model.eval().to(device)
 
 

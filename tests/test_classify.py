@@ -28,7 +28,7 @@ FAST = ClassifyConfig(bootstrap=100, c_grid=[0.01, 1.0])
 
 def make_cohort(
     folder, n_patients=10, patches=60, shift=1.0, dim=8, seed=0, two_slides=True, sha="enc1",
-    image_size=None, tta=None,
+    image_size=None, tta=None, layer="pooled", extra=None,
 ):
     """Slides of SCC and normal patients; feature 0 is shifted by ``shift`` in SCC patches, so the
     Bayes patch-level AUROC is Phi(shift / sqrt(2))."""
@@ -46,7 +46,7 @@ def make_cohort(
                 folder / f"{sid}.h5",
                 X,
                 coords,
-                {"slide_id": sid, "encoder_sha256": sha, "layer": "pooled"}
+                {"slide_id": sid, "encoder_sha256": sha, "layer": layer, **(extra or {})}
                 | ({} if image_size is None else {"image_size": image_size})
                 | ({} if tta is None else {"tta": tta}),
             )
@@ -237,10 +237,100 @@ def test_embedding_sizes_must_match(tmp_path):
         classify([*paths[:-1], tta[-1]], tmp_path / "mix", samples=sheet, cfg=FAST)
     classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
     assert json.loads((tmp_path / "out" / "model.json").read_text())["image_size"] == 128
-    with pytest.warns(UserWarning, match="embedded at 96 px .* --image-size 128"):
+    # scores of embeddings at another size or TTA setting would look complete and be wrong
+    with pytest.raises(SimclrPathError, match="embedded at 96 px .* --image-size 128"):
         predict(tmp_path / "out", old[:1], tmp_path / "pred.csv")
-    with pytest.warns(UserWarning, match="tta True .* embed with --no-tta"):
+    with pytest.raises(SimclrPathError, match="tta True .* embed with --no-tta"):
         predict(tmp_path / "out", tta[:1], tmp_path / "pred2.csv")
+    assert not (tmp_path / "pred.csv").exists() and not (tmp_path / "pred2.csv").exists()
+
+
+def test_predict_refuses_embeddings_of_another_layer_encoder_or_arch(tmp_path):
+    extra = {"arch": "test_vit", "encoder": "runs/a/encoder.pt"}
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=20, image_size=32,
+                               extra=extra)
+    classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    meta = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert meta["layer"] == "pooled" and meta["encoder"] == "runs/a/encoder.pt"
+    cases = {  # same feature size every time: only the recorded metadata tells them apart
+        "stage": ({"layer": "stage5", "extra": extra},
+                  "layer 'stage5' .* layer 'pooled'; embed with --layer pooled"),
+        "enc": ({"sha": "enc2", "extra": extra},
+                (r"encoder sha256 enc2\.\.\. .* encoder enc1\.\.\.; embed with the encoder "
+                 r"the classifier was trained on \(runs/a/encoder\.pt\)")),
+        "arch": ({"extra": {**extra, "arch": "resnet18"}}, "a resnet18 encoder .* test_vit"),
+    }
+    for name, (kw, msg) in cases.items():
+        other, _ = make_cohort(tmp_path / name, n_patients=1, patches=5, image_size=32, **kw)
+        with pytest.raises(SimclrPathError, match=msg):
+            predict(tmp_path / "out", other[:1], tmp_path / f"{name}.csv")
+        assert not (tmp_path / f"{name}.csv").exists()
+    # a model saved before layer/arch/tta were recorded: those comparisons are skipped
+    del meta["layer"], meta["arch"], meta["tta"]
+    (tmp_path / "out" / "model.json").write_text(json.dumps(meta))
+    other, _ = make_cohort(tmp_path / "old", n_patients=1, patches=5, image_size=32,
+                           layer="stage5", extra=extra)
+    predict(tmp_path / "out", other[:1], tmp_path / "old.csv")
+    assert (tmp_path / "old.csv").is_file()
+
+
+def test_predict_accepts_another_input_size_at_the_same_tissue_scale(tmp_path):
+    # 64 px patches at 0.5 um/px embedded at 32 px: 1 um per input pixel
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=20, image_size=32,
+                               extra={"patch_size": 64, "mpp": 0.5})
+    classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    assert json.loads((tmp_path / "out" / "model.json").read_text())["input_mpp"] == 1.0
+    # 128 px patches at 0.5 um/px: embed scaled its input to 64 px, the same tissue scale
+    same, _ = make_cohort(tmp_path / "s", n_patients=1, patches=5, image_size=64,
+                          extra={"patch_size": 128, "mpp": 0.5})
+    predict(tmp_path / "out", same[:1], tmp_path / "same.csv")
+    # 64 px patches at 64 px: twice the magnification the classifier was trained on
+    zoom, _ = make_cohort(tmp_path / "z", n_patients=1, patches=5, image_size=64,
+                          extra={"patch_size": 64, "mpp": 0.5})
+    with pytest.raises(SimclrPathError, match="embedded at 64 px .* --image-size 32"):
+        predict(tmp_path / "out", zoom[:1], tmp_path / "zoom.csv")
+
+
+def _damage(folder, json_fn=None, **arrays):
+    """Rewrite a classifier folder: model.json through ``json_fn``, arrays replaced."""
+    if json_fn is not None:
+        info = json.loads((folder / "model.json").read_text())
+        (folder / "model.json").write_text(json.dumps(json_fn(info)))
+    if arrays:
+        with np.load(folder / "model.npz") as a:
+            d = {k: a[k] for k in a.files}
+        np.savez(folder / "model.npz", **{**d, **arrays})
+
+
+@pytest.mark.parametrize(
+    "json_fn, arrays, msg",
+    [
+        (lambda i: [i], {}, "a JSON list, not an object"),
+        (lambda i: {**i, "format_version": 7}, {}, "newer than this simclr-path reads"),
+        (lambda i: {k: v for k, v in i.items() if k != "format_version"}, {},
+         "format_version None"),
+        (lambda i: {**i, "kind": "random_forest"}, {}, "kind 'random_forest'"),
+        (lambda i: {k: v for k, v in i.items() if k != "classes"}, {}, "'classes' must list"),
+        (lambda i: {**i, "classes": ["a", "b", "c"], "positive": "a"}, {},
+         r"coef has shape \(1, 8\), expected \(3, D\) for 3 classes"),
+        (lambda i: {**i, "positive": "LUAD"}, {}, "positive class 'LUAD' is not one of"),
+        (lambda i: {**i, "top_k": "ten"}, {}, "top_k 'ten'"),
+        (None, {"mean": np.zeros(5)}, r"mean has shape \(5,\), expected \(8,\)"),
+        (None, {"scale": np.zeros(8)}, "scale holds values <= 0"),
+        (None, {"coef": np.full((1, 8), np.nan)}, "coef holds NaN"),
+        (None, {"intercept": np.zeros(2)}, r"intercept has shape \(2,\)"),
+    ],
+)
+def test_a_damaged_classifier_is_one_clear_error(tmp_path, capsys, json_fn, arrays, msg):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=4, patches=10)
+    classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    _damage(tmp_path / "out", json_fn, **arrays)
+    rc = main(["predict", "--model", str(tmp_path / "out"), "--embeddings", str(paths[0]),
+               "--out", str(tmp_path / "p.csv")])
+    line = _one_error_line(capsys)
+    assert rc != 0 and str(tmp_path / "out" / "model.") in line
+    assert __import__("re").search(msg, line), line
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_multiclass_from_embedding_labels(tmp_path):

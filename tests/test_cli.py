@@ -49,6 +49,40 @@ def test_force_never_replaces_a_folder_that_holds_an_input(tmp_path, capsys):
     assert rc != 0 and "already exists" in err
 
 
+@pytest.mark.parametrize("argv, inside", [
+    (["embed", "{d}/five.h5", "--encoder", "{d}/run", "--out", "{d}/run/encoder.pt", "--force"],
+     "run/encoder.pt: is inside the input folder {d}/run of this command (encoder)"),
+    (["predict", "--model", "{d}/clf", "--embeddings", "{d}/five.h5", "--out",
+      "{d}/clf/model.json", "--force"], "inside the input folder {d}/clf of this command (model)"),
+    # a new file inside the folder too: the same command rerun with --force would replace it
+    (["embed", "{d}/five.h5", "--encoder", "{d}/run", "--out", "{d}/run/sub/new.h5"],
+     "run/sub/new.h5: is inside the input folder"),
+])
+def test_an_output_inside_a_folder_input_is_refused(argv, inside, tmp_path, capsys):
+    (tmp_path / "five.h5").write_bytes(b"x")
+    for name in ("run/encoder.pt", "clf/model.json", "run/sub/a"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"input")
+    rc, err = _err([a.format(d=tmp_path) for a in argv], capsys)
+    assert rc != 0 and len(err.splitlines()) == 1
+    assert inside.format(d=tmp_path) in err and "write the --out output elsewhere" in err
+    assert (tmp_path / "run/encoder.pt").read_bytes() == b"input"
+    assert (tmp_path / "clf/model.json").read_bytes() == b"input"
+    assert not (tmp_path / "run/sub/new.h5").exists()
+
+
+def test_outputs_beside_a_folder_input_are_allowed(tmp_path):
+    from simclr_path.cli import build_parser, check_output_paths
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "five.h5").write_bytes(b"x")
+    # "run2" shares the folder's name as a prefix but is not inside it
+    for out in ("run2/five.h5", "five_emb.h5"):
+        check_output_paths(build_parser().parse_args(
+            ["embed", str(tmp_path / "five.h5"), "--encoder", str(tmp_path / "run"),
+             "--out", str(tmp_path / out), "--force"]))
+
+
 @pytest.mark.parametrize("argv", [
     ["plot-curves", "--classify", "C", "--out-roc", "{d}/same.png", "--out-pr", "{d}/same.png"],
     ["tile", "{d}/s.tiff", "--out", "{d}/q.h5", "--qc", "{d}/q.h5"],

@@ -347,3 +347,22 @@ def test_a_diverged_validation_epoch_keeps_the_earlier_one(cohort, encoder, tmp_
     assert len(calls) == 4  # two folds, two epochs, each with validation patients
     for _, h in hist.groupby("fold"):
         assert h["best"].tolist() == [True, False] and np.isnan(h["val_loss"].iloc[1])
+
+
+def test_default_image_size_is_the_probes(cohort, tmp_path):
+    # the probe embeds whole patches at fixres_size of the encoder's training size, not at the
+    # training size: fine-tuning must see the tissue at that scale too, for a fair comparison
+    from simclr_path.embed import default_image_size
+    from simclr_path.model import encoder_info
+    from simclr_path.store import PatchStore
+
+    paths, sheet = cohort
+    enc = tmp_path / "enc" / "encoder.pt"
+    enc.parent.mkdir()
+    save_encoder(create_backbone(ARCH), enc, ARCH, image_size=24, crop_scale=[0.2, 1.0], mpp=0.5)
+    with PatchStore(paths[0]) as s:
+        probe = default_image_size(encoder_info(enc), s)
+    assert probe == SIZE  # 24 px / E[sqrt(crop)] = 32 px
+    m = finetune(paths, enc, tmp_path / "o", samples=sheet,
+                 cfg=tiny_cfg(epochs=1, final_model=False), progress=False)
+    assert m["task"]["image_size"] == probe

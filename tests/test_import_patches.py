@@ -125,9 +125,41 @@ def test_empty_class_folder_a_file_for_the_folder_and_clashing_groups(tiles, tmp
     with pytest.raises(SimclrPathError, match="'SCC/a.png' has rows with different groups"):
         import_patches(root, tmp_path / "p.h5", groups_csv=root / "groups.csv", progress=False)
     (root / "adeno").mkdir()
-    with pytest.raises(SimclrPathError, match="adeno: class folder has no PNG/JPEG/TIFF tiles"):
+    with pytest.raises(SimclrPathError, match="adeno: class folder has no PNG/JPEG/TIFF/BMP/WebP tiles; add"):
         import_patches(root, tmp_path / "p.h5", progress=False)
     assert not (tmp_path / "p.h5").exists()
+
+
+def test_bmp_and_webp_are_imported_and_other_image_formats_warned_about(tiles, tmp_path, recwarn):
+    from PIL import Image
+
+    root, _ = tiles
+    rng = np.random.default_rng(1)
+    bmp, webp = (rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2))
+    Image.fromarray(bmp).save(root / "SCC" / "d.bmp")
+    rgba = np.dstack([webp, np.full((32, 32), 255, np.uint8)])
+    rgba[:4, :4, 3] = 0  # transparent corner: white, like the background of a slide
+    Image.fromarray(rgba).save(root / "normal" / "z.webp", lossless=True)
+    res = import_patches(root, tmp_path / "p.h5", progress=False)
+    assert res.counts == {"SCC": 4, "normal": 3}
+    assert not [w for w in recwarn if "unsupported" in str(w.message)]  # notes.txt: not an image
+    s = PatchStore(tmp_path / "p.h5")
+    np.testing.assert_array_equal(s[s.names.index("SCC/d.bmp")], bmp)
+    z = s[s.names.index("normal/z.webp")]
+    np.testing.assert_array_equal(z[4:, 4:], webp[4:, 4:])
+    assert (z[:4, :4] == 255).all()
+    # a GIF is skipped, once, with a warning that names it
+    Image.fromarray(bmp).save(root / "SCC" / "e.gif")
+    Image.fromarray(bmp).save(root / "normal" / "f.gif")
+    with pytest.warns(UserWarning, match=r"2 image file\(s\) of unsupported formats skipped "
+                                         r"\(e.g. SCC/e.gif\); import reads PNG/JPEG/TIFF/BMP/WebP"):
+        assert import_patches(root, tmp_path / "p.h5", force=True, progress=False).n_patches == 7
+    # a class of GIFs only: the error says why the folder looks empty
+    (root / "adeno").mkdir()
+    Image.fromarray(bmp).save(root / "adeno" / "g.gif")
+    with pytest.raises(SimclrPathError, match=r"adeno: class folder has no .* tiles \(only 1 "
+                                              r"file\(s\) of unsupported formats, e.g. adeno/g.gif"):
+        import_patches(root, tmp_path / "q.h5", progress=False)
 
 
 def test_unicode_names_match_their_groups_in_either_form(tmp_path):

@@ -138,3 +138,61 @@ def test_encoder_json_that_is_not_an_object_is_one_clear_error(tmp_path):
         (tmp_path / "encoder.json").write_text(meta)
         with pytest.raises(SimclrPathError, match="encoder.json: no model name"):
             encoder_info(tmp_path / "encoder.pt")
+
+
+def test_a_simclr_checkpoint_as_weights_loads_its_backbone(tmp_path):
+    # train.py's checkpoint: {"model": SimCLRModel state (backbone.*, head.*), "step": ...}
+    from simclr_path.model import ProjectionHead, SimCLRModel
+
+    torch.manual_seed(0)
+    sm = SimCLRModel(create_backbone("resnet18"), ProjectionHead(512, out_dim=16))
+    torch.save({"format_version": 1, "step": 3, "model": sm.state_dict()}, tmp_path / "ck.pt")
+    m = create_backbone("resnet18", weights=tmp_path / "ck.pt")
+    assert all(torch.equal(a, b) for a, b in
+               zip(sm.backbone.state_dict().values(), m.state_dict().values()))
+    # the same prefixes in an encoder file (a DDP-wrapped save) load too
+    torch.save({f"module.{k}": v for k, v in sm.backbone.state_dict().items()},
+               tmp_path / "encoder.pt")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(sm.backbone.eval()(x), load_encoder(tmp_path / "encoder.pt", "resnet18")(x))
+
+
+def test_an_encoder_of_another_arch_names_the_tensors(tmp_path):
+    torch.save(create_backbone("resnet18").state_dict(), tmp_path / "encoder.pt")
+    with pytest.raises(SimclrPathError, match=r"encoder.pt: encoder does not match timm model "
+                                              r"'resnet34' \(\d+ of \d+ tensors missing, first: "
+                                              r"layer1\.2\.conv1\.weight\)"):
+        load_encoder(tmp_path / "encoder.pt", arch="resnet34")
+    sd = create_backbone("resnet18").state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    sd["fc.weight"] = torch.zeros(3, 3)
+    torch.save(sd, tmp_path / "encoder.pt")
+    with pytest.raises(SimclrPathError, match=r"2 unexpected, first: extra\.weight"):
+        load_encoder(tmp_path / "encoder.pt", arch="resnet18")
+    sd = create_backbone("resnet18").state_dict()
+    sd["conv1.weight"] = torch.zeros(8, 3, 7, 7)
+    torch.save(sd, tmp_path / "encoder.pt")
+    with pytest.raises(SimclrPathError, match=r"1 of other shapes, first: conv1\.weight "
+                                              r"\(8, 3, 7, 7\) vs \(64, 3, 7, 7\)"):
+        load_encoder(tmp_path / "encoder.pt", arch="resnet18")
+
+
+@pytest.mark.parametrize("kind", ["pickled_model", "json", "truncated"])
+def test_a_file_that_is_no_state_dict_is_one_line_without_torchs_advice(kind, tmp_path):
+    p = tmp_path / "w.pt"
+    if kind == "pickled_model":
+        torch.save(torch.nn.Linear(2, 2), p)
+    elif kind == "json":
+        p.write_text('{"arch": "resnet18"}')
+    else:
+        torch.save(create_backbone("resnet18").state_dict(), p)
+        p.write_bytes(p.read_bytes()[:5000])
+    with pytest.raises(SimclrPathError) as e:
+        create_backbone("resnet18", weights=p)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "\x1b" not in msg and "weights_only" not in msg
+    if kind == "truncated":
+        assert "truncated or damaged" in msg
+    else:
+        assert "not a state dict of tensors" in msg and "save model.state_dict() with torch.save" in msg

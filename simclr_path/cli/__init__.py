@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=_DefaultsHelpFormatter)
         mod.add_arguments(p)
         # a command whose --out folder --force replaces whole (outputs.atomic_dir) says so
-        p.set_defaults(_run=mod.run, _replaces_out_dir=getattr(mod, "REPLACES_OUT_DIR", False))
+        p.set_defaults(_run=mod.run, _replaces_out_dir=getattr(mod, "REPLACES_OUT_DIR", False),
+                       _figures_only=getattr(mod, "FIGURES_ONLY", False))
     return parser
 
 
@@ -91,8 +92,9 @@ def _is_output(dest: str) -> bool:
 
 
 def check_output_paths(args: argparse.Namespace) -> None:
-    """Before a command runs: no two outputs share a path, and no output is one of the inputs
-    (``--force`` must never replace a command's own input with its output)."""
+    """Before a command runs: no two outputs share a path, no output is one of the inputs, and
+    none lies inside a folder input, except a figure (``--force`` must never replace a command's
+    own input with its output)."""
     # paths are the Path-typed arguments: a --title or --slide-id is text, whatever it says
     values = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     outs = {k: v for k, v in values.items() if _is_output(k) and isinstance(v, os.PathLike)}
@@ -106,7 +108,7 @@ def check_output_paths(args: argparse.Namespace) -> None:
     existing = {dest: path for dest, path in outs.items() if os.path.exists(path)}
     replaces = bool(values.get("force")) and getattr(args, "_replaces_out_dir", False)
     for dest, value in values.items():
-        if _is_output(dest) or not existing:
+        if _is_output(dest):
             continue
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if not isinstance(item, os.PathLike) or not os.path.exists(item):
@@ -123,6 +125,15 @@ def check_output_paths(args: argparse.Namespace) -> None:
                         f"{item}: is an input of this command ({dest.replace('_', '-')}) inside "
                         f"its --{out_dest.replace('_', '-')} folder {path}; write the output "
                         "elsewhere")
+            # a folder input (a run, a classifier) is read file by file: an output inside it,
+            # with --force, replaces one of those files (embed --out RUN/encoder.pt)
+            if os.path.isdir(item) and not getattr(args, "_figures_only", False):
+                for out_dest, path in outs.items():
+                    if Path(path).resolve().is_relative_to(Path(item).resolve()):
+                        raise SimclrPathError(
+                            f"{path}: is inside the input folder {item} of this command "
+                            f"({dest.replace('_', '-')}); write the --"
+                            f"{out_dest.replace('_', '-')} output elsewhere")
 
 
 # what to lower when a GPU runs out of memory, by command

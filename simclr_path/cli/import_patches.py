@@ -9,7 +9,7 @@ HELP = "Import a folder of labelled tiles (one subfolder per class) as an HDF5 p
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("folder", type=Path, help="folder with one subfolder of PNG/JPEG/TIFF per class")
+    p.add_argument("folder", type=Path, help="folder with one subfolder of PNG/JPEG/TIFF/BMP/WebP tiles per class")
     p.add_argument("--out", type=Path, required=True, help="patch store to write (.h5)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="resize tiles to this side (non-square tiles are centre-cropped first); "

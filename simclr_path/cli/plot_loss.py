@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 
 HELP = "Plot the loss and learning-rate curve of a pretraining run (metrics.csv) as a PNG."
+# writes figures only (figures.figure_format): one inside an input folder cannot replace the
+# data files it reads there (cli.check_output_paths)
+FIGURES_ONLY = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,9 @@ from pathlib import Path
 from simclr_path.config import ClassifyConfig
 
 HELP = "t-SNE of a stratified patch sample coloured by label and by slide (or drawn with patches)."
+# writes figures only (figures.figure_format): one inside an input folder cannot replace the
+# data files it reads there (cli.check_output_paths)
+FIGURES_ONLY = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

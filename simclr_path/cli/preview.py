@@ -9,6 +9,9 @@ from simclr_path.config import PRESETS, load_config
 
 MAX_PAIRS = 64
 HELP = "Write a PNG grid of augmented view pairs (the SimCLR training views) from patch stores."
+# writes figures only (figures.figure_format): one inside an input folder cannot replace the
+# data files it reads there (cli.check_output_paths)
+FIGURES_ONLY = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
