@@ -1140,15 +1140,26 @@ def check_compatible(model: LinearModel, model_dir: str | os.PathLike, s: Embedd
         raise SimclrPathError(f"{s.path}: tta {_tta(a)} but {where} was trained on tta "
                               f"{bool(meta['tta'])} embeddings; embed with {flag}")
     size = meta.get("image_size")
-    if size and a.get("image_size") and int(a["image_size"]) != int(size):
-        # embed scales its input size with the patches' field of view (embed.side_ratio): at
-        # the same micrometres per input pixel the encoder sees tissue at its training scale
-        mine, theirs = input_mpp(a), meta.get("input_mpp")
-        if mine is None or not theirs or abs(mine - float(theirs)) > 0.05 * float(theirs):
-            raise SimclrPathError(
-                f"{s.path}: embedded at {a['image_size']} px but {where} was trained on {size} px "
-                f"embeddings; embed with --image-size {size}")
-
+    if not size or not a.get("image_size"):
+        return
+    # embed scales its input size with the patches' field of view (embed.side_ratio): what must
+    # match is the tissue scale, micrometres per input pixel, where both sides record it
+    mine, theirs = input_mpp(a), meta.get("input_mpp")
+    if mine is not None and theirs:
+        # the size that shows these patches at the classifier's scale; embed rounds sizes to a
+        # multiple of 8, so each side may be up to 4 px off (the classifier's scaled to this one)
+        exact = float(a["patch_size"]) * float(a["mpp"]) / float(theirs)
+        if abs(int(a["image_size"]) - exact) <= 4.0 + 4.0 * exact / int(size) + 0.5:
+            return
+        fit = max(8, round(exact))
+        raise SimclrPathError(
+            f"{s.path}: embedded at {a['image_size']} px, {mine:.3g} um of tissue per input "
+            f"pixel, but {where} was trained on {float(theirs):.3g} um per pixel ({size} px "
+            f"embeddings); embed with --image-size {fit}")
+    if int(a["image_size"]) != int(size):
+        raise SimclrPathError(
+            f"{s.path}: embedded at {a['image_size']} px but {where} was trained on {size} px "
+            f"embeddings; embed with --image-size {size}")
 
 
 def load_model(model_dir: str | os.PathLike) -> LinearModel:

@@ -317,7 +317,7 @@ class FinetuneConfig:
     batch_size: int = 64
     val_fraction: float = 0.2  # share of each class's training patients held out for early stopping
     label_fraction: float = 1.0  # keep this share of each class's training patients (at least 1)
-    image_size: int | None = None  # None = embed's default size (the probe's: fixres_size of the encoder's)
+    image_size: int | None = None  # None = the probe's: embed.image_size, else embed's default (fixres_size)
     max_patches_per_slide: int | None = None  # training patches drawn per slide and epoch; None = all
     color_jitter: float = 0.5  # probability of light stain + colour jitter per patch (flips, rot90 always)
     freeze_bn: bool = False  # keep pretrained BatchNorm statistics (for very small batches)

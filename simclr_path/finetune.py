@@ -493,15 +493,19 @@ def finetune(
                               "'simclr-path pretrain'")
     info = encoder_info(enc)
     t, stores = load_patch_table(store_paths, samples, cfg)
-    # embed's default size (the probe's): whole patches at the scale the encoder's crops showed
-    # the tissue; the training size itself would shrink it (1.32x for crops of 0.2-1)
-    image_size = int(ft.image_size or default_image_size(info, _first_used(stores)))
+    # the probe's input size (embed.image_size, else embed's default: whole patches at the scale
+    # the encoder's crops showed the tissue; the training size would shrink it, 1.32x for crops
+    # of 0.2-1), so that fine-tuning and the probe see the same tissue scale
+    image_size = int(ft.image_size or cfg.embed.image_size
+                     or default_image_size(info, _first_used(stores)))
     from simclr_path.train import check_view_sizes, resolve_device
 
     device = resolve_device(ft.device)
     # a broken or mismatched encoder fails before any training
     backbone = load_encoder(enc, device="cpu")
-    key = "finetune.image_size" if ft.image_size else "finetune.image_size (embed's default size)"
+    key = ("finetune.image_size" if ft.image_size else
+           "finetune.image_size (embed.image_size)" if cfg.embed.image_size else
+           "finetune.image_size (embed's default size)")
     check_view_sizes([(key, image_size, "set finetune.image_size")],
                      str(info.get("arch", "the encoder")), output_stride(backbone))
     del backbone

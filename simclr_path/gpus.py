@@ -8,15 +8,21 @@ replaces itself with the command (``exec``): the locks stay with the command's p
 released by the kernel when it exits, however it ends. When every GPU is taken (another workflow
 on the same machine) it waits.
 
-It steps aside, running the command unchanged, where a scheduler already gave the job its GPUs
-(``SLURM_JOB_ID`` is set) and on a machine without GPUs. ``CUDA_VISIBLE_DEVICES`` set by the user
-is the pool to share.
+Jobs share a lock folder when they could share GPUs: one per user on the machine, and one per
+scheduler job (``SLURM_JOB_ID``, ``PBS_JOBID``, ``LSB_JOBID``), since a job a scheduler
+started has only its own GPUs to share, numbered from 0 by ``CUDA_VISIBLE_DEVICES`` like any
+other job's (a whole workflow run inside one allocation shares the allocation's GPUs; jobs that
+the SLURM executor submits one by one never wait for each other). ``CUDA_VISIBLE_DEVICES``, when
+set, is the pool to share. Without GPUs the command runs unchanged. The folder is under ``/tmp``
+(not ``$TMPDIR``, which differs between shells of one machine) unless
+``SIMCLR_PATH_GPU_LOCKS`` names another.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -24,7 +30,8 @@ from pathlib import Path
 
 from simclr_path.errors import SimclrPathError
 
-SCHEDULER_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")  # jobs that come with their GPUs
+SCHEDULER_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")  # a scheduler job's GPUs are its own
+LOCK_ROOT_VAR = "SIMCLR_PATH_GPU_LOCKS"
 GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/kfd")  # NVIDIA's driver, AMD's ROCm
 _held: list[int] = []  # this process's lock descriptors (see :func:`release`)
 
@@ -42,10 +49,15 @@ def gpu_pool() -> list[str]:
 
 
 def lock_dir() -> Path:
-    """One folder per user in the machine's temporary folder: the jobs of every workflow run by
-    this user on this machine share it."""
-    path = Path(tempfile.gettempdir()) / f"simclr-path-gpus-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
+    """The lock folder of the jobs that share this job's GPUs: one per user on this machine, and
+    one per scheduler job inside it."""
+    root = os.environ.get(LOCK_ROOT_VAR) or ("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir())
+    name = f"simclr-path-gpus-{os.getuid()}"
+    job = next((os.environ[v] for v in SCHEDULER_VARS if os.environ.get(v)), None)
+    if job:
+        name += "-job-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in job)
+    path = Path(root) / name
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 
@@ -77,14 +89,14 @@ def try_claim(count: int, pool: list[str], folder: Path) -> tuple[list[str], lis
 
 def claim(count: int, poll_s: float = 2.0, timeout_s: float | None = None) -> list[str] | None:
     """Claim ``count`` GPUs for this process and what it ``exec``s, and point
-    ``CUDA_VISIBLE_DEVICES`` at them; None (nothing changed) where the wrapper steps aside.
+    ``CUDA_VISIBLE_DEVICES`` at them; None (nothing changed) for 0 GPUs or none in the machine.
 
     Raises :class:`SimclrPathError` when the pool has fewer than ``count`` GPUs, or none came
     free within ``timeout_s``.
     """
     if count < 0:
         raise SimclrPathError(f"GPU count {count}: expected 0 or more")
-    if count == 0 or any(os.environ.get(v) for v in SCHEDULER_VARS):
+    if count == 0:
         return None
     pool = gpu_pool()
     if not pool:
@@ -122,17 +134,29 @@ def release() -> None:
 
 def exec_with_gpus(count: int, command: list[str]) -> None:
     """Claim ``count`` GPUs (:func:`claim`) and replace this process with ``command``; returns
-    only by raising :class:`SimclrPathError` (no GPUs free in time, or no such command)."""
+    only by raising :class:`SimclrPathError` (no GPUs free in time, or no such command).
+
+    Leading ``NAME=VALUE`` words set environment variables, as a shell would for a command
+    prefix (a ``pretrain_launcher`` such as ``OMP_NUM_THREADS=8 torchrun ...``)."""
+    env = dict(os.environ)
+    while command and "=" in command[0] and command[0].split("=", 1)[0].isidentifier():
+        name, value = command[0].split("=", 1)
+        env[name] = value
+        command = command[1:]
     if not command:
         raise SimclrPathError("no command given: simclr-path with-gpus N -- COMMAND [ARGS ...]")
+    if shutil.which(command[0], path=env.get("PATH")) is None:  # before waiting for GPUs
+        raise SimclrPathError(f"cannot run {command[0]!r}: no such command (not on PATH, or not "
+                              "executable)", exit_code=127)
     gpus = claim(count)
     if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
         print(f"CUDA_VISIBLE_DEVICES={','.join(gpus)}", file=sys.stderr, flush=True)
     with contextlib.suppress(BrokenPipeError, ValueError):
         sys.stdout.flush()
         sys.stderr.flush()
     try:
-        os.execvp(command[0], command)
+        os.execvpe(command[0], command, env)
     except OSError as exc:
         release()
         raise SimclrPathError(f"cannot run {command[0]!r}: {exc.strerror}", exit_code=127) from None

@@ -287,8 +287,18 @@ def test_predict_accepts_another_input_size_at_the_same_tissue_scale(tmp_path):
     # 64 px patches at 64 px: twice the magnification the classifier was trained on
     zoom, _ = make_cohort(tmp_path / "z", n_patients=1, patches=5, image_size=64,
                           extra={"patch_size": 64, "mpp": 0.5})
-    with pytest.raises(SimclrPathError, match="embedded at 64 px .* --image-size 32"):
+    with pytest.raises(SimclrPathError, match="embedded at 64 px.* --image-size 32"):
         predict(tmp_path / "out", zoom[:1], tmp_path / "zoom.csv")
+    # embed's rounding to 8 px alone: 96 px patches at 0.25 um/px -> 24 px (exactly 1 um/px
+    # would need 24; 20 px, off by one rounding step at this size, is still the same scale)
+    rounded, _ = make_cohort(tmp_path / "r", n_patients=1, patches=5, image_size=20,
+                             extra={"patch_size": 96, "mpp": 0.25})
+    predict(tmp_path / "out", rounded[:1], tmp_path / "rounded.csv")
+    # another field of view at the wrong size: the refusal names the size that fits (24 px)
+    wrong, _ = make_cohort(tmp_path / "w", n_patients=1, patches=5, image_size=32,
+                           extra={"patch_size": 96, "mpp": 0.25})
+    with pytest.raises(SimclrPathError, match="0.75 um of tissue per input pixel, but .* 1 um per pixel .* --image-size 24"):
+        predict(tmp_path / "out", wrong[:1], tmp_path / "wrong.csv")
 
 
 def _damage(folder, json_fn=None, **arrays):

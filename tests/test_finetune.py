@@ -366,3 +366,8 @@ def test_default_image_size_is_the_probes(cohort, tmp_path):
     m = finetune(paths, enc, tmp_path / "o", samples=sheet,
                  cfg=tiny_cfg(epochs=1, final_model=False), progress=False)
     assert m["task"]["image_size"] == probe
+    # a size set for embed (the probe) is fine-tuning's default too
+    cfg = tiny_cfg(epochs=1, final_model=False)
+    cfg.embed.image_size = 40
+    m = finetune(paths, enc, tmp_path / "o2", samples=sheet, cfg=cfg, progress=False)
+    assert m["task"]["image_size"] == 40

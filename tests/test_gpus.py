@@ -18,7 +18,7 @@ SHOW = [sys.executable, "-c", "import os, sys; print(os.environ.get('CUDA_VISIBL
 
 def _env(tmp_path, visible: str | None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in (*G.SCHEDULER_VARS, "CUDA_VISIBLE_DEVICES")}
-    env["TMPDIR"] = str(tmp_path)  # the lock folder lives under the temporary folder
+    env[G.LOCK_ROOT_VAR] = str(tmp_path)
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
     return {**env, **extra}
@@ -64,14 +64,46 @@ def test_the_command_exit_status_and_output_pass_through(tmp_path):
     assert "CUDA_VISIBLE_DEVICES=5" in res.stderr
 
 
-@pytest.mark.parametrize("extra", [{"SLURM_JOB_ID": "42"}, {}])
-def test_steps_aside_under_a_scheduler_and_for_zero_gpus(tmp_path, extra):
-    count = 1 if extra else 0
-    res = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", str(count), "--", *SHOW],
-                         capture_output=True, text=True, env=_env(tmp_path, "3,7", **extra),
-                         timeout=60, check=True)
-    assert res.stdout.strip() == "3,7"  # unchanged: the scheduler (or nobody) chose
+def test_zero_gpus_runs_the_command_unchanged(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", "0", "--", *SHOW],
+                         capture_output=True, text=True, env=_env(tmp_path, "3,7"), timeout=60,
+                         check=True)
+    assert res.stdout.strip() == "3,7"
     assert not list(tmp_path.glob("simclr-path-gpus-*/*.lock"))
+
+
+def test_jobs_of_one_scheduler_allocation_share_its_gpus_and_other_allocations_do_not_wait(tmp_path):
+    hold = [sys.executable, "-c",
+            "import os, time; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(30)"]
+    # a workflow run inside one SLURM allocation of GPUs 4 and 6: its jobs split them
+    first = _wrap(1, hold, _env(tmp_path, "4,6", SLURM_JOB_ID="42"))
+    try:
+        assert first.stdout.readline().strip() == "4"
+        same = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", "1", "--", *SHOW],
+                              capture_output=True, text=True, timeout=60, check=True,
+                              env=_env(tmp_path, "4,6", SLURM_JOB_ID="42"))
+        assert same.stdout.strip() == "6"
+        # a job the SLURM executor submitted on its own sees its one GPU as 0, whatever others hold
+        other = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", "1", "--", *SHOW],
+                               capture_output=True, text=True, timeout=60, check=True,
+                               env=_env(tmp_path, "0", SLURM_JOB_ID="43"))
+        assert other.stdout.strip() == "0"
+        mine = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", "1", "--", *SHOW],
+                              capture_output=True, text=True, timeout=60, check=True,
+                              env=_env(tmp_path, "4"))  # no scheduler: the user's own pool
+        assert mine.stdout.strip() == "4"
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_environment_settings_before_the_command_are_applied(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", "1", "--", "OMP_NUM_THREADS=3",
+                          "FOO_BAR=a=b", sys.executable, "-c",
+                          ("import os; print(os.environ['OMP_NUM_THREADS'], os.environ['FOO_BAR'], "
+                          "os.environ['CUDA_VISIBLE_DEVICES'])")],
+                         capture_output=True, text=True, env=_env(tmp_path, "2"), timeout=60, check=True)
+    assert res.stdout.split() == ["3", "a=b", "2"]
 
 
 def test_more_gpus_than_the_machine_has_is_one_clear_line(tmp_path):
@@ -86,12 +118,12 @@ def test_a_command_that_does_not_exist_is_one_clear_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", "1", "--", "no-such-cmd-xyz"],
                          capture_output=True, text=True, env=_env(tmp_path, "0"), timeout=60, check=False)
     assert res.returncode == 127 and "cannot run 'no-such-cmd-xyz'" in res.stderr
+    assert res.stderr.startswith("simclr-path with-gpus: error:")
     assert "Traceback" not in res.stderr
 
 
 def test_claim_in_process_sets_the_devices_and_times_out_when_all_are_held(tmp_path, monkeypatch):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(G.tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.setenv(G.LOCK_ROOT_VAR, str(tmp_path))
     for var in G.SCHEDULER_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b,GPU-3c4d")  # UUIDs are ids too

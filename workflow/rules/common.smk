@@ -33,6 +33,8 @@ STAGE_KEYS = {
         "finetune": None,
         "classify": spc.CLASSIFY_FINETUNE_KEYS,
         "train": None,
+        # its default input size is the probe's (finetune.image_size: null)
+        "embed": ("image_size",),
     },
 }
 
