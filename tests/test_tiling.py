@@ -327,6 +327,20 @@ def test_store_keeps_a_thumbnail_of_the_whole_slide(tiled, slide):
     assert np.abs(thumb.astype(np.int16) - want).mean() < 1.0
 
 
+def test_without_qc_the_thumbnail_is_read_at_its_own_size(slide, tmp_path, monkeypatch):
+    """The store's thumbnail (1024 px) may come from a coarser level than the QC picture's
+    (1600 px): read at the QC size for every slide, it doubled the time to tile a 20,480 px one
+    (benchmarks/README.md, Tiling)."""
+    asked = []
+    read = Slide.read_at_mpp
+    monkeypatch.setattr(Slide, "read_at_mpp", lambda self, mpp, **kw: asked.append(mpp) or read(self, mpp, **kw))
+    tile_slide(slide, tmp_path / "a.h5", CFG, progress=False)
+    assert asked == [CFG.tissue_mpp, 1536 * 0.5 / 1024]  # the mask's picture, then the thumbnail's
+    asked.clear()
+    tile_slide(slide, tmp_path / "b.h5", CFG, progress=False, qc=tmp_path / "qc.png")
+    assert asked == [CFG.tissue_mpp, 1536 * 0.5 / 1600]  # the QC picture, shrunk for the store
+
+
 def test_a_slide_without_a_pyramid_is_read_once_without_qc(tmp_path):
     """Without --qc the thumbnail of a one-level slide is the tissue mask's picture (8 um/px),
     not a second pass over level 0; with --qc it is the sharper QC picture, shrunk."""
