@@ -55,9 +55,9 @@ def open_stores(paths: Sequence[str | os.PathLike | PatchStore], image_size: int
             if image_size > s.patch_size:
                 raise SimclrPathError(
                     f"{s.path}: augment.image_size {image_size} is larger than the stored "
-                    f"{s.patch_size} px patches; set augment.image_size (pretrain --image-size) <= "
-                    f"{s.patch_size} or re-tile "
-                    "with a larger --patch-size")
+                    f"{s.patch_size} px patches; pass --image-size {s.patch_size} or less (or "
+                    "set augment.image_size in the --config YAML), or re-tile with a larger "
+                    "--patch-size")
     return kept
 
 

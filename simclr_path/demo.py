@@ -387,6 +387,10 @@ def make_demo_slide(out: str | os.PathLike, kind: str = "scc", seed: int = 0, wi
     """
     import tifffile
 
+    if Path(out).suffix.lower() not in (".tif", ".tiff"):
+        # the file is a TIFF whatever its name: another suffix would mislead readers that go by it
+        raise SimclrPathError(f"{out}: a demo slide is a pyramidal TIFF; give an --out path "
+                              "ending in .tif or .tiff")
     if kind not in KINDS:
         raise SimclrPathError(f"demo slide kind {kind!r} unknown; choose one of {', '.join(KINDS)}")
     arts = tuple(a.strip() for a in artefacts if a and a.strip())

@@ -497,16 +497,32 @@ def plot_curves(
     )
 
     metrics, patches, slides = _read_classify_dir(classify_dir)
+    # the titles' n= must be the n of metrics.json: rows lost or added since (a damaged or
+    # hand-edited CSV) would draw curves of other predictions than the metrics describe
+    d = Path(classify_dir)
+    for level, table, name in (("patch", patches, "predictions_patches.csv"),
+                               ("slide", slides, "predictions_slides.csv")):
+        n = metrics[level].get("n")
+        if isinstance(n, int) and n != len(table):
+            what = "held-out patch" if level == "patch" else "slide"
+            raise SimclrPathError(
+                f"{d / name}: {len(table)} {what} rows but metrics.json counts {n}; the "
+                "results folder is damaged, rerun 'simclr-path classify' with --force")
     sets = _curve_sets(metrics, patches, slides)
     written = []
     for kind, out in (("roc", out_roc), ("pr", out_pr)):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
         for ax, level in zip(axes, ("patch", "slide")):
             drawn = []  # (name, truth, colour) of the curves drawn, for the prevalence lines
+            skipped = []  # why curves were left out, for the note in an empty panel
             for (name, yb, s), col in zip(sets[level], category_colors(len(sets[level]))):
                 ok = np.isfinite(s)
                 yb, s = yb[ok], s[ok]
+                if not len(yb):
+                    skipped.append("no scores")
+                    continue
                 if yb.all() or not yb.any():
+                    skipped.append("one class")
                     continue
                 drawn.append((name, yb, col))
                 if kind == "roc":
@@ -550,9 +566,19 @@ def plot_curves(
             ax.grid(alpha=0.3)
             n = len(patches) if level == "patch" else len(slides)
             ax.set_title(f"{level} level (n={n})")
-            ax.legend(
-                loc="lower right" if kind == "roc" else "lower left", frameon=False, fontsize=8
-            )
+            if not drawn:
+                # an empty panel says why, rather than looking like a drawing bug
+                things = "patches" if level == "patch" else "slides"
+                why = (f"only one class among the held-out {things}" if "one class" in skipped
+                       else f"no held-out {things} with scores")
+                ax.text(0.5, 0.55, f"{why}:\nno curve", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=11, color="0.3",
+                        bbox={"facecolor": "white", "edgecolor": "0.8"})
+            if ax.get_legend_handles_labels()[0]:  # none: matplotlib would warn on stderr
+                ax.legend(
+                    loc="lower right" if kind == "roc" else "lower left", frameon=False,
+                    fontsize=8
+                )
         fig.suptitle(
             ("ROC" if kind == "roc" else "Precision-recall") + " curves, out-of-fold predictions "
             f"({metrics['task'].get('evaluation', '')})"
@@ -629,6 +655,8 @@ def slide_thumbnail(
     The thumbnail stored by ``tile`` when there is one (no slide file needed), else from the
     slide file through OpenSlide when ``source_path`` exists and opens, otherwise a mosaic of
     the store's own patches placed at their coordinates (always possible; reads every patch).
+    A stored thumbnail less than half ``max_side`` (a single-level slide tiled without ``--qc``
+    keeps the coarse tissue-mask picture) gives way to the slide file when that opens.
 
     Returns:
         image: (h, w, 3) uint8; extent: (x0, x1, y1, y0) level-0 pixels, for ``imshow(extent=...)``.
@@ -638,24 +666,30 @@ def slide_thumbnail(
     coords = store.coords
     fp = patch_footprint(store)
     stored, w, h = store.thumbnail, store.attrs.get("slide_width"), store.attrs.get("slide_height")
-    if stored is not None and w and h:
+    src = store.attrs.get("source_path")
+    readable = bool(src) and Path(src).is_file()
+    has_stored = stored is not None and bool(w) and bool(h)
+    if has_stored:
         from simclr_path.store import shrink
 
-        return shrink(stored, max_side), (0.0, float(w), float(h), 0.0)
-    src = store.attrs.get("source_path")
-    if src and Path(src).is_file():
+        kept = shrink(stored, max_side), (0.0, float(w), float(h), 0.0)
+        # only when the slide file can give a picture at least twice as sharp is it worth reading
+        if not (readable and max(stored.shape[:2]) < min(max_side, max(w, h)) / 2):
+            return kept
+    if readable:
         import openslide
 
         try:
             with openslide.OpenSlide(src) as sl:
-                w, h = sl.dimensions
+                sw, sh = sl.dimensions
+                if has_stored and (sw, sh) != (w, h):  # another slide now has that name
+                    return kept
                 thumb = np.asarray(sl.get_thumbnail((max_side, max_side)).convert("RGB"))
-            return thumb, (0.0, float(w), float(h), 0.0)
-        except (
-            openslide.OpenSlideError,
-            OSError,
-        ) as exc:  # fall back to the mosaic, always possible
-            warnings.warn(
+            return thumb, (0.0, float(sw), float(sh), 0.0)
+        except (openslide.OpenSlideError, OSError) as exc:
+            if has_stored:  # coarse, but right
+                return kept
+            warnings.warn(  # fall back to the mosaic, always possible
                 f"{src}: cannot read the slide ({exc}); drawing a mosaic of the patches instead",
                 stacklevel=2,
             )
@@ -684,6 +718,20 @@ def patch_footprint(store) -> float:
     if mpp and l0:
         return float(store.patch_size) * float(mpp) / float(l0)
     return float(store.patch_size)
+
+
+def _score_class(preds: pd.DataFrame) -> str | None:
+    """The positive class of a ``predict`` CSV: the one whose ``prob_<class>`` column the
+    ``score`` column copies (the CSV does not name it otherwise); None when not exactly one."""
+    score = pd.to_numeric(preds["score"], errors="coerce").to_numpy(dtype=float)
+    match = []
+    for col in preds.columns:
+        if not col.startswith("prob_") or col == "prob_":
+            continue
+        prob = pd.to_numeric(preds[col], errors="coerce").to_numpy(dtype=float)
+        if np.allclose(prob, score, equal_nan=True):
+            match.append(col[len("prob_"):])
+    return match[0] if len(match) == 1 else None
 
 
 def plot_heatmap(
@@ -720,7 +768,7 @@ def plot_heatmap(
                             how="; give a CSV written by 'simclr-path predict'")
         if "level" in preds.columns:
             preds = preds[preds["level"] == "patch"]
-        pos = None  # a predict CSV's score column is P(positive class); its name is in model.json
+        pos = _score_class(preds)
     else:
         raise SimclrPathError(
             f"{src}: not found; give a 'classify' results folder or a 'predict' CSV"
@@ -769,8 +817,12 @@ def plot_heatmap(
             total[max(r0, 0) : r1, max(c0, 0) : c1] += s
             count[max(r0, 0) : r1, max(c0, 0) : c1] += 1
     heat = np.divide(total, count, out=np.full((h, w), np.nan), where=count > 0)
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
     label = f"P({pos})" if pos else "P(positive class)"
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5 * h / max(w, 1) + 1.2))
+    # the panels' height follows the slide's shape, within limits: a very tall slide is drawn
+    # narrower rather than as a poster
+    fig, axes = plt.subplots(1, 2, figsize=(12, min(5.5 * h / max(w, 1), 11) + 1.2))
     axes[0].imshow(thumb, extent=extent)
     axes[0].set_title(f"{sid}: slide")
     axes[1].imshow(thumb, extent=extent)
@@ -787,6 +839,14 @@ def plot_heatmap(
     for ax in axes:
         ax.set_xlabel("x (level-0 pixels)")
         ax.set_ylabel("y (level-0 pixels)")
-    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04, label=label)
+    # the bar gets an axis cut from the image's own (aspect-kept) box: fig.colorbar(ax=...)
+    # sized it to the panel's original box, so on a wide slide it stood above the image and
+    # over the title. The left panel gets an empty one, so both pictures have the same size
+    for ax, bar in zip(axes, (False, True)):
+        cax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.1)
+        if bar:
+            fig.colorbar(im, cax=cax, label=label)
+        else:
+            cax.set_axis_off()
     st.close()
     return save_figure(fig, out, force=force)

@@ -61,8 +61,11 @@ def test_batch_larger_than_data_and_bad_stores(make_store, tmp_path):
     full = make_store(n=4, size=16, name="full.h5")
     with pytest.warns(UserWarning, match="no patches; skipped"):
         assert len(open_stores([empty, full])) == 1
-    with pytest.raises(SimclrPathError, match="larger than the stored 16 px"):
+    with pytest.raises(SimclrPathError, match="larger than the stored 16 px") as exc:
         open_stores([full], image_size=24)
+    # the hint fits both commands that open stores (pretrain and preview): no pretrain-only name
+    assert "--image-size 16 or less" in str(exc.value) and "--config" in str(exc.value)
+    assert "pretrain" not in str(exc.value)
     with pytest.raises(SimclrPathError, match="not found"):
         open_stores([tmp_path / "missing.h5"])
 

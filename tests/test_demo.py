@@ -114,3 +114,18 @@ def test_cli(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already exists" in err[0] and "--force" in err[0]
     assert main(args + ["--force"]) == 0
+
+
+@pytest.mark.parametrize("name", ["x.png", "x.svs", "x"])
+def test_an_out_path_not_named_tiff_is_refused_in_one_line(tmp_path, capsys, name):
+    # it used to write a TIFF under that name, which readers going by the suffix then misread
+    out = tmp_path / name
+    assert main(["demo-slide", "--out", str(out), "--width", "256", "--height", "256"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and ".tif or .tiff" in err[0], err
+    assert not out.exists()
+
+
+def test_upper_case_tif_suffix_is_accepted(tmp_path):
+    out = make_demo_slide(tmp_path / "x.TIF", width=256, height=256)
+    assert openslide.OpenSlide(str(out)).dimensions == (256, 256)

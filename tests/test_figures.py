@@ -524,3 +524,154 @@ def test_tsne_categories_are_drawn_interleaved_not_one_over_another():
         assert is_a == (np.flatnonzero((xy == p).all(axis=1))[0] < 50)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
     plt.close(fig)
+
+
+def _slide_store(path, width, height, n=4, fp=64):
+    """A tiled-slide store of ``width`` x ``height`` level-0 px with a stored thumbnail and ``n``
+    patches of ``fp`` px along its diagonal."""
+    from simclr_path.store import PatchStoreWriter, shrink
+
+    coords = np.stack([np.linspace(0, width - fp, n), np.linspace(0, height - fp, n)], 1).astype(int)
+    thumb = np.full((height, width, 3), 230, np.uint8)
+    thumb[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = (150, 60, 140)
+    with PatchStoreWriter(path, fp, attrs={"slide_id": "S", "kind": "slide", "mpp": 0.5,
+                                           "level0_mpp": 0.5, "slide_width": width,
+                                           "slide_height": height}) as w:
+        w.set_thumbnail(shrink(thumb, 1024))
+        w.append(np.full((n, fp, fp, 3), 200, np.uint8), coords)
+    return coords
+
+
+@pytest.mark.parametrize("width, height", [(4000, 1000), (1000, 3000), (2000, 2000)])
+def test_heatmap_colour_bar_spans_the_image_and_names_the_predict_csvs_class(
+        tmp_path, monkeypatch, width, height):
+    from simclr_path import figures
+
+    coords = _slide_store(tmp_path / "s.h5", width, height)
+    p = np.linspace(0.1, 0.9, len(coords))
+    # a 'predict' CSV: score copies prob_SCC, the positive class's column
+    pd.DataFrame({"level": "patch", "slide_id": "S", "x": coords[:, 0], "y": coords[:, 1],
+                  "prob_normal": 1 - p, "prob_SCC": p, "score": p}).to_csv(
+        tmp_path / "pred.csv", index=False)
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: drawn.append(fig))
+    figures.plot_heatmap(tmp_path / "pred.csv", tmp_path / "s.h5", tmp_path / "h.png")
+    fig = drawn[0]
+    fig.canvas.draw()
+    heat_ax = fig.axes[1]
+    bar_ax = next(a for a in fig.axes if a.get_ylabel() == "P(SCC)")
+    assert "P(SCC) per patch" in heat_ax.get_title()
+    img, bar = heat_ax.get_window_extent(), bar_ax.get_window_extent()
+    title = heat_ax.title.get_window_extent()
+    # the bar is as tall as the (aspect-kept) image, right of it, and below the panel's title
+    # (on a wide slide it used to stand above the image, over the title)
+    assert abs(bar.y0 - img.y0) < 2 and abs(bar.y1 - img.y1) < 2, (img, bar)
+    assert bar.x0 >= img.x1 and bar.y1 <= title.y0
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_heatmap_of_a_predict_csv_without_a_matching_prob_column_says_positive_class(
+        tmp_path, monkeypatch):
+    from simclr_path import figures
+
+    coords = _slide_store(tmp_path / "s.h5", 1000, 1000)
+    pd.DataFrame({"slide_id": "S", "x": coords[:, 0], "y": coords[:, 1],
+                  "score": [0.2, 0.4, 0.6, 0.8]}).to_csv(tmp_path / "pred.csv", index=False)
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: drawn.append(fig))
+    figures.plot_heatmap(tmp_path / "pred.csv", tmp_path / "s.h5", tmp_path / "h.png")
+    assert "P(positive class) per patch" in drawn[0].axes[1].get_title()
+
+
+def test_a_coarse_stored_thumbnail_gives_way_to_the_slide_file(tmp_path):
+    import shutil
+
+    from conftest import SLIDES
+
+    slide = SLIDES / "cmu-1-small-region.svs"
+    if not slide.exists():
+        pytest.skip(f"{slide} not available")
+    from simclr_path.config import TileConfig
+    from simclr_path.figures import slide_thumbnail
+    from simclr_path.store import PatchStore
+    from simclr_path.tiling import tile_slide
+
+    # a single-level slide tiled without --qc stores the tissue mask's small picture
+    local = shutil.copy(slide, tmp_path / "cmu.svs")
+    tile_slide(local, tmp_path / "s.h5", TileConfig(mpp=4.0, patch_size=64), progress=False)
+    with PatchStore(tmp_path / "s.h5") as st:
+        stored = max(st.thumbnail.shape[:2])
+        assert stored < 512
+        img, extent = slide_thumbnail(st, max_side=1024)
+        assert max(img.shape[:2]) == 1024 and extent == (0.0, 2220.0, 2967.0, 0.0)
+        # sharp enough for what is asked: the stored one, no slide read
+        img, _ = slide_thumbnail(st, max_side=stored)
+        assert max(img.shape[:2]) == stored
+    (tmp_path / "cmu.svs").unlink()  # the slide is gone: the stored picture still serves
+    with PatchStore(tmp_path / "s.h5") as st:
+        img, extent = slide_thumbnail(st, max_side=1024)
+        assert max(img.shape[:2]) == stored and extent == (0.0, 2220.0, 2967.0, 0.0)
+
+
+def _binary_classify_dir(folder, labels, n_in_metrics=None):
+    import json
+
+    folder.mkdir()
+    n = len(labels)
+    s = np.linspace(0.1, 0.9, n)
+    patches = pd.DataFrame({"slide_id": [f"s{i % 4}" for i in range(n)], "label": labels,
+                            "fold": 0, "prob_SCC": s, "prob_normal": 1 - s, "score": s})
+    patches.to_csv(folder / "predictions_patches.csv", index=False)
+    slides = patches.groupby("slide_id").agg({"label": "first", "prob_SCC": "mean",
+                                              "prob_normal": "mean", "score": "mean"})
+    slides["score_topk"] = slides["score"]
+    slides.reset_index().to_csv(folder / "predictions_slides.csv", index=False)
+    cm = [[0, 0], [0, 0]]
+    (folder / "metrics.json").write_text(json.dumps({
+        "task": {"classes": ["SCC", "normal"], "positive": "SCC", "top_k": 2,
+                 "evaluation": "grouped_2fold"},
+        "patch": {"n": n if n_in_metrics is None else n_in_metrics, "confusion_matrix": cm},
+        "slide": {"n": len(slides), "confusion_matrix": cm}}))
+
+
+def test_curves_of_one_class_say_so_in_the_panel_without_legend_warnings(tmp_path, monkeypatch):
+    import warnings
+
+    from simclr_path import figures
+
+    _binary_classify_dir(tmp_path / "cls", ["SCC"] * 20)
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: drawn.append(fig))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figures.plot_curves(tmp_path / "cls", tmp_path / "roc.png", tmp_path / "pr.png")
+    assert not [w for w in caught if "No artists with labels" in str(w.message)]
+    for fig in drawn:  # ROC and PR
+        for ax, things in zip(fig.axes, ("patches", "slides")):
+            notes = [t.get_text() for t in ax.texts]
+            assert any(f"only one class among the held-out {things}" in t for t in notes), notes
+
+
+def test_curves_refuse_predictions_that_disagree_with_metrics_json(tmp_path, capsys):
+    _binary_classify_dir(tmp_path / "cls", ["SCC", "normal"] * 10, n_in_metrics=25)
+    argv = ["plot-curves", "--classify", str(tmp_path / "cls"), "--out-roc",
+            str(tmp_path / "r.png"), "--out-pr", str(tmp_path / "p.png")]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "predictions_patches.csv: 20 held-out patch rows but metrics.json " \
+        "counts 25" in err[0], err
+    assert not (tmp_path / "r.png").exists() and not (tmp_path / "p.png").exists()
+
+
+def test_preview_takes_image_size_for_small_patches(tmp_path, make_store, capsys):
+    store = make_store(n=8, size=64)
+    out = tmp_path / "v.png"
+    # the default 224 px views do not fit 64 px patches: the hint names this command's option
+    assert main(["preview", str(store), "--out", str(out), "--pairs", "2"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--image-size 64 or less" in err[0], err
+    assert main(["preview", str(store), "--out", str(out), "--pairs", "2",
+                 "--image-size", "64"]) == 0
+    _assert_png_not_blank(out)

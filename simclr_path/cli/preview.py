@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simclr_path.config import PRESETS, load_config
+from simclr_path.config import PRESETS, AugmentConfig, load_config
 
 MAX_PAIRS = 64
 HELP = "Write a PNG grid of augmented view pairs (the SimCLR training views) from patch stores."
@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="figure to write (PNG; PDF or SVG by its suffix)")
     p.add_argument("--config", type=Path, default=None, help="YAML config (section augment)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="named preset [default]")
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"side of the augmented views [config: {AugmentConfig().image_size}]")
     p.add_argument("--pairs", type=int, default=8, help=f"number of view pairs (rows, at most {MAX_PAIRS})")
     p.add_argument("--seed", type=int, default=0, help="which patches and augmentations")
     p.add_argument("--force", action="store_true", help="overwrite an existing PNG")
@@ -34,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise SimclrPathError(f"--seed must be >= 0, got {args.seed}")
     check_can_write(args.out, args.force)
-    cfg = load_config(args.config, args.preset)
+    # as in pretrain: the views previewed are the views it would train on
+    cfg = load_config(args.config, args.preset,
+                      {"augment": {"image_size": args.image_size}}
+                      if args.image_size is not None else None)
     print(preview(args.stores, args.out, cfg.augment, n_pairs=args.pairs, seed=args.seed,
                   force=args.force))
     return 0
