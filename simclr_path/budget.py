@@ -127,22 +127,37 @@ def fit_views_to_budget(model: nn.Module, a: AugmentConfig, batch_size: int, bud
     (:func:`time_train_pass`, scaled to ``batch_size`` pairs per step), and stops at the first
     whose predicted step count reaches ``min(min_steps, max_steps)`` (a run capped at fewer steps
     needs no more); when none does, the cheapest rung. The trial passes count against the budget
-    (seconds to tens of seconds on a slow CPU: ``progress`` shows a bar over the rungs).
+    (seconds to tens of seconds on a slow CPU: ``progress`` shows a bar over the rungs), so the
+    walk also stops once the budget is spent or the next rung's trial would not fit in what is
+    left (estimated as long as the last rung's, which was dearer), and the cheapest rung timed so
+    far is trained: on a slow or busy machine timing every rung took several times the budget.
 
     Returns ``(augment section to train, record)``; the record has ``min_steps``, ``budget_s``,
-    ``trial_s`` (seconds spent timing), ``chosen`` (rung index) and ``rungs``: per rung timed,
-    ``image_size``, ``local_crops``, ``local_view_size`` and ``predicted_steps`` (None, with
-    ``error``, for a cheaper rung the model cannot run, which is skipped).
+    ``trial_s`` (seconds spent timing), ``chosen`` (rung index), ``cut_short`` (None, or why
+    cheaper rungs were left untimed) and ``rungs``: per rung timed, ``image_size``,
+    ``local_crops``, ``local_view_size`` and ``predicted_steps`` (None, with ``error``, for a
+    cheaper rung the model cannot run, which is skipped).
     """
     t0 = time.perf_counter()
     need = min(int(min_steps), int(max_steps))
     rungs = view_ladder(a, stride)
     rows: list[dict[str, Any]] = []
     chosen = 0
+    cut_short: str | None = None
+    last_trial = 0.0  # wall seconds of the last rung's trial
     bar = tqdm(rungs, desc="timing views for the budget", unit="rung", leave=False,
                disable=None if progress else True)
     for i, r in enumerate(bar):
+        if i:
+            left = budget_s - (time.perf_counter() - t0)
+            if left <= 0:
+                cut_short = "the budget was spent"
+                break
+            if last_trial >= left:
+                cut_short = "timing the next views would not fit in what is left"
+                break
         bar.set_postfix_str(describe(r))
+        t_rung = time.perf_counter()
         try:
             per_pair = time_train_pass(model, r, device, dtype, memory_format, batch_size)
         except RuntimeError as exc:  # e.g. a ViT whose patch size does not divide this view side
@@ -152,6 +167,7 @@ def fit_views_to_budget(model: nn.Module, a: AugmentConfig, batch_size: int, bud
                          "local_view_size": r.local_view_size if r.local_crops else None,
                          "predicted_steps": None, "error": str(exc).splitlines()[0][:200]})
             continue
+        last_trial = time.perf_counter() - t_rung  # of a rung that ran: a failure is quicker
         chosen = i  # the cheapest rung that runs, unless one before it affords the steps
         left = max(0.0, budget_s - (time.perf_counter() - t0))
         steps = int(left / max(per_pair * batch_size, 1e-9))
@@ -163,5 +179,6 @@ def fit_views_to_budget(model: nn.Module, a: AugmentConfig, batch_size: int, bud
     bar.close()
     record = {"min_steps": int(min_steps), "budget_s": float(budget_s),
               "trial_s": round(time.perf_counter() - t0, 3), "chosen": chosen,
+              "cut_short": cut_short,
               "requested": describe(a), "trained": describe(rungs[chosen]), "rungs": rows}
     return rungs[chosen], record

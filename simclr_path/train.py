@@ -9,7 +9,8 @@ Run directory (``--out RUN_DIR``)::
 
     config.yaml    resolved configuration (written first)
     metrics.csv    step, epoch, loss, lr, pairs_per_s, data_time_s, compute_time_s (one row a step)
-    checkpoint.pt  model, head, optimiser, scheduler, grad scaler, RNG states, step (atomic)
+    checkpoint.pt  model, head, optimiser, scheduler, grad scaler, RNG states, step, stores
+                   (atomic; every train.checkpoint_every steps, at the end, on Ctrl-C / SIGTERM)
     loss.png       loss and LR curves
     head.pt        projection head state dict (see model.load_projection_head)
     encoder.pt     backbone only, a plain timm state dict; encoder.json its metadata
@@ -38,6 +39,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -340,6 +343,19 @@ def _prepare_run_dir(out: Path, resume: bool, force: bool) -> bool:
     return False
 
 
+def _resume_without_checkpoint(out: Path, force: bool, main: bool) -> None:
+    """--resume and no ``out/checkpoint.pt``: a fresh start, which removes the run's files. A
+    finished run (its checkpoint deleted to save space, say) is not thrown away without --force;
+    otherwise say that nothing is resumed, since the run starts from step 0."""
+    finished = [n for n in COMPLETE_FILES if (out / n).is_file()]
+    if finished and not force:
+        raise SimclrPathError(f"{out}: holds a finished run ({', '.join(finished)}) but no "
+                              "checkpoint.pt to resume; pass --force to start over (its run files "
+                              "are replaced) or choose another --out")
+    if main:
+        warnings.warn(f"--resume: no checkpoint in {out}; starting from step 0", stacklevel=3)
+
+
 def _write_text(path: Path, text: str) -> None:
     with atomic_output(path, force=True) as tmp:
         tmp.write_text(text)
@@ -484,6 +500,54 @@ def _on_step_end(step: int) -> None:
     """Hook called after every optimiser step (tests use it to simulate an interruption)."""
 
 
+class _DeferSignals:
+    """Ctrl-C (SIGINT) and SIGTERM wait while :meth:`hold` is on and strike at :meth:`release`.
+
+    A Python signal handler runs between bytecodes, so an interrupt during a step's backward
+    pass would surface half-way through the update (batch-norm statistics moved, parameters not
+    yet), a state no checkpoint may describe; deferred to the end of the step, the interrupted
+    run can save the step it finished. A second signal while one waits acts at once (a stuck
+    step must stay stoppable; nothing is saved then). Only handlers set in Python are wrapped
+    (``default_int_handler``, the CLI's SIGTERM handler); only in the main thread; ``enabled``
+    False (DDP, where a step waits on the other ranks) wraps nothing.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.held = False
+        self.pending: tuple[Any, int, Any] | None = None
+        self.previous: dict[int, Any] = {}
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            prev = signal.getsignal(sig)
+            if callable(prev):  # SIG_DFL / SIG_IGN / None (set outside Python) are left alone
+                self.previous[sig] = prev
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        prev = self.previous[signum]
+        if not self.held or self.pending is not None:
+            self.pending = None
+            prev(signum, frame)
+        else:
+            self.pending = (prev, signum, frame)
+
+    def hold(self) -> None:
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        if self.pending is not None:
+            prev, signum, frame = self.pending
+            self.pending = None
+            prev(signum, frame)
+
+    def restore(self) -> None:
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+        self.previous = {}
+
+
 def _store_patch_size(stores) -> int | None:
     """The training stores' patch side, or None when they differ."""
     sizes = {int(s.patch_size) for s in stores}
@@ -493,6 +557,62 @@ def _store_patch_size(stores) -> int | None:
 def _store_mpp(stores) -> float | None:
     mpps = {round(float(s.mpp), 6) for s in stores if s.mpp is not None}
     return mpps.pop() if len(mpps) == 1 else None
+
+
+def _store_record(stores) -> list[dict[str, Any]]:
+    """The training stores as a checkpoint records them: the batch plan indexes stores by
+    position, so resuming on other stores (or the same in another order) would mix two runs."""
+    return [{"path": str(Path(s.path).resolve()), "slide_id": str(s.slide_id), "patches": len(s)}
+            for s in stores]
+
+
+def _check_resume_stores(path: Path, saved: list[dict[str, Any]] | None,
+                         now: list[dict[str, Any]]) -> None:
+    """Refuse to resume ``path`` on stores other than those it was trained on (one line naming
+    the first difference). A store that moved (same slide id and patch count at the same place
+    in the list, its old path gone) is a warning. A checkpoint from before stores were recorded
+    is not checked."""
+    if saved is None:
+        warnings.warn(f"{path}: written by an older simclr-path that did not record its stores; "
+                      "resuming without checking that they are the same", stacklevel=3)
+        return
+
+    def name(r: dict[str, Any]) -> str:
+        return f"{r['path']} (slide {r['slide_id']}, {r['patches']} patches)"
+
+    def key(r: dict[str, Any]) -> tuple[str, int]:
+        return str(r["slide_id"]), int(r["patches"])
+
+    what = None
+    if [key(r) for r in saved] != [key(r) for r in now]:
+        if sorted(map(key, saved)) == sorted(map(key, now)):
+            what = "the same stores in another order, which changes every batch"
+        elif len(saved) != len(now):
+            gone = [name(r) for r in saved if key(r) not in set(map(key, now))]
+            new = [name(r) for r in now if key(r) not in set(map(key, saved))]
+            what = (f"{len(saved)} stores, now {len(now)}"
+                    + (f"; not given: {gone[0]}" + (f" and {len(gone) - 1} more" if len(gone) > 1 else "")
+                       if gone else "")
+                    + (f"; new: {new[0]}" + (f" and {len(new) - 1} more" if len(new) > 1 else "")
+                       if new else ""))
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(saved, now)) if key(a) != key(b))
+            what = f"store {i + 1} was {name(saved[i])}, now {name(now[i])}"
+    else:  # same slide ids and sizes: another path is a moved store, unless the old one is there
+        i = next((i for i, (a, b) in enumerate(zip(saved, now)) if a["path"] != b["path"]
+                  and Path(a["path"]).exists()), None)
+        if i is not None:
+            what = f"store {i + 1} was {saved[i]['path']}, now {now[i]['path']}"
+    if what:
+        raise SimclrPathError(f"{path}: was trained on other patch stores ({what}); resume with "
+                              "the stores it was trained on, in the same order, or use --force "
+                              "to start over")
+    moved = [(a, b) for a, b in zip(saved, now) if a["path"] != b["path"]]
+    if moved:
+        warnings.warn(f"{path}: store {moved[0][0]['path']} is now {moved[0][1]['path']}"
+                      + (f" (and {len(moved) - 1} more)" if len(moved) > 1 else "")
+                      + " with the same slide id and patch count; resuming as the same store",
+                      stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,6 +678,7 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
     fit: dict[str, Any] | None = None
     if resume and (out / "checkpoint.pt").is_file():
         ck = load_checkpoint(out / "checkpoint.pt")
+        _check_resume_stores(out / "checkpoint.pt", ck.get("stores"), _store_record(opened))
         old = json.loads(ck["config"])
         if ck.get("budget_fit") and ck.get("augment_requested") == to_dict(cfg)["augment"]:
             # the run trained views fitted to its budget: keep them (the machine may differ now)
@@ -609,6 +730,8 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
         except RuntimeError as exc:
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: model weights do not fit "
                                   f"({str(exc).splitlines()[0][:160]}); use --force to start over") from None
+    elif resume:
+        _resume_without_checkpoint(out, force, world.main)
     world.init(device)
     if device.type == "cuda":
         # fixed input sizes: cuDNN may pick the fastest convolution once; TF32 for what stays
@@ -652,14 +775,27 @@ def _fit_budget(cfg: PipelineConfig, model: nn.Module, plan, world: Dist, device
         fit["chosen"], fit["trial_s"] = int(got.item()), float(spent.item())
         a = view_ladder(cfg.augment, stride)[fit["chosen"]]
         fit["trained"] = describe(a)
-    if fit["chosen"] and world.main:
+    # the trial itself used up the budget (a slow or busy machine): say so, or the few steps
+    # trained would be a mystery
+    spent = fit.get("cut_short") or fit["trial_s"] >= float(t_cfg.time_budget_s)
+    if (fit["chosen"] or spent) and world.main:
         first, last = fit["rungs"][0], fit["rungs"][fit["chosen"]]
-        warnings.warn(
-            f"{out}: the {t_cfg.time_budget_s:.0f} s budget buys about {first['predicted_steps']} "
-            f"steps of {fit['requested']} on this machine, fewer than train.budget_min_steps "
-            f"({t_cfg.budget_min_steps}); training {fit['trained']} instead (about "
-            f"{last['predicted_steps']} steps; train.budget_min_steps: null keeps the configured "
-            "views)", stacklevel=3)
+        msg = f"{out}: "
+        if spent:
+            msg += (f"timing the views took {fit['trial_s']:.0f} s of the "
+                    f"{t_cfg.time_budget_s:.0f} s budget"
+                    + (f" ({fit['cut_short']}, so cheaper views were not timed)"
+                       if fit.get("cut_short") else "") + "; ")
+        if fit["chosen"]:
+            msg += (f"the {t_cfg.time_budget_s:.0f} s budget buys about {first['predicted_steps']} "
+                    f"steps of {fit['requested']} on this machine, fewer than "
+                    f"train.budget_min_steps ({t_cfg.budget_min_steps}); training {fit['trained']} "
+                    f"instead (about {last['predicted_steps']} steps; train.budget_min_steps: null "
+                    "keeps the configured views)")
+        else:
+            msg += (f"training {fit['trained']} with what is left (about {last['predicted_steps']} "
+                    "steps; train.budget_min_steps: null skips the timing)")
+        warnings.warn(msg, stacklevel=3)
     fit["augment_requested"] = to_dict(cfg)["augment"]
     return dataclasses.replace(cfg, augment=a), fit
 
@@ -748,10 +884,14 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     colour = ColorAugment(a_cfg)
     colour_local = ColorAugment(a_cfg)  # its own scratch buffers: local views have another size
     metrics = _Metrics(out / "metrics.csv", start_step if ck is not None else None) if world.main else None
+    stores_record = _store_record(opened)
+    saved_step = start_step  # the step of the newest checkpoint (or of none: start_step 0)
 
     def checkpoint(step: int, wall: float) -> None:
+        nonlocal saved_step
         if not world.main:
             return
+        saved_step = step
         save_checkpoint(out / "checkpoint.pt", {
             "format_version": CHECKPOINT_VERSION, "simclr_path_version": __version__,
             "step": step, "epoch": step // spe, "batch_in_epoch": step % spe,
@@ -765,6 +905,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             "local_view_size": a_cfg.local_view_size if a_cfg.local_crops else 0,
             # views fitted to the time budget: what was asked for, so that resume keeps them
             "budget_fit": fit or {}, "augment_requested": (fit or {}).get("augment_requested"),
+            "stores": stores_record,  # resume refuses other stores (the batch plan indexes them)
         })
 
     # ---- loop ----
@@ -782,7 +923,12 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         clock_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     budget_s = None if t_cfg.time_budget_s is None else max(
         1e-3, t_cfg.time_budget_s - (float(fit["trial_s"]) if fit and ck is None else 0.0))
-    bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
+    bar_total = total_steps
+    if fit and ck is None and fit["rungs"][fit["chosen"]].get("predicted_steps"):
+        # until the step rate is measured and the run re-planned, the fit's estimate: max_steps
+        # would show the ETA of a run the budget cannot buy
+        bar_total = min(total_steps, max(1, int(fit["rungs"][fit["chosen"]]["predicted_steps"])))
+    bar = tqdm(total=bar_total, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=None if progress and world.main else True)
     t0 = time.perf_counter()
     step = start_step
@@ -798,10 +944,11 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     # created just before the try so that every exit below ends it (FAILED unless finished)
     tracker = _Tracker(out, cfg, enabled=world.main)
 
-    def flush() -> None:
+    def flush(check: bool = True) -> bool:
+        """Write the pending rows; False when a loss is not finite (an error if ``check``)."""
         nonlocal win_t0, win_data, pairs_per_s
         if not pending:
-            return
+            return True
         losses = torch.stack([p[1] for p in pending]).float()
         if world.enabled:
             dist.all_reduce(losses, op=dist.ReduceOp.SUM)
@@ -822,12 +969,15 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             metrics.append(rows)
             tracker.log(rows)
             bar.set_postfix(loss=f"{rows[-1][2]:.4f}", lr=f"{rows[-1][3]:.3g}", pairs_s=f"{pairs_per_s:.1f}")
-        if bad:
+        if bad and check:
             raise SimclrPathError(
                 f"{out}: loss became {bad[0][2]} at step {bad[0][0]}; lower train.lr, use "
                 "train.optimizer adamw, or set train.amp false; the last good checkpoint is "
                 f"{out / 'checkpoint.pt'} (resume after changing the config is not supported)")
+        return not bad
 
+    guard = _DeferSignals(enabled=not world.enabled)
+    consistent = True  # model, optimiser, schedule, RNGs and pending rows are those of `step`
     try:
         it = iter(loader)
         while step < planned:
@@ -863,6 +1013,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 if xl_buf is None or xl_buf.shape != lv.shape:
                     xl_buf = torch.empty(lv.shape, device=device).contiguous(memory_format=memory_format)
                 local = [colour_local(lv, gen, out=xl_buf)]  # (K B, 3, l, l) float32
+            guard.hold()  # from here to the step's checkpoint, an interrupt waits for the end
+            consistent = False
             scheduler.step_update(step + 1)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 _, z = train_model(x, *local)  # (2B + K B, D)
@@ -876,6 +1028,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             if ema is not None:
                 ema.update(model, step)  # step 1 copies the weights, later steps average (decay)
             pending.append((step, loss.detach(), optimizer.param_groups[0]["lr"]))
+            consistent = True
             if world.main:
                 bar.update(1)
             stop_now = False
@@ -902,6 +1055,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             if step % t_cfg.checkpoint_every == 0 and step < planned and not stop_now:
                 flush()
                 checkpoint(step, wall_before + time.perf_counter() - t0)
+            guard.release()  # raises a deferred interrupt: below, with a consistent state
             _on_step_end(step)
             if stop_now and step < total_steps:
                 stopped = "time_budget"
@@ -909,10 +1063,31 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         if stopped == "completed" and planned <= step < total_steps:
             stopped = "time_budget"  # the re-planned schedule ended just before the budget
         flush()
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C or SIGTERM (the CLI's Terminated): keep the steps done, so that --resume goes
+        # on from here rather than from the last periodic checkpoint (train.checkpoint_every
+        # apart, more steps than a CPU budget buys). Only from a finished step's state, and only
+        # for a single process: under DDP another rank may be gone and a collective would hang.
+        if consistent and not world.enabled and step > start_step:
+            try:
+                if flush(check=False):
+                    if step > saved_step:
+                        checkpoint(step, wall_before + time.perf_counter() - t0)
+                    warnings.warn(f"{out / 'checkpoint.pt'}: interrupted after step {step}; saved "
+                                  "it (--resume continues from there)", stacklevel=2)
+            except Exception as exc:  # noqa: BLE001 - e.g. disk full: the interrupt still stops the run
+                warnings.warn(f"{out / 'checkpoint.pt'}: interrupted after step {step}, could not "
+                              f"save it ({type(exc).__name__}: {exc}); --resume continues from "
+                              f"step {saved_step}", stacklevel=2)
+        bar.close()
+        tracker.close(None)
+        raise
     except BaseException:
         bar.close()
         tracker.close(None)
         raise
+    finally:
+        guard.restore()
     bar.close()
     try:  # writing the final files can fail too (disk full): the tracker still ends, FAILED
         if step < total_steps and stopped == "completed":

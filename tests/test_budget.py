@@ -104,6 +104,77 @@ def test_fit_skips_a_rung_the_model_cannot_run(monkeypatch):
                               torch.channels_last)
 
 
+class _Clock:
+    """A stand-in for ``time`` in simclr_path.budget: it moves only when a trial runs."""
+    t = 0.0
+
+    @classmethod
+    def perf_counter(cls):
+        return cls.t
+
+
+def _slow_trials(seconds, per_pixel=1e-6):
+    """Each timed trial takes ``seconds`` of (fake) wall time; the cost is as :func:`_fake_cost`."""
+    cost = _fake_cost(per_pixel)
+
+    def trial(*args):
+        _Clock.t += seconds
+        return cost(*args)
+    return trial
+
+
+@pytest.mark.parametrize("trial_s, budget, timed, cut", [
+    (30.0, 20.0, 1, "the budget was spent"),      # the first trial took it all: stop there
+    (15.0, 20.0, 1, "would not fit"),             # 5 s left, a 15 s trial cannot fit in it
+    (6.0, 20.0, 3, "would not fit"),              # 3 trials (18 s) then 2 s left
+    (1.0, 100.0, 4, None),                        # cheap trials: the whole ladder, as before
+])
+def test_fit_stops_timing_when_the_budget_is_gone(monkeypatch, trial_s, budget, timed, cut):
+    monkeypatch.setattr(B, "time", _Clock)
+    monkeypatch.setattr(B, "time_train_pass", _slow_trials(trial_s))
+    a = AugmentConfig(image_size=64, local_crops=2, local_size=32)
+    got, rec = B.fit_views_to_budget(None, a, 8, budget, 10**6, 10**6, 32, torch.device("cpu"),
+                                     None, torch.channels_last)
+    assert len(rec["rungs"]) == timed and rec["trial_s"] == pytest.approx(timed * trial_s)
+    # the cheapest rung timed (each rung ran here)
+    assert rec["chosen"] == timed - 1 and got == B.view_ladder(a, 32)[timed - 1]
+    assert (rec["cut_short"] is None) if cut is None else cut in rec["cut_short"]
+
+
+def test_pretrain_says_when_timing_used_up_the_budget(make_store, tmp_path, monkeypatch):
+    store = make_store(n=24, size=64)
+    monkeypatch.setattr(B, "time", _Clock)
+    monkeypatch.setattr(B, "time_train_pass", _slow_trials(30.0))
+    with pytest.warns(UserWarning, match=r"timing the views took 30 s of the 10 s budget \(the "
+                                         r"budget was spent, so cheaper views were not timed\); "
+                                         r"training 64 px views \+ 2 x 32 px local views with "
+                                         r"what is left"):
+        s = T.pretrain([store], tmp_path / "run", _cfg(budget_min_steps=300, max_steps=50),
+                       progress=False)
+    # what little is left after the trial: a step, not the 50 (nor a 50-step-long detour)
+    assert s["steps"] == 1 and s["stopped"] == "time_budget"
+    assert s["budget_fit"]["cut_short"] == "the budget was spent" and len(s["budget_fit"]["rungs"]) == 1
+
+
+def test_progress_bar_starts_at_the_fitted_estimate(make_store, tmp_path, monkeypatch):
+    import tqdm.auto
+
+    totals = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            totals.append(kwargs.get("total"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr(B, "time_train_pass", _fake_cost(1e-5))  # 12 steps of 32 px views in 2 s
+    with pytest.warns(UserWarning, match="budget buys"):
+        T.pretrain([make_store(n=24, size=64)], tmp_path / "run",
+                   _cfg(budget_min_steps=300, max_steps=1000, time_budget_s=2.0,
+                        checkpoint_every=500), progress=False)  # a dozen steps, not 1000
+    assert 12 in totals and 1000 not in totals
+
+
 def _cfg(**train):
     base = {"batch_size": 8, "max_steps": 3, "workers": 0, "optimizer": "adamw", "lr": 1e-3,
             "lr_scaling": "none", "warmup_epochs": 0.0, "checkpoint_every": 2, "log_every": 1,

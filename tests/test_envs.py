@@ -24,6 +24,7 @@ CONDA_NAME = {
     "skimage": "scikit-image",
     "openslide": "openslide-python",
     "matplotlib": "matplotlib-base",
+    "mpl_toolkits": "matplotlib-base",  # axes_grid1 ships with matplotlib
     "tensorboard": "tensorboard",
 }
 # optional extras, imported only inside try/except ImportError or for optional features

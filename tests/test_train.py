@@ -88,30 +88,154 @@ def test_multi_crop_learns(stores, tmp_path):
     assert saved["augment"]["local_crops"] == 2
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(stores, tmp_path, monkeypatch):
-    cfg = _cfg(max_steps=5)
+def _same_run(full, cut):
+    """Two run directories trained the same weights and logged the same losses."""
+    a = torch.load(full / "checkpoint.pt", weights_only=True)
+    b = torch.load(cut / "checkpoint.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ma, mb = pd.read_csv(full / "metrics.csv"), pd.read_csv(cut / "metrics.csv")
+    assert ma["step"].tolist() == mb["step"].tolist() == list(range(1, a["step"] + 1))
+    assert np.allclose(ma["loss"], mb["loss"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, lambda: SystemExit(143)])  # Ctrl-C, SIGTERM
+def test_interrupted_then_resumed_equals_uninterrupted(stop, stores, tmp_path, monkeypatch):
+    # no periodic checkpoint and rows still pending at the interrupt: the interrupt saves both
+    cfg = _cfg(max_steps=5, checkpoint_every=500, log_every=4)
     T.pretrain(stores, tmp_path / "full", cfg, progress=False)
 
     def crash(step):
         if step == 3:
-            raise KeyboardInterrupt
+            raise stop()
 
     monkeypatch.setattr(T, "_on_step_end", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises((KeyboardInterrupt, SystemExit)), \
+            pytest.warns(UserWarning, match="interrupted after step 3; saved it"):
         T.pretrain(stores, tmp_path / "cut", cfg, progress=False)
     assert not any((tmp_path / "cut" / f).exists() for f in COMPLETE)  # not complete
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert pd.read_csv(tmp_path / "cut" / "metrics.csv")["step"].tolist() == [1, 2, 3]
     monkeypatch.setattr(T, "_on_step_end", lambda step: None)
     summary = T.pretrain(stores, tmp_path / "cut", cfg, resume=True, progress=False)
-    assert summary["resumed_from_step"] == 2 and summary["steps"] == 5
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    ma = pd.read_csv(tmp_path / "full" / "metrics.csv")
-    mb = pd.read_csv(tmp_path / "cut" / "metrics.csv")
-    assert ma["step"].tolist() == mb["step"].tolist() == [1, 2, 3, 4, 5]
-    assert np.allclose(ma["loss"], mb["loss"], rtol=0, atol=0)
+    assert summary["resumed_from_step"] == 3 and summary["steps"] == 5
+    _same_run(tmp_path / "full", tmp_path / "cut")
+
+
+def test_interrupt_during_a_step_saves_only_finished_steps(stores, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a step's update waits for the step to finish, which is saved;
+    an interruption the loop cannot defer leaves the last checkpoint, never a half-updated one."""
+    import signal
+
+    from simclr_path import loss as L
+
+    cfg = _cfg(max_steps=6, checkpoint_every=2, log_every=4)
+    T.pretrain(stores, tmp_path / "full", cfg, progress=False)
+    orig = L.NTXentLoss.forward
+
+    def interrupt_in_step(n, how):
+        calls = itertools.count(1)
+
+        def forward(self, *z):
+            if next(calls) == n:
+                how()
+            return orig(self, *z)
+        return forward
+
+    # SIGINT during step 3's loss: step 3 completes, then the interrupt is raised and step 3 saved
+    monkeypatch.setattr(L.NTXentLoss, "forward", interrupt_in_step(3, lambda: signal.raise_signal(signal.SIGINT)))
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="after step 3"):
+        T.pretrain(stores, tmp_path / "sig", cfg, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+    assert torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=True)["step"] == 3
+    # raised inside step 3 itself: its state is half-made, so step 2's checkpoint stays
+    monkeypatch.setattr(L.NTXentLoss, "forward", interrupt_in_step(3, lambda: (_ for _ in ()).throw(KeyboardInterrupt)))
+    with pytest.raises(KeyboardInterrupt):
+        T.pretrain(stores, tmp_path / "raw", cfg, progress=False)
+    assert torch.load(tmp_path / "raw" / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(L.NTXentLoss, "forward", orig)
+    for run in ("sig", "raw"):
+        assert T.pretrain(stores, tmp_path / run, cfg, resume=True, progress=False)["steps"] == 6
+        _same_run(tmp_path / "full", tmp_path / run)
+
+
+def test_defer_signals_holds_one_interrupt_and_lets_a_second_through():
+    import signal
+
+    guard = T._DeferSignals(enabled=True)
+    try:
+        guard.hold()
+        signal.raise_signal(signal.SIGINT)  # waits
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # a second one does not
+        guard.hold()
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            guard.release()
+        guard.release()  # nothing left waiting
+    finally:
+        guard.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    off = T._DeferSignals(enabled=False)  # DDP: nothing is wrapped
+    assert not off.previous and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_without_a_checkpoint(stores, tmp_path, capsys):
+    cfg = _cfg(max_steps=2)
+    with pytest.warns(UserWarning, match="no checkpoint in .*new; starting from step 0"):
+        assert T.pretrain(stores, tmp_path / "new", cfg, resume=True, progress=False)["steps"] == 2
+    # a finished run whose checkpoint was deleted is not thrown away by --resume
+    run = tmp_path / "run"
+    T.pretrain(stores, run, cfg, progress=False)
+    (run / "checkpoint.pt").unlink()
+    before = (run / "encoder.pt").read_bytes()
+    rc, err = _cli([*stores, *BASE, "--out", run, "--resume"], capsys)
+    assert rc != 0 and len(err.splitlines()) == 1, err
+    assert "holds a finished run (summary.json, encoder.pt" in err and "--force" in err
+    assert (run / "encoder.pt").read_bytes() == before and (run / "summary.json").is_file()
+    with pytest.warns(UserWarning, match="starting from step 0"):
+        s = T.pretrain(stores, run, cfg, resume=True, force=True, progress=False)
+    assert s["resumed_from_step"] is None and s["steps"] == 2
+
+
+def test_resume_refuses_other_stores(stores, tmp_path, capsys):
+    a, b = stores
+    c = _easy_store(tmp_path / "c.h5", n=40, seed=2, slide_id="C")
+    run = tmp_path / "run"
+    T.pretrain(stores, run, _cfg(max_steps=2), progress=False)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["stores"] == [{"path": str(a.resolve()), "slide_id": "A", "patches": 32},
+                            {"path": str(b.resolve()), "slide_id": "B", "patches": 24}]
+    for given, what in [([c], (r"2 stores, now 1; not given: .*a.h5 \(slide A, 32 patches\) and "
+                               r"1 more; new: .*c.h5 \(slide C, 40 patches\)")),
+                        ([b, a], "the same stores in another order, which changes every batch"),
+                        ([a, c], r"store 2 was .*b.h5 \(slide B, 24 patches\), now .*c.h5"),
+                        ([a, _easy_store(tmp_path / "b2.h5", n=24, seed=3, slide_id="B")],
+                         r"store 2 was .*b.h5, now .*b2.h5")]:  # same id and size, b.h5 still there
+        with pytest.raises(SimclrPathError, match=f"was trained on other patch stores \\({what}.*\\); "
+                                                  "resume with the stores it was trained on.*--force"):
+            T.pretrain(given, run, _cfg(max_steps=4), resume=True, progress=False)
+    # through the CLI: one line, nothing of the run touched
+    rc, err = _cli([c, *BASE, "--max-steps", "4", "--out", run, "--resume"], capsys)
+    assert rc != 0 and len(err.splitlines()) == 1 and "other patch stores" in err, err
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert (run / "summary.json").is_file()
+    # moved stores (old paths gone) resume with a warning
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    a.rename(moved / "a.h5")
+    b.rename(moved / "b.h5")
+    with pytest.warns(UserWarning, match=r"a.h5 is now .*moved.a.h5 \(and 1 more\)"):
+        s = T.pretrain([moved / "a.h5", moved / "b.h5"], run, _cfg(max_steps=3), resume=True,
+                       progress=False)
+    assert s["steps"] == 3
+    # a checkpoint from before stores were recorded: not checked, said once
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    del ck["stores"]
+    torch.save(ck, run / "checkpoint.pt")
+    with pytest.warns(UserWarning, match="did not record its stores"):
+        assert T.pretrain([moved / "a.h5", moved / "b.h5"], run, _cfg(max_steps=4), resume=True,
+                          progress=False)["steps"] == 4
 
 
 def test_run_directory_and_reloaded_encoder(stores, tmp_path):
