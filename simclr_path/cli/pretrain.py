@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop cleanly after this wall time (checkpoint and encoder are written)")
     p.add_argument("--seed", type=int, default=None, help=f"[config: {t.seed}]")
     p.add_argument("--resume", action="store_true",
-                   help="continue from RUN_DIR/checkpoint.pt (start fresh when there is none)")
+                   help="continue from RUN_DIR/checkpoint.pt with the same stores (start fresh, with a "
+                        "warning, when there is none; a finished run needs --force)")
     p.add_argument("--force", action="store_true", help="start over in a non-empty run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
