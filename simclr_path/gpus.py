@@ -48,6 +48,11 @@ def gpu_pool() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
+def _safe(text: str) -> str:
+    """``text`` as a file-name part: letters, digits, ``-`` and ``_`` kept, anything else ``_``."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
 def lock_dir() -> Path:
     """The lock folder of the jobs that share this job's GPUs: one per user on this machine, and
     one per scheduler job inside it."""
@@ -55,7 +60,7 @@ def lock_dir() -> Path:
     name = f"simclr-path-gpus-{os.getuid()}"
     job = next((os.environ[v] for v in SCHEDULER_VARS if os.environ.get(v)), None)
     if job:
-        name += "-job-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in job)
+        name += "-job-" + _safe(job)
     path = Path(root) / name
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
@@ -71,7 +76,7 @@ def try_claim(count: int, pool: list[str], folder: Path) -> tuple[list[str], lis
     for gpu in pool:
         if len(got) == count:
             break
-        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in gpu)  # a UUID, a MIG id
+        name = _safe(gpu)  # a UUID, a MIG id
         fd = os.open(folder / f"gpu-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -275,30 +275,28 @@ def test_predict_refuses_embeddings_of_another_layer_encoder_or_arch(tmp_path):
 
 
 def test_predict_accepts_another_input_size_at_the_same_tissue_scale(tmp_path):
+    def one_file(name, image_size, patch_size, mpp):
+        """One slide's embeddings of ``patch_size`` px patches at ``mpp`` embedded at ``image_size``."""
+        paths, _ = make_cohort(tmp_path / name, n_patients=1, patches=5, image_size=image_size,
+                               extra={"patch_size": patch_size, "mpp": mpp})
+        return paths[:1]
+
     # 64 px patches at 0.5 um/px embedded at 32 px: 1 um per input pixel
     paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=20, image_size=32,
                                extra={"patch_size": 64, "mpp": 0.5})
     classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
     assert json.loads((tmp_path / "out" / "model.json").read_text())["input_mpp"] == 1.0
     # 128 px patches at 0.5 um/px: embed scaled its input to 64 px, the same tissue scale
-    same, _ = make_cohort(tmp_path / "s", n_patients=1, patches=5, image_size=64,
-                          extra={"patch_size": 128, "mpp": 0.5})
-    predict(tmp_path / "out", same[:1], tmp_path / "same.csv")
+    predict(tmp_path / "out", one_file("s", 64, 128, 0.5), tmp_path / "same.csv")
     # 64 px patches at 64 px: twice the magnification the classifier was trained on
-    zoom, _ = make_cohort(tmp_path / "z", n_patients=1, patches=5, image_size=64,
-                          extra={"patch_size": 64, "mpp": 0.5})
     with pytest.raises(SimclrPathError, match="embedded at 64 px.* --image-size 32"):
-        predict(tmp_path / "out", zoom[:1], tmp_path / "zoom.csv")
+        predict(tmp_path / "out", one_file("z", 64, 64, 0.5), tmp_path / "zoom.csv")
     # embed's rounding to 8 px alone: 96 px patches at 0.25 um/px -> 24 px (exactly 1 um/px
     # would need 24; 20 px, off by one rounding step at this size, is still the same scale)
-    rounded, _ = make_cohort(tmp_path / "r", n_patients=1, patches=5, image_size=20,
-                             extra={"patch_size": 96, "mpp": 0.25})
-    predict(tmp_path / "out", rounded[:1], tmp_path / "rounded.csv")
+    predict(tmp_path / "out", one_file("r", 20, 96, 0.25), tmp_path / "rounded.csv")
     # another field of view at the wrong size: the refusal names the size that fits (24 px)
-    wrong, _ = make_cohort(tmp_path / "w", n_patients=1, patches=5, image_size=32,
-                           extra={"patch_size": 96, "mpp": 0.25})
     with pytest.raises(SimclrPathError, match="0.75 um of tissue per input pixel, but .* 1 um per pixel .* --image-size 24"):
-        predict(tmp_path / "out", wrong[:1], tmp_path / "wrong.csv")
+        predict(tmp_path / "out", one_file("w", 32, 96, 0.25), tmp_path / "wrong.csv")
 
 
 def _damage(folder, json_fn=None, **arrays):
