@@ -53,6 +53,9 @@ class TileConfig:
     min_object_um2: float = 20000.0  # tissue components smaller than this are removed
     min_hole_um2: float = 20000.0  # holes smaller than this are filled
     remove_pen: bool = False  # suppress blue/green/black pen ink in the mask
+    # with remove_pen: drop patches more than this fraction of which is ink (with its 16 um
+    # margin); 0 drops every patch that touches a stroke, whatever tissue it also holds
+    max_pen: float = 0.0
     drop_white: float | None = None  # drop patches whose fraction of near-white pixels exceeds this
     drop_black: float | None = None  # drop patches whose fraction of near-black pixels exceeds this
     drop_blur: float | None = None  # drop patches whose Laplacian variance is below this
@@ -68,7 +71,7 @@ class TileConfig:
         _check(self.patch_size >= 8, "tile.patch_size", f"must be >= 8, got {self.patch_size}")
         _check(self.stride is None or self.stride >= 1, "tile.stride", "must be >= 1")
         _check(0.0 <= self.min_tissue <= 1.0, "tile.min_tissue", "must be in [0, 1]")
-        for name in ("drop_white", "drop_black"):  # fractions of a patch's pixels; NaN fails too
+        for name in ("drop_white", "drop_black", "max_pen"):  # fractions of a patch; NaN fails too
             v = getattr(self, name)
             _check(v is None or 0.0 <= v <= 1.0, f"tile.{name}",
                    f"is a fraction of the patch's pixels and must be in [0, 1], got {v}")

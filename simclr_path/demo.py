@@ -43,6 +43,7 @@ _E_VEC = np.array([0.07, 0.99, 0.11], dtype=np.float32)
 _GLASS_OD = np.array([0.035, 0.045, 0.03], dtype=np.float32)  # slightly bluish-white glass
 _NEUTRAL_OD = np.array([1.0, 1.0, 1.0], dtype=np.float32) / math.sqrt(3)
 _INK_OD = np.array([1.7, 0.75, 0.35], dtype=np.float32)  # blue-green marker ink
+_PEN_WIDTH_UM = 60.0  # a fine marker; real marker strokes are 0.3-1 mm wide
 # Mean RGB of the tissue of every demo slide, whatever its kind (see module docstring).
 TARGET_TISSUE_RGB = np.array([197.0, 144.0, 212.0])
 _PLAN_UM = 8.0  # resolution of the low-frequency layout (um per plan pixel)
@@ -207,7 +208,8 @@ class _Layout:
             x1, y1 = rng.uniform(0.6, 0.9) * width, rng.uniform(0.05, 0.3) * height
             wob = np.sin(t * math.pi * rng.uniform(1, 3)) * 0.05 * height
             self.pen = np.stack([x0 + (x1 - x0) * t, y0 + (y1 - y0) * t + wob], 1)
-            self.pen_width = max(6, int(0.02 * min(width, height)))
+            # a marker stroke: wider than the tissue mask's pixels (8 um), as real ones are
+            self.pen_width = max(6, int(0.02 * min(width, height)), round(_PEN_WIDTH_UM * um))
         if "fold" in artefacts:  # a band of doubled tissue through the centre
             t = np.linspace(0, 1, 40)
             ang = rng.uniform(0, math.pi)

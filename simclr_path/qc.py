@@ -23,14 +23,15 @@ from simclr_path.figures import OKABE_ITO, save_figure
 
 def plot_qc(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: float,
             coords: np.ndarray, size0: float, level0_mpp: float, out: str | os.PathLike,
-            title: str, force: bool = True) -> Path:
+            title: str, force: bool = True, ink: np.ndarray | None = None) -> Path:
     """Write the QC PNG atomically (the picture of :func:`qc_figure`)."""
-    fig = qc_figure(thumb, thumb_mpp, mask, mask_mpp, coords, size0, level0_mpp, title)
+    fig = qc_figure(thumb, thumb_mpp, mask, mask_mpp, coords, size0, level0_mpp, title, ink=ink)
     return save_figure(fig, out, force=force)
 
 
 def qc_figure(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: float,
-              coords: np.ndarray, size0: float, level0_mpp: float, title: str) -> plt.Figure:
+              coords: np.ndarray, size0: float, level0_mpp: float, title: str,
+              ink: np.ndarray | None = None) -> plt.Figure:
     """The QC picture.
 
     Args:
@@ -40,6 +41,7 @@ def qc_figure(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: f
         size0: patch side in level-0 pixels.
         level0_mpp: level-0 um/px (axes are in millimetres on the slide).
         title: figure title (slide id, mpp, patch count).
+        ink: optional bool (hm, wm) pen ink removed (with its margin), at ``mask_mpp``.
     """
     h0_um, w0_um = thumb.shape[0] * thumb_mpp, thumb.shape[1] * thumb_mpp
     aspect = thumb.shape[1] / max(thumb.shape[0], 1)
@@ -51,12 +53,17 @@ def qc_figure(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: f
     to_mm = 1e-3
     ax.imshow(thumb, extent=(0, w0_um * to_mm, h0_um * to_mm, 0), interpolation="lanczos")
     handles = []
+    ys = (np.arange(mask.shape[0]) + 0.5) * mask_mpp * to_mm
+    xs = (np.arange(mask.shape[1]) + 0.5) * mask_mpp * to_mm
     if mask.any():
-        ys = (np.arange(mask.shape[0]) + 0.5) * mask_mpp * to_mm
-        xs = (np.arange(mask.shape[1]) + 0.5) * mask_mpp * to_mm
         ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5], colors=[OKABE_ITO[2]],
                    linewidths=1.5)
         handles.append(Line2D([], [], color=OKABE_ITO[2], lw=1.5, label="tissue outline"))
+    if ink is not None and ink.any():
+        ax.contour(xs, ys, ink.astype(np.float32), levels=[0.5], colors=[OKABE_ITO[3]],
+                   linewidths=1.2, linestyles="dashed")
+        handles.append(Line2D([], [], color=OKABE_ITO[3], lw=1.2, ls="--",
+                              label="pen ink left out"))
     if len(coords):
         s = size0 * level0_mpp * to_mm
         x = coords[:, 0] * level0_mpp * to_mm

@@ -3,7 +3,8 @@
 The grid is laid out in target pixels (``cfg.mpp`` um/px): patch ``(i, j)`` covers target pixels
 ``[j * stride, j * stride + patch_size)`` horizontally (same vertically), i.e. level-0 top-left
 ``round(j * stride * f)`` with ``f = cfg.mpp / level0_mpp``. A patch is kept when its tissue
-fraction on a low-resolution mask (:mod:`simclr_path.tissue`) is at least ``cfg.min_tissue``.
+fraction on a low-resolution mask (:mod:`simclr_path.tissue`) is at least ``cfg.min_tissue`` (and,
+with ``cfg.remove_pen``, its share of pen ink is at most ``cfg.max_pen``).
 
 Pixels are read in blocks of ``block_patches x block_patches`` grid cells (fewer where a stride
 far above the patch size would make a block mostly gap, :func:`block_cells`): one
@@ -44,7 +45,13 @@ from simclr_path.slide import (
     validate_slide_id,
 )
 from simclr_path.store import THUMBNAIL_SIDE, PatchStoreWriter, encode_patch
-from simclr_path.tissue import any_patch_filter, patch_keep, tissue_fractions, tissue_mask
+from simclr_path.tissue import (
+    any_patch_filter,
+    ink_mask,
+    patch_keep,
+    tissue_fractions,
+    tissue_mask,
+)
 
 _QC_SIDE = 1600  # longer side of the QC thumbnail in pixels
 
@@ -61,7 +68,7 @@ class TileResult:
     slide_id: str
     n_patches: int
     n_grid: int  # grid cells considered
-    n_tissue: int  # grid cells with enough tissue (before optional patch filters)
+    n_tissue: int  # grid cells with enough tissue and no ink (before optional patch filters)
     level: int  # pyramid level read
     level_mpp: float
     level0_mpp: float
@@ -71,6 +78,7 @@ class TileResult:
     stride: int
     seconds: float
     qc: Path | None = None
+    n_pen: int = 0  # grid cells with enough tissue dropped for pen ink (remove_pen, max_pen)
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,7 @@ def make_grid(width: int, height: int, level0_mpp: float, mpp: float, patch_size
 def tissue_attrs(cfg: TileConfig) -> dict[str, object]:
     """The tissue-detection parameters as ``tissue.<name>`` store attributes."""
     names = ("min_tissue", "tissue_mpp", "saturation_floor", "median_blur", "closing_um",
-             "min_object_um2", "min_hole_um2", "remove_pen", "drop_white", "drop_black",
+             "min_object_um2", "min_hole_um2", "remove_pen", "max_pen", "drop_white", "drop_black",
              "drop_blur")
     return {f"tissue.{n}": getattr(cfg, n) for n in names}
 
@@ -261,11 +269,20 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
             qc_img, qc_mpp = slide.read_at_mpp(max(width, height) * slide.mpp / side)
         else:
             qc_img, qc_mpp = thumb, thumb_mpp
-    mask = tissue_mask(thumb, thumb_mpp, cfg)
+    ink = ink_mask(thumb, thumb_mpp) if cfg.remove_pen else None
+    mask = tissue_mask(thumb, thumb_mpp, cfg, ink=ink)
     gx, gy = np.meshgrid(grid.xs, grid.ys)  # (ny, nx)
     frac = tissue_fractions(mask, thumb_mpp, gx.ravel(), gy.ravel(), grid.size0, level0_mpp,
                             level0_size=(width, height))
     keep = (frac >= cfg.min_tissue).reshape(gy.shape) & mask.any()
+    n_pen = 0
+    if ink is not None and ink.any():
+        # the mask lost the ink, but a cell beside a stroke can still hold enough tissue, and its
+        # pixels would carry the ink into training and scoring
+        inked = tissue_fractions(ink, thumb_mpp, gx.ravel(), gy.ravel(), grid.size0, level0_mpp,
+                                 level0_size=(width, height)).reshape(gy.shape) > cfg.max_pen
+        n_pen = int((keep & inked).sum())
+        keep &= ~inked
     n_tissue = int(keep.sum())
 
     reader = _Reader(path, grid, choice, direct=cfg.tiff_direct)
@@ -290,6 +307,9 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
         if n_tissue:
             msg = (f"all {n_tissue} tissue patches were dropped by the white/black/blur filters; "
                    f"{empty} (check --drop-white/--drop-black/--drop-blur and the QC picture)")
+        elif n_pen:
+            msg = (f"all {n_pen} tissue patches touch pen ink (--max-pen {cfg.max_pen:g}); "
+                   f"{empty} (check the QC picture; raise --max-pen to keep patches beside ink)")
         elif mask.any():  # tissue, but no grid cell holds the required share of it
             area_mm2 = float(mask.sum()) * thumb_mpp * thumb_mpp * 1e-6
             msg = (f"tissue found ({area_mm2:.2g} mm²) but no patch reached --min-tissue "
@@ -304,10 +324,10 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
         qc_path = plot_qc(qc_img, qc_mpp, mask, thumb_mpp, coords, grid.size0, level0_mpp, qc,
                           title=f"{slide_id}: {n} patches of {cfg.patch_size} px at "
                                 f"{cfg.mpp:g} um/px (level-0 {level0_mpp:.4g} um/px)",
-                          force=force)
+                          force=force, ink=ink)
     return TileResult(Path(out), slide_id, n, grid.xs.size * grid.ys.size, n_tissue,
                       choice.level, choice.level_mpp, level0_mpp, mpp_source, cfg.mpp,
-                      cfg.patch_size, stride, time.perf_counter() - t_start, qc_path)
+                      cfg.patch_size, stride, time.perf_counter() - t_start, qc_path, n_pen)
 
 
 def _id_from_name(path: Path) -> str:

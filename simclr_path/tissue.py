@@ -36,6 +36,8 @@ _BLACK_MAX_VALUE = 60
 _BLACK_MAX_SAT = 100
 # marker strokes are far larger than this; stray pixels of a stain's extreme colour are not ink
 PEN_MIN_AREA_UM2 = 10000.0
+# ink is removed with this margin: a stroke's blurred edge is fainter than the colour rules
+PEN_MARGIN_UM = 16.0
 # Near-black pixels have a high HSV saturation ((V - min) / V) from a few levels of noise: an
 # opaque black fill outside the scanned area, debris or a coverslip edge would pass as tissue.
 _DARK_MAX_VALUE = 40
@@ -69,17 +71,28 @@ def pen_mask(rgb: np.ndarray, mpp: float | None = None) -> np.ndarray:
     return ink
 
 
+def ink_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
+    """Pen ink of an RGB uint8 (H, W, 3) slide image at ``mpp`` um/px with its margin: bool (H, W).
+
+    :func:`pen_mask` without specks, dilated by :data:`PEN_MARGIN_UM`: what ``remove_pen`` takes
+    out of the tissue mask, and what a patch may overlap by at most ``max_pen``.
+    """
+    return cv2.dilate(pen_mask(rgb, mpp).astype(np.uint8), _disk(PEN_MARGIN_UM / mpp)) > 0
+
+
 def _disk(radius_px: float) -> np.ndarray:
     r = max(0, round(radius_px))
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
-def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None) -> np.ndarray:
+def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None,
+                ink: np.ndarray | None = None) -> np.ndarray:
     """Boolean tissue mask (H, W) of an RGB uint8 (H, W, 3) slide image at ``mpp`` um/px.
 
     Steps: saturation -> median blur (``cfg.median_blur``) -> threshold max(Otsu,
     ``cfg.saturation_floor``), near-black pixels excluded -> [pen suppression] -> closing (``cfg.closing_um``) -> remove
     objects smaller than ``cfg.min_object_um2`` and fill holes smaller than ``cfg.min_hole_um2``.
+    With ``cfg.remove_pen``, ``ink`` is :func:`ink_mask` of the same image if already computed.
     """
     cfg = cfg or TileConfig()
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
@@ -93,7 +106,9 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None) -> n
     mask &= np.ascontiguousarray(rgb).max(axis=2) >= _DARK_MAX_VALUE  # V of HSV
     pen = None
     if cfg.remove_pen:
-        pen = cv2.dilate(pen_mask(rgb, mpp).astype(np.uint8), _disk(16.0 / mpp)) > 0
+        pen = ink if ink is not None else ink_mask(rgb, mpp)
+        if pen.shape != mask.shape:
+            raise ValueError(f"ink mask {pen.shape} does not match the image {mask.shape}")
         mask &= ~pen
     if cfg.closing_um > 0:
         # padded with glass: OpenCV's default border counts the outside as tissue when

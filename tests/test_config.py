@@ -133,6 +133,8 @@ def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
     ({"tile": {"drop_white": -1.0}}, "tile.drop_white"),
     ({"tile": {"drop_black": float("nan")}}, "tile.drop_black"),
     ({"tile": {"drop_white": 5.0}}, "tile.drop_white"),
+    ({"tile": {"max_pen": 1.5}}, "tile.max_pen"),
+    ({"tile": {"max_pen": float("nan")}}, "tile.max_pen"),
     ({"tile": {"drop_blur": -1.0}}, "tile.drop_blur"),
     ({"train": {"seed": -1}}, "train.seed"),  # numpy's seeds are >= 0: a traceback mid-run
     ({"train": {"hard_beta": -0.5}}, "train.hard_beta"),

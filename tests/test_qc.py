@@ -25,6 +25,26 @@ def test_qc_picture(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_qc_outlines_the_ink_left_out(tmp_path):
+    thumb = np.full((100, 150, 3), 240, np.uint8)
+    mask = np.zeros((100, 150), bool)
+    mask[20:80, 30:120] = True
+    ink = np.zeros_like(mask)
+    ink[40:50, 10:140] = True
+    coords = np.zeros((0, 2), np.int64)
+
+    def vermillion(fig_kw):  # Okabe-Ito #D55E00, the ink outline
+        img = mpimg.imread(plot_qc(thumb, 8.0, mask, 8.0, coords, 64, 0.5, tmp_path / "q.png",
+                                   title="S1", **fig_kw))
+        return ((np.abs(img[..., 0] - 0.835) < 0.08) & (np.abs(img[..., 1] - 0.369) < 0.08)
+                & (img[..., 2] < 0.08)).sum()
+
+    assert vermillion({"ink": ink}) > 200  # the outline and its legend entry
+    assert vermillion({}) == 0 and vermillion({"ink": np.zeros_like(mask)}) == 0
+    fig = qc_figure(thumb, 8.0, mask, 8.0, coords, 64, 0.5, title="S1", ink=ink)
+    assert "pen ink left out" in [t.get_text() for t in fig.legends[0].get_texts()]
+
+
 def test_qc_without_tissue(tmp_path):
     thumb = np.full((50, 50, 3), 240, np.uint8)
     out = plot_qc(thumb, 8.0, np.zeros((50, 50), bool), 8.0, np.zeros((0, 2)), 128, 0.5,

@@ -179,6 +179,63 @@ def test_stride_min_tissue_and_filters(slide, tiled, tmp_path):
     assert white.n_tissue == every.n_patches and white.n_patches < every.n_patches
 
 
+@pytest.fixture(scope="module")
+def inked(tmp_path_factory):
+    """The demo workflow's pen slide: a normal slide at 0.5 um/px with a marker stroke."""
+    return make_demo_slide(tmp_path_factory.mktemp("pen") / "D02.tiff", kind="normal", seed=1,
+                           width=2048, height=2048, mpp=0.5, artefacts=["pen"])
+
+
+def _ink_share(store):
+    """(N,) fraction of each stored patch's pixels that the colour rules call ink."""
+    from simclr_path.tissue import pen_mask
+
+    return np.array([pen_mask(p).mean() for p in store[:]])
+
+
+def test_remove_pen_drops_patches_that_touch_the_ink(inked, tmp_path, capsys):
+    base = TileConfig(mpp=1.0, patch_size=64)
+    plain = tile_slide(inked, tmp_path / "plain.h5", base, progress=False)
+    assert (_ink_share(PatchStore(plain.path)) > 0.05).sum() >= 3  # ink is tiled as tissue
+    # the tissue mask loses the ink, but patches beside the stroke keep enough tissue
+    beside = tile_slide(inked, tmp_path / "beside.h5", TileConfig(mpp=1.0, patch_size=64,
+                                                                   remove_pen=True, max_pen=1.0),
+                        progress=False)
+    assert beside.n_pen == 0 and (_ink_share(PatchStore(beside.path)) > 0.01).any()
+    clean = tile_slide(inked, tmp_path / "clean.h5", TileConfig(mpp=1.0, patch_size=64,
+                                                                 remove_pen=True),
+                       qc=tmp_path / "qc.png", progress=False)
+    assert clean.n_pen >= 1 and clean.n_patches == beside.n_patches - clean.n_pen
+    assert _ink_share(PatchStore(clean.path)).max() < 0.002
+    store = PatchStore(clean.path)
+    assert store.attrs["tissue.max_pen"] == 0.0 and store.attrs["tissue.remove_pen"] is True
+    # the CLI counts them; a bad --max-pen is one line
+    assert main(["tile", str(inked), "--out", str(tmp_path / "cli.h5"), "--mpp", "1",
+                 "--patch-size", "64", "--remove-pen", "--no-progress"]) == 0
+    assert f", {clean.n_pen} more dropped for pen ink;" in capsys.readouterr().out
+    assert main(["tile", str(inked), "--out", str(tmp_path / "bad.h5"), "--remove-pen",
+                 "--max-pen", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tile.max_pen" in err[0] and "[0, 1]" in err[0]
+    assert not (tmp_path / "bad.h5").exists()
+
+
+def test_all_patches_inked_says_so(tmp_path):
+    """A slide whose only tissue lies under a stroke: the warning names the ink, not the mask."""
+    rgb = np.full((512, 512, 3), 240, np.uint8)
+    rgb[32:480, 32:480] = (200, 120, 190)  # eosin-pink tissue in all four 256 px cells
+    rgb[230:282, 16:496] = (30, 60, 150)  # a blue stroke across them, 52 px = 104 um at 2 um/px
+    path = tmp_path / "ink.tiff"
+    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", resolution=(5e3, 5e3),
+                     resolutionunit="CENTIMETER")
+    cfg = TileConfig(mpp=2.0, patch_size=256, remove_pen=True)
+    with pytest.warns(NoTissueWarning) as caught:
+        res = tile_slide(path, tmp_path / "i.h5", cfg, progress=False)
+    (msg,) = [str(w.message) for w in caught]
+    assert res.n_patches == 0 and res.n_pen >= 1
+    assert "touch pen ink (--max-pen 0)" in msg and "raise --max-pen" in msg
+
+
 def test_no_tissue_gives_empty_store_and_warning(blank, tmp_path):
     with pytest.warns(NoTissueWarning, match="no tissue"):
         res = tile_slide(blank, tmp_path / "b.h5", CFG, qc=tmp_path / "b.png", progress=False)

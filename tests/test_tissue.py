@@ -146,6 +146,25 @@ def _ink_margin(mpp):
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
+def test_ink_mask_is_the_pen_mask_with_its_margin_and_can_be_passed_in():
+    from simclr_path.tissue import PEN_MARGIN_UM, ink_mask
+
+    img = np.full((200, 200, 3), 235, np.uint8)
+    img[40:160, 40:160] = (200, 120, 190)  # tissue
+    img[95:105, 20:180] = (30, 60, 150)  # a 10 px (80 um) blue stroke
+    ink = ink_mask(img, MPP)
+    pen = pen_mask(img, MPP)
+    margin = round(PEN_MARGIN_UM / MPP)
+    assert pen[100, 100] and ink[100, 100]
+    assert ink.sum() > pen.sum() and ink[95 - margin, 100] and not ink[95 - margin - 1, 100]
+    cfg = TileConfig(remove_pen=True)
+    assert np.array_equal(tissue_mask(img, MPP, cfg, ink=ink), tissue_mask(img, MPP, cfg))
+    # a precomputed mask is what is removed: none at all keeps the stroke's pixels as tissue
+    assert tissue_mask(img, MPP, cfg, ink=np.zeros_like(ink))[100, 100]
+    with pytest.raises(ValueError, match="does not match"):
+        tissue_mask(img, MPP, cfg, ink=ink[:100])
+
+
 @needs(LC25000)
 def test_pen_mask_leaves_real_he_patches_alone():
     paths = sorted(LC25000.glob("*/*.jp*g"))

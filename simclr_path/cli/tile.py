@@ -10,8 +10,8 @@ from simclr_path.config import TileConfig, load_config
 HELP = "Tile a whole-slide image into an HDF5 store of tissue patches (plus a QC picture)."
 
 # CLI option -> TileConfig field (CLI values override the --config file, which overrides defaults)
-_FIELDS = ("mpp", "patch_size", "stride", "min_tissue", "workers", "remove_pen", "drop_white",
-           "drop_black", "drop_blur", "mpp_from_objective")
+_FIELDS = ("mpp", "patch_size", "stride", "min_tissue", "workers", "remove_pen", "max_pen",
+           "drop_white", "drop_black", "drop_blur", "mpp_from_objective")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--remove-pen", action="store_true", default=None,
                    help=f"suppress blue/green/black pen ink in the tissue mask [config: "
                         f"{d.remove_pen}]")
+    p.add_argument("--max-pen", type=float, default=None, metavar="F",
+                   help="with --remove-pen, drop patches more than F of which is ink (with a "
+                        f"16 um margin); 0 drops every patch touching a stroke [config: {d.max_pen}]")
     p.add_argument("--drop-white", type=float, default=None, metavar="F",
                    help="drop patches whose near-white pixel fraction exceeds F [config: off]")
     p.add_argument("--drop-black", type=float, default=None, metavar="F",
@@ -70,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     print(f"{res.path}: {res.n_patches} patches of {res.patch_size} px at {res.mpp:g} um/px "
           f"(level {res.level} at {res.level_mpp:.4g} um/px; level-0 {res.level0_mpp:.4g} um/px "
-          f"from {res.mpp_source}; {res.n_tissue}/{res.n_grid} grid cells with tissue; "
-          f"{res.seconds:.1f} s)")
+          f"from {res.mpp_source}; {res.n_tissue}/{res.n_grid} grid cells with tissue"
+          f"{f', {res.n_pen} more dropped for pen ink' if res.n_pen else ''}; {res.seconds:.1f} s)")
     return 0
