@@ -508,13 +508,23 @@ class _DeferSignals:
     yet), a state no checkpoint may describe; deferred to the end of the step, the interrupted
     run can save the step it finished. A second signal while one waits acts at once (a stuck
     step must stay stoppable; nothing is saved then). Only handlers set in Python are wrapped
-    (``default_int_handler``, the CLI's SIGTERM handler); only in the main thread; ``enabled``
-    False (DDP, where a step waits on the other ranks) wraps nothing.
+    (``default_int_handler``, the CLI's SIGTERM handler); only in the main thread.
+
+    ``agree`` (DDP): a signal never acts in the handler, whether a step runs or not: one rank
+    leaving would leave the others waiting in a collective. It is only recorded
+    (:attr:`requested`); the ranks share that flag at each step's end and all stop after the
+    same step (:meth:`fire`). A repeat within :attr:`REPEAT_S` is the same request (a scheduler
+    signals every process and torchrun forwards the signal again); a later one acts at once,
+    and torchrun's SIGKILL after its shutdown timeout ends a job stuck in a collective.
     """
 
-    def __init__(self, enabled: bool) -> None:
+    REPEAT_S = 5.0
+
+    def __init__(self, enabled: bool, agree: bool = False) -> None:
         self.held = False
+        self.agree = agree
         self.pending: tuple[Any, int, Any] | None = None
+        self.since = 0.0
         self.previous: dict[int, Any] = {}
         if not enabled or threading.current_thread() is not threading.main_thread():
             return
@@ -526,21 +536,37 @@ class _DeferSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         prev = self.previous[signum]
+        if self.agree and (self.pending is None or time.monotonic() - self.since < self.REPEAT_S):
+            if self.pending is None:
+                self.pending, self.since = (prev, signum, frame), time.monotonic()
+            return
         if not self.held or self.pending is not None:
             self.pending = None
             prev(signum, frame)
         else:
             self.pending = (prev, signum, frame)
 
+    @property
+    def requested(self) -> bool:
+        """A signal waits (in ``agree`` mode: until the ranks agree to stop)."""
+        return self.pending is not None
+
     def hold(self) -> None:
         self.held = True
 
     def release(self) -> None:
         self.held = False
-        if self.pending is not None:
-            prev, signum, frame = self.pending
-            self.pending = None
-            prev(signum, frame)
+        if self.pending is not None and not self.agree:
+            self.fire()
+
+    def fire(self) -> None:
+        """Act on the waiting signal (its handler raises); with none, raise KeyboardInterrupt:
+        another rank was signalled."""
+        if self.pending is None:
+            raise KeyboardInterrupt
+        prev, signum, frame = self.pending
+        self.pending = None
+        prev(signum, frame)
 
     def restore(self) -> None:
         for sig, prev in self.previous.items():
@@ -918,9 +944,11 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     # total_steps); the rate is a running mean, so re-plans move the end by a step or so at most.
     planned = total_steps
     budget_ref: tuple[int, float] | None = None
-    clock_group = None  # the process group that shares rank 0's clock under a time budget
-    if t_cfg.time_budget_s is not None and world.enabled:
-        clock_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    # DDP: the ranks share rank 0's clock (the time budget) and whether any was signalled at
+    # every step's end, over a CPU (gloo) group: a CUDA tensor would sync the device every step
+    sync_group = None
+    if world.enabled and dist.get_backend() != "gloo":
+        sync_group = dist.new_group(backend="gloo")
     budget_s = None if t_cfg.time_budget_s is None else max(
         1e-3, t_cfg.time_budget_s - (float(fit["trial_s"]) if fit and ck is None else 0.0))
     bar_total = total_steps
@@ -976,7 +1004,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 f"{out / 'checkpoint.pt'} (resume after changing the config is not supported)")
         return not bad
 
-    guard = _DeferSignals(enabled=not world.enabled)
+    guard = _DeferSignals(enabled=True, agree=world.enabled)
     consistent = True  # model, optimiser, schedule, RNGs and pending rows are those of `step`
     try:
         it = iter(loader)
@@ -1031,14 +1059,22 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             consistent = True
             if world.main:
                 bar.update(1)
-            stop_now = False
+            stop_now = signalled = False
+            elapsed = time.perf_counter() - t0
+            if world.enabled:  # every process stops at the same step: rank 0's clock, any signal
+                shared = torch.tensor([elapsed if world.main else 0.0, float(guard.requested)],
+                                      dtype=torch.float64)
+                dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=sync_group)
+                elapsed, signalled = float(shared[0]), bool(shared[1])
+            if signalled:  # all ranks are here: save this step, then stop every one of them
+                if flush(check=False) and step > saved_step:
+                    checkpoint(step, wall_before + time.perf_counter() - t0)
+                if world.main:
+                    warnings.warn(f"{out / 'checkpoint.pt'}: interrupted after step {step}; "
+                                  f"--resume continues from step {saved_step}", stacklevel=2)
+                dist.barrier(group=sync_group)  # no rank leaves (torchrun would end rank 0) mid-save
+                guard.fire()
             if t_cfg.time_budget_s is not None:
-                elapsed = time.perf_counter() - t0
-                if world.enabled:  # every process must stop at the same step: rank 0's clock
-                    # over a CPU (gloo) group: a CUDA tensor would sync the device every step
-                    clock = torch.tensor([elapsed], dtype=torch.float64)
-                    dist.broadcast(clock, src=0, group=clock_group)
-                    elapsed = float(clock)
                 stop_now = elapsed >= budget_s
                 if step - start_step == BUDGET_SKIP_STEPS:
                     budget_ref = (step, elapsed)
@@ -1067,7 +1103,9 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         # Ctrl-C or SIGTERM (the CLI's Terminated): keep the steps done, so that --resume goes
         # on from here rather than from the last periodic checkpoint (train.checkpoint_every
         # apart, more steps than a CPU budget buys). Only from a finished step's state, and only
-        # for a single process: under DDP another rank may be gone and a collective would hang.
+        # for a single process: DDP saved the step its ranks agreed on above, and an interrupt
+        # that arrives here under DDP (a second signal) may have left a rank gone, so a
+        # collective would hang. A signal after the last step under DDP lets the run finish.
         if consistent and not world.enabled and step > start_step:
             try:
                 if flush(check=False):

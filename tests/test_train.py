@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -178,6 +179,67 @@ def test_defer_signals_holds_one_interrupt_and_lets_a_second_through():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     off = T._DeferSignals(enabled=False)  # DDP: nothing is wrapped
     assert not off.previous and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_defer_signals_under_ddp_wait_for_the_ranks_to_agree(monkeypatch):
+    import signal
+
+    guard = T._DeferSignals(enabled=True, agree=True)
+    try:
+        assert not guard.requested
+        signal.raise_signal(signal.SIGTERM if callable(signal.getsignal(signal.SIGTERM)) else signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # not held, a repeat: recorded once, nothing raised
+        assert guard.requested
+        guard.release()  # the end of a step does not act alone: the ranks decide
+        assert guard.requested
+        monkeypatch.setattr(T.time, "monotonic", lambda: guard.since + guard.REPEAT_S + 1)
+        with pytest.raises(KeyboardInterrupt):  # a signal long after the first acts at once
+            signal.raise_signal(signal.SIGINT)
+        guard.pending = None
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            guard.fire()  # the agreed stop: the waiting signal's own handler
+        with pytest.raises(KeyboardInterrupt):
+            guard.fire()  # another rank was signalled, this one was not
+    finally:
+        guard.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_torchrun_interrupt_saves_the_step_every_rank_finished(tmp_path):
+    """Ctrl-C on torchrun (forwarded to each rank): the ranks stop after one step and save it,
+    where before an interrupt under DDP fell back to the last periodic checkpoint."""
+    import signal
+
+    a = _easy_store(tmp_path / "a.h5")
+    out = tmp_path / "run"
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump({"train": {"log_every": 1, "checkpoint_every": 100000}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "simclr_path",
+           "pretrain", str(a), "--out", str(out), *BASE, "--batch-size", "4",
+           "--max-steps", "100000", "--arch", "test_resnet", "--no-progress", "--config", str(conf)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = (out / "metrics.csv").read_text().splitlines() if (out / "metrics.csv").is_file() else []
+            if len(rows) > 3:  # header + 3 steps
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    ck = T.load_checkpoint(out / "checkpoint.pt")
+    steps = pd.read_csv(out / "metrics.csv")["step"].tolist()
+    assert ck["step"] >= 3 and steps[-1] == ck["step"] and ck["world_size"] == 2, err[-2000:]
+    assert f"interrupted after step {ck['step']}; --resume continues from step {ck['step']}" in err
+    assert not (out / "summary.json").exists()
 
 
 def test_resume_without_a_checkpoint(stores, tmp_path, capsys):
