@@ -66,10 +66,7 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
     ratio 1 (or unknown), below ``train_size``. Without a crop scale (an encoder from an older
     version, or fine-tuned on whole patches) the training size is returned, scaled the same way.
     """
-    size = float(train_size)
-    if crop_scale:
-        a, b = float(crop_scale[0]), float(crop_scale[1])
-        size /= math.sqrt(a) if b - a < 1e-9 else 2.0 / 3.0 * (b ** 1.5 - a ** 1.5) / (b - a)
+    size = _crop_matched_size(train_size, crop_scale)
     rescaled = side_ratio is not None and abs(side_ratio - 1.0) > 1e-3
     if rescaled:
         size *= side_ratio
@@ -78,6 +75,42 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
     size = multiple * round(size / multiple)
     floor = multiple if rescaled else train_size
     return int(max(floor, min(size, patch_size)))
+
+
+def _crop_matched_size(train_size: int, crop_scale: Sequence[float] | None) -> float:
+    """``train_size / E[sqrt(s)]`` of :func:`fixres_size`, unrounded (the training size
+    without a crop scale)."""
+    size = float(train_size)
+    if crop_scale:
+        a, b = float(crop_scale[0]), float(crop_scale[1])
+        size /= math.sqrt(a) if b - a < 1e-9 else 2.0 / 3.0 * (b ** 1.5 - a ** 1.5) / (b - a)
+    return size
+
+
+def tissue_scale_mismatch(info: dict[str, Any], store, image_size: int) -> str | None:
+    """Why whole patches of ``store`` resized to ``image_size`` show tissue at another scale
+    than the encoder trained on, or None when they match (within 10 % or the 8 px rounding of
+    :func:`fixres_size`) or the scale is unknown (imported tiles have no mpp)."""
+    enc_mpp, store_mpp = info.get("mpp"), store.mpp
+    if not (enc_mpp and store_mpp):
+        return None
+    ratio = side_ratio(info, store)
+    if not info.get("image_size") or ratio is None:  # no training size: compare mpp alone
+        if abs(float(enc_mpp) - float(store_mpp)) <= 0.1 * float(enc_mpp):
+            return None
+        return (f"patches are at {store_mpp:g} um/px but the encoder was trained at "
+                f"{float(enc_mpp):g} um/px")
+    ideal = _crop_matched_size(int(info["image_size"]), info.get("crop_scale")) * ratio
+    if abs(image_size - ideal) <= max(0.1 * ideal, 8.0):
+        return None
+    why = (f"at {image_size} px its {store.patch_size} px patches at {store_mpp:g} um/px show "
+           f"tissue {image_size / ideal:.2g}x as large as the encoder saw in training "
+           f"({info['patch_size']} px patches at {float(enc_mpp):g} um/px, {info['image_size']} px "
+           f"views; about {ideal:.0f} px would match)")
+    if ideal > store.patch_size:  # the patches hold too few pixels for the encoder's scale
+        return (f"{why}: more than the {store.patch_size} stored pixels; tile at "
+                f"--mpp {store_mpp * store.patch_size / ideal:.2g} or finer")
+    return why
 
 
 def side_ratio(info: dict[str, Any], store) -> float | None:
@@ -293,13 +326,14 @@ def embed_store(
     image_size = int(cfg.image_size) if cfg.image_size else default_image_size(info, store)
     if image_size < 8:
         raise SimclrPathError(f"embed.image_size must be >= 8, got {image_size}")
-    enc_mpp, store_mpp = info.get("mpp"), store.mpp
-    if enc_mpp and store_mpp and abs(float(enc_mpp) - float(store_mpp)) > 0.1 * float(enc_mpp):
-        warnings.warn(
-            f"{store.path}: patches are at {store_mpp} um/px but the encoder was trained at "
-            f"{enc_mpp} um/px; features may be poor",
-            stacklevel=2,
-        )
+    # embed's own size matches the training scale where it can (fixres_size); a size given by
+    # hand, or patches with too few pixels, may not
+    mismatch = tissue_scale_mismatch(info, store, image_size)
+    if mismatch:
+        hint = ("; leave --image-size out to match it" if cfg.image_size
+                and not tissue_scale_mismatch(info, store, default_image_size(info, store))
+                else "")
+        warnings.warn(f"{store.path}: {mismatch}; features may be poor{hint}", stacklevel=2)
 
     backbone = load_encoder(enc, arch=info.get("arch"), device=device)
     head = _load_head(enc, device) if cfg.layer == "head" else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,9 @@ MPP_SOURCES = ["--slide-mpp"] + [k for (keys, _) in _MPP_KEYS for k in keys if k
     "tiff.XResolution/tiff.ResolutionUnit"]
 # plausible level-0 resolutions of a microscope scan; a TIFF saying 72 dpi is not one
 _MPP_RANGE = (0.01, 50.0)
+# --slide-mpp this far (relative) from the metadata's own value is warned about: scanners round
+# their mpp a little (0.2527 vs 0.25), a wrong magnification is off by 2x or more
+MPP_DISAGREE = 0.1
 # a target this much finer than the scan still reads level 0 (rounding in metadata, e.g. 0.499)
 _FINER_TOLERANCE = 1.02
 
@@ -62,6 +66,28 @@ def _float(value: str | None) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
+def _metadata_mpp(properties: dict[str, str]) -> tuple[float, str] | None:
+    """The level-0 mpp the slide's own metadata states, and its key (None: it states none)."""
+    lo, hi = _MPP_RANGE
+    for (kx, ky), scale in _MPP_KEYS:
+        x = _float(properties.get(kx))
+        if x is None:
+            continue
+        y = _float(properties.get(ky)) if ky else None
+        mpp = (x + y) / 2 * scale if y is not None else x * scale
+        if lo <= mpp <= hi:
+            return mpp, kx
+    xres = _float(properties.get("tiff.XResolution"))
+    unit = str(properties.get("tiff.ResolutionUnit", "")).lower()
+    per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+    if xres is not None and per_unit is not None:
+        yres = _float(properties.get("tiff.YResolution"))
+        mpp = per_unit / (xres if yres is None else (xres + yres) / 2)
+        if lo <= mpp <= hi:
+            return mpp, "tiff.XResolution"
+    return None
+
+
 def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: float | None = None,
                 mpp_from_objective: bool = False) -> tuple[float, str]:
     """Level-0 microns per pixel of a slide and where it came from.
@@ -80,24 +106,17 @@ def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: 
                 f"--slide-mpp must be a positive number of level-0 microns per pixel between "
                 f"{_MPP_RANGE[0]:g} and {_MPP_RANGE[1]:g} (0.25 for a 40x scan, 0.5 for 20x), "
                 f"got {slide_mpp}")
+        stated = _metadata_mpp(properties)
+        # a slip (0.25 for a 20x scan) would tile every patch at the wrong scale without a word
+        if stated is not None and abs(slide_mpp / stated[0] - 1) > MPP_DISAGREE:
+            warnings.warn(
+                f"{path}: --slide-mpp {slide_mpp:g} overrides the slide's own {stated[0]:.4g} um/px "
+                f"({stated[1]}); if the metadata is right, patches cover {slide_mpp / stated[0]:.2g}x "
+                "the intended width of tissue (leave --slide-mpp out to use it)", stacklevel=2)
         return float(slide_mpp), "--slide-mpp"
-    lo, hi = _MPP_RANGE
-    for (kx, ky), scale in _MPP_KEYS:
-        x = _float(properties.get(kx))
-        if x is None:
-            continue
-        y = _float(properties.get(ky)) if ky else None
-        mpp = (x + y) / 2 * scale if y is not None else x * scale
-        if lo <= mpp <= hi:
-            return mpp, kx
-    xres = _float(properties.get("tiff.XResolution"))
-    unit = str(properties.get("tiff.ResolutionUnit", "")).lower()
-    per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
-    if xres is not None and per_unit is not None:
-        yres = _float(properties.get("tiff.YResolution"))
-        mpp = per_unit / (xres if yres is None else (xres + yres) / 2)
-        if lo <= mpp <= hi:
-            return mpp, "tiff.XResolution"
+    stated = _metadata_mpp(properties)
+    if stated is not None:
+        return stated
     objective = _float(properties.get("openslide.objective-power"))
     if mpp_from_objective and objective is not None:
         return 10.0 / objective, "openslide.objective-power"

@@ -199,11 +199,21 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
     """Linear warm-up from 0, then cosine decay to 0, stepped once per optimiser step."""
+    import logging
+
     from timm.scheduler import CosineLRScheduler
 
-    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=0.0,
-                             warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
-                             t_in_epochs=False)
+    # a one-step decay is what a run of a few steps asks for, not a mistake to warn about
+    log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = log.level
+    if total_steps - warmup_steps <= 1:
+        log.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps),
+                                 lr_min=0.0, warmup_t=warmup_steps, warmup_lr_init=0.0,
+                                 warmup_prefix=True, t_in_epochs=False)
+    finally:
+        log.setLevel(level)
 
 
 def replan_scheduler(scheduler, total_steps: int, warmup_steps: int) -> None:
@@ -687,6 +697,13 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
     # ---- every check a user can fail comes before the run directory is touched ----
     device = resolve_device(t_cfg.device, world.local_rank)
     opened = open_stores(stores, image_size=a_cfg.image_size)
+    mpps = sorted({round(float(s.mpp), 4) for s in opened if s.mpp is not None})
+    if len(mpps) > 1 and world.main:  # legitimate for a scale-mixing study, a slip otherwise
+        warnings.warn(
+            f"the training stores are at {len(mpps)} resolutions ({', '.join(f'{m:g}' for m in mpps)} "
+            "um/px): the encoder records no mpp, so 'embed' cannot match new slides to the tissue "
+            "scale it learned; tile every slide at one --mpp unless mixing scales is the point",
+            stacklevel=2)
     plan = BatchPlan([len(s) for s in opened], t_cfg.batch_size, t_cfg.seed, t_cfg.max_patches_per_slide,
                      world.rank, world.world_size, names=[str(s.path) for s in opened])
     torch.manual_seed(t_cfg.seed)

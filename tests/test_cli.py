@@ -202,3 +202,35 @@ def test_help_shows_real_defaults_only(capsys):
     assert "--no-progress no progress bar (default: False)" in tile  # a real default stays
     demo = help_of("demo-slide")
     assert "(default: scc)" in demo and "(default: 0)" in demo and "(default: )" not in demo
+
+
+def test_the_packages_warnings_print_as_one_line(tmp_path):
+    """``simclr-path <cmd>: warning: ...`` instead of Python's file, line and source line."""
+    import subprocess
+    import sys
+    import warnings
+
+    import cv2
+    import numpy as np
+
+    from simclr_path.cli import _warnings_as_lines
+
+    folder = tmp_path / "tiles" / "SCC"
+    folder.mkdir(parents=True)
+    cv2.imwrite(str(folder / "a.png"), np.full((32, 32, 3), 200, np.uint8))
+    (folder / "b.gif").write_bytes(b"GIF89a")  # an image format import-patches skips, with a warning
+    res = subprocess.run([sys.executable, "-m", "simclr_path", "import-patches", str(tmp_path / "tiles"),
+                          "--out", str(tmp_path / "p.h5"), "--patch-size", "32"],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    lines = [x for x in res.stderr.splitlines() if "warning" in x.lower()]
+    assert lines and all(x.startswith("simclr-path import-patches: warning: ") for x in lines), res.stderr
+    assert "UserWarning" not in res.stderr and "warnings.warn(" not in res.stderr
+    # other libraries' warnings keep Python's form (their location helps to report them)
+    with _warnings_as_lines("embed"):
+        ours = warnings.formatwarning("m", UserWarning, sys.modules["simclr_path.cli"].__file__, 1)
+        theirs = warnings.formatwarning("m", UserWarning, "/elsewhere/lib.py", 1)
+        deprecated = warnings.formatwarning("m", DeprecationWarning, sys.modules["simclr_path.cli"].__file__, 1)
+    assert ours == "simclr-path embed: warning: m\n"
+    assert "/elsewhere/lib.py:1: UserWarning: m" in theirs and "DeprecationWarning" in deprecated
+    assert warnings.formatwarning("m", UserWarning, "/x.py", 1).startswith("/x.py:1")  # restored

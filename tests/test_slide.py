@@ -28,11 +28,27 @@ def test_unsafe_slide_ids(bad):
         validate_slide_id(bad)
 
 
+def test_slide_mpp_far_from_the_metadata_is_warned_about():
+    import warnings
+
+    props = {"openslide.mpp-x": "0.2527", "openslide.mpp-y": "0.2527"}
+    with pytest.warns(UserWarning) as caught:  # a 20x value for a 40x scan: patches 2x too wide
+        assert resolve_mpp(props, "s.svs", slide_mpp=0.5) == (0.5, "--slide-mpp")
+    (msg,) = [str(w.message) for w in caught]
+    assert msg.startswith("s.svs: --slide-mpp 0.5 overrides the slide's own 0.2527 um/px "
+                          "(openslide.mpp-x)") and "2x the intended width" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a scanner's rounding, or no metadata: nothing to say
+        assert resolve_mpp(props, "s.svs", slide_mpp=0.25)[0] == 0.25
+        assert resolve_mpp({}, "s.svs", slide_mpp=0.5)[0] == 0.5
+
+
 def test_mpp_resolution_order():
     props = {"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25", "aperio.MPP": "0.5",
              "tiff.XResolution": "20000", "tiff.ResolutionUnit": "centimeter",
              "openslide.objective-power": "20"}
-    assert resolve_mpp(props, "s", slide_mpp=0.3) == (0.3, "--slide-mpp")
+    with pytest.warns(UserWarning, match="overrides the slide's own 0.25 um/px"):
+        assert resolve_mpp(props, "s", slide_mpp=0.3) == (0.3, "--slide-mpp")
     assert resolve_mpp(props, "s") == (0.25, "openslide.mpp-x")
     del props["openslide.mpp-x"], props["openslide.mpp-y"]
     assert resolve_mpp(props, "s") == (0.5, "aperio.MPP")

@@ -179,6 +179,18 @@ def test_stride_min_tissue_and_filters(slide, tiled, tmp_path):
     assert white.n_tissue == every.n_patches and white.n_patches < every.n_patches
 
 
+def test_cli_line_counts_the_patches_the_filters_dropped(slide, tmp_path, capsys):
+    args = ["tile", str(slide), "--mpp", "1", "--patch-size", "64", "--min-tissue", "0",
+            "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a.h5")]) == 0
+    assert "filters" not in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "w.h5"), "--drop-white", "0.5"]) == 0
+    out = capsys.readouterr().out
+    kept = len(PatchStore(tmp_path / "w.h5"))
+    assert f": {kept} patches of 64 px" in out
+    assert f"96/96 grid cells with tissue; {96 - kept} dropped by the white/black/blur filters;" in out
+
+
 @pytest.fixture(scope="module")
 def inked(tmp_path_factory):
     """The demo workflow's pen slide: a normal slide at 0.5 um/px with a marker stroke."""

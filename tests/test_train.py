@@ -26,7 +26,7 @@ from simclr_path.store import PatchStoreWriter
 COMPLETE = ["summary.json", "encoder.pt"]
 
 
-def _easy_store(path, n=32, size=32, seed=0, slide_id="E"):
+def _easy_store(path, n=32, size=32, seed=0, slide_id="E", mpp=0.5):
     """Patches of a few distinct coloured shapes: easy to tell apart, hard to confuse views."""
     rng = np.random.default_rng(seed)
     patches = np.full((n, size, size, 3), 235, dtype=np.uint8)
@@ -36,7 +36,7 @@ def _easy_store(path, n=32, size=32, seed=0, slide_id="E"):
         h, w = rng.integers(size // 4, size // 2, 2)
         patches[i, y:y + h, x:x + w] = colour
         patches[i] = np.clip(patches[i] + rng.normal(0, 8, patches[i].shape), 0, 255)
-    with PatchStoreWriter(path, patch_size=size, attrs={"slide_id": slide_id, "kind": "slide", "mpp": 0.5}) as w:
+    with PatchStoreWriter(path, patch_size=size, attrs={"slide_id": slide_id, "kind": "slide", "mpp": mpp}) as w:
         w.append(patches, np.zeros((n, 2), dtype=np.int64))
     return path
 
@@ -240,6 +240,14 @@ def test_torchrun_interrupt_saves_the_step_every_rank_finished(tmp_path):
     assert ck["step"] >= 3 and steps[-1] == ck["step"] and ck["world_size"] == 2, err[-2000:]
     assert f"interrupted after step {ck['step']}; --resume continues from step {ck['step']}" in err
     assert not (out / "summary.json").exists()
+
+
+def test_stores_at_several_resolutions_are_warned_about(tmp_path):
+    mixed = [_easy_store(tmp_path / "a.h5", slide_id="A"),
+             _easy_store(tmp_path / "b.h5", slide_id="B", mpp=1.0)]
+    with pytest.warns(UserWarning, match=r"at 2 resolutions \(0.5, 1 um/px\).*tile every slide at one --mpp"):
+        s = T.pretrain(mixed, tmp_path / "run", _cfg(max_steps=1), progress=False)
+    assert s["mpp"] is None
 
 
 def test_resume_without_a_checkpoint(stores, tmp_path, capsys):

@@ -185,11 +185,39 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command: str) -> Iterator[None]:
+    """The package's own warnings print as ``simclr-path <command>: warning: <message>``.
+
+    Python's default form names a source file and line of the package and repeats that line,
+    which tells a user nothing. Only the formatter is replaced, so code that records warnings
+    (``warnings.catch_warnings(record=True)``, pytest) still gets them; other libraries' warnings
+    keep the default form, whose location helps to report them.
+    """
+    import warnings
+
+    default = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and str(filename).startswith(_PACKAGE_DIR):
+            return f"simclr-path {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with _sigterm_unwinds():
+        with _sigterm_unwinds(), _warnings_as_lines(args.command):
             check_output_paths(args)
             return int(args._run(args) or 0)
     except SimclrPathError as exc:

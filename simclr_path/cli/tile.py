@@ -71,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"simclr-path tile: warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    filtered = res.n_tissue - res.n_patches
     print(f"{res.path}: {res.n_patches} patches of {res.patch_size} px at {res.mpp:g} um/px "
           f"(level {res.level} at {res.level_mpp:.4g} um/px; level-0 {res.level0_mpp:.4g} um/px "
           f"from {res.mpp_source}; {res.n_tissue}/{res.n_grid} grid cells with tissue"
-          f"{f', {res.n_pen} more dropped for pen ink' if res.n_pen else ''}; {res.seconds:.1f} s)")
+          f"{f', {res.n_pen} more dropped for pen ink' if res.n_pen else ''}"
+          f"{f'; {filtered} dropped by the white/black/blur filters' if filtered else ''}; "
+          f"{res.seconds:.1f} s)")
     return 0
