@@ -314,8 +314,8 @@ def plot_tsne(
                 "pip install 'simclr-path[umap]' or leave --out-umap out"
             ) from None
     df = sample_embeddings(embedding_paths, max_points, samples=samples, seed=seed)
-    # every sampled slide's store, checked before any figure is written
-    opened = None if stores is None else _stores_for(stores, set(df["slide_id"]))
+    # every sampled file's store, checked against the file before any figure is written
+    opened = None if stores is None else _stores_for(stores, embedding_paths, df["file"])
     xy = tsne_2d(np.stack(df["features"].to_list()), perplexity, seed)
     written = []
     fig, ax = plt.subplots(figsize=(7.5, 6))
@@ -348,19 +348,81 @@ def plot_tsne(
     return written
 
 
-def _stores_for(stores, slide_ids: set[str]) -> dict:
-    """Slide id -> opened patch store, for every slide in ``slide_ids``, or one clear error."""
-    from simclr_path.store import PatchStore
+# a slide id is the file name by default, so two tilings of one slide (another --mpp, patch
+# size or stride) share it: a store found by slide id must also hold the very patches
+OTHER_TILING = ("another tiling of slide {sid!r} (another --mpp, patch size or stride) has the "
+                "same slide id")
 
-    opened = {}
+
+def _patch_mismatch(store, coords: np.ndarray, index: np.ndarray | None, what: str) -> str | None:
+    """Why the patches at level-0 ``coords`` (patch ``index`` of the store each; None: the
+    store's positions in any order) are not ``store``'s patches, or None when they are.
+    ``what`` names their side in the reason ("the predictions", "the embeddings")."""
+    coords = np.asarray(coords, dtype=float).reshape(-1, 2)
+    if len(coords) != len(store):
+        return f"{len(store)} patches in the store, {len(coords)} in {what}"
+    if index is None:
+        have = {tuple(c) for c in store.coords.astype(float).tolist()}
+        for x, y in coords.tolist():
+            if (x, y) not in have:
+                return f"no patch of the store at (x, y) = ({x:g}, {y:g}) where {what} have one"
+        return None
+    index = np.asarray(index, dtype=np.int64)
+    past = np.flatnonzero((index < 0) | (index >= len(store)))
+    if len(past):
+        return f"{what} have patch {index[past[0]]}, the store only {len(store)} patches"
+    off = np.flatnonzero((store.coords[index] != coords).any(axis=1))
+    if len(off):
+        k = off[0]
+        (sx, sy), (px, py) = store.coords[index[k]], coords[k]
+        return (f"patch {index[k]} is at (x, y) = ({sx:g}, {sy:g}) in the store, "
+                f"({px:g}, {py:g}) in {what}")
+    return None
+
+
+def _embedding_mismatch(emb, store) -> str | None:
+    """Why ``store`` does not hold the patches the embedding file ``emb`` was made from (patch
+    size, mpp, count or coordinates), or None. Files written before embed recorded ``mpp`` /
+    ``patch_size`` are checked on count and coordinates only."""
+    for key, have in (("patch_size", store.patch_size), ("mpp", store.mpp)):
+        want = emb.attrs.get(key)
+        if want is not None and have is not None and not np.isclose(float(want), float(have)):
+            return f"{key} {have:g} in the store, {want:g} in the embeddings"
+    return _patch_mismatch(store, emb.coords, np.arange(len(emb)), "the embeddings")
+
+
+def _stores_for(stores, embedding_paths, files) -> dict:
+    """File index -> the opened patch store its embeddings were made from, for every file in
+    ``files`` (indices into ``embedding_paths``), or one clear error. A store is looked up by
+    slide id (the one the embedding file names as ``source_store`` first, when several share
+    it) and must hold the file's patches; checked before any figure is written."""
+    from simclr_path.store import EmbeddingStore, PatchStore
+
+    by_slide: dict[str, list] = {}
     for p in stores:
         st = PatchStore(p)
-        opened[st.slide_id] = st
-    missing = sorted(slide_ids - set(opened))
-    if missing:
-        raise SimclrPathError(
-            f"no patch store given for slide {missing[0]!r}; pass its store with --stores"
-        )
+        by_slide.setdefault(st.slide_id, []).append(st)
+    opened = {}
+    for fi in sorted(set(files)):
+        emb = EmbeddingStore(embedding_paths[fi], features=False)
+        candidates = by_slide.get(emb.slide_id)
+        if not candidates:
+            raise SimclrPathError(
+                f"no patch store given for slide {emb.slide_id!r}; pass its store with --stores"
+            )
+        src = emb.attrs.get("source_store")
+        named = src is not None and Path(src).is_file()
+        candidates = sorted(candidates,
+                            key=lambda st: not (named and os.path.samefile(st.path, src)))
+        why = [_embedding_mismatch(emb, st) for st in candidates]
+        if None not in why:
+            came = f" (it was embedded from {src})" if src else ""
+            raise SimclrPathError(
+                f"{candidates[0].path}: not the patches {emb.path} was embedded from{came}: "
+                f"{why[0]}; {OTHER_TILING.format(sid=emb.slide_id)}. Pass the store the "
+                "embeddings were made from with --stores"
+            )
+        opened[fi] = candidates[why.index(None)]
     return opened
 
 
@@ -375,7 +437,7 @@ def _plot_tsne_thumbnails(
     cell: int = 40,
 ) -> Path:
     """The t-SNE map, each grid cell showing one patch that falls in it (random order);
-    ``opened``: slide id -> patch store (:func:`_stores_for`)."""
+    ``opened``: embedding file index -> patch store (:func:`_stores_for`)."""
     from PIL import Image
 
     lo, hi = xy.min(axis=0), xy.max(axis=0)
@@ -388,7 +450,7 @@ def _plot_tsne_thumbnails(
         if taken[cy[i], cx[i]]:
             continue
         taken[cy[i], cx[i]] = True
-        st = opened[df["slide_id"].iloc[i]]
+        st = opened[int(df["file"].iloc[i])]
         patch = Image.fromarray(st[int(df["patch_index"].iloc[i])]).resize(
             (cell, cell), Image.BILINEAR
         )
@@ -734,6 +796,25 @@ def _score_class(preds: pd.DataFrame) -> str | None:
     return match[0] if len(match) == 1 else None
 
 
+def _check_predictions_match(rows: pd.DataFrame, store, table: Path, how: str,
+                             sid: str) -> None:
+    """Refuse predictions (``rows``: one slide's rows of ``table``) made from other patches than
+    ``store``'s: the count, and each patch's coordinates (by its ``patch_index`` where the table
+    has one). The tables do not name their store; the embedding file's ``source_store`` does."""
+    index = None
+    if "patch_index" in rows.columns:
+        index = pd.to_numeric(rows["patch_index"], errors="coerce").to_numpy(dtype=float)
+        if not (np.isfinite(index) & (index == np.round(index))).all():
+            raise SimclrPathError(f"{table}: column patch_index is not all whole numbers{how}")
+    why = _patch_mismatch(store, rows[["x", "y"]].to_numpy(dtype=float), index, "the predictions")
+    if why is not None:
+        raise SimclrPathError(
+            f"{store.path}: not the patches the predictions in {table} were made from: {why}; "
+            f"{OTHER_TILING.format(sid=sid)}. Give the store that slide's embedding file was made "
+            "from ('simclr-path info EMB.h5' shows it as its source store)"
+        )
+
+
 def plot_heatmap(
     classify: str | os.PathLike,
     store: str | os.PathLike,
@@ -755,17 +836,17 @@ def plot_heatmap(
     src = Path(classify)
     train_only: set[str] = set()  # slides a samples-sheet split kept for training
     if src.is_dir():
+        table, how = src / "predictions_patches.csv", "; rerun 'simclr-path classify' with --force"
         metrics, preds, _ = _read_classify_dir(src, held_out_only=False)
         bad = [c for c in ("x", "y") if not pd.api.types.is_numeric_dtype(preds.get(c, ""))]
         if bad:
-            raise SimclrPathError(f"{src / 'predictions_patches.csv'}: no numeric column {bad[0]} "
-                                  "(patch coordinates); rerun 'simclr-path classify' with --force")
+            raise SimclrPathError(f"{table}: no numeric column {bad[0]} (patch coordinates){how}")
         train_only = set(preds.loc[preds["fold"] < 0, "slide_id"].astype(str))
-        preds = preds[preds["fold"] >= 0]
         pos = metrics["task"].get("positive")
     elif src.is_file():
+        table, how = src, "; give a CSV written by 'simclr-path predict'"
         preds = _read_table(src, {"slide_id", "x", "y", "score"}, numeric={"x", "y", "score"},
-                            how="; give a CSV written by 'simclr-path predict'")
+                            how=how)
         if "level" in preds.columns:
             preds = preds[preds["level"] == "patch"]
         pos = _score_class(preds)
@@ -784,6 +865,10 @@ def plot_heatmap(
                               f"patch store of slide {slide_id!r} (or leave out --slide-id)")
     sid = slide_id or st.slide_id
     rows = preds[preds["slide_id"].astype(str) == sid]
+    if not rows.empty:  # every row of the slide, a training slide's too: the store must match
+        _check_predictions_match(rows, st, table, how, sid)
+    if src.is_dir():  # only held-out predictions are drawn
+        rows = rows[rows["fold"] >= 0]
     # a slide without held-out predictions gets its picture and the reason, not an error: the
     # workflow draws one heatmap per slide, and a blank slide must not fail the whole run
     reason = ("no tissue patches" if not len(st) else

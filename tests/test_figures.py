@@ -675,3 +675,135 @@ def test_preview_takes_image_size_for_small_patches(tmp_path, make_store, capsys
     assert main(["preview", str(store), "--out", str(out), "--pairs", "2",
                  "--image-size", "64"]) == 0
     _assert_png_not_blank(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# A store found by slide id must hold the very patches the predictions / embeddings were made
+# from: two tilings of one slide (another --mpp, patch size or stride) share the slide id
+# ---------------------------------------------------------------------------------------------
+def _other_tiling(path, sid="P0-SCC", grid=6, step=32, offset=0, size=16, mpp=0.5):
+    """A store of slide ``sid`` tiled otherwise than the cohort's (6 x 6 patches of 16 px at
+    0.5 um/px, 32 level-0 px apart from (0, 0))."""
+    from simclr_path.store import PatchStoreWriter
+
+    coords = np.stack(np.meshgrid(np.arange(grid), np.arange(grid)), -1).reshape(-1, 2)
+    coords = coords * step + offset
+    with PatchStoreWriter(path, size, attrs={"slide_id": sid, "kind": "slide", "mpp": mpp,
+                                             "level0_mpp": 0.25}) as w:
+        w.append(np.full((len(coords), size, size, 3), 120, np.uint8), coords)
+    return path
+
+
+def _heatmap_fails(argv, out, capsys, *match):
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(m in err[0] for m in match), err
+    assert "Traceback" not in err[0] and not out.exists()
+
+
+def test_heatmap_refuses_predictions_of_another_tiling_of_the_slide(cohort, tmp_path, capsys):
+    import shutil
+
+    from simclr_path.classify import predict
+
+    fewer = _other_tiling(tmp_path / "mpp1.h5", grid=3, step=64, mpp=1.0)  # 9 patches, not 36
+    shifted = _other_tiling(tmp_path / "shifted.h5", offset=16)  # 36 patches, other places
+    pred = predict(cohort["cls"], cohort["embs"][:1], tmp_path / "pred.csv")
+    # a training slide of a split is drawn without predictions, but its store is still checked
+    train = tmp_path / "train"
+    shutil.copytree(cohort["cls"], train)
+    pp = pd.read_csv(train / "predictions_patches.csv", dtype={"slide_id": str})
+    pp.loc[pp["slide_id"] == "P0-SCC", "fold"] = -1
+    pp.to_csv(train / "predictions_patches.csv", index=False)
+    out = tmp_path / "hm.png"
+    for src in (cohort["cls"], pred, train):
+        table = src if src == pred else src / "predictions_patches.csv"
+        argv = ["plot-heatmap", "--classify", str(src), "--out", str(out), "--store"]
+        _heatmap_fails([*argv, str(fewer)], out, capsys, f"{fewer}: not the patches",
+                       f"predictions in {table}", "9 patches in the store, 36 in the predictions",
+                       "another tiling of slide 'P0-SCC'", "source store")
+        _heatmap_fails([*argv, str(shifted)], out, capsys, f"{shifted}: not the patches",
+                       "patch 0 is at (x, y) = (16, 16) in the store, (0, 0) in the predictions")
+        # the store the embeddings were made from still draws
+        assert main([*argv, str(cohort["stores"][0])]) == 0, capsys.readouterr().err
+        assert out.stat().st_size > 0
+        out.unlink()
+
+
+def test_heatmap_checks_coordinates_without_patch_indices(cohort, tmp_path, capsys):
+    # a CSV with no patch_index (hand-made or older): the same places, in any order
+    coords = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2) * 32
+    pred = tmp_path / "pred.csv"
+    pd.DataFrame({"slide_id": "P0-SCC", "x": coords[::-1, 0], "y": coords[::-1, 1],
+                  "score": np.linspace(0, 1, 36)}).to_csv(pred, index=False)
+    out = tmp_path / "hm.png"
+    shifted = _other_tiling(tmp_path / "shifted.h5", offset=16)
+    _heatmap_fails(["plot-heatmap", "--classify", str(pred), "--store", str(shifted), "--out",
+                    str(out)], out, capsys,
+                   "no patch of the store at (x, y) = (160, 160) where the predictions have one")
+    assert main(["plot-heatmap", "--classify", str(pred), "--store", str(cohort["stores"][0]),
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    # a damaged patch index is named as such, not as another tiling
+    pd.DataFrame({"slide_id": "P0-SCC", "patch_index": ["a"] + list(range(1, 36)),
+                  "x": coords[:, 0], "y": coords[:, 1], "score": 0.5}).to_csv(pred, index=False)
+    out.unlink()
+    _heatmap_fails(["plot-heatmap", "--classify", str(pred), "--store", str(cohort["stores"][0]),
+                    "--out", str(out)], out, capsys,
+                   f"{pred}: column patch_index is not all whole numbers")
+
+
+def _tsne_argv(cohort, tmp_path, stores, embs=None):
+    return ["plot-tsne", "--embeddings", *map(str, embs or cohort["embs"]), "--samples",
+            str(cohort["sheet"]), "--out-label", str(tmp_path / "a.png"), "--out-slide",
+            str(tmp_path / "b.png"), "--stores", *map(str, stores), "--out-thumbnails",
+            str(tmp_path / "c.png"), "--max-points", "200"]
+
+
+def test_tsne_thumbnails_refuse_a_store_of_another_tiling_before_writing(cohort, tmp_path,
+                                                                         capsys):
+    outs = tmp_path / "out"
+    outs.mkdir()
+    fewer = _other_tiling(tmp_path / "mpp1.h5", grid=3, step=64, mpp=1.0)
+    shifted = _other_tiling(tmp_path / "shifted.h5", offset=16)
+    for store, match in ((fewer, "9 patches in the store, 36 in the embeddings"),
+                         (shifted, "patch 0 is at (x, y) = (16, 16) in the store")):
+        # fewer patches than the embeddings used to end in an IndexError after a.png and b.png
+        assert main(_tsne_argv(cohort, outs, [store, *cohort["stores"][1:]])) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{store}: not the patches {cohort['embs'][0]} was embedded " \
+            "from" in err[0] and match in err[0] and "another tiling of slide 'P0-SCC'" in err[0]
+        assert not any(outs.iterdir())  # nothing written, not even the first two maps
+
+
+def test_tsne_thumbnails_compare_patch_size_and_mpp_and_name_the_source_store(cohort, tmp_path,
+                                                                              capsys):
+    from simclr_path.store import EmbeddingStore, write_embeddings
+
+    # the same places and count at twice the resolution: only embed's attributes tell
+    finer = _other_tiling(tmp_path / "finer.h5", size=32, mpp=0.25)
+    e = EmbeddingStore(cohort["embs"][0])
+    emb = write_embeddings(tmp_path / "P0-SCC.h5", e.features, e.coords, {
+        "slide_id": "P0-SCC", "source_store": str(cohort["stores"][0]), "mpp": 0.5,
+        "patch_size": 16})
+    embs = [emb, *cohort["embs"][1:]]
+    outs = tmp_path / "out"
+    outs.mkdir()
+    assert main(_tsne_argv(cohort, outs, [finer, *cohort["stores"][1:]], embs)) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "patch_size 32 in the store, 16 in the embeddings" in err[0], err
+    assert f"(it was embedded from {cohort['stores'][0]})" in err[0]
+    assert not any(outs.iterdir())
+    # both tilings given: each embedding file gets the store of its own patches
+    assert main(_tsne_argv(cohort, outs, [finer, *cohort["stores"]], embs)) == 0, \
+        capsys.readouterr().err
+    for name in ("a.png", "b.png", "c.png"):
+        _assert_png_not_blank(outs / name)
+
+
+def test_tsne_store_lookup_prefers_the_matching_store(cohort, tmp_path):
+    from simclr_path.figures import _stores_for
+
+    shifted = _other_tiling(tmp_path / "shifted.h5", offset=16)
+    for stores in ([shifted, cohort["stores"][0]], [cohort["stores"][0], shifted]):
+        opened = _stores_for(stores, cohort["embs"], [0, 0])
+        assert list(opened) == [0] and opened[0].path == cohort["stores"][0]

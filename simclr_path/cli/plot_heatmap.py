@@ -18,7 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         help="results folder of 'simclr-path classify' (or a CSV written by 'simclr-path predict')",
     )
-    p.add_argument("--store", type=Path, required=True, help="the slide's patch store")
+    p.add_argument(
+        "--store",
+        type=Path,
+        required=True,
+        help="the slide's patch store: the one its predictions' embeddings were made from",
+    )
     p.add_argument("--out", type=Path, required=True, help="output figure (PNG; PDF or SVG by its suffix)")
     p.add_argument("--slide-id", default=None, help="slide to draw [default: the store's slide id]")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
