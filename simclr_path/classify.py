@@ -74,11 +74,11 @@ class PatchTable:
     encoder_sha256: str | None
     layer: str | None
     arch: str | None
-    image_size: int | None = None  # embedding input size (the same in every file)
+    image_size: int | None = None  # input size of the file whose tissue scale all files share
     tta: bool = False  # embedded with rotation/flip test-time augmentation (embed.tta)
     source: np.ndarray | None = None  # (N,) index of each patch's file in the list given
     encoder: str | None = None  # encoder path the first file was embedded with (for messages)
-    input_mpp: float | None = None  # um of tissue per input pixel, where every file agrees
+    input_mpp: float | None = None  # um of tissue per input pixel (None: not every file knows)
 
 
 def _tta(attrs: dict[str, Any]) -> bool:
@@ -99,7 +99,9 @@ def find_positive(classes: Sequence[str], positive_label: str) -> int | None:
 
 def _load_files(
     paths: Sequence[str | os.PathLike], opener: Callable[[Any], Any], what: str
-) -> list[EmbeddingStore]:
+) -> tuple[list[EmbeddingStore], int]:
+    """Open every file and refuse a set that does not share one feature space; returns the
+    stores and the index of the reference file (:func:`_check_tissue_scale`)."""
     if not paths:
         raise SimclrPathError(f"no {what}s given; pass one or more (e.g. --embeddings EMB.h5)")
     stores = [opener(p) for p in paths]
@@ -113,38 +115,95 @@ def _load_files(
             f"{', '.join(str(p) for p in by_dim.values())}); embed every slide with the same "
             "encoder and layer"
         )
-    # image_size too: the default embedding size changed (embed.fixres_size), so files embedded
-    # before and after an upgrade can share an encoder but not a feature space
+
     def attr(s: EmbeddingStore, key: str) -> Any:
         return _tta(s.attrs) if key == "tta" else s.attrs.get(key)
 
-    for key in ("encoder_sha256", "layer", "image_size", "tta"):
+    for key in ("encoder_sha256", "layer", "tta"):
         vals = {attr(s, key) for s in stores}
         if len(vals) > 1:
             odd = next(s for s in stores if attr(s, key) != attr(stores[0], key))
             raise SimclrPathError(
                 f"{odd.path}: {key} {attr(odd, key)!r} differs from {stores[0].path} "
                 f"({attr(stores[0], key)!r}); embed every slide with the same encoder, "
-                "layer, image size and --tta setting"
+                "layer and --tta setting"
             )
+    ref = _check_tissue_scale(stores)
     seen: dict[str, Path] = {}
-    for s in stores:
+    for s in stores:  # imported patch sets are split by their groups, not their slide id
         if s.attrs.get("store_kind") != "patches" and s.labels is None:
-            if s.slide_id in seen:
-                raise SimclrPathError(
-                    f"{s.path}: slide {s.slide_id!r} was already given in {seen[s.slide_id]}; "
-                    f"pass each slide's {what} once"
-                )
-            seen[s.slide_id] = s.path
-    return stores
+            _note_slide(seen, s, what)
+    return stores, ref
 
 
-def _common_input_mpp(stores: Sequence[Any]) -> float | None:
-    """The files' shared :func:`input_mpp` (within 1%), or None where any lacks it or they differ."""
-    vals = [input_mpp(s.attrs) for s in stores]
-    if not vals or any(v is None for v in vals) or max(vals) > 1.01 * min(vals):
-        return None
-    return float(np.mean(vals))
+def _note_slide(seen: dict[str, Path], s: Any, what: str) -> None:
+    """Record ``s``'s slide in ``seen``, refusing one given before: a slide given twice would be
+    counted (``classify``) or scored (``predict``) twice."""
+    if s.slide_id in seen:
+        raise SimclrPathError(
+            f"{s.path}: slide {s.slide_id!r} was already given in {seen[s.slide_id]}; "
+            f"pass each slide's {what} once"
+        )
+    seen[s.slide_id] = s.path
+
+
+def _same_scale(size: float, exact: float, ref_size: float) -> bool:
+    """Whether an embedding input of ``size`` px shows a reference's tissue scale, ``exact`` px
+    being the size that shows it exactly and ``ref_size`` the reference's own size. embed rounds
+    its sizes to a multiple of 8 (``embed.fixres_size``), so each side may be up to 4 px off: 4
+    px here, plus the reference's 4 px scaled to this size, plus half a pixel of float noise.
+    ``classify`` (between its files) and ``predict`` (against the classifier) both use this."""
+    return abs(size - exact) <= 4.0 + 4.0 * exact / ref_size + 0.5
+
+
+def _fitting_size(attrs: dict[str, Any], scale: float) -> float:
+    """Input size at which an embedding file's patches show ``scale`` um of tissue per pixel."""
+    return float(attrs["patch_size"]) * float(attrs["mpp"]) / float(scale)
+
+
+def _check_tissue_scale(stores: Sequence[Any]) -> int:
+    """Refuse files embedded at different tissue scales; returns the reference file's index.
+
+    What must agree is the micrometres of tissue per input pixel (:func:`input_mpp`), not the
+    pixel size: embed scales its input size with the patches' field of view (another patch size
+    or mpp gives another ``image_size`` at one scale). The reference is the file most others
+    agree with (the first of a tie). Where any file lacks the scale (no mpp recorded: imported
+    tiles, older files) only equal ``image_size`` can be required.
+    """
+    scales = [input_mpp(s.attrs) for s in stores]
+    sizes = [s.attrs.get("image_size") for s in stores]
+    if any(v is None for v in scales):
+        odd = next((s for s in stores if s.attrs.get("image_size") != sizes[0]), None)
+        if odd is not None:
+            raise SimclrPathError(
+                f"{odd.path}: image_size {odd.attrs.get('image_size')!r} differs from "
+                f"{stores[0].path} ({sizes[0]!r}) and not every file records its tissue scale "
+                "(patch_size, mpp) to show they agree; embed every slide with the same image size"
+            )
+        return 0
+    m = np.asarray(scales, dtype=float)
+    n = np.asarray(sizes, dtype=float)
+    best: tuple[int, int, np.ndarray] | None = None
+    for i in sorted(np.unique(np.round(m, 9), return_index=True)[1]):
+        ok = _same_scale(n, n * m / m[i], n[i])
+        if best is None or ok.sum() > best[0]:
+            best = (int(ok.sum()), int(i), ok)
+    assert best is not None
+    agree, i, ok = best
+    if ok.all():
+        return i
+    odd = [stores[j] for j in np.flatnonzero(~ok)]
+    ref, o = stores[i], odd[0]
+    others = f" and {agree - 1} other file(s)" if agree > 1 else ""
+    more = (f"; {len(odd) - 1} more file(s) differ too ({', '.join(str(s.path) for s in odd[1:4])}"
+            f"{', ...' if len(odd) > 4 else ''})" if len(odd) > 1 else "")
+    raise SimclrPathError(
+        f"{o.path}: embedded at {o.attrs['image_size']} px, {input_mpp(o.attrs):.3g} um of "
+        f"tissue per input pixel, but {ref.path}{others} at {m[i]:.3g} um per pixel "
+        f"({ref.attrs['image_size']} px); one classifier needs one tissue scale: re-embed it with "
+        f"--image-size {max(8, round(_fitting_size(o.attrs, m[i])))}, the size that shows its "
+        f"{o.attrs['patch_size']} px patches at {m[i]:.3g} um per pixel{more}"
+    )
 
 
 def load_table(
@@ -164,7 +223,7 @@ def load_table(
     """
     from simclr_path.samples import read_samples, validate_samples
 
-    stores = _load_files(embedding_paths, opener, what)
+    stores, ref = _load_files(embedding_paths, opener, what)
     parts: dict[str, list] = {
         k: [] for k in ("X", "y", "slide", "patient", "idx", "coords", "src")
     }
@@ -180,6 +239,7 @@ def load_table(
         classes = [c for c in cfg.labels if c in present]
         by_id = sheet.set_index("slide_id")
         rows = []
+        given = {s.slide_id for s in stores}  # an empty file was given: not "no file"
         for i_file, s in enumerate(stores):
             sid = s.slide_id
             if sid not in by_id.index:
@@ -215,7 +275,7 @@ def load_table(
             parts["idx"].append(np.arange(n))
             parts["coords"].append(s.coords)
             parts["src"].append(np.full(n, i_file))
-        unused = sorted(set(sheet["slide_id"]) - {r["slide_id"] for r in rows})
+        unused = sorted(set(sheet["slide_id"]) - given)
         if unused:
             warnings.warn(
                 f"{len(unused)} slide(s) of the samples sheet have no {what} and are left out "
@@ -294,6 +354,7 @@ def load_table(
             "set classify.positive_label"
         )
     first = stores[0].attrs
+    scale = stores[ref].attrs  # the tissue scale every file shares (_check_tissue_scale)
     y = np.concatenate(parts["y"]).astype(np.int64)
     return PatchTable(
         X=np.concatenate(parts["X"]).astype(np.float32, copy=False).reshape(len(y), dim),
@@ -308,11 +369,11 @@ def load_table(
         encoder_sha256=first.get("encoder_sha256"),
         layer=first.get("layer"),
         arch=first.get("arch"),
-        image_size=first.get("image_size"),
+        image_size=scale.get("image_size"),
         tta=_tta(first),
         source=np.concatenate(parts["src"]).astype(np.int64),
         encoder=first.get("encoder"),
-        input_mpp=_common_input_mpp(stores),
+        input_mpp=input_mpp(scale),
     )
 
 
@@ -330,7 +391,8 @@ def make_folds(
     """Assign every slide to an outer test fold (``fold`` array aligned with ``slides``).
 
     Patient-grouped stratified K-fold with ``min(cfg.folds, patients in the smallest class)``
-    folds, or the ``split`` column (fold 0 = the test slides, -1 = train only).
+    folds, or the ``split`` column (fold 0 = the test slides, -1 = train only). Folds whose
+    training side lacks a class are refused with the reason (:func:`_check_training_folds`).
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -375,7 +437,33 @@ def make_folds(
         splitter.split(np.zeros(len(slides)), slides["y"], groups=slides["patient_id"])
     ):
         fold[te] = i
+    _check_training_folds(slides, classes, fold)
     return fold, f"grouped_{k}fold"
+
+
+def _check_training_folds(slides: pd.DataFrame, classes: Sequence[str], fold: np.ndarray) -> None:
+    """Refuse folds whose training side lacks a class, saying why. A patient with slides of
+    several labels (tumour and normal slides of one patient) counts for each class but goes to
+    one fold with all its slides, so a class with few patients can end up on one side only."""
+    for f in sorted(set(fold.tolist())):
+        train = slides.loc[fold != f]
+        missing = [c for c in classes if c not in set(train["label"])]
+        if not missing:
+            continue
+        c = missing[0]
+        pats = sorted(set(slides.loc[slides["label"] == c, "patient_id"]))
+        labels = slides.groupby("patient_id")["label"].nunique()
+        mixed = [p for p in pats if labels[p] > 1]
+        why = (f", and patient(s) {', '.join(map(repr, mixed[:3]))} also have slides of another "
+               "label: a patient counts for every label of its slides but keeps all of them in "
+               f"one fold, so the few {c!r} patients can all land on the test side"
+               if mixed else "")
+        raise SimclrPathError(
+            f"patient-grouped folds leave test fold {f} without a training slide of class {c!r}: "
+            f"its slides come from only {len(pats)} patient(s) ({', '.join(map(repr, pats[:5]))})"
+            f"{why}; add patients with {c!r} slides, or give the samples sheet a split column "
+            "that puts such patients on the train side"
+        )
 
 
 FINAL_FOLD = -1  # ``fold`` of :func:`label_subset` for the final model fitted on all patients
@@ -448,7 +536,8 @@ def _check_disjoint(train_patients: np.ndarray, test_patients: np.ndarray) -> No
 # Model
 # ----------------------------------------------------------------------------------------------
 def fit_probe(
-    X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, cfg: ClassifyConfig
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, cfg: ClassifyConfig,
+    classes: Sequence[str] | None = None,
 ):
     """StandardScaler + LogisticRegression(class_weight="balanced"); C by inner grouped CV.
 
@@ -462,11 +551,13 @@ def fit_probe(
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
-    present = np.unique(y)
+    present = set(np.unique(y).tolist())
     if len(present) < n_classes:
+        names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
+        lack = [names[i] for i in range(n_classes) if i not in present]
         raise SimclrPathError(
-            f"a training fold lacks class index {sorted(set(range(n_classes)) - set(present))}; "
-            "add patients of that class"
+            f"a training fold has no patches of class {', '.join(map(repr, lack))}; add "
+            "patients with slides of that class"
         )
     pipe = make_pipeline(
         StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=cfg.max_iter)
@@ -996,7 +1087,7 @@ def classify(
         te = patch_fold == f
         tr, split = labelled(t.slides[np.asarray(fold_of_slide) != f], ~te, f)
         _check_disjoint(t.patient[tr], t.patient[te])
-        pipe, c, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg)
+        pipe, c, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg, t.classes)
         edges.append(edge)
         proba[te] = pipe.predict_proba(t.X[te])
         folds_out.append(
@@ -1017,7 +1108,7 @@ def classify(
     )
 
     tr, final_split = labelled(t.slides, np.ones(len(t.y), bool), FINAL_FOLD)
-    final, c_final, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg)
+    final, c_final, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg, t.classes)
     model = LinearModel.from_pipeline(
         final,
         t.classes,
@@ -1146,20 +1237,24 @@ def check_compatible(model: LinearModel, model_dir: str | os.PathLike, s: Embedd
     # match is the tissue scale, micrometres per input pixel, where both sides record it
     mine, theirs = input_mpp(a), meta.get("input_mpp")
     if mine is not None and theirs:
-        # the size that shows these patches at the classifier's scale; embed rounds sizes to a
-        # multiple of 8, so each side may be up to 4 px off (the classifier's scaled to this one)
-        exact = float(a["patch_size"]) * float(a["mpp"]) / float(theirs)
-        if abs(int(a["image_size"]) - exact) <= 4.0 + 4.0 * exact / int(size) + 0.5:
+        exact = _fitting_size(a, theirs)
+        if _same_scale(int(a["image_size"]), exact, int(size)):
             return
-        fit = max(8, round(exact))
         raise SimclrPathError(
             f"{s.path}: embedded at {a['image_size']} px, {mine:.3g} um of tissue per input "
             f"pixel, but {where} was trained on {float(theirs):.3g} um per pixel ({size} px "
-            f"embeddings); embed with --image-size {fit}")
+            f"embeddings); embed with --image-size {max(8, round(exact))}, the size that shows "
+            f"its {a['patch_size']} px patches at that scale")
     if int(a["image_size"]) != int(size):
+        # one side does not record the tissue scale: the classifier's pixel size fits only a
+        # store whose patches hold as much tissue as the training stores' (same size and mpp)
+        unknown = "this file does not" if mine is None else f"{where} does not"
         raise SimclrPathError(
             f"{s.path}: embedded at {a['image_size']} px but {where} was trained on {size} px "
-            f"embeddings; embed with --image-size {size}")
+            f"embeddings and {unknown} record the tissue scale (um per input pixel) to show they "
+            f"agree; embed with --image-size {size} if its patches have the training stores' "
+            "patch size and mpp, else leave --image-size out so that embed scales the size for "
+            "this store's patches")
 
 
 def load_model(model_dir: str | os.PathLike) -> LinearModel:
@@ -1185,8 +1280,10 @@ def predict(
         raise SimclrPathError("no embedding files given; pass --embeddings EMB.h5 [EMB.h5 ...]")
     top_k = int(model.meta.get("top_k") or ClassifyConfig().top_k)
     frames = []
+    seen: dict[str, Path] = {}
     for p in embedding_paths:
         s = EmbeddingStore(p)
+        _note_slide(seen, s, "embedding file")
         d = s.features.shape[1] if s.features.ndim == 2 else 0
         if d != model.feature_dim:
             raise SimclrPathError(

@@ -10,6 +10,8 @@ Format: a tab-separated file with a header row::
 Required columns: ``slide_id``, ``path``, ``label``, ``patient_id``. Optional: ``mpp`` (level-0
 microns per pixel, for slides whose files lack it; empty = read from the file) and ``split``
 (``train`` or ``test`` on every row; when given, the classifier uses it instead of grouped K-fold).
+Other columns are kept with a warning, except near-misses of ``split`` or ``mpp`` (``spilt``,
+``mmp``), which stop: ignoring them would change the evaluation or the tissue scale without a word.
 Lines starting with ``#`` are comments.
 
 Relative paths are resolved against the current directory first (what Snakemake users expect:
@@ -20,9 +22,11 @@ current directory).
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +37,13 @@ from simclr_path.errors import SimclrPathError
 REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id")
 OPTIONAL_COLUMNS = ("mpp", "split")
 SPLITS = ("train", "test")
+# What a misspelled optional column would change without a word, were it ignored like any
+# other extra column: a near-miss of one the sheet lacks is an error, other columns a warning.
+MISSPELT_COLUMN = {
+    "split": "an ignored split column means K-fold evaluation, which trains on the slides meant "
+             "for testing",
+    "mpp": "an ignored mpp column means tiling at the mpp in the slide files' metadata",
+}
 # A slide id becomes a file name (results/patches/{slide}.h5): no separators, no leading dot.
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
@@ -87,6 +98,33 @@ def read_samples(
     )
 
 
+def _near_miss(name: str, candidates: Sequence[str]) -> str | None:
+    """The candidate column ``name`` looks like a misspelling of, if any: the same name in other
+    case, one typo away (a letter wrong, missing, extra, or two neighbours swapped: 'mmp',
+    'spilt'), or close by difflib's ratio (0.75 and up, so that 'site' is not taken for 'split')."""
+    low = name.lower()
+    for c in candidates:
+        if low == c or _one_typo(low, c):
+            return c
+    close = difflib.get_close_matches(low, list(candidates), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _one_typo(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` differ by one edit: a substitution, an insertion or deletion, or
+    a swap of two neighbouring letters."""
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (
+            len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+            and a[diff[1]] == b[diff[0]]
+        )
+    short, long_ = sorted((a, b), key=len)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+
 def validate_samples(
     df: pd.DataFrame,
     labels: Sequence[str] | None = None,
@@ -97,11 +135,33 @@ def validate_samples(
     """Validate a samples table in memory (see :func:`read_samples`); returns a clean copy."""
     df = df.copy()
     df.columns = [str(c).strip() for c in df.columns]
+    known = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
+    # an empty header cell (a trailing tab) over empty fields is no column at all
+    df = df[[c for c in df.columns if not (c.startswith("Unnamed: ") and
+                                           (df[c].fillna("").astype(str).str.strip() == "").all())]]
+    unknown = [c for c in df.columns if c not in known]
+    meant = {c: _near_miss(c, [k for k in known if k not in df.columns]) for c in unknown}
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
+        hint = "".join(f" (did you mean {k!r} for column {c!r}?)" for c, k in meant.items()
+                       if k in missing)
         raise SimclrPathError(
-            f"{where}: missing column(s) {', '.join(missing)}; the sheet must be tab-separated "
-            f"with columns {', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(OPTIONAL_COLUMNS)})"
+            f"{where}: missing column(s) {', '.join(missing)}{hint}; the sheet must be "
+            f"tab-separated with columns {', '.join(REQUIRED_COLUMNS)} (optional: "
+            f"{', '.join(OPTIONAL_COLUMNS)})"
+        )
+    for c, k in meant.items():
+        if k in MISSPELT_COLUMN:
+            raise SimclrPathError(
+                f"{where}: column {c!r} is not a known column: did you mean {k!r}? Rename it to "
+                f"{k!r} (names are case-sensitive), or, if it is another column, to a name not "
+                f"close to {k!r}; {MISSPELT_COLUMN[k]}"
+            )
+    if unknown:
+        warnings.warn(
+            f"{where}: column(s) {', '.join(map(repr, unknown))} are not used (known columns: "
+            f"{', '.join(known)}); rename any that is meant to be one of those",
+            stacklevel=2,
         )
     if df.empty:
         raise SimclrPathError(f"{where}: no slides listed; add one row per slide")

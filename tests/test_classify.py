@@ -648,3 +648,161 @@ def test_too_few_patients_for_inner_cv_uses_the_middle_of_an_unsorted_grid():
     cfg = ClassifyConfig(c_grid=[10.0, 1e-3, 1.0], inner_folds=3)
     with pytest.warns(UserWarning, match="using C=1.0"):
         assert fit_probe(X, y, groups, 2, cfg)[1] == 1.0
+
+
+def _scaled(folder, patch_size, mpp, image_size, **kw):
+    """A cohort of 6 patients whose files record ``patch_size`` px patches at ``mpp`` embedded
+    at ``image_size`` px (``patch_size * mpp / image_size`` um of tissue per input pixel)."""
+    return make_cohort(folder, n_patients=6, patches=10, image_size=image_size,
+                       extra={"patch_size": patch_size, "mpp": mpp}, **kw)
+
+
+def test_classify_refuses_files_at_another_tissue_scale_and_names_them(tmp_path, capsys):
+    paths, sheet = _scaled(tmp_path / "c", 64, 1.0, 64)  # 1 um per input pixel
+    odd, _ = _scaled(tmp_path / "odd", 64, 0.5, 64)  # tiled at 0.5 um/px, same 64 px: 0.5 um
+    mixed = [odd[0], *paths[1:]]  # the odd one first: the reference is the majority, not it
+    with pytest.raises(SimclrPathError, match=(
+            rf"^{odd[0]}: embedded at 64 px, 0.5 um of tissue per input pixel, but "
+            rf"{paths[1]} and 10 other file\(s\) at 1 um per pixel \(64 px\); one classifier "
+            r"needs one tissue scale: re-embed it with --image-size 32,")):
+        classify(mixed, tmp_path / "out", samples=sheet, cfg=FAST)
+    assert not (tmp_path / "out").exists()
+    # two odd files: the first named, the others counted
+    rc = main(["classify", "--embeddings", *map(str, [*paths[:-2], *odd[-2:]]), "--samples",
+               str(sheet), "--out", str(tmp_path / "out")])
+    line = _one_error_line(capsys)
+    assert rc != 0 and line.endswith(f"1 more file(s) differ too ({odd[-1]})"), line
+    assert not (tmp_path / "out").exists()
+    # one scale: model.json records it, so predict checks it
+    classify(paths, tmp_path / "ok", samples=sheet, cfg=FAST)
+    assert json.loads((tmp_path / "ok" / "model.json").read_text())["input_mpp"] == 1.0
+    with pytest.raises(SimclrPathError, match="0.5 um of tissue per input pixel, but the "
+                       r"classifier .* 1 um per pixel .* --image-size 32"):
+        predict(tmp_path / "ok", odd[:1], tmp_path / "p.csv")
+
+
+def test_classify_accepts_other_image_sizes_at_one_tissue_scale(tmp_path):
+    # 96 px patches at 0.5 um/px embedded at 64 px: 0.75 um per input pixel; embed gives 128 px
+    # patches of the same slides' scale 88 px (85.3 exactly, rounded to a multiple of 8)
+    paths, sheet = _scaled(tmp_path / "c", 96, 0.5, 64)
+    big, _ = _scaled(tmp_path / "big", 128, 0.5, 88)
+    m = classify([*paths[:-2], *big[-2:]], tmp_path / "out", samples=sheet, cfg=FAST)
+    assert m["task"]["n_slides"] == 12
+    meta = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert meta["input_mpp"] == 0.75 and meta["image_size"] == 64
+    predict(tmp_path / "out", big[:1], tmp_path / "p.csv")  # the same scale: scored
+    # the 128 px patches at 64 px are at 1 um per pixel: refused, naming the size that fits
+    wrong, _ = _scaled(tmp_path / "w", 128, 0.5, 64)
+    with pytest.raises(SimclrPathError, match=r"^.*P5-S1.h5: embedded at 64 px, 1 um of tissue .*"
+                       r"at 0.75 um per pixel \(64 px\); .* --image-size 85, the size that shows "
+                       "its 128 px patches at 0.75 um per pixel$"):
+        classify([*paths[:-1], wrong[-1]], tmp_path / "out2", samples=sheet, cfg=FAST)
+    # files that do not record their scale must share the pixel size
+    bare, _ = make_cohort(tmp_path / "bare", n_patients=6, patches=10, image_size=88)
+    with pytest.raises(SimclrPathError, match="image_size 88 differs .* not every file records"):
+        classify([*paths[:-1], bare[-1]], tmp_path / "out3", samples=sheet, cfg=FAST)
+
+
+def test_predict_advice_for_a_classifier_without_a_tissue_scale(tmp_path):
+    # a classifier trained on files without mpp: a file at another size may be at another scale
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=4, patches=10, image_size=64)
+    classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    assert json.loads((tmp_path / "out" / "model.json").read_text())["input_mpp"] is None
+    other, _ = _scaled(tmp_path / "o", 128, 0.5, 88)
+    with pytest.raises(SimclrPathError, match=(
+            "embedded at 88 px but .* 64 px embeddings and the classifier .* does not record the "
+            "tissue scale .* --image-size 64 if its patches have the training stores' patch size "
+            "and mpp, else leave --image-size out")):
+        predict(tmp_path / "out", other[:1], tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_refuses_a_slide_given_twice(tmp_path, capsys):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=4, patches=10)
+    classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    rc = main(["predict", "--model", str(tmp_path / "out"), "--embeddings", str(paths[0]),
+               str(paths[1]), str(paths[0]), "--out", str(tmp_path / "p.csv")])
+    line = _one_error_line(capsys)
+    assert rc != 0 and line.endswith(
+        f"{paths[0]}: slide 'P0-S0' was already given in {paths[0]}; pass each slide's "
+        "embedding file once"), line
+    assert not (tmp_path / "p.csv").exists()
+    # another file of the same slide id too (its rows would share the slide_id)
+    copy = tmp_path / "copy.h5"
+    copy.write_bytes(paths[1].read_bytes())
+    with pytest.raises(SimclrPathError, match="slide 'P0-S1' was already given"):
+        predict(tmp_path / "out", [paths[1], copy], tmp_path / "p.csv")
+    predict(tmp_path / "out", paths[:2], tmp_path / "p.csv")
+    assert pd.read_csv(tmp_path / "p.csv").query("level == 'slide'")["slide_id"].tolist() == [
+        "P0-S0", "P0-S1"]
+
+
+def test_an_empty_file_is_not_reported_as_missing(tmp_path, recwarn):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=4, patches=10)
+    write_embeddings(tmp_path / "E0.h5", np.zeros((0, 8), np.float32), np.zeros((0, 2)),
+                     {"slide_id": "E0", "encoder_sha256": "enc1", "layer": "pooled"})
+    df = pd.read_csv(sheet, sep="\t")
+    df.loc[len(df)] = ["E0", "E0.svs", "SCC", "P9"]
+    df.to_csv(sheet, sep="\t", index=False)
+    classify([*paths, tmp_path / "E0.h5"], tmp_path / "out", samples=sheet, cfg=FAST)
+    msgs = [str(w.message) for w in recwarn]
+    assert any("slide 'E0' has no patches; it is left out" in m for m in msgs), msgs
+    assert not any("have no embedding file" in m for m in msgs), msgs
+    # a sheet slide without any file still says so
+    recwarn.clear()
+    classify(paths[1:], tmp_path / "out2", samples=sheet, cfg=FAST)
+    msgs = [str(w.message) for w in recwarn]
+    assert any("2 slide(s) of the samples sheet have no embedding file and are left out "
+               "(first: E0)" in m for m in msgs), msgs
+
+
+def test_a_patient_with_slides_of_both_labels_is_named_when_folds_fail(tmp_path, capsys):
+    # P1 has a normal and an SCC slide: each class has 2 patients, but patient-grouped folds
+    # keep P1 whole, so one fold's training side lacks a class
+    rng = np.random.default_rng(0)
+    rows = [("A", "P1", "normal"), ("B", "P1", "SCC"), ("C", "P2", "SCC"), ("D", "P3", "normal")]
+    paths = []
+    for sid, _, lab in rows:
+        X = rng.normal(size=(10, 4)).astype(np.float32) + (lab == "SCC")
+        write_embeddings(tmp_path / f"{sid}.h5", X, np.zeros((10, 2)), {"slide_id": sid})
+        paths.append(str(tmp_path / f"{sid}.h5"))
+    sheet = tmp_path / "s.tsv"
+    pd.DataFrame(rows, columns=["slide_id", "patient_id", "label"]).assign(path="x.svs").to_csv(
+        sheet, sep="\t", index=False)
+    rc = main(["classify", "--embeddings", *paths, "--samples", str(sheet), "--out",
+               str(tmp_path / "out")])
+    line = _one_error_line(capsys)
+    assert rc != 0 and "class index" not in line, line
+    assert __import__("re").search(
+        r"without a training slide of class '(SCC|normal)': its slides come from only 2 "
+        r"patient\(s\) \('P1', 'P[23]'\), and patient\(s\) 'P1' also have slides of another label.*"
+        r"add patients with '(SCC|normal)' slides", line), line
+    assert not (tmp_path / "out").exists()
+    # the same cohort without the shared patient: folds form, nothing is said about patients
+    slides = pd.DataFrame(rows, columns=["slide_id", "patient_id", "label"])
+    slides.loc[0, "patient_id"] = "P4"
+    slides["y"] = (slides["label"] == "normal").astype(int)
+    fold, _ = make_folds(slides, ["SCC", "normal"], FAST)
+    for f in set(fold):
+        assert set(slides.loc[fold != f, "label"]) == {"SCC", "normal"}
+
+
+def test_fit_probe_names_a_missing_class():
+    X = np.random.default_rng(0).normal(size=(6, 3))
+    with pytest.raises(SimclrPathError, match="no patches of class 'normal'; add patients"):
+        fit_probe(X, np.zeros(6, int), np.arange(6), 2, FAST, ["SCC", "normal"])
+
+
+def test_a_misspelled_split_column_stops_classify(tmp_path, capsys):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=4, patches=10)
+    df = pd.read_csv(sheet, sep="\t")
+    df["spilt"] = ["test" if p == "P3" else "train" for p in df["patient_id"]]
+    df.to_csv(sheet, sep="\t", index=False)
+    rc = main(["classify", "--embeddings", *map(str, paths), "--samples", str(sheet), "--out",
+               str(tmp_path / "out")])
+    line = _one_error_line(capsys)
+    assert rc != 0 and "column 'spilt' is not a known column: did you mean 'split'?" in line
+    assert not (tmp_path / "out").exists()
+    df.rename(columns={"spilt": "split"}).to_csv(sheet, sep="\t", index=False)
+    assert classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)["task"][
+        "evaluation"] == "split"

@@ -170,3 +170,45 @@ def test_only_whole_lines_starting_with_hash_are_comments(tmp_path):
     df = read_samples(sheet, check_files=False)
     assert df["patient_id"].tolist() == ["case#1", "case#2"]
     assert df["path"].tolist()[0].endswith("A#1.svs")
+
+
+@pytest.mark.parametrize(
+    "column, meant",
+    [("spilt", "split"), ("Split", "split"), ("splits", "split"), ("mmp", "mpp"), ("MPP", "mpp")],
+)
+def test_a_near_miss_of_an_optional_column_is_an_error(tmp_path, column, meant):
+    # ignored, a misspelled split would mean K-fold evaluation (training on the test slides) and a
+    # misspelled mpp tiling at the files' own mpp: neither may pass with a warning only
+    value = "test" if meant == "split" else "0.25"
+    sheet = _sheet(tmp_path, [f"A\twsi/A.svs\tSCC\tP1\t{value}", "B\twsi/B.svs\tnormal\tP2\ttrain"],
+                   header=f"{HEADER}\t{column}")
+    with pytest.raises(SimclrPathError) as err:
+        read_samples(sheet, check_files=False)
+    msg = str(err.value)
+    assert msg.startswith(f"{sheet}: column {column!r} is not a known column: did you mean "
+                          f"{meant!r}? Rename it to {meant!r}"), msg
+    assert "\n" not in msg
+
+
+def test_unknown_columns_warn_and_are_kept(tmp_path, recwarn):
+    # 'site' is close to 'split' by difflib's looser ratios: a real column, not a misspelling
+    sheet = _sheet(tmp_path, ["A\twsi/A.svs\tSCC\tP1\tlung\tx", "B\twsi/B.svs\tnormal\tP2\tskin\t"],
+                   header=HEADER + "\tsite\tnotes")
+    with pytest.warns(UserWarning, match=r"column\(s\) 'site', 'notes' are not used \(known "
+                      r"columns: slide_id, path, label, patient_id, mpp, split\)"):
+        df = read_samples(sheet, check_files=False)
+    assert df["site"].tolist() == ["lung", "skin"] and "split" not in df.columns
+    # a trailing tab in the header is no column: nothing to say
+    recwarn.clear()
+    sheet = _sheet(tmp_path, ["A\twsi/A.svs\tSCC\tP1\t", "B\twsi/B.svs\tnormal\tP2\t"],
+                   header=HEADER + "\t", name="tab.tsv")
+    assert len(read_samples(sheet, check_files=False)) == 2
+    assert not [w for w in recwarn if "not used" in str(w.message)]
+
+
+def test_a_missing_column_names_its_near_miss(tmp_path):
+    sheet = _sheet(tmp_path, ["A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2"],
+                   header="slide_id\tpath\tlabel\tpatient")
+    with pytest.raises(SimclrPathError, match=r"missing column\(s\) patient_id \(did you mean "
+                       r"'patient_id' for column 'patient'\?\); the sheet must be"):
+        read_samples(sheet, check_files=False)

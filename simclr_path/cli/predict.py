@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model", type=Path, required=True, help="results folder of 'simclr-path classify'"
     )
     p.add_argument(
-        "--embeddings", type=Path, nargs="+", required=True, help="embedding files to score"
+        "--embeddings", type=Path, nargs="+", required=True,
+        help="embedding files to score (one per slide; a slide given twice is refused)"
     )
     p.add_argument("--out", type=Path, required=True, help="output CSV")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
