@@ -97,6 +97,30 @@ def find_positive(classes: Sequence[str], positive_label: str) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def positive_index(classes: Sequence[str], positive_label: str | None,
+                   source: str = "the data") -> int | None:
+    """:func:`find_positive`, or a one-line error where the configured label names no class.
+
+    None only for ``positive_label`` null with more than two classes (macro one-vs-rest
+    scores): a mistyped label must not switch the headline AUROC to another quantity.
+    """
+    names = ", ".join(map(str, classes))
+    if positive_label is None:
+        if len(classes) > 2:
+            return None
+        raise SimclrPathError(
+            f"classify.positive_label is null, but {source} has two classes ({names}); set it "
+            "to the positive (tumour) one")
+    positive = find_positive(classes, positive_label)
+    if positive is None:
+        macro = (", or to null for macro one-vs-rest scores over all classes"
+                 if len(classes) > 2 else "")
+        raise SimclrPathError(
+            f"classify.positive_label {positive_label!r} is not one of the classes of {source} "
+            f"({names}); set it to the one that is the positive (tumour) class{macro}")
+    return positive
+
+
 def _load_files(
     paths: Sequence[str | os.PathLike], opener: Callable[[Any], Any], what: str
 ) -> tuple[list[EmbeddingStore], int]:
@@ -347,12 +371,7 @@ def load_table(
         )
     if slides.empty:
         raise SimclrPathError(f"every {what} is empty; nothing to classify")
-    positive = find_positive(classes, cfg.positive_label)
-    if positive is None and len(classes) == 2:
-        raise SimclrPathError(
-            f"positive label {cfg.positive_label!r} is not one of the classes {classes}; "
-            "set classify.positive_label"
-        )
+    positive = positive_index(classes, cfg.positive_label, f"the {what}s")
     first = stores[0].attrs
     scale = stores[ref].attrs  # the tissue scale every file shares (_check_tissue_scale)
     y = np.concatenate(parts["y"]).astype(np.int64)

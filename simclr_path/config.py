@@ -81,7 +81,13 @@ class TileConfig:
                f"must be a finite number of microns per pixel > 0, got {self.tissue_mpp}")
         _check(self.workers >= 1, "tile.workers", "must be >= 1")
         _check(self.block_patches >= 1, "tile.block_patches", "must be >= 1")
-        _check(self.median_blur % 2 == 1, "tile.median_blur", "must be odd")
+        _check(0 <= self.saturation_floor <= 255, "tile.saturation_floor",
+               f"is an 8-bit saturation and must be in 0-255, got {self.saturation_floor}")
+        for name in ("closing_um", "min_object_um2", "min_hole_um2"):  # 0 turns the step off
+            v = getattr(self, name)
+            _check(math.isfinite(v) and v >= 0, f"tile.{name}", f"must be >= 0 (0 = off), got {v}")
+        _check(self.median_blur >= 1 and self.median_blur % 2 == 1, "tile.median_blur",
+               f"must be an odd size >= 1 (1 = no filter), got {self.median_blur}")
 
 
 # default floor of multi-crop's local view side: the output stride of ResNets and most timm CNNs
@@ -166,6 +172,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.head_layers in (0, 1, 2, 3), "model.head_layers", "must be 0, 1, 2 or 3")
         _check(self.head_out_dim >= 1, "model.head_out_dim", "must be >= 1")
+        _check(self.head_hidden_dim is None or self.head_hidden_dim >= 1, "model.head_hidden_dim",
+               f"must be >= 1, or null for the backbone's feature size, got {self.head_hidden_dim}")
 
 
 @dataclass
@@ -268,7 +276,9 @@ class EmbedConfig:
 class ClassifyConfig:
     """Logistic-regression SCC classifier with patient-grouped evaluation."""
 
-    positive_label: str = "SCC"
+    # the positive (tumour) class: its P() is the score of AUROC, sensitivity and heatmaps; null
+    # = none, for more than two classes only: macro one-vs-rest scores over all classes
+    positive_label: str | None = "SCC"
     labels: list[str] = field(default_factory=lambda: ["SCC", "normal"])
     folds: int = 5
     inner_folds: int = 3
@@ -293,6 +303,8 @@ class ClassifyConfig:
                "must be between 10 and 100000")
         _check(self.tsne_perplexity > 0, "classify.tsne_perplexity", "must be > 0")
         _check(self.inner_folds >= 2, "classify.inner_folds", "must be >= 2")
+        _check(self.max_iter >= 1, "classify.max_iter", "must be >= 1")
+        _check(self.seed >= 0, "classify.seed", "must be >= 0")  # numpy's seeds are
         _check(0.0 < self.label_fraction <= 1.0, "classify.label_fraction",
                f"must be in (0, 1], got {self.label_fraction}")
 
@@ -332,6 +344,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "finetune.epochs", "must be >= 1")
+        _check(self.seed >= 0, "finetune.seed", "must be >= 0")
         _check(self.patience >= 1, "finetune.patience", "must be >= 1")
         _check(self.lr > 0, "finetune.lr", "must be > 0")
         _check(self.head_lr > 0, "finetune.head_lr", "must be > 0")

@@ -125,7 +125,8 @@ def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: 
     raise SimclrPathError(
         f"{path}: level-0 microns per pixel unknown (tried {', '.join(MPP_SOURCES[1:])}"
         f"{', openslide.objective-power' if mpp_from_objective else ''}); pass --slide-mpp "
-        f"(e.g. --slide-mpp 0.25 for a 40x scan, 0.5 for 20x){hint}")
+        f"(e.g. --slide-mpp 0.25 for a 40x scan, 0.5 for 20x; in the workflow, the samples "
+        f"sheet's mpp column){hint}")
 
 
 @dataclass(frozen=True)

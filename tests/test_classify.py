@@ -371,6 +371,15 @@ def test_multiclass_from_embedding_labels(tmp_path):
     )
     slides = pd.read_csv(tmp_path / "out" / "predictions_slides.csv")
     assert len(slides) == 18 and {"prob_lung_scc", "score", "score_topk"} <= set(slides.columns)
+    # a mistyped positive label is an error, not the macro AUROC under the same key; null asks
+    # for the macro scores
+    with pytest.raises(SimclrPathError, match=r"positive_label 'tumor' is not one of the classes "
+                       r"of the embedding files \(lung_aca, lung_n, lung_scc\).*or to null"):
+        classify([tmp_path / "lc.h5"], tmp_path / "typo", cfg=ClassifyConfig(positive_label="tumor"))
+    assert not (tmp_path / "typo").exists()
+    m = classify([tmp_path / "lc.h5"], tmp_path / "macro",
+                 cfg=ClassifyConfig(positive_label=None, bootstrap=0))
+    assert m["task"]["positive"] is None and m["patch"]["auroc"] == m["patch"]["auroc_macro"]
 
 
 def _one_error_line(capsys):

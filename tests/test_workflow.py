@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import LC25000, ROOT, needs
 
-COPY = ("Snakefile", "workflow", "config", "envs")
+COPY = ("Snakefile", "workflow", "config", "envs", "profiles")
 
 
 def workdir(tmp_path: Path, config: dict | None = None, samples: str | None = None) -> Path:
@@ -149,6 +149,21 @@ def test_lint_and_format(tmp_path):
     assert fmt.returncode == 0, fmt.stderr
 
 
+def test_the_default_profile_is_found_and_shows_a_failed_jobs_log(tmp_path):
+    """Snakemake looks for profiles/default beside the Snakefile (the top level here), not in
+    workflow/profiles/: the link makes the documented default profile real."""
+    assert (ROOT / "profiles").resolve() == (ROOT / "workflow" / "profiles").resolve()
+    wf = workdir(tmp_path, {**TINY, "report": {"auto": False}}, tsv(demo_rows(2)))
+    (wf / "config" / "samples.test.tsv").write_text(
+        tsv(demo_rows(2)).replace("resources/demo/S1.tiff", "broken.tiff"))
+    (wf / "broken.tiff").write_bytes(b"II*\x00 not a slide")
+    done = smk(wf, "--cores", "1", "results/patches/S1.h5")
+    assert "Using workflow specific profile profiles/default" in done.stderr + done.stdout
+    assert done.returncode != 0
+    # show-failed-logs: the tile job's one-line error reaches the terminal, not only its log file
+    assert "simclr-path tile: error: " in done.stderr + done.stdout, done.stderr[-3000:]
+
+
 def _one_error_line(done: subprocess.CompletedProcess) -> str:
     assert done.returncode != 0
     lines = [ln for ln in done.stderr.splitlines() if "simclr-path workflow: error:" in ln]
@@ -222,14 +237,43 @@ def test_a_positive_label_missing_from_the_sheet_stops_dag_build(tmp_path):
             for i in range(4)]
     cfg = dict(TINY, classify={**TINY["classify"], "labels": ["tumour", "normal"]})
     line = _one_error_line(smk(workdir(tmp_path / "a", cfg, tsv(rows)), "-n", "--cores", "1"))
-    assert "config: classify.positive_label 'SCC' is not one of the labels in " in line
-    assert "(tumour, normal); set classify.positive_label" in line
+    assert "config: classify.positive_label 'SCC' is not one of the classes of " in line
+    assert "(tumour, normal); set it to the one that is the positive (tumour) class" in line
+    assert "null" not in line  # two classes need a positive one
     good = dict(cfg, classify={**cfg["classify"], "positive_label": "tumour"})
     done = smk(workdir(tmp_path / "b", good, tsv(rows)), "-n", "--cores", "1")
     assert done.returncode == 0, done.stderr[-2000:]
     typo = dict(good, runs={"a": {}, "b": {"classify": {"positive_label": "tumor"}}})
     line = _one_error_line(smk(workdir(tmp_path / "c", typo, tsv(rows)), "-n", "--cores", "1"))
     assert "config runs.b: classify.positive_label 'tumor'" in line
+    # three classes: a typo no longer turns the headline AUROC into the macro one in silence;
+    # null asks for the macro scores
+    rows3 = [(f"S{i}", f"resources/demo/S{i}.tiff", ["tumour", "normal", "inflamed"][i % 3],
+              f"P{i}") for i in range(6)]
+    three = dict(TINY, classify={**TINY["classify"], "labels": ["tumour", "normal", "inflamed"],
+                                 "positive_label": "tumor"})
+    line = _one_error_line(smk(workdir(tmp_path / "d", three, tsv(rows3)), "-n", "--cores", "1"))
+    assert "'tumor' is not one of the classes" in line and "or to null for macro" in line
+    macro = dict(three, classify={**three["classify"], "positive_label": None})
+    done = smk(workdir(tmp_path / "e", macro, tsv(rows3)), "-n", "--cores", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = _one_error_line(smk(workdir(tmp_path / "f", dict(good, classify={
+        **good["classify"], "positive_label": None}), tsv(rows)), "-n", "--cores", "1"))
+    assert "classify.positive_label is null, but" in line and "two classes" in line
+
+
+def test_a_class_of_one_patient_is_warned_about_at_the_start(tmp_path):
+    """The shipped slide example has one patient per class: classify refuses it, but only
+    after pretraining, so the DAG build says so first (tiling a pilot sheet still runs)."""
+    rows = demo_rows(4)
+    rows[2] = ("S3", "resources/demo/S3.tiff", "SCC", "P1")  # the SCC slides: one patient
+    done = smk(workdir(tmp_path, TINY, tsv(rows)), "-n", "--cores", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [x for x in done.stderr.splitlines() if x.startswith("simclr-path workflow: warning:")]
+    assert len(lines) == 1 and "config/samples.test.tsv: class 'SCC' has slides from only 1 " \
+        "patient(s); classify will stop after pretraining" in lines[0], done.stderr[-2000:]
+    fine = smk(workdir(tmp_path / "b", TINY, tsv(demo_rows(4))), "-n", "--cores", "1")
+    assert fine.returncode == 0 and "simclr-path workflow: warning:" not in fine.stderr
 
 
 def test_each_stage_yaml_holds_only_the_keys_it_reads(tmp_path):
@@ -608,6 +652,14 @@ def test_slurm_profile_sends_every_gpu_rule_to_a_gpu_partition():
         assert "gres" not in str(res.get("slurm_extra", "")), rule
 
 
+def _set_mtimes(folder: Path, offset_s: float) -> None:
+    """Every file under ``folder`` modified ``offset_s`` seconds from now."""
+    t = time.time() + offset_s
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.utime(path, (t, t))
+
+
 def _placeholder_outputs(wf: Path, *args: str) -> None:
     """Every output of the DAG as a small placeholder (valid PNGs), as if the pipeline had run."""
     from PIL import Image
@@ -641,6 +693,7 @@ def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path):
         (wf / "tiles" / cls / "a.png").write_bytes(b"")
     replace = "--replace-workflow-config"
     _placeholder_outputs(wf, replace)
+    _set_mtimes(wf / "results", +3600)  # newer than what the next run rebuilds: up to date
     target = wf / "results/config/baseline/classify.yaml"
     target.unlink()  # one cheap job to run, so that onsuccess writes the report
     done = smk(wf, "--cores", "1", replace, "results/config/baseline/classify.yaml")
@@ -648,12 +701,24 @@ def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path):
     assert "Report written to report.html" in done.stderr, done.stderr[-3000:]
     assert (wf / "report.html").stat().st_size > 10_000
 
+    # a single target whose rebuild leaves the outputs after it out of date: no report (it would
+    # mix old and new results), and the older one stays as it was
+    before = (wf / "report.html").read_bytes()
+    _set_mtimes(wf / "results", -3600)
+    target.unlink()
+    done = smk(wf, "--cores", "1", replace, "results/config/baseline/classify.yaml")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Report not written: some final outputs are not up to date" in done.stderr
+    assert "Report written" not in done.stderr and (wf / "report.html").read_bytes() == before
+
     # a report that cannot be written: one line, a non-zero exit, and the older report moved
     # aside so that it cannot pass for this run's
     target.unlink()
     bad = wf / "results/figures/baseline/roc.png"
     bad.unlink()
-    bad.mkdir()  # exists, but cannot be read into the report
+    bad.mkdir()  # exists, up to date, but cannot be read into the report
+    _set_mtimes(wf / "results", +3600)
+    os.utime(bad, (time.time() + 3600,) * 2)
     done = smk(wf, "--cores", "1", replace, "results/config/baseline/classify.yaml")
     line = _one_error_line(done)
     assert "report not written" in line and "report.stale.html" in line

@@ -267,10 +267,10 @@ DEMO_SLIDES = (
 
 
 def check_positive_label():
-    """Stop the build when classify cannot find the positive class among two labels: it would
-    fail only at classification, after hours of pretraining (simclr_path.classify.load_table).
+    """Stop the build when classify cannot find the positive class: it would fail only at
+    classification, after hours of pretraining (simclr_path.classify.positive_index).
     """
-    from simclr_path.classify import find_positive
+    from simclr_path.classify import positive_index
 
     if SLIDES:
         source = config["samples"]
@@ -288,17 +288,47 @@ def check_positive_label():
         classes = (
             [c for c in ccfg.labels if c in present] if SLIDES else sorted(present)
         )
-        if len(classes) == 2 and find_positive(classes, ccfg.positive_label) is None:
-            over = (config["runs"][run] or {}).get("classify") or {}
-            where = f"config runs.{run}" if "positive_label" in over else "config"
-            fail(
-                f"{where}: classify.positive_label {ccfg.positive_label!r} is not one of the "
-                f"labels in {source} ({', '.join(classes)}); set classify.positive_label to "
-                "the one of them that is the positive (tumour) class"
-            )
+        if len(classes) < 2:
+            continue  # the sheet checks say what is missing
+        over = (config["runs"][run] or {}).get("classify") or {}
+        where = f"config runs.{run}: " if "positive_label" in over else "config: "
+        try:
+            positive_index(classes, ccfg.positive_label, source)
+        except SimclrPathError as exc:
+            fail(f"{where}{exc}")
 
 
 check_positive_label()
+
+
+def check_patients_per_class():
+    """Warn at the start when a class has slides of fewer than 2 patients: patient-grouped
+    evaluation cannot test it, and classify would say so only after pretraining. A warning,
+    not a stop: tiling or pretraining a pilot sheet by target is legitimate."""
+    import sys
+
+    from simclr_path.classify import patients_per_class
+
+    if not SLIDES:
+        return
+    for run, cfg in RUN_CFG.items():
+        labels = [c for c in cfg.classify.labels if c in set(SAMPLES["label"])]
+        scarce = {c: n for c, n in patients_per_class(SAMPLES, labels).items() if n < 2}
+        if scarce:
+            c, n = next(iter(scarce.items()))
+            print(
+                f"simclr-path workflow: warning: {config['samples']}: class {c!r} has slides "
+                f"from only {n} patient(s); classify will stop after pretraining: "
+                "patient-grouped evaluation needs at least 2 patients per class (a patient is "
+                "never on both sides of a split; 5 or more for a confidence interval); add "
+                "slides from more patients",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+
+
+check_patients_per_class()
 
 
 def one_of(names):
@@ -465,9 +495,23 @@ def write_report(path):
     # config files, --config values), so the child replaces its workflow config with it: merged
     # over config/config.yaml again, the demo's keys (its samples) would come back underneath.
     cfg_file.write_text(yaml.safe_dump(USER_CONFIG, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "--report", path]
-    cmd += ["--snakefile", workflow.main_snakefile, "--configfile", str(cfg_file)]
-    cmd += ["--replace-workflow-config"]
+    same = ["--snakefile", workflow.main_snakefile, "--configfile", str(cfg_file)]
+    same += ["--replace-workflow-config"]
+    # present is not enough: after a run of single targets or --until, outputs that this run did
+    # not rebuild are older than their inputs, and a report would mix two states of the results
+    check = [sys.executable, "-m", "snakemake", "--dry-run", "--nolock", *same]
+    pending = subprocess.run(check, capture_output=True, text=True)
+    if (
+        pending.returncode != 0
+        or "Nothing to be done" not in pending.stdout + pending.stderr
+    ):
+        logger.info(
+            "Report not written: some final outputs are not up to date with this config (a "
+            "run of single targets or --until); run `snakemake` without targets to bring them "
+            f"up to date and write {path}."
+        )
+        return
+    cmd = [sys.executable, "-m", "snakemake", "--report", path, *same]
     logger.info(f"Writing the report: {shlex.join(cmd)}")
     done = subprocess.run(cmd, capture_output=True, text=True)
     log.write_text(done.stdout + done.stderr)
