@@ -307,11 +307,12 @@ def plot_tsne(
         )
     if out_umap is not None:
         try:
-            import umap  # optional: pip install "simclr-path[umap]"
+            import umap  # optional: the package's "umap" extra
         except ImportError:
             raise SimclrPathError(
                 "--out-umap needs the optional package umap-learn; install it with "
-                "pip install 'simclr-path[umap]' or leave --out-umap out"
+                "pip install umap-learn (or pip install -e '.[umap]' in the simclr-path folder) "
+                "or leave --out-umap out"
             ) from None
     df = sample_embeddings(embedding_paths, max_points, samples=samples, seed=seed)
     # every sampled file's store, checked against the file before any figure is written
