@@ -88,9 +88,15 @@ def _crop_matched_size(train_size: int, crop_scale: Sequence[float] | None) -> f
 
 
 def tissue_scale_mismatch(info: dict[str, Any], store, image_size: int) -> str | None:
-    """Why whole patches of ``store`` resized to ``image_size`` show tissue at another scale
-    than the encoder trained on, or None when they match (within 10 % or the 8 px rounding of
-    :func:`fixres_size`) or the scale is unknown (imported tiles have no mpp)."""
+    """Why whole patches of ``store`` resized to ``image_size`` show tissue at a scale the
+    encoder never saw in training, or None when they do not (or the scale is unknown: imported
+    tiles have no mpp).
+
+    Its views of crop area ``s`` in ``[a, b]`` showed the training patches' tissue at every size
+    from ``train_size / sqrt(b)`` to ``train_size / sqrt(a)`` (for whole patches of this store:
+    times :func:`side_ratio`); a size inside that range, with 10 % or 8 px of slack, is fine.
+    :func:`fixres_size` aims at the mean of the range.
+    """
     enc_mpp, store_mpp = info.get("mpp"), store.mpp
     if not (enc_mpp and store_mpp):
         return None
@@ -100,16 +106,19 @@ def tissue_scale_mismatch(info: dict[str, Any], store, image_size: int) -> str |
             return None
         return (f"patches are at {store_mpp:g} um/px but the encoder was trained at "
                 f"{float(enc_mpp):g} um/px")
-    ideal = _crop_matched_size(int(info["image_size"]), info.get("crop_scale")) * ratio
-    if abs(image_size - ideal) <= max(0.1 * ideal, 8.0):
+    train = int(info["image_size"])
+    a, b = (float(v) for v in (info.get("crop_scale") or (1.0, 1.0)))
+    lo, hi = train * ratio / math.sqrt(b), train * ratio / math.sqrt(a)
+    if lo - max(0.1 * lo, 8.0) <= image_size <= hi + max(0.1 * hi, 8.0):
         return None
+    seen = f"{lo:.0f} px" if hi - lo < 1 else f"{lo:.0f}-{hi:.0f} px"
     why = (f"at {image_size} px its {store.patch_size} px patches at {store_mpp:g} um/px show "
-           f"tissue {image_size / ideal:.2g}x as large as the encoder saw in training "
-           f"({info['patch_size']} px patches at {float(enc_mpp):g} um/px, {info['image_size']} px "
-           f"views; about {ideal:.0f} px would match)")
-    if ideal > store.patch_size:  # the patches hold too few pixels for the encoder's scale
+           f"tissue {'smaller' if image_size < lo else 'larger'} than in any training view "
+           f"({info['patch_size']} px patches at {float(enc_mpp):g} um/px seen at {train} px "
+           f"with crop scale {a:g}-{b:g}: {seen} for these patches)")
+    if image_size < lo and lo > store.patch_size:  # the patches hold too few pixels
         return (f"{why}: more than the {store.patch_size} stored pixels; tile at "
-                f"--mpp {store_mpp * store.patch_size / ideal:.2g} or finer")
+                f"--mpp {store_mpp * store.patch_size / lo:.2g} or finer")
     return why
 
 

@@ -11,7 +11,8 @@ Required columns: ``slide_id``, ``path``, ``label``, ``patient_id``. Optional: `
 microns per pixel, for slides whose files lack it; empty = read from the file) and ``split``
 (``train`` or ``test`` on every row; when given, the classifier uses it instead of grouped K-fold).
 Other columns are kept with a warning, except near-misses of ``split`` or ``mpp`` (``spilt``,
-``mmp``), which stop: ignoring them would change the evaluation or the tissue scale without a word.
+``Split``, ``MPP``: other case, a letter wrong, missing, extra or swapped; ``pmp``), which stop:
+ignoring them would change the evaluation or the tissue scale without a word.
 Lines starting with ``#`` are comments.
 
 Relative paths are resolved against the current directory first (what Snakemake users expect:
@@ -98,31 +99,38 @@ def read_samples(
     )
 
 
-def _near_miss(name: str, candidates: Sequence[str]) -> str | None:
+def _near_miss(name: str, candidates: Sequence[str], loose: bool = False) -> str | None:
     """The candidate column ``name`` looks like a misspelling of, if any: the same name in other
-    case, one typo away (a letter wrong, missing, extra, or two neighbours swapped: 'mmp',
-    'spilt'), or close by difflib's ratio (0.75 and up, so that 'site' is not taken for 'split')."""
+    case, or one letter away (a letter wrong, missing or extra, or two neighbours swapped:
+    'spilt', 'splits'); for names under 4 letters only a swap ('pmp'), since one letter turns
+    'mpp' into words ('map', 'app'). A digit or separator added is another column ('split2',
+    'mpp_x', 'cv_split'). ``loose`` adds difflib's matches (ratio 0.75 and up): for a hint in
+    an error that happens anyway, never to make one."""
     low = name.lower()
     for c in candidates:
-        if low == c or _one_typo(low, c):
+        if low == c or _one_typo(low, c, swap_only=len(c) < 4):
             return c
+    if not loose:
+        return None
     close = difflib.get_close_matches(low, list(candidates), n=1, cutoff=0.75)
     return close[0] if close else None
 
 
-def _one_typo(a: str, b: str) -> bool:
-    """Whether ``a`` and ``b`` differ by one edit: a substitution, an insertion or deletion, or
-    a swap of two neighbouring letters."""
+def _one_typo(a: str, b: str, swap_only: bool = False) -> bool:
+    """Whether ``a`` and ``b`` differ by one edit of letters: a substitution, an insertion or
+    deletion, or a swap of two neighbours (only the swap with ``swap_only``)."""
     if abs(len(a) - len(b)) > 1 or a == b:
         return False
     if len(a) == len(b):
         diff = [i for i in range(len(a)) if a[i] != b[i]]
-        return len(diff) == 1 or (
-            len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
-            and a[diff[1]] == b[diff[0]]
-        )
+        swap = (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+                and a[diff[1]] == b[diff[0]])
+        return swap or (not swap_only and len(diff) == 1 and a[diff[0]].isalpha())
+    if swap_only:
+        return False
     short, long_ = sorted((a, b), key=len)
-    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+    return any(long_[:i] + long_[i + 1:] == short and long_[i].isalpha()
+               for i in range(len(long_)))
 
 
 def validate_samples(
@@ -140,10 +148,12 @@ def validate_samples(
     df = df[[c for c in df.columns if not (c.startswith("Unnamed: ") and
                                            (df[c].fillna("").astype(str).str.strip() == "").all())]]
     unknown = [c for c in df.columns if c not in known]
-    meant = {c: _near_miss(c, [k for k in known if k not in df.columns]) for c in unknown}
+    absent = [k for k in known if k not in df.columns]
+    meant = {c: _near_miss(c, absent) for c in unknown}
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        hint = "".join(f" (did you mean {k!r} for column {c!r}?)" for c, k in meant.items()
+        loose = {c: _near_miss(c, absent, loose=True) for c in unknown}
+        hint = "".join(f" (did you mean {k!r} for column {c!r}?)" for c, k in loose.items()
                        if k in missing)
         raise SimclrPathError(
             f"{where}: missing column(s) {', '.join(missing)}{hint}; the sheet must be "

@@ -934,7 +934,6 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         nonlocal saved_step
         if not world.main:
             return
-        saved_step = step
         save_checkpoint(out / "checkpoint.pt", {
             "format_version": CHECKPOINT_VERSION, "simclr_path_version": __version__,
             "step": step, "epoch": step // spe, "batch_in_epoch": step % spe,
@@ -950,6 +949,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             "budget_fit": fit or {}, "augment_requested": (fit or {}).get("augment_requested"),
             "stores": stores_record,  # resume refuses other stores (the batch plan indexes them)
         })
+        saved_step = step  # only once it is on disk: a failed save keeps the older one
 
     # ---- loop ----
     from tqdm.auto import tqdm
@@ -1084,10 +1084,14 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=sync_group)
                 elapsed, signalled = float(shared[0]), bool(shared[1])
             if signalled:  # all ranks are here: save this step, then stop every one of them
+                why = ""
                 if flush(check=False) and step > saved_step:
-                    checkpoint(step, wall_before + time.perf_counter() - t0)
+                    try:  # rank 0 writes; a failure (disk full) must still reach the barrier
+                        checkpoint(step, wall_before + time.perf_counter() - t0)
+                    except Exception as exc:  # noqa: BLE001 - the interrupt still stops the run
+                        why = f", could not save it ({type(exc).__name__}: {exc})"
                 if world.main:
-                    warnings.warn(f"{out / 'checkpoint.pt'}: interrupted after step {step}; "
+                    warnings.warn(f"{out / 'checkpoint.pt'}: interrupted after step {step}{why}; "
                                   f"--resume continues from step {saved_step}", stacklevel=2)
                 dist.barrier(group=sync_group)  # no rank leaves (torchrun would end rank 0) mid-save
                 guard.fire()

@@ -223,20 +223,32 @@ def test_tissue_scale_mismatch_is_judged_on_the_tissue_per_input_pixel():
 
     from simclr_path.embed import default_image_size, tissue_scale_mismatch
 
+    # views of crop area 0.2-1 at 128 px showed 224 px patches' tissue as at 128-286 px
     info = {"image_size": 128, "crop_scale": [0.2, 1.0], "patch_size": 224, "mpp": 0.5}
     same = SimpleNamespace(mpp=0.5, patch_size=224)
     finer = SimpleNamespace(mpp=0.25, patch_size=448)  # the same field of view, twice the pixels
-    coarse = SimpleNamespace(mpp=1.0, patch_size=112)
-    for store in (same, finer):  # embed's own size matches, whatever the store's mpp
+    coarse = SimpleNamespace(mpp=1.0, patch_size=112)  # half the pixels of the same tissue
+    for store in (same, finer, coarse):  # embed's own size matches, whatever the store's mpp
         assert tissue_scale_mismatch(info, store, default_image_size(info, store)) is None
     # the old rule (the mpp differs) warned about `finer` although embed had compensated
-    assert default_image_size(info, finer) == 168  # 448 px of 0.25 um/px hold 224 px of 0.5
-    msg = tissue_scale_mismatch(info, same, 224)  # a size given by hand: tissue 1.3x as large
-    assert msg.startswith("at 224 px its 224 px patches at 0.5 um/px show tissue 1.3x as large")
-    assert "about 169 px would match" in msg and "tile at" not in msg
-    # 112 px of 1 um/px cannot show 0.5 um/px detail: the patches are the limit
-    msg = tissue_scale_mismatch(info, coarse, default_image_size(info, coarse))
-    assert "more than the 112 stored pixels; tile at --mpp 0.66 or finer" in msg
+    assert default_image_size(info, finer) == 168
+    assert tissue_scale_mismatch(info, same, 224) is None  # inside the range the views covered
+    assert tissue_scale_mismatch(info, same, 128) is None  # a whole-patch view's scale
+    msg = tissue_scale_mismatch(info, same, 96)  # a size given by hand, below every view
+    assert msg.startswith("at 96 px its 224 px patches at 0.5 um/px show tissue smaller than in "
+                          "any training view") and "128-286 px for these patches" in msg
+    assert "tile at" not in msg
+    assert "larger than in any" in tissue_scale_mismatch(info, same, 336)
+    # 64 px of 2 um/px hold a little more tissue than the training patches in under a third of
+    # their pixels: no size up to the stored one reaches the 146 px of the whole-patch views
+    few = SimpleNamespace(mpp=2.0, patch_size=64)
+    assert default_image_size(info, few) == 64
+    msg = tissue_scale_mismatch(info, few, 64)
+    assert "more than the 64 stored pixels; tile at --mpp 0.88 or finer" in msg
+    # views as large as the patches (the package defaults, the demo): whole patches at the
+    # training size are the largest crops' scale, not a mismatch
+    full = {"image_size": 224, "crop_scale": [0.2, 1.0], "patch_size": 224, "mpp": 0.5}
+    assert default_image_size(full, same) == 224 and tissue_scale_mismatch(full, same, 224) is None
     assert tissue_scale_mismatch({"mpp": 0.5}, coarse, 112).startswith(
         "patches are at 1 um/px but the encoder was trained at 0.5 um/px")  # no training size
     assert tissue_scale_mismatch(info, SimpleNamespace(mpp=None, patch_size=224), 64) is None
@@ -251,10 +263,13 @@ def test_embed_warns_about_a_hand_picked_size_with_the_fix(make_store, tmp_path)
     save_encoder(create_backbone(ARCH), enc, ARCH, image_size=32, crop_scale=[0.2, 1.0],
                  patch_size=64, mpp=mpp)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # embed's own size: nothing to say
+        warnings.simplefilter("error")  # embed's own size, or any inside the views' range
         embed_store(enc, store, tmp_path / "a.h5", EmbedConfig(workers=0), progress=False)
-    with pytest.warns(UserWarning, match=r"tissue 1.5x as large .*leave --image-size out to match it"):
-        embed_store(enc, store, tmp_path / "b.h5", EmbedConfig(workers=0, image_size=64),
+        embed_store(enc, store, tmp_path / "c.h5", EmbedConfig(workers=0, image_size=64),
+                    progress=False)
+    with pytest.warns(UserWarning, match=r"tissue smaller than in any training view .*leave "
+                      r"--image-size out to match it"):
+        embed_store(enc, store, tmp_path / "b.h5", EmbedConfig(workers=0, image_size=16),
                     progress=False)
 
 
@@ -273,8 +288,7 @@ def test_default_size_follows_the_encoders_crop_scale(make_store, tmp_path):
     assert mpp
     save_encoder(create_backbone(ARCH), enc, ARCH, force=True, image_size=32,
                  crop_scale=[0.2, 1.0], patch_size=32, mpp=mpp)
-    with pytest.warns(UserWarning, match="more than the 64 stored pixels; tile at --mpp"):
-        out = embed_store(enc, store, tmp_path / "g.h5", EmbedConfig(workers=0), progress=False)
+    out = embed_store(enc, store, tmp_path / "g.h5", EmbedConfig(workers=0), progress=False)
     assert EmbeddingStore(out).attrs["image_size"] == 64  # 42.2 x 2 = 84 -> at most 64 px
     # the same field of view (64 px at half the mpp): the training scale again
     save_encoder(create_backbone(ARCH), enc, ARCH, force=True, image_size=32,

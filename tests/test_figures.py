@@ -13,6 +13,18 @@ def _assert_png_not_blank(path, min_size=(300, 200)):
     assert img.std() > 5  # something is drawn
 
 
+def _with_a_training_slide(cls_dir, dst):
+    """A copy of a classify folder in which slide P0-SCC is a training slide of a samples-sheet
+    split: its patch rows have fold -1 (drawn without predictions)."""
+    import shutil
+
+    shutil.copytree(cls_dir, dst)
+    pp = pd.read_csv(dst / "predictions_patches.csv", dtype={"slide_id": str})
+    pp.loc[pp["slide_id"] == "P0-SCC", "fold"] = -1
+    pp.to_csv(dst / "predictions_patches.csv", index=False)
+    return dst
+
+
 def test_plot_loss_cli(tmp_path, capsys):
     df = pd.DataFrame(
         {"step": np.arange(50), "loss": np.linspace(5, 2, 50), "lr": np.linspace(0, 1e-3, 50)}
@@ -302,7 +314,6 @@ def test_heatmap_refuses_a_slide_id_that_is_not_the_stores(cohort, tmp_path, cap
 
 def test_a_slide_without_held_out_predictions_gets_its_picture_and_the_reason(cohort, tmp_path,
                                                                             capsys):
-    import shutil
 
     from simclr_path.store import PatchStoreWriter
 
@@ -315,11 +326,7 @@ def test_a_slide_without_held_out_predictions_gets_its_picture_and_the_reason(co
                  str(tmp_path / "blank.h5"), "--out", str(out)]) == 0, capsys.readouterr().err
     assert out.stat().st_size > 0
     # a training slide of a samples-sheet split: rows with fold -1 only
-    cls = tmp_path / "cls"
-    shutil.copytree(cohort["cls"], cls)
-    pp = pd.read_csv(cls / "predictions_patches.csv", dtype={"slide_id": str})
-    pp.loc[pp["slide_id"] == "P0-SCC", "fold"] = -1
-    pp.to_csv(cls / "predictions_patches.csv", index=False)
+    cls = _with_a_training_slide(cohort["cls"], tmp_path / "cls")
     out = tmp_path / "train.png"
     assert main(["plot-heatmap", "--classify", str(cls), "--store", str(cohort["stores"][0]),
                  "--out", str(out)]) == 0, capsys.readouterr().err
@@ -702,7 +709,6 @@ def _heatmap_fails(argv, out, capsys, *match):
 
 
 def test_heatmap_refuses_predictions_of_another_tiling_of_the_slide(cohort, tmp_path, capsys):
-    import shutil
 
     from simclr_path.classify import predict
 
@@ -710,11 +716,7 @@ def test_heatmap_refuses_predictions_of_another_tiling_of_the_slide(cohort, tmp_
     shifted = _other_tiling(tmp_path / "shifted.h5", offset=16)  # 36 patches, other places
     pred = predict(cohort["cls"], cohort["embs"][:1], tmp_path / "pred.csv")
     # a training slide of a split is drawn without predictions, but its store is still checked
-    train = tmp_path / "train"
-    shutil.copytree(cohort["cls"], train)
-    pp = pd.read_csv(train / "predictions_patches.csv", dtype={"slide_id": str})
-    pp.loc[pp["slide_id"] == "P0-SCC", "fold"] = -1
-    pp.to_csv(train / "predictions_patches.csv", index=False)
+    train = _with_a_training_slide(cohort["cls"], tmp_path / "train")
     out = tmp_path / "hm.png"
     for src in (cohort["cls"], pred, train):
         table = src if src == pred else src / "predictions_patches.csv"

@@ -174,7 +174,8 @@ def test_only_whole_lines_starting_with_hash_are_comments(tmp_path):
 
 @pytest.mark.parametrize(
     "column, meant",
-    [("spilt", "split"), ("Split", "split"), ("splits", "split"), ("mmp", "mpp"), ("MPP", "mpp")],
+    [("spilt", "split"), ("Split", "split"), ("splits", "split"), ("splt", "split"),
+     ("pmp", "mpp"), ("MPP", "mpp")],
 )
 def test_a_near_miss_of_an_optional_column_is_an_error(tmp_path, column, meant):
     # ignored, a misspelled split would mean K-fold evaluation (training on the test slides) and a
@@ -204,6 +205,18 @@ def test_unknown_columns_warn_and_are_kept(tmp_path, recwarn):
                    header=HEADER + "\t", name="tab.tsv")
     assert len(read_samples(sheet, check_files=False)) == 2
     assert not [w for w in recwarn if "not used" in str(w.message)]
+
+
+@pytest.mark.parametrize("column", ["cv_split", "split2", "split_id", "resplit", "mpp_x", "map",
+                                    "app", "site", "stain"])
+def test_other_columns_close_to_split_or_mpp_only_warn(tmp_path, column):
+    """Exported metadata ('mpp_x', 'cv_split') and words one letter from 'mpp' are columns of
+    their own: a warning names them, they do not stop the run."""
+    sheet = _sheet(tmp_path, ["A\twsi/A.svs\tSCC\tP1\t1", "B\twsi/B.svs\tnormal\tP2\t2"],
+                   header=f"{HEADER}\t{column}")
+    with pytest.warns(UserWarning, match=f"column\\(s\\) '{column}' are not used"):
+        df = read_samples(sheet, check_files=False)
+    assert column in df.columns
 
 
 def test_a_missing_column_names_its_near_miss(tmp_path):

@@ -123,6 +123,25 @@ def test_interrupted_then_resumed_equals_uninterrupted(stop, stores, tmp_path, m
     _same_run(tmp_path / "full", tmp_path / "cut")
 
 
+def test_an_interrupt_whose_save_fails_names_the_older_checkpoint(stores, tmp_path, monkeypatch):
+    cfg = _cfg(max_steps=5, checkpoint_every=2, log_every=1)
+    real = T.save_checkpoint
+
+    def disk_full(path, state):
+        if state["step"] == 3:
+            raise OSError(28, "No space left on device")
+        real(path, state)
+
+    monkeypatch.setattr(T, "save_checkpoint", disk_full)
+    monkeypatch.setattr(T, "_on_step_end", lambda step: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if step == 3 else None)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(
+            UserWarning, match=r"interrupted after step 3, could not save it \(OSError: .*No space "
+            r"left on device\); --resume continues from step 2"):
+        T.pretrain(stores, tmp_path / "cut", cfg, progress=False)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 def test_interrupt_during_a_step_saves_only_finished_steps(stores, tmp_path, monkeypatch):
     """Ctrl-C in the middle of a step's update waits for the step to finish, which is saved;
     an interruption the loop cannot defer leaves the last checkpoint, never a half-updated one."""
@@ -181,6 +200,17 @@ def test_defer_signals_holds_one_interrupt_and_lets_a_second_through():
     assert not off.previous and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+# two CPU processes (gloo) under torchrun, as the README's multi-GPU command; the arguments of
+# `pretrain` after the stores and --out
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun_pretrain(stores, out, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "simclr_path",
+            "pretrain", *map(str, stores), "--out", str(out), *BASE, "--batch-size", "4",
+            "--arch", "test_resnet", "--no-progress", *extra]
+
+
 def test_defer_signals_under_ddp_wait_for_the_ranks_to_agree(monkeypatch):
     import signal
 
@@ -216,11 +246,9 @@ def test_torchrun_interrupt_saves_the_step_every_rank_finished(tmp_path):
     out = tmp_path / "run"
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump({"train": {"log_every": 1, "checkpoint_every": 100000}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "simclr_path",
-           "pretrain", str(a), "--out", str(out), *BASE, "--batch-size", "4",
-           "--max-steps", "100000", "--arch", "test_resnet", "--no-progress", "--config", str(conf)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    cmd = _torchrun_pretrain([a], out, "--max-steps", "100000", "--config", str(conf))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=TORCHRUN_ENV)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -649,11 +677,9 @@ def test_torchrun_two_gloo_processes(tmp_path):
     a = _easy_store(tmp_path / "a.h5")
     b = _easy_store(tmp_path / "b.h5", seed=1)
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "simclr_path",
-           "pretrain", str(a), str(b), "--out", str(out), *BASE, "--batch-size", "4", "--max-steps", "2",
-           "--arch", "test_resnet", "--no-progress"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    cmd = _torchrun_pretrain([a, b], out, "--max-steps", "2")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=TORCHRUN_ENV, timeout=300,
+                         check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 8 and summary["steps"] == 2
@@ -667,11 +693,10 @@ def test_torchrun_two_gloo_processes_with_multi_crop(tmp_path):
     out = tmp_path / "run"
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump({"augment": {"local_crops": 1, "local_size": 32}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "simclr_path",
-           "pretrain", str(a), "--out", str(out), *BASE, "--batch-size", "4", "--max-steps", "2",
-           "--arch", "test_resnet", "--config", str(cfg_file), "--local-crops", "2", "--no-progress"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    cmd = _torchrun_pretrain([a], out, "--max-steps", "2", "--config", str(cfg_file),
+                             "--local-crops", "2")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=TORCHRUN_ENV, timeout=300,
+                         check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2 and np.isfinite(summary["final_loss"])

@@ -499,12 +499,19 @@ def write_report(path):
     same += ["--replace-workflow-config"]
     # present is not enough: after a run of single targets or --until, outputs that this run did
     # not rebuild are older than their inputs, and a report would mix two states of the results
+    # with this run's rerun triggers (--rerun-triggers mtime must not see code edits as pending)
+    triggers = sorted(t.item_to_choice() for t in workflow.dag_settings.rerun_triggers)
     check = [sys.executable, "-m", "snakemake", "--dry-run", "--nolock", *same]
+    check += ["--rerun-triggers", *triggers]
     pending = subprocess.run(check, capture_output=True, text=True)
-    if (
-        pending.returncode != 0
-        or "Nothing to be done" not in pending.stdout + pending.stderr
-    ):
+    if pending.returncode != 0:
+        log.write_text(pending.stdout + pending.stderr)
+        fail(
+            f"report not written: the dry run that checks the outputs are up to date failed "
+            f"(exit {pending.returncode}); its output is in {log}; fix it and run "
+            f"`snakemake --report {path}`"
+        )
+    if "Nothing to be done" not in pending.stdout + pending.stderr:
         logger.info(
             "Report not written: some final outputs are not up to date with this config (a "
             "run of single targets or --until); run `snakemake` without targets to bring them "
