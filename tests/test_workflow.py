@@ -6,6 +6,7 @@ workflow/, config/, envs/), so nothing is written into the checkout.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -260,6 +262,18 @@ def test_a_positive_label_missing_from_the_sheet_stops_dag_build(tmp_path):
     line = _one_error_line(smk(workdir(tmp_path / "f", dict(good, classify={
         **good["classify"], "positive_label": None}), tsv(rows)), "-n", "--cores", "1"))
     assert "classify.positive_label is null, but" in line and "two classes" in line
+
+
+def test_a_probe_label_fraction_beside_finetune_eval_stops_dag_build(tmp_path):
+    """The comparison's full-label probe is rule classify: at a fraction of its own it would be
+    tabled as 100 %."""
+    cfg = dict(TINY, finetune_eval=[1.0, 0.5],
+               classify={**TINY["classify"], "label_fraction": 0.5})
+    line = _one_error_line(smk(workdir(tmp_path, cfg, tsv(demo_rows(4))), "-n", "--cores", "1"))
+    assert "config: classify.label_fraction 0.5 with finetune_eval" in line
+    ok = dict(TINY, classify={**TINY["classify"], "label_fraction": 0.5})  # alone: a design
+    done = smk(workdir(tmp_path / "b", ok, tsv(demo_rows(4))), "-n", "--cores", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_a_class_of_one_patient_is_warned_about_at_the_start(tmp_path):
@@ -530,6 +544,16 @@ def test_tiny_end_to_end_with_report(tmp_path):
     for frac in (1.0, 0.5):
         at = ft[ft["label_fraction"] == frac]
         assert at["labelled_patients_per_fold"].nunique() == 1
+    # fine-tuning may hold validation patients out of the labelled ones: the table counts the
+    # patients each method trained on, from its metrics.json
+    probe, tuned = ft[ft["method"] == "linear probe"], ft[ft["method"] == "fine-tuned"]
+    assert (probe["trained_patients_per_fold"] == probe["labelled_patients_per_fold"]).all()
+    for frac, got in zip(tuned["label_fraction"], tuned["trained_patients_per_fold"]):
+        folds = json.loads((wf / f"results/finetune/baseline/labels_{frac}/metrics.json")
+                           .read_text())["folds"]
+        assert got == np.mean([f["n_train_patients"] for f in folds])
+        assert all(f["n_train_patients"] + f.get("n_val_patients", 0) == f["n_labelled_patients"]
+                   for f in folds)
     for path in ("finetune.png", "finetune.html"):
         assert (wf / "results/summary/baseline" / path).stat().st_size > 0
     runs = (wf / "results/summary/runs.tsv").read_text().splitlines()

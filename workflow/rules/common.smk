@@ -331,6 +331,27 @@ def check_patients_per_class():
 check_patients_per_class()
 
 
+def check_fraction_design():
+    """finetune_eval compares the probe and fine-tuning at the fractions it lists; the main
+    probe (its 1.0 row, the runs table) at a classify.label_fraction of its own would pass for
+    the full-label probe."""
+    if not FRACTIONS:
+        return
+    for run, cfg in RUN_CFG.items():
+        if cfg.classify.label_fraction < 1.0:
+            over = (config["runs"][run] or {}).get("classify") or {}
+            where = f"config runs.{run}" if "label_fraction" in over else "config"
+            fail(
+                f"{where}: classify.label_fraction {cfg.classify.label_fraction:g} with "
+                "finetune_eval: the comparison sets the fractions itself (the probe's 1.0 row is "
+                "rule classify); leave classify.label_fraction at 1 and list the fractions in "
+                "finetune_eval"
+            )
+
+
+check_fraction_design()
+
+
 def one_of(names):
     """Wildcard regex matching exactly these names (never matches when the list is empty)."""
     return "|".join(re.escape(n) for n in names) if names else "(?!x)x"

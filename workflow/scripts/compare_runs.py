@@ -143,18 +143,29 @@ def plot_fractions(df: pd.DataFrame, out: str, title: str) -> None:
     save_figure(fig, out)
 
 
+def _fold_mean(folds, key) -> float:
+    n = [f[key] for f in folds if key in f]
+    return float(np.mean(n)) if n else float("nan")
+
+
 def summarise_fractions(rows, metrics_files, pretrain_file) -> pd.DataFrame:
-    """One row per (method, label fraction), with the mean labelled patients per fold."""
+    """One row per (method, label fraction), with the mean labelled patients per fold and, of
+    those, the ones trained on (fine-tuning holds some out to pick its epoch). The fraction is
+    the one each metrics.json records (``task.label_fraction``), not the one asked for: a
+    probe run at another fraction must not pass for the one in its row."""
     names = [f"{r['method']}, {percent(r['label_fraction'])} labels" for r in rows]
     df = summarise(names, metrics_files, [pretrain_file] * len(names), {})
     df = df.drop(columns=["run", "overrides", "description"])
-    labelled = []
-    for mf in metrics_files:
-        folds = json.loads(Path(mf).read_text()).get("folds", [])
-        n = [f["n_labelled_patients"] for f in folds if "n_labelled_patients" in f]
-        labelled.append(float(np.mean(n)) if n else float("nan"))
+    labelled, trained, fractions = [], [], []
+    for r, mf in zip(rows, metrics_files):
+        m = json.loads(Path(mf).read_text())
+        folds = m.get("folds", [])
+        labelled.append(_fold_mean(folds, "n_labelled_patients"))
+        trained.append(_fold_mean(folds, "n_train_patients"))
+        fractions.append(float(m.get("task", {}).get("label_fraction", r["label_fraction"])))
+    df.insert(0, "trained_patients_per_fold", trained)
     df.insert(0, "labelled_patients_per_fold", labelled)
-    df.insert(0, "label_fraction", [float(r["label_fraction"]) for r in rows])
+    df.insert(0, "label_fraction", fractions)
     df.insert(0, "method", [r["method"] for r in rows])
     return df
 
@@ -176,8 +187,8 @@ def main(sm) -> None:
         plot_fractions(df, sm.output.png, title)
         html = df.map(fmt).to_html(index=False, border=0)
         Path(sm.output.html).write_text(
-            f"<html><body><h3>{title} (same folds; at each fraction the same labelled patients)"
-            f"</h3>{html}</body></html>\n"
+            f"<html><body><h3>{title} (same folds; at each fraction the same labelled patients; "
+            f"fine-tuning trains on those less its validation patients)</h3>{html}</body></html>\n"
         )
         return
     names = list(sm.params.runs)
