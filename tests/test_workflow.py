@@ -264,6 +264,20 @@ def test_a_positive_label_missing_from_the_sheet_stops_dag_build(tmp_path):
     assert "classify.positive_label is null, but" in line and "two classes" in line
 
 
+def test_a_layer_the_model_lacks_stops_dag_build(tmp_path):
+    """embed_layer would say so only after pretraining."""
+    cfg = dict(TINY, layer_eval=["stage2", "stage7"])
+    line = _one_error_line(smk(workdir(tmp_path, cfg, tsv(demo_rows(4))), "-n", "--cores", "1"))
+    assert "config layer_eval (run baseline, model.arch resnet18): layer 'stage7': the model " \
+        "has feature stages 0-4" in line
+    typo = dict(TINY, layer_eval=["stage2"], model={**TINY["model"], "arch": "resnet1800"})
+    line = _one_error_line(smk(workdir(tmp_path / "b", typo, tsv(demo_rows(4))), "-n", "--cores", "1"))
+    assert "model.arch resnet1800" in line and "unknown timm model 'resnet1800'" in line
+    ok = dict(TINY, layer_eval=["stage4", "pooled", "head"])
+    done = smk(workdir(tmp_path / "c", ok, tsv(demo_rows(4))), "-n", "--cores", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_a_probe_label_fraction_beside_finetune_eval_stops_dag_build(tmp_path):
     """The comparison's full-label probe is rule classify: at a fraction of its own it would be
     tabled as 100 %."""

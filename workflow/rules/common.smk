@@ -352,6 +352,34 @@ def check_fraction_design():
 check_fraction_design()
 
 
+def check_layers():
+    """A layer_eval entry a run's model lacks (stage7 of a 5-stage ResNet, head without a
+    projection head) fails embed_layer only after pretraining: build each arch's backbone on
+    PyTorch's meta device (no memory, no weights) and ask. Only with stage or head layers:
+    importing torch costs every DAG build 2-3 s."""
+    if not any(layer != "pooled" for layer in LAYERS):
+        return
+    import torch
+
+    from simclr_path.embed import FeatureExtractor
+    from simclr_path.model import create_backbone
+
+    backbones = {}
+    for run, cfg in RUN_CFG.items():
+        arch = cfg.model.arch
+        try:
+            if arch not in backbones:
+                with torch.device("meta"):
+                    backbones[arch] = create_backbone(arch)
+            for layer in LAYERS:  # every run saves a head (the identity at depth 0)
+                FeatureExtractor(backbones[arch], layer, torch.nn.Identity())
+        except SimclrPathError as exc:
+            fail(f"config layer_eval (run {run}, model.arch {arch}): {exc}")
+
+
+check_layers()
+
+
 def one_of(names):
     """Wildcard regex matching exactly these names (never matches when the list is empty)."""
     return "|".join(re.escape(n) for n in names) if names else "(?!x)x"
