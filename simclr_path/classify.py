@@ -41,8 +41,7 @@ from simclr_path.store import EmbeddingStore
 # what this command writes into its results folder: --force replaces only a folder holding one
 RESULT_FILES = ("metrics.json", "predictions_patches.csv", "predictions_slides.csv", "model.npz", "model.json")
 
-MODEL_FORMAT_VERSION = 1
-KNOWN_MODEL_FORMATS = (1,)  # what LinearModel.load reads
+MODEL_FORMAT_VERSION = 1  # the one LinearModel.load reads
 MODEL_KIND = "standard_scaler+logistic_regression"
 SCALAR_KEYS = (
     "auroc",
@@ -555,8 +554,7 @@ def _check_disjoint(train_patients: np.ndarray, test_patients: np.ndarray) -> No
 # Model
 # ----------------------------------------------------------------------------------------------
 def fit_probe(
-    X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, cfg: ClassifyConfig,
-    classes: Sequence[str] | None = None,
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray, classes: Sequence[str], cfg: ClassifyConfig
 ):
     """StandardScaler + LogisticRegression(class_weight="balanced"); C by inner grouped CV.
 
@@ -570,10 +568,10 @@ def fit_probe(
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
+    n_classes = len(classes)  # y holds their indices
     present = set(np.unique(y).tolist())
     if len(present) < n_classes:
-        names = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
-        lack = [names[i] for i in range(n_classes) if i not in present]
+        lack = [classes[i] for i in range(n_classes) if i not in present]
         raise SimclrPathError(
             f"a training fold has no patches of class {', '.join(map(repr, lack))}; add "
             "patients with slides of that class"
@@ -730,7 +728,7 @@ class LinearModel:
         if not isinstance(info, dict):
             raise damaged(f"a JSON {type(info).__name__}, not an object")
         version, kind = info.get("format_version"), info.get("kind")
-        if type(version) is not int or version not in KNOWN_MODEL_FORMATS:
+        if type(version) is not int or version != MODEL_FORMAT_VERSION:
             newer = type(version) is int and version > MODEL_FORMAT_VERSION
             if newer:
                 raise SimclrPathError(
@@ -910,8 +908,7 @@ def auroc_ci(
     ``auroc_ci95`` and ``auroc_ci95_note`` of ``metrics.json``)."""
     if cfg.bootstrap <= 0:
         return None, "CI not shown: the bootstrap is off (classify.bootstrap: 0)"
-    counts = slides_pred.groupby("label")["patient_id"].nunique()
-    per_class = {c: int(counts.get(c, 0)) for c in classes}
+    per_class = patients_per_class(slides_pred, classes)
     fewest = min(per_class.values())
     if fewest < MIN_CI_PATIENTS:
         few = (f"{fewest} patients per class" if len(set(per_class.values())) == 1 else
@@ -1106,7 +1103,7 @@ def classify(
         te = patch_fold == f
         tr, split = labelled(t.slides[np.asarray(fold_of_slide) != f], ~te, f)
         _check_disjoint(t.patient[tr], t.patient[te])
-        pipe, c, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg, t.classes)
+        pipe, c, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], t.classes, cfg)
         edges.append(edge)
         proba[te] = pipe.predict_proba(t.X[te])
         folds_out.append(
@@ -1127,7 +1124,7 @@ def classify(
     )
 
     tr, final_split = labelled(t.slides, np.ones(len(t.y), bool), FINAL_FOLD)
-    final, c_final, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], k, cfg, t.classes)
+    final, c_final, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], t.classes, cfg)
     model = LinearModel.from_pipeline(
         final,
         t.classes,
@@ -1245,7 +1242,7 @@ def check_compatible(model: LinearModel, model_dir: str | os.PathLike, s: Embedd
         raise SimclrPathError(f"{s.path}: embeddings of layer {a['layer']!r} but {where} was "
                               f"trained on layer {meta['layer']!r}; embed with --layer "
                               f"{meta['layer']}")
-    if "tta" in meta and meta["tta"] is not None and _tta(a) != bool(meta["tta"]):
+    if meta.get("tta") is not None and _tta(a) != bool(meta["tta"]):
         flag = "--tta" if meta["tta"] else "--no-tta"
         raise SimclrPathError(f"{s.path}: tta {_tta(a)} but {where} was trained on tta "
                               f"{bool(meta['tta'])} embeddings; embed with {flag}")

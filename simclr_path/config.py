@@ -53,9 +53,7 @@ class TileConfig:
     min_object_um2: float = 20000.0  # tissue components smaller than this are removed
     min_hole_um2: float = 20000.0  # holes smaller than this are filled
     remove_pen: bool = False  # suppress blue/green/black pen ink in the mask
-    # with remove_pen: drop patches more than this fraction of which is ink (with its 16 um
-    # margin); 0 drops every patch that touches a stroke, whatever tissue it also holds
-    max_pen: float = 0.0
+    max_pen: float = 0.0  # with remove_pen: drop patches with a larger ink share (16 um margin)
     drop_white: float | None = None  # drop patches whose fraction of near-white pixels exceeds this
     drop_black: float | None = None  # drop patches whose fraction of near-black pixels exceeds this
     drop_blur: float | None = None  # drop patches whose Laplacian variance is below this
@@ -276,9 +274,7 @@ class EmbedConfig:
 class ClassifyConfig:
     """Logistic-regression SCC classifier with patient-grouped evaluation."""
 
-    # the positive (tumour) class: its P() is the score of AUROC, sensitivity and heatmaps; null
-    # = none, for more than two classes only: macro one-vs-rest scores over all classes
-    positive_label: str | None = "SCC"
+    positive_label: str | None = "SCC"  # the tumour class scored; null: macro one-vs-rest (>2 classes)
     labels: list[str] = field(default_factory=lambda: ["SCC", "normal"])
     folds: int = 5
     inner_folds: int = 3

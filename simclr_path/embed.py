@@ -66,7 +66,10 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
     ratio 1 (or unknown), below ``train_size``. Without a crop scale (an encoder from an older
     version, or fine-tuned on whole patches) the training size is returned, scaled the same way.
     """
-    size = _crop_matched_size(train_size, crop_scale)
+    size = float(train_size)
+    if crop_scale:
+        a, b = float(crop_scale[0]), float(crop_scale[1])
+        size /= math.sqrt(a) if b - a < 1e-9 else 2.0 / 3.0 * (b ** 1.5 - a ** 1.5) / (b - a)
     rescaled = side_ratio is not None and abs(side_ratio - 1.0) > 1e-3
     if rescaled:
         size *= side_ratio
@@ -75,16 +78,6 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
     size = multiple * round(size / multiple)
     floor = multiple if rescaled else train_size
     return int(max(floor, min(size, patch_size)))
-
-
-def _crop_matched_size(train_size: int, crop_scale: Sequence[float] | None) -> float:
-    """``train_size / E[sqrt(s)]`` of :func:`fixres_size`, unrounded (the training size
-    without a crop scale)."""
-    size = float(train_size)
-    if crop_scale:
-        a, b = float(crop_scale[0]), float(crop_scale[1])
-        size /= math.sqrt(a) if b - a < 1e-9 else 2.0 / 3.0 * (b ** 1.5 - a ** 1.5) / (b - a)
-    return size
 
 
 def tissue_scale_mismatch(info: dict[str, Any], store, image_size: int) -> str | None:

@@ -415,15 +415,16 @@ def _stores_for(stores, embedding_paths, files) -> dict:
         named = src is not None and Path(src).is_file()
         candidates = sorted(candidates,
                             key=lambda st: not (named and os.path.samefile(st.path, src)))
-        why = [_embedding_mismatch(emb, st) for st in candidates]
-        if None not in why:
+        match = next((st for st in candidates if _embedding_mismatch(emb, st) is None), None)
+        if match is None:
             came = f" (it was embedded from {src})" if src else ""
             raise SimclrPathError(
                 f"{candidates[0].path}: not the patches {emb.path} was embedded from{came}: "
-                f"{why[0]}; {OTHER_TILING.format(sid=emb.slide_id)}. Pass the store the "
-                "embeddings were made from with --stores"
+                f"{_embedding_mismatch(emb, candidates[0])}; "
+                f"{OTHER_TILING.format(sid=emb.slide_id)}. Pass the store the embeddings were "
+                "made from with --stores"
             )
-        opened[fi] = candidates[why.index(None)]
+        opened[fi] = match
     return opened
 
 

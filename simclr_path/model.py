@@ -199,7 +199,8 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, device: str |
     if why:  # torch's own message names no tensor on its first line
         raise SimclrPathError(f"{p}: encoder does not match timm model {arch!r} ({why}); give "
                               f"the encoder.pt written with its encoder.json")
-    model.load_state_dict(sd, strict=True)
+    # strict=False: _mismatch checked every tensor but the num_batches_tracked counters
+    model.load_state_dict(sd, strict=False)
     return model.eval().to(device)
 
 

@@ -81,5 +81,5 @@ def qc_figure(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: f
     ax.set_ylabel("y on slide (mm)")
     ax.set_title(title, fontsize=10)
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False, fontsize=9)
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=9)
     return fig

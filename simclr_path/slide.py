@@ -100,13 +100,13 @@ def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: 
     Returns:
         (mpp, source) where source names the key used.
     """
+    stated = _metadata_mpp(properties)
     if slide_mpp is not None:
         if not _MPP_RANGE[0] <= slide_mpp <= _MPP_RANGE[1]:  # NaN fails too
             raise SimclrPathError(
                 f"--slide-mpp must be a positive number of level-0 microns per pixel between "
                 f"{_MPP_RANGE[0]:g} and {_MPP_RANGE[1]:g} (0.25 for a 40x scan, 0.5 for 20x), "
                 f"got {slide_mpp}")
-        stated = _metadata_mpp(properties)
         # a slip (0.25 for a 20x scan) would tile every patch at the wrong scale without a word
         if stated is not None and abs(slide_mpp / stated[0] - 1) > MPP_DISAGREE:
             warnings.warn(
@@ -114,7 +114,6 @@ def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: 
                 f"({stated[1]}); if the metadata is right, patches cover {slide_mpp / stated[0]:.2g}x "
                 "the intended width of tissue (leave --slide-mpp out to use it)", stacklevel=2)
         return float(slide_mpp), "--slide-mpp"
-    stated = _metadata_mpp(properties)
     if stated is not None:
         return stated
     objective = _float(properties.get("openslide.objective-power"))

@@ -259,28 +259,30 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
         level0_mpp, mpp_source = slide.mpp, slide.mpp_source
         # a sharper picture for people than the mask needs: the QC picture and, shrunk, the
         # store's thumbnail, on which heatmaps are drawn without the slide file. Without --qc
-        # a slide without a pyramid keeps the mask's picture: a second pass over its level 0
-        # only for the thumbnail would cost as much as the mask did
-        if qc is not None or slide.level_count > 1:
-            # without --qc only the store's thumbnail is needed: its smaller side often comes
-            # from a coarser level (a 20,480 px slide: 1,280 px instead of 5,120 px of level 1,
-            # which doubled the time to tile it)
-            side = _QC_SIDE if qc is not None else THUMBNAIL_SIDE
-            qc_img, qc_mpp = slide.read_at_mpp(max(width, height) * slide.mpp / side)
+        # only the thumbnail is needed, whose smaller side often comes from a coarser level (a
+        # 20,480 px slide: 1,280 px instead of 5,120 px of level 1, which doubled the time to
+        # tile it). No second read where the mask's picture is sharp enough (slides longer than
+        # side x 8 um), nor, without --qc, a second pass over the level 0 of a slide without a
+        # pyramid, which would cost as much as the mask did
+        want = max(width, height) * slide.mpp / (_QC_SIDE if qc is not None else THUMBNAIL_SIDE)
+        if want < thumb_mpp and (qc is not None or slide.level_count > 1):
+            qc_img, qc_mpp = slide.read_at_mpp(want)
         else:
             qc_img, qc_mpp = thumb, thumb_mpp
     ink = ink_mask(thumb, thumb_mpp) if cfg.remove_pen else None
     mask = tissue_mask(thumb, thumb_mpp, cfg, ink=ink)
     gx, gy = np.meshgrid(grid.xs, grid.ys)  # (ny, nx)
-    frac = tissue_fractions(mask, thumb_mpp, gx.ravel(), gy.ravel(), grid.size0, level0_mpp,
-                            level0_size=(width, height))
-    keep = (frac >= cfg.min_tissue).reshape(gy.shape) & mask.any()
+
+    def cell_share(m: np.ndarray) -> np.ndarray:  # (ny, nx) share of each grid cell in mask m
+        return tissue_fractions(m, thumb_mpp, gx.ravel(), gy.ravel(), grid.size0, level0_mpp,
+                                level0_size=(width, height)).reshape(gy.shape)
+
+    keep = (cell_share(mask) >= cfg.min_tissue) & mask.any()
     n_pen = 0
     if ink is not None and ink.any():
         # the mask lost the ink, but a cell beside a stroke can still hold enough tissue, and its
         # pixels would carry the ink into training and scoring
-        inked = tissue_fractions(ink, thumb_mpp, gx.ravel(), gy.ravel(), grid.size0, level0_mpp,
-                                 level0_size=(width, height)).reshape(gy.shape) > cfg.max_pen
+        inked = cell_share(ink) > cfg.max_pen
         n_pen = int((keep & inked).sum())
         keep &= ~inked
     n_tissue = int(keep.sum())

@@ -697,8 +697,9 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
     # ---- every check a user can fail comes before the run directory is touched ----
     device = resolve_device(t_cfg.device, world.local_rank)
     opened = open_stores(stores, image_size=a_cfg.image_size)
-    mpps = sorted({round(float(s.mpp), 4) for s in opened if s.mpp is not None})
-    if len(mpps) > 1 and world.main:  # legitimate for a scale-mixing study, a slip otherwise
+    mpps = sorted({float(s.mpp) for s in opened if s.mpp is not None})
+    # _store_mpp decides whether encoder.json records an mpp: warn exactly when it records none
+    if mpps and _store_mpp(opened) is None and world.main:  # fine for a scale-mixing study
         warnings.warn(
             f"the training stores are at {len(mpps)} resolutions ({', '.join(f'{m:g}' for m in mpps)} "
             "um/px): the encoder records no mpp, so 'embed' cannot match new slides to the tissue "
@@ -969,7 +970,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     budget_s = None if t_cfg.time_budget_s is None else max(
         1e-3, t_cfg.time_budget_s - (float(fit["trial_s"]) if fit and ck is None else 0.0))
     bar_total = total_steps
-    if fit and ck is None and fit["rungs"][fit["chosen"]].get("predicted_steps"):
+    # rank 0 only: other ranks keep their own trial rows, which rank 0's choice may not index
+    if world.main and fit and ck is None and fit["rungs"][fit["chosen"]].get("predicted_steps"):
         # until the step rate is measured and the run re-planned, the fit's estimate: max_steps
         # would show the ETA of a run the budget cannot buy
         bar_total = min(total_steps, max(1, int(fit["rungs"][fit["chosen"]]["predicted_steps"])))
@@ -1120,28 +1122,25 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         if stopped == "completed" and planned <= step < total_steps:
             stopped = "time_budget"  # the re-planned schedule ended just before the budget
         flush()
-    except (KeyboardInterrupt, SystemExit):
+    except BaseException as exc:
         # Ctrl-C or SIGTERM (the CLI's Terminated): keep the steps done, so that --resume goes
         # on from here rather than from the last periodic checkpoint (train.checkpoint_every
         # apart, more steps than a CPU budget buys). Only from a finished step's state, and only
         # for a single process: DDP saved the step its ranks agreed on above, and an interrupt
         # that arrives here under DDP (a second signal) may have left a rank gone, so a
         # collective would hang. A signal after the last step under DDP lets the run finish.
-        if consistent and not world.enabled and step > start_step:
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        if interrupted and consistent and not world.enabled and step > start_step:
             try:
                 if flush(check=False):
                     if step > saved_step:
                         checkpoint(step, wall_before + time.perf_counter() - t0)
                     warnings.warn(f"{out / 'checkpoint.pt'}: interrupted after step {step}; saved "
                                   "it (--resume continues from there)", stacklevel=2)
-            except Exception as exc:  # noqa: BLE001 - e.g. disk full: the interrupt still stops the run
+            except Exception as err:  # noqa: BLE001 - e.g. disk full: the interrupt still stops the run
                 warnings.warn(f"{out / 'checkpoint.pt'}: interrupted after step {step}, could not "
-                              f"save it ({type(exc).__name__}: {exc}); --resume continues from "
+                              f"save it ({type(err).__name__}: {err}); --resume continues from "
                               f"step {saved_step}", stacklevel=2)
-        bar.close()
-        tracker.close(None)
-        raise
-    except BaseException:
         bar.close()
         tracker.close(None)
         raise

@@ -207,7 +207,7 @@ def test_predict_after_reload_equals_in_memory(tmp_path):
     paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=30, shift=1.0)
     classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
     t = load_table(paths, sheet, FAST)
-    pipe, c, _ = fit_probe(t.X, t.y, t.patient, 2, FAST)  # the final model, refitted in memory
+    pipe, c, _ = fit_probe(t.X, t.y, t.patient, t.classes, FAST)  # the final model, refitted in memory
     assert json.loads((tmp_path / "out" / "model.json").read_text())["C"] == c
     out = predict(tmp_path / "out", paths[:2], tmp_path / "pred.csv")
     df = pd.read_csv(out)
@@ -631,10 +631,10 @@ def test_fit_probe_flags_a_winning_grid_end_but_not_a_tie():
     cfg = ClassifyConfig(c_grid=[1e-4, 1e-3, 1e-2], inner_folds=3)
     # noisy, weakly informative features in many dimensions: strong regularisation scores best
     X = rng.normal(0, 1, (120, 300)) + 0.25 * y[:, None] * (rng.random(300) < 0.05)
-    assert fit_probe(X, y, groups, 2, cfg)[1:] == (1e-4, "below")
+    assert fit_probe(X, y, groups, ["a", "b"], cfg)[1:] == (1e-4, "below")
     # perfectly separable: every C scores 1.0, the tie goes to the first and says nothing
     X = np.c_[y * 10.0, rng.normal(0, 1, (120, 3))]
-    assert fit_probe(X, y, groups, 2, cfg)[1:] == (1e-4, None)
+    assert fit_probe(X, y, groups, ["a", "b"], cfg)[1:] == (1e-4, None)
 
 
 def test_groups_of_several_classes_warn_that_they_count_as_their_majority(tmp_path):
@@ -656,7 +656,7 @@ def test_too_few_patients_for_inner_cv_uses_the_middle_of_an_unsorted_grid():
     X = np.random.default_rng(0).normal(size=(15, 3))
     cfg = ClassifyConfig(c_grid=[10.0, 1e-3, 1.0], inner_folds=3)
     with pytest.warns(UserWarning, match="using C=1.0"):
-        assert fit_probe(X, y, groups, 2, cfg)[1] == 1.0
+        assert fit_probe(X, y, groups, ["a", "b"], cfg)[1] == 1.0
 
 
 def _scaled(folder, patch_size, mpp, image_size, **kw):
@@ -799,7 +799,7 @@ def test_a_patient_with_slides_of_both_labels_is_named_when_folds_fail(tmp_path,
 def test_fit_probe_names_a_missing_class():
     X = np.random.default_rng(0).normal(size=(6, 3))
     with pytest.raises(SimclrPathError, match="no patches of class 'normal'; add patients"):
-        fit_probe(X, np.zeros(6, int), np.arange(6), 2, FAST, ["SCC", "normal"])
+        fit_probe(X, np.zeros(6, int), np.arange(6), ["SCC", "normal"], FAST)
 
 
 def test_a_misspelled_split_column_stops_classify(tmp_path, capsys):

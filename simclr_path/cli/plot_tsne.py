@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out-slide", type=Path, required=True, help="PNG coloured by slide (or source group)"
     )
     p.add_argument(
-        "--stores", type=Path, nargs="+", default=None, help="patch stores the embeddings were made from, for --out-thumbnails"
+        "--stores", type=Path, nargs="+", default=None,
+        help="patch stores the embeddings were made from, for --out-thumbnails",
     )
     p.add_argument(
         "--out-thumbnails", type=Path, default=None, help="PNG of the map drawn with patches"
