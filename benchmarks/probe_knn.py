@@ -56,8 +56,13 @@ def _scores(y: np.ndarray, proba: np.ndarray, pos: int, groups: np.ndarray) -> d
             "group_accuracy": {g: float(right[groups == g].mean()) for g in np.unique(groups)}}
 
 
-def evaluate(work: Path, name: str, k: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(linear probe row, k-NN row) of one feature set, each with ``per_repeat`` and summaries."""
+def read_splits(work: Path, name: str):
+    """The embedding file of feature set ``name`` and its linear probe's out-of-fold results.
+
+    Returns ``(emb, classes, pos, splits)``: the :class:`EmbeddingStore`, its class names, the
+    index of the positive class, and one ``(fold_seed, folds, proba)`` per grouped split, with
+    ``folds`` (N,) the outer fold of each patch and ``proba`` (N, n_classes) the linear probe's
+    out-of-fold class probabilities, in the store's patch order."""
     import pandas as pd
 
     from simclr_path.errors import SimclrPathError
@@ -69,28 +74,40 @@ def evaluate(work: Path, name: str, k: int) -> tuple[dict[str, Any], dict[str, A
     classes = list(emb.label_names)
     if bq.POSITIVE not in classes:
         raise SimclrPathError(f"{emb.path}: no class {bq.POSITIVE!r} (classes: {classes})")
-    pos = classes.index(bq.POSITIVE)
-    groups = np.asarray(emb.groups)
-    splits = sorted((work / "probe" / name).glob("split*/predictions_patches.csv"))
-    if not splits:
+    csvs = sorted((work / "probe" / name).glob("split*/predictions_patches.csv"))
+    if not csvs:
         raise SimclrPathError(f"{work / 'probe' / name}: no linear-probe predictions; run "
                               f"bench_quality.py --work {work} first")
-    rows: dict[str, list[dict[str, Any]]] = {"linear": [], "knn": []}
-    for csv in splits:
+    splits = []
+    for csv in csvs:
         pred = pd.read_csv(csv, dtype={"patient_id": str}, keep_default_na=False)
         pred = pred.set_index("patch_index").sort_index()
         if len(pred) != len(emb.labels) or (pred.index.to_numpy() != np.arange(len(pred))).any():
             raise SimclrPathError(f"{csv}: not the out-of-fold predictions of {emb.path}'s patches")
-        folds = pred["fold"].to_numpy()
-        lin = pred[[f"prob_{c}" for c in classes]].to_numpy()
-        rows["linear"].append(_scores(emb.labels, lin, pos, groups))
-        rows["knn"].append(_scores(emb.labels, knn_split(emb.features, emb.labels, folds, k,
-                                                         len(classes)), pos, groups))
-    out = []
-    for kind, per_repeat in rows.items():
-        out.append({"name": name, "probe": kind, "per_repeat": per_repeat,
-                    **bq.summarise_repeats(per_repeat), "missed_groups": bq.missed_groups(per_repeat)})
-    return out[0], out[1]
+        seed = csv.parent.name.removeprefix("split")
+        splits.append((int(seed) if seed.isdigit() else 0, pred["fold"].to_numpy(),
+                       pred[[f"prob_{c}" for c in classes]].to_numpy()))
+    return emb, classes, classes.index(bq.POSITIVE), splits
+
+
+def rows(name: str, per_probe: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One result row per probe (``probe``, ``per_repeat``, means and missed source images)."""
+    return [{"name": name, "probe": kind, "per_repeat": per_repeat,
+             **bq.summarise_repeats(per_repeat), "missed_groups": bq.missed_groups(per_repeat)}
+            for kind, per_repeat in per_probe.items()]
+
+
+def evaluate(work: Path, name: str, k: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(linear probe row, k-NN row) of one feature set, each with ``per_repeat`` and summaries."""
+    emb, classes, pos, splits = read_splits(work, name)
+    groups = np.asarray(emb.groups)
+    per: dict[str, list[dict[str, Any]]] = {"linear": [], "knn": []}
+    for _, folds, lin in splits:
+        per["linear"].append(_scores(emb.labels, lin, pos, groups))
+        per["knn"].append(_scores(emb.labels, knn_split(emb.features, emb.labels, folds, k,
+                                                        len(classes)), pos, groups))
+    lin_row, knn_row = rows(name, per)
+    return lin_row, knn_row
 
 
 def run(args: argparse.Namespace) -> list[tuple[dict[str, Any], dict[str, Any]]]:
