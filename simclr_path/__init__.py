@@ -3,6 +3,9 @@
 Public API (heavy modules are imported lazily so ``import simclr_path`` stays cheap)::
 
     from simclr_path import load_encoder, PatchStore
+
+Every stage is a module with a function (``simclr_path.tiling.tile_slide``, ...; README.md,
+"Python API"); ``simclr_path.<module>`` imports it on first use.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
+    import importlib.util
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    # the stages' modules as attributes too (simclr_path.config.load_config after a plain
+    # ``import simclr_path``), imported on first use
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'simclr_path' has no attribute {name!r}")

@@ -35,7 +35,7 @@ import pandas as pd
 from simclr_path import __version__
 from simclr_path.config import CLASSIFY_PROBE_KEYS, ClassifyConfig
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import atomic_dir, atomic_output, check_can_write
+from simclr_path.outputs import as_paths, atomic_dir, atomic_output, check_apart, check_can_write
 from simclr_path.store import EmbeddingStore
 
 # what this command writes into its results folder: --force replaces only a folder holding one
@@ -1080,6 +1080,9 @@ def classify(
         force: replace an existing ``out_dir``.
     """
     cfg = cfg or ClassifyConfig()
+    embedding_paths = as_paths(embedding_paths, "embedding_paths")
+    check_apart({"out_dir": out_dir}, {"embedding_paths": embedding_paths, "samples": samples},
+                replaces_dir=force)
     check_can_write(out_dir, force, kind="dir", markers=RESULT_FILES)
     t = load_table(embedding_paths, samples, cfg)
     k = len(t.classes)
@@ -1290,6 +1293,8 @@ def predict(
     ``n_patches``, ``prob_<class>`` per class, ``score`` (P(positive)) and ``score_topk`` (slide
     rows) when the model has a positive class, ``pred``.
     """
+    embedding_paths = as_paths(embedding_paths, "embedding_paths")
+    check_apart({"out_csv": out_csv}, {"model_dir": model_dir, "embedding_paths": embedding_paths})
     model = load_model(model_dir)
     check_can_write(out_csv, force)
     if not embedding_paths:

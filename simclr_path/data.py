@@ -38,6 +38,8 @@ def open_stores(paths: Sequence[str | os.PathLike | PatchStore], image_size: int
     patches; all empty, none given, or views larger than a store's patches raise
     :class:`SimclrPathError`.
     """
+    if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
+        paths = [paths]
     if not paths:
         raise SimclrPathError("no patch stores given; pass one or more STORE.h5 files "
                               "(from 'simclr-path tile' or 'simclr-path import-patches')")

@@ -395,6 +395,8 @@ def make_demo_slide(out: str | os.PathLike, kind: str = "scc", seed: int = 0, wi
                               "ending in .tif or .tiff")
     if kind not in KINDS:
         raise SimclrPathError(f"demo slide kind {kind!r} unknown; choose one of {', '.join(KINDS)}")
+    if isinstance(artefacts, str):  # "pen,glass", as the CLI takes them
+        artefacts = artefacts.split(",")
     arts = tuple(a.strip() for a in artefacts if a and a.strip())
     bad = [a for a in arts if a not in ARTEFACTS]
     if bad:

@@ -23,6 +23,7 @@ resized crops magnify the tissue during training (FixRes: Touvron et al. 2019).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -41,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from simclr_path.config import EmbedConfig
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, load_encoder
-from simclr_path.outputs import check_can_write
+from simclr_path.outputs import check_apart, check_can_write
 from simclr_path.store import PatchStore, write_embeddings
 
 # ImageNet statistics, as timm models expect (and as the SimCLR views are normalised).
@@ -148,6 +149,14 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
     return views
 
 
+@functools.lru_cache(maxsize=8)
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std, (1, 3, 1, 1) each, made once per device: a new tensor per batch
+    is a host-to-GPU copy that makes the CPU wait for the GPU at every batch."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
 def preprocess(
     patches: torch.Tensor,
     image_size: int,
@@ -167,8 +176,7 @@ def preprocess(
         x = F.interpolate(
             x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
         )
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _normalisation(x.device)
     x = (x - mean) / std
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -309,6 +317,7 @@ def embed_store(
         progress: show a progress bar.
     """
     cfg = cfg or EmbedConfig()
+    check_apart({"out": out}, {"encoder_path": encoder_path, "store_path": store_path})
     enc = Path(encoder_path)
     if enc.is_dir():
         enc = enc / "encoder.pt"

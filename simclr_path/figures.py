@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import atomic_output
+from simclr_path.outputs import as_paths, atomic_output, check_apart, check_can_write
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under common colour-vision
 # deficiencies.
@@ -92,14 +92,18 @@ def plot_loss_curve(
     metrics_csv: str | os.PathLike,
     out: str | os.PathLike,
     title: str | None = None,
-    force: bool = True,
+    force: bool = False,
 ) -> Path:
     """Training loss (raw and smoothed) and learning rate against optimiser step.
 
     ``metrics_csv`` is the ``metrics.csv`` of a pretraining run (columns ``step``, ``loss``,
-    ``lr``).
+    ``lr``) or the run directory that holds it.
     """
+    check_apart({"out": out}, {"metrics_csv": metrics_csv}, figures_only=True)
+    check_can_write(out, force)
     p = Path(metrics_csv)
+    if p.is_dir():
+        p = p / "metrics.csv"
     if not p.is_file():
         raise SimclrPathError(
             f"{p}: metrics file not found; it is written by 'simclr-path pretrain'"
@@ -285,7 +289,7 @@ def plot_tsne(
     stores=None,
     out_thumbnails: str | os.PathLike | None = None,
     seed: int = 0,
-    force: bool = True,
+    force: bool = False,
     out_umap: str | os.PathLike | None = None,
 ) -> list[Path]:
     """t-SNE of a stratified patch sample, coloured by label (``out_label``) and by slide or source
@@ -298,6 +302,15 @@ def plot_tsne(
     """
     from simclr_path.config import ClassifyConfig
 
+    embedding_paths = as_paths(embedding_paths, "embedding_paths")
+    stores = None if stores is None else as_paths(stores, "stores")
+    outs = {"out_label": out_label, "out_slide": out_slide, "out_thumbnails": out_thumbnails,
+            "out_umap": out_umap}
+    check_apart(outs, {"embedding_paths": embedding_paths, "stores": stores, "samples": samples},
+                figures_only=True)
+    for out in outs.values():  # all of them before any figure is written
+        if out is not None:
+            check_can_write(out, force)
     d = ClassifyConfig()
     max_points = max_points or d.tsne_max_points
     perplexity = perplexity or d.tsne_perplexity
@@ -549,10 +562,14 @@ def plot_curves(
     classify_dir: str | os.PathLike,
     out_roc: str | os.PathLike,
     out_pr: str | os.PathLike,
-    force: bool = True,
+    force: bool = False,
 ) -> list[Path]:
     """ROC and precision-recall curves (out-of-fold predictions) at patch and slide level,
     AUROC / average precision in the legends."""
+    check_apart({"out_roc": out_roc, "out_pr": out_pr}, {"classify_dir": classify_dir},
+                figures_only=True)
+    check_can_write(out_roc, force)
+    check_can_write(out_pr, force)
     from sklearn.metrics import (
         average_precision_score,
         precision_recall_curve,
@@ -652,9 +669,11 @@ def plot_curves(
 
 
 def plot_confusion(
-    classify_dir: str | os.PathLike, out: str | os.PathLike, force: bool = True
+    classify_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False
 ) -> Path:
     """Confusion matrices (counts and row percentages) at patch and slide level."""
+    check_apart({"out": out}, {"classify_dir": classify_dir}, figures_only=True)
+    check_can_write(out, force)
     metrics, _, _ = _read_classify_dir(classify_dir)
     classes = metrics["task"]["classes"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
@@ -822,7 +841,7 @@ def plot_heatmap(
     store: str | os.PathLike,
     out: str | os.PathLike,
     slide_id: str | None = None,
-    force: bool = True,
+    force: bool = False,
     max_side: int = 1024,
 ) -> Path:
     """SCC probability of every patch drawn over the slide thumbnail (viridis, with colour bar).
@@ -835,6 +854,8 @@ def plot_heatmap(
     """
     from simclr_path.store import PatchStore
 
+    check_apart({"out": out}, {"classify": classify, "store": store}, figures_only=True)
+    check_can_write(out, force)
     src = Path(classify)
     train_only: set[str] = set()  # slides a samples-sheet split kept for training
     if src.is_dir():

@@ -83,7 +83,7 @@ from simclr_path.data import read_patch
 from simclr_path.embed import default_image_size
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, feature_dim, load_encoder, output_stride, save_encoder
-from simclr_path.outputs import atomic_dir, check_can_write
+from simclr_path.outputs import as_paths, atomic_dir, check_apart, check_can_write
 from simclr_path.store import PatchStore
 from simclr_path.transforms import ColorAugment, eval_transform, normalize, to_float
 
@@ -361,25 +361,28 @@ class _Run:
             rows = rows[rng.permutation(len(rows))]
             data = _PatchBatches(self.stores, t.source, t.patch_index, _batches(rows, ft.batch_size))
             _train_mode(model, ft.freeze_bn)
-            tot, n = 0.0, 0
+            # the loss sum stays on the device: a float() or isfinite test per step would make
+            # the CPU wait for the GPU at every step; it is read (and checked) once per epoch
+            tot, n = torch.zeros((), dtype=torch.float64, device=dev), 0
             for raw, r in _iter_batches(data, ft.workers, dev.type == "cuda"):
                 if len(r) < 2 and n > 0:  # a single-patch last batch breaks BatchNorm; skip it
                     continue
                 x = self.augment(raw, g, dev)
-                y = torch.as_tensor(t.y[r.numpy()], device=dev)
+                y = torch.as_tensor(t.y[r.numpy()]).to(dev, non_blocking=True)
                 with self.autocast():
                     loss = F.cross_entropy(model(x).float(), y, weight=weight)
-                if not torch.isfinite(loss):
-                    raise SimclrPathError(f"{name}: the fine-tuning loss became {loss.item()} at "
-                                          f"epoch {epoch}; lower finetune.lr / finetune.head_lr")
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
                 sched.step()
-                tot += float(loss.detach()) * len(r)
+                tot += loss.detach() * len(r)
                 n += len(r)
-            row: dict[str, Any] = {"fold": name, "epoch": epoch, "train_loss": tot / max(n, 1),
+            train_loss = float(tot) / max(n, 1)
+            if not math.isfinite(train_loss):
+                raise SimclrPathError(f"{name}: the fine-tuning loss became {train_loss} in "
+                                      f"epoch {epoch}; lower finetune.lr / finetune.head_lr")
+            row: dict[str, Any] = {"fold": name, "epoch": epoch, "train_loss": train_loss,
                                    "val_loss": float("nan"), "val_auroc": float("nan"),
                                    "lr": opt.param_groups[0]["lr"], "best": False}
             if len(val_rows):
@@ -482,8 +485,11 @@ def finetune(
     """
     cfg = cfg or PipelineConfig()
     ft, ccfg = cfg.finetune, cfg.classify
+    store_paths = as_paths(store_paths, "store_paths")
     if not store_paths:
         raise SimclrPathError("no patch stores given; pass one or more STORE.h5")
+    check_apart({"out_dir": out_dir}, {"store_paths": store_paths, "encoder": encoder,
+                                     "samples": samples}, replaces_dir=force)
     check_can_write(out_dir, force, kind="dir", markers=RESULT_FILES)
     enc = Path(encoder)
     if enc.is_dir():

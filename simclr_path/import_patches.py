@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import check_can_write
+from simclr_path.outputs import check_apart, check_can_write
 from simclr_path.store import PatchStoreWriter
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")  # OpenCV and Pillow read all
@@ -370,6 +370,7 @@ def import_patches(folder: str | os.PathLike, out: str | os.PathLike,
     ``/groups`` (N,) ("" without a CSV), ``/names`` (N,); attrs ``kind="patches"``,
     ``label_names``, ``source_path``, ``bit_depth``.
     """
+    check_apart({"out": out}, {"folder": folder, "groups_csv": groups_csv})
     with _quiet_opencv():  # a bad tile gets one line from us, not OpenCV's log on top
         return _import_patches(Path(folder), out, patch_size, groups_csv, force, progress, workers,
                                bit_depth)
@@ -403,8 +404,14 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
     stated = bit_depth is not None
     bits = bit_depth if stated else scan.bits
 
-    first = _read_tile(folder / names[0], patch_size, bits, stated)
+    first = _read_tile(folder / names[0], None, bits, stated)  # as stored: is it enlarged?
     size = patch_size if patch_size is not None else first.shape[0]
+    if patch_size is not None and min(first.shape[:2]) < patch_size:
+        side = min(first.shape[:2])
+        warnings.warn(f"{folder / names[0]}: tile is {first.shape[1]}x{first.shape[0]} px; "
+                      f"--patch-size {patch_size} enlarges it {patch_size / side:.2g}x, which "
+                      f"adds no detail and makes every step slower; give --patch-size {side} "
+                      "or less to keep the tiles' pixels", stacklevel=3)
     if patch_size is None and first.shape[0] != first.shape[1]:
         raise SimclrPathError(f"{folder / names[0]}: tile is {first.shape[1]}x{first.shape[0]}, "
                               "not square; pass --patch-size to crop and resize every tile")

@@ -275,6 +275,19 @@ class SimCLRModel(nn.Module):
         return h, self.head(h)
 
 
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Batch norms -> synchronised ones (statistics over the global batch under DDP).
+
+    timm's converter, not ``nn.SyncBatchNorm.convert_sync_batchnorm``: timm models built from
+    ``BatchNormAct2d`` (RegNet, EfficientNet, MobileNetV3, ...) fuse batch norm and activation
+    in one layer, and torch's converter replaces it with a plain SyncBatchNorm, so the
+    activation is silently never applied (71 of them in regnetx_004). State-dict keys are kept.
+    """
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
+
+
 def create_simclr_model(cfg: Any) -> SimCLRModel:
     """Backbone and head from a :class:`~simclr_path.config.ModelConfig`."""
     backbone = create_backbone(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights)

@@ -2,7 +2,7 @@
 
 Every stage writes through :func:`atomic_output` (a file) or :func:`atomic_dir` (a folder), so an
 interrupted or failed run leaves nothing under the final name, and nothing a user already has is
-overwritten without ``force``.
+overwritten without ``force``; :func:`check_apart` keeps ``force`` off a call's own inputs.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import shutil
 import tempfile
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from simclr_path.errors import SimclrPathError
 
@@ -53,6 +54,71 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
     if not parent.is_dir():
         raise SimclrPathError(f"{p}: {parent} is a file, not a folder; give an output path in a folder")
     return p  # missing folders are made by atomic_output / atomic_dir, when there is a result
+
+
+def as_paths(value: str | os.PathLike | Iterable[str | os.PathLike], what: str) -> list[Path]:
+    """A sequence of paths as a list; one path (a str or Path) as a one-item list, never its
+    characters. ``what`` names the argument in the error for anything else."""
+    if isinstance(value, (str, os.PathLike)):
+        return [Path(value)]
+    try:
+        items = list(value)
+    except TypeError:
+        raise SimclrPathError(f"{what}: expected a path or a list of paths, got "
+                              f"{type(value).__name__}") from None
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise SimclrPathError(f"{what}: expected paths, got {type(item).__name__} {item!r}")
+    return [Path(item) for item in items]
+
+
+def check_apart(outputs: Mapping[str, str | os.PathLike | None], inputs: Mapping[str, Any], *,
+                replaces_dir: bool = False, figures_only: bool = False) -> None:
+    """Before a command or API call runs: no two outputs share a path, no output is one of its
+    inputs, and (unless ``figures_only``) none lies inside a folder input, so that ``force``
+    never replaces what the call reads.
+
+    Args:
+        outputs: output label (as the user gave it: ``--out`` or ``out_dir``) -> path or None.
+        inputs: input label -> a path, a sequence of paths, or anything else (ignored).
+        replaces_dir: ``force`` replaces an existing output folder whole (:func:`atomic_dir`),
+            so no input may lie inside it either.
+        figures_only: the outputs are figures, which may be written inside a folder input
+            (a run's ``loss.png``) without replacing any file that the call reads.
+    """
+    outs = {k: v for k, v in outputs.items() if isinstance(v, (str, os.PathLike))}
+    seen: dict[str, str] = {}
+    for label, path in outs.items():
+        key = os.path.abspath(path)
+        if key in seen:
+            raise SimclrPathError(f"{path}: given for both {seen[key]} and {label}; give each "
+                                  "output its own path")
+        seen[key] = label
+    existing = {label: path for label, path in outs.items() if os.path.exists(path)}
+    for in_label, value in inputs.items():
+        items = [value] if isinstance(value, (str, os.PathLike)) else \
+            value if isinstance(value, (list, tuple)) else []
+        for item in items:
+            if not isinstance(item, (str, os.PathLike)) or not os.path.exists(item):
+                continue
+            for label, path in existing.items():
+                if os.path.samefile(item, path):
+                    raise SimclrPathError(f"{path}: is an input of this command ({in_label}) and "
+                                          f"its {label} output; write the output elsewhere")
+                # force replaces such an output folder whole: an input inside it would go too
+                if replaces_dir and os.path.isdir(path) and \
+                        Path(item).resolve().is_relative_to(Path(path).resolve()):
+                    raise SimclrPathError(f"{item}: is an input of this command ({in_label}) "
+                                          f"inside its {label} folder {path}; write the output "
+                                          "elsewhere")
+            # a folder input (a run, a classifier) is read file by file: an output inside it,
+            # with force, replaces one of those files (embed --out RUN/encoder.pt)
+            if os.path.isdir(item) and not figures_only:
+                for label, path in outs.items():
+                    if Path(path).resolve().is_relative_to(Path(item).resolve()):
+                        raise SimclrPathError(f"{path}: is inside the input folder {item} of this "
+                                              f"command ({in_label}); write the {label} output "
+                                              "elsewhere")
 
 
 _UMASK_LOCK = threading.Lock()

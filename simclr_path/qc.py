@@ -23,7 +23,7 @@ from simclr_path.figures import OKABE_ITO, save_figure
 
 def plot_qc(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: float,
             coords: np.ndarray, size0: float, level0_mpp: float, out: str | os.PathLike,
-            title: str, force: bool = True, ink: np.ndarray | None = None) -> Path:
+            title: str, force: bool = False, ink: np.ndarray | None = None) -> Path:
     """Write the QC PNG atomically (the picture of :func:`qc_figure`)."""
     fig = qc_figure(thumb, thumb_mpp, mask, mask_mpp, coords, size0, level0_mpp, title, ink=ink)
     return save_figure(fig, out, force=force)

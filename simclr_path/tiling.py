@@ -35,7 +35,7 @@ import numpy as np
 
 from simclr_path.config import TileConfig
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import check_can_write
+from simclr_path.outputs import check_apart, check_can_write
 from simclr_path.slide import (
     LevelChoice,
     Slide,
@@ -243,6 +243,7 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     cfg = cfg or TileConfig()
     path = Path(slide_path)
     slide_id = validate_slide_id(slide_id) if slide_id is not None else _id_from_name(path)
+    check_apart({"out": out, "qc": qc}, {"slide_path": slide_path})
     check_can_write(out, force)
     if qc is not None:
         from simclr_path.figures import figure_format

@@ -55,7 +55,7 @@ from torch import nn
 from simclr_path import __version__
 from simclr_path.config import AugmentConfig, PipelineConfig, TrainConfig, defaults_dict, to_dict
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import atomic_output
+from simclr_path.outputs import as_paths, atomic_output, check_apart
 
 CHECKPOINT_VERSION = 1
 METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "pairs_per_s", "data_time_s", "compute_time_s"]
@@ -105,8 +105,11 @@ class Dist:
         if self.enabled and dist.is_initialized():
             dist.barrier()
 
-    def close(self) -> None:
-        if self.initialized_here and dist.is_initialized():
+    def close(self, clean: bool = True) -> None:
+        """End the process group made here. After a failure other ranks may be inside a
+        collective, where tearing the group down can block this rank too (torchtitan#1342):
+        then it is left to the process's exit, and torchrun ends the other ranks."""
+        if self.initialized_here and dist.is_initialized() and clean:
             dist.destroy_process_group()
 
 
@@ -331,19 +334,26 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Run directory
 # ----------------------------------------------------------------------------------------------
-def _prepare_run_dir(out: Path, resume: bool, force: bool) -> bool:
-    """Check and clean RUN_DIR; return True when a checkpoint will be resumed (rank 0 only)."""
-    has_ckpt = (out / "checkpoint.pt").is_file()
+def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
+    """The user errors of RUN_DIR, read-only: every DDP rank checks before the process group
+    starts, so that all stop with the message (rank 0 alone would leave the others waiting in
+    a collective until NCCL's watchdog ends the job, minutes later, without it)."""
     if out.exists() and not out.is_dir():
         raise SimclrPathError(f"{out}: exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force and not resume:
+        raise SimclrPathError(f"{out}: run directory exists and is not empty; pass --resume to "
+                              "continue its checkpoint or --force to start over")
+
+
+def _prepare_run_dir(out: Path, resume: bool, force: bool) -> bool:
+    """Check and clean RUN_DIR; return True when a checkpoint will be resumed (rank 0 only)."""
+    _check_run_dir(out, resume, force)
+    has_ckpt = (out / "checkpoint.pt").is_file()
     nonempty = out.is_dir() and any(out.iterdir())
     if resume and has_ckpt:
         for name in COMPLETE_FILES:  # a resumed run is incomplete until it finishes again
             (out / name).unlink(missing_ok=True)
         return True
-    if nonempty and not force and not resume:
-        raise SimclrPathError(f"{out}: run directory exists and is not empty; pass --resume to "
-                              "continue its checkpoint or --force to start over")
     if nonempty and not resume and force or (resume and not has_ckpt):
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
@@ -692,6 +702,8 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
 
     cfg = cfg or PipelineConfig()
     t_cfg, a_cfg, m_cfg = cfg.train, cfg.augment, cfg.model
+    stores = as_paths(stores, "stores")
+    check_apart({"out": out}, {"stores": stores})
     out = Path(out)
     world = Dist()
     # ---- every check a user can fail comes before the run directory is touched ----
@@ -776,6 +788,7 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
                                   f"({str(exc).splitlines()[0][:160]}); use --force to start over") from None
     elif resume:
         _resume_without_checkpoint(out, force, world.main)
+    _check_run_dir(out, resume, force)
     world.init(device)
     if device.type == "cuda":
         # fixed input sizes: cuDNN may pick the fastest convolution once; TF32 for what stays
@@ -783,15 +796,18 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    clean = False
     try:
         if world.main:
             _prepare_run_dir(out, resume, force)
         world.barrier()
         if ck is None and t_cfg.time_budget_s and t_cfg.budget_min_steps:
             cfg, fit = _fit_budget(cfg, model, plan, world, device, out, progress)
-        return _train(opened, out, cfg, progress, world, device, plan, model, ck, fit)
+        summary = _train(opened, out, cfg, progress, world, device, plan, model, ck, fit)
+        clean = True
+        return summary
     finally:
-        world.close()
+        world.close(clean)
 
 
 def _fit_budget(cfg: PipelineConfig, model: nn.Module, plan, world: Dist, device: torch.device,
@@ -851,7 +867,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     time budget), or None."""
     from simclr_path.data import make_loader
     from simclr_path.loss import NTXentLoss
-    from simclr_path.model import save_encoder, save_projection_head
+    from simclr_path.model import save_encoder, save_projection_head, sync_batchnorm
     from simclr_path.transforms import ColorAugment
 
     t_cfg, a_cfg, m_cfg = cfg.train, cfg.augment, cfg.model
@@ -867,7 +883,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
 
     # ---- model, optimiser, schedule ----
     if world.enabled and t_cfg.sync_batchnorm and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+        model = sync_batchnorm(model)  # BN statistics over the global batch
     model = model.to(device)
     memory_format = torch.channels_last if t_cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -1160,7 +1176,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             core = ema.module if ema is not None else _unwrap(train_model)
             mpp = _store_mpp(opened)
             if math.isfinite(metrics.last_loss):  # at least one row
-                plot_loss_curve(out / "metrics.csv", out / "loss.png",
+                plot_loss_curve(out / "metrics.csv", out / "loss.png", force=True,
                                 title=f"SimCLR pretraining loss ({m_cfg.arch}, {out.name})")
             save_projection_head(core.head, out / "head.pt", force=True)
             save_encoder(core.backbone, out / "encoder.pt", m_cfg.arch, force=True,
@@ -1197,7 +1213,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     except BaseException:
         tracker.close(None)
         raise
-    world.barrier()
+    if world.enabled:  # on gloo: NCCL's watchdog would end ranks that wait out a slow finish
+        dist.barrier(group=sync_group)  # (rank 0's tracker upload, say) as a hang
     return summary
 
 

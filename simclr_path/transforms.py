@@ -593,10 +593,14 @@ def _colour_u8(colour: ColorAugment, views: torch.Tensor, g: torch.Generator) ->
 
 def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
             cfg: AugmentConfig | None = None, n_pairs: int = 8, seed: int = 0,
-            force: bool = True) -> Path:
+            force: bool = False) -> Path:
     """Write a PNG grid of ``n_pairs`` augmented view pairs: original patch, view 1, view 2, and
     with multi-crop (``cfg.local_crops`` > 0) the local views of the same patch
     (:func:`preview_views`)."""
+    from simclr_path.outputs import check_apart, check_can_write
+
+    check_apart({"out_png": out_png}, {"stores": stores}, figures_only=True)
+    check_can_write(out_png, force)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -815,3 +815,20 @@ def test_a_misspelled_split_column_stops_classify(tmp_path, capsys):
     df.rename(columns={"spilt": "split"}).to_csv(sheet, sep="\t", index=False)
     assert classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)["task"][
         "evaluation"] == "split"
+
+
+def test_the_python_api_takes_one_path_and_never_writes_over_its_inputs(tmp_path):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=20, shift=1.0)
+    classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    one = predict(tmp_path / "out", str(paths[0]), tmp_path / "one.csv")  # a str: one file
+    assert set(pd.read_csv(one)["slide_id"]) == {"P0-S0"}
+    before = paths[0].read_bytes()
+    with pytest.raises(SimclrPathError, match=r"is an input of this command \(embedding_paths\)"):
+        predict(tmp_path / "out", paths[:2], paths[0], force=True)
+    with pytest.raises(SimclrPathError, match="is inside the input folder"):
+        predict(tmp_path / "out", paths[:2], tmp_path / "out" / "model.json", force=True)
+    with pytest.raises(SimclrPathError, match=r"inside its out_dir folder"):
+        classify(paths, tmp_path / "c", samples=sheet, cfg=FAST, force=True)
+    assert paths[0].read_bytes() == before and (tmp_path / "out" / "model.json").is_file()
+    with pytest.raises(SimclrPathError, match="embedding_paths: expected a path or a list"):
+        classify(3, tmp_path / "x", samples=sheet, cfg=FAST)

@@ -194,3 +194,16 @@ def test_config_file_that_is_binary_a_folder_or_names_a_bad_preset(tmp_path):
     bad.write_text("preset: [a]\n")
     with pytest.raises(SimclrPathError, match=r"p.yaml: preset must be a name"):
         load_config(bad)
+
+
+def test_stage_modules_are_attributes_of_the_package():
+    """``import simclr_path`` then ``simclr_path.config.load_config(...)``, as the README writes
+    it, without importing each module first; unknown names stay AttributeErrors."""
+    import subprocess
+    import sys
+
+    code = ("import simclr_path; print(simclr_path.config.load_config().train.batch_size, "
+            "simclr_path.tiling.tile_slide.__name__); simclr_path.no_such_module")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.stdout.split() == [str(load_config().train.batch_size), "tile_slide"]
+    assert "module 'simclr_path' has no attribute 'no_such_module'" in r.stderr

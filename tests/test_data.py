@@ -59,6 +59,7 @@ def test_batch_larger_than_data_and_bad_stores(make_store, tmp_path):
     with pytest.raises(SimclrPathError, match="no patches"):
         open_stores([empty])
     full = make_store(n=4, size=16, name="full.h5")
+    assert [len(s) for s in open_stores(str(full))] == [4]  # one path, not its characters
     with pytest.warns(UserWarning, match="no patches; skipped"):
         assert len(open_stores([empty, full])) == 1
     with pytest.raises(SimclrPathError, match="larger than the stored 16 px") as exc:

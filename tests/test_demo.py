@@ -85,7 +85,7 @@ def test_artefacts(tmp_path, slides):
     pen = _level0(make_demo_slide(tmp_path / "pen.tiff", kind="scc", seed=3, width=SIZE,
                                   height=SIZE, artefacts=["pen"]))
     glass = _level0(make_demo_slide(tmp_path / "glass.tiff", kind="scc", seed=3, width=SIZE,
-                                    height=SIZE, artefacts=["glass"]))
+                                    height=SIZE, artefacts="glass"))  # one text, as the CLI's
     assert pen_mask(pen).mean() > pen_mask(clean).mean() + 0.005
     sat = lambda im: (cv2.cvtColor(im, cv2.COLOR_RGB2HSV)[..., 1] > 30).mean()
     assert sat(glass) < sat(clean) - 0.02  # part of the tissue is missing

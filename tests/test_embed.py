@@ -347,3 +347,16 @@ def test_embed_cli_tta_flag(encoder, make_store, tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(tmp_path / "t.h5")]) == 0
     assert "image size 32 tta" in capsys.readouterr().out
+
+
+def test_the_python_api_never_writes_over_its_own_inputs(encoder, make_store, tmp_path):
+    """force=True in Python is --force on the command line: it replaces earlier outputs, never
+    the store or the encoder the call reads."""
+    store = make_store(n=4, size=32)
+    before = store.read_bytes()
+    with pytest.raises(SimclrPathError, match=r"is an input of this command \(store_path\)"):
+        embed_store(encoder, store, store, force=True, progress=False)
+    with pytest.raises(SimclrPathError, match="is inside the input folder"):
+        embed_store(encoder.parent, store, encoder.parent / "encoder.pt", force=True,
+                    progress=False)
+    assert store.read_bytes() == before and encoder.is_file()

@@ -809,3 +809,35 @@ def test_tsne_store_lookup_prefers_the_matching_store(cohort, tmp_path):
     for stores in ([shifted, cohort["stores"][0]], [cohort["stores"][0], shifted]):
         opened = _stores_for(stores, cohort["embs"], [0, 0])
         assert list(opened) == [0] and opened[0].path == cohort["stores"][0]
+
+
+def test_figure_functions_keep_existing_files_without_force(cohort, tmp_path):
+    """As every stage function and the CLI: an existing figure is replaced only with force, and
+    a figure never replaces one of the files it is drawn from."""
+    from simclr_path import figures
+    from simclr_path.errors import SimclrPathError
+
+    pd.DataFrame({"step": [1, 2, 3], "loss": [3.0, 2.5, 2.0], "lr": [1e-3] * 3}).to_csv(
+        tmp_path / "metrics.csv", index=False)
+    out = figures.plot_loss_curve(tmp_path, tmp_path / "loss.png")  # the run directory
+    _assert_png_not_blank(out)
+    with pytest.raises(SimclrPathError, match="already exists; pass --force"):
+        figures.plot_loss_curve(tmp_path / "metrics.csv", out)
+    figures.plot_loss_curve(tmp_path / "metrics.csv", out, force=True)
+    (tmp_path / "cm.png").write_text("mine")
+    with pytest.raises(SimclrPathError, match="already exists"):
+        figures.plot_confusion(cohort["cls"], tmp_path / "cm.png")
+    with pytest.raises(SimclrPathError, match="already exists"):  # before the ROC is written
+        figures.plot_curves(cohort["cls"], tmp_path / "roc.png", tmp_path / "cm.png")
+    with pytest.raises(SimclrPathError, match="already exists"):
+        figures.plot_tsne(cohort["embs"], tmp_path / "label.png", tmp_path / "cm.png")
+    assert not (tmp_path / "roc.png").exists() and not (tmp_path / "label.png").exists()
+    assert (tmp_path / "cm.png").read_text() == "mine"
+    store = cohort["stores"][0]
+    before = store.read_bytes()
+    with pytest.raises(SimclrPathError, match=r"is an input of this command \(store\)"):
+        figures.plot_heatmap(cohort["cls"], store, store, force=True)
+    with pytest.raises(SimclrPathError, match=r"is an input of this command \(embedding_paths\)"):
+        figures.plot_tsne(str(cohort["embs"][0]), tmp_path / "l.png", cohort["embs"][0],
+                          force=True)
+    assert store.read_bytes() == before

@@ -246,6 +246,11 @@ def test_bad_input_one_line_and_no_output(cohort, encoder, tmp_path, capsys):
     out.mkdir()
     with pytest.raises(SimclrPathError, match="already exists"):
         finetune(paths, encoder, out, samples=sheet, cfg=tiny_cfg())
+    # force replaces the out folder whole: never one holding an input
+    with pytest.raises(SimclrPathError, match=r"is an input of this command \(encoder\) inside "
+                                              "its out_dir folder"):
+        finetune(paths, encoder, encoder.parent, samples=sheet, cfg=tiny_cfg(), force=True)
+    assert encoder.is_file()
 
 
 def test_cli_one_percent_labels_trains_without_early_stopping(cohort, encoder, tmp_path, capsys):
@@ -283,6 +288,24 @@ def test_without_validation_only_the_kept_epoch_is_marked_best(cohort, encoder, 
     hist = pd.read_csv(tmp_path / "o" / "history.csv")
     for _, h in hist.groupby("fold"):  # no validation patients: the last epoch is kept
         assert h["best"].tolist() == [False, True]
+
+
+def test_a_non_finite_training_loss_stops_with_one_line(cohort, encoder, tmp_path, monkeypatch):
+    from simclr_path import finetune as ft_mod
+
+    forward = ft_mod.FinetuneModel.forward
+
+    def diverging(self, x):  # the training loss blows up at one step
+        y = forward(self, x)
+        return y * float("inf") if self.training else y
+
+    monkeypatch.setattr(ft_mod.FinetuneModel, "forward", diverging)
+    paths, sheet = cohort
+    with pytest.raises(SimclrPathError, match=r"the fine-tuning loss became nan in epoch 1; "
+                                              "lower finetune.lr"):
+        finetune(paths, encoder, tmp_path / "o", samples=sheet, cfg=tiny_cfg(epochs=2),
+                 progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_non_finite_predictions_stop_with_one_line(cohort, encoder, tmp_path, monkeypatch):

@@ -367,3 +367,27 @@ def test_16_bit_png_with_alpha_keeps_its_depth(tmp_path):
     assert cv2.imwrite(str(root / "normal" / "b.png"), np.full((4, 4, 3), 255, np.uint8))
     s = PatchStore(import_patches(root, tmp_path / "p.h5", progress=False).path)
     assert (s[0][:2] == (255, 128, 0)).all() and (s[0][2:] == 255).all(), s[0][:, 0]
+
+
+def test_enlarging_tiles_warns_and_keeping_their_size_does_not(tiles, tmp_path, recwarn):
+    root, _ = tiles
+    with pytest.warns(UserWarning, match=r"tile is 32x32 px; --patch-size 64 enlarges it 2x, which "
+                                         r"adds no detail.*give --patch-size 32 or less"):
+        import_patches(root, tmp_path / "big.h5", patch_size=64, progress=False)
+    assert PatchStore(tmp_path / "big.h5")[:].shape[1:] == (64, 64, 3)
+    recwarn.clear()
+    import_patches(root, tmp_path / "same.h5", patch_size=32, progress=False)
+    import_patches(root, tmp_path / "small.h5", patch_size=16, progress=False)
+    assert not [w for w in recwarn if "enlarges" in str(w.message)]
+
+
+def test_the_python_api_never_writes_over_its_inputs(tiles, tmp_path):
+    root, _ = tiles
+    groups = tmp_path / "groups.csv"
+    groups.write_text((root / "groups.csv").read_text())
+    with pytest.raises(SimclrPathError, match=r"is an input of this command \(groups_csv\)"):
+        import_patches(root, groups, groups_csv=groups, force=True, progress=False)
+    with pytest.raises(SimclrPathError, match="is inside the input folder"):
+        import_patches(root, root / "SCC" / "a.png", force=True, progress=False)
+    assert groups.read_text().startswith("path,label,group")
+    assert cv2.imread(str(root / "SCC" / "a.png")) is not None

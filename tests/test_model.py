@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import create_backbone, load_encoder, output_stride, save_encoder
@@ -196,3 +197,23 @@ def test_a_file_that_is_no_state_dict_is_one_line_without_torchs_advice(kind, tm
         assert "truncated or damaged" in msg
     else:
         assert "not a state dict of tensors" in msg and "save model.state_dict() with torch.save" in msg
+
+
+@pytest.mark.parametrize("arch", ["regnetx_004", "resnet18"])
+def test_sync_batchnorm_keeps_every_activation(arch):
+    """DDP's synchronised batch norm computes what the model computed: timm's fused batch-norm +
+    activation layers (RegNet) keep their activation (torch's converter drops it, 0.17 off)."""
+    from simclr_path.config import ModelConfig
+    from simclr_path.model import create_simclr_model, sync_batchnorm
+
+    torch.manual_seed(0)
+    model = create_simclr_model(ModelConfig(arch=arch)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model.backbone(x)
+        synced = sync_batchnorm(model).eval()
+        n_sync = sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+        got = synced.backbone(x)
+    assert n_sync > 0 and not any(type(m) is nn.BatchNorm2d for m in synced.modules())
+    torch.testing.assert_close(got, want)
+    assert set(synced.state_dict()) == set(model.state_dict())

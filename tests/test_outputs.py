@@ -3,6 +3,8 @@ one clear error where a path cannot be written."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from simclr_path.errors import SimclrPathError
@@ -114,3 +116,41 @@ def test_logged_to_keeps_prints_and_the_traceback_of_a_failure(tmp_path):
         raise ValueError("bad table")
     text = log.read_text()
     assert "step one" in text and "Traceback" in text and "ValueError: bad table" in text
+
+
+def test_check_apart_refuses_outputs_over_inputs(tmp_path):
+    from simclr_path.outputs import check_apart
+
+    store, run = tmp_path / "s.h5", tmp_path / "run"
+    store.write_text("patches")
+    run.mkdir()
+    (run / "encoder.pt").write_text("weights")
+    with pytest.raises(SimclrPathError, match=r"s.h5: is an input of this command \(store_path\) "
+                                              r"and its out output"):
+        check_apart({"out": store}, {"store_path": store})
+    with pytest.raises(SimclrPathError, match=r"is an input of this command \(stores\)"):
+        check_apart({"out": store}, {"stores": [tmp_path / "other.h5", str(store)]})
+    with pytest.raises(SimclrPathError, match="is inside the input folder"):
+        check_apart({"out": run / "encoder.pt"}, {"encoder_path": run})
+    with pytest.raises(SimclrPathError, match="given for both out_label and out_slide"):
+        check_apart({"out_label": tmp_path / "a.png", "out_slide": tmp_path / "a.png"}, {})
+    # a figure may go inside a folder input; a folder that force replaces may not hold an input
+    check_apart({"out": run / "loss.png"}, {"metrics_csv": run}, figures_only=True)
+    with pytest.raises(SimclrPathError, match="inside its out_dir folder"):
+        check_apart({"out_dir": run}, {"encoder": run / "encoder.pt"}, replaces_dir=True)
+    check_apart({"out_dir": run}, {"encoder": run / "encoder.pt"}, replaces_dir=False)
+    # text that is not a path, and missing inputs, are not compared
+    check_apart({"out": tmp_path / "new.h5", "qc": None}, {"samples": None, "n": 3,
+                                                           "store_path": tmp_path / "gone.h5"})
+
+
+def test_as_paths_takes_one_path_whole(tmp_path):
+    from simclr_path.outputs import as_paths
+
+    assert as_paths("a/b.h5", "stores") == [Path("a/b.h5")]
+    assert as_paths(tmp_path, "stores") == [tmp_path]
+    assert as_paths(("x.h5", Path("y.h5")), "stores") == [Path("x.h5"), Path("y.h5")]
+    with pytest.raises(SimclrPathError, match="stores: expected a path or a list of paths, got int"):
+        as_paths(3, "stores")
+    with pytest.raises(SimclrPathError, match="stores: expected paths, got int 3"):
+        as_paths(["a.h5", 3], "stores")

@@ -35,7 +35,7 @@ def test_qc_outlines_the_ink_left_out(tmp_path):
 
     def vermillion(fig_kw):  # Okabe-Ito #D55E00, the ink outline
         img = mpimg.imread(plot_qc(thumb, 8.0, mask, 8.0, coords, 64, 0.5, tmp_path / "q.png",
-                                   title="S1", **fig_kw))
+                                   title="S1", force=True, **fig_kw))
         return ((np.abs(img[..., 0] - 0.835) < 0.08) & (np.abs(img[..., 1] - 0.369) < 0.08)
                 & (img[..., 2] < 0.08)).sum()
 

@@ -485,3 +485,13 @@ def test_slide_without_mpp(slide, tmp_path, capsys):
                  "--slide-mpp", "1.0"]) == 0
     s = PatchStore(out)
     assert len(s) > 0 and s.attrs["mpp_source"] == "--slide-mpp" and s.attrs["level0_mpp"] == 1.0
+
+
+def test_the_python_api_never_writes_over_the_slide(slide, tmp_path):
+    with pytest.raises(SimclrPathError, match=r"is an input of this command \(slide_path\) and "
+                                              "its out output"):
+        tile_slide(slide, slide, CFG, force=True, progress=False)
+    with pytest.raises(SimclrPathError, match=r"is an input of this command \(slide_path\) and "
+                                              "its qc output"):
+        tile_slide(slide, tmp_path / "s.h5", CFG, qc=slide, force=True, progress=False)
+    assert openslide.OpenSlide(str(slide)).dimensions == (1536, 1024)  # still the slide

@@ -686,6 +686,20 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert load_encoder(out).num_features == encoder_info(out / "encoder.pt")["num_features"]
 
 
+def test_torchrun_run_dir_error_stops_every_rank(tmp_path):
+    """A user error in the run directory stops all ranks with the one line (checked by every
+    rank before the process group: rank 0 alone left rank 1 waiting in a barrier)."""
+    a = _easy_store(tmp_path / "a.h5")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    res = subprocess.run(_torchrun_pretrain([a], out, "--max-steps", "2"), capture_output=True,
+                         text=True, env=TORCHRUN_ENV, timeout=120, check=False)
+    assert res.returncode != 0
+    assert res.stderr.count("run directory exists and is not empty") == 2, res.stderr[-2000:]
+    assert (out / "notes.txt").read_text() == "mine" and sorted(out.iterdir()) == [out / "notes.txt"]
+
+
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_with_multi_crop(tmp_path):
     """Local views of another size go through the same DDP forward as the global ones."""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from simclr_path import __version__
 from simclr_path.errors import SimclrPathError
+from simclr_path.outputs import check_apart
 
 # subcommand -> module under simclr_path.cli (pipeline order, which is also the --help order)
 COMMANDS: dict[str, str] = {
@@ -92,48 +93,17 @@ def _is_output(dest: str) -> bool:
 
 
 def check_output_paths(args: argparse.Namespace) -> None:
-    """Before a command runs: no two outputs share a path, no output is one of the inputs, and
-    none lies inside a folder input, except a figure (``--force`` must never replace a command's
-    own input with its output)."""
-    # paths are the Path-typed arguments: a --title or --slide-id is text, whatever it says
+    """Before a command runs: :func:`outputs.check_apart` on its Path-typed arguments (a
+    ``--title`` or ``--slide-id`` is text, whatever it says)."""
     values = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    outs = {k: v for k, v in values.items() if _is_output(k) and isinstance(v, os.PathLike)}
-    seen: dict[str, str] = {}
-    for dest, path in outs.items():
-        key = os.path.abspath(path)
-        if key in seen:
-            raise SimclrPathError(f"{path}: given for both --{seen[key].replace('_', '-')} and "
-                                  f"--{dest.replace('_', '-')}; give each output its own path")
-        seen[key] = dest
-    existing = {dest: path for dest, path in outs.items() if os.path.exists(path)}
-    replaces = bool(values.get("force")) and getattr(args, "_replaces_out_dir", False)
-    for dest, value in values.items():
-        if _is_output(dest):
-            continue
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if not isinstance(item, os.PathLike) or not os.path.exists(item):
-                continue
-            for out_dest, path in existing.items():
-                if os.path.samefile(item, path):
-                    raise SimclrPathError(
-                        f"{path}: is an input of this command ({dest.replace('_', '-')}) and its "
-                        f"--{out_dest.replace('_', '-')} output; write the output elsewhere")
-                # --force replaces such an output folder whole: an input inside it would go too
-                if replaces and os.path.isdir(path) and \
-                        Path(item).resolve().is_relative_to(Path(path).resolve()):
-                    raise SimclrPathError(
-                        f"{item}: is an input of this command ({dest.replace('_', '-')}) inside "
-                        f"its --{out_dest.replace('_', '-')} folder {path}; write the output "
-                        "elsewhere")
-            # a folder input (a run, a classifier) is read file by file: an output inside it,
-            # with --force, replaces one of those files (embed --out RUN/encoder.pt)
-            if os.path.isdir(item) and not getattr(args, "_figures_only", False):
-                for out_dest, path in outs.items():
-                    if Path(path).resolve().is_relative_to(Path(item).resolve()):
-                        raise SimclrPathError(
-                            f"{path}: is inside the input folder {item} of this command "
-                            f"({dest.replace('_', '-')}); write the --"
-                            f"{out_dest.replace('_', '-')} output elsewhere")
+    outs = {f"--{k.replace('_', '-')}": v for k, v in values.items()
+            if _is_output(k) and isinstance(v, os.PathLike)}
+    ins = {k.replace("_", "-"): v for k, v in values.items() if not _is_output(k) and (
+        isinstance(v, os.PathLike) or
+        (isinstance(v, (list, tuple)) and all(isinstance(i, os.PathLike) for i in v)))}
+    check_apart(outs, ins, replaces_dir=bool(values.get("force")) and
+                getattr(args, "_replaces_out_dir", False),
+                figures_only=getattr(args, "_figures_only", False))
 
 
 # what to lower when a GPU runs out of memory, by command

@@ -21,8 +21,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simclr_path.figures import plot_confusion
-    from simclr_path.outputs import check_can_write
 
-    check_can_write(args.out, args.force)
-    plot_confusion(args.classify, args.out, force=True)
+    plot_confusion(args.classify, args.out, force=args.force)
     return 0

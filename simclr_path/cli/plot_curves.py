@@ -22,9 +22,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simclr_path.figures import plot_curves
-    from simclr_path.outputs import check_can_write
 
-    check_can_write(args.out_roc, args.force)
-    check_can_write(args.out_pr, args.force)
-    plot_curves(args.classify, args.out_roc, args.out_pr, force=True)
+    plot_curves(args.classify, args.out_roc, args.out_pr, force=args.force)
     return 0

@@ -31,8 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simclr_path.figures import plot_heatmap
-    from simclr_path.outputs import check_can_write
 
-    check_can_write(args.out, args.force)
-    plot_heatmap(args.classify, args.store, args.out, slide_id=args.slide_id, force=True)
+    plot_heatmap(args.classify, args.store, args.out, slide_id=args.slide_id, force=args.force)
     return 0

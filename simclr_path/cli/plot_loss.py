@@ -21,6 +21,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from simclr_path.figures import plot_loss_curve
 
-    csv = args.run / "metrics.csv" if args.run.is_dir() else args.run
-    plot_loss_curve(csv, args.out, title=args.title, force=args.force)
+    plot_loss_curve(args.run, args.out, title=args.title, force=args.force)
     return 0

@@ -52,13 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from simclr_path.config import load_config
     from simclr_path.figures import plot_tsne
-    from simclr_path.outputs import check_can_write
 
     over = {} if args.max_points is None else {"tsne_max_points": args.max_points}
     cfg = load_config(args.config, overrides={"classify": over}).classify  # validates the value
-    for out in (args.out_label, args.out_slide, args.out_thumbnails, args.out_umap):
-        if out is not None:
-            check_can_write(out, args.force)
     plot_tsne(
         args.embeddings,
         args.out_label,
@@ -70,6 +66,6 @@ def run(args: argparse.Namespace) -> int:
         out_thumbnails=args.out_thumbnails,
         out_umap=args.out_umap,
         seed=cfg.seed,
-        force=True,
+        force=args.force,
     )
     return 0
