@@ -104,8 +104,10 @@ class AugmentConfig:
     vflip: float = 0.5
     rot90: float = 0.5  # probability of a random multiple-of-90-degree rotation
     stain_p: float = 0.8  # probability of HED stain jitter
+    # natural-log optical density units (OD = -ln I): not the scale of Tellez et al.'s HED-light /
+    # HED-strong settings, whose code uses another OD; by mean |dRGB| 0.05 here is 2-3x milder
     stain_scale: float = 0.05  # per-stain multiplicative jitter: alpha ~ U(1 - s, 1 + s)
-    stain_shift: float = 0.05  # per-stain additive jitter: beta ~ U(-s, s)
+    stain_shift: float = 0.05  # per-stain additive jitter: beta ~ U(-s, s), in natural-log OD units
     # brightness/contrast/saturation/hue jitter: none, half and about double these strengths all
     # scored lower on real H&E, and grayscale p 0.2 much lower (colour is a real cue; quality study 14)
     color_p: float = 0.8  # probability of brightness/contrast/saturation/hue jitter

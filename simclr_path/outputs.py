@@ -38,7 +38,8 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
                               "give a new folder name")
     if p.exists():
         if not force:
-            raise SimclrPathError(f"{p}: output already exists; pass --force to overwrite it")
+            raise SimclrPathError(f"{p}: output already exists; pass --force to overwrite it "
+                                  "(force=True in Python)")
         if kind == "file" and p.is_dir():
             raise SimclrPathError(f"{p}: is a folder, but this output is a file; give a file path")
         if kind == "dir" and not p.is_dir():

@@ -201,7 +201,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
-    """Linear warm-up from 0, then cosine decay to 0, stepped once per optimiser step."""
+    """Linear warm-up from 0, then cosine decay towards 0, stepped once per optimiser step.
+
+    Step ``s`` (0-based) trains at the schedule's value at ``s + 1`` (the loop calls
+    ``step_update(s + 1)``), so the first step is not spent at LR 0; the cosine is one step
+    longer than the decay for the same reason at the other end: it reaches 0 one step after the
+    last, where the last step would otherwise train at LR 0.
+    """
     import logging
 
     from timm.scheduler import CosineLRScheduler
@@ -212,7 +218,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     if total_steps - warmup_steps <= 1:
         log.setLevel(logging.ERROR)
     try:
-        return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps),
+        return CosineLRScheduler(optimizer, t_initial=total_steps - warmup_steps + 1,
                                  lr_min=0.0, warmup_t=warmup_steps, warmup_lr_init=0.0,
                                  warmup_prefix=True, t_in_epochs=False)
     finally:
@@ -226,7 +232,7 @@ def replan_scheduler(scheduler, total_steps: int, warmup_steps: int) -> None:
     Used under a time budget, where the run length is only known once the step rate is measured.
     """
     warm = min(warmup_steps, total_steps // 2)
-    scheduler.t_initial = max(1, total_steps - warm)
+    scheduler.t_initial = total_steps - warm + 1  # as build_scheduler's
     scheduler.warmup_t = warm
     scheduler.warmup_steps = ([(v - scheduler.warmup_lr_init) / warm for v in scheduler.base_values]
                               if warm else [1 for _ in scheduler.base_values])

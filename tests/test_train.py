@@ -423,8 +423,12 @@ def test_replan_scheduler_equals_a_fresh_schedule():
         replanned = T.build_scheduler(o1, total_steps=1000, warmup_steps=10)
         T.replan_scheduler(replanned, total, warm)
         fresh = T.build_scheduler(o2, total, min(warm, total // 2))
-        assert lrs(replanned, o1, total) == pytest.approx(lrs(fresh, o2, total))
-        assert o1.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # ends at zero
+        used = lrs(replanned, o1, total)
+        assert used == pytest.approx(lrs(fresh, o2, total))
+        # every step trains (the last one too, at a few percent of the peak at most); zero after it
+        assert all(v > 0 for v in used) and used[-1] < 0.1 * lr
+        replanned.step_update(total + 1)
+        assert o1.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_budget_steps_from_the_measured_rate():
@@ -452,7 +456,7 @@ def test_time_budget_plans_the_schedule_to_end_at_the_budget(stores, tmp_path, m
     # the re-planned warm-up + cosine ran to its end at the budget, not its first percent
     assert s["steps"] == s["planned_steps"] and s["wall_time_s"] <= 2.0 + 0.1
     lr = pd.read_csv(tmp_path / "run" / "metrics.csv")["lr"].to_numpy()
-    assert lr.max() == pytest.approx(1e-3) and lr[-1] < 1e-6, lr
+    assert lr.max() == pytest.approx(1e-3) and 0 < lr[-1] < 1e-4, lr
     assert (tmp_path / "run" / "encoder.pt").is_file()
 
 
@@ -472,7 +476,7 @@ def test_lr_schedule_and_lars_groups():
         sched.step_update(s)
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[0] == pytest.approx(0.06) and lrs[9] == pytest.approx(0.6)
-    assert all(a >= b for a, b in itertools.pairwise(lrs[9:])) and lrs[-1] < 1e-3
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:])) and 0 < lrs[-1] < 1e-3
 
 
 @pytest.mark.parametrize("package", ["mlflow", "wandb"])
