@@ -85,7 +85,10 @@ def read_splits(work: Path, name: str):
         if len(pred) != len(emb.labels) or (pred.index.to_numpy() != np.arange(len(pred))).any():
             raise SimclrPathError(f"{csv}: not the out-of-fold predictions of {emb.path}'s patches")
         seed = csv.parent.name.removeprefix("split")
-        splits.append((int(seed) if seed.isdigit() else 0, pred["fold"].to_numpy(),
+        if not seed.isdigit():  # the fold seed: a refit on other folds would not be paired
+            raise SimclrPathError(f"{csv.parent}: not a split<fold seed> folder of "
+                                  "bench_quality.py")
+        splits.append((int(seed), pred["fold"].to_numpy(),
                        pred[[f"prob_{c}" for c in classes]].to_numpy()))
     return emb, classes, classes.index(bq.POSITIVE), splits
 

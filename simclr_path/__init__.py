@@ -30,6 +30,10 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_LAZY[name]), name)
     # the stages' modules as attributes too (simclr_path.config.load_config after a plain
     # ``import simclr_path``), imported on first use
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")
+    if name.isidentifier() and not name.startswith("_"):
+        try:
+            if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+                return importlib.import_module(f"{__name__}.{name}")
+        except ImportError:  # hasattr / getattr(..., default) expect AttributeError
+            pass
     raise AttributeError(f"module 'simclr_path' has no attribute {name!r}")

@@ -155,8 +155,10 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
 def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """ImageNet mean and std, (1, 3, 1, 1) each, made once per device: a new tensor per batch
     is a host-to-GPU copy that makes the CPU wait for the GPU at every batch."""
-    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+    with torch.inference_mode(False):  # first made under embed's inference mode, maybe: such
+        # tensors could never take part in a graph (a saliency map's preprocess) afterwards
+        return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+                torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 
 
 def preprocess(
@@ -319,10 +321,12 @@ def embed_store(
         progress: show a progress bar.
     """
     cfg = cfg or EmbedConfig()
-    check_apart({"out": out}, {"encoder_path": encoder_path, "store_path": store_path})
     enc = Path(encoder_path)
     if enc.is_dir():
         enc = enc / "encoder.pt"
+    # encoder.json beside the weights is read too: writing over it would orphan the encoder
+    check_apart({"out": out}, {"encoder_path": encoder_path, "encoder metadata":
+                               enc.with_suffix(".json"), "store_path": store_path})
     if not enc.is_file():
         raise SimclrPathError(
             f"{enc}: encoder file not found; train one with 'simclr-path pretrain'"

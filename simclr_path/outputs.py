@@ -90,7 +90,7 @@ def check_apart(outputs: Mapping[str, str | os.PathLike | None], inputs: Mapping
     outs = {k: v for k, v in outputs.items() if isinstance(v, (str, os.PathLike))}
     seen: dict[str, str] = {}
     for label, path in outs.items():
-        key = os.path.abspath(path)
+        key = os.path.realpath(path)  # one file reached through a link is one output too
         if key in seen:
             raise SimclrPathError(f"{path}: given for both {seen[key]} and {label}; give each "
                                   "output its own path")

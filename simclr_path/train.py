@@ -55,7 +55,7 @@ from torch import nn
 from simclr_path import __version__
 from simclr_path.config import AugmentConfig, PipelineConfig, TrainConfig, defaults_dict, to_dict
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import as_paths, atomic_output, check_apart
+from simclr_path.outputs import atomic_output, check_apart
 
 CHECKPOINT_VERSION = 1
 METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "pairs_per_s", "data_time_s", "compute_time_s"]
@@ -708,8 +708,10 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
 
     cfg = cfg or PipelineConfig()
     t_cfg, a_cfg, m_cfg = cfg.train, cfg.augment, cfg.model
-    stores = as_paths(stores, "stores")
-    check_apart({"out": out}, {"stores": stores})
+    if isinstance(stores, (str, os.PathLike)):  # one path, not its characters
+        stores = [stores]
+    # opened PatchStore objects are taken too (open_stores keeps them)
+    check_apart({"out": out}, {"stores": [getattr(s, "path", s) for s in stores]})
     out = Path(out)
     world = Dist()
     # ---- every check a user can fail comes before the run directory is touched ----

@@ -207,3 +207,6 @@ def test_stage_modules_are_attributes_of_the_package():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.stdout.split() == [str(load_config().train.batch_size), "tile_slide"]
     assert "module 'simclr_path' has no attribute 'no_such_module'" in r.stderr
+    import simclr_path
+
+    assert getattr(simclr_path, "no.such", None) is None and not hasattr(simclr_path, "_x")

@@ -359,4 +359,21 @@ def test_the_python_api_never_writes_over_its_own_inputs(encoder, make_store, tm
     with pytest.raises(SimclrPathError, match="is inside the input folder"):
         embed_store(encoder.parent, store, encoder.parent / "encoder.pt", force=True,
                     progress=False)
-    assert store.read_bytes() == before and encoder.is_file()
+    meta = encoder.with_suffix(".json")
+    text = meta.read_text()
+    with pytest.raises(SimclrPathError, match=r"is an input of this command \(encoder metadata\)"):
+        embed_store(encoder, store, meta, force=True, progress=False)
+    assert store.read_bytes() == before and encoder.is_file() and meta.read_text() == text
+
+
+def test_preprocess_constants_made_under_inference_mode_still_take_gradients():
+    """embed makes the cached normalisation constants inside torch.inference_mode; a later
+    preprocess whose input needs gradients (a saliency map) must still build its graph."""
+    from simclr_path.embed import _normalisation
+
+    _normalisation.cache_clear()
+    with torch.inference_mode():
+        preprocess(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), 8)
+    x = torch.rand(1, 8, 8, 3, requires_grad=True)
+    preprocess(x * 255, 8).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -139,6 +139,9 @@ def test_check_apart_refuses_outputs_over_inputs(tmp_path):
     with pytest.raises(SimclrPathError, match="inside its out_dir folder"):
         check_apart({"out_dir": run}, {"encoder": run / "encoder.pt"}, replaces_dir=True)
     check_apart({"out_dir": run}, {"encoder": run / "encoder.pt"}, replaces_dir=False)
+    (tmp_path / "link").symlink_to(run)  # one file through a link: one output
+    with pytest.raises(SimclrPathError, match="given for both a and b"):
+        check_apart({"a": run / "x.png", "b": tmp_path / "link" / "x.png"}, {})
     # text that is not a path, and missing inputs, are not compared
     check_apart({"out": tmp_path / "new.h5", "qc": None}, {"samples": None, "n": 3,
                                                            "store_path": tmp_path / "gone.h5"})

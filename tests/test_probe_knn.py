@@ -80,3 +80,10 @@ def test_bad_input(pk, work, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_knn.py"), str(work),
                         "--sets", "missing"], check=False, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.h5" in r.stderr
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(work, odd)
+    (odd / "probe" / "toy" / "split1").rename(odd / "probe" / "toy" / "splitB")
+    with pytest.raises(SimclrPathError, match="splitB: not a split<fold seed> folder"):
+        pk.main([str(odd)])

@@ -389,6 +389,18 @@ def test_existing_run_dir_needs_force_or_resume(stores, tmp_path):
     assert s["resumed_from_step"] == 2 and s["steps"] == 2 and (run / "summary.json").is_file()
 
 
+def test_pretrain_takes_one_path_or_opened_stores_and_never_its_input_as_out(stores, tmp_path):
+    from simclr_path.store import PatchStore
+
+    cfg = _cfg(max_steps=1)
+    assert T.pretrain(str(stores[0]), tmp_path / "one", cfg, progress=False)["n_stores"] == 1
+    opened = [PatchStore(p) for p in stores]
+    assert T.pretrain(opened, tmp_path / "two", cfg, progress=False)["n_stores"] == len(stores)
+    with pytest.raises(SimclrPathError, match=r"is an input of this command \(stores\)"):
+        T.pretrain(opened, stores[0], cfg, force=True, progress=False)
+    assert PatchStore(stores[0]).patch_size == opened[0].patch_size  # still a store
+
+
 def test_nan_loss_stops_with_clear_error(stores, tmp_path, monkeypatch):
     from simclr_path import loss as L
 
@@ -782,7 +794,8 @@ def test_two_view_training_ignores_the_local_size(stores, tmp_path):
 
 def test_resume_after_a_budget_stop_trains_at_a_live_lr(stores, tmp_path, monkeypatch):
     # a time budget re-plans the saved LR schedule to end early; a resume without it runs on to
-    # max_steps and must not train those steps at the old plan's final LR of 0
+    # max_steps and must not train those steps at the old plan's final LR of 0 (the last step
+    # trains at a few percent of the peak: the cosine reaches 0 one step after the run)
     run = tmp_path / "run"
     monkeypatch.setattr(T, "budget_steps", lambda *a: 4)  # the budget buys 4 of the 8 steps
     assert T.pretrain(stores, run, _cfg(max_steps=8, time_budget_s=3600.0, log_every=1),
@@ -791,7 +804,7 @@ def test_resume_after_a_budget_stop_trains_at_a_live_lr(stores, tmp_path, monkey
     s = T.pretrain(stores, run, _cfg(max_steps=8, log_every=1), resume=True, progress=False)
     assert s["steps"] == 8
     lr = pd.read_csv(run / "metrics.csv").set_index("step")["lr"]
-    assert (lr.loc[5:7] > 0).all() and lr.loc[8] == 0.0
+    assert (lr.loc[5:8] > 0).all() and lr.loc[8] < 0.1 * lr.max()
 
 
 def test_resume_refuses_other_optimisation_settings(stores, tmp_path):
