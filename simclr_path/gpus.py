@@ -32,7 +32,8 @@ from simclr_path.errors import SimclrPathError
 
 SCHEDULER_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")  # a scheduler job's GPUs are its own
 LOCK_ROOT_VAR = "SIMCLR_PATH_GPU_LOCKS"
-GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/kfd")  # NVIDIA's driver, AMD's ROCm
+# NVIDIA's driver (and its device in containers that lack /proc/driver), AMD's ROCm, WSL2's GPU
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
 _held: list[int] = []  # this process's lock descriptors (see :func:`release`)
 
 
