@@ -1287,16 +1287,33 @@ def predict(
     out_csv: str | os.PathLike,
     force: bool = False,
 ) -> Path:
-    """Score new slides with a saved classifier; one CSV with patch rows and slide rows.
+    """Score new slides with a saved classifier; one CSV with patch rows and slide rows
+    (:func:`predict_table`, written atomically to ``out_csv``). Returns the CSV's path."""
+    embedding_paths = as_paths(embedding_paths, "embedding_paths")
+    check_apart({"out_csv": out_csv}, {"model_dir": model_dir, "embedding_paths": embedding_paths})
+    model = load_model(model_dir)  # a missing or damaged classifier is named before the output
+    check_can_write(out_csv, force)
+    df = _scores_table(model, model_dir, embedding_paths)
+    with atomic_output(out_csv, force=force) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(out_csv)
+
+
+def predict_table(
+    model_dir: str | os.PathLike, embedding_paths: Sequence[str | os.PathLike]
+) -> pd.DataFrame:
+    """Scores of a saved classifier for new slides, in memory: patch rows and slide rows.
 
     Columns: ``level`` (patch | slide), ``slide_id``, ``patch_index``, ``x``, ``y``,
     ``n_patches``, ``prob_<class>`` per class, ``score`` (P(positive)) and ``score_topk`` (slide
     rows) when the model has a positive class, ``pred``.
     """
-    embedding_paths = as_paths(embedding_paths, "embedding_paths")
-    check_apart({"out_csv": out_csv}, {"model_dir": model_dir, "embedding_paths": embedding_paths})
-    model = load_model(model_dir)
-    check_can_write(out_csv, force)
+    return _scores_table(load_model(model_dir), model_dir,
+                         as_paths(embedding_paths, "embedding_paths"))
+
+
+def _scores_table(model: LinearModel, model_dir: str | os.PathLike,
+                  embedding_paths: list[Path]) -> pd.DataFrame:
     if not embedding_paths:
         raise SimclrPathError("no embedding files given; pass --embeddings EMB.h5 [EMB.h5 ...]")
     top_k = int(model.meta.get("top_k") or ClassifyConfig().top_k)
@@ -1355,6 +1372,4 @@ def predict(
     df = df.reindex(columns=cols)
     for c in ("patch_index", "x", "y", "n_patches"):
         df[c] = df[c].astype("Int64")
-    with atomic_output(out_csv, force=force) as tmp:
-        df.to_csv(tmp, index=False)
-    return Path(out_csv)
+    return df

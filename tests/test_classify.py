@@ -832,3 +832,16 @@ def test_the_python_api_takes_one_path_and_never_writes_over_its_inputs(tmp_path
     assert paths[0].read_bytes() == before and (tmp_path / "out" / "model.json").is_file()
     with pytest.raises(SimclrPathError, match="embedding_paths: expected a path or a list"):
         classify(3, tmp_path / "x", samples=sheet, cfg=FAST)
+
+
+def test_predict_table_is_the_csv_in_memory(tmp_path):
+    from simclr_path.classify import predict_table
+
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=20, shift=1.0)
+    classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    before = sorted(tmp_path.rglob("*"))
+    df = predict_table(tmp_path / "out", paths[:3])
+    assert sorted(tmp_path.rglob("*")) == before  # in memory: nothing written
+    csv = pd.read_csv(predict(tmp_path / "out", paths[:3], tmp_path / "p.csv"))
+    assert list(df.columns) == list(csv.columns) and len(df) == len(csv) == 3 * 20 + 3
+    pd.testing.assert_frame_equal(df.reset_index(drop=True), csv, check_dtype=False)
