@@ -45,3 +45,30 @@ def make_store(tmp_path):
         return path
 
     return _make
+
+
+PROBE_CLASSES = ["lung_aca", "lung_n", "lung_scc"]
+
+
+def toy_labels(groups_per_class: int, per_group: int) -> tuple[np.ndarray, list[str]]:
+    """Class indices (N,) and source-image groups of a three-class toy set in bench_quality's
+    class names, ``per_group`` patches per group."""
+    y = np.repeat(np.arange(3), groups_per_class * per_group)
+    groups = [f"{PROBE_CLASSES[c]}-{i // per_group}" for c in range(3)
+              for i in range(groups_per_class * per_group)]
+    return y, groups
+
+
+def probed_work(work: Path, x: np.ndarray, y: np.ndarray, groups: list[str]) -> Path:
+    """A ``bench_quality.py --work`` folder: features ``x`` (N, D) as embedding set "toy", probed
+    by the benchmark's linear probe on 2 grouped splits (fold seeds 0, 1)."""
+    from simclr_path.config import load_config
+    from simclr_path.store import write_embeddings
+
+    coords = np.stack([np.arange(len(y)), np.zeros(len(y), dtype=np.int64)], axis=1)
+    emb = write_embeddings(work / "embeddings" / "toy.h5", x, coords,
+                           {"slide_id": "toy", "layer": "pooled"}, labels=y, groups=groups,
+                           label_names=PROBE_CLASSES)
+    load_benchmark("bench_quality").probe_splits(
+        emb, work / "probe" / "toy", load_config(preset="cpu-fast").classify, [0, 1], {}, "toy")
+    return work

@@ -7,13 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_benchmark
+from conftest import ROOT, load_benchmark, probed_work, toy_labels
 
-from simclr_path.config import load_config
 from simclr_path.errors import SimclrPathError
-from simclr_path.store import write_embeddings
-
-CLASSES = ["lung_aca", "lung_n", "lung_scc"]
 
 
 @pytest.fixture(scope="module")
@@ -27,24 +23,14 @@ def work(tmp_path_factory, groups_per_class=6, per_group=4, seed=0):
     either side of the adenocarcinoma cluster (the SCC region is not convex, so no linear
     classifier finds both; neighbours do), probed by the benchmark's linear probe on 2 grouped
     splits."""
-    bq = load_benchmark("bench_quality")
     rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(3), groups_per_class * per_group)
-    groups = [f"{CLASSES[c]}-{i // per_group}" for c in range(3)
-              for i in range(groups_per_class * per_group)]
+    y, groups = toy_labels(groups_per_class, per_group)
     centre = {0: (0.0, 0.0), 1: (0.0, 8.0)}
     x = rng.normal(scale=0.5, size=(len(y), 2))
     for i, (c, g) in enumerate(zip(y, groups)):
         side = 1.0 if int(g.rsplit("-", 1)[1]) % 2 else -1.0
         x[i] += centre[c] if c < 2 else (8.0 * side, 0.0)
-    coords = np.stack([np.arange(len(y)), np.zeros(len(y), dtype=np.int64)], axis=1)
-    work = tmp_path_factory.mktemp("knn") / "work"
-    emb = write_embeddings(work / "embeddings" / "toy.h5", x, coords,
-                           {"slide_id": "toy", "layer": "pooled"}, labels=y, groups=groups,
-                           label_names=CLASSES)
-    cfg = load_config(preset="cpu-fast").classify
-    bq.probe_splits(emb, work / "probe" / "toy", cfg, [0, 1], {}, "toy")
-    return work
+    return probed_work(tmp_path_factory.mktemp("knn") / "work", x, y, groups)
 
 
 def test_knn_finds_what_no_line_separates(pk, work):

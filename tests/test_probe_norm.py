@@ -7,12 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_benchmark
-
-from simclr_path.config import load_config
-from simclr_path.store import write_embeddings
-
-CLASSES = ["lung_aca", "lung_n", "lung_scc"]
+from conftest import ROOT, load_benchmark, probed_work, toy_labels
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +20,11 @@ def work(tmp_path_factory, groups_per_class=5, per_group=4, seed=0):
     """A bench_quality work folder with one 6-d feature set: three noisy class clusters whose
     patches have norms spread over more than two orders of magnitude, probed by the benchmark's linear
     probe on 2 grouped splits."""
-    bq = load_benchmark("bench_quality")
     rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(3), groups_per_class * per_group)
-    groups = [f"{CLASSES[c]}-{i // per_group}" for c in range(3)
-              for i in range(groups_per_class * per_group)]
+    y, groups = toy_labels(groups_per_class, per_group)
     x = (np.eye(6)[y] * 2 + rng.normal(scale=0.6, size=(len(y), 6))) * rng.uniform(
         0.05, 20, size=(len(y), 1))
-    coords = np.stack([np.arange(len(y)), np.zeros(len(y), dtype=np.int64)], axis=1)
-    work = tmp_path_factory.mktemp("norm") / "work"
-    emb = write_embeddings(work / "embeddings" / "toy.h5", x, coords,
-                           {"slide_id": "toy", "layer": "pooled"}, labels=y, groups=groups,
-                           label_names=CLASSES)
-    bq.probe_splits(emb, work / "probe" / "toy", load_config(preset="cpu-fast").classify,
-                    [0, 1], {}, "toy")
-    return work
+    return probed_work(tmp_path_factory.mktemp("norm") / "work", x, y, groups)
 
 
 def test_untransformed_reproduces_the_benchmarks_probe(pn, work):
