@@ -24,6 +24,10 @@ from simclr_path.outputs import as_paths, atomic_output, check_apart, check_can_
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under common colour-vision
 # deficiencies.
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+# slides and source groups: Paul Tol's colour-blind-safe "muted" set, so that a slide never wears
+# a class's Okabe-Ito colour from the label map beside it
+TOL_MUTED = ["#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#44AA99",
+             "#999933", "#AA4499"]
 DPI = 120
 
 
@@ -110,7 +114,7 @@ def plot_loss_curve(
         )
     df = _read_table(p, {"step", "loss"}, numeric={"step", "loss"},
                      how="; it is written by 'simclr-path pretrain' after its first logged steps")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.6))
     ax.plot(df["step"], df["loss"], color=OKABE_ITO[5], alpha=0.5, lw=1, label="loss")
     window = max(1, len(df) // 20)
     ax.plot(
@@ -131,7 +135,10 @@ def plot_loss_curve(
         ax2.set_ylabel("learning rate")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="upper right", frameon=False)
+    # below the axes: inside, it sat on the learning-rate curve's peak
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3,
+              frameon=False, fontsize=8)
+    fig.tight_layout()
     return save_figure(fig, out, force=force)
 
 
@@ -261,8 +268,9 @@ def tsne_2d(features: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np
 
 def _scatter_by(ax: plt.Axes, xy: np.ndarray, cats: pd.Series, what: str) -> None:
     names = sorted(cats.unique(), key=str)
-    colors = category_colors(len(names))
-    if len(names) > len(OKABE_ITO):
+    palette = OKABE_ITO if what == "label" else TOL_MUTED
+    colors = palette[:len(names)]
+    if len(names) > len(palette):
         # many slides/groups: golden-ratio steps through viridis, so neighbours in name order
         # (often the same class) get distant colours
         colors = [plt.cm.viridis(x) for x in np.mod(np.arange(len(names)) * 0.6180339887, 1.0)]
@@ -270,10 +278,13 @@ def _scatter_by(ax: plt.Axes, xy: np.ndarray, cats: pd.Series, what: str) -> Non
     point_colors = matplotlib.colors.to_rgba_array(colors)[[index[c] for c in cats]]  # (N, 4)
     # one scatter in a shuffled order: drawn category by category, the last would cover the rest
     order = np.random.default_rng(0).permutation(len(xy))
-    ax.scatter(xy[order, 0], xy[order, 1], s=6, c=point_colors[order], alpha=0.8, linewidths=0)
+    # a thin dark edge: light colours (yellow, sand) stay visible on white
+    ax.scatter(xy[order, 0], xy[order, 1], s=10, c=point_colors[order], alpha=0.85,
+               linewidths=0.2, edgecolors="0.25")
     if len(names) <= LEGEND_MAX:  # legend entries
         for name, col in zip(names, colors):
-            ax.scatter([], [], s=6, color=col, alpha=0.8, linewidths=0, label=str(name))
+            ax.scatter([], [], s=14, color=col, alpha=0.85, linewidths=0.2, edgecolors="0.25",
+                       label=str(name))
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
     _legend_or_note(ax, len(names), what)
@@ -596,7 +607,12 @@ def plot_curves(
         for ax, level in zip(axes, ("patch", "slide")):
             drawn = []  # (name, truth, colour) of the curves drawn, for the prevalence lines
             skipped = []  # why curves were left out, for the note in an empty panel
-            for (name, yb, s), col in zip(sets[level], category_colors(len(sets[level]))):
+            # a line style per curve too: curves that coincide (mean and top-k scores of a few
+            # slides) stay visible, the later one dashed over the earlier one
+            styles = ["-", "--", ":", "-."]
+            for i, ((name, yb, s), col) in enumerate(zip(sets[level],
+                                                          category_colors(len(sets[level])))):
+                ls = styles[i % len(styles)]
                 ok = np.isfinite(s)
                 yb, s = yb[ok], s[ok]
                 if not len(yb):
@@ -613,6 +629,7 @@ def plot_curves(
                         tpr,
                         color=col,
                         lw=2,
+                        ls=ls,
                         label=f"{name} (AUROC {roc_auc_score(yb, s):.3f})",
                     )
                 else:
@@ -622,6 +639,7 @@ def plot_curves(
                         prec,
                         color=col,
                         lw=2,
+                        ls=ls,
                         drawstyle="steps-post",
                         label=f"{name} (AP {average_precision_score(yb, s):.3f})",
                     )
@@ -646,7 +664,15 @@ def plot_curves(
             ax.set_ylim(-0.01, 1.01)
             ax.grid(alpha=0.3)
             n = len(patches) if level == "patch" else len(slides)
-            ax.set_title(f"{level} level (n={n})")
+            # positives and negatives, where the curves share them (one positive class): an
+            # AUROC of 1 on 4 + 4 slides is another claim than one on 400 + 400
+            counts = {(int(yb.sum()), len(yb) - int(yb.sum())) for _, yb, _ in drawn}
+            split = (f": {next(iter(counts))[0]} positive, {next(iter(counts))[1]} negative"
+                     if len(counts) == 1 else "")
+            ci = metrics[level].get("auroc_ci95") if kind == "roc" else None
+            ci_txt = f", AUROC 95% CI {ci[0]:.2f}-{ci[1]:.2f}" if isinstance(ci, list) and \
+                len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci) else ""
+            ax.set_title(f"{level} level (n={n}{split}{ci_txt})")
             if not drawn:
                 # an empty panel says why, rather than looking like a drawing bug
                 things = "patches" if level == "patch" else "slides"
@@ -709,6 +735,15 @@ def plot_confusion(
 # ----------------------------------------------------------------------------------------------
 # Slide heatmaps
 # ----------------------------------------------------------------------------------------------
+def _extent_mm(st, extent) -> tuple[list[float], str]:
+    """A level-0-pixel ``extent`` in millimetres on the slide, as the QC picture's axes, where
+    the store records the level-0 mpp; else as it is, in level-0 pixels."""
+    mpp = st.attrs.get("level0_mpp")
+    if mpp is None or not np.isfinite(float(mpp)) or float(mpp) <= 0:
+        return list(extent), "level-0 pixels"
+    return [float(e) * float(mpp) / 1000.0 for e in extent], "mm"
+
+
 def _heatmap_unavailable(st, sid: str, reason: str, out: str | os.PathLike, force: bool,
                          max_side: int) -> Path:
     """The slide's picture titled with why it has no heatmap (closes ``st``)."""
@@ -722,9 +757,10 @@ def _heatmap_unavailable(st, sid: str, reason: str, out: str | os.PathLike, forc
                 transform=ax.transAxes)
         ax.set_axis_off()
     else:
-        ax.imshow(thumb, extent=extent)
-        ax.set_xlabel("x (level-0 pixels)")
-        ax.set_ylabel("y (level-0 pixels)")
+        extent_shown, unit = _extent_mm(st, extent)
+        ax.imshow(thumb, extent=extent_shown)
+        ax.set_xlabel(f"x ({unit})")
+        ax.set_ylabel(f"y ({unit})")
     ax.set_title(f"{sid}: no heatmap ({reason})")
     st.close()
     return save_figure(fig, out, force=force)
@@ -928,25 +964,34 @@ def plot_heatmap(
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     label = f"P({pos})" if pos else "P(positive class)"
+    # what the slide is and whether it was held out, where a classify folder says so
+    known = ""
+    if src.is_dir() and "label" in rows.columns:
+        folds = sorted(set(rows["fold"].astype(int)))
+        known = (f" ({', '.join(sorted(set(rows['label'].astype(str))))} slide, held out in fold "
+                 f"{', '.join(map(str, folds))})")
+    extent_shown, unit = _extent_mm(st, extent)
     # the panels' height follows the slide's shape, within limits: a very tall slide is drawn
     # narrower rather than as a poster
     fig, axes = plt.subplots(1, 2, figsize=(12, min(5.5 * h / max(w, 1), 11) + 1.2))
-    axes[0].imshow(thumb, extent=extent)
-    axes[0].set_title(f"{sid}: slide")
-    axes[1].imshow(thumb, extent=extent)
+    axes[0].imshow(thumb, extent=extent_shown)
+    axes[0].set_title(f"{sid}: slide{known}")
+    # the probabilities over the slide in grey: over its H&E colours viridis would mix with the
+    # stain and read as other values
+    axes[1].imshow(thumb.mean(axis=2), extent=extent_shown, cmap="gray", vmin=0, vmax=255)
     im = axes[1].imshow(
         np.ma.masked_invalid(heat),
-        extent=extent,
+        extent=extent_shown,
         cmap="viridis",
         vmin=0,
         vmax=1,
-        alpha=0.6,
+        alpha=0.75,
         interpolation="nearest",
     )
     axes[1].set_title(f"{sid}: {label} per patch (slide mean {rows['score'].mean():.2f})")
     for ax in axes:
-        ax.set_xlabel("x (level-0 pixels)")
-        ax.set_ylabel("y (level-0 pixels)")
+        ax.set_xlabel(f"x ({unit})")
+        ax.set_ylabel(f"y ({unit})")
     # the bar gets an axis cut from the image's own (aspect-kept) box: fig.colorbar(ax=...)
     # sized it to the panel's original box, so on a wide slide it stood above the image and
     # over the title. The left panel gets an empty one, so both pictures have the same size

@@ -1,7 +1,8 @@
 """QC picture of one tiled slide: thumbnail, tissue outline and the grid of kept patches.
 
-A reviewer checks at a glance that the tissue was found, that glass, pen ink and folds were left
-out, and that the patch grid covers the tissue.
+A reviewer checks at a glance that the tissue was found, that glass and (with pen removal) ink
+were left out, and that the patch grid covers the tissue; folds are not detected, so they show
+here under the grid.
 """
 
 from __future__ import annotations

@@ -621,7 +621,8 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
             ax.imshow(img)
             ax.set_xticks([])
             ax.set_yticks([])
+            # 10 pt: the report shows the grid at page width, where 7 pt was about 4
             ax.set_title(f"patch {names[r]}" if c == 0 else f"{titles[c - 1]} ({img.shape[0]} px)",
-                         fontsize=7)
-    fig.suptitle(f"SimCLR augmented views ({describe(cfg)})", fontsize=10)
+                         fontsize=10)
+    fig.suptitle(f"SimCLR augmented views ({describe(cfg)})", fontsize=13)
     return save_figure(fig, out_png, force=force)

@@ -79,12 +79,28 @@ def imports_of(path: Path, seen: set[Path] | None = None) -> set[str]:
         for mod in mods:
             top = mod.split(".")[0]
             if top == "simclr_path":
-                rel = Path(*mod.split("."))
-                for cand in (ROOT / f"{rel}.py", ROOT / rel / "__init__.py"):
-                    found |= imports_of(cand, seen)
+                found |= imports_of(_package_file(mod, mods), seen)
             elif top not in STDLIB and top not in OPTIONAL:
                 found.add(top)
     return found
+
+
+def _package_file(mod: str, siblings: list[str]) -> Path:
+    """The file of package module ``mod``; for ``from simclr_path[.x] import NAME`` (a function,
+    or a lazy name of the package) the file of the module that defines NAME. A module path that
+    names no file fails: a silent skip would hide that module's imports."""
+    import simclr_path
+
+    rel = Path(*mod.split("."))
+    for cand in (ROOT / f"{rel}.py", ROOT / rel / "__init__.py"):
+        if cand.is_file():
+            return cand
+    parent, name = mod.rsplit(".", 1)
+    if parent == "simclr_path" and name in simclr_path._LAZY:  # e.g. load_encoder
+        return _package_file(simclr_path._LAZY[name], [])
+    if parent in siblings:  # NAME is an attribute of the module imported from: scanned as it
+        return ROOT / "nonexistent"
+    raise AssertionError(f"import of {mod}: no such file in the package")
 
 
 def rule_blocks():
@@ -97,9 +113,9 @@ def rule_blocks():
             env = re.search(r'conda:\s*\n\s*"([^"]+)"', body)
             if not env:
                 continue
-            cmds = set(re.findall(r"simclr-path ([a-z-]+)", body))
-            if "-m simclr_path" in text and name == "pretrain":
-                cmds.add("pretrain")
+            # `simclr-path CMD`, and `{params.command} CMD` where the rule builds the launcher
+            # (pretrain: python -m simclr_path or torchrun ... -m simclr_path)
+            cmds = set(re.findall(r"(?:simclr-path|\{params\.command\}) ([a-z][a-z-]*)", body))
             scripts = re.findall(r'script:\s*\n\s*"([^"]+)"', body)
             out.append((name, (smk.parent / env.group(1)).resolve(), cmds, scripts, smk.parent))
     return out
@@ -135,10 +151,11 @@ def test_envs_cover_rule_imports():
     assert {b[0] for b in blocks} >= {"tile", "pretrain", "embed", "classify", "plot_tsne"}
     from simclr_path.cli import COMMANDS
 
+    assert "pretrain" in next(b[2] for b in blocks if b[0] == "pretrain")
     for name, env_path, cmds, scripts, base in blocks:
         assert env_path.is_file(), f"rule {name}: {env_path} missing"
         have = _packages(_env(env_path))
-        needed: set[str] = set()
+        needed = imports_of(ROOT / "simclr_path" / "cli" / "__init__.py") if cmds else set()
         for cmd in cmds:
             mod = ROOT / "simclr_path" / "cli" / f"{COMMANDS[cmd]}.py"
             assert mod.is_file(), f"rule {name} calls simclr-path {cmd}, which does not exist"

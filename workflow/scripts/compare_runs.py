@@ -77,22 +77,23 @@ def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> N
             err = np.vstack([lo, hi])
             if np.isfinite(err).all():
                 kw = {"yerr": err, "capsize": 3}
-        ax.bar(
-            x + (j - (len(bars) - 1) / 2) * width,
-            np.nan_to_num(vals),
-            width,
-            label=name,
-            color=COLOURS[j],
-            **kw,
-        )
+        xs = x + (j - (len(bars) - 1) / 2) * width
+        rects = ax.bar(xs, np.nan_to_num(vals), width, label=name, color=COLOURS[j], **kw)
+        # the value on each bar; a metric a run lacks says so instead of a bar of height 0
+        ax.bar_label(rects, labels=["n/a" if not np.isfinite(v) else f"{v:.2f}" for v in vals],
+                     fontsize=7, padding=2)
     ax.set_xticks(
         x, df["run"], rotation=30 if len(df) > 4 else 0, ha="right" if len(df) > 4 else "center"
     )
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.12)  # room for the value labels
     ax.set_xlabel(xlabel)
     ax.set_ylabel("metric (patient-grouped cross-validation)")
     ax.set_title(title or "Runs compared on the same linear-probe metrics")
     ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
+    ax.text(1.01, 0.5, "chance", fontsize=7, color="#666666", ha="left", va="center",
+            transform=ax.get_yaxis_transform())
+    if df["slide_auroc_ci_low"].isna().any():  # the caption promises CIs: say where there are none
+        ax.set_xlabel(f"{xlabel}\n(a slide AUROC without error bar: too few patients for its CI)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(out)
