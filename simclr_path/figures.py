@@ -728,7 +728,8 @@ def plot_confusion(
             f"{level} level" + (f" (balanced accuracy {bacc:.3f})" if bacc is not None else "")
         )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    fig.suptitle("Confusion matrices, out-of-fold predictions")
+    fig.suptitle("Confusion matrices, out-of-fold predictions "
+                 f"({metrics['task'].get('evaluation', '')})")
     return save_figure(fig, out, force=force)
 
 
