@@ -78,6 +78,7 @@ class Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.initialized_here = False
+        self.stopped_together = False  # every rank left at one agreed point (an interrupt)
 
     @property
     def enabled(self) -> bool:
@@ -109,7 +110,7 @@ class Dist:
         """End the process group made here. After a failure other ranks may be inside a
         collective, where tearing the group down can block this rank too (torchtitan#1342):
         then it is left to the process's exit, and torchrun ends the other ranks."""
-        if self.initialized_here and dist.is_initialized() and clean:
+        if self.initialized_here and dist.is_initialized() and (clean or self.stopped_together):
             dist.destroy_process_group()
 
 
@@ -1120,6 +1121,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                     warnings.warn(f"{out / 'checkpoint.pt'}: interrupted after step {step}{why}; "
                                   f"--resume continues from step {saved_step}", stacklevel=2)
                 dist.barrier(group=sync_group)  # no rank leaves (torchrun would end rank 0) mid-save
+                world.stopped_together = True  # no rank is inside a collective: the group can end
                 guard.fire()
             if t_cfg.time_budget_s is not None:
                 stop_now = elapsed >= budget_s
