@@ -62,9 +62,10 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
     (Touvron et al. 2019, "Fixing the train-test resolution discrepancy"). For crop scale
     0.2-1.0 that is 1.32x: 96 -> 128 px. (The area is taken as uniform on ``[a, b]``; the crop's
     aspect-ratio retries make small areas a little more likely, E[sqrt(s)] 0.72 rather than 0.76
-    for 0.2-1.0, about 5 % more pixels: embedding at 168, 176 or 184 px was level, study 22.) ``side_ratio``: the physical side (pixels x mpp) of
-    the patches embedded over that of the training patches, where both are known; patches
-    that hold more or less tissue need a proportionally larger or smaller input. Rounded to
+    for 0.2-1.0, about 5 % more pixels: embedding at 168, 176 or 184 px was level, study 22.)
+    ``side_ratio``: the physical side (pixels x mpp) of the patches embedded over that of the
+    training patches, where both are known; patches that hold more or less tissue need a
+    proportionally larger or smaller input. Rounded to
     ``multiple``; never above ``patch_size`` (no upsampling past the stored pixels) nor, at
     ratio 1 (or unknown), below ``train_size``. Without a crop scale (an encoder from an older
     version, or fine-tuned on whole patches) the training size is returned, scaled the same way.
@@ -331,7 +332,7 @@ def embed_store(
         raise SimclrPathError(
             f"{enc}: encoder file not found; train one with 'simclr-path pretrain'"
         )
-    out = check_can_write(out, force)  # a folder or a path under a file fails now, not after embedding
+    out = check_can_write(out, force)  # a folder, or a path under a file, fails before embedding
     if cfg.batch_size < 1:
         raise SimclrPathError(f"embed.batch_size must be >= 1, got {cfg.batch_size}")
     info = encoder_info(enc)

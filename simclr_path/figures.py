@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -36,6 +37,17 @@ def category_colors(n: int) -> list[str]:
     if n <= len(OKABE_ITO):
         return OKABE_ITO[:n]
     return [matplotlib.colors.to_hex(c) for c in plt.cm.viridis(np.linspace(0, 1, n))]
+
+
+def check_figure_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, Any],
+                         force: bool) -> None:
+    """Before any figure is drawn: none is one of the call's ``inputs`` (:func:`check_apart`;
+    a figure may go inside a folder input) and each existing one is replaced only with
+    ``force``. ``outputs``: argument name -> path, or None where that figure is not asked for."""
+    check_apart(outputs, inputs, figures_only=True)
+    for out in outputs.values():
+        if out is not None:
+            check_can_write(out, force)
 
 
 def figure_format(out: str | os.PathLike) -> str:
@@ -103,8 +115,7 @@ def plot_loss_curve(
     ``metrics_csv`` is the ``metrics.csv`` of a pretraining run (columns ``step``, ``loss``,
     ``lr``) or the run directory that holds it.
     """
-    check_apart({"out": out}, {"metrics_csv": metrics_csv}, figures_only=True)
-    check_can_write(out, force)
+    check_figure_outputs({"out": out}, {"metrics_csv": metrics_csv}, force)
     p = Path(metrics_csv)
     if p.is_dir():
         p = p / "metrics.csv"
@@ -315,13 +326,10 @@ def plot_tsne(
 
     embedding_paths = as_paths(embedding_paths, "embedding_paths")
     stores = None if stores is None else as_paths(stores, "stores")
-    outs = {"out_label": out_label, "out_slide": out_slide, "out_thumbnails": out_thumbnails,
-            "out_umap": out_umap}
-    check_apart(outs, {"embedding_paths": embedding_paths, "stores": stores, "samples": samples},
-                figures_only=True)
-    for out in outs.values():  # all of them before any figure is written
-        if out is not None:
-            check_can_write(out, force)
+    check_figure_outputs({"out_label": out_label, "out_slide": out_slide,
+                          "out_thumbnails": out_thumbnails, "out_umap": out_umap},
+                         {"embedding_paths": embedding_paths, "stores": stores, "samples": samples},
+                         force)
     d = ClassifyConfig()
     max_points = max_points or d.tsne_max_points
     perplexity = perplexity or d.tsne_perplexity
@@ -577,10 +585,8 @@ def plot_curves(
 ) -> list[Path]:
     """ROC and precision-recall curves (out-of-fold predictions) at patch and slide level,
     AUROC / average precision in the legends."""
-    check_apart({"out_roc": out_roc, "out_pr": out_pr}, {"classify_dir": classify_dir},
-                figures_only=True)
-    check_can_write(out_roc, force)
-    check_can_write(out_pr, force)
+    check_figure_outputs({"out_roc": out_roc, "out_pr": out_pr}, {"classify_dir": classify_dir},
+                         force)
     from sklearn.metrics import (
         average_precision_score,
         precision_recall_curve,
@@ -667,8 +673,8 @@ def plot_curves(
             # positives and negatives, where the curves share them (one positive class): an
             # AUROC of 1 on 4 + 4 slides is another claim than one on 400 + 400
             counts = {(int(yb.sum()), len(yb) - int(yb.sum())) for _, yb, _ in drawn}
-            split = (f": {next(iter(counts))[0]} positive, {next(iter(counts))[1]} negative"
-                     if len(counts) == 1 else "")
+            split = "".join(f": {p} positive, {q} negative" for p, q in counts) \
+                if len(counts) == 1 else ""
             ci = metrics[level].get("auroc_ci95") if kind == "roc" else None
             ci_txt = f", AUROC 95% CI {ci[0]:.2f}-{ci[1]:.2f}" if isinstance(ci, list) and \
                 len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci) else ""
@@ -698,8 +704,7 @@ def plot_confusion(
     classify_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False
 ) -> Path:
     """Confusion matrices (counts and row percentages) at patch and slide level."""
-    check_apart({"out": out}, {"classify_dir": classify_dir}, figures_only=True)
-    check_can_write(out, force)
+    check_figure_outputs({"out": out}, {"classify_dir": classify_dir}, force)
     metrics, _, _ = _read_classify_dir(classify_dir)
     classes = metrics["task"]["classes"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
@@ -891,8 +896,7 @@ def plot_heatmap(
     """
     from simclr_path.store import PatchStore
 
-    check_apart({"out": out}, {"classify": classify, "store": store}, figures_only=True)
-    check_can_write(out, force)
+    check_figure_outputs({"out": out}, {"classify": classify, "store": store}, force)
     src = Path(classify)
     train_only: set[str] = set()  # slides a samples-sheet split kept for training
     if src.is_dir():

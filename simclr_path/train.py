@@ -78,7 +78,9 @@ class Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.initialized_here = False
-        self.stopped_together = False  # every rank left at one agreed point (an interrupt)
+        # every rank left at one agreed point (the run's end or an agreed interrupt), so none is
+        # inside a collective and the group may be ended
+        self.stopped_together = False
 
     @property
     def enabled(self) -> bool:
@@ -106,11 +108,12 @@ class Dist:
         if self.enabled and dist.is_initialized():
             dist.barrier()
 
-    def close(self, clean: bool = True) -> None:
-        """End the process group made here. After a failure other ranks may be inside a
-        collective, where tearing the group down can block this rank too (torchtitan#1342):
-        then it is left to the process's exit, and torchrun ends the other ranks."""
-        if self.initialized_here and dist.is_initialized() and (clean or self.stopped_together):
+    def close(self) -> None:
+        """End the process group made here, where all ranks stopped together. After a failure
+        other ranks may be inside a collective, where tearing the group down can block this rank
+        too (torchtitan#1342): then it is left to the process's exit, and torchrun ends the
+        other ranks."""
+        if self.initialized_here and dist.is_initialized() and self.stopped_together:
             dist.destroy_process_group()
 
 
@@ -353,8 +356,8 @@ def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
 
 
 def _prepare_run_dir(out: Path, resume: bool, force: bool) -> bool:
-    """Check and clean RUN_DIR; return True when a checkpoint will be resumed (rank 0 only)."""
-    _check_run_dir(out, resume, force)
+    """Clean RUN_DIR (checked by :func:`_check_run_dir`); return True when a checkpoint will be
+    resumed (rank 0 only)."""
     has_ckpt = (out / "checkpoint.pt").is_file()
     nonempty = out.is_dir() and any(out.iterdir())
     if resume and has_ckpt:
@@ -805,18 +808,15 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    clean = False
     try:
         if world.main:
             _prepare_run_dir(out, resume, force)
         world.barrier()
         if ck is None and t_cfg.time_budget_s and t_cfg.budget_min_steps:
             cfg, fit = _fit_budget(cfg, model, plan, world, device, out, progress)
-        summary = _train(opened, out, cfg, progress, world, device, plan, model, ck, fit)
-        clean = True
-        return summary
+        return _train(opened, out, cfg, progress, world, device, plan, model, ck, fit)
     finally:
-        world.close(clean)
+        world.close()
 
 
 def _fit_budget(cfg: PipelineConfig, model: nn.Module, plan, world: Dist, device: torch.device,
@@ -1121,7 +1121,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                     warnings.warn(f"{out / 'checkpoint.pt'}: interrupted after step {step}{why}; "
                                   f"--resume continues from step {saved_step}", stacklevel=2)
                 dist.barrier(group=sync_group)  # no rank leaves (torchrun would end rank 0) mid-save
-                world.stopped_together = True  # no rank is inside a collective: the group can end
+                world.stopped_together = True
                 guard.fire()
             if t_cfg.time_budget_s is not None:
                 stop_now = elapsed >= budget_s
@@ -1225,6 +1225,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         raise
     if world.enabled:  # on gloo: NCCL's watchdog would end ranks that wait out a slow finish
         dist.barrier(group=sync_group)  # (rank 0's tracker upload, say) as a hang
+        world.stopped_together = True
     return summary
 
 

@@ -597,17 +597,15 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
     """Write a PNG grid of ``n_pairs`` augmented view pairs: original patch, view 1, view 2, and
     with multi-crop (``cfg.local_crops`` > 0) the local views of the same patch
     (:func:`preview_views`)."""
-    from simclr_path.outputs import check_apart, check_can_write
+    from simclr_path.figures import check_figure_outputs, save_figure
 
-    check_apart({"out_png": out_png}, {"stores": stores}, figures_only=True)
-    check_can_write(out_png, force)
+    check_figure_outputs({"out_png": out_png}, {"stores": stores}, force)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from simclr_path.budget import describe
-    from simclr_path.figures import save_figure
 
     cfg = cfg or AugmentConfig()
     names, rows = preview_views(stores, cfg, n_pairs, seed)

@@ -28,14 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simclr_path.errors import SimclrPathError
-    from simclr_path.outputs import check_can_write
     from simclr_path.transforms import preview
 
     if not 1 <= args.pairs <= MAX_PAIRS:  # one row each: more would not make a readable figure
         raise SimclrPathError(f"--pairs must be between 1 and {MAX_PAIRS}, got {args.pairs}")
     if args.seed < 0:
         raise SimclrPathError(f"--seed must be >= 0, got {args.seed}")
-    check_can_write(args.out, args.force)
     # as in pretrain: the views previewed are the views it would train on
     cfg = load_config(args.config, args.preset,
                       {"augment": {"image_size": args.image_size}}

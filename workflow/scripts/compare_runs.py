@@ -26,11 +26,18 @@ def _num(v):
     return float("nan") if v is None else float(v)
 
 
-def summarise(runs, metrics_files, pretrain_files, overrides) -> pd.DataFrame:
+def read_json(path, optional: bool = False) -> dict:
+    """A metrics.json or summary.json; {} for an ``optional`` one (a pretraining summary) that
+    is not there."""
+    if optional and not (path and Path(path).exists()):
+        return {}
+    return json.loads(Path(path).read_text())
+
+
+def summarise(runs, metrics, pretrains, overrides) -> pd.DataFrame:
+    """One row per run from its parsed metrics.json and pretraining summary.json."""
     rows = []
-    for run, mf, pf in zip(runs, metrics_files, pretrain_files):
-        m = json.loads(Path(mf).read_text())
-        p = json.loads(Path(pf).read_text()) if pf and Path(pf).exists() else {}
+    for run, m, p in zip(runs, metrics, pretrains):
         s, pt = m.get("slide", {}), m.get("patch", {})
         ci = s.get("auroc_ci95") or [None, None]
         info = overrides.get(run, {})
@@ -155,11 +162,11 @@ def summarise_fractions(rows, metrics_files, pretrain_file) -> pd.DataFrame:
     the one each metrics.json records (``task.label_fraction``), not the one asked for: a
     probe run at another fraction must not pass for the one in its row."""
     names = [f"{r['method']}, {percent(r['label_fraction'])} labels" for r in rows]
-    df = summarise(names, metrics_files, [pretrain_file] * len(names), {})
+    metrics = [read_json(mf) for mf in metrics_files]
+    df = summarise(names, metrics, [read_json(pretrain_file, optional=True)] * len(names), {})
     df = df.drop(columns=["run", "overrides", "description"])
     labelled, trained, fractions = [], [], []
-    for r, mf in zip(rows, metrics_files):
-        m = json.loads(Path(mf).read_text())
+    for r, m in zip(rows, metrics):
         folds = m.get("folds", [])
         labelled.append(_fold_mean(folds, "n_labelled_patients"))
         trained.append(_fold_mean(folds, "n_train_patients"))
@@ -193,8 +200,11 @@ def main(sm) -> None:
         )
         return
     names = list(sm.params.runs)
-    pretrain = list(sm.input.pretrain) if what == "run" else [str(sm.input.pretrain)] * len(names)
-    df = summarise(names, list(sm.input.metrics), pretrain, dict(sm.params.overrides))
+    # one run's summary for every row of a layer or fine-tuning comparison: read once
+    pretrain = ([read_json(p, optional=True) for p in sm.input.pretrain] if what == "run"
+                else [read_json(str(sm.input.pretrain), optional=True)] * len(names))
+    df = summarise(names, [read_json(mf) for mf in sm.input.metrics], pretrain,
+                   dict(sm.params.overrides))
     df = df.rename(columns={"run": what})
     df.to_csv(sm.output.tsv, sep="\t", index=False)
     if what == "run":
