@@ -76,6 +76,7 @@ class PatchTable:
     image_size: int | None = None  # input size of the file whose tissue scale all files share
     tta: bool = False  # embedded with rotation/flip test-time augmentation (embed.tta)
     source: np.ndarray | None = None  # (N,) index of each patch's file in the list given
+    files: list[str] | None = None  # the files given, as given (``file`` of the patch tables)
     encoder: str | None = None  # encoder path the first file was embedded with (for messages)
     input_mpp: float | None = None  # um of tissue per input pixel (None: not every file knows)
 
@@ -390,6 +391,7 @@ def load_table(
         image_size=scale.get("image_size"),
         tta=_tta(first),
         source=np.concatenate(parts["src"]).astype(np.int64),
+        files=[str(s.path) for s in stores],
         encoder=first.get("encoder"),
         input_mpp=input_mpp(scale),
     )
@@ -1014,6 +1016,9 @@ def pooled_results(
             "slide_id": t.slide,
             "patient_id": t.patient,
             "patch_index": t.patch_index,
+            # patch_index counts within one file; imported patch sets can share group names
+            **({"file": np.asarray(t.files, dtype=object)[t.source]}
+               if t.files is not None and t.source is not None else {}),
             "x": t.coords[:, 0],
             "y": t.coords[:, 1],
             "label": [t.classes[i] for i in t.y],
@@ -1304,7 +1309,8 @@ def predict_table(
 ) -> pd.DataFrame:
     """Scores of a saved classifier for new slides, in memory: patch rows and slide rows.
 
-    Columns: ``level`` (patch | slide), ``slide_id``, ``patch_index``, ``x``, ``y``,
+    Columns: ``level`` (patch | slide), ``slide_id``, ``patch_index``, ``file`` (the embedding
+    file as given), ``x``, ``y``,
     ``n_patches``, ``prob_<class>`` per class, ``score`` (P(positive)) and ``score_topk`` (slide
     rows) when the model has a positive class, ``pred``.
     """
@@ -1336,7 +1342,8 @@ def _scores_table(model: LinearModel, model_dir: str | os.PathLike,
                 stacklevel=2,
             )
             frames.append(
-                pd.DataFrame({"level": ["slide"], "slide_id": [s.slide_id], "n_patches": [0]})
+                pd.DataFrame({"level": ["slide"], "slide_id": [s.slide_id], "file": [str(s.path)],
+                              "n_patches": [0]})
             )
             continue
         proba = model.predict_proba(s.features)
@@ -1346,6 +1353,7 @@ def _scores_table(model: LinearModel, model_dir: str | os.PathLike,
                 "level": "patch",
                 "slide_id": sid,
                 "patch_index": np.arange(len(s)),
+                "file": str(s.path),
                 "x": s.coords[:, 0],
                 "y": s.coords[:, 1],
             }
@@ -1357,12 +1365,14 @@ def _scores_table(model: LinearModel, model_dir: str | os.PathLike,
         pr["pred"] = [model.classes[i] for i in proba.argmax(1)]
         sl = aggregate_slides(sid, proba, model.classes, model.positive, top_k)
         sl.insert(0, "level", "slide")
+        sl.insert(2, "file", str(s.path))
         frames += [pr, sl]
     df = pd.concat(frames, ignore_index=True)
     cols = [
         "level",
         "slide_id",
         "patch_index",
+        "file",
         "x",
         "y",
         "n_patches",

@@ -863,7 +863,8 @@ def _check_predictions_match(rows: pd.DataFrame, store, table: Path, how: str,
                              sid: str) -> None:
     """Refuse predictions (``rows``: one slide's rows of ``table``) made from other patches than
     ``store``'s: the count, and each patch's coordinates (by its ``patch_index`` where the table
-    has one). The tables do not name their store; the embedding file's ``source_store`` does."""
+    has one). The tables name the embedding file (``file``), whose ``source_store`` names the
+    patch store."""
     index = None
     if "patch_index" in rows.columns:
         index = pd.to_numeric(rows["patch_index"], errors="coerce").to_numpy(dtype=float)

@@ -16,6 +16,7 @@ from simclr_path.classify import (
     load_table,
     make_folds,
     predict,
+    predict_table,
     warn_grid_edge,
 )
 from simclr_path.cli import main
@@ -650,6 +651,28 @@ def test_groups_of_several_classes_warn_that_they_count_as_their_majority(tmp_pa
         classify([tmp_path / "p.h5"], tmp_path / "out", cfg=ClassifyConfig(bootstrap=0))
 
 
+def test_patch_rows_name_their_file_so_patch_sets_sharing_group_names_trace_back(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(2):  # two imported patch sets whose groups carry the same names
+        groups = [f"g{g}" for g in range(8) for _ in range(5)]
+        labels = np.array([g % 2 for g in range(8) for _ in range(5)])
+        X = rng.normal(size=(len(labels), 4)).astype(np.float32)
+        X[:, 0] += 2.0 * labels
+        coords = np.c_[np.arange(len(labels)) * 7 + 1000 * k, np.zeros(len(labels))]
+        paths.append(write_embeddings(
+            tmp_path / f"set{k}.h5", X, coords, {"slide_id": f"set{k}", "store_kind": "patches"},
+            labels=labels, groups=groups, label_names=["normal", "SCC"]))
+    classify(paths, tmp_path / "out", cfg=ClassifyConfig(bootstrap=0, c_grid=[1.0], folds=4))
+    pp = pd.read_csv(tmp_path / "out" / "predictions_patches.csv")
+    assert sorted(pp["file"].unique()) == sorted(str(p) for p in paths)
+    for f, rows in pp.groupby("file"):  # (file, patch_index) finds the patch's own row
+        s = EmbeddingStore(f)
+        assert (s.coords[rows["patch_index"], 0] == rows["x"]).all()
+    df = predict_table(tmp_path / "out", paths[1:])
+    assert (df["file"] == str(paths[1])).all()
+
+
 def test_too_few_patients_for_inner_cv_uses_the_middle_of_an_unsorted_grid():
     groups = np.repeat(np.arange(3), 5)  # class 1 has one patient: no inner folds
     y = groups % 2
@@ -835,7 +858,6 @@ def test_the_python_api_takes_one_path_and_never_writes_over_its_inputs(tmp_path
 
 
 def test_predict_table_is_the_csv_in_memory(tmp_path):
-    from simclr_path.classify import predict_table
 
     paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=20, shift=1.0)
     classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
