@@ -4,7 +4,9 @@ Runs :func:`simclr_path.train.pretrain` (the real loop: DataLoader workers, batc
 augmentation, forward, NT-Xent, backward, optimiser step) for a few steps per configuration on a
 synthetic 224 px store, and reports the steady-state figures from ``metrics.csv`` (the first
 ``--warmup`` steps, which include worker start-up and ``torch.compile``, are dropped):
-pairs/s, the share of each step spent waiting for the loader, and the share computing.
+pairs/s, the share of each step spent waiting for the loader, and the share computing. The loop
+logs every ``--warmup`` steps as the real runs do (``train.log_every``): each log reads the loss
+back, a device sync, so logging every step would understate a GPU's pairs/s.
 
 On CPU (default: 96 px views, batch 32) it compares float32 with bf16 autocast; on a GPU
 (default: 224 px, batch 256) bf16, channels_last and torch.compile on/off, unchanged otherwise:
@@ -36,6 +38,7 @@ def _choices(v: str) -> list[bool]:
 
 def run_one(store: Path, arch: str, image_size: int, batch: int, steps: int, workers: int, device: str,
             amp: bool, channels_last: bool, compile_: bool, warmup: int) -> dict:
+    # metrics.csv rows average their log window: windows of ``warmup`` steps drop it exactly
     from simclr_path.config import load_config
     from simclr_path.train import amp_mode, pretrain, resolve_device
 
@@ -43,7 +46,8 @@ def run_one(store: Path, arch: str, image_size: int, batch: int, steps: int, wor
         "augment": {"image_size": image_size},
         "model": {"arch": arch},
         "train": {"batch_size": batch, "max_steps": steps, "workers": workers, "device": device,
-                  "amp": amp, "channels_last": channels_last, "compile": compile_, "log_every": 1,
+                  "amp": amp, "channels_last": channels_last, "compile": compile_,
+                  "log_every": max(warmup, 1),
                   "checkpoint_every": 10**9, "tensorboard": False, "optimizer": "lars",
                   "warmup_epochs": 0.0},
     })
