@@ -609,7 +609,7 @@ def plot_curves(
     sets = _curve_sets(metrics, patches, slides)
     written = []
     for kind, out in (("roc", out_roc), ("pr", out_pr)):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), layout="constrained")
         for ax, level in zip(axes, ("patch", "slide")):
             drawn = []  # (name, truth, colour) of the curves drawn, for the prevalence lines
             skipped = []  # why curves were left out, for the note in an empty panel
@@ -673,12 +673,14 @@ def plot_curves(
             # positives and negatives, where the curves share them (one positive class): an
             # AUROC of 1 on 4 + 4 slides is another claim than one on 400 + 400
             counts = {(int(yb.sum()), len(yb) - int(yb.sum())) for _, yb, _ in drawn}
-            split = "".join(f": {p} positive, {q} negative" for p, q in counts) \
-                if len(counts) == 1 else ""
+            split = [f"{p} positive, {q} negative" for p, q in counts] if len(counts) == 1 else []
             ci = metrics[level].get("auroc_ci95") if kind == "roc" else None
-            ci_txt = f", AUROC 95% CI {ci[0]:.2f}-{ci[1]:.2f}" if isinstance(ci, list) and \
-                len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci) else ""
-            ax.set_title(f"{level} level (n={n}{split}{ci_txt})")
+            if isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, (int, float))
+                                                             for v in ci):
+                split.append(f"AUROC 95% CI {ci[0]:.2f}-{ci[1]:.2f}")
+            # two lines: one would run into the next panel's title
+            ax.set_title(f"{level} level, n={n}" + ("\n" + "; ".join(split) if split else ""),
+                         fontsize=11)
             if not drawn:
                 # an empty panel says why, rather than looking like a drawing bug
                 things = "patches" if level == "patch" else "slides"

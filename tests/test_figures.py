@@ -841,3 +841,32 @@ def test_figure_functions_keep_existing_files_without_force(cohort, tmp_path):
         figures.plot_tsne(str(cohort["embs"][0]), tmp_path / "l.png", cohort["embs"][0],
                           force=True)
     assert store.read_bytes() == before
+
+
+def test_curve_panel_titles_do_not_run_into_each_other(tmp_path, monkeypatch):
+    """Counts of a real cohort and a CI made one-line titles wider than their panels."""
+    import json
+
+    from simclr_path import figures
+
+    _binary_classify_dir(tmp_path / "cls", (["SCC"] * 6965 + ["normal"] * 11575))
+    p = pd.read_csv(tmp_path / "cls" / "predictions_patches.csv")
+    p["slide_id"] = [f"slide-{i % 26:02d}" for i in range(len(p))]  # 26 slides of one label each
+    p["label"] = np.where(p.index % 26 < 10, "SCC", "normal")
+    p.to_csv(tmp_path / "cls" / "predictions_patches.csv", index=False)
+    sl = p.groupby("slide_id").agg({"label": "first", "prob_SCC": "mean", "prob_normal": "mean",
+                                    "score": "mean"})
+    sl["score_topk"] = sl["score"]
+    sl.reset_index().to_csv(tmp_path / "cls" / "predictions_slides.csv", index=False)
+    m = json.loads((tmp_path / "cls" / "metrics.json").read_text())
+    m["slide"]["auroc_ci95"], m["slide"]["n"] = [0.83, 1.0], 26
+    (tmp_path / "cls" / "metrics.json").write_text(json.dumps(m))
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: drawn.append(fig))
+    figures.plot_curves(tmp_path / "cls", tmp_path / "roc.png", tmp_path / "pr.png")
+    roc = drawn[0]
+    roc.canvas.draw()
+    left, right = (ax.title.get_window_extent() for ax in roc.axes[:2])
+    assert left.x1 < right.x0, (roc.axes[0].get_title(), roc.axes[1].get_title())
+    assert "10 positive, 16 negative" in roc.axes[1].get_title()
+    assert "AUROC 95% CI 0.83-1.00" in roc.axes[1].get_title()
