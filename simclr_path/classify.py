@@ -121,6 +121,19 @@ def positive_index(classes: Sequence[str], positive_label: str | None,
     return positive
 
 
+def _check_finite(s: EmbeddingStore) -> None:
+    """Refuse NaN or infinite features: sklearn would stop with a traceback, and an argmax over a
+    NaN row names the first class (``embed`` never writes them; a damaged or foreign file)."""
+    if s.features.size == 0:
+        return
+    bad = ~np.isfinite(s.features).all(axis=1)
+    if bad.any():
+        raise SimclrPathError(
+            f"{s.path}: {int(bad.sum())} patch row(s) hold NaN or infinite features (first: row "
+            f"{int(np.flatnonzero(bad)[0])}); embed the slide again (simclr-path embed ... --force)"
+        )
+
+
 def _load_files(
     paths: Sequence[str | os.PathLike], opener: Callable[[Any], Any], what: str
 ) -> tuple[list[EmbeddingStore], int]:
@@ -139,6 +152,9 @@ def _load_files(
             f"{', '.join(str(p) for p in by_dim.values())}); embed every slide with the same "
             "encoder and layer"
         )
+
+    for s in stores:
+        _check_finite(s)
 
     def attr(s: EmbeddingStore, key: str) -> Any:
         return _tta(s.attrs) if key == "tta" else s.attrs.get(key)
@@ -307,8 +323,18 @@ def load_table(
                 stacklevel=2,
             )
         slides = pd.DataFrame(rows)
+        given_labels = set(slides["label"]) if rows else set()
+        lacking = [c for c in classes if c not in given_labels]
+        if rows and lacking:  # else make_folds would ask for "more patients" of that class
+            ex = sheet.loc[sheet["label"] == lacking[0], "slide_id"].iloc[0]
+            raise SimclrPathError(
+                f"{where}: lists slides of class {lacking[0]!r} (e.g. {ex!r}) but none of the "
+                f"{what}s given (with patches) is one of them; pass their {what}s too"
+            )
+        source = f"the samples sheet {where}"
     else:
         classes = []
+        source = f"the {what}s"
         for s in stores:
             if s.labels is None or not s.label_names:
                 raise SimclrPathError(
@@ -371,7 +397,12 @@ def load_table(
         )
     if slides.empty:
         raise SimclrPathError(f"every {what} is empty; nothing to classify")
-    positive = positive_index(classes, cfg.positive_label, f"the {what}s")
+    if len(classes) < 2:
+        raise SimclrPathError(
+            f"only one class ({', '.join(map(repr, classes))}) in {source}; a classifier "
+            "needs patches of two or more classes"
+        )
+    positive = positive_index(classes, cfg.positive_label, source)
     first = stores[0].attrs
     scale = stores[ref].attrs  # the tissue scale every file shares (_check_tissue_scale)
     y = np.concatenate(parts["y"]).astype(np.int64)
@@ -565,7 +596,7 @@ def fit_probe(
     beyond the grid; a tie, as on separable data, says nothing), else None.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
+    from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
@@ -584,20 +615,22 @@ def fit_probe(
     grid = list(cfg.c_grid)
     per_class = min(len(set(groups[y == c])) for c in range(n_classes))
     k = min(cfg.inner_folds, per_class)
-    if len(grid) == 1 or k < 2:
+    splits = []
+    if len(grid) > 1 and k >= 2:
+        splits = inner_splits(y, groups, n_classes, k, cfg.seed)
+    if len(grid) == 1 or not splits:
         c = grid[0] if len(grid) == 1 else sorted(grid)[len(grid) // 2]
         if len(grid) > 1:
-            warnings.warn(
-                f"too few patients per class ({per_class}) for inner cross-validation; using C={c}",
-                stacklevel=2,
-            )
+            why = (f"too few patients per class ({per_class})" if k < 2 else
+                   "no grouped inner fold holds patches of every class")
+            warnings.warn(f"{why} for inner cross-validation; using C={c}", stacklevel=2)
         pipe.set_params(logisticregression__C=c)
         with threadpool_limits(1, user_api="blas"):
             return pipe.fit(X, y), float(c), None
     search = GridSearchCV(
         pipe,
         {"logisticregression__C": grid},
-        cv=StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.seed),
+        cv=splits,
         scoring="roc_auc" if n_classes == 2 else "roc_auc_ovr",
         error_score=np.nan,
         refit=True,
@@ -610,6 +643,38 @@ def fit_probe(
         search.fit(X, y, groups=groups)
     best = float(search.best_params_["logisticregression__C"])
     return search.best_estimator_, best, _grid_edge(search.cv_results_, best)
+
+
+def inner_splits(y: np.ndarray, groups: np.ndarray, n_classes: int, k: int,
+                 seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` patient-grouped inner folds (train, test patch indices) whose test sides hold every
+    class, so that each scores an AUROC: sklearn's StratifiedGroupKFold, which balances patch
+    counts and can put one class's patients (a few large, a few small) in the same fold; where it
+    does, patients stratified by their majority class instead (each class has >= ``k`` of them
+    in the common case). Folds that still lack a class are left out, as no AUROC exists for them
+    (an empty list: none is left)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    def full(te: np.ndarray) -> bool:
+        return len(np.unique(y[te])) == n_classes
+
+    splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+                  .split(np.zeros(len(y)), y, groups))
+    if all(full(te) for _, te in splits):
+        return splits
+    patients, inv = np.unique(groups, return_inverse=True)
+    major = np.array([np.bincount(y[inv == i], minlength=n_classes).argmax()
+                      for i in range(len(patients))])
+    k = min(k, int(np.bincount(major, minlength=n_classes).min()))
+    if k < 2:
+        return []
+    out = []
+    for _, te_p in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(
+            patients, major):
+        te = np.isin(inv, te_p)
+        if full(np.flatnonzero(te)):
+            out.append((np.flatnonzero(~te), np.flatnonzero(te)))
+    return out
 
 
 def _grid_edge(cv_results: dict[str, Any], best: float) -> str | None:
@@ -1336,6 +1401,7 @@ def _scores_table(model: LinearModel, model_dir: str | os.PathLike,
                 f"was trained on ({model.meta.get('arch')}, layer {model.meta.get('layer')})"
             )
         check_compatible(model, model_dir, s)
+        _check_finite(s)
         if len(s) == 0:
             warnings.warn(
                 f"{s.path}: slide {s.slide_id!r} has no patches; its slide row has no scores",

@@ -277,7 +277,8 @@ class _LazyH5:
         if not self.path.exists():
             raise SimclrPathError(f"{self.path}: {what} not found")
         if self.path.is_dir():
-            raise SimclrPathError(f"{self.path}: is a folder; give the {what} file (.h5)")
+            thing = what if what.endswith("file") else f"{what} file"
+            raise SimclrPathError(f"{self.path}: is a folder; give the {thing} (.h5)")
         self._open()  # validate now, in the parent, so errors surface before any worker starts
 
     def _open(self) -> h5py.File:

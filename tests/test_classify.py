@@ -13,6 +13,7 @@ from simclr_path.classify import (
     LinearModel,
     classify,
     fit_probe,
+    inner_splits,
     load_table,
     make_folds,
     predict,
@@ -671,6 +672,65 @@ def test_patch_rows_name_their_file_so_patch_sets_sharing_group_names_trace_back
         assert (s.coords[rows["patch_index"], 0] == rows["x"]).all()
     df = predict_table(tmp_path / "out", paths[1:])
     assert (df["file"] == str(paths[1])).all()
+
+
+def test_inner_folds_hold_every_class_when_patch_counts_differ_widely():
+    """StratifiedGroupKFold balances patch counts: with 3 SCC patients of 20/3000/500 patches and
+    3 normal ones of 5/20/3000 it made single-class inner folds, every C scored NaN and the
+    grid's first entry won (C depended on the grid's order)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    sizes = [20, 3000, 500, 5, 20, 3000]
+    y = np.concatenate([np.full(n, int(i >= 3)) for i, n in enumerate(sizes)])
+    g = np.concatenate([np.full(n, f"p{i}", dtype=object) for i, n in enumerate(sizes)])
+    X = np.random.default_rng(0).normal(size=(len(y), 4))
+    X[:, 0] += 2.0 * (y == 0)
+    splits = inner_splits(y, g, 2, 3, seed=0)
+    assert len(splits) == 3
+    for tr, te in splits:
+        assert set(y[te]) == {0, 1} and not set(g[tr]) & set(g[te])
+    grid = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    c_up = fit_probe(X, y, g, ["SCC", "normal"], ClassifyConfig(c_grid=grid))[1]
+    c_down = fit_probe(X, y, g, ["SCC", "normal"], ClassifyConfig(c_grid=grid[::-1]))[1]
+    assert c_up == c_down
+    # where sklearn's folds each hold every class, they are used unchanged
+    y2, g2 = np.repeat([0, 1], 60), np.repeat(np.arange(12), 10)
+    want = list(StratifiedGroupKFold(3, shuffle=True, random_state=4).split(y2, y2, g2))
+    got = inner_splits(y2, g2, 2, 3, seed=4)
+    assert all((a[1] == b[1]).all() for a, b in zip(want, got)) and len(got) == 3
+
+
+def test_nan_features_are_refused_with_the_file_and_row(tmp_path, capsys):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=10, shift=1.0)
+    classify(paths, tmp_path / "model", samples=sheet, cfg=FAST)
+    e = EmbeddingStore(paths[2])
+    x = e.features.copy()
+    x[3, 1] = np.nan
+    write_embeddings(paths[2], x, e.coords, e.attrs, force=True)
+    want = rf"{paths[2]}: 1 patch row\(s\) hold NaN or infinite features \(first: row 3\)"
+    with pytest.raises(SimclrPathError, match=want):
+        classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    with pytest.raises(SimclrPathError, match=want):  # argmax of NaN would say the first class
+        predict(tmp_path / "model", [paths[2]], tmp_path / "p.csv")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "p.csv").exists()
+    assert main(["predict", "--model", str(tmp_path / "model"), "--embeddings", str(paths[2]),
+                 "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and "Traceback" not in err
+
+
+def test_one_class_and_classes_without_files_are_named(tmp_path):
+    rng = np.random.default_rng(0)
+    write_embeddings(tmp_path / "one.h5", rng.normal(size=(20, 4)), -np.ones((20, 2)),
+                     {"slide_id": "one", "store_kind": "patches"}, labels=np.zeros(20, int),
+                     groups=[f"g{i // 4}" for i in range(20)], label_names=["SCC"])
+    with pytest.raises(SimclrPathError, match=r"only one class \('SCC'\) in the embedding files"):
+        classify([tmp_path / "one.h5"], tmp_path / "o1", cfg=FAST)
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=10, two_slides=False)
+    normal_only = [p for p in paths if int(p.stem[1]) % 2]  # the sheet's SCC files left out
+    with pytest.raises(SimclrPathError, match=r"lists slides of class 'SCC' \(e.g. 'P0-S0'\) "
+                                              r"but none of the embedding files given"):
+        classify(normal_only, tmp_path / "o2", samples=sheet, cfg=FAST)
 
 
 def test_too_few_patients_for_inner_cv_uses_the_middle_of_an_unsorted_grid():

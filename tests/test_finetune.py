@@ -232,7 +232,7 @@ def test_bad_input_one_line_and_no_output(cohort, encoder, tmp_path, capsys):
     cases = [
         ([str(paths[0]), "--encoder", str(tmp_path / "nope.pt")], "encoder file not found"),
         ([str(tmp_path / "missing.h5"), "--encoder", str(encoder)], "patch store not found"),
-        ([*map(str, paths[:1]), "--encoder", str(encoder)], "only 1 patient"),
+        ([*map(str, paths[:1]), "--encoder", str(encoder)], "lists slides of class 'normal'"),
         ([*map(str, paths), "--encoder", str(encoder), "--label-fraction", "0"],
          "finetune.label_fraction"),
         ([*map(str, paths), "--encoder", str(encoder), "--config", str(small)],
