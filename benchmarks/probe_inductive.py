@@ -4,8 +4,10 @@
 quality issue specifies; labels are never seen). A user's new slides are not in their encoder's
 pretraining set. This script measures the difference on one grouped split of a finished
 ``bench_quality.py --work WORK`` folder: for each outer fold it writes a patch store of the
-training folds' tiles alone, pretrains on it with the run's own configuration and time budget
-(``WORK/simclr-run/config.yaml``), embeds every tile with that encoder at the feature set's size
+training folds' tiles alone, pretrains on it with the run's own configuration
+(``WORK/simclr-run/config.yaml``, the views it trained) for as many steps as the run made in its
+budget (so a busy machine changes the wall time, not the result; ``--budget-s`` trains to a time
+budget instead), embeds every tile with that encoder at the feature set's size
 and layer, fits the project's linear probe (``classify.fit_probe``: the same inner grouped C
 search and seed as ``classify``) on the training folds and scores the test fold. The pooled
 out-of-fold scores are printed beside the transductive probe's on the same split (read from
@@ -13,7 +15,7 @@ out-of-fold scores are printed beside the transductive probe's on the same split
 any training it refits the transductive features fold by fold and checks that the stored
 predictions come back, so both sides use one procedure on one split.
 
-Costs one pretraining budget per outer fold (5 x 600 s by default). Finished folds
+Costs one pretraining run per outer fold (5 x about 600 s with the ``cpu-fast`` preset here). Finished folds
 (``WORK/inductive/split<seed>/fold<f>/``: run ``summary.json`` and ``embeddings.h5``) are reused,
 so an interrupted check goes on where it stopped; ``--fresh`` redoes them.
 
@@ -111,10 +113,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "probe does not reproduce its predictions (another classify "
                               "config or code version?); rerun bench_quality.py --run")
     # the run's config.yaml holds the views it trained (a fitted fallback's too): keep them, so
-    # that only the pretraining set differs
+    # that only the pretraining set differs; and its step count, unless a budget is asked for
+    run_steps = int(json.loads((work / "simclr-run" / "summary.json").read_text())["steps"])
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, budget_min_steps=None,
-        time_budget_s=cfg.train.time_budget_s if args.budget_s is None else args.budget_s))
+        cfg.train, budget_min_steps=None, time_budget_s=args.budget_s,
+        max_steps=run_steps if args.budget_s is None else None))
     ecfg = dataclasses.replace(cfg.embed, image_size=int(emb.attrs["image_size"]),
                                layer=str(emb.attrs.get("layer") or cfg.embed.layer))
     base = work / "inductive" / f"split{args.split}"
@@ -136,6 +139,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"fold {f}: pretrained and embedded in {time.perf_counter() - t0:.0f} s",
                   flush=True)
         summary = json.loads((d / "run" / "summary.json").read_text())
+        if args.budget_s is None and summary.get("steps") != run_steps:
+            raise SimclrPathError(f"{d / 'run'}: trained {summary.get('steps')} steps, not the "
+                                  f"run's {run_steps} (made with --budget-s?); pass --fresh")
         e = EmbeddingStore(d / "embeddings.h5")
         if not np.array_equal(e.labels, y) or len(e) != len(y):
             raise SimclrPathError(f"{e.path}: not an embedding of {store}'s patches; --fresh")
@@ -154,12 +160,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for r in rows.values():
         r["missed_groups"] = sorted(g for g, v in r.pop("group_accuracy").items() if v < 0.5)
     return {"work": str(work), "set": args.set, "split": args.split,
-            "budget_s": cfg.train.time_budget_s, "folds": per_fold, "rows": rows}
+            "budget_s": cfg.train.time_budget_s, "run_steps": run_steps, "folds": per_fold,
+            "rows": rows}
 
 
 def print_result(res: dict[str, Any]) -> None:
-    print(f"\n{res['set']}, split {res['split']} (fold seed), pretraining budget "
-          f"{res['budget_s']} s per fold")
+    how = (f"the run's {res['run_steps']} steps" if res["budget_s"] is None else
+           f"a {res['budget_s']:g} s budget")
+    print(f"\n{res['set']}, split {res['split']} (fold seed), pretraining per fold: {how}")
     for f in res["folds"]:
         print(f"  fold {f['fold']}: pretrained on {f['n_train_tiles']} tiles of "
               f"{f['n_train_groups']} source images, {f['steps']} steps")
@@ -179,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="the SimCLR feature set (embedding stem) to compare [the run's one]")
     ap.add_argument("--split", type=int, default=0, help="the grouped split (fold seed) [0]")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="pretraining budget per fold [the run's train.time_budget_s]")
+                    help="pretrain each fold to this time budget [as many steps as the run]")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     ap.add_argument("--fresh", action="store_true", help="redo folds finished before")

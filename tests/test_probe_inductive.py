@@ -47,7 +47,7 @@ def test_subset_store_holds_exactly_the_training_rows(pi, work, tmp_path):
 
 def test_inductive_check_pretrains_per_fold_and_reuses_finished_folds(pi, work, tmp_path, capsys):
     out = tmp_path / "ind.json"
-    res = pi.main([str(work), "--budget-s", "2", "--no-progress", "--out", str(out)])
+    res = pi.main([str(work), "--no-progress", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "inductive - transductive" in printed and json.loads(out.read_text())["split"] == 0
     bench = json.loads((work / "probe" / res["set"] / "split0" / "metrics.json").read_text())
@@ -55,15 +55,16 @@ def test_inductive_check_pretrains_per_fold_and_reuses_finished_folds(pi, work, 
     assert res["rows"]["transductive"]["auroc_scc"] == pytest.approx(bench["patch"]["auroc"])
     folds = res["folds"]
     assert len(folds) >= 2 and sum(30 - f["n_train_tiles"] for f in folds) == 30
-    for f in folds:  # each encoder saw its training folds' tiles only, for some steps
-        assert f["steps"] > 0 and f["n_train_tiles"] < 30
+    run_steps = json.loads((work / "simclr-run" / "summary.json").read_text())["steps"]
+    for f in folds:  # each encoder saw its training folds' tiles only, as many steps as the run
+        assert f["steps"] == run_steps == res["run_steps"] and f["n_train_tiles"] < 30
         assert not (work / "inductive" / "split0" / f"fold{f['fold']}" / "train.h5").exists()
     for name in ("inductive", "random-init"):
         r = res["rows"][name]
         assert 0.0 <= r["auroc_scc"] <= 1.0 and 0.0 <= r["balanced_accuracy"] <= 1.0
     summary = work / "inductive" / "split0" / "fold0" / "run" / "summary.json"
     before = summary.stat().st_mtime_ns
-    again = pi.main([str(work), "--budget-s", "2", "--no-progress"])  # finished folds reused
+    again = pi.main([str(work), "--no-progress"])  # finished folds reused
     assert summary.stat().st_mtime_ns == before and again["rows"] == res["rows"]
 
 
