@@ -33,6 +33,7 @@ process trains on its own slice of every global batch; NT-Xent negatives come fr
 from __future__ import annotations
 
 import csv
+import io
 import dataclasses
 import json
 import math
@@ -40,6 +41,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -250,6 +252,10 @@ RESUME_FIXED_TRAIN_KEYS = ("optimizer", "lr", "lr_scaling", "weight_decay", "mom
                            "ema_decay", "seed")
 
 
+# Seconds between progress lines where no terminal shows the progress bar (a log file)
+LOG_LINE_S = 60.0
+
+
 # Time budget: the first steps (DataLoader start-up, first allocations) are left out of the step
 # rate, and the schedule is re-planned once a few steps have been measured.
 BUDGET_SKIP_STEPS = 2
@@ -355,6 +361,49 @@ def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
                               "continue its checkpoint or --force to start over")
 
 
+# train keys that change how fast a run goes, not what it learns (the workflow's SPEED_KEYS)
+SPEED_TRAIN_KEYS = ("workers",)
+
+
+def _requested(cfg: PipelineConfig) -> str:
+    """What defines a run, as asked for (before views are fitted to a time budget): the
+    augment, model and train sections less SPEED_TRAIN_KEYS, as JSON."""
+    d = to_dict(cfg)
+    train = {k: v for k, v in d["train"].items() if k not in SPEED_TRAIN_KEYS}
+    return json.dumps({"augment": d["augment"], "model": d["model"], "train": train},
+                      sort_keys=True)
+
+
+def _interrupted_checkpoint(path: Path, requested: str, stores: Any,
+                            main: bool) -> dict[str, Any] | None:
+    """``path`` loaded when it holds an unfinished run of ``requested`` on ``stores``; else None,
+    with a warning that says why the run starts over (no warning without a checkpoint)."""
+    if not path.is_file():
+        return None
+    why = None
+    try:
+        ck = load_checkpoint(path)
+    except SimclrPathError as exc:
+        ck, why = None, f"unreadable ({str(exc).split(': ', 1)[-1].split(';')[0]})"
+    if ck is not None:
+        if ck.get("finished") is not False:  # finished, or from a version that did not say
+            why = "of a finished run"
+        elif ck.get("requested") != requested:
+            why = "of another configuration"
+        elif ck.get("stores") != stores:
+            why = "of other patch stores"
+        elif any(os.stat(r["path"]).st_mtime > os.stat(path).st_mtime for r in stores):
+            why = "older than its patch stores (written again since)"
+    if why is None:
+        if main:
+            print(f"{path}: resuming the interrupted run at step {ck['step']}", file=sys.stderr,
+                  flush=True)
+        return ck
+    if main:
+        warnings.warn(f"{path}: checkpoint {why}; starting over", stacklevel=3)
+    return None
+
+
 def _prepare_run_dir(out: Path, resume: bool, force: bool) -> bool:
     """Clean RUN_DIR (checked by :func:`_check_run_dir`); return True when a checkpoint will be
     resumed (rank 0 only)."""
@@ -394,15 +443,15 @@ def _write_text(path: Path, text: str) -> None:
 class _Metrics:
     """metrics.csv, appended a window at a time; on resume, rows after the checkpoint are dropped."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    def __init__(self, path: Path, resume_step: int | None, saved: str | None = None) -> None:
+        """``saved``: the checkpoint's copy of the file, used when the file itself is gone."""
         self.path = path
         rows: list[list[str]] = []
-        if resume_step is not None and path.is_file():
-            with path.open(newline="") as f:
-                rd = csv.reader(f)
-                header = next(rd, None)
-                if header == METRIC_COLUMNS:
-                    rows = [r for r in rd if r and int(r[0]) <= resume_step]
+        if resume_step is not None and (path.is_file() or saved):
+            text = path.read_text() if path.is_file() else saved
+            rd = csv.reader(io.StringIO(text, newline=""))
+            if next(rd, None) == METRIC_COLUMNS:
+                rows = [r for r in rd if r and int(r[0]) <= resume_step]
         tmp = path.with_name(f".{path.name}.tmp")
         with tmp.open("w", newline="") as f:
             w = csv.writer(f)
@@ -690,7 +739,7 @@ def check_view_sizes(sizes: list[tuple[str, int, str]], arch: str, stride: int |
 
 
 def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: PipelineConfig | None = None,
-             resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
+             resume: bool | str = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Pretrain a SimCLR encoder on patch stores; write the run directory ``out``.
 
     Args:
@@ -698,6 +747,9 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
         out: run directory (see the module docstring for its contents).
         cfg: resolved configuration; its ``augment``, ``model`` and ``train`` sections are used.
         resume: continue from ``out/checkpoint.pt`` when there is one (else start fresh).
+            ``"interrupted"``: only when that checkpoint is of an unfinished run with this
+            configuration and these stores, else start fresh (with ``force``); what a workflow
+            rerun after a killed job wants, where the same command must also start new runs.
         force: start over in a non-empty ``out`` (only this run's files are removed).
         progress: show a progress bar (rank 0 only).
 
@@ -731,6 +783,14 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
             stacklevel=2)
     plan = BatchPlan([len(s) for s in opened], t_cfg.batch_size, t_cfg.seed, t_cfg.max_patches_per_slide,
                      world.rank, world.world_size, names=[str(s.path) for s in opened])
+    requested = _requested(cfg)
+    ck = None
+    if resume == "interrupted":
+        ck = _interrupted_checkpoint(out / "checkpoint.pt", requested, _store_record(opened),
+                                     world.main)
+        resume = ck is not None
+    elif resume not in (True, False):
+        raise ValueError(f"resume must be True, False or 'interrupted', got {resume!r}")
     torch.manual_seed(t_cfg.seed)
     np.random.seed(t_cfg.seed % 2**32)
     random.seed(t_cfg.seed)
@@ -742,10 +802,9 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
         views.append((f"augment.local_size{default}", a_cfg.local_view_size,
                       "set augment.local_size in the config"))
     check_view_sizes(views, m_cfg.arch, output_stride(model.backbone))
-    ck = None
     fit: dict[str, Any] | None = None
     if resume and (out / "checkpoint.pt").is_file():
-        ck = load_checkpoint(out / "checkpoint.pt")
+        ck = ck or load_checkpoint(out / "checkpoint.pt")
         _check_resume_stores(out / "checkpoint.pt", ck.get("stores"), _store_record(opened))
         old = json.loads(ck["config"])
         if ck.get("budget_fit") and ck.get("augment_requested") == to_dict(cfg)["augment"]:
@@ -814,7 +873,7 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
         world.barrier()
         if ck is None and t_cfg.time_budget_s and t_cfg.budget_min_steps:
             cfg, fit = _fit_budget(cfg, model, plan, world, device, out, progress)
-        return _train(opened, out, cfg, progress, world, device, plan, model, ck, fit)
+        return _train(opened, out, cfg, progress, world, device, plan, model, ck, fit, requested)
     finally:
         world.close()
 
@@ -871,7 +930,7 @@ def _fit_budget(cfg: PipelineConfig, model: nn.Module, plan, world: Dist, device
 
 def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, device: torch.device,
            plan, model: nn.Module, ck: dict[str, Any] | None,
-           fit: dict[str, Any] | None = None) -> dict[str, Any]:
+           fit: dict[str, Any] | None = None, requested: str | None = None) -> dict[str, Any]:
     """The loop. ``fit``: the record of :func:`_fit_budget` (its trial passes count against the
     time budget), or None."""
     from simclr_path.data import make_loader
@@ -952,11 +1011,12 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                            drop_nearest=t_cfg.drop_nearest, hard_beta=t_cfg.hard_beta)
     colour = ColorAugment(a_cfg)
     colour_local = ColorAugment(a_cfg)  # its own scratch buffers: local views have another size
-    metrics = _Metrics(out / "metrics.csv", start_step if ck is not None else None) if world.main else None
+    metrics = (_Metrics(out / "metrics.csv", start_step if ck is not None else None,
+                        (ck or {}).get("metrics_csv")) if world.main else None)
     stores_record = _store_record(opened)
     saved_step = start_step  # the step of the newest checkpoint (or of none: start_step 0)
 
-    def checkpoint(step: int, wall: float) -> None:
+    def checkpoint(step: int, wall: float, finished: bool = False) -> None:
         nonlocal saved_step
         if not world.main:
             return
@@ -974,6 +1034,10 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             # views fitted to the time budget: what was asked for, so that resume keeps them
             "budget_fit": fit or {}, "augment_requested": (fit or {}).get("augment_requested"),
             "stores": stores_record,  # resume refuses other stores (the batch plan indexes them)
+            # resume="interrupted" continues only an unfinished run of the same request
+            "requested": requested, "finished": finished,
+            # the loss history so far: a workflow deletes a failed job's metrics.csv
+            "metrics_csv": (out / "metrics.csv").read_text(),
         })
         saved_step = step  # only once it is on disk: a failed save keeps the older one
 
@@ -1008,6 +1072,9 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss on device, lr)
     win_t0, win_data = time.perf_counter(), 0.0
     pairs_per_s = float("nan")
+    # no terminal (a workflow's log file, a batch job): tqdm shows nothing, so a line a minute
+    lines = progress and world.main and bool(bar.disable)
+    last_line = -math.inf
     train_model.train()
     non_blocking = device.type == "cuda"
     x_buf: torch.Tensor | None = None
@@ -1018,7 +1085,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
 
     def flush(check: bool = True) -> bool:
         """Write the pending rows; False when a loss is not finite (an error if ``check``)."""
-        nonlocal win_t0, win_data, pairs_per_s
+        nonlocal win_t0, win_data, pairs_per_s, last_line
         if not pending:
             return True
         losses = torch.stack([p[1] for p in pending]).float()
@@ -1041,6 +1108,11 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             metrics.append(rows)
             tracker.log(rows)
             bar.set_postfix(loss=f"{rows[-1][2]:.4f}", lr=f"{rows[-1][3]:.3g}", pairs_s=f"{pairs_per_s:.1f}")
+            if lines and now - last_line >= LOG_LINE_S:
+                last_line = now
+                print(f"pretrain: step {rows[-1][0]}/{bar.total} loss {rows[-1][2]:.4f} lr "
+                      f"{rows[-1][3]:.3g} {pairs_per_s:.1f} pairs/s, {now - t0:.0f} s",
+                      file=sys.stderr, flush=True)
         if bad and check:
             raise SimclrPathError(
                 f"{out}: loss became {bad[0][2]} at step {bad[0][0]}; lower train.lr, use "
@@ -1177,7 +1249,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         if step < total_steps and stopped == "completed":
             stopped = "data_exhausted"
         wall = wall_before + time.perf_counter() - t0
-        checkpoint(step, wall)
+        checkpoint(step, wall, finished=True)
         summary: dict[str, Any] = {}
         if world.main:
             from simclr_path.figures import plot_loss_curve

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -121,6 +123,75 @@ def test_interrupted_then_resumed_equals_uninterrupted(stop, stores, tmp_path, m
     summary = T.pretrain(stores, tmp_path / "cut", cfg, resume=True, progress=False)
     assert summary["resumed_from_step"] == 3 and summary["steps"] == 5
     _same_run(tmp_path / "full", tmp_path / "cut")
+
+
+def _cut_at_3(stores, run, cfg, monkeypatch):
+    """A run of ``cfg`` interrupted (Ctrl-C) after step 3, its checkpoint saved."""
+    def crash(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_on_step_end", crash)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="interrupted after"):
+        T.pretrain(stores, run, cfg, progress=False)
+    monkeypatch.setattr(T, "_on_step_end", lambda step: None)
+
+
+def test_resume_interrupted_continues_a_killed_job_even_without_its_metrics(
+        stores, tmp_path, monkeypatch, capsys):
+    """The workflow's rule: --resume-interrupted --force. Snakemake deletes a failed job's
+    outputs (metrics.csv among them) before the rerun; the checkpoint keeps the history."""
+    cfg = _cfg(max_steps=5, checkpoint_every=500, log_every=4)
+    T.pretrain(stores, tmp_path / "full", cfg, progress=False)
+    _cut_at_3(stores, tmp_path / "cut", cfg, monkeypatch)
+    (tmp_path / "cut" / "metrics.csv").unlink()
+    capsys.readouterr()
+    summary = T.pretrain(stores, tmp_path / "cut", cfg, resume="interrupted", force=True,
+                         progress=False)
+    assert "resuming the interrupted run at step 3" in capsys.readouterr().err
+    assert summary["resumed_from_step"] == 3 and summary["steps"] == 5
+    _same_run(tmp_path / "full", tmp_path / "cut")
+    # other workers: the same run, continued
+    _cut_at_3(stores, tmp_path / "w", cfg, monkeypatch)
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, workers=1))
+    assert T.pretrain(stores, tmp_path / "w", more, resume="interrupted", force=True,
+                      progress=False)["resumed_from_step"] == 3
+
+
+@pytest.mark.parametrize("case", ["finished", "config", "stores", "rewritten"])
+def test_resume_interrupted_starts_over_for_anything_but_the_same_unfinished_run(
+        case, stores, tmp_path, monkeypatch):
+    cfg = _cfg(max_steps=5, checkpoint_every=500, log_every=4)
+    run = tmp_path / "run"
+    if case == "finished":
+        T.pretrain(stores, run, cfg, progress=False)
+    else:
+        _cut_at_3(stores, run, cfg, monkeypatch)
+    why = {"finished": "of a finished run", "config": "of another configuration",
+           "stores": "of other patch stores",
+           "rewritten": "older than its patch stores (written again since)"}[case]
+    given = stores[:1] if case == "stores" else stores
+    if case == "config":
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=2e-3))
+    if case == "rewritten":  # the same slide and patch count, tiled again after the checkpoint
+        t = (run / "checkpoint.pt").stat().st_mtime
+        os.utime(stores[1], (t + 5, t + 5))
+    with pytest.warns(UserWarning, match=re.escape(f"checkpoint {why}; starting over")):
+        summary = T.pretrain(given, run, cfg, resume="interrupted", force=True, progress=False)
+    assert "resumed_from_step" not in summary or summary["resumed_from_step"] in (None, 0)
+    assert pd.read_csv(run / "metrics.csv")["step"].tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="resume must be True, False or 'interrupted'"):
+        T.pretrain(given, run, cfg, resume="yes", force=True, progress=False)
+
+
+def test_without_a_terminal_progress_is_a_line_a_minute(stores, tmp_path, monkeypatch, capsys):
+    """A workflow's log file got no progress at all (tqdm draws nothing off a terminal)."""
+    monkeypatch.setattr(T, "LOG_LINE_S", 0.0)  # every log window
+    T.pretrain(stores, tmp_path / "a", _cfg(max_steps=4, log_every=2), progress=True)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("pretrain: step")]
+    assert [x.split()[2] for x in lines] == ["2/4", "4/4"] and " loss " in lines[0]
+    T.pretrain(stores, tmp_path / "b", _cfg(max_steps=4, log_every=2), progress=False)
+    assert "pretrain: step" not in capsys.readouterr().err
 
 
 def test_an_interrupt_whose_save_fails_names_the_older_checkpoint(stores, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from simclr_path.config import PRESETS, AugmentConfig, ModelConfig, TrainConfig, load_config
+from simclr_path.errors import SimclrPathError
 
 HELP = "Pretrain a timm encoder with SimCLR on patch stores; writes a run directory (encoder.pt ...)."
 
@@ -40,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from RUN_DIR/checkpoint.pt with the same stores (start fresh, with a "
                         "warning, when there is none; a finished run needs --force)")
+    p.add_argument("--resume-interrupted", action="store_true",
+                   help="continue RUN_DIR/checkpoint.pt only when it is an interrupted run of this "
+                        "configuration and these stores, else start over (with --force); the "
+                        "workflow's pretrain rule uses it")
     p.add_argument("--force", action="store_true", help="start over in a non-empty run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -62,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     from simclr_path.train import pretrain
 
     cfg = load_config(args.config, args.preset, overrides(args))
-    summary = pretrain(args.stores, args.out, cfg, resume=args.resume, force=args.force,
+    if args.resume and args.resume_interrupted:
+        raise SimclrPathError("--resume and --resume-interrupted: give one")
+    resume = "interrupted" if args.resume_interrupted else args.resume
+    summary = pretrain(args.stores, args.out, cfg, resume=resume, force=args.force,
                        progress=not args.no_progress)
     if summary:  # rank 0
         print(json.dumps(summary))

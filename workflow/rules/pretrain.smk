@@ -43,7 +43,7 @@ rule pretrain:
         out=subpath(output.encoder, parent=True),
     shell:
         "simclr-path with-gpus {resources.gpu} -- {params.command} pretrain {input.stores} --out {params.out} --config {input.config} "
-        "--workers {resources.loader_workers} --force > {log} 2>&1"
+        "--workers {resources.loader_workers} --resume-interrupted --force > {log} 2>&1"
 
 
 rule preview:
