@@ -54,7 +54,25 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
         parent = parent.parent
     if not parent.is_dir():
         raise SimclrPathError(f"{p}: {parent} is a file, not a folder; give an output path in a folder")
+    check_writable(p, parent)
     return p  # missing folders are made by atomic_output / atomic_dir, when there is a result
+
+
+def check_writable(path: str | os.PathLike, folder: str | os.PathLike | None = None) -> None:
+    """One clear error when nothing can be written in ``folder`` (default: the first existing
+    folder above ``path``), found by making a nameless temporary file there: permissions, a
+    read-only or immutable file system (root passes ``os.access`` checks on those)."""
+    p = Path(path)
+    if folder is None:
+        folder = p.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise SimclrPathError(f"{p}: cannot write in {folder} ({exc.strerror or exc}); choose "
+                              "another output folder or make this one writable") from None
 
 
 def as_paths(value: str | os.PathLike | Iterable[str | os.PathLike], what: str) -> list[Path]:

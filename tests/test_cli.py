@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from simclr_path.cli import main
@@ -234,3 +236,49 @@ def test_the_packages_warnings_print_as_one_line(tmp_path):
     assert ours == "simclr-path embed: warning: m\n"
     assert "/elsewhere/lib.py:1: UserWarning: m" in theirs and "DeprecationWarning" in deprecated
     assert warnings.formatwarning("m", UserWarning, "/x.py", 1).startswith("/x.py:1")  # restored
+
+
+def test_an_unwritable_output_folder_is_one_line_before_any_output(tmp_path, capsys, monkeypatch):
+    """A read-only or immutable folder (root passes os.access on those) gave a traceback from the
+    temporary file, and tile wrote its store before failing on the QC picture's folder."""
+    import tempfile
+
+    import simclr_path.outputs as O
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = tempfile.TemporaryFile
+
+    def temporary_file(*args, dir=None, **kwargs):
+        if Path(dir) == locked:
+            raise PermissionError(1, "Operation not permitted")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(O.tempfile, "TemporaryFile", temporary_file)
+    store = tmp_path / "s.h5"
+    store.write_bytes(b"")
+    rc, err = _err(["tile", str(store), "--out", str(tmp_path / "x.h5"), "--qc",
+                    str(locked / "qc" / "x.png")], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{locked / 'qc' / 'x.png'}: cannot write in {locked} (Operation not permitted)" in err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import simclr_path.train
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x"))
+
+    monkeypatch.setattr(simclr_path.train, "pretrain", full)
+    store = tmp_path / "s.h5"
+    store.write_bytes(b"")
+    rc, err = _err(["pretrain", str(store), "--out", str(tmp_path / "run"), "--no-progress"],
+                   capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "No space left on device" in err
+    monkeypatch.setattr(simclr_path.train, "pretrain", lambda *a, **k: (_ for _ in ()).throw(
+        FileNotFoundError(errno.ENOENT, "bug", "x")))
+    with pytest.raises(FileNotFoundError):  # other OS errors are not disguised as the user's disk
+        main(["pretrain", str(store), "--out", str(tmp_path / "run"), "--no-progress"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import os
 import signal
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from simclr_path import __version__
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import check_apart
+from simclr_path.outputs import check_apart, check_writable
 
 # subcommand -> module under simclr_path.cli (pipeline order, which is also the --help order)
 COMMANDS: dict[str, str] = {
@@ -101,10 +102,16 @@ def check_output_paths(args: argparse.Namespace) -> None:
     ins = {k.replace("_", "-"): v for k, v in values.items() if not _is_output(k) and (
         isinstance(v, os.PathLike) or
         (isinstance(v, (list, tuple)) and all(isinstance(i, os.PathLike) for i in v)))}
+    for v in outs.values():  # before any work: a second output (a QC picture) must not fail
+        # after the first is complete; an existing folder (a run directory) is written in
+        check_writable(v, v if Path(v).is_dir() else None)
     check_apart(outs, ins, replaces_dir=bool(values.get("force")) and
                 getattr(args, "_replaces_out_dir", False),
                 figures_only=getattr(args, "_figures_only", False))
 
+
+# what the file system says about the user's disk, not about a bug: one line, no traceback
+_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 # what to lower when a GPU runs out of memory, by command
 _GPU_MEMORY_HINTS = {
@@ -200,6 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"simclr-path {args.command}: terminated (SIGTERM); unfinished outputs removed",
               file=sys.stderr)
         return int(exc.code)
+    except OSError as exc:
+        if exc.errno not in _USER_OS_ERRORS:
+            raise
+        print(f"simclr-path {args.command}: error: {exc.filename or 'output'}: {exc.strerror}; "
+              "free space or choose another output folder", file=sys.stderr)
+        return SimclrPathError.exit_code
     except Exception as exc:
         oom = _gpu_out_of_memory(exc)
         if oom is None:
