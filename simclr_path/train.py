@@ -33,8 +33,8 @@ process trains on its own slice of every global batch; NT-Xent negatives come fr
 from __future__ import annotations
 
 import csv
-import io
 import dataclasses
+import io
 import json
 import math
 import os
