@@ -35,7 +35,14 @@ import pandas as pd
 from simclr_path import __version__
 from simclr_path.config import CLASSIFY_PROBE_KEYS, ClassifyConfig
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import as_paths, atomic_dir, atomic_output, check_apart, check_can_write
+from simclr_path.outputs import (
+    as_paths,
+    atomic_dir,
+    atomic_output,
+    check_apart,
+    check_can_write,
+    check_distinct,
+)
 from simclr_path.store import EmbeddingStore
 
 # what this command writes into its results folder: --force replaces only a folder holding one
@@ -142,6 +149,7 @@ def _load_files(
     if not paths:
         raise SimclrPathError(f"no {what}s given; pass one or more (e.g. --embeddings EMB.h5)")
     stores = [opener(p) for p in paths]
+    check_distinct([s.path for s in stores], what)  # imported patch sets have no slide id check
     dims = {s.features.shape[1] if s.features.ndim == 2 else -1 for s in stores}
     if len(dims) > 1:
         by_dim = {}

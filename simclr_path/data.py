@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from simclr_path.config import AugmentConfig
 from simclr_path.errors import SimclrPathError
+from simclr_path.outputs import check_distinct
 from simclr_path.store import PatchStore
 
 
@@ -44,6 +45,7 @@ def open_stores(paths: Sequence[str | os.PathLike | PatchStore], image_size: int
         raise SimclrPathError("no patch stores given; pass one or more STORE.h5 files "
                               "(from 'simclr-path tile' or 'simclr-path import-patches')")
     stores = [p if isinstance(p, PatchStore) else PatchStore(p) for p in paths]
+    check_distinct([s.path for s in stores], "patch store")  # else its patches weigh double
     kept = [s for s in stores if len(s) > 0]
     if not kept:
         names = ", ".join(str(s.path) for s in stores[:3]) + (" ..." if len(stores) > 3 else "")

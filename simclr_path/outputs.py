@@ -75,6 +75,17 @@ def check_writable(path: str | os.PathLike, folder: str | os.PathLike | None = N
                               "another output folder or make this one writable") from None
 
 
+def check_distinct(paths: Iterable[str | os.PathLike], what: str) -> None:
+    """Refuse one file given twice (under two names, links resolved): it would count twice."""
+    seen: dict[str, str] = {}
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            also = "" if str(p) == seen[real] else f" (also as {seen[real]})"
+            raise SimclrPathError(f"{p}: given twice{also}; pass each {what} once")
+        seen[real] = str(p)
+
+
 def as_paths(value: str | os.PathLike | Iterable[str | os.PathLike], what: str) -> list[Path]:
     """A sequence of paths as a list; one path (a str or Path) as a one-item list, never its
     characters. ``what`` names the argument in the error for anything else."""

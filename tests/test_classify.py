@@ -733,6 +733,17 @@ def test_one_class_and_classes_without_files_are_named(tmp_path):
         classify(normal_only, tmp_path / "o2", samples=sheet, cfg=FAST)
 
 
+def test_an_imported_patch_set_given_twice_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    groups = [f"g{g}" for g in range(8) for _ in range(5)]
+    labels = np.array([g % 2 for g in range(8) for _ in range(5)])
+    write_embeddings(tmp_path / "p.h5", rng.normal(size=(40, 4)), -np.ones((40, 2)),
+                     {"slide_id": "p", "store_kind": "patches"}, labels=labels, groups=groups,
+                     label_names=["normal", "SCC"])
+    with pytest.raises(SimclrPathError, match="p.h5: given twice; pass each embedding file once"):
+        classify([tmp_path / "p.h5", tmp_path / "p.h5"], tmp_path / "o", cfg=FAST)
+
+
 def test_too_few_patients_for_inner_cv_uses_the_middle_of_an_unsorted_grid():
     groups = np.repeat(np.arange(3), 5)  # class 1 has one patient: no inner folds
     y = groups % 2

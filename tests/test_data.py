@@ -62,6 +62,11 @@ def test_batch_larger_than_data_and_bad_stores(make_store, tmp_path):
     assert [len(s) for s in open_stores(str(full))] == [4]  # one path, not its characters
     with pytest.warns(UserWarning, match="no patches; skipped"):
         assert len(open_stores([empty, full])) == 1
+    link = tmp_path / "again.h5"
+    link.symlink_to(full)
+    with pytest.raises(SimclrPathError, match=rf"again.h5: given twice \(also as {full}\); "
+                                              "pass each patch store once"):
+        open_stores([full, link])  # its patches would weigh double
     with pytest.raises(SimclrPathError, match="larger than the stored 16 px") as exc:
         open_stores([full], image_size=24)
     # the hint fits both commands that open stores (pretrain and preview): no pretrain-only name

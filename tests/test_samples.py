@@ -134,6 +134,12 @@ def test_optional_columns(slides, tmp_path):
             "needs both train and test",
         ),
         ([], HEADER, None, "no slides listed"),
+        (  # one slide under two ids (and patients): both sides of a split
+            ["A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2", "A2\t./wsi/../wsi/A.svs\tnormal\tP3"],
+            HEADER,
+            None,
+            "rows 1 and 3 (slide ids 'A' and 'A2') name the same slide file",
+        ),
     ],
 )
 def test_bad_sheets_one_clear_line(slides, tmp_path, monkeypatch, lines, header, labels, expect):
