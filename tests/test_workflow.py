@@ -133,6 +133,32 @@ def test_dry_run_full_dag(tmp_path):
         assert counts[rule] == 1, rule
 
 
+def test_demo_slides_follow_their_label_and_id_not_the_positive_label_or_row(tmp_path):
+    """positive_label normal drew the SCC slides as normal tissue (and reran every slide); a
+    row added above others changed their seeds."""
+
+    def commands(done):
+        return {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(
+            r"demo-slide --out resources/demo/(\w+)\.tiff --kind (\w+) --seed (\d+)",
+            done.stdout)}
+
+    wf = workdir(tmp_path)
+    base = commands(smk(wf, "-n", "-p", "--cores", "2"))
+    sheet = (ROOT / "config/samples.demo.tsv").read_text().splitlines()
+    labels = {r.split("\t")[0]: r.split("\t")[2] for r in sheet
+              if r and not r.startswith(("#", "slide_id"))}
+    assert base and {s: k for s, (k, _) in base.items()} == {
+        s: "scc" if lab == "SCC" else "normal" for s, lab in labels.items()}
+    other = commands(smk(wf, "-n", "-p", "--cores", "2", "--config",
+                         "classify={positive_label: normal}"))
+    assert other == base
+    head = next(i for i, r in enumerate(sheet) if r.startswith("slide_id"))
+    sheet.insert(head + 1, "D00\tresources/demo/D00.tiff\tnormal\tP00")
+    (wf / "config" / "samples.demo.tsv").write_text("\n".join(sheet) + "\n")
+    added = commands(smk(wf, "-n", "-p", "--cores", "2"))
+    assert {s: v for s, v in added.items() if s != "D00"} == base
+
+
 def test_lint_and_format(tmp_path):
     wf = workdir(tmp_path)
     done = smk(wf, "--lint")
@@ -590,7 +616,8 @@ def test_tiny_end_to_end_with_report(tmp_path):
     # worker counts change how fast stages run, not what they write: no rerun, and the new
     # counts reach the command lines
     faster = {**TINY, **TINY_FINETUNE, "tile": {**TINY["tile"], "workers": 2},
-              "train": {**TINY["train"], "workers": 1}, "embed": {**TINY["embed"], "workers": 1},
+              "train": {**TINY["train"], "workers": 1},
+              "embed": {**TINY["embed"], "workers": 1, "batch_size": 8},
               "finetune": {**TINY_FINETUNE["finetune"], "workers": 1}}
     (wf / "config" / "test.yaml").write_text(yaml.safe_dump(faster, sort_keys=False))
     dry = smk(wf, "-n", "--cores", "2")
@@ -600,6 +627,7 @@ def test_tiny_end_to_end_with_report(tmp_path):
         lines = [x for x in forced.stdout.splitlines() if f"simclr-path {command} " in x
                  or f"-m simclr_path {command} " in x]
         assert lines and all("--workers 1 " in x for x in lines), (command, lines[:1])
+        assert command != "embed" or all("--batch-size 8 " in x for x in lines), lines[:1]
     (wf / "config" / "test.yaml").write_text(yaml.safe_dump({**TINY, **TINY_FINETUNE},
                                                             sort_keys=False))
 

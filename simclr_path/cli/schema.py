@@ -94,7 +94,7 @@ WORKFLOW_PROPERTIES: dict[str, dict[str, Any]] = {
         "default": {},
         "additionalProperties": False,
         "description": "synthetic slides: samples whose path is under 'dir' are generated with "
-        "'simclr-path demo-slide' (kind from the label, seed from the row)",
+        "'simclr-path demo-slide' (kind from the label, seed from the slide id)",
         "properties": {
             "dir": {"type": "string", "default": "resources/demo"},
             "width": {"type": "integer", "minimum": 256, "default": 2048},

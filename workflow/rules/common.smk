@@ -6,6 +6,7 @@
 import copy
 import re
 import shlex
+import zlib
 from pathlib import Path
 
 import yaml
@@ -167,7 +168,7 @@ RUN_CFG = {run: resolved_config(run) for run in RUNS}
 SPEED_KEYS = {
     "tile": ("workers",),
     "train": ("workers",),
-    "embed": ("workers",),
+    "embed": ("workers", "batch_size"),
     "finetune": ("workers",),
 }
 
@@ -483,13 +484,19 @@ def final_outputs():
 
 
 def demo_params(wildcards):
-    """Kind from the label (the positive label -> scc), seed from the sheet row."""
-    row = SAMPLES.index[SAMPLES["slide_id"] == wildcards.demo_slide][0]
-    label = SAMPLES.loc[row, "label"]
-    kind = "scc" if label == TILE_CFG.classify.positive_label else "normal"
-    artefacts = DEMO["artefacts"].get(wildcards.demo_slide, "")
+    """Kind from the label (SCC, as the demo sheet names it -> scc tissue; not from
+    classify.positive_label, which a user may point at another class), seed from the slide id
+    (a row added above it changes no other slide)."""
+    sid = wildcards.demo_slide
+    label = SAMPLES.loc[SAMPLES["slide_id"] == sid, "label"].iloc[0]
+    kind = "scc" if str(label).casefold() == "scc" else "normal"
+    artefacts = DEMO["artefacts"].get(sid, "")
     extra = f"--artefacts {artefacts}" if artefacts else ""
-    return {"kind": kind, "seed": int(DEMO["seed"]) + int(row), "extra": extra}
+    return {
+        "kind": kind,
+        "seed": int(DEMO["seed"]) + zlib.crc32(sid.encode()) % 10**6,
+        "extra": extra,
+    }
 
 
 def import_args(wildcards):

@@ -18,11 +18,13 @@ rule embed:
     resources:
         mem_mb=8000,
         gpu=1,
-        # embed.workers: a resource, so that changing it reruns nothing (common.smk, SPEED_KEYS)
+        # embed.workers and batch_size: resources, so that changing them reruns nothing
+        # (common.smk, SPEED_KEYS; eval-mode features do not depend on the batch)
         loader_workers=lambda w: RUN_CFG[w.run].embed.workers,
+        embed_batch=lambda w: RUN_CFG[w.run].embed.batch_size,
     shell:
         "simclr-path with-gpus {resources.gpu} -- simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
-        "--config {input.config} --workers {resources.loader_workers} --force > {log} 2>&1"
+        "--config {input.config} --workers {resources.loader_workers} --batch-size {resources.embed_batch} --force > {log} 2>&1"
 
 
 # Layer-wise linear evaluation (config `layer_eval`): the same stores embedded from other layers.
@@ -45,9 +47,11 @@ rule embed_layer:
     resources:
         mem_mb=8000,
         gpu=1,
-        # embed.workers: a resource, so that changing it reruns nothing (common.smk, SPEED_KEYS)
+        # embed.workers and batch_size: resources, so that changing them reruns nothing
+        # (common.smk, SPEED_KEYS; eval-mode features do not depend on the batch)
         loader_workers=lambda w: RUN_CFG[w.run].embed.workers,
+        embed_batch=lambda w: RUN_CFG[w.run].embed.batch_size,
     shell:
         "simclr-path with-gpus {resources.gpu} -- simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
-        "--layer {wildcards.layer} --config {input.config} --workers {resources.loader_workers} "
+        "--layer {wildcards.layer} --config {input.config} --workers {resources.loader_workers} --batch-size {resources.embed_batch} "
         "--force > {log} 2>&1"
