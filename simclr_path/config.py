@@ -498,6 +498,14 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str)
     out = {k: dict(v) for k, v in base.items()}
     for section, values in (overrides or {}).items():
         if section not in _SECTIONS:
+            from simclr_path.cli.schema import WORKFLOW_PROPERTIES  # here: it imports this module
+
+            if section in WORKFLOW_PROPERTIES:
+                raise SimclrPathError(
+                    f"{where}: {section!r} belongs to the workflow's config, which the commands "
+                    f"do not read; give them a YAML of stage sections only "
+                    f"({', '.join(sorted(_SECTIONS))}), e.g. the workflow's "
+                    "results/config/RUN/STAGE.yaml or a run's config.yaml")
             raise SimclrPathError(f"{where}: unknown section {section!r}; expected one of {sorted(_SECTIONS)}")
         if not isinstance(values, dict):
             raise SimclrPathError(f"{where}: section {section!r} must be a mapping")

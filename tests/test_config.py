@@ -22,6 +22,7 @@ def test_presets_build_and_override(tmp_path):
     ({"train": {"optimizer": "adam"}}, "train.optimizer"),
     ({"train": {"bogus": 1}}, "unknown key train.bogus"),
     ({"nope": {}}, "unknown section"),
+    ({"samples": "s.tsv", "runs": {}}, "'samples' belongs to the workflow's config"),
     ({"tile": {"min_tissue": 2}}, "tile.min_tissue"),
     ({"augment": {"hflip": 2}}, "augment.hflip"),
     ({"augment": {"stain_p": -0.1}}, "augment.stain_p"),

@@ -237,8 +237,11 @@ def test_broken_samples_sheet_stops_dag_build(tmp_path, sheet, expected):
         ({"runs": {"a": {"tile": {"mpp": 2.0}}}}, "config: runs.a: Additional properties"),
         ({"train": {"lr": -1}}, "config: train.lr must be a finite number > 0, got -1"),
         ({"runs": {"a": {"train": {"momentum": 1.5}}}}, "config runs.a: train.momentum"),
+        # was found only after the whole run, and moved an existing keep.tsv aside
+        ({"report": {"path": "keep.tsv"}}, "report.path: 'keep.tsv' does not match"),
     ],
-    ids=["type", "run-type", "range", "unknown-key", "run-range", "run-tile", "lr", "momentum"],
+    ids=["type", "run-type", "range", "unknown-key", "run-range", "run-tile", "lr", "momentum",
+         "report-path"],
 )
 def test_bad_config_value_stops_dag_build(tmp_path, config, expected):
     wf = workdir(tmp_path, config)

@@ -172,7 +172,13 @@ WORKFLOW_PROPERTIES: dict[str, dict[str, Any]] = {
                 "default": True,
                 "description": "after a successful run, write the HTML report (onsuccess)",
             },
-            "path": {"type": "string", "default": "report.html"},
+            "path": {
+                "type": "string",
+                "default": "report.html",
+                # Snakemake writes .html or .zip only; checked at the DAG build, not after a run
+                "pattern": "\\.(html|zip)$",
+                "description": "report file (.html, or .zip for a report with many figures)",
+            },
         },
     },
 }
