@@ -24,6 +24,18 @@ import yaml
 
 from simclr_path.errors import SimclrPathError
 
+# Objective powers typed where a level-0 mpp belongs: no scan is 10-100 um/px at level 0
+# (a 40x scan is about 0.25 um/px, 20x about 0.5)
+_MAGNIFICATIONS = (10.0, 20.0, 40.0, 60.0, 63.0, 100.0)
+
+
+def magnification_hint(mpp: float) -> str | None:
+    """Why a slide mpp of ``mpp`` is surely a magnification, or None."""
+    if mpp not in _MAGNIFICATIONS:
+        return None
+    return (f"{mpp:g} looks like an objective power ({mpp:g}x), not microns per pixel: a 40x "
+            "scan is about 0.25 um/px, 20x about 0.5")
+
 
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from simclr_path.config import magnification_hint
 from simclr_path.errors import SimclrPathError
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id")
@@ -232,6 +233,10 @@ def validate_samples(
                     f"{line(i)}: mpp {v!r} is not a positive number of microns per pixel "
                     "(e.g. 0.25); leave it empty to read it from the slide file"
                 )
+            hint = magnification_hint(f)
+            if hint:
+                raise SimclrPathError(f"{line(i)}: mpp {hint}; leave it empty to read it from "
+                                      "the slide file")
             values.append(f)
         df["mpp"] = values
     if "split" in df.columns:

@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from simclr_path.config import magnification_hint
 from simclr_path.errors import SimclrPathError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
@@ -107,6 +108,10 @@ def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: 
                 f"--slide-mpp must be a positive number of level-0 microns per pixel between "
                 f"{_MPP_RANGE[0]:g} and {_MPP_RANGE[1]:g} (0.25 for a 40x scan, 0.5 for 20x), "
                 f"got {slide_mpp}")
+        hint = magnification_hint(float(slide_mpp))
+        if hint:
+            known = f"; the slide itself says {stated[0]:.4g} um/px" if stated else ""
+            raise SimclrPathError(f"{path}: --slide-mpp {hint}{known}")
         # a slip (0.25 for a 20x scan) would tile every patch at the wrong scale without a word
         if stated is not None and abs(slide_mpp / stated[0] - 1) > MPP_DISAGREE:
             warnings.warn(

@@ -122,6 +122,12 @@ def test_optional_columns(slides, tmp_path):
             "mpp 'x'",
         ),
         (
+            ["A\twsi/A.svs\tSCC\tP1\t0.25", "B\twsi/B.svs\tnormal\tP2\t20"],
+            HEADER + "\tmpp",
+            None,
+            "row 2 (slide_id 'B'): mpp 20 looks like an objective power (20x)",
+        ),
+        (
             ["A\twsi/A.svs\tSCC\tP1\tval", "B\twsi/B.svs\tnormal\tP2\ttest"],
             HEADER + "\tsplit",
             None,

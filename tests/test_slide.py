@@ -43,6 +43,18 @@ def test_slide_mpp_far_from_the_metadata_is_warned_about():
         assert resolve_mpp({}, "s.svs", slide_mpp=0.5)[0] == 0.5
 
 
+@pytest.mark.parametrize("power", [10, 20, 40])
+def test_a_magnification_given_as_slide_mpp_is_named(power):
+    """--slide-mpp 40 (the objective) was taken as 40 um/px, and the error then asked for a
+    target of --mpp 40 or coarser."""
+    with pytest.raises(SimclrPathError, match=rf"s.svs: --slide-mpp {power} looks like an "
+                                              rf"objective power \({power}x\).*the slide itself "
+                                              "says 0.499 um/px"):
+        resolve_mpp({"openslide.mpp-x": "0.499", "openslide.mpp-y": "0.499"}, "s.svs",
+                    slide_mpp=float(power))
+    assert resolve_mpp({}, "s.svs", slide_mpp=16.0)[0] == 16.0  # not a power: a (coarse) scan
+
+
 def test_mpp_resolution_order():
     props = {"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25", "aperio.MPP": "0.5",
              "tiff.XResolution": "20000", "tiff.ResolutionUnit": "centimeter",
