@@ -239,9 +239,14 @@ def test_broken_samples_sheet_stops_dag_build(tmp_path, sheet, expected):
         ({"runs": {"a": {"train": {"momentum": 1.5}}}}, "config runs.a: train.momentum"),
         # was found only after the whole run, and moved an existing keep.tsv aside
         ({"report": {"path": "keep.tsv"}}, "report.path: 'keep.tsv' does not match"),
+        # found by pretraining only, after every slide was tiled
+        ({"runs": {"a": {"augment": {"image_size": 512}}}},
+         "config (run a): augment.image_size 512 is larger than the 64 px patches of "
+         "tile.patch_size"),
+        ({"model": {"arch": "resnet1888"}}, "unknown timm model 'resnet1888'; did you mean"),
     ],
     ids=["type", "run-type", "range", "unknown-key", "run-range", "run-tile", "lr", "momentum",
-         "report-path"],
+         "report-path", "view-size", "arch"],
 )
 def test_bad_config_value_stops_dag_build(tmp_path, config, expected):
     wf = workdir(tmp_path, config)

@@ -381,6 +381,53 @@ def check_layers():
 check_layers()
 
 
+def check_views_and_models():
+    """What pretraining would refuse only after every slide is tiled (hours for a cohort):
+    views larger than the stores' patches, and a model.arch timm does not know (checked on
+    PyTorch's meta device, and only for names outside the presets: importing torch costs the
+    DAG build 2-3 s)."""
+    sizes = {}
+    for name, ds in PATCH_SETS.items():
+        if ds.get("patch_size"):
+            sizes[f"patch_datasets.{name}.patch_size"] = int(ds["patch_size"])
+    if SLIDES or len(sizes) < len(
+        PATCH_SETS
+    ):  # patch sets import at tile.patch_size by default
+        sizes["tile.patch_size"] = TILE_CFG.tile.patch_size
+    known = {spc.ModelConfig().arch} | {
+        p.get("model", {}).get("arch") for p in spc.PRESETS.values()
+    }
+    for run, cfg in RUN_CFG.items():
+        a = cfg.augment
+        views = [("augment.image_size", a.image_size)]
+        if a.local_crops:
+            views.append(("augment.local_size", a.local_view_size))
+        for key, size in sizes.items():
+            for view, px in views:
+                if px > size:
+                    fail(
+                        f"config (run {run}): {view} {px} is larger than the {size} px patches "
+                        f"of {key}; lower {view} or raise {key}"
+                    )
+    unknown = {cfg.model.arch: run for run, cfg in RUN_CFG.items()} if RUN_CFG else {}
+    unknown = {arch: run for arch, run in unknown.items() if arch not in known}
+    if not unknown:
+        return
+    import torch
+
+    from simclr_path.model import create_backbone
+
+    for arch, run in unknown.items():
+        try:
+            with torch.device("meta"):
+                create_backbone(arch)
+        except SimclrPathError as exc:
+            fail(f"config (run {run}): {exc}")
+
+
+check_views_and_models()
+
+
 def one_of(names):
     """Wildcard regex matching exactly these names (never matches when the list is empty)."""
     return "|".join(re.escape(n) for n in names) if names else "(?!x)x"
