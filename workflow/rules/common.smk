@@ -50,6 +50,19 @@ def fail(message):
 
 SCHEMA_DICT = yaml.safe_load(SCHEMA.read_text())
 
+if not Path("config/config.yaml").is_file():
+    # the Snakefile's `configfile:` is read from the working directory: from elsewhere only the
+    # --configfile given and the schema's defaults apply, without a word from Snakemake
+    import sys
+
+    print(
+        f"simclr-path workflow: warning: no config/config.yaml in {Path.cwd()}; only "
+        "--configfile/--config and the defaults apply, not the demo's base config (run from "
+        f"the repository root or pass --directory {workflow.basedir} to use it)",
+        file=sys.stderr,
+        flush=True,
+    )
+
 
 def check_schema(cfg):
     """One-line schema error (field path + problem) before Snakemake's verbose validation."""
