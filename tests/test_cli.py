@@ -282,3 +282,16 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
         FileNotFoundError(errno.ENOENT, "bug", "x")))
     with pytest.raises(FileNotFoundError):  # other OS errors are not disguised as the user's disk
         main(["pretrain", str(store), "--out", str(tmp_path / "run"), "--no-progress"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tile", "x.svs", "--out", "y.h5", "--slide-mpp", "abc"],
+     "simclr-path tile: error: argument --slide-mpp: invalid float value: 'abc' "
+     "(see 'simclr-path tile --help')"),
+    ([], "simclr-path: error: the following arguments are required: COMMAND"),
+])
+def test_a_usage_error_is_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(message) and len(err.splitlines()) == 1, err

@@ -69,8 +69,16 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line, as every other bad input (argparse prints the usage block
+    first); the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="simclr-path",
         description="Self-supervised SimCLR pipeline for histopathology whole-slide images.",
     )
