@@ -15,8 +15,10 @@ out-of-fold scores are printed beside the transductive probe's on the same split
 any training it refits the transductive features fold by fold and checks that the stored
 predictions come back, so both sides use one procedure on one split.
 
-Costs one pretraining run per outer fold (5 x about 600 s with the ``cpu-fast`` preset here). Finished folds
-(``WORK/inductive/split<seed>/fold<f>/``: run ``summary.json`` and ``embeddings.h5``) are reused,
+Each fold's warm-up lasts the run's number of steps (warm-up is set in epochs, and a fold's
+epoch is shorter). Costs one pretraining run per outer fold (5 x about 600 s with the
+``cpu-fast`` preset here). Finished folds (``WORK/inductive/split<seed>/fold<f>/``: the run,
+what it was trained for in ``request.json``, one embedding file per feature set) are reused,
 so an interrupted check goes on where it stopped; ``--fresh`` redoes them.
 
     python benchmarks/probe_inductive.py WORK [--set simclr-168] [--split 0] [--budget-s 600]
@@ -75,6 +77,7 @@ def refit(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: np.ndarray,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from simclr_path.config import load_config
+    from simclr_path.data import BatchPlan
     from simclr_path.embed import embed_store
     from simclr_path.errors import SimclrPathError
     from simclr_path.store import EmbeddingStore
@@ -114,10 +117,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "config or code version?); rerun bench_quality.py --run")
     # the run's config.yaml holds the views it trained (a fitted fallback's too): keep them, so
     # that only the pretraining set differs; and its step count, unless a budget is asked for
-    run_steps = int(json.loads((work / "simclr-run" / "summary.json").read_text())["steps"])
+    run_summary = json.loads((work / "simclr-run" / "summary.json").read_text())
+    run_steps = int(run_summary["steps"])
+    # warm-up is set in epochs, and a fold's epoch is shorter (fewer tiles): keep its steps
+    run_warm = round(cfg.train.warmup_epochs * int(run_summary["steps_per_epoch"]))
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, budget_min_steps=None, time_budget_s=args.budget_s,
         max_steps=run_steps if args.budget_s is None else None))
+    request = {"steps": None if args.budget_s is not None else run_steps,
+               "budget_s": args.budget_s, "warmup_steps": run_warm}
     ecfg = dataclasses.replace(cfg.embed, image_size=int(emb.attrs["image_size"]),
                                layer=str(emb.attrs.get("layer") or cfg.embed.layer))
     base = work / "inductive" / f"split{args.split}"
@@ -125,30 +133,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_fold = []
     for f in (int(v) for v in np.unique(folds)):
         d = base / f"fold{f}"
-        done = (d / "run" / "summary.json").is_file() and (d / "embeddings.h5").is_file()
-        if args.fresh or not done:
+        train_rows = np.flatnonzero(folds != f)
+        spe = BatchPlan([len(train_rows)], cfg.train.batch_size, cfg.train.seed,
+                        cfg.train.max_patches_per_slide).batches_per_epoch
+        fcfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, warmup_epochs=run_warm / spe))
+        asked = d / "request.json"  # what the fold's encoder was trained for
+        trained = (d / "run" / "summary.json").is_file() and asked.is_file() and \
+            json.loads(asked.read_text()) == request
+        if args.fresh or not trained:
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
-            train_rows = np.flatnonzero(folds != f)
             sub = write_subset(store, train_rows, d / "train.h5")
             t0 = time.perf_counter()
-            pretrain([sub], d / "run", cfg, force=True, progress=not args.no_progress)
-            embed_store(d / "run" / "encoder.pt", store, d / "embeddings.h5", ecfg, force=True,
-                        progress=not args.no_progress)
+            pretrain([sub], d / "run", fcfg, force=True, progress=not args.no_progress)
             sub.unlink()  # a copy of the tiles: 80 % of the store's size
-            print(f"fold {f}: pretrained and embedded in {time.perf_counter() - t0:.0f} s",
-                  flush=True)
+            asked.write_text(json.dumps(request))
+            print(f"fold {f}: pretrained in {time.perf_counter() - t0:.0f} s", flush=True)
+        emb_path = d / f"{args.set}.h5"  # one per feature set (embedding size and layer)
+        if not emb_path.is_file() or not trained or args.fresh:
+            embed_store(d / "run" / "encoder.pt", store, emb_path, ecfg, force=True,
+                        progress=not args.no_progress)
         summary = json.loads((d / "run" / "summary.json").read_text())
         if args.budget_s is None and summary.get("steps") != run_steps:
             raise SimclrPathError(f"{d / 'run'}: trained {summary.get('steps')} steps, not the "
                                   f"run's {run_steps} (made with --budget-s?); pass --fresh")
-        e = EmbeddingStore(d / "embeddings.h5")
-        if not np.array_equal(e.labels, y) or len(e) != len(y):
-            raise SimclrPathError(f"{e.path}: not an embedding of {store}'s patches; --fresh")
+        e = EmbeddingStore(emb_path)
+        if not np.array_equal(e.labels, y) or len(e) != len(y) or \
+                e.attrs.get("image_size") != ecfg.image_size or e.attrs.get("layer") != ecfg.layer:
+            raise SimclrPathError(f"{e.path}: not an embedding of {store}'s patches at "
+                                  f"{ecfg.image_size} px, layer {ecfg.layer}; pass --fresh")
         feats[f] = e.features
         per_fold.append({"fold": f, "n_train_tiles": int((folds != f).sum()),
                          "n_train_groups": len(set(groups[folds != f])),
-                         "steps": summary.get("steps"), "wall_time_s": summary.get("wall_time_s")})
+                         "steps": summary.get("steps"), "warmup_steps": run_warm,
+                         "wall_time_s": summary.get("wall_time_s")})
     ind_proba = refit(None, y, groups, folds, classes, probe_cfg, features_of=feats.__getitem__)
     rows = {"transductive": pk._scores(y, trans_proba, pos, groups),
             "inductive": pk._scores(y, ind_proba, pos, groups)}

@@ -334,10 +334,17 @@ def load_table(
         given_labels = set(slides["label"]) if rows else set()
         lacking = [c for c in classes if c not in given_labels]
         if rows and lacking:  # else make_folds would ask for "more patients" of that class
-            ex = sheet.loc[sheet["label"] == lacking[0], "slide_id"].iloc[0]
+            ids = sheet.loc[sheet["label"] == lacking[0], "slide_id"]
+            empty = sorted(set(ids) & given)  # given, but without patches
+            if empty:
+                raise SimclrPathError(
+                    f"{where}: every {what} given of class {lacking[0]!r} has no patches (e.g. "
+                    f"{empty[0]!r}); tile those slides again (a lower --min-tissue?) or add "
+                    "slides of that class with tissue"
+                )
             raise SimclrPathError(
-                f"{where}: lists slides of class {lacking[0]!r} (e.g. {ex!r}) but none of the "
-                f"{what}s given (with patches) is one of them; pass their {what}s too"
+                f"{where}: lists slides of class {lacking[0]!r} (e.g. {ids.iloc[0]!r}) but none "
+                f"of the {what}s given is one of them; pass their {what}s too"
             )
         source = f"the samples sheet {where}"
     else:

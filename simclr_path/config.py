@@ -324,6 +324,15 @@ class ClassifyConfig:
 # (a new t-SNE sample size must not rerun fine-tuning); keep them in step with their readers.
 CLASSIFY_TSNE_KEYS = ("tsne_max_points", "tsne_perplexity", "seed")  # figures.plot_tsne
 # finetune.finetune: classify.load_table, make_folds, label_subset, evaluate_fold, pooled_results
+# keys that set how fast a stage runs, not what it writes: the workflow passes them on the
+# command line instead of the stage's config file (changing them reruns nothing), and
+# pretrain --resume-interrupted continues a run whose only change is one of them
+SPEED_KEYS: dict[str, tuple[str, ...]] = {
+    "tile": ("workers",),
+    "train": ("workers",),
+    "embed": ("workers", "batch_size"),
+    "finetune": ("workers",),
+}
 CLASSIFY_FINETUNE_KEYS = ("labels", "positive_label", "folds", "seed", "top_k", "bootstrap")
 # classify.classify: every key but the t-SNE figure's own
 CLASSIFY_PROBE_KEYS = tuple(f.name for f in fields(ClassifyConfig)

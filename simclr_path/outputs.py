@@ -67,6 +67,9 @@ def check_writable(path: str | os.PathLike, folder: str | os.PathLike | None = N
         folder = p.parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
+    if not Path(folder).is_dir():
+        raise SimclrPathError(f"{p}: {folder} is a file, not a folder; give an output path in a "
+                              "folder")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
@@ -75,15 +78,28 @@ def check_writable(path: str | os.PathLike, folder: str | os.PathLike | None = N
                               "another output folder or make this one writable") from None
 
 
-def check_distinct(paths: Iterable[str | os.PathLike], what: str) -> None:
-    """Refuse one file given twice (under two names, links resolved): it would count twice."""
-    seen: dict[str, str] = {}
-    for p in paths:
+def first_repeat(paths: Sequence[str | os.PathLike | None]) -> tuple[int, int] | None:
+    """Indices (first, again) of the first file named twice (links resolved; None entries are
+    skipped), or None."""
+    seen: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        if p is None:
+            continue
         real = os.path.realpath(p)
         if real in seen:
-            also = "" if str(p) == seen[real] else f" (also as {seen[real]})"
-            raise SimclrPathError(f"{p}: given twice{also}; pass each {what} once")
-        seen[real] = str(p)
+            return seen[real], i
+        seen[real] = i
+    return None
+
+
+def check_distinct(paths: Iterable[str | os.PathLike], what: str) -> None:
+    """Refuse one file given twice (under two names, links resolved): it would count twice."""
+    paths = list(paths)
+    pair = first_repeat(paths)
+    if pair is not None:
+        first, again = (str(paths[i]) for i in pair)
+        also = "" if again == first else f" (also as {first})"
+        raise SimclrPathError(f"{again}: given twice{also}; pass each {what} once")
 
 
 def as_paths(value: str | os.PathLike | Iterable[str | os.PathLike], what: str) -> list[Path]:

@@ -35,6 +35,7 @@ import pandas as pd
 
 from simclr_path.config import magnification_hint
 from simclr_path.errors import SimclrPathError
+from simclr_path.outputs import first_repeat
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id")
 OPTIONAL_COLUMNS = ("mpp", "split")
@@ -273,18 +274,13 @@ def validate_samples(
         resolved.append(str(found))
     # one file under two ids can put one slide on both sides of a split (leakage)
     # (files that exist: classify reads a sheet whose slides may be elsewhere by now)
-    real = [os.path.realpath(p) if Path(p).is_file() else None for p in resolved]
-    first: dict[str, int] = {}
-    for i, r in enumerate(real):
-        if r is None:
-            continue
-        if r in first:
-            j = first[r]
-            raise SimclrPathError(
-                f"{where}: rows {j + 1} and {i + 1} (slide ids {df['slide_id'].iloc[j]!r} and "
-                f"{df['slide_id'].iloc[i]!r}) name the same slide file {resolved[i]}; one slide "
-                "under two ids can land on both sides of a split: give each slide one row"
-            )
-        first[r] = i
+    pair = first_repeat([p if Path(p).is_file() else None for p in resolved])
+    if pair is not None:
+        j, i = pair
+        raise SimclrPathError(
+            f"{where}: rows {j + 1} and {i + 1} (slide ids {df['slide_id'].iloc[j]!r} and "
+            f"{df['slide_id'].iloc[i]!r}) name the same slide file {resolved[i]}; one slide "
+            "under two ids can land on both sides of a split: give each slide one row"
+        )
     df["path"] = resolved
     return df.reset_index(drop=True)

@@ -103,15 +103,15 @@ def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: 
     """
     stated = _metadata_mpp(properties)
     if slide_mpp is not None:
+        hint = magnification_hint(float(slide_mpp))
+        if hint:
+            known = f"; the slide itself says {stated[0]:.4g} um/px" if stated else ""
+            raise SimclrPathError(f"{path}: --slide-mpp {hint}{known}")
         if not _MPP_RANGE[0] <= slide_mpp <= _MPP_RANGE[1]:  # NaN fails too
             raise SimclrPathError(
                 f"--slide-mpp must be a positive number of level-0 microns per pixel between "
                 f"{_MPP_RANGE[0]:g} and {_MPP_RANGE[1]:g} (0.25 for a 40x scan, 0.5 for 20x), "
                 f"got {slide_mpp}")
-        hint = magnification_hint(float(slide_mpp))
-        if hint:
-            known = f"; the slide itself says {stated[0]:.4g} um/px" if stated else ""
-            raise SimclrPathError(f"{path}: --slide-mpp {hint}{known}")
         # a slip (0.25 for a 20x scan) would tile every patch at the wrong scale without a word
         if stated is not None and abs(slide_mpp / stated[0] - 1) > MPP_DISAGREE:
             warnings.warn(

@@ -55,7 +55,14 @@ import yaml
 from torch import nn
 
 from simclr_path import __version__
-from simclr_path.config import AugmentConfig, PipelineConfig, TrainConfig, defaults_dict, to_dict
+from simclr_path.config import (
+    SPEED_KEYS,
+    AugmentConfig,
+    PipelineConfig,
+    TrainConfig,
+    defaults_dict,
+    to_dict,
+)
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import atomic_output, check_apart
 
@@ -361,23 +368,21 @@ def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
                               "continue its checkpoint or --force to start over")
 
 
-# train keys that change how fast a run goes, not what it learns (the workflow's SPEED_KEYS)
-SPEED_TRAIN_KEYS = ("workers",)
-
-
 def _requested(cfg: PipelineConfig) -> str:
     """What defines a run, as asked for (before views are fitted to a time budget): the
-    augment, model and train sections less SPEED_TRAIN_KEYS, as JSON."""
+    augment, model and train sections less the speed keys (``config.SPEED_KEYS``), as JSON."""
     d = to_dict(cfg)
-    train = {k: v for k, v in d["train"].items() if k not in SPEED_TRAIN_KEYS}
+    train = {k: v for k, v in d["train"].items() if k not in SPEED_KEYS["train"]}
     return json.dumps({"augment": d["augment"], "model": d["model"], "train": train},
                       sort_keys=True)
 
 
-def _interrupted_checkpoint(path: Path, requested: str, stores: Any,
-                            main: bool) -> dict[str, Any] | None:
-    """``path`` loaded when it holds an unfinished run of ``requested`` on ``stores``; else None,
-    with a warning that says why the run starts over (no warning without a checkpoint)."""
+def _interrupted_checkpoint(path: Path, requested: str, stores: Any, world_size: int,
+                            force: bool, main: bool) -> dict[str, Any] | None:
+    """``path`` loaded when it holds an unfinished run of ``requested`` on ``stores`` with
+    ``world_size`` processes (the configuration fixes everything else a resume checks); else
+    None, with a warning that says why the run starts over (no warning without a checkpoint),
+    or, without ``force``, an error saying why it cannot be continued."""
     if not path.is_file():
         return None
     why = None
@@ -392,6 +397,8 @@ def _interrupted_checkpoint(path: Path, requested: str, stores: Any,
             why = "of another configuration"
         elif ck.get("stores") != stores:
             why = "of other patch stores"
+        elif int(ck.get("world_size", 1)) != world_size:  # the global batch would differ
+            why = f"of {int(ck.get('world_size', 1))} processes, not {world_size}"
         elif any(os.stat(r["path"]).st_mtime > os.stat(path).st_mtime for r in stores):
             why = "older than its patch stores (written again since)"
     if why is None:
@@ -399,6 +406,9 @@ def _interrupted_checkpoint(path: Path, requested: str, stores: Any,
             print(f"{path}: resuming the interrupted run at step {ck['step']}", file=sys.stderr,
                   flush=True)
         return ck
+    if not force:
+        raise SimclrPathError(f"{path}: checkpoint {why}, so it is not continued; pass --force "
+                              "to start over")
     if main:
         warnings.warn(f"{path}: checkpoint {why}; starting over", stacklevel=3)
     return None
@@ -787,7 +797,7 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
     ck = None
     if resume == "interrupted":
         ck = _interrupted_checkpoint(out / "checkpoint.pt", requested, _store_record(opened),
-                                     world.main)
+                                     world.world_size, force, world.main)
         resume = ck is not None
     elif resume not in (True, False):
         raise ValueError(f"resume must be True, False or 'interrupted', got {resume!r}")

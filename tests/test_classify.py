@@ -731,6 +731,13 @@ def test_one_class_and_classes_without_files_are_named(tmp_path):
     with pytest.raises(SimclrPathError, match=r"lists slides of class 'SCC' \(e.g. 'P0-S0'\) "
                                               r"but none of the embedding files given"):
         classify(normal_only, tmp_path / "o2", samples=sheet, cfg=FAST)
+    for p in paths:  # the SCC slides given, but without patches (no tissue found)
+        if int(p.stem[1]) % 2 == 0:
+            write_embeddings(p, np.zeros((0, 8)), np.zeros((0, 2)), EmbeddingStore(p).attrs,
+                             force=True)
+    with pytest.warns(UserWarning, match="has no patches"), pytest.raises(
+            SimclrPathError, match=r"every embedding file given of class 'SCC' has no patches"):
+        classify(paths, tmp_path / "o3", samples=sheet, cfg=FAST)
 
 
 def test_an_imported_patch_set_given_twice_is_refused(tmp_path):

@@ -295,3 +295,20 @@ def test_a_usage_error_is_one_line(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(message) and len(err.splitlines()) == 1, err
+
+
+def test_an_output_under_a_file_and_an_unreadable_input_say_what_they_are(tmp_path, capsys,
+                                                                         monkeypatch):
+    import errno
+
+    import simclr_path.train
+
+    (tmp_path / "afile").write_text("x")
+    rc, err = _err(["demo-slide", "--out", str(tmp_path / "afile" / "x.tiff")], capsys)
+    assert rc == 2 and f"{tmp_path / 'afile'} is a file, not a folder" in err
+    store = tmp_path / "s.h5"
+    store.write_bytes(b"")
+    monkeypatch.setattr(simclr_path.train, "pretrain", lambda *a, **k: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "Permission denied", "cfg.yaml")))
+    rc, err = _err(["pretrain", str(store), "--out", str(tmp_path / "run")], capsys)
+    assert rc == 2 and err.strip().endswith("cfg.yaml: Permission denied; check its permissions")

@@ -43,7 +43,7 @@ def test_slide_mpp_far_from_the_metadata_is_warned_about():
         assert resolve_mpp({}, "s.svs", slide_mpp=0.5)[0] == 0.5
 
 
-@pytest.mark.parametrize("power", [10, 20, 40])
+@pytest.mark.parametrize("power", [10, 20, 40, 100])  # 100: beyond the range, named all the same
 def test_a_magnification_given_as_slide_mpp_is_named(power):
     """--slide-mpp 40 (the objective) was taken as 40 um/px, and the error then asked for a
     target of --mpp 40 or coarser."""

@@ -158,7 +158,7 @@ def test_resume_interrupted_continues_a_killed_job_even_without_its_metrics(
                       progress=False)["resumed_from_step"] == 3
 
 
-@pytest.mark.parametrize("case", ["finished", "config", "stores", "rewritten"])
+@pytest.mark.parametrize("case", ["finished", "config", "stores", "rewritten", "processes"])
 def test_resume_interrupted_starts_over_for_anything_but_the_same_unfinished_run(
         case, stores, tmp_path, monkeypatch):
     cfg = _cfg(max_steps=5, checkpoint_every=500, log_every=4)
@@ -169,13 +169,21 @@ def test_resume_interrupted_starts_over_for_anything_but_the_same_unfinished_run
         _cut_at_3(stores, run, cfg, monkeypatch)
     why = {"finished": "of a finished run", "config": "of another configuration",
            "stores": "of other patch stores",
-           "rewritten": "older than its patch stores (written again since)"}[case]
+           "rewritten": "older than its patch stores (written again since)",
+           "processes": "of 2 processes, not 1"}[case]
     given = stores[:1] if case == "stores" else stores
     if case == "config":
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=2e-3))
     if case == "rewritten":  # the same slide and patch count, tiled again after the checkpoint
         t = (run / "checkpoint.pt").stat().st_mtime
         os.utime(stores[1], (t + 5, t + 5))
+    if case == "processes":  # a job killed under torchrun with 2 processes, rerun with one
+        ck = torch.load(run / "checkpoint.pt", weights_only=True)
+        ck["world_size"] = 2
+        torch.save(ck, run / "checkpoint.pt")
+    with pytest.raises(SimclrPathError, match=re.escape(f"checkpoint {why}, so it is not "
+                                                        "continued; pass --force")):
+        T.pretrain(given, run, cfg, resume="interrupted", progress=False)
     with pytest.warns(UserWarning, match=re.escape(f"checkpoint {why}; starting over")):
         summary = T.pretrain(given, run, cfg, resume="interrupted", force=True, progress=False)
     assert "resumed_from_step" not in summary or summary["resumed_from_step"] in (None, 0)

@@ -119,7 +119,8 @@ def check_output_paths(args: argparse.Namespace) -> None:
 
 
 # what the file system says about the user's disk, not about a bug: one line, no traceback
-_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, *_FULL}
 
 # what to lower when a GPU runs out of memory, by command
 _GPU_MEMORY_HINTS = {
@@ -218,8 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in _USER_OS_ERRORS:
             raise
-        print(f"simclr-path {args.command}: error: {exc.filename or 'output'}: {exc.strerror}; "
-              "free space or choose another output folder", file=sys.stderr)
+        fix = ("free space or choose another output folder" if exc.errno in _FULL else
+               "check its permissions")  # an input that cannot be read lands here too
+        print(f"simclr-path {args.command}: error: {exc.filename or 'a file'}: {exc.strerror}; "
+              f"{fix}", file=sys.stderr)
         return SimclrPathError.exit_code
     except Exception as exc:
         oom = _gpu_out_of_memory(exc)

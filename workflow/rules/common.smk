@@ -178,12 +178,7 @@ RUN_CFG = {run: resolved_config(run) for run in RUNS}
 # Settings of how fast a stage runs, not of what it writes. They stay out of the stage YAMLs,
 # whose changes rerun the stage, and reach the command line through `threads` or `resources`,
 # which never trigger a rerun: a new worker count must not retrain an encoder.
-SPEED_KEYS = {
-    "tile": ("workers",),
-    "train": ("workers",),
-    "embed": ("workers", "batch_size"),
-    "finetune": ("workers",),
-}
+SPEED_KEYS = spc.SPEED_KEYS
 
 
 def stage_values(run, stage):
@@ -391,9 +386,6 @@ def check_layers():
             fail(f"config layer_eval (run {run}, model.arch {arch}): {exc}")
 
 
-check_layers()
-
-
 def check_views_and_models():
     """What pretraining would refuse only after every slide is tiled (hours for a cohort):
     views larger than the stores' patches, and a model.arch timm does not know (checked on
@@ -439,6 +431,7 @@ def check_views_and_models():
 
 
 check_views_and_models()
+check_layers()  # after: an unknown arch is a model error, not a layer one
 
 
 def one_of(names):
