@@ -208,7 +208,20 @@ class _PlanSampler:
         return self.plan.batches(self.start, self.total)
 
 
-def _worker_init(_: int) -> None:
+def cv2_fork_safe() -> None:
+    """Stop OpenCV's idle pool threads before DataLoader workers fork. A child inherits the
+    pool's condition variables with waiters that do not exist there, and its first
+    ``cv2.setNumThreads`` or parallel call waits for them forever: a Python session that tiled
+    (cv2 resizes on its pool) and then pretrained with workers hung. The pool restarts at the
+    parent's next parallel call, with the same thread count."""
+    import cv2
+
+    n = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    cv2.setNumThreads(n)
+
+
+def one_thread_worker(_: int) -> None:
     # Workers augment on uint8 with OpenCV: one thread each, so N workers use N cores, not N^2.
     import cv2
 
@@ -224,5 +237,7 @@ def make_loader(stores: Sequence[PatchStore], cfg: AugmentConfig, plan: BatchPla
     # two batches ahead per worker (PyTorch's default), not more: each is in shared memory (77 MB
     # at batch 256 of 224 px views), and containers often have little (Docker's default: 64 MB)
     kw = {"prefetch_factor": 2, "persistent_workers": False} if workers > 0 else {}
+    if workers > 0:
+        cv2_fork_safe()
     return DataLoader(ds, batch_size=None, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None, **kw)
+                      pin_memory=pin_memory, worker_init_fn=one_thread_worker if workers else None, **kw)

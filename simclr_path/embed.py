@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_path.config import EmbedConfig
+from simclr_path.data import cv2_fork_safe
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, load_encoder
 from simclr_path.outputs import check_apart, check_can_write
@@ -391,6 +392,8 @@ def embed_store(
         else:
             batches = _Batches(store, cfg.batch_size)
             workers = min(int(cfg.workers), len(batches) - 1)  # one batch: no worker start-up cost
+            if workers > 0:
+                cv2_fork_safe()
             loader = DataLoader(
                 batches,
                 batch_size=None,

@@ -79,7 +79,7 @@ from simclr_path.config import (
     FinetuneConfig,
     PipelineConfig,
 )
-from simclr_path.data import read_patch
+from simclr_path.data import cv2_fork_safe, one_thread_worker, read_patch
 from simclr_path.embed import default_image_size
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, feature_dim, load_encoder, output_stride, save_encoder
@@ -203,8 +203,9 @@ def _iter_batches(data: _PatchBatches, workers: int, pin: bool) -> Iterator[tupl
         for b in range(len(data)):
             yield data[b]
         return
+    cv2_fork_safe()  # the workers augment with OpenCV
     yield from DataLoader(data, batch_size=None, shuffle=False, num_workers=min(workers, len(data)),
-                          pin_memory=pin)
+                          pin_memory=pin, worker_init_fn=one_thread_worker)
 
 
 def _batches(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -171,3 +171,29 @@ def test_direct_chunk_reads_equal_h5py_reads(tmp_path, make_store):
         s = PatchStore(path)
         for i in range(5):
             assert np.array_equal(read_patch(s, i), s[i])
+
+
+def test_loader_workers_start_after_opencv_ran_on_its_thread_pool(make_store, tmp_path):
+    """A session that tiled (cv2 resizes on OpenCV's pool) and then pretrained with workers hung:
+    the forked worker waited forever on the pool's inherited condition variables."""
+    import subprocess
+    import sys
+
+    store = make_store(n=8, size=32, name="s.h5")
+    script = f"""
+import cv2, numpy as np
+from simclr_path.config import load_config
+from simclr_path.data import BatchPlan, make_loader, open_stores
+cv2.setNumThreads(2)
+img = np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), dtype=np.uint8)
+for _ in range(3):
+    cv2.resize(img, (700, 700), interpolation=cv2.INTER_AREA)
+stores = open_stores([{str(store)!r}], image_size=16)
+aug = load_config(overrides={{"augment": {{"image_size": 16}}}}).augment
+loader = make_loader(stores, aug, BatchPlan([8], 4), 0, 2, workers=1)
+print("batches", sum(1 for _ in loader))
+cv2.resize(img, (700, 700), interpolation=cv2.INTER_AREA)  # the parent's pool works again
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0 and "batches 2" in done.stdout, done.stderr[-2000:]
