@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from conftest import LC25000, load_benchmark, needs
 
 from simclr_path.errors import SimclrPathError
@@ -58,7 +59,12 @@ def test_inductive_check_pretrains_per_fold_and_reuses_finished_folds(pi, work, 
     run_steps = json.loads((work / "simclr-run" / "summary.json").read_text())["steps"]
     for f in folds:  # each encoder saw its training folds' tiles only, as many steps as the run
         assert f["steps"] == run_steps == res["run_steps"] and f["n_train_tiles"] < 30
-        assert not (work / "inductive" / "split0" / f"fold{f['fold']}" / "train.h5").exists()
+        d = work / "inductive" / "split0" / f"fold{f['fold']}"
+        assert not (d / "train.h5").exists() and (d / f"{res['set']}.h5").is_file()
+        # the run's warm-up steps, though a fold's epoch has fewer batches
+        fs = json.loads((d / "run" / "summary.json").read_text())
+        fc = yaml.safe_load((d / "run" / "config.yaml").read_text())
+        assert round(fc["train"]["warmup_epochs"] * fs["steps_per_epoch"]) == f["warmup_steps"]
     for name in ("inductive", "random-init"):
         r = res["rows"][name]
         assert 0.0 <= r["auroc_scc"] <= 1.0 and 0.0 <= r["balanced_accuracy"] <= 1.0
