@@ -427,7 +427,7 @@ def check_views_and_models():
             with torch.device("meta"):
                 create_backbone(arch)
         except SimclrPathError as exc:
-            fail(f"config (run {run}): {exc}")
+            fail(f"config (run {run}, model.arch {arch}): {exc}")
 
 
 check_views_and_models()
