@@ -776,14 +776,17 @@ def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path):
     assert (wf / "report.html").stat().st_size > 10_000
 
     # a single target whose rebuild leaves the outputs after it out of date: no report (it would
-    # mix old and new results), and the older one stays as it was
+    # mix old and new results), and the older one moved aside (it shows what this run changed)
     before = (wf / "report.html").read_bytes()
     _set_mtimes(wf / "results", -3600)
     target.unlink()
     done = smk(wf, "--cores", "1", replace, "results/config/baseline/classify.yaml")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Report not written: some final outputs are not up to date" in done.stderr
-    assert "Report written" not in done.stderr and (wf / "report.html").read_bytes() == before
+    assert "the older report was moved to report.stale.html" in done.stderr
+    assert "Report written" not in done.stderr and not (wf / "report.html").exists()
+    assert (wf / "report.stale.html").read_bytes() == before
+    (wf / "report.stale.html").rename(wf / "report.html")
 
     # a report that cannot be written: one line, a non-zero exit, and the older report moved
     # aside so that it cannot pass for this run's

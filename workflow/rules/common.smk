@@ -581,6 +581,18 @@ def run_overrides():
     return out
 
 
+def set_aside(path):
+    """Move an older report at ``path`` to NAME.stale.EXT, so that it cannot pass for the
+    results this run changed; the words to add to the message ('' when there was none).
+    """
+    old = Path(path)
+    if not old.is_file():
+        return ""
+    stale = old.with_name(f"{old.stem}.stale{old.suffix}")
+    old.replace(stale)
+    return f"; the older report was moved to {stale}"
+
+
 def write_report(path):
     """Run ``snakemake --report PATH`` in a child process with this run's exact config.
 
@@ -594,7 +606,8 @@ def write_report(path):
     if missing:  # a run of single targets: the report needs every tracked artefact
         logger.info(
             f"Report not written: {len(missing)} final outputs missing (e.g. {missing[0]}); "
-            f"run `snakemake` without targets, or `snakemake --report {path}` when complete."
+            f"run `snakemake` without targets, or `snakemake --report {path}` when complete"
+            f"{set_aside(path)}."
         )
         return
     cfg_file = Path(".snakemake") / "simclr_path_report_config.yaml"
@@ -624,7 +637,7 @@ def write_report(path):
         logger.info(
             "Report not written: some final outputs are not up to date with this config (a "
             "run of single targets or --until); run `snakemake` without targets to bring them "
-            f"up to date and write {path}."
+            f"up to date and write {path}{set_aside(path)}."
         )
         return
     cmd = [sys.executable, "-m", "snakemake", "--report", path, *same]
@@ -644,12 +657,7 @@ def write_report(path):
         if heads
         else (lines[-1] if lines else f"exit {done.returncode}")
     )
-    old, moved = Path(path), ""
-    if old.is_file():
-        stale = old.with_name(f"{old.stem}.stale{old.suffix}")
-        old.replace(stale)
-        moved = f"; the older report was moved to {stale}"
     fail(
-        f"report not written: {why}{moved}; full output in {log}; "
+        f"report not written: {why}{set_aside(path)}; full output in {log}; "
         f"fix it and run `snakemake --report {path}`"
     )
