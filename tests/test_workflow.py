@@ -338,6 +338,18 @@ def test_a_class_of_one_patient_is_warned_about_at_the_start(tmp_path):
     assert fine.returncode == 0 and "simclr-path workflow: warning:" not in fine.stderr
 
 
+def test_a_samples_sheet_warning_is_one_line_at_the_dag_build(tmp_path):
+    """An unused column was warned about in Python's file:line form, with a source line."""
+    sheet = tsv(demo_rows(4)).splitlines()
+    sheet = [sheet[0] + "\tnotes"] + [r + "\tsee report" for r in sheet[1:]]
+    done = smk(workdir(tmp_path, TINY, "\n".join(sheet) + "\n"), "-n", "--cores", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [x for x in done.stderr.splitlines() if "notes" in x]
+    assert len(lines) == 1 and lines[0].startswith(
+        "simclr-path workflow: warning: config/samples.test.tsv: column(s) 'notes' are not used")
+    assert "UserWarning" not in done.stderr
+
+
 def test_each_stage_yaml_holds_only_the_keys_it_reads(tmp_path):
     """A t-SNE key reruns the t-SNE figure only; a probe key reruns classification, not
     fine-tuning."""

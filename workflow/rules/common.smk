@@ -40,6 +40,13 @@ STAGE_KEYS = {
 }
 
 
+def warn(message):
+    """One warning line on stderr, in the form the CLI's warnings take."""
+    import sys
+
+    print(f"simclr-path workflow: warning: {message}", file=sys.stderr, flush=True)
+
+
 def fail(message):
     """Stop the DAG build with one clear line on stderr and exit status 1 (no traceback)."""
     import sys
@@ -53,14 +60,10 @@ SCHEMA_DICT = yaml.safe_load(SCHEMA.read_text())
 if not Path("config/config.yaml").is_file():
     # the Snakefile's `configfile:` is read from the working directory: from elsewhere only the
     # --configfile given and the schema's defaults apply, without a word from Snakemake
-    import sys
-
-    print(
-        f"simclr-path workflow: warning: no config/config.yaml in {Path.cwd()}; only "
-        "--configfile/--config and the defaults apply, not the demo's base config (run from "
-        f"the repository root or pass --directory {workflow.basedir} to use it)",
-        file=sys.stderr,
-        flush=True,
+    warn(
+        f"no config/config.yaml in {Path.cwd()}; only --configfile/--config and the defaults "
+        "apply, not the demo's base config (run from the repository root or pass --directory "
+        f"{workflow.basedir} to use it)"
     )
 
 
@@ -209,12 +212,19 @@ def _is_demo_path(p):
 
 def load_samples(path):
     """Validated samples sheet; demo slides (under demo.dir) need not exist yet."""
+    import warnings
+
     try:
-        df = read_samples(
-            path, labels=TILE_CFG.classify.labels, check_files=False, base_dir="."
-        )
+        # the sheet's warnings (unused columns) as lines, not Python's file:line form
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            df = read_samples(
+                path, labels=TILE_CFG.classify.labels, check_files=False, base_dir="."
+            )
     except SimclrPathError as exc:
         fail(str(exc))
+    for w in caught:
+        warn(str(w.message))
     validate(df, "../schemas/samples.schema.yaml")
     for i, row in df.iterrows():
         where = f"{path}: row {i + 1} (slide_id {row.slide_id!r})"
@@ -314,8 +324,6 @@ def check_patients_per_class():
     """Warn at the start when a class has slides of fewer than 2 patients: patient-grouped
     evaluation cannot test it, and classify would say so only after pretraining. A warning,
     not a stop: tiling or pretraining a pilot sheet by target is legitimate."""
-    import sys
-
     from simclr_path.classify import patients_per_class
 
     if not SLIDES:
@@ -325,14 +333,11 @@ def check_patients_per_class():
         scarce = {c: n for c, n in patients_per_class(SAMPLES, labels).items() if n < 2}
         if scarce:
             c, n = next(iter(scarce.items()))
-            print(
-                f"simclr-path workflow: warning: {config['samples']}: class {c!r} has slides "
-                f"from only {n} patient(s); classify will stop after pretraining: "
-                "patient-grouped evaluation needs at least 2 patients per class (a patient is "
-                "never on both sides of a split; 5 or more for a confidence interval); add "
-                "slides from more patients",
-                file=sys.stderr,
-                flush=True,
+            warn(
+                f"{config['samples']}: class {c!r} has slides from only {n} patient(s); "
+                "classify will stop after pretraining: patient-grouped evaluation needs at "
+                "least 2 patients per class (a patient is never on both sides of a split; 5 or "
+                "more for a confidence interval); add slides from more patients"
             )
             return
 
