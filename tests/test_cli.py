@@ -286,8 +286,8 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["tile", "x.svs", "--out", "y.h5", "--slide-mpp", "abc"],
-     "simclr-path tile: error: argument --slide-mpp: invalid float value: 'abc' "
-     "(see 'simclr-path tile --help')"),
+     ("simclr-path tile: error: argument --slide-mpp: invalid float value: 'abc' "
+     "(see 'simclr-path tile --help')")),
     ([], "simclr-path: error: the following arguments are required: COMMAND"),
 ])
 def test_a_usage_error_is_one_line(argv, message, capsys):

@@ -241,8 +241,8 @@ def test_broken_samples_sheet_stops_dag_build(tmp_path, sheet, expected):
         ({"report": {"path": "keep.tsv"}}, "report.path: 'keep.tsv' does not match"),
         # found by pretraining only, after every slide was tiled
         ({"runs": {"a": {"augment": {"image_size": 512}}}},
-         "config (run a): augment.image_size 512 is larger than the 64 px patches of "
-         "tile.patch_size"),
+         ("config (run a): augment.image_size 512 is larger than the 64 px patches of "
+         "tile.patch_size")),
         ({"model": {"arch": "resnet1888"}}, "unknown timm model 'resnet1888'; did you mean"),
     ],
     ids=["type", "run-type", "range", "unknown-key", "run-range", "run-tile", "lr", "momentum",
