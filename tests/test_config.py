@@ -101,6 +101,16 @@ def test_yaml_exponent_numbers_are_numbers(tmp_path):
     assert load_config(overrides={"model": {"arch": "1e3"}}).model.arch == "1e3"
 
 
+def test_null_as_text_is_null_where_a_number_may_be_null():
+    # `snakemake --config train={max_steps: null}` hands the workflow the text "null"
+    cfg = load_config(overrides={"train": {"max_steps": "null", "budget_min_steps": "~"}})
+    assert cfg.train.max_steps is None and cfg.train.budget_min_steps is None
+    with pytest.raises(SimclrPathError, match=r"train.batch_size must be an integer, got 'null'"):
+        load_config(overrides={"train": {"batch_size": "null"}})  # a value is required there
+    # a string field keeps the text: it could be a class name
+    assert load_config(overrides={"classify": {"positive_label": "null"}}).classify.positive_label == "null"
+
+
 @pytest.mark.parametrize("overrides, match", [
     ({"train": {"lr": "fast"}}, r"train.lr must be a number, got 'fast'"),
     ({"train": {"batch_size": "2.5"}}, r"train.batch_size must be an integer, got 2.5"),
