@@ -10,6 +10,7 @@ Tiles are stored in sorted order of class then relative path, so the store is de
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import unicodedata
@@ -53,6 +54,7 @@ class ImportResult:
     n_groups: int  # distinct groups (0 without a groups CSV)
     bit_depth: int | None = None  # depth 16-bit samples were scaled from (None: no 16-bit tiles)
     depth_tile: str | None = None  # the tile with the largest 16-bit sample (None: depth stated)
+    n_duplicates: int = 0  # tiles pixel-identical to an earlier tile (after any resize)
 
 
 def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -434,12 +436,18 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
 
     bar = tqdm(total=len(names), unit="tile", desc=f"import {folder.name}",
                disable=None if progress else True, dynamic_ncols=True)
+    seen: dict[bytes, int] = {}  # pixel digest -> first tile with those pixels
+    copies: list[tuple[int, int]] = []  # (first, copy)
     try:
         with PatchStoreWriter(out, size, attrs=attrs, label_names=classes, force=force) as w, \
                 ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for lo in range(0, len(names), chunk_n):
                 chunk = names[lo:lo + chunk_n]
                 patches = np.stack(list(pool.map(load, chunk)))
+                for i, p in enumerate(patches, lo):
+                    first = seen.setdefault(hashlib.blake2b(p.tobytes(), digest_size=16).digest(), i)
+                    if first != i:
+                        copies.append((first, i))
                 w.append(patches, np.full((len(chunk), 2), -1, dtype=np.int64),
                          labels=labels[lo:lo + chunk_n], groups=groups[lo:lo + chunk_n],
                          names=chunk)
@@ -448,8 +456,33 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
         bar.close()
     counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
     n_groups = len(set(groups)) if groups_csv is not None else 0
+    _warn_copies(folder, names, labels, groups, classes, copies)
     return ImportResult(Path(out), len(names), size, classes, counts, n_groups,
-                        bits if scan.n_tiles else None, scan.top_tile)
+                        bits if scan.n_tiles else None, scan.top_tile, len(copies))
+
+
+def _warn_copies(folder: Path, names: list[str], labels: np.ndarray, groups: list[str],
+                 classes: list[str], copies: list[tuple[int, int]]) -> None:
+    """One warning per kind of pixel-identical tile pair: across classes (one image, two
+    labels), across groups (a grouped split can put the copies on both sides of it, which
+    inflates the test figures) and within one group (the image weighs double)."""
+    kinds = [
+        ([(a, b) for a, b in copies if labels[a] != labels[b]],
+         lambda a, b: f"{classes[labels[a]]} and {classes[labels[b]]}",
+         "of another class: one image cannot carry two labels; keep the right copy"),
+        ([(a, b) for a, b in copies if labels[a] == labels[b] and groups[a] != groups[b]],
+         lambda a, b: f"groups {groups[a]!r} and {groups[b]!r}",
+         ("of another group: a grouped split can put the copies on both sides and inflate the "
+         "test figures; remove one copy or give both one group")),
+        ([(a, b) for a, b in copies if labels[a] == labels[b] and groups[a] == groups[b]],
+         lambda a, b: f"group {groups[a]!r}" if groups[a] else classes[labels[a]],
+         "in the same class: the image weighs double in training and evaluation; remove one copy"),
+    ]
+    for pairs, where, what in kinds:
+        if pairs:
+            a, b = pairs[0]
+            warnings.warn(f"{folder}: {len(pairs)} tile(s) are pixel-identical to a tile {what} "
+                          f"(first: {names[a]} and {names[b]}, {where(a, b)})", stacklevel=4)
 
 
 def _store_id(out: str | os.PathLike, folder: Path) -> str:

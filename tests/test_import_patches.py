@@ -391,3 +391,37 @@ def test_the_python_api_never_writes_over_its_inputs(tiles, tmp_path):
         import_patches(root, root / "SCC" / "a.png", force=True, progress=False)
     assert groups.read_text().startswith("path,label,group")
     assert cv2.imread(str(root / "SCC" / "a.png")) is not None
+
+
+def test_pixel_identical_tiles_are_warned_about_by_kind(tiles, tmp_path, recwarn):
+    root, imgs = tiles
+    _write(root / "normal" / "copy.png", imgs["SCC/a.png"])  # one image, two labels
+    _write(root / "SCC" / "again.png", imgs["SCC/sub/c.tif"])  # same class, group p2 -> p1
+    (root / "groups.csv").write_text((root / "groups.csv").read_text()
+                                     + "normal/copy.png,normal,p3\nSCC/again.png,SCC,p1\n")
+    res = import_patches(root, tmp_path / "p.h5", groups_csv=root / "groups.csv", progress=False)
+    msgs = [str(w.message) for w in recwarn]
+    assert res.n_duplicates == 2
+    assert any("1 tile(s) are pixel-identical to a tile of another class: one image cannot carry "
+               "two labels; keep the right copy (first: SCC/a.png and normal/copy.png, SCC and "
+               "normal)" in m for m in msgs), msgs
+    assert any("1 tile(s) are pixel-identical to a tile of another group: a grouped split can "
+               "put the copies on both sides" in m and "(first: SCC/again.png and SCC/sub/c.tif, "
+               "groups 'p1' and 'p2')" in m for m in msgs), msgs
+    assert not any("in the same class" in m for m in msgs)
+    # without groups both same-class copies are one kind: the image weighs double
+    recwarn.clear()
+    (root / "normal" / "copy.png").unlink()
+    res = import_patches(root, tmp_path / "q.h5", progress=False)
+    msgs = [str(w.message) for w in recwarn]
+    assert res.n_duplicates == 1 and not any("another" in m for m in msgs)
+    assert any("1 tile(s) are pixel-identical to a tile in the same class: the image weighs "
+               "double" in m and "(first: SCC/again.png and SCC/sub/c.tif, SCC)" in m
+               for m in msgs), msgs
+
+
+def test_distinct_tiles_give_no_duplicate_warning(tiles, tmp_path, recwarn):
+    root, _ = tiles
+    res = import_patches(root, tmp_path / "p.h5", groups_csv=root / "groups.csv", progress=False)
+    assert res.n_duplicates == 0
+    assert not [w for w in recwarn if "pixel-identical" in str(w.message)]
