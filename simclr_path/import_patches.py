@@ -434,6 +434,12 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
                 f"{size}x{size}; pass --patch-size to resize every tile to one size")
         return img
 
+    def load_hashed(name: str) -> tuple[np.ndarray, bytes]:
+        # the digest in the decoding threads (hashlib releases the GIL): copies are found
+        # without a serial pass over the pixels
+        img = load(name)
+        return img, hashlib.blake2b(img.tobytes(), digest_size=16).digest()
+
     bar = tqdm(total=len(names), unit="tile", desc=f"import {folder.name}",
                disable=None if progress else True, dynamic_ncols=True)
     seen: dict[bytes, int] = {}  # pixel digest -> first tile with those pixels
@@ -443,9 +449,10 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
                 ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for lo in range(0, len(names), chunk_n):
                 chunk = names[lo:lo + chunk_n]
-                patches = np.stack(list(pool.map(load, chunk)))
-                for i, p in enumerate(patches, lo):
-                    first = seen.setdefault(hashlib.blake2b(p.tobytes(), digest_size=16).digest(), i)
+                done = list(pool.map(load_hashed, chunk))
+                patches = np.stack([img for img, _ in done])
+                for i, (_, digest) in enumerate(done, lo):
+                    first = seen.setdefault(digest, i)
                     if first != i:
                         copies.append((first, i))
                 w.append(patches, np.full((len(chunk), 2), -1, dtype=np.int64),
