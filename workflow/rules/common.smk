@@ -400,9 +400,8 @@ def check_views_and_models():
     for name, ds in PATCH_SETS.items():
         if ds.get("patch_size"):
             sizes[f"patch_datasets.{name}.patch_size"] = int(ds["patch_size"])
-    if SLIDES or len(sizes) < len(
-        PATCH_SETS
-    ):  # patch sets import at tile.patch_size by default
+    # slides, and patch sets without a patch_size of their own, are at tile.patch_size
+    if SLIDES or any(not ds.get("patch_size") for ds in PATCH_SETS.values()):
         sizes["tile.patch_size"] = TILE_CFG.tile.patch_size
     known = {spc.ModelConfig().arch} | {
         p.get("model", {}).get("arch") for p in spc.PRESETS.values()
@@ -419,8 +418,11 @@ def check_views_and_models():
                         f"config (run {run}): {view} {px} is larger than the {size} px patches "
                         f"of {key}; lower {view} or raise {key}"
                     )
-    unknown = {cfg.model.arch: run for run, cfg in RUN_CFG.items()} if RUN_CFG else {}
-    unknown = {arch: run for arch, run in unknown.items() if arch not in known}
+    unknown = {
+        cfg.model.arch: run
+        for run, cfg in RUN_CFG.items()
+        if cfg.model.arch not in known
+    }
     if not unknown:
         return
     import torch
