@@ -189,6 +189,13 @@ def preprocess(
     return x
 
 
+def _store_rows(feats: np.ndarray, pos: int, z: torch.Tensor, bar) -> int:
+    """Copy a batch's features (B, D) into ``feats`` from row ``pos``; the next free row."""
+    feats[pos : pos + len(z)] = z.cpu().numpy()
+    bar.update(len(z))
+    return pos + len(z)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file (identifies the exact encoder an embedding came from)."""
     h = hashlib.sha256()
@@ -412,11 +419,16 @@ def embed_store(
                 disable=None if progress else True,
                 leave=False,
             ) as bar:
+                # a batch's features are copied to the host after the next batch is queued:
+                # the copy waits for its own batch only, so a GPU never idles between batches
+                pending: torch.Tensor | None = None
                 for raw in loader:
                     z = run(preprocess(raw, image_size, device, channels_last))
-                    feats[pos : pos + len(z)] = z.cpu().numpy()
-                    pos += len(z)
-                    bar.update(len(z))
+                    if pending is not None:
+                        pos = _store_rows(feats, pos, pending, bar)
+                    pending = z
+                if pending is not None:
+                    pos = _store_rows(feats, pos, pending, bar)
     if not np.isfinite(feats).all():
         raise SimclrPathError(
             f"{enc}: encoder produced NaN or infinite features on {store.path}; "
