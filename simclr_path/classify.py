@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -93,14 +94,33 @@ def _tta(attrs: dict[str, Any]) -> bool:
     return bool(attrs.get("tta", False))
 
 
+_NEGATIONS = frozenset({"non", "not", "no", "without"})  # "non_SCC" names the other class
+
+
+def _words(name: str) -> list[str]:
+    """A class name's words, lower case: ``lung_scc`` and ``LungSCC`` -> ``["lung", "scc"]``."""
+    return [w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", str(name))]
+
+
 def find_positive(classes: Sequence[str], positive_label: str) -> int | None:
-    """Index of the positive (SCC) class: exact case-insensitive name, else a name containing it
-    (``lung_scc`` for ``SCC``); None when no class matches."""
-    low = [c.lower() for c in classes]
+    """Index of the positive (SCC) class: exact case-insensitive name, else the one name holding
+    the label as whole words (``lung_scc`` or ``LungSCC`` for ``SCC``) and no negation
+    (``non_SCC`` is the other class); None when no class or more than one matches."""
+    low = [str(c).lower() for c in classes]
     key = positive_label.lower()
     if key in low:
         return low.index(key)
-    hits = [i for i, c in enumerate(low) if key in c]
+    want = _words(positive_label)
+    if not want:
+        return None
+
+    def holds(name: str) -> bool:
+        words = _words(name)
+        if _NEGATIONS.intersection(words):
+            return False
+        return any(words[i : i + len(want)] == want for i in range(len(words) - len(want) + 1))
+
+    hits = [i for i, c in enumerate(classes) if holds(c)]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -921,11 +941,15 @@ def classification_metrics(
             )
             out["sensitivity"] = float(pb[yb].mean()) if yb.any() else float("nan")
             out["specificity"] = float((~pb[~yb]).mean()) if (~yb).any() else float("nan")
-            out["f1"] = float(f1_score(yb, pb, zero_division=0.0))
+            # undefined without a positive (as sensitivity): NaN, so fold means skip the fold
+            out["f1"] = float(f1_score(yb, pb, zero_division=0.0)) if yb.any() else float("nan")
         if k > 2:
             present = np.unique(y)
-            out["f1_macro"] = float(
-                f1_score(y, pred, average="macro", labels=list(range(k)), zero_division=0.0)
+            # a class absent from y has no F1 (it would count as 0): NaN, as auroc_macro
+            out["f1_macro"] = (
+                float(f1_score(y, pred, average="macro", labels=list(range(k)), zero_division=0.0))
+                if len(present) == k
+                else float("nan")
             )
             if len(present) == k:
                 out["auroc_macro"] = float(

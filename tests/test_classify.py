@@ -11,11 +11,14 @@ from conftest import LC25000, needs
 
 from simclr_path.classify import (
     LinearModel,
+    classification_metrics,
     classify,
+    find_positive,
     fit_probe,
     inner_splits,
     load_table,
     make_folds,
+    positive_index,
     predict,
     predict_table,
     warn_grid_edge,
@@ -945,3 +948,41 @@ def test_predict_table_is_the_csv_in_memory(tmp_path):
     csv = pd.read_csv(predict(tmp_path / "out", paths[:3], tmp_path / "p.csv"))
     assert list(df.columns) == list(csv.columns) and len(df) == len(csv) == 3 * 20 + 3
     pd.testing.assert_frame_equal(df.reset_index(drop=True), csv, check_dtype=False)
+
+
+@pytest.mark.parametrize(
+    ("classes", "label", "expected"),
+    [
+        (["lung_aca", "lung_n", "lung_scc"], "SCC", 2),
+        (["LungSCC", "Normal"], "scc", 0),
+        (["squamous_cell_carcinoma", "normal"], "squamous cell", 0),
+        (["SCC", "normal"], "scc", 0),
+        (["non_SCC", "LUAD"], "SCC", None),  # a negated name is the other class
+        (["nonSCC", "SCC_tumour"], "SCC", 1),
+        (["nonscc", "tumour"], "SCC", None),  # "scc" inside a word is not the word
+        (["scc_1", "scc_2"], "SCC", None),  # two matches: ambiguous
+    ],
+)
+def test_the_positive_class_is_a_whole_word_of_one_class_name(classes, label, expected):
+    assert find_positive(classes, label) == expected
+
+
+def test_a_negated_class_name_is_never_taken_as_the_positive_class():
+    with pytest.raises(SimclrPathError, match=r"'SCC' is not one of the classes"):
+        positive_index(["non_SCC", "LUAD"], "SCC")
+
+
+def test_f1_is_undefined_not_zero_where_the_fold_lacks_a_class():
+    # binary: a test fold of negatives only has no F1, as it has no sensitivity
+    proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+    m = classification_metrics(np.array([0, 0, 0]), proba, ["normal", "SCC"], positive=1)
+    assert math.isnan(m["f1"]) and math.isnan(m["sensitivity"]) and m["specificity"] == 2 / 3
+    m = classification_metrics(np.array([0, 1, 1]), proba, ["normal", "SCC"], positive=1)
+    assert m["f1"] == pytest.approx(2 / 3)
+    # three classes, one absent from y: no macro F1 (an absent class would count as 0)
+    p3 = np.eye(3)[[0, 0, 1, 1]]
+    m = classification_metrics(np.array([0, 0, 1, 1]), p3, ["A", "B", "C"], positive=None)
+    assert m["balanced_accuracy"] == 1.0
+    assert math.isnan(m["f1_macro"]) and math.isnan(m["f1"]) and math.isnan(m["auroc_macro"])
+    m = classification_metrics(np.array([0, 1, 2]), np.eye(3), ["A", "B", "C"], positive=None)
+    assert m["f1_macro"] == 1.0
