@@ -677,7 +677,11 @@ def plot_curves(
             ci = metrics[level].get("auroc_ci95") if kind == "roc" else None
             if isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, (int, float))
                                                              for v in ci):
-                split.append(f"AUROC 95% CI {ci[0]:.2f}-{ci[1]:.2f}")
+                # name the curve it belongs to where a panel has several: the slide CI is the
+                # mean-of-patches score's, not the top-k one's; without a positive class, macro
+                whose = ("" if len(drawn) < 2 else "macro " if metrics["task"].get("positive")
+                         is None else f"{drawn[0][0]} ")
+                split.append(f"{whose}AUROC 95% CI {ci[0]:.2f}-{ci[1]:.2f}")
             # two lines: one would run into the next panel's title
             ax.set_title(f"{level} level, n={n}" + ("\n" + "; ".join(split) if split else ""),
                          fontsize=11)
