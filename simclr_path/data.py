@@ -239,5 +239,10 @@ def make_loader(stores: Sequence[PatchStore], cfg: AugmentConfig, plan: BatchPla
     kw = {"prefetch_factor": 2, "persistent_workers": False} if workers > 0 else {}
     if workers > 0:
         cv2_fork_safe()
+    # Its own generator: each iter() of a DataLoader draws its workers' base seed from the
+    # generator given, else from the global torch RNG, which a resumed run has just restored, so
+    # that draw shifted every dropout / drop-path mask after a resume (the views have their own
+    # seeds either way)
     return DataLoader(ds, batch_size=None, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, worker_init_fn=one_thread_worker if workers else None, **kw)
+                      pin_memory=pin_memory, worker_init_fn=one_thread_worker if workers else None,
+                      generator=torch.Generator().manual_seed(plan.seed), **kw)

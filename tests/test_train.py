@@ -102,10 +102,35 @@ def _same_run(full, cut):
     assert np.allclose(ma["loss"], mb["loss"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("stop", [KeyboardInterrupt, lambda: SystemExit(143)])  # Ctrl-C, SIGTERM
-def test_interrupted_then_resumed_equals_uninterrupted(stop, stores, tmp_path, monkeypatch):
+def _with_dropout(monkeypatch):
+    """Models built by pretrain drop 20 % of the head's input: training draws from the global
+    torch RNG, as timm's dropout and drop-path do."""
+    import torch.nn.functional as F
+
+    import simclr_path.model as M
+
+    real = M.create_simclr_model
+
+    def create(cfg):
+        m = real(cfg)
+        head = m.head.forward
+        m.head.forward = lambda h: head(F.dropout(h, 0.2, training=m.training))
+        return m
+
+    monkeypatch.setattr(M, "create_simclr_model", create)
+
+
+@pytest.mark.parametrize(("stop", "dropout"), [
+    (KeyboardInterrupt, False),  # Ctrl-C
+    (lambda: SystemExit(143), False),  # SIGTERM
+    (KeyboardInterrupt, True),  # the global RNG in use: resuming must not shift its draws
+])
+def test_interrupted_then_resumed_equals_uninterrupted(stop, dropout, stores, tmp_path,
+                                                       monkeypatch):
     # no periodic checkpoint and rows still pending at the interrupt: the interrupt saves both
     cfg = _cfg(max_steps=5, checkpoint_every=500, log_every=4)
+    if dropout:
+        _with_dropout(monkeypatch)
     T.pretrain(stores, tmp_path / "full", cfg, progress=False)
 
     def crash(step):
