@@ -37,13 +37,14 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
         raise SimclrPathError(f"{p}: cannot write results over the current folder; "
                               "give a new folder name")
     if p.exists():
-        if not force:
-            raise SimclrPathError(f"{p}: output already exists; pass --force to overwrite it "
-                                  "(force=True in Python)")
+        # the kind first: --force, the other advice, could not help with a wrong kind
         if kind == "file" and p.is_dir():
             raise SimclrPathError(f"{p}: is a folder, but this output is a file; give a file path")
         if kind == "dir" and not p.is_dir():
             raise SimclrPathError(f"{p}: is a file, but this output is a folder; give a folder path")
+        if not force:
+            raise SimclrPathError(f"{p}: output already exists; pass --force to overwrite it "
+                                  "(force=True in Python)")
         if kind == "dir" and markers and any(p.iterdir()) and \
                 not any((p / m).exists() for m in markers):
             raise SimclrPathError(f"{p}: exists and is not a results folder of this command (none "

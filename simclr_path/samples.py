@@ -75,6 +75,8 @@ def read_samples(
         ``mpp`` (float, NaN when empty) and ``split`` (string) when the sheet has them.
     """
     p = Path(path)
+    if p.is_dir():
+        raise SimclrPathError(f"{p}: is a folder; give the samples sheet (a TSV file)")
     if not p.is_file():
         raise SimclrPathError(f"{p}: samples sheet not found")
     try:

@@ -26,6 +26,11 @@ def test_file_output_that_is_a_folder_and_folder_output_that_is_a_file(tmp_path)
     f.write_text("")
     with pytest.raises(SimclrPathError, match="is a file, but this output is a folder"):
         check_can_write(f, force=True, kind="dir")
+    # without --force too: "pass --force" would only lead to this error
+    with pytest.raises(SimclrPathError, match="is a folder, but this output is a file"):
+        check_can_write(tmp_path, force=False)
+    with pytest.raises(SimclrPathError, match="is a file, but this output is a folder"):
+        check_can_write(f, force=False, kind="dir")
 
 
 def test_output_under_a_file_names_the_file(tmp_path):

@@ -160,6 +160,8 @@ def test_bad_sheets_one_clear_line(slides, tmp_path, monkeypatch, lines, header,
 def test_missing_and_empty_sheet(tmp_path):
     with pytest.raises(SimclrPathError, match="not found"):
         read_samples(tmp_path / "none.tsv")
+    with pytest.raises(SimclrPathError, match="is a folder; give the samples sheet"):
+        read_samples(tmp_path)
     (tmp_path / "empty.tsv").write_text("")
     with pytest.raises(SimclrPathError, match="empty"):
         read_samples(tmp_path / "empty.tsv")

@@ -93,8 +93,15 @@ def test_truncated_and_foreign_files_fail_clearly(make_store, tmp_path):
     path = make_store(n=8, size=16)
     bad = tmp_path / "trunc.h5"
     bad.write_bytes(path.read_bytes()[:1500])
-    with pytest.raises(SimclrPathError, match="trunc.h5"):
+    with pytest.raises(SimclrPathError, match="trunc.h5.*may be truncated: recreate it"):
         PatchStore(bad)
+    # a slide given where its store belongs: not "truncated", whose advice would not help
+    slide = tmp_path / "slide.svs"
+    slide.write_bytes(b"II*\x00" + bytes(2000))
+    with pytest.raises(SimclrPathError, match=r"slide.svs: not an HDF5 file; give the patch "
+                                              r"store \(.h5\).*'simclr-path tile'") as e:
+        PatchStore(slide)
+    assert "may be truncated" not in str(e.value)
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
         f["x"] = [1]
