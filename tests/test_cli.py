@@ -289,6 +289,13 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
      ("simclr-path tile: error: argument --slide-mpp: invalid float value: 'abc' "
      "(see 'simclr-path tile --help')")),
     ([], "simclr-path: error: the following arguments are required: COMMAND"),
+    # an option the command lacks: its own help (the top one lists none of its options)
+    (["tile", "x.svs", "--out", "y.h5", "--mmp", "0.5"],
+     ("simclr-path tile: error: unrecognized arguments: --mmp 0.5; did you mean --mpp? "
+      "(see 'simclr-path tile --help')")),
+    (["finetune", "a.h5", "--encoder", "e", "--out", "o", "--folds", "2"],
+     ("simclr-path finetune: error: unrecognized arguments: --folds 2 "
+      "(see 'simclr-path finetune --help')")),
 ])
 def test_a_usage_error_is_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"simclr-path {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands: dict[str, argparse.ArgumentParser] = {}
+    parser.commands = commands  # type: ignore[attr-defined]  # for parse_args' messages
     for name, module in COMMANDS.items():
         mod = _load(module)
         if mod is None:
@@ -94,7 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
         # a command whose --out folder --force replaces whole (outputs.atomic_dir) says so
         p.set_defaults(_run=mod.run, _replaces_out_dir=getattr(mod, "REPLACES_OUT_DIR", False),
                        _figures_only=getattr(mod, "FIGURES_ONLY", False))
+        commands[name] = p
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, with arguments no option takes reported by the command's parser
+    (argparse reports them from the top one, pointing at a help without the command's options),
+    and a misspelt option's nearest name."""
+    import difflib
+
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = parser.commands[args.command]  # type: ignore[attr-defined]
+        known = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+        near = [m for e in extra if e.startswith("--")
+                for m in difflib.get_close_matches(e.split("=")[0], known, n=1)]
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
 
 
 def _is_output(dest: str) -> bool:
@@ -201,7 +221,7 @@ def _warnings_as_lines(command: str) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         with _sigterm_unwinds(), _warnings_as_lines(args.command):
             check_output_paths(args)
