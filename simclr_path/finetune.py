@@ -246,6 +246,16 @@ class Augment:
         return normalize(x)
 
 
+def _balanced_weights(counts: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Class weights (K,) n / (K' * n_c) over the K' classes present (sklearn's "balanced"); 0
+    for an absent class, which no target then selects."""
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    w = np.zeros_like(counts)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32, device=device)
+
+
 class FinetuneModel(nn.Module):
     """Encoder plus linear head: (B, 3, H, W) -> logits (B, K)."""
 
@@ -336,14 +346,20 @@ class _Run:
                 grp.pop("adapt")
                 groups.append({**grp, "lr": lr})
         opt = torch.optim.AdamW(groups)
-        counts = np.bincount(t.y[train_rows], minlength=self.k).astype(np.float64)
+        # the rows one epoch trains on: max_patches_per_slide caps each slide, so the class mix
+        # (and the balancing weights) is that of the capped rows, the same count every epoch
+        epoch_rows = self._cap(train_rows, np.random.default_rng(0))
+        counts = np.bincount(t.y[epoch_rows], minlength=self.k).astype(np.float64)
         if (counts == 0).any():
             missing = [t.classes[i] for i in np.flatnonzero(counts == 0)]
             raise SimclrPathError(f"{name}: no training patches of class {missing[0]!r}; add "
                                   "patients of that class or raise finetune.label_fraction")
         # class-balanced cross-entropy, as classify's class_weight="balanced"
-        weight = torch.tensor(counts.sum() / (self.k * counts), dtype=torch.float32, device=dev)
-        steps_per_epoch = math.ceil(len(self._cap(train_rows, np.random.default_rng(0))) / ft.batch_size)
+        weight = _balanced_weights(counts, dev)
+        # the validation loss balances the validation patients' own mix (a few whole patients:
+        # unrelated to training's), so no class decides the stopping epoch alone
+        val_weight = _balanced_weights(np.bincount(t.y[val_rows], minlength=self.k), dev)
+        steps_per_epoch = math.ceil(len(epoch_rows) / ft.batch_size)
         total = max(1, ft.epochs * steps_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
@@ -391,7 +407,7 @@ class _Run:
                 if np.isfinite(pv).all():
                     row["val_loss"] = float(F.nll_loss(torch.log(torch.as_tensor(pv, device=dev)
                                                                  .clamp_min(1e-12)).float(), yv,
-                                                       weight=weight))
+                                                       weight=val_weight))
                     row["val_auroc"] = classification_metrics(t.y[val_rows], pv, t.classes,
                                                               t.positive).get("auroc", float("nan"))
                 # diverged weights (non-finite outputs) never improve: an earlier epoch is kept

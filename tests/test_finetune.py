@@ -394,3 +394,49 @@ def test_default_image_size_is_the_probes(cohort, tmp_path):
     cfg.embed.image_size = 40
     m = finetune(paths, enc, tmp_path / "o2", samples=sheet, cfg=cfg, progress=False)
     assert m["task"]["image_size"] == 40
+
+
+def test_the_loss_balances_the_classes_trained_on_and_the_validation_mix(encoder, tmp_path,
+                                                                        monkeypatch):
+    """Class weights follow the patches an epoch trains on (max_patches_per_slide caps the big
+    SCC slides to the normal slides' size: equal classes, weights 1) and the validation loss
+    balances the validation patients' own mix."""
+    import torch
+
+    from simclr_path import finetune as ft_mod
+
+    rng = np.random.default_rng(1)
+    rows, paths = [], []
+    for i in range(8):
+        scc = i % 2 == 0
+        n, sid = (24 if scc else 4), f"S{i}"
+        with PatchStoreWriter(tmp_path / f"{sid}.h5", patch_size=SIZE,
+                              attrs={"slide_id": sid, "kind": "slide", "mpp": 0.5}) as w:
+            w.append(_patches(rng, n, scc), np.stack([np.arange(n) * SIZE, np.zeros(n, int)], 1))
+        paths.append(tmp_path / f"{sid}.h5")
+        rows.append({"slide_id": sid, "path": f"{sid}.svs", "label": "SCC" if scc else "normal",
+                     "patient_id": f"P{i}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "s.tsv", sep="\t", index=False)
+    train_mass, val_mass = [], []
+    ce, nll = ft_mod.F.cross_entropy, ft_mod.F.nll_loss
+
+    def record(mass, y, weight):  # the loss weight each class carries in a call, in total
+        mass.append(torch.bincount(y, weights=weight[y], minlength=2).tolist())
+
+    def cross_entropy(logits, y, weight=None, **kw):
+        record(train_mass, y, weight)
+        return ce(logits, y, weight=weight, **kw)
+
+    def nll_loss(logp, y, weight=None, **kw):
+        record(val_mass, y, weight)
+        return nll(logp, y, weight=weight, **kw)
+
+    monkeypatch.setattr(ft_mod.F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(ft_mod.F, "nll_loss", nll_loss)
+    cfg = tiny_cfg(epochs=1, batch_size=64, max_patches_per_slide=4, final_model=False,
+                   val_fraction=0.5)
+    cfg.classify.bootstrap = 0
+    finetune(paths, encoder, tmp_path / "o", samples=tmp_path / "s.tsv", cfg=cfg, progress=False)
+    assert train_mass and val_mass
+    for a, b in train_mass + val_mass:  # one batch an epoch here; one validation pass a fold
+        assert a > 0 and a == pytest.approx(b), (train_mass, val_mass)
