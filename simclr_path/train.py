@@ -870,6 +870,15 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
     elif resume:
         _resume_without_checkpoint(out, force, world.main)
     _check_run_dir(out, resume, force)
+    total = int(t_cfg.max_steps) if t_cfg.max_steps else int(t_cfg.epochs) * plan.batches_per_epoch
+    if ck is not None and ck.get("finished") and int(ck["step"]) >= total and \
+            all((out / n).is_file() for n in COMPLETE_FILES):
+        # nothing left to train: rerunning would only rewrite the finished run's files (its
+        # summary with a throughput of 0 pairs/s)
+        warnings.warn(f"{out}: the run already finished its {ck['step']} steps; nothing to "
+                      "train (raise train.max_steps or train.epochs to go on, or --force to "
+                      "start over)", stacklevel=2)
+        return json.loads((out / "summary.json").read_text())
     world.init(device)
     if device.type == "cuda":
         # fixed input sizes: cuDNN may pick the fastest convolution once; TF32 for what stays

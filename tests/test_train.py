@@ -848,6 +848,16 @@ def test_resume_with_more_steps_continues(stores, tmp_path):
     assert lr[2] > 0  # a live schedule, not the old one's end
 
 
+def test_resuming_a_run_that_trained_all_its_steps_leaves_it_as_it_was(stores, tmp_path):
+    run = tmp_path / "run"
+    first = T.pretrain(stores, run, _cfg(max_steps=2), progress=False)
+    before = {n: (run / n).read_bytes() for n in T.COMPLETE_FILES + ["checkpoint.pt"]}
+    with pytest.warns(UserWarning, match="already finished its 2 steps; nothing to train"):
+        again = T.pretrain(stores, run, _cfg(max_steps=2), resume=True, progress=False)
+    assert again == first and again["pairs_per_s"] > 0  # not rewritten with 0 pairs/s
+    assert {n: (run / n).read_bytes() for n in before} == before
+
+
 def test_resume_with_other_augmentations_is_refused(stores, tmp_path):
     run = tmp_path / "run"
     T.pretrain(stores, run, _cfg(max_steps=2), progress=False)
