@@ -126,15 +126,21 @@ def plot_loss_curve(
     df = _read_table(p, {"step", "loss"}, numeric={"step", "loss"},
                      how="; it is written by 'simclr-path pretrain' after its first logged steps")
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    ax.plot(df["step"], df["loss"], color=OKABE_ITO[5], alpha=0.5, lw=1, label="loss")
+    from matplotlib.ticker import MaxNLocator
+
     window = max(1, len(df) // 20)
-    ax.plot(
-        df["step"],
-        df["loss"].rolling(window, min_periods=1).mean(),
-        color=OKABE_ITO[0],
-        lw=2,
-        label=f"loss (moving mean of {window})",
-    )
+    # a moving mean of one row is the raw curve again: drawn once, as the loss itself
+    ax.plot(df["step"], df["loss"], color=OKABE_ITO[5] if window > 1 else OKABE_ITO[0],
+            alpha=0.5 if window > 1 else 1.0, lw=1 if window > 1 else 2, label="loss")
+    if window > 1:
+        ax.plot(
+            df["step"],
+            df["loss"].rolling(window, min_periods=1).mean(),
+            color=OKABE_ITO[0],
+            lw=2,
+            label=f"loss (moving mean of {window} logged steps)",
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole (a 3-step run)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("contrastive loss (train.loss)")
     ax.set_title(title or "SimCLR pretraining loss")

@@ -871,3 +871,22 @@ def test_curve_panel_titles_do_not_run_into_each_other(tmp_path, monkeypatch):
     assert "10 positive, 16 negative" in roc.axes[1].get_title()
     # two slide curves (mean and top-k): the CI names the one it was computed for
     assert "mean of patches AUROC 95% CI 0.83-1.00" in roc.axes[1].get_title()
+
+
+@pytest.mark.parametrize(("steps", "curves"), [
+    (3, ["loss"]),
+    (60, ["loss", "loss (moving mean of 3 logged steps)"]),
+])
+def test_the_loss_curve_has_whole_step_ticks_and_a_moving_mean_only_where_it_smooths(
+        tmp_path, monkeypatch, steps, curves):
+    from simclr_path import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=False: drawn.append(fig))
+    pd.DataFrame({"step": range(1, steps + 1), "loss": np.linspace(4, 2, steps),
+                  "lr": [1e-3] * steps}).to_csv(tmp_path / "metrics.csv", index=False)
+    figures.plot_loss_curve(tmp_path, tmp_path / "loss.png")
+    ax = drawn[0].axes[0]
+    drawn[0].canvas.draw()
+    assert [ln.get_label() for ln in ax.get_lines()] == curves
+    assert all(float(t).is_integer() for t in ax.get_xticks())
