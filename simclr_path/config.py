@@ -586,7 +586,22 @@ def load_config(path: str | Path | None = None, preset: str | None = None,
         raise SimclrPathError(f"{path}: preset must be a name, one of {sorted(PRESETS)}; got {file_preset!r}")
     cfg_dict = merge_overrides({}, data, str(path) if path else "config")
     cfg_dict = merge_overrides(cfg_dict, overrides or {}, "command line")
-    return build_config(preset or file_preset or "default", cfg_dict, str(path) if path else "config")
+    try:
+        return build_config(preset or file_preset or "default", cfg_dict,
+                            str(path) if path else "config")
+    except SimclrPathError as exc:
+        # a bad value names where it was given: an option, or the YAML file, not "config"
+        m = re.match(r"config: (\w+)\.(\w+) ", str(exc))
+        if m is None:
+            raise
+        section, key = m.groups()
+        if key in (overrides or {}).get(section, {}):
+            where = "command line"
+        elif isinstance(data.get(section), dict) and key in data[section]:
+            where = str(path)
+        else:
+            raise
+        raise SimclrPathError(f"{where}: {str(exc)[len('config: '):]}") from None
 
 
 def to_dict(cfg: PipelineConfig) -> dict[str, Any]:

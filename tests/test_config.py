@@ -191,7 +191,12 @@ def test_a_negative_learning_rate_is_one_line_on_the_command_line(tmp_path, caps
     rc = main(["pretrain", str(store), "--out", str(tmp_path / "run"), "--config", str(bad)])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "train.lr must be a finite number > 0, got -1" in err
+    # the bad value's source is named: the file, or the option that overrode it
+    assert f"{bad}: train.lr must be a finite number > 0, got -1" in err
+    rc = main(["pretrain", str(store), "--out", str(tmp_path / "run"), "--config", str(bad),
+               "--lr", "-2"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "error: command line: train.lr must be a finite number > 0, got -2" in err
 
 
 def test_config_file_that_is_binary_a_folder_or_names_a_bad_preset(tmp_path):
