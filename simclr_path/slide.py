@@ -39,6 +39,9 @@ _MPP_RANGE = (0.01, 50.0)
 # --slide-mpp this far (relative) from the metadata's own value is warned about: scanners round
 # their mpp a little (0.2527 vs 0.25), a wrong magnification is off by 2x or more
 MPP_DISAGREE = 0.1
+# x and y pixel sizes of one scan further apart than this are an error (scanners state equal
+# or nearly equal ones: 0.2527 and 0.2528); within it, their mean is off by half of it at most
+MPP_ANISOTROPY = 0.1
 # a target this much finer than the scan still reads level 0 (rounding in metadata, e.g. 0.499)
 _FINER_TOLERANCE = 1.02
 
@@ -67,8 +70,10 @@ def _float(value: str | None) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def _metadata_mpp(properties: dict[str, str]) -> tuple[float, str] | None:
-    """The level-0 mpp the slide's own metadata states, and its key (None: it states none)."""
+def _metadata_mpp(properties: dict[str, str]
+                  ) -> tuple[float, str, tuple[float, float]] | None:
+    """The level-0 mpp the slide's own metadata states, its key, and its x and y pixel sizes in
+    um (the same twice where only one is stated); None where it states none."""
     lo, hi = _MPP_RANGE
     for (kx, ky), scale in _MPP_KEYS:
         x = _float(properties.get(kx))
@@ -77,7 +82,7 @@ def _metadata_mpp(properties: dict[str, str]) -> tuple[float, str] | None:
         y = _float(properties.get(ky)) if ky else None
         mpp = (x + y) / 2 * scale if y is not None else x * scale
         if lo <= mpp <= hi:
-            return mpp, kx
+            return mpp, kx, (x * scale, (y if y is not None else x) * scale)
     xres = _float(properties.get("tiff.XResolution"))
     unit = str(properties.get("tiff.ResolutionUnit", "")).lower()
     per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
@@ -85,7 +90,7 @@ def _metadata_mpp(properties: dict[str, str]) -> tuple[float, str] | None:
         yres = _float(properties.get("tiff.YResolution"))
         mpp = per_unit / (xres if yres is None else (xres + yres) / 2)
         if lo <= mpp <= hi:
-            return mpp, "tiff.XResolution"
+            return mpp, "tiff.XResolution", (per_unit / xres, per_unit / (yres or xres))
     return None
 
 
@@ -101,7 +106,8 @@ def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: 
     Returns:
         (mpp, source) where source names the key used.
     """
-    stated = _metadata_mpp(properties)
+    found = _metadata_mpp(properties)
+    stated = found[:2] if found else None
     if slide_mpp is not None:
         hint = magnification_hint(float(slide_mpp))
         if hint:
@@ -119,7 +125,15 @@ def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: 
                 f"({stated[1]}); if the metadata is right, patches cover {slide_mpp / stated[0]:.2g}x "
                 "the intended width of tissue (leave --slide-mpp out to use it)", stacklevel=2)
         return float(slide_mpp), "--slide-mpp"
-    if stated is not None:
+    if found is not None:
+        # patches are square in microns only where pixels are: x and y far apart would cut
+        # every patch at a wrong scale on both axes (their mean is right on neither)
+        (x, y), key = found[2], found[1]
+        if abs(x / y - 1) > MPP_ANISOTROPY:
+            raise SimclrPathError(
+                f"{path}: its metadata ({key} and its y counterpart) gives pixels of {x:.4g} x "
+                f"{y:.4g} um, not square; the tiler needs square pixels, so check the metadata "
+                "and pass the right level-0 mpp as --slide-mpp")
         return stated
     objective = _float(properties.get("openslide.objective-power"))
     if mpp_from_objective and objective is not None:

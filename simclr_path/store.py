@@ -372,7 +372,8 @@ class PatchStore:
         return self._len
 
     def __getitem__(self, idx: int | slice | np.ndarray) -> np.ndarray:
-        """``int`` -> (S, S, 3); ``slice`` or index array -> (n, S, S, 3), uint8 RGB."""
+        """``int`` -> (S, S, 3); ``slice``, index array or boolean mask (N,) -> (n, S, S, 3), uint8
+        RGB."""
         ds = self._h5.file["patches"]
         if isinstance(idx, (int, np.integer)):
             i = int(idx)
@@ -383,7 +384,14 @@ class PatchStore:
             return ds[i]
         if isinstance(idx, slice):
             return ds[idx]
-        idx = np.asarray(idx, dtype=np.int64)
+        idx = np.asarray(idx)
+        if idx.dtype == bool:  # a mask (as numpy): cast to int64 it would read rows 0 and 1
+            if idx.shape != (self._len,):
+                raise IndexError(f"a boolean mask of shape {idx.shape} for {self._len} patches")
+            idx = np.flatnonzero(idx)
+        elif idx.size and not np.issubdtype(idx.dtype, np.integer):
+            raise IndexError(f"patch indices must be integers or a boolean mask, got {idx.dtype}")
+        idx = idx.astype(np.int64)
         uniq, inverse = np.unique(idx, return_inverse=True)  # h5py needs increasing unique indices
         return ds[uniq][inverse]
 

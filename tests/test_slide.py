@@ -170,3 +170,18 @@ def test_direct_tiff_tiles_on_real_svs():
         np.testing.assert_array_equal(tiles.read(0, 900, 700, 300, 260),
                                       read_rgb(osr, 900, 700, 0, 300, 260))
         tiles.close()
+
+
+def test_pixels_far_from_square_stop_with_both_sizes_and_slide_mpp_overrides():
+    near = {"openslide.mpp-x": "0.2527", "openslide.mpp-y": "0.2528"}  # a scanner's rounding
+    assert resolve_mpp(near, "s.svs")[0] == pytest.approx(0.25275)
+    far = {"openslide.mpp-x": "0.25", "openslide.mpp-y": "2.5"}
+    with pytest.raises(SimclrPathError, match=r"s.svs: its metadata \(openslide.mpp-x .*\) gives "
+                                              r"pixels of 0.25 x 2.5 um, not square.*--slide-mpp"):
+        resolve_mpp(far, "s.svs")
+    tiff = {"tiff.XResolution": "40000", "tiff.YResolution": "20000",
+            "tiff.ResolutionUnit": "centimeter"}
+    with pytest.raises(SimclrPathError, match="pixels of 0.25 x 0.5 um, not square"):
+        resolve_mpp(tiff, "s.svs")
+    with pytest.warns(UserWarning, match="overrides the slide's own"):
+        assert resolve_mpp(far, "s.svs", slide_mpp=0.25) == (0.25, "--slide-mpp")

@@ -16,6 +16,13 @@ def test_roundtrip_index_slice_and_metadata(make_store):
     np.testing.assert_array_equal(s[2:5], np.stack([s[2], s[3], s[4]]))
     np.testing.assert_array_equal(s[np.array([4, 1, 4])], np.stack([s[4], s[1], s[4]]))
     np.testing.assert_array_equal(s[-1], s[9])
+    mask = np.zeros(10, bool)
+    mask[[2, 7, 8]] = True  # a mask reads its True rows (as int64 it read rows 0 and 1)
+    np.testing.assert_array_equal(s[mask], np.stack([s[2], s[7], s[8]]))
+    with pytest.raises(IndexError, match="mask of shape"):
+        s[mask[:5]]
+    with pytest.raises(IndexError, match="integers or a boolean mask"):
+        s[np.array([1.5, 2.0])]
     assert s.coords.shape == (10, 2) and s.coords.dtype == np.int64
     assert s.labels is None and s.groups is None
     with h5py.File(path) as f:
