@@ -107,14 +107,16 @@ MIN_LOCAL_SIZE = 32
 @dataclass
 class AugmentConfig:
     """SimCLR augmentations for H&E: two views, optionally plus multi-crop's local views (Chen et al.
-    2020; stain jitter after Tellez et al. 2019; multi-crop after Caron et al. 2020)."""
+    2020; stain jitter after Tellez et al. 2018, 2019; multi-crop after Caron et al. 2020)."""
 
     image_size: int = 224  # side of each augmented view
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
     hflip: float = 0.5
     vflip: float = 0.5
-    rot90: float = 0.5  # probability of a random multiple-of-90-degree rotation
+    # probability of drawing a quarter-turn count k in 0-3 (albumentations' RandomRotate90): a
+    # rotation happens with 3/4 of it, as k = 0 is no turn
+    rot90: float = 0.5
     stain_p: float = 0.8  # probability of HED stain jitter
     # natural-log optical density units (OD = -ln I): not the scale of Tellez et al.'s HED-light /
     # HED-strong settings, whose code uses another OD; by mean |dRGB| 0.05 here is 2-3x milder

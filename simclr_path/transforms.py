@@ -8,9 +8,11 @@ Learning of Visual Representations", section 3 and appendix A):
   random resized crop, horizontal and vertical flips, 90-degree rotations. Output: uint8 views,
   so workers ship 4x fewer bytes than float images.
 * **Colour** (:class:`ColorAugment`, torch, on the training device, vectorised over the batch
-  with per-sample random parameters): stain jitter in HED space after Tellez et al. 2019
+  with per-sample random parameters): stain jitter in HED space after Tellez et al. 2018
   ("Whole-slide mitosis detection in H&E breast histology using PHH3 as a reference to train
-  distilled stain-invariant convolutional networks", IEEE TMI) with the Ruifrok & Johnston (2001)
+  distilled stain-invariant convolutional networks", IEEE TMI 37(9)) and Tellez et al. 2019
+  ("Quantifying the effects of data augmentation and stain color normalization in
+  convolutional neural networks for computational pathology", Medical Image Analysis 58) with the Ruifrok & Johnston (2001)
   stain matrix of ``skimage.color.rgb2hed``; brightness / contrast / saturation / hue jitter;
   Gaussian blur; optional grayscale; then ImageNet normalisation. albumentations' per-image
   ``HEStain`` costs ~12 ms per 224 px image here; the batched version costs a small fraction of
@@ -232,13 +234,14 @@ def _stain_(x: torch.Tensor, mats: torch.Tensor, shift: torch.Tensor, od: torch.
 
 
 def stain_jitter(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """HED stain augmentation (Tellez et al. 2019), batched.
+    """HED stain augmentation (Tellez et al. 2018, 2019), batched.
 
     Each pixel's optical density OD = -log(max(rgb, 1/255)) is deconvolved into haematoxylin,
     eosin and DAB concentrations ``c = OD @ HED_FROM_RGB`` (Ruifrok & Johnston 2001); each
     concentration becomes ``alpha * c + beta * w`` with ``w = min(mean OD / 0.25, 1)`` so that
     stain-free background gets no additive tint; the image is recomposed as ``exp(-OD')``. Only
-    the change is added back to the original OD, so ``alpha = 1, beta = 0`` is the identity.
+    the change is added back to the original OD, so ``alpha = 1, beta = 0`` is the identity but
+    for the floor: samples below 1/255 (uint8 0) come back as 1/255.
 
     Args:
         x: (B, 3, H, W) float RGB in [0, 1].
@@ -259,7 +262,7 @@ def color_linear(brightness: torch.Tensor, contrast: torch.Tensor, saturation: t
     torchvision's ColorJitter order (brightness b, contrast c, saturation s, hue h) without the
     clamps between steps: ``y = c b H S x + (1 - c) b m`` where m is the mean luma of x, S mixes
     each pixel with its luma, and H rotates the chroma plane of YIQ by h turns (a linear stand-in
-    for the HSV hue shift). S and H both keep grey grey, which makes the composition affine.
+    for the HSV hue shift: the same direction, about 1.4x its size on H&E colours). S and H both keep grey grey, which makes the composition affine.
     Returns M (n, 3, 3) = ``c b H S`` and k (n,) = ``(1 - c) b``; the shift is ``k m``.
     """
     n = len(brightness)
@@ -270,8 +273,9 @@ def color_linear(brightness: torch.Tensor, contrast: torch.Tensor, saturation: t
     theta = hue.double() * 2.0 * math.pi
     rot = torch.zeros(n, 3, 3, dtype=torch.float64)
     rot[:, 0, 0] = 1.0
-    rot[:, 1, 1], rot[:, 1, 2] = torch.cos(theta), -torch.sin(theta)
-    rot[:, 2, 1], rot[:, 2, 2] = torch.sin(theta), torch.cos(theta)
+    # this sense turns HSV hue the way torchvision's adjust_hue does (the other one reversed it)
+    rot[:, 1, 1], rot[:, 1, 2] = torch.cos(theta), torch.sin(theta)
+    rot[:, 2, 1], rot[:, 2, 2] = -torch.sin(theta), torch.cos(theta)
     hmat = _YIQ2RGB.double() @ rot @ _RGB2YIQ.double()
     mats = (c * b)[:, None, None] * (hmat @ sat)
     return mats.float().contiguous(), ((1 - c) * b).float()

@@ -258,3 +258,26 @@ def test_no_blocking_host_to_device_copy_per_batch(monkeypatch):
     tr._to(torch.zeros(3), torch.device("cuda", 0))
     tr._to(torch.zeros(3), torch.device("cpu"), torch.float64)
     assert [c["non_blocking"] for c in calls] == [True, False]
+
+
+@pytest.mark.parametrize("hue", [0.02, -0.05])
+def test_hue_jitter_turns_hue_the_way_torchvision_does(hue):
+    """A positive hue factor moves HSV hue up, as torchvision's adjust_hue (the YIQ rotation
+    stands in for it: same sense, somewhat larger on H&E colours)."""
+    import colorsys
+
+    from torchvision.transforms.v2.functional import adjust_hue
+
+    pinks = torch.tensor([[0.85, 0.55, 0.75], [0.6, 0.3, 0.65], [0.9, 0.7, 0.8]])
+    x = pinks.T.reshape(1, 3, 1, 3).contiguous()
+    one, h = torch.ones(1), torch.full((1,), hue)
+    ours = color_jitter(x, one, one, one, h)[0].reshape(3, 3).T
+    ref = adjust_hue(x[0], hue).reshape(3, 3).T
+
+    def dh(a, b):  # signed HSV hue change, wrapped to (-0.5, 0.5]
+        d = colorsys.rgb_to_hsv(*b.tolist())[0] - colorsys.rgb_to_hsv(*a.tolist())[0]
+        return (d + 0.5) % 1.0 - 0.5
+
+    for p, o, r in zip(pinks, ours, ref):
+        assert np.sign(dh(p, o)) == np.sign(dh(p, r)) == np.sign(hue)
+        assert 0.5 < dh(p, o) / dh(p, r) < 2.0
