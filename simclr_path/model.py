@@ -108,6 +108,15 @@ def feature_dim(backbone: nn.Module) -> int:
     return int(getattr(backbone, "head_hidden_size", None) or getattr(backbone, "num_features", 0))
 
 
+def _classifier_keys(arch: str, own: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the tensors timm's ``arch`` has with its classifier and lacks without it
+    (``fc.weight``, ``head.fc.bias`` ...), from a model built on the meta device (no memory,
+    no initialisation)."""
+    with torch.device("meta"):
+        full = timm.create_model(arch, pretrained=False)
+    return set(full.state_dict()) - set(own)
+
+
 def create_backbone(arch: str, pretrained: bool = False, weights: str | os.PathLike | None = None) -> nn.Module:
     """Create a timm backbone without classifier: ``model(x)`` maps (B, 3, H, W) -> (B, F), with
     F = :func:`feature_dim`.
@@ -130,10 +139,13 @@ def create_backbone(arch: str, pretrained: bool = False, weights: str | os.PathL
     if weights is not None:
         own = model.state_dict()
         sd = _unwrap_keys(load_state_dict_file(weights), own)
-        sd = {k: v for k, v in sd.items() if k in own}
-        # every tensor must come from the file: a partial match (e.g. resnet50 weights for a
-        # resnet101) would leave part of the backbone at random without a word
-        why = _mismatch(sd, own, strict=False)
+        # the file's classifier is the one thing left out: every other tensor must fit, both
+        # ways. A partial match (resnet50 weights for a resnet101) would leave part of the
+        # backbone at random, and a deeper model's weights (resnet34's for a resnet18) would
+        # build a network out of another one's first layers, each without a word
+        classifier = _classifier_keys(arch, own) if any(k not in own for k in sd) else set()
+        sd = {k: v for k, v in sd.items() if k not in classifier}
+        why = _mismatch(sd, own, strict=True)
         if why:
             raise SimclrPathError(f"{weights}: weights do not match timm model {arch!r} ({why}); "
                                   "give weights of this architecture")

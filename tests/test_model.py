@@ -39,6 +39,20 @@ def test_weights_of_a_smaller_architecture_are_refused(tmp_path):
     create_backbone("resnet18", weights=tmp_path / "w2.pt")
 
 
+def test_weights_of_a_deeper_architecture_are_refused(tmp_path):
+    # resnet18's tensors all exist in resnet34's file: loading them would build a resnet18 out
+    # of resnet34's first blocks
+    torch.save(create_backbone("resnet34").state_dict(), tmp_path / "w.pt")
+    with pytest.raises(SimclrPathError, match=r"w.pt: weights do not match timm model 'resnet18' "
+                                              r"\(\d+ unexpected, first: layer1.2"):
+        create_backbone("resnet18", weights=tmp_path / "w.pt")
+    # timm's own file with its classifier (another class count) loads: only that is left out
+    import timm
+
+    torch.save(timm.create_model("resnet18", num_classes=7).state_dict(), tmp_path / "full.pt")
+    create_backbone("resnet18", weights=tmp_path / "full.pt")
+
+
 def test_timm_names_with_a_weights_tag_are_accepted():
     assert create_backbone("resnet18.a1_in1k").num_features == 512
 
