@@ -8,6 +8,7 @@ Encoder file format: ``encoder.pt`` is a plain timm state dict of the backbone b
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -37,13 +38,23 @@ _NOT_A_STATE_DICT = "save model.state_dict() with torch.save"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def _safe_namespace() -> contextlib.AbstractContextManager:
+    """Lets ``weights_only`` loads read an ``argparse.Namespace``: timm's training script saves
+    its arguments as one beside the ``state_dict`` (a plain attribute bag, no code runs). A torch
+    without ``safe_globals`` (before 2.5) keeps refusing such files."""
+    import argparse
+
+    allow = getattr(torch.serialization, "safe_globals", None)
+    return allow([argparse.Namespace]) if allow else contextlib.nullcontext()
+
+
 def load_state_dict_file(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
     """Load a tensor state dict safely (``weights_only=True``); one clear error if it is unreadable."""
     p = Path(path)
     if not p.is_file():
         raise SimclrPathError(f"{p}: {what} not found")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _safe_namespace():
             # torch's aside on a foreign pickle's protocol: the error below says what matters
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             obj = torch.load(p, map_location="cpu", weights_only=True)

@@ -53,6 +53,20 @@ def test_weights_of_a_deeper_architecture_are_refused(tmp_path):
     create_backbone("resnet18", weights=tmp_path / "full.pt")
 
 
+def test_a_checkpoint_of_timms_training_script_loads(tmp_path):
+    import argparse
+
+    import timm
+
+    full = timm.create_model("resnet18", num_classes=3)
+    # timm's CheckpointSaver: the state dict beside the run's arguments as a Namespace
+    torch.save({"epoch": 3, "arch": "resnet18", "state_dict": full.state_dict(), "version": 2,
+                "args": argparse.Namespace(lr=0.1, model="resnet18"), "metric": 70.1},
+               tmp_path / "model_best.pth.tar")
+    m = create_backbone("resnet18", weights=tmp_path / "model_best.pth.tar")
+    assert torch.equal(m.conv1.weight, full.conv1.weight)
+
+
 def test_timm_names_with_a_weights_tag_are_accepted():
     assert create_backbone("resnet18.a1_in1k").num_features == 512
 
