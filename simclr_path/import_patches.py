@@ -57,6 +57,22 @@ class ImportResult:
     n_duplicates: int = 0  # tiles pixel-identical to an earlier tile (after any resize)
 
 
+def _files_under(root: Path) -> list[Path]:
+    """Every file below ``root``, through linked folders too (as linked class folders and linked
+    files are; ``Path.rglob`` skipped linked subfolders without a word), each real folder
+    once (a link to a folder above would loop)."""
+    out: list[Path] = []
+    seen: set[str] = set()
+    for here, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        out += [Path(here, f) for f in files if os.path.isfile(os.path.join(here, f))]
+    return out
+
+
 def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted subfolders) and (relative path, label) of every tile, sorted."""
     if folder.is_file():
@@ -71,7 +87,7 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     tiles: list[tuple[str, int]] = []
     skipped: list[str] = []
     for label, name in enumerate(classes):
-        found = [p.relative_to(folder) for p in (folder / name).rglob("*") if p.is_file()]
+        found = [p.relative_to(folder) for p in _files_under(folder / name)]
         found = [r for r in found if not any(part.startswith(".") for part in r.parts)]
         files = sorted((r.as_posix() for r in found if r.suffix.lower() in EXTENSIONS), key=_nfc)
         skipped += [r.as_posix() for r in found if r.suffix.lower() in OTHER_IMAGES]
@@ -305,6 +321,12 @@ def _read_tile(path: Path, patch_size: int | None, bits: int | None = None,
                stated: bool = False) -> np.ndarray:
     """RGB uint8 (S, S, 3); centre-cropped to a square and resized when ``patch_size`` is set;
     16-bit samples scaled from ``bits`` (see :func:`_to_uint8`), transparent pixels white."""
+    img = _decode_tile(path, bits, stated)
+    return img if patch_size is None else _fit(img, patch_size)
+
+
+def _decode_tile(path: Path, bits: int | None = None, stated: bool = False) -> np.ndarray:
+    """A tile's RGB uint8 (H, W, 3) as stored (see :func:`_read_tile`)."""
     try:
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
@@ -335,8 +357,11 @@ def _read_tile(path: Path, patch_size: int | None, bits: int | None = None,
                                 bits, path, stated)
         if img is None:
             raise SimclrPathError(f"{path}: not a readable image; remove or replace this tile")
-    if patch_size is None:
-        return img
+    return img
+
+
+def _fit(img: np.ndarray, patch_size: int) -> np.ndarray:
+    """(H, W, 3) -> (patch_size, patch_size, 3): the centre square, resized."""
     h, w = img.shape[:2]
     if h != w:  # keep the physical scale isotropic: crop the centre square, then resize
         s = min(h, w)
@@ -406,14 +431,8 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
     stated = bit_depth is not None
     bits = bit_depth if stated else scan.bits
 
-    first = _read_tile(folder / names[0], None, bits, stated)  # as stored: is it enlarged?
+    first = _decode_tile(folder / names[0], bits, stated)
     size = patch_size if patch_size is not None else first.shape[0]
-    if patch_size is not None and min(first.shape[:2]) < patch_size:
-        side = min(first.shape[:2])
-        warnings.warn(f"{folder / names[0]}: tile is {first.shape[1]}x{first.shape[0]} px; "
-                      f"--patch-size {patch_size} enlarges it {patch_size / side:.2g}x, which "
-                      f"adds no detail and makes every step slower; give --patch-size {side} "
-                      "or less to keep the tiles' pixels", stacklevel=3)
     if patch_size is None and first.shape[0] != first.shape[1]:
         raise SimclrPathError(f"{folder / names[0]}: tile is {first.shape[1]}x{first.shape[0]}, "
                               "not square; pass --patch-size to crop and resize every tile")
@@ -426,8 +445,14 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
              "stride": None, "groups_csv": str(groups_csv) if groups_csv else None,
              "bit_depth": bits if scan.n_tiles else None}
 
+    smaller: list[tuple[int, str, tuple[int, int]]] = []  # (side, name, (w, h)) of enlarged tiles
+
     def load(name: str) -> np.ndarray:
-        img = _read_tile(folder / name, patch_size, bits, stated)
+        img = _decode_tile(folder / name, bits, stated)
+        if patch_size is not None:
+            if min(img.shape[:2]) < patch_size:
+                smaller.append((min(img.shape[:2]), name, (img.shape[1], img.shape[0])))
+            img = _fit(img, patch_size)
         if img.shape[:2] != (size, size):
             raise SimclrPathError(
                 f"{folder / name}: tile is {img.shape[1]}x{img.shape[0]} but {names[0]} is "
@@ -464,6 +489,12 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
     counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
     n_groups = len(set(groups)) if groups_csv is not None else 0
     _warn_copies(folder, names, labels, groups, classes, copies)
+    if smaller:
+        side, name, (w, h) = min(smaller)
+        warnings.warn(f"{folder}: {len(smaller)} tile(s) smaller than --patch-size {patch_size} "
+                      f"were enlarged (the smallest, {name}, is {w}x{h} px: {patch_size / side:.2g}x),"
+                      " which adds no detail and makes every step slower; give --patch-size "
+                      f"{side} or less to keep the tiles' pixels", stacklevel=2)
     return ImportResult(Path(out), len(names), size, classes, counts, n_groups,
                         bits if scan.n_tiles else None, scan.top_tile, len(copies))
 

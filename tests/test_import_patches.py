@@ -371,14 +371,20 @@ def test_16_bit_png_with_alpha_keeps_its_depth(tmp_path):
 
 def test_enlarging_tiles_warns_and_keeping_their_size_does_not(tiles, tmp_path, recwarn):
     root, _ = tiles
-    with pytest.warns(UserWarning, match=r"tile is 32x32 px; --patch-size 64 enlarges it 2x, which "
-                                         r"adds no detail.*give --patch-size 32 or less"):
+    with pytest.warns(UserWarning, match=r"5 tile\(s\) smaller than --patch-size 64 were "
+                                         r"enlarged \(the smallest, SCC/a.png, is 32x32 px: 2x\), "
+                                         r"which adds no detail.*give --patch-size 32 or less"):
         import_patches(root, tmp_path / "big.h5", patch_size=64, progress=False)
     assert PatchStore(tmp_path / "big.h5")[:].shape[1:] == (64, 64, 3)
     recwarn.clear()
     import_patches(root, tmp_path / "same.h5", patch_size=32, progress=False)
     import_patches(root, tmp_path / "small.h5", patch_size=16, progress=False)
-    assert not [w for w in recwarn if "enlarges" in str(w.message)]
+    assert not [w for w in recwarn if "enlarged" in str(w.message)]
+    # any tile, not only the first: one narrow tile further down is named, once
+    _write(root / "normal" / "z.png", np.zeros((32, 20, 3), np.uint8))
+    with pytest.warns(UserWarning, match=r"1 tile\(s\) smaller than --patch-size 24 were enlarged "
+                                         r"\(the smallest, normal/z.png, is 20x32 px: 1.2x\)"):
+        import_patches(root, tmp_path / "mixed.h5", patch_size=24, progress=False)
 
 
 def test_the_python_api_never_writes_over_its_inputs(tiles, tmp_path):
@@ -425,3 +431,14 @@ def test_distinct_tiles_give_no_duplicate_warning(tiles, tmp_path, recwarn):
     res = import_patches(root, tmp_path / "p.h5", groups_csv=root / "groups.csv", progress=False)
     assert res.n_duplicates == 0
     assert not [w for w in recwarn if "pixel-identical" in str(w.message)]
+
+
+def test_linked_subfolders_are_followed_and_a_loop_ends(tiles, tmp_path):
+    root, _ = tiles
+    ext = tmp_path / "elsewhere"
+    _write(ext / "d.png", np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    (root / "normal" / "more").symlink_to(ext, target_is_directory=True)
+    (root / "SCC" / "sub" / "up").symlink_to(root / "SCC", target_is_directory=True)  # a loop
+    res = import_patches(root, tmp_path / "p.h5", progress=False)
+    names = PatchStore(tmp_path / "p.h5").names
+    assert "normal/more/d.png" in names and res.counts == {"SCC": 3, "normal": 3}
