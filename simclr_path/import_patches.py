@@ -241,7 +241,37 @@ def _decode16(path: Path, kind: str,
         img = dec[..., ::-1] if dec.shape[2] == 3 else dec
     if img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
+    # tifffile and OpenCV's IMREAD_UNCHANGED ignore the orientation tag, which 8-bit tiles
+    # honour (their decoders apply it): a non-square tile would be cropped on the other axis
+    turn = _ORIENT.get(_orientation(buf))
+    if turn is not None:
+        img = turn(img)
+        alpha = turn(alpha) if alpha is not None else None
     return np.ascontiguousarray(img[..., :3]), alpha, premultiplied, inverted
+
+
+# EXIF / TIFF orientation (tag 274) -> the turn that shows the image upright, on (h, w, c)
+# arrays, as PIL.ImageOps.exif_transpose
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _orientation(buf: np.ndarray) -> int:
+    """A file's orientation tag (1, upright, where it has none or Pillow cannot read it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(buf.tobytes())) as im:  # the header and EXIF only
+            return int(im.getexif().get(274, 1))
+    except Exception:  # noqa: BLE001 -- no tag to honour
+        return 1
 
 
 def _depth_of(top: int) -> int:

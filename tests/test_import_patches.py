@@ -442,3 +442,22 @@ def test_linked_subfolders_are_followed_and_a_loop_ends(tiles, tmp_path):
     res = import_patches(root, tmp_path / "p.h5", progress=False)
     names = PatchStore(tmp_path / "p.h5").names
     assert "normal/more/d.png" in names and res.counts == {"SCC": 3, "normal": 3}
+
+
+def test_16_bit_tiles_are_turned_upright_as_8_bit_ones(tmp_path):
+    from PIL import Image
+
+    from simclr_path.import_patches import _read_tile
+
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:10, :20], a[10:, 20:] = (255, 0, 0), (0, 0, 255)
+    upright = np.rot90(a, -1)  # orientation 6: shown turned a quarter clockwise
+    a16 = a.astype(np.uint16) * 257
+    tifffile.imwrite(tmp_path / "o.tif", a16, photometric="rgb", extratags=[(274, "H", 1, 6, True)])
+    np.testing.assert_array_equal(_read_tile(tmp_path / "o.tif", None), upright)
+    exif = Image.Exif()
+    exif[274] = 6
+    Image.fromarray(a16[..., 0]).save(tmp_path / "g.png", exif=exif.tobytes())
+    np.testing.assert_array_equal(_read_tile(tmp_path / "g.png", None)[..., 0], upright[..., 0])
+    Image.fromarray(a).save(tmp_path / "e.png", exif=exif.tobytes())  # 8 bits: the same turn
+    np.testing.assert_array_equal(_read_tile(tmp_path / "e.png", None), upright)
