@@ -379,6 +379,11 @@ def test_each_stage_yaml_holds_only_the_keys_it_reads(tmp_path):
     # and Snakemake sees nothing to redo in the unchanged ones
     dry = smk(wf, "-n", "--cores", "1", *targets)
     assert "Nothing to be done" in dry.stdout + dry.stderr
+    # the augmentation preview reads the augment section alone: a training key redraws nothing
+    done = smk(wf, "--cores", "1", "results/config/baseline/preview.yaml")
+    assert done.returncode == 0, done.stderr[-2000:]
+    preview = yaml.safe_load((wf / "results/config/baseline/preview.yaml").read_text())
+    assert list(preview) == ["augment"] and preview["augment"]["image_size"] > 0
 
 
 def test_demo_config_removes_the_pen_ink_it_draws():
@@ -632,6 +637,11 @@ def test_tiny_end_to_end_with_report(tmp_path):
     # nothing left to do
     again = smk(wf, "-n", "--cores", "2")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    # a training key reruns pretraining and what follows, not the augmentation preview
+    longer = smk(wf, "-n", "--cores", "2", "--config",
+                 f"train={{'max_steps': {TINY['train']['max_steps'] + 1}}}")
+    counts = job_counts(longer.stdout + longer.stderr)
+    assert counts.get("pretrain") == 1 and "preview" not in counts, counts
 
     # worker counts change how fast stages run, not what they write: no rerun, and the new
     # counts reach the command lines

@@ -26,6 +26,8 @@ SECTIONS = [
 # rerun classification, not pretraining; the t-SNE sample size the t-SNE figure alone).
 STAGE_KEYS = {
     "pretrain": {"augment": None, "model": None, "train": None},
+    # the augmentation preview draws the views alone: a training setting must not redraw it
+    "preview": {"augment": None},
     "embed": {"embed": None},
     "classify": {"classify": spc.CLASSIFY_PROBE_KEYS},
     "tsne": {"classify": spc.CLASSIFY_TSNE_KEYS},

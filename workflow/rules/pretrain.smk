@@ -49,7 +49,7 @@ rule pretrain:
 rule preview:
     input:
         stores=expand("results/patches/{store}.h5", store=STORES),
-        config=run_stage_config("pretrain"),
+        config=run_stage_config("preview"),
     output:
         report(
             "results/figures/{run}/augmentations.png",
