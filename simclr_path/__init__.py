@@ -5,7 +5,7 @@ Public API (heavy modules are imported lazily so ``import simclr_path`` stays ch
     from simclr_path import load_encoder, PatchStore
 
 Every stage is a module with a function (``simclr_path.tiling.tile_slide``, ...; README.md,
-"Python API"); ``simclr_path.<module>`` imports it on first use.
+"What it does", lists them); ``simclr_path.<module>`` imports it on first use.
 """
 
 from __future__ import annotations

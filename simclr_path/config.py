@@ -114,9 +114,8 @@ class AugmentConfig:
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
     hflip: float = 0.5
     vflip: float = 0.5
-    # probability of drawing a quarter-turn count k in 0-3 (albumentations' RandomRotate90): a
-    # rotation happens with 3/4 of it, as k = 0 is no turn
-    rot90: float = 0.5
+    # albumentations' RandomRotate90 draws k in 0-3 quarter turns, k = 0 none
+    rot90: float = 0.5  # probability of drawing a random quarter-turn count (3/4 of it turns)
     stain_p: float = 0.8  # probability of HED stain jitter
     # natural-log optical density units (OD = -ln I): not the scale of Tellez et al.'s HED-light /
     # HED-strong settings, whose code uses another OD; by mean |dRGB| 0.05 here is 2-3x milder
@@ -326,6 +325,9 @@ class ClassifyConfig:
 # (a new t-SNE sample size must not rerun fine-tuning); keep them in step with their readers.
 CLASSIFY_TSNE_KEYS = ("tsne_max_points", "tsne_perplexity", "seed")  # figures.plot_tsne
 # finetune.finetune: classify.load_table, make_folds, label_subset, evaluate_fold, pooled_results
+# sample depths of cameras that write 16-bit files: import-patches scales 16-bit tiles from the
+# smallest of these that holds the dataset's largest sample (unless --bit-depth states one)
+BIT_DEPTHS = (8, 10, 12, 14, 16)
 # keys that set how fast a stage runs, not what it writes: the workflow passes them on the
 # command line instead of the stage's config file (changing them reruns nothing), and
 # pretrain --resume-interrupted continues a run whose only change is one of them

@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from simclr_path.config import BIT_DEPTHS
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import check_apart, check_can_write
 from simclr_path.store import PatchStoreWriter
@@ -151,7 +152,7 @@ MAX_PATCH_SIZE = 4096
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 _TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-DEPTHS = (8, 10, 12, 14, 16)  # sample depths of cameras that write 16-bit files
+DEPTHS = BIT_DEPTHS  # sample depths of cameras that write 16-bit files (config.BIT_DEPTHS)
 
 
 def _on_white(buf: np.ndarray) -> np.ndarray | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,6 @@ import numpy as np
 
 from simclr_path.config import magnification_hint
 from simclr_path.errors import SimclrPathError
-
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
 # (property key(s), scale to microns): tried in this order after an explicit --slide-mpp
 _MPP_KEYS: list[tuple[tuple[str, str | None], float]] = [
@@ -50,13 +47,16 @@ def validate_slide_id(slide_id: str) -> str:
     """Return ``slide_id`` if it is a safe file name, else raise :class:`SimclrPathError`.
 
     Slide ids become file names (``results/patches/{slide_id}.h5``), so they may only hold
-    letters, digits, ``.``, ``_`` and ``-``, must not start with ``.`` and cannot be ``..``.
+    letters, digits, ``.``, ``_`` and ``-``, must not start with ``.`` and hold no ``..``: the
+    samples sheet's rule (:func:`simclr_path.samples.is_safe_id`), the one rule for both.
     """
+    from simclr_path.samples import is_safe_id
+
     s = str(slide_id)
-    if not _SAFE_ID.fullmatch(s) or s in (".", ".."):  # fullmatch: "$" would let "S1\n" pass
+    if not is_safe_id(s):
         raise SimclrPathError(
             f"slide id {s!r} is not a safe file name; use letters, digits, '.', '_' and '-' only "
-            "(no '/', no leading '.')")
+            "(no '/', no leading '.', no '..')")
     return s
 
 

@@ -22,7 +22,8 @@ def test_valid_slide_ids(good):
     assert validate_slide_id(good) == good
 
 
-@pytest.mark.parametrize("bad", ["", ".", "..", ".hidden", "a/b", "../x", "a b", "x\\y", "é", "S1\n"])
+@pytest.mark.parametrize("bad", ["", ".", "..", ".hidden", "a/b", "../x", "a b", "x\\y", "é", "S1\n",
+                                 "a..b"])  # the samples sheet's rule too (one rule)
 def test_unsafe_slide_ids(bad):
     with pytest.raises(SimclrPathError, match="not a safe file name"):
         validate_slide_id(bad)

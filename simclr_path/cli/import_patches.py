@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from simclr_path.config import BIT_DEPTHS
+
 HELP = "Import a folder of labelled tiles (one subfolder per class) as an HDF5 patch store."
 
 
@@ -19,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or source image of each tile, for grouped evaluation")
     p.add_argument("--bit-depth", type=int, default=None, metavar="BITS",
                    help="sample depth of 16-bit tiles (e.g. 12 for a 12-bit camera); default: "
-                        "the smallest of 10/12/14/16 that holds the largest sample of the dataset")
+                        f"the smallest of {'/'.join(map(str, BIT_DEPTHS))} that holds the largest "
+                        "sample of the dataset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 

@@ -65,10 +65,11 @@ WORKFLOW_PROPERTIES: dict[str, dict[str, Any]] = {
                 "bit_depth": {
                     "type": ["integer", "null"],
                     "default": None,
-                    "minimum": 8,
-                    "maximum": 16,
+                    "minimum": min(C.BIT_DEPTHS),
+                    "maximum": max(C.BIT_DEPTHS),
                     "description": "sample depth of 16-bit tiles (e.g. 12); null = the smallest "
-                    "of 10/12/14/16 bits that holds the dataset's largest sample",
+                    f"of {'/'.join(map(str, C.BIT_DEPTHS))} bits that holds the dataset's largest "
+                    "sample",
                 },
             },
         },
@@ -84,7 +85,7 @@ WORKFLOW_PROPERTIES: dict[str, dict[str, Any]] = {
         "default": {"baseline": {}},
         "minProperties": 1,
         "description": "named pretraining configurations: run name -> overrides of the sections "
-        "(augment, model, train, embed, classify) and optionally 'preset'; each run is pretrained, "
+        "(augment, model, train, embed, classify, finetune) and optionally 'preset'; each run is pretrained, "
         "embedded, classified and plotted, and compared in results/summary/runs.tsv",
         "propertyNames": {"pattern": "^[A-Za-z0-9][A-Za-z0-9_-]*$"},
         "additionalProperties": {"$ref": "#/$defs/run"},
