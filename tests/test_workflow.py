@@ -443,7 +443,8 @@ def test_tiny_ablation_jobs(tmp_path):
     assert done.returncode == 0, done.stderr
     counts = job_counts(done.stdout + done.stderr)
     assert counts["pretrain"] == 3 and counts["embed"] == 12 and counts["tile"] == 4
-    assert counts["plot_heatmap"] == 12 and counts["run_config"] == 3 * 4  # + tsne.yaml per run
+    # pretrain, preview, embed, classify and tsne stage files per run
+    assert counts["plot_heatmap"] == 12 and counts["run_config"] == 3 * 5
     # each run's resolved config is written where the CLI reads it
     assert "results/config/b/pretrain.yaml" in done.stdout + done.stderr
 
@@ -469,7 +470,7 @@ def test_finetune_eval_jobs(tmp_path):
     assert done.returncode == 0, done.stderr
     counts = job_counts(done.stdout + done.stderr)
     assert counts["finetune"] == 2 * 3 and counts["compare_finetune"] == 2
-    assert counts["classify"] == 2 and counts["run_config"] == 2 * 5  # + finetune.yaml per run
+    assert counts["classify"] == 2 and counts["run_config"] == 2 * 6  # + finetune.yaml per run
     # the linear probe at each fraction below 1 (at 1.0 it is the run's classify job)
     assert counts["classify_fraction"] == 2 * 2
     out = done.stdout + done.stderr
