@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -161,6 +162,11 @@ def exec_with_gpus(count: int, command: list[str]) -> None:
     with contextlib.suppress(BrokenPipeError, ValueError):
         sys.stdout.flush()
         sys.stderr.flush()
+    # Python starts with SIGPIPE and SIGXFSZ ignored, and exec keeps ignored signals: the
+    # command (a shell pipeline, say) gets the defaults, as subprocess's restore_signals gives
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
     try:
         os.execvpe(command[0], command, env)
     except OSError as exc:

@@ -64,6 +64,21 @@ def test_the_command_exit_status_and_output_pass_through(tmp_path):
     assert "CUDA_VISIBLE_DEVICES=5" in res.stderr
 
 
+@pytest.mark.parametrize("count", ["0", "1"])
+def test_the_command_starts_with_default_signal_handling(tmp_path, count):
+    """Python ignores SIGPIPE and SIGXFSZ, and exec would keep that for the command: a pipeline
+    in a job would print 'Broken pipe' and fail instead of ending quietly."""
+    res = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", count, "--", "sh", "-c",
+                          "yes | head -n 1"], capture_output=True, text=True,
+                         env=_env(tmp_path, "5"), timeout=60, check=False)
+    assert res.returncode == 0 and res.stdout == "y\n" and "Broken pipe" not in res.stderr
+    res = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", count, "--", "grep",
+                          "SigIgn", "/proc/self/status"], capture_output=True, text=True,
+                         env=_env(tmp_path, "5"), timeout=60, check=True)
+    ignored = int(res.stdout.split()[1], 16)  # bit n - 1 is signal n
+    assert not ignored & (1 << (13 - 1)) and not ignored & (1 << (25 - 1)), res.stdout
+
+
 def test_zero_gpus_runs_the_command_unchanged(tmp_path):
     res = subprocess.run([sys.executable, "-m", "simclr_path", "with-gpus", "0", "--", *SHOW],
                          capture_output=True, text=True, env=_env(tmp_path, "3,7"), timeout=60,

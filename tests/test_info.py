@@ -32,6 +32,14 @@ def test_imported_store(make_store, capsys):
     assert "a: 2, b: 4" in out and "groups" in out and " 3\n" in out
 
 
+def test_a_store_with_a_negative_label_is_one_line(make_store, capsys):
+    path = make_store(n=4, size=8, label_names=["a", "b"], labels=[0, -1, 1, 0],
+                      groups=["g1", "g1", "g2", "g2"])
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "negative class index (-1)" in err[0]
+
+
 def test_embedding_file(tmp_path, capsys):
     path = write_embeddings(tmp_path / "e.h5", np.zeros((5, 7)), np.zeros((5, 2)),
                             {"slide_id": "S2", "arch": "resnet18", "layer": "pooled",

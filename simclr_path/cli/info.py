@@ -89,6 +89,9 @@ def summary(path: Path) -> list[str]:
                              + (" tta" if attrs.get("tta") else ""))]
     if labels is not None:
         names = attrs.get("label_names") or []
+        if len(labels) and labels.min() < 0:  # a foreign or hand-made store: no count to show
+            raise SimclrPathError(f"{path}: labels hold a negative class index ({labels.min()}); "
+                                  "not labels simclr-path wrote: import the tiles again")
         counts = np.bincount(labels, minlength=len(names)) if len(labels) else []
         rows.append(("labels", ", ".join(
             f"{names[i] if i < len(names) else i}: {int(c)}" for i, c in enumerate(counts))
