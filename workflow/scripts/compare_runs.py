@@ -41,11 +41,16 @@ def summarise(runs, metrics, pretrains, overrides) -> pd.DataFrame:
         s, pt = m.get("slide", {}), m.get("patch", {})
         ci = s.get("auroc_ci95") or [None, None]
         info = overrides.get(run, {})
+        task, cfg = m.get("task", {}), m.get("config", {})
         rows.append(
             {
                 "run": run,
                 "overrides": info.get("overrides", ""),
                 "description": info.get("description", ""),
+                # how each row was evaluated: a run may override classify (folds, seed, split)
+                "evaluation": task.get("evaluation", ""),
+                "folds_seed": cfg.get("seed"),
+                "n_patients": task.get("n_patients"),
                 "slide_auroc": _num(s.get("auroc")),
                 "slide_auroc_ci_low": _num(ci[0]),
                 "slide_auroc_ci_high": _num(ci[1]),
@@ -72,18 +77,17 @@ def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> N
         ("patch_auroc", "patch AUROC"),
         ("slide_balanced_accuracy", "slide balanced accuracy"),
     ]
+    from simclr_path.figures import save_figure
+
     x = np.arange(len(df))
     width = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(df) + 2.5), 4.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(df) + 2.5), 4.6), dpi=120,
+                           layout="constrained")
     for j, (col, name) in enumerate(bars):
         vals = df[col].to_numpy(dtype=float)
         kw = {}
         if col == "slide_auroc":
-            lo = vals - df["slide_auroc_ci_low"].to_numpy(dtype=float)
-            hi = df["slide_auroc_ci_high"].to_numpy(dtype=float) - vals
-            err = np.vstack([lo, hi])
-            if np.isfinite(err).all():
-                kw = {"yerr": err, "capsize": 3}
+            kw = {"yerr": ci_errors(vals, df), "capsize": 3}
         xs = x + (j - (len(bars) - 1) / 2) * width
         rects = ax.bar(xs, np.nan_to_num(vals), width, label=name, color=COLOURS[j], **kw)
         # the value on each bar; a metric a run lacks says so instead of a bar of height 0
@@ -94,17 +98,47 @@ def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> N
     )
     ax.set_ylim(0, 1.12)  # room for the value labels
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("metric (patient-grouped cross-validation)")
+    ax.set_ylabel(f"metric ({evaluation_words(df)})")
     ax.set_title(title or "Runs compared on the same linear-probe metrics")
     ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
     ax.text(1.01, 0.5, "chance", fontsize=7, color="#666666", ha="left", va="center",
             transform=ax.get_yaxis_transform())
     if df["slide_auroc_ci_low"].isna().any():  # the caption promises CIs: say where there are none
         ax.set_xlabel(f"{xlabel}\n(a slide AUROC without error bar: too few patients for its CI)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    # below the axes and their (maybe rotated) run names: constrained layout makes room
+    fig.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    save_figure(fig, out)
+
+
+def ci_errors(vals: np.ndarray, df: pd.DataFrame) -> np.ndarray:
+    """(2, n) error bar lengths of the slide AUROC CI per row: 0 where a row has no CI (the
+    others keep theirs) or where a percentile interval does not hold its point estimate."""
+    err = np.vstack([vals - df["slide_auroc_ci_low"].to_numpy(dtype=float),
+                     df["slide_auroc_ci_high"].to_numpy(dtype=float) - vals])
+    return np.clip(np.where(np.isfinite(err), err, 0.0), 0.0, None)
+
+
+def evaluation_words(df: pd.DataFrame) -> str:
+    """How the rows were evaluated, for an axis label: grouped CV, a held-out split, or both."""
+    kinds = {"split" if str(e) == "split" else "cv" for e in df.get("evaluation", [])} or {"cv"}
+    if kinds == {"cv"}:
+        return "patient-grouped cross-validation"
+    if kinds == {"split"}:
+        return "held-out test split"
+    return "cross-validation or test split: see the table"
+
+
+def same_folds(df: pd.DataFrame) -> bool:
+    """Whether every row was evaluated on the same folds (evaluation, fold seed, patients)."""
+    cols = [c for c in ("evaluation", "folds_seed", "n_patients") if c in df]
+    return all(df[c].astype(str).nunique() <= 1 for c in cols)
+
+
+def write_text(path, text: str) -> None:
+    from simclr_path.outputs import atomic_output
+
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(text)
 
 
 def percent(f: float) -> str:
@@ -133,7 +167,7 @@ def plot_fractions(df: pd.DataFrame, out: str, title: str) -> None:
             if level == "slide":
                 e = np.vstack([y - d["slide_auroc_ci_low"].to_numpy(dtype=float),
                                d["slide_auroc_ci_high"].to_numpy(dtype=float) - y])
-                err = np.where(np.isfinite(e), e, 0.0)
+                err = np.clip(np.where(np.isfinite(e), e, 0.0), 0.0, None)
             ax.errorbar(x, y, yerr=err, color=OKABE_ITO[j],
                         marker="os^D"[j % 4], capsize=3, label=method)
         if log_x:
@@ -144,7 +178,7 @@ def plot_fractions(df: pd.DataFrame, out: str, title: str) -> None:
         ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
         ax.set_xlabel("labelled training patients per fold (share of each class)")
         ax.set_title(f"{level} AUROC")
-    axes[0].set_ylabel("AUROC (patient-grouped cross-validation)")
+    axes[0].set_ylabel(f"AUROC ({evaluation_words(df)})")
     axes[1].legend(loc="lower right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -191,13 +225,14 @@ def main(sm) -> None:
     if what == "label_fraction":
         title = sm.params.title
         df = summarise_fractions(list(sm.params.rows), list(sm.input.metrics), str(sm.input.pretrain))
-        df.to_csv(sm.output.tsv, sep="\t", index=False)
+        write_text(sm.output.tsv, df.to_csv(sep="\t", index=False))
         plot_fractions(df, sm.output.png, title)
         html = df.map(fmt).to_html(index=False, border=0)
-        Path(sm.output.html).write_text(
-            f"<html><body><h3>{title} (same folds; at each fraction the same labelled patients; "
-            f"fine-tuning trains on those less its validation patients)</h3>{html}</body></html>\n"
-        )
+        folds = ("same folds; at each fraction the same labelled patients" if same_folds(df) else
+                 "the rows were evaluated on different folds: see the evaluation columns")
+        write_text(sm.output.html,
+                   f"<html><body><h3>{title} ({folds}; fine-tuning trains on the labelled patients "
+                   f"less its validation patients)</h3>{html}</body></html>\n")
         return
     names = list(sm.params.runs)
     # one run's summary for every row of a layer or fine-tuning comparison: read once
@@ -206,7 +241,7 @@ def main(sm) -> None:
     df = summarise(names, [read_json(mf) for mf in sm.input.metrics], pretrain,
                    dict(sm.params.overrides))
     df = df.rename(columns={"run": what})
-    df.to_csv(sm.output.tsv, sep="\t", index=False)
+    write_text(sm.output.tsv, df.to_csv(sep="\t", index=False))
     if what == "run":
         title, xlabel = "Runs compared on the same linear-probe metrics", XLABEL
     else:
@@ -215,9 +250,9 @@ def main(sm) -> None:
         xlabel = "features from layer (same probe, same folds)"
     plot(df.rename(columns={what: "run"}), sm.output.png, title=title, xlabel=xlabel)
     html = df.map(fmt).to_html(index=False, border=0)
-    Path(sm.output.html).write_text(
-        f"<html><body><h3>{title} (same folds)</h3>{html}</body></html>\n"
-    )
+    folds = ("same folds" if same_folds(df) else
+             "the rows were evaluated on different folds: see the evaluation columns")
+    write_text(sm.output.html, f"<html><body><h3>{title} ({folds})</h3>{html}</body></html>\n")
 
 
 if __name__ == "__main__" and "snakemake" in globals():

@@ -28,6 +28,7 @@ def fmt(v):
 def table(metrics: dict) -> pd.DataFrame:
     rows = []
     summary = metrics.get("fold_summary", {})
+    n_folds = metrics.get("task", {}).get("n_folds")
     for key, name in METRICS:
         row = {"metric": name}
         for level in ("slide", "patch"):
@@ -35,7 +36,10 @@ def table(metrics: dict) -> pd.DataFrame:
             row[f"{level} (pooled)"] = fmt(value)
             fs = summary.get(level, {}).get(key)
             if isinstance(fs, dict) and "mean" in fs:
-                row[f"{level} fold mean ± sd"] = f"{fmt(fs['mean'])} ± {fmt(fs.get('sd'))}"
+                # folds where the metric is undefined (one class held out) are left out of it
+                k = fs.get("n_folds")
+                of = f" ({k} of {n_folds} folds)" if k is not None and n_folds and k < n_folds else ""
+                row[f"{level} fold mean ± sd"] = f"{fmt(fs['mean'])} ± {fmt(fs.get('sd'))}{of}"
         rows.append(row)
     ci = metrics.get("slide", {}).get("auroc_ci95")
     if ci:
@@ -65,7 +69,10 @@ def main(metrics_path: str, out: str, run: str) -> None:
         f"{task.get('n_patches', '?')} patches, {task.get('n_folds', '?')} folds; "
         f"score {task.get('score', '')}</p>"
     )
-    Path(out).write_text(f"<html><body>{head}{df.to_html(index=False, border=0)}</body></html>\n")
+    from simclr_path.outputs import atomic_output
+
+    with atomic_output(out, force=True) as tmp:
+        tmp.write_text(f"<html><body>{head}{df.to_html(index=False, border=0)}</body></html>\n")
 
 
 if __name__ == "__main__" and "snakemake" in globals():

@@ -1,0 +1,86 @@
+"""workflow/scripts: the run comparison (compare_runs.py) and the metrics table (metrics_table.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "workflow" / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def cr():
+    return _script("compare_runs")
+
+
+def _metrics(auroc, ci=None, evaluation="grouped_5fold", seed=0, n_patients=20):
+    return {"slide": {"auroc": auroc, "balanced_accuracy": 0.8, "auroc_ci95": ci},
+            "patch": {"auroc": auroc - 0.05, "balanced_accuracy": 0.7},
+            "task": {"evaluation": evaluation, "n_patients": n_patients},
+            "config": {"seed": seed}}
+
+
+def test_each_run_keeps_its_own_ci_bar_and_the_legend_clears_the_run_names(cr, tmp_path,
+                                                                          monkeypatch):
+    runs = [f"long_run_name_{i}" for i in range(6)]
+    metrics = [_metrics(0.9, [0.85, 0.95]), _metrics(0.8, None), _metrics(0.7, [0.72, 0.9]),
+               _metrics(0.9, [0.8, 0.97]), _metrics(0.85, [0.8, 0.9]), _metrics(0.6, [0.5, 0.7])]
+    df = cr.summarise(runs, metrics, [{}] * 6, {})
+    err = cr.ci_errors(df["slide_auroc"].to_numpy(float), df)
+    # a run without a CI has no bar; the others keep theirs; an estimate outside its
+    # percentile interval (0.7 below 0.72) gives a bar of 0 on that side, not a crash
+    np.testing.assert_allclose(err[:, 0], [0.05, 0.05])
+    np.testing.assert_allclose(err[:, 1], [0.0, 0.0])
+    np.testing.assert_allclose(err[:, 2], [0.0, 0.2], atol=1e-12)
+    figs = []
+    from simclr_path import figures
+
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: figs.append(fig))
+    cr.plot(df, str(tmp_path / "runs.png"))
+    fig = figs[0]
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    r = fig.canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(r)
+    for label in ax.get_xticklabels():  # the legend sits below the rotated names, not on them
+        assert not legend.overlaps(label.get_window_extent(r)), label.get_text()
+    assert ax.get_ylabel() == "metric (patient-grouped cross-validation)"
+
+
+def test_rows_on_other_folds_are_not_called_the_same_folds(cr):
+    same = cr.summarise(["a", "b"], [_metrics(0.9), _metrics(0.8)], [{}, {}], {})
+    assert cr.same_folds(same)
+    for other in (_metrics(0.8, seed=1), _metrics(0.8, evaluation="split"),
+                  _metrics(0.8, n_patients=12)):
+        df = cr.summarise(["a", "b"], [_metrics(0.9), other], [{}, {}], {})
+        assert not cr.same_folds(df)
+    split = cr.summarise(["a"], [_metrics(0.9, evaluation="split")], [{}], {})
+    assert cr.evaluation_words(split) == "held-out test split"
+    mixed = cr.summarise(["a", "b"], [_metrics(0.9), _metrics(0.9, evaluation="split")],
+                         [{}, {}], {})
+    assert "see the table" in cr.evaluation_words(mixed)
+
+
+def test_the_fold_mean_says_how_many_folds_it_covers(tmp_path):
+    mt = _script("metrics_table")
+    m = {"slide": {"auroc": 0.75}, "patch": {"auroc": 0.8},
+         "fold_summary": {"slide": {"auroc": {"mean": 0.75, "sd": None, "n_folds": 1}},
+                          "patch": {"auroc": {"mean": 0.8, "sd": 0.1, "n_folds": 4}}},
+         "task": {"n_folds": 4}}
+    row = mt.table(m).set_index("metric").loc["AUROC"]
+    assert row["slide fold mean ± sd"] == "0.750 ± n/a (1 of 4 folds)"
+    assert row["patch fold mean ± sd"] == "0.800 ± 0.100"
+    import json
+
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    mt.main(str(tmp_path / "m.json"), str(tmp_path / "t.html"), "baseline")
+    assert "(1 of 4 folds)" in (tmp_path / "t.html").read_text()
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary name
