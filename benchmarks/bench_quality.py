@@ -50,6 +50,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -539,9 +540,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     stages.set_postfix_str("import")
     t0 = time.perf_counter()
-    # --limit's subset: the one the run trained on (its training seed) when re-evaluating
-    store, reused = import_store(args.data, work, args.limit,
-                                 cfg.train.seed if args.run is not None else args.seed)
+    # --limit's subset is drawn with the training seed (--seed, or --set train.seed), so that
+    # --run re-evaluates a run on the subset it trained on
+    store, reused = import_store(args.data, work, args.limit, cfg.train.seed)
     import_s = time.perf_counter() - t0
     with PatchStore(store) as s:
         n_patches, native = len(s), s.patch_size
@@ -594,6 +595,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     stages.update(1)
 
     stages.set_postfix_str("probe")
+    # only this run's probes stay: the probe_* scripts read every split folder they find, and an
+    # earlier run's (another encoder, more repeats) would be mixed into their figures
+    shutil.rmtree(work / "probe", ignore_errors=True)
     rows: list[dict[str, Any]] = []
     fold_seeds = [cfg.classify.seed + r for r in range(args.repeats)]
     ref_folds: dict[int, np.ndarray] = {}
@@ -628,7 +632,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "data": str(args.data), "store": str(store), "store_reused": reused,
         "import_s": import_s, "n_patches": n_patches, "n_groups": n_groups,
         "limit": args.limit, "evaluation": rows[0]["per_repeat"][0]["evaluation"],
-        "repeats": args.repeats, "fold_seeds": fold_seeds, "preset": args.preset,
+        "repeats": args.repeats, "fold_seeds": fold_seeds,
+        # --run: the run's own config.yaml, whatever --preset says
+        "preset": args.preset if args.run is None else None,
         "overrides": parse_set(args.set), "run": None if args.run is None else str(args.run),
         "budget_s": cfg.train.time_budget_s, "seed": cfg.train.seed,
         "embed_sizes": sizes, "hist_bins": args.hist_bins,

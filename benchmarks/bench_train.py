@@ -4,7 +4,8 @@ Runs :func:`simclr_path.train.pretrain` (the real loop: DataLoader workers, batc
 augmentation, forward, NT-Xent, backward, optimiser step) for a few steps per configuration on a
 synthetic 224 px store, and reports the steady-state figures from ``metrics.csv`` (the first
 ``--warmup`` steps, which include worker start-up and ``torch.compile``, are dropped):
-pairs/s, the share of each step spent waiting for the loader, and the share computing. The loop
+pairs/s, its ratio to the first configuration's (the baseline, measured in the same run), the
+share of each step spent waiting for the loader, and the share computing. The loop
 logs every ``--warmup`` steps as the real runs do (``train.log_every``): each log reads the loss
 back, a device sync, so logging every step would understate a GPU's pairs/s.
 
@@ -95,10 +96,13 @@ def main() -> None:
         for arch, amp, cl, comp in itertools.product(args.archs.split(","), _choices(args.amp),
                                                      _choices(args.channels_last), _choices(args.compile)):
             r = run_one(store, arch, size, batch, steps, workers, args.device, amp, cl, comp, warmup)
+            # the first configuration (float32, channels_last and compile as asked: the first of
+            # each "both") is the baseline every other one is measured against, in this run
+            r["x baseline"] = r["pairs/s"] / rows[0]["pairs/s"] if rows else 1.0
             rows.append(r)
             print(f"{r['arch']:10s} {r['amp']:8s} channels_last={cl!s:5s} compile={comp!s:5s} "
-                  f"{r['pairs/s']:8.1f} pairs/s  data wait {r['data wait %']:5.1f}%  "
-                  f"compute {r['compute %']:5.1f}%", flush=True)
+                  f"{r['pairs/s']:8.1f} pairs/s ({r['x baseline']:.2f}x the first)  data wait "
+                  f"{r['data wait %']:5.1f}%  compute {r['compute %']:5.1f}%", flush=True)
     dev = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{dev}, {size} px views, batch {batch} pairs, {steps} steps ({warmup} dropped), "
           f"{workers} loader workers")

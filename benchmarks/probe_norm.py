@@ -84,7 +84,23 @@ def probe_split(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: np.ndar
     return proba
 
 
-def evaluate(work: Path, name: str, transforms: list[str], cfg) -> list[dict[str, Any]]:
+def stored_settings(work: Path, name: str, seed: int):
+    """The probe settings (``ClassifyConfig``) the benchmark used for one split, from its
+    ``metrics.json``: a refit with other settings (another C grid) would not be paired."""
+    import json
+
+    from simclr_path.config import ClassifyConfig
+    from simclr_path.errors import SimclrPathError
+
+    path = work / "probe" / name / f"split{seed}" / "metrics.json"
+    try:
+        return ClassifyConfig(**json.loads(path.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SimclrPathError(f"{path}: no probe settings to refit with ({exc}); rerun "
+                              "bench_quality.py into this work folder") from None
+
+
+def evaluate(work: Path, name: str, transforms: list[str]) -> list[dict[str, Any]]:
     """The stored linear probe's row, then one row per transform, for one feature set."""
     emb, classes, pos, splits = pk.read_splits(work, name)
     groups = np.asarray(emb.groups)
@@ -92,6 +108,7 @@ def evaluate(work: Path, name: str, transforms: list[str], cfg) -> list[dict[str
     per: dict[str, list[dict[str, Any]]] = {"linear": [], **{t: [] for t in transforms}}
     for seed, folds, lin in splits:
         per["linear"].append(pk._scores(emb.labels, lin, pos, groups))
+        cfg = stored_settings(work, name, seed)
         for t in transforms:
             proba = probe_split(x, emb.labels, groups, folds, classes,
                                 dataclasses.replace(cfg, seed=seed), t)
@@ -100,7 +117,6 @@ def evaluate(work: Path, name: str, transforms: list[str], cfg) -> list[dict[str
 
 
 def run(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
-    from simclr_path.config import load_config
     from simclr_path.errors import SimclrPathError
 
     transforms = args.transforms.split(",")
@@ -112,9 +128,8 @@ def run(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
              sorted(p.name for p in (args.work / "probe").glob("*") if p.is_dir()))
     if not names:
         raise SimclrPathError(f"{args.work}: no probe outputs; give a bench_quality.py work folder")
-    # the benchmark's probe settings: the preset's classify section (the defaults')
-    cfg = load_config(preset="cpu-fast").classify
-    return [evaluate(args.work, n, transforms, cfg) for n in names]
+    # each split is refitted with the settings the benchmark stored for it
+    return [evaluate(args.work, n, transforms) for n in names]
 
 
 def print_rows(sets: list[list[dict[str, Any]]]) -> None:

@@ -59,9 +59,11 @@ def toy_labels(groups_per_class: int, per_group: int) -> tuple[np.ndarray, list[
     return y, groups
 
 
-def probed_work(work: Path, x: np.ndarray, y: np.ndarray, groups: list[str]) -> Path:
+def probed_work(work: Path, x: np.ndarray, y: np.ndarray, groups: list[str],
+                classify: dict | None = None) -> Path:
     """A ``bench_quality.py --work`` folder: features ``x`` (N, D) as embedding set "toy", probed
-    by the benchmark's linear probe on 2 grouped splits (fold seeds 0, 1)."""
+    by the benchmark's linear probe on 2 grouped splits (fold seeds 0, 1); ``classify``: probe
+    settings that differ from the preset's."""
     from simclr_path.config import load_config
     from simclr_path.store import write_embeddings
 
@@ -70,5 +72,7 @@ def probed_work(work: Path, x: np.ndarray, y: np.ndarray, groups: list[str]) -> 
                            {"slide_id": "toy", "layer": "pooled"}, labels=y, groups=groups,
                            label_names=PROBE_CLASSES)
     load_benchmark("bench_quality").probe_splits(
-        emb, work / "probe" / "toy", load_config(preset="cpu-fast").classify, [0, 1], {}, "toy")
+        emb, work / "probe" / "toy",
+        load_config(preset="cpu-fast", overrides={"classify": classify or {}}).classify, [0, 1],
+        {}, "toy")
     return work

@@ -47,6 +47,8 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
     out = tmp_path / "results.json"
     res = bq.main([
         "--work", str(tmp_path / "work"), "--limit", "30", "--budget-s", "4", "--seed", "0",
+        # a training seed of its own: the subset is drawn with it, so --run finds it below
+        "--set", "train.seed=3",
         "--set", "model.arch=resnet18", "--set", "augment.image_size=32",
         "--set", "train.batch_size=8", "--set", "train.workers=0",
         "--set", "train.tensorboard=false", "--set", "embed.workers=0",
@@ -99,11 +101,16 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
     assert printed.count("C=1: 10/10") == 4 and "classify.c_grid" not in printed
     with pytest.raises(SimclrPathError):  # --out exists: no overwrite without --force
         bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--out", str(out)])
-    # the finished run again, without training: same store (reused), same encoder and figures
+    # the finished run again, without training: same store (reused), same encoder and figures;
+    # an older run's probe folders are cleared (the probe_* scripts would read them)
+    stale = tmp_path / "work" / "probe" / "old-set" / "split7"
+    stale.mkdir(parents=True)
     again = bq.main(["--work", str(tmp_path / "work"), "--limit", "30",
                      "--run", str(tmp_path / "work" / "simclr-run"), "--no-progress",
                      "--repeats", "2"])
     assert again["store_reused"] and again["pretrain"]["steps"] == saved["pretrain"]["steps"]
+    assert "seed3" in saved["store"] and again["store"] == saved["store"]
+    assert not stale.parent.exists() and again["preset"] is None  # the run's own config
     assert again["rows"][2]["auroc_scc"] == pytest.approx(saved["rows"][2]["auroc_scc"])
 
     # another backbone layer of both encoders, compared layer with layer

@@ -37,6 +37,16 @@ def test_untransformed_reproduces_the_benchmarks_probe(pn, work):
     assert l2["balanced_accuracy"] > none["balanced_accuracy"] + 0.02
 
 
+def test_each_split_is_refitted_with_the_settings_the_benchmark_stored(pn, tmp_path):
+    rng = np.random.default_rng(1)
+    y, groups = toy_labels(5, 4)
+    x = np.eye(6)[y] * 2 + rng.normal(scale=1.5, size=(len(y), 6))
+    work = probed_work(tmp_path / "work", x, y, groups, classify={"c_grid": [0.001]})
+    [[stored, none]] = pn.main([str(work), "--transforms", "none"])
+    for a, b in zip(stored["per_repeat"], none["per_repeat"], strict=True):
+        assert a["auroc_scc"] == pytest.approx(b["auroc_scc"], abs=1e-12)
+
+
 def test_transforms_use_training_rows_only(pn):
     rng = np.random.default_rng(1)
     train, test = rng.normal(2.0, 3.0, size=(200, 5)), rng.normal(size=(7, 5))
