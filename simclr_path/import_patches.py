@@ -74,6 +74,20 @@ def _files_under(root: Path) -> list[Path]:
     return out
 
 
+def folder_digest(folder: str | os.PathLike) -> str:
+    """A digest of every file below ``folder`` (relative path, size, modification time): the
+    workflow reruns an import when a tile is added, removed or replaced, which the folder's own
+    time does not show (it changes only for entries directly in it)."""
+    root = Path(folder)
+    h = hashlib.blake2b(digest_size=16)
+    if root.is_dir():
+        for p in sorted(_files_under(root)):
+            st = p.stat()
+            h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                     .encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
 def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted subfolders) and (relative path, label) of every tile, sorted."""
     if folder.is_file():

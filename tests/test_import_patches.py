@@ -461,3 +461,19 @@ def test_16_bit_tiles_are_turned_upright_as_8_bit_ones(tmp_path):
     np.testing.assert_array_equal(_read_tile(tmp_path / "g.png", None)[..., 0], upright[..., 0])
     Image.fromarray(a).save(tmp_path / "e.png", exif=exif.tobytes())  # 8 bits: the same turn
     np.testing.assert_array_equal(_read_tile(tmp_path / "e.png", None), upright)
+
+
+def test_the_folder_digest_changes_with_any_tile_below_it(tiles):
+    from simclr_path.import_patches import folder_digest
+
+    root, _ = tiles
+    first = folder_digest(root)
+    assert folder_digest(root) == first  # stable while nothing changes
+    extra = root / "SCC" / "sub" / "new.png"
+    _write(extra, np.zeros((32, 32, 3), np.uint8))
+    added = folder_digest(root)
+    assert added != first
+    extra.write_bytes(extra.read_bytes() + b"\0")  # replaced: another size
+    assert folder_digest(root) not in (first, added)
+    extra.unlink()
+    assert folder_digest(root) == first

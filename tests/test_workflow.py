@@ -823,3 +823,26 @@ def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path):
     line = _one_error_line(done)
     assert "report not written" in line and "report.stale.html" in line
     assert not (wf / "report.html").exists() and (wf / "report.stale.html").is_file()
+
+
+def test_a_tile_added_inside_a_class_folder_reruns_the_import(tmp_path):
+    """The dataset folder's own time changes only for entries directly in it: a tile added to a
+    class folder must still rerun the import and what follows."""
+    import cv2
+
+    cfg = dict(PATCHES_ONLY, report={"auto": False, "path": "report.html"})
+    wf = workdir(tmp_path, cfg)
+    rng = np.random.default_rng(0)
+    for cls in ("SCC", "normal"):
+        for i in range(3):
+            (wf / "tiles" / cls).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(wf / "tiles" / cls / f"{i}.png"),
+                        rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    target = "results/patches/tiles.h5"
+    done = smk(wf, "--cores", "1", "--replace-workflow-config", target)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = smk(wf, "-n", "--cores", "1", "--replace-workflow-config", target)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    cv2.imwrite(str(wf / "tiles" / "SCC" / "3.png"), np.zeros((32, 32, 3), np.uint8))
+    dry = smk(wf, "-n", "--cores", "1", "--replace-workflow-config", target)
+    assert job_counts(dry.stdout + dry.stderr).get("import_patches") == 1, dry.stdout[-2000:]

@@ -14,6 +14,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from simclr_path import config as spc
+from simclr_path.import_patches import folder_digest
 from simclr_path.errors import SimclrPathError
 from simclr_path.samples import read_samples
 

@@ -60,5 +60,8 @@ rule import_patches:
         mem_mb=4000,
     params:
         args=import_args,
+        # the folder's files, so that a tile added, removed or replaced reruns the import (the
+        # folder's own time changes only for entries directly in it)
+        files=lambda w: folder_digest(PATCH_SETS[w.dataset]["dir"]),
     shell:
         "simclr-path import-patches {input.dir:q} --out {output} {params.args} --force > {log} 2>&1"
