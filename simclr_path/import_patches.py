@@ -512,8 +512,10 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
 
     bar = tqdm(total=len(names), unit="tile", desc=f"import {folder.name}",
                disable=None if progress else True, dynamic_ncols=True)
-    seen: dict[bytes, int] = {}  # pixel digest -> first tile with those pixels
-    copies: list[tuple[int, int]] = []  # (first, copy)
+    seen: dict[bytes, list[int]] = {}  # pixel digest -> the tiles with those pixels so far
+    # (earlier tile, copy): every earlier one, so that a copy is checked against each of them
+    # (one in another class must not hide one in another group)
+    copies: list[tuple[int, int]] = []
     try:
         with PatchStoreWriter(out, size, attrs=attrs, label_names=classes, force=force) as w, \
                 ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -522,9 +524,9 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
                 done = list(pool.map(load_hashed, chunk))
                 patches = np.stack([img for img, _ in done])
                 for i, (_, digest) in enumerate(done, lo):
-                    first = seen.setdefault(digest, i)
-                    if first != i:
-                        copies.append((first, i))
+                    earlier = seen.setdefault(digest, [])
+                    copies += [(j, i) for j in earlier]
+                    earlier.append(i)
                 w.append(patches, np.full((len(chunk), 2), -1, dtype=np.int64),
                          labels=labels[lo:lo + chunk_n], groups=groups[lo:lo + chunk_n],
                          names=chunk)
@@ -541,7 +543,8 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
                       " which adds no detail and makes every step slower; give --patch-size "
                       f"{side} or less to keep the tiles' pixels", stacklevel=2)
     return ImportResult(Path(out), len(names), size, classes, counts, n_groups,
-                        bits if scan.n_tiles else None, scan.top_tile, len(copies))
+                        bits if scan.n_tiles else None, scan.top_tile,
+                        len({b for _, b in copies}))
 
 
 def _warn_copies(folder: Path, names: list[str], labels: np.ndarray, groups: list[str],
@@ -564,7 +567,8 @@ def _warn_copies(folder: Path, names: list[str], labels: np.ndarray, groups: lis
     for pairs, where, what in kinds:
         if pairs:
             a, b = pairs[0]
-            warnings.warn(f"{folder}: {len(pairs)} tile(s) are pixel-identical to a tile {what} "
+            n = len({b for _, b in pairs})  # tiles with such an earlier copy
+            warnings.warn(f"{folder}: {n} tile(s) are pixel-identical to a tile {what} "
                           f"(first: {names[a]} and {names[b]}, {where(a, b)})", stacklevel=4)
 
 

@@ -426,6 +426,23 @@ def test_pixel_identical_tiles_are_warned_about_by_kind(tiles, tmp_path, recwarn
                for m in msgs), msgs
 
 
+def test_a_copy_in_another_class_does_not_hide_one_in_another_group(tiles, tmp_path, recwarn):
+    """Three copies of one image: the first (in file order) in SCC, two in 'normal' in groups
+    p3 and p5. Each later copy is checked against every earlier one, not only the first."""
+    root, imgs = tiles
+    _write(root / "normal" / "c1.png", imgs["SCC/a.png"])
+    _write(root / "normal" / "c2.png", imgs["SCC/a.png"])
+    (root / "groups.csv").write_text((root / "groups.csv").read_text()
+                                     + "normal/c1.png,normal,p3\nnormal/c2.png,normal,p5\n")
+    res = import_patches(root, tmp_path / "p.h5", groups_csv=root / "groups.csv", progress=False)
+    msgs = [str(w.message) for w in recwarn]
+    assert res.n_duplicates == 2  # the two copies in 'normal'
+    assert any("2 tile(s) are pixel-identical to a tile of another class" in m for m in msgs), msgs
+    assert any("1 tile(s) are pixel-identical to a tile of another group" in m
+               and "(first: normal/c1.png and normal/c2.png, groups 'p3' and 'p5')" in m
+               for m in msgs), msgs
+
+
 def test_distinct_tiles_give_no_duplicate_warning(tiles, tmp_path, recwarn):
     root, _ = tiles
     res = import_patches(root, tmp_path / "p.h5", groups_csv=root / "groups.csv", progress=False)
