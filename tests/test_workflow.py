@@ -41,11 +41,13 @@ def workdir(tmp_path: Path, config: dict | None = None, samples: str | None = No
     return wf
 
 
-def smk(wf: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def smk(wf: Path, *args: str, timeout: int = 120,
+        python_warnings: str = "ignore") -> subprocess.CompletedProcess:
+    """Snakemake in ``wf``; Python warnings off (Snakemake's own) unless ``python_warnings``."""
     cmd = [sys.executable, "-m", "snakemake", *args]
     if (wf / "config" / "test.yaml").is_file():
         cmd += ["--configfile", "config/test.yaml"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": python_warnings}
     return subprocess.run(
         cmd, cwd=wf, capture_output=True, text=True, timeout=timeout, env=env, check=False
     )
@@ -827,7 +829,8 @@ def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path):
 
 def test_a_tile_added_inside_a_class_folder_reruns_the_import(tmp_path):
     """The dataset folder's own time changes only for entries directly in it: a tile added to a
-    class folder must still rerun the import and what follows."""
+    class folder must still rerun the import and what follows. The import's warnings show on
+    the console."""
     import cv2
 
     cfg = dict(PATCHES_ONLY, report={"auto": False, "path": "report.html"})
@@ -838,9 +841,13 @@ def test_a_tile_added_inside_a_class_folder_reruns_the_import(tmp_path):
             (wf / "tiles" / cls).mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(wf / "tiles" / cls / f"{i}.png"),
                         rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    shutil.copy(wf / "tiles" / "SCC" / "0.png", wf / "tiles" / "normal" / "copy.png")
     target = "results/patches/tiles.h5"
-    done = smk(wf, "--cores", "1", "--replace-workflow-config", target)
+    done = smk(wf, "--cores", "1", "--replace-workflow-config", target, python_warnings="default")
     assert done.returncode == 0, done.stderr[-3000:]
+    # the import's warning reaches the console, not only its log
+    assert "simclr-path import-patches: warning:" in done.stderr
+    assert "pixel-identical to a tile of another class" in done.stderr
     again = smk(wf, "-n", "--cores", "1", "--replace-workflow-config", target)
     assert "Nothing to be done" in again.stdout + again.stderr
     cv2.imwrite(str(wf / "tiles" / "SCC" / "3.png"), np.zeros((32, 32, 3), np.uint8))

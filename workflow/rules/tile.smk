@@ -1,4 +1,6 @@
 # Slides -> HDF5 patch stores + QC pictures; imported patch sets -> patch stores.
+# Each job's warning lines (a slide without tissue, copied tiles ...) are shown on the console
+# too once it succeeds: in its log alone nobody sees them while the run goes on.
 
 
 rule tile_config:
@@ -40,7 +42,7 @@ rule tile:
     shell:
         "simclr-path tile {input.slide:q} --out {output.store} --slide-id={wildcards.slide} "
         "--qc {output.qc} --config {input.config} --workers {threads} {params.mpp} "
-        "--force > {log} 2>&1"
+        "--force > {log} 2>&1 && (grep -h ': warning: ' {log} >&2 || true)"
 
 
 rule import_patches:
@@ -64,4 +66,5 @@ rule import_patches:
         # folder's own time changes only for entries directly in it)
         files=lambda w: folder_digest(PATCH_SETS[w.dataset]["dir"]),
     shell:
-        "simclr-path import-patches {input.dir:q} --out {output} {params.args} --force > {log} 2>&1"
+        "simclr-path import-patches {input.dir:q} --out {output} {params.args} --force "
+        "> {log} 2>&1 && (grep -h ': warning: ' {log} >&2 || true)"
