@@ -629,6 +629,7 @@ def test_tiny_end_to_end_with_report(tmp_path):
     report = wf / "report.html"
     assert report.is_file() and report.stat().st_size > 10_000, done.stderr[-3000:]
     text = report.read_text(errors="replace")
+    assert "whole-slide images are tiled" in text and "folders of labelled tiles" not in text
     for artefact in ("finetune.png", "finetune.html", "fine-tuning vs linear probe"):
         assert artefact in text, artefact  # the comparison is in the report
     for log in ("tile/S1.log", "pretrain/baseline.log", "classify/baseline.log",
@@ -799,6 +800,9 @@ def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Report written to report.html" in done.stderr, done.stderr[-3000:]
     assert (wf / "report.html").stat().st_size > 10_000
+    # its overview describes imported tiles, not slides
+    text = (wf / "report.html").read_text(errors="replace")
+    assert "folders of labelled tiles" in text and "whole-slide images are tiled" not in text
 
     # a single target whose rebuild leaves the outputs after it out of date: no report (it would
     # mix old and new results), and the older one moved aside (it shows what this run changed)
