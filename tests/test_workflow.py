@@ -513,6 +513,15 @@ def test_patch_dataset_config_dry_runs(tmp_path):
     assert counts["import_patches"] == 1 and counts["embed"] == 1
     assert "--patch-size 224 --groups" in done.stdout and "--bit-depth 12" in done.stdout
     assert "tile" not in counts and "plot_heatmap" not in counts
+    assert "classify.labels" not in done.stderr
+    # a subset of the classes listed to leave one out: it cannot, and the build says so once
+    cfg["classify"]["labels"] = ["lung_scc", "lung_n"]
+    cfg["runs"] = {"a": {}, "b": {}}
+    (wf / "config" / "test.yaml").write_text(yaml.safe_dump(cfg))
+    done = smk(wf, "-n", "--cores", "2")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("warning: classify.labels ['lung_scc', 'lung_n'] is read from a "
+                             "samples sheet only") == 1, done.stderr[-2000:]
 
 
 def test_a_missing_groups_csv_stops_dag_build(tmp_path):

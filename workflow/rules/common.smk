@@ -305,11 +305,25 @@ def check_positive_label():
             for d in Path(ds["dir"]).iterdir()
             if d.is_dir() and not d.name.startswith(".")
         }
+    warned = set()  # label lists warned about (one line each, not one per run)
     for run, cfg in RUN_CFG.items():
         ccfg = cfg.classify
         classes = (
             [c for c in ccfg.labels if c in present] if SLIDES else sorted(present)
         )
+        if (
+            not SLIDES
+            and ccfg.labels != spc.ClassifyConfig().labels
+            and set(ccfg.labels) != present
+            and tuple(ccfg.labels) not in warned
+        ):
+            warned.add(tuple(ccfg.labels))
+            # a subset listed to leave a class out would do nothing, without a word
+            warn(
+                f"classify.labels {ccfg.labels} is read from a samples sheet only; imported "
+                f"tiles take their classes from the class subfolders ({', '.join(sorted(present))}), "
+                "so all of them are classified: to leave a class out, leave its folder out"
+            )
         if len(classes) < 2:
             continue  # the sheet checks say what is missing
         over = (config["runs"][run] or {}).get("classify") or {}
