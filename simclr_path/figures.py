@@ -937,6 +937,11 @@ def plot_heatmap(
             "classify.positive_label); a probability heatmap needs one"
         )
     st = PatchStore(store)
+    if len(st) and (np.asarray(st.coords)[:, 0] < 0).all():  # first: no --slide-id can help
+        raise SimclrPathError(
+            f"{store}: patches have no slide coordinates (imported tiles); heatmaps need a "
+            "store made by 'simclr-path tile'"
+        )
     if slide_id is not None and st.slide_id and str(slide_id) != str(st.slide_id):
         raise SimclrPathError(f"{store}: holds slide {st.slide_id!r}, not {slide_id!r}; give the "
                               f"patch store of slide {slide_id!r} (or leave out --slide-id)")
@@ -955,11 +960,6 @@ def plot_heatmap(
     if rows.empty:
         raise SimclrPathError(
             f"{src}: no patch predictions for slide {sid!r}; pass --slide-id or the right store"
-        )
-    if (rows["x"] < 0).all():
-        raise SimclrPathError(
-            f"{store}: patches have no slide coordinates (imported tiles); heatmaps need a "
-            "store made by 'simclr-path tile'"
         )
     thumb, extent = slide_thumbnail(st, max_side=max_side)
     fp = patch_footprint(st)

@@ -890,3 +890,21 @@ def test_the_loss_curve_has_whole_step_ticks_and_a_moving_mean_only_where_it_smo
     drawn[0].canvas.draw()
     assert [ln.get_label() for ln in ax.get_lines()] == curves
     assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+@pytest.mark.parametrize("slide_id", [None, "lung_scc-0"])
+def test_a_heatmap_of_imported_tiles_says_why_whatever_the_slide_id(tmp_path, slide_id):
+    """Imported tiles have no slide coordinates: the one error, with or without --slide-id (the
+    slide-id advice sent a user round in a circle)."""
+    from simclr_path import figures
+    from simclr_path.errors import SimclrPathError
+    from simclr_path.store import PatchStoreWriter
+
+    with PatchStoreWriter(tmp_path / "tiles.h5", 16, attrs={"slide_id": "tiles",
+                                                           "kind": "patches"}) as w:
+        w.append(np.zeros((2, 16, 16, 3), np.uint8), np.full((2, 2), -1))
+    pd.DataFrame({"slide_id": ["lung_scc-0"] * 2, "x": [-1, -1], "y": [-1, -1],
+                  "score": [0.2, 0.8]}).to_csv(tmp_path / "pred.csv", index=False)
+    with pytest.raises(SimclrPathError, match="no slide coordinates \\(imported tiles\\)"):
+        figures.plot_heatmap(tmp_path / "pred.csv", tmp_path / "tiles.h5", tmp_path / "h.png",
+                             slide_id=slide_id)
