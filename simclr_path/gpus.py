@@ -42,7 +42,14 @@ def gpu_pool() -> list[str]:
     """The GPUs a job may claim: ``CUDA_VISIBLE_DEVICES``' entries, else every GPU of the machine."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+        # as CUDA reads it: entries up to the first invalid one (empty or negative); "0,-1,1"
+        # shows GPU 0 alone, "-1" none
+        pool = []
+        for v in (v.strip() for v in visible.split(",")):
+            if not v or v.lstrip("-").isdigit() and int(v) < 0:
+                break
+            pool.append(v)
+        return pool
     if not any(Path(d).exists() for d in GPU_DRIVER_PATHS):
         return []  # no GPU driver: skip importing torch (seconds) in every job on a CPU machine
     import torch  # only here: a set CUDA_VISIBLE_DEVICES needs no CUDA query

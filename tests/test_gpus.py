@@ -174,3 +174,10 @@ def test_pool_without_a_gpu_driver_is_empty_and_with_one_asks_torch(tmp_path, mo
     assert G.gpu_pool() == ["2", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # hides every GPU
     assert G.gpu_pool() == []
+    # CUDA stops at the first invalid entry: what follows it is not visible either
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,-1,1")
+    assert G.gpu_pool() == ["0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,,4")
+    assert G.gpu_pool() == ["3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a,MIG-1c3d")  # UUIDs are entries too
+    assert G.gpu_pool() == ["GPU-8f2a", "MIG-1c3d"]
