@@ -325,6 +325,12 @@ class ClassifyConfig:
 # (a new t-SNE sample size must not rerun fine-tuning); keep them in step with their readers.
 CLASSIFY_TSNE_KEYS = ("tsne_max_points", "tsne_perplexity", "seed")  # figures.plot_tsne
 # finetune.finetune: classify.load_table, make_folds, label_subset, evaluate_fold, pooled_results
+# augmented view pairs (rows) of the preview figure: `simclr-path preview`, transforms.preview
+# and the workflow's figures.preview_pairs
+PREVIEW_PAIRS = 8
+# a synthetic demo slide's level-0 side (px) and mpp: make_demo_slide and `simclr-path demo-slide`
+DEMO_SLIDE_SIDE = 4096
+DEMO_SLIDE_MPP = 0.5
 # sample depths of cameras that write 16-bit files: import-patches scales 16-bit tiles from the
 # smallest of these that holds the dataset's largest sample (unless --bit-depth states one)
 BIT_DEPTHS = (8, 10, 12, 14, 16)

@@ -31,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from simclr_path.config import DEMO_SLIDE_MPP, DEMO_SLIDE_SIDE
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import atomic_output, check_can_write
 
@@ -364,8 +365,9 @@ class _Layout:
         self.residual = resid(sol.x)
 
 
-def make_demo_slide(out: str | os.PathLike, kind: str = "scc", seed: int = 0, width: int = 4096,
-                    height: int = 4096, mpp: float = 0.5, artefacts: Iterable[str] = (),
+def make_demo_slide(out: str | os.PathLike, kind: str = "scc", seed: int = 0,
+                    width: int = DEMO_SLIDE_SIDE, height: int = DEMO_SLIDE_SIDE,
+                    mpp: float = DEMO_SLIDE_MPP, artefacts: Iterable[str] = (),
                     force: bool = False, tile: int = 256, quality: int = 90,
                     level_factor: int = 2) -> Path:
     """Write a synthetic H&E slide: pyramidal tiled JPEG TIFF with mpp metadata.

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simclr_path.config import AugmentConfig
+from simclr_path.config import PREVIEW_PAIRS, AugmentConfig
 from simclr_path.errors import SimclrPathError
 
 # ImageNet statistics, as timm models expect; shared with simclr_path.embed.
@@ -546,7 +546,7 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def preview_views(stores: Sequence[str | os.PathLike], cfg: AugmentConfig | None = None,
-                  n_pairs: int = 8, seed: int = 0) -> tuple[list[str], list[list[np.ndarray]]]:
+                  n_pairs: int = PREVIEW_PAIRS, seed: int = 0) -> tuple[list[str], list[list[np.ndarray]]]:
     """The images of :func:`preview`: ``(row names, rows)``, one row per sampled patch.
 
     Row ``r`` is ``[patch (S, S, 3), view 1 (s, s, 3), view 2 (s, s, 3), local 1 (l, l, 3), ...]``,
@@ -596,7 +596,7 @@ def _colour_u8(colour: ColorAugment, views: torch.Tensor, g: torch.Generator) ->
 
 
 def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
-            cfg: AugmentConfig | None = None, n_pairs: int = 8, seed: int = 0,
+            cfg: AugmentConfig | None = None, n_pairs: int = PREVIEW_PAIRS, seed: int = 0,
             force: bool = False) -> Path:
     """Write a PNG grid of ``n_pairs`` augmented view pairs: original patch, view 1, view 2, and
     with multi-crop (``cfg.local_crops`` > 0) the local views of the same patch

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from simclr_path.config import DEMO_SLIDE_MPP, DEMO_SLIDE_SIDE
+
 HELP = "Write a synthetic H&E whole-slide image (SCC or normal) as a pyramidal tiled TIFF."
 
 
@@ -13,11 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=("scc", "normal"), default="scc", help="tissue morphology")
     p.add_argument("--seed", type=int, default=0, help="layout seed (same seed, same file)")
     p.add_argument("--width", type=int, default=None,
-                   help="level-0 width in pixels [make_demo_slide default: 4096]")
+                   help=f"level-0 width in pixels [make_demo_slide default: {DEMO_SLIDE_SIDE}]")
     p.add_argument("--height", type=int, default=None,
-                   help="level-0 height in pixels [make_demo_slide default: 4096]")
+                   help=f"level-0 height in pixels [make_demo_slide default: {DEMO_SLIDE_SIDE}]")
     p.add_argument("--mpp", type=float, default=None,
-                   help="level-0 microns per pixel [make_demo_slide default: 0.5]")
+                   help=f"level-0 microns per pixel [make_demo_slide default: {DEMO_SLIDE_MPP}]")
     p.add_argument("--artefacts", default="",
                    help="comma-separated artefacts to add: pen, glass, fold")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simclr_path.config import PRESETS, AugmentConfig, load_config
+from simclr_path.config import PRESETS, PREVIEW_PAIRS, AugmentConfig, load_config
 
 MAX_PAIRS = 64
 HELP = "Write a PNG grid of augmented view pairs (the SimCLR training views) from patch stores."
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="named preset [default]")
     p.add_argument("--image-size", type=int, default=None,
                    help=f"side of the augmented views [config: {AugmentConfig().image_size}]")
-    p.add_argument("--pairs", type=int, default=8, help=f"number of view pairs (rows, at most {MAX_PAIRS})")
+    p.add_argument("--pairs", type=int, default=PREVIEW_PAIRS, help=f"number of view pairs (rows, at most {MAX_PAIRS})")
     p.add_argument("--seed", type=int, default=0, help="which patches and augmentations")
     p.add_argument("--force", action="store_true", help="overwrite an existing PNG")
 

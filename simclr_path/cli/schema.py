@@ -128,7 +128,7 @@ WORKFLOW_PROPERTIES: dict[str, dict[str, Any]] = {
             "preview_pairs": {
                 "type": "integer",
                 "minimum": 1,
-                "default": 8,
+                "default": C.PREVIEW_PAIRS,
                 "description": "augmented view pairs in the preview figure",
             },
         },
