@@ -37,9 +37,17 @@ def magnification_hint(mpp: float) -> str | None:
             "scan is about 0.25 um/px, 20x about 0.5")
 
 
+class ConfigValueError(SimclrPathError):
+    """A config value out of its range or of the wrong kind; ``key`` is ``section.name``."""
+
+    def __init__(self, key: str, msg: str) -> None:
+        super().__init__(f"config: {key} {msg}")
+        self.key, self.detail = key, f"{key} {msg}"
+
+
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
-        raise SimclrPathError(f"config: {name} {msg}")
+        raise ConfigValueError(name, msg)
 
 
 def _range(value: Any, name: str) -> tuple[float, float]:
@@ -320,11 +328,6 @@ class ClassifyConfig:
                f"must be in (0, 1], got {self.label_fraction}")
 
 
-# The classify keys each reader uses. The workflow writes only these into a stage's config YAML
-# (workflow/rules/common.smk, STAGE_KEYS), so that changing another key does not rerun that stage
-# (a new t-SNE sample size must not rerun fine-tuning); keep them in step with their readers.
-CLASSIFY_TSNE_KEYS = ("tsne_max_points", "tsne_perplexity", "seed")  # figures.plot_tsne
-# finetune.finetune: classify.load_table, make_folds, label_subset, evaluate_fold, pooled_results
 # augmented view pairs (rows) of the preview figure: `simclr-path preview`, transforms.preview
 # and the workflow's figures.preview_pairs
 PREVIEW_PAIRS = 8
@@ -334,6 +337,11 @@ DEMO_SLIDE_MPP = 0.5
 # sample depths of cameras that write 16-bit files: import-patches scales 16-bit tiles from the
 # smallest of these that holds the dataset's largest sample (unless --bit-depth states one)
 BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+# The classify keys each reader uses. The workflow writes only these into a stage's config YAML
+# (workflow/rules/common.smk, STAGE_KEYS), so that changing another key does not rerun that stage
+# (a new t-SNE sample size must not rerun fine-tuning); keep them in step with their readers.
+CLASSIFY_TSNE_KEYS = ("tsne_max_points", "tsne_perplexity", "seed")  # figures.plot_tsne
 # keys that set how fast a stage runs, not what it writes: the workflow passes them on the
 # command line instead of the stage's config file (changing them reruns nothing), and
 # pretrain --resume-interrupted continues a run whose only change is one of them
@@ -343,6 +351,7 @@ SPEED_KEYS: dict[str, tuple[str, ...]] = {
     "embed": ("workers", "batch_size"),
     "finetune": ("workers",),
 }
+# finetune.finetune: classify.load_table, make_folds, label_subset, evaluate_fold, pooled_results
 CLASSIFY_FINETUNE_KEYS = ("labels", "positive_label", "folds", "seed", "top_k", "bootstrap")
 # classify.classify: every key but the t-SNE figure's own
 CLASSIFY_PROBE_KEYS = tuple(f.name for f in fields(ClassifyConfig)
@@ -599,19 +608,16 @@ def load_config(path: str | Path | None = None, preset: str | None = None,
     try:
         return build_config(preset or file_preset or "default", cfg_dict,
                             str(path) if path else "config")
-    except SimclrPathError as exc:
+    except ConfigValueError as exc:
         # a bad value names where it was given: an option, or the YAML file, not "config"
-        m = re.match(r"config: (\w+)\.(\w+) ", str(exc))
-        if m is None:
-            raise
-        section, key = m.groups()
+        section, _, key = exc.key.partition(".")
         if key in (overrides or {}).get(section, {}):
             where = "command line"
         elif isinstance(data.get(section), dict) and key in data[section]:
             where = str(path)
         else:
             raise
-        raise SimclrPathError(f"{where}: {str(exc)[len('config: '):]}") from None
+        raise SimclrPathError(f"{where}: {exc.detail}") from None
 
 
 def to_dict(cfg: PipelineConfig) -> dict[str, Any]:

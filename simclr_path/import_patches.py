@@ -166,7 +166,6 @@ MAX_PATCH_SIZE = 4096
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 _TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-DEPTHS = BIT_DEPTHS  # sample depths of cameras that write 16-bit files (config.BIT_DEPTHS)
 
 
 def _on_white(buf: np.ndarray) -> np.ndarray | None:
@@ -291,7 +290,7 @@ def _orientation(buf: np.ndarray) -> int:
 
 def _depth_of(top: int) -> int:
     """The smallest camera depth whose range holds the sample ``top``."""
-    return next(b for b in DEPTHS if top < 1 << b)
+    return next(b for b in BIT_DEPTHS if top < 1 << b)
 
 
 def _to_uint8(img: np.ndarray, bits: int | None = None, where: Path | None = None,

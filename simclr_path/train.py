@@ -870,7 +870,7 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
     elif resume:
         _resume_without_checkpoint(out, force, world.main)
     _check_run_dir(out, resume, force)
-    total = int(t_cfg.max_steps) if t_cfg.max_steps else int(t_cfg.epochs) * plan.batches_per_epoch
+    total = _total_steps(t_cfg, plan)
     if ck is not None and ck.get("finished") and int(ck["step"]) >= total and \
             all((out / n).is_file() for n in COMPLETE_FILES):
         # nothing left to train: rerunning would only rewrite the finished run's files (its
@@ -897,6 +897,11 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
         world.close()
 
 
+def _total_steps(t_cfg, plan) -> int:
+    """The run's length in steps: ``train.max_steps``, else ``train.epochs`` of the batch plan."""
+    return int(t_cfg.max_steps) if t_cfg.max_steps else int(t_cfg.epochs) * plan.batches_per_epoch
+
+
 def _fit_budget(cfg: PipelineConfig, model: nn.Module, plan, world: Dist, device: torch.device,
                 out: Path, progress: bool) -> tuple[PipelineConfig, dict[str, Any]]:
     """``cfg`` with the views :func:`simclr_path.budget.fit_views_to_budget` picks (rank 0's
@@ -906,7 +911,7 @@ def _fit_budget(cfg: PipelineConfig, model: nn.Module, plan, world: Dist, device
 
     t_cfg = cfg.train
     stride = output_stride(model.backbone)
-    total = int(t_cfg.max_steps) if t_cfg.max_steps else int(t_cfg.epochs) * plan.batches_per_epoch
+    total = _total_steps(t_cfg, plan)
     memory_format = torch.channels_last if t_cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)  # as _train will train it
     a, fit = fit_views_to_budget(model, cfg.augment, t_cfg.batch_size, float(t_cfg.time_budget_s),
@@ -959,7 +964,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
 
     t_cfg, a_cfg, m_cfg = cfg.train, cfg.augment, cfg.model
     spe = plan.batches_per_epoch
-    total_steps = int(t_cfg.max_steps) if t_cfg.max_steps else int(t_cfg.epochs) * spe
+    total_steps = _total_steps(t_cfg, plan)
     # warm-up is capped at half the run so that short runs (max_steps, demos) still decay
     warmup_wanted = round(t_cfg.warmup_epochs * spe)
     warmup_steps = min(warmup_wanted, total_steps // 2)
