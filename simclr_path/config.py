@@ -525,6 +525,10 @@ def coerce_section(section: str, values: dict[str, Any], where: str) -> dict[str
             # `snakemake --config train={max_steps: null}` passes null as text; no number or
             # boolean reads so, and a string field keeps it (it could be a name)
             out[key] = None
+        if optional and kind is str and not is_list and out.get(key) == "":
+            # an empty name or path means none: the one null `--config` can pass to a text key
+            # (`model={weights: ''}`), since "null" could be a class's name
+            out[key] = None
         if key not in out or (optional and out[key] is None):
             continue
         name = f"{section}.{key}"

@@ -109,6 +109,10 @@ def test_null_as_text_is_null_where_a_number_may_be_null():
         load_config(overrides={"train": {"batch_size": "null"}})  # a value is required there
     # a string field keeps the text: it could be a class name
     assert load_config(overrides={"classify": {"positive_label": "null"}}).classify.positive_label == "null"
+    # ... so an empty one is the null a text key takes from the command line
+    cfg = load_config(overrides={"classify": {"positive_label": ""}, "model": {"weights": ""},
+                                 "train": {"mlflow_uri": ""}})
+    assert (cfg.classify.positive_label, cfg.model.weights, cfg.train.mlflow_uri) == (None,) * 3
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -295,6 +295,10 @@ def test_a_positive_label_missing_from_the_sheet_stops_dag_build(tmp_path):
     macro = dict(three, classify={**three["classify"], "positive_label": None})
     done = smk(workdir(tmp_path / "e", macro, tsv(rows3)), "-n", "--cores", "1")
     assert done.returncode == 0, done.stderr[-2000:]
+    # on the command line an empty label is the null (the text "null" could be a class)
+    done = smk(workdir(tmp_path / "e2", three, tsv(rows3)), "-n", "--cores", "1",
+               "--config", "classify={positive_label: ''}")
+    assert done.returncode == 0, done.stderr[-2000:]
     line = _one_error_line(smk(workdir(tmp_path / "f", dict(good, classify={
         **good["classify"], "positive_label": None}), tsv(rows)), "-n", "--cores", "1"))
     assert "classify.positive_label is null, but" in line and "two classes" in line
