@@ -77,23 +77,32 @@ def lock_dir() -> Path:
 
 def try_claim(count: int, pool: list[str], folder: Path) -> tuple[list[str], list[int]] | None:
     """``count`` GPUs of ``pool`` that no other process holds, with the open lock files' descriptors
-    (keep them open: closing one releases its GPU), or None when fewer are free."""
+    (keep them open: closing one releases its GPU), or None when fewer are free.
+
+    One claim at a time per lock folder (``claim.lock``, held for these few non-blocking tries):
+    two jobs each asking for every GPU could otherwise each take a part, give it back and retry
+    in step for as long as they kept meeting."""
     import fcntl
 
-    got: list[str] = []
-    fds: list[int] = []
-    for gpu in pool:
-        if len(got) == count:
-            break
-        name = _safe(gpu)  # a UUID, a MIG id
-        fd = os.open(folder / f"gpu-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue
-        got.append(gpu)
-        fds.append(fd)
+    mutex = os.open(folder / "claim.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(mutex, fcntl.LOCK_EX)
+        got: list[str] = []
+        fds: list[int] = []
+        for gpu in pool:
+            if len(got) == count:
+                break
+            name = _safe(gpu)  # a UUID, a MIG id
+            fd = os.open(folder / f"gpu-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            got.append(gpu)
+            fds.append(fd)
+    finally:
+        os.close(mutex)  # releases the claim lock; the GPUs' locks stay with their descriptors
     if len(got) < count:
         for fd in fds:
             os.close(fd)

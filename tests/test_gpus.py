@@ -137,6 +137,33 @@ def test_a_command_that_does_not_exist_is_one_clear_line(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_claims_take_turns_so_two_jobs_asking_for_every_gpu_cannot_split_them(tmp_path):
+    """Each took GPUs in pool order without waiting: job A held GPU 0 while job B, starting
+    on its own, could hold 1; both gave back and retried in step."""
+    import fcntl
+    import threading
+
+    folder = tmp_path
+    mutex = os.open(folder / "claim.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(mutex, fcntl.LOCK_EX)  # another job in the middle of its claim
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(G.try_claim(2, ["0", "1"], folder)))
+    worker.start()
+    try:
+        time.sleep(0.5)
+        assert worker.is_alive() and not result  # waits its turn, touching no GPU lock
+        for gpu in ("0", "1"):  # so the other job's claim can complete
+            fd = os.open(folder / f"gpu-{gpu}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the waiting job took it
+            os.close(fd)
+    finally:
+        os.close(mutex)
+        worker.join(timeout=10)
+    assert result and result[0] is not None and result[0][0] == ["0", "1"]
+    for fd in result[0][1]:
+        os.close(fd)
+
+
 def test_claim_in_process_sets_the_devices_and_times_out_when_all_are_held(tmp_path, monkeypatch):
     monkeypatch.setenv(G.LOCK_ROOT_VAR, str(tmp_path))
     for var in G.SCHEDULER_VARS:
