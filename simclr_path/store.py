@@ -458,6 +458,29 @@ class EmbeddingStore:
             raise SimclrPathError(f"{path}: embedding file is damaged ({exc}); recreate it with --force") from None
         finally:
             h5.close()
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """One clear error for datasets of the wrong shape or type (a file written by other
+        code), before a reader fails deep inside numpy or sklearn."""
+        n = self.shape[0] if self.shape else 0
+        names = self.attrs.get("label_names")
+        problem = (
+            f"/features has shape {self.shape}, expected (patches, features >= 1)"
+            if len(self.shape) != 2 or self.shape[1] < 1 else
+            f"/coords has shape {self.coords.shape}, expected ({n}, 2)"
+            if self.coords.shape != (n, 2) else
+            f"/labels holds {self.labels.dtype} of shape {self.labels.shape}, expected {n} integers"
+            if self.labels is not None and (self.labels.shape != (n,)
+                                            or not np.issubdtype(self.labels.dtype, np.integer)) else
+            f"/groups holds {len(self.groups)} entries for {n} patches"
+            if self.groups is not None and len(self.groups) != n else
+            f"attribute label_names is {names!r}, expected a list of class names"
+            if names is not None and not (isinstance(names, list)
+                                          and all(isinstance(c, str) for c in names)) else None)
+        if problem:
+            raise SimclrPathError(f"{self.path}: not a valid embedding file: {problem}; recreate it "
+                                  "with 'simclr-path embed --force'")
 
     @property
     def slide_id(self) -> str:

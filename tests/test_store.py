@@ -150,3 +150,32 @@ def test_embedding_rows_read_from_disk_in_any_order(tmp_path):
     np.testing.assert_array_equal(s.read_rows(rows), feats[rows])
     assert s.read_rows(np.array([], np.int64)).shape == (0, 2)
     np.testing.assert_array_equal(EmbeddingStore(tmp_path / "e.h5").features, feats)
+
+
+@pytest.mark.parametrize("name, edit, match", [
+    ("1-D features", lambda f: (f.__delitem__("features"), f.create_dataset("features", data=np.zeros(4, np.float32))),
+     r"/features has shape \(4,\), expected \(patches, features >= 1\)"),
+    ("no feature columns", lambda f: (f.__delitem__("features"), f.create_dataset("features", data=np.zeros((4, 0), np.float32))),
+     r"/features has shape \(4, 0\)"),
+    ("short coords", lambda f: (f.__delitem__("coords"), f.create_dataset("coords", data=np.zeros((3, 2)))),
+     r"/coords has shape \(3, 2\), expected \(4, 2\)"),
+    ("text labels", lambda f: (f.__delitem__("labels"), f.create_dataset("labels", data=np.array([b"a"] * 4))),
+     r"/labels holds \|S1 of shape \(4,\), expected 4 integers"),
+    ("short labels", lambda f: (f.__delitem__("labels"), f.create_dataset("labels", data=np.zeros(3, np.int64))),
+     r"/labels holds int64 of shape \(3,\)"),
+    ("short groups", lambda f: (f.__delitem__("groups"), f.create_dataset("groups", data=np.array([b"g"] * 2))),
+     r"/groups holds 2 entries for 4 patches"),
+    ("numeric label names", lambda f: f.attrs.__setitem__("label_names", np.array([0, 1])),
+     r"attribute label_names is array\(\[0, 1\]\), expected a list of class names"),
+])
+def test_an_embedding_file_of_the_wrong_layout_is_one_clear_error(tmp_path, name, edit, match):
+    """Files written by other code crashed classify and predict deep in numpy or sklearn."""
+    path = write_embeddings(tmp_path / "e.h5", np.ones((4, 3), np.float32), np.zeros((4, 2)),
+                            {"slide_id": "A"}, labels=np.array([0, 1, 0, 1]),
+                            groups=["g1", "g1", "g2", "g2"], label_names=["a", "b"])
+    EmbeddingStore(path)  # valid as written
+    with h5py.File(path, "r+") as f:
+        edit(f)
+    with pytest.raises(SimclrPathError, match=rf"e\.h5: not a valid embedding file: {match}.*"
+                                              r"recreate it with 'simclr-path embed --force'"):
+        EmbeddingStore(path)
