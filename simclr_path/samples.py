@@ -30,6 +30,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -137,6 +138,15 @@ def _one_typo(a: str, b: str, swap_only: bool = False) -> bool:
                for i in range(len(long_)))
 
 
+def _as_text(value: Any) -> str:
+    """A sheet cell of a numeric column as the text it was written as: "" for a gap, 1.0 as "1"."""
+    if pd.isna(value):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def validate_samples(
     df: pd.DataFrame,
     labels: Sequence[str] | None = None,
@@ -180,6 +190,11 @@ def validate_samples(
     if df.empty:
         raise SimclrPathError(f"{where}: no slides listed; add one row per slide")
     for col in df.columns:
+        if col in (*REQUIRED_COLUMNS, "split") and not (
+                df[col].dtype == object or pd.api.types.is_string_dtype(df[col])):
+            # a DataFrame from pd.read_csv holds labels or ids 1/0 as numbers (1.0 with a
+            # gap); read_samples reads them as the text "1", so the API takes them as that
+            df[col] = df[col].map(_as_text)
         if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
             df[col] = df[col].fillna("").astype(str).str.strip()
 

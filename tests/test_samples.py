@@ -239,3 +239,18 @@ def test_a_missing_column_names_its_near_miss(tmp_path):
     with pytest.raises(SimclrPathError, match=r"missing column\(s\) patient_id \(did you mean "
                        r"'patient_id' for column 'patient'\?\); the sheet must be"):
         read_samples(sheet, check_files=False)
+
+
+def test_a_dataframe_with_numeric_labels_and_ids_reads_as_the_sheet_would(tmp_path):
+    """pd.read_csv makes labels 1/0 ints (and ids with a gap floats); validate_samples kept them
+    so and refused label 1 as not one of ['1', '0'], which the same sheet as a file passes."""
+    from simclr_path.samples import validate_samples
+
+    df = pd.DataFrame({"slide_id": [1, 2, 3], "path": ["a.svs", "b.svs", "c.svs"],
+                       "label": [1, 0, 1], "patient_id": [7.0, 8.0, float("nan")]})
+    with pytest.raises(SimclrPathError, match=r"row 3 \(slide_id '3'\): field 'patient_id' is empty"):
+        validate_samples(df, labels=["1", "0"], check_files=False)
+    df.loc[2, "patient_id"] = 9.0
+    got = validate_samples(df, labels=["1", "0"], check_files=False)
+    assert got["label"].tolist() == ["1", "0", "1"] and got["patient_id"].tolist() == ["7", "8", "9"]
+    assert got["slide_id"].tolist() == ["1", "2", "3"]
