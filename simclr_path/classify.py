@@ -471,14 +471,19 @@ def patients_per_class(slides: pd.DataFrame, classes: Sequence[str]) -> dict[str
     return {c: int(slides.loc[slides["label"] == c, "patient_id"].nunique()) for c in classes}
 
 
+FOLD_DRAWS = 20  # stratified draws (seeds seed, seed+1 ...) before random patient partitions
+
+
 def make_folds(
     slides: pd.DataFrame, classes: Sequence[str], cfg: ClassifyConfig
 ) -> tuple[np.ndarray, str]:
     """Assign every slide to an outer test fold (``fold`` array aligned with ``slides``).
 
     Patient-grouped stratified K-fold with ``min(cfg.folds, patients in the smallest class)``
-    folds, or the ``split`` column (fold 0 = the test slides, -1 = train only). Folds whose
-    training side lacks a class are refused with the reason (:func:`_check_training_folds`).
+    folds, or the ``split`` column (fold 0 = the test slides, -1 = train only). Every fold's
+    training side must hold every class: the stratified draw of ``cfg.seed`` is kept when it
+    does (nearly always), else the next of ``FOLD_DRAWS`` seeds, else the first balanced random
+    partition of the patients that does; with none, the reason is raised.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -517,39 +522,61 @@ def make_folds(
             f"using {k} outer folds instead of {cfg.folds}: the smallest class has {k} patients",
             stacklevel=2,
         )
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.seed)
-    fold = np.full(len(slides), -1)
-    for i, (_, te) in enumerate(
-        splitter.split(np.zeros(len(slides)), slides["y"], groups=slides["patient_id"])
-    ):
-        fold[te] = i
-    _check_training_folds(slides, classes, fold)
-    return fold, f"grouped_{k}fold"
+    first = None
+    for draw in range(FOLD_DRAWS):
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.seed + draw)
+        fold = np.full(len(slides), -1)
+        for i, (_, te) in enumerate(
+            splitter.split(np.zeros(len(slides)), slides["y"], groups=slides["patient_id"])
+        ):
+            fold[te] = i
+        if _lacking_class(slides, classes, fold) is None:
+            return fold, f"grouped_{k}fold"
+        first = fold if first is None else first
+    # patients with slides of several labels can defeat the stratified splitter's greedy
+    # placement in every draw ({P1: SCC + normal} | {P2: SCC, P3: normal} is a valid split it
+    # never finds): balanced random partitions of the patients, the first valid one
+    rng = np.random.default_rng(cfg.seed)
+    patients = np.unique(slides["patient_id"].to_numpy())
+    for _ in range(FOLD_DRAWS * 50):
+        of_patient = dict(zip(rng.permutation(patients), np.arange(len(patients)) % k))
+        fold = slides["patient_id"].map(of_patient).to_numpy()
+        if _lacking_class(slides, classes, fold) is None:
+            return fold, f"grouped_{k}fold"
+    raise _no_training_class_error(slides, _lacking_class(slides, classes, first))
 
 
-def _check_training_folds(slides: pd.DataFrame, classes: Sequence[str], fold: np.ndarray) -> None:
-    """Refuse folds whose training side lacks a class, saying why. A patient with slides of
-    several labels (tumour and normal slides of one patient) counts for each class but goes to
-    one fold with all its slides, so a class with few patients can end up on one side only."""
+def _lacking_class(slides: pd.DataFrame, classes: Sequence[str],
+                   fold: np.ndarray) -> tuple[int, str] | None:
+    """The first (test fold, class) whose training side has no slide of that class, or None."""
+    labels = slides["label"].to_numpy()
     for f in sorted(set(fold.tolist())):
-        train = slides.loc[fold != f]
-        missing = [c for c in classes if c not in set(train["label"])]
-        if not missing:
-            continue
-        c = missing[0]
-        pats = sorted(set(slides.loc[slides["label"] == c, "patient_id"]))
-        labels = slides.groupby("patient_id")["label"].nunique()
-        mixed = [p for p in pats if labels[p] > 1]
-        why = (f", and patient(s) {', '.join(map(repr, mixed[:3]))} also have slides of another "
-               "label: a patient counts for every label of its slides but keeps all of them in "
-               f"one fold, so the few {c!r} patients can all land on the test side"
-               if mixed else "")
-        raise SimclrPathError(
-            f"patient-grouped folds leave test fold {f} without a training slide of class {c!r}: "
-            f"its slides come from only {len(pats)} patient(s) ({', '.join(map(repr, pats[:5]))})"
-            f"{why}; add patients with {c!r} slides, or give the samples sheet a split column "
-            "that puts such patients on the train side"
-        )
+        present = set(labels[fold != f])
+        missing = [c for c in classes if c not in present]
+        if missing:
+            return f, missing[0]
+    return None
+
+
+def _no_training_class_error(slides: pd.DataFrame, lacking: tuple[int, str]) -> SimclrPathError:
+    """Why no split was found: test fold ``f`` of ``lacking`` leaves no training slide of class
+    ``c``. A patient with slides of several labels (tumour and normal slides of one patient)
+    counts for each class but goes to one fold with all its slides, so a class with few patients
+    can end up on one side only."""
+    f, c = lacking
+    pats = sorted(set(slides.loc[slides["label"] == c, "patient_id"]))
+    labels = slides.groupby("patient_id")["label"].nunique()
+    mixed = [p for p in pats if labels[p] > 1]
+    why = (f", and patient(s) {', '.join(map(repr, mixed[:3]))} also have slides of another "
+           "label: a patient counts for every label of its slides but keeps all of them in "
+           f"one fold, so the few {c!r} patients can all land on the test side"
+           if mixed else "")
+    return SimclrPathError(
+        f"patient-grouped folds leave test fold {f} without a training slide of class {c!r}: "
+        f"its slides come from only {len(pats)} patient(s) ({', '.join(map(repr, pats[:5]))})"
+        f"{why}; add patients with {c!r} slides, or give the samples sheet a split column "
+        "that puts such patients on the train side"
+    )
 
 
 FINAL_FOLD = -1  # ``fold`` of :func:`label_subset` for the final model fitted on all patients
@@ -782,7 +809,9 @@ class LinearModel:
             )
         z = ((X - self.mean) / self.scale) @ self.coef.T + self.intercept
         if self.coef.shape[0] == 1:
-            p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+            from scipy.special import expit  # exp(-z) overflows (a warning) for z << 0
+
+            p1 = expit(z[:, 0])
             return np.stack([1.0 - p1, p1], axis=1)
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)

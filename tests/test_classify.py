@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -230,6 +231,13 @@ def test_predict_after_reload_equals_in_memory(tmp_path):
     )
     m = LinearModel.load(tmp_path / "out")
     np.testing.assert_allclose(m.predict_proba(t.X[:5]), pipe.predict_proba(t.X[:5]), atol=1e-6)
+    # far-out features give 0 and 1 without numpy's overflow warning on stderr
+    far = np.zeros((2, t.X.shape[1]))
+    far[:, 0] = [-1e6, 1e6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = m.predict_proba(far)
+    assert np.isfinite(p).all() and np.allclose(p.sum(1), 1) and set(p.ravel().round()) == {0.0, 1.0}
 
 
 def test_embedding_sizes_must_match(tmp_path):
@@ -869,35 +877,51 @@ def test_an_empty_file_is_not_reported_as_missing(tmp_path, recwarn):
                "(first: E0)" in m for m in msgs), msgs
 
 
-def test_a_patient_with_slides_of_both_labels_is_named_when_folds_fail(tmp_path, capsys):
-    # P1 has a normal and an SCC slide: each class has 2 patients, but patient-grouped folds
-    # keep P1 whole, so one fold's training side lacks a class
+def _mixed_cohort(folder, rows):
     rng = np.random.default_rng(0)
-    rows = [("A", "P1", "normal"), ("B", "P1", "SCC"), ("C", "P2", "SCC"), ("D", "P3", "normal")]
     paths = []
     for sid, _, lab in rows:
         X = rng.normal(size=(10, 4)).astype(np.float32) + (lab == "SCC")
-        write_embeddings(tmp_path / f"{sid}.h5", X, np.zeros((10, 2)), {"slide_id": sid})
-        paths.append(str(tmp_path / f"{sid}.h5"))
-    sheet = tmp_path / "s.tsv"
+        write_embeddings(folder / f"{sid}.h5", X, np.zeros((10, 2)), {"slide_id": sid})
+        paths.append(str(folder / f"{sid}.h5"))
+    sheet = folder / "s.tsv"
     pd.DataFrame(rows, columns=["slide_id", "patient_id", "label"]).assign(path="x.svs").to_csv(
         sheet, sep="\t", index=False)
+    return paths, sheet
+
+
+def test_folds_are_found_for_patients_with_slides_of_both_labels(tmp_path, capsys):
+    """P1 has a normal and an SCC slide: {P1} | {P2, P3} is a valid patient-grouped split,
+    which the stratified splitter never drew (for any seed); it was refused."""
+    rows = [("A", "P1", "normal"), ("B", "P1", "SCC"), ("C", "P2", "SCC"), ("D", "P3", "normal")]
+    paths, sheet = _mixed_cohort(tmp_path, rows)
+    slides = pd.DataFrame(rows, columns=["slide_id", "patient_id", "label"])
+    slides["y"] = (slides["label"] == "normal").astype(int)
+    for seed in range(5):
+        fold, scheme = make_folds(slides, ["SCC", "normal"], replace(FAST, seed=seed))
+        assert scheme == "grouped_2fold" and fold[0] == fold[1] != fold[2] == fold[3]
+    again, _ = make_folds(slides, ["SCC", "normal"], FAST)
+    assert (again == make_folds(slides, ["SCC", "normal"], FAST)[0]).all()  # deterministic
     rc = main(["classify", "--embeddings", *paths, "--samples", str(sheet), "--out",
                str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    # where no split exists (three classes, each pair of them shares a patient, two folds: each
+    # side needs all three), the reason names the shared patients, in one line
+    rows = [("A", "P1", "SCC"), ("B", "P1", "normal"), ("C", "P2", "SCC"), ("D", "P2", "other"),
+            ("E", "P3", "normal"), ("F", "P3", "other")]
+    (tmp_path / "none").mkdir()
+    paths, sheet = _mixed_cohort(tmp_path / "none", rows)
+    (tmp_path / "three.yaml").write_text("classify: {labels: [SCC, normal, other]}\n")
+    capsys.readouterr()
+    rc = main(["classify", "--embeddings", *paths, "--samples", str(sheet), "--out",
+               str(tmp_path / "out2"), "--config", str(tmp_path / "three.yaml")])
     line = _one_error_line(capsys)
     assert rc != 0 and "class index" not in line, line
     assert __import__("re").search(
-        r"without a training slide of class '(SCC|normal)': its slides come from only 2 "
-        r"patient\(s\) \('P1', 'P[23]'\), and patient\(s\) 'P1' also have slides of another label.*"
-        r"add patients with '(SCC|normal)' slides", line), line
-    assert not (tmp_path / "out").exists()
-    # the same cohort without the shared patient: folds form, nothing is said about patients
-    slides = pd.DataFrame(rows, columns=["slide_id", "patient_id", "label"])
-    slides.loc[0, "patient_id"] = "P4"
-    slides["y"] = (slides["label"] == "normal").astype(int)
-    fold, _ = make_folds(slides, ["SCC", "normal"], FAST)
-    for f in set(fold):
-        assert set(slides.loc[fold != f, "label"]) == {"SCC", "normal"}
+        r"without a training slide of class '(SCC|normal|other)': its slides come from only 2 "
+        r"patient\(s\) \('P[12]', 'P[23]'\), and patient\(s\) 'P[12]', 'P[23]' also have slides of "
+        r"another label.*add patients with '(SCC|normal|other)' slides", line), line
+    assert not (tmp_path / "out2").exists()
 
 
 def test_fit_probe_names_a_missing_class():
