@@ -7,8 +7,10 @@ atomically and returns its path; each is also a ``simclr-path plot-*`` subcomman
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,27 @@ TOL_MUTED = ["#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "
 DPI = 120
 
 
+def plain_text(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Draw ``func``'s figure with mathtext off: titles, slide ids and class names are user
+    text, and a ``$`` in one was parsed as maths (mangled, or a traceback when unbalanced)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with plt.rc_context({"text.parse_math": False}):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters in the middle (``TCGA-A0-A0SB…9BB9-3F9C8C3E6B7E #4``):
+    both ends of a slide id tell slides apart."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "\u2026" + text[len(text) - (width - 1 - head):]
+
+
 def category_colors(n: int) -> list[str]:
     """``n`` colour-blind-safe category colours (Okabe-Ito, then viridis samples beyond 8)."""
     if n <= len(OKABE_ITO):
@@ -45,6 +68,9 @@ def check_figure_outputs(outputs: dict[str, str | os.PathLike | None], inputs: d
     a figure may go inside a folder input) and each existing one is replaced only with
     ``force``. ``outputs``: argument name -> path, or None where that figure is not asked for."""
     check_apart(outputs, inputs, figures_only=True)
+    for out in outputs.values():
+        if out is not None:
+            figure_format(out)  # every suffix before any work: a second bad one left the first
     for out in outputs.values():
         if out is not None:
             check_can_write(out, force)
@@ -81,9 +107,10 @@ TEXT_COLUMNS = ("slide_id", "patient_id", "label", "pred", "level")
 
 
 def _read_table(path: Path, columns: set[str], numeric: set[str] = frozenset(),
-                how: str = "") -> pd.DataFrame:
-    """A CSV with at least one row and ``columns`` (``numeric`` ones all numbers), or one clear
-    error naming the file (an empty, truncated, binary or foreign file)."""
+                how: str = "", finite: set[str] = frozenset()) -> pd.DataFrame:
+    """A CSV with at least one row and ``columns`` (``numeric`` ones all numbers, ``finite`` ones
+    without NaN or infinity), or one clear error naming the file (an empty, truncated, binary or
+    foreign file)."""
     try:
         # ids and class names stay text as written: "001" is not 1, a class "NA" is not missing,
         # and classes "0" / "1" still match metrics.json's strings
@@ -101,9 +128,21 @@ def _read_table(path: Path, columns: set[str], numeric: set[str] = frozenset(),
     bad = [c for c in sorted(numeric) if not pd.api.types.is_numeric_dtype(df[c])]
     if bad:
         raise SimclrPathError(f"{path}: column {bad[0]} is not all numbers{how}")
+    _check_finite(df, finite, path, how)
     return df
 
 
+def _check_finite(df: pd.DataFrame, columns: set[str], path: Path, how: str) -> None:
+    """One clear error for an empty or non-finite value in ``columns`` (classify and predict
+    write none; a figure would leave such rows out in silence). Rows are the file's lines."""
+    for c in sorted(columns):
+        gap = df.index[~np.isfinite(df[c].to_numpy(dtype=float))]
+        if len(gap):
+            raise SimclrPathError(f"{path}: column {c} has {len(gap)} empty or non-finite "
+                                  f"value(s) (first on row {gap[0] + 2}){how}")
+
+
+@plain_text
 def plot_loss_curve(
     metrics_csv: str | os.PathLike,
     out: str | os.PathLike,
@@ -129,17 +168,28 @@ def plot_loss_curve(
     from matplotlib.ticker import MaxNLocator
 
     window = max(1, len(df) // 20)
-    # a moving mean of one row is the raw curve again: drawn once, as the loss itself
-    ax.plot(df["step"], df["loss"], color=OKABE_ITO[5] if window > 1 else OKABE_ITO[0],
-            alpha=0.5 if window > 1 else 1.0, lw=1 if window > 1 else 2, label="loss")
+    finite = np.isfinite(df["loss"].to_numpy(dtype=float))
+    loss = df["loss"].where(finite)
+    # a moving mean of one row is the raw curve again: drawn once, as the loss itself; points
+    # on a short run (a lone step was an invisible one-point line)
+    ax.plot(df["step"], loss, color=OKABE_ITO[5] if window > 1 else OKABE_ITO[0],
+            alpha=0.5 if window > 1 else 1.0, lw=1 if window > 1 else 2, label="loss",
+            marker="o" if len(df) <= 30 else None, ms=4)
     if window > 1:
         ax.plot(
             df["step"],
-            df["loss"].rolling(window, min_periods=1).mean(),
+            # not carried over steps whose loss was NaN or infinite
+            loss.rolling(window, min_periods=1).mean().where(finite),
             color=OKABE_ITO[0],
             lw=2,
             label=f"loss (moving mean of {window} logged steps)",
         )
+    if not finite.all():  # a divergence is the thing to see, not a gap in the line
+        first = df["step"].to_numpy()[~finite][0]
+        ax.axvline(first, color=OKABE_ITO[3], ls=":", lw=1.5,
+                   label=f"loss NaN or infinite ({(~finite).sum()} logged steps, from step {first:g})")
+    if df["step"].nunique() == 1:  # one step: whole-step ticks around it, not -0.04 ... 0.04
+        ax.set_xlim(df["step"].iloc[0] - 1, df["step"].iloc[0] + 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole (a 3-step run)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("contrastive loss (train.loss)")
@@ -307,6 +357,7 @@ def _scatter_by(ax: plt.Axes, xy: np.ndarray, cats: pd.Series, what: str) -> Non
     _legend_or_note(ax, len(names), what)
 
 
+@plain_text
 def plot_tsne(
     embedding_paths,
     out_label: str | os.PathLike,
@@ -545,10 +596,10 @@ def _read_classify_dir(folder: str | os.PathLike, held_out_only: bool = True
     # the score columns the figures read, checked as numbers (a damaged value is one line)
     scores = ["score"] if task.get("positive") is not None else [f"prob_{c}" for c in classes]
     patches = _read_table(files[1], {"slide_id", "label", "fold", *scores},
-                          numeric={"fold", *scores}, how=how)
+                          numeric={"fold", *scores}, how=how, finite={"fold", *scores})
     slide_scores = [*scores, "score_topk"] if task.get("positive") is not None else scores
     slides = _read_table(files[2], {"slide_id", "label", *slide_scores},
-                         numeric=set(slide_scores), how=how)
+                         numeric=set(slide_scores), how=how, finite=set(slide_scores))
     return metrics, patches[patches["fold"] >= 0] if held_out_only else patches, slides
 
 
@@ -583,6 +634,7 @@ def _curve_sets(
     return sets
 
 
+@plain_text
 def plot_curves(
     classify_dir: str | os.PathLike,
     out_roc: str | os.PathLike,
@@ -712,6 +764,7 @@ def plot_curves(
     return written
 
 
+@plain_text
 def plot_confusion(
     classify_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False
 ) -> Path:
@@ -891,6 +944,7 @@ def _check_predictions_match(rows: pd.DataFrame, store, table: Path, how: str,
         )
 
 
+@plain_text
 def plot_heatmap(
     classify: str | os.PathLike,
     store: str | os.PathLike,
@@ -926,6 +980,7 @@ def plot_heatmap(
                             how=how)
         if "level" in preds.columns:
             preds = preds[preds["level"] == "patch"]
+        _check_finite(preds, {"x", "y", "score"}, src, how)  # slide rows have no x, y
         pos = _score_class(preds)
     else:
         raise SimclrPathError(
@@ -993,7 +1048,9 @@ def plot_heatmap(
     # narrower rather than as a poster
     fig, axes = plt.subplots(1, 2, figsize=(12, min(5.5 * h / max(w, 1), 11) + 1.2))
     axes[0].imshow(thumb, extent=extent_shown)
-    axes[0].set_title(f"{sid}: slide{known}")
+    # the id once, above both panels: a TCGA-style id in each panel's title ran into the other
+    fig.suptitle(f"slide {sid}", fontsize=12)
+    axes[0].set_title(f"slide{known}", wrap=True)
     # the probabilities over the slide in grey: over its H&E colours viridis would mix with the
     # stain and read as other values
     axes[1].imshow(thumb.mean(axis=2), extent=extent_shown, cmap="gray", vmin=0, vmax=255)
@@ -1006,7 +1063,7 @@ def plot_heatmap(
         alpha=0.75,
         interpolation="nearest",
     )
-    axes[1].set_title(f"{sid}: {label} per patch (slide mean {rows['score'].mean():.2f})")
+    axes[1].set_title(f"{label} per patch (slide mean {rows['score'].mean():.2f})")
     for ax in axes:
         ax.set_xlabel(f"x ({unit})")
         ax.set_ylabel(f"y ({unit})")

@@ -19,9 +19,10 @@ from matplotlib.collections import PolyCollection
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from simclr_path.figures import OKABE_ITO, save_figure
+from simclr_path.figures import OKABE_ITO, plain_text, save_figure
 
 
+@plain_text
 def plot_qc(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: float,
             coords: np.ndarray, size0: float, level0_mpp: float, out: str | os.PathLike,
             title: str, force: bool = False, ink: np.ndarray | None = None) -> Path:

@@ -286,9 +286,12 @@ class _LazyH5:
             f = open_h5(self.path, self._what)
         except OSError as exc:
             if not h5py.is_hdf5(self.path):  # no HDF5 signature: a slide or image given, say
+                made = ("'simclr-path embed' writes one from a patch store"
+                        if "embedding" in self._what else
+                        "a slide is tiled into one by 'simclr-path tile'")
                 raise SimclrPathError(
                     f"{self.path}: not an HDF5 file; give the {self._what} (.h5) that "
-                    "simclr-path wrote (a slide is tiled into one by 'simclr-path tile')") from None
+                    f"simclr-path wrote ({made})") from None
             raise SimclrPathError(f"{self.path}: not a readable HDF5 {self._what} ({exc}); "
                                   "it may be truncated: recreate it with --force") from None
         self._f, self._pid = f, os.getpid()

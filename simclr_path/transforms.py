@@ -601,7 +601,7 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
     """Write a PNG grid of ``n_pairs`` augmented view pairs: original patch, view 1, view 2, and
     with multi-crop (``cfg.local_crops`` > 0) the local views of the same patch
     (:func:`preview_views`)."""
-    from simclr_path.figures import check_figure_outputs, save_figure
+    from simclr_path.figures import check_figure_outputs, save_figure, shorten
 
     check_figure_outputs({"out_png": out_png}, {"stores": stores}, force)
     import matplotlib
@@ -614,8 +614,16 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
     cfg = cfg or AugmentConfig()
     names, rows = preview_views(stores, cfg, n_pairs, seed)
     n_cols = len(rows[0])
-    fig, axes = plt.subplots(n_pairs, n_cols, figsize=(n_cols * 2.0, n_pairs * 2.0 + 0.6),
-                             squeeze=False, layout="constrained")  # leaves room for the suptitle
+    with plt.rc_context({"text.parse_math": False}):  # slide ids are text, '$' too
+        fig, axes = plt.subplots(n_pairs, n_cols, figsize=(n_cols * 2.0, n_pairs * 2.0 + 0.6),
+                                 squeeze=False, layout="constrained")  # room for the suptitle
+        _draw_preview(fig, axes, rows, [shorten(n, 18) for n in names], describe(cfg))
+    return save_figure(fig, out_png, force=force)
+
+
+def _draw_preview(fig, axes, rows: list, names: list[str], recipe: str) -> None:
+    """The preview grid's pictures and titles (one row per patch)."""
+    n_cols = len(rows[0])
     titles = ["view 1", "view 2"] + [f"local {j + 1}" for j in range(n_cols - 3)]
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
@@ -623,8 +631,8 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
             ax.imshow(img)
             ax.set_xticks([])
             ax.set_yticks([])
-            # 10 pt: the report shows the grid at page width, where 7 pt was about 4
+            # 10 pt: the report shows the grid at page width, where 7 pt was about 4; a long
+            # slide id (TCGA's 60 characters) is shortened in the middle so it stays in its column
             ax.set_title(f"patch {names[r]}" if c == 0 else f"{titles[c - 1]} ({img.shape[0]} px)",
                          fontsize=10)
-    fig.suptitle(f"SimCLR augmented views ({describe(cfg)})", fontsize=13)
-    return save_figure(fig, out_png, force=force)
+    fig.suptitle(f"SimCLR augmented views ({recipe})", fontsize=13)

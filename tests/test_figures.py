@@ -395,6 +395,11 @@ def test_curves_draw_every_class_of_a_many_class_task(tmp_path, monkeypatch):
      "predictions_patches.csv: column score is not all numbers"),
     ({"metrics.json": lambda t: _drop_key(t, "slide", "confusion_matrix")},
      "metrics.json: no slide-level confusion matrix"),  # was drawn as a matrix of zeros
+    # rows without a score were left out of the curves in silence (titles counted them)
+    ({"predictions_patches.csv": lambda t: _set_first(t, "score", "nan")},
+     "predictions_patches.csv: column score has 1 empty or non-finite value(s) (first on row 2)"),
+    ({"predictions_slides.csv": lambda t: _set_first(t, "score", "")},
+     "predictions_slides.csv: column score has 1 empty or non-finite value(s)"),
 ])
 def test_damaged_results_folder_gives_one_line(cohort, tmp_path, capsys, damage, match):
     import shutil
@@ -503,7 +508,11 @@ def test_heatmap_inputs_with_damaged_coordinates_or_scores_give_one_line(cohort,
     csv.write_text(_set_first(csv.read_text(), "x", "abc"))
     pred = tmp_path / "pred.csv"
     pred.write_text("slide_id,x,y,score\nP0-SCC,0,0,high\n")
-    for src, match in ((cls, "no numeric column x"), (pred, "column score is not all numbers")):
+    gap = tmp_path / "gap.csv"  # drawn as bare slide, left out of the slide mean
+    gap.write_text("slide_id,x,y,score\nP0-SCC,0,0,0.5\nP0-SCC,32,0,\n")
+    for src, match in ((cls, "no numeric column x"), (pred, "column score is not all numbers"),
+                       (gap, ("gap.csv: column score has 1 empty or non-finite value(s) (first "
+                              "on row 3); give a CSV written by 'simclr-path predict'"))):
         assert main(["plot-heatmap", "--classify", str(src), "--store", str(cohort["stores"][0]),
                      "--out", str(tmp_path / "h.png")]) != 0
         err = capsys.readouterr().err.strip().splitlines()
@@ -568,6 +577,8 @@ def test_heatmap_colour_bar_spans_the_image_and_names_the_predict_csvs_class(
     heat_ax = fig.axes[1]
     bar_ax = next(a for a in fig.axes if a.get_ylabel() == "P(SCC)")
     assert "P(SCC) per patch" in heat_ax.get_title()
+    # the slide id once, above both panels (in each title a long id ran into the other)
+    assert fig._suptitle.get_text() == "slide S" and not heat_ax.get_title().startswith("S:")
     img, bar = heat_ax.get_window_extent(), bar_ax.get_window_extent()
     title = heat_ax.title.get_window_extent()
     # the bar is as tall as the (aspect-kept) image, right of it, and below the panel's title
@@ -874,6 +885,7 @@ def test_curve_panel_titles_do_not_run_into_each_other(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("steps", "curves"), [
+    (1, ["loss"]),
     (3, ["loss"]),
     (60, ["loss", "loss (moving mean of 3 logged steps)"]),
 ])
@@ -890,6 +902,67 @@ def test_the_loss_curve_has_whole_step_ticks_and_a_moving_mean_only_where_it_smo
     drawn[0].canvas.draw()
     assert [ln.get_label() for ln in ax.get_lines()] == curves
     assert all(float(t).is_integer() for t in ax.get_xticks())
+    # a short run's steps are points (one logged step was an invisible one-point line)
+    assert (ax.get_lines()[0].get_marker() == "o") == (steps <= 30)
+
+
+def test_the_loss_curve_marks_where_the_loss_stopped_being_finite(tmp_path, monkeypatch):
+    """NaN and inf rows were left out in silence: the moving mean ran on past them."""
+    from simclr_path import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=False: drawn.append(fig))
+    loss = np.linspace(4, 2, 60)
+    loss[40], loss[50:] = np.inf, np.nan
+    pd.DataFrame({"step": range(60), "loss": loss}).to_csv(tmp_path / "metrics.csv", index=False)
+    figures.plot_loss_curve(tmp_path, tmp_path / "loss.png")
+    lines = {ln.get_label(): ln for ln in drawn[0].axes[0].get_lines()}
+    mark = lines["loss NaN or infinite (11 logged steps, from step 40)"]
+    assert list(mark.get_xdata()) == [40, 40]
+    smooth = np.asarray(lines["loss (moving mean of 3 logged steps)"].get_ydata(), float)
+    assert np.isnan(smooth[50:]).all() and np.isnan(smooth[40]) and np.isfinite(smooth[:40]).all()
+
+
+def test_user_text_with_a_dollar_sign_is_drawn_as_written(tmp_path, cohort, monkeypatch):
+    """mathtext parsed it: an unbalanced '$' in a title was a traceback, a pair was mangled."""
+    import shutil
+
+    import matplotlib
+
+    from simclr_path import figures
+
+    pd.DataFrame({"step": [1, 2], "loss": [3.0, 2.0]}).to_csv(tmp_path / "metrics.csv", index=False)
+    _assert_png_not_blank(figures.plot_loss_curve(tmp_path, tmp_path / "loss.png",
+                                                  title=r"loss $\alpha_$ run"))
+    # class names reach legends and titles: a '$' pair in one is not maths either
+    cls = tmp_path / "cls"
+    shutil.copytree(cohort["cls"], cls)
+    for name in ("metrics.json", "predictions_patches.csv", "predictions_slides.csv"):
+        f = cls / name
+        f.write_text(f.read_text().replace("normal", "n$o$rmal"))
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=False: drawn.append(fig))
+    figures.plot_curves(cls, tmp_path / "roc.png", tmp_path / "pr.png")
+    figures.plot_confusion(cls, tmp_path / "conf.png")
+    for fig in drawn:
+        fig.canvas.draw()
+    texts = [t for fig in drawn for t in fig.findobj(matplotlib.text.Text)
+             if "n$o$rmal" in t.get_text()]
+    assert texts and not any(t.get_parse_math() for t in texts)
+    assert matplotlib.rcParams["text.parse_math"]  # the caller's own setting is left alone
+
+
+def test_every_figure_suffix_is_checked_before_any_work(cohort, tmp_path, capsys):
+    """plot-curves wrote the ROC PNG, then failed on the PR path's suffix; plot-tsne ran the
+    whole t-SNE and left its first map."""
+    for argv in (["plot-curves", "--classify", str(cohort["cls"]), "--out-roc",
+                  str(tmp_path / "r.png"), "--out-pr", str(tmp_path / "p.xyz")],
+                 ["plot-tsne", "--embeddings", *map(str, cohort["embs"][:2]), "--out-label",
+                  str(tmp_path / "l.png"), "--out-slide", str(tmp_path / "s.xyz")]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "matplotlib cannot write .xyz figures" in err[0], err
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("slide_id", [None, "lung_scc-0"])

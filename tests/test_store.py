@@ -179,3 +179,13 @@ def test_an_embedding_file_of_the_wrong_layout_is_one_clear_error(tmp_path, name
     with pytest.raises(SimclrPathError, match=rf"e\.h5: not a valid embedding file: {match}.*"
                                               r"recreate it with 'simclr-path embed --force'"):
         EmbeddingStore(path)
+
+
+def test_a_non_hdf5_file_given_as_embeddings_points_to_embed_not_tile(tmp_path):
+    (tmp_path / "notes.h5").write_text("hello")
+    with pytest.raises(SimclrPathError, match=r"notes.h5: not an HDF5 file; give the embedding file "
+                                              r"\(.h5\) that simclr-path wrote \('simclr-path embed' "
+                                              r"writes one from a patch store\)"):
+        EmbeddingStore(tmp_path / "notes.h5")
+    with pytest.raises(SimclrPathError, match=r"tiled into one by 'simclr-path tile'"):
+        PatchStore(tmp_path / "notes.h5")

@@ -149,6 +149,25 @@ def test_preview_writes_a_png(make_store, tmp_path):
     assert img.std() > 10  # not blank
 
 
+def test_preview_titles_keep_a_long_slide_id_in_its_column(make_store, tmp_path, monkeypatch):
+    """A TCGA-style id ran over the next column's title and pushed the grid aside."""
+    from simclr_path import figures
+    from simclr_path.transforms import preview
+
+    sid = "TCGA-A0-A0SB-01Z-00-DX1.B34C267B-CAA4-4BDE-9BB9-3F9C8C3E6B7E"
+    s = make_store(n=4, size=32, name="a.h5", slide_id=sid)
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=False: drawn.append(fig))
+    preview([s], tmp_path / "p.png", AugmentConfig(image_size=24), n_pairs=2, seed=0)
+    fig = drawn[0]
+    fig.canvas.draw()
+    first, second = fig.axes[0], fig.axes[1]
+    title = first.get_title()  # both ends kept: the project's prefix, the id's own tail, the patch
+    assert title.startswith("patch TCGA-A0-") and "\u2026" in title and "6B7E #" in title
+    renderer = fig.canvas.get_renderer()
+    assert first.title.get_window_extent(renderer).x1 < second.title.get_window_extent(renderer).x0
+
+
 def test_preview_shows_local_views(make_store, tmp_path):
     from PIL import Image
 
