@@ -229,7 +229,7 @@ class TrainConfig:
     budget_min_steps: int | None = None  # with time_budget_s: cheaper views when it buys fewer steps (simclr_path.budget)
     tensorboard: bool = True  # TensorBoard event files in RUN_DIR/tensorboard
     mlflow: bool = False  # also log to MLflow when it is installed
-    mlflow_uri: str | None = None  # MLflow tracking URI; None = a file store in RUN_DIR/mlruns
+    mlflow_uri: str | None = None  # MLflow tracking URI; None = SQLite RUN_DIR/mlflow.db
     mlflow_experiment: str = "simclr-path"
     wandb: bool = False  # also log to Weights & Biases when it is installed (files in RUN_DIR/wandb)
     wandb_project: str = "simclr-path"
@@ -411,6 +411,32 @@ class PipelineConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+def section_cfg(cfg: Any, cls: type, caller: str) -> Any:
+    """``cfg`` for an API function that reads one section (``cls``): None gives the defaults, the
+    whole :class:`PipelineConfig` its section; anything else raises one clear error (it failed
+    deep inside as an AttributeError)."""
+    if cfg is None:
+        return cls()
+    if isinstance(cfg, cls):
+        return cfg
+    name = next(f.name for f in fields(PipelineConfig) if f.type in (cls, cls.__name__))
+    if isinstance(cfg, PipelineConfig):
+        return getattr(cfg, name)
+    raise SimclrPathError(f"{caller}: cfg must be a {cls.__name__} (load_config(...).{name}) or "
+                          f"the whole config, got {type(cfg).__name__}")
+
+
+def whole_cfg(cfg: Any, caller: str) -> PipelineConfig:
+    """``cfg`` for an API function that reads several sections: the whole config (None: the
+    defaults); a single section raises one clear error."""
+    if cfg is None:
+        return PipelineConfig()
+    if not isinstance(cfg, PipelineConfig):
+        raise SimclrPathError(f"{caller}: cfg must be the whole config (load_config(...)), "
+                              f"got {type(cfg).__name__}")
+    return cfg
 
 
 # Named presets: overrides of the defaults above, by section. ``cpu-fast`` is tuned for a
@@ -598,17 +624,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, preset: str | None = None,
-                overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Build the resolved configuration from an optional YAML file, preset and CLI overrides.
+                overrides: dict[str, Any] | None = None,
+                overrides_from: str = "overrides") -> PipelineConfig:
+    """Build the resolved configuration from an optional YAML file, preset and overrides
+    (section -> key -> value; ``overrides_from`` names them in errors: the CLI's options say
+    "command line").
 
     A YAML file may name ``preset:`` at top level; an explicit ``preset`` argument wins.
     """
+    if overrides is not None and not (isinstance(overrides, dict) and all(
+            isinstance(v, dict) for v in overrides.values())):
+        raise SimclrPathError(f"{overrides_from}: expected a mapping of sections to mappings "
+                              "of keys, e.g. {'train': {'lr': 1e-3}}")
     data: dict[str, Any] = load_yaml(path) if path else {}
     file_preset = data.pop("preset", None)
     if file_preset is not None and not isinstance(file_preset, str):
         raise SimclrPathError(f"{path}: preset must be a name, one of {sorted(PRESETS)}; got {file_preset!r}")
     cfg_dict = merge_overrides({}, data, str(path) if path else "config")
-    cfg_dict = merge_overrides(cfg_dict, overrides or {}, "command line")
+    cfg_dict = merge_overrides(cfg_dict, overrides or {}, overrides_from)
     try:
         return build_config(preset or file_preset or "default", cfg_dict,
                             str(path) if path else "config")
@@ -616,7 +649,7 @@ def load_config(path: str | Path | None = None, preset: str | None = None,
         # a bad value names where it was given: an option, or the YAML file, not "config"
         section, _, key = exc.key.partition(".")
         if key in (overrides or {}).get(section, {}):
-            where = "command line"
+            where = overrides_from
         elif isinstance(data.get(section), dict) and key in data[section]:
             where = str(path)
         else:

@@ -32,7 +32,8 @@ Output folder (written atomically; the layout of ``classify``, so ``plot-curves`
                               loads with model.load_encoder, embeds with 'simclr-path embed')
     classifier.pt             its linear head: a state dict of ``weight`` (K, F) and ``bias`` (K,)
     tensorboard/              per-epoch losses and validation AUROC (train.tensorboard; also to
-                              mlruns/ with train.mlflow and wandb/ with train.wandb when installed)
+                              mlflow.db and mlruns/ with train.mlflow, wandb/ with train.wandb,
+                              when installed)
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ from simclr_path.config import (
     ClassifyConfig,
     FinetuneConfig,
     PipelineConfig,
+    whole_cfg,
 )
 from simclr_path.data import cv2_fork_safe, one_thread_worker, read_patch
 from simclr_path.embed import default_image_size
@@ -500,7 +502,7 @@ def finetune(
     Returns:
         The metrics written to ``metrics.json``.
     """
-    cfg = cfg or PipelineConfig()
+    cfg = whole_cfg(cfg, "finetune")
     ft, ccfg = cfg.finetune, cfg.classify
     store_paths = as_paths(store_paths, "store_paths")
     if not store_paths:
@@ -620,8 +622,9 @@ def finetune(
 def load_classifier(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> FinetuneModel:
     """The final fine-tuned model of a ``finetune`` folder (encoder + head), in eval mode."""
     d = Path(out_dir)
-    info = encoder_info(d / "encoder.pt")
-    if not (d / "classifier.pt").is_file() or "classes" not in info:
+    missing = not (d / "encoder.pt").is_file() or not (d / "classifier.pt").is_file()
+    info = {} if missing else encoder_info(d / "encoder.pt")  # (its error named encoder.json)
+    if missing or "classes" not in info:
         raise SimclrPathError(f"{d}: no fine-tuned classifier here (encoder.pt, classifier.pt); "
                               "run 'simclr-path finetune' with finetune.final_model: true")
     model = FinetuneModel(load_encoder(d / "encoder.pt", device="cpu"), len(info["classes"]))

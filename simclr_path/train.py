@@ -62,6 +62,7 @@ from simclr_path.config import (
     TrainConfig,
     defaults_dict,
     to_dict,
+    whole_cfg,
 )
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import atomic_output, check_apart
@@ -70,8 +71,10 @@ CHECKPOINT_VERSION = 1
 METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "pairs_per_s", "data_time_s", "compute_time_s"]
 # Files a run writes; --force removes exactly these (never other files of the folder).
 RUN_FILES = ["config.yaml", "metrics.csv", "checkpoint.pt", "loss.png", "head.pt", "encoder.pt",
-             "encoder.json", "summary.json"]
+             "encoder.json", "summary.json", "mlflow.db"]
 RUN_DIRS = ["tensorboard", "mlruns", "wandb"]
+# config.yaml's first line: tells a run's own config.yaml from a user's in a folder given as --out
+RUN_CONFIG_HEADER = "# simclr-path pretrain: this run's resolved configuration\n"
 # Files that mark a run as finished; removed before any (re)start so a failed run never has them.
 COMPLETE_FILES = ["summary.json", "encoder.pt", "encoder.json", "head.pt", "loss.png"]
 
@@ -363,9 +366,28 @@ def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
     a collective until NCCL's watchdog ends the job, minutes later, without it)."""
     if out.exists() and not out.is_dir():
         raise SimclrPathError(f"{out}: exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not force and not resume:
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not force and not resume:
         raise SimclrPathError(f"{out}: run directory exists and is not empty; pass --resume to "
                               "continue its checkpoint or --force to start over")
+    if not _is_run_dir(out):  # --force and --resume remove run files and tracking folders
+        raise SimclrPathError(f"{out}: exists and is not a pretraining run directory (none of "
+                              f"{', '.join(n for n in RUN_FILES if n != 'config.yaml')}, nor a "
+                              "run's config.yaml); --force and --resume act only on runs, so "
+                              "choose another --out")
+
+
+def _is_run_dir(out: Path) -> bool:
+    """Whether ``out`` holds a run's files: a folder given by mistake (a project folder with its
+    own config.yaml and mlruns/) must not lose them to --force."""
+    if any((out / n).is_file() for n in RUN_FILES if n != "config.yaml"):
+        return True
+    try:
+        with open(out / "config.yaml", encoding="utf-8", errors="replace") as f:
+            return f.read(len(RUN_CONFIG_HEADER)) == RUN_CONFIG_HEADER
+    except OSError:
+        return False
 
 
 def _requested(cfg: PipelineConfig) -> str:
@@ -481,11 +503,14 @@ class _Tracker:
     """Optional experiment tracking of a run directory ``out``.
 
     TensorBoard event files in ``out/tensorboard`` (train.tensorboard, on by default); MLflow
-    (train.mlflow: a local file store in ``out/mlruns`` unless train.mlflow_uri) and Weights &
+    (train.mlflow: a SQLite store ``out/mlflow.db`` with artifacts in ``out/mlruns``, MLflow's
+    own default backend since its file store was retired, unless train.mlflow_uri) and Weights &
     Biases (train.wandb: files in ``out/wandb``, offline by default, ``wandb sync`` uploads them
-    later) when enabled and installed. A backend that is not installed gives one warning and is
-    skipped, so tracking is never required. :meth:`close` ends every backend and may be called
-    more than once.
+    later) when enabled and installed. A backend that is not installed, or fails (a server
+    down, a store it cannot open), gives one warning and is dropped, so tracking never stops
+    training. MLflow is driven through an ``MlflowClient`` of its own, so a caller's active
+    MLflow run and tracking URI are left alone. :meth:`close` ends every backend and may be
+    called more than once.
     """
 
     def __init__(self, out: Path, cfg: PipelineConfig, enabled: bool,
@@ -513,14 +538,10 @@ class _Tracker:
                 warnings.warn("train.mlflow: mlflow is not installed (pip install mlflow); "
                               "not logging to MLflow", stacklevel=3)
             else:
-                uri = t.mlflow_uri or (out / "mlruns").resolve().as_uri()
-                mlflow.set_tracking_uri(uri)
-                mlflow.set_experiment(t.mlflow_experiment)
-                self.mlflow = mlflow
-                mlflow.start_run(run_name=name or out.name)
-                flat = {f"{s}.{k}": v for s, d in to_dict(cfg).items() if s in
-                        ("augment", "model", "train") for k, v in d.items()}
-                mlflow.log_params({k: str(v)[:250] for k, v in flat.items()})
+                try:
+                    self._start_mlflow(mlflow, out, cfg, name or out.name)
+                except Exception as exc:  # noqa: BLE001 - its stores raise their own types
+                    self._mlflow_failed("could not start a run", exc)
         if t.wandb:
             try:
                 import wandb
@@ -536,6 +557,43 @@ class _Tracker:
                                   "Weights & Biases (train.wandb_mode offline needs no login)",
                                   stacklevel=3)
 
+    def _start_mlflow(self, mlflow: Any, out: Path, cfg: PipelineConfig, name: str) -> None:
+        t = cfg.train
+        uri = t.mlflow_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(t.mlflow_experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+            t.mlflow_experiment,
+            # the local store's artifacts beside it (MLflow's default is ./mlruns of the cwd)
+            artifact_location=None if t.mlflow_uri else (out / "mlruns").resolve().as_uri())
+        run_id = client.create_run(exp_id, run_name=name).info.run_id
+        self.mlflow = (client, run_id)
+        flat = {f"{s}.{k}": v for s, d in to_dict(cfg).items() if s in
+                ("augment", "model", "train") for k, v in d.items()}
+        from mlflow.entities import Param
+
+        client.log_batch(run_id, params=[Param(k, str(v)[:250]) for k, v in flat.items()])
+
+    def _mlflow_failed(self, what: str, exc: BaseException) -> None:
+        """Warn once and stop logging to MLflow: tracking must not stop training."""
+        self.mlflow = None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        warnings.warn(f"train.mlflow: {what} ({type(exc).__name__}: {first}); not logging to "
+                      "MLflow for the rest of the run (train.mlflow_uri sets the store)",
+                      stacklevel=4)
+
+    def _mlflow_metrics(self, values: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        client, run_id = self.mlflow
+        now = int(time.time() * 1000)
+        try:
+            client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        except Exception as exc:  # noqa: BLE001 - a server blip must not end the run
+            self._mlflow_failed("logging failed", exc)
+
     def scalars(self, values: dict[str, float], step: int, step_key: str | None = None) -> None:
         """Log the finite ``values`` (name -> number) at ``step`` to every backend.
 
@@ -550,7 +608,7 @@ class _Tracker:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
         if self.mlflow is not None:
-            self.mlflow.log_metrics(values, step=step)
+            self._mlflow_metrics(values, step)
         if self.wandb is not None:
             if step_key is None:
                 self.wandb.log(values, step=step)
@@ -565,20 +623,27 @@ class _Tracker:
 
     def close(self, summary: dict[str, Any] | None = None, out: Path | None = None) -> None:
         """Flush and end every backend; ``summary`` None marks the run failed (MLflow, W&B)."""
-        tb, ml, wb = self.tb, self.mlflow, self.wandb
-        self.tb = self.mlflow = self.wandb = None  # a second close does nothing
+        tb, wb = self.tb, self.wandb
+        self.tb = self.wandb = None  # a second close does nothing
         numbers = {k: float(v) for k, v in (summary or {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if tb is not None:
             tb.flush()
             tb.close()
-        if ml is not None:
-            if summary is not None:
-                ml.log_metrics(numbers)
-                for name in ("loss.png", "summary.json", "config.yaml"):
-                    if out is not None and (out / name).is_file():
-                        ml.log_artifact(str(out / name))
-            ml.end_run(status="FINISHED" if summary is not None else "FAILED")
+        if self.mlflow is not None:
+            if summary is not None and numbers:
+                self._mlflow_metrics(numbers, 0)
+            if self.mlflow is not None:
+                client, run_id = self.mlflow
+                self.mlflow = None
+                try:
+                    if summary is not None:
+                        for name in ("loss.png", "summary.json", "config.yaml"):
+                            if out is not None and (out / name).is_file():
+                                client.log_artifact(run_id, str(out / name))
+                    client.set_terminated(run_id, "FINISHED" if summary is not None else "FAILED")
+                except Exception as exc:  # noqa: BLE001 - the run itself is finished and saved
+                    self._mlflow_failed("ending the run failed", exc)
         if wb is not None:
             if summary is not None:
                 wb.summary.update(numbers)
@@ -772,13 +837,14 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
     from simclr_path.data import BatchPlan, open_stores
     from simclr_path.model import create_simclr_model, output_stride
 
-    cfg = cfg or PipelineConfig()
+    cfg = whole_cfg(cfg, "pretrain")
     t_cfg, a_cfg, m_cfg = cfg.train, cfg.augment, cfg.model
     if isinstance(stores, (str, os.PathLike)):  # one path, not its characters
         stores = [stores]
     # opened PatchStore objects are taken too (open_stores keeps them)
     check_apart({"out": out}, {"stores": [getattr(s, "path", s) for s in stores]})
     out = Path(out)
+    _check_run_dir(out, bool(resume), force)  # again below, once resume="interrupted" is decided
     world = Dist()
     # ---- every check a user can fail comes before the run directory is touched ----
     device = resolve_device(t_cfg.device, world.local_rank)
@@ -971,7 +1037,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     lr = scaled_lr(t_cfg, t_cfg.batch_size * world.world_size)
     cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
     if world.main:
-        _write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        _write_text(out / "config.yaml",
+                    RUN_CONFIG_HEADER + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # ---- model, optimiser, schedule ----
     if world.enabled and t_cfg.sync_batchnorm and device.type == "cuda":

@@ -494,6 +494,34 @@ def test_existing_run_dir_needs_force_or_resume(stores, tmp_path):
     assert again == s and (run / "summary.json").is_file()
 
 
+def test_force_and_resume_leave_a_folder_that_is_not_a_run_alone(stores, tmp_path, capsys):
+    """A project folder given as --out lost its mlruns/ and wandb/ and had its own config.yaml
+    replaced, with --force or with a --resume that found no checkpoint."""
+    proj = tmp_path / "proj"
+    for d in ("mlruns/0/run1", "wandb/offline-run-1"):
+        (proj / d).mkdir(parents=True)
+    (proj / "config.yaml").write_text("train: {max_steps: 1}\n")
+    before = sorted(p.relative_to(proj) for p in proj.rglob("*"))
+    for flag in ("--force", "--resume", "--resume-interrupted"):
+        extra = ["--force"] if flag != "--force" else []
+        rc, err = _cli([*stores, *BASE, "--out", proj, flag, *extra], capsys)
+        assert rc != 0 and len(err.splitlines()) == 1, err
+        assert "is not a pretraining run directory" in err and "choose another --out" in err
+    assert sorted(p.relative_to(proj) for p in proj.rglob("*")) == before
+    assert (proj / "config.yaml").read_text() == "train: {max_steps: 1}\n"
+    # a run's own folder is one, even when only its config.yaml is left (a crash at start)
+    run = tmp_path / "run"
+    T.pretrain(stores, run, _cfg(max_steps=1), progress=False)
+    for name in T.RUN_FILES:
+        if name != "config.yaml":
+            (run / name).unlink(missing_ok=True)
+    assert T.pretrain(stores, run, _cfg(max_steps=1), force=True, progress=False)["steps"] == 1
+    # a file as --out with --resume: one line, no "starting from step 0" warning before it
+    (tmp_path / "afile").write_text("x")
+    rc, err = _cli([*stores, *BASE, "--out", tmp_path / "afile", "--resume"], capsys)
+    assert rc != 0 and len(err.splitlines()) == 1 and "is not a directory" in err, err
+
+
 def test_pretrain_takes_one_path_or_opened_stores_and_never_its_input_as_out(stores, tmp_path):
     from simclr_path.store import PatchStore
 
@@ -639,18 +667,37 @@ def _fake_wandb(monkeypatch):
     return calls
 
 
-def _fake_mlflow(monkeypatch):
-    """An ``mlflow`` module that records every call as (name, args, kwargs)."""
+def _fake_mlflow(monkeypatch, fail: str | None = None):
+    """An ``mlflow`` module whose MlflowClient records every call as (name, args, kwargs);
+    ``fail``: the name of a call that raises, as a store or server that fails does."""
+    import collections
     import types
 
     calls: list = []
 
-    def rec(name):
-        return lambda *a, **k: calls.append((name, a, k))
+    class MlflowClient:
+        def __init__(self, tracking_uri=None):
+            calls.append(("MlflowClient", (), {"tracking_uri": tracking_uri}))
 
-    names = ["set_tracking_uri", "set_experiment", "start_run", "log_params", "log_metrics",
-             "log_artifact", "end_run"]
-    monkeypatch.setitem(sys.modules, "mlflow", types.SimpleNamespace(**{n: rec(n) for n in names}))
+        def __getattr__(self, name):
+            def call(*a, **k):
+                calls.append((name, a, k))
+                if name == fail:
+                    raise RuntimeError("HTTP 503: service unavailable\nretry later")
+                if name == "get_experiment_by_name":
+                    return None
+                if name == "create_experiment":
+                    return "7"
+                if name == "create_run":
+                    return types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1"))
+            return call
+
+    entities = types.SimpleNamespace(
+        Param=collections.namedtuple("Param", "key value"),
+        Metric=collections.namedtuple("Metric", "key value timestamp step"))
+    monkeypatch.setitem(sys.modules, "mlflow", types.SimpleNamespace(MlflowClient=MlflowClient,
+                                                                     entities=entities))
+    monkeypatch.setitem(sys.modules, "mlflow.entities", entities)
     return calls
 
 
@@ -673,27 +720,45 @@ def test_wandb_logs_offline_run_under_run_dir(stores, tmp_path, monkeypatch):
     assert calls["finish"] == [0]
 
 
-def test_mlflow_logs_to_file_store_under_run_dir(stores, tmp_path, monkeypatch):
+def test_mlflow_logs_to_a_store_under_run_dir(stores, tmp_path, monkeypatch):
     calls = _fake_mlflow(monkeypatch)
     run = tmp_path / "run"
     T.pretrain(stores, run, _cfg(max_steps=2, mlflow=True), progress=False)
     by = {}
     for name, a, k in calls:
         by.setdefault(name, []).append((a, k))
-    assert by["set_tracking_uri"] == [(((run / "mlruns").resolve().as_uri(),), {})]
-    assert by["set_experiment"] == [(("simclr-path",), {})]
-    assert by["start_run"] == [((), {"run_name": "run"})]
-    (((params,), _),) = by["log_params"]
+    assert by["MlflowClient"] == [((), {"tracking_uri": f"sqlite:///{(run / 'mlflow.db').resolve()}"})]
+    assert by["create_experiment"] == [(("simclr-path",), {
+        "artifact_location": (run / "mlruns").resolve().as_uri()})]
+    assert by["create_run"] == [(("7",), {"run_name": "run"})]
+    (params,) = [k["params"] for _, k in by["log_batch"] if "params" in k]
+    params = {p.key: p.value for p in params}
     assert params["train.batch_size"] == "8" and params["model.arch"] == "resnet18"
     df = pd.read_csv(run / "metrics.csv")
-    per_step = [(a[0], k["step"]) for a, k in by["log_metrics"] if "step" in k]
-    assert [s for _, s in per_step] == df["step"].tolist() == [1, 2]
-    for (m, _), (_, row) in zip(per_step, df.iterrows()):
+    per_step = [k["metrics"] for _, k in by["log_batch"] if "metrics" in k]
+    steps = [m[0].step for m in per_step]
+    assert steps[:-1] == df["step"].tolist() == [1, 2] and steps[-1] == 0  # then the summary
+    for ms, (_, row) in zip(per_step, df.iterrows()):
+        m = {x.key: x.value for x in ms}
         assert m["train/loss"] == pytest.approx(row["loss"]) and m["train/lr"] == pytest.approx(row["lr"])
-    final = [a[0] for a, k in by["log_metrics"] if "step" not in k]
-    assert final and final[0]["steps"] == 2.0
-    assert ((str(run / "summary.json"),), {}) in by["log_artifact"]
-    assert calls[-1] == ("end_run", (), {"status": "FINISHED"})
+    assert {x.key: x.value for x in per_step[-1]}["steps"] == 2.0
+    assert (("r1", str(run / "summary.json")), {}) in by["log_artifact"]
+    assert calls[-1] == ("set_terminated", ("r1", "FINISHED"), {})
+
+
+@pytest.mark.parametrize("fail", ["create_experiment", "log_batch", "set_terminated"])
+def test_an_mlflow_store_that_fails_gives_one_warning_and_training_goes_on(
+        stores, tmp_path, monkeypatch, fail):
+    """Any MLflow error (a retired file store, a server down, one failed upload) stopped the
+    run with a traceback, losing the steps since the last checkpoint."""
+    calls = _fake_mlflow(monkeypatch, fail=fail)
+    with pytest.warns(UserWarning, match=r"train.mlflow: .*\(RuntimeError: HTTP 503: service "
+                                         r"unavailable\); not logging to MLflow") as record:
+        summary = T.pretrain(stores, tmp_path / "run", _cfg(max_steps=3, mlflow=True),
+                             progress=False)
+    assert summary["steps"] == 3 and (tmp_path / "run" / "encoder.pt").is_file()
+    assert len([w for w in record if "train.mlflow" in str(w.message)]) == 1
+    assert [c[0] for c in calls].count(fail) == 1  # dropped after its first failure
 
 
 def test_tracking_ends_failed_on_error(stores, tmp_path, monkeypatch):
@@ -707,7 +772,7 @@ def test_tracking_ends_failed_on_error(stores, tmp_path, monkeypatch):
         T.pretrain(stores, tmp_path / "run", _cfg(max_steps=2, mlflow=True, wandb=True),
                    progress=False)
     assert wb["finish"] == [1] and not wb["summary"]
-    assert ml[-1] == ("end_run", (), {"status": "FAILED"})
+    assert ml[-1] == ("set_terminated", ("r1", "FAILED"), {})
 
 
 def test_tracker_scalars_with_restarting_steps(tmp_path, monkeypatch):
