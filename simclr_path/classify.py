@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from simclr_path import __version__
-from simclr_path.config import CLASSIFY_PROBE_KEYS, ClassifyConfig
+from simclr_path.config import CLASSIFY_PROBE_KEYS, ClassifyConfig, section_cfg
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import (
     as_paths,
@@ -1217,7 +1217,7 @@ def classify(
         cfg: folds, C grid, top-k, bootstrap size, positive label, allowed labels.
         force: replace an existing ``out_dir``.
     """
-    cfg = cfg or ClassifyConfig()
+    cfg = section_cfg(cfg, ClassifyConfig, "classify")
     embedding_paths = as_paths(embedding_paths, "embedding_paths")
     check_apart({"out_dir": out_dir}, {"embedding_paths": embedding_paths, "samples": samples},
                 replaces_dir=force)

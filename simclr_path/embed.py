@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from simclr_path.config import EmbedConfig
+from simclr_path.config import EmbedConfig, section_cfg
 from simclr_path.data import cv2_fork_safe
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, load_encoder
@@ -329,7 +329,7 @@ def embed_store(
         force: overwrite ``out``.
         progress: show a progress bar.
     """
-    cfg = cfg or EmbedConfig()
+    cfg = section_cfg(cfg, EmbedConfig, "embed_store")
     enc = Path(encoder_path)
     if enc.is_dir():
         enc = enc / "encoder.pt"

@@ -272,7 +272,8 @@ def sample_embeddings(
         if samples is not None:
             if s.slide_id not in slide_label:
                 raise SimclrPathError(
-                    f"{p}: slide {s.slide_id!r} is not in the samples sheet {samples}"
+                    f"{p}: slide {s.slide_id!r} is not in the samples "
+                    + (f"sheet {samples}" if isinstance(samples, (str, os.PathLike)) else "table")
                 )
             labels = [slide_label[s.slide_id]] * n
         elif s.labels is not None and s.label_names:
@@ -379,7 +380,7 @@ def plot_tsne(
     ``max_points`` and ``perplexity`` default to ``ClassifyConfig.tsne_max_points`` and
     ``tsne_perplexity``.
     """
-    from simclr_path.config import ClassifyConfig
+    from simclr_path.config import ClassifyConfig, ConfigValueError
 
     embedding_paths = as_paths(embedding_paths, "embedding_paths")
     stores = None if stores is None else as_paths(stores, "stores")
@@ -388,8 +389,15 @@ def plot_tsne(
                          {"embedding_paths": embedding_paths, "stores": stores, "samples": samples},
                          force)
     d = ClassifyConfig()
-    max_points = max_points or d.tsne_max_points
-    perplexity = perplexity or d.tsne_perplexity
+    # the config's own range checks (0 was taken as "the default", -5 failed inside numpy)
+    try:
+        d = ClassifyConfig(tsne_max_points=d.tsne_max_points if max_points is None else max_points,
+                           tsne_perplexity=d.tsne_perplexity if perplexity is None else perplexity)
+    except ConfigValueError as exc:
+        raise SimclrPathError(f"plot_tsne: {exc.detail} (max_points, perplexity)") from None
+    max_points, perplexity = d.tsne_max_points, d.tsne_perplexity
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise SimclrPathError(f"plot_tsne: seed must be an integer >= 0, got {seed!r}")
     if (stores is None) != (out_thumbnails is None):
         raise SimclrPathError(
             "the thumbnail map needs both the patch stores (--stores) and --out-thumbnails"

@@ -52,7 +52,10 @@ def validate_slide_id(slide_id: str) -> str:
     """
     from simclr_path.samples import is_safe_id
 
-    s = str(slide_id)
+    if not isinstance(slide_id, str):  # an mpp passed where the id goes must not become one
+        raise SimclrPathError(f"slide id {slide_id!r} is a {type(slide_id).__name__}, not text; "
+                              "give the id as a string (slide_id='S01')")
+    s = slide_id
     if not is_safe_id(s):
         raise SimclrPathError(
             f"slide id {s!r} is not a safe file name; use letters, digits, '.', '_' and '-' only "

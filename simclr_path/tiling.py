@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from simclr_path.config import TileConfig
+from simclr_path.config import TileConfig, section_cfg
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import check_apart, check_can_write
 from simclr_path.slide import (
@@ -217,7 +217,7 @@ def _blocks(keep: np.ndarray, bp: int) -> Iterator[tuple[int, np.ndarray, np.nda
 
 
 def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
-               cfg: TileConfig | None = None, slide_id: str | None = None,
+               cfg: TileConfig | None = None, *, slide_id: str | None = None,
                slide_mpp: float | None = None, qc: str | os.PathLike | None = None,
                force: bool = False, progress: bool = True) -> TileResult:
     """Tile one slide into a patch store (and optionally a QC picture).
@@ -240,7 +240,7 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     top-left (x, y), row-major grid order.
     """
     t_start = time.perf_counter()
-    cfg = cfg or TileConfig()
+    cfg = section_cfg(cfg, TileConfig, "tile_slide")
     path = Path(slide_path)
     slide_id = validate_slide_id(slide_id) if slide_id is not None else _id_from_name(path)
     check_apart({"out": out, "qc": qc}, {"slide_path": slide_path})

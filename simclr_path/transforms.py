@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simclr_path.config import PREVIEW_PAIRS, AugmentConfig
+from simclr_path.config import PREVIEW_PAIRS, AugmentConfig, section_cfg
 from simclr_path.errors import SimclrPathError
 
 # ImageNet statistics, as timm models expect; shared with simclr_path.embed.
@@ -557,7 +557,7 @@ def preview_views(stores: Sequence[str | os.PathLike], cfg: AugmentConfig | None
     """
     from simclr_path.data import open_stores
 
-    cfg = cfg or AugmentConfig()
+    cfg = section_cfg(cfg, AugmentConfig, "preview")
     if n_pairs < 1:
         raise SimclrPathError(f"--pairs must be >= 1, got {n_pairs}")
     opened = open_stores(stores, image_size=cfg.image_size)
@@ -611,7 +611,7 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
 
     from simclr_path.budget import describe
 
-    cfg = cfg or AugmentConfig()
+    cfg = section_cfg(cfg, AugmentConfig, "preview")
     names, rows = preview_views(stores, cfg, n_pairs, seed)
     n_cols = len(rows[0])
     with plt.rc_context({"text.parse_math": False}):  # slide ids are text, '$' too

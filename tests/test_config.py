@@ -230,3 +230,41 @@ def test_stage_modules_are_attributes_of_the_package():
     import simclr_path
 
     assert getattr(simclr_path, "no.such", None) is None and not hasattr(simclr_path, "_x")
+
+
+def test_api_functions_take_their_section_or_the_whole_config_and_name_a_wrong_one(tmp_path):
+    """tile_slide(..., load_config()) failed deep inside with an AttributeError ('stride')."""
+    from simclr_path.classify import classify
+    from simclr_path.config import PipelineConfig, TileConfig, section_cfg
+    from simclr_path.tiling import tile_slide
+    from simclr_path.train import pretrain
+
+    whole = load_config(overrides={"tile": {"mpp": 2.0}})
+    assert section_cfg(whole, TileConfig, "tile_slide") is whole.tile
+    assert section_cfg(None, TileConfig, "tile_slide") == TileConfig()
+    with pytest.raises(SimclrPathError, match=r"tile_slide: cfg must be a TileConfig "
+                                              r"\(load_config\(...\).tile\) or the whole config, "
+                                              r"got ClassifyConfig"):
+        tile_slide(tmp_path / "x.svs", tmp_path / "x.h5", whole.classify)
+    with pytest.raises(SimclrPathError, match=r"classify: cfg must be a ClassifyConfig"):
+        classify([tmp_path / "x.h5"], tmp_path / "out", cfg=whole.train)
+    with pytest.raises(SimclrPathError, match=r"pretrain: cfg must be the whole config "
+                                              r"\(load_config\(...\)\), got TrainConfig"):
+        pretrain([tmp_path / "x.h5"], tmp_path / "run", whole.train)
+    assert isinstance(whole, PipelineConfig)
+    # an mpp given where the slide id goes (README's order) was stored as the id '0.5'
+    with pytest.raises(TypeError):
+        tile_slide(tmp_path / "x.svs", tmp_path / "x.h5", whole, 0.5)
+    from simclr_path.slide import validate_slide_id
+
+    with pytest.raises(SimclrPathError, match=r"slide id 0.5 is a float, not text"):
+        validate_slide_id(0.5)
+
+
+def test_load_config_names_overrides_given_in_python_as_such():
+    with pytest.raises(SimclrPathError, match=r"^overrides: tile.mpp must be"):
+        load_config(overrides={"tile": {"mpp": -1}})
+    with pytest.raises(SimclrPathError, match=r"^command line: tile.mpp must be"):
+        load_config(overrides={"tile": {"mpp": -1}}, overrides_from="command line")
+    with pytest.raises(SimclrPathError, match=r"overrides: expected a mapping of sections"):
+        load_config(overrides=[1])

@@ -981,3 +981,23 @@ def test_a_heatmap_of_imported_tiles_says_why_whatever_the_slide_id(tmp_path, sl
     with pytest.raises(SimclrPathError, match="no slide coordinates \\(imported tiles\\)"):
         figures.plot_heatmap(tmp_path / "pred.csv", tmp_path / "tiles.h5", tmp_path / "h.png",
                              slide_id=slide_id)
+
+
+def test_plot_tsne_checks_its_arguments_in_python_too(cohort, tmp_path):
+    """The CLI checked them through the config; in Python 0 became the default, -5 failed in
+    numpy, and a samples DataFrame was printed whole into the error."""
+    from simclr_path.errors import SimclrPathError
+    from simclr_path.figures import plot_tsne
+
+    out = (tmp_path / "a.png", tmp_path / "b.png")
+    for kw, match in (({"max_points": 0}, r"plot_tsne: classify.tsne_max_points must be between 10"),
+                      ({"max_points": -5}, r"tsne_max_points must be between 10"),
+                      ({"perplexity": -1}, r"plot_tsne: classify.tsne_perplexity must be > 0"),
+                      ({"seed": -1}, r"plot_tsne: seed must be an integer >= 0, got -1")):
+        with pytest.raises(SimclrPathError, match=match):
+            plot_tsne(cohort["embs"], *out, **kw)
+    sheet = pd.read_csv(cohort["sheet"], sep="\t").iloc[:3]
+    with pytest.raises(SimclrPathError) as err:
+        plot_tsne(cohort["embs"], *out, samples=sheet)
+    assert "is not in the samples table" in str(err.value) and "\n" not in str(err.value)
+    assert not any(p.exists() for p in out)

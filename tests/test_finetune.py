@@ -120,6 +120,10 @@ def test_training_lowers_loss_and_writes_classify_layout(result):
     assert {"fold0/train_loss", "fold1/val_loss", "final/train_loss", "test/slide_auroc"} <= set(tags)
     model = load_classifier(out)
     assert model.head.out_features == 2
+    # a folder without the final model says so (it said encoder.json was missing)
+    (out.parent / "no-model").mkdir(exist_ok=True)
+    with pytest.raises(SimclrPathError, match=r"no fine-tuned classifier here .*final_model: true"):
+        load_classifier(out.parent / "no-model")
     # what it was fine-tuned on, so embed sizes its input for these patches
     meta = json.loads((out / "encoder.json").read_text())
     assert meta["patch_size"] == SIZE and meta["image_size"] == SIZE

@@ -583,10 +583,16 @@ def test_tiny_end_to_end_with_report(tmp_path):
     wf = workdir(tmp_path, {**TINY, **TINY_FINETUNE}, tsv(demo_rows(4)))
     t0 = time.perf_counter()
     # one thread per fine-tuning job: two OpenMP threads spin-wait on a busy 2-core machine
-    done = smk(wf, "--cores", "2", "--set-threads", "finetune=1", timeout=600)
+    done = smk(wf, "--cores", "2", "--set-threads", "finetune=1", timeout=600,
+               python_warnings="default")
     elapsed = time.perf_counter() - t0
     assert done.returncode == 0, done.stderr[-5000:]
     print(f"tiny end-to-end run: {elapsed:.1f} s")
+    # every stage's warnings reach the console, not only its log (tile's and import's did)
+    warned = {line for log in (wf / "results/logs").rglob("*.log")
+              for line in log.read_text(errors="replace").splitlines() if ": warning: " in line}
+    assert any(" classify: warning:" in w for w in warned), warned
+    assert all(w in done.stderr for w in warned), warned - set(done.stderr.splitlines())
     bench = wf / "results/benchmarks"
     extra = [*bench.glob("finetune/*/*.tsv"), *bench.glob("classify_fraction/*/*.tsv"),
              *bench.glob("compare_finetune/*.tsv")]
@@ -799,7 +805,7 @@ PATCHES_ONLY = {
 }
 
 
-def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path):
+def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path, monkeypatch):
     wf = workdir(tmp_path, PATCHES_ONLY)
     for cls in ("SCC", "normal"):
         (wf / "tiles" / cls).mkdir(parents=True)
@@ -841,6 +847,21 @@ def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path):
     done = smk(wf, "--cores", "1", replace, "results/config/baseline/classify.yaml")
     line = _one_error_line(done)
     assert "report not written" in line and "report.stale.html" in line
+    assert not (wf / "report.html").exists() and (wf / "report.stale.html").is_file()
+
+    # a failed job: the jobs that finished may have changed results, so the older report goes
+    # aside too (it stayed, showing the results before them)
+    (wf / "report.stale.html").rename(wf / "report.html")
+    bad.rmdir()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "simclr-path").write_text("#!/bin/sh\nexit 3\n")
+    (fake / "simclr-path").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    done = smk(wf, "--cores", "1", replace, "results/figures/baseline/roc.png")
+    assert done.returncode != 0
+    assert "Report not written: the run failed; the older report was moved to " \
+           "report.stale.html" in done.stderr, done.stderr[-3000:]
     assert not (wf / "report.html").exists() and (wf / "report.stale.html").is_file()
 
 

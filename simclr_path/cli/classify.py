@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         for k, v in (("folds", args.folds), ("label_fraction", args.label_fraction))
         if v is not None
     }
-    cfg = load_config(args.config, overrides={"classify": over}).classify
+    cfg = load_config(args.config, overrides={"classify": over}, overrides_from="command line").classify
     m = classify(args.embeddings, args.out, samples=args.samples, cfg=cfg, force=args.force)
     s = m["slide"]
     auc = s.get("auroc")

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    cfg = load_config(args.config, overrides={"embed": over}).embed
+    cfg = load_config(args.config, overrides={"embed": over}, overrides_from="command line").embed
     out = embed_store(args.encoder, args.store, args.out, cfg=cfg, force=args.force)
     print(out)
     return 0

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     over = {k: v for k, v in (("label_fraction", args.label_fraction), ("epochs", args.epochs),
                               ("device", args.device), ("workers", args.workers)) if v is not None}
-    cfg = load_config(args.config, overrides={"finetune": over})
+    cfg = load_config(args.config, overrides={"finetune": over}, overrides_from="command line")
     m = finetune(args.stores, args.encoder, args.out, samples=args.samples, cfg=cfg,
                  force=args.force)
     s = m["slide"]

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from simclr_path.figures import plot_tsne
 
     over = {} if args.max_points is None else {"tsne_max_points": args.max_points}
-    cfg = load_config(args.config, overrides={"classify": over}).classify  # validates the value
+    cfg = load_config(args.config, overrides={"classify": over}, overrides_from="command line").classify  # validates the value
     plot_tsne(
         args.embeddings,
         args.out_label,

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from simclr_path.train import pretrain
 
-    cfg = load_config(args.config, args.preset, overrides(args))
+    cfg = load_config(args.config, args.preset, overrides(args), overrides_from="command line")
     if args.resume and args.resume_interrupted:
         raise SimclrPathError("--resume and --resume-interrupted: give one")
     resume = "interrupted" if args.resume_interrupted else args.resume

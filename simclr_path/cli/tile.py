@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from simclr_path.tiling import NoTissueWarning, tile_slide
 
     over = {k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None}
-    cfg = load_config(args.config, overrides={"tile": over}).tile
+    cfg = load_config(args.config, overrides={"tile": over}, overrides_from="command line").tile
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NoTissueWarning)
         res = tile_slide(args.slide, args.out, cfg, slide_id=args.slide_id,

@@ -26,7 +26,8 @@ rule classify:
         out=subpath(output.metrics, parent=True),
     shell:
         "simclr-path classify --embeddings {input.embeddings} {params.samples} "
-        "--out {params.out} --config {input.config} --force > {log} 2>&1"
+        "--out {params.out} --config {input.config} --force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"
 
 
 # Layer-wise linear evaluation (config layer_eval). Not under results/classify/{run}/: classify
@@ -59,4 +60,5 @@ rule classify_layer:
         out=subpath(output.metrics, parent=True),
     shell:
         "simclr-path classify --embeddings {input.embeddings} {params.samples} "
-        "--out {params.out} --config {input.config} --force > {log} 2>&1"
+        "--out {params.out} --config {input.config} --force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"

@@ -24,7 +24,8 @@ rule embed:
         embed_batch=lambda w: RUN_CFG[w.run].embed.batch_size,
     shell:
         "simclr-path with-gpus {resources.gpu} -- simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
-        "--config {input.config} --workers {resources.loader_workers} --batch-size {resources.embed_batch} --force > {log} 2>&1"
+        "--config {input.config} --workers {resources.loader_workers} --batch-size {resources.embed_batch} --force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"
 
 
 # Layer-wise linear evaluation (config `layer_eval`): the same stores embedded from other layers.
@@ -54,4 +55,5 @@ rule embed_layer:
     shell:
         "simclr-path with-gpus {resources.gpu} -- simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
         "--layer {wildcards.layer} --config {input.config} --workers {resources.loader_workers} --batch-size {resources.embed_batch} "
-        "--force > {log} 2>&1"
+        "--force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"

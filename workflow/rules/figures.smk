@@ -54,7 +54,8 @@ rule plot_tsne:
     shell:
         "simclr-path plot-tsne --embeddings {input.embeddings} {params.samples} "
         "--out-label {output.label} --out-slide {output.slide} {params.thumbnails} "
-        "--config {input.config} --force > {log} 2>&1"
+        "--config {input.config} --force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"
 
 
 rule plot_curves:
@@ -90,7 +91,8 @@ rule plot_curves:
         classify=subpath(input[0], parent=True),
     shell:
         "simclr-path plot-curves --classify {params.classify} --out-roc {output.roc} "
-        "--out-pr {output.pr} --force > {log} 2>&1"
+        "--out-pr {output.pr} --force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"
 
 
 rule plot_confusion:
@@ -117,7 +119,8 @@ rule plot_confusion:
         classify=subpath(input[0], parent=True),
     shell:
         "simclr-path plot-confusion --classify {params.classify} --out {output} "
-        "--force > {log} 2>&1"
+        "--force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"
 
 
 rule plot_heatmap:
@@ -146,7 +149,8 @@ rule plot_heatmap:
         classify=subpath(input.metrics, parent=True),
     shell:
         "simclr-path plot-heatmap --classify {params.classify} --store {input.store} "
-        "--slide-id={wildcards.slide} --out {output} --force > {log} 2>&1"
+        "--slide-id={wildcards.slide} --out {output} --force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"
 
 
 rule metrics_table:

@@ -31,7 +31,8 @@ rule finetune:
     shell:
         "simclr-path with-gpus {resources.gpu} -- simclr-path finetune {input.stores} --encoder {input.encoder} {params.samples} "
         "--label-fraction {wildcards.fraction} --out {params.out} --config {input.config} "
-        "--workers {resources.loader_workers} --force > {log} 2>&1"
+        "--workers {resources.loader_workers} --force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"
 
 
 # The linear probe's side at each label fraction below 1 (at 1.0 it is rule classify): the same
@@ -65,7 +66,8 @@ rule classify_fraction:
     shell:
         "simclr-path classify --embeddings {input.embeddings} {params.samples} "
         "--label-fraction {wildcards.fraction} --out {params.out} "
-        "--config {input.config} --force > {log} 2>&1"
+        "--config {input.config} --force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"
 
 
 rule compare_finetune:

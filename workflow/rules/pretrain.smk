@@ -43,7 +43,8 @@ rule pretrain:
         out=subpath(output.encoder, parent=True),
     shell:
         "simclr-path with-gpus {resources.gpu} -- {params.command} pretrain {input.stores} --out {params.out} --config {input.config} "
-        "--workers {resources.loader_workers} --resume-interrupted --force > {log} 2>&1"
+        "--workers {resources.loader_workers} --resume-interrupted --force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"
 
 
 rule preview:
@@ -71,7 +72,8 @@ rule preview:
         pairs=config["figures"]["preview_pairs"],
     shell:
         "simclr-path preview {input.stores} --out {output} --config {input.config} "
-        "--pairs {params.pairs} --force > {log} 2>&1"
+        "--pairs {params.pairs} --force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"
 
 
 rule plot_loss:
@@ -96,4 +98,5 @@ rule plot_loss:
         mem_mb=1000,
     shell:
         "simclr-path plot-loss {input} --out {output} --title 'SimCLR pretraining: {wildcards.run}' "
-        "--force > {log} 2>&1"
+        "--force > {log} 2>&1 "
+        "&& (grep -h ': warning: ' {log} >&2 || true)"

@@ -46,6 +46,15 @@ onsuccess:
         write_report(config["report"]["path"])
 
 
+# A failed run may have rewritten some results (the jobs that finished) but not the report:
+# the older report is moved aside so that it cannot pass for them.
+onerror:
+    if config["report"]["auto"]:
+        logger.info(
+            f"Report not written: the run failed{set_aside(config['report']['path'])}."
+        )
+
+
 rule compare_layers:
     input:
         metrics=expand(
