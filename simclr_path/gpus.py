@@ -24,6 +24,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -72,7 +73,23 @@ def lock_dir() -> Path:
         name += "-job-" + _safe(job)
     path = Path(root) / name
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # the name is predictable in a shared /tmp: a folder (or link) another user made first
+    # could hold our GPUs' locks or point our lock files elsewhere
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise SimclrPathError(f"{path}: the GPU lock folder is not a folder of yours that only you "
+                              f"can write; remove it, or set {LOCK_ROOT_VAR} to a folder of yours")
     return path
+
+
+def _open_lock(path: Path) -> int:
+    """A lock file's descriptor, never through a link (O_NOFOLLOW: a planted link would have us
+    create files where another user chose)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as exc:
+        raise SimclrPathError(f"{path}: cannot open this GPU lock file ({exc.strerror}); "
+                              "remove it (the next job makes it again)") from None
 
 
 def try_claim(count: int, pool: list[str], folder: Path) -> tuple[list[str], list[int]] | None:
@@ -84,7 +101,7 @@ def try_claim(count: int, pool: list[str], folder: Path) -> tuple[list[str], lis
     in step for as long as they kept meeting."""
     import fcntl
 
-    mutex = os.open(folder / "claim.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    mutex = _open_lock(folder / "claim.lock")
     try:
         fcntl.flock(mutex, fcntl.LOCK_EX)
         got: list[str] = []
@@ -93,7 +110,7 @@ def try_claim(count: int, pool: list[str], folder: Path) -> tuple[list[str], lis
             if len(got) == count:
                 break
             name = _safe(gpu)  # a UUID, a MIG id
-            fd = os.open(folder / f"gpu-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fd = _open_lock(folder / f"gpu-{name}.lock")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

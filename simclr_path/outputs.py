@@ -225,9 +225,13 @@ def atomic_dir(path: str | os.PathLike, force: bool = False,
     try:
         yield tmp
         _default_mode(tmp, 0o777)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        if final.is_symlink():  # --force replaces the link, never its target's contents
+            final.unlink()
+            os.replace(tmp, final)
+        elif final.exists():
+            # a fresh name for the old results: a fixed '.NAME.old' deleted a user's folder of
+            # that name; renamed onto the empty folder, then removed with it
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

@@ -79,14 +79,45 @@ def _read_attr(v: Any, legacy: bool = False) -> Any:
     if isinstance(v, h5py.Empty):
         return None
     if isinstance(v, bytes):
-        v = v.decode()
+        v = v.decode("utf-8", "replace")  # a foreign file's bytes: shown, not a crash
     if legacy and isinstance(v, str) and v == "none":
         return None
     if isinstance(v, np.ndarray) and v.dtype.kind in ("O", "S", "U"):
-        return [x.decode() if isinstance(x, bytes) else str(x) for x in v]
+        return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in v]
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+# what reading a foreign or hand-made file can raise (a group where a dataset belongs, text
+# where numbers do): each is "damaged", one line
+_DAMAGED = (OSError, KeyError, TypeError, ValueError, AttributeError)
+
+
+def _read_groups(f: h5py.File) -> list[str]:
+    return [g.decode("utf-8", "replace") if isinstance(g, bytes) else str(g) for g in f["groups"][:]]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def layout_problem(n: int, labels: np.ndarray | None, groups: list[str] | None,
+                    attrs: dict[str, Any]) -> str | None:
+    """What is wrong with a store's or embedding file's labels, groups and class names for
+    ``n`` patches (None: nothing), before a reader fails deep inside numpy."""
+    names = attrs.get("label_names")
+    if labels is not None and (labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer)):
+        return f"/labels holds {labels.dtype} of shape {labels.shape}, expected {n} integers"
+    if groups is not None and len(groups) != n:
+        return f"/groups holds {len(groups)} entries for {n} patches"
+    if names is not None and not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+        return f"attribute label_names is {names!r}, expected a list of class names"
+    # (a negative index is the readers' own check: info says what it is)
+    if labels is not None and len(labels) and names and labels.max() >= len(names):
+        return (f"/labels holds class index {int(labels.max())} but label_names has "
+                f"{len(names)} classes")
+    return None
 
 
 def encode_patch(patch: np.ndarray) -> tuple[bytes, int]:
@@ -331,11 +362,16 @@ class PatchStore:
             self._len = int(f["patches"].shape[0])
             self.coords: np.ndarray = f["coords"][:]
             self.labels: np.ndarray | None = f["labels"][:] if "labels" in f else None
-            self.groups: list[str] | None = (
-                [g.decode() if isinstance(g, bytes) else g for g in f["groups"][:]] if "groups" in f else None)
-        except (OSError, KeyError) as exc:
+            self.groups: list[str] | None = _read_groups(f) if "groups" in f else None
+        except _DAMAGED as exc:
             raise SimclrPathError(f"{self.path}: patch store is damaged ({exc}); recreate it with --force") from None
         _check_version(self.path, self.attrs, "store")
+        problem = layout_problem(self._len, self.labels, self.groups, self.attrs)
+        if problem is None and not _is_int(self.attrs.get("patch_size")):
+            problem = f"attribute patch_size is {self.attrs.get('patch_size')!r}, not a whole number"
+        if problem:
+            raise SimclrPathError(f"{self.path}: not a valid patch store: {problem}; recreate it "
+                                  "with 'simclr-path tile' or 'import-patches' (--force)")
 
     @property
     def path(self) -> Path:
@@ -455,9 +491,8 @@ class EmbeddingStore:
             self.features: np.ndarray | None = f["features"][:] if features else None
             self.coords: np.ndarray = f["coords"][:]
             self.labels: np.ndarray | None = f["labels"][:] if "labels" in f else None
-            self.groups: list[str] | None = (
-                [g.decode() if isinstance(g, bytes) else g for g in f["groups"][:]] if "groups" in f else None)
-        except (OSError, KeyError) as exc:
+            self.groups: list[str] | None = _read_groups(f) if "groups" in f else None
+        except _DAMAGED as exc:
             raise SimclrPathError(f"{path}: embedding file is damaged ({exc}); recreate it with --force") from None
         finally:
             h5.close()
@@ -467,20 +502,14 @@ class EmbeddingStore:
         """One clear error for datasets of the wrong shape or type (a file written by other
         code), before a reader fails deep inside numpy or sklearn."""
         n = self.shape[0] if self.shape else 0
-        names = self.attrs.get("label_names")
         problem = (
             f"/features has shape {self.shape}, expected (patches, features >= 1)"
             if len(self.shape) != 2 or self.shape[1] < 1 else
             f"/coords has shape {self.coords.shape}, expected ({n}, 2)"
             if self.coords.shape != (n, 2) else
-            f"/labels holds {self.labels.dtype} of shape {self.labels.shape}, expected {n} integers"
-            if self.labels is not None and (self.labels.shape != (n,)
-                                            or not np.issubdtype(self.labels.dtype, np.integer)) else
-            f"/groups holds {len(self.groups)} entries for {n} patches"
-            if self.groups is not None and len(self.groups) != n else
-            f"attribute label_names is {names!r}, expected a list of class names"
-            if names is not None and not (isinstance(names, list)
-                                          and all(isinstance(c, str) for c in names)) else None)
+            layout_problem(n, self.labels, self.groups, self.attrs))
+        if problem is None and not isinstance(self.attrs.get("tta", False), (bool, np.bool_)):
+            problem = f"attribute tta is {self.attrs['tta']!r}, not true or false"
         if problem:
             raise SimclrPathError(f"{self.path}: not a valid embedding file: {problem}; recreate it "
                                   "with 'simclr-path embed --force'")

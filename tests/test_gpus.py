@@ -208,3 +208,20 @@ def test_pool_without_a_gpu_driver_is_empty_and_with_one_asks_torch(tmp_path, mo
     assert G.gpu_pool() == ["3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a,MIG-1c3d")  # UUIDs are entries too
     assert G.gpu_pool() == ["GPU-8f2a", "MIG-1c3d"]
+
+
+def test_a_lock_folder_others_can_write_or_a_planted_link_is_refused(tmp_path, monkeypatch):
+    """The folder name in /tmp is predictable: another user's folder, or a link planted in ours,
+    could hold our GPUs or have us create files where they chose."""
+    monkeypatch.setenv(G.LOCK_ROOT_VAR, str(tmp_path))
+    for var in G.SCHEDULER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    folder = G.lock_dir()
+    folder.chmod(0o777)
+    with pytest.raises(SimclrPathError, match="not a folder of yours that only you can write"):
+        G.lock_dir()
+    folder.chmod(0o700)
+    (folder / "claim.lock").symlink_to(tmp_path / "planted")
+    with pytest.raises(SimclrPathError, match=r"claim.lock: cannot open this GPU lock file"):
+        G.try_claim(1, ["0"], folder)
+    assert not (tmp_path / "planted").exists()

@@ -113,3 +113,37 @@ def test_a_locked_or_unreadable_file(tmp_path, make_store, capsys, monkeypatch):
 
     with pytest.raises(SimclrPathError, match="cannot read the patch store .permission denied"):
         PatchStore(good)  # every command's reader says the same
+
+
+def _edit(path, fn):
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        fn(f)
+    return path
+
+
+def test_crafted_files_are_one_line_not_a_traceback(make_store, capsys):
+    """Attributes and datasets of types simclr-path never writes crashed info (and every
+    reader): non-UTF-8 text, a group for /labels, a class index of 10**12 (bincount tried to
+    allocate terabytes), text where a number belongs."""
+    import h5py
+
+    cases = [
+        (lambda f: (f.__delitem__("labels"), f.create_group("labels")), "damaged HDF5 file"),
+        (lambda f: (f.__delitem__("labels"), f.create_dataset("labels", data=np.array([0, 10**12, 0, 1]))),
+         "/labels holds class index 1000000000000 but label_names has 2 classes"),
+        (lambda f: f.attrs.__setitem__("kind", "slide") or f.attrs.__setitem__("mpp", "abc"),
+         "an attribute of an unexpected type"),
+    ]
+    for i, (edit, match) in enumerate(cases):
+        path = make_store(n=4, size=8, name=f"c{i}.h5", label_names=["a", "b"], labels=[0, 1, 1, 0],
+                          groups=["g1", "g1", "g2", "g2"])
+        assert main(["info", str(_edit(path, edit))]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+    # non-UTF-8 bytes in text are shown with replacement characters, not a crash
+    path = _edit(make_store(n=4, size=8, name="u.h5"),
+                 lambda f: f.attrs.__setitem__("slide_id", np.bytes_(b"S\xff\xfe")))
+    assert main(["info", str(path)]) == 0 and "S\ufffd\ufffd" in capsys.readouterr().out
+    assert h5py.is_hdf5(path)

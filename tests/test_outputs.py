@@ -162,3 +162,29 @@ def test_as_paths_takes_one_path_whole(tmp_path):
         as_paths(3, "stores")
     with pytest.raises(SimclrPathError, match="stores: expected paths, got int 3"):
         as_paths(["a.h5", 3], "stores")
+
+
+def test_force_keeps_a_users_dot_old_folder_and_replaces_a_link_not_its_target(tmp_path):
+    """The old results went aside under the fixed name '.NAME.old', deleting a user's folder of
+    that name; a results folder reached through a link was left as '.NAME.old'."""
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "metrics.json").write_text("{}")
+    mine = tmp_path / ".res.old"
+    mine.mkdir()
+    (mine / "my_backup.txt").write_text("precious")
+    with atomic_dir(res, force=True, markers=("metrics.json",)) as tmp:
+        (tmp / "metrics.json").write_text('{"new": 1}')
+    assert (mine / "my_backup.txt").read_text() == "precious"
+    assert (res / "metrics.json").read_text() == '{"new": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".res.old", "res"]
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "metrics.json").write_text("{}")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with atomic_dir(link, force=True, markers=("metrics.json",)) as tmp:
+        (tmp / "metrics.json").write_text('{"new": 2}')
+    assert not link.is_symlink() and (link / "metrics.json").read_text() == '{"new": 2}'
+    assert (target / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".res.old", "link", "res", "target"]

@@ -189,3 +189,32 @@ def test_a_non_hdf5_file_given_as_embeddings_points_to_embed_not_tile(tmp_path):
         EmbeddingStore(tmp_path / "notes.h5")
     with pytest.raises(SimclrPathError, match=r"tiled into one by 'simclr-path tile'"):
         PatchStore(tmp_path / "notes.h5")
+
+
+def test_crafted_patch_stores_and_embedding_files_are_one_clear_error(tmp_path, make_store):
+    """Groups where datasets belong, text where numbers belong, bytes that are not UTF-8: every
+    reader crashed in numpy, h5py or str.decode."""
+    path = make_store(n=4, size=8, label_names=["a", "b"], labels=[0, 1, 1, 0],
+                      groups=["g1", "g1", "g2", "g2"])
+    with h5py.File(path, "r+") as f:
+        f.attrs["slide_id"] = np.bytes_(b"S\xff")
+        del f["groups"]
+        f.create_dataset("groups", data=np.array([b"g\xff"] * 4))
+    store = PatchStore(path)
+    assert store.slide_id == "S\ufffd" and store.groups == ["g\ufffd"] * 4
+    for edit, match in (
+            (lambda f: (f.__delitem__("labels"), f.create_group("labels")), "patch store is damaged"),
+            (lambda f: f.attrs.__setitem__("patch_size", "abc"),
+             "attribute patch_size is 'abc', not a whole number"),
+            (lambda f: (f.__delitem__("labels"), f.create_dataset("labels", data=np.array([0, 5, 0, 1]))),
+             "/labels holds class index 5 but label_names has 2 classes")):
+        p = make_store(n=4, size=8, name=f"x{len(match)}.h5", label_names=["a", "b"],
+                       labels=[0, 1, 1, 0])
+        with h5py.File(p, "r+") as f:
+            edit(f)
+        with pytest.raises(SimclrPathError, match=match):
+            PatchStore(p)
+    e = write_embeddings(tmp_path / "e.h5", np.ones((2, 3), np.float32), np.zeros((2, 2)),
+                         {"slide_id": "A", "tta": np.array([1, 0])})
+    with pytest.raises(SimclrPathError, match=r"attribute tta is .*, not true or false"):
+        EmbeddingStore(e)

@@ -22,10 +22,9 @@ def _size(n: int) -> str:
 
 def summary(path: Path) -> list[str]:
     """Lines describing the store at ``path`` (raises SimclrPathError for a bad file)."""
-    import numpy as np
 
     from simclr_path.errors import SimclrPathError
-    from simclr_path.store import open_h5, read_attrs
+    from simclr_path.store import layout_problem, open_h5, read_attrs
 
     if path.is_dir():
         raise SimclrPathError(f"{path}: is a folder; give a patch store or embedding file (.h5)")
@@ -56,9 +55,31 @@ def summary(path: Path) -> list[str]:
             labels = f["labels"][:] if "labels" in f else None
             groups = f["groups"][:] if "groups" in f else None
             thumb = f["thumbnail"].shape if "thumbnail" in f else None
-    except OSError as exc:
+    except (OSError, TypeError, ValueError, AttributeError) as exc:
         raise SimclrPathError(f"{path}: damaged HDF5 file ({exc}); recreate it with "
                               "--force") from None
+    if groups is not None:
+        groups = [g.decode("utf-8", "replace") if isinstance(g, bytes) else str(g) for g in groups]
+    problem = layout_problem(shape[0] if len(shape) else 0, labels, groups, attrs)
+    if problem is None and labels is not None and len(labels) and not attrs.get("label_names") \
+            and labels.max() > 100_000:  # no names to count against: a count this long is not ours
+        problem = f"/labels holds class index {int(labels.max())} and no label_names"
+    if problem:
+        raise SimclrPathError(f"{path}: not a valid {what}: {problem}; recreate it with "
+                              "simclr-path (--force)")
+    try:
+        return _describe(path, what, attrs, shape, labels, groups, thumb)
+    except (TypeError, ValueError, IndexError) as exc:  # an attribute of a type no writer gives
+        raise SimclrPathError(f"{path}: {what} has an attribute of an unexpected type ({exc}); "
+                              "recreate it with simclr-path (--force)") from None
+
+
+def _describe(path: Path, what: str, attrs: dict, shape: tuple, labels, groups,
+              thumb) -> list[str]:
+    """The summary lines of :func:`summary` from what it read."""
+    import numpy as np
+
+    from simclr_path.errors import SimclrPathError
 
     def a(key, fmt="{}"):
         v = attrs.get(key)

@@ -568,7 +568,7 @@ def demo_params(wildcards):
     label = SAMPLES.loc[SAMPLES["slide_id"] == sid, "label"].iloc[0]
     kind = "scc" if str(label).casefold() == "scc" else "normal"
     artefacts = DEMO["artefacts"].get(sid, "")
-    extra = f"--artefacts {artefacts}" if artefacts else ""
+    extra = f"--artefacts {shlex.quote(str(artefacts))}" if artefacts else ""
     return {
         "kind": kind,
         "seed": int(DEMO["seed"]) + zlib.crc32(sid.encode()) % 10**6,

@@ -19,6 +19,6 @@ rule demo_slide:
         height=DEMO["height"],
         mpp=DEMO["mpp"],
     shell:
-        "simclr-path demo-slide --out {output} --kind {params.p[kind]} --seed {params.p[seed]} "
+        "simclr-path demo-slide --out {output:q} --kind {params.p[kind]} --seed {params.p[seed]} "
         "--width {params.width} --height {params.height} --mpp {params.mpp} {params.p[extra]} "
         "--force > {log} 2>&1"
