@@ -73,6 +73,8 @@ METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "pairs_per_s", "data_time_s", "
 RUN_FILES = ["config.yaml", "metrics.csv", "checkpoint.pt", "loss.png", "head.pt", "encoder.pt",
              "encoder.json", "summary.json", "mlflow.db"]
 RUN_DIRS = ["tensorboard", "mlruns", "wandb"]
+# a hidden file every run writes first (never a workflow output, so never deleted by one)
+RUN_MARKER = ".simclr-path-run"
 # config.yaml's first line: tells a run's own config.yaml from a user's in a folder given as --out
 RUN_CONFIG_HEADER = "# simclr-path pretrain: this run's resolved configuration\n"
 # Files that mark a run as finished; removed before any (re)start so a failed run never has them.
@@ -381,13 +383,20 @@ def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
 def _is_run_dir(out: Path) -> bool:
     """Whether ``out`` holds a run's files: a folder given by mistake (a project folder with its
     own config.yaml and mlruns/) must not lose them to --force."""
-    if any((out / n).is_file() for n in RUN_FILES if n != "config.yaml"):
+    if any((out / n).is_file() for n in [RUN_MARKER, *RUN_FILES] if n != "config.yaml"):
         return True
     try:
         with open(out / "config.yaml", encoding="utf-8", errors="replace") as f:
             return f.read(len(RUN_CONFIG_HEADER)) == RUN_CONFIG_HEADER
     except OSError:
         return False
+
+
+def _differences(section: str, was: dict[str, Any], now: dict[str, Any]) -> str:
+    """``section.key (old, now new)`` for the keys that differ (the first four)."""
+    keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    out = ", ".join(f"{section}.{k} ({was.get(k)!r}, now {now.get(k)!r})" for k in keys[:4])
+    return out + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
 def _requested(cfg: PipelineConfig) -> str:
@@ -413,10 +422,19 @@ def _interrupted_checkpoint(path: Path, requested: str, stores: Any, world_size:
     except SimclrPathError as exc:
         ck, why = None, f"unreadable ({str(exc).split(': ', 1)[-1].split(';')[0]})"
     if ck is not None:
-        if ck.get("finished") is not False:  # finished, or from a version that did not say
+        # finished (or from a version that did not say); a run killed while writing its final
+        # files (the checkpoint says finished, summary.json is missing) only needs those
+        complete = all((path.parent / n).is_file() for n in COMPLETE_FILES)
+        if ck.get("finished") is None or ck.get("finished") and complete:
             why = "of a finished run"
         elif ck.get("requested") != requested:
-            why = "of another configuration"
+            try:
+                was, now = json.loads(ck["requested"]), json.loads(requested)
+                why = "of another configuration: " + ", ".join(
+                    _differences(s, was.get(s, {}), now[s]) for s in now
+                    if was.get(s, {}) != now[s])
+            except (TypeError, ValueError, KeyError, AttributeError):  # an older checkpoint's record
+                why = "of another configuration"
         elif ck.get("stores") != stores:
             why = "of other patch stores"
         elif int(ck.get("world_size", 1)) != world_size:  # the global batch would differ
@@ -444,6 +462,7 @@ def _prepare_run_dir(out: Path, resume: bool, force: bool) -> bool:
     if resume and has_ckpt:
         for name in COMPLETE_FILES:  # a resumed run is incomplete until it finishes again
             (out / name).unlink(missing_ok=True)
+        _mark_run_dir(out)
         return True
     if nonempty and not resume and force or (resume and not has_ckpt):
         for name in RUN_FILES:
@@ -451,7 +470,17 @@ def _prepare_run_dir(out: Path, resume: bool, force: bool) -> bool:
         for name in RUN_DIRS:
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    _mark_run_dir(out)
     return False
+
+
+def _mark_run_dir(out: Path) -> None:
+    """Mark ``out`` as a run directory before anything else is written: a run that failed early
+    leaves tracking folders only, and a workflow deletes a failed job's declared outputs
+    (config.yaml, metrics.csv ...), yet --force must still take the folder for a run's."""
+    marker = out / RUN_MARKER
+    if not marker.is_file():
+        marker.write_text("a simclr-path pretraining run directory (--force replaces its files)\n")
 
 
 def _resume_without_checkpoint(out: Path, force: bool, main: bool) -> None:
@@ -514,9 +543,11 @@ class _Tracker:
     """
 
     def __init__(self, out: Path, cfg: PipelineConfig, enabled: bool,
-                 name: str | None = None) -> None:
+                 name: str | None = None, resume_step: int | None = None) -> None:
         """``name``: the run's name in MLflow and W&B (default ``out.name``; fine-tuning writes
-        into a temporary folder and passes the final one's)."""
+        into a temporary folder and passes the final one's). ``resume_step``: the checkpoint's
+        step of a resumed run; TensorBoard drops what the interrupted run logged after it (as
+        metrics.csv does), so those steps are not shown twice."""
         self.tb = None
         self.mlflow = None
         self.wandb = None  # the wandb Run
@@ -527,7 +558,9 @@ class _Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+                self.tb = SummaryWriter(
+                    log_dir=str(out / "tensorboard"),
+                    purge_step=None if resume_step is None else resume_step + 1)
             except ImportError:
                 warnings.warn("train.tensorboard: tensorboard is not installed; not logging",
                               stacklevel=3)
@@ -879,6 +912,9 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
                       "set augment.local_size in the config"))
     check_view_sizes(views, m_cfg.arch, output_stride(model.backbone))
     fit: dict[str, Any] | None = None
+    # with --resume --force given, --force is not the way to start over: leaving out --resume is
+    restart = ("leave out --resume to start over (--force is given)" if force else
+               "use --force to start over")
     if resume and (out / "checkpoint.pt").is_file():
         ck = ck or load_checkpoint(out / "checkpoint.pt")
         _check_resume_stores(out / "checkpoint.pt", ck.get("stores"), _store_record(opened))
@@ -898,13 +934,17 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
                           f"{float(t_cfg.time_budget_s):.0f} s budget (use --force to start over "
                           "and fit them again)", stacklevel=2)
         if old.get("model") != to_dict(cfg)["model"]:
-            raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with a different model "
-                                  "section; resume with the same configuration or use --force")
+            raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with other "
+                                  f"{_differences('model', old.get('model', {}), to_dict(cfg)['model'])}"
+                                  f"; resume with the run's own settings (--config "
+                                  f"{out / 'config.yaml'}) or {restart}")
         # keys a checkpoint from an older version lacks had their defaults then (e.g. no local crops)
-        if {**defaults_dict()["augment"], **old.get("augment", {})} != to_dict(cfg)["augment"]:
-            raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with different "
-                                  "augmentations (augment section, e.g. local_crops); resume with "
-                                  f"the run's own settings (--config {out / 'config.yaml'}) or use --force")
+        was_aug = {**defaults_dict()["augment"], **old.get("augment", {})}
+        if was_aug != to_dict(cfg)["augment"]:
+            raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with other "
+                                  f"{_differences('augment', was_aug, to_dict(cfg)['augment'])}; "
+                                  f"resume with the run's own settings (--config "
+                                  f"{out / 'config.yaml'}) or {restart}")
         if a_cfg.local_crops:
             was = ck.get("local_view_size")
             if was is None:  # not recorded before: local_size null meant half of image_size (>= 8)
@@ -914,7 +954,7 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
                 raise SimclrPathError(
                     f"{out / 'checkpoint.pt'}: was trained with local views of {was} px, this "
                     f"configuration makes them {a_cfg.local_view_size} px; set augment.local_size: "
-                    f"{was} in the config or use --force")
+                    f"{was} in the config or {restart}")
         # restored from the checkpoint (optimiser and schedule state) or changing the objective
         # mid-run: a new value would be ignored or silently mix two runs
         was, now = old.get("train", {}), to_dict(cfg)["train"]
@@ -923,7 +963,7 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
             raise SimclrPathError(
                 f"{out / 'checkpoint.pt'}: was trained with other "
                 + ", ".join(f"train.{k} ({was[k]!r}, now {now[k]!r})" for k in changed)
-                + f"; resume with the run's own settings (--config {out / 'config.yaml'}) or use --force")
+                + f"; resume with the run's own settings (--config {out / 'config.yaml'}) or {restart}")
         if int(ck.get("world_size", 1)) * int(old["train"]["batch_size"]) != \
                 world.world_size * t_cfg.batch_size:
             raise SimclrPathError(f"{out / 'checkpoint.pt'}: global batch size differs from the "
@@ -1172,7 +1212,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     v_buf: torch.Tensor | None = None
     xl_buf: torch.Tensor | None = None
     # created just before the try so that every exit below ends it (FAILED unless finished)
-    tracker = _Tracker(out, cfg, enabled=world.main)
+    tracker = _Tracker(out, cfg, enabled=world.main,
+                       resume_step=start_step if ck is not None else None)
 
     def flush(check: bool = True) -> bool:
         """Write the pending rows; False when a loss is not finite (an error if ``check``)."""

@@ -150,6 +150,41 @@ def test_interrupted_then_resumed_equals_uninterrupted(stop, dropout, stores, tm
     _same_run(tmp_path / "full", tmp_path / "cut")
 
 
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(stores, tmp_path, monkeypatch):
+    """A crash after step 3 with the checkpoint at step 2: metrics.csv went back to step 2, but
+    TensorBoard kept the lost step 3 and showed it twice (1, 2, 3, 3, 4, 5)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(max_steps=5, checkpoint_every=2, log_every=1, tensorboard=True)
+    run = tmp_path / "run"
+
+    def crash(step):
+        if step == 3:
+            raise RuntimeError("node lost")
+
+    monkeypatch.setattr(T, "_on_step_end", crash)
+    with pytest.raises(RuntimeError, match="node lost"):
+        T.pretrain(stores, run, cfg, progress=False)
+    monkeypatch.setattr(T, "_on_step_end", lambda step: None)
+    assert T.pretrain(stores, run, cfg, resume=True, progress=False)["resumed_from_step"] == 2
+    steps = [e.step for e in EventAccumulator(str(run / "tensorboard")).Reload().Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4, 5] == pd.read_csv(run / "metrics.csv")["step"].tolist()
+
+
+def test_resume_interrupted_finishes_a_run_killed_while_writing_its_final_files(stores, tmp_path):
+    """The checkpoint is saved as finished before encoder.pt and summary.json: a kill between
+    them made the workflow's --resume-interrupted --force train the whole run again."""
+    cfg = _cfg(max_steps=3)
+    run = tmp_path / "run"
+    T.pretrain(stores, run, cfg, progress=False)
+    before = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    (run / "summary.json").unlink()
+    s = T.pretrain(stores, run, cfg, resume="interrupted", force=True, progress=False)
+    assert s["resumed_from_step"] == 3 and s["steps"] == 3 and (run / "summary.json").is_file()
+    after = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing trained again
+
+
 def _cut_at_3(stores, run, cfg, monkeypatch):
     """A run of ``cfg`` interrupted (Ctrl-C) after step 3, its checkpoint saved."""
     def crash(step):
@@ -192,7 +227,8 @@ def test_resume_interrupted_starts_over_for_anything_but_the_same_unfinished_run
         T.pretrain(stores, run, cfg, progress=False)
     else:
         _cut_at_3(stores, run, cfg, monkeypatch)
-    why = {"finished": "of a finished run", "config": "of another configuration",
+    why = {"finished": "of a finished run",
+           "config": "of another configuration: train.lr (0.001, now 0.002)",
            "stores": "of other patch stores",
            "rewritten": "older than its patch stores (written again since)",
            "processes": "of 2 processes, not 1"}[case]
@@ -509,13 +545,19 @@ def test_force_and_resume_leave_a_folder_that_is_not_a_run_alone(stores, tmp_pat
         assert "is not a pretraining run directory" in err and "choose another --out" in err
     assert sorted(p.relative_to(proj) for p in proj.rglob("*")) == before
     assert (proj / "config.yaml").read_text() == "train: {max_steps: 1}\n"
-    # a run's own folder is one, even when only its config.yaml is left (a crash at start)
+    # a run's own folder is one, even when only its config.yaml is left, or only its tracking
+    # folder (a crash before the first log; the workflow deletes a failed job's outputs)
     run = tmp_path / "run"
-    T.pretrain(stores, run, _cfg(max_steps=1), progress=False)
+    cfg = _cfg(max_steps=1, tensorboard=True)
+    T.pretrain(stores, run, cfg, progress=False)
     for name in T.RUN_FILES:
         if name != "config.yaml":
             (run / name).unlink(missing_ok=True)
-    assert T.pretrain(stores, run, _cfg(max_steps=1), force=True, progress=False)["steps"] == 1
+    assert T.pretrain(stores, run, cfg, force=True, progress=False)["steps"] == 1
+    for name in T.RUN_FILES:
+        (run / name).unlink(missing_ok=True)
+    assert sorted(p.name for p in run.iterdir()) == [T.RUN_MARKER, "tensorboard"]
+    assert T.pretrain(stores, run, cfg, force=True, progress=False)["steps"] == 1
     # a file as --out with --resume: one line, no "starting from step 0" warning before it
     (tmp_path / "afile").write_text("x")
     rc, err = _cli([*stores, *BASE, "--out", tmp_path / "afile", "--resume"], capsys)
@@ -929,8 +971,18 @@ def test_resume_with_other_augmentations_is_refused(stores, tmp_path):
     T.pretrain(stores, run, _cfg(max_steps=2), progress=False)
     cfg = _cfg(max_steps=4)
     cfg.augment.local_crops = 2
-    with pytest.raises(SimclrPathError, match="different augmentations"):
+    with pytest.raises(SimclrPathError, match=r"was trained with other augment.local_crops "
+                                              r"\(0, now 2\); resume with the run's own settings "
+                                              r"\(--config .*config.yaml\) or use --force"):
         T.pretrain(stores, run, cfg, resume=True, progress=False)
+    # --force given with --resume: the way to start over is leaving out --resume
+    with pytest.raises(SimclrPathError, match=r"or leave out --resume to start over \(--force "
+                                              r"is given\)"):
+        T.pretrain(stores, run, cfg, resume=True, force=True, progress=False)
+    arch = dataclasses.replace(_cfg(max_steps=4), model=dataclasses.replace(
+        _cfg().model, arch="resnet34"))
+    with pytest.raises(SimclrPathError, match=r"other model.arch \('resnet18', now 'resnet34'\)"):
+        T.pretrain(stores, run, arch, resume=True, progress=False)
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     # an older checkpoint without the multi-crop keys resumes under the defaults it had
     old = json.loads(ck["config"])
