@@ -632,8 +632,7 @@ def load_config(path: str | Path | None = None, preset: str | None = None,
 
     A YAML file may name ``preset:`` at top level; an explicit ``preset`` argument wins.
     """
-    if overrides is not None and not (isinstance(overrides, dict) and all(
-            isinstance(v, dict) for v in overrides.values())):
+    if overrides is not None and not isinstance(overrides, dict):  # (sections: merge_overrides)
         raise SimclrPathError(f"{overrides_from}: expected a mapping of sections to mappings "
                               "of keys, e.g. {'train': {'lr': 1e-3}}")
     data: dict[str, Any] = load_yaml(path) if path else {}

@@ -573,6 +573,19 @@ def _plot_tsne_thumbnails(
 # ----------------------------------------------------------------------------------------------
 # Classifier figures (from a 'simclr-path classify' results folder)
 # ----------------------------------------------------------------------------------------------
+def evaluation_words(scheme: str | None) -> str:
+    """A classify ``task.evaluation`` in words: ``grouped_5fold`` -> "patient-grouped 5-fold
+    cross-validation", ``split`` -> "held-out test split of the samples sheet"."""
+    import re
+
+    m = re.fullmatch(r"grouped_(\d+)fold", str(scheme or ""))
+    if m:
+        return f"patient-grouped {m.group(1)}-fold cross-validation"
+    if scheme == "split":
+        return "held-out test split of the samples sheet"
+    return str(scheme or "evaluation not recorded")
+
+
 def _read_classify_dir(folder: str | os.PathLike, held_out_only: bool = True
                        ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """metrics.json, the patch predictions (only held-out ones, fold >= 0, unless
@@ -765,8 +778,8 @@ def plot_curves(
                     fontsize=8
                 )
         fig.suptitle(
-            ("ROC" if kind == "roc" else "Precision-recall") + " curves, out-of-fold predictions "
-            f"({metrics['task'].get('evaluation', '')})"
+            ("ROC" if kind == "roc" else "Precision-recall") + " curves, held-out predictions "
+            f"({evaluation_words(metrics['task'].get('evaluation'))})"
         )
         written.append(save_figure(fig, out, force=force))
     return written
@@ -806,8 +819,8 @@ def plot_confusion(
             f"{level} level" + (f" (balanced accuracy {bacc:.3f})" if bacc is not None else "")
         )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    fig.suptitle("Confusion matrices, out-of-fold predictions "
-                 f"({metrics['task'].get('evaluation', '')})")
+    fig.suptitle("Confusion matrices, held-out predictions "
+                 f"({evaluation_words(metrics['task'].get('evaluation'))})")
     return save_figure(fig, out, force=force)
 
 

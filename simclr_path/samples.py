@@ -138,6 +138,37 @@ def _one_typo(a: str, b: str, swap_only: bool = False) -> bool:
                for i in range(len(long_)))
 
 
+def _warn_copies(df: pd.DataFrame, resolved: list[str], where: str) -> None:
+    """Warn about slide files that are byte copies of one another under other patients (the
+    same size, then the same first and last MiB): one slide filed twice is the leakage that
+    patient-grouped folds exist to stop. Files of unique size cost a stat only."""
+    import hashlib
+
+    by_size: dict[int, list[int]] = {}
+    for i, p in enumerate(resolved):
+        path = Path(p)
+        if path.is_file():
+            by_size.setdefault(path.stat().st_size, []).append(i)
+    for size, rows in by_size.items():
+        if len(rows) < 2 or size == 0:
+            continue
+        seen: dict[bytes, int] = {}
+        for i in rows:
+            with open(resolved[i], "rb") as f:
+                head = f.read(1 << 20)
+                f.seek(max(0, size - (1 << 20)))
+                key = hashlib.sha256(head + f.read()).digest()
+            j = seen.setdefault(key, i)
+            if j != i and df["patient_id"].iloc[i] != df["patient_id"].iloc[j]:
+                warnings.warn(
+                    f"{where}: rows {j + 1} and {i + 1} (slide ids {df['slide_id'].iloc[j]!r} and "
+                    f"{df['slide_id'].iloc[i]!r}, patients {df['patient_id'].iloc[j]!r} and "
+                    f"{df['patient_id'].iloc[i]!r}) look like copies of one slide file (same "
+                    "size, same first and last MiB); one slide under two patients can land on "
+                    "both sides of a split", stacklevel=3)
+                return
+
+
 def _as_text(value: Any) -> str:
     """A sheet cell of a numeric column as the text it was written as: "" for a gap, 1.0 as "1"."""
     if pd.isna(value):
@@ -294,10 +325,14 @@ def validate_samples(
     pair = first_repeat([p if Path(p).is_file() else None for p in resolved])
     if pair is not None:
         j, i = pair
+        real = os.path.realpath(resolved[i])
+        same = (f"the same slide file {resolved[i]}" if resolved[i] == resolved[j] else
+                f"the same slide file: {resolved[j]} and {resolved[i]} both lead to {real}")
         raise SimclrPathError(
             f"{where}: rows {j + 1} and {i + 1} (slide ids {df['slide_id'].iloc[j]!r} and "
-            f"{df['slide_id'].iloc[i]!r}) name the same slide file {resolved[i]}; one slide "
-            "under two ids can land on both sides of a split: give each slide one row"
+            f"{df['slide_id'].iloc[i]!r}) name {same}; one slide under two ids can land on "
+            "both sides of a split: give each slide one row"
         )
+    _warn_copies(df, resolved, where)
     df["path"] = resolved
     return df.reset_index(drop=True)

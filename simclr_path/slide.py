@@ -126,7 +126,8 @@ def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: 
             warnings.warn(
                 f"{path}: --slide-mpp {slide_mpp:g} overrides the slide's own {stated[0]:.4g} um/px "
                 f"({stated[1]}); if the metadata is right, patches cover {slide_mpp / stated[0]:.2g}x "
-                "the intended width of tissue (leave --slide-mpp out to use it)", stacklevel=2)
+                "the intended width of tissue (leave --slide-mpp out to use it; in the workflow, "
+                "empty the samples sheet's mpp cell)", stacklevel=2)
         return float(slide_mpp), "--slide-mpp"
     if found is not None:
         # patches are square in microns only where pixels are: x and y far apart would cut
@@ -205,7 +206,7 @@ class Slide:
             raise SimclrPathError(
                 f"{self.path}: target {target_mpp:g} um/px is finer than the scan "
                 f"({self.mpp:g} um/px from {self.mpp_source}); choose --mpp {self.mpp:.4g} or "
-                "coarser")
+                "coarser (in the workflow: tile.mpp)")
         best = 0
         for lv, ds in enumerate(self.level_downsamples):
             # 0.1% slack: downsamples such as 2.0005 still count as exactly 2

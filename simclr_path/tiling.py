@@ -110,7 +110,7 @@ def make_grid(width: int, height: int, level0_mpp: float, mpp: float, patch_size
             f"{path}: a {patch_size} px patch at {mpp:g} um/px ({patch_size * mpp:g} um) is larger "
             f"than the slide ({width}x{height} px at {level0_mpp:g} um/px = "
             f"{width * level0_mpp:.0f}x{height * level0_mpp:.0f} um); use a smaller --patch-size "
-            "or a finer --mpp")
+            "or a finer --mpp (in the workflow: tile.patch_size, tile.mpp)")
     nx = math.floor((tw - patch_size) / stride) + 1
     ny = math.floor((th - patch_size) / stride) + 1
     xs = np.round(np.arange(nx) * stride * f).astype(np.int64)
@@ -309,14 +309,17 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
         empty = f"wrote an empty store {out}"
         if n_tissue:
             msg = (f"all {n_tissue} tissue patches were dropped by the white/black/blur filters; "
-                   f"{empty} (check --drop-white/--drop-black/--drop-blur and the QC picture)")
+                   f"{empty} (check --drop-white/--drop-black/--drop-blur, tile.drop_* in the "
+                   "workflow, and the QC picture)")
         elif n_pen:
             msg = (f"all {n_pen} tissue patches touch pen ink (--max-pen {cfg.max_pen:g}); "
-                   f"{empty} (check the QC picture; raise --max-pen to keep patches beside ink)")
+                   f"{empty} (check the QC picture; raise --max-pen, tile.max_pen in the workflow, to "
+                   "keep patches beside ink)")
         elif mask.any():  # tissue, but no grid cell holds the required share of it
             area_mm2 = float(mask.sum()) * thumb_mpp * thumb_mpp * 1e-6
             msg = (f"tissue found ({area_mm2:.2g} mm²) but no patch reached --min-tissue "
-                   f"{cfg.min_tissue:g}; lower it or use a smaller --patch-size/--mpp; {empty}")
+                   f"{cfg.min_tissue:g}; lower it or use a smaller --patch-size/--mpp (in the workflow: "
+                   f"tile.min_tissue, tile.patch_size, tile.mpp); {empty}")
         else:
             msg = f"no tissue found; {empty} (check the QC picture or the slide itself)"
         warnings.warn(f"{path}: {msg}", NoTissueWarning, stacklevel=2)

@@ -1001,3 +1001,16 @@ def test_plot_tsne_checks_its_arguments_in_python_too(cohort, tmp_path):
         plot_tsne(cohort["embs"], *out, samples=sheet)
     assert "is not in the samples table" in str(err.value) and "\n" not in str(err.value)
     assert not any(p.exists() for p in out)
+
+
+def test_curve_and_confusion_titles_name_the_evaluation_in_words(cohort, tmp_path, monkeypatch):
+    from simclr_path import figures
+
+    assert figures.evaluation_words("grouped_4fold") == "patient-grouped 4-fold cross-validation"
+    assert figures.evaluation_words("split") == "held-out test split of the samples sheet"
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=False: drawn.append(fig))
+    figures.plot_curves(cohort["cls"], tmp_path / "r.png", tmp_path / "p.png")
+    figures.plot_confusion(cohort["cls"], tmp_path / "c.png")
+    for fig in drawn:
+        assert "(patient-grouped 4-fold cross-validation)" in fig._suptitle.get_text()

@@ -19,7 +19,7 @@ def _sheet(tmp_path, lines, header=HEADER, name="samples.tsv"):
 def slides(tmp_path):
     (tmp_path / "wsi").mkdir()
     for s in ("A", "B", "C"):
-        (tmp_path / "wsi" / f"{s}.svs").write_bytes(b"x")
+        (tmp_path / "wsi" / f"{s}.svs").write_bytes(s.encode())  # one size, not one content
     return tmp_path
 
 
@@ -254,3 +254,28 @@ def test_a_dataframe_with_numeric_labels_and_ids_reads_as_the_sheet_would(tmp_pa
     got = validate_samples(df, labels=["1", "0"], check_files=False)
     assert got["label"].tolist() == ["1", "0", "1"] and got["patient_id"].tolist() == ["7", "8", "9"]
     assert got["slide_id"].tolist() == ["1", "2", "3"]
+
+
+def test_links_and_copies_of_one_slide_are_named(slides, tmp_path, monkeypatch):
+    """Two links to one file were reported as 'the same slide file <second link>'; a byte copy
+    under another patient passed without a word."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wsi" / "L1.svs").symlink_to(tmp_path / "wsi" / "A.svs")
+    (tmp_path / "wsi" / "L2.svs").symlink_to(tmp_path / "wsi" / "A.svs")
+    sheet = _sheet(tmp_path, ["L1\twsi/L1.svs\tSCC\tP1", "L2\twsi/L2.svs\tnormal\tP2"])
+    with pytest.raises(SimclrPathError, match=r"rows 1 and 2 \(slide ids 'L1' and 'L2'\) name the "
+                                              r"same slide file: .*L1.svs and .*L2.svs both lead "
+                                              r"to .*wsi/A.svs"):
+        read_samples(sheet)
+    (tmp_path / "wsi" / "copy.svs").write_bytes((tmp_path / "wsi" / "A.svs").read_bytes())
+    sheet = _sheet(tmp_path, ["A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2",
+                              "A2\twsi/copy.svs\tnormal\tP3"], name="copies.tsv")
+    with pytest.warns(UserWarning, match=r"rows 1 and 3 \(slide ids 'A' and 'A2', patients 'P1' "
+                                         r"and 'P3'\) look like copies of one slide file"):
+        read_samples(sheet)
+    import warnings
+
+    with warnings.catch_warnings():  # the same size alone is no copy
+        warnings.simplefilter("error")
+        read_samples(_sheet(tmp_path, ["A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2"],
+                            name="fine.tsv"))

@@ -246,6 +246,7 @@ def test_all_patches_inked_says_so(tmp_path):
     (msg,) = [str(w.message) for w in caught]
     assert res.n_patches == 0 and res.n_pen >= 1
     assert "touch pen ink (--max-pen 0)" in msg and "raise --max-pen" in msg
+    assert "tile.max_pen in the workflow" in msg  # the key a workflow user edits
 
 
 def test_no_tissue_gives_empty_store_and_warning(blank, tmp_path):
@@ -264,6 +265,7 @@ def test_tissue_without_a_patch_reaching_min_tissue_says_so(slide, blank, tmp_pa
     assert res.n_patches == 0 and "no tissue found" not in msg
     assert "tissue found (0.1" in msg and "mm²) but no patch reached --min-tissue 1;" in msg
     assert "lower it or use a smaller --patch-size/--mpp" in msg
+    assert "(in the workflow: tile.min_tissue, tile.patch_size, tile.mpp)" in msg
     with pytest.warns(NoTissueWarning) as caught:  # a blank slide: no tissue at all
         tile_slide(blank, tmp_path / "b.h5", cfg, progress=False)
     (msg,) = [str(w.message) for w in caught]
@@ -308,7 +310,8 @@ def test_cli_bad_input(slide, tmp_path, capsys):
     assert main(["tile", str(fake), "--out", str(out)]) == 2
     assert "fake.tiff" in _one_error(capsys)
     assert main(["tile", str(slide), "--out", str(out), "--mpp", "0.25"]) == 2
-    assert "finer than the scan" in _one_error(capsys)
+    err = _one_error(capsys)
+    assert "finer than the scan" in err and "(in the workflow: tile.mpp)" in err
     assert main(["tile", str(slide), "--out", str(out), "--mpp", "1", "--patch-size", "600"]) == 2
     assert "larger than the slide" in _one_error(capsys)
     assert main(["tile", str(slide), "--out", str(out), "--mpp", "inf"]) == 2

@@ -891,3 +891,16 @@ def test_a_tile_added_inside_a_class_folder_reruns_the_import(tmp_path):
     cv2.imwrite(str(wf / "tiles" / "SCC" / "3.png"), np.zeros((32, 32, 3), np.uint8))
     dry = smk(wf, "-n", "--cores", "1", "--replace-workflow-config", target)
     assert job_counts(dry.stdout + dry.stderr).get("import_patches") == 1, dry.stdout[-2000:]
+
+
+def test_demo_slide_paths_and_artefacts_are_quoted_for_the_shell(tmp_path):
+    """A demo folder with a space split the command's --out in two (and a ';' would have run)."""
+    rows = [(f"S{i}", f"resources/my demo/S{i}.tiff", "SCC" if i % 2 else "normal", f"P{i}")
+            for i in range(1, 5)]
+    cfg = dict(TINY, demo={**TINY["demo"], "dir": "resources/my demo",
+                           "artefacts": {"S1": "pen;echo hacked"}})
+    wf = workdir(tmp_path, cfg, tsv(rows))
+    done = smk(wf, "-n", "-p", "--cores", "1", "resources/my demo/S1.tiff")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--out 'resources/my demo/S1.tiff'" in done.stdout
+    assert "--artefacts 'pen;echo hacked'" in done.stdout

@@ -53,6 +53,14 @@ def test_each_run_keeps_its_own_ci_bar_and_the_legend_clears_the_run_names(cr, t
     for label in ax.get_xticklabels():  # the legend sits below the rotated names, not on them
         assert not legend.overlaps(label.get_window_extent(r)), label.get_text()
     assert ax.get_ylabel() == "metric (patient-grouped cross-validation)"
+    # error bars (and their caps) at the five runs with a CI, none at the run without one:
+    # zero-length caps read as a CI of width 0
+    from matplotlib.container import ErrorbarContainer
+
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    xs = sorted(np.asarray(bars.lines[2][0].get_segments())[:, 0, 0].round(3))
+    slide_bar_x = sorted(p.get_x() + p.get_width() / 2 for p in ax.containers[0].patches)
+    assert len(xs) == 5 and np.round(slide_bar_x[1], 3) not in xs
 
 
 def test_rows_on_other_folds_are_not_called_the_same_folds(cr):
@@ -84,3 +92,19 @@ def test_the_fold_mean_says_how_many_folds_it_covers(tmp_path):
     mt.main(str(tmp_path / "m.json"), str(tmp_path / "t.html"), "baseline")
     assert "(1 of 4 folds)" in (tmp_path / "t.html").read_text()
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary name
+
+
+def test_the_metrics_table_shows_class_names_as_text_not_markup(tmp_path):
+    """A tile dataset's class folder name reached the report's HTML as a live tag."""
+    import json
+
+    mt = _script("metrics_table")
+    m = {"slide": {"auroc": 0.75}, "patch": {"auroc": 0.8},
+         "task": {"n_folds": 2, "evaluation": "grouped_2fold",
+                  "score": "P(SCC<img src=x onerror=alert(1)>)"}}
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    mt.main(str(tmp_path / "m.json"), str(tmp_path / "t.html"), "base&line")
+    text = (tmp_path / "t.html").read_text()
+    assert "<img" not in text and "P(SCC&lt;img src=x onerror=alert(1)&gt;)" in text
+    assert "run base&amp;line" in text
+    assert "patient-grouped 2-fold cross-validation;" in text  # in words, not grouped_2fold

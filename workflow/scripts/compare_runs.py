@@ -9,6 +9,7 @@ method and fraction; the figure plots AUROC against the label fraction, one line
 
 import json
 import math
+from html import escape
 from pathlib import Path
 
 import matplotlib
@@ -85,11 +86,14 @@ def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> N
                            layout="constrained")
     for j, (col, name) in enumerate(bars):
         vals = df[col].to_numpy(dtype=float)
-        kw = {}
-        if col == "slide_auroc":
-            kw = {"yerr": ci_errors(vals, df), "capsize": 3}
         xs = x + (j - (len(bars) - 1) / 2) * width
-        rects = ax.bar(xs, np.nan_to_num(vals), width, label=name, color=COLOURS[j], **kw)
+        rects = ax.bar(xs, np.nan_to_num(vals), width, label=name, color=COLOURS[j])
+        if col == "slide_auroc":
+            # bars only where a CI exists: a zero-length bar's caps read as a CI of width 0
+            has = has_ci(df)
+            if has.any():
+                ax.errorbar(xs[has], vals[has], yerr=ci_errors(vals, df)[:, has], fmt="none",
+                            ecolor="black", capsize=3, lw=1)
         # the value on each bar; a metric a run lacks says so instead of a bar of height 0
         ax.bar_label(rects, labels=["n/a" if not np.isfinite(v) else f"{v:.2f}" for v in vals],
                      fontsize=7, padding=2)
@@ -108,6 +112,12 @@ def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> N
     # below the axes and their (maybe rotated) run names: constrained layout makes room
     fig.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     save_figure(fig, out)
+
+
+def has_ci(df: pd.DataFrame) -> np.ndarray:
+    """Rows whose slide AUROC has a bootstrap CI (bool, n)."""
+    return (np.isfinite(df["slide_auroc_ci_low"].to_numpy(dtype=float))
+            & np.isfinite(df["slide_auroc_ci_high"].to_numpy(dtype=float)))
 
 
 def ci_errors(vals: np.ndarray, df: pd.DataFrame) -> np.ndarray:
@@ -163,13 +173,11 @@ def plot_fractions(df: pd.DataFrame, out: str, title: str) -> None:
             x = d["label_fraction"].to_numpy(dtype=float)
             x = x * 10**off if log_x else x + off * max(fracs[-1] - fracs[0], 0.5)
             y = d[f"{level}_auroc"].to_numpy(dtype=float)
-            err = None
-            if level == "slide":
-                e = np.vstack([y - d["slide_auroc_ci_low"].to_numpy(dtype=float),
-                               d["slide_auroc_ci_high"].to_numpy(dtype=float) - y])
-                err = np.clip(np.where(np.isfinite(e), e, 0.0), 0.0, None)
-            ax.errorbar(x, y, yerr=err, color=OKABE_ITO[j],
-                        marker="os^D"[j % 4], capsize=3, label=method)
+            ax.plot(x, y, color=OKABE_ITO[j], marker="os^D"[j % 4], label=method)
+            has = has_ci(d) if level == "slide" else np.zeros(len(d), bool)
+            if has.any():  # only where there is a CI: caps of zero length read as one
+                ax.errorbar(x[has], y[has], yerr=ci_errors(y, d)[:, has], fmt="none",
+                            ecolor=OKABE_ITO[j], capsize=3)
         if log_x:
             ax.set_xscale("log")
         ax.set_xticks(fracs, [percent(f) for f in fracs])
@@ -231,8 +239,8 @@ def main(sm) -> None:
         folds = ("same folds; at each fraction the same labelled patients" if same_folds(df) else
                  "the rows were evaluated on different folds: see the evaluation columns")
         write_text(sm.output.html,
-                   f"<html><body><h3>{title} ({folds}; fine-tuning trains on the labelled patients "
-                   f"less its validation patients)</h3>{html}</body></html>\n")
+                   f"<html><body><h3>{escape(title)} ({folds}; fine-tuning trains on the labelled "
+                   f"patients less its validation patients)</h3>{html}</body></html>\n")
         return
     names = list(sm.params.runs)
     # one run's summary for every row of a layer or fine-tuning comparison: read once
@@ -252,7 +260,8 @@ def main(sm) -> None:
     html = df.map(fmt).to_html(index=False, border=0)
     folds = ("same folds" if same_folds(df) else
              "the rows were evaluated on different folds: see the evaluation columns")
-    write_text(sm.output.html, f"<html><body><h3>{title} ({folds})</h3>{html}</body></html>\n")
+    write_text(sm.output.html,
+               f"<html><body><h3>{escape(title)} ({folds})</h3>{html}</body></html>\n")
 
 
 if __name__ == "__main__" and "snakemake" in globals():

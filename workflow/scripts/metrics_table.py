@@ -63,12 +63,18 @@ def main(metrics_path: str, out: str, run: str) -> None:
     metrics = json.loads(Path(metrics_path).read_text())
     task = metrics.get("task", {})
     df = table(metrics)
-    head = (
-        f"<h3>Classifier metrics: run {run}</h3><p>{task.get('evaluation', '')}; "
+    from html import escape
+
+    from simclr_path.figures import evaluation_words
+
+    # class names reach 'score' from a tile dataset's folder names: text, never markup
+    head = escape(
+        f"{evaluation_words(task.get('evaluation'))}; "
         f"{task.get('n_slides', '?')} slides, {task.get('n_patients', '?')} patients, "
         f"{task.get('n_patches', '?')} patches, {task.get('n_folds', '?')} folds; "
-        f"score {task.get('score', '')}</p>"
+        f"score {task.get('score', '')}"
     )
+    head = f"<h3>Classifier metrics: run {escape(str(run))}</h3><p>{head}</p>"
     from simclr_path.outputs import atomic_output
 
     with atomic_output(out, force=True) as tmp:
