@@ -23,6 +23,16 @@ def load_benchmark(name: str):
     return mod
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Tests that capture figures (save_figure patched) leave them open: close them after each."""
+    yield
+    import sys
+
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
+
+
 def needs(path: Path) -> pytest.MarkDecorator:
     """Skip a test cleanly when a piece of ../shared/data is absent."""
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not available")
