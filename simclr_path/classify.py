@@ -25,6 +25,7 @@ import math
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -881,7 +882,8 @@ class LinearModel:
             with np.load(npz, allow_pickle=False) as a:  # plain arrays only: no code can be loaded
                 arrays = {k: np.asarray(a[k], dtype=np.float64)
                           for k in ("mean", "scale", "coef", "intercept")}
-        except (KeyError, ValueError, TypeError, OSError, EOFError) as exc:
+        except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            # (a truncated .npz is a zip without its directory)
             raise damaged(str(exc).splitlines()[0][:160] or type(exc).__name__, npz) from None
         mean, scale, coef, intercept = (arrays[k] for k in ("mean", "scale", "coef", "intercept"))
         # sklearn's layout: one row of coefficients for two classes, one per class otherwise
@@ -1512,8 +1514,10 @@ def _scores_table(model: LinearModel, model_dir: str | os.PathLike,
         "n_patches",
         *[f"prob_{c}" for c in model.classes],
     ]
-    cols += [c for c in ("score", "score_topk") if c in df.columns] + ["pred"]
-    df = df.reindex(columns=cols)
+    # the same columns whatever the slides hold: empty slides alone wrote no score columns,
+    # and plot-heatmap then refused the CSV as not one of predict's
+    cols += ["score", "score_topk"] if model.positive is not None else []
+    df = df.reindex(columns=[*cols, "pred"])
     for c in ("patch_index", "x", "y", "n_patches"):
         df[c] = df[c].astype("Int64")
     return df

@@ -68,7 +68,8 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
     training patches, where both are known; patches that hold more or less tissue need a
     proportionally larger or smaller input. Rounded to
     ``multiple``; never above ``patch_size`` (no upsampling past the stored pixels) nor, at
-    ratio 1 (or unknown), below ``train_size``. Without a crop scale (an encoder from an older
+    ratio 1 (or unknown), below ``train_size``, which wins where the two conflict (patches
+    smaller than the training views, which were enlarged in training too). Without a crop scale (an encoder from an older
     version, or fine-tuned on whole patches) the training size is returned, scaled the same way.
     """
     size = float(train_size)
@@ -359,6 +360,16 @@ def embed_store(
         warnings.warn(f"{store.path}: {mismatch}; features may be poor{hint}", stacklevel=2)
 
     backbone = load_encoder(enc, arch=info.get("arch"), device=device)
+    from simclr_path.model import output_stride
+
+    stride = output_stride(backbone)
+    if stride and image_size < stride and cfg.layer in ("pooled", "head"):
+        # pretrain refuses such views; here the features of its last stage come from less than
+        # one of its pixels per patch
+        warnings.warn(f"{store.path}: embedding at {image_size} px, below {info.get('arch')}'s "
+                      f"output stride ({stride} px): its last stage sees less than one pixel of "
+                      "each patch; tile at a finer --mpp or a larger --patch-size (or set "
+                      "--image-size)", stacklevel=2)
     head = _load_head(enc, device) if cfg.layer == "head" else None
     model = FeatureExtractor(backbone, cfg.layer, head).eval().to(device)
     channels_last = bool(cfg.channels_last)
@@ -381,10 +392,10 @@ def embed_store(
 
     n = len(store)
     with torch.inference_mode():
-        probe = torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8)
         try:  # one dummy patch: the feature size, and a clear error if the size does not fit
+            probe = torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8)
             dim = int(run(preprocess(probe, image_size, device, channels_last)).shape[1])
-        except (RuntimeError, AssertionError) as exc:
+        except (RuntimeError, AssertionError) as exc:  # a shape, or memory for a huge size
             raise SimclrPathError(
                 f"{enc}: the {info.get('arch')} encoder cannot run on {image_size} px inputs "
                 f"({str(exc).splitlines()[0][:160]}); set --image-size to its training size"

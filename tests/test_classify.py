@@ -1010,3 +1010,29 @@ def test_f1_is_undefined_not_zero_where_the_fold_lacks_a_class():
     assert math.isnan(m["f1_macro"]) and math.isnan(m["f1"]) and math.isnan(m["auroc_macro"])
     m = classification_metrics(np.array([0, 1, 2]), np.eye(3), ["A", "B", "C"], positive=None)
     assert m["f1_macro"] == 1.0
+
+
+def test_predict_on_empty_slides_alone_keeps_every_column_and_a_damaged_npz_is_one_line(
+        tmp_path, capsys):
+    """Only empty slides gave a CSV without score / score_topk (plot-heatmap then refused it);
+    a truncated model.npz was a zipfile traceback."""
+    import shutil
+
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=20, shift=1.0)
+    classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    full = predict_table(tmp_path / "out", paths[:1])
+    empty = write_embeddings(tmp_path / "E.h5", np.zeros((0, 8), np.float32), np.zeros((0, 2)),
+                             EmbeddingStore(paths[0]).attrs | {"slide_id": "E"})
+    with pytest.warns(UserWarning, match="has no patches"):
+        alone = predict_table(tmp_path / "out", [empty])
+    assert list(alone.columns) == list(full.columns)
+    assert "score" in alone.columns and "score_topk" in alone.columns
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "out", bad)
+    data = (bad / "model.npz").read_bytes()
+    (bad / "model.npz").write_bytes(data[: len(data) // 2])
+    rc = main(["predict", "--model", str(bad), "--embeddings", str(paths[0]), "--out",
+               str(tmp_path / "p.csv")])
+    line = _one_error_line(capsys)
+    assert rc == 2 and "model.npz" in line and "damaged" in line, line
+    assert not (tmp_path / "p.csv").exists()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -377,3 +379,20 @@ def test_preprocess_constants_made_under_inference_mode_still_take_gradients():
     x = torch.rand(1, 8, 8, 3, requires_grad=True)
     preprocess(x * 255, 8).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_inputs_below_the_output_stride_warn_and_a_huge_size_is_one_error(encoder, make_store,
+                                                                            tmp_path):
+    """pretrain refuses views smaller than the backbone's output stride; embed ran them without
+    a word. A huge --image-size failed allocating the probe patch, a traceback."""
+    store = make_store(n=4, size=32)
+    with pytest.warns(UserWarning, match=r"embedding at 16 px, below resnet18's output stride "
+                                         r"\(32 px\).*finer --mpp or a larger --patch-size"):
+        embed_store(encoder, store, tmp_path / "a.h5", EmbedConfig(workers=0, image_size=16),
+                    progress=False)
+    with pytest.raises(SimclrPathError, match=r"cannot run on 1000000 px inputs"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scale warning comes first
+        embed_store(encoder, store, tmp_path / "b.h5", EmbedConfig(workers=0, image_size=1_000_000),
+                    progress=False)
+    assert not (tmp_path / "b.h5").exists()
