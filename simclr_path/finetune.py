@@ -27,7 +27,8 @@ Output folder (written atomically; the layout of ``classify``, so ``plot-curves`
     metrics.json              the keys of classify's, plus per-fold training details
     predictions_patches.csv   out-of-fold patch probabilities
     predictions_slides.csv    out-of-fold slide scores
-    history.csv               fold, epoch, train_loss, val_loss, val_auroc, lr, seconds, best
+    history.csv               fold, epoch, train_loss, val_loss, val_auroc, lr (the epoch's
+                              first step's), seconds, best
     encoder.pt, encoder.json  the encoder fine-tuned on all labelled patients (finetune.final_model;
                               loads with model.load_encoder, embeds with 'simclr-path embed')
     classifier.pt             its linear head: a state dict of ``weight`` (K, F) and ``bias`` (K,)
@@ -150,7 +151,30 @@ def load_patch_table(
             f"{odd.path}: patches are {odd.patch_size} px but {first.path} has "
             f"{first.patch_size} px; tile or import every store with the same patch size"
         )
+    # one input size for all (unlike embed's per-store sizes): another mpp would show the model
+    # those slides' tissue at another scale than the rest, and than the probe sees it
+    scaled = [s for s in stores if len(s) and s.mpp is not None]
+    odd = next((s for s in scaled if abs(float(s.mpp) / float(scaled[0].mpp) - 1) > 1e-3), None)
+    if odd is not None:
+        raise SimclrPathError(
+            f"{odd.path}: patches at {float(odd.mpp):g} um/px but {scaled[0].path} at "
+            f"{float(scaled[0].mpp):g} um/px; fine-tuning shows every store at one input size, so "
+            "the tissue would reach the model at two scales: tile every slide at the same --mpp"
+        )
     return t, stores
+
+
+def _warn_fixed_epochs(folds: list[dict[str, Any]], epochs: int) -> None:
+    """Warn about the folds that trained without early stopping (no validation patients): a fold
+    under another protocol than the rest must not pass in silence."""
+    fixed = [f["fold"] for f in folds if not f["early_stopping"]]
+    if fixed:
+        which = ("every fold" if len(fixed) == len(folds) else
+                 f"fold(s) {', '.join(map(str, fixed))} of {len(folds)}")
+        warnings.warn(f"fine-tuning without early stopping in {which}: some class has a single "
+                      "labelled training patient there, so no validation patients were held out; "
+                      f"those folds trained {epochs} epochs on every labelled patient",
+                      stacklevel=3)
 
 
 def _first_used(stores: Sequence[PatchStore]) -> PatchStore:
@@ -376,6 +400,7 @@ class _Run:
                    disable=None if self.progress else True)
         for epoch in bar:
             t0 = time.perf_counter()
+            lr_start = opt.param_groups[0]["lr"]  # the epoch's first step's (the schedule then decays it)
             rows = self._cap(train_rows, rng)
             rows = rows[rng.permutation(len(rows))]
             data = _PatchBatches(self.stores, t.source, t.patch_index, _batches(rows, ft.batch_size))
@@ -403,7 +428,7 @@ class _Run:
                                       f"epoch {epoch}; lower finetune.lr / finetune.head_lr")
             row: dict[str, Any] = {"fold": name, "epoch": epoch, "train_loss": train_loss,
                                    "val_loss": float("nan"), "val_auroc": float("nan"),
-                                   "lr": opt.param_groups[0]["lr"], "best": False}
+                                   "lr": lr_start, "best": False}
             if len(val_rows):
                 pv = self.predict(model, val_rows, name=None)
                 if np.isfinite(pv).all():
@@ -439,6 +464,8 @@ class _Run:
         info = {"epochs_run": len(history), "best_epoch": best[1], "stopped": stopped,
                 "early_stopping": bool(len(val_rows)),
                 "n_train_patches": len(train_rows), "n_val_patches": len(val_rows),
+                # finetune.max_patches_per_slide draws this many of them afresh every epoch
+                "n_train_patches_per_epoch": len(epoch_rows),
                 "train_loss_first": history[0]["train_loss"],
                 "train_loss_last": history[-1]["train_loss"],
                 "best_val_loss": best[0] if len(val_rows) else None}
@@ -571,10 +598,7 @@ def finetune(
                     **evaluate_fold(t, te, proba[te], ccfg),
                 })
                 del model
-            if not any(f["early_stopping"] for f in folds_out):
-                warnings.warn("fine-tuning without early stopping: some class has a single "
-                              "labelled training patient, so no validation patients were held "
-                              f"out; each fold trained {ft.epochs} epochs", stacklevel=2)
+            _warn_fixed_epochs(folds_out, ft.epochs)
             patch_metrics, slide_metrics, slides_pred, patches = pooled_results(
                 t, proba, patch_fold, slide_fold, ccfg)
             final: dict[str, Any] | None = None

@@ -99,6 +99,10 @@ def test_training_lowers_loss_and_writes_classify_layout(result):
     for _, h in hist.groupby("fold"):
         assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
         assert np.isfinite(h["train_loss"]).all() and h["best"].sum() == 1
+        # the LR each epoch started at: the first is the configured one, the last not yet 0
+        # (the LR after the epoch read 0 for the last one, which never trained at 0)
+        assert h["lr"].iloc[0] in (1e-3, 1e-2) and (h["lr"] > 0).all()
+        assert (np.diff(h["lr"].to_numpy()) < 0).all()
     assert set(hist["fold"]) == {"fold0", "fold1", "final"}
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == m  # what the API returns is what it wrote
@@ -242,6 +246,14 @@ def test_bad_input_one_line_and_no_output(cohort, encoder, tmp_path, capsys):
         ([*map(str, paths), "--encoder", str(encoder), "--config", str(small)],
          "finetune.image_size is 16 px, smaller than test_byobnet's output stride (32 px)"),
     ]
+    # a store tiled at another mpp: one input size would show its tissue at another scale
+    other = tmp_path / "S7.h5"
+    with PatchStoreWriter(other, patch_size=SIZE,
+                          attrs={"slide_id": "S7", "kind": "slide", "mpp": 1.0}) as w:
+        w.append(_patches(np.random.default_rng(1), 8, False),
+                 np.stack([np.arange(8) * SIZE, np.zeros(8, dtype=np.int64)], axis=1))
+    cases.append(([*map(str, paths[:7]), str(other), "--encoder", str(encoder)],
+                  "S7.h5: patches at 1 um/px but"))
     for args, msg in cases:
         code = main(["finetune", *args, "--samples", str(sheet), "--out", str(out)])
         err = capsys.readouterr().err.strip()
@@ -281,6 +293,24 @@ def test_cli_one_percent_labels_trains_without_early_stopping(cohort, encoder, t
         assert f["labelled_patients_per_class"] == {"SCC": 1, "normal": 1}
         assert f["n_val_patients"] == 0 and not f["early_stopping"]
     assert m["final_model"] is None and not (tmp_path / "o" / "encoder.pt").exists()
+
+
+def test_a_warning_names_the_folds_that_trained_without_early_stopping():
+    """Only 'no fold at all' was warned about: some folds on fixed epochs passed in silence."""
+    from simclr_path.finetune import _warn_fixed_epochs
+
+    with pytest.warns(UserWarning, match=r"without early stopping in fold\(s\) 0, 1 of 3: .*"
+                                         r"trained 7 epochs"):
+        _warn_fixed_epochs([{"fold": 0, "early_stopping": False},
+                            {"fold": 1, "early_stopping": False},
+                            {"fold": 2, "early_stopping": True}], 7)
+    with pytest.warns(UserWarning, match="without early stopping in every fold"):
+        _warn_fixed_epochs([{"fold": 0, "early_stopping": False}], 7)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_fixed_epochs([{"fold": 0, "early_stopping": True}], 7)
 
 
 def test_without_validation_only_the_kept_epoch_is_marked_best(cohort, encoder, tmp_path):

@@ -66,6 +66,15 @@ def test_each_run_keeps_its_own_ci_bar_and_the_legend_clears_the_run_names(cr, t
 def test_rows_on_other_folds_are_not_called_the_same_folds(cr):
     same = cr.summarise(["a", "b"], [_metrics(0.9), _metrics(0.8)], [{}, {}], {})
     assert cr.same_folds(same)
+    # a fine-tuning metrics.json keeps the fold seed under config.classify: the same folds
+    tuned = _metrics(0.8)
+    tuned["config"] = {"classify": {"seed": 0}, "finetune": {"seed": 0}}
+    df = cr.summarise(["probe", "tuned"], [_metrics(0.9), tuned], [{}, {}], {})
+    assert df["folds_seed"].tolist() == [0, 0] and cr.same_folds(df)
+    # a row that does not say its seed is not "the same" as one that does
+    unknown = _metrics(0.8)
+    unknown["config"] = {}
+    assert not cr.same_folds(cr.summarise(["a", "b"], [_metrics(0.9), unknown], [{}, {}], {}))
     for other in (_metrics(0.8, seed=1), _metrics(0.8, evaluation="split"),
                   _metrics(0.8, n_patients=12)):
         df = cr.summarise(["a", "b"], [_metrics(0.9), other], [{}, {}], {})

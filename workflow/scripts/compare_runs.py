@@ -50,7 +50,8 @@ def summarise(runs, metrics, pretrains, overrides) -> pd.DataFrame:
                 "description": info.get("description", ""),
                 # how each row was evaluated: a run may override classify (folds, seed, split)
                 "evaluation": task.get("evaluation", ""),
-                "folds_seed": cfg.get("seed"),
+                # classify's metrics.json keeps its config flat, finetune's by section
+                "folds_seed": cfg.get("seed", (cfg.get("classify") or {}).get("seed")),
                 "n_patients": task.get("n_patients"),
                 "slide_auroc": _num(s.get("auroc")),
                 "slide_auroc_ci_low": _num(ci[0]),
@@ -141,7 +142,9 @@ def evaluation_words(df: pd.DataFrame) -> str:
 def same_folds(df: pd.DataFrame) -> bool:
     """Whether every row was evaluated on the same folds (evaluation, fold seed, patients)."""
     cols = [c for c in ("evaluation", "folds_seed", "n_patients") if c in df]
-    return all(df[c].astype(str).nunique() <= 1 for c in cols)
+    # a value a row lacks is not "the same" (nunique skips NaN, so it passed for anything)
+    return all(df[c].map(lambda v: "missing" if pd.isna(v) else str(v)).nunique() <= 1
+               for c in cols)
 
 
 def write_text(path, text: str) -> None:
