@@ -45,6 +45,10 @@ class ConfigValueError(SimclrPathError):
         self.key, self.detail = key, f"{key} {msg}"
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes no more
+MAX_IMAGE_SIZE = 4096  # px of a network input: beyond it one patch's activations need gigabytes
+
+
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ConfigValueError(name, msg)
@@ -93,7 +97,7 @@ class TileConfig:
             v = getattr(self, name)
             _check(v is None or 0.0 <= v <= 1.0, f"tile.{name}",
                    f"is a fraction of the patch's pixels and must be in [0, 1], got {v}")
-        _check(self.drop_blur is None or self.drop_blur >= 0.0, "tile.drop_blur",
+        _check(self.drop_blur is None or 0.0 <= self.drop_blur < math.inf, "tile.drop_blur",
                f"is a Laplacian variance and must be >= 0, got {self.drop_blur}")
         _check(math.isfinite(self.tissue_mpp) and self.tissue_mpp > 0, "tile.tissue_mpp",
                f"must be a finite number of microns per pixel > 0, got {self.tissue_mpp}")
@@ -144,14 +148,16 @@ class AugmentConfig:
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.2])  # area range of local crops
 
     def __post_init__(self) -> None:
-        _check(self.image_size >= 8, "augment.image_size", "must be >= 8")
+        _check(8 <= self.image_size <= MAX_IMAGE_SIZE, "augment.image_size",
+               f"must be between 8 and {MAX_IMAGE_SIZE}")
         lo, hi = _range(self.crop_ratio, "augment.crop_ratio")
         _check(0 < lo <= hi, "augment.crop_ratio", f"must satisfy 0 < min <= max, got {self.crop_ratio}")
         for name in ("crop_scale", "local_crop_scale"):
             lo, hi = _range(getattr(self, name), f"augment.{name}")
             _check(0 < lo <= hi <= 1, f"augment.{name}",
                    f"must satisfy 0 < min <= max <= 1, got {getattr(self, name)}")
-        _check(self.local_crops >= 0, "augment.local_crops", f"must be >= 0, got {self.local_crops}")
+        _check(0 <= self.local_crops <= 64, "augment.local_crops",
+               f"must be between 0 and 64, got {self.local_crops}")
         _check(self.local_size is None or 8 <= self.local_size <= self.image_size, "augment.local_size",
                f"must be between 8 and augment.image_size ({self.image_size}), got {self.local_size}")
         for name in ("hflip", "vflip", "rot90", "stain_p", "color_p", "blur_p", "grayscale_p"):
@@ -249,7 +255,7 @@ class TrainConfig:
                f"must be in [0, 1) (e.g. 0.9), got {self.momentum}")
         _check(self.loss in ("ntxent", "dcl"), "train.loss", f"must be ntxent or dcl, got {self.loss!r}")
         _check(self.drop_nearest >= 0, "train.drop_nearest", "must be >= 0")
-        _check(self.seed >= 0, "train.seed", "must be >= 0")
+        _check(0 <= self.seed <= MAX_SEED, "train.seed", f"must be between 0 and {MAX_SEED}")
         _check(0 <= self.hard_beta < float("inf"), "train.hard_beta", "must be a finite number >= 0")
         _check(self.ema_decay is None or 0 < self.ema_decay < 1, "train.ema_decay",
                "must be between 0 and 1 (e.g. 0.99), or null for none")
@@ -261,7 +267,8 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
         _check(self.max_patches_per_slide is None or self.max_patches_per_slide >= 1,
                "train.max_patches_per_slide", "must be >= 1")
-        _check(self.time_budget_s is None or self.time_budget_s > 0, "train.time_budget_s", "must be > 0")
+        _check(self.time_budget_s is None or 0 < self.time_budget_s < math.inf, "train.time_budget_s",
+               "must be a finite number of seconds > 0 (null: no budget)")
         _check(self.budget_min_steps is None or self.budget_min_steps >= 1, "train.budget_min_steps",
                "must be >= 1 (or null: off)")
         _check(self.wandb_mode in ("online", "offline", "disabled"), "train.wandb_mode",
@@ -286,7 +293,8 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "embed.batch_size", "must be >= 1")
         _check(self.cpu_chunk >= 1, "embed.cpu_chunk", "must be >= 1")
-        _check(self.image_size is None or self.image_size >= 8, "embed.image_size", "must be >= 8")
+        _check(self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE, "embed.image_size",
+               f"must be between 8 and {MAX_IMAGE_SIZE}")
         _check(self.layer in ("pooled", "head") or (self.layer.startswith("stage") and self.layer[5:].isdigit()),
                "embed.layer", f"must be pooled, head or stageN (e.g. stage3), got {self.layer!r}")
         _check(self.device in ("auto", "cpu", "cuda"), "embed.device", "must be auto, cpu or cuda")
@@ -323,7 +331,7 @@ class ClassifyConfig:
         _check(self.tsne_perplexity > 0, "classify.tsne_perplexity", "must be > 0")
         _check(self.inner_folds >= 2, "classify.inner_folds", "must be >= 2")
         _check(self.max_iter >= 1, "classify.max_iter", "must be >= 1")
-        _check(self.seed >= 0, "classify.seed", "must be >= 0")  # numpy's seeds are
+        _check(0 <= self.seed <= MAX_SEED, "classify.seed", f"must be between 0 and {MAX_SEED}")  # numpy's seeds are
         _check(0.0 < self.label_fraction <= 1.0, "classify.label_fraction",
                f"must be in (0, 1], got {self.label_fraction}")
 
@@ -382,7 +390,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "finetune.epochs", "must be >= 1")
-        _check(self.seed >= 0, "finetune.seed", "must be >= 0")
+        _check(0 <= self.seed <= MAX_SEED, "finetune.seed", f"must be between 0 and {MAX_SEED}")
         _check(self.patience >= 1, "finetune.patience", "must be >= 1")
         _check(self.lr > 0, "finetune.lr", "must be > 0")
         _check(self.head_lr > 0, "finetune.head_lr", "must be > 0")
@@ -392,7 +400,8 @@ class FinetuneConfig:
                f"must be in (0, 1), got {self.val_fraction}")
         _check(0.0 < self.label_fraction <= 1.0, "finetune.label_fraction",
                f"must be in (0, 1], got {self.label_fraction}")
-        _check(self.image_size is None or self.image_size >= 8, "finetune.image_size", "must be >= 8")
+        _check(self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE, "finetune.image_size",
+               f"must be between 8 and {MAX_IMAGE_SIZE}")
         _check(self.max_patches_per_slide is None or self.max_patches_per_slide >= 1,
                "finetune.max_patches_per_slide", "must be >= 1")
         _check(0.0 <= self.color_jitter <= 1.0, "finetune.color_jitter", "is a probability")

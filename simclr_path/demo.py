@@ -365,6 +365,9 @@ class _Layout:
         self.residual = resid(sol.x)
 
 
+DEMO_MAX_SIDE = 32768  # drawn in memory at full size: 3 GB of RGB at this side
+
+
 def make_demo_slide(out: str | os.PathLike, kind: str = "scc", seed: int = 0,
                     width: int = DEMO_SLIDE_SIDE, height: int = DEMO_SLIDE_SIDE,
                     mpp: float = DEMO_SLIDE_MPP, artefacts: Iterable[str] = (),
@@ -404,8 +407,10 @@ def make_demo_slide(out: str | os.PathLike, kind: str = "scc", seed: int = 0,
     if bad:
         raise SimclrPathError(f"unknown artefact(s) {', '.join(bad)}; choose from "
                               f"{', '.join(ARTEFACTS)}")
-    if min(width, height) < 256:
-        raise SimclrPathError(f"demo slide {width}x{height} is too small; use at least 256x256 px")
+    if min(width, height) < 256 or max(width, height) > DEMO_MAX_SIDE:
+        # (the slide is drawn in memory: 1.5 TB for a side of 1e11 px)
+        raise SimclrPathError(f"demo slide {width}x{height} (--width x --height) is out of range; "
+                              f"use 256 to {DEMO_MAX_SIDE} px a side")
     if not (0.05 <= mpp <= 10):
         raise SimclrPathError(f"demo slide mpp {mpp} is outside 0.05-10 um/px")
     if tile % 16 or tile < 16:

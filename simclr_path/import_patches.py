@@ -135,6 +135,8 @@ def read_groups(csv: str | os.PathLike, tiles: list[str]) -> list[str]:
     import pandas as pd
 
     p = Path(csv)
+    if p.is_dir():
+        raise SimclrPathError(f"{p}: is a folder; give the groups CSV file (columns path, group)")
     if not p.is_file():
         raise SimclrPathError(f"{p}: groups CSV not found")
     try:

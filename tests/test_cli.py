@@ -99,7 +99,7 @@ def test_two_outputs_on_one_path_are_refused_before_anything_is_written(argv, tm
 @pytest.mark.parametrize("extra, match", [
     (["--pairs", "100000"], "--pairs must be between 1 and 64"),
     (["--pairs", "0"], "--pairs must be between 1 and 64"),
-    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", "-1"], "--seed must be between 0 and"),
 ])
 def test_preview_bounds(tmp_path, capsys, extra, match):
     rc, err = _err(["preview", str(tmp_path / "s.h5"), "--out", str(tmp_path / "new" / "p.png"),
@@ -319,3 +319,30 @@ def test_an_output_under_a_file_and_an_unreadable_input_say_what_they_are(tmp_pa
         PermissionError(errno.EACCES, "Permission denied", "cfg.yaml")))
     rc, err = _err(["pretrain", str(store), "--out", str(tmp_path / "run")], capsys)
     assert rc == 2 and err.strip().endswith("cfg.yaml: Permission denied; check its permissions")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`simclr-path schema | head -1` printed a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{sys.executable} -m simclr_path schema | true; "
+                          "echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.stdout.strip() in ("0", "141")  # 141: stopped by the closed pipe, as `yes` is
+
+
+def test_switches_every_long_running_command_shares(tmp_path):
+    """embed and finetune had no --no-progress (tile, import-patches and pretrain do); a tile
+    switch set true in a config could not be turned off on the command line."""
+    from simclr_path.cli import build_parser, parse_args
+
+    p = build_parser()
+    for argv in (["embed", "s.h5", "--encoder", "e.pt", "--out", "o.h5", "--no-progress"],
+                 ["finetune", "s.h5", "--encoder", "e.pt", "--out", "o", "--no-progress"]):
+        assert parse_args(p, argv).no_progress is True
+    args = parse_args(p, ["tile", "s.svs", "--out", "o.h5", "--no-remove-pen",
+                          "--no-mpp-from-objective"])
+    assert args.remove_pen is False and args.mpp_from_objective is False
+    assert parse_args(p, ["tile", "s.svs", "--out", "o.h5"]).remove_pen is None  # the config's

@@ -27,6 +27,14 @@ def test_presets_build_and_override(tmp_path):
     ({"augment": {"hflip": 2}}, "augment.hflip"),
     ({"augment": {"stain_p": -0.1}}, "augment.stain_p"),
     ({"augment": {"local_crops": -1}}, "augment.local_crops"),
+    # values that crashed deep inside (an allocation, torch's seed, the budget's arithmetic)
+    # or let everything through in silence (inf)
+    ({"augment": {"local_crops": 1_000_000}}, "augment.local_crops must be between 0 and 64"),
+    ({"augment": {"image_size": 10**20}}, "augment.image_size must be between 8 and 4096"),
+    ({"train": {"seed": 10**20}}, "train.seed must be between 0 and"),
+    ({"classify": {"seed": 2**64}}, "classify.seed must be between 0 and"),
+    ({"train": {"time_budget_s": float("inf")}}, "train.time_budget_s must be a finite number"),
+    ({"tile": {"drop_blur": float("inf")}}, "tile.drop_blur"),
     ({"augment": {"local_crops": 2, "image_size": 48, "local_size": 64}}, "augment.local_size"),
     ({"augment": {"local_crop_scale": [0.3, 0.1]}}, "augment.local_crop_scale"),
     ({"augment": {"stain_scale": 1.0}}, "augment.stain_scale"),

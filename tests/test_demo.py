@@ -96,8 +96,11 @@ def test_bad_arguments(tmp_path):
         make_demo_slide(tmp_path / "x.tiff", kind="tumour")
     with pytest.raises(SimclrPathError, match="artefact"):
         make_demo_slide(tmp_path / "x.tiff", artefacts=["coffee"])
-    with pytest.raises(SimclrPathError, match="too small"):
+    with pytest.raises(SimclrPathError, match=r"100x100 \(--width x --height\) is out of range"):
         make_demo_slide(tmp_path / "x.tiff", width=100, height=100)
+    # drawn in memory: a side of 1e11 px was a 1.5 TiB allocation error, not one line
+    with pytest.raises(SimclrPathError, match=r"use 256 to 32768 px a side"):
+        make_demo_slide(tmp_path / "x.tiff", width=99_999_999_999, height=256)
     with pytest.raises(SimclrPathError, match="seed must be >= 0"):
         make_demo_slide(tmp_path / "new" / "x.tiff", seed=-1)
     assert not (tmp_path / "x.tiff").exists() and not (tmp_path / "new").exists()

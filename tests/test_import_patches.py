@@ -92,6 +92,10 @@ def test_cli(tiles, tmp_path, capsys):
     assert main(["import-patches", str(root), "--out", str(out), "--groups",
                  str(tmp_path / "missing.csv"), "--force"]) == 2
     assert "groups CSV not found" in capsys.readouterr().err
+    # a folder is not "not found": it was said so although the path exists
+    assert main(["import-patches", str(root), "--out", str(out), "--groups", str(root),
+                 "--force"]) == 2
+    assert "is a folder; give the groups CSV file" in capsys.readouterr().err
 
 
 @needs(LC25000)

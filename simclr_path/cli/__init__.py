@@ -225,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_unwinds(), _warnings_as_lines(args.command):
             check_output_paths(args)
-            return int(args._run(args) or 0)
+            code = int(args._run(args) or 0)
+            sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+            return code
     except SimclrPathError as exc:
         print(f"simclr-path {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -236,6 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"simclr-path {args.command}: terminated (SIGTERM); unfinished outputs removed",
               file=sys.stderr)
         return int(exc.code)
+    except BrokenPipeError:
+        # the reader of our output went away (`| head`): stop quietly, as Unix tools do on
+        # SIGPIPE; stdout goes to /dev/null so that the exit's flush does not fail again
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         if exc.errno not in _USER_OS_ERRORS:
             raise

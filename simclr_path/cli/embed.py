@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="resize patches to this side [config: the encoder's training size scaled for its "
         "crop scale, capped at the patch size]",
     )
-    p.add_argument("--device", default=None, help=f"auto, cpu or cuda [config: {d.device}]")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help=f"[config: {d.device}]")
     p.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
@@ -46,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--config", type=Path, default=None, help="YAML config (section 'embed')")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         if v is not None
     }
     cfg = load_config(args.config, overrides={"embed": over}, overrides_from="command line").embed
-    out = embed_store(args.encoder, args.store, args.out, cfg=cfg, force=args.force)
+    out = embed_store(args.encoder, args.store, args.out, cfg=cfg, force=args.force,
+                      progress=not args.no_progress)
     print(out)
     return 0

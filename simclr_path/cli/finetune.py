@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="YAML config (sections 'finetune', 'classify'; 'train' for tracking)")
     p.add_argument("--force", action="store_true", help="replace an existing results folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                               ("device", args.device), ("workers", args.workers)) if v is not None}
     cfg = load_config(args.config, overrides={"finetune": over}, overrides_from="command line")
     m = finetune(args.stores, args.encoder, args.out, samples=args.samples, cfg=cfg,
-                 force=args.force)
+                 force=args.force, progress=not args.no_progress)
     s = m["slide"]
     auc = s.get("auroc")
     txt = f"slide AUROC {auc:.3f}" if auc is not None else "slide AUROC n/a"

@@ -32,12 +32,14 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.pairs <= MAX_PAIRS:  # one row each: more would not make a readable figure
         raise SimclrPathError(f"--pairs must be between 1 and {MAX_PAIRS}, got {args.pairs}")
-    if args.seed < 0:
-        raise SimclrPathError(f"--seed must be >= 0, got {args.seed}")
+    from simclr_path.config import MAX_SEED
+
+    if not 0 <= args.seed <= MAX_SEED:
+        raise SimclrPathError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
     # as in pretrain: the views previewed are the views it would train on
     cfg = load_config(args.config, args.preset,
                       {"augment": {"image_size": args.image_size}}
-                      if args.image_size is not None else None)
+                      if args.image_size is not None else None, overrides_from="command line")
     print(preview(args.stores, args.out, cfg.augment, n_pairs=args.pairs, seed=args.seed,
                   force=args.force))
     return 0

@@ -30,13 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"keep patches with at least this tissue fraction [config: {d.min_tissue}]")
     p.add_argument("--slide-mpp", type=float, default=None,
                    help="level-0 microns per pixel of the slide, overriding its metadata")
-    p.add_argument("--mpp-from-objective", action="store_true", default=None,
+    p.add_argument("--mpp-from-objective", action=argparse.BooleanOptionalAction, default=None,
                    help="when the slide has no mpp, use 10 / objective power [config: "
                         f"{d.mpp_from_objective}]")
     p.add_argument("--workers", type=int, default=None,
                    help=f"parallel block readers [config: {d.workers}]")
     p.add_argument("--qc", type=Path, default=None, help="write a QC picture (PNG) here")
-    p.add_argument("--remove-pen", action="store_true", default=None,
+    p.add_argument("--remove-pen", action=argparse.BooleanOptionalAction, default=None,
                    help=f"suppress blue/green/black pen ink in the tissue mask [config: "
                         f"{d.remove_pen}]")
     p.add_argument("--max-pen", type=float, default=None, metavar="F",
