@@ -234,6 +234,9 @@ def make_loader(stores: Sequence[PatchStore], cfg: AugmentConfig, plan: BatchPla
     """DataLoader of ``(v1, v2[, local])`` uint8 view batches for steps ``start_step .. total_steps - 1``."""
     ds = TwoViewBatches(stores, cfg)
     sampler = _PlanSampler(plan, start_step, total_steps)
+    # no more worker processes than batches to make (as embed and fine-tuning): each idle one
+    # costs a process start and its memory
+    workers = max(0, min(int(workers), total_steps - start_step))
     # two batches ahead per worker (PyTorch's default), not more: each is in shared memory (77 MB
     # at batch 256 of 224 px views), and containers often have little (Docker's default: 64 MB)
     kw = {"prefetch_factor": 2, "persistent_workers": False} if workers > 0 else {}

@@ -123,6 +123,8 @@ def test_loader_workers_open_their_own_files_and_match_in_process(make_store):
     seq = [tuple(t.clone() for t in b) for b in make_loader(stores, cfg, plan, 0, 6, workers=0)]
     par = [tuple(t.clone() for t in b) for b in make_loader(stores, cfg, plan, 0, 6, workers=2)]
     assert len(seq) == len(par) == 6
+    # never more worker processes than batches to make (--workers 1000 started 1000)
+    assert make_loader(stores, cfg, plan, 4, 6, workers=1000).num_workers == 2
     for a, b in zip(seq, par):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # the parent's handles are untouched by the workers' (lazily opened) ones
