@@ -346,3 +346,8 @@ def test_switches_every_long_running_command_shares(tmp_path):
                           "--no-mpp-from-objective"])
     assert args.remove_pen is False and args.mpp_from_objective is False
     assert parse_args(p, ["tile", "s.svs", "--out", "o.h5"]).remove_pen is None  # the config's
+    # one name for one thing: the classify folder is --classify in the plot commands too
+    assert parse_args(p, ["predict", "--classify", "c", "--embeddings", "e.h5", "--out",
+                          "p.csv"]).model.name == "c"
+    assert parse_args(p, ["finetune", "s.h5", "--encoder", "e.pt", "--out", "o", "--folds",
+                          "3"]).folds == 3

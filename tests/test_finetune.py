@@ -273,11 +273,11 @@ def test_cli_one_percent_labels_trains_without_early_stopping(cohort, encoder, t
     paths, sheet = cohort
     cfg = tmp_path / "c.yaml"
     cfg.write_text("finetune: {batch_size: 16, final_model: false, amp: false}\n"
-                   "classify: {folds: 2, bootstrap: 0}\ntrain: {tensorboard: false}\n")
-    with pytest.warns(UserWarning, match="without early stopping"):
+                   "classify: {folds: 3, bootstrap: 0}\ntrain: {tensorboard: false}\n")
+    with pytest.warns(UserWarning, match="without early stopping"):  # --folds over the config's
         code = main(["finetune", *map(str, paths), "--encoder", str(encoder), "--samples",
                      str(sheet), "--out", str(tmp_path / "o"), "--config", str(cfg), "--epochs",
-                     "1", "--label-fraction", "0.01", "--device", "cpu"])
+                     "1", "--label-fraction", "0.01", "--device", "cpu", "--folds", "2"])
     assert code == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "label fraction 0.01" in out and "CI not shown: the bootstrap is off" in out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simclr_path.config import FinetuneConfig, load_config
+from simclr_path.config import ClassifyConfig, FinetuneConfig, load_config
 
 HELP = (
     "Fine-tune the pretrained encoder with a linear head end to end on labelled patches "
@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"keep this share of each class's labelled training patients, e.g. 0.1 or "
                    f"0.01 (at least one per class) [config: {d.label_fraction}]")
     p.add_argument("--epochs", type=int, default=None, help=f"most epochs per fold [config: {d.epochs}]")
+    p.add_argument("--folds", type=int, default=None,
+                   help=f"outer patient-grouped folds, classify's [config: classify.folds, "
+                   f"{ClassifyConfig().folds}]")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help=f"[config: {d.device}]")
     p.add_argument("--workers", type=int, default=None,
@@ -48,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
 
     over = {k: v for k, v in (("label_fraction", args.label_fraction), ("epochs", args.epochs),
                               ("device", args.device), ("workers", args.workers)) if v is not None}
-    cfg = load_config(args.config, overrides={"finetune": over}, overrides_from="command line")
+    sections = {"finetune": over}
+    if args.folds is not None:  # classify's folds: fold i tests the same slides in both
+        sections["classify"] = {"folds": args.folds}
+    cfg = load_config(args.config, overrides=sections, overrides_from="command line")
     m = finetune(args.stores, args.encoder, args.out, samples=args.samples, cfg=cfg,
                  force=args.force, progress=not args.no_progress)
     s = m["slide"]

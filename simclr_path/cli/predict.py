@@ -10,7 +10,8 @@ HELP = "Score embedding files with a classifier from 'classify' (CSV of patch an
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", type=Path, required=True, help="results folder of 'simclr-path classify'"
+        "--model", "--classify", dest="model", type=Path, required=True,
+        help="results folder of 'simclr-path classify' (--classify, as the plot commands name it)"
     )
     p.add_argument(
         "--embeddings", type=Path, nargs="+", required=True,
