@@ -166,6 +166,10 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(stores, tmp_path, mon
     with pytest.raises(RuntimeError, match="node lost"):
         T.pretrain(stores, run, cfg, progress=False)
     monkeypatch.setattr(T, "_on_step_end", lambda step: None)
+    # TensorBoard reads event files in name order, whose first part is the second they were
+    # made in: a resume comes later (within one second and one process, the order of the
+    # names' last part, a per-process counter, is not numeric once it passes 9)
+    time.sleep(1.1)
     assert T.pretrain(stores, run, cfg, resume=True, progress=False)["resumed_from_step"] == 2
     steps = [e.step for e in EventAccumulator(str(run / "tensorboard")).Reload().Scalars("train/loss")]
     assert steps == [1, 2, 3, 4, 5] == pd.read_csv(run / "metrics.csv")["step"].tolist()
