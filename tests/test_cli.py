@@ -293,8 +293,8 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     (["tile", "x.svs", "--out", "y.h5", "--mmp", "0.5"],
      ("simclr-path tile: error: unrecognized arguments: --mmp 0.5; did you mean --mpp? "
       "(see 'simclr-path tile --help')")),
-    (["finetune", "a.h5", "--encoder", "e", "--out", "o", "--folds", "2"],
-     ("simclr-path finetune: error: unrecognized arguments: --folds 2 "
+    (["finetune", "a.h5", "--encoder", "e", "--out", "o", "--budget-s", "2"],
+     ("simclr-path finetune: error: unrecognized arguments: --budget-s 2 "
       "(see 'simclr-path finetune --help')")),
 ])
 def test_a_usage_error_is_one_line(argv, message, capsys):
