@@ -573,7 +573,8 @@ def finetune(
     with atomic_dir(out_dir, force=force, markers=RESULT_FILES) as tmp:
         from simclr_path.train import _Tracker
 
-        tracker = _Tracker(tmp, cfg, enabled=True, name=Path(out_dir).name)
+        tracker = _Tracker(tmp, cfg, enabled=True, name=Path(out_dir).name,
+                           moves_to=Path(out_dir))
         summary: dict[str, Any] | None = None
         try:
             run = _Run(t, stores, enc, ft, image_size, device, progress, tracker)

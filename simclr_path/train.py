@@ -32,6 +32,7 @@ process trains on its own slice of every global batch; NT-Xent negatives come fr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -543,14 +544,18 @@ class _Tracker:
     """
 
     def __init__(self, out: Path, cfg: PipelineConfig, enabled: bool,
-                 name: str | None = None, resume_step: int | None = None) -> None:
-        """``name``: the run's name in MLflow and W&B (default ``out.name``; fine-tuning writes
-        into a temporary folder and passes the final one's). ``resume_step``: the checkpoint's
-        step of a resumed run; TensorBoard drops what the interrupted run logged after it (as
-        metrics.csv does), so those steps are not shown twice."""
+                 name: str | None = None, resume_step: int | None = None,
+                 moves_to: Path | None = None) -> None:
+        """``name``: the run's name in MLflow and W&B (default ``out.name``). ``resume_step``:
+        the checkpoint's step of a resumed run; TensorBoard drops what the interrupted run
+        logged after it (as metrics.csv does), so those steps are not shown twice.
+        ``moves_to``: where ``out``, a temporary folder (fine-tuning's), is renamed after
+        :meth:`close`; the local MLflow store then records its artifacts there."""
         self.tb = None
         self.mlflow = None
         self.wandb = None  # the wandb Run
+        self.moves_to = moves_to
+        self.local_store: Path | None = None  # out/mlflow.db when MLflow logs there
         if not enabled:
             return
         t = cfg.train
@@ -601,6 +606,7 @@ class _Tracker:
             artifact_location=None if t.mlflow_uri else (out / "mlruns").resolve().as_uri())
         run_id = client.create_run(exp_id, run_name=name).info.run_id
         self.mlflow = (client, run_id)
+        self.local_store = None if t.mlflow_uri else out / "mlflow.db"
         flat = {f"{s}.{k}": v for s, d in to_dict(cfg).items() if s in
                 ("augment", "model", "train") for k, v in d.items()}
         from mlflow.entities import Param
@@ -675,12 +681,30 @@ class _Tracker:
                             if out is not None and (out / name).is_file():
                                 client.log_artifact(run_id, str(out / name))
                     client.set_terminated(run_id, "FINISHED" if summary is not None else "FAILED")
+                    if self.local_store is not None and self.moves_to is not None:
+                        _move_mlflow_artifacts(self.local_store, self.moves_to)
                 except Exception as exc:  # noqa: BLE001 - the run itself is finished and saved
                     self._mlflow_failed("ending the run failed", exc)
         if wb is not None:
             if summary is not None:
                 wb.summary.update(numbers)
             wb.finish(exit_code=0 if summary is not None else 1)
+
+
+def _move_mlflow_artifacts(db: Path, moves_to: Path) -> None:
+    """Point a local MLflow store's artifact locations (``file:`` URIs under the folder that
+    holds ``db``) at the folder's name after its rename to ``moves_to``. MLflow keeps absolute
+    artifact URIs and has no call to change them, so the SQLite rows (its tracking schema's
+    ``experiments.artifact_location`` and ``runs.artifact_uri``) are rewritten."""
+    import sqlite3
+
+    folder = db.resolve().parent
+    old = folder.as_uri() + "/"
+    new = (folder.parent / moves_to.name).as_uri() + "/"
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+            con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                        f"WHERE substr({column}, 1, ?) = ?", (new, len(old) + 1, len(old), old))
 
 
 def _on_step_end(step: int) -> None:

@@ -86,3 +86,38 @@ def probed_work(work: Path, x: np.ndarray, y: np.ndarray, groups: list[str],
         load_config(preset="cpu-fast", overrides={"classify": classify or {}}).classify, [0, 1],
         {}, "toy")
     return work
+
+
+def fake_mlflow(monkeypatch, fail: str | None = None):
+    """An ``mlflow`` module whose MlflowClient records every call as (name, args, kwargs);
+    ``fail``: the name of a call that raises, as a store or server that fails does."""
+    import collections
+    import sys
+    import types
+
+    calls: list = []
+
+    class MlflowClient:
+        def __init__(self, tracking_uri=None):
+            calls.append(("MlflowClient", (), {"tracking_uri": tracking_uri}))
+
+        def __getattr__(self, name):
+            def call(*a, **k):
+                calls.append((name, a, k))
+                if name == fail:
+                    raise RuntimeError("HTTP 503: service unavailable\nretry later")
+                if name == "get_experiment_by_name":
+                    return None
+                if name == "create_experiment":
+                    return "7"
+                if name == "create_run":
+                    return types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1"))
+            return call
+
+    entities = types.SimpleNamespace(
+        Param=collections.namedtuple("Param", "key value"),
+        Metric=collections.namedtuple("Metric", "key value timestamp step"))
+    monkeypatch.setitem(sys.modules, "mlflow", types.SimpleNamespace(MlflowClient=MlflowClient,
+                                                                     entities=entities))
+    monkeypatch.setitem(sys.modules, "mlflow.entities", entities)
+    return calls

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import fake_mlflow
 
 from simclr_path.classify import classify, label_subset, make_folds
 from simclr_path.cli import main
@@ -474,3 +475,22 @@ def test_the_loss_balances_the_classes_trained_on_and_the_validation_mix(encoder
     assert train_mass and val_mass
     for a, b in train_mass + val_mass:  # one batch an epoch here; one validation pass a fold
         assert a > 0 and a == pytest.approx(b), (train_mass, val_mass)
+
+
+def test_the_mlflow_store_is_told_the_results_folders_final_name(cohort, encoder, tmp_path,
+                                                                monkeypatch):
+    """finetune writes into a temporary folder renamed at the end; the local MLflow store in
+    it must record its artifacts under the final name (else MLflow lists none)."""
+    import simclr_path.train as T
+
+    fake_mlflow(monkeypatch)
+    moved = []
+    monkeypatch.setattr(T, "_move_mlflow_artifacts", lambda db, to: moved.append((db, to)))
+    paths, sheet = cohort
+    cfg = tiny_cfg(epochs=1, final_model=False)
+    cfg.classify.bootstrap = 0
+    cfg.train.mlflow, cfg.train.tensorboard = True, False
+    finetune(paths, encoder, tmp_path / "res", samples=sheet, cfg=cfg, progress=False)
+    ((db, to),) = moved
+    assert to == tmp_path / "res" and db.name == "mlflow.db" and db.parent.parent == tmp_path
+    assert db.parent.name.startswith(".res.") and not db.parent.exists()  # the temporary folder

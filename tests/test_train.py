@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import fake_mlflow
 
 import simclr_path.train as T
 from simclr_path.cli import main
@@ -713,40 +714,6 @@ def _fake_wandb(monkeypatch):
     return calls
 
 
-def _fake_mlflow(monkeypatch, fail: str | None = None):
-    """An ``mlflow`` module whose MlflowClient records every call as (name, args, kwargs);
-    ``fail``: the name of a call that raises, as a store or server that fails does."""
-    import collections
-    import types
-
-    calls: list = []
-
-    class MlflowClient:
-        def __init__(self, tracking_uri=None):
-            calls.append(("MlflowClient", (), {"tracking_uri": tracking_uri}))
-
-        def __getattr__(self, name):
-            def call(*a, **k):
-                calls.append((name, a, k))
-                if name == fail:
-                    raise RuntimeError("HTTP 503: service unavailable\nretry later")
-                if name == "get_experiment_by_name":
-                    return None
-                if name == "create_experiment":
-                    return "7"
-                if name == "create_run":
-                    return types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1"))
-            return call
-
-    entities = types.SimpleNamespace(
-        Param=collections.namedtuple("Param", "key value"),
-        Metric=collections.namedtuple("Metric", "key value timestamp step"))
-    monkeypatch.setitem(sys.modules, "mlflow", types.SimpleNamespace(MlflowClient=MlflowClient,
-                                                                     entities=entities))
-    monkeypatch.setitem(sys.modules, "mlflow.entities", entities)
-    return calls
-
-
 def test_wandb_logs_offline_run_under_run_dir(stores, tmp_path, monkeypatch):
     calls = _fake_wandb(monkeypatch)
     run = tmp_path / "run"
@@ -767,7 +734,7 @@ def test_wandb_logs_offline_run_under_run_dir(stores, tmp_path, monkeypatch):
 
 
 def test_mlflow_logs_to_a_store_under_run_dir(stores, tmp_path, monkeypatch):
-    calls = _fake_mlflow(monkeypatch)
+    calls = fake_mlflow(monkeypatch)
     run = tmp_path / "run"
     T.pretrain(stores, run, _cfg(max_steps=2, mlflow=True), progress=False)
     by = {}
@@ -797,7 +764,7 @@ def test_an_mlflow_store_that_fails_gives_one_warning_and_training_goes_on(
         stores, tmp_path, monkeypatch, fail):
     """Any MLflow error (a retired file store, a server down, one failed upload) stopped the
     run with a traceback, losing the steps since the last checkpoint."""
-    calls = _fake_mlflow(monkeypatch, fail=fail)
+    calls = fake_mlflow(monkeypatch, fail=fail)
     with pytest.warns(UserWarning, match=r"train.mlflow: .*\(RuntimeError: HTTP 503: service "
                                          r"unavailable\); not logging to MLflow") as record:
         summary = T.pretrain(stores, tmp_path / "run", _cfg(max_steps=3, mlflow=True),
@@ -807,8 +774,48 @@ def test_an_mlflow_store_that_fails_gives_one_warning_and_training_goes_on(
     assert [c[0] for c in calls].count(fail) == 1  # dropped after its first failure
 
 
+def test_a_moved_local_mlflow_store_points_at_its_new_folder(tmp_path):
+    """Fine-tuning logs into a temporary folder that is then renamed: MLflow keeps absolute
+    artifact URIs, so the store listed no artifacts (they pointed at the removed temporary
+    name). The rows under the folder move with it; others (a sibling of a longer name,
+    another store) stay."""
+    import sqlite3
+
+    tmp = tmp_path / "o ut" / ".res.x1.tmp"
+    tmp.mkdir(parents=True)
+    db = tmp / "mlflow.db"
+    base = tmp.resolve().as_uri()
+    with sqlite3.connect(db) as con:  # the two columns of MLflow's tracking schema
+        con.execute("CREATE TABLE experiments (experiment_id INTEGER, artifact_location TEXT)")
+        con.execute("CREATE TABLE runs (run_uuid TEXT, artifact_uri TEXT)")
+        con.executemany("INSERT INTO experiments VALUES (?, ?)", [
+            (1, base + "/mlruns"), (2, base + "-other/mlruns"), (3, "s3://bucket/x")])
+        con.executemany("INSERT INTO runs VALUES (?, ?)", [
+            ("a", base + "/mlruns/a/artifacts"), ("b", base + "-other/mlruns/b/artifacts")])
+    con.close()
+    T._move_mlflow_artifacts(db, tmp_path / "o ut" / "res")
+    new = (tmp_path / "o ut" / "res").resolve().as_uri()
+    with sqlite3.connect(db) as con:
+        assert [r[0] for r in con.execute("SELECT artifact_location FROM experiments")] == [
+            new + "/mlruns", base + "-other/mlruns", "s3://bucket/x"]
+        assert [r[0] for r in con.execute("SELECT artifact_uri FROM runs")] == [
+            new + "/mlruns/a/artifacts", base + "-other/mlruns/b/artifacts"]
+    con.close()
+
+
+@pytest.mark.parametrize("uri", [None, "http://server:5000"])
+def test_a_tracker_that_moves_rewrites_only_its_local_mlflow_store(tmp_path, monkeypatch, uri):
+    fake_mlflow(monkeypatch)
+    moved = []
+    monkeypatch.setattr(T, "_move_mlflow_artifacts", lambda db, to: moved.append((db, to)))
+    tr = T._Tracker(tmp_path / ".o.tmp", _cfg(mlflow=True, tensorboard=False, mlflow_uri=uri),
+                    enabled=True, moves_to=tmp_path / "o")
+    tr.close({"x": 1.0}, tmp_path / ".o.tmp")
+    assert moved == ([] if uri else [(tmp_path / ".o.tmp" / "mlflow.db", tmp_path / "o")])
+
+
 def test_tracking_ends_failed_on_error(stores, tmp_path, monkeypatch):
-    wb, ml = _fake_wandb(monkeypatch), _fake_mlflow(monkeypatch)
+    wb, ml = _fake_wandb(monkeypatch), fake_mlflow(monkeypatch)
 
     def crash(step):
         raise KeyboardInterrupt
