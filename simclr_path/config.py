@@ -604,8 +604,10 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any], where: str)
 def build_config(preset: str = "default", overrides: dict[str, Any] | None = None,
                  where: str = "config") -> PipelineConfig:
     """Defaults, then a named preset, then ``overrides`` (nested dict by section)."""
-    if preset not in PRESETS:
-        raise SimclrPathError(f"{where}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        hint = " (overrides go by keyword: overrides={...})" if isinstance(preset, dict) else ""
+        raise SimclrPathError(f"{where}: unknown preset {preset!r}; choose one of "
+                              f"{sorted(PRESETS)}{hint}")
     merged = merge_overrides({}, PRESETS[preset], f"preset {preset}")
     merged = merge_overrides(merged, overrides or {}, where)
     try:

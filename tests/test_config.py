@@ -222,6 +222,9 @@ def test_config_file_that_is_binary_a_folder_or_names_a_bad_preset(tmp_path):
     bad.write_text("preset: [a]\n")
     with pytest.raises(SimclrPathError, match=r"p.yaml: preset must be a name"):
         load_config(bad)
+    # overrides given where the preset goes (the second argument) were a TypeError
+    with pytest.raises(SimclrPathError, match=r"unknown preset .*overrides go by keyword"):
+        load_config(None, {"train": {"lr": 1e-3}})
 
 
 def test_stage_modules_are_attributes_of_the_package():
