@@ -1036,3 +1036,69 @@ def test_predict_on_empty_slides_alone_keeps_every_column_and_a_damaged_npz_is_o
     line = _one_error_line(capsys)
     assert rc == 2 and "model.npz" in line and "damaged" in line, line
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_the_probe_of_each_fold_never_sees_its_test_patients(tmp_path, monkeypatch):
+    """The rows each fold's probe is fitted on, not only the fold masks: a probe fitted on
+    test rows as well passed every other test (toy features barely move the AUROC)."""
+    import simclr_path.classify as C
+
+    fitted, fit = [], C.fit_probe
+    monkeypatch.setattr(C, "fit_probe", lambda X, y, groups, *a, **k: (
+        fitted.append(set(groups)), fit(X, y, groups, *a, **k))[1])
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=10, patches=10, shift=1.0)
+    m = classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    patches = pd.read_csv(tmp_path / "out" / "predictions_patches.csv")
+    everyone = set(patches["patient_id"])
+    assert len(fitted) == len(m["folds"]) + 1  # one probe per fold, then the final model
+    for f, groups in zip(m["folds"], fitted):
+        test = set(patches.loc[patches["fold"] == f["fold"], "patient_id"])
+        assert test and not groups & test and groups | test == everyone
+    assert fitted[-1] == everyone
+
+
+def _hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUROC (Hanley & McNeil 1982, Radiology 143:29)."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    return math.sqrt((auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2)
+                      + (n_neg - 1) * (q2 - auc**2)) / (n_pos * n_neg))
+
+
+def test_the_slide_auroc_ci_is_a_95_percent_patient_bootstrap():
+    """Its width matches the AUROC's standard error (a 40-60 percentile interval or a 2.5-97.5
+    one of another statistic would not), and it resamples patients: a patient's second slide,
+    identical to the first, adds no information, so the interval does not narrow (resampling
+    slides would treat the copies as independent and shrink it by about 1/sqrt(2))."""
+    from sklearn.metrics import roc_auc_score
+
+    from simclr_path.classify import auroc_ci
+
+    rng = np.random.default_rng(0)
+    n = 40  # patients per class
+    y = np.repeat([0, 1], n)  # classes ["SCC", "normal"]: SCC = 0 is the positive
+    score = rng.normal(size=2 * n) + 0.9 * (y == 0)
+    proba = np.stack([score, -score], axis=1)
+    one = pd.DataFrame({"slide_id": [f"s{i}" for i in range(2 * n)],
+                        "patient_id": [f"p{i}" for i in range(2 * n)],
+                        "label": np.where(y == 0, "SCC", "normal")})
+    cfg = ClassifyConfig(bootstrap=2000)
+    ci, note = auroc_ci(y, proba, one, ["SCC", "normal"], 0, cfg)
+    auc = roc_auc_score(y == 0, score)
+    expected = 2 * 1.96 * _hanley_mcneil_se(auc, n, n)
+    assert note is None and ci[0] < auc < ci[1]
+    assert 0.8 * expected < ci[1] - ci[0] < 1.25 * expected
+    two = pd.concat([one, one.assign(slide_id=one["slide_id"] + "b")], ignore_index=True)
+    ci2, _ = auroc_ci(np.tile(y, 2), np.tile(proba, (2, 1)), two, ["SCC", "normal"], 0, cfg)
+    assert ci2 == pytest.approx(ci)
+
+
+def test_the_top_k_slide_auroc_ranks_slides_by_their_top_k_score(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=12, patches=30, shift=0.4, seed=3)
+    m = classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    slides = pd.read_csv(tmp_path / "out" / "predictions_slides.csv")
+    pos = slides["label"] == "SCC"
+    assert m["slide"]["auroc_topk"] == pytest.approx(roc_auc_score(pos, slides["score_topk"]))
+    assert m["slide"]["auroc"] == pytest.approx(roc_auc_score(pos, slides["score"]))
+    assert m["slide"]["auroc_topk"] != pytest.approx(m["slide"]["auroc"])  # the test can tell
