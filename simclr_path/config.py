@@ -40,9 +40,9 @@ def magnification_hint(mpp: float) -> str | None:
 class ConfigValueError(SimclrPathError):
     """A config value out of its range or of the wrong kind; ``key`` is ``section.name``."""
 
-    def __init__(self, key: str, msg: str) -> None:
-        super().__init__(f"config: {key} {msg}")
-        self.key, self.detail = key, f"{key} {msg}"
+    def __init__(self, key: str, msg: str, where: str = "config") -> None:
+        super().__init__(f"{where}: {key} {msg}")
+        self.key, self.msg, self.detail = key, msg, f"{key} {msg}"
 
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes no more
@@ -52,6 +52,41 @@ MAX_IMAGE_SIZE = 4096  # px of a network input: beyond it one patch's activation
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ConfigValueError(name, msg)
+
+
+def _check_types(section: Any) -> None:
+    """Each field of a section dataclass holds its declared type (an int for a float is
+    fine): built directly in Python, ``TileConfig(mpp="0.5")`` failed as a TypeError in a
+    range check, or later, deep inside a stage. YAML and option values are converted before
+    (:func:`coerce_section`)."""
+    name = next(s for s in _SECTIONS if _section_cls(s) is type(section))
+    for key, (kind, is_list, optional) in _field_types(name).items():
+        value = getattr(section, key)
+        if optional and value is None:
+            continue
+        if is_list:
+            _check(isinstance(value, (list, tuple)), f"{name}.{key}",
+                   f"must be a list of {_PLURAL[kind]}, got {value!r}")
+            items = list(value)
+        else:
+            items = [value]
+        for v in items:
+            _check(_is_kind(v, kind), f"{name}.{key}", f"must be {_KIND[kind]}, got {v!r}")
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    """``value`` is of field type ``kind`` (numpy's scalars count as numbers; no bool does)."""
+    import numbers
+
+    import numpy as np
+
+    if kind is bool:
+        return isinstance(value, (bool, np.bool_))
+    if kind is str:
+        return isinstance(value, str)
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    return isinstance(value, numbers.Integral if kind is int else numbers.Real)
 
 
 def _range(value: Any, name: str) -> tuple[float, float]:
@@ -87,6 +122,7 @@ class TileConfig:
     tiff_direct: bool = True  # decode tiled-TIFF tiles (SVS, generic TIFF) without OpenSlide
 
     def __post_init__(self) -> None:
+        _check_types(self)
         # NaN and inf pass "> 0" tests or fail them far from here ("a 224 px patch at inf um/px")
         _check(math.isfinite(self.mpp) and self.mpp > 0, "tile.mpp",
                f"must be a finite number of microns per pixel > 0, got {self.mpp}")
@@ -148,6 +184,7 @@ class AugmentConfig:
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.2])  # area range of local crops
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(8 <= self.image_size <= MAX_IMAGE_SIZE, "augment.image_size",
                f"must be between 8 and {MAX_IMAGE_SIZE}")
         lo, hi = _range(self.crop_ratio, "augment.crop_ratio")
@@ -197,6 +234,7 @@ class ModelConfig:
     head_batchnorm: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.head_layers in (0, 1, 2, 3), "model.head_layers", "must be 0, 1, 2 or 3")
         _check(self.head_out_dim >= 1, "model.head_out_dim", "must be >= 1")
         _check(self.head_hidden_dim is None or self.head_hidden_dim >= 1, "model.head_hidden_dim",
@@ -242,6 +280,7 @@ class TrainConfig:
     wandb_mode: str = "offline"  # online | offline (no network; upload later: wandb sync) | disabled
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.optimizer in ("lars", "adamw", "sgd"), "train.optimizer", "must be lars, adamw or sgd")
         _check(self.lr_scaling in ("linear", "sqrt", "none"), "train.lr_scaling", "must be linear, sqrt or none")
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
@@ -291,6 +330,7 @@ class EmbedConfig:
     tta: bool = False  # average each patch's features over its 8 rotations and flips (8x the compute)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.batch_size >= 1, "embed.batch_size", "must be >= 1")
         _check(self.cpu_chunk >= 1, "embed.cpu_chunk", "must be >= 1")
         _check(self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE, "embed.image_size",
@@ -319,6 +359,7 @@ class ClassifyConfig:
     tsne_perplexity: float = 30.0  # capped at (points - 1) / 3 for small samples
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.folds >= 2, "classify.folds", "must be >= 2")
         _check(self.top_k >= 1, "classify.top_k", "must be >= 1")
         _check(self.bootstrap >= 0, "classify.bootstrap", "must be >= 0")
@@ -389,6 +430,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.epochs >= 1, "finetune.epochs", "must be >= 1")
         _check(0 <= self.seed <= MAX_SEED, "finetune.seed", f"must be between 0 and {MAX_SEED}")
         _check(self.patience >= 1, "finetune.patience", "must be >= 1")
@@ -429,10 +471,10 @@ def section_cfg(cfg: Any, cls: type, caller: str) -> Any:
     if cfg is None:
         return cls()
     if isinstance(cfg, cls):
-        return cfg
+        return check_section(cfg)
     name = next(f.name for f in fields(PipelineConfig) if f.type in (cls, cls.__name__))
     if isinstance(cfg, PipelineConfig):
-        return getattr(cfg, name)
+        return check_section(getattr(cfg, name))
     raise SimclrPathError(f"{caller}: cfg must be a {cls.__name__} (load_config(...).{name}) or "
                           f"the whole config, got {type(cfg).__name__}")
 
@@ -445,7 +487,20 @@ def whole_cfg(cfg: Any, caller: str) -> PipelineConfig:
     if not isinstance(cfg, PipelineConfig):
         raise SimclrPathError(f"{caller}: cfg must be the whole config (load_config(...)), "
                               f"got {type(cfg).__name__}")
+    for f in fields(PipelineConfig):
+        section = getattr(cfg, f.name)
+        if not isinstance(section, _section_cls(f.name)):
+            raise SimclrPathError(f"{caller}: cfg.{f.name} must be a "
+                                  f"{_section_cls(f.name).__name__}, got {type(section).__name__}")
+        check_section(section)
     return cfg
+
+
+def check_section(section: Any) -> Any:
+    """``section`` again checked as on construction (types and ranges) and returned: a field
+    set after construction (``cfg.train.batch_size = 0``) is checked when a stage starts."""
+    section.__post_init__()
+    return section
 
 
 # Named presets: overrides of the defaults above, by section. ``cpu-fast`` is tuned for a
@@ -529,6 +584,7 @@ def _field_types(section: str) -> dict[str, tuple[type, bool, bool]]:
 
 _NULL_TEXT = ("null", "Null", "NULL", "~")  # YAML's spellings of null
 _KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_PLURAL = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
 
 
 def _value(value: Any, kind: type, name: str, where: str) -> Any:
@@ -538,10 +594,7 @@ def _value(value: Any, kind: type, name: str, where: str) -> Any:
         value = float(value.strip())
     if kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)
-    ok = {int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool),
-          bool: isinstance(value, bool), str: isinstance(value, str)}[kind]
-    if not ok:
+    if not _is_kind(value, kind):
         raise SimclrPathError(f"{where}: {name} must be {_KIND[kind]}, got {value!r}")
     return value
 
@@ -664,7 +717,7 @@ def load_config(path: str | Path | None = None, preset: str | None = None,
             where = str(path)
         else:
             raise
-        raise SimclrPathError(f"{where}: {exc.detail}") from None
+        raise ConfigValueError(exc.key, exc.msg, where) from None
 
 
 def to_dict(cfg: PipelineConfig) -> dict[str, Any]:

@@ -279,3 +279,55 @@ def test_load_config_names_overrides_given_in_python_as_such():
         load_config(overrides={"tile": {"mpp": -1}}, overrides_from="command line")
     with pytest.raises(SimclrPathError, match=r"overrides: expected a mapping of sections"):
         load_config(overrides=[1])
+
+
+@pytest.mark.parametrize("section, kw, message", [
+    ("TileConfig", {"mpp": "0.5"}, "tile.mpp must be a number, got '0.5'"),
+    ("TileConfig", {"patch_size": 64.5}, "tile.patch_size must be an integer, got 64.5"),
+    ("TileConfig", {"remove_pen": 1}, "tile.remove_pen must be true or false, got 1"),
+    ("ClassifyConfig", {"c_grid": 1.0}, "classify.c_grid must be a list of numbers, got 1.0"),
+    ("ClassifyConfig", {"labels": "SCC"}, "classify.labels must be a list of strings"),
+    ("ClassifyConfig", {"c_grid": [1, "a"]}, "classify.c_grid must be a number, got 'a'"),
+])
+def test_a_section_built_in_python_checks_its_types(section, kw, message):
+    """The README builds sections directly (cfg=TileConfig(...)): a wrong type was a TypeError
+    without the field's name, or passed and failed deep in a stage (patch_size 64.5 in OpenCV,
+    labels "SCC" as the classes S, C, C)."""
+    import simclr_path.config as C
+
+    with pytest.raises(C.ConfigValueError, match=message) as exc:
+        getattr(C, section)(**kw)
+    assert exc.value.key == message.split(" ")[0]
+
+
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    from simclr_path.config import TileConfig
+
+    cfg = TileConfig(mpp=np.float32(0.25), patch_size=np.int64(64), remove_pen=np.bool_(True))
+    assert cfg.patch_size == 64 and cfg.remove_pen
+
+
+def test_a_field_changed_after_construction_is_checked_when_a_stage_starts(tmp_path):
+    """cfg.train.batch_size = 0 reached the training loop as a ZeroDivisionError."""
+    from simclr_path.config import ConfigValueError
+    from simclr_path.train import pretrain
+
+    cfg = load_config()
+    cfg.train.batch_size = 0
+    with pytest.raises(ConfigValueError, match="train.batch_size must be >= 2"):
+        pretrain([tmp_path / "none.h5"], tmp_path / "run", cfg)
+    assert not (tmp_path / "run").exists()
+    cfg = load_config()
+    cfg.embed = cfg.tile  # a section of another kind
+    with pytest.raises(SimclrPathError, match="cfg.embed must be a EmbedConfig, got TileConfig"):
+        pretrain([tmp_path / "none.h5"], tmp_path / "run", cfg)
+
+
+def test_load_config_keeps_the_key_of_a_bad_value(tmp_path):
+    from simclr_path.config import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match=r"^overrides: train.lr must be") as exc:
+        load_config(overrides={"train": {"lr": -1}})
+    assert exc.value.key == "train.lr"
