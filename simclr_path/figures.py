@@ -617,7 +617,9 @@ def _read_classify_dir(folder: str | os.PathLike, held_out_only: bool = True
     # the score columns the figures read, checked as numbers (a damaged value is one line)
     scores = ["score"] if task.get("positive") is not None else [f"prob_{c}" for c in classes]
     patches = _read_table(files[1], {"slide_id", "label", "fold", *scores},
-                          numeric={"fold", *scores}, how=how, finite={"fold", *scores})
+                          numeric={"fold", *scores}, how=how, finite={"fold"})
+    # the training slides of a samples-sheet split have no prediction (fold -1, empty scores)
+    _check_finite(patches[patches["fold"] >= 0], set(scores), files[1], how)
     slide_scores = [*scores, "score_topk"] if task.get("positive") is not None else scores
     slides = _read_table(files[2], {"slide_id", "label", *slide_scores},
                          numeric=set(slide_scores), how=how, finite=set(slide_scores))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -13,15 +15,22 @@ def _assert_png_not_blank(path, min_size=(300, 200)):
     assert img.std() > 5  # something is drawn
 
 
-def _with_a_training_slide(cls_dir, dst):
-    """A copy of a classify folder in which slide P0-SCC is a training slide of a samples-sheet
-    split: its patch rows have fold -1 (drawn without predictions)."""
-    import shutil
+def _with_a_training_slide(cohort, dst):
+    """A classify run of the cohort on a samples-sheet split: patients P0 and P1 train, P2 and
+    P3 test; the training slides' patch rows have fold -1 and no scores, as classify writes
+    them (so slide P0-SCC is drawn without predictions)."""
+    from simclr_path.classify import classify
+    from simclr_path.config import ClassifyConfig
 
-    shutil.copytree(cls_dir, dst)
+    sheet = pd.read_csv(cohort["sheet"], sep="\t")
+    sheet["split"] = ["train" if p in ("P0", "P1") else "test" for p in sheet["patient_id"]]
+    sheet.to_csv(dst.with_suffix(".tsv"), sep="\t", index=False)
+    with warnings.catch_warnings():  # one patient per class to train on: C is not tuned
+        warnings.simplefilter("ignore")
+        classify(cohort["embs"], dst, samples=dst.with_suffix(".tsv"),
+                 cfg=ClassifyConfig(bootstrap=0, c_grid=[0.1, 1.0]))
     pp = pd.read_csv(dst / "predictions_patches.csv", dtype={"slide_id": str})
-    pp.loc[pp["slide_id"] == "P0-SCC", "fold"] = -1
-    pp.to_csv(dst / "predictions_patches.csv", index=False)
+    assert pp.loc[pp["slide_id"] == "P0-SCC", "score"].isna().all()
     return dst
 
 
@@ -326,7 +335,12 @@ def test_a_slide_without_held_out_predictions_gets_its_picture_and_the_reason(co
                  str(tmp_path / "blank.h5"), "--out", str(out)]) == 0, capsys.readouterr().err
     assert out.stat().st_size > 0
     # a training slide of a samples-sheet split: rows with fold -1 only
-    cls = _with_a_training_slide(cohort["cls"], tmp_path / "cls")
+    cls = _with_a_training_slide(cohort, tmp_path / "cls")
+    # the held-out figures draw the test slides (the empty scores of training rows stopped them)
+    assert main(["plot-curves", "--classify", str(cls), "--out-roc", str(tmp_path / "r.png"),
+                 "--out-pr", str(tmp_path / "p.png")]) == 0, capsys.readouterr().err
+    assert main(["plot-confusion", "--classify", str(cls), "--out",
+                 str(tmp_path / "c.png")]) == 0, capsys.readouterr().err
     out = tmp_path / "train.png"
     assert main(["plot-heatmap", "--classify", str(cls), "--store", str(cohort["stores"][0]),
                  "--out", str(out)]) == 0, capsys.readouterr().err
@@ -727,7 +741,7 @@ def test_heatmap_refuses_predictions_of_another_tiling_of_the_slide(cohort, tmp_
     shifted = _other_tiling(tmp_path / "shifted.h5", offset=16)  # 36 patches, other places
     pred = predict(cohort["cls"], cohort["embs"][:1], tmp_path / "pred.csv")
     # a training slide of a split is drawn without predictions, but its store is still checked
-    train = _with_a_training_slide(cohort["cls"], tmp_path / "train")
+    train = _with_a_training_slide(cohort, tmp_path / "train")
     out = tmp_path / "hm.png"
     for src in (cohort["cls"], pred, train):
         table = src if src == pred else src / "predictions_patches.csv"
