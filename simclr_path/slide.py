@@ -121,11 +121,12 @@ def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: 
                 f"--slide-mpp must be a positive number of level-0 microns per pixel between "
                 f"{_MPP_RANGE[0]:g} and {_MPP_RANGE[1]:g} (0.25 for a 40x scan, 0.5 for 20x), "
                 f"got {slide_mpp}")
-        # a slip (0.25 for a 20x scan) would tile every patch at the wrong scale without a word
+        # a slip (0.25 for a 20x scan) would tile every patch at the wrong scale without a word:
+        # a patch spans patch um / slide_mpp pixels, each really stated um wide
         if stated is not None and abs(slide_mpp / stated[0] - 1) > MPP_DISAGREE:
             warnings.warn(
                 f"{path}: --slide-mpp {slide_mpp:g} overrides the slide's own {stated[0]:.4g} um/px "
-                f"({stated[1]}); if the metadata is right, patches cover {slide_mpp / stated[0]:.2g}x "
+                f"({stated[1]}); if the metadata is right, patches cover {stated[0] / slide_mpp:.2g}x "
                 "the intended width of tissue (leave --slide-mpp out to use it; in the workflow, "
                 "empty the samples sheet's mpp cell)", stacklevel=2)
         return float(slide_mpp), "--slide-mpp"

@@ -33,11 +33,16 @@ def test_slide_mpp_far_from_the_metadata_is_warned_about():
     import warnings
 
     props = {"openslide.mpp-x": "0.2527", "openslide.mpp-y": "0.2527"}
-    with pytest.warns(UserWarning) as caught:  # a 20x value for a 40x scan: patches 2x too wide
+    # a 20x value for a 40x scan: a patch spans half the pixels it needs (0.5 / 0.2527 um)
+    with pytest.warns(UserWarning) as caught:
         assert resolve_mpp(props, "s.svs", slide_mpp=0.5) == (0.5, "--slide-mpp")
     (msg,) = [str(w.message) for w in caught]
     assert msg.startswith("s.svs: --slide-mpp 0.5 overrides the slide's own 0.2527 um/px "
-                          "(openslide.mpp-x)") and "2x the intended width" in msg
+                          "(openslide.mpp-x)") and "cover 0.51x the intended width" in msg
+    # and a 40x value for a 20x scan: twice the width (the warning said 0.5x)
+    with pytest.warns(UserWarning, match="cover 2x the intended width"):
+        resolve_mpp({"openslide.mpp-x": "0.499", "openslide.mpp-y": "0.499"}, "s.svs",
+                    slide_mpp=0.25)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a scanner's rounding, or no metadata: nothing to say
         assert resolve_mpp(props, "s.svs", slide_mpp=0.25)[0] == 0.25
