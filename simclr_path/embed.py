@@ -53,7 +53,8 @@ _STAGE = re.compile(r"stage(\d+)")
 
 
 def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size: int,
-                multiple: int = 8, side_ratio: float | None = None) -> int:
+                multiple: int = 8, side_ratio: float | None = None,
+                train_patch_size: int | None = None) -> int:
     """Input size at which whole patches show tissue at the scale the encoder trained on.
 
     A RandomResizedCrop view covers an area fraction ``s ~ U(a, b)`` of the patch, i.e. a side
@@ -66,8 +67,11 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
     for 0.2-1.0, about 5 % more pixels: embedding at 168, 176 or 184 px was level, study 22.)
     ``side_ratio``: the physical side (pixels x mpp) of the patches embedded over that of the
     training patches, where both are known; patches that hold more or less tissue need a
-    proportionally larger or smaller input. Rounded to
-    ``multiple``; never above ``patch_size`` (no upsampling past the stored pixels) nor, at
+    proportionally larger or smaller input, scaled from the size the training patches
+    (``train_patch_size`` px, where known) get themselves, their own limits below applied:
+    then the tissue keeps the scale of their embeddings, on which a classifier was trained
+    (64 px training patches are embedded at 64, not 88, so patches of 1.75x their side at 112,
+    not 144). Rounded to ``multiple``; never above ``patch_size`` (no upsampling past the stored pixels) nor, at
     ratio 1 (or unknown), below ``train_size``, which wins where the two conflict (patches
     smaller than the training views, which were enlarged in training too). Without a crop scale (an encoder from an older
     version, or fine-tuned on whole patches) the training size is returned, scaled the same way.
@@ -78,6 +82,8 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
         size /= math.sqrt(a) if b - a < 1e-9 else 2.0 / 3.0 * (b ** 1.5 - a ** 1.5) / (b - a)
     rescaled = side_ratio is not None and abs(side_ratio - 1.0) > 1e-3
     if rescaled:
+        if train_patch_size is not None:
+            size = fixres_size(train_size, crop_scale, train_patch_size, multiple)
         size *= side_ratio
     elif not crop_scale:
         return int(train_size)
@@ -137,7 +143,9 @@ def default_image_size(info: dict[str, Any], store) -> int:
     the tissue at one scale."""
     if info.get("image_size"):
         return fixres_size(int(info["image_size"]), info.get("crop_scale"), store.patch_size,
-                           side_ratio=side_ratio(info, store))
+                           side_ratio=side_ratio(info, store),
+                           train_patch_size=int(info["patch_size"]) if info.get("patch_size")
+                           else None)
     return int(store.patch_size)
 
 

@@ -218,6 +218,28 @@ def test_fixres_size_matches_the_mean_crop_magnification():
     assert fixres_size(96, None, 448, side_ratio=2.0) == 192
 
 
+def test_patches_of_another_side_keep_the_scale_of_the_training_patches_embeddings():
+    """The workflow's encoder: 64 px views of 64 px patches at 1 um/px, embedded at 64 (the
+    stored pixels cap FixRes' 88), 1 um per input pixel; a new slide tiled at 224 px and 0.5
+    um/px was embedded at 144 px (0.78 um per input pixel) and predict refused it."""
+    from types import SimpleNamespace
+
+    from simclr_path.classify import input_mpp
+    from simclr_path.embed import default_image_size, tissue_scale_mismatch
+
+    info = {"image_size": 64, "crop_scale": [0.2, 1.0], "patch_size": 64, "mpp": 1.0}
+    own = SimpleNamespace(mpp=1.0, patch_size=64)
+    new = SimpleNamespace(mpp=0.5, patch_size=224)
+    sizes = default_image_size(info, own), default_image_size(info, new)
+    assert sizes == (64, 112)
+    assert input_mpp({"patch_size": 64, "mpp": 1.0, "image_size": sizes[0]}) == input_mpp(
+        {"patch_size": 224, "mpp": 0.5, "image_size": sizes[1]}) == 1.0
+    assert tissue_scale_mismatch(info, new, sizes[1]) is None
+    assert fixres_size(64, [0.2, 1.0], 224, side_ratio=1.75, train_patch_size=64) == 112
+    # training patches FixRes does not reach: as before (168 x 2)
+    assert fixres_size(128, [0.2, 1.0], 448, side_ratio=2.0, train_patch_size=224) == 336
+
+
 def test_tissue_scale_mismatch_is_judged_on_the_tissue_per_input_pixel():
     from types import SimpleNamespace
 
