@@ -344,6 +344,19 @@ def test_a_class_of_one_patient_is_warned_about_at_the_start(tmp_path):
     assert fine.returncode == 0 and "simclr-path workflow: warning:" not in fine.stderr
 
 
+def test_a_sheet_warning_is_printed_once_per_run(tmp_path):
+    """Snakemake spawns a process per `run:` job that parses the workflow again: each one
+    printed the sheet's warnings once more (7-9 copies in a real run)."""
+    rows = demo_rows(4)
+    rows[2] = ("S3", "resources/demo/S3.tiff", "SCC", "P1")  # a warning at the DAG build
+    wf = workdir(tmp_path, TINY, tsv(rows))
+    done = smk(wf, "--cores", "1", "results/config/tile.yaml", "results/config/baseline/embed.yaml")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (wf / "results/config/tile.yaml").is_file()
+    lines = [x for x in done.stderr.splitlines() if x.startswith("simclr-path workflow: warning:")]
+    assert len(lines) == 1 and "class 'SCC' has slides from only 1 patient(s)" in lines[0], lines
+
+
 def test_a_samples_sheet_warning_is_one_line_at_the_dag_build(tmp_path):
     """An unused column was warned about in Python's file:line form, with a source line."""
     sheet = tsv(demo_rows(4)).splitlines()

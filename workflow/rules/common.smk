@@ -44,9 +44,12 @@ STAGE_KEYS = {
 
 
 def warn(message):
-    """One warning line on stderr, in the form the CLI's warnings take."""
+    """One warning line on stderr, in the form the CLI's warnings take; once per run: the
+    processes that Snakemake spawns for `run:` jobs (and cluster jobs) parse the workflow again."""
     import sys
 
+    if not workflow.is_main_process:
+        return
     print(f"simclr-path workflow: warning: {message}", file=sys.stderr, flush=True)
 
 
