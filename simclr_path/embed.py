@@ -43,7 +43,7 @@ from simclr_path.config import EmbedConfig, section_cfg
 from simclr_path.data import cv2_fork_safe
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, load_encoder
-from simclr_path.outputs import check_apart, check_can_write
+from simclr_path.outputs import check_apart, check_can_write, check_hdf5_name
 from simclr_path.store import PatchStore, write_embeddings
 
 # ImageNet statistics, as timm models expect (and as the SimCLR views are normalised).
@@ -350,6 +350,7 @@ def embed_store(
             f"{enc}: encoder file not found; train one with 'simclr-path pretrain'"
         )
     out = check_can_write(out, force)  # a folder, or a path under a file, fails before embedding
+    check_hdf5_name(out, "an embedding file")
     if cfg.batch_size < 1:
         raise SimclrPathError(f"embed.batch_size must be >= 1, got {cfg.batch_size}")
     info = encoder_info(enc)

@@ -25,7 +25,7 @@ import numpy as np
 
 from simclr_path.config import BIT_DEPTHS
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import check_apart, check_can_write
+from simclr_path.outputs import check_apart, check_can_write, check_hdf5_name
 from simclr_path.store import PatchStoreWriter
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")  # OpenCV and Pillow read all
@@ -469,6 +469,7 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
     if bit_depth is not None and not 8 <= bit_depth <= 16:
         raise SimclrPathError(f"--bit-depth must be between 8 and 16, got {bit_depth}")
     check_can_write(out, force)
+    check_hdf5_name(out, "a patch store")
     classes, tiles = list_tiles(folder)
     names = [t for t, _ in tiles]
     labels = np.array([lab for _, lab in tiles], dtype=np.int64)

@@ -19,6 +19,17 @@ from typing import Any
 
 from simclr_path.errors import SimclrPathError
 
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+
+
+def check_hdf5_name(path: str | os.PathLike, what: str) -> None:
+    """Refuse an HDF5 output named as another kind of file (``--out slide.png`` wrote a patch
+    store called .png, which every later command then reads by its name)."""
+    p = Path(path)
+    if p.suffix.lower() not in HDF5_SUFFIXES:
+        raise SimclrPathError(f"{p}: {what} is an HDF5 file; name it with .h5 (or .hdf5), "
+                              f"not {p.suffix or 'no suffix'}")
+
 
 def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
                     markers: Sequence[str] = ()) -> Path:

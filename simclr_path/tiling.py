@@ -35,7 +35,7 @@ import numpy as np
 
 from simclr_path.config import TileConfig, section_cfg
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import check_apart, check_can_write
+from simclr_path.outputs import check_apart, check_can_write, check_hdf5_name
 from simclr_path.slide import (
     LevelChoice,
     Slide,
@@ -245,6 +245,7 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     slide_id = validate_slide_id(slide_id) if slide_id is not None else _id_from_name(path)
     check_apart({"out": out, "qc": qc}, {"slide_path": slide_path})
     check_can_write(out, force)
+    check_hdf5_name(out, "a patch store")
     if qc is not None:
         from simclr_path.figures import figure_format
 

@@ -188,3 +188,50 @@ def test_force_keeps_a_users_dot_old_folder_and_replaces_a_link_not_its_target(t
     assert not link.is_symlink() and (link / "metrics.json").read_text() == '{"new": 2}'
     assert (target / "metrics.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".res.old", "link", "res", "target"]
+
+
+@pytest.mark.parametrize("command", ["tile", "embed", "import-patches"])
+def test_an_hdf5_output_named_as_another_kind_of_file_is_refused(command, tmp_path, capsys):
+    """tile --out x.png wrote a patch store called x.png (the help says .h5)."""
+    from simclr_path.cli import main
+
+    out = tmp_path / "x.png"
+    argv = {"tile": ["tile", str(tmp_path / "s.svs"), "--out", str(out)],
+            "embed": ["embed", str(tmp_path / "s.h5"), "--encoder", str(tmp_path / "e.pt"),
+                      "--out", str(out)],
+            "import-patches": ["import-patches", str(tmp_path / "tiles"), "--out", str(out)]}[
+        command]
+    (tmp_path / "tiles").mkdir()
+    (tmp_path / "s.svs").write_bytes(b"")
+    (tmp_path / "s.h5").write_bytes(b"")
+    (tmp_path / "e.pt").write_bytes(b"")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is an HDF5 file; name it with .h5" in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "e.pt", "s.h5", "s.svs", "tiles"]
+
+
+def test_hdf5_names():
+    from simclr_path.outputs import check_hdf5_name
+
+    for ok in ("a.h5", "a.store.H5", "b.hdf5", "c.hdf"):
+        check_hdf5_name(ok, "a patch store")
+    with pytest.raises(SimclrPathError, match="x: an embedding file is an HDF5 file; name it "
+                                              r"with .h5 \(or .hdf5\), not no suffix"):
+        check_hdf5_name("x", "an embedding file")
+
+
+def test_a_failed_block_leaves_the_old_results_and_no_temporary_folder(tmp_path):
+    d = tmp_path / "res"
+    d.mkdir()
+    (d / "metrics.json").write_text("old")
+    with pytest.raises(RuntimeError, match="stage failed"), atomic_dir(d, force=True) as tmp:
+        (tmp / "metrics.json").write_text("half")
+        raise RuntimeError("stage failed")
+    assert (d / "metrics.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "new") as tmp:  # nothing before
+        (tmp / "metrics.json").write_text("half")
+        raise RuntimeError("stage failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
