@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.colors
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import as_paths, atomic_output, check_apart, check_can_write
@@ -34,13 +35,23 @@ TOL_MUTED = ["#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "
 DPI = 120
 
 
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
+               layout: str | None = None, **subplots: Any) -> tuple[Figure, Any]:
+    """A figure and its axes (as ``Figure.subplots`` returns them) on an Agg canvas of its own,
+    outside pyplot: drawing never switches the caller's backend (``matplotlib.use("Agg")`` at
+    import turned a notebook's inline plots off) nor opens a window."""
+    fig = Figure(figsize=figsize, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **subplots)
+
+
 def plain_text(func: Callable[..., Any]) -> Callable[..., Any]:
     """Draw ``func``'s figure with mathtext off: titles, slide ids and class names are user
     text, and a ``$`` in one was parsed as maths (mangled, or a traceback when unbalanced)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with plt.rc_context({"text.parse_math": False}):
+        with matplotlib.rc_context({"text.parse_math": False}):
             return func(*args, **kwargs)
 
     return wrapper
@@ -59,7 +70,7 @@ def category_colors(n: int) -> list[str]:
     """``n`` colour-blind-safe category colours (Okabe-Ito, then viridis samples beyond 8)."""
     if n <= len(OKABE_ITO):
         return OKABE_ITO[:n]
-    return [matplotlib.colors.to_hex(c) for c in plt.cm.viridis(np.linspace(0, 1, n))]
+    return [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["viridis"](np.linspace(0, 1, n))]
 
 
 def check_figure_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, Any],
@@ -89,17 +100,12 @@ def figure_format(out: str | os.PathLike) -> str:
     return fmt
 
 
-def save_figure(fig: plt.Figure, out: str | os.PathLike, force: bool = True) -> Path:
+def save_figure(fig: Figure, out: str | os.PathLike, force: bool = True) -> Path:
     """Write ``fig`` atomically in the format its suffix names (``.png``, ``.pdf``, ``.svg``,
-    ...; PNG without a suffix) and close it."""
-    try:
-        fmt = figure_format(out)
-    except SimclrPathError:
-        plt.close(fig)
-        raise
+    ...; PNG without a suffix)."""
+    fmt = figure_format(out)
     with atomic_output(out, force=force) as tmp:
         fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return Path(out)
 
 
@@ -164,7 +170,7 @@ def plot_loss_curve(
         )
     df = _read_table(p, {"step", "loss"}, numeric={"step", "loss"},
                      how="; it is written by 'simclr-path pretrain' after its first logged steps")
-    fig, ax = plt.subplots(figsize=(7, 4.6))
+    fig, ax = new_figure(figsize=(7, 4.6))
     from matplotlib.ticker import MaxNLocator
 
     window = max(1, len(df) // 20)
@@ -215,7 +221,7 @@ def plot_loss_curve(
 LEGEND_MAX = 12  # categories named in a legend; more get a note instead
 
 
-def _legend_or_note(ax: plt.Axes, n_categories: int, what: str) -> None:
+def _legend_or_note(ax: Axes, n_categories: int, what: str) -> None:
     if n_categories <= LEGEND_MAX:
         ax.legend(
             loc="center left",
@@ -334,14 +340,14 @@ def tsne_2d(features: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np
     ).fit_transform(X)
 
 
-def _scatter_by(ax: plt.Axes, xy: np.ndarray, cats: pd.Series, what: str) -> None:
+def _scatter_by(ax: Axes, xy: np.ndarray, cats: pd.Series, what: str) -> None:
     names = sorted(cats.unique(), key=str)
     palette = OKABE_ITO if what == "label" else TOL_MUTED
     colors = palette[:len(names)]
     if len(names) > len(palette):
         # many slides/groups: golden-ratio steps through viridis, so neighbours in name order
         # (often the same class) get distant colours
-        colors = [plt.cm.viridis(x) for x in np.mod(np.arange(len(names)) * 0.6180339887, 1.0)]
+        colors = [matplotlib.colormaps["viridis"](x) for x in np.mod(np.arange(len(names)) * 0.6180339887, 1.0)]
     index = {name: i for i, name in enumerate(names)}
     point_colors = matplotlib.colors.to_rgba_array(colors)[[index[c] for c in cats]]  # (N, 4)
     # one scatter in a shuffled order: drawn category by category, the last would cover the rest
@@ -416,12 +422,12 @@ def plot_tsne(
     opened = None if stores is None else _stores_for(stores, embedding_paths, df["file"])
     xy = tsne_2d(np.stack(df["features"].to_list()), perplexity, seed)
     written = []
-    fig, ax = plt.subplots(figsize=(7.5, 6))
+    fig, ax = new_figure(figsize=(7.5, 6))
     _scatter_by(ax, xy, df["label"], "label")
     ax.set_title(f"t-SNE of {len(df)} patch embeddings, coloured by label")
     written.append(save_figure(fig, out_label, force=force))
     by_group = df["slide_id"].nunique() == 1 and df["group"].nunique() > 1
-    fig, ax = plt.subplots(figsize=(7.5, 6))
+    fig, ax = new_figure(figsize=(7.5, 6))
     _scatter_by(
         ax, xy, df["group"] if by_group else df["slide_id"], "group" if by_group else "slide"
     )
@@ -437,7 +443,7 @@ def plot_tsne(
 
         X = StandardScaler().fit_transform(np.stack(df["features"].to_list()))
         uv = umap.UMAP(n_neighbors=min(15, len(df) - 1), random_state=seed).fit_transform(X)
-        fig, ax = plt.subplots(figsize=(7.5, 6))
+        fig, ax = new_figure(figsize=(7.5, 6))
         _scatter_by(ax, uv, df["label"], "label")
         ax.set_xlabel("UMAP 1")
         ax.set_ylabel("UMAP 2")
@@ -558,7 +564,7 @@ def _plot_tsne_thumbnails(
         canvas[r : r + cell, c : c + cell] = np.asarray(patch)
     for st in opened.values():
         st.close()
-    fig, ax = plt.subplots(figsize=(8, 8))
+    fig, ax = new_figure(figsize=(8, 8))
     ax.imshow(
         canvas, extent=(lo[0], hi[0], lo[1], hi[1]), aspect="auto", interpolation="antialiased"
     )
@@ -690,7 +696,7 @@ def plot_curves(
     sets = _curve_sets(metrics, patches, slides)
     written = []
     for kind, out in (("roc", out_roc), ("pr", out_pr)):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), layout="constrained")
+        fig, axes = new_figure(1, 2, figsize=(11, 4.8), layout="constrained")
         for ax, level in zip(axes, ("patch", "slide")):
             drawn = []  # (name, truth, colour) of the curves drawn, for the prevalence lines
             skipped = []  # why curves were left out, for the note in an empty panel
@@ -795,7 +801,7 @@ def plot_confusion(
     check_figure_outputs({"out": out}, {"classify_dir": classify_dir}, force)
     metrics, _, _ = _read_classify_dir(classify_dir)
     classes = metrics["task"]["classes"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+    fig, axes = new_figure(1, 2, figsize=(12, 5), layout="constrained")
     for ax, level in zip(axes, ("patch", "slide")):
         cm = np.asarray(metrics[level]["confusion_matrix"], dtype=float)  # checked when read
         rows = cm.sum(axis=1, keepdims=True)
@@ -841,7 +847,7 @@ def _extent_mm(st, extent) -> tuple[list[float], str]:
 def _heatmap_unavailable(st, sid: str, reason: str, out: str | os.PathLike, force: bool,
                          max_side: int) -> Path:
     """The slide's picture titled with why it has no heatmap (closes ``st``)."""
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = new_figure(figsize=(6.5, 5.5))
     try:
         thumb, extent = slide_thumbnail(st, max_side=max_side)
     except (ValueError, SimclrPathError):  # no slide file and no patches to draw a mosaic of
@@ -1069,7 +1075,7 @@ def plot_heatmap(
     extent_shown, unit = _extent_mm(st, extent)
     # the panels' height follows the slide's shape, within limits: a very tall slide is drawn
     # narrower rather than as a poster
-    fig, axes = plt.subplots(1, 2, figsize=(12, min(5.5 * h / max(w, 1), 11) + 1.2))
+    fig, axes = new_figure(1, 2, figsize=(12, min(5.5 * h / max(w, 1), 11) + 1.2))
     axes[0].imshow(thumb, extent=extent_shown)
     # the id once, above both panels: a TCGA-style id in each panel's title ran into the other
     fig.suptitle(f"slide {sid}", fontsize=12)

@@ -10,16 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from simclr_path.figures import OKABE_ITO, plain_text, save_figure
+from simclr_path.figures import OKABE_ITO, new_figure, plain_text, save_figure
 
 
 @plain_text
@@ -33,7 +30,7 @@ def plot_qc(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: flo
 
 def qc_figure(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: float,
               coords: np.ndarray, size0: float, level0_mpp: float, title: str,
-              ink: np.ndarray | None = None) -> plt.Figure:
+              ink: np.ndarray | None = None) -> Figure:
     """The QC picture.
 
     Args:
@@ -50,7 +47,7 @@ def qc_figure(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: f
     fig_w = 9.0
     # constrained layout makes room for the legend below the axis labels, whatever the shape:
     # an offset in axes fractions put it on the x label of a wide (short) slide
-    fig, ax = plt.subplots(figsize=(fig_w, max(3.0, min(14.0, fig_w / aspect + 0.8))),
+    fig, ax = new_figure(figsize=(fig_w, max(3.0, min(14.0, fig_w / aspect + 0.8))),
                            layout="constrained")
     to_mm = 1e-3
     ax.imshow(thumb, extent=(0, w0_um * to_mm, h0_um * to_mm, 0), interpolation="lanczos")

@@ -601,22 +601,19 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
     """Write a PNG grid of ``n_pairs`` augmented view pairs: original patch, view 1, view 2, and
     with multi-crop (``cfg.local_crops`` > 0) the local views of the same patch
     (:func:`preview_views`)."""
-    from simclr_path.figures import check_figure_outputs, save_figure, shorten
+    from simclr_path.figures import check_figure_outputs, new_figure, save_figure, shorten
 
     check_figure_outputs({"out_png": out_png}, {"stores": stores}, force)
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from simclr_path.budget import describe
 
     cfg = section_cfg(cfg, AugmentConfig, "preview")
     names, rows = preview_views(stores, cfg, n_pairs, seed)
     n_cols = len(rows[0])
-    with plt.rc_context({"text.parse_math": False}):  # slide ids are text, '$' too
-        fig, axes = plt.subplots(n_pairs, n_cols, figsize=(n_cols * 2.0, n_pairs * 2.0 + 0.6),
-                                 squeeze=False, layout="constrained")  # room for the suptitle
+    with matplotlib.rc_context({"text.parse_math": False}):  # slide ids are text, '$' too
+        fig, axes = new_figure(n_pairs, n_cols, figsize=(n_cols * 2.0, n_pairs * 2.0 + 0.6),
+                               squeeze=False, layout="constrained")  # room for the suptitle
         _draw_preview(fig, axes, rows, [shorten(n, 18) for n in names], describe(cfg))
     return save_figure(fig, out_png, force=force)
 

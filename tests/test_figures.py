@@ -1028,3 +1028,24 @@ def test_curve_and_confusion_titles_name_the_evaluation_in_words(cohort, tmp_pat
     figures.plot_confusion(cohort["cls"], tmp_path / "c.png")
     for fig in drawn:
         assert "(patient-grouped 4-fold cross-validation)" in fig._suptitle.get_text()
+
+
+def test_drawing_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """figures and qc called matplotlib.use("Agg") on import: in a notebook, inline plots
+    stopped appearing after the first pretrain (which draws loss.png) or tiling with a QC."""
+    import subprocess
+    import sys
+
+    pd.DataFrame({"step": [1, 2, 3], "loss": [3.0, 2.5, 2.0], "lr": [1e-3] * 3}).to_csv(
+        tmp_path / "metrics.csv", index=False)
+    code = (
+        "import sys, matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "import simclr_path.figures as F, simclr_path.qc, simclr_path.transforms\n"
+        f"F.plot_loss_curve({str(tmp_path / 'metrics.csv')!r}, {str(tmp_path / 'l.png')!r})\n"
+        "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "False"]
+    _assert_png_not_blank(tmp_path / "l.png")
