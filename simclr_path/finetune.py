@@ -529,119 +529,125 @@ def finetune(
     Returns:
         The metrics written to ``metrics.json``.
     """
-    cfg = whole_cfg(cfg, "finetune")
-    ft, ccfg = cfg.finetune, cfg.classify
-    store_paths = as_paths(store_paths, "store_paths")
-    if not store_paths:
-        raise SimclrPathError("no patch stores given; pass one or more STORE.h5")
-    check_apart({"out_dir": out_dir}, {"store_paths": store_paths, "encoder": encoder,
-                                     "samples": samples}, replaces_dir=force)
-    check_can_write(out_dir, force, kind="dir", markers=RESULT_FILES)
-    enc = Path(encoder)
-    if enc.is_dir():
-        enc = enc / "encoder.pt"
-    if not enc.is_file():
-        raise SimclrPathError(f"{enc}: encoder file not found; train one with "
-                              "'simclr-path pretrain'")
-    info = encoder_info(enc)
-    t, stores = load_patch_table(store_paths, samples, cfg)
-    # the probe's input size (embed.image_size, else embed's default: whole patches at the scale
-    # the encoder's crops showed the tissue; the training size would shrink it, 1.32x for crops
-    # of 0.2-1), so that fine-tuning and the probe see the same tissue scale
-    image_size = int(ft.image_size or cfg.embed.image_size
-                     or default_image_size(info, _first_used(stores)))
-    from simclr_path.train import check_view_sizes, resolve_device
+    from simclr_path.train import caller_state, restore_caller_state
 
-    device = resolve_device(ft.device)
-    # a broken or mismatched encoder fails before any training
-    backbone = load_encoder(enc, device="cpu")
-    key = ("finetune.image_size" if ft.image_size else
-           "finetune.image_size (embed.image_size)" if cfg.embed.image_size else
-           "finetune.image_size (embed's default size)")
-    check_view_sizes([(key, image_size, "set finetune.image_size")],
-                     str(info.get("arch", "the encoder")), output_stride(backbone))
-    del backbone
-    fold_of_slide, scheme = make_folds(t.slides, t.classes, ccfg)
-    slide_fold = dict(zip(t.slides["slide_id"], fold_of_slide))
-    patch_fold = np.array([slide_fold[s] for s in t.slide])
-    fold_ids = sorted(f for f in set(fold_of_slide.tolist()) if f >= 0)
-    proba = np.full((len(t.y), len(t.classes)), np.nan)
-    folds_out: list[dict[str, Any]] = []
-    history: list[dict[str, Any]] = []
-    t_start = time.perf_counter()
+    caller = caller_state()
+    try:
+        cfg = whole_cfg(cfg, "finetune")
+        ft, ccfg = cfg.finetune, cfg.classify
+        store_paths = as_paths(store_paths, "store_paths")
+        if not store_paths:
+            raise SimclrPathError("no patch stores given; pass one or more STORE.h5")
+        check_apart({"out_dir": out_dir}, {"store_paths": store_paths, "encoder": encoder,
+                                         "samples": samples}, replaces_dir=force)
+        check_can_write(out_dir, force, kind="dir", markers=RESULT_FILES)
+        enc = Path(encoder)
+        if enc.is_dir():
+            enc = enc / "encoder.pt"
+        if not enc.is_file():
+            raise SimclrPathError(f"{enc}: encoder file not found; train one with "
+                                  "'simclr-path pretrain'")
+        info = encoder_info(enc)
+        t, stores = load_patch_table(store_paths, samples, cfg)
+        # the probe's input size (embed.image_size, else embed's default: whole patches at the scale
+        # the encoder's crops showed the tissue; the training size would shrink it, 1.32x for crops
+        # of 0.2-1), so that fine-tuning and the probe see the same tissue scale
+        image_size = int(ft.image_size or cfg.embed.image_size
+                         or default_image_size(info, _first_used(stores)))
+        from simclr_path.train import check_view_sizes, resolve_device
 
-    with atomic_dir(out_dir, force=force, markers=RESULT_FILES) as tmp:
-        from simclr_path.train import _Tracker
+        device = resolve_device(ft.device)
+        # a broken or mismatched encoder fails before any training
+        backbone = load_encoder(enc, device="cpu")
+        key = ("finetune.image_size" if ft.image_size else
+               "finetune.image_size (embed.image_size)" if cfg.embed.image_size else
+               "finetune.image_size (embed's default size)")
+        check_view_sizes([(key, image_size, "set finetune.image_size")],
+                         str(info.get("arch", "the encoder")), output_stride(backbone))
+        del backbone
+        fold_of_slide, scheme = make_folds(t.slides, t.classes, ccfg)
+        slide_fold = dict(zip(t.slides["slide_id"], fold_of_slide))
+        patch_fold = np.array([slide_fold[s] for s in t.slide])
+        fold_ids = sorted(f for f in set(fold_of_slide.tolist()) if f >= 0)
+        proba = np.full((len(t.y), len(t.classes)), np.nan)
+        folds_out: list[dict[str, Any]] = []
+        history: list[dict[str, Any]] = []
+        t_start = time.perf_counter()
 
-        tracker = _Tracker(tmp, cfg, enabled=True, name=Path(out_dir).name,
-                           moves_to=Path(out_dir))
-        summary: dict[str, Any] | None = None
-        try:
-            run = _Run(t, stores, enc, ft, image_size, device, progress, tracker)
-            for f in fold_ids:
-                te = patch_fold == f
-                tr = ~te
-                _check_disjoint(t.patient[tr], t.patient[te])
-                train_slides = t.slides[np.asarray(fold_of_slide) != f]
-                tr_rows, va_rows, split = _split_rows(t, train_slides, tr, ft, ccfg, f,
-                                                      ft.seed + 1000 * f)
-                _check_disjoint(t.patient[tr_rows], t.patient[va_rows])
-                model, hist, fit = run.fit(f"fold{f}", tr_rows, va_rows, ft.seed + f)
-                history += hist
-                proba[te] = run.predict(model, np.flatnonzero(te), f"fold{f}")
-                folds_out.append({
-                    "fold": int(f),
-                    "n_test_patches": int(te.sum()),
-                    "n_train_patients": len(set(t.patient[tr_rows])),
-                    "n_test_patients": len(set(t.patient[te])),
-                    **split,
-                    **fit,
-                    **evaluate_fold(t, te, proba[te], ccfg),
-                })
-                del model
-            _warn_fixed_epochs(folds_out, ft.epochs)
-            patch_metrics, slide_metrics, slides_pred, patches = pooled_results(
-                t, proba, patch_fold, slide_fold, ccfg)
-            final: dict[str, Any] | None = None
-            if ft.final_model:
-                tr_rows, va_rows, split = _split_rows(t, t.slides, np.ones(len(t.y), bool), ft,
-                                                      ccfg, FINAL_FOLD, ft.seed + 999_999)
-                model, hist, fit = run.fit("final", tr_rows, va_rows, ft.seed + 999_999)
-                history += hist
-                final = {**split, **fit}
-                first = _first_used(stores)
-                # the patches it was fine-tuned on, whole, at image_size (embed sizes from these)
-                save_encoder(model.backbone, tmp / "encoder.pt", info["arch"],
-                             image_size=image_size, mpp=first.mpp, patch_size=first.patch_size,
-                             fine_tuned_from=str(enc), classes=t.classes,
-                             positive=None if t.positive is None else t.classes[t.positive],
-                             label_fraction=ft.label_fraction, simclr_path_version=__version__)
-                torch.save({k: v.detach().cpu() for k, v in model.head.state_dict().items()},
-                           tmp / "classifier.pt")
-            task = task_summary(t, "samples sheet" if samples is not None else "patch stores",
-                                scheme, len(fold_ids), len(slides_pred), ccfg)
-            task.update({"model": "fine-tuned encoder + linear head", "encoder": str(enc),
-                         "arch": info.get("arch"), "layer": "pooled", "image_size": image_size,
-                         "label_fraction": ft.label_fraction})
-            metrics = metrics_document(
-                task, patch_metrics, slide_metrics, folds_out, final,
-                # the classify keys it read (the workflow's finetune YAML holds only those)
-                {"finetune": asdict(ft),
-                 "classify": {k: getattr(ccfg, k) for k in CLASSIFY_FINETUNE_KEYS}},
-                wall_time_s=round(time.perf_counter() - t_start, 3))
-            write_evaluation(tmp, metrics, patches, slides_pred)
-            with open(tmp / "history.csv", "w", newline="") as fh:
-                w = csv.DictWriter(fh, HISTORY_COLUMNS)
-                w.writeheader()
-                w.writerows(history)
-            summary = {"slide_auroc": metrics["slide"].get("auroc") or float("nan"),
-                       "patch_auroc": metrics["patch"].get("auroc") or float("nan")}
-            tracker.scalars({f"test/{k}": v for k, v in summary.items()}, 0, step_key="test/step")
-        finally:
-            tracker.close(summary, tmp if summary is not None else None)
-            for s in stores:
-                s.close()
-    return metrics
+        with atomic_dir(out_dir, force=force, markers=RESULT_FILES) as tmp:
+            from simclr_path.train import _Tracker
+
+            tracker = _Tracker(tmp, cfg, enabled=True, name=Path(out_dir).name,
+                               moves_to=Path(out_dir))
+            summary: dict[str, Any] | None = None
+            try:
+                run = _Run(t, stores, enc, ft, image_size, device, progress, tracker)
+                for f in fold_ids:
+                    te = patch_fold == f
+                    tr = ~te
+                    _check_disjoint(t.patient[tr], t.patient[te])
+                    train_slides = t.slides[np.asarray(fold_of_slide) != f]
+                    tr_rows, va_rows, split = _split_rows(t, train_slides, tr, ft, ccfg, f,
+                                                          ft.seed + 1000 * f)
+                    _check_disjoint(t.patient[tr_rows], t.patient[va_rows])
+                    model, hist, fit = run.fit(f"fold{f}", tr_rows, va_rows, ft.seed + f)
+                    history += hist
+                    proba[te] = run.predict(model, np.flatnonzero(te), f"fold{f}")
+                    folds_out.append({
+                        "fold": int(f),
+                        "n_test_patches": int(te.sum()),
+                        "n_train_patients": len(set(t.patient[tr_rows])),
+                        "n_test_patients": len(set(t.patient[te])),
+                        **split,
+                        **fit,
+                        **evaluate_fold(t, te, proba[te], ccfg),
+                    })
+                    del model
+                _warn_fixed_epochs(folds_out, ft.epochs)
+                patch_metrics, slide_metrics, slides_pred, patches = pooled_results(
+                    t, proba, patch_fold, slide_fold, ccfg)
+                final: dict[str, Any] | None = None
+                if ft.final_model:
+                    tr_rows, va_rows, split = _split_rows(t, t.slides, np.ones(len(t.y), bool), ft,
+                                                          ccfg, FINAL_FOLD, ft.seed + 999_999)
+                    model, hist, fit = run.fit("final", tr_rows, va_rows, ft.seed + 999_999)
+                    history += hist
+                    final = {**split, **fit}
+                    first = _first_used(stores)
+                    # the patches it was fine-tuned on, whole, at image_size (embed sizes from these)
+                    save_encoder(model.backbone, tmp / "encoder.pt", info["arch"],
+                                 image_size=image_size, mpp=first.mpp, patch_size=first.patch_size,
+                                 fine_tuned_from=str(enc), classes=t.classes,
+                                 positive=None if t.positive is None else t.classes[t.positive],
+                                 label_fraction=ft.label_fraction, simclr_path_version=__version__)
+                    torch.save({k: v.detach().cpu() for k, v in model.head.state_dict().items()},
+                               tmp / "classifier.pt")
+                task = task_summary(t, "samples sheet" if samples is not None else "patch stores",
+                                    scheme, len(fold_ids), len(slides_pred), ccfg)
+                task.update({"model": "fine-tuned encoder + linear head", "encoder": str(enc),
+                             "arch": info.get("arch"), "layer": "pooled", "image_size": image_size,
+                             "label_fraction": ft.label_fraction})
+                metrics = metrics_document(
+                    task, patch_metrics, slide_metrics, folds_out, final,
+                    # the classify keys it read (the workflow's finetune YAML holds only those)
+                    {"finetune": asdict(ft),
+                     "classify": {k: getattr(ccfg, k) for k in CLASSIFY_FINETUNE_KEYS}},
+                    wall_time_s=round(time.perf_counter() - t_start, 3))
+                write_evaluation(tmp, metrics, patches, slides_pred)
+                with open(tmp / "history.csv", "w", newline="") as fh:
+                    w = csv.DictWriter(fh, HISTORY_COLUMNS)
+                    w.writeheader()
+                    w.writerows(history)
+                summary = {"slide_auroc": metrics["slide"].get("auroc") or float("nan"),
+                           "patch_auroc": metrics["patch"].get("auroc") or float("nan")}
+                tracker.scalars({f"test/{k}": v for k, v in summary.items()}, 0, step_key="test/step")
+            finally:
+                tracker.close(summary, tmp if summary is not None else None)
+                for s in stores:
+                    s.close()
+        return metrics
+    finally:
+        restore_caller_state(caller)
 
 
 def load_classifier(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> FinetuneModel:

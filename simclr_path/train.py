@@ -321,6 +321,30 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def caller_state() -> dict[str, Any]:
+    """The process-wide state a stage changes for its own run: the global RNGs (Python, NumPy,
+    torch's CPU generator and CUDA's where initialised) and the CUDA math flags; see
+    :func:`restore_caller_state`."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+            "flags": (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                      torch.backends.cudnn.allow_tf32)}
+
+
+def restore_caller_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`caller_state` saved: a Python caller's later random draws must not
+    depend on having trained (pretrain seeded the global generators with train.seed), nor its
+    float32 matmuls run in TF32 because a run on a GPU turned it on."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+     torch.backends.cudnn.allow_tf32) = state["flags"]
+
+
 def seed_rank(seed: int, rank: int, step: int) -> None:
     """Give a process other than rank 0 its own torch RNG stream (CPU and CUDA).
 
@@ -891,140 +915,144 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
 
     Under ``torchrun`` every process calls this with the same arguments.
     """
-    from simclr_path.data import BatchPlan, open_stores
-    from simclr_path.model import create_simclr_model, output_stride
-
-    cfg = whole_cfg(cfg, "pretrain")
-    t_cfg, a_cfg, m_cfg = cfg.train, cfg.augment, cfg.model
-    if isinstance(stores, (str, os.PathLike)):  # one path, not its characters
-        stores = [stores]
-    # opened PatchStore objects are taken too (open_stores keeps them)
-    check_apart({"out": out}, {"stores": [getattr(s, "path", s) for s in stores]})
-    out = Path(out)
-    _check_run_dir(out, bool(resume), force)  # again below, once resume="interrupted" is decided
-    world = Dist()
-    # ---- every check a user can fail comes before the run directory is touched ----
-    device = resolve_device(t_cfg.device, world.local_rank)
-    opened = open_stores(stores, image_size=a_cfg.image_size)
-    mpps = sorted({float(s.mpp) for s in opened if s.mpp is not None})
-    # _store_mpp decides whether encoder.json records an mpp: warn exactly when it records none
-    if mpps and _store_mpp(opened) is None and world.main:  # fine for a scale-mixing study
-        warnings.warn(
-            f"the training stores are at {len(mpps)} resolutions ({', '.join(f'{m:g}' for m in mpps)} "
-            "um/px): the encoder records no mpp, so 'embed' cannot match new slides to the tissue "
-            "scale it learned; tile every slide at one --mpp unless mixing scales is the point",
-            stacklevel=2)
-    plan = BatchPlan([len(s) for s in opened], t_cfg.batch_size, t_cfg.seed, t_cfg.max_patches_per_slide,
-                     world.rank, world.world_size, names=[str(s.path) for s in opened])
-    requested = _requested(cfg)
-    ck = None
-    if resume == "interrupted":
-        ck = _interrupted_checkpoint(out / "checkpoint.pt", requested, _store_record(opened),
-                                     world.world_size, force, world.main)
-        resume = ck is not None
-    elif resume not in (True, False):
-        raise ValueError(f"resume must be True, False or 'interrupted', got {resume!r}")
-    torch.manual_seed(t_cfg.seed)
-    np.random.seed(t_cfg.seed % 2**32)
-    random.seed(t_cfg.seed)
-    model = create_simclr_model(m_cfg)  # unknown arch, bad weights file
-    seed_rank(t_cfg.seed, world.rank, 0)  # after the (identical) initialisation
-    views = [("augment.image_size", a_cfg.image_size, "set augment.image_size (--image-size)")]
-    if a_cfg.local_crops:
-        default = " (by default half of augment.image_size, at least 32)" if a_cfg.local_size is None else ""
-        views.append((f"augment.local_size{default}", a_cfg.local_view_size,
-                      "set augment.local_size in the config"))
-    check_view_sizes(views, m_cfg.arch, output_stride(model.backbone))
-    fit: dict[str, Any] | None = None
-    # with --resume --force given, --force is not the way to start over: leaving out --resume is
-    restart = ("leave out --resume to start over (--force is given)" if force else
-               "use --force to start over")
-    if resume and (out / "checkpoint.pt").is_file():
-        ck = ck or load_checkpoint(out / "checkpoint.pt")
-        _check_resume_stores(out / "checkpoint.pt", ck.get("stores"), _store_record(opened))
-        old = json.loads(ck["config"])
-        if ck.get("budget_fit") and ck.get("augment_requested") == to_dict(cfg)["augment"]:
-            # the run trained views fitted to its budget: keep them (the machine may differ now)
-            cfg = dataclasses.replace(cfg, augment=AugmentConfig(**old["augment"]))
-            a_cfg = cfg.augment
-            fit = ck["budget_fit"]
-        elif ck.get("budget_fit") and old.get("augment") == to_dict(cfg)["augment"]:
-            fit = ck["budget_fit"]  # resumed with the run's own config.yaml: keep the record
-        fitted_to = float(fit.get("budget_s", 0.0)) if fit else 0.0
-        if fitted_to and t_cfg.time_budget_s and world.main and fitted_to != float(t_cfg.time_budget_s):
-            # views cannot change mid-run, so a new budget only moves the stop and the LR schedule
-            warnings.warn(f"{out / 'checkpoint.pt'}: its views ({fit.get('trained')}) were fitted "
-                          f"to a {fitted_to:.0f} s budget; resume keeps them with the "
-                          f"{float(t_cfg.time_budget_s):.0f} s budget (use --force to start over "
-                          "and fit them again)", stacklevel=2)
-        if old.get("model") != to_dict(cfg)["model"]:
-            raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with other "
-                                  f"{_differences('model', old.get('model', {}), to_dict(cfg)['model'])}"
-                                  f"; resume with the run's own settings (--config "
-                                  f"{out / 'config.yaml'}) or {restart}")
-        # keys a checkpoint from an older version lacks had their defaults then (e.g. no local crops)
-        was_aug = {**defaults_dict()["augment"], **old.get("augment", {})}
-        if was_aug != to_dict(cfg)["augment"]:
-            raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with other "
-                                  f"{_differences('augment', was_aug, to_dict(cfg)['augment'])}; "
-                                  f"resume with the run's own settings (--config "
-                                  f"{out / 'config.yaml'}) or {restart}")
-        if a_cfg.local_crops:
-            was = ck.get("local_view_size")
-            if was is None:  # not recorded before: local_size null meant half of image_size (>= 8)
-                o = old.get("augment", {})
-                was = o.get("local_size") or max(8, int(o.get("image_size", a_cfg.image_size)) // 2)
-            if int(was) != a_cfg.local_view_size:
-                raise SimclrPathError(
-                    f"{out / 'checkpoint.pt'}: was trained with local views of {was} px, this "
-                    f"configuration makes them {a_cfg.local_view_size} px; set augment.local_size: "
-                    f"{was} in the config or {restart}")
-        # restored from the checkpoint (optimiser and schedule state) or changing the objective
-        # mid-run: a new value would be ignored or silently mix two runs
-        was, now = old.get("train", {}), to_dict(cfg)["train"]
-        changed = [k for k in RESUME_FIXED_TRAIN_KEYS if k in was and was[k] != now[k]]
-        if changed:
-            raise SimclrPathError(
-                f"{out / 'checkpoint.pt'}: was trained with other "
-                + ", ".join(f"train.{k} ({was[k]!r}, now {now[k]!r})" for k in changed)
-                + f"; resume with the run's own settings (--config {out / 'config.yaml'}) or {restart}")
-        if int(ck.get("world_size", 1)) * int(old["train"]["batch_size"]) != \
-                world.world_size * t_cfg.batch_size:
-            raise SimclrPathError(f"{out / 'checkpoint.pt'}: global batch size differs from the "
-                                  "checkpoint's; resume with the same batch size and process count")
-        try:
-            model.load_state_dict(ck["model"])
-        except RuntimeError as exc:
-            raise SimclrPathError(f"{out / 'checkpoint.pt'}: model weights do not fit "
-                                  f"({str(exc).splitlines()[0][:160]}); use --force to start over") from None
-    elif resume:
-        _resume_without_checkpoint(out, force, world.main)
-    _check_run_dir(out, resume, force)
-    total = _total_steps(t_cfg, plan)
-    if ck is not None and ck.get("finished") and int(ck["step"]) >= total and \
-            all((out / n).is_file() for n in COMPLETE_FILES):
-        # nothing left to train: rerunning would only rewrite the finished run's files (its
-        # summary with a throughput of 0 pairs/s)
-        warnings.warn(f"{out}: the run already finished its {ck['step']} steps; nothing to "
-                      "train (raise train.max_steps or train.epochs to go on, or --force to "
-                      "start over)", stacklevel=2)
-        return json.loads((out / "summary.json").read_text())
-    world.init(device)
-    if device.type == "cuda":
-        # fixed input sizes: cuDNN may pick the fastest convolution once; TF32 for what stays
-        # in float32 outside autocast
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    caller = caller_state()
     try:
-        if world.main:
-            _prepare_run_dir(out, resume, force)
-        world.barrier()
-        if ck is None and t_cfg.time_budget_s and t_cfg.budget_min_steps:
-            cfg, fit = _fit_budget(cfg, model, plan, world, device, out, progress)
-        return _train(opened, out, cfg, progress, world, device, plan, model, ck, fit, requested)
+        from simclr_path.data import BatchPlan, open_stores
+        from simclr_path.model import create_simclr_model, output_stride
+
+        cfg = whole_cfg(cfg, "pretrain")
+        t_cfg, a_cfg, m_cfg = cfg.train, cfg.augment, cfg.model
+        if isinstance(stores, (str, os.PathLike)):  # one path, not its characters
+            stores = [stores]
+        # opened PatchStore objects are taken too (open_stores keeps them)
+        check_apart({"out": out}, {"stores": [getattr(s, "path", s) for s in stores]})
+        out = Path(out)
+        _check_run_dir(out, bool(resume), force)  # again below, once resume="interrupted" is decided
+        world = Dist()
+        # ---- every check a user can fail comes before the run directory is touched ----
+        device = resolve_device(t_cfg.device, world.local_rank)
+        opened = open_stores(stores, image_size=a_cfg.image_size)
+        mpps = sorted({float(s.mpp) for s in opened if s.mpp is not None})
+        # _store_mpp decides whether encoder.json records an mpp: warn exactly when it records none
+        if mpps and _store_mpp(opened) is None and world.main:  # fine for a scale-mixing study
+            warnings.warn(
+                f"the training stores are at {len(mpps)} resolutions ({', '.join(f'{m:g}' for m in mpps)} "
+                "um/px): the encoder records no mpp, so 'embed' cannot match new slides to the tissue "
+                "scale it learned; tile every slide at one --mpp unless mixing scales is the point",
+                stacklevel=2)
+        plan = BatchPlan([len(s) for s in opened], t_cfg.batch_size, t_cfg.seed, t_cfg.max_patches_per_slide,
+                         world.rank, world.world_size, names=[str(s.path) for s in opened])
+        requested = _requested(cfg)
+        ck = None
+        if resume == "interrupted":
+            ck = _interrupted_checkpoint(out / "checkpoint.pt", requested, _store_record(opened),
+                                         world.world_size, force, world.main)
+            resume = ck is not None
+        elif resume not in (True, False):
+            raise ValueError(f"resume must be True, False or 'interrupted', got {resume!r}")
+        torch.manual_seed(t_cfg.seed)
+        np.random.seed(t_cfg.seed % 2**32)
+        random.seed(t_cfg.seed)
+        model = create_simclr_model(m_cfg)  # unknown arch, bad weights file
+        seed_rank(t_cfg.seed, world.rank, 0)  # after the (identical) initialisation
+        views = [("augment.image_size", a_cfg.image_size, "set augment.image_size (--image-size)")]
+        if a_cfg.local_crops:
+            default = " (by default half of augment.image_size, at least 32)" if a_cfg.local_size is None else ""
+            views.append((f"augment.local_size{default}", a_cfg.local_view_size,
+                          "set augment.local_size in the config"))
+        check_view_sizes(views, m_cfg.arch, output_stride(model.backbone))
+        fit: dict[str, Any] | None = None
+        # with --resume --force given, --force is not the way to start over: leaving out --resume is
+        restart = ("leave out --resume to start over (--force is given)" if force else
+                   "use --force to start over")
+        if resume and (out / "checkpoint.pt").is_file():
+            ck = ck or load_checkpoint(out / "checkpoint.pt")
+            _check_resume_stores(out / "checkpoint.pt", ck.get("stores"), _store_record(opened))
+            old = json.loads(ck["config"])
+            if ck.get("budget_fit") and ck.get("augment_requested") == to_dict(cfg)["augment"]:
+                # the run trained views fitted to its budget: keep them (the machine may differ now)
+                cfg = dataclasses.replace(cfg, augment=AugmentConfig(**old["augment"]))
+                a_cfg = cfg.augment
+                fit = ck["budget_fit"]
+            elif ck.get("budget_fit") and old.get("augment") == to_dict(cfg)["augment"]:
+                fit = ck["budget_fit"]  # resumed with the run's own config.yaml: keep the record
+            fitted_to = float(fit.get("budget_s", 0.0)) if fit else 0.0
+            if fitted_to and t_cfg.time_budget_s and world.main and fitted_to != float(t_cfg.time_budget_s):
+                # views cannot change mid-run, so a new budget only moves the stop and the LR schedule
+                warnings.warn(f"{out / 'checkpoint.pt'}: its views ({fit.get('trained')}) were fitted "
+                              f"to a {fitted_to:.0f} s budget; resume keeps them with the "
+                              f"{float(t_cfg.time_budget_s):.0f} s budget (use --force to start over "
+                              "and fit them again)", stacklevel=2)
+            if old.get("model") != to_dict(cfg)["model"]:
+                raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with other "
+                                      f"{_differences('model', old.get('model', {}), to_dict(cfg)['model'])}"
+                                      f"; resume with the run's own settings (--config "
+                                      f"{out / 'config.yaml'}) or {restart}")
+            # keys a checkpoint from an older version lacks had their defaults then (e.g. no local crops)
+            was_aug = {**defaults_dict()["augment"], **old.get("augment", {})}
+            if was_aug != to_dict(cfg)["augment"]:
+                raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with other "
+                                      f"{_differences('augment', was_aug, to_dict(cfg)['augment'])}; "
+                                      f"resume with the run's own settings (--config "
+                                      f"{out / 'config.yaml'}) or {restart}")
+            if a_cfg.local_crops:
+                was = ck.get("local_view_size")
+                if was is None:  # not recorded before: local_size null meant half of image_size (>= 8)
+                    o = old.get("augment", {})
+                    was = o.get("local_size") or max(8, int(o.get("image_size", a_cfg.image_size)) // 2)
+                if int(was) != a_cfg.local_view_size:
+                    raise SimclrPathError(
+                        f"{out / 'checkpoint.pt'}: was trained with local views of {was} px, this "
+                        f"configuration makes them {a_cfg.local_view_size} px; set augment.local_size: "
+                        f"{was} in the config or {restart}")
+            # restored from the checkpoint (optimiser and schedule state) or changing the objective
+            # mid-run: a new value would be ignored or silently mix two runs
+            was, now = old.get("train", {}), to_dict(cfg)["train"]
+            changed = [k for k in RESUME_FIXED_TRAIN_KEYS if k in was and was[k] != now[k]]
+            if changed:
+                raise SimclrPathError(
+                    f"{out / 'checkpoint.pt'}: was trained with other "
+                    + ", ".join(f"train.{k} ({was[k]!r}, now {now[k]!r})" for k in changed)
+                    + f"; resume with the run's own settings (--config {out / 'config.yaml'}) or {restart}")
+            if int(ck.get("world_size", 1)) * int(old["train"]["batch_size"]) != \
+                    world.world_size * t_cfg.batch_size:
+                raise SimclrPathError(f"{out / 'checkpoint.pt'}: global batch size differs from the "
+                                      "checkpoint's; resume with the same batch size and process count")
+            try:
+                model.load_state_dict(ck["model"])
+            except RuntimeError as exc:
+                raise SimclrPathError(f"{out / 'checkpoint.pt'}: model weights do not fit "
+                                      f"({str(exc).splitlines()[0][:160]}); use --force to start over") from None
+        elif resume:
+            _resume_without_checkpoint(out, force, world.main)
+        _check_run_dir(out, resume, force)
+        total = _total_steps(t_cfg, plan)
+        if ck is not None and ck.get("finished") and int(ck["step"]) >= total and \
+                all((out / n).is_file() for n in COMPLETE_FILES):
+            # nothing left to train: rerunning would only rewrite the finished run's files (its
+            # summary with a throughput of 0 pairs/s)
+            warnings.warn(f"{out}: the run already finished its {ck['step']} steps; nothing to "
+                          "train (raise train.max_steps or train.epochs to go on, or --force to "
+                          "start over)", stacklevel=2)
+            return json.loads((out / "summary.json").read_text())
+        world.init(device)
+        if device.type == "cuda":
+            # fixed input sizes: cuDNN may pick the fastest convolution once; TF32 for what stays
+            # in float32 outside autocast
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        try:
+            if world.main:
+                _prepare_run_dir(out, resume, force)
+            world.barrier()
+            if ck is None and t_cfg.time_budget_s and t_cfg.budget_min_steps:
+                cfg, fit = _fit_budget(cfg, model, plan, world, device, out, progress)
+            return _train(opened, out, cfg, progress, world, device, plan, model, ck, fit, requested)
+        finally:
+            world.close()
     finally:
-        world.close()
+        restore_caller_state(caller)
 
 
 def _total_steps(t_cfg, plan) -> int:

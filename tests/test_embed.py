@@ -415,3 +415,23 @@ def test_inputs_below_the_output_stride_warn_and_a_huge_size_is_one_error(encode
     assert main(["embed", str(store), "--encoder", str(encoder), "--out", str(tmp_path / "b.h5"),
                  "--image-size", "99999999999999999999"]) == 2
     assert not (tmp_path / "b.h5").exists()
+
+
+def test_preprocess_is_the_imagenet_normalised_resize_of_the_patch():
+    """embed's own transform against the formula: the reference of the embedding tests is
+    built with preprocess itself, so a missing normalisation passed them."""
+    import torch.nn.functional as F
+
+    from simclr_path.transforms import eval_transform
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (2, 48, 48, 3), dtype=np.uint8))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    f = x.permute(0, 3, 1, 2).float() / 255
+    for size in (48, 32):
+        ref = f if size == 48 else F.interpolate(f, size=(size, size), mode="bilinear",
+                                                 align_corners=False, antialias=True)
+        ref = (ref - mean) / std
+        torch.testing.assert_close(preprocess(x, size), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(eval_transform(x, size), ref, rtol=1e-5, atol=1e-5)

@@ -494,3 +494,16 @@ def test_the_mlflow_store_is_told_the_results_folders_final_name(cohort, encoder
     ((db, to),) = moved
     assert to == tmp_path / "res" and db.name == "mlflow.db" and db.parent.parent == tmp_path
     assert db.parent.name.startswith(".res.") and not db.parent.exists()  # the temporary folder
+
+
+def test_finetune_leaves_the_callers_torch_generator_alone(cohort, encoder, tmp_path):
+    import torch
+
+    paths, sheet = cohort
+    cfg = tiny_cfg(epochs=1, final_model=False)
+    cfg.classify.bootstrap = 0
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    finetune(paths, encoder, tmp_path / "o", samples=sheet, cfg=cfg, progress=False)
+    assert torch.equal(torch.rand(3), expected)

@@ -63,6 +63,9 @@ def test_inductive_check_pretrains_per_fold_and_reuses_finished_folds(pi, work, 
         assert not (d / "train.h5").exists() and (d / f"{res['set']}.h5").is_file()
         # the run's warm-up steps, though a fold's epoch has fewer batches
         fs = json.loads((d / "run" / "summary.json").read_text())
+        # what the encoder was trained on, not what the script counts (a fold trained on every
+        # tile, its test tiles too, passed)
+        assert fs["patches_per_epoch"] == f["n_train_tiles"]
         fc = yaml.safe_load((d / "run" / "config.yaml").read_text())
         assert round(fc["train"]["warmup_epochs"] * fs["steps_per_epoch"]) == f["warmup_steps"]
     for name in ("inductive", "random-init"):

@@ -655,6 +655,11 @@ def test_time_budget_plans_the_schedule_to_end_at_the_budget(stores, tmp_path, m
 def test_lr_schedule_and_lars_groups():
     cfg = load_config(overrides={"train": {"lr": 0.3, "batch_size": 512}}).train
     assert T.scaled_lr(cfg, 512) == pytest.approx(0.6)
+    sqrt = load_config(overrides={"train": {"lr": 0.3, "lr_scaling": "sqrt"}}).train
+    assert T.scaled_lr(sqrt, 1024) == pytest.approx(0.6)  # sqrt(1024 / 256) = 2
+    assert T.scaled_lr(sqrt, 64) == pytest.approx(0.15)
+    none = load_config(overrides={"train": {"lr": 0.3, "lr_scaling": "none"}}).train
+    assert T.scaled_lr(none, 1024) == 0.3
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     opt = T.build_optimizer(model, cfg, 0.6)
     assert type(opt).__name__ == "Lars"
@@ -1192,3 +1197,38 @@ def test_seed_rank_gives_other_ranks_their_own_reproducible_stream():
     assert torch.equal(draw(0, 0), plain)  # rank 0 (and a single process) unchanged
     assert not torch.equal(draw(1, 0), draw(0, 0)) and not torch.equal(draw(1, 0), draw(2, 0))
     assert torch.equal(draw(1, 7), draw(1, 7)) and not torch.equal(draw(1, 7), draw(1, 0))
+
+
+def test_pretrain_leaves_the_callers_random_generators_alone(stores, tmp_path):
+    """pretrain seeded Python's, NumPy's and torch's global generators with train.seed and
+    left them so: a caller's draws after it were the same whatever it had seeded before."""
+    import random
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    expected = draws()
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    T.pretrain(stores, tmp_path / "run", _cfg(max_steps=1), progress=False)
+    assert draws() == expected
+
+
+def test_the_cuda_math_flags_a_gpu_run_sets_are_put_back():
+    """On a GPU pretrain turns on cuDNN benchmark and TF32 for its run; the caller's float32
+    matmuls ran in TF32 afterwards. (The flags are plain attributes, settable without a GPU.)"""
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
+        saved = T.caller_state()
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = True
+        T.restore_caller_state(saved)
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = flags

@@ -517,6 +517,20 @@ def test_a_samples_sheet_split_draws_heatmaps_of_the_test_slides_only(tmp_path):
     assert "heatmaps/S3.png" in done.stdout and "heatmaps/S1.png" not in done.stdout
 
 
+def test_the_sheets_mpp_column_reaches_the_slides_tile_command(tmp_path):
+    """The one place a slide's own scale is set in the workflow: a value lost on the way
+    tiles the slide at its metadata's mpp without a word."""
+    rows = [(*r, mpp) for r, mpp in zip(demo_rows(4), ("0.25", "", "0.5", ""))]
+    sheet = "slide_id\tpath\tlabel\tpatient_id\tmpp\n" + "\n".join(map("\t".join, rows)) + "\n"
+    done = smk(workdir(tmp_path, TINY, sheet), "-n", "-p", "--cores", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    tile = {line.split("resources/demo/")[1].split(".tiff")[0]: line
+            for line in done.stdout.splitlines() if "simclr-path tile " in line}
+    assert sorted(tile) == ["S1", "S2", "S3", "S4"]
+    assert "--slide-mpp 0.25" in tile["S1"] and "--slide-mpp 0.5" in tile["S3"]
+    assert "--slide-mpp" not in tile["S2"] and "--slide-mpp" not in tile["S4"]
+
+
 def test_patch_dataset_config_dry_runs(tmp_path):
     wf = workdir(tmp_path)
     cfg = yaml.safe_load((ROOT / "config/patches.example.yaml").read_text())
