@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from simclr_path.config import DEMO_SLIDE_MPP, DEMO_SLIDE_SIDE
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, check_int, check_number
 from simclr_path.outputs import atomic_output, check_can_write
 
 KINDS = ("scc", "normal")
@@ -407,6 +407,9 @@ def make_demo_slide(out: str | os.PathLike, kind: str = "scc", seed: int = 0,
     if bad:
         raise SimclrPathError(f"unknown artefact(s) {', '.join(bad)}; choose from "
                               f"{', '.join(ARTEFACTS)}")
+    width, height = check_int(width, "demo slide", "width"), check_int(height, "demo slide", "height")
+    mpp = check_number(mpp, "demo slide", "mpp")
+    seed = check_int(seed, "demo slide", "seed")
     if min(width, height) < 256 or max(width, height) > DEMO_MAX_SIDE:
         # (the slide is drawn in memory: 1.5 TB for a side of 1e11 px)
         raise SimclrPathError(f"demo slide {width}x{height} (--width x --height) is out of range; "
@@ -417,8 +420,6 @@ def make_demo_slide(out: str | os.PathLike, kind: str = "scc", seed: int = 0,
         raise SimclrPathError(f"TIFF tile size must be a multiple of 16, got {tile}")
     if level_factor < 2:
         raise SimclrPathError(f"level_factor must be >= 2, got {level_factor}")
-    if int(seed) < 0:
-        raise SimclrPathError(f"seed must be >= 0, got {seed}")
     check_can_write(out, force)
 
     layout = _Layout(kind, int(seed), int(width), int(height), float(mpp), arts)

@@ -17,3 +17,24 @@ class SimclrPathError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+def check_int(value: object, caller: str, name: str, minimum: int = 0) -> int:
+    """``value`` as an int, or one clear error: Python callers pass what YAML and argparse
+    never would (a float, a string, a bool), which failed deep inside numpy or OpenCV."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise SimclrPathError(f"{caller}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_number(value: object, caller: str, name: str) -> float:
+    """``value`` as a finite float > 0, or one clear error (see :func:`check_int`)."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(value) and value > 0):
+        raise SimclrPathError(f"{caller}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)

@@ -22,7 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, check_int
 from simclr_path.outputs import as_paths, atomic_output, check_apart, check_can_write
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under common colour-vision
@@ -402,8 +402,7 @@ def plot_tsne(
     except ConfigValueError as exc:
         raise SimclrPathError(f"plot_tsne: {exc.detail} (max_points, perplexity)") from None
     max_points, perplexity = d.tsne_max_points, d.tsne_perplexity
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise SimclrPathError(f"plot_tsne: seed must be an integer >= 0, got {seed!r}")
+    seed = check_int(seed, "plot_tsne", "seed")
     if (stores is None) != (out_thumbnails is None):
         raise SimclrPathError(
             "the thumbnail map needs both the patch stores (--stores) and --out-thumbnails"
@@ -989,9 +988,11 @@ def plot_heatmap(
             ``predict``.
         store: the slide's patch store (coordinates, and the thumbnail or mosaic).
         slide_id: which slide (default: the store's slide id).
+        max_side: longest side of the drawn thumbnail, in pixels (at least 64).
     """
     from simclr_path.store import PatchStore
 
+    max_side = check_int(max_side, "plot_heatmap", "max_side", minimum=64)
     check_figure_outputs({"out": out}, {"classify": classify, "store": store}, force)
     src = Path(classify)
     train_only: set[str] = set()  # slides a samples-sheet split kept for training

@@ -20,6 +20,7 @@ order, so the output is deterministic: patches in row-major order of the grid.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import threading
@@ -244,6 +245,11 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     path = Path(slide_path)
     slide_id = validate_slide_id(slide_id) if slide_id is not None else _id_from_name(path)
     check_apart({"out": out, "qc": qc}, {"slide_path": slide_path})
+    if slide_mpp is not None and (isinstance(slide_mpp, bool)
+                                  or not isinstance(slide_mpp, numbers.Real)):
+        # (its range is the slide's check, which names the slide's own mpp)
+        raise SimclrPathError(f"tile_slide: slide_mpp must be a number of level-0 microns per "
+                              f"pixel, got {slide_mpp!r}")
     check_can_write(out, force)
     check_hdf5_name(out, "a patch store")
     if qc is not None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from simclr_path.config import PREVIEW_PAIRS, AugmentConfig, section_cfg
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, check_int
 
 # ImageNet statistics, as timm models expect; shared with simclr_path.embed.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -604,6 +604,7 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
     from simclr_path.figures import check_figure_outputs, new_figure, save_figure, shorten
 
     check_figure_outputs({"out_png": out_png}, {"stores": stores}, force)
+    seed = check_int(seed, "preview", "seed")
     import matplotlib
 
     from simclr_path.budget import describe

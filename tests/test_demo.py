@@ -101,8 +101,15 @@ def test_bad_arguments(tmp_path):
     # drawn in memory: a side of 1e11 px was a 1.5 TiB allocation error, not one line
     with pytest.raises(SimclrPathError, match=r"use 256 to 32768 px a side"):
         make_demo_slide(tmp_path / "x.tiff", width=99_999_999_999, height=256)
-    with pytest.raises(SimclrPathError, match="seed must be >= 0"):
+    with pytest.raises(SimclrPathError, match="seed must be an integer >= 0, got -1"):
         make_demo_slide(tmp_path / "new" / "x.tiff", seed=-1)
+    # Python callers pass what the CLI never does: one clear error, not numpy's TypeError
+    with pytest.raises(SimclrPathError, match="demo slide: width must be an integer >= 0, "
+                                              "got 300.5"):
+        make_demo_slide(tmp_path / "new" / "x.tiff", width=300.5)
+    with pytest.raises(SimclrPathError, match="demo slide: mpp must be a finite number > 0, "
+                                              "got '0.5'"):
+        make_demo_slide(tmp_path / "new" / "x.tiff", mpp="0.5")
     assert not (tmp_path / "x.tiff").exists() and not (tmp_path / "new").exists()
 
 

@@ -1049,3 +1049,13 @@ def test_drawing_leaves_the_callers_matplotlib_backend_alone(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["svg", "False"]
     _assert_png_not_blank(tmp_path / "l.png")
+
+
+def test_heatmap_refuses_a_thumbnail_too_small_to_show(cohort, tmp_path):
+    """max_side 0 drew the heatmap over a blank 1x1 px background without a word."""
+    from simclr_path.errors import SimclrPathError
+    from simclr_path.figures import plot_heatmap
+
+    with pytest.raises(SimclrPathError, match="plot_heatmap: max_side must be an integer >= 64"):
+        plot_heatmap(cohort["cls"], cohort["stores"][0], tmp_path / "h.png", max_side=0)
+    assert not (tmp_path / "h.png").exists()

@@ -498,3 +498,10 @@ def test_the_python_api_never_writes_over_the_slide(slide, tmp_path):
                                               "its qc output"):
         tile_slide(slide, tmp_path / "s.h5", CFG, qc=slide, force=True, progress=False)
     assert openslide.OpenSlide(str(slide)).dimensions == (1536, 1024)  # still the slide
+
+
+def test_a_slide_mpp_that_is_not_a_number_is_one_error(slide, tmp_path):
+    with pytest.raises(SimclrPathError, match="tile_slide: slide_mpp must be a number of level-0 "
+                                              "microns per pixel, got '0.5'"):
+        tile_slide(slide, tmp_path / "s.h5", CFG, slide_mpp="0.5", progress=False)
+    assert not (tmp_path / "s.h5").exists()

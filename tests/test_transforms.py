@@ -300,3 +300,11 @@ def test_hue_jitter_turns_hue_the_way_torchvision_does(hue):
     for p, o, r in zip(pinks, ours, ref):
         assert np.sign(dh(p, o)) == np.sign(dh(p, r)) == np.sign(hue)
         assert 0.5 < dh(p, o) / dh(p, r) < 2.0
+
+
+def test_preview_refuses_a_negative_seed_in_one_line(make_store, tmp_path):
+    from simclr_path.transforms import preview
+
+    with pytest.raises(SimclrPathError, match="preview: seed must be an integer >= 0, got -1"):
+        preview([make_store(n=4)], tmp_path / "p.png", seed=-1)
+    assert not (tmp_path / "p.png").exists()
