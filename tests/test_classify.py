@@ -550,9 +550,8 @@ def test_bad_input_cli(tmp_path, capsys):
 
 
 def _lc25000_subset_store(tmp_path, per_class_groups=6, per_group=3, size=32):
-    """A small store from lc25000-dev: ``import_patches`` on a linked subset when it exists, else
-    built here with PatchStoreWriter."""
-    from PIL import Image
+    """A small store from lc25000-dev: ``import_patches`` on a linked subset."""
+    from simclr_path.import_patches import import_patches
 
     df = pd.read_csv(LC25000 / "groups.csv")
     picked = []
@@ -561,37 +560,12 @@ def _lc25000_subset_store(tmp_path, per_class_groups=6, per_group=3, size=32):
             picked.append(d[d["group"] == g].head(per_group))
     sub = pd.concat(picked)
     out = tmp_path / "lc.h5"
-    try:
-        from simclr_path.import_patches import import_patches
-    except ImportError:
-        import_patches = None
-    if import_patches is not None:
-        root = tmp_path / "lc"
-        for rel in sub["path"]:
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).symlink_to(LC25000 / rel)
-        sub.to_csv(root / "groups.csv", index=False)
-        import_patches(root, out, patch_size=size, groups_csv=root / "groups.csv")
-        return out
-    from simclr_path.store import PatchStoreWriter
-
-    names = sorted(sub["label"].unique())
-    imgs = np.stack(
-        [
-            np.asarray(Image.open(LC25000 / p).convert("RGB").resize((size, size)))
-            for p in sub["path"]
-        ]
-    )
-    with PatchStoreWriter(
-        out, size, attrs={"slide_id": "lc25000-dev", "kind": "patches"}, label_names=names
-    ) as w:
-        w.append(
-            imgs,
-            -np.ones((len(sub), 2)),
-            labels=[names.index(x) for x in sub["label"]],
-            groups=list(sub["group"]),
-            names=list(sub["path"]),
-        )
+    root = tmp_path / "lc"
+    for rel in sub["path"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(LC25000 / rel)
+    sub.to_csv(root / "groups.csv", index=False)
+    import_patches(root, out, patch_size=size, groups_csv=root / "groups.csv")
     return out
 
 

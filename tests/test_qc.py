@@ -49,7 +49,15 @@ def test_qc_without_tissue(tmp_path):
     thumb = np.full((50, 50, 3), 240, np.uint8)
     out = plot_qc(thumb, 8.0, np.zeros((50, 50), bool), 8.0, np.zeros((0, 2)), 128, 0.5,
                   tmp_path / "empty.png", title="blank: 0 patches")
-    assert out.is_file() and out.stat().st_size > 1000
+    img = mpimg.imread(out)
+    assert img.shape[0] > 200 and img.shape[1] > 300
+    # the slide is drawn, and no patch outline (Okabe-Ito blue #0072B2) nor tissue contour
+    blue = (np.abs(img[..., 0] - 0.0) < 0.1) & (np.abs(img[..., 2] - 0.698) < 0.1)
+    assert blue.sum() == 0
+    fig = qc_figure(thumb, 8.0, np.zeros((50, 50), bool), 8.0, np.zeros((0, 2)), 128, 0.5,
+                    title="blank: 0 patches")
+    assert fig.axes[0].get_title() == "blank: 0 patches"
+    assert not fig.axes[0].collections  # no patch squares, no contour
 
 
 @pytest.mark.parametrize("shape", [(175, 1000), (100, 100), (1000, 175)])  # wide, square, tall
