@@ -44,8 +44,11 @@ STAGE_KEYS = {
 
 
 def warn(message):
-    """One warning line on stderr, in the form the CLI's warnings take; once per run: the
-    processes that Snakemake spawns for `run:` jobs (and cluster jobs) parse the workflow again."""
+    """One warning line on stderr, in the form the CLI's warnings take.
+
+    Once per run: the processes that Snakemake spawns for `run:` jobs (and cluster jobs) parse
+    the workflow again.
+    """
     import sys
 
     if not workflow.is_main_process:
