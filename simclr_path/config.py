@@ -58,8 +58,9 @@ def _check_types(section: Any) -> None:
     """Each field of a section dataclass holds its declared type (an int for a float is
     fine): built directly in Python, ``TileConfig(mpp="0.5")`` failed as a TypeError in a
     range check, or later, deep inside a stage. YAML and option values are converted before
-    (:func:`coerce_section`)."""
-    name = next(s for s in _SECTIONS if _section_cls(s) is type(section))
+    (:func:`coerce_section`). NumPy scalars become Python's (run directories save the
+    config as JSON and YAML, which take no numpy types)."""
+    name = next(s for s in _SECTIONS if isinstance(section, _section_cls(s)))  # subclasses too
     for key, (kind, is_list, optional) in _field_types(name).items():
         value = getattr(section, key)
         if optional and value is None:
@@ -72,6 +73,9 @@ def _check_types(section: Any) -> None:
             items = [value]
         for v in items:
             _check(_is_kind(v, kind), f"{name}.{key}", f"must be {_KIND[kind]}, got {v!r}")
+        if any(hasattr(v, "item") for v in items):
+            plain = [v.item() if hasattr(v, "item") else v for v in items]
+            setattr(section, key, (type(value)(plain) if is_list else plain[0]))
 
 
 def _is_kind(value: Any, kind: type) -> bool:
@@ -92,7 +96,7 @@ def _is_kind(value: Any, kind: type) -> bool:
 def _range(value: Any, name: str) -> tuple[float, float]:
     """``value`` as a (min, max) pair of numbers, or one clear error naming the field."""
     ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        _is_kind(v, float) for v in value)
     _check(ok, name, f"must be a [min, max] pair of numbers, got {value!r}")
     return float(value[0]), float(value[1])
 

@@ -328,6 +328,7 @@ def caller_state() -> dict[str, Any]:
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+            "seed": torch.initial_seed(),
             "flags": (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
                       torch.backends.cudnn.allow_tf32)}
 
@@ -341,6 +342,10 @@ def restore_caller_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["cuda"])
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():
+        # CUDA started during the stage: its generators as the caller's seed would have made
+        # them (torch.manual_seed seeds CUDA's lazily), not as train.seed left them
+        torch.cuda.manual_seed_all(state["seed"])
     (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
      torch.backends.cudnn.allow_tf32) = state["flags"]
 

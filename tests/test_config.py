@@ -331,3 +331,35 @@ def test_load_config_keeps_the_key_of_a_bad_value(tmp_path):
     with pytest.raises(ConfigValueError, match=r"^overrides: train.lr must be") as exc:
         load_config(overrides={"train": {"lr": -1}})
     assert exc.value.key == "train.lr"
+
+
+def test_numpy_values_become_python_values_a_run_directory_can_save():
+    """Accepted as numbers, they reached pretrain's config.json/config.yaml as numpy objects:
+    a TypeError after the stores were opened and the model built."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from simclr_path.config import AugmentConfig, to_dict
+
+    cfg = load_config(overrides={"train": {"seed": np.int64(1), "lr": np.float32(0.5),
+                                           "amp": np.bool_(False)}})
+    cfg.augment = AugmentConfig(crop_scale=[np.float32(0.25), 1.0])  # a [min, max] pair too
+    cfg.train = dataclasses.replace(cfg.train, max_steps=np.int64(3))
+    d = to_dict(cfg)
+    assert json.loads(json.dumps(d))["train"]["seed"] == 1 and yaml.safe_dump(d)
+    assert type(cfg.train.max_steps) is int and type(cfg.train.amp) is bool
+    assert cfg.augment.crop_scale == [0.25, 1.0] and type(cfg.augment.crop_scale[0]) is float
+
+
+def test_a_subclass_of_a_section_is_that_section():
+    import dataclasses
+
+    from simclr_path.config import TileConfig
+
+    @dataclasses.dataclass
+    class Mine(TileConfig):
+        note: str = "x"
+
+    assert Mine(patch_size=64).patch_size == 64

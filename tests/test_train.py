@@ -1232,3 +1232,19 @@ def test_the_cuda_math_flags_a_gpu_run_sets_are_put_back():
     finally:
         (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
          torch.backends.cudnn.allow_tf32) = flags
+
+
+def test_cuda_started_by_a_stage_gets_the_callers_seed_back(monkeypatch):
+    """CUDA's generators, when the stage itself started CUDA (nothing to save before): seeded
+    as the caller's torch.manual_seed would have seeded them, not left at train.seed's."""
+    torch.manual_seed(77)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    saved = T.caller_state()
+    assert saved["cuda"] is None
+    torch.manual_seed(0)  # the stage's seed
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # the stage started CUDA
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    T.restore_caller_state(saved)
+    assert seeded == [77] and torch.initial_seed() == 77
