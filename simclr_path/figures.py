@@ -1079,7 +1079,7 @@ def plot_heatmap(
     fig, axes = new_figure(1, 2, figsize=(12, min(5.5 * h / max(w, 1), 11) + 1.2))
     axes[0].imshow(thumb, extent=extent_shown)
     # the id once, above both panels: a TCGA-style id in each panel's title ran into the other
-    fig.suptitle(f"slide {sid}", fontsize=12)
+    title = fig.suptitle(f"slide {sid}", fontsize=12)
     axes[0].set_title(f"slide{known}", wrap=True)
     # the probabilities over the slide in grey: over its H&E colours viridis would mix with the
     # stain and read as other values
@@ -1107,4 +1107,11 @@ def plot_heatmap(
         else:
             cax.set_axis_off()
     st.close()
+    # the id just above the panels' titles: the square panels leave part of the figure's
+    # height empty, and at the figure's top the id stood an inch above them
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    top = max(ax.get_tightbbox(renderer).y1 for ax in axes) / fig.bbox.height  # titles too
+    title.set_y(min(0.98, top + 0.12 / fig.get_figheight()))
+    title.set_verticalalignment("bottom")
     return save_figure(fig, out, force=force)

@@ -1059,3 +1059,18 @@ def test_heatmap_refuses_a_thumbnail_too_small_to_show(cohort, tmp_path):
     with pytest.raises(SimclrPathError, match="plot_heatmap: max_side must be an integer >= 64"):
         plot_heatmap(cohort["cls"], cohort["stores"][0], tmp_path / "h.png", max_side=0)
     assert not (tmp_path / "h.png").exists()
+
+
+def test_the_heatmaps_slide_id_stands_just_above_the_panels(cohort, monkeypatch):
+    """It stood at the figure's top, an inch of empty figure above the square panels."""
+    from simclr_path import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: drawn.append(fig))
+    figures.plot_heatmap(cohort["cls"], cohort["stores"][0], "unused.png")
+    (fig,) = drawn
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    panels = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes if ax.get_title())
+    gap = (fig._suptitle.get_window_extent(renderer).y0 - panels) / fig.dpi  # inches
+    assert 0 <= gap < 0.3, gap
