@@ -205,6 +205,14 @@ def _load_files(
     return stores, ref
 
 
+def patch_set_units(s: Any) -> np.ndarray:
+    """The "slide" of each patch of an imported patch set: its group (source image or patient),
+    or the patch itself where the set has no groups (``SLIDE_ID:i``)."""
+    if s.groups is None or all(g == "" for g in s.groups):
+        return np.array([f"{s.slide_id}:{i}" for i in range(len(s))], dtype=object)
+    return np.asarray(s.groups, dtype=object)
+
+
 def _note_slide(seen: dict[str, Path], s: Any, what: str) -> None:
     """Record ``s``'s slide in ``seen``, refusing one given before: a slide given twice would be
     counted (``classify``) or scored (``predict``) twice."""
@@ -395,9 +403,7 @@ def load_table(
                     "patches may land on both sides of a split (import with --groups)",
                     stacklevel=2,
                 )
-                groups = np.array([f"{s.slide_id}:{i}" for i in range(n)], dtype=object)
-            else:
-                groups = np.asarray(s.groups, dtype=object)
+            groups = patch_set_units(s)
             parts["X"].append(s.features)
             parts["y"].append(remap[lab])
             parts["slide"].append(groups)
@@ -583,11 +589,21 @@ def _no_training_class_error(slides: pd.DataFrame, lacking: tuple[int, str]) -> 
 FINAL_FOLD = -1  # ``fold`` of :func:`label_subset` for the final model fitted on all patients
 
 
+def final_training(t: Any, patch_fold: np.ndarray, fold_of_slide: np.ndarray,
+                   scheme: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The slides and patch mask the final (saved) model is fitted on: every slide after
+    K-fold cross-validation; with a samples-sheet split only its training slides, so the
+    shipped model is the one evaluated and the test slides stay unseen by it."""
+    if scheme == "split":
+        return t.slides[np.asarray(fold_of_slide) < 0], np.asarray(patch_fold) < 0
+    return t.slides, np.ones(len(t.y), bool)
+
+
 def pick_patients(
     slides: pd.DataFrame, classes: Sequence[str], fraction: float, rng: np.random.Generator,
     leave: int = 0,
 ) -> set[str]:
-    """Patients keeping ``max(1, round(fraction * n_c))`` of each class's ``n_c`` patients (at
+    """Patients keeping ``max(1, floor(fraction * n_c + 0.5))`` of each class's ``n_c`` patients (at
     most ``n_c - leave``), drawn in one random order of all patients (so a patient with slides of
     two classes counts for both)."""
     order = rng.permutation(np.array(sorted(set(slides["patient_id"])), dtype=object))
@@ -595,7 +611,8 @@ def pick_patients(
     chosen: set[str] = set()
     for c in classes:
         pats = sorted(set(slides.loc[slides["label"] == c, "patient_id"]), key=rank.__getitem__)
-        want = min(max(1, round(fraction * len(pats))), len(pats) - leave)
+        # halves round up (Python's round() goes to even: half of 5 patients kept 2, of 7 kept 4)
+        want = min(max(1, math.floor(fraction * len(pats) + 0.5)), len(pats) - leave)
         have = sum(p in chosen for p in pats)
         for p in pats:
             if have >= want:
@@ -611,7 +628,7 @@ def label_subset(
     fold: int = FINAL_FOLD,
 ) -> set[str]:
     """The labelled training patients kept at ``fraction`` (``classify.label_fraction``,
-    ``finetune.label_fraction``): per class ``max(1, round(fraction * n_c))`` of its ``n_c``
+    ``finetune.label_fraction``): per class ``max(1, floor(fraction * n_c + 0.5))`` of its ``n_c``
     patients in ``slides`` (all patients at 1.0).
 
     ``slides`` are the training slides of outer fold ``fold`` (:data:`FINAL_FOLD` for the final
@@ -961,7 +978,10 @@ def classification_metrics(
         return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single-class folds: the metric is undefined (NaN)
-        out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred))
+        # the mean recall of every class: with one absent (a fold of one class's slides) it
+        # is another quantity, the present classes' recall, so NaN and fold means skip it
+        out["balanced_accuracy"] = (float(balanced_accuracy_score(y, pred))
+                                    if len(np.unique(y)) == k else float("nan"))
         out["accuracy"] = float(np.mean(y == pred))
         if positive is not None:
             yb, pb, s = y == positive, pred == positive, proba[:, positive]
@@ -1266,7 +1286,7 @@ def classify(
         t, proba, patch_fold, slide_fold, cfg
     )
 
-    tr, final_split = labelled(t.slides, np.ones(len(t.y), bool), FINAL_FOLD)
+    tr, final_split = labelled(*final_training(t, patch_fold, fold_of_slide, scheme), FINAL_FOLD)
     final, c_final, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], t.classes, cfg)
     model = LinearModel.from_pipeline(
         final,
@@ -1483,7 +1503,10 @@ def _scores_table(model: LinearModel, model_dir: str | os.PathLike,
             )
             continue
         proba = model.predict_proba(s.features)
-        sid = np.full(len(s), s.slide_id, dtype=object)
+        # an imported patch set holds many source images: each group is a slide, as classify
+        # scores it (its patches averaged into one row across groups and classes meant nothing)
+        sid = (patch_set_units(s) if s.attrs.get("store_kind") == "patches"
+               else np.full(len(s), s.slide_id, dtype=object))
         pr = pd.DataFrame(
             {
                 "level": "patch",

@@ -64,6 +64,7 @@ from simclr_path.classify import (
     _check_disjoint,
     classification_metrics,
     evaluate_fold,
+    final_training,
     label_info,
     label_subset,
     load_table,
@@ -608,8 +609,9 @@ def finetune(
                     t, proba, patch_fold, slide_fold, ccfg)
                 final: dict[str, Any] | None = None
                 if ft.final_model:
-                    tr_rows, va_rows, split = _split_rows(t, t.slides, np.ones(len(t.y), bool), ft,
-                                                          ccfg, FINAL_FOLD, ft.seed + 999_999)
+                    tr_rows, va_rows, split = _split_rows(
+                        t, *final_training(t, patch_fold, fold_of_slide, scheme), ft, ccfg,
+                        FINAL_FOLD, ft.seed + 999_999)
                     model, hist, fit = run.fit("final", tr_rows, va_rows, ft.seed + 999_999)
                     history += hist
                     final = {**split, **fit}

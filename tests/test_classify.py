@@ -980,7 +980,7 @@ def test_f1_is_undefined_not_zero_where_the_fold_lacks_a_class():
     # three classes, one absent from y: no macro F1 (an absent class would count as 0)
     p3 = np.eye(3)[[0, 0, 1, 1]]
     m = classification_metrics(np.array([0, 0, 1, 1]), p3, ["A", "B", "C"], positive=None)
-    assert m["balanced_accuracy"] == 1.0
+    assert math.isnan(m["balanced_accuracy"])  # the two present classes' recall, not C's too
     assert math.isnan(m["f1_macro"]) and math.isnan(m["f1"]) and math.isnan(m["auroc_macro"])
     m = classification_metrics(np.array([0, 1, 2]), np.eye(3), ["A", "B", "C"], positive=None)
     assert m["f1_macro"] == 1.0
@@ -1076,3 +1076,70 @@ def test_the_top_k_slide_auroc_ranks_slides_by_their_top_k_score(tmp_path):
     assert m["slide"]["auroc_topk"] == pytest.approx(roc_auc_score(pos, slides["score_topk"]))
     assert m["slide"]["auroc"] == pytest.approx(roc_auc_score(pos, slides["score"]))
     assert m["slide"]["auroc_topk"] != pytest.approx(m["slide"]["auroc"])  # the test can tell
+
+
+def _patch_set(path, groups_per_class=4, per_group=10, shift=2.0, seed=0):
+    """An imported patch set's embeddings: SCC and normal source images (groups)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], groups_per_class * per_group)
+    X = rng.normal(size=(len(y), 8)).astype(np.float32)
+    X[:, 0] += shift * (y == 0)
+    groups = [f"{'scc' if c == 0 else 'n'}-{(i % (groups_per_class * per_group)) // per_group}"
+              for i, c in enumerate(y)]
+    write_embeddings(path, X, -np.ones((len(y), 2), np.int64),
+                     {"slide_id": "set", "store_kind": "patches", "encoder_sha256": "enc1",
+                      "layer": "pooled"},
+                     labels=y, groups=groups, label_names=["SCC", "normal"])
+    return path
+
+
+def test_predict_scores_each_group_of_a_patch_set_as_a_slide(tmp_path):
+    """classify's unit for an imported set is the group; predict averaged the whole set (both
+    classes) into one meaningless slide row."""
+    train = _patch_set(tmp_path / "train.h5")
+    classify([train], tmp_path / "out", cfg=replace(FAST, folds=2, bootstrap=0))
+    new = _patch_set(tmp_path / "new.h5", groups_per_class=2, seed=1)
+    df = predict_table(tmp_path / "out", [new])
+    slides = df[df["level"] == "slide"].set_index("slide_id")
+    assert sorted(slides.index) == ["n-0", "n-1", "scc-0", "scc-1"]
+    assert (slides["n_patches"] == 10).all()
+    assert (slides.loc[["scc-0", "scc-1"], "pred"] == "SCC").all()
+    assert (slides.loc[["n-0", "n-1"], "pred"] == "normal").all()
+    patches = df[df["level"] == "patch"]
+    assert sorted(set(patches["slide_id"])) == sorted(slides.index)
+
+
+def test_a_fold_of_one_class_has_no_balanced_accuracy():
+    """Of one class, sklearn's balanced accuracy is that class's recall: another quantity,
+    which fold means averaged in with the others."""
+    m = classification_metrics(np.array([0, 0, 0]), np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]]),
+                               ["SCC", "normal"], 0)
+    assert math.isnan(m["balanced_accuracy"]) and math.isnan(m["auroc"])
+    both = classification_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.8, 0.2]]),
+                                  ["SCC", "normal"], 0)
+    assert both["balanced_accuracy"] == 0.5
+
+
+def test_label_fractions_round_half_up():
+    from simclr_path.classify import pick_patients
+
+    for n, fraction, kept in ((5, 0.5, 3), (7, 0.5, 4), (25, 0.1, 3), (35, 0.1, 4), (10, 0.2, 2)):
+        slides = pd.DataFrame({"slide_id": [f"s{i}" for i in range(n)],
+                               "patient_id": [f"p{i}" for i in range(n)], "label": "SCC"})
+        got = pick_patients(slides, ["SCC"], fraction, np.random.default_rng(0))
+        assert len(got) == kept, (n, fraction, len(got))
+
+
+def test_with_a_split_the_saved_model_is_fitted_on_the_training_slides_only(tmp_path):
+    """It was fitted on every slide, the test slides too: the model shipped was not the one
+    evaluated, and predict on the test cohort scored slides it had trained on."""
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=8, patches=20, shift=2.0)
+    df = pd.read_csv(sheet, sep="\t")
+    df["split"] = ["test" if int(p[1:]) >= 6 else "train" for p in df["patient_id"]]
+    df.to_csv(sheet, sep="\t", index=False)
+    m = classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    model = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert model["n_train_slides"] == 12 and model["n_train_patients"] == 6
+    assert m["final_model"]["n_labelled_patients"] == 6
+    (fold,) = m["folds"]  # the one evaluated model: the same training patients
+    assert fold["n_train_patients"] == 6 and fold["C"] == model["C"]
