@@ -377,7 +377,7 @@ def embed_store(
         # one of its pixels per patch
         warnings.warn(f"{store.path}: embedding at {image_size} px, below {info.get('arch')}'s "
                       f"output stride ({stride} px): its last stage sees less than one pixel of "
-                      "each patch; tile at a finer --mpp or a larger --patch-size (or set "
+                      "each patch; tile with a larger --patch-size (more tissue per patch; or set "
                       "--image-size)", stacklevel=2)
     head = _load_head(enc, device) if cfg.layer == "head" else None
     model = FeatureExtractor(backbone, cfg.layer, head).eval().to(device)

@@ -1,8 +1,9 @@
 """Figures for the report: loss curves, t-SNE maps, ROC/PR curves, confusion matrices, heatmaps.
 
 Every figure has a title and axis labels and uses colour-blind-safe colours (Okabe-Ito for
-categories, viridis/cividis for continuous values). Each public ``plot_*`` function writes one PNG
-atomically and returns its path; each is also a ``simclr-path plot-*`` subcommand.
+categories, viridis/cividis for continuous values). Each public ``plot_*`` function writes its
+figure(s) atomically (PNG, or PDF/SVG by the suffix) and returns the path(s); each is also a
+``simclr-path plot-*`` subcommand.
 """
 
 from __future__ import annotations

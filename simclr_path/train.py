@@ -17,7 +17,8 @@ Run directory (``--out RUN_DIR``)::
     summary.json   steps, epochs, wall time, pairs/s, final loss -- written last: a run directory
                    without it is not complete
     tensorboard/   TensorBoard event files (train.tensorboard)
-    mlruns/        MLflow file store (train.mlflow, when mlflow is installed and no mlflow_uri)
+    mlflow.db      MLflow's SQLite store and mlruns/ its artifacts (train.mlflow, when mlflow is
+                   installed and no train.mlflow_uri names another store)
     wandb/         Weights & Biases run files (train.wandb, when wandb is installed)
 
 With ``train.time_budget_s`` the LR schedule is re-planned from the measured step rate to end

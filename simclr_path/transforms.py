@@ -525,7 +525,9 @@ def eval_transform(patches: torch.Tensor | np.ndarray, image_size: int,
 
     Args:
         patches: uint8 (B, S, S, 3) or (S, S, 3), numpy or torch.
-        image_size: output side s (the encoder's ``image_size`` from ``encoder.json``).
+        image_size: output side s: what ``simclr-path embed`` uses,
+            ``simclr_path.embed.default_image_size(encoder_info, store)`` (not ``encoder.json``'s
+            training ``image_size``), or an embedding file's ``image_size`` attribute.
         device: where to compute.
         channels_last: return channels-last memory layout.
     """

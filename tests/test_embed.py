@@ -407,7 +407,7 @@ def test_inputs_below_the_output_stride_warn_and_a_huge_size_is_one_error(encode
     a word. A huge --image-size failed allocating the probe patch, a traceback."""
     store = make_store(n=4, size=32)
     with pytest.warns(UserWarning, match=r"embedding at 16 px, below resnet18's output stride "
-                                         r"\(32 px\).*finer --mpp or a larger --patch-size"):
+                                         r"\(32 px\).*tile with a larger --patch-size"):
         embed_store(encoder, store, tmp_path / "a.h5", EmbedConfig(workers=0, image_size=16),
                     progress=False)
     with pytest.raises(SimclrPathError, match=r"embed.image_size must be between 8 and 4096"):

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="resize patches to this side [config: the encoder's training size scaled for its "
-        "crop scale, capped at the patch size]",
+        "crop scale and for the patches' physical side against the training patches', capped "
+        "at the patch size]",
     )
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                    help=f"[config: {d.device}]")

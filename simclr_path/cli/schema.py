@@ -101,7 +101,7 @@ WORKFLOW_PROPERTIES: dict[str, dict[str, Any]] = {
             "width": {"type": "integer", "minimum": 256, "default": 2048},
             "height": {"type": "integer", "minimum": 256, "default": 2048},
             "mpp": {"type": "number", "exclusiveMinimum": 0, "default": 0.5},
-            "seed": {"type": "integer", "default": 0, "description": "seed of the first row"},
+            "seed": {"type": "integer", "default": 0, "description": "offset added to every demo slide's seed (each slide's own comes from its slide_id)"},
             "artefacts": {
                 "type": "object",
                 "default": {},
