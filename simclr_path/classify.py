@@ -589,16 +589,6 @@ def _no_training_class_error(slides: pd.DataFrame, lacking: tuple[int, str]) -> 
 FINAL_FOLD = -1  # ``fold`` of :func:`label_subset` for the final model fitted on all patients
 
 
-def final_training(t: Any, patch_fold: np.ndarray, fold_of_slide: np.ndarray,
-                   scheme: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """The slides and patch mask the final (saved) model is fitted on: every slide after
-    K-fold cross-validation; with a samples-sheet split only its training slides, so the
-    shipped model is the one evaluated and the test slides stay unseen by it."""
-    if scheme == "split":
-        return t.slides[np.asarray(fold_of_slide) < 0], np.asarray(patch_fold) < 0
-    return t.slides, np.ones(len(t.y), bool)
-
-
 def pick_patients(
     slides: pd.DataFrame, classes: Sequence[str], fraction: float, rng: np.random.Generator,
     leave: int = 0,
@@ -1286,8 +1276,13 @@ def classify(
         t, proba, patch_fold, slide_fold, cfg
     )
 
-    tr, final_split = labelled(*final_training(t, patch_fold, fold_of_slide, scheme), FINAL_FOLD)
-    final, c_final, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], t.classes, cfg)
+    if scheme == "split":
+        # its one fold's model is the final one: the evaluated model is the one saved (a refit
+        # drew other patients at a label fraction and counted its C twice)
+        final, c_final, final_split, edge = pipe, c, split, None
+    else:
+        tr, final_split = labelled(t.slides, np.ones(len(t.y), bool), FINAL_FOLD)
+        final, c_final, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], t.classes, cfg)
     model = LinearModel.from_pipeline(
         final,
         t.classes,
@@ -1308,7 +1303,7 @@ def classify(
             "label_fraction": cfg.label_fraction,
         },
     )
-    warn_grid_edge(cfg.c_grid, [*edges, edge])
+    warn_grid_edge(cfg.c_grid, [*edges, *([edge] if scheme != "split" else [])])
     task = task_summary(
         t,
         "samples sheet" if samples is not None else "embedding files",

@@ -579,14 +579,24 @@ def _plot_tsne_thumbnails(
 # ----------------------------------------------------------------------------------------------
 # Classifier figures (from a 'simclr-path classify' results folder)
 # ----------------------------------------------------------------------------------------------
-def evaluation_words(scheme: str | None) -> str:
+def unit_words(task: dict) -> tuple[str, str]:
+    """What a classify run's "slide" and "patient" are: ("slide", "patient"), or for imported
+    tile sets (labels from the files) ("group", "source image"): each group is both."""
+    if task.get("labels_from") in ("embedding files", "patch stores"):
+        return "group", "source image"
+    return "slide", "patient"
+
+
+def evaluation_words(scheme: str | None, grouped_by: str = "patient") -> str:
     """A classify ``task.evaluation`` in words: ``grouped_5fold`` -> "patient-grouped 5-fold
-    cross-validation", ``split`` -> "held-out test split of the samples sheet"."""
+    cross-validation" (``grouped_by``: "source image" for tile sets), ``split`` -> "held-out
+    test split of the samples sheet"."""
     import re
 
     m = re.fullmatch(r"grouped_(\d+)fold", str(scheme or ""))
     if m:
-        return f"patient-grouped {m.group(1)}-fold cross-validation"
+        return (f"patient-grouped {m.group(1)}-fold cross-validation" if grouped_by == "patient"
+                else f"{m.group(1)}-fold cross-validation grouped by {grouped_by}")
     if scheme == "split":
         return "held-out test split of the samples sheet"
     return str(scheme or "evaluation not recorded")
@@ -682,6 +692,7 @@ def plot_curves(
     )
 
     metrics, patches, slides = _read_classify_dir(classify_dir)
+    unit, grouped_by = unit_words(metrics["task"])
     # the titles' n= must be the n of metrics.json: rows lost or added since (a damaged or
     # hand-edited CSV) would draw curves of other predictions than the metrics describe
     d = Path(classify_dir)
@@ -770,8 +781,8 @@ def plot_curves(
                          is None else f"{drawn[0][0]} ")
                 split.append(f"{whose}AUROC 95% CI {ci[0]:.2f}-{ci[1]:.2f}")
             # two lines: one would run into the next panel's title
-            ax.set_title(f"{level} level, n={n}" + ("\n" + "; ".join(split) if split else ""),
-                         fontsize=11)
+            ax.set_title(f"{level if level == 'patch' else unit} level, n={n}"
+                         + ("\n" + "; ".join(split) if split else ""), fontsize=11)
             if not drawn:
                 # an empty panel says why, rather than looking like a drawing bug
                 things = "patches" if level == "patch" else "slides"
@@ -787,7 +798,7 @@ def plot_curves(
                 )
         fig.suptitle(
             ("ROC" if kind == "roc" else "Precision-recall") + " curves, held-out predictions "
-            f"({evaluation_words(metrics['task'].get('evaluation'))})"
+            f"({evaluation_words(metrics['task'].get('evaluation'), grouped_by)})"
         )
         written.append(save_figure(fig, out, force=force))
     return written
@@ -800,6 +811,7 @@ def plot_confusion(
     """Confusion matrices (counts and row percentages) at patch and slide level."""
     check_figure_outputs({"out": out}, {"classify_dir": classify_dir}, force)
     metrics, _, _ = _read_classify_dir(classify_dir)
+    unit, grouped_by = unit_words(metrics["task"])
     classes = metrics["task"]["classes"]
     fig, axes = new_figure(1, 2, figsize=(12, 5), layout="constrained")
     for ax, level in zip(axes, ("patch", "slide")):
@@ -824,11 +836,12 @@ def plot_confusion(
         ax.set_ylabel("true class")
         bacc = metrics[level].get("balanced_accuracy")
         ax.set_title(
-            f"{level} level" + (f" (balanced accuracy {bacc:.3f})" if bacc is not None else "")
+            f"{level if level == 'patch' else unit} level"
+            + (f" (balanced accuracy {bacc:.3f})" if bacc is not None else "")
         )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     fig.suptitle("Confusion matrices, held-out predictions "
-                 f"({evaluation_words(metrics['task'].get('evaluation'))})")
+                 f"({evaluation_words(metrics['task'].get('evaluation'), grouped_by)})")
     return save_figure(fig, out, force=force)
 
 
@@ -1072,8 +1085,10 @@ def plot_heatmap(
     known = ""
     if src.is_dir() and "label" in rows.columns:
         folds = sorted(set(rows["fold"].astype(int)))
-        known = (f" ({', '.join(sorted(set(rows['label'].astype(str))))} slide, held out in fold "
-                 f"{', '.join(map(str, folds))})")
+        held = ("a test slide of the samples-sheet split"
+                if metrics["task"].get("evaluation") == "split"
+                else f"held out in fold {', '.join(map(str, folds))}")
+        known = f" ({', '.join(sorted(set(rows['label'].astype(str))))} slide, {held})"
     extent_shown, unit = _extent_mm(st, extent)
     # the panels' height follows the slide's shape, within limits: a very tall slide is drawn
     # narrower rather than as a poster

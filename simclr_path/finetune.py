@@ -29,7 +29,8 @@ Output folder (written atomically; the layout of ``classify``, so ``plot-curves`
     predictions_slides.csv    out-of-fold slide scores
     history.csv               fold, epoch, train_loss, val_loss, val_auroc, lr (the epoch's
                               first step's), seconds, best
-    encoder.pt, encoder.json  the encoder fine-tuned on all labelled patients (finetune.final_model;
+    encoder.pt, encoder.json  the encoder fine-tuned on all labelled patients (with a samples-sheet
+                              split, the evaluated model of its training slides; finetune.final_model;
                               loads with model.load_encoder, embeds with 'simclr-path embed')
     classifier.pt             its linear head: a state dict of ``weight`` (K, F) and ``bias`` (K,)
     tensorboard/              per-epoch losses and validation AUROC (train.tensorboard; also to
@@ -64,7 +65,6 @@ from simclr_path.classify import (
     _check_disjoint,
     classification_metrics,
     evaluate_fold,
-    final_training,
     label_info,
     label_subset,
     load_table,
@@ -583,6 +583,7 @@ def finetune(
             summary: dict[str, Any] | None = None
             try:
                 run = _Run(t, stores, enc, ft, image_size, device, progress, tracker)
+                kept = None
                 for f in fold_ids:
                     te = patch_fold == f
                     tr = ~te
@@ -603,18 +604,25 @@ def finetune(
                         **fit,
                         **evaluate_fold(t, te, proba[te], ccfg),
                     })
+                    # a split's one fold trains the final model (see below); else it is done
+                    kept = (model, {**split, **fit}) if scheme == "split" else None
                     del model
                 _warn_fixed_epochs(folds_out, ft.epochs)
                 patch_metrics, slide_metrics, slides_pred, patches = pooled_results(
                     t, proba, patch_fold, slide_fold, ccfg)
                 final: dict[str, Any] | None = None
-                if ft.final_model:
-                    tr_rows, va_rows, split = _split_rows(
-                        t, *final_training(t, patch_fold, fold_of_slide, scheme), ft, ccfg,
-                        FINAL_FOLD, ft.seed + 999_999)
+                if ft.final_model and kept is not None:
+                    # with a samples-sheet split the evaluated model is the one saved: training
+                    # again would draw other validation (and, at a label fraction, training)
+                    # patients and give another model than metrics.json describes
+                    model, final = kept
+                elif ft.final_model:
+                    tr_rows, va_rows, split = _split_rows(t, t.slides, np.ones(len(t.y), bool),
+                                                          ft, ccfg, FINAL_FOLD, ft.seed + 999_999)
                     model, hist, fit = run.fit("final", tr_rows, va_rows, ft.seed + 999_999)
                     history += hist
                     final = {**split, **fit}
+                if ft.final_model:
                     first = _first_used(stores)
                     # the patches it was fine-tuned on, whole, at image_size (embed sizes from these)
                     save_encoder(model.backbone, tmp / "encoder.pt", info["arch"],

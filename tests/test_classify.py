@@ -1143,3 +1143,14 @@ def test_with_a_split_the_saved_model_is_fitted_on_the_training_slides_only(tmp_
     assert m["final_model"]["n_labelled_patients"] == 6
     (fold,) = m["folds"]  # the one evaluated model: the same training patients
     assert fold["n_train_patients"] == 6 and fold["C"] == model["C"]
+    # at a label fraction too (a refit drew its own patients), and it predicts as evaluated
+    half = classify(paths, tmp_path / "half", samples=sheet,
+                    cfg=replace(FAST, label_fraction=0.5))
+    assert half["final_model"]["labelled_patients"] == half["folds"][0]["labelled_patients"]
+    pp = pd.read_csv(tmp_path / "half" / "predictions_patches.csv")
+    test = pp[pp["fold"] == 0]
+    again = predict_table(tmp_path / "half", [p for p in paths if p.stem in set(test["slide_id"])])
+    again = again[again["level"] == "patch"].set_index(["slide_id", "patch_index"])
+    np.testing.assert_allclose(
+        again.loc[list(zip(test["slide_id"], test["patch_index"])), "prob_SCC"].to_numpy(),
+        test["prob_SCC"].to_numpy(), atol=1e-5)

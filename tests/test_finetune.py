@@ -507,3 +507,38 @@ def test_finetune_leaves_the_callers_torch_generator_alone(cohort, encoder, tmp_
     torch.manual_seed(5)
     finetune(paths, encoder, tmp_path / "o", samples=sheet, cfg=cfg, progress=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_with_a_split_the_saved_model_is_the_evaluated_one(cohort, encoder, tmp_path):
+    """The final model was trained again (other validation patients, another seed): its
+    predictions differed from the evaluated fold's in predictions_patches.csv."""
+    import torch
+
+    paths, sheet = cohort
+    df = pd.read_csv(sheet, sep="\t")
+    df["split"] = ["test" if int(p[1:]) >= 6 else "train" for p in df["patient_id"]]
+    df.to_csv(tmp_path / "split.tsv", sep="\t", index=False)
+    cfg = tiny_cfg(epochs=2)
+    cfg.classify.bootstrap = 0
+    m = finetune(paths, encoder, tmp_path / "o", samples=tmp_path / "split.tsv", cfg=cfg,
+                 progress=False)
+    hist = pd.read_csv(tmp_path / "o" / "history.csv")
+    assert set(hist["fold"].astype(str)) == {"fold0"}  # trained once
+    model = load_classifier(tmp_path / "o")
+    pp = pd.read_csv(tmp_path / "o" / "predictions_patches.csv")
+    test = pp[pp["fold"] == 0]
+    from simclr_path.store import PatchStore
+
+    x = []
+    for sid, rows in test.groupby("slide_id", sort=False):
+        with PatchStore(next(p for p in paths if p.stem == sid)) as s:
+            x.append(s[np.asarray(rows["patch_index"])])
+    with torch.no_grad():
+        from simclr_path.transforms import eval_transform
+
+        logits = model(eval_transform(np.concatenate(x), m["task"]["image_size"]))
+    proba = torch.softmax(logits, 1).numpy()
+    classes = m["task"]["classes"]
+    expected = np.concatenate([rows[[f"prob_{c}" for c in classes]].to_numpy()
+                               for _, rows in test.groupby("slide_id", sort=False)])
+    np.testing.assert_allclose(proba, expected, atol=1e-4)

@@ -931,3 +931,37 @@ def test_demo_slide_paths_and_artefacts_are_quoted_for_the_shell(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--out 'resources/my demo/S1.tiff'" in done.stdout
     assert "--artefacts 'pen;echo hacked'" in done.stdout
+
+
+def _caption(name: str, evaluation: str, slides: bool) -> str:
+    """A report caption as Snakemake renders it (Jinja, then reStructuredText to HTML)."""
+    import types
+
+    import jinja2
+    from docutils.core import publish_parts
+
+    config = {"samples": "config/samples.tsv" if slides else None,
+              "patch_datasets": None if slides else {"lc": {}}, "runs": {"baseline": {}}}
+    sm = types.SimpleNamespace(config=config, params=types.SimpleNamespace(evaluation=evaluation),
+                               wildcards=types.SimpleNamespace(run="baseline", slide="S1"))
+    text = jinja2.Environment().from_string(
+        (ROOT / "workflow" / "report" / f"{name}.rst").read_text()).render(snakemake=sm)
+    html = publish_parts(text, writer_name="html",
+                         settings_overrides={"report_level": 2, "halt_level": 2})["body"]
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", html))
+
+
+def test_the_report_captions_say_how_the_classifier_was_evaluated():
+    """With a samples-sheet split they described K-fold folds (fold means, each fold's own C),
+    and for a tile set slides and patients."""
+    split = {n: _caption(n, "split", True) for n in ("metrics", "heatmap", "confusion", "curves")}
+    assert "held-out test slides of the samples sheet's split" in split["metrics"]
+    assert all("fold" not in t for t in split.values()), split
+    assert "the test slides of the samples sheet's split" in split["curves"]
+    folds = {n: _caption(n, "folds", True) for n in ("metrics", "heatmap", "confusion", "curves")}
+    assert "fold mean" in folds["metrics"] and "each fold chooses" in folds["heatmap"]
+    assert "grouped by patient" in folds["curves"] and "grouped by patient" in folds["confusion"]
+    tiles = {n: _caption(n, "folds", False) for n in ("metrics", "confusion", "curves")}
+    assert all("slide" not in t and "source image" in t for t in tiles.values()), tiles
+    intro = _caption("workflow", "folds", False)
+    assert "category 1" not in intro and "held-out source images" in intro

@@ -117,3 +117,31 @@ def test_the_metrics_table_shows_class_names_as_text_not_markup(tmp_path):
     assert "<img" not in text and "P(SCC&lt;img src=x onerror=alert(1)&gt;)" in text
     assert "run base&amp;line" in text
     assert "patient-grouped 2-fold cross-validation;" in text  # in words, not grouped_2fold
+
+
+def test_the_metrics_table_says_what_was_evaluated(tmp_path):
+    """A split was described as "1 folds" with fold means equal to the pooled values, and a
+    tile set's source images as slides and patients; the three-class metrics were left out."""
+    import json
+
+    mt = _script("metrics_table")
+    split = {"slide": {"auroc": 0.75, "n": 4}, "patch": {"auroc": 0.8, "n": 400},
+             "fold_summary": {"slide": {"auroc": {"mean": 0.75, "sd": None, "n_folds": 1}}},
+             "task": {"n_folds": 1, "evaluation": "split", "n_slides": 8, "n_patients": 8,
+                      "n_patches": 800, "labels_from": "samples sheet"}}
+    (tmp_path / "s.json").write_text(json.dumps(split))
+    mt.main(str(tmp_path / "s.json"), str(tmp_path / "s.html"), "r")
+    text = (tmp_path / "s.html").read_text()
+    assert ("held-out test split of the samples sheet; 8 slides, 8 patients, 800 patches "
+            "(4 slides in its test split)") in text and "folds" not in text
+    assert "fold mean" not in " ".join(mt.table(split).columns)
+    tiles = {"slide": {"auroc": 0.9, "auroc_macro": 0.95}, "patch": {"auroc": 0.85},
+             "task": {"n_folds": 5, "evaluation": "grouped_5fold", "n_slides": 75,
+                      "n_patients": 75, "n_patches": 1452, "labels_from": "embedding files"}}
+    (tmp_path / "t.json").write_text(json.dumps(tiles))
+    mt.main(str(tmp_path / "t.json"), str(tmp_path / "t.html"), "r")
+    text = (tmp_path / "t.html").read_text()
+    assert "5-fold cross-validation grouped by source image; 75 source images (groups)" in text
+    df = mt.table(tiles).set_index("metric")
+    assert df.loc["AUROC (macro one-vs-rest)", "group (pooled)"] == "0.950"
+    assert "F1 (macro)" not in df.index  # not in this metrics.json

@@ -252,6 +252,8 @@ def load_samples(path):
 
 
 SAMPLES = load_samples(config["samples"]) if config["samples"] else None
+# how classify evaluates, for the report's captions (params: they see no samples sheet)
+EVALUATION = "split" if SAMPLES is not None and "split" in SAMPLES.columns else "folds"
 SLIDES = [] if SAMPLES is None else list(SAMPLES["slide_id"])
 # heatmaps show held-out predictions: with a samples-sheet split only the test slides have them
 HEATMAP_SLIDES = (

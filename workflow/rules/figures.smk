@@ -88,6 +88,7 @@ rule plot_curves:
     resources:
         mem_mb=1000,
     params:
+        evaluation=EVALUATION,
         classify=subpath(input[0], parent=True),
     shell:
         "simclr-path plot-curves --classify {params.classify} --out-roc {output.roc} "
@@ -116,6 +117,7 @@ rule plot_confusion:
     resources:
         mem_mb=1000,
     params:
+        evaluation=EVALUATION,
         classify=subpath(input[0], parent=True),
     shell:
         "simclr-path plot-confusion --classify {params.classify} --out {output} "
@@ -146,6 +148,7 @@ rule plot_heatmap:
     resources:
         mem_mb=2000,
     params:
+        evaluation=EVALUATION,
         classify=subpath(input.metrics, parent=True),
     shell:
         "simclr-path plot-heatmap --classify {params.classify} --store {input.store} "
@@ -173,5 +176,7 @@ rule metrics_table:
     threads: 1
     resources:
         mem_mb=1000,
+    params:
+        evaluation=EVALUATION,
     script:
         "../scripts/metrics_table.py"

@@ -15,6 +15,10 @@ METRICS = [
     ("specificity", "specificity"),
     ("f1", "F1"),
     ("accuracy", "accuracy"),
+    # more than two classes: every class against the rest, averaged
+    ("auroc_macro", "AUROC (macro one-vs-rest)"),
+    ("average_precision_macro", "average precision (macro)"),
+    ("f1_macro", "F1 (macro)"),
     ("n", "n"),
 ]
 
@@ -30,12 +34,15 @@ def table(metrics: dict) -> pd.DataFrame:
     summary = metrics.get("fold_summary", {})
     n_folds = metrics.get("task", {}).get("n_folds")
     for key, name in METRICS:
+        if all(key not in metrics.get(level, {}) for level in ("slide", "patch")):
+            continue  # (the macro metrics exist with more than two classes only)
         row = {"metric": name}
         for level in ("slide", "patch"):
             value = metrics.get(level, {}).get(key)
             row[f"{level} (pooled)"] = fmt(value)
             fs = summary.get(level, {}).get(key)
-            if isinstance(fs, dict) and "mean" in fs:
+            # one fold (a samples-sheet split): its mean is the pooled value, with no sd
+            if isinstance(fs, dict) and "mean" in fs and (n_folds or 0) > 1:
                 # folds where the metric is undefined (one class held out) are left out of it
                 k = fs.get("n_folds")
                 of = f" ({k} of {n_folds} folds)" if k is not None and n_folds and k < n_folds else ""
@@ -56,7 +63,11 @@ def table(metrics: dict) -> pd.DataFrame:
                 "slide (pooled)": metrics["slide"]["auroc_ci95_note"],
             }
         )
-    return pd.DataFrame(rows).fillna("")
+    df = pd.DataFrame(rows).fillna("")
+    from simclr_path.figures import unit_words
+
+    unit, _ = unit_words(metrics.get("task", {}))
+    return df.rename(columns=lambda c: c.replace("slide", unit, 1)) if unit != "slide" else df
 
 
 def main(metrics_path: str, out: str, run: str) -> None:
@@ -65,14 +76,20 @@ def main(metrics_path: str, out: str, run: str) -> None:
     df = table(metrics)
     from html import escape
 
-    from simclr_path.figures import evaluation_words
+    from simclr_path.figures import evaluation_words, unit_words
 
+    unit, grouped_by = unit_words(task)
+    if unit == "group":  # an imported tile set: each source image is a slide and a patient
+        counted = f"{task.get('n_slides', '?')} source images (groups)"
+    else:
+        counted = f"{task.get('n_slides', '?')} slides, {task.get('n_patients', '?')} patients"
+    split = task.get("evaluation") == "split"
+    tested = (f" ({metrics.get('slide', {}).get('n', '?')} slides in its test split)" if split
+              else f", {task.get('n_folds', '?')} folds")
     # class names reach 'score' from a tile dataset's folder names: text, never markup
     head = escape(
-        f"{evaluation_words(task.get('evaluation'))}; "
-        f"{task.get('n_slides', '?')} slides, {task.get('n_patients', '?')} patients, "
-        f"{task.get('n_patches', '?')} patches, {task.get('n_folds', '?')} folds; "
-        f"score {task.get('score', '')}"
+        f"{evaluation_words(task.get('evaluation'), grouped_by)}; {counted}, "
+        f"{task.get('n_patches', '?')} patches{tested}; score {task.get('score', '')}"
     )
     head = f"<h3>Classifier metrics: run {escape(str(run))}</h3><p>{head}</p>"
     from simclr_path.outputs import atomic_output
