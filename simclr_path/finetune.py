@@ -162,6 +162,12 @@ def load_patch_table(
             f"{float(scaled[0].mpp):g} um/px; fine-tuning shows every store at one input size, so "
             "the tissue would reach the model at two scales: tile every slide at the same --mpp"
         )
+    unknown = next((s for s in stores if len(s) and s.mpp is None), None)
+    if unknown is not None and scaled:
+        # (imported tiles carry no mpp): their scale cannot be checked against the others'
+        warnings.warn(f"{unknown.path}: no mpp recorded (imported tiles?) while {scaled[0].path} "
+                      f"is at {float(scaled[0].mpp):g} um/px; fine-tuning shows both at one input "
+                      "size, so make sure the tiles are at that scale", stacklevel=2)
     return t, stores
 
 
@@ -671,6 +677,12 @@ def load_classifier(out_dir: str | os.PathLike, device: str | torch.device = "cp
     model = FinetuneModel(load_encoder(d / "encoder.pt", device="cpu"), len(info["classes"]))
     from simclr_path.model import load_state_dict_file
 
-    model.head.load_state_dict(load_state_dict_file(d / "classifier.pt", "classifier file"))
+    try:
+        model.head.load_state_dict(load_state_dict_file(d / "classifier.pt", "classifier file"))
+    except RuntimeError as exc:  # keys or shapes of another head (torch's message is a page)
+        raise SimclrPathError(
+            f"{d / 'classifier.pt'}: not the linear head of this encoder and its "
+            f"{len(info['classes'])} classes ({str(exc).splitlines()[0][:120]}); rerun "
+            "'simclr-path finetune' with --force") from None
     return model.eval().to(device)
 

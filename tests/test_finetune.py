@@ -542,3 +542,31 @@ def test_with_a_split_the_saved_model_is_the_evaluated_one(cohort, encoder, tmp_
     expected = np.concatenate([rows[[f"prob_{c}" for c in classes]].to_numpy()
                                for _, rows in test.groupby("slide_id", sort=False)])
     np.testing.assert_allclose(proba, expected, atol=1e-4)
+
+
+def test_a_classifier_file_of_another_shape_is_one_error(result, tmp_path):
+    import shutil
+
+    import torch
+
+    _, out = result
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    head = torch.load(bad / "classifier.pt", weights_only=True)
+    torch.save({k: v[:1] for k, v in head.items()}, bad / "classifier.pt")
+    with pytest.raises(SimclrPathError, match=r"classifier.pt: not the linear head of this "
+                                              r"encoder and its 2 classes"):
+        load_classifier(bad)
+
+
+def test_a_store_without_mpp_beside_scaled_ones_is_warned_about(cohort, tmp_path):
+    paths, sheet = cohort
+    from simclr_path.store import PatchStore
+
+    with PatchStore(paths[0]) as s:
+        patches, coords = s[np.arange(len(s))], np.asarray(s.coords)
+    odd = tmp_path / "S0.h5"
+    with PatchStoreWriter(odd, patch_size=SIZE, attrs={"slide_id": "S0", "kind": "slide"}) as w:
+        w.append(patches, coords)
+    with pytest.warns(UserWarning, match=r"S0.h5: no mpp recorded .* at 0.5 um/px"):
+        load_patch_table([odd, *paths[1:]], sheet, tiny_cfg())

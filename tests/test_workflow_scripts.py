@@ -81,6 +81,8 @@ def test_rows_on_other_folds_are_not_called_the_same_folds(cr):
         assert not cr.same_folds(df)
     split = cr.summarise(["a"], [_metrics(0.9, evaluation="split")], [{}], {})
     assert cr.evaluation_words(split) == "held-out test split"
+    assert cr.folds_word(split) == "same test split"  # (a split has no folds)
+    assert cr.folds_word(cr.summarise(["a"], [_metrics(0.9)], [{}], {})) == "same folds"
     mixed = cr.summarise(["a", "b"], [_metrics(0.9), _metrics(0.9, evaluation="split")],
                          [{}, {}], {})
     assert "see the table" in cr.evaluation_words(mixed)

@@ -139,6 +139,12 @@ def evaluation_words(df: pd.DataFrame) -> str:
     return "cross-validation or test split: see the table"
 
 
+def folds_word(df: pd.DataFrame) -> str:
+    """What the rows share when :func:`same_folds`: a split's test slides have no folds."""
+    split = "evaluation" in df and (df["evaluation"].astype(str) == "split").all()
+    return "same test split" if split else "same folds"
+
+
 def same_folds(df: pd.DataFrame) -> bool:
     """Whether every row was evaluated on the same folds (evaluation, fold seed, patients)."""
     cols = [c for c in ("evaluation", "folds_seed", "n_patients") if c in df]
@@ -239,7 +245,7 @@ def main(sm) -> None:
         write_text(sm.output.tsv, df.to_csv(sep="\t", index=False))
         plot_fractions(df, sm.output.png, title)
         html = df.map(fmt).to_html(index=False, border=0)
-        folds = ("same folds; at each fraction the same labelled patients" if same_folds(df) else
+        folds = (f"{folds_word(df)}; at each fraction the same labelled patients" if same_folds(df) else
                  "the rows were evaluated on different folds: see the evaluation columns")
         write_text(sm.output.html,
                    f"<html><body><h3>{escape(title)} ({folds}; fine-tuning trains on the labelled "
@@ -258,10 +264,10 @@ def main(sm) -> None:
     else:
         run = sm.wildcards.run
         title = f"Layer-wise linear evaluation of run {run}"
-        xlabel = "features from layer (same probe, same folds)"
+        xlabel = f"features from layer (same probe, {folds_word(df)})"
     plot(df.rename(columns={what: "run"}), sm.output.png, title=title, xlabel=xlabel)
     html = df.map(fmt).to_html(index=False, border=0)
-    folds = ("same folds" if same_folds(df) else
+    folds = (folds_word(df) if same_folds(df) else
              "the rows were evaluated on different folds: see the evaluation columns")
     write_text(sm.output.html,
                f"<html><body><h3>{escape(title)} ({folds})</h3>{html}</body></html>\n")
