@@ -1125,8 +1125,8 @@ def plot_heatmap(
     st.close()
     # the id just above the panels' titles: the square panels leave part of the figure's
     # height empty, and at the figure's top the id stood an inch above them
+    fig.draw_without_rendering()  # the aspect-kept panel boxes, without drawing the images
     renderer = fig.canvas.get_renderer()
-    fig.draw(renderer)
     top = max(ax.get_tightbbox(renderer).y1 for ax in axes) / fig.bbox.height  # titles too
     title.set_y(min(0.98, top + 0.12 / fig.get_figheight()))
     title.set_verticalalignment("bottom")

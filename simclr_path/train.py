@@ -322,6 +322,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _run_complete(out: Path) -> bool:
+    """Whether ``out`` holds every file of a finished run directory."""
+    return all((out / n).is_file() for n in COMPLETE_FILES)
+
+
 def caller_state() -> dict[str, Any]:
     """The process-wide state a stage changes for its own run: the global RNGs (Python, NumPy,
     torch's CPU generator and CUDA's where initialised) and the CUDA math flags; see
@@ -455,7 +460,7 @@ def _interrupted_checkpoint(path: Path, requested: str, stores: Any, world_size:
     if ck is not None:
         # finished (or from a version that did not say); a run killed while writing its final
         # files (the checkpoint says finished, summary.json is missing) only needs those
-        complete = all((path.parent / n).is_file() for n in COMPLETE_FILES)
+        complete = _run_complete(path.parent)
         if ck.get("finished") is None or ck.get("finished") and complete:
             why = "of a finished run"
         elif ck.get("requested") != requested:
@@ -1034,7 +1039,7 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
         _check_run_dir(out, resume, force)
         total = _total_steps(t_cfg, plan)
         if ck is not None and ck.get("finished") and int(ck["step"]) >= total and \
-                all((out / n).is_file() for n in COMPLETE_FILES):
+                _run_complete(out):
             # nothing left to train: rerunning would only rewrite the finished run's files (its
             # summary with a throughput of 0 pairs/s)
             warnings.warn(f"{out}: the run already finished its {ck['step']} steps; nothing to "

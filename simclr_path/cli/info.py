@@ -24,7 +24,7 @@ def summary(path: Path) -> list[str]:
     """Lines describing the store at ``path`` (raises SimclrPathError for a bad file)."""
 
     from simclr_path.errors import SimclrPathError
-    from simclr_path.store import layout_problem, open_h5, read_attrs
+    from simclr_path.store import _read_groups, layout_problem, open_h5, read_attrs
 
     if path.is_dir():
         raise SimclrPathError(f"{path}: is a folder; give a patch store or embedding file (.h5)")
@@ -53,13 +53,11 @@ def summary(path: Path) -> list[str]:
                                       "not completed by simclr-path: recreate it with --force")
             shape = data.shape
             labels = f["labels"][:] if "labels" in f else None
-            groups = f["groups"][:] if "groups" in f else None
+            groups = _read_groups(f) if "groups" in f else None
             thumb = f["thumbnail"].shape if "thumbnail" in f else None
     except (OSError, TypeError, ValueError, AttributeError) as exc:
         raise SimclrPathError(f"{path}: damaged HDF5 file ({exc}); recreate it with "
                               "--force") from None
-    if groups is not None:
-        groups = [g.decode("utf-8", "replace") if isinstance(g, bytes) else str(g) for g in groups]
     problem = layout_problem(shape[0] if len(shape) else 0, labels, groups, attrs)
     if problem is None and labels is not None and len(labels) and not attrs.get("label_names") \
             and labels.max() > 100_000:  # no names to count against: a count this long is not ours
