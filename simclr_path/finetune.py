@@ -171,17 +171,25 @@ def load_patch_table(
     return t, stores
 
 
-def _warn_fixed_epochs(folds: list[dict[str, Any]], epochs: int) -> None:
-    """Warn about the folds that trained without early stopping (no validation patients): a fold
-    under another protocol than the rest must not pass in silence."""
+def _warn_fixed_epochs(folds: list[dict[str, Any]], epochs: int,
+                       final: dict[str, Any] | None = None) -> None:
+    """Warn about the folds, and the final model (refitted on every slide), that trained without
+    early stopping (no validation patients): a model under another protocol than the rest must
+    not pass in silence. ``final`` is the final model's fit, None when there is none or it is
+    the split's evaluated fold."""
     fixed = [f["fold"] for f in folds if not f["early_stopping"]]
-    if fixed:
-        which = ("every fold" if len(fixed) == len(folds) else
-                 f"fold(s) {', '.join(map(str, fixed))} of {len(folds)}")
-        warnings.warn(f"fine-tuning without early stopping in {which}: some class has a single "
-                      "labelled training patient there, so no validation patients were held out; "
-                      f"those folds trained {epochs} epochs on every labelled patient",
-                      stacklevel=3)
+    final_fixed = final is not None and not final["early_stopping"]
+    if not fixed and not final_fixed:
+        return
+    parts = [] if not fixed else ["every fold"] if len(fixed) == len(folds) else [
+        f"fold(s) {', '.join(map(str, fixed))} of {len(folds)}"]
+    if final_fixed:
+        parts.append("the final model")
+    which = " and ".join(parts)
+    warnings.warn(f"fine-tuning without early stopping in {which}: some class has a single "
+                  "labelled training patient there, so no validation patients were held out; "
+                  f"{'it' if which == 'the final model' else 'they'} trained {epochs} epochs on "
+                  "every labelled patient", stacklevel=3)
 
 
 def _first_used(stores: Sequence[PatchStore]) -> PatchStore:
@@ -613,7 +621,6 @@ def finetune(
                     # a split's one fold trains the final model (see below); else it is done
                     kept = (model, {**split, **fit}) if scheme == "split" else None
                     del model
-                _warn_fixed_epochs(folds_out, ft.epochs)
                 patch_metrics, slide_metrics, slides_pred, patches = pooled_results(
                     t, proba, patch_fold, slide_fold, ccfg)
                 final: dict[str, Any] | None = None
@@ -628,6 +635,8 @@ def finetune(
                     model, hist, fit = run.fit("final", tr_rows, va_rows, ft.seed + 999_999)
                     history += hist
                     final = {**split, **fit}
+                _warn_fixed_epochs(folds_out, ft.epochs,
+                                   final if kept is None and ft.final_model else None)
                 if ft.final_model:
                     first = _first_used(stores)
                     # the patches it was fine-tuned on, whole, at image_size (embed sizes from these)

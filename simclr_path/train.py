@@ -418,8 +418,10 @@ def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
 
 def _is_run_dir(out: Path) -> bool:
     """Whether ``out`` holds a run's files: a folder given by mistake (a project folder with its
-    own config.yaml and mlruns/) must not lose them to --force."""
-    if any((out / n).is_file() for n in [RUN_MARKER, *RUN_FILES] if n != "config.yaml"):
+    own config.yaml, mlruns/ and mlflow.db) must not lose them to --force. MLflow's own default
+    store is ``./mlflow.db``, so that name alone proves nothing (a run writes its marker first)."""
+    if any((out / n).is_file() for n in [RUN_MARKER, *RUN_FILES]
+           if n not in ("config.yaml", "mlflow.db")):
         return True
     try:
         with open(out / "config.yaml", encoding="utf-8", errors="replace") as f:

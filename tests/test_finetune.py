@@ -307,20 +307,28 @@ def test_a_warning_names_the_folds_that_trained_without_early_stopping():
                             {"fold": 2, "early_stopping": True}], 7)
     with pytest.warns(UserWarning, match="without early stopping in every fold"):
         _warn_fixed_epochs([{"fold": 0, "early_stopping": False}], 7)
+    with pytest.warns(UserWarning, match=r"without early stopping in the final model: .* it "
+                                         r"trained 7 epochs"):
+        _warn_fixed_epochs([{"fold": 0, "early_stopping": True}], 7, {"early_stopping": False})
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_fixed_epochs([{"fold": 0, "early_stopping": True}], 7)
+        _warn_fixed_epochs([{"fold": 0, "early_stopping": True}], 7, {"early_stopping": True})
 
 
 def test_without_validation_only_the_kept_epoch_is_marked_best(cohort, encoder, tmp_path):
     paths, sheet = cohort
-    cfg = tiny_cfg(epochs=2, final_model=False, label_fraction=0.01)
+    cfg = tiny_cfg(epochs=2, final_model=True, label_fraction=0.01)
     cfg.classify.bootstrap = 0
-    with pytest.warns(UserWarning, match="without early stopping"):
-        finetune(paths, encoder, tmp_path / "o", samples=sheet, cfg=cfg, progress=False)
+    # the final model on fixed epochs was not named (only the folds were)
+    with pytest.warns(UserWarning, match="without early stopping in every fold and the final "
+                                         "model: .* they trained 2 epochs"):
+        m = finetune(paths, encoder, tmp_path / "o", samples=sheet, cfg=cfg, progress=False)
+    assert not m["final_model"]["early_stopping"]
     hist = pd.read_csv(tmp_path / "o" / "history.csv")
+    assert set(hist["fold"]) == {"fold0", "fold1", "final"}
     for _, h in hist.groupby("fold"):  # no validation patients: the last epoch is kept
         assert h["best"].tolist() == [False, True]
 

@@ -537,10 +537,12 @@ def test_existing_run_dir_needs_force_or_resume(stores, tmp_path):
 
 def test_force_and_resume_leave_a_folder_that_is_not_a_run_alone(stores, tmp_path, capsys):
     """A project folder given as --out lost its mlruns/ and wandb/ and had its own config.yaml
-    replaced, with --force or with a --resume that found no checkpoint."""
+    replaced, with --force or with a --resume that found no checkpoint; its mlflow.db (MLflow's
+    default store in the working folder) made it count as a run and lost it to --force."""
     proj = tmp_path / "proj"
     for d in ("mlruns/0/run1", "wandb/offline-run-1"):
         (proj / d).mkdir(parents=True)
+    (proj / "mlflow.db").write_bytes(b"SQLite format 3\x00")
     (proj / "config.yaml").write_text("train: {max_steps: 1}\n")
     before = sorted(p.relative_to(proj) for p in proj.rglob("*"))
     for flag in ("--force", "--resume", "--resume-interrupted"):

@@ -21,10 +21,12 @@ def cr():
     return _script("compare_runs")
 
 
-def _metrics(auroc, ci=None, evaluation="grouped_5fold", seed=0, n_patients=20):
+def _metrics(auroc, ci=None, evaluation="grouped_5fold", seed=0, n_patients=20,
+             labels_from="samples sheet"):
     return {"slide": {"auroc": auroc, "balanced_accuracy": 0.8, "auroc_ci95": ci},
             "patch": {"auroc": auroc - 0.05, "balanced_accuracy": 0.7},
-            "task": {"evaluation": evaluation, "n_patients": n_patients},
+            "task": {"evaluation": evaluation, "n_patients": n_patients,
+                     "labels_from": labels_from},
             "config": {"seed": seed}}
 
 
@@ -52,7 +54,7 @@ def test_each_run_keeps_its_own_ci_bar_and_the_legend_clears_the_run_names(cr, t
     legend = fig.legends[0].get_window_extent(r)
     for label in ax.get_xticklabels():  # the legend sits below the rotated names, not on them
         assert not legend.overlaps(label.get_window_extent(r)), label.get_text()
-    assert ax.get_ylabel() == "metric (patient-grouped cross-validation)"
+    assert ax.get_ylabel() == "metric (patient-grouped 5-fold cross-validation)"
     # error bars (and their caps) at the five runs with a CI, none at the run without one:
     # zero-length caps read as a CI of width 0
     from matplotlib.container import ErrorbarContainer
@@ -80,12 +82,38 @@ def test_rows_on_other_folds_are_not_called_the_same_folds(cr):
         df = cr.summarise(["a", "b"], [_metrics(0.9), other], [{}, {}], {})
         assert not cr.same_folds(df)
     split = cr.summarise(["a"], [_metrics(0.9, evaluation="split")], [{}], {})
-    assert cr.evaluation_words(split) == "held-out test split"
+    assert cr.evaluation_words(split) == "held-out test split of the samples sheet"
     assert cr.folds_word(split) == "same test split"  # (a split has no folds)
     assert cr.folds_word(cr.summarise(["a"], [_metrics(0.9)], [{}], {})) == "same folds"
     mixed = cr.summarise(["a", "b"], [_metrics(0.9), _metrics(0.9, evaluation="split")],
                          [{}, {}], {})
     assert "see the table" in cr.evaluation_words(mixed)
+
+
+def test_a_tile_set_comparison_speaks_of_source_images_not_slides(cr, tmp_path, monkeypatch):
+    """Runs on an imported tile set were labelled 'patient-grouped' with 'slide AUROC' bars."""
+    tiles = [_metrics(0.9, labels_from="patch stores"), _metrics(0.8, labels_from="patch stores")]
+    df = cr.summarise(["a", "b"], tiles, [{}, {}], {})
+    assert cr.evaluation_words(df) == "5-fold cross-validation grouped by source image"
+    figs = []
+    from simclr_path import figures
+
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: figs.append(fig))
+    cr.plot(df, str(tmp_path / "runs.png"))
+    labels = [t.get_text() for t in figs[0].legends[0].get_texts()]
+    assert labels == ["group AUROC", "patch AUROC", "group balanced accuracy"], labels
+    assert "grouped by source image" in figs[0].axes[0].get_ylabel()
+    slides = cr.summarise(["a"], [_metrics(0.9)], [{}], {})
+    assert cr.units(slides) == ("slide", "patient")
+    both = cr.summarise(["a", "b"], [_metrics(0.9), tiles[0]], [{}, {}], {})
+    assert "see the table" in cr.evaluation_words(both)
+    # the label-fraction figure: its x axis counts source images, its first panel is per group
+    fr = cr.summarise(["p1", "p2"], tiles, [{}, {}], {}).assign(
+        method="linear probe", label_fraction=[1.0, 0.1])
+    figs.clear()
+    cr.plot_fractions(fr, str(tmp_path / "fr.png"), "t")
+    assert figs[0].axes[0].get_title() == "group AUROC"
+    assert "labelled training source images per fold" in figs[0].axes[0].get_xlabel()
 
 
 def test_the_fold_mean_says_how_many_folds_it_covers(tmp_path):

@@ -118,7 +118,8 @@ WORKFLOW_PROPERTIES: dict[str, dict[str, Any]] = {
             "heatmaps": {
                 "type": "boolean",
                 "default": True,
-                "description": "draw an SCC probability heatmap per slide",
+                "description": ("draw a heatmap of the positive class's probability per slide (held-out "
+                                "slides only; none for runs with classify.positive_label null)"),
             },
             "thumbnails": {
                 "type": "boolean",

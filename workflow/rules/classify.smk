@@ -25,9 +25,10 @@ rule classify:
         samples=samples_arg(),
         out=subpath(output.metrics, parent=True),
     shell:
-        "simclr-path classify --embeddings {input.embeddings} {params.samples} "
-        "--out {params.out} --config {input.config} --force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path classify --embeddings {input.embeddings} {params.samples} "
+            "--out {params.out} --config {input.config} --force "
+        )
 
 
 # Layer-wise linear evaluation (config layer_eval). Not under results/classify/{run}/: classify
@@ -59,6 +60,7 @@ rule classify_layer:
         samples=samples_arg(),
         out=subpath(output.metrics, parent=True),
     shell:
-        "simclr-path classify --embeddings {input.embeddings} {params.samples} "
-        "--out {params.out} --config {input.config} --force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path classify --embeddings {input.embeddings} {params.samples} "
+            "--out {params.out} --config {input.config} --force "
+        )

@@ -299,6 +299,8 @@ DEMO_SLIDES = (
 def check_positive_label():
     """Stop the build when classify cannot find the positive class: it would fail only at
     classification, after hours of pretraining (simclr_path.classify.positive_index).
+
+    Returns each run's positive class as classify will find it ("" for macro one-vs-rest).
     """
     from simclr_path.classify import positive_index
 
@@ -314,6 +316,7 @@ def check_positive_label():
             if d.is_dir() and not d.name.startswith(".")
         }
     warned = set()  # label lists warned about (one line each, not one per run)
+    positive = {}
     for run, cfg in RUN_CFG.items():
         ccfg = cfg.classify
         classes = (
@@ -333,16 +336,21 @@ def check_positive_label():
                 "so all of them are classified: to leave a class out, leave its folder out"
             )
         if len(classes) < 2:
+            positive[run] = ""
             continue  # the sheet checks say what is missing
         over = (config["runs"][run] or {}).get("classify") or {}
         where = f"config runs.{run}: " if "positive_label" in over else "config: "
         try:
-            positive_index(classes, ccfg.positive_label, source)
+            index = positive_index(classes, ccfg.positive_label, source)
         except SimclrPathError as exc:
             fail(f"{where}{exc}")
+        positive[run] = "" if index is None else str(classes[index])
+    return positive
 
 
-check_positive_label()
+# each run's positive class as classify will find it ("" for macro one-vs-rest scores), for
+# the report's captions
+POSITIVE = check_positive_label()
 
 
 def check_patients_per_class():
@@ -522,6 +530,18 @@ def samples_input():
     return [config["samples"]] if SLIDES else []
 
 
+def logged(command):
+    """A simclr-path job's shell command with all its output sent to the job's log, and its
+    warnings (one line each) echoed on the console too, where they would otherwise go unseen.
+    """
+    return f"{command}> {{log}} 2>&1 && (grep -h ': warning: ' {{log}} >&2 || true)"
+
+
+def positive_class(wildcards):
+    """The run's positive class for its figure captions ("" for macro one-vs-rest)."""
+    return POSITIVE.get(wildcards.run, "")
+
+
 def report_caption(name):
     return f"../report/{name}.rst"
 
@@ -541,9 +561,19 @@ def run_figures(run):
     ]
     if config["figures"]["thumbnails"]:
         out.append(f"{fig}/tsne_thumbnails.png")
-    if config["figures"]["heatmaps"]:
+    if config["figures"]["heatmaps"] and POSITIVE.get(run):
         out += [f"{fig}/heatmaps/{s}.png" for s in HEATMAP_SLIDES]
     return out
+
+
+# a heatmap draws one class's probability: macro one-vs-rest runs have none to draw
+_NO_HEATMAP = [r for r in RUN_CFG if not POSITIVE.get(r)] if SLIDES else []
+if config["figures"]["heatmaps"] and _NO_HEATMAP:
+    warn(
+        f"figures.heatmaps: run(s) {', '.join(_NO_HEATMAP)} score all classes one-vs-rest "
+        "(classify.positive_label null), so they get no heatmaps; set positive_label to the "
+        "tumour class to draw its probability"
+    )
 
 
 def final_outputs():

@@ -23,9 +23,10 @@ rule embed:
         loader_workers=lambda w: RUN_CFG[w.run].embed.workers,
         embed_batch=lambda w: RUN_CFG[w.run].embed.batch_size,
     shell:
-        "simclr-path with-gpus {resources.gpu} -- simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
-        "--config {input.config} --workers {resources.loader_workers} --batch-size {resources.embed_batch} --force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path with-gpus {resources.gpu} -- simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
+            "--config {input.config} --workers {resources.loader_workers} --batch-size {resources.embed_batch} --force "
+        )
 
 
 # Layer-wise linear evaluation (config `layer_eval`): the same stores embedded from other layers.
@@ -53,7 +54,8 @@ rule embed_layer:
         loader_workers=lambda w: RUN_CFG[w.run].embed.workers,
         embed_batch=lambda w: RUN_CFG[w.run].embed.batch_size,
     shell:
-        "simclr-path with-gpus {resources.gpu} -- simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
-        "--layer {wildcards.layer} --config {input.config} --workers {resources.loader_workers} --batch-size {resources.embed_batch} "
-        "--force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path with-gpus {resources.gpu} -- simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
+            "--layer {wildcards.layer} --config {input.config} --workers {resources.loader_workers} --batch-size {resources.embed_batch} "
+            "--force "
+        )

@@ -52,10 +52,11 @@ rule plot_tsne:
             else ""
         ),
     shell:
-        "simclr-path plot-tsne --embeddings {input.embeddings} {params.samples} "
-        "--out-label {output.label} --out-slide {output.slide} {params.thumbnails} "
-        "--config {input.config} --force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path plot-tsne --embeddings {input.embeddings} {params.samples} "
+            "--out-label {output.label} --out-slide {output.slide} {params.thumbnails} "
+            "--config {input.config} --force "
+        )
 
 
 rule plot_curves:
@@ -89,11 +90,13 @@ rule plot_curves:
         mem_mb=1000,
     params:
         evaluation=EVALUATION,
+        positive=positive_class,
         classify=subpath(input[0], parent=True),
     shell:
-        "simclr-path plot-curves --classify {params.classify} --out-roc {output.roc} "
-        "--out-pr {output.pr} --force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path plot-curves --classify {params.classify} --out-roc {output.roc} "
+            "--out-pr {output.pr} --force "
+        )
 
 
 rule plot_confusion:
@@ -118,11 +121,13 @@ rule plot_confusion:
         mem_mb=1000,
     params:
         evaluation=EVALUATION,
+        positive=positive_class,
         classify=subpath(input[0], parent=True),
     shell:
-        "simclr-path plot-confusion --classify {params.classify} --out {output} "
-        "--force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path plot-confusion --classify {params.classify} --out {output} "
+            "--force "
+        )
 
 
 rule plot_heatmap:
@@ -149,11 +154,13 @@ rule plot_heatmap:
         mem_mb=2000,
     params:
         evaluation=EVALUATION,
+        positive=positive_class,
         classify=subpath(input.metrics, parent=True),
     shell:
-        "simclr-path plot-heatmap --classify {params.classify} --store {input.store} "
-        "--slide-id={wildcards.slide} --out {output} --force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path plot-heatmap --classify {params.classify} --store {input.store} "
+            "--slide-id={wildcards.slide} --out {output} --force "
+        )
 
 
 rule metrics_table:
@@ -178,5 +185,6 @@ rule metrics_table:
         mem_mb=1000,
     params:
         evaluation=EVALUATION,
+        positive=positive_class,
     script:
         "../scripts/metrics_table.py"

@@ -29,10 +29,11 @@ rule finetune:
         samples=samples_arg(),
         out=subpath(output.metrics, parent=True),
     shell:
-        "simclr-path with-gpus {resources.gpu} -- simclr-path finetune {input.stores} --encoder {input.encoder} {params.samples} "
-        "--label-fraction {wildcards.fraction} --out {params.out} --config {input.config} "
-        "--workers {resources.loader_workers} --force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path with-gpus {resources.gpu} -- simclr-path finetune {input.stores} --encoder {input.encoder} {params.samples} "
+            "--label-fraction {wildcards.fraction} --out {params.out} --config {input.config} "
+            "--workers {resources.loader_workers} --force "
+        )
 
 
 # The linear probe's side at each label fraction below 1 (at 1.0 it is rule classify): the same
@@ -64,10 +65,11 @@ rule classify_fraction:
         samples=samples_arg(),
         out=subpath(output.metrics, parent=True),
     shell:
-        "simclr-path classify --embeddings {input.embeddings} {params.samples} "
-        "--label-fraction {wildcards.fraction} --out {params.out} "
-        "--config {input.config} --force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path classify --embeddings {input.embeddings} {params.samples} "
+            "--label-fraction {wildcards.fraction} --out {params.out} "
+            "--config {input.config} --force "
+        )
 
 
 rule compare_finetune:

@@ -42,9 +42,10 @@ rule pretrain:
         command=pretrain_command(),
         out=subpath(output.encoder, parent=True),
     shell:
-        "simclr-path with-gpus {resources.gpu} -- {params.command} pretrain {input.stores} --out {params.out} --config {input.config} "
-        "--workers {resources.loader_workers} --resume-interrupted --force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path with-gpus {resources.gpu} -- {params.command} pretrain {input.stores} --out {params.out} --config {input.config} "
+            "--workers {resources.loader_workers} --resume-interrupted --force "
+        )
 
 
 rule preview:
@@ -71,9 +72,10 @@ rule preview:
     params:
         pairs=config["figures"]["preview_pairs"],
     shell:
-        "simclr-path preview {input.stores} --out {output} --config {input.config} "
-        "--pairs {params.pairs} --force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path preview {input.stores} --out {output} --config {input.config} "
+            "--pairs {params.pairs} --force "
+        )
 
 
 rule plot_loss:
@@ -97,6 +99,7 @@ rule plot_loss:
     resources:
         mem_mb=1000,
     shell:
-        "simclr-path plot-loss {input} --out {output} --title 'SimCLR pretraining: {wildcards.run}' "
-        "--force > {log} 2>&1 "
-        "&& (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path plot-loss {input} --out {output} --title 'SimCLR pretraining: {wildcards.run}' "
+            "--force "
+        )

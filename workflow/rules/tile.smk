@@ -40,9 +40,11 @@ rule tile:
     params:
         mpp=slide_mpp_arg,
     shell:
-        "simclr-path tile {input.slide:q} --out {output.store} --slide-id={wildcards.slide} "
-        "--qc {output.qc} --config {input.config} --workers {threads} {params.mpp} "
-        "--force > {log} 2>&1 && (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path tile {input.slide:q} --out {output.store} --slide-id={wildcards.slide} "
+            "--qc {output.qc} --config {input.config} --workers {threads} {params.mpp} "
+            "--force "
+        )
 
 
 rule import_patches:
@@ -66,5 +68,6 @@ rule import_patches:
         # folder's own time changes only for entries directly in it)
         files=lambda w: folder_digest(PATCH_SETS[w.dataset]["dir"]),
     shell:
-        "simclr-path import-patches {input.dir:q} --out {output} {params.args} --force "
-        "> {log} 2>&1 && (grep -h ': warning: ' {log} >&2 || true)"
+        logged(
+            "simclr-path import-patches {input.dir:q} --out {output} {params.args} --force "
+        )

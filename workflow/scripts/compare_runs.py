@@ -50,6 +50,8 @@ def summarise(runs, metrics, pretrains, overrides) -> pd.DataFrame:
                 "description": info.get("description", ""),
                 # how each row was evaluated: a run may override classify (folds, seed, split)
                 "evaluation": task.get("evaluation", ""),
+                # what a "slide" and a "patient" are: a tile set's source images are both
+                "labels_from": task.get("labels_from", ""),
                 # classify's metrics.json keeps its config flat, finetune's by section
                 "folds_seed": cfg.get("seed", (cfg.get("classify") or {}).get("seed")),
                 "n_patients": task.get("n_patients"),
@@ -74,10 +76,11 @@ XLABEL = "run (named pretraining configuration)"
 
 
 def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> None:
+    unit, grouped_by = units(df)
     bars = [
-        ("slide_auroc", "slide AUROC"),
+        ("slide_auroc", f"{unit} AUROC"),
         ("patch_auroc", "patch AUROC"),
-        ("slide_balanced_accuracy", "slide balanced accuracy"),
+        ("slide_balanced_accuracy", f"{unit} balanced accuracy"),
     ]
     from simclr_path.figures import save_figure
 
@@ -109,7 +112,8 @@ def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> N
     ax.text(1.01, 0.5, "chance", fontsize=7, color="#666666", ha="left", va="center",
             transform=ax.get_yaxis_transform())
     if df["slide_auroc_ci_low"].isna().any():  # the caption promises CIs: say where there are none
-        ax.set_xlabel(f"{xlabel}\n(a slide AUROC without error bar: too few patients for its CI)")
+        ax.set_xlabel(f"{xlabel}\n(a {unit} AUROC without error bar: too few {grouped_by}s for "
+                      "its CI)")
     # below the axes and their (maybe rotated) run names: constrained layout makes room
     fig.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     save_figure(fig, out)
@@ -129,14 +133,28 @@ def ci_errors(vals: np.ndarray, df: pd.DataFrame) -> np.ndarray:
     return np.clip(np.where(np.isfinite(err), err, 0.0), 0.0, None)
 
 
+def _unit_words(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """Each row's (unit, grouped_by): ("slide", "patient"), or ("group", "source image") for a
+    tile set (simclr_path.figures.unit_words)."""
+    from simclr_path.figures import unit_words
+
+    return [unit_words({"labels_from": v}) for v in df.get("labels_from", [""] * len(df))]
+
+
+def units(df: pd.DataFrame) -> tuple[str, str]:
+    """The rows' shared (unit, grouped_by), for the figure's labels; both kinds: "slide/group"."""
+    kinds = set(_unit_words(df))
+    return kinds.pop() if len(kinds) == 1 else ("slide/group", "patient/source image")
+
+
 def evaluation_words(df: pd.DataFrame) -> str:
-    """How the rows were evaluated, for an axis label: grouped CV, a held-out split, or both."""
-    kinds = {"split" if str(e) == "split" else "cv" for e in df.get("evaluation", [])} or {"cv"}
-    if kinds == {"cv"}:
-        return "patient-grouped cross-validation"
-    if kinds == {"split"}:
-        return "held-out test split"
-    return "cross-validation or test split: see the table"
+    """How the rows were evaluated, for an axis label, in the words of the figures' titles
+    (simclr_path.figures.evaluation_words); rows evaluated differently point to the table."""
+    from simclr_path.figures import evaluation_words as words
+
+    said = {words(str(e) or None, g)
+            for e, (_, g) in zip(df.get("evaluation", [""] * len(df)), _unit_words(df))}
+    return said.pop() if len(said) == 1 else "evaluated differently: see the table"
 
 
 def folds_word(df: pd.DataFrame) -> str:
@@ -170,6 +188,7 @@ def plot_fractions(df: pd.DataFrame, out: str, title: str) -> None:
     slide panel's error bars are the patient-bootstrap 95% CI."""
     from simclr_path.figures import OKABE_ITO, save_figure
 
+    unit, grouped_by = units(df)
     fracs = sorted(df["label_fraction"].unique())
     log_x = len(fracs) > 1 and fracs[-1] / fracs[0] > 5
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.2), sharey=True)
@@ -193,8 +212,8 @@ def plot_fractions(df: pd.DataFrame, out: str, title: str) -> None:
         ax.minorticks_off()
         ax.set_ylim(0, 1.05)
         ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
-        ax.set_xlabel("labelled training patients per fold (share of each class)")
-        ax.set_title(f"{level} AUROC")
+        ax.set_xlabel(f"labelled training {grouped_by}s per fold (share of each class)")
+        ax.set_title(f"{unit if level == 'slide' else level} AUROC")
     axes[0].set_ylabel(f"AUROC ({evaluation_words(df)})")
     axes[1].legend(loc="lower right", fontsize=8)
     fig.suptitle(title)

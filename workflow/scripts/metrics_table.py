@@ -84,7 +84,8 @@ def main(metrics_path: str, out: str, run: str) -> None:
     else:
         counted = f"{task.get('n_slides', '?')} slides, {task.get('n_patients', '?')} patients"
     split = task.get("evaluation") == "split"
-    tested = (f" ({metrics.get('slide', {}).get('n', '?')} slides in its test split)" if split
+    n_test = task.get("n_evaluated_slides", metrics.get("slide", {}).get("n", "?"))
+    tested = (f" ({n_test} slides in its test split)" if split
               else f", {task.get('n_folds', '?')} folds")
     # class names reach 'score' from a tile dataset's folder names: text, never markup
     head = escape(
