@@ -67,6 +67,14 @@ def shorten(text: str, width: int) -> str:
     return text[:head] + "\u2026" + text[len(text) - (width - 1 - head):]
 
 
+def rst_text(text: str) -> str:
+    """``text`` escaped for reStructuredText (the report's captions): a class name such as
+    ``tumour_`` or ``*SCC`` would otherwise be read as a link target or emphasis."""
+    import re
+
+    return re.sub(r"([^A-Za-z0-9\s])", r"\\\1", str(text))
+
+
 def category_colors(n: int) -> list[str]:
     """``n`` colour-blind-safe category colours (Okabe-Ito, then viridis samples beyond 8)."""
     if n <= len(OKABE_ITO):

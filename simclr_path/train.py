@@ -75,6 +75,9 @@ METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "pairs_per_s", "data_time_s", "
 RUN_FILES = ["config.yaml", "metrics.csv", "checkpoint.pt", "loss.png", "head.pt", "encoder.pt",
              "encoder.json", "summary.json", "mlflow.db"]
 RUN_DIRS = ["tensorboard", "mlruns", "wandb"]
+# Files that only a run writes, so that any of them marks a folder as a run's: not config.yaml,
+# nor mlflow.db (MLflow's default store name in any working folder)
+RUN_PROOF_FILES = [n for n in RUN_FILES if n not in ("config.yaml", "mlflow.db")]
 # a hidden file every run writes first (never a workflow output, so never deleted by one)
 RUN_MARKER = ".simclr-path-run"
 # config.yaml's first line: tells a run's own config.yaml from a user's in a folder given as --out
@@ -411,7 +414,7 @@ def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
                               "continue its checkpoint or --force to start over")
     if not _is_run_dir(out):  # --force and --resume remove run files and tracking folders
         raise SimclrPathError(f"{out}: exists and is not a pretraining run directory (none of "
-                              f"{', '.join(n for n in RUN_FILES if n != 'config.yaml')}, nor a "
+                              f"{', '.join(RUN_PROOF_FILES)}, nor a "
                               "run's config.yaml); --force and --resume act only on runs, so "
                               "choose another --out")
 
@@ -420,8 +423,7 @@ def _is_run_dir(out: Path) -> bool:
     """Whether ``out`` holds a run's files: a folder given by mistake (a project folder with its
     own config.yaml, mlruns/ and mlflow.db) must not lose them to --force. MLflow's own default
     store is ``./mlflow.db``, so that name alone proves nothing (a run writes its marker first)."""
-    if any((out / n).is_file() for n in [RUN_MARKER, *RUN_FILES]
-           if n not in ("config.yaml", "mlflow.db")):
+    if any((out / n).is_file() for n in [RUN_MARKER, *RUN_PROOF_FILES]):
         return True
     try:
         with open(out / "config.yaml", encoding="utf-8", errors="replace") as f:

@@ -550,6 +550,7 @@ def test_force_and_resume_leave_a_folder_that_is_not_a_run_alone(stores, tmp_pat
         rc, err = _cli([*stores, *BASE, "--out", proj, flag, *extra], capsys)
         assert rc != 0 and len(err.splitlines()) == 1, err
         assert "is not a pretraining run directory" in err and "choose another --out" in err
+        assert "mlflow.db" not in err  # it is there: the folder does not lack it
     assert sorted(p.relative_to(proj) for p in proj.rglob("*")) == before
     assert (proj / "config.yaml").read_text() == "train: {max_steps: 1}\n"
     # a run's own folder is one, even when only its config.yaml is left, or only its tracking

@@ -284,6 +284,12 @@ def test_a_positive_label_missing_from_the_sheet_stops_dag_build(tmp_path):
     typo = dict(good, runs={"a": {}, "b": {"classify": {"positive_label": "tumor"}}})
     line = _one_error_line(smk(workdir(tmp_path / "c", typo, tsv(rows)), "-n", "--cores", "1"))
     assert "config runs.b: classify.positive_label 'tumor'" in line
+    # a run's own labels that leave out a class of the sheet: classify refused its rows only
+    # after pretraining
+    narrow = dict(good, runs={"a": {}, "b": {"classify": {"labels": ["tumour", "other"]}}})
+    line = _one_error_line(smk(workdir(tmp_path / "n", narrow, tsv(rows)), "-n", "--cores", "1"))
+    assert ("config runs.b: classify.labels ['tumour', 'other'] leaves out label(s) 'normal' "
+            "of ") in line, line
     # three classes: a typo no longer turns the headline AUROC into the macro one in silence;
     # null asks for the macro scores
     rows3 = [(f"S{i}", f"resources/demo/S{i}.tiff", ["tumour", "normal", "inflamed"][i % 3],
@@ -949,11 +955,13 @@ def _caption(name: str, evaluation: str, slides: bool, positive: str = "SCC") ->
     from docutils.core import publish_parts
 
     config = {"samples": "config/samples.tsv" if slides else None,
-              "patch_datasets": None if slides else {"lc": {}}, "runs": {"baseline": {}}}
+              "patch_datasets": None if slides else {"lc": {}}, "runs": {"baseline": {}},
+              "figures": {"heatmaps": True}}
     sm = types.SimpleNamespace(config=config, params=types.SimpleNamespace(
         evaluation=evaluation, positive=positive), wildcards=types.SimpleNamespace(
         run="baseline", slide="S1"))
-    text = jinja2.Environment().from_string(
+    # Snakemake's own options: trim_blocks drops the newline after a line-ending block tag
+    text = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
         (ROOT / "workflow" / "report" / f"{name}.rst").read_text()).render(snakemake=sm)
     html = publish_parts(text, writer_name="html",
                          settings_overrides={"report_level": 2, "halt_level": 2})["body"]
@@ -976,6 +984,15 @@ def test_the_report_captions_say_how_the_classifier_was_evaluated():
     assert all("slide" not in t and "source image" in t for t in tiles.values()), tiles
     intro = _caption("workflow", "folds", False)
     assert "category 1" not in intro and "held-out source images" in intro
+    assert "Category 5" not in intro and "Category 5 holds" in _caption("workflow", "folds", True)
+    # Snakemake renders with trim_blocks: a line ending in a block tag ran into the next line
+    assert "(patients resampled)" in folds["metrics"] and "few test slides per fold" in folds[
+        "metrics"]
+    compared = {n: _caption(n, "folds", False) for n in ("compare_runs", "compare_finetune",
+                                                         "compare_layers")}
+    assert all("patient" not in t and "slide" not in t for t in compared.values()), compared
+    assert "source image" in compared["compare_layers"]
+    assert "patient" in _caption("compare_finetune", "folds", True)
 
 
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
@@ -990,3 +1007,10 @@ def test_the_report_captions_name_the_runs_positive_class():
     macro = {n: _caption(n, "folds", True, positive="") for n in ("metrics", "confusion", "curves")}
     assert all("P(" not in t and "SCC" not in t for t in macro.values()), macro
     assert "one curve per class against the rest" in macro["curves"]
+    # a class name is text, not reStructuredText markup (tumour_ was read as a link target,
+    # and halt_level 2 makes any such message an error here)
+    from simclr_path.figures import rst_text
+
+    for name in ("tumour_", "*SCC", "`x", "a|b", "[1]", "back\\slash"):
+        text = _caption("metrics", "folds", True, positive=rst_text(name))
+        assert f"P({name}) >= 0.5" in text, (name, text)

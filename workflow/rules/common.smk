@@ -335,10 +335,19 @@ def check_positive_label():
                 f"tiles take their classes from the class subfolders ({', '.join(sorted(present))}), "
                 "so all of them are classified: to leave a class out, leave its folder out"
             )
+        over = (config["runs"][run] or {}).get("classify") or {}
+        left_out = sorted(present - set(ccfg.labels)) if SLIDES else []
+        if left_out and "labels" in over:
+            # the sheet is checked against the top-level labels only; classify would refuse
+            # these rows after pretraining
+            fail(
+                f"config runs.{run}: classify.labels {list(ccfg.labels)} leaves out label(s) "
+                f"{', '.join(map(repr, left_out))} of {source}; list every label of the sheet "
+                "(classify would refuse those rows after pretraining)"
+            )
         if len(classes) < 2:
             positive[run] = ""
             continue  # the sheet checks say what is missing
-        over = (config["runs"][run] or {}).get("classify") or {}
         where = f"config runs.{run}: " if "positive_label" in over else "config: "
         try:
             index = positive_index(classes, ccfg.positive_label, source)
@@ -538,8 +547,11 @@ def logged(command):
 
 
 def positive_class(wildcards):
-    """The run's positive class for its figure captions ("" for macro one-vs-rest)."""
-    return POSITIVE.get(wildcards.run, "")
+    """The run's positive class for its figure captions, escaped for reStructuredText ("" for
+    macro one-vs-rest)."""
+    from simclr_path.figures import rst_text
+
+    return rst_text(POSITIVE.get(wildcards.run, ""))
 
 
 def report_caption(name):
@@ -567,7 +579,11 @@ def run_figures(run):
 
 
 # a heatmap draws one class's probability: macro one-vs-rest runs have none to draw
-_NO_HEATMAP = [r for r in RUN_CFG if not POSITIVE.get(r)] if SLIDES else []
+_NO_HEATMAP = (
+    [r for r, c in RUN_CFG.items() if c.classify.positive_label is None]
+    if SLIDES
+    else []
+)
 if config["figures"]["heatmaps"] and _NO_HEATMAP:
     warn(
         f"figures.heatmaps: run(s) {', '.join(_NO_HEATMAP)} score all classes one-vs-rest "

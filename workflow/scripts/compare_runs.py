@@ -264,11 +264,12 @@ def main(sm) -> None:
         write_text(sm.output.tsv, df.to_csv(sep="\t", index=False))
         plot_fractions(df, sm.output.png, title)
         html = df.map(fmt).to_html(index=False, border=0)
-        folds = (f"{folds_word(df)}; at each fraction the same labelled patients" if same_folds(df) else
-                 "the rows were evaluated on different folds: see the evaluation columns")
+        who = units(df)[1] + "s"
+        folds = (f"{folds_word(df)}; at each fraction the same labelled {who}" if same_folds(df)
+                 else "the rows were evaluated on different folds: see the evaluation columns")
         write_text(sm.output.html,
                    f"<html><body><h3>{escape(title)} ({folds}; fine-tuning trains on the labelled "
-                   f"patients less its validation patients)</h3>{html}</body></html>\n")
+                   f"{who} less its validation {who})</h3>{html}</body></html>\n")
         return
     names = list(sm.params.runs)
     # one run's summary for every row of a layer or fine-tuning comparison: read once
