@@ -213,6 +213,22 @@ def patch_set_units(s: Any) -> np.ndarray:
     return np.asarray(s.groups, dtype=object)
 
 
+def _warn_shared_groups(sets: Sequence[tuple[Path, Sequence[str] | None]]) -> None:
+    """Warn where tile sets (path, groups) share a group name: their tiles are then one source
+    image, which is right for one image split over two folders, but the same set imported twice
+    would count its tiles twice (where a slide given twice is refused)."""
+    owner: dict[str, Path] = {}
+    for path, groups in sets:
+        for g in dict.fromkeys(groups if groups is not None else ()):
+            first = owner.setdefault(g, path) if g != "" else path  # "": no groups, one per tile
+            if first != path:
+                warnings.warn(
+                    f"{path} and {first} share group {g!r} (and maybe others): their tiles "
+                    "count as one source image; if these are the same tiles imported twice, "
+                    "pass each set once", stacklevel=3)
+                return
+
+
 def _note_slide(seen: dict[str, Path], s: Any, what: str) -> None:
     """Record ``s``'s slide in ``seen``, refusing one given before: a slide given twice would be
     counted (``classify``) or scored (``predict``) twice."""
@@ -236,6 +252,20 @@ def _same_scale(size: float, exact: float, ref_size: float) -> bool:
 def _fitting_size(attrs: dict[str, Any], scale: float) -> float:
     """Input size at which an embedding file's patches show ``scale`` um of tissue per pixel."""
     return float(attrs["patch_size"]) * float(attrs["mpp"]) / float(scale)
+
+
+def _rescale_fix(attrs: dict[str, Any], scale: float) -> str:
+    """How to embed a file's patches at ``scale`` um of tissue per input pixel: the input size
+    that shows it, or, where that is more than the stored pixels (embed would upsample blurred
+    patches), tiling at that mpp or finer."""
+    exact = _fitting_size(attrs, scale)
+    size = int(attrs["patch_size"])
+    if exact > size + 4:  # (embed's rounding to 8 px)
+        return (f"its {size} px patches at {float(attrs['mpp']):g} um/px have fewer pixels than "
+                f"that scale needs ({round(exact)} px): tile the slide at --mpp {scale:.3g} or "
+                "finer, then embed it without --image-size")
+    return (f"embed it with --image-size {max(8, round(exact))}, the size that shows its {size} "
+            f"px patches at {scale:.3g} um per pixel")
 
 
 def _check_tissue_scale(stores: Sequence[Any]) -> int:
@@ -277,9 +307,8 @@ def _check_tissue_scale(stores: Sequence[Any]) -> int:
     raise SimclrPathError(
         f"{o.path}: embedded at {o.attrs['image_size']} px, {input_mpp(o.attrs):.3g} um of "
         f"tissue per input pixel, but {ref.path}{others} at {m[i]:.3g} um per pixel "
-        f"({ref.attrs['image_size']} px); one classifier needs one tissue scale: re-embed it with "
-        f"--image-size {max(8, round(_fitting_size(o.attrs, m[i])))}, the size that shows its "
-        f"{o.attrs['patch_size']} px patches at {m[i]:.3g} um per pixel{more}"
+        f"({ref.attrs['image_size']} px); one classifier needs one tissue scale: "
+        f"{_rescale_fix(o.attrs, m[i])}{more}"
     )
 
 
@@ -379,6 +408,7 @@ def load_table(
     else:
         classes = []
         source = f"the {what}s"
+        _warn_shared_groups([(s.path, s.groups) for s in stores])
         for s in stores:
             if s.labels is None or not s.label_names:
                 raise SimclrPathError(
@@ -522,6 +552,10 @@ def make_folds(
                 f"samples sheet split: no training slide of class {missing[0]!r}; "
                 "move some of its patients to train"
             )
+        if cfg.folds != ClassifyConfig().folds:  # set on purpose, and silently not used
+            warnings.warn(f"classify.folds {cfg.folds} is not used: the samples sheet's split "
+                          "column chooses the test slides (one model, trained on the 'train' "
+                          "slides)", stacklevel=2)
         return np.where(test, 0, -1), "split"
     k = min(cfg.folds, min(counts.values()))
     if k < cfg.folds:
@@ -1417,8 +1451,7 @@ def check_compatible(model: LinearModel, model_dir: str | os.PathLike, s: Embedd
         raise SimclrPathError(
             f"{s.path}: embedded at {a['image_size']} px, {mine:.3g} um of tissue per input "
             f"pixel, but {where} was trained on {float(theirs):.3g} um per pixel ({size} px "
-            f"embeddings); embed with --image-size {max(8, round(exact))}, the size that shows "
-            f"its {a['patch_size']} px patches at that scale")
+            f"embeddings); {_rescale_fix(a, float(theirs))}")
     if int(a["image_size"]) != int(size):
         # one side does not record the tissue scale: the classifier's pixel size fits only a
         # store whose patches hold as much tissue as the training stores' (same size and mpp)
@@ -1475,8 +1508,11 @@ def _scores_table(model: LinearModel, model_dir: str | os.PathLike,
     top_k = int(model.meta.get("top_k") or ClassifyConfig().top_k)
     frames = []
     seen: dict[str, Path] = {}
+    tile_sets = []
     for p in embedding_paths:
         s = EmbeddingStore(p)
+        if s.attrs.get("store_kind") == "patches":
+            tile_sets.append((s.path, s.groups))
         _note_slide(seen, s, "embedding file")
         d = s.features.shape[1] if s.features.ndim == 2 else 0
         if d != model.feature_dim:
@@ -1521,6 +1557,7 @@ def _scores_table(model: LinearModel, model_dir: str | os.PathLike,
         sl.insert(0, "level", "slide")
         sl.insert(2, "file", str(s.path))
         frames += [pr, sl]
+    _warn_shared_groups(tile_sets)
     df = pd.concat(frames, ignore_index=True)
     cols = [
         "level",

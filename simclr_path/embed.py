@@ -68,7 +68,8 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
     ``side_ratio``: the physical side (pixels x mpp) of the patches embedded over that of the
     training patches, where both are known; patches that hold more or less tissue need a
     proportionally larger or smaller input, scaled from the size the training patches
-    (``train_patch_size`` px, where known) get themselves, their own limits below applied:
+    (``train_patch_size`` px, where known) get themselves, their own limits below applied
+    (at a ratio of 1 too when the pixel counts differ: the same tissue in twice the pixels):
     then the tissue keeps the scale of their embeddings, on which a classifier was trained
     (64 px training patches are embedded at 64, not 88, so patches of 1.75x their side at 112,
     not 144). Rounded to ``multiple``; never above ``patch_size`` (no upsampling past the stored pixels) nor, at
@@ -81,9 +82,12 @@ def fixres_size(train_size: int, crop_scale: Sequence[float] | None, patch_size:
         a, b = float(crop_scale[0]), float(crop_scale[1])
         size /= math.sqrt(a) if b - a < 1e-9 else 2.0 / 3.0 * (b ** 1.5 - a ** 1.5) / (b - a)
     rescaled = side_ratio is not None and abs(side_ratio - 1.0) > 1e-3
-    if rescaled:
-        if train_patch_size is not None:
-            size = fixres_size(train_size, crop_scale, train_patch_size, multiple)
+    if side_ratio is not None and train_patch_size is not None and (
+            rescaled or train_patch_size != patch_size):
+        # the same tissue in more (or fewer) pixels gets the training patches' own size too:
+        # their cap applies, or a ratio of 1.000 would embed 128 px patches at 88, not 64
+        size = fixres_size(train_size, crop_scale, train_patch_size, multiple) * side_ratio
+    elif rescaled:
         size *= side_ratio
     elif not crop_scale:
         return int(train_size)

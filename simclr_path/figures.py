@@ -960,6 +960,12 @@ def patch_footprint(store) -> float:
     return float(store.patch_size)
 
 
+# why a model's predictions cannot be drawn as a heatmap
+_NO_POSITIVE = ("predictions of a model without a positive class (classify.positive_label null: "
+                "every class scored against the rest), so there is no one probability to draw; "
+                "classify again with classify.positive_label set to the tumour class")
+
+
 def _score_class(preds: pd.DataFrame) -> str | None:
     """The positive class of a ``predict`` CSV: the one whose ``prob_<class>`` column the
     ``score`` column copies (the CSV does not name it otherwise); None when not exactly one."""
@@ -1028,6 +1034,12 @@ def plot_heatmap(
         pos = metrics["task"].get("positive")
     elif src.is_file():
         table, how = src, "; give a CSV written by 'simclr-path predict'"
+        try:  # a macro model's predictions: say so, rather than that predict did not write it
+            header = set(pd.read_csv(src, nrows=0).columns)
+        except (ValueError, OSError, UnicodeDecodeError):
+            header = set()  # _read_table says what is wrong with the file
+        if "score" not in header and any(str(c).startswith("prob_") for c in header):
+            raise SimclrPathError(f"{src}: {_NO_POSITIVE}")
         preds = _read_table(src, {"slide_id", "x", "y", "score"}, numeric={"x", "y", "score"},
                             how=how)
         if "level" in preds.columns:
@@ -1039,10 +1051,7 @@ def plot_heatmap(
             f"{src}: not found; give a 'classify' results folder or a 'predict' CSV"
         )
     if "score" not in preds.columns:
-        raise SimclrPathError(
-            f"{src}: predictions have no positive-class score (no class like "
-            "classify.positive_label); a probability heatmap needs one"
-        )
+        raise SimclrPathError(f"{src}: {_NO_POSITIVE}")
     st = PatchStore(store)
     if len(st) and (np.asarray(st.coords)[:, 0] < 0).all():  # first: no --slide-id can help
         raise SimclrPathError(

@@ -94,6 +94,8 @@ from simclr_path.transforms import ColorAugment, eval_transform, normalize, to_f
 # what this command writes into its results folder: --force replaces only a folder holding one
 RESULT_FILES = ("metrics.json", "predictions_patches.csv", "predictions_slides.csv", "history.csv",
                 "encoder.pt", "encoder.json", "classifier.pt")
+# what else it writes there: the experiment trackers' files (train.tensorboard, mlflow, wandb)
+TRACKING_FILES = ("tensorboard", "mlruns", "mlflow.db", "wandb")
 
 HISTORY_COLUMNS = ["fold", "epoch", "train_loss", "val_loss", "val_auroc", "lr", "seconds", "best"]
 # Light colour augmentation for fine-tuning: a fraction of the pretraining strengths, no blur or
@@ -555,7 +557,8 @@ def finetune(
             raise SimclrPathError("no patch stores given; pass one or more STORE.h5")
         check_apart({"out_dir": out_dir}, {"store_paths": store_paths, "encoder": encoder,
                                          "samples": samples}, replaces_dir=force)
-        check_can_write(out_dir, force, kind="dir", markers=RESULT_FILES)
+        check_can_write(out_dir, force, kind="dir", markers=RESULT_FILES,
+                        owned=TRACKING_FILES)
         enc = Path(encoder)
         if enc.is_dir():
             enc = enc / "encoder.pt"
@@ -589,7 +592,8 @@ def finetune(
         history: list[dict[str, Any]] = []
         t_start = time.perf_counter()
 
-        with atomic_dir(out_dir, force=force, markers=RESULT_FILES) as tmp:
+        with atomic_dir(out_dir, force=force, markers=RESULT_FILES,
+                        owned=TRACKING_FILES) as tmp:
             from simclr_path.train import _Tracker
 
             tracker = _Tracker(tmp, cfg, enabled=True, name=Path(out_dir).name,

@@ -32,7 +32,7 @@ def check_hdf5_name(path: str | os.PathLike, what: str) -> None:
 
 
 def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
-                    markers: Sequence[str] = ()) -> Path:
+                    markers: Sequence[str] = (), owned: Sequence[str] = ()) -> Path:
     """Return ``path`` as a Path, ready to be written; raise one clear error where it cannot be.
 
     Args:
@@ -41,7 +41,9 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
         markers: for folders, files that this command writes (e.g. ``metrics.json``):
             ``force`` never replaces a non-empty folder that holds none of them, so a mistyped
             ``--out`` cannot delete an unrelated folder. Any one is enough: Snakemake deletes
-            a rule's declared outputs before rerunning it and leaves the others.
+            a rule's declared outputs before rerunning it and leaves the others. Nor one that
+            holds anything besides ``markers`` and ``owned`` (other names the command writes
+            there, such as tracking folders): replacing the folder would delete it.
     """
     p = Path(path)
     if kind == "dir" and (not p.name or Path(os.path.abspath(p)) == Path.cwd()):
@@ -61,6 +63,13 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
             raise SimclrPathError(f"{p}: exists and is not a results folder of this command (none "
                                   f"of {', '.join(markers)}); --force only replaces earlier "
                                   "results, so choose another folder")
+        if kind == "dir" and markers:
+            others = sorted(e.name for e in p.iterdir() if e.name not in {*markers, *owned})
+            if others:
+                raise SimclrPathError(
+                    f"{p}: also holds {len(others)} file(s) or folder(s) this command did not "
+                    f"write (first: {others[0]}); --force replaces the whole results folder, so "
+                    "move them out or choose another folder")
     parent = p.parent
     while not parent.exists() and parent != parent.parent:  # the first ancestor that exists
         parent = parent.parent
@@ -227,10 +236,10 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False,
-               markers: Sequence[str] = ()) -> Iterator[Path]:
+               markers: Sequence[str] = (), owned: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds.
-    ``markers``: see :func:`check_can_write`."""
-    final = check_can_write(path, force, kind="dir", markers=markers)
+    ``markers``, ``owned``: see :func:`check_can_write`."""
+    final = check_can_write(path, force, kind="dir", markers=markers, owned=owned)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:

@@ -195,6 +195,10 @@ def test_split_column(tmp_path):
     df.to_csv(sheet, sep="\t", index=False)
     m = classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
     assert m["task"]["evaluation"] == "split" and m["slide"]["n"] == 4
+    # folds set on purpose (the CLI's --folds) are not used with a split: said, not silent
+    with pytest.warns(UserWarning, match="classify.folds 3 is not used: the samples sheet's "
+                                         "split column chooses the test slides"):
+        classify(paths, tmp_path / "out1", samples=sheet, cfg=replace(FAST, folds=3))
     df.loc[0, "split"] = "test"  # P0 now has one slide in test and one in train
     df.to_csv(sheet, sep="\t", index=False)
     with pytest.raises(SimclrPathError, match="patient 'P0' has slides in both train and test"):
@@ -649,7 +653,11 @@ def test_patch_rows_name_their_file_so_patch_sets_sharing_group_names_trace_back
         paths.append(write_embeddings(
             tmp_path / f"set{k}.h5", X, coords, {"slide_id": f"set{k}", "store_kind": "patches"},
             labels=labels, groups=groups, label_names=["normal", "SCC"]))
-    classify(paths, tmp_path / "out", cfg=ClassifyConfig(bootstrap=0, c_grid=[1.0], folds=4))
+    # shared names are one source image: right for one image over two folders, but the same
+    # set imported twice counted its tiles twice in silence
+    with pytest.warns(UserWarning, match=r"set1.h5 and .*set0.h5 share group 'g0' \(and maybe "
+                                         r"others\): their tiles count as one source image"):
+        classify(paths, tmp_path / "out", cfg=ClassifyConfig(bootstrap=0, c_grid=[1.0], folds=4))
     pp = pd.read_csv(tmp_path / "out" / "predictions_patches.csv")
     assert sorted(pp["file"].unique()) == sorted(str(p) for p in paths)
     for f, rows in pp.groupby("file"):  # (file, patch_index) finds the patch's own row
@@ -657,6 +665,8 @@ def test_patch_rows_name_their_file_so_patch_sets_sharing_group_names_trace_back
         assert (s.coords[rows["patch_index"], 0] == rows["x"]).all()
     df = predict_table(tmp_path / "out", paths[1:])
     assert (df["file"] == str(paths[1])).all()
+    with pytest.warns(UserWarning, match="share group 'g0'"):
+        predict_table(tmp_path / "out", paths)
 
 
 def test_inner_folds_hold_every_class_when_patch_counts_differ_widely():
@@ -759,7 +769,7 @@ def test_classify_refuses_files_at_another_tissue_scale_and_names_them(tmp_path,
     with pytest.raises(SimclrPathError, match=(
             rf"^{odd[0]}: embedded at 64 px, 0.5 um of tissue per input pixel, but "
             rf"{paths[1]} and 10 other file\(s\) at 1 um per pixel \(64 px\); one classifier "
-            r"needs one tissue scale: re-embed it with --image-size 32,")):
+            r"needs one tissue scale: embed it with --image-size 32,")):
         classify(mixed, tmp_path / "out", samples=sheet, cfg=FAST)
     assert not (tmp_path / "out").exists()
     # two odd files: the first named, the others counted
@@ -774,6 +784,13 @@ def test_classify_refuses_files_at_another_tissue_scale_and_names_them(tmp_path,
     with pytest.raises(SimclrPathError, match="0.5 um of tissue per input pixel, but the "
                        r"classifier .* 1 um per pixel .* --image-size 32"):
         predict(tmp_path / "ok", odd[:1], tmp_path / "p.csv")
+    # a coarser tiling than the classifier's scale: more pixels than the patches hold would be
+    # an upsampled blur, which the hint (--image-size 128 for 64 px patches) asked for
+    coarse, _ = _scaled(tmp_path / "coarse", 64, 2.0, 64)
+    with pytest.raises(SimclrPathError, match=r"2 um of tissue per input pixel, .* its 64 px "
+                       r"patches at 2 um/px have fewer pixels than that scale needs \(128 px\): "
+                       r"tile the slide at --mpp 1 or finer, then embed it without --image-size$"):
+        predict(tmp_path / "ok", coarse[:1], tmp_path / "p.csv")
 
 
 def test_classify_accepts_other_image_sizes_at_one_tissue_scale(tmp_path):

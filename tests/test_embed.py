@@ -238,6 +238,15 @@ def test_patches_of_another_side_keep_the_scale_of_the_training_patches_embeddin
     assert fixres_size(64, [0.2, 1.0], 224, side_ratio=1.75, train_patch_size=64) == 112
     # training patches FixRes does not reach: as before (168 x 2)
     assert fixres_size(128, [0.2, 1.0], 448, side_ratio=2.0, train_patch_size=224) == 336
+    # the same tissue side in twice the pixels (0.5 um/px at 128 px against 1 um/px at 64):
+    # the training patches' size, as at any ratio near 1; a ratio of exactly 1 gave 88, and
+    # classify refused the embeddings beside the training slides' 64 px ones
+    for ratio in (0.999, 1.0, 1.001):
+        assert fixres_size(64, [0.2, 1.0], 128, side_ratio=ratio, train_patch_size=64) == 64
+    twice = SimpleNamespace(mpp=0.5, patch_size=128)
+    assert default_image_size(info, twice) == 64 and tissue_scale_mismatch(info, twice, 64) is None
+    # the default preset's 224 px at 0.5 um/px, a 40x slide tiled at 0.25 um/px and 448 px
+    assert fixres_size(224, [0.08, 1.0], 448, side_ratio=1.0, train_patch_size=224) == 224
 
 
 def test_tissue_scale_mismatch_is_judged_on_the_tissue_per_input_pixel():
@@ -312,11 +321,12 @@ def test_default_size_follows_the_encoders_crop_scale(make_store, tmp_path):
                  crop_scale=[0.2, 1.0], patch_size=32, mpp=mpp)
     out = embed_store(enc, store, tmp_path / "g.h5", EmbedConfig(workers=0), progress=False)
     assert EmbeddingStore(out).attrs["image_size"] == 64  # 42.2 x 2 = 84 -> at most 64 px
-    # the same field of view (64 px at half the mpp): the training scale again
+    # the same field of view (64 px at half the mpp): the size the training patches got (32,
+    # their stored pixels; FixRes' 40 gave another tissue scale than the training embeddings)
     save_encoder(create_backbone(ARCH), enc, ARCH, force=True, image_size=32,
                  crop_scale=[0.2, 1.0], patch_size=32, mpp=2 * mpp)
     out = embed_store(enc, store, tmp_path / "h.h5", EmbedConfig(workers=0), progress=False)
-    assert EmbeddingStore(out).attrs["image_size"] == 40
+    assert EmbeddingStore(out).attrs["image_size"] == 32
 
 
 def test_dihedral_views_are_the_8_distinct_symmetries():

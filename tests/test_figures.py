@@ -617,6 +617,23 @@ def test_heatmap_of_a_predict_csv_without_a_matching_prob_column_says_positive_c
     assert "P(positive class) per patch" in drawn[0].axes[1].get_title()
 
 
+def test_heatmap_of_a_macro_models_predict_csv_says_it_has_no_positive_class(tmp_path):
+    """It said the CSV lacked a score column and to give one written by predict, which it was."""
+    from simclr_path import figures
+    from simclr_path.errors import SimclrPathError
+
+    coords = _slide_store(tmp_path / "s.h5", 1000, 1000)
+    p = np.array([0.2, 0.4, 0.6, 0.8])
+    pd.DataFrame({"level": "patch", "slide_id": "S", "x": coords[:, 0], "y": coords[:, 1],
+                  "prob_aca": p / 2, "prob_n": p / 2, "prob_scc": 1 - p}).to_csv(
+        tmp_path / "pred.csv", index=False)
+    with pytest.raises(SimclrPathError, match=r"pred.csv: predictions of a model without a "
+                                              r"positive class .* classify again with "
+                                              r"classify.positive_label set"):
+        figures.plot_heatmap(tmp_path / "pred.csv", tmp_path / "s.h5", tmp_path / "h.png")
+    assert not (tmp_path / "h.png").exists()
+
+
 def test_a_coarse_stored_thumbnail_gives_way_to_the_slide_file(tmp_path):
     import shutil
 

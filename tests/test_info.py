@@ -147,3 +147,23 @@ def test_crafted_files_are_one_line_not_a_traceback(make_store, capsys):
                  lambda f: f.attrs.__setitem__("slide_id", np.bytes_(b"S\xff\xfe")))
     assert main(["info", str(path)]) == 0 and "S\ufffd\ufffd" in capsys.readouterr().out
     assert h5py.is_hdf5(path)
+
+
+def test_info_refuses_what_the_other_commands_refuse(tmp_path, make_store, capsys):
+    """A store of a newer format and an embedding file with fewer coordinates than features were
+    described as valid, while embed, classify and predict refuse them."""
+    newer = _edit(make_store(n=4, size=8, name="v.h5"),
+                  lambda f: f.attrs.__setitem__("format_version", 99))
+    assert main(["info", str(newer)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "store format 99 is newer than this simclr-path" in err[0], err
+    emb = write_embeddings(tmp_path / "e.h5", np.zeros((5, 7)), np.zeros((5, 2)),
+                           {"slide_id": "S2", "arch": "resnet18"})
+
+    def shorter(f):
+        del f["coords"]
+        f.create_dataset("coords", data=np.zeros((3, 2)))
+
+    assert main(["info", str(_edit(emb, shorter))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "/coords has shape (3, 2), expected (5, 2)" in err[0], err

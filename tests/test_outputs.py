@@ -82,6 +82,30 @@ def test_force_never_replaces_a_folder_that_is_not_a_results_folder(tmp_path, mo
         check_can_write(".", force=True, kind="dir")
 
 
+def test_force_never_replaces_a_results_folder_that_also_holds_a_users_files(tmp_path):
+    """A folder with a metrics.json counted as results, and --force deleted everything else in
+    it (a project folder given as classify --out lost its README and data)."""
+    res = tmp_path / "proj"
+    (res / "important").mkdir(parents=True)
+    (res / "important" / "cohort.tsv").write_text("keep")
+    (res / "metrics.json").write_text("{}")
+    (res / "README.md").write_text("mine")
+    with (pytest.raises(SimclrPathError, match=r"also holds 2 file\(s\) or folder\(s\) this "
+                                               r"command did not write \(first: README.md\)"),
+          atomic_dir(res, force=True, markers=("metrics.json",)) as tmp):
+        (tmp / "metrics.json").write_text("new")
+    assert sorted(p.name for p in res.iterdir()) == ["README.md", "important", "metrics.json"]
+    assert (res / "important" / "cohort.tsv").read_text() == "keep"
+    # names the command writes besides its markers (tracking folders) are its own
+    (res / "important" / "cohort.tsv").unlink()
+    (res / "important").rmdir()
+    (res / "README.md").unlink()
+    (res / "tensorboard").mkdir()
+    with atomic_dir(res, force=True, markers=("metrics.json",), owned=("tensorboard",)) as tmp:
+        (tmp / "metrics.json").write_text("new")
+    assert sorted(p.name for p in res.iterdir()) == ["metrics.json"]
+
+
 def test_failed_block_leaves_no_output(tmp_path):
     out = tmp_path / "x.csv"
     with pytest.raises(RuntimeError), atomic_output(out) as tmp:

@@ -24,7 +24,14 @@ def summary(path: Path) -> list[str]:
     """Lines describing the store at ``path`` (raises SimclrPathError for a bad file)."""
 
     from simclr_path.errors import SimclrPathError
-    from simclr_path.store import _read_groups, layout_problem, open_h5, read_attrs
+    from simclr_path.store import (
+        EmbeddingStore,
+        PatchStore,
+        _read_groups,
+        layout_problem,
+        open_h5,
+        read_attrs,
+    )
 
     if path.is_dir():
         raise SimclrPathError(f"{path}: is a folder; give a patch store or embedding file (.h5)")
@@ -58,6 +65,12 @@ def summary(path: Path) -> list[str]:
     except (OSError, TypeError, ValueError, AttributeError) as exc:
         raise SimclrPathError(f"{path}: damaged HDF5 file ({exc}); recreate it with "
                               "--force") from None
+    # the readers' own checks (a newer format, /coords of another length, ...): info must not
+    # describe as valid a file that every other command refuses
+    if what == "embedding file":
+        EmbeddingStore(path, features=False)
+    else:
+        PatchStore(path).close()
     problem = layout_problem(shape[0] if len(shape) else 0, labels, groups, attrs)
     if problem is None and labels is not None and len(labels) and not attrs.get("label_names") \
             and labels.max() > 100_000:  # no names to count against: a count this long is not ours
