@@ -130,6 +130,10 @@ class TileConfig:
         # NaN and inf pass "> 0" tests or fail them far from here ("a 224 px patch at inf um/px")
         _check(math.isfinite(self.mpp) and self.mpp > 0, "tile.mpp",
                f"must be a finite number of microns per pixel > 0, got {self.mpp}")
+        # (10 um/px is a plausible coarse target; 20x-100x as um/px are patches of millimetres)
+        hint = magnification_hint(self.mpp) if self.mpp > 10 else None
+        _check(hint is None, "tile.mpp", f"{hint}; give the microns per pixel to tile at (e.g. "
+               "0.5)")
         _check(self.patch_size >= 8, "tile.patch_size", f"must be >= 8, got {self.patch_size}")
         _check(self.stride is None or self.stride >= 1, "tile.stride", "must be >= 1")
         _check(0.0 <= self.min_tissue <= 1.0, "tile.min_tissue", "must be in [0, 1]")

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from simclr_path.config import BIT_DEPTHS
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, check_int
 from simclr_path.outputs import check_apart, check_can_write, check_hdf5_name
 from simclr_path.store import PatchStoreWriter
 
@@ -464,6 +464,12 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
                     workers: int, bit_depth: int | None) -> ImportResult:
     from tqdm.auto import tqdm
 
+    # (Python callers pass what argparse never would: 64.0 or "64" failed deep inside OpenCV)
+    if patch_size is not None:
+        patch_size = check_int(patch_size, "import_patches", "patch_size")
+    if bit_depth is not None:
+        bit_depth = check_int(bit_depth, "import_patches", "bit_depth")
+    workers = check_int(workers, "import_patches", "workers")
     if patch_size is not None and not 8 <= patch_size <= MAX_PATCH_SIZE:
         raise SimclrPathError(f"--patch-size must be between 8 and {MAX_PATCH_SIZE}, got {patch_size}")
     if bit_depth is not None and not 8 <= bit_depth <= 16:
@@ -489,7 +495,7 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
     chunk_n = max(1, _CHUNK_BYTES // (size * size * 3))
     attrs = {"kind": "patches", "slide_id": _store_id(out, folder),
              "source_path": str(folder.resolve()), "mpp": None, "level0_mpp": None,
-             "stride": None, "groups_csv": str(groups_csv) if groups_csv else None,
+             "stride": None, "groups_csv": str(Path(groups_csv).resolve()) if groups_csv else None,
              "bit_depth": bits if scan.n_tiles else None}
 
     smaller: list[tuple[int, str, tuple[int, int]]] = []  # (side, name, (w, h)) of enlarged tiles

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import threading
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,19 @@ def _default_mode(tmp: Path, mode: int) -> None:
     """Give ``tmp`` the permissions open()/mkdir() would have given ``final`` (``mode`` less the
     umask): mkstemp and mkdtemp make it private (0600/0700), and the rename would keep that."""
     os.chmod(tmp, mode & ~current_umask())
+
+
+# The exception type of a signal the CLI's handler raised (Ctrl-C, SIGTERM). Raised inside a
+# weakref callback, which h5py runs while it writes a large block, Python discards it and the
+# run went on to a complete store and exit 0: the HDF5 writers call raise_pending_signal()
+# before their rename.
+PENDING_SIGNAL: list[Callable[[], BaseException]] = []
+
+
+def raise_pending_signal() -> None:
+    """Raise the recorded signal's exception again, if one was recorded."""
+    if PENDING_SIGNAL:
+        raise PENDING_SIGNAL[0]()
 
 
 @contextlib.contextmanager

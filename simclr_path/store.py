@@ -37,7 +37,7 @@ import numpy as np
 
 from simclr_path import __version__
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import atomic_output
+from simclr_path.outputs import atomic_output, raise_pending_signal
 
 # 2: None is an empty attribute (format 1 wrote the string "none", so a string "none" read back as None)
 FORMAT_VERSION = 2
@@ -268,6 +268,7 @@ class PatchStoreWriter:
         try:
             try:
                 if exc_type is None:
+                    raise_pending_signal()  # one discarded while h5py wrote: no complete store
                     attrs = {"format_version": FORMAT_VERSION, "simclr_path_version": __version__,
                              "patch_size": self.patch_size, "n_patches": self.n, **self.attrs}
                     if self.label_names is not None:
@@ -467,6 +468,7 @@ def write_embeddings(path: str | os.PathLike, features: np.ndarray, coords: np.n
             all_attrs["label_names"] = list(label_names)
         for k, v in all_attrs.items():
             f.attrs[k] = _attr_value(v)
+        raise_pending_signal()  # one discarded while h5py wrote: no complete file
     return Path(path)
 
 

@@ -258,6 +258,9 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
         figure_format(qc)  # a suffix matplotlib cannot write fails now, not after the tiling
         check_can_write(qc, force)
     stride = int(cfg.stride or cfg.patch_size)
+    if cfg.max_pen > 0 and not cfg.remove_pen:
+        warnings.warn(f"tile.max_pen {cfg.max_pen:g} has no effect without tile.remove_pen "
+                      "(--remove-pen), which finds the ink", stacklevel=2)
 
     with Slide(path, slide_mpp=slide_mpp, mpp_from_objective=cfg.mpp_from_objective) as slide:
         choice = slide.level_for(cfg.mpp)

@@ -90,9 +90,10 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None,
     """Boolean tissue mask (H, W) of an RGB uint8 (H, W, 3) slide image at ``mpp`` um/px.
 
     Steps: saturation -> median blur (``cfg.median_blur``) -> threshold max(Otsu,
-    ``cfg.saturation_floor``), near-black pixels excluded -> [pen suppression] -> closing (``cfg.closing_um``) -> remove
+    ``cfg.saturation_floor``; Otsu of the pixels without pen ink), near-black pixels excluded ->
+    [pen suppression] -> closing (``cfg.closing_um``) -> remove
     objects smaller than ``cfg.min_object_um2`` and fill holes smaller than ``cfg.min_hole_um2``.
-    With ``cfg.remove_pen``, ``ink`` is :func:`ink_mask` of the same image if already computed.
+    ``ink`` is :func:`ink_mask` of the same image if already computed.
     """
     cfg = cfg or TileConfig()
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
@@ -101,15 +102,20 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None,
     k = min(cfg.median_blur, 2 * (min(sat.shape) // 2) - 1) if min(sat.shape) > 2 else 1
     if k >= 3:
         sat = cv2.medianBlur(sat, k)
-    otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    pen = ink if ink is not None else ink_mask(rgb, mpp)
+    if pen.shape != sat.shape:
+        raise ValueError(f"ink mask {pen.shape} does not match the image {sat.shape}")
+    # Otsu on the pixels that are not ink, with or without remove_pen: ink is far more saturated
+    # than H&E, so a marker ring of 1-3 % of the image set the threshold between ink and tissue,
+    # and the tissue was lost
+    values = sat if pen.all() else np.ascontiguousarray(sat[~pen]).reshape(-1, 1)
+    otsu, _ = cv2.threshold(values, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     mask = sat > max(float(otsu), float(cfg.saturation_floor))
     mask &= np.ascontiguousarray(rgb).max(axis=2) >= _DARK_MAX_VALUE  # V of HSV
-    pen = None
     if cfg.remove_pen:
-        pen = ink if ink is not None else ink_mask(rgb, mpp)
-        if pen.shape != mask.shape:
-            raise ValueError(f"ink mask {pen.shape} does not match the image {mask.shape}")
         mask &= ~pen
+    else:
+        pen = None  # ink is tissue here: closing may bridge it
     if cfg.closing_um > 0:
         # padded with glass: OpenCV's default border counts the outside as tissue when
         # eroding, so closing would fill the glass between tissue and the image edge

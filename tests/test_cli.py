@@ -186,9 +186,46 @@ def test_sigterm_removes_the_unfinished_output_and_exits_143(tmp_path):
 def test_sigterm_handler_is_restored_after_a_command(tmp_path, capsys):
     import signal
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     main(["tile", str(tmp_path / "missing.tiff"), "--out", str(tmp_path / "x.h5")])
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_python_discards_still_stops_the_command(tmp_path, monkeypatch, capsys, sig,
+                                                           code):
+    """A signal that lands while h5py writes a large block is raised inside a weakref callback,
+    where Python discards the exception: import-patches went on to a complete store and exit 0."""
+    import os
+    import signal
+    import weakref
+
+    import cv2
+    import numpy as np
+
+    from simclr_path.store import PatchStoreWriter
+
+    for cls in ("a", "b"):
+        (tmp_path / "tiles" / cls).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "tiles" / cls / "t.png"), np.full((16, 16, 3), 100, np.uint8))
+    append = PatchStoreWriter.append
+
+    def append_then_signal(self, *args, **kwargs):
+        append(self, *args, **kwargs)
+
+        class Block:  # the signal's handler runs in this object's weakref callback
+            pass
+
+        block = Block()
+        weakref.finalize(block, os.kill, os.getpid(), getattr(signal, sig))
+        del block
+
+    monkeypatch.setattr(PatchStoreWriter, "append", append_then_signal)
+    out = tmp_path / "p.h5"
+    rc = main(["import-patches", str(tmp_path / "tiles"), "--out", str(out), "--no-progress"])
+    assert rc == code, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles"]  # no store, no temporary file
 
 
 def test_help_shows_real_defaults_only(capsys):

@@ -150,6 +150,9 @@ def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
     ({"tile": {"mpp": float("inf")}}, "tile.mpp must be a finite number of microns per pixel > 0, got inf"),
     ({"tile": {"mpp": float("nan")}}, "tile.mpp must be a finite number"),
     ({"tile": {"mpp": 0}}, "tile.mpp must be a finite number"),
+    # an objective power typed as the target: patches of millimetres, in silence
+    ({"tile": {"mpp": 20}}, r"tile.mpp 20 looks like an objective power \(20x\), not microns "),
+    ({"tile": {"mpp": 40.0}}, "tile.mpp 40 looks like an objective power"),
     ({"tile": {"tissue_mpp": float("inf")}}, "tile.tissue_mpp must be a finite number"),
     ({"tile": {"tissue_mpp": float("nan")}}, "tile.tissue_mpp must be a finite number"),
     ({"tile": {"tissue_mpp": -8}}, "tile.tissue_mpp must be a finite number"),

@@ -44,6 +44,8 @@ def test_import_with_groups(tiles, tmp_path):
     assert s.names == ["SCC/a.png", "SCC/b.png", "SCC/sub/c.tif", "normal/x.jpg", "normal/y.png"]
     assert s.groups == ["p1", "p1", "p2", "p3", "p3"]
     assert s.attrs["kind"] == "patches" and (s.coords == -1).all() and s.patch_size == 32
+    # resolved, as source_path is: the path as typed means nothing from another folder
+    assert s.attrs["groups_csv"] == str((root / "groups.csv").resolve())
     np.testing.assert_array_equal(s[0], imgs["SCC/a.png"])  # lossless formats are exact
     np.testing.assert_array_equal(s[2], imgs["SCC/sub/c.tif"])
     jpg = cv2.cvtColor(cv2.imread(str(root / "normal/x.jpg")), cv2.COLOR_BGR2RGB)  # lossy
@@ -116,6 +118,16 @@ def test_patch_size_out_of_range_is_refused(tiles, tmp_path, size):
     root, _ = tiles
     with pytest.raises(SimclrPathError, match="--patch-size must be between 8 and 4096"):
         import_patches(root, tmp_path / "p.h5", patch_size=size, progress=False)
+    assert not (tmp_path / "p.h5").exists()
+
+
+@pytest.mark.parametrize(("key", "value"), [("patch_size", 64.0), ("patch_size", "64"),
+                                            ("bit_depth", 12.0), ("workers", "2")])
+def test_python_arguments_of_the_wrong_type_are_one_error(tiles, tmp_path, key, value):
+    """64.0 or "64" failed as a TypeError deep inside OpenCV or numpy."""
+    root, _ = tiles
+    with pytest.raises(SimclrPathError, match=f"import_patches: {key} must be an integer"):
+        import_patches(root, tmp_path / "p.h5", progress=False, **{key: value})
     assert not (tmp_path / "p.h5").exists()
 
 

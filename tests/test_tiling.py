@@ -230,6 +230,12 @@ def test_remove_pen_drops_patches_that_touch_the_ink(inked, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tile.max_pen" in err[0] and "[0, 1]" in err[0]
     assert not (tmp_path / "bad.h5").exists()
+    # --max-pen without --remove-pen found no ink and dropped nothing, in silence
+    with pytest.warns(UserWarning, match="tile.max_pen 0.5 has no effect without tile.remove_pen"):
+        unused = tile_slide(inked, tmp_path / "unused.h5", TileConfig(mpp=1.0, patch_size=64,
+                                                                      max_pen=0.5),
+                            progress=False)
+    assert unused.n_pen == 0 and unused.n_patches == plain.n_patches
 
 
 def test_all_patches_inked_says_so(tmp_path):

@@ -229,3 +229,22 @@ def test_patch_filters():
     assert patch_keep(p, TileConfig()).all()
     keep = patch_keep(p, TileConfig(drop_white=0.5, drop_black=0.5, drop_blur=float(v[3]) * 2))
     assert keep.tolist() == [True, False, False, False]
+
+
+def test_a_marker_ring_does_not_set_the_tissue_threshold():
+    """Pale H&E inside a blue marker ring of 3 % of the image: Otsu split ink from tissue (ink is
+    far more saturated), so the tissue was lost, with --remove-pen as well (the ink was taken
+    out only after thresholding)."""
+    rng = np.random.default_rng(0)
+    img = np.full((1000, 1000, 3), 235, np.uint8)
+    yy, xx = np.mgrid[:1000, :1000]
+    tissue = np.hypot(yy - 500, xx - 500) < 150
+    img[tissue] = np.clip(np.array([205, 150, 190]) + rng.normal(0, 10, (tissue.sum(), 3)), 0,
+                          255)
+    ring = np.abs(np.hypot(yy - 500, (xx - 500) / 1.3) - 330) < 6
+    img[ring] = (25, 55, 190)
+    for remove_pen in (False, True):
+        mask = tissue_mask(img, 8.0, TileConfig(remove_pen=remove_pen))
+        assert (mask & tissue).sum() > 0.99 * tissue.sum(), remove_pen
+        # the ink stays tissue unless it is removed
+        assert (mask & ring).sum() == (0 if remove_pen else ring.sum())

@@ -174,21 +174,45 @@ class Terminated(SystemExit):
 
 
 def _raise_terminated(signum, frame) -> None:
+    _record(Terminated)
     raise Terminated()
+
+
+def _raise_interrupted(signum, frame) -> None:
+    _record(KeyboardInterrupt)
+    raise KeyboardInterrupt
+
+
+def _record(kind) -> None:
+    """Keep the signal for the HDF5 writers (outputs.PENDING_SIGNAL): Python discards what a
+    handler raises inside a weakref callback, as h5py runs one during a large write."""
+    from simclr_path.outputs import PENDING_SIGNAL
+
+    if not PENDING_SIGNAL:
+        PENDING_SIGNAL.append(kind)
 
 
 @contextlib.contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` inside the block; the previous handler comes back after.
-    Only the main thread may set handlers (main() called from another thread keeps the default)."""
+    """SIGTERM raises :class:`Terminated` and Ctrl-C KeyboardInterrupt inside the block, each
+    recorded as well; the previous handlers come back after. Only the main thread may set
+    handlers (main() called from another thread keeps the default). An ignored SIGINT (a job
+    started in the background) stays ignored."""
+    from simclr_path.outputs import PENDING_SIGNAL
+
+    PENDING_SIGNAL.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        PENDING_SIGNAL.clear()
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
