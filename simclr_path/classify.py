@@ -508,6 +508,25 @@ def patients_per_class(slides: pd.DataFrame, classes: Sequence[str]) -> dict[str
     return {c: int(slides.loc[slides["label"] == c, "patient_id"].nunique()) for c in classes}
 
 
+def split_problem(slides: pd.DataFrame, classes: Sequence[str]) -> str | None:
+    """Why a samples sheet's ``split`` column (``train`` / ``test`` per slide; ``slides`` has
+    ``patient_id``, ``label``, ``split``) cannot evaluate ``classes``, or None (classify: the
+    slides with patches; the workflow: the whole sheet, before any is tiled)."""
+    test = (slides["split"] == "test").to_numpy()
+    both = set(slides.loc[test, "patient_id"]) & set(slides.loc[~test, "patient_id"])
+    if both:
+        return (f"samples sheet split: patient {min(both)!r} has slides in both train and "
+                "test; put all slides of a patient on one side")
+    if not test.any():  # (the sheet's own check refuses a split without test slides)
+        return ("samples sheet split: none of the slides with patches is a test slide; pass the "
+                "stores of the 'test' slides too (slides without patches are left out)")
+    missing = [c for c in classes if c not in set(slides.loc[~test, "label"])]
+    if missing:
+        return (f"samples sheet split: no training slide of class {missing[0]!r}; move some of "
+                "its patients to train")
+    return None
+
+
 FOLD_DRAWS = 20  # stratified draws (seeds seed, seed+1 ...) before random patient partitions
 
 
@@ -534,24 +553,10 @@ def make_folds(
             "patient is never on both sides of a split; add slides from more patients"
         )
     if "split" in slides.columns:
+        problem = split_problem(slides, classes)
+        if problem:
+            raise SimclrPathError(problem)
         test = (slides["split"] == "test").to_numpy()
-        both = set(slides.loc[test, "patient_id"]) & set(slides.loc[~test, "patient_id"])
-        if both:
-            raise SimclrPathError(
-                f"samples sheet split: patient {min(both)!r} has slides in both train and "
-                "test; put all slides of a patient on one side"
-            )
-        if not test.any():
-            raise SimclrPathError(
-                "samples sheet split: none of the slides with patches is a test slide; pass "
-                "the stores of the 'test' slides too (slides without patches are left out)"
-            )
-        missing = [c for c in classes if c not in set(slides.loc[~test, "label"])]
-        if missing:
-            raise SimclrPathError(
-                f"samples sheet split: no training slide of class {missing[0]!r}; "
-                "move some of its patients to train"
-            )
         if cfg.folds != ClassifyConfig().folds:  # set on purpose, and silently not used
             warnings.warn(f"classify.folds {cfg.folds} is not used: the samples sheet's split "
                           "column chooses the test slides (one model, trained on the 'train' "

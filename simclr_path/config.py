@@ -37,6 +37,22 @@ def magnification_hint(mpp: float) -> str | None:
             "scan is about 0.25 um/px, 20x about 0.5")
 
 
+def describe_overrides(run: dict[str, Any] | None) -> str:
+    """A workflow run's overrides as ``preset=...; section.key=value; ...`` (the runs table's
+    column), values in the config's own words: null, true, [a, b], not Python's None, True,
+    ['a', 'b']; ``(defaults)`` for none."""
+
+    def text(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+    over = dict(run or {})
+    over.pop("description", None)
+    parts = [f"preset={over.pop('preset')}"] if "preset" in over else []
+    for section, values in over.items():
+        parts += [f"{section}.{k}={text(v)}" for k, v in (values or {}).items()]
+    return "; ".join(parts) or "(defaults)"
+
+
 class ConfigValueError(SimclrPathError):
     """A config value out of its range or of the wrong kind; ``key`` is ``section.name``."""
 
@@ -374,6 +390,8 @@ class ClassifyConfig:
         _check(len(self.c_grid) >= 1 and all(c > 0 for c in self.c_grid), "classify.c_grid",
                "must list one or more positive numbers")
         _check(len(set(self.labels)) >= 2, "classify.labels", "must list at least two distinct labels")
+        twice = next((c for i, c in enumerate(self.labels) if c in self.labels[:i]), None)
+        _check(twice is None, "classify.labels", f"lists {twice!r} twice; list each class once")
         # Barnes-Hut t-SNE: 100,000 points already take the better part of an hour on a CPU
         _check(10 <= self.tsne_max_points <= 100_000, "classify.tsne_max_points",
                "must be between 10 and 100000")

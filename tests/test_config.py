@@ -153,6 +153,9 @@ def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
     # an objective power typed as the target: patches of millimetres, in silence
     ({"tile": {"mpp": 20}}, r"tile.mpp 20 looks like an objective power \(20x\), not microns "),
     ({"tile": {"mpp": 40.0}}, "tile.mpp 40 looks like an objective power"),
+    # a label twice failed in classify as "a training fold has no patches of class 'SCC'"
+    ({"classify": {"labels": ["SCC", "normal", "SCC"]}},
+     "classify.labels lists 'SCC' twice; list each class once"),
     ({"tile": {"tissue_mpp": float("inf")}}, "tile.tissue_mpp must be a finite number"),
     ({"tile": {"tissue_mpp": float("nan")}}, "tile.tissue_mpp must be a finite number"),
     ({"tile": {"tissue_mpp": -8}}, "tile.tissue_mpp must be a finite number"),
@@ -366,3 +369,15 @@ def test_a_subclass_of_a_section_is_that_section():
         note: str = "x"
 
     assert Mine(patch_size=64).patch_size == 64
+
+
+def test_a_runs_overrides_read_as_the_config_writes_them():
+    """The runs table showed classify.positive_label=None and labels=['a', 'b']."""
+    from simclr_path.config import describe_overrides
+
+    assert describe_overrides(None) == describe_overrides({"description": "x"}) == "(defaults)"
+    text = describe_overrides({"preset": "cpu-fast", "description": "macro probe",
+                               "classify": {"positive_label": None, "labels": ["a", "b"]},
+                               "train": {"lr": 0.001, "mlflow": True}})
+    assert text == ("preset=cpu-fast; classify.positive_label=null; classify.labels=[a, b]; "
+                    "train.lr=0.001; train.mlflow=true")

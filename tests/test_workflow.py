@@ -315,6 +315,22 @@ def test_a_positive_label_missing_from_the_sheet_stops_dag_build(tmp_path):
     assert "classify.positive_label is null, but" in line and "two classes" in line
 
 
+def test_model_weights_are_checked_at_the_start_and_are_an_input_of_pretraining(tmp_path):
+    """A missing file failed only after every slide was tiled; new weights at the same path
+    did not rerun pretraining."""
+    cfg = dict(TINY, runs={"a": {}, "b": {"model": {"weights": "w/enc.pt"}}})
+    wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
+    line = _one_error_line(smk(wf, "-n", "--cores", "1"))
+    assert line.startswith("simclr-path workflow: error: config runs.b: model.weights: file not "
+                           "found: w/enc.pt;"), line
+    (wf / "w").mkdir()
+    (wf / "w" / "enc.pt").write_bytes(b"weights")
+    done = smk(wf, "-n", "--cores", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    jobs = (done.stdout + done.stderr).split("rule pretrain:")[1:]
+    assert len(jobs) == 2 and sum("w/enc.pt" in j.split("output:")[0] for j in jobs) == 1, jobs
+
+
 def test_a_layer_the_model_lacks_stops_dag_build(tmp_path):
     """embed_layer would say so only after pretraining."""
     cfg = dict(TINY, layer_eval=["stage2", "stage7"])
@@ -528,6 +544,31 @@ def test_a_samples_sheet_split_draws_heatmaps_of_the_test_slides_only(tmp_path):
     assert "heatmaps/S3.png" in done.stdout and "heatmaps/S1.png" not in done.stdout
 
 
+def test_a_split_that_cannot_evaluate_is_warned_about_at_the_start(tmp_path):
+    """A patient on both sides, or a class without training slides, stopped classify only after
+    pretraining; a test side of one class gave AUROC n/a without a word."""
+
+    def sheet(splits, patients=None):
+        rows = [(*r[:3], (patients or {}).get(r[0], r[3]), sp)
+                for r, sp in zip(demo_rows(4), splits)]
+        return ("slide_id\tpath\tlabel\tpatient_id\tsplit\n"
+                + "\n".join(map("\t".join, rows)) + "\n")
+
+    cases = [
+        (sheet(["train", "train", "test", "test"], {"S3": "P1"}),
+         "patient 'P1' has slides in both train and test"),
+        (sheet(["test", "train", "test", "test"]), "no training slide of class 'SCC'"),
+        (sheet(["train", "train", "test", "train"]), "the test slides of the split are all of one"),
+    ]
+    for i, (text, expected) in enumerate(cases):
+        done = smk(workdir(tmp_path / str(i), TINY, text), "-n", "--cores", "1")
+        assert done.returncode == 0, done.stderr[-2000:]  # tiling by target stays possible
+        assert done.stderr.count(expected) == 1, (expected, done.stderr[-2000:])
+    good = smk(workdir(tmp_path / "ok", TINY, sheet(["train", "train", "test", "test"])), "-n",
+               "--cores", "1")
+    assert "split" not in good.stderr, good.stderr[-2000:]
+
+
 def test_the_sheets_mpp_column_reaches_the_slides_tile_command(tmp_path):
     """The one place a slide's own scale is set in the workflow: a value lost on the way
     tiles the slide at its metadata's mpp without a word."""
@@ -573,6 +614,39 @@ def test_a_missing_groups_csv_stops_dag_build(tmp_path):
     (wf / "tiles" / "normal").mkdir()
     line = _one_error_line(smk(wf, "-n", "--cores", "1", "--replace-workflow-config"))
     assert "config: patch_datasets.tiles.groups: file not found: no/g.csv" in line
+
+
+def test_a_tile_set_that_cannot_be_classified_is_warned_about_at_the_start(tmp_path):
+    """One class folder, or a class of one source image, stopped classify only after
+    pretraining; a sheet got the warning, a tile set did not."""
+    import cv2
+
+    def tiles(wf, classes):
+        for cls in classes:
+            (wf / "tiles" / cls).mkdir(parents=True)
+            for i in range(3):
+                cv2.imwrite(str(wf / "tiles" / cls / f"{i}.png"), np.full((8, 8, 3), i, np.uint8))
+
+    wf = workdir(tmp_path / "one", PATCHES_ONLY)
+    tiles(wf, ["SCC"])
+    done = smk(wf, "-n", "--cores", "1", "--replace-workflow-config")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("the tiles hold one class (SCC); classify needs two") == 1
+    cfg = dict(PATCHES_ONLY, patch_datasets={"tiles": {"dir": "tiles", "groups": "g.csv"}})
+    wf = workdir(tmp_path / "group", cfg)
+    tiles(wf, ["SCC", "normal"])
+    (wf / "g.csv").write_text("path,group\n" + "".join(
+        f"{c}/{i}.png,{c if c == 'SCC' else f'n{i}'}\n" for c in ("SCC", "normal")
+        for i in range(3)))
+    done = smk(wf, "-n", "--cores", "1", "--replace-workflow-config")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("class 'SCC' has tiles of only 1 source image (group)") == 1
+    assert "'normal'" not in done.stderr
+    # a tile the groups CSV lacks: the import would fail after the build, so the build does
+    (wf / "g.csv").write_text("path,group\nSCC/0.png,a\n")
+    line = _one_error_line(smk(wf, "-n", "--cores", "1", "--replace-workflow-config"))
+    assert line.startswith("simclr-path workflow: error: config: patch_datasets.tiles: ")
+    assert "no group for 5 tile(s)" in line
 
 
 def _require_commands(*names: str) -> None:
@@ -862,6 +936,12 @@ def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path, m
     # its overview describes imported tiles, not slides
     text = (wf / "report.html").read_text(errors="replace")
     assert "folders of labelled tiles" in text and "whole-slide images are tiled" not in text
+    # into a folder that does not exist yet (it failed after the whole run)
+    target.unlink()
+    done = smk(wf, "--cores", "1", replace, "results/config/baseline/classify.yaml",
+               "--config", "report={'path': 'out/r.html'}")
+    assert done.returncode == 0 and "Report written to out/r.html" in done.stderr, done.stderr[-3000:]
+    assert (wf / "out" / "r.html").stat().st_size > 10_000
 
     # a single target whose rebuild leaves the outputs after it out of date: no report (it would
     # mix old and new results), and the older one moved aside (it shows what this run changed)
@@ -946,7 +1026,8 @@ def test_demo_slide_paths_and_artefacts_are_quoted_for_the_shell(tmp_path):
     assert "--artefacts 'pen;echo hacked'" in done.stdout
 
 
-def _caption(name: str, evaluation: str, slides: bool, positive: str = "SCC") -> str:
+def _caption(name: str, evaluation: str, slides: bool, positive: str = "SCC",
+             run: str = "baseline", slide: str = "S1", tiles: str = "lc") -> str:
     """A report caption as Snakemake renders it (Jinja, then reStructuredText to HTML)."""
     import html as html_module
     import types
@@ -955,11 +1036,11 @@ def _caption(name: str, evaluation: str, slides: bool, positive: str = "SCC") ->
     from docutils.core import publish_parts
 
     config = {"samples": "config/samples.tsv" if slides else None,
-              "patch_datasets": None if slides else {"lc": {}}, "runs": {"baseline": {}},
+              "patch_datasets": None if slides else {tiles: {}}, "runs": {run: {}},
               "figures": {"heatmaps": True}}
     sm = types.SimpleNamespace(config=config, params=types.SimpleNamespace(
         evaluation=evaluation, positive=positive), wildcards=types.SimpleNamespace(
-        run="baseline", slide="S1"))
+        run=run, slide=slide))
     # Snakemake's own options: trim_blocks drops the newline after a line-ending block tag
     text = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
         (ROOT / "workflow" / "report" / f"{name}.rst").read_text()).render(snakemake=sm)
@@ -973,7 +1054,8 @@ def _caption(name: str, evaluation: str, slides: bool, positive: str = "SCC") ->
 def test_the_report_captions_say_how_the_classifier_was_evaluated():
     """With a samples-sheet split they described K-fold folds (fold means, each fold's own C),
     and for a tile set slides and patients."""
-    split = {n: _caption(n, "split", True) for n in ("metrics", "heatmap", "confusion", "curves")}
+    split = {n: _caption(n, "split", True) for n in ("metrics", "heatmap", "confusion", "curves",
+                                                     "compare_layers", "compare_finetune")}
     assert "held-out test slides of the samples sheet's split" in split["metrics"]
     assert all("fold" not in t for t in split.values()), split
     assert "the test slides of the samples sheet's split" in split["curves"]
@@ -993,6 +1075,20 @@ def test_the_report_captions_say_how_the_classifier_was_evaluated():
     assert all("patient" not in t and "slide" not in t for t in compared.values()), compared
     assert "source image" in compared["compare_layers"]
     assert "patient" in _caption("compare_finetune", "folds", True)
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+def test_names_ending_in_an_underscore_are_text_in_the_captions():
+    """A run, slide or tile set named base_, S1_ or a__ is allowed, and reStructuredText read
+    it as a link (31 error boxes in a report); halt_level 2 makes any such message an error."""
+    for path in sorted((ROOT / "workflow" / "report").glob("*.rst")):
+        for slides in (True, False):
+            text = _caption(path.stem, "folds", slides, run="a__", slide="S1_", tiles="set_")
+            names = "wildcards" in path.read_text() or path.stem == "workflow"
+            assert not names or "a__" in text or "S1_" in text, (path.name, text)
+    assert "runs: a__." in _caption("workflow", "folds", True, run="a__")
+    assert "tile folders: set_;" in _caption("workflow", "folds", False, tiles="set_")
+    assert "results/classify/a__/metrics.json" in _caption("metrics", "folds", True, run="a__")
 
 
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")

@@ -90,6 +90,22 @@ def test_rows_on_other_folds_are_not_called_the_same_folds(cr):
     assert "see the table" in cr.evaluation_words(mixed)
 
 
+def test_runs_scored_differently_say_so(cr, tmp_path, monkeypatch):
+    """A macro run's AUROC stood beside another run's SCC-vs-rest AUROC under one title."""
+    macro, scc = _metrics(0.875), _metrics(1.0)
+    macro["task"]["score"], scc["task"]["score"] = "macro one-vs-rest", "P(SCC)"
+    figs = []
+    from simclr_path import figures
+
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: figs.append(fig))
+    df = cr.summarise(["m", "t"], [macro, scc], [{}, {}], {})
+    assert df["score"].tolist() == ["macro one-vs-rest", "P(SCC)"]
+    cr.plot(df, str(tmp_path / "runs.png"))
+    assert "AUROCs of different scores" in figs[0].axes[0].get_title()
+    cr.plot(cr.summarise(["t"], [scc], [{}], {}), str(tmp_path / "one.png"))
+    assert "different scores" not in figs[1].axes[0].get_title()
+
+
 def test_a_tile_set_comparison_speaks_of_source_images_not_slides(cr, tmp_path, monkeypatch):
     """Runs on an imported tile set were labelled 'patient-grouped' with 'slide AUROC' bars."""
     tiles = [_metrics(0.9, labels_from="patch stores"), _metrics(0.8, labels_from="patch stores")]

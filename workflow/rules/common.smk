@@ -363,15 +363,33 @@ POSITIVE = check_positive_label()
 
 
 def check_patients_per_class():
-    """Warn at the start when a class has slides of fewer than 2 patients: patient-grouped
-    evaluation cannot test it, and classify would say so only after pretraining. A warning,
-    not a stop: tiling or pretraining a pilot sheet by target is legitimate."""
-    from simclr_path.classify import patients_per_class
+    """Warn at the start when a class has slides of fewer than 2 patients (patient-grouped
+    evaluation cannot test it) or the sheet's split cannot evaluate the classes: classify
+    would say so only after pretraining. A warning, not a stop: tiling or pretraining a pilot
+    sheet by target is legitimate."""
+    from simclr_path.classify import patients_per_class, split_problem
 
     if not SLIDES:
         return
     for run, cfg in RUN_CFG.items():
         labels = [c for c in cfg.classify.labels if c in set(SAMPLES["label"])]
+        problem = split_problem(SAMPLES, labels) if "split" in SAMPLES.columns else None
+        if problem:
+            warn(
+                f"{config['samples']}: {problem} (classify would stop after pretraining)"
+            )
+            return
+        if (
+            "split" in SAMPLES.columns
+            and SAMPLES.loc[SAMPLES["split"] == "test", "label"].nunique() < 2
+            and len(labels) > 1
+        ):
+            warn(
+                f"{config['samples']}: the test slides of the split are all of one class, so "
+                "AUROC and balanced accuracy cannot be computed; put slides of every class "
+                "on the test side"
+            )
+            return
         scarce = {c: n for c, n in patients_per_class(SAMPLES, labels).items() if n < 2}
         if scarce:
             c, n = next(iter(scarce.items()))
@@ -385,6 +403,48 @@ def check_patients_per_class():
 
 
 check_patients_per_class()
+
+
+def check_tile_sets():
+    """The tile sets' check_patients_per_class: fewer than 2 classes, or a class whose tiles
+    come from one source image (group), stop classify only after pretraining. Warnings, as
+    for a sheet; a tile that the groups CSV lacks stops the build (the import would fail).
+    """
+    from simclr_path.import_patches import list_tiles, read_groups
+
+    if SLIDES or not PATCH_SETS:
+        return
+    groups_of = (
+        {}
+    )  # class -> its groups over every set (the sets are classified together)
+    for name, ds in PATCH_SETS.items():
+        try:
+            classes, tiles = list_tiles(Path(ds["dir"]))
+            names = [t for t, _ in tiles]
+            groups = read_groups(ds["groups"], names) if ds.get("groups") else None
+        except SimclrPathError as exc:
+            fail(f"config: patch_datasets.{name}: {exc}")
+        for i, (tile, label) in enumerate(tiles):
+            # no groups CSV: every tile is its own group
+            group = groups[i] if groups and groups[i] else f"{name}:{tile}"
+            groups_of.setdefault(classes[label], set()).add(group)
+    if len(groups_of) < 2:
+        warn(
+            f"patch_datasets: the tiles hold one class ({', '.join(groups_of)}); classify needs "
+            "two or more class folders and would stop after pretraining"
+        )
+        return
+    scarce = {c: len(g) for c, g in groups_of.items() if len(g) < 2}
+    if scarce:
+        c, n = next(iter(scarce.items()))
+        warn(
+            f"patch_datasets: class {c!r} has tiles of only {n} source image (group); "
+            "grouped evaluation needs 2 or more per class and classify would stop after "
+            "pretraining; add tiles of more source images"
+        )
+
+
+check_tile_sets()
 
 
 def check_fraction_design():
@@ -460,6 +520,16 @@ def check_views_and_models():
                         f"config (run {run}): {view} {px} is larger than the {size} px patches "
                         f"of {key}; lower {view} or raise {key}"
                     )
+    for run, cfg in RUN_CFG.items():
+        weights = cfg.model.weights
+        if weights and not Path(weights).is_file():
+            over = (config["runs"][run] or {}).get("model") or {}
+            where = f"config runs.{run}" if "weights" in over else "config"
+            fail(
+                f"{where}: model.weights: file not found: {weights}; give a local timm state "
+                "dict (relative paths are resolved against the directory you run snakemake "
+                "from), or null"
+            )
     unknown = {
         cfg.model.arch: run
         for run, cfg in RUN_CFG.items()
@@ -544,6 +614,13 @@ def logged(command):
     warnings (one line each) echoed on the console too, where they would otherwise go unseen.
     """
     return f"{command}> {{log}} 2>&1 && (grep -h ': warning: ' {{log}} >&2 || true)"
+
+
+def model_weights(wildcards):
+    """The run's model.weights file, an input of pretraining: new weights at the same path
+    must retrain (the path alone is in the stage's config)."""
+    weights = RUN_CFG[wildcards.run].model.weights
+    return [weights] if weights else []
 
 
 def positive_class(wildcards):
@@ -648,15 +725,13 @@ def pretrain_command():
 
 def run_overrides():
     """Run name -> its overrides as 'section.key=value; ...' (what distinguishes the runs)."""
-    out = {}
-    for run in RUNS:
-        over = dict(config["runs"][run] or {})
-        parts = [f"preset={over.pop('preset')}"] if "preset" in over else []
-        desc = over.pop("description", "")
-        for section, values in over.items():
-            parts += [f"{section}.{k}={v}" for k, v in (values or {}).items()]
-        out[run] = {"overrides": "; ".join(parts) or "(defaults)", "description": desc}
-    return out
+    return {
+        run: {
+            "overrides": spc.describe_overrides(config["runs"][run]),
+            "description": (config["runs"][run] or {}).get("description", ""),
+        }
+        for run in RUNS
+    }
 
 
 def set_aside(path):
@@ -720,6 +795,8 @@ def write_report(path):
         return
     cmd = [sys.executable, "-m", "snakemake", "--report", path, *same]
     logger.info(f"Writing the report: {shlex.join(cmd)}")
+    # Snakemake makes no folder for it
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     log.write_text(done.stdout + done.stderr)
     if done.returncode == 0:

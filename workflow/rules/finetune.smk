@@ -115,5 +115,6 @@ rule compare_finetune:
         ],
         what="label_fraction",
         title=lambda w: f"Fine-tuning vs linear probe by label fraction, run {w.run}",
+        evaluation=EVALUATION,
     script:
         "../scripts/compare_runs.py"

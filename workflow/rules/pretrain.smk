@@ -19,6 +19,7 @@ rule pretrain:
     input:
         stores=expand("results/patches/{store}.h5", store=STORES),
         config=run_stage_config("pretrain"),
+        weights=model_weights,
     output:
         encoder="results/pretrain/{run}/encoder.pt",
         encoder_info="results/pretrain/{run}/encoder.json",

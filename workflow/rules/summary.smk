@@ -90,5 +90,6 @@ rule compare_layers:
         runs=LAYERS,
         overrides={layer: {"overrides": f"embed.layer={layer}"} for layer in LAYERS},
         what="layer",
+        evaluation=EVALUATION,
     script:
         "../scripts/compare_runs.py"

@@ -52,6 +52,8 @@ def summarise(runs, metrics, pretrains, overrides) -> pd.DataFrame:
                 "evaluation": task.get("evaluation", ""),
                 # what a "slide" and a "patient" are: a tile set's source images are both
                 "labels_from": task.get("labels_from", ""),
+                # what the AUROC scores: P(one class) against the rest, or macro one-vs-rest
+                "score": task.get("score", ""),
                 # classify's metrics.json keeps its config flat, finetune's by section
                 "folds_seed": cfg.get("seed", (cfg.get("classify") or {}).get("seed")),
                 "n_patients": task.get("n_patients"),
@@ -107,7 +109,10 @@ def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> N
     ax.set_ylim(0, 1.12)  # room for the value labels
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"metric ({evaluation_words(df)})")
-    ax.set_title(title or "Runs compared on the same linear-probe metrics")
+    scores = set(df["score"].astype(str)) if "score" in df else set()
+    ax.set_title((title or "Runs compared on the same linear-probe metrics")
+                 + ("\nAUROCs of different scores (one class against the rest, or macro): see "
+                    "the table's score column" if len(scores) > 1 else ""))
     ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
     ax.text(1.01, 0.5, "chance", fontsize=7, color="#666666", ha="left", va="center",
             transform=ax.get_yaxis_transform())
