@@ -43,7 +43,8 @@ def describe_overrides(run: dict[str, Any] | None) -> str:
     ['a', 'b']; ``(defaults)`` for none."""
 
     def text(value: Any) -> str:
-        return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        text = yaml.safe_dump(value, default_flow_style=True, width=math.inf)
+        return text.strip().removesuffix("...").strip()  # a lone scalar's document end marker
 
     over = dict(run or {})
     over.pop("description", None)

@@ -92,8 +92,11 @@ from simclr_path.store import PatchStore
 from simclr_path.transforms import ColorAugment, eval_transform, normalize, to_float
 
 # what this command writes into its results folder: --force replaces only a folder holding one
+# A hidden file every finetune folder holds: the workflow deletes a rerun job's declared outputs
+# and, without a final model, left only tensorboard/, which --force then refused as not ours
+FINETUNE_MARKER = ".simclr-path-finetune"
 RESULT_FILES = ("metrics.json", "predictions_patches.csv", "predictions_slides.csv", "history.csv",
-                "encoder.pt", "encoder.json", "classifier.pt")
+                "encoder.pt", "encoder.json", "classifier.pt", FINETUNE_MARKER)
 # what else it writes there: the experiment trackers' files (train.tensorboard, mlflow, wandb)
 TRACKING_FILES = ("tensorboard", "mlruns", "mlflow.db", "wandb")
 
@@ -596,6 +599,7 @@ def finetune(
                         owned=TRACKING_FILES) as tmp:
             from simclr_path.train import _Tracker
 
+            (tmp / FINETUNE_MARKER).write_text("simclr-path finetune results\n")
             tracker = _Tracker(tmp, cfg, enabled=True, name=Path(out_dir).name,
                                moves_to=Path(out_dir))
             summary: dict[str, Any] | None = None

@@ -63,8 +63,9 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
             raise SimclrPathError(f"{p}: exists and is not a results folder of this command (none "
                                   f"of {', '.join(markers)}); --force only replaces earlier "
                                   "results, so choose another folder")
-        if kind == "dir" and markers:
-            others = sorted(e.name for e in p.iterdir() if e.name not in {*markers, *owned})
+        if kind == "dir" and markers and not p.is_symlink():  # a link is replaced, not emptied
+            others = sorted(e.name for e in p.iterdir()
+                            if e.name not in {*markers, *owned} and not _os_metadata(e.name))
             if others:
                 raise SimclrPathError(
                     f"{p}: also holds {len(others)} file(s) or folder(s) this command did not "
@@ -77,6 +78,11 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
         raise SimclrPathError(f"{p}: {parent} is a file, not a folder; give an output path in a folder")
     check_writable(p, parent)
     return p  # missing folders are made by atomic_output / atomic_dir, when there is a result
+
+
+def _os_metadata(name: str) -> bool:
+    """Files an operating system or file server leaves in any folder (Finder, Explorer, NFS)."""
+    return name in (".DS_Store", "Thumbs.db", "desktop.ini") or name.startswith(("._", ".nfs"))
 
 
 def check_writable(path: str | os.PathLike, folder: str | os.PathLike | None = None) -> None:

@@ -381,3 +381,6 @@ def test_a_runs_overrides_read_as_the_config_writes_them():
                                "train": {"lr": 0.001, "mlflow": True}})
     assert text == ("preset=cpu-fast; classify.positive_label=null; classify.labels=[a, b]; "
                     "train.lr=0.001; train.mlflow=true")
+    # one line, however long (YAML wraps at 80 characters; a newline broke the runs table)
+    grid = describe_overrides({"classify": {"c_grid": [0.001 * 2**i for i in range(13)]}})
+    assert "\n" not in grid and grid.endswith("4.096]")

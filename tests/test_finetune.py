@@ -296,6 +296,23 @@ def test_cli_one_percent_labels_trains_without_early_stopping(cohort, encoder, t
     assert m["final_model"] is None and not (tmp_path / "o" / "encoder.pt").exists()
 
 
+def test_a_workflow_rerun_finds_its_folder_after_snakemake_deleted_the_outputs(cohort, encoder,
+                                                                                 tmp_path):
+    """Snakemake deletes a rerun job's declared outputs; without a final model only
+    tensorboard/ was left, and --force refused the folder as not a finetune results folder."""
+    paths, sheet = cohort
+    cfg = tiny_cfg(epochs=1, final_model=False)
+    cfg.classify.bootstrap = 0
+    out = tmp_path / "labels_1.0"
+    finetune(paths, encoder, out, samples=sheet, cfg=cfg, progress=False)
+    for name in ("metrics.json", "predictions_patches.csv", "predictions_slides.csv",
+                 "history.csv"):
+        (out / name).unlink()
+    assert (out / "tensorboard").is_dir()
+    finetune(paths, encoder, out, samples=sheet, cfg=cfg, force=True, progress=False)
+    assert (out / "metrics.json").is_file()
+
+
 def test_a_warning_names_the_folds_that_trained_without_early_stopping():
     """Only 'no fold at all' was warned about: some folds on fixed epochs passed in silence."""
     from simclr_path.finetune import _warn_fixed_epochs

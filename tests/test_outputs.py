@@ -104,6 +104,19 @@ def test_force_never_replaces_a_results_folder_that_also_holds_a_users_files(tmp
     with atomic_dir(res, force=True, markers=("metrics.json",), owned=("tensorboard",)) as tmp:
         (tmp / "metrics.json").write_text("new")
     assert sorted(p.name for p in res.iterdir()) == ["metrics.json"]
+    # what an operating system leaves in any folder is not a user's file
+    (res / ".DS_Store").write_bytes(b"x")
+    with atomic_dir(res, force=True, markers=("metrics.json",)) as tmp:
+        (tmp / "metrics.json").write_text("newer")
+    # a link to a folder is replaced, never emptied: the target's other files are not at risk
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "metrics.json").write_text("{}")
+    (target / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(target)
+    with atomic_dir(tmp_path / "link", force=True, markers=("metrics.json",)) as tmp:
+        (tmp / "metrics.json").write_text("new")
+    assert (target / "notes.txt").read_text() == "mine"
 
 
 def test_failed_block_leaves_no_output(tmp_path):

@@ -412,11 +412,11 @@ def check_tile_sets():
     """
     from simclr_path.import_patches import list_tiles, read_groups
 
-    if SLIDES or not PATCH_SETS:
+    # once per run: it walks every tile (the processes Snakemake spawns parse the workflow too)
+    if SLIDES or not PATCH_SETS or not workflow.is_main_process:
         return
-    groups_of = (
-        {}
-    )  # class -> its groups over every set (the sets are classified together)
+    # class -> its groups over every set (the sets are classified together)
+    groups_of = {}
     for name, ds in PATCH_SETS.items():
         try:
             classes, tiles = list_tiles(Path(ds["dir"]))
