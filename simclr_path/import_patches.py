@@ -58,10 +58,11 @@ class ImportResult:
     n_duplicates: int = 0  # tiles pixel-identical to an earlier tile (after any resize)
 
 
-def _files_under(root: Path) -> list[Path]:
+def _files_under(root: Path, broken: list[Path] | None = None) -> list[Path]:
     """Every file below ``root``, through linked folders too (as linked class folders and linked
     files are; ``Path.rglob`` skipped linked subfolders without a word), each real folder
-    once (a link to a folder above would loop)."""
+    once (a link to a folder above would loop). Links whose target is gone are added to
+    ``broken`` where given."""
     out: list[Path] = []
     seen: set[str] = set()
     for here, dirs, files in os.walk(root, followlinks=True):
@@ -71,6 +72,8 @@ def _files_under(root: Path) -> list[Path]:
             continue
         seen.add(real)
         out += [Path(here, f) for f in files if os.path.isfile(os.path.join(here, f))]
+        if broken is not None:
+            broken += [Path(here, f) for f in files if not os.path.exists(os.path.join(here, f))]
     return out
 
 
@@ -101,8 +104,9 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
                               f"its own subfolder (e.g. {folder}/SCC/*.png, {folder}/normal/*.png)")
     tiles: list[tuple[str, int]] = []
     skipped: list[str] = []
+    broken: list[Path] = []  # links whose target is gone: a tile lost without a word
     for label, name in enumerate(classes):
-        found = [p.relative_to(folder) for p in _files_under(folder / name)]
+        found = [p.relative_to(folder) for p in _files_under(folder / name, broken)]
         found = [r for r in found if not any(part.startswith(".") for part in r.parts)]
         files = sorted((r.as_posix() for r in found if r.suffix.lower() in EXTENSIONS), key=_nfc)
         skipped += [r.as_posix() for r in found if r.suffix.lower() in OTHER_IMAGES]
@@ -114,11 +118,18 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
                                       "Latin-1 zip); rename it") from None
         if not files:  # a class without tiles would be a class the classifier never sees
             other = [f for f in skipped if f.split("/", 1)[0] == name]
+            gone = [b for b in broken if b.relative_to(folder).parts[0] == name]
             why = (f" (only {len(other)} file(s) of unsupported formats, e.g. {other[0]}: convert "
-                   f"them to PNG)" if other else "")
+                   f"them to PNG)" if other else
+                   f" (only {len(gone)} link(s) whose target is gone, e.g. "
+                   f"{gone[0].relative_to(folder).as_posix()})" if gone else "")
             raise SimclrPathError(f"{folder / name}: class folder has no {FORMATS} tiles{why}; add "
                                   "its tiles or remove the folder")
         tiles += [(f, label) for f in files]
+    if broken:
+        names = sorted((b.relative_to(folder).as_posix() for b in broken), key=_nfc)
+        warnings.warn(f"{folder}: {len(names)} link(s) whose target is gone skipped (e.g. "
+                      f"{names[0]}); restore their targets or remove the links", stacklevel=2)
     if skipped:
         skipped.sort(key=_nfc)
         warnings.warn(f"{folder}: {len(skipped)} image file(s) of unsupported formats skipped "

@@ -477,6 +477,21 @@ def test_linked_subfolders_are_followed_and_a_loop_ends(tiles, tmp_path):
     assert "normal/more/d.png" in names and res.counts == {"SCC": 3, "normal": 3}
 
 
+def test_links_whose_target_is_gone_are_warned_about(tiles, tmp_path):
+    """They were skipped without a word; a class of them only said it had no tiles."""
+    root, _ = tiles
+    (root / "normal" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    with pytest.warns(UserWarning, match=r"1 link\(s\) whose target is gone skipped \(e.g. "
+                                         r"normal/gone.png\); restore their targets"):
+        res = import_patches(root, tmp_path / "p.h5", progress=False)
+    assert res.counts == {"SCC": 3, "normal": 2}
+    (root / "empty").mkdir()
+    (root / "empty" / "a.png").symlink_to(tmp_path / "deleted.png")
+    with pytest.raises(SimclrPathError, match=r"class folder has no .* tiles \(only 1 link\(s\) "
+                                              r"whose target is gone, e.g. empty/a.png\)"):
+        import_patches(root, tmp_path / "q.h5", progress=False)
+
+
 def test_16_bit_tiles_are_turned_upright_as_8_bit_ones(tmp_path):
     from PIL import Image
 

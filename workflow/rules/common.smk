@@ -417,13 +417,20 @@ def check_tile_sets():
         return
     # class -> its groups over every set (the sets are classified together)
     groups_of = {}
+    import warnings
+
     for name, ds in PATCH_SETS.items():
         try:
-            classes, tiles = list_tiles(Path(ds["dir"]))
+            # their warnings (skipped files) as lines, not Python's file:line form
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                classes, tiles = list_tiles(Path(ds["dir"]))
             names = [t for t, _ in tiles]
             groups = read_groups(ds["groups"], names) if ds.get("groups") else None
         except SimclrPathError as exc:
             fail(f"config: patch_datasets.{name}: {exc}")
+        for w in caught:
+            warn(str(w.message))
         for i, (tile, label) in enumerate(tiles):
             # no groups CSV: every tile is its own group
             group = groups[i] if groups and groups[i] else f"{name}:{tile}"
