@@ -280,8 +280,10 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
             qc_img, qc_mpp = slide.read_at_mpp(want)
         else:
             qc_img, qc_mpp = thumb, thumb_mpp
-    ink = ink_mask(thumb, thumb_mpp) if cfg.remove_pen else None
+    ink = ink_mask(thumb, thumb_mpp)  # the tissue threshold leaves it out in any case
     mask = tissue_mask(thumb, thumb_mpp, cfg, ink=ink)
+    if not cfg.remove_pen:
+        ink = None  # ink is tissue: no patch is dropped for it, the QC picture draws none
     gx, gy = np.meshgrid(grid.xs, grid.ys)  # (ny, nx)
 
     def cell_share(m: np.ndarray) -> np.ndarray:  # (ny, nx) share of each grid cell in mask m
