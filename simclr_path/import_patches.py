@@ -58,19 +58,28 @@ class ImportResult:
     n_duplicates: int = 0  # tiles pixel-identical to an earlier tile (after any resize)
 
 
-def _files_under(root: Path, broken: list[Path] | None = None) -> list[Path]:
+def _files_under(root: Path, broken: list[Path] | None = None,
+                 above: list[Path] | None = None) -> list[Path]:
     """Every file below ``root``, through linked folders too (as linked class folders and linked
     files are; ``Path.rglob`` skipped linked subfolders without a word), each real folder
-    once (a link to a folder above would loop). Links whose target is gone are added to
-    ``broken`` where given."""
+    once. Links whose target is gone are added to ``broken``, and links to ``root`` or a folder
+    above it, which are not followed (they would loop, or take in the other classes' tiles from
+    the folder above), to ``above``, where given."""
     out: list[Path] = []
     seen: set[str] = set()
+    top = os.path.realpath(root)
     for here, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(here)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
+        up = [d for d in dirs if os.path.islink(os.path.join(here, d))
+              and os.path.commonpath([top, os.path.realpath(os.path.join(here, d))])
+              == os.path.realpath(os.path.join(here, d))]
+        dirs[:] = [d for d in dirs if d not in up]
+        if above is not None:
+            above += [Path(here, d) for d in up]
         out += [Path(here, f) for f in files if os.path.isfile(os.path.join(here, f))]
         if broken is not None:
             broken += [Path(here, f) for f in files if not os.path.exists(os.path.join(here, f))]
@@ -105,8 +114,9 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     tiles: list[tuple[str, int]] = []
     skipped: list[str] = []
     broken: list[Path] = []  # links whose target is gone: a tile lost without a word
+    above: list[Path] = []  # links to a folder above: the other classes' tiles under this label
     for label, name in enumerate(classes):
-        found = [p.relative_to(folder) for p in _files_under(folder / name, broken)]
+        found = [p.relative_to(folder) for p in _files_under(folder / name, broken, above)]
         found = [r for r in found if not any(part.startswith(".") for part in r.parts)]
         files = sorted((r.as_posix() for r in found if r.suffix.lower() in EXTENSIONS), key=_nfc)
         skipped += [r.as_posix() for r in found if r.suffix.lower() in OTHER_IMAGES]
@@ -126,6 +136,11 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
             raise SimclrPathError(f"{folder / name}: class folder has no {FORMATS} tiles{why}; add "
                                   "its tiles or remove the folder")
         tiles += [(f, label) for f in files]
+    if above:
+        names = sorted((b.relative_to(folder).as_posix() for b in above), key=_nfc)
+        warnings.warn(f"{folder}: {len(names)} link(s) to a folder above them not followed (e.g. "
+                      f"{names[0]}): they would take in the tiles of every class, or loop; "
+                      "link the tile folders themselves", stacklevel=2)
     if broken:
         names = sorted((b.relative_to(folder).as_posix() for b in broken), key=_nfc)
         warnings.warn(f"{folder}: {len(names)} link(s) whose target is gone skipped (e.g. "

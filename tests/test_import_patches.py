@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from conftest import LC25000, needs
 
 from simclr_path.cli import main
 from simclr_path.errors import SimclrPathError
-from simclr_path.import_patches import import_patches
+from simclr_path.import_patches import folder_digest, import_patches
 from simclr_path.store import PatchStore
 
 
@@ -475,6 +477,27 @@ def test_linked_subfolders_are_followed_and_a_loop_ends(tiles, tmp_path):
     res = import_patches(root, tmp_path / "p.h5", progress=False)
     names = PatchStore(tmp_path / "p.h5").names
     assert "normal/more/d.png" in names and res.counts == {"SCC": 3, "normal": 3}
+
+
+def test_a_link_to_a_folder_above_is_not_followed(tiles, tmp_path):
+    """A link from a class folder to the dataset folder (or above) took every class's tiles in
+    under that class's label; only a pixel-identical-across-classes warning showed it."""
+    root, _ = tiles
+    (root / "SCC" / "sub" / "all").symlink_to(root, target_is_directory=True)
+    (root / "normal" / "parent").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.warns(UserWarning, match=r"2 link\(s\) to a folder above them not followed \(e.g. "
+                                         r"SCC/sub/all\)"):
+        res = import_patches(root, tmp_path / "p.h5", progress=False)
+    assert res.counts == {"SCC": 3, "normal": 2}
+    assert folder_digest(root) == folder_digest(_without_links(root, tmp_path / "copy"))
+
+
+def _without_links(root, dest):
+    """A copy of ``root`` without its links, with the same file times."""
+    import shutil
+
+    return Path(shutil.copytree(root, dest, symlinks=True, ignore=lambda d, names: [
+        n for n in names if (Path(d) / n).is_symlink()], copy_function=shutil.copy2))
 
 
 def test_links_whose_target_is_gone_are_warned_about(tiles, tmp_path):
