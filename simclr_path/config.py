@@ -419,12 +419,14 @@ BIT_DEPTHS = (8, 10, 12, 14, 16)
 # (a new t-SNE sample size must not rerun fine-tuning); keep them in step with their readers.
 CLASSIFY_TSNE_KEYS = ("tsne_max_points", "tsne_perplexity", "seed")  # figures.plot_tsne
 # keys that set how fast a stage runs, not what it writes: the workflow passes them on the
-# command line instead of the stage's config file (changing them reruns nothing), and
-# pretrain --resume-interrupted continues a run whose only change is one of them
+# command line (each stage's CLI has the option --KEY, with dashes) instead of the stage's
+# config file, so changing them reruns nothing, and pretrain --resume-interrupted continues a
+# run whose only change is one of them. tile.tiff_direct decodes the same pixels as OpenSlide
+# (checked per slide); tile.block_patches is not one: a block is resized as a whole
 SPEED_KEYS: dict[str, tuple[str, ...]] = {
-    "tile": ("workers",),
-    "train": ("workers",),
-    "embed": ("workers", "batch_size"),
+    "tile": ("workers", "tiff_direct"),
+    "train": ("workers", "checkpoint_every"),
+    "embed": ("workers", "batch_size", "cpu_chunk"),
     "finetune": ("workers",),
 }
 # finetune.finetune: classify.load_table, make_folds, label_subset, evaluate_fold, pooled_results

@@ -388,3 +388,45 @@ def test_switches_every_long_running_command_shares(tmp_path):
                           "p.csv"]).model.name == "c"
     assert parse_args(p, ["finetune", "s.h5", "--encoder", "e.pt", "--out", "o", "--folds",
                           "3"]).folds == 3
+
+
+def test_every_speed_key_is_an_option_of_its_stage(monkeypatch):
+    """The workflow passes config.SPEED_KEYS on the command line as --KEY (common.smk,
+    speed_options), not in the stage's config file, so that changing one reruns nothing: each
+    option must exist and reach the configuration the stage runs with."""
+    import dataclasses
+
+    from simclr_path import config, embed, finetune, tiling, train
+    from simclr_path.cli import build_parser, parse_args
+
+    class Captured(Exception):
+        pass
+
+    def capture(*args, **kwargs):
+        raise Captured(kwargs.get("cfg", args[2] if len(args) > 2 else None))
+
+    monkeypatch.setattr(tiling, "tile_slide", capture)
+    monkeypatch.setattr(train, "pretrain", capture)
+    monkeypatch.setattr(embed, "embed_store", capture)
+    monkeypatch.setattr(finetune, "finetune", capture)
+    stage = {
+        "tile": ["tile", "s.svs", "--out", "o.h5"],
+        "train": ["pretrain", "s.h5", "--out", "run"],
+        "embed": ["embed", "s.h5", "--encoder", "e.pt", "--out", "o.h5"],
+        "finetune": ["finetune", "s.h5", "--encoder", "e.pt", "--out", "o"],
+    }
+    assert set(config.SPEED_KEYS) == set(stage)
+    defaults = config.defaults_dict()
+    for section, keys in config.SPEED_KEYS.items():
+        for key in keys:
+            default, flag = defaults[section][key], key.replace("_", "-")
+            value = (not default) if isinstance(default, bool) else default + 3
+            option = ([f"--{flag}"] if value else [f"--no-{flag}"]) if isinstance(value, bool) \
+                else [f"--{flag}", str(value)]
+            args = parse_args(build_parser(), stage[section] + option)
+            with pytest.raises(Captured) as got:
+                args._run(args)
+            cfg = got.value.args[0]
+            if dataclasses.is_dataclass(cfg) and hasattr(cfg, section):
+                cfg = getattr(cfg, section)  # the whole configuration (pretrain, finetune)
+            assert getattr(cfg, key) == value, (section, key)

@@ -506,6 +506,23 @@ def test_layer_eval_jobs(tmp_path):
     assert counts["compare_layers"] == 2 and counts["embed"] == 2 * 4
     bad = workdir(tmp_path / "bad", dict(cfg, layer_eval=["block9"]), tsv(demo_rows(4)))
     assert "layer_eval.0" in _one_error_line(smk(bad, "-n", "--cores", "1"))
+    # the layer jobs give --layer: their config file leaves embed.layer out, so that changing
+    # the run's own layer reruns its main embedding alone
+    printed = smk(wf, "-n", "-p", "--cores", "2").stdout
+    lines = [x for x in printed.splitlines() if "simclr-path embed " in x and "--layer" in x]
+    assert len(lines) == 2 * 3 * 4
+    assert all("--config results/config/a/embed_layer.yaml " in x
+               or "--config results/config/b/embed_layer.yaml " in x for x in lines), lines[0]
+    targets = [f"results/config/a/{s}.yaml" for s in ("embed", "embed_layer")]
+    done = smk(wf, "--cores", "1", *targets)
+    assert done.returncode == 0, done.stderr[-2000:]
+    layer_yaml = (wf / targets[1]).read_text()
+    assert "layer" not in yaml.safe_load(layer_yaml)["embed"]
+    (wf / "config" / "test.yaml").write_text(yaml.safe_dump(
+        dict(cfg, embed={**TINY["embed"], "layer": "stage3"}), sort_keys=False))
+    dry = smk(wf, "-n", "--cores", "1", *targets)
+    assert job_counts(dry.stdout + dry.stderr) == {"run_config": 1, "total": 1}, dry.stdout
+    assert "results/config/a/embed.yaml" in dry.stdout
 
 
 def test_finetune_eval_jobs(tmp_path):
@@ -530,6 +547,54 @@ def test_finetune_eval_jobs(tmp_path):
     assert "finetune" not in job_counts(off.stdout + off.stderr)
     bad = workdir(tmp_path / "bad", dict(cfg, finetune_eval=[0.0]), tsv(demo_rows(4)))
     assert "finetune_eval.0" in _one_error_line(smk(bad, "-n", "--cores", "1"))
+
+
+def test_an_edit_to_sheet_columns_the_stages_do_not_read_reruns_nothing(tmp_path):
+    """classify, fine-tuning and the t-SNE figure read a copy of the sheet's slide_id, path,
+    label, patient_id (and split) columns: a comment, an mpp or a column of notes edited in the
+    sheet leaves the copy, and so them, alone; a label edited reruns them."""
+    cfg = dict(TINY, finetune_eval=[1.0])
+    wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
+    printed = smk(wf, "-n", "-p", "--cores", "2").stdout
+    for command in ("classify", "finetune", "plot-tsne"):
+        lines = [x for x in printed.splitlines() if f"simclr-path {command} " in x]
+        assert lines and all("--samples results/config/samples.tsv " in x for x in lines), command
+    copy = wf / "results/config/samples.tsv"
+    done = smk(wf, "--cores", "1", str(copy.relative_to(wf)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = copy.read_text()
+    assert first.splitlines()[0].split("\t") == ["slide_id", "path", "label", "patient_id"]
+    assert len(first.splitlines()) == 5
+    sheet = wf / "config" / "samples.test.tsv"
+    lines = sheet.read_text().splitlines()
+    sheet.write_text("# rescanned slides\n" + "\n".join(
+        [lines[0] + "\tmpp\tnotes"] + [x + "\t0.5\tseen" for x in lines[1:]]) + "\n")
+    dry = smk(wf, "-n", "--cores", "1", str(copy.relative_to(wf)))
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-2000:]
+    sheet.write_text(sheet.read_text().replace("\tnormal\tP2", "\tSCC\tP2"))
+    dry = smk(wf, "-n", "--cores", "2")
+    counts = job_counts(dry.stdout + dry.stderr)
+    assert counts.get("samples_sheet") == 1, counts
+
+
+def test_a_finetune_label_fraction_the_workflow_does_not_use_is_warned_about(tmp_path):
+    cfg = dict(TINY, finetune_eval=[1.0, 0.5], finetune={"label_fraction": 0.1},
+               runs={"a": {}, "b": {"finetune": {"label_fraction": 0.2}}})
+    wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
+    done = smk(wf, "-n", "--cores", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    warned = [x for x in done.stderr.splitlines() if "finetune.label_fraction" in x]
+    assert warned == [
+        ("simclr-path workflow: warning: config: finetune.label_fraction 0.1 is not used by the "
+        "workflow, which fine-tunes at the fractions listed in finetune_eval (now 1.0, 0.5); "
+        "list it there"),
+        ("simclr-path workflow: warning: config runs.b: finetune.label_fraction 0.2 is not used "
+        "by the workflow, which fine-tunes at the fractions listed in finetune_eval (now 1.0, "
+        "0.5); list it there")]
+    # nor does it reach the fine-tuning config file, whose change would rerun the jobs
+    done = smk(wf, "--cores", "1", "results/config/a/finetune.yaml")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "label_fraction" not in (wf / "results/config/a/finetune.yaml").read_text()
 
 
 @needs(LC25000)
@@ -782,19 +847,25 @@ def test_tiny_end_to_end_with_report(tmp_path):
 
     # worker counts change how fast stages run, not what they write: no rerun, and the new
     # counts reach the command lines
-    faster = {**TINY, **TINY_FINETUNE, "tile": {**TINY["tile"], "workers": 2},
-              "train": {**TINY["train"], "workers": 1},
-              "embed": {**TINY["embed"], "workers": 1, "batch_size": 8},
+    # (config.SPEED_KEYS: worker counts, batch and chunk sizes, the TIFF decoder, checkpoints)
+    faster = {**TINY, **TINY_FINETUNE,
+              "tile": {**TINY["tile"], "workers": 2, "tiff_direct": False},
+              "train": {**TINY["train"], "workers": 1, "checkpoint_every": 2},
+              "embed": {**TINY["embed"], "workers": 1, "batch_size": 8, "cpu_chunk": 4},
               "finetune": {**TINY_FINETUNE["finetune"], "workers": 1}}
     (wf / "config" / "test.yaml").write_text(yaml.safe_dump(faster, sort_keys=False))
     dry = smk(wf, "-n", "--cores", "2")
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
-    forced = smk(wf, "-n", "-p", "--cores", "2", "--forcerun", "pretrain", "embed", "finetune")
-    for command in ("pretrain", "embed", "finetune"):  # each one's command line has the new count
+    forced = smk(wf, "-n", "-p", "--cores", "2", "--forcerun", "tile", "pretrain", "embed",
+                 "finetune")
+    new_options = {"tile": ("--workers 2 ", "--no-tiff-direct "),
+                   "pretrain": ("--workers 1 ", "--checkpoint-every 2 "),
+                   "embed": ("--workers 1 ", "--batch-size 8 ", "--cpu-chunk 4 "),
+                   "finetune": ("--workers 1 ",)}
+    for command, options in new_options.items():  # each one's command line has the new values
         lines = [x for x in forced.stdout.splitlines() if f"simclr-path {command} " in x
                  or f"-m simclr_path {command} " in x]
-        assert lines and all("--workers 1 " in x for x in lines), (command, lines[:1])
-        assert command != "embed" or all("--batch-size 8 " in x for x in lines), lines[:1]
+        assert lines and all(o in x for x in lines for o in options), (command, lines[:1])
     (wf / "config" / "test.yaml").write_text(yaml.safe_dump({**TINY, **TINY_FINETUNE},
                                                             sort_keys=False))
 
@@ -942,6 +1013,20 @@ def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path, m
                "--config", "report={'path': 'out/r.html'}")
     assert done.returncode == 0 and "Report written to out/r.html" in done.stderr, done.stderr[-3000:]
     assert (wf / "out" / "r.html").stat().st_size > 10_000
+    # a config edit that reruns no result (a new report.path) still writes a report: Snakemake
+    # calls no onsuccess handler when nothing is left to do, so rule report_config reruns
+    (wf / "results/config/report.yaml").unlink()  # a placeholder, without Snakemake's record
+    done = smk(wf, "--cores", "1", replace)
+    assert done.returncode == 0 and "Report written to report.html" in done.stderr, done.stderr[-3000:]
+    again = smk(wf, "--cores", "1", replace)
+    assert "Nothing to be done" in again.stderr and "Report written" not in again.stderr
+    done = smk(wf, "--cores", "1", replace, "--config", "report={'path': 'elsewhere.html'}")
+    assert done.returncode == 0 and "Report written to elsewhere.html" in done.stderr, \
+        done.stderr[-3000:]
+    assert yaml.safe_load((wf / "results/config/report.yaml").read_text())["report"]["path"] \
+        == "elsewhere.html"
+    done = smk(wf, "--cores", "1", replace)  # and back
+    assert done.returncode == 0 and "Report written to report.html" in done.stderr, done.stderr[-3000:]
 
     # a single target whose rebuild leaves the outputs after it out of date: no report (it would
     # mix old and new results), and the older one moved aside (it shows what this run changed)

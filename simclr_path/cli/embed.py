@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers", type=int, default=None, help=f"DataLoader workers [config: {d.workers}]"
     )
+    p.add_argument(
+        "--cpu-chunk",
+        type=int,
+        default=None,
+        help=f"on CPU, run the model on at most this many patches at a time [config: {d.cpu_chunk}]",
+    )
     p.add_argument("--config", type=Path, default=None, help="YAML config (section 'embed')")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             "image_size": args.image_size,
             "device": args.device,
             "workers": args.workers,
+            "cpu_chunk": args.cpu_chunk,
             "tta": args.tta,
         }.items()
         if v is not None

@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"[config: {t.device}]")
     p.add_argument("--workers", type=int, default=None,
                    help=f"DataLoader workers per process [config: {t.workers}]")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help=f"write RUN_DIR/checkpoint.pt every STEPS steps [config: {t.checkpoint_every}]")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop cleanly after this wall time (checkpoint and encoder are written)")
     p.add_argument("--seed", type=int, default=None, help=f"[config: {t.seed}]")
@@ -56,6 +58,7 @@ def overrides(args: argparse.Namespace) -> dict[str, dict]:
         "augment": {"image_size": args.image_size, "local_crops": args.local_crops},
         "train": {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
                   "lr": args.lr, "device": args.device, "workers": args.workers,
+                  "checkpoint_every": args.checkpoint_every,
                   "time_budget_s": args.time_budget, "seed": args.seed},
     }
     return {s: {k: v for k, v in d.items() if v is not None} for s, d in sections.items()}

@@ -11,7 +11,7 @@ HELP = "Tile a whole-slide image into an HDF5 store of tissue patches (plus a QC
 
 # CLI option -> TileConfig field (CLI values override the --config file, which overrides defaults)
 _FIELDS = ("mpp", "patch_size", "stride", "min_tissue", "workers", "remove_pen", "max_pen",
-           "drop_white", "drop_black", "drop_blur", "mpp_from_objective")
+           "drop_white", "drop_black", "drop_blur", "mpp_from_objective", "tiff_direct")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{d.mpp_from_objective}]")
     p.add_argument("--workers", type=int, default=None,
                    help=f"parallel block readers [config: {d.workers}]")
+    p.add_argument("--tiff-direct", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode tiled-TIFF tiles with tifffile, checked against OpenSlide's pixels "
+                        f"(faster) [config: {d.tiff_direct}]")
     p.add_argument("--qc", type=Path, default=None, help="write a QC picture (PNG) here")
     p.add_argument("--remove-pen", action=argparse.BooleanOptionalAction, default=None,
                    help=f"suppress blue/green/black pen ink in the tissue mask [config: "

@@ -1,6 +1,20 @@
 # Logistic-regression SCC classifier with patient-grouped evaluation, one per run.
 
 
+rule samples_sheet:
+    output:
+        SHEET_COPY,
+    log:
+        "results/logs/config/samples.log",
+    localrule: True
+    params:
+        # a digest of the copied columns: Snakemake reruns the rule (and what reads the copy)
+        # when they change, not when another column or a comment does
+        digest=hashlib.sha256(SHEET_TEXT.encode()).hexdigest(),
+    run:
+        Path(output[0]).write_text(SHEET_TEXT)
+
+
 rule classify:
     input:
         embeddings=classify_embeddings,

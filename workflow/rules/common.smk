@@ -4,6 +4,7 @@
 # missing slide) stops the build with ONE line naming the field or row (raised as a
 # WorkflowError, so Snakemake prints the message and no Python traceback).
 import copy
+import hashlib
 import re
 import shlex
 import zlib
@@ -22,19 +23,29 @@ SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 SECTIONS = [
     f for f in spc.defaults_dict()
 ]  # tile, augment, model, train, embed, classify
+
+
 # Which config sections (all keys, or only those listed) each CLI stage reads: one YAML per stage
 # and run, so that changing a key reruns only the stages that read it (the classifier's folds
 # rerun classification, not pretraining; the t-SNE sample size the t-SNE figure alone).
+def keys_but(section, *left_out):
+    """The keys of config `section`, less those a stage's command line sets."""
+    return tuple(k for k in spc.defaults_dict()[section] if k not in left_out)
+
+
 STAGE_KEYS = {
     "pretrain": {"augment": None, "model": None, "train": None},
     # the augmentation preview draws the views alone: a training setting must not redraw it
     "preview": {"augment": None},
     "embed": {"embed": None},
+    # layer-wise evaluation gives --layer: the run's embed.layer must not rerun those jobs
+    "embed_layer": {"embed": keys_but("embed", "layer")},
     "classify": {"classify": spc.CLASSIFY_PROBE_KEYS},
     "tsne": {"classify": spc.CLASSIFY_TSNE_KEYS},
     # fine-tuning also reads classify (labels, folds, top-k) and train (tracking switches)
     "finetune": {
-        "finetune": None,
+        # label fractions come from finetune_eval (--label-fraction)
+        "finetune": keys_but("finetune", "label_fraction"),
         "classify": spc.CLASSIFY_FINETUNE_KEYS,
         "train": None,
         # its default input size is the probe's (finetune.image_size: null)
@@ -191,6 +202,29 @@ RUN_CFG = {run: resolved_config(run) for run in RUNS}
 # whose changes rerun the stage, and reach the command line through `threads` or `resources`,
 # which never trigger a rerun: a new worker count must not retrain an encoder.
 SPEED_KEYS = spc.SPEED_KEYS
+
+
+def speed_options(section):
+    """A `resources` function: the SPEED_KEYS of config `section` as its stage's command-line
+    options (--KEY, with dashes; a switch as --KEY or --no-KEY). tile.workers is the tile job's
+    `threads` instead, which Snakemake scales down to --cores."""
+
+    def options(wildcards):
+        cfg = getattr(
+            TILE_CFG if section == "tile" else RUN_CFG[wildcards.run], section
+        )
+        out = []
+        for key in SPEED_KEYS[section]:
+            if (section, key) == ("tile", "workers"):
+                continue
+            value, flag = getattr(cfg, key), key.replace("_", "-")
+            if isinstance(value, bool):
+                out.append(f"--{flag}" if value else f"--no-{flag}")
+            else:
+                out.append(f"--{flag} {value}")
+        return " ".join(out)
+
+    return options
 
 
 def stage_values(run, stage):
@@ -457,7 +491,21 @@ check_tile_sets()
 def check_fraction_design():
     """finetune_eval compares the probe and fine-tuning at the fractions it lists; the main
     probe (its 1.0 row, the runs table) at a classify.label_fraction of its own would pass for
-    the full-label probe."""
+    the full-label probe. finetune.label_fraction is the CLI's: the workflow fine-tunes at the
+    finetune_eval fractions alone."""
+    default = spc.FinetuneConfig().label_fraction
+    unused = {}  # one line for a top-level value that every run inherits
+    for run, cfg in RUN_CFG.items():
+        if cfg.finetune.label_fraction != default:
+            over = (config["runs"][run] or {}).get("finetune") or {}
+            where = f"config runs.{run}" if "label_fraction" in over else "config"
+            unused[where] = cfg.finetune.label_fraction
+    for where, fraction in unused.items():
+        warn(
+            f"{where}: finetune.label_fraction {fraction:g} is not used by the workflow, which "
+            "fine-tunes at the fractions listed in finetune_eval (now "
+            f"{', '.join(FRACTIONS) or 'none'}); list it there"
+        )
     if not FRACTIONS:
         return
     for run, cfg in RUN_CFG.items():
@@ -608,12 +656,31 @@ def probe_metrics(run, fraction):
     return f"results/classify_fraction/{run}/labels_{fraction}/metrics.json"
 
 
+# The samples sheet's columns that classify, fine-tuning and the t-SNE figure read, copied by
+# the samples_sheet rule; an edit elsewhere in the sheet (a comment, an mpp, a column of notes)
+# must not rerun them.
+SHEET_COPY = "results/config/samples.tsv"
+
+
+def sheet_copy_text():
+    """The copy's text: the sheet as validated, without mpp or extra columns."""
+    if SAMPLES is None:
+        return ""
+    keep = [
+        c for c in ("slide_id", "path", "label", "patient_id", "split") if c in SAMPLES
+    ]
+    return SAMPLES[keep].to_csv(sep="\t", index=False)
+
+
+SHEET_TEXT = sheet_copy_text()
+
+
 def samples_arg():
-    return f"--samples {shlex.quote(config['samples'])}" if SLIDES else ""
+    return f"--samples {SHEET_COPY}" if SLIDES else ""
 
 
 def samples_input():
-    return [config["samples"]] if SLIDES else []
+    return [SHEET_COPY] if SLIDES else []
 
 
 def logged(command):
@@ -674,6 +741,23 @@ if config["figures"]["heatmaps"] and _NO_HEATMAP:
         "(classify.positive_label null), so they get no heatmaps; set positive_label to the "
         "tumour class to draw its probability"
     )
+
+
+# the report_config rule's output, a target of rule all with report.auto
+REPORT_CONFIG = "results/config/report.yaml"
+
+
+def report_config_text():
+    """The merged config as YAML, less the SPEED_KEYS (a new worker count reruns nothing, the
+    report included)."""
+    cfg = copy.deepcopy(USER_CONFIG)
+    for sections in [cfg, *(cfg.get("runs") or {}).values()]:
+        for section, keys in SPEED_KEYS.items():
+            values = (sections or {}).get(section)
+            if isinstance(values, dict):
+                for key in keys:
+                    values.pop(key, None)
+    return yaml.safe_dump(cfg, sort_keys=True)
 
 
 def final_outputs():

@@ -18,14 +18,13 @@ rule embed:
     resources:
         mem_mb=8000,
         gpu=1,
-        # embed.workers and batch_size: resources, so that changing them reruns nothing
-        # (common.smk, SPEED_KEYS; eval-mode features do not depend on the batch)
-        loader_workers=lambda w: RUN_CFG[w.run].embed.workers,
-        embed_batch=lambda w: RUN_CFG[w.run].embed.batch_size,
+        # embed.workers, batch_size and cpu_chunk: a resource, so that changing them reruns
+        # nothing (common.smk, SPEED_KEYS; eval-mode features do not depend on the batch)
+        speed=speed_options("embed"),
     shell:
         logged(
             "simclr-path with-gpus {resources.gpu} -- simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
-            "--config {input.config} --workers {resources.loader_workers} --batch-size {resources.embed_batch} --force "
+            "--config {input.config} {resources.speed} --force "
         )
 
 
@@ -36,7 +35,7 @@ rule embed_layer:
         encoder="results/pretrain/{run}/encoder.pt",
         # read for layer 'head' (the projection head's output)
         head="results/pretrain/{run}/head.pt",
-        config=run_stage_config("embed"),
+        config=run_stage_config("embed_layer"),
     output:
         "results/embeddings/{run}/layers/{layer}/{store}.h5",
     log:
@@ -49,13 +48,12 @@ rule embed_layer:
     resources:
         mem_mb=8000,
         gpu=1,
-        # embed.workers and batch_size: resources, so that changing them reruns nothing
-        # (common.smk, SPEED_KEYS; eval-mode features do not depend on the batch)
-        loader_workers=lambda w: RUN_CFG[w.run].embed.workers,
-        embed_batch=lambda w: RUN_CFG[w.run].embed.batch_size,
+        # embed.workers, batch_size and cpu_chunk: a resource, so that changing them reruns
+        # nothing (common.smk, SPEED_KEYS; eval-mode features do not depend on the batch)
+        speed=speed_options("embed"),
     shell:
         logged(
             "simclr-path with-gpus {resources.gpu} -- simclr-path embed {input.store} --encoder {input.encoder} --out {output} "
-            "--layer {wildcards.layer} --config {input.config} --workers {resources.loader_workers} --batch-size {resources.embed_batch} "
+            "--layer {wildcards.layer} --config {input.config} {resources.speed} "
             "--force "
         )

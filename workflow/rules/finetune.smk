@@ -24,7 +24,7 @@ rule finetune:
         mem_mb=8000,
         gpu=1,
         # finetune.workers: a resource, so that changing it reruns nothing (common.smk, SPEED_KEYS)
-        loader_workers=lambda w: RUN_CFG[w.run].finetune.workers,
+        speed=speed_options("finetune"),
     params:
         samples=samples_arg(),
         out=subpath(output.metrics, parent=True),
@@ -32,7 +32,7 @@ rule finetune:
         logged(
             "simclr-path with-gpus {resources.gpu} -- simclr-path finetune {input.stores} --encoder {input.encoder} {params.samples} "
             "--label-fraction {wildcards.fraction} --out {params.out} --config {input.config} "
-            "--workers {resources.loader_workers} --force "
+            "{resources.speed} --force "
         )
 
 

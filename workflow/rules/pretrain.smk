@@ -37,15 +37,16 @@ rule pretrain:
     resources:
         mem_mb=16000,
         gpu=config["pretrain_gpus"],
-        # train.workers: a resource, so that changing it reruns nothing (common.smk, SPEED_KEYS)
-        loader_workers=lambda w: RUN_CFG[w.run].train.workers,
+        # train.workers and checkpoint_every: a resource, so that changing them reruns nothing
+        # (common.smk, SPEED_KEYS)
+        speed=speed_options("train"),
     params:
         command=pretrain_command(),
         out=subpath(output.encoder, parent=True),
     shell:
         logged(
             "simclr-path with-gpus {resources.gpu} -- {params.command} pretrain {input.stores} --out {params.out} --config {input.config} "
-            "--workers {resources.loader_workers} --resume-interrupted --force "
+            "{resources.speed} --resume-interrupted --force "
         )
 
 

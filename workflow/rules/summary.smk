@@ -37,6 +37,22 @@ rule compare_runs:
         "../scripts/compare_runs.py"
 
 
+# The merged config the automatic report is written for. Snakemake calls no onsuccess handler
+# when nothing is left to do, so a config edit that reruns no job (a new report.path, a run or a
+# figure switch taken away) would leave the report as it was: this job reruns on any config
+# edit (its params), and then the handler runs.
+rule report_config:
+    output:
+        REPORT_CONFIG,
+    log:
+        "results/logs/config/report.log",
+    localrule: True
+    params:
+        digest=hashlib.sha256(report_config_text().encode()).hexdigest(),
+    run:
+        Path(output[0]).write_text(report_config_text())
+
+
 # After a successful run, write the HTML report of every tracked artefact (config report.auto).
 # It runs `snakemake --report` in a child process with the same merged config; it is skipped
 # for dry runs and by `--no-hooks`. If the child fails, the run exits 1 with one line and an

@@ -37,12 +37,14 @@ rule tile:
     threads: TILE_CFG.tile.workers
     resources:
         mem_mb=4000,
+        # tile.tiff_direct: a resource, so that changing it reruns nothing (common.smk, SPEED_KEYS)
+        speed=speed_options("tile"),
     params:
         mpp=slide_mpp_arg,
     shell:
         logged(
             "simclr-path tile {input.slide:q} --out {output.store} --slide-id={wildcards.slide} "
-            "--qc {output.qc} --config {input.config} --workers {threads} {params.mpp} "
+            "--qc {output.qc} --config {input.config} --workers {threads} {resources.speed} {params.mpp} "
             "--force "
         )
 
