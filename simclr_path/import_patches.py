@@ -58,25 +58,31 @@ class ImportResult:
     n_duplicates: int = 0  # tiles pixel-identical to an earlier tile (after any resize)
 
 
+def _points_above(link: str | os.PathLike, top: str) -> bool:
+    """Whether ``link`` is a link to the folder ``top`` (a real path) or a folder above it."""
+    if not os.path.islink(link):
+        return False
+    target = os.path.realpath(link)
+    return os.path.commonpath([top, target]) == target
+
+
 def _files_under(root: Path, broken: list[Path] | None = None,
-                 above: list[Path] | None = None) -> list[Path]:
+                 above: list[Path] | None = None, top: Path | None = None) -> list[Path]:
     """Every file below ``root``, through linked folders too (as linked class folders and linked
     files are; ``Path.rglob`` skipped linked subfolders without a word), each real folder
-    once. Links whose target is gone are added to ``broken``, and links to ``root`` or a folder
-    above it, which are not followed (they would loop, or take in the other classes' tiles from
-    the folder above), to ``above``, where given."""
+    once. Links whose target is gone are added to ``broken``, and links to ``top`` (default
+    ``root``; the dataset folder for a class folder) or a folder above it, which are not
+    followed (they would loop, or take in every class's tiles), to ``above``, where given."""
     out: list[Path] = []
     seen: set[str] = set()
-    top = os.path.realpath(root)
+    top_real = os.path.realpath(top if top is not None else root)
     for here, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(here)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
-        up = [d for d in dirs if os.path.islink(os.path.join(here, d))
-              and os.path.commonpath([top, os.path.realpath(os.path.join(here, d))])
-              == os.path.realpath(os.path.join(here, d))]
+        up = [d for d in dirs if _points_above(os.path.join(here, d), top_real)]
         dirs[:] = [d for d in dirs if d not in up]
         if above is not None:
             above += [Path(here, d) for d in up]
@@ -106,7 +112,11 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
         raise SimclrPathError(f"{folder}: is a file; give the folder with one subfolder of tiles per class")
     if not folder.is_dir():
         raise SimclrPathError(f"{folder}: folder not found")
-    classes = sorted((d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
+    top = os.path.realpath(folder)
+    subfolders = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    # links to the folder or above: every class's tiles under one label
+    above = [d for d in subfolders if _points_above(d, top)]
+    classes = sorted((d.name for d in subfolders if d not in above),
                      key=_nfc)  # the label order must not depend on how a copy spells names
     if not classes:
         raise SimclrPathError(f"{folder}: no class subfolders; put the tiles of each class in "
@@ -114,9 +124,9 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     tiles: list[tuple[str, int]] = []
     skipped: list[str] = []
     broken: list[Path] = []  # links whose target is gone: a tile lost without a word
-    above: list[Path] = []  # links to a folder above: the other classes' tiles under this label
     for label, name in enumerate(classes):
-        found = [p.relative_to(folder) for p in _files_under(folder / name, broken, above)]
+        found = [p.relative_to(folder)
+                 for p in _files_under(folder / name, broken, above, top=folder)]
         found = [r for r in found if not any(part.startswith(".") for part in r.parts)]
         files = sorted((r.as_posix() for r in found if r.suffix.lower() in EXTENSIONS), key=_nfc)
         skipped += [r.as_posix() for r in found if r.suffix.lower() in OTHER_IMAGES]

@@ -485,7 +485,8 @@ def test_a_link_to_a_folder_above_is_not_followed(tiles, tmp_path):
     root, _ = tiles
     (root / "SCC" / "sub" / "all").symlink_to(root, target_is_directory=True)
     (root / "normal" / "parent").symlink_to(tmp_path, target_is_directory=True)
-    with pytest.warns(UserWarning, match=r"2 link\(s\) to a folder above them not followed \(e.g. "
+    (root / "all").symlink_to(".", target_is_directory=True)  # a class folder of every class
+    with pytest.warns(UserWarning, match=r"3 link\(s\) to a folder above them not followed \(e.g. "
                                          r"SCC/sub/all\)"):
         res = import_patches(root, tmp_path / "p.h5", progress=False)
     assert res.counts == {"SCC": 3, "normal": 2}

@@ -551,30 +551,38 @@ def test_finetune_eval_jobs(tmp_path):
 
 def test_an_edit_to_sheet_columns_the_stages_do_not_read_reruns_nothing(tmp_path):
     """classify, fine-tuning and the t-SNE figure read a copy of the sheet's slide_id, path,
-    label, patient_id (and split) columns: a comment, an mpp or a column of notes edited in the
-    sheet leaves the copy, and so them, alone; a label edited reruns them."""
+    label, patient_id (and split) columns: a comment or a column of notes edited in the sheet
+    leaves the copy, and so them, alone; a label edited reruns them, with
+    `--rerun-triggers mtime` too (the copy's rule reruns through its params alone)."""
     cfg = dict(TINY, finetune_eval=[1.0])
     wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
     printed = smk(wf, "-n", "-p", "--cores", "2").stdout
     for command in ("classify", "finetune", "plot-tsne"):
         lines = [x for x in printed.splitlines() if f"simclr-path {command} " in x]
         assert lines and all("--samples results/config/samples.tsv " in x for x in lines), command
+    _placeholder_outputs(wf)  # as if the pipeline had run
     copy = wf / "results/config/samples.tsv"
-    done = smk(wf, "--cores", "1", str(copy.relative_to(wf)))
-    assert done.returncode == 0, done.stderr[-2000:]
+    smk(wf, "-n", "--cores", "1")  # the parse writes the copy over its placeholder
     first = copy.read_text()
     assert first.splitlines()[0].split("\t") == ["slide_id", "path", "label", "patient_id"]
     assert len(first.splitlines()) == 5
+    _set_mtimes(wf / "resources", -3600)  # the demo slides, then what is made from them
+    _set_mtimes(wf / "results", -3600)
+    dry = smk(wf, "-n", "--cores", "1")
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-2000:]
     sheet = wf / "config" / "samples.test.tsv"
     lines = sheet.read_text().splitlines()
     sheet.write_text("# rescanned slides\n" + "\n".join(
-        [lines[0] + "\tmpp\tnotes"] + [x + "\t0.5\tseen" for x in lines[1:]]) + "\n")
-    dry = smk(wf, "-n", "--cores", "1", str(copy.relative_to(wf)))
+        [lines[0] + "\tnotes"] + [x + "\tseen" for x in lines[1:]]) + "\n")
+    dry = smk(wf, "-n", "--cores", "1")
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-2000:]
+    assert copy.read_text() == first
     sheet.write_text(sheet.read_text().replace("\tnormal\tP2", "\tSCC\tP2"))
-    dry = smk(wf, "-n", "--cores", "2")
+    dry = smk(wf, "-n", "--cores", "1", "--rerun-triggers", "mtime")
     counts = job_counts(dry.stdout + dry.stderr)
-    assert counts.get("samples_sheet") == 1, counts
+    assert counts.get("classify") == 1 and counts.get("finetune") == 1, counts
+    assert counts.get("plot_tsne") == 1 and "pretrain" not in counts, counts
+    assert "S2\tresources/demo/S2.tiff\tSCC\tP2" in copy.read_text()
 
 
 def test_a_finetune_label_fraction_the_workflow_does_not_use_is_warned_about(tmp_path):
@@ -584,6 +592,10 @@ def test_a_finetune_label_fraction_the_workflow_does_not_use_is_warned_about(tmp
     done = smk(wf, "-n", "--cores", "1")
     assert done.returncode == 0, done.stderr[-2000:]
     warned = [x for x in done.stderr.splitlines() if "finetune.label_fraction" in x]
+    listed = smk(wf, "-n", "--cores", "1", "--config", "finetune_eval=[1.0, 0.1]")
+    assert "config: finetune.label_fraction 0.1 is not used by the workflow, which fine-tunes " \
+           "at the fractions listed in finetune_eval (now 1.0, 0.1); it is listed there: " \
+           "remove the key" in listed.stderr, listed.stderr[-2000:]
     assert warned == [
         ("simclr-path workflow: warning: config: finetune.label_fraction 0.1 is not used by the "
         "workflow, which fine-tunes at the fractions listed in finetune_eval (now 1.0, 0.5); "
@@ -850,9 +862,11 @@ def test_tiny_end_to_end_with_report(tmp_path):
     # (config.SPEED_KEYS: worker counts, batch and chunk sizes, the TIFF decoder, checkpoints)
     faster = {**TINY, **TINY_FINETUNE,
               "tile": {**TINY["tile"], "workers": 2, "tiff_direct": False},
-              "train": {**TINY["train"], "workers": 1, "checkpoint_every": 2},
+              "train": {**TINY["train"], "workers": 1},
               "embed": {**TINY["embed"], "workers": 1, "batch_size": 8, "cpu_chunk": 4},
-              "finetune": {**TINY_FINETUNE["finetune"], "workers": 1}}
+              "finetune": {**TINY_FINETUNE["finetune"], "workers": 1},
+              # in a run's overrides too (the runs table and the report's config leave it out)
+              "runs": {"baseline": {"train": {"checkpoint_every": 2}}}}
     (wf / "config" / "test.yaml").write_text(yaml.safe_dump(faster, sort_keys=False))
     dry = smk(wf, "-n", "--cores", "2")
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]

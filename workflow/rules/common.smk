@@ -227,6 +227,20 @@ def speed_options(section):
     return options
 
 
+def without_speed_keys(sections):
+    """A copy of config `sections` (the top level, or one run's overrides) without the
+    SPEED_KEYS, and without the sections that leaves empty."""
+    out = copy.deepcopy(sections or {})
+    for section, keys in SPEED_KEYS.items():
+        values = out.get(section)
+        if isinstance(values, dict):
+            for key in keys:
+                values.pop(key, None)
+            if not values:
+                del out[section]
+    return out
+
+
 def stage_values(run, stage):
     """Resolved sections one CLI stage reads, as a plain dict (written to its --config YAML),
     less the SPEED_KEYS."""
@@ -501,10 +515,12 @@ def check_fraction_design():
             where = f"config runs.{run}" if "label_fraction" in over else "config"
             unused[where] = cfg.finetune.label_fraction
     for where, fraction in unused.items():
+        listed = any(float(f) == fraction for f in FRACTIONS)
         warn(
             f"{where}: finetune.label_fraction {fraction:g} is not used by the workflow, which "
             "fine-tunes at the fractions listed in finetune_eval (now "
-            f"{', '.join(FRACTIONS) or 'none'}); list it there"
+            f"{', '.join(FRACTIONS) or 'none'}); "
+            + ("it is listed there: remove the key" if listed else "list it there")
         )
     if not FRACTIONS:
         return
@@ -675,6 +691,24 @@ def sheet_copy_text():
 SHEET_TEXT = sheet_copy_text()
 
 
+def refresh_sheet_copy():
+    """Rewrite an outdated copy now: its rule reruns through the params trigger alone, so with
+    `--rerun-triggers mtime` a label edited in the sheet would otherwise never reach the stages
+    that read the copy. A copy rewritten with new content is a changed input to them under any
+    trigger. In dry runs too (Snakemake tells them apart only after the parse): the copy is
+    what the next run writes anyway."""
+    copy_path = Path(SHEET_COPY)
+    if SAMPLES is None or not workflow.is_main_process:
+        return
+    if copy_path.is_file() and copy_path.read_text() != SHEET_TEXT:
+        part = copy_path.with_name(f".{copy_path.name}.part")
+        part.write_text(SHEET_TEXT)
+        part.replace(copy_path)
+
+
+refresh_sheet_copy()
+
+
 def samples_arg():
     return f"--samples {SHEET_COPY}" if SLIDES else ""
 
@@ -750,13 +784,11 @@ REPORT_CONFIG = "results/config/report.yaml"
 def report_config_text():
     """The merged config as YAML, less the SPEED_KEYS (a new worker count reruns nothing, the
     report included)."""
-    cfg = copy.deepcopy(USER_CONFIG)
-    for sections in [cfg, *(cfg.get("runs") or {}).values()]:
-        for section, keys in SPEED_KEYS.items():
-            values = (sections or {}).get(section)
-            if isinstance(values, dict):
-                for key in keys:
-                    values.pop(key, None)
+    cfg = without_speed_keys(USER_CONFIG)
+    if isinstance(cfg.get("runs"), dict):
+        cfg["runs"] = {
+            run: without_speed_keys(over) for run, over in cfg["runs"].items()
+        }
     return yaml.safe_dump(cfg, sort_keys=True)
 
 
@@ -818,7 +850,10 @@ def run_overrides():
     """Run name -> its overrides as 'section.key=value; ...' (what distinguishes the runs)."""
     return {
         run: {
-            "overrides": spc.describe_overrides(config["runs"][run]),
+            # how fast a run went is not what distinguishes its results
+            "overrides": spc.describe_overrides(
+                without_speed_keys(config["runs"][run])
+            ),
             "description": (config["runs"][run] or {}).get("description", ""),
         }
         for run in RUNS
