@@ -222,11 +222,20 @@ def cv2_fork_safe() -> None:
 
 
 def one_thread_worker(_: int) -> None:
+    """``worker_init_fn`` of every DataLoader of the package (pretraining, embedding,
+    fine-tuning)."""
+    import signal
+
     # Workers augment on uint8 with OpenCV: one thread each, so N workers use N cores, not N^2.
     import cv2
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+    # A SIGTERM sent to the whole process group (timeout, `kill -- -PGID`, a scheduler's time
+    # limit) killed the workers first, and the main process then failed on the dead worker
+    # instead of saving its checkpoint. The main process alone handles it; its loader's shutdown
+    # ends the workers (and they end when it dies).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(stores: Sequence[PatchStore], cfg: AugmentConfig, plan: BatchPlan, start_step: int,

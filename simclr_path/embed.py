@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_path.config import EmbedConfig, section_cfg
-from simclr_path.data import cv2_fork_safe
+from simclr_path.data import cv2_fork_safe, one_thread_worker
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, load_encoder
 from simclr_path.outputs import check_apart, check_can_write, check_hdf5_name
@@ -432,6 +432,7 @@ def embed_store(
                 num_workers=max(workers, 0),
                 pin_memory=device.type == "cuda",
                 persistent_workers=False,
+                worker_init_fn=one_thread_worker if workers > 0 else None,
             )
             from tqdm.auto import tqdm
 

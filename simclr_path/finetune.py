@@ -84,7 +84,7 @@ from simclr_path.config import (
     whole_cfg,
 )
 from simclr_path.data import cv2_fork_safe, one_thread_worker, read_patch
-from simclr_path.embed import default_image_size
+from simclr_path.embed import default_image_size, file_sha256
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, feature_dim, load_encoder, output_stride, save_encoder
 from simclr_path.outputs import as_paths, atomic_dir, check_apart, check_can_write
@@ -580,6 +580,8 @@ def finetune(
         device = resolve_device(ft.device)
         # a broken or mismatched encoder fails before any training
         backbone = load_encoder(enc, device="cpu")
+        # ties the result to the encoder's content, not only its path (as classify's results are)
+        enc_sha256 = file_sha256(enc)
         key = ("finetune.image_size" if ft.image_size else
                "finetune.image_size (embed.image_size)" if cfg.embed.image_size else
                "finetune.image_size (embed's default size)")
@@ -658,6 +660,7 @@ def finetune(
                 task = task_summary(t, "samples sheet" if samples is not None else "patch stores",
                                     scheme, len(fold_ids), len(slides_pred), ccfg)
                 task.update({"model": "fine-tuned encoder + linear head", "encoder": str(enc),
+                             "encoder_sha256": enc_sha256,
                              "arch": info.get("arch"), "layer": "pooled", "image_size": image_size,
                              "label_fraction": ft.label_fraction})
                 metrics = metrics_document(

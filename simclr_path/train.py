@@ -279,6 +279,11 @@ BUDGET_SKIP_STEPS = 2
 BUDGET_MIN_STEPS = 3
 
 
+def _seconds(s: float) -> str:
+    """Seconds for a message: whole ones, with decimals below 10 (a 0.2 s budget is not 0 s)."""
+    return f"{s:.0f}" if s >= 10 else f"{s:.2g}"
+
+
 def budget_steps(step: int, elapsed: float, ref: tuple[int, float], budget: float, cap: int) -> int | None:
     """The step a run can reach within ``budget`` seconds, at the mean step rate since ``ref``.
 
@@ -955,6 +960,12 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
                 "um/px): the encoder records no mpp, so 'embed' cannot match new slides to the tissue "
                 "scale it learned; tile every slide at one --mpp unless mixing scales is the point",
                 stacklevel=2)
+        unknown = next((s for s in opened if len(s) and s.mpp is None), None)
+        if unknown is not None and _store_mpp(opened) is not None and world.main:
+            # (imported tiles carry no mpp), as fine-tuning warns: their scale cannot be checked
+            warnings.warn(f"{unknown.path}: no mpp recorded (imported tiles?) while other stores "
+                          f"are at {_store_mpp(opened):g} um/px, which the encoder records; make "
+                          "sure the tiles are at that scale", stacklevel=2)
         plan = BatchPlan([len(s) for s in opened], t_cfg.batch_size, t_cfg.seed, t_cfg.max_patches_per_slide,
                          world.rank, world.world_size, names=[str(s.path) for s in opened])
         requested = _requested(cfg)
@@ -1107,12 +1118,12 @@ def _fit_budget(cfg: PipelineConfig, model: nn.Module, plan, world: Dist, device
         first, last = fit["rungs"][0], fit["rungs"][fit["chosen"]]
         msg = f"{out}: "
         if spent:
-            msg += (f"timing the views took {fit['trial_s']:.0f} s of the "
-                    f"{t_cfg.time_budget_s:.0f} s budget"
+            msg += (f"timing the views took {_seconds(fit['trial_s'])} s of the "
+                    f"{_seconds(t_cfg.time_budget_s)} s budget"
                     + (f" ({fit['cut_short']}, so cheaper views were not timed)"
                        if fit.get("cut_short") else "") + "; ")
         if fit["chosen"]:
-            msg += (f"the {t_cfg.time_budget_s:.0f} s budget buys about {first['predicted_steps']} "
+            msg += (f"the {_seconds(t_cfg.time_budget_s)} s budget buys about {first['predicted_steps']} "
                     f"steps of {fit['requested']} on this machine, fewer than "
                     f"train.budget_min_steps ({t_cfg.budget_min_steps}); training {fit['trained']} "
                     f"instead (about {last['predicted_steps']} steps; train.budget_min_steps: null "
@@ -1159,11 +1170,14 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_step = 0
     wall_before = 0.0
+    saved_plan = None
     if ck is not None:
         try:
             optimizer.load_state_dict(ck["optimizer"])
             if int(ck.get("total_steps", total_steps)) == total_steps:
                 scheduler.load_state_dict(ck["scheduler"])
+                # the saved schedule's length (replan_scheduler's t_initial = total - warm + 1)
+                saved_plan = scheduler.t_initial + scheduler.warmup_t - 1
                 # a time budget re-planned the saved schedule to end early; this invocation runs
                 # to total_steps (or re-plans to its own budget), so the schedule must too, or
                 # every step past the old plan's end would train at LR 0 (a no-op otherwise)
@@ -1256,7 +1270,18 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         sync_group = dist.new_group(backend="gloo")
     budget_s = None if t_cfg.time_budget_s is None else max(
         1e-3, t_cfg.time_budget_s - (float(fit["trial_s"]) if fit and ck is None else 0.0))
-    bar_total = total_steps
+    if budget_s is not None and start_step > 0:
+        # A resumed budgeted run, until this invocation's step rate is measured: the saved
+        # schedule where it has steps left, else one at the earlier invocations' mean rate. A
+        # plan over total_steps put the LR back into that length's long warm-up for the first
+        # steps, then jumped to the budget's plan.
+        if saved_plan is not None and saved_plan > start_step:
+            planned = saved_plan
+        elif wall_before > 0:
+            planned = int(min(total_steps, max(start_step + 1,
+                                               start_step + budget_s * start_step / wall_before)))
+        replan_scheduler(scheduler, planned, warmup_wanted)
+    bar_total = planned
     # rank 0 only: other ranks keep their own trial rows, which rank 0's choice may not index
     if world.main and fit and ck is None and fit["rungs"][fit["chosen"]].get("predicted_steps"):
         # until the step rate is measured and the run re-planned, the fit's estimate: max_steps

@@ -13,6 +13,7 @@ from conftest import fake_mlflow
 from simclr_path.classify import classify, label_subset, make_folds
 from simclr_path.cli import main
 from simclr_path.config import PipelineConfig, build_config
+from simclr_path.embed import file_sha256
 from simclr_path.errors import SimclrPathError
 from simclr_path.finetune import (
     Augment,
@@ -90,7 +91,7 @@ def result(cohort, encoder, tmp_path_factory):
     return m, out
 
 
-def test_training_lowers_loss_and_writes_classify_layout(result):
+def test_training_lowers_loss_and_writes_classify_layout(result, encoder):
     m, out = result
     names = {p.name for p in out.iterdir()}
     assert {"metrics.json", "predictions_patches.csv", "predictions_slides.csv", "history.csv",
@@ -108,6 +109,8 @@ def test_training_lowers_loss_and_writes_classify_layout(result):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == m  # what the API returns is what it wrote
     assert saved["task"]["evaluation"] == "grouped_2fold" and saved["task"]["positive"] == "SCC"
+    # tied to the encoder's content, as classify's results are
+    assert saved["task"]["encoder_sha256"] == file_sha256(encoder)
     for level in ("patch", "slide"):
         for key in ("auroc", "average_precision", "balanced_accuracy", "sensitivity",
                     "specificity", "f1"):

@@ -423,6 +423,16 @@ def test_stores_at_several_resolutions_are_warned_about(tmp_path):
     assert s["mpp"] is None
 
 
+def test_stores_with_and_without_an_mpp_are_warned_about(tmp_path):
+    """Imported tiles (no mpp) beside slides at 1 um/px: the encoder records 1 um/px."""
+    mixed = [_easy_store(tmp_path / "a.h5", slide_id="A", mpp=1.0),
+             _easy_store(tmp_path / "b.h5", slide_id="B", mpp=None)]
+    with pytest.warns(UserWarning, match=r"b.h5: no mpp recorded \(imported tiles\?\) while other "
+                                         r"stores are at 1 um/px, which the encoder records"):
+        s = T.pretrain(mixed, tmp_path / "run", _cfg(max_steps=1), progress=False)
+    assert s["mpp"] == 1.0
+
+
 def test_resume_without_a_checkpoint(stores, tmp_path, capsys):
     cfg = _cfg(max_steps=2)
     with pytest.warns(UserWarning, match="no checkpoint in .*new; starting from step 0"):
@@ -1251,3 +1261,73 @@ def test_cuda_started_by_a_stage_gets_the_callers_seed_back(monkeypatch):
     monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
     T.restore_caller_state(saved)
     assert seeded == [77] and torch.initial_seed() == 77
+
+
+def test_a_sigterm_to_the_process_group_saves_the_checkpoint(tmp_path):
+    """timeout, `kill -- -PGID` and a scheduler's time limit signal every process of the job:
+    the DataLoader workers died first and the run lost its checkpoint (exit 1, a traceback)."""
+    import os
+    import signal
+
+    a = _easy_store(tmp_path / "a.h5")
+    out = tmp_path / "run"
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump({"train": {"log_every": 1, "checkpoint_every": 100000}}))
+    cmd = [sys.executable, "-m", "simclr_path", "pretrain", str(a), "--out", str(out),
+           "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "2",
+           "--max-steps", "100000", "--config", str(conf), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = (out / "metrics.csv").read_text().splitlines() if (out / "metrics.csv").is_file() else []
+            if len(rows) > 3:  # header + 3 steps: the workers are running
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-2000:]
+    ck = T.load_checkpoint(out / "checkpoint.pt")
+    assert ck["step"] >= 3, err[-2000:]
+    assert f"interrupted after step {ck['step']}; saved it (--resume continues from there)" in err
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+
+
+def test_a_resumed_budgeted_run_keeps_its_learning_rate(stores, tmp_path, monkeypatch):
+    """The resume planned the schedule over total_steps until the budget's re-plan, 5 steps
+    later: a long warm-up's LR (a drop to a fraction), then a jump back to the budget's plan."""
+    import signal
+
+    import simclr_path.loss as L
+
+    orig = L.NTXentLoss.forward
+    calls = itertools.count(1)
+
+    def forward(self, *z):
+        if next(calls) == 8:
+            signal.raise_signal(signal.SIGINT)  # step 8 completes, is saved, then stops
+        return orig(self, *z)
+
+    # warm-up wanted far beyond what the budget buys: the budget's plan warms up over half itself
+    cfg = _cfg(max_steps=None, log_every=1, checkpoint_every=1000)
+    cfg.train.epochs, cfg.train.warmup_epochs, cfg.train.time_budget_s = 100000, 1000.0, 60.0
+    monkeypatch.setattr(L.NTXentLoss, "forward", forward)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="after step 8"):
+        T.pretrain(stores, tmp_path / "run", cfg, progress=False)
+    monkeypatch.setattr(L.NTXentLoss, "forward", orig)
+    cfg.train.time_budget_s = 3.0
+    T.pretrain(stores, tmp_path / "run", cfg, resume=True, progress=False)
+    lr = pd.read_csv(tmp_path / "run" / "metrics.csv").set_index("step")["lr"]
+    assert lr.index[-1] > 9 and lr[8] > 0
+    assert 0.8 <= lr[9] / lr[8] <= 1.25, lr.head(12).tolist()
+
+
+def test_budget_seconds_in_messages_keep_their_decimals():
+    """A 0.2 s budget read "0 s of the 0 s budget" in the view-fitting warning."""
+    assert [T._seconds(s) for s in (0.2, 0.04, 3.14159, 10.4, 600.0)] == [
+        "0.2", "0.04", "3.1", "10", "600"]
