@@ -224,18 +224,33 @@ def cv2_fork_safe() -> None:
 def one_thread_worker(_: int) -> None:
     """``worker_init_fn`` of every DataLoader of the package (pretraining, embedding,
     fine-tuning)."""
-    import signal
-
     # Workers augment on uint8 with OpenCV: one thread each, so N workers use N cores, not N^2.
     import cv2
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    # A SIGTERM sent to the whole process group (timeout, `kill -- -PGID`, a scheduler's time
-    # limit) killed the workers first, and the main process then failed on the dead worker
-    # instead of saving its checkpoint. The main process alone handles it; its loader's shutdown
-    # ends the workers (and they end when it dies).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stopping_on_a_signal() -> None:
+    """Call from a SIGTERM / SIGINT handler of a process that stops on it: DataLoader worker
+    deaths are no longer reported.
+
+    A signal sent to the whole process group (timeout, `kill -- -PGID`, a scheduler's time limit)
+    kills the workers too, and PyTorch's SIGCHLD handler then raised "DataLoader worker ... is
+    killed by signal" in the main process: pretraining lost the checkpoint it was saving, embed
+    and finetune printed tracebacks while their loaders shut down. Handlers run in the main
+    thread, and the SIGTERM one always before SIGCHLD's (the workers die after they get it).
+    """
+    import signal
+
+    if hasattr(signal, "SIGCHLD"):
+        # a Python no-op, not SIG_DFL: one already pending would print "Signal 17 ignored due
+        # to race condition"
+        signal.signal(signal.SIGCHLD, _no_op)
+
+
+def _no_op(signum: int, frame: object) -> None:
+    pass
 
 
 def make_loader(stores: Sequence[PatchStore], cfg: AugmentConfig, plan: BatchPlan, start_step: int,

@@ -790,6 +790,9 @@ class _DeferSignals:
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        from simclr_path.data import stopping_on_a_signal
+
+        stopping_on_a_signal()  # a signal to the process group ends the loader workers now
         prev = self.previous[signum]
         if self.agree and (self.pending is None or time.monotonic() - self.since < self.REPEAT_S):
             if self.pending is None:
@@ -1006,8 +1009,8 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
             if fitted_to and t_cfg.time_budget_s and world.main and fitted_to != float(t_cfg.time_budget_s):
                 # views cannot change mid-run, so a new budget only moves the stop and the LR schedule
                 warnings.warn(f"{out / 'checkpoint.pt'}: its views ({fit.get('trained')}) were fitted "
-                              f"to a {fitted_to:.0f} s budget; resume keeps them with the "
-                              f"{float(t_cfg.time_budget_s):.0f} s budget (use --force to start over "
+                              f"to a {_seconds(fitted_to)} s budget; resume keeps them with the "
+                              f"{_seconds(float(t_cfg.time_budget_s))} s budget (use --force to start over "
                               "and fit them again)", stacklevel=2)
             if old.get("model") != to_dict(cfg)["model"]:
                 raise SimclrPathError(f"{out / 'checkpoint.pt'}: was trained with other "
@@ -1185,7 +1188,9 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             else:  # e.g. resumed with a larger --max-steps: warm-up + cosine over the new length
                 warnings.warn(f"{out / 'checkpoint.pt'}: run length changed from "
                               f"{ck.get('total_steps')} to {total_steps} steps; the LR schedule is "
-                              "re-planned for the new length", stacklevel=2)
+                              "re-planned for the new length"
+                              + (" and the time budget" if t_cfg.time_budget_s is not None else ""),
+                              stacklevel=2)
             if ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
         except (ValueError, KeyError, RuntimeError) as exc:
@@ -1262,6 +1267,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     # measured step rate so that warm-up + cosine decay end when the budget does (never beyond
     # total_steps); the rate is a running mean, so re-plans move the end by a step or so at most.
     planned = total_steps
+    lr_planned = total_steps  # the schedule's length, which a resume may set apart from planned
     budget_ref: tuple[int, float] | None = None
     # DDP: the ranks share rank 0's clock (the time budget) and whether any was signalled at
     # every step's end, over a CPU (gloo) group: a CUDA tensor would sync the device every step
@@ -1271,16 +1277,18 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     budget_s = None if t_cfg.time_budget_s is None else max(
         1e-3, t_cfg.time_budget_s - (float(fit["trial_s"]) if fit and ck is None else 0.0))
     if budget_s is not None and start_step > 0:
-        # A resumed budgeted run, until this invocation's step rate is measured: the saved
-        # schedule where it has steps left, else one at the earlier invocations' mean rate. A
-        # plan over total_steps put the LR back into that length's long warm-up for the first
-        # steps, then jumped to the budget's plan.
-        if saved_plan is not None and saved_plan > start_step:
-            planned = saved_plan
-        elif wall_before > 0:
-            planned = int(min(total_steps, max(start_step + 1,
-                                               start_step + budget_s * start_step / wall_before)))
-        replan_scheduler(scheduler, planned, warmup_wanted)
+        # A resumed budgeted run, until this invocation's step rate is measured: the LR of the
+        # saved schedule where it has steps left, else of one at the earlier invocations' mean
+        # rate (a plan over total_steps put the LR back into that length's long warm-up for the
+        # first steps, then jumped to the budget's plan). The run itself goes on at least until
+        # the rate is measured, and the budget re-plans it.
+        estimate = total_steps if wall_before <= 0 else int(min(total_steps, max(
+            start_step + 1, start_step + budget_s * start_step / wall_before)))
+        measured = start_step + BUDGET_SKIP_STEPS + BUDGET_MIN_STEPS
+        planned = min(total_steps, max(estimate, measured))
+        lr_plan = saved_plan if saved_plan is not None and saved_plan > start_step else estimate
+        replan_scheduler(scheduler, lr_plan, warmup_wanted)
+        lr_planned = lr_plan
     bar_total = planned
     # rank 0 only: other ranks keep their own trial rows, which rank 0's choice may not index
     if world.main and fit and ck is None and fit["rungs"][fit["chosen"]].get("predicted_steps"):
@@ -1346,6 +1354,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
 
     guard = _DeferSignals(enabled=True, agree=world.enabled)
     consistent = True  # model, optimiser, schedule, RNGs and pending rows are those of `step`
+    it = None
     try:
         it = iter(loader)
         while step < planned:
@@ -1425,8 +1434,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                     budget_ref = (step, elapsed)
                 new = (budget_steps(step, elapsed, budget_ref, budget_s, total_steps)
                        if budget_ref is not None and not stop_now else None)
-                if new is not None and new != planned:
-                    planned = new
+                if new is not None and (new != planned or new != lr_planned):
+                    planned = lr_planned = new
                     replan_scheduler(scheduler, planned, warmup_wanted)
                     if world.main:
                         bar.total = planned
@@ -1468,6 +1477,9 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         raise
     finally:
         guard.restore()
+        # the loader's workers end now (the loop stops before the iterator is exhausted), not
+        # when the iterator is collected, which may be at interpreter exit
+        getattr(it, "_shutdown_workers", lambda: None)()
     bar.close()
     try:  # writing the final files can fail too (disk full): the tracker still ends, FAILED
         if step < total_steps and stopped == "completed":

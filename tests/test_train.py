@@ -1331,3 +1331,36 @@ def test_budget_seconds_in_messages_keep_their_decimals():
     """A 0.2 s budget read "0 s of the 0 s budget" in the view-fitting warning."""
     assert [T._seconds(s) for s in (0.2, 0.04, 3.14159, 10.4, 600.0)] == [
         "0.2", "0.04", "3.1", "10", "600"]
+
+
+def test_a_resumed_budgeted_run_whose_saved_schedule_ends_next_step_uses_its_new_budget(
+        stores, tmp_path, monkeypatch):
+    """The resumed loop ran to the saved schedule's end, 1 step on, before the new budget's
+    step rate was measured, and stopped there with most of the budget unused."""
+    import signal
+
+    import simclr_path.loss as L
+
+    orig = L.NTXentLoss.forward
+    calls = itertools.count(1)
+
+    def forward(self, *z):
+        if next(calls) == 6:
+            signal.raise_signal(signal.SIGINT)
+        return orig(self, *z)
+
+    cfg = _cfg(max_steps=None, log_every=1, checkpoint_every=1000)
+    cfg.train.epochs, cfg.train.time_budget_s = 100000, 60.0
+    monkeypatch.setattr(L.NTXentLoss, "forward", forward)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="after step 6"):
+        T.pretrain(stores, tmp_path / "run", cfg, progress=False)
+    monkeypatch.setattr(L.NTXentLoss, "forward", orig)
+    path = tmp_path / "run" / "checkpoint.pt"
+    ck = T.load_checkpoint(path)
+    warm = ck["scheduler"]["warmup_t"]
+    ck["scheduler"]["t_initial"] = 7 - warm + 1  # the saved schedule ends after step 7
+    torch.save(ck, path)
+    cfg.train.time_budget_s = 8.0
+    s = T.pretrain(stores, tmp_path / "run", cfg, resume=True, progress=False)
+    assert s["steps"] >= 6 + T.BUDGET_SKIP_STEPS + T.BUDGET_MIN_STEPS, s
+    assert s["wall_time_s"] - ck["wall_time_s"] > 4.0, s  # most of the new budget was used

@@ -186,10 +186,12 @@ def _raise_interrupted(signum, frame) -> None:
 def _record(kind) -> None:
     """Keep the signal for the HDF5 writers (outputs.PENDING_SIGNAL): Python discards what a
     handler raises inside a weakref callback, as h5py runs one during a large write."""
+    from simclr_path.data import stopping_on_a_signal
     from simclr_path.outputs import PENDING_SIGNAL
 
     if not PENDING_SIGNAL:
         PENDING_SIGNAL.append(kind)
+    stopping_on_a_signal()  # the loader workers got it too: their end is no error
 
 
 @contextlib.contextmanager
