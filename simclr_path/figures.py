@@ -788,6 +788,9 @@ def plot_curves(
                 whose = ("" if len(drawn) < 2 else "macro " if metrics["task"].get("positive")
                          is None else f"{drawn[0][0]} ")
                 split.append(f"{whose}AUROC 95% CI {ci[0]:.2f}-{ci[1]:.2f}")
+            elif kind == "roc" and metrics[level].get("auroc_ci95_note"):
+                # why there is none ("CI not shown: 4 patients per class"), its detail left out
+                split.append(str(metrics[level]["auroc_ci95_note"]).split(" (")[0])
             # two lines: one would run into the next panel's title
             ax.set_title(f"{level if level == 'patch' else unit} level, n={n}"
                          + ("\n" + "; ".join(split) if split else ""), fontsize=11)

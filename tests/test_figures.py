@@ -913,6 +913,16 @@ def test_curve_panel_titles_do_not_run_into_each_other(tmp_path, monkeypatch):
     assert "10 positive, 16 negative" in roc.axes[1].get_title()
     # two slide curves (mean and top-k): the CI names the one it was computed for
     assert "mean of patches AUROC 95% CI 0.83-1.00" in roc.axes[1].get_title()
+    # and without one, the panel says why (it was left out without a word)
+    m["slide"]["auroc_ci95"] = None
+    m["slide"]["auroc_ci95_note"] = ("CI not shown: 4 patients per class (a patient bootstrap "
+                                     "needs at least 5 per class)")
+    (tmp_path / "cls" / "metrics.json").write_text(json.dumps(m))
+    drawn.clear()
+    figures.plot_curves(tmp_path / "cls", tmp_path / "roc.png", tmp_path / "pr.png")
+    title = drawn[0].axes[1].get_title()
+    assert "10 positive, 16 negative; CI not shown: 4 patients per class" in title, title
+    assert "CI not shown" not in drawn[1].axes[1].get_title()  # precision-recall has no CI
 
 
 @pytest.mark.parametrize(("steps", "curves"), [

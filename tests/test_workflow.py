@@ -1126,7 +1126,8 @@ def test_demo_slide_paths_and_artefacts_are_quoted_for_the_shell(tmp_path):
 
 
 def _caption(name: str, evaluation: str, slides: bool, positive: str = "SCC",
-             run: str = "baseline", slide: str = "S1", tiles: str = "lc") -> str:
+             run: str = "baseline", slide: str = "S1", tiles: str = "lc",
+             extra: dict | None = None) -> str:
     """A report caption as Snakemake renders it (Jinja, then reStructuredText to HTML)."""
     import html as html_module
     import types
@@ -1136,10 +1137,10 @@ def _caption(name: str, evaluation: str, slides: bool, positive: str = "SCC",
 
     config = {"samples": "config/samples.tsv" if slides else None,
               "patch_datasets": None if slides else {tiles: {}}, "runs": {run: {}},
-              "figures": {"heatmaps": True}}
+              "figures": {"heatmaps": True}, **(extra or {})}
     sm = types.SimpleNamespace(config=config, params=types.SimpleNamespace(
-        evaluation=evaluation, positive=positive), wildcards=types.SimpleNamespace(
-        run=run, slide=slide))
+        evaluation=evaluation, positive=positive, runs=["stage3", "pooled"]),
+        wildcards=types.SimpleNamespace(run=run, slide=slide))
     # Snakemake's own options: trim_blocks drops the newline after a line-ending block tag
     text = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
         (ROOT / "workflow" / "report" / f"{name}.rst").read_text()).render(snakemake=sm)
@@ -1163,6 +1164,13 @@ def test_the_report_captions_say_how_the_classifier_was_evaluated():
     assert "grouped by patient" in folds["curves"] and "grouped by patient" in folds["confusion"]
     tiles = {n: _caption(n, "folds", False) for n in ("metrics", "confusion", "curves")}
     assert all("slide" not in t and "source image" in t for t in tiles.values()), tiles
+    plain = _caption("workflow", "folds", True)
+    assert "Category 0 compares the runs on the same classifier metrics." in plain
+    assert "layers" in _caption("workflow", "folds", True, extra={"layer_eval": ["stage3"]})
+    both = _caption("workflow", "folds", True, extra={"layer_eval": ["stage3"],
+                                                     "finetune_eval": [1.0]})
+    assert ("metrics, each run's layers (config layer_eval) and fine-tuning against the linear "
+            "probe at each label fraction (config finetune_eval).") in both, both
     intro = _caption("workflow", "folds", False)
     assert "category 1" not in intro and "held-out source images" in intro
     assert "Category 5" not in intro and "Category 5 holds" in _caption("workflow", "folds", True)
@@ -1174,6 +1182,9 @@ def test_the_report_captions_say_how_the_classifier_was_evaluated():
     assert all("patient" not in t and "slide" not in t for t in compared.values()), compared
     assert "source image" in compared["compare_layers"]
     assert "patient" in _caption("compare_finetune", "folds", True)
+    # the layers evaluated, not "stages and the projection head" whatever layer_eval listed
+    assert "embeddings from the layers stage3, pooled (config layer_eval" in compared[
+        "compare_layers"]
 
 
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
@@ -1199,6 +1210,7 @@ def test_the_report_captions_name_the_runs_positive_class():
     assert "P(lung_scc) >= 0.5" in tumour["metrics"] and "P(lung_scc) >= 0.5" in tumour["confusion"]
     assert "the mean P(lung_scc) of its patches" in tumour["curves"]
     assert "Held-out classifier score P(lung_scc)" in tumour["heatmap"]
+    assert "comes from a slide labelled lung_scc)" in tumour["heatmap"]  # not "a SCC slide"
     macro = {n: _caption(n, "folds", True, positive="") for n in ("metrics", "confusion", "curves")}
     assert all("P(" not in t and "SCC" not in t for t in macro.values()), macro
     assert "one curve per class against the rest" in macro["curves"]

@@ -128,8 +128,33 @@ def test_a_tile_set_comparison_speaks_of_source_images_not_slides(cr, tmp_path, 
         method="linear probe", label_fraction=[1.0, 0.1])
     figs.clear()
     cr.plot_fractions(fr, str(tmp_path / "fr.png"), "t")
-    assert figs[0].axes[0].get_title() == "group AUROC"
+    assert figs[0].axes[0].get_title() == "group AUROC (n = 20 source images)"
     assert "labelled training source images per fold" in figs[0].axes[0].get_xlabel()
+
+
+def test_the_label_fraction_figure_counts_the_labelled_patients(cr, tmp_path, monkeypatch):
+    """With few patients "at least one per class" made 50% and 100% one labelled set: the flat
+    line read as "half the labels cost nothing"; a missing CI went unexplained."""
+    rows = [_metrics(0.9, None, n_patients=4), _metrics(0.9, None, n_patients=4)]
+    fr = cr.summarise(["a", "b"], rows, [{}, {}], {}).assign(
+        method="linear probe", label_fraction=[1.0, 0.5], labelled_patients_per_fold=[2.0, 2.0])
+    figs = []
+    from simclr_path import figures
+
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: figs.append(fig))
+    cr.plot_fractions(fr, str(tmp_path / "fr.png"), "t")
+    fig = figs[0]
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["50%\n2", "100%\n2"], ticks
+    assert fig.axes[0].get_title() == "slide AUROC (n = 4 patients)"
+    notes = " ".join(t.get_text() for t in fig.texts)
+    assert "fractions with the same number of labelled patients trained on the same ones" in notes
+    assert "without error bar: too few patients for its CI" in notes
+    fr = fr.assign(labelled_patients_per_fold=[4.0, 2.0], slide_auroc_ci_low=[0.8, 0.8],
+                   slide_auroc_ci_high=[0.95, 0.95])
+    figs.clear()
+    cr.plot_fractions(fr, str(tmp_path / "fr2.png"), "t")
+    assert [t.get_text() for t in figs[0].texts] == ["t"]  # the title; nothing to note
 
 
 def test_the_fold_mean_says_how_many_folds_it_covers(tmp_path):

@@ -116,12 +116,21 @@ def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> N
     ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
     ax.text(1.01, 0.5, "chance", fontsize=7, color="#666666", ha="left", va="center",
             transform=ax.get_yaxis_transform())
+    notes = [n_note(df)] if n_note(df) else []
     if df["slide_auroc_ci_low"].isna().any():  # the caption promises CIs: say where there are none
-        ax.set_xlabel(f"{xlabel}\n(a {unit} AUROC without error bar: too few {grouped_by}s for "
-                      "its CI)")
+        notes.append(f"a {unit} AUROC without error bar: too few {grouped_by}s for its CI")
+    if notes:
+        ax.set_xlabel(f"{xlabel}\n({'; '.join(notes)})")
     # below the axes and their (maybe rotated) run names: constrained layout makes room
     fig.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     save_figure(fig, out)
+
+
+def n_note(df: pd.DataFrame) -> str:
+    """'n = 8 patients' when every row was evaluated on that many (slide AUROCs of a handful of
+    patients move in large steps); '' when the rows differ or do not say."""
+    n = set(df["n_patients"].dropna()) if "n_patients" in df else set()
+    return f"n = {int(n.pop())} {units(df)[1]}s" if len(n) == 1 else ""
 
 
 def has_ci(df: pd.DataFrame) -> np.ndarray:
@@ -196,8 +205,11 @@ def plot_fractions(df: pd.DataFrame, out: str, title: str) -> None:
     unit, grouped_by = units(df)
     fracs = sorted(df["label_fraction"].unique())
     log_x = len(fracs) > 1 and fracs[-1] / fracs[0] > 5
-    fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.6), sharey=True)
     methods = list(dict.fromkeys(df["method"]))
+    # labelled patients per fold at each fraction: the same for every method (by design)
+    labelled = {f: float(df.loc[df["label_fraction"] == f, "labelled_patients_per_fold"].max())
+                if "labelled_patients_per_fold" in df else float("nan") for f in fracs}
     for ax, level in zip(axes, ("slide", "patch")):
         for j, method in enumerate(methods):
             d = df[df["method"] == method].sort_values("label_fraction")
@@ -213,16 +225,30 @@ def plot_fractions(df: pd.DataFrame, out: str, title: str) -> None:
                             ecolor=OKABE_ITO[j], capsize=3)
         if log_x:
             ax.set_xscale("log")
-        ax.set_xticks(fracs, [percent(f) for f in fracs])
+        # the share asked for and the labelled patients it gave (at least one per class)
+        ax.set_xticks(fracs, [f"{percent(f)}\n{labelled[f]:g}" if np.isfinite(labelled[f])
+                              else percent(f) for f in fracs])
         ax.minorticks_off()
         ax.set_ylim(0, 1.05)
         ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
-        ax.set_xlabel(f"labelled training {grouped_by}s per fold (share of each class)")
-        ax.set_title(f"{unit if level == 'slide' else level} AUROC")
+        ax.set_xlabel(f"labelled training {grouped_by}s per fold\n(share of each class, and "
+                      "their number)")
+        ax.set_title(f"{unit if level == 'slide' else level} AUROC"
+                     + (f" ({n_note(df)})" if level == "slide" and n_note(df) else ""))
+    notes = []
+    counts = [labelled[f] for f in fracs if np.isfinite(labelled[f])]
+    if len(set(counts)) < len(counts):  # "at least one per class" made two fractions one set
+        notes.append(f"fractions with the same number of labelled {grouped_by}s trained on the "
+                     "same ones")
+    if df["slide_auroc_ci_low"].isna().any():
+        notes.append(f"a {unit} AUROC without error bar: too few {grouped_by}s for its CI")
+    if notes:
+        fig.text(0.5, 0.005, "; ".join(notes), ha="center", va="bottom", fontsize=8,
+                 color="#444444")
     axes[0].set_ylabel(f"AUROC ({evaluation_words(df)})")
     axes[1].legend(loc="lower right", fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))  # room for the notes below
     save_figure(fig, out)
 
 
