@@ -231,28 +231,6 @@ def one_thread_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def stopping_on_a_signal() -> None:
-    """Call from a SIGTERM / SIGINT handler of a process that stops on it: DataLoader worker
-    deaths are no longer reported.
-
-    A signal sent to the whole process group (timeout, `kill -- -PGID`, a scheduler's time limit)
-    kills the workers too, and PyTorch's SIGCHLD handler then raised "DataLoader worker ... is
-    killed by signal" in the main process: pretraining lost the checkpoint it was saving, embed
-    and finetune printed tracebacks while their loaders shut down. Handlers run in the main
-    thread, and the SIGTERM one always before SIGCHLD's (the workers die after they get it).
-    """
-    import signal
-
-    if hasattr(signal, "SIGCHLD"):
-        # a Python no-op, not SIG_DFL: one already pending would print "Signal 17 ignored due
-        # to race condition"
-        signal.signal(signal.SIGCHLD, _no_op)
-
-
-def _no_op(signum: int, frame: object) -> None:
-    pass
-
-
 def make_loader(stores: Sequence[PatchStore], cfg: AugmentConfig, plan: BatchPlan, start_step: int,
                 total_steps: int, workers: int, pin_memory: bool = False) -> DataLoader:
     """DataLoader of ``(v1, v2[, local])`` uint8 view batches for steps ``start_step .. total_steps - 1``."""

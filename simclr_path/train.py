@@ -790,7 +790,7 @@ class _DeferSignals:
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        from simclr_path.data import stopping_on_a_signal
+        from simclr_path.outputs import stopping_on_a_signal
 
         stopping_on_a_signal()  # a signal to the process group ends the loader workers now
         prev = self.previous[signum]

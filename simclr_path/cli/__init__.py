@@ -186,8 +186,7 @@ def _raise_interrupted(signum, frame) -> None:
 def _record(kind) -> None:
     """Keep the signal for the HDF5 writers (outputs.PENDING_SIGNAL): Python discards what a
     handler raises inside a weakref callback, as h5py runs one during a large write."""
-    from simclr_path.data import stopping_on_a_signal
-    from simclr_path.outputs import PENDING_SIGNAL
+    from simclr_path.outputs import PENDING_SIGNAL, stopping_on_a_signal
 
     if not PENDING_SIGNAL:
         PENDING_SIGNAL.append(kind)
