@@ -244,10 +244,26 @@ def stopping_on_a_signal() -> None:
     """
     import signal
 
-    if hasattr(signal, "SIGCHLD"):
+    if hasattr(signal, "SIGCHLD") and signal.getsignal(signal.SIGCHLD) is not _no_op:
         # a Python no-op, not SIG_DFL: one already pending would print "Signal 17 ignored due
         # to race condition"
-        signal.signal(signal.SIGCHLD, _no_op)
+        _REPLACED_SIGCHLD[:] = [signal.signal(signal.SIGCHLD, _no_op)]
+
+
+def worker_reports_back() -> None:
+    """Undo :func:`stopping_on_a_signal` once every loader is shut down, for a process that
+    goes on (an API user's Ctrl-C in pretrain, ``cli.main`` called in a process). Not before: a
+    worker the signal killed, not yet reaped, would be reported again while its loader shuts
+    down."""
+    import signal
+
+    if _REPLACED_SIGCHLD and signal.getsignal(signal.SIGCHLD) is _no_op:
+        previous = _REPLACED_SIGCHLD.pop()
+        if previous is not None:  # None: a handler set outside Python, which cannot be restored
+            signal.signal(signal.SIGCHLD, previous)
+
+
+_REPLACED_SIGCHLD: list[Any] = []
 
 
 def _no_op(signum: int, frame: object) -> None:

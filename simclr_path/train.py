@@ -67,7 +67,7 @@ from simclr_path.config import (
     whole_cfg,
 )
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import atomic_output, check_apart
+from simclr_path.outputs import atomic_output, check_apart, worker_reports_back
 
 CHECKPOINT_VERSION = 1
 METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "pairs_per_s", "data_time_s", "compute_time_s"]
@@ -1364,6 +1364,11 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             except StopIteration:
                 break
             except RuntimeError as exc:  # a worker killed by SIGBUS: /dev/shm is full
+                if guard.requested:
+                    # the signal that waits (DDP's agreement) ended the workers too, before the
+                    # batch this rank waited for: stop on it now (the last periodic checkpoint
+                    # stays), not with the loader's error
+                    guard.fire()
                 if "shared memory" not in str(exc):
                     raise
                 raise SimclrPathError(
@@ -1480,6 +1485,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         # the loader's workers end now (the loop stops before the iterator is exhausted), not
         # when the iterator is collected, which may be at interpreter exit
         getattr(it, "_shutdown_workers", lambda: None)()
+        worker_reports_back()  # (stopping_on_a_signal, in the guard's handler)
     bar.close()
     try:  # writing the final files can fail too (disk full): the tracker still ends, FAILED
         if step < total_steps and stopped == "completed":

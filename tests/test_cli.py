@@ -223,9 +223,13 @@ def test_a_signal_python_discards_still_stops_the_command(tmp_path, monkeypatch,
 
     monkeypatch.setattr(PatchStoreWriter, "append", append_then_signal)
     out = tmp_path / "p.h5"
+    chld = signal.getsignal(signal.SIGCHLD)
     rc = main(["import-patches", str(tmp_path / "tiles"), "--out", str(out), "--no-progress"])
     assert rc == code, capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles"]  # no store, no temporary file
+    # the signal turned PyTorch's report of dead loader workers off for the command's end
+    # (outputs.stopping_on_a_signal); a process that goes on gets it back
+    assert signal.getsignal(signal.SIGCHLD) == chld
 
 
 def test_help_shows_real_defaults_only(capsys):

@@ -312,6 +312,10 @@ def test_interrupt_during_a_step_saves_only_finished_steps(stores, tmp_path, mon
     with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="after step 3"):
         T.pretrain(stores, tmp_path / "sig", cfg, progress=False)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+    # and the loader workers' death reports (off while the run stopped on the signal)
+    from simclr_path import outputs
+
+    assert signal.getsignal(signal.SIGCHLD) is not outputs._no_op
     assert torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=True)["step"] == 3
     # raised inside step 3 itself: its state is half-made, so step 2's checkpoint stays
     monkeypatch.setattr(L.NTXentLoss, "forward", interrupt_in_step(3, lambda: (_ for _ in ()).throw(KeyboardInterrupt)))

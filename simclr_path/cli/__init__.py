@@ -245,6 +245,17 @@ def _warnings_as_lines(command: str) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from simclr_path.outputs import worker_reports_back
+
+    try:
+        return _main(argv)
+    finally:
+        # the command's loaders went with its frames (its exception is handled): PyTorch's
+        # report of a dead worker comes back for a process that goes on (an API caller, tests)
+        worker_reports_back()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     try:
