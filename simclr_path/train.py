@@ -67,7 +67,12 @@ from simclr_path.config import (
     whole_cfg,
 )
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import atomic_output, check_apart, worker_reports_back
+from simclr_path.outputs import (
+    atomic_output,
+    check_apart,
+    stopping_on_a_signal,
+    worker_reports_back,
+)
 
 CHECKPOINT_VERSION = 1
 METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "pairs_per_s", "data_time_s", "compute_time_s"]
@@ -790,8 +795,6 @@ class _DeferSignals:
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        from simclr_path.outputs import stopping_on_a_signal
-
         stopping_on_a_signal()  # a signal to the process group ends the loader workers now
         prev = self.previous[signum]
         if self.agree and (self.pending is None or time.monotonic() - self.since < self.REPEAT_S):
@@ -964,11 +967,12 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
                 "scale it learned; tile every slide at one --mpp unless mixing scales is the point",
                 stacklevel=2)
         unknown = next((s for s in opened if len(s) and s.mpp is None), None)
-        if unknown is not None and _store_mpp(opened) is not None and world.main:
+        recorded = _store_mpp(opened)
+        if unknown is not None and recorded is not None and world.main:
             # (imported tiles carry no mpp), as fine-tuning warns: their scale cannot be checked
             warnings.warn(f"{unknown.path}: no mpp recorded (imported tiles?) while other stores "
-                          f"are at {_store_mpp(opened):g} um/px, which the encoder records; make "
-                          "sure the tiles are at that scale", stacklevel=2)
+                          f"are at {recorded:g} um/px, which the encoder records; make sure the "
+                          "tiles are at that scale", stacklevel=2)
         plan = BatchPlan([len(s) for s in opened], t_cfg.batch_size, t_cfg.seed, t_cfg.max_patches_per_slide,
                          world.rank, world.world_size, names=[str(s.path) for s in opened])
         requested = _requested(cfg)

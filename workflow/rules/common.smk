@@ -25,14 +25,20 @@ SECTIONS = [
 ]  # tile, augment, model, train, embed, classify
 
 
-# Which config sections (all keys, or only those listed) each CLI stage reads: one YAML per stage
-# and run, so that changing a key reruns only the stages that read it (the classifier's folds
-# rerun classification, not pretraining; the t-SNE sample size the t-SNE figure alone).
+def config_where(run, section, key):
+    """Where a run's `section.key` was set, for a message: its runs entry or the top level."""
+    over = (config["runs"][run] or {}).get(section) or {}
+    return f"config runs.{run}" if key in over else "config"
+
+
 def keys_but(section, *left_out):
     """The keys of config `section`, less those a stage's command line sets."""
     return tuple(k for k in spc.defaults_dict()[section] if k not in left_out)
 
 
+# Which config sections (all keys, or only those listed) each CLI stage reads: one YAML per stage
+# and run, so that changing a key reruns only the stages that read it (the classifier's folds
+# rerun classification, not pretraining; the t-SNE sample size the t-SNE figure alone).
 STAGE_KEYS = {
     "pretrain": {"augment": None, "model": None, "train": None},
     # the augmentation preview draws the views alone: a training setting must not redraw it
@@ -252,10 +258,7 @@ def stage_values(run, stage):
             s: full[s] if keys is None else {k: full[s][k] for k in keys}
             for s, keys in STAGE_KEYS[stage].items()
         }
-    for section, keys in SPEED_KEYS.items():
-        for key in keys:
-            out.get(section, {}).pop(key, None)
-    return out
+    return without_speed_keys(out)
 
 
 # ---------------------------------------------------------------------------- samples sheet
@@ -511,8 +514,7 @@ def check_fraction_design():
     unused = {}  # one line for a top-level value that every run inherits
     for run, cfg in RUN_CFG.items():
         if cfg.finetune.label_fraction != default:
-            over = (config["runs"][run] or {}).get("finetune") or {}
-            where = f"config runs.{run}" if "label_fraction" in over else "config"
+            where = config_where(run, "finetune", "label_fraction")
             unused[where] = cfg.finetune.label_fraction
     for where, fraction in unused.items():
         listed = any(float(f) == fraction for f in FRACTIONS)
@@ -526,8 +528,7 @@ def check_fraction_design():
         return
     for run, cfg in RUN_CFG.items():
         if cfg.classify.label_fraction < 1.0:
-            over = (config["runs"][run] or {}).get("classify") or {}
-            where = f"config runs.{run}" if "label_fraction" in over else "config"
+            where = config_where(run, "classify", "label_fraction")
             fail(
                 f"{where}: classify.label_fraction {cfg.classify.label_fraction:g} with "
                 "finetune_eval: the comparison sets the fractions itself (the probe's 1.0 row is "
@@ -594,8 +595,7 @@ def check_views_and_models():
     for run, cfg in RUN_CFG.items():
         weights = cfg.model.weights
         if weights and not Path(weights).is_file():
-            over = (config["runs"][run] or {}).get("model") or {}
-            where = f"config runs.{run}" if "weights" in over else "config"
+            where = config_where(run, "model", "weights")
             fail(
                 f"{where}: model.weights: file not found: {weights}; give a local timm state "
                 "dict (relative paths are resolved against the directory you run snakemake "
