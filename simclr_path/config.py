@@ -293,7 +293,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500  # steps
     log_every: int = 10  # steps
-    sync_batchnorm: bool = True  # used only when more than one process
+    sync_batchnorm: bool = True  # global-batch BN with several processes (GPU or CPU)
     time_budget_s: float | None = None  # stop after these seconds; the LR schedule is re-planned to end then
     budget_min_steps: int | None = None  # with time_budget_s: cheaper views when it buys fewer steps (simclr_path.budget)
     tensorboard: bool = True  # TensorBoard event files in RUN_DIR/tensorboard

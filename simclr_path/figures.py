@@ -157,14 +157,26 @@ def _check_finite(df: pd.DataFrame, columns: set[str], path: Path, how: str) -> 
                                   f"value(s) (first on row {gap[0] + 2}){how}")
 
 
+def with_run(text: str, run_name: str | None) -> str:
+    """A figure's title with the run it belongs to named first (``run baseline: ...``), so a
+    figure copied out of the report or results/figures/ still says which run drew it."""
+    if run_name is None or run_name == "":
+        return text
+    if not isinstance(run_name, str):
+        raise SimclrPathError(f"run_name: expected text, got {type(run_name).__name__}")
+    return f"run {run_name}: {text}"
+
+
 @plain_text
 def plot_loss_curve(
     metrics_csv: str | os.PathLike,
     out: str | os.PathLike,
     title: str | None = None,
     force: bool = False,
+    run_name: str | None = None,
 ) -> Path:
-    """Training loss (raw and smoothed) and learning rate against optimiser step.
+    """Training loss (raw and smoothed) and learning rate against optimiser step; ``run_name``
+    names the run in the title (:func:`with_run`).
 
     ``metrics_csv`` is the ``metrics.csv`` of a pretraining run (columns ``step``, ``loss``,
     ``lr``) or the run directory that holds it.
@@ -208,7 +220,7 @@ def plot_loss_curve(
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole (a 3-step run)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("contrastive loss (train.loss)")
-    ax.set_title(title or "SimCLR pretraining loss")
+    ax.set_title(with_run(title or "SimCLR pretraining loss", run_name))
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if "lr" in df.columns:
@@ -386,11 +398,13 @@ def plot_tsne(
     seed: int = 0,
     force: bool = False,
     out_umap: str | os.PathLike | None = None,
+    run_name: str | None = None,
 ) -> list[Path]:
     """t-SNE of a stratified patch sample, coloured by label (``out_label``) and by slide or source
     group (``out_slide``); with ``stores`` (the patch stores) also a map drawn with the patches
     themselves (``out_thumbnails``); with ``out_umap`` also a UMAP (McInnes et al. 2018) of the
     same sample coloured by label (needs the optional ``umap-learn``). Returns the written paths.
+    ``run_name`` names the run in every title (:func:`with_run`).
 
     ``max_points`` and ``perplexity`` default to ``ClassifyConfig.tsne_max_points`` and
     ``tsne_perplexity``.
@@ -432,20 +446,19 @@ def plot_tsne(
     written = []
     fig, ax = new_figure(figsize=(7.5, 6))
     _scatter_by(ax, xy, df["label"], "label")
-    ax.set_title(f"t-SNE of {len(df)} patch embeddings, coloured by label")
+    ax.set_title(with_run(f"t-SNE of {len(df)} patch embeddings, coloured by label", run_name))
     written.append(save_figure(fig, out_label, force=force))
     by_group = df["slide_id"].nunique() == 1 and df["group"].nunique() > 1
     fig, ax = new_figure(figsize=(7.5, 6))
     _scatter_by(
         ax, xy, df["group"] if by_group else df["slide_id"], "group" if by_group else "slide"
     )
-    ax.set_title(
-        f"t-SNE of {len(df)} patch embeddings, "
-        f"coloured by {'source group' if by_group else 'slide'}"
-    )
+    ax.set_title(with_run(f"t-SNE of {len(df)} patch embeddings, "
+                          f"coloured by {'source group' if by_group else 'slide'}", run_name))
     written.append(save_figure(fig, out_slide, force=force))
     if stores is not None:
-        written.append(_plot_tsne_thumbnails(df, xy, opened, out_thumbnails, seed, force))
+        written.append(_plot_tsne_thumbnails(df, xy, opened, out_thumbnails, seed, force,
+                                             run_name=run_name))
     if out_umap is not None:
         from sklearn.preprocessing import StandardScaler
 
@@ -455,7 +468,8 @@ def plot_tsne(
         _scatter_by(ax, uv, df["label"], "label")
         ax.set_xlabel("UMAP 1")
         ax.set_ylabel("UMAP 2")
-        ax.set_title(f"UMAP of {len(df)} patch embeddings, coloured by label")
+        ax.set_title(with_run(f"UMAP of {len(df)} patch embeddings, coloured by label",
+                              run_name))
         written.append(save_figure(fig, out_umap, force=force))
     return written
 
@@ -548,6 +562,7 @@ def _plot_tsne_thumbnails(
     force: bool,
     grid: int = 32,
     cell: int = 40,
+    run_name: str | None = None,
 ) -> Path:
     """The t-SNE map, each grid cell showing one patch that falls in it (random order);
     ``opened``: embedding file index -> patch store (:func:`_stores_for`)."""
@@ -578,9 +593,9 @@ def _plot_tsne_thumbnails(
     )
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
-    ax.set_title(
-        f"t-SNE map drawn with patches ({int(taken.sum())} of {len(df)} shown, one per cell)"
-    )
+    ax.set_title(with_run(
+        f"t-SNE map drawn with patches ({int(taken.sum())} of {len(df)} shown, one per cell)",
+        run_name))
     return save_figure(fig, out, force=force)
 
 
@@ -687,9 +702,10 @@ def plot_curves(
     out_roc: str | os.PathLike,
     out_pr: str | os.PathLike,
     force: bool = False,
+    run_name: str | None = None,
 ) -> list[Path]:
     """ROC and precision-recall curves (out-of-fold predictions) at patch and slide level,
-    AUROC / average precision in the legends."""
+    AUROC / average precision in the legends; ``run_name`` names the run in the titles."""
     check_figure_outputs({"out_roc": out_roc, "out_pr": out_pr}, {"classify_dir": classify_dir},
                          force)
     from sklearn.metrics import (
@@ -807,19 +823,20 @@ def plot_curves(
                     loc="lower right" if kind == "roc" else "lower left", frameon=False,
                     fontsize=8
                 )
-        fig.suptitle(
+        fig.suptitle(with_run(
             ("ROC" if kind == "roc" else "Precision-recall") + " curves, held-out predictions "
-            f"({evaluation_words(metrics['task'].get('evaluation'), grouped_by)})"
-        )
+            f"({evaluation_words(metrics['task'].get('evaluation'), grouped_by)})", run_name))
         written.append(save_figure(fig, out, force=force))
     return written
 
 
 @plain_text
 def plot_confusion(
-    classify_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False
+    classify_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False,
+    run_name: str | None = None,
 ) -> Path:
-    """Confusion matrices (counts and row percentages) at patch and slide level."""
+    """Confusion matrices (counts and row percentages) at patch and slide level; ``run_name``
+    names the run in the title."""
     check_figure_outputs({"out": out}, {"classify_dir": classify_dir}, force)
     metrics, _, _ = _read_classify_dir(classify_dir)
     unit, grouped_by = unit_words(metrics["task"])
@@ -851,8 +868,9 @@ def plot_confusion(
             + (f" (balanced accuracy {bacc:.3f})" if bacc is not None else "")
         )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    fig.suptitle("Confusion matrices, held-out predictions "
-                 f"({evaluation_words(metrics['task'].get('evaluation'), grouped_by)})")
+    fig.suptitle(with_run("Confusion matrices, held-out predictions "
+                          f"({evaluation_words(metrics['task'].get('evaluation'), grouped_by)})",
+                          run_name))
     return save_figure(fig, out, force=force)
 
 
@@ -869,7 +887,7 @@ def _extent_mm(st, extent) -> tuple[list[float], str]:
 
 
 def _heatmap_unavailable(st, sid: str, reason: str, out: str | os.PathLike, force: bool,
-                         max_side: int) -> Path:
+                         max_side: int, run_name: str | None = None) -> Path:
     """The slide's picture titled with why it has no heatmap (closes ``st``)."""
     fig, ax = new_figure(figsize=(6.5, 5.5))
     try:
@@ -885,7 +903,7 @@ def _heatmap_unavailable(st, sid: str, reason: str, out: str | os.PathLike, forc
         ax.imshow(thumb, extent=extent_shown)
         ax.set_xlabel(f"x ({unit})")
         ax.set_ylabel(f"y ({unit})")
-    ax.set_title(f"{sid}: no heatmap ({reason})")
+    ax.set_title(with_run(f"{sid}: no heatmap ({reason})", run_name))
     st.close()
     return save_figure(fig, out, force=force)
 
@@ -1011,6 +1029,7 @@ def plot_heatmap(
     slide_id: str | None = None,
     force: bool = False,
     max_side: int = 1024,
+    run_name: str | None = None,
 ) -> Path:
     """SCC probability of every patch drawn over the slide thumbnail (viridis, with colour bar).
 
@@ -1020,6 +1039,7 @@ def plot_heatmap(
         store: the slide's patch store (coordinates, and the thumbnail or mosaic).
         slide_id: which slide (default: the store's slide id).
         max_side: longest side of the drawn thumbnail, in pixels (at least 64).
+        run_name: the run named in the title (:func:`with_run`).
     """
     from simclr_path.store import PatchStore
 
@@ -1075,7 +1095,7 @@ def plot_heatmap(
     reason = ("no tissue patches" if not len(st) else
               "a training slide of the samples-sheet split" if str(sid) in train_only else None)
     if rows.empty and reason:
-        return _heatmap_unavailable(st, str(sid), reason, out, force, max_side)
+        return _heatmap_unavailable(st, str(sid), reason, out, force, max_side, run_name)
     if rows.empty:
         raise SimclrPathError(
             f"{src}: no patch predictions for slide {sid!r}; pass --slide-id or the right store"
@@ -1105,9 +1125,12 @@ def plot_heatmap(
     known = ""
     if src.is_dir() and "label" in rows.columns:
         folds = sorted(set(rows["fold"].astype(int)))
+        # counted from 0 as the predictions' fold column is: the range says so
+        n_folds = metrics["task"].get("n_folds")
+        of = f" of 0-{n_folds - 1}" if isinstance(n_folds, int) and n_folds > 1 else ""
         held = ("a test slide of the samples-sheet split"
                 if metrics["task"].get("evaluation") == "split"
-                else f"held out in fold {', '.join(map(str, folds))}")
+                else f"held out in fold {', '.join(map(str, folds))}{of}")
         known = f" ({', '.join(sorted(set(rows['label'].astype(str))))} slide, {held})"
     extent_shown, unit = _extent_mm(st, extent)
     # the panels' height follows the slide's shape, within limits: a very tall slide is drawn
@@ -1115,7 +1138,7 @@ def plot_heatmap(
     fig, axes = new_figure(1, 2, figsize=(12, min(5.5 * h / max(w, 1), 11) + 1.2))
     axes[0].imshow(thumb, extent=extent_shown)
     # the id once, above both panels: a TCGA-style id in each panel's title ran into the other
-    title = fig.suptitle(f"slide {sid}", fontsize=12)
+    title = fig.suptitle(with_run(f"slide {sid}", run_name), fontsize=12)
     axes[0].set_title(f"slide{known}", wrap=True)
     # the probabilities over the slide in grey: over its H&E colours viridis would mix with the
     # stain and read as other values

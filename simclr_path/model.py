@@ -20,6 +20,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 from simclr_path.errors import SimclrPathError
@@ -312,6 +313,109 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
     from timm.layers import convert_sync_batchnorm
 
     return convert_sync_batchnorm(model)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes with a gradient: backward sums the incoming gradients over processes,
+    as :class:`simclr_path.loss.GatherLayer` does, so that with DDP's averaging each process
+    gets the gradient of the mean of all processes' losses."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _several_processes() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Batch norm of ``x`` (N, C, ...) with the statistics of every process's batch.
+
+    Mean first, then the variance about it (two small all-reduces; E[x^2] - E[x]^2 loses
+    precision in float32), both with gradients, in float32. The running statistics are
+    updated as ``nn.BatchNorm`` does (unbiased variance, ``momentum`` or the cumulative mean).
+    """
+    c = x.shape[1]
+    dims = [0, *range(2, x.ndim)]
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    xf = x.float()
+    summed = _AllReduceSum.apply(torch.cat([xf.sum(dims), xf.new_tensor([xf.numel() / c])]))
+    n = summed[c]
+    mean = summed[:c] / n
+    centred = xf - mean.view(shape)
+    var = _AllReduceSum.apply((centred * centred).sum(dims)) / n
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), f)
+            unbiased = var.detach() * (n / torch.clamp(n - 1, min=1))
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), f)
+    y = centred * torch.rsqrt(var.view(shape) + bn.eps)
+    if bn.weight is not None:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y.to(x.dtype)
+
+
+class _GlobalStats:
+    """Batch-norm layers that normalise over the global batch in training under
+    ``torch.distributed`` with any backend (gloo too), and as their base class otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _several_processes()):
+            return super().forward(x)  # type: ignore[misc]
+        y = _global_batch_norm(self, x)  # type: ignore[arg-type]
+        if hasattr(self, "act"):  # timm's BatchNormAct2d: batch norm, dropout, activation
+            y = self.act(self.drop(y))
+        return y
+
+
+class GlobalBatchNorm1d(_GlobalStats, nn.BatchNorm1d):
+    """:class:`nn.BatchNorm1d` with global-batch statistics under several processes."""
+
+
+class GlobalBatchNorm2d(_GlobalStats, nn.BatchNorm2d):
+    """:class:`nn.BatchNorm2d` with global-batch statistics under several processes."""
+
+
+class GlobalBatchNormAct2d(_GlobalStats, BatchNormAct2d):
+    """timm's BatchNormAct2d (RegNet, EfficientNet, ...) with global-batch statistics under
+    several processes."""
+
+
+_GLOBAL = {nn.BatchNorm1d: GlobalBatchNorm1d, nn.BatchNorm2d: GlobalBatchNorm2d,
+           BatchNormAct2d: GlobalBatchNormAct2d}
+
+
+def global_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
+    """Batch norms -> ones with statistics over the global batch, for CPU processes (gloo), where
+    ``nn.SyncBatchNorm`` does not run: without it each process normalised over its own share
+    of the batch, and SimCLR can tell a positive pair by its process's statistics (Chen et al.
+    2020, section 2.3, "Global BN"). The layers keep their parameters, buffers and state-dict
+    keys (their class is swapped in place). Returns the model and the number of batch-norm layers
+    of other kinds, left with per-process statistics."""
+    others = 0
+    for m in model.modules():
+        if type(m) in _GLOBAL:
+            m.__class__ = _GLOBAL[type(m)]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _GlobalStats):
+            others += 1
+    return model, others
 
 
 def create_simclr_model(cfg: Any) -> SimCLRModel:

@@ -1150,7 +1150,12 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     time budget), or None."""
     from simclr_path.data import make_loader
     from simclr_path.loss import NTXentLoss
-    from simclr_path.model import save_encoder, save_projection_head, sync_batchnorm
+    from simclr_path.model import (
+        global_batchnorm,
+        save_encoder,
+        save_projection_head,
+        sync_batchnorm,
+    )
     from simclr_path.transforms import ColorAugment
 
     t_cfg, a_cfg, m_cfg = cfg.train, cfg.augment, cfg.model
@@ -1168,6 +1173,12 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     # ---- model, optimiser, schedule ----
     if world.enabled and t_cfg.sync_batchnorm and device.type == "cuda":
         model = sync_batchnorm(model)  # BN statistics over the global batch
+    elif world.enabled and t_cfg.sync_batchnorm:  # nn.SyncBatchNorm is CUDA-only
+        model, others = global_batchnorm(model)
+        if others and world.main:
+            warnings.warn(f"train.sync_batchnorm: {others} batch-norm layer(s) of {cfg.model.arch} "
+                          "are of a kind this CPU run cannot synchronise; they normalise over "
+                          "each process's batch alone", stacklevel=2)
     model = model.to(device)
     memory_format = torch.channels_last if t_cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)

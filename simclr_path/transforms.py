@@ -599,11 +599,17 @@ def _colour_u8(colour: ColorAugment, views: torch.Tensor, g: torch.Generator) ->
 
 def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
             cfg: AugmentConfig | None = None, n_pairs: int = PREVIEW_PAIRS, seed: int = 0,
-            force: bool = False) -> Path:
+            force: bool = False, run_name: str | None = None) -> Path:
     """Write a PNG grid of ``n_pairs`` augmented view pairs: original patch, view 1, view 2, and
     with multi-crop (``cfg.local_crops`` > 0) the local views of the same patch
-    (:func:`preview_views`)."""
-    from simclr_path.figures import check_figure_outputs, new_figure, save_figure, shorten
+    (:func:`preview_views`); ``run_name`` names the run in the title."""
+    from simclr_path.figures import (
+        check_figure_outputs,
+        new_figure,
+        save_figure,
+        shorten,
+        with_run,
+    )
 
     check_figure_outputs({"out_png": out_png}, {"stores": stores}, force)
     seed = check_int(seed, "preview", "seed")
@@ -617,11 +623,12 @@ def preview(stores: Sequence[str | os.PathLike], out_png: str | os.PathLike,
     with matplotlib.rc_context({"text.parse_math": False}):  # slide ids are text, '$' too
         fig, axes = new_figure(n_pairs, n_cols, figsize=(n_cols * 2.0, n_pairs * 2.0 + 0.6),
                                squeeze=False, layout="constrained")  # room for the suptitle
-        _draw_preview(fig, axes, rows, [shorten(n, 18) for n in names], describe(cfg))
+        _draw_preview(fig, axes, rows, [shorten(n, 18) for n in names],
+                      with_run(f"SimCLR augmented views ({describe(cfg)})", run_name))
     return save_figure(fig, out_png, force=force)
 
 
-def _draw_preview(fig, axes, rows: list, names: list[str], recipe: str) -> None:
+def _draw_preview(fig, axes, rows: list, names: list[str], title: str) -> None:
     """The preview grid's pictures and titles (one row per patch)."""
     n_cols = len(rows[0])
     titles = ["view 1", "view 2"] + [f"local {j + 1}" for j in range(n_cols - 3)]
@@ -635,4 +642,4 @@ def _draw_preview(fig, axes, rows: list, names: list[str], recipe: str) -> None:
             # slide id (TCGA's 60 characters) is shortened in the middle so it stays in its column
             ax.set_title(f"patch {names[r]}" if c == 0 else f"{titles[c - 1]} ({img.shape[0]} px)",
                          fontsize=10)
-    fig.suptitle(f"SimCLR augmented views ({recipe})", fontsize=13)
+    fig.suptitle(title, fontsize=13)

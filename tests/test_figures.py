@@ -1101,3 +1101,54 @@ def test_the_heatmaps_slide_id_stands_just_above_the_panels(cohort, monkeypatch)
     panels = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes if ax.get_title())
     gap = (fig._suptitle.get_window_extent(renderer).y0 - panels) / fig.dpi  # inches
     assert 0 <= gap < 0.3, gap
+
+
+def test_every_figure_command_names_the_run_it_is_given(cohort, tmp_path, monkeypatch):
+    """A figure copied out of the report or results/figures/{run}/ said which run drew it only
+    for the loss curve; the workflow gives each figure command --run-name."""
+    from simclr_path import figures
+
+    titles = []
+
+    def keep(fig, out, force=False):
+        fig.canvas.draw()
+        titles.append(fig._suptitle.get_text() if fig._suptitle else fig.axes[0].get_title())
+        return out
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    pd.DataFrame({"step": [0, 1], "loss": [5.0, 4.0]}).to_csv(tmp_path / "metrics.csv",
+                                                               index=False)
+    cls, store, run = str(cohort["cls"]), str(cohort["stores"][0]), ["--run-name", "base-2"]
+    calls = [
+        ["plot-loss", str(tmp_path), "--out", str(tmp_path / "l.png")],
+        ["plot-curves", "--classify", cls, "--out-roc", str(tmp_path / "r.png"),
+         "--out-pr", str(tmp_path / "p.png")],
+        ["plot-confusion", "--classify", cls, "--out", str(tmp_path / "c.png")],
+        ["plot-heatmap", "--classify", cls, "--store", store, "--out", str(tmp_path / "h.png")],
+        ["plot-tsne", "--embeddings", *map(str, cohort["embs"]), "--samples",
+         str(cohort["sheet"]), "--out-label", str(tmp_path / "t1.png"), "--out-slide",
+         str(tmp_path / "t2.png"), "--stores", *map(str, cohort["stores"]), "--out-thumbnails",
+         str(tmp_path / "t3.png"), "--max-points", "60"],
+        ["preview", store, "--out", str(tmp_path / "v.png"), "--image-size", "16", "--pairs", "2"],
+    ]
+    for args in calls:
+        assert main(args + run) == 0, args
+    assert len(titles) == 9 and all(t.startswith("run base-2: ") for t in titles), titles
+    # without it, the titles are as before: no empty "run :" prefix
+    titles.clear()
+    assert main(calls[2]) == 0 and titles == [titles[0]] and not titles[0].startswith("run")
+    with pytest.raises(figures.SimclrPathError):
+        figures.with_run("x", 3)
+
+
+def test_the_heatmap_says_which_folds_its_fold_number_counts_among(cohort, monkeypatch):
+    """'held out in fold 0' read as a slip in a pathologist's review: the predictions' fold
+    column counts from 0, and the title says so by the range."""
+    from simclr_path import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: drawn.append(fig))
+    figures.plot_heatmap(cohort["cls"], cohort["stores"][0], "unused.png")
+    folds = pd.read_csv(cohort["cls"] / "predictions_patches.csv")
+    fold = int(folds.loc[folds["slide_id"] == "P0-SCC", "fold"].iloc[0])
+    assert drawn[0].axes[0].get_title().endswith(f"held out in fold {fold} of 0-3)")

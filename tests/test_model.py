@@ -245,3 +245,96 @@ def test_sync_batchnorm_keeps_every_activation(arch):
     assert n_sync > 0 and not any(type(m) is nn.BatchNorm2d for m in synced.modules())
     torch.testing.assert_close(got, want)
     assert set(synced.state_dict()) == set(model.state_dict())
+
+
+# ---- batch norm over the global batch on CPU processes (gloo) ----
+def _bn_net():
+    """conv -> BatchNorm2d -> timm's BatchNormAct2d -> pool -> linear -> BatchNorm1d -> linear."""
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), BatchNormAct2d(6),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 8),
+        torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 5))
+
+
+def _bn_views():
+    g = torch.Generator().manual_seed(1)
+    # per-image offsets: each process's half of the batch has other statistics than the whole
+    off = torch.linspace(-2, 2, 8).view(8, 1, 1, 1)
+    return torch.randn(8, 3, 9, 9, generator=g) + off, torch.randn(8, 3, 9, 9, generator=g) + off
+
+
+def _bn_step(net, v1, v2):
+    from simclr_path.loss import NTXentLoss
+
+    z = net(torch.cat([v1, v2]))  # both views in one batch, as SimCLRModel's forward
+    loss = NTXentLoss(0.5)(z[: len(v1)], z[len(v1):])
+    loss.backward()
+    return loss
+
+
+def _bn_worker(rank: int, world: int, init_file: str, out_file: str, convert: bool) -> None:
+    import torch.distributed as dist
+
+    from simclr_path.model import global_batchnorm
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        net = _bn_net()
+        if convert:
+            net, others = global_batchnorm(net)
+            assert others == 0
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        v1, v2 = _bn_views()
+        sl = slice(rank * 4, rank * 4 + 4)
+        loss = _bn_step(ddp, v1[sl], v2[sl]).detach()
+        dist.all_reduce(loss)
+        if rank == 0:
+            torch.save({"loss": loss / world,
+                        "grad": torch.cat([p.grad.flatten() for p in net.parameters()]),
+                        "state": {k: v.clone() for k, v in net.state_dict().items()}}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("convert", [True, False])
+def test_two_gloo_processes_normalise_over_the_global_batch_as_one_process(tmp_path, convert):
+    """nn.SyncBatchNorm runs on CUDA only: two CPU processes normalised over their own half of
+    the batch, and trained another objective than one process on the same global batch."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "bn.pt"
+    mp.spawn(_bn_worker, args=(2, str(tmp_path / "init"), str(out), convert), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    net = _bn_net()
+    loss = _bn_step(net, *_bn_views())
+    grad = torch.cat([p.grad.flatten() for p in net.parameters()])
+    same = (abs(got["loss"].item() - loss.item()) < 1e-5
+            and torch.allclose(got["grad"], grad, atol=1e-5, rtol=1e-4))
+    assert same == convert, (got["loss"].item(), loss.item())
+    if convert:  # running statistics and state-dict keys as one process's
+        state = net.state_dict()
+        assert got["state"].keys() == state.keys()
+        for k in state:
+            assert torch.allclose(got["state"][k].float(), state[k].float(), atol=1e-5), k
+
+
+def test_global_batchnorm_is_plain_batch_norm_in_one_process_and_in_eval():
+    from timm.layers import BatchNormAct2d
+
+    from simclr_path.config import load_config
+    from simclr_path.model import create_simclr_model, global_batchnorm
+
+    ref, net = _bn_net(), _bn_net()
+    net, others = global_batchnorm(net)
+    assert others == 0 and isinstance(net[2], BatchNormAct2d)  # still the timm layer
+    x = _bn_views()[0]
+    assert torch.equal(net(x), ref(x))  # training mode, not distributed
+    net.eval(), ref.eval()
+    assert torch.equal(net(x), ref(x))
+    # the ResNet and RegNet SimCLR models: every batch-norm layer converted
+    for arch in ("resnet18", "regnetx_002"):
+        cfg = load_config(overrides={"model": {"arch": arch}}).model
+        assert global_batchnorm(create_simclr_model(cfg))[1] == 0

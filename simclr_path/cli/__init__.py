@@ -77,6 +77,12 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def add_run_name(p: argparse.ArgumentParser) -> None:
+    """The figure commands' --run-name (figures.with_run)."""
+    p.add_argument("--run-name", default=None, metavar="NAME",
+                   help="run named at the start of the titles (the workflow gives its run's name)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="simclr-path",

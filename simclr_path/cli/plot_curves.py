@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from simclr_path.cli import add_run_name
+
 HELP = "ROC and precision-recall curves (patch and slide level) from a 'classify' results folder."
 # writes figures only (figures.figure_format): one inside an input folder cannot replace the
 # data files it reads there (cli.check_output_paths)
@@ -12,6 +14,7 @@ FIGURES_ONLY = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_name(p)
     p.add_argument(
         "--classify", type=Path, required=True, help="results folder of 'simclr-path classify'"
     )
@@ -23,5 +26,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from simclr_path.figures import plot_curves
 
-    plot_curves(args.classify, args.out_roc, args.out_pr, force=args.force)
+    plot_curves(args.classify, args.out_roc, args.out_pr, force=args.force, run_name=args.run_name)
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from simclr_path.cli import add_run_name
+
 HELP = "Per-patch SCC probability over the slide thumbnail (from 'classify' or a 'predict' CSV)."
 # writes figures only (figures.figure_format): one inside an input folder cannot replace the
 # data files it reads there (cli.check_output_paths)
@@ -12,6 +14,7 @@ FIGURES_ONLY = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_name(p)
     p.add_argument(
         "--classify",
         type=Path,
@@ -32,5 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from simclr_path.figures import plot_heatmap
 
-    plot_heatmap(args.classify, args.store, args.out, slide_id=args.slide_id, force=args.force)
+    plot_heatmap(args.classify, args.store, args.out, slide_id=args.slide_id, force=args.force,
+                 run_name=args.run_name)
     return 0

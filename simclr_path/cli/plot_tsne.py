@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from simclr_path.cli import add_run_name
 from simclr_path.config import ClassifyConfig
 
 HELP = "t-SNE of a stratified patch sample coloured by label and by slide (or drawn with patches)."
@@ -14,6 +15,7 @@ FIGURES_ONLY = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_name(p)
     d = ClassifyConfig()
     p.add_argument("--embeddings", type=Path, nargs="+", required=True, help="embedding files")
     p.add_argument(
@@ -67,5 +69,6 @@ def run(args: argparse.Namespace) -> int:
         out_umap=args.out_umap,
         seed=cfg.seed,
         force=args.force,
+        run_name=args.run_name,
     )
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from simclr_path.cli import add_run_name
 from simclr_path.config import PRESETS, PREVIEW_PAIRS, AugmentConfig, load_config
 
 MAX_PAIRS = 64
@@ -15,6 +16,7 @@ FIGURES_ONLY = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_name(p)
     p.add_argument("stores", type=Path, nargs="*", metavar="STORE.h5", help="patch stores")
     p.add_argument("--out", type=Path, required=True, help="figure to write (PNG; PDF or SVG by its suffix)")
     p.add_argument("--config", type=Path, default=None, help="YAML config (section augment)")
@@ -41,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
                       {"augment": {"image_size": args.image_size}}
                       if args.image_size is not None else None, overrides_from="command line")
     print(preview(args.stores, args.out, cfg.augment, n_pairs=args.pairs, seed=args.seed,
-                  force=args.force))
+                  force=args.force, run_name=args.run_name))
     return 0

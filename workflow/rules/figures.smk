@@ -55,7 +55,7 @@ rule plot_tsne:
         logged(
             "simclr-path plot-tsne --embeddings {input.embeddings} {params.samples} "
             "--out-label {output.label} --out-slide {output.slide} {params.thumbnails} "
-            "--config {input.config} --force "
+            "--config {input.config} --run-name {wildcards.run} --force "
         )
 
 
@@ -95,7 +95,7 @@ rule plot_curves:
     shell:
         logged(
             "simclr-path plot-curves --classify {params.classify} --out-roc {output.roc} "
-            "--out-pr {output.pr} --force "
+            "--out-pr {output.pr} --run-name {wildcards.run} --force "
         )
 
 
@@ -126,7 +126,7 @@ rule plot_confusion:
     shell:
         logged(
             "simclr-path plot-confusion --classify {params.classify} --out {output} "
-            "--force "
+            "--run-name {wildcards.run} --force "
         )
 
 
@@ -159,7 +159,7 @@ rule plot_heatmap:
     shell:
         logged(
             "simclr-path plot-heatmap --classify {params.classify} --store {input.store} "
-            "--slide-id={wildcards.slide} --out {output} --force "
+            "--slide-id={wildcards.slide} --out {output} --run-name {wildcards.run} --force "
         )
 
 

@@ -76,7 +76,7 @@ rule preview:
     shell:
         logged(
             "simclr-path preview {input.stores} --out {output} --config {input.config} "
-            "--pairs {params.pairs} --force "
+            "--pairs {params.pairs} --run-name {wildcards.run} --force "
         )
 
 
@@ -102,6 +102,5 @@ rule plot_loss:
         mem_mb=1000,
     shell:
         logged(
-            "simclr-path plot-loss {input} --out {output} --title 'SimCLR pretraining: {wildcards.run}' "
-            "--force "
+            "simclr-path plot-loss {input} --out {output} --run-name {wildcards.run} --force"
         )
