@@ -558,6 +558,11 @@ def test_force_and_resume_leave_a_folder_that_is_not_a_run_alone(stores, tmp_pat
         (proj / d).mkdir(parents=True)
     (proj / "mlflow.db").write_bytes(b"SQLite format 3\x00")
     (proj / "config.yaml").write_text("train: {max_steps: 1}\n")
+    # names any project may hold: they too made it a run (a reviewer lost mlruns/ to --force
+    # in a folder where plot-loss had written loss.png)
+    (proj / "metrics.csv").write_text("a,b\n1,2\n")
+    (proj / "loss.png").write_bytes(b"\x89PNG")
+    (proj / "encoder.json").write_text('{"model": "my own"}')
     before = sorted(p.relative_to(proj) for p in proj.rglob("*"))
     for flag in ("--force", "--resume", "--resume-interrupted"):
         extra = ["--force"] if flag != "--force" else []
@@ -567,6 +572,7 @@ def test_force_and_resume_leave_a_folder_that_is_not_a_run_alone(stores, tmp_pat
         assert "mlflow.db" not in err  # it is there: the folder does not lack it
     assert sorted(p.relative_to(proj) for p in proj.rglob("*")) == before
     assert (proj / "config.yaml").read_text() == "train: {max_steps: 1}\n"
+    assert (proj / "metrics.csv").read_text() == "a,b\n1,2\n"
     # a run's own folder is one, even when only its config.yaml is left, or only its tracking
     # folder (a crash before the first log; the workflow deletes a failed job's outputs)
     run = tmp_path / "run"
@@ -579,6 +585,10 @@ def test_force_and_resume_leave_a_folder_that_is_not_a_run_alone(stores, tmp_pat
     for name in T.RUN_FILES:
         (run / name).unlink(missing_ok=True)
     assert sorted(p.name for p in run.iterdir()) == [T.RUN_MARKER, "tensorboard"]
+    assert T.pretrain(stores, run, cfg, force=True, progress=False)["steps"] == 1
+    # a run of a version before the marker: its encoder.json says it is one
+    (run / T.RUN_MARKER).unlink()
+    (run / "config.yaml").unlink()
     assert T.pretrain(stores, run, cfg, force=True, progress=False)["steps"] == 1
     # a file as --out with --resume: one line, no "starting from step 0" warning before it
     (tmp_path / "afile").write_text("x")
