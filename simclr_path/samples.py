@@ -83,9 +83,12 @@ def read_samples(
     try:
         # only whole lines starting with '#' are comments: pandas' comment= would also cut a
         # field such as patient "case#1" at its '#'
-        text = "".join(line for line in p.read_text(encoding="utf-8").splitlines(keepends=True)
-                       if not line.lstrip().startswith("#"))
-        df = pd.read_csv(io.StringIO(text), sep="\t", dtype=str, keep_default_na=False)
+        lines = _trim_extra_fields(p, p.read_text(encoding="utf-8").splitlines(keepends=True))
+        text = "".join(line for line in lines if not line.lstrip().startswith("#"))
+        # index_col=False: rows with more fields than the header (a spreadsheet's trailing
+        # tab) took their first field as the index and shifted every column left
+        df = pd.read_csv(io.StringIO(text), sep="\t", dtype=str, keep_default_na=False,
+                         index_col=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise SimclrPathError(
             f"{p}: not a readable tab-separated samples sheet ({str(exc).splitlines()[0]})"
@@ -102,6 +105,29 @@ def read_samples(
         base_dir=base_dir if base_dir is not None else p.parent,
         where=str(p),
     )
+
+
+def _trim_extra_fields(p: Path, lines: list[str]) -> list[str]:
+    """``lines`` with empty fields beyond the header's columns (a spreadsheet's trailing tabs)
+    removed; one clear error for a row with a value there (pandas would read it shifted, or
+    refuse the file with a tokenizer message)."""
+    rows = [n for n, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")]
+    if not rows:
+        return lines
+    width = len(lines[rows[0]].rstrip("\r\n").split("\t"))
+    out = list(lines)
+    for n in rows[1:]:
+        fields = lines[n].rstrip("\r\n").split("\t")
+        extra = [f for f in fields[width:] if f.strip()]
+        if extra:
+            raise SimclrPathError(
+                f"{p}: line {n + 1} has {len(fields)} tab-separated fields but the header has "
+                f"{width} (first extra value {extra[0].strip()!r}); add a column name for it "
+                "or remove it"
+            )
+        if len(fields) > width:
+            out[n] = "\t".join(fields[:width]) + "\n"
+    return out
 
 
 def _near_miss(name: str, candidates: Sequence[str], loose: bool = False) -> str | None:
@@ -318,6 +344,11 @@ def validate_samples(
                 f"{line(i)}: slide file not found (tried {tried}); fix the path "
                 "(relative paths are resolved against the current directory, then the "
                 "sheet's folder)"
+            )
+        if check_files and not found.is_file():  # the tile job would fail, after the others
+            raise SimclrPathError(
+                f"{line(i)}: {found} is a folder, not a slide file; give the slide file (for "
+                "MIRAX the .mrxs file, not its folder)"
             )
         resolved.append(str(found))
     # one file under two ids can put one slide on both sides of a split (leakage)

@@ -140,6 +140,18 @@ def test_optional_columns(slides, tmp_path):
             "needs both train and test",
         ),
         ([], HEADER, None, "no slides listed"),
+        (  # a value beyond the header's columns (pandas read the rows shifted)
+            ["A\twsi/A.svs\tSCC\tP1\tnote", "B\twsi/B.svs\tnormal\tP2"],
+            HEADER,
+            None,
+            "line 2 has 5 tab-separated fields but the header has 4 (first extra value 'note')",
+        ),
+        (  # a folder as the slide path: the tile job failed after the others
+            ["A\twsi\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2"],
+            HEADER,
+            None,
+            "row 1 (slide_id 'A'): wsi is a folder, not a slide file",
+        ),
         (  # one slide under two ids (and patients): both sides of a split
             ["A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2", "A2\t./wsi/../wsi/A.svs\tnormal\tP3"],
             HEADER,
@@ -155,6 +167,16 @@ def test_bad_sheets_one_clear_line(slides, tmp_path, monkeypatch, lines, header,
         read_samples(sheet, labels=labels)
     msg = str(err.value)
     assert expect in msg and "\n" not in msg and "samples.tsv" in msg
+
+
+def test_a_spreadsheets_trailing_tabs_are_empty_fields_not_a_shift(slides, tmp_path, recwarn):
+    """Rows with one more (empty) field than the header took their slide id as pandas' index:
+    'field patient_id is empty' named the path as the slide id."""
+    p = tmp_path / "s.tsv"
+    p.write_text(HEADER + "\nA\twsi/A.svs\tSCC\tP1\t\nB\twsi/B.svs\tnormal\tP2\t\t\n")
+    df = read_samples(p, labels=["SCC", "normal"])
+    assert list(df["slide_id"]) == ["A", "B"] and list(df["patient_id"]) == ["P1", "P2"]
+    assert not [w for w in recwarn if "Length of header" in str(w.message)]
 
 
 def test_missing_and_empty_sheet(tmp_path):
