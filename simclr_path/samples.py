@@ -283,9 +283,12 @@ def validate_samples(
         allowed = [str(x) for x in labels]
         for i, lab in enumerate(df["label"]):
             if lab not in allowed:
+                # 'scc' for 'SCC', 'SCC ' with a space: name the label meant
+                meant = [a for a in allowed if a.strip().casefold() == lab.strip().casefold()]
+                hint = f" (did you mean {meant[0]!r}?)" if meant else ""
                 raise SimclrPathError(
-                    f"{line(i)}: label {lab!r} is not one of the configured labels {allowed}; "
-                    "fix the sheet or set classify.labels in the config"
+                    f"{line(i)}: label {lab!r} is not one of the configured labels {allowed}"
+                    f"{hint}; fix the sheet or set classify.labels in the config"
                 )
     classes = sorted(df["label"].unique())
     if len(classes) < 2:

@@ -140,6 +140,13 @@ def test_optional_columns(slides, tmp_path):
             "needs both train and test",
         ),
         ([], HEADER, None, "no slides listed"),
+        (  # a label in other case names the configured one
+            ["A\twsi/A.svs\tscc\tP1", "B\twsi/B.svs\tnormal\tP2"],
+            HEADER,
+            ["SCC", "normal"],
+            ("label 'scc' is not one of the configured labels ['SCC', 'normal'] (did you mean "
+             "'SCC'?)"),
+        ),
         (  # a value beyond the header's columns (pandas read the rows shifted)
             ["A\twsi/A.svs\tSCC\tP1\tnote", "B\twsi/B.svs\tnormal\tP2"],
             HEADER,
