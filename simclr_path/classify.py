@@ -162,6 +162,26 @@ def _check_finite(s: EmbeddingStore) -> None:
         )
 
 
+def _check_repeats(s: Any) -> None:
+    """Refuse a slide's file whose patches repeat coordinates: ``tile`` writes each position
+    once, so repeats are a damaged or concatenated file, and they would count twice in training,
+    in the patch metrics and in the top-k slide score. Imported tiles (no slide coordinates)
+    are not compared."""
+    coords = np.asarray(getattr(s, "coords", np.empty((0, 2))))
+    if (s.attrs.get("store_kind") == "patches" or getattr(s, "labels", None) is not None
+            or coords.ndim != 2 or len(coords) < 2 or (coords < 0).any()):
+        return
+    _, first, counts = np.unique(coords, axis=0, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        x, y = coords[first[counts > 1][0]]
+        raise SimclrPathError(
+            f"{s.path}: {int((counts - 1).sum())} patch row(s) repeat the coordinates of another "
+            f"(first: x={int(x)}, y={int(y)}); tile and embed write each patch of a slide "
+            "once, so this file is damaged or joined from two: make it again (simclr-path tile "
+            "or embed ... --force)"
+        )
+
+
 def _load_files(
     paths: Sequence[str | os.PathLike], opener: Callable[[Any], Any], what: str
 ) -> tuple[list[EmbeddingStore], int]:
@@ -184,18 +204,22 @@ def _load_files(
 
     for s in stores:
         _check_finite(s)
+        _check_repeats(s)
 
     def attr(s: EmbeddingStore, key: str) -> Any:
         return _tta(s.attrs) if key == "tta" else s.attrs.get(key)
 
     for key in ("encoder_sha256", "layer", "tta"):
-        vals = {attr(s, key) for s in stores}
-        if len(vals) > 1:
-            odd = next(s for s in stores if attr(s, key) != attr(stores[0], key))
+        vals = [attr(s, key) for s in stores]
+        if len(set(vals)) > 1:
+            # name a file off the most common value (the first file may be the odd one)
+            common = max(set(vals), key=lambda v: (vals.count(v), -vals.index(v)))
+            odd = next(s for s, v in zip(stores, vals) if v != common)
+            ref = next(s for s, v in zip(stores, vals) if v == common)
             raise SimclrPathError(
-                f"{odd.path}: {key} {attr(odd, key)!r} differs from {stores[0].path} "
-                f"({attr(stores[0], key)!r}); embed every slide with the same encoder, "
-                "layer and --tta setting"
+                f"{odd.path}: {key} {attr(odd, key)!r} differs from {vals.count(common)} of "
+                f"{len(stores)} files ({common!r}, e.g. {ref.path}); embed every slide with the "
+                "same encoder, layer and --tta setting"
             )
     ref = _check_tissue_scale(stores)
     seen: dict[str, Path] = {}
@@ -557,6 +581,12 @@ def make_folds(
         if problem:
             raise SimclrPathError(problem)
         test = (slides["split"] == "test").to_numpy()
+        absent = [c for c in classes if c not in set(slides.loc[test, "label"])]
+        if absent:  # the run is still of use (patch scores, heatmaps); its headline is not
+            warnings.warn(f"samples sheet split: no test slide of class {absent[0]!r}, so the "
+                          "test set's AUROC and balanced accuracy are undefined (null in "
+                          "metrics.json); put slides of every class on the test side",
+                          stacklevel=2)
         if cfg.folds != ClassifyConfig().folds:  # set on purpose, and silently not used
             warnings.warn(f"classify.folds {cfg.folds} is not used: the samples sheet's split "
                           "column chooses the test slides (one model, trained on the 'train' "
@@ -700,9 +730,11 @@ def fit_probe(
 ):
     """StandardScaler + LogisticRegression(class_weight="balanced"); C by inner grouped CV.
 
-    Returns the fitted sklearn pipeline, the chosen C, and "below" / "above" when that C is the
+    Returns the fitted sklearn pipeline, the chosen C, and how it was chosen, for
+    ``metrics.json``: ``{"C_chosen_by": "inner_cv" | "the grid's one value" | "fixed: WHY",
+    "inner_folds": k (0 without inner CV), "C_grid_end": "below" / "above" when that C is the
     grid's lowest / highest and scored strictly better than its neighbour (the best C may lie
-    beyond the grid; a tie, as on separable data, says nothing), else None.
+    beyond the grid; a tie, as on separable data, says nothing), else None}``.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV
@@ -729,13 +761,16 @@ def fit_probe(
         splits = inner_splits(y, groups, n_classes, k, cfg.seed)
     if len(grid) == 1 or not splits:
         c = grid[0] if len(grid) == 1 else sorted(grid)[len(grid) // 2]
+        how = "the grid's one value"
         if len(grid) > 1:
             why = (f"too few patients per class ({per_class})" if k < 2 else
                    "no grouped inner fold holds patches of every class")
             warnings.warn(f"{why} for inner cross-validation; using C={c}", stacklevel=2)
+            how = f"fixed: {why} for inner cross-validation (the grid's middle value)"
         pipe.set_params(logisticregression__C=c)
         with threadpool_limits(1, user_api="blas"):
-            return pipe.fit(X, y), float(c), None
+            return pipe.fit(X, y), float(c), {"C_chosen_by": how, "inner_folds": 0,
+                                              "C_grid_end": None}
     search = GridSearchCV(
         pipe,
         {"logisticregression__C": grid},
@@ -751,7 +786,8 @@ def fit_probe(
         warnings.filterwarnings("ignore", message=".*scores are non-finite.*")
         search.fit(X, y, groups=groups)
     best = float(search.best_params_["logisticregression__C"])
-    return search.best_estimator_, best, _grid_edge(search.cv_results_, best)
+    return search.best_estimator_, best, {"C_chosen_by": "inner_cv", "inner_folds": len(splits),
+                                          "C_grid_end": _grid_edge(search.cv_results_, best)}
 
 
 def inner_splits(y: np.ndarray, groups: np.ndarray, n_classes: int, k: int,
@@ -1096,6 +1132,9 @@ def auroc_ci(
         return None, "CI not shown: the bootstrap is off (classify.bootstrap: 0)"
     per_class = patients_per_class(slides_pred, classes)
     fewest = min(per_class.values())
+    if fewest == 0:  # not a matter of too few: there is no AUROC to give an interval for
+        return None, (f"CI not shown: the held-out slides hold no class "
+                      f"{min(per_class, key=per_class.get)!r}")
     if fewest < MIN_CI_PATIENTS:
         few = (f"{fewest} patients per class" if len(set(per_class.values())) == 1 else
                f"{fewest} patients in class {min(per_class, key=per_class.get)!r}")
@@ -1295,13 +1334,14 @@ def classify(
         te = patch_fold == f
         tr, split = labelled(t.slides[np.asarray(fold_of_slide) != f], ~te, f)
         _check_disjoint(t.patient[tr], t.patient[te])
-        pipe, c, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], t.classes, cfg)
-        edges.append(edge)
+        pipe, c, how = fit_probe(t.X[tr], t.y[tr], t.patient[tr], t.classes, cfg)
+        edges.append(how["C_grid_end"])
         proba[te] = pipe.predict_proba(t.X[te])
         folds_out.append(
             {
                 "fold": int(f),
                 "C": c,
+                **how,
                 "n_train_patches": int(tr.sum()),
                 "n_test_patches": int(te.sum()),
                 "n_train_patients": len(set(t.patient[tr])),
@@ -1318,10 +1358,10 @@ def classify(
     if scheme == "split":
         # its one fold's model is the final one: the evaluated model is the one saved (a refit
         # drew other patients at a label fraction and counted its C twice)
-        final, c_final, final_split, edge = pipe, c, split, None
+        final, c_final, final_split, final_how = pipe, c, split, how
     else:
         tr, final_split = labelled(t.slides, np.ones(len(t.y), bool), FINAL_FOLD)
-        final, c_final, edge = fit_probe(t.X[tr], t.y[tr], t.patient[tr], t.classes, cfg)
+        final, c_final, final_how = fit_probe(t.X[tr], t.y[tr], t.patient[tr], t.classes, cfg)
     model = LinearModel.from_pipeline(
         final,
         t.classes,
@@ -1342,7 +1382,8 @@ def classify(
             "label_fraction": cfg.label_fraction,
         },
     )
-    warn_grid_edge(cfg.c_grid, [*edges, *([edge] if scheme != "split" else [])])
+    warn_grid_edge(cfg.c_grid,
+                   [*edges, *([final_how["C_grid_end"]] if scheme != "split" else [])])
     task = task_summary(
         t,
         "samples sheet" if samples is not None else "embedding files",
@@ -1355,7 +1396,7 @@ def classify(
     # the keys it read: the workflow's classify YAML leaves the t-SNE figure's own keys out
     used = {k: v for k, v in asdict(cfg).items() if k in CLASSIFY_PROBE_KEYS}
     metrics = metrics_document(task, patch_metrics, slide_metrics, folds_out,
-                               {"C": c_final, **final_split}, used)
+                               {"C": c_final, **final_how, **final_split}, used)
     with atomic_dir(out_dir, force=force, markers=RESULT_FILES) as tmp:
         write_evaluation(tmp, metrics, patches, slides_pred)
         model.save(tmp)
@@ -1417,8 +1458,9 @@ def check_compatible(model: LinearModel, model_dir: str | os.PathLike, s: Embedd
     """Refuse an embedding file whose features live in another space than the classifier's
     training embeddings: another arch, encoder, layer, input size or TTA setting gives vectors
     of the right length but a different meaning, and scores of them look plausible and are
-    nonsense. A key missing on either side (a model or file from before it was recorded) is not
-    compared."""
+    nonsense. A key the model does not record (a model from before it was recorded) is not
+    compared; a file that lacks the encoder hash or layer the model records is refused (embed
+    always records both)."""
     meta, a = model.meta, s.attrs
     enc = meta.get("encoder") or "RUN/encoder.pt"
     fix_enc = f"embed with the encoder the classifier was trained on ({enc})"
@@ -1427,6 +1469,15 @@ def check_compatible(model: LinearModel, model_dir: str | os.PathLike, s: Embedd
         return meta.get(key) is not None and a.get(key) is not None and a[key] != meta[key]
 
     where = f"the classifier in {model_dir}"
+    # embed always records them: a file without what the model records is not embed's output
+    # (or is damaged), and its vectors' meaning cannot be checked
+    lacking = [k for k in ("encoder_sha256", "layer") if meta.get(k) is not None
+               and a.get(k) is None]
+    if lacking:
+        raise SimclrPathError(
+            f"{s.path}: records no {' or '.join(lacking)}, so it cannot be shown to hold "
+            f"embeddings of the encoder and layer {where} was trained on; {fix_enc} "
+            "('simclr-path embed' records both)")
     if differs("arch"):
         raise SimclrPathError(f"{s.path}: embedded with a {a['arch']} encoder but {where} was "
                               f"trained on {meta['arch']} embeddings; {fix_enc}")
@@ -1528,6 +1579,7 @@ def _scores_table(model: LinearModel, model_dir: str | os.PathLike,
             )
         check_compatible(model, model_dir, s)
         _check_finite(s)
+        _check_repeats(s)
         if len(s) == 0:
             warnings.warn(
                 f"{s.path}: slide {s.slide_id!r} has no patches; its slide row has no scores",

@@ -213,6 +213,21 @@ def test_split_column(tmp_path):
     assert not (tmp_path / "out3").exists()
 
 
+def test_a_split_whose_test_slides_hold_one_class_says_so(tmp_path):
+    """It ran without a word, and the CI note blamed too few patients ('0 patients in class
+    normal ... needs at least 5') for a test set without that class."""
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=12, patches=10, two_slides=False)
+    df = pd.read_csv(sheet, sep="\t")
+    df["split"] = ["test" if p in ("P6", "P8") else "train" for p in df["patient_id"]]  # SCC
+    df.to_csv(sheet, sep="\t", index=False)
+    with pytest.warns(UserWarning, match="no test slide of class 'normal', so the test set's "
+                                         "AUROC and balanced accuracy are undefined"):
+        m = classify(paths, tmp_path / "out", samples=sheet, cfg=replace(FAST, bootstrap=20))
+    assert m["slide"]["auroc"] is None
+    assert m["slide"]["auroc_ci95_note"] == ("CI not shown: the held-out slides hold no class "
+                                             "'normal'")
+
+
 def test_predict_after_reload_equals_in_memory(tmp_path):
     paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=30, shift=1.0)
     classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
@@ -282,6 +297,17 @@ def test_predict_refuses_embeddings_of_another_layer_encoder_or_arch(tmp_path):
         with pytest.raises(SimclrPathError, match=msg):
             predict(tmp_path / "out", other[:1], tmp_path / f"{name}.csv")
         assert not (tmp_path / f"{name}.csv").exists()
+    # a file that records no encoder hash or layer (embed records both): its vectors' meaning
+    # cannot be checked, and it was scored as if it matched
+    import h5py
+
+    for key in ("encoder_sha256", "layer"):
+        other, _ = make_cohort(tmp_path / f"no-{key}", n_patients=1, patches=5, image_size=32,
+                               extra=extra)
+        with h5py.File(other[0], "a") as f:
+            del f.attrs[key]
+        with pytest.raises(SimclrPathError, match=f"records no {key}, so it cannot be shown"):
+            predict(tmp_path / "out", other[:1], tmp_path / f"no-{key}.csv")
     # a model saved before layer/arch/tta were recorded: those comparisons are skipped
     del meta["layer"], meta["arch"], meta["tta"]
     (tmp_path / "out" / "model.json").write_text(json.dumps(meta))
@@ -431,7 +457,7 @@ def test_bad_input_cli(tmp_path, capsys):
     write_embeddings(
         tmp_path / "stray.h5",
         np.zeros((3, 8)),
-        np.zeros((3, 2)),
+        np.arange(6).reshape(3, 2),
         {"slide_id": "stray", "encoder_sha256": "enc1", "layer": "pooled"},
     )
     assert (
@@ -622,10 +648,29 @@ def test_fit_probe_flags_a_winning_grid_end_but_not_a_tie():
     cfg = ClassifyConfig(c_grid=[1e-4, 1e-3, 1e-2], inner_folds=3)
     # noisy, weakly informative features in many dimensions: strong regularisation scores best
     X = rng.normal(0, 1, (120, 300)) + 0.25 * y[:, None] * (rng.random(300) < 0.05)
-    assert fit_probe(X, y, groups, ["a", "b"], cfg)[1:] == (1e-4, "below")
+    assert fit_probe(X, y, groups, ["a", "b"], cfg)[1:] == (
+        1e-4, {"C_chosen_by": "inner_cv", "inner_folds": 3, "C_grid_end": "below"})
     # perfectly separable: every C scores 1.0, the tie goes to the first and says nothing
     X = np.c_[y * 10.0, rng.normal(0, 1, (120, 3))]
-    assert fit_probe(X, y, groups, ["a", "b"], cfg)[1:] == (1e-4, None)
+    assert fit_probe(X, y, groups, ["a", "b"], cfg)[1:] == (
+        1e-4, {"C_chosen_by": "inner_cv", "inner_folds": 3, "C_grid_end": None})
+
+
+def test_metrics_say_whether_c_was_chosen_by_inner_cv_or_fixed(tmp_path):
+    """A fold with too few patients per class for inner CV used the grid's middle C with a
+    warning on stderr only: metrics.json gave that C as if it had been chosen."""
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=8, patches=10)
+    m = classify(paths, tmp_path / "a", samples=sheet, cfg=replace(FAST, folds=2))
+    assert all(f["C_chosen_by"] == "inner_cv" and f["inner_folds"] >= 2 for f in m["folds"])
+    assert m["final_model"]["C_chosen_by"] == "inner_cv"
+    paths, sheet = make_cohort(tmp_path / "d", n_patients=2, patches=10)
+    with pytest.warns(UserWarning, match="too few patients per class"):
+        m = classify(paths, tmp_path / "b", samples=sheet, cfg=replace(FAST, folds=2))
+    assert all(f["C_chosen_by"].startswith("fixed: too few patients per class (1)")
+               and f["inner_folds"] == 0 for f in m["folds"])
+    m = classify(paths, tmp_path / "e", samples=sheet, cfg=replace(FAST, c_grid=[0.5]))
+    assert [f["C_chosen_by"] for f in m["folds"]] == ["the grid's one value"] * 2
+    assert m["final_model"]["C"] == 0.5
 
 
 def test_groups_of_several_classes_warn_that_they_count_as_their_majority(tmp_path):
@@ -873,7 +918,7 @@ def _mixed_cohort(folder, rows):
     paths = []
     for sid, _, lab in rows:
         X = rng.normal(size=(10, 4)).astype(np.float32) + (lab == "SCC")
-        write_embeddings(folder / f"{sid}.h5", X, np.zeros((10, 2)), {"slide_id": sid})
+        write_embeddings(folder / f"{sid}.h5", X, np.arange(20).reshape(10, 2), {"slide_id": sid})
         paths.append(str(folder / f"{sid}.h5"))
     sheet = folder / "s.tsv"
     pd.DataFrame(rows, columns=["slide_id", "patient_id", "label"]).assign(path="x.svs").to_csv(
@@ -1171,3 +1216,30 @@ def test_with_a_split_the_saved_model_is_fitted_on_the_training_slides_only(tmp_
     np.testing.assert_allclose(
         again.loc[list(zip(test["slide_id"], test["patch_index"])), "prob_SCC"].to_numpy(),
         test["prob_SCC"].to_numpy(), atol=1e-5)
+
+
+def test_mixed_encoders_name_the_file_off_the_most_common_value(tmp_path):
+    """With the first file the odd one, the error named a good file as the one to embed again."""
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=3, patches=5)
+    odd, _ = make_cohort(tmp_path / "odd", n_patients=1, patches=5, sha="other")
+    odd[0].replace(paths[0])  # the first slide's file, embedded with another encoder
+    with pytest.raises(SimclrPathError) as err:
+        classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    msg = str(err.value)
+    assert msg.startswith(f"{paths[0]}: encoder_sha256 'other' differs from 5 of 6 files "
+                          f"('enc1', e.g. {paths[1]})"), msg
+
+
+def test_a_slide_file_with_repeated_patches_is_refused(tmp_path):
+    """A file holding its patches twice was accepted: they counted twice in training, in the
+    patch metrics and in the top-k score."""
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=3, patches=5)
+    s = EmbeddingStore(paths[2])
+    write_embeddings(paths[2], np.concatenate([s.features, s.features]),
+                     np.concatenate([s.coords, s.coords]), s.attrs, force=True)
+    with pytest.raises(SimclrPathError, match=r"P1-S0.h5: 5 patch row\(s\) repeat the "
+                                              r"coordinates of another \(first: x=0, y=0\)"):
+        classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    classify(paths[:2] + paths[3:], tmp_path / "out", samples=sheet, cfg=FAST)
+    with pytest.raises(SimclrPathError, match="repeat the coordinates"):
+        predict(tmp_path / "out", paths[2:3], tmp_path / "p.csv")

@@ -186,7 +186,8 @@ def test_probe_and_finetuning_get_the_same_labelled_patients(cohort, encoder, tm
     for p in paths:  # embeddings of the same slides (the probe's input)
         sid = p.stem
         emb.append(write_embeddings(tmp_path / "emb" / f"{sid}.h5", rng.normal(size=(8, 4)),
-                                    np.zeros((8, 2)), {"slide_id": sid, "layer": "pooled"}))
+                                    np.arange(16).reshape(8, 2),
+                                    {"slide_id": sid, "layer": "pooled"}))
     for seed in (0, 7):  # classify.seed sets the folds and the draw; finetune.seed does not
         cfg = build_config("default", {
             "finetune": {"epochs": 1, "batch_size": 16, "device": "cpu", "amp": False,
