@@ -23,6 +23,7 @@ current directory).
 
 from __future__ import annotations
 
+import csv
 import difflib
 import io
 import os
@@ -107,17 +108,24 @@ def read_samples(
     )
 
 
+def _fields(line: str) -> list[str]:
+    """One line's tab-separated fields, quotes read as pandas reads them (``"a<TAB>b"`` is one)."""
+    return next(csv.reader([line.rstrip("\r\n")], delimiter="\t"), [])
+
+
 def _trim_extra_fields(p: Path, lines: list[str]) -> list[str]:
     """``lines`` with empty fields beyond the header's columns (a spreadsheet's trailing tabs)
-    removed; one clear error for a row with a value there (pandas would read it shifted, or
-    refuse the file with a tokenizer message)."""
-    rows = [n for n, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")]
+    removed and lines of only tabs and spaces dropped; one clear error for a row with a value
+    there (pandas would read it shifted, or refuse the file with a tokenizer message)."""
+    out = [line if line.strip() else "\n" for line in lines]  # tabs alone: a blank line
+    rows = [n for n, line in enumerate(out) if line.strip() and not line.lstrip().startswith("#")]
     if not rows:
-        return lines
-    width = len(lines[rows[0]].rstrip("\r\n").split("\t"))
-    out = list(lines)
+        return out
+    width = len(_fields(lines[rows[0]]))
     for n in rows[1:]:
-        fields = lines[n].rstrip("\r\n").split("\t")
+        fields = _fields(lines[n])
+        if len(fields) <= width:
+            continue
         extra = [f for f in fields[width:] if f.strip()]
         if extra:
             raise SimclrPathError(
@@ -125,8 +133,9 @@ def _trim_extra_fields(p: Path, lines: list[str]) -> list[str]:
                 f"{width} (first extra value {extra[0].strip()!r}); add a column name for it "
                 "or remove it"
             )
-        if len(fields) > width:
-            out[n] = "\t".join(fields[:width]) + "\n"
+        buf = io.StringIO()
+        csv.writer(buf, delimiter="\t", lineterminator="\n").writerow(fields[:width])
+        out[n] = buf.getvalue()
     return out
 
 
@@ -348,7 +357,9 @@ def validate_samples(
                 "(relative paths are resolved against the current directory, then the "
                 "sheet's folder)"
             )
-        if check_files and not found.is_file():  # the tile job would fail, after the others
+        # never a slide (the tile job would fail, after the others), checked without
+        # check_files too (the workflow's and classify's reading)
+        if found.is_dir():
             raise SimclrPathError(
                 f"{line(i)}: {found} is a folder, not a slide file; give the slide file (for "
                 "MIRAX the .mrxs file, not its folder)"

@@ -80,10 +80,10 @@ METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "pairs_per_s", "data_time_s", "
 RUN_FILES = ["config.yaml", "metrics.csv", "checkpoint.pt", "loss.png", "head.pt", "encoder.pt",
              "encoder.json", "summary.json", "mlflow.db"]
 RUN_DIRS = ["tensorboard", "mlruns", "wandb"]
-# a hidden file every run writes first (never a workflow output, so never deleted by one): with
-# a run's config.yaml or encoder.json, what marks a folder as a run's. Not metrics.csv,
-# loss.png, checkpoint.pt ... (any project folder may hold such names), nor mlflow.db
-# (MLflow's default store in any working folder)
+# a hidden file every run writes first (never a workflow output, so never deleted by one): what
+# marks a folder as a run's. Not metrics.csv, loss.png, config.yaml, encoder.json ... (any
+# project folder may hold such names, or copies of a run's), nor mlflow.db (MLflow's default
+# store in any working folder)
 RUN_MARKER = ".simclr-path-run"
 # config.yaml's first line: tells a run's own config.yaml from a user's in a folder given as --out
 RUN_CONFIG_HEADER = "# simclr-path pretrain: this run's resolved configuration\n"
@@ -424,29 +424,28 @@ def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
                               "continue its checkpoint or --force to start over")
     if not _is_run_dir(out):  # --force and --resume remove run files and tracking folders
         raise SimclrPathError(f"{out}: exists and is not a pretraining run directory (no "
-                              f"{RUN_MARKER} file, and no config.yaml or encoder.json written by "
-                              "simclr-path); --force and --resume act only on runs, so "
-                              "choose another --out")
+                              f"{RUN_MARKER} file, which every run writes first, nor a "
+                              "simclr-path checkpoint.pt); --force and --resume act only on "
+                              "runs, so choose another --out")
 
 
 def _is_run_dir(out: Path) -> bool:
-    """Whether ``out`` holds a run's files: a folder given by mistake (a project folder with its
-    own config.yaml, metrics.csv, loss.png, mlruns/ and mlflow.db) must not lose them to
-    --force. Only what simclr-path alone writes counts: the marker every run writes first, a
-    config.yaml that starts with the run's header, an encoder.json of the encoder format."""
+    """Whether ``out`` is a run's folder: a folder given by mistake (a project folder with its
+    own config.yaml, metrics.csv, mlruns/ and mlflow.db, maybe an encoder or a config copied
+    from a run) must not lose them to --force. The marker every run writes first says so; a
+    run from before the marker (2026-12-06) has its checkpoint to show. A fine-tuning results
+    folder never is one (it holds an encoder.pt of its own)."""
+    if (out / ".simclr-path-finetune").exists():  # finetune.FINETUNE_MARKER
+        return False
     if (out / RUN_MARKER).is_file():
         return True
-    try:
-        with open(out / "config.yaml", encoding="utf-8", errors="replace") as f:
-            if f.read(len(RUN_CONFIG_HEADER)) == RUN_CONFIG_HEADER:
-                return True
-    except OSError:
-        pass
-    try:
-        info = json.loads((out / "encoder.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if not (out / "checkpoint.pt").is_file():
         return False
-    return isinstance(info, dict) and {"format_version", "arch"} <= set(info)
+    try:
+        load_checkpoint(out / "checkpoint.pt")
+    except SimclrPathError:
+        return False
+    return True
 
 
 def _differences(section: str, was: dict[str, Any], now: dict[str, Any]) -> str:

@@ -186,6 +186,16 @@ def test_a_spreadsheets_trailing_tabs_are_empty_fields_not_a_shift(slides, tmp_p
     assert not [w for w in recwarn if "Length of header" in str(w.message)]
 
 
+def test_quoted_tabs_empty_quotes_and_lines_of_tabs_read_as_before(tmp_path, recwarn):
+    """The trailing-tab trimming split a quoted "a<TAB>b" into two fields and refused the row,
+    took "" for a value, and left a line of tabs alone to pandas' tokenizer error."""
+    p = tmp_path / "s.tsv"
+    p.write_text(HEADER + '\tnote\nA\ta.svs\tSCC\tP1\t"x\ty"\t""\n\t\t\t\t\t\t\n'
+                 "B\tb.svs\tnormal\tP2\t\n")
+    df = read_samples(p, check_files=False)
+    assert list(df["slide_id"]) == ["A", "B"] and list(df["note"]) == ["x\ty", ""]
+
+
 def test_missing_and_empty_sheet(tmp_path):
     with pytest.raises(SimclrPathError, match="not found"):
         read_samples(tmp_path / "none.tsv")
@@ -199,6 +209,10 @@ def test_missing_and_empty_sheet(tmp_path):
 def test_check_files_off(tmp_path):
     sheet = _sheet(tmp_path, ["A\tnope/A.svs\tSCC\tP1", "B\tnope/B.svs\tnormal\tP2"])
     assert len(read_samples(sheet, check_files=False)) == 2
+    # a folder is never a slide: refused without the file check too (the workflow's reading)
+    (tmp_path / "nope" / "A.svs").mkdir(parents=True)
+    with pytest.raises(SimclrPathError, match="nope/A.svs is a folder, not a slide file"):
+        read_samples(sheet, check_files=False)
 
 
 def test_safe_ids():

@@ -562,7 +562,6 @@ def test_force_and_resume_leave_a_folder_that_is_not_a_run_alone(stores, tmp_pat
     # in a folder where plot-loss had written loss.png)
     (proj / "metrics.csv").write_text("a,b\n1,2\n")
     (proj / "loss.png").write_bytes(b"\x89PNG")
-    (proj / "encoder.json").write_text('{"model": "my own"}')
     before = sorted(p.relative_to(proj) for p in proj.rglob("*"))
     for flag in ("--force", "--resume", "--resume-interrupted"):
         extra = ["--force"] if flag != "--force" else []
@@ -586,10 +585,26 @@ def test_force_and_resume_leave_a_folder_that_is_not_a_run_alone(stores, tmp_pat
         (run / name).unlink(missing_ok=True)
     assert sorted(p.name for p in run.iterdir()) == [T.RUN_MARKER, "tensorboard"]
     assert T.pretrain(stores, run, cfg, force=True, progress=False)["steps"] == 1
-    # a run of a version before the marker: its encoder.json says it is one
+    # a run of a version before the marker: its checkpoint says it is one
+    T.pretrain(stores, run, cfg, force=True, progress=False)
     (run / T.RUN_MARKER).unlink()
-    (run / "config.yaml").unlink()
+    assert (run / "checkpoint.pt").is_file()
     assert T.pretrain(stores, run, cfg, force=True, progress=False)["steps"] == 1
+    # a project folder with a run's encoder and config.yaml copied in, and a fine-tuning
+    # results folder (an encoder of its own): not runs, --force deleted mlruns/ and the encoder
+    copied, ft = tmp_path / "copied", tmp_path / "ft"
+    for d in (copied, ft):
+        (d / "mlruns" / "0").mkdir(parents=True)
+        for name in ("encoder.pt", "encoder.json", "config.yaml"):
+            (d / name).write_bytes((run / name).read_bytes())
+    (ft / ".simclr-path-finetune").write_text("simclr-path finetune results\n")
+    (ft / T.RUN_MARKER).write_text("")  # even beside a pretraining marker
+    (ft / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes())
+    for d in (copied, ft):
+        before = sorted(p.relative_to(d) for p in d.rglob("*"))
+        rc, err = _cli([*stores, *BASE, "--out", d, "--force"], capsys)
+        assert rc != 0 and "is not a pretraining run directory" in err, err
+        assert sorted(p.relative_to(d) for p in d.rglob("*")) == before
     # a file as --out with --resume: one line, no "starting from step 0" warning before it
     (tmp_path / "afile").write_text("x")
     rc, err = _cli([*stores, *BASE, "--out", tmp_path / "afile", "--resume"], capsys)
@@ -924,6 +939,7 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
     store = _easy_store(tmp_path / "s.h5")
     out = tmp_path / "run"
     out.mkdir()
+    (out / T.RUN_MARKER).write_text("")  # a run's folder (every run writes it first)
     (out / "checkpoint.pt").write_bytes(b"\x00garbage")
     rc, err = _cli([store, *BASE, "--out", out, "--resume"], capsys)
     assert rc != 0 and "cannot read checkpoint" in err and len(err.splitlines()) == 1
