@@ -88,6 +88,7 @@ class PatchTable:
     files: list[str] | None = None  # the files given, as given (``file`` of the patch tables)
     encoder: str | None = None  # encoder path the first file was embedded with (for messages)
     input_mpp: float | None = None  # um of tissue per input pixel (None: not every file knows)
+    fine_tuned_from: str | None = None  # the encoder was fine-tuned with labels from this one
 
 
 def _tta(attrs: dict[str, Any]) -> bool:
@@ -521,6 +522,7 @@ def load_table(
         files=[str(s.path) for s in stores],
         encoder=first.get("encoder"),
         input_mpp=input_mpp(scale),
+        fine_tuned_from=first.get("fine_tuned_from"),
     )
 
 
@@ -1280,6 +1282,7 @@ def task_summary(
         "n_evaluated_slides": n_evaluated_slides,
         "patients_per_class": patients_per_class(t.slides, t.classes),
         "encoder_sha256": t.encoder_sha256,
+        "encoder_fine_tuned_from": t.fine_tuned_from,
         "layer": t.layer,
         "arch": t.arch,
         "top_k": cfg.top_k,
@@ -1313,6 +1316,13 @@ def classify(
                 replaces_dir=force)
     check_can_write(out_dir, force, kind="dir", markers=RESULT_FILES)
     t = load_table(embedding_paths, samples, cfg)
+    if t.fine_tuned_from:
+        # its weights learned from labels: a patient it was fine-tuned on scores as well as
+        # memorised (a reviewer's random labels: AUROC 1.0 here, 0.58 in finetune's own folds)
+        warnings.warn(f"{t.files[0]}: embedded with an encoder fine-tuned with labels (from "
+                      f"{t.fine_tuned_from}); any patient it was fine-tuned on makes this "
+                      "evaluation optimistic: evaluate such an encoder on new patients only "
+                      "(finetune's own metrics.json is the cross-validated figure)", stacklevel=2)
     k = len(t.classes)
     fold_of_slide, scheme = make_folds(t.slides, t.classes, cfg)
     slide_fold = dict(zip(t.slides["slide_id"], fold_of_slide))

@@ -452,7 +452,7 @@ class FinetuneConfig:
     max_patches_per_slide: int | None = None  # training patches drawn per slide and epoch; None = all
     color_jitter: float = 0.5  # probability of light stain + colour jitter per patch (flips, rot90 always)
     freeze_bn: bool = False  # keep pretrained BatchNorm statistics (for very small batches)
-    final_model: bool = True  # also fine-tune on all labelled patients and save encoder.pt
+    final_model: bool = True  # also fine-tune on the labelled patients (less val_fraction) and save encoder.pt
     amp: bool = True  # bf16 autocast where supported (as train.amp)
     device: str = "auto"  # auto | cpu | cuda
     workers: int = 0  # DataLoader workers reading patches

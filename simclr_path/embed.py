@@ -465,6 +465,10 @@ def embed_store(
         "source_store": str(store.path),
         "encoder": str(enc),
         "encoder_sha256": file_sha256(enc),
+        # an encoder fine-tuned with labels (simclr-path finetune): classify warns that its
+        # labelled patients must not be evaluated on these embeddings
+        **({"fine_tuned_from": str(info["fine_tuned_from"])} if info.get("fine_tuned_from")
+           else {}),
         "arch": info.get("arch"),
         "layer": cfg.layer,
         "image_size": image_size,

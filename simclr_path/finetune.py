@@ -29,7 +29,8 @@ Output folder (written atomically; the layout of ``classify``, so ``plot-curves`
     predictions_slides.csv    out-of-fold slide scores
     history.csv               fold, epoch, train_loss, val_loss, val_auroc, lr (the epoch's
                               first step's), seconds, best
-    encoder.pt, encoder.json  the encoder fine-tuned on all labelled patients (with a samples-sheet
+    encoder.pt, encoder.json  the encoder fine-tuned on the labelled patients, less val_fraction
+                              held out to pick the epoch (with a samples-sheet
                               split, the evaluated model of its training slides; finetune.final_model;
                               loads with model.load_encoder, embeds with 'simclr-path embed')
     classifier.pt             its linear head: a state dict of ``weight`` (K, F) and ``bias`` (K,)
@@ -96,9 +97,12 @@ from simclr_path.transforms import ColorAugment, eval_transform, normalize, to_f
 # and, without a final model, left only tensorboard/, which --force then refused as not ours
 FINETUNE_MARKER = ".simclr-path-finetune"
 RESULT_FILES = ("metrics.json", "predictions_patches.csv", "predictions_slides.csv", "history.csv",
-                "encoder.pt", "encoder.json", "classifier.pt", FINETUNE_MARKER)
-# what else it writes there: the experiment trackers' files (train.tensorboard, mlflow, wandb)
-TRACKING_FILES = ("tensorboard", "mlruns", "mlflow.db", "wandb")
+                FINETUNE_MARKER)
+# what else it writes there: the final model (names any model folder holds, so never what
+# marks a folder as this command's: --force replaced a folder of a copied encoder) and the
+# experiment trackers' files (train.tensorboard, mlflow, wandb)
+OWNED_FILES = ("encoder.pt", "encoder.json", "classifier.pt", "tensorboard", "mlruns",
+                  "mlflow.db", "wandb")
 
 HISTORY_COLUMNS = ["fold", "epoch", "train_loss", "val_loss", "val_auroc", "lr", "seconds", "best"]
 # Light colour augmentation for fine-tuning: a fraction of the pretraining strengths, no blur or
@@ -561,7 +565,7 @@ def finetune(
         check_apart({"out_dir": out_dir}, {"store_paths": store_paths, "encoder": encoder,
                                          "samples": samples}, replaces_dir=force)
         check_can_write(out_dir, force, kind="dir", markers=RESULT_FILES,
-                        owned=TRACKING_FILES)
+                        owned=OWNED_FILES)
         enc = Path(encoder)
         if enc.is_dir():
             enc = enc / "encoder.pt"
@@ -598,7 +602,7 @@ def finetune(
         t_start = time.perf_counter()
 
         with atomic_dir(out_dir, force=force, markers=RESULT_FILES,
-                        owned=TRACKING_FILES) as tmp:
+                        owned=OWNED_FILES) as tmp:
             from simclr_path.train import _Tracker
 
             (tmp / FINETUNE_MARKER).write_text("simclr-path finetune results\n")

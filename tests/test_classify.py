@@ -1243,3 +1243,16 @@ def test_a_slide_file_with_repeated_patches_is_refused(tmp_path):
     classify(paths[:2] + paths[3:], tmp_path / "out", samples=sheet, cfg=FAST)
     with pytest.raises(SimclrPathError, match="repeat the coordinates"):
         predict(tmp_path / "out", paths[2:3], tmp_path / "p.csv")
+
+
+def test_embeddings_of_a_fine_tuned_encoder_warn_and_are_recorded(tmp_path):
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=3, patches=5)
+    m = classify(paths, tmp_path / "a", samples=sheet, cfg=FAST)
+    assert m["task"]["encoder_fine_tuned_from"] is None
+    paths, sheet = make_cohort(tmp_path / "t", n_patients=3, patches=5,
+                               extra={"fine_tuned_from": "runs/a/encoder.pt"})
+    with pytest.warns(UserWarning, match=r"embedded with an encoder fine-tuned with labels "
+                                         r"\(from runs/a/encoder.pt\); any patient it was "
+                                         "fine-tuned on makes this evaluation optimistic"):
+        m = classify(paths, tmp_path / "b", samples=sheet, cfg=FAST)
+    assert m["task"]["encoder_fine_tuned_from"] == "runs/a/encoder.pt"

@@ -445,3 +445,16 @@ def test_preprocess_is_the_imagenet_normalised_resize_of_the_patch():
         ref = (ref - mean) / std
         torch.testing.assert_close(preprocess(x, size), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(eval_transform(x, size), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_embeddings_of_a_fine_tuned_encoder_say_so(make_store, tmp_path):
+    """classify could not tell embeddings of an encoder fine-tuned with labels (finetune's
+    final model) from a self-supervised one's, and evaluated its training patients in silence."""
+    store = make_store(n=3, size=32)
+    for name, extra in (("plain", {}), ("tuned", {"fine_tuned_from": "runs/a/encoder.pt"})):
+        enc = tmp_path / name / "encoder.pt"
+        enc.parent.mkdir()
+        save_encoder(create_backbone(ARCH), enc, ARCH, image_size=32, mpp=0.5, **extra)
+        out = embed_store(enc, store, tmp_path / f"{name}.h5", EmbedConfig(workers=0),
+                          progress=False)
+        assert EmbeddingStore(out).attrs.get("fine_tuned_from") == extra.get("fine_tuned_from")

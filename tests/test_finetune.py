@@ -272,6 +272,15 @@ def test_bad_input_one_line_and_no_output(cohort, encoder, tmp_path, capsys):
                                               "its out_dir folder"):
         finetune(paths, encoder, encoder.parent, samples=sheet, cfg=tiny_cfg(), force=True)
     assert encoder.is_file()
+    # nor a folder of a copied encoder (encoder.pt made it count as finetune's, and --force
+    # replaced the user's encoder with the fine-tuned one)
+    mine = tmp_path / "models" / "mine"
+    mine.mkdir(parents=True)
+    for name in ("encoder.pt", "encoder.json"):
+        (mine / name).write_bytes((encoder.parent / name).read_bytes())
+    with pytest.raises(SimclrPathError, match="is not a results folder of this command"):
+        finetune(paths, encoder, mine, samples=sheet, cfg=tiny_cfg(), force=True)
+    assert (mine / "encoder.pt").read_bytes() == (encoder.parent / "encoder.pt").read_bytes()
 
 
 def test_cli_one_percent_labels_trains_without_early_stopping(cohort, encoder, tmp_path, capsys):

@@ -270,6 +270,19 @@ def test_nested_config_values_on_the_command_line(tmp_path):
     assert "report.auto: 'no' is not of type 'boolean'" in _one_error_line(bad)
 
 
+def test_the_preview_of_a_budgeted_run_draws_the_views_it_trained(tmp_path):
+    """A time budget with budget_min_steps can swap the views for cheaper ones (cpu-fast): the
+    preview drew the configured views, which were never trained."""
+    wf = workdir(tmp_path, TINY, tsv(demo_rows(4)))
+    plain = smk(wf, "-n", "-p", "--cores", "1")
+    assert "--config results/config/baseline/preview.yaml" in plain.stdout, plain.stderr[-2000:]
+    done = smk(wf, "-n", "-p", "--cores", "1", "--config",
+               "train={'time_budget_s':60,'budget_min_steps':10}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(x for x in done.stdout.splitlines() if "simclr-path preview" in x)
+    assert "--config results/pretrain/baseline/config.yaml" in line
+
+
 def test_a_positive_label_missing_from_the_sheet_stops_dag_build(tmp_path):
     rows = [(f"S{i}", f"resources/demo/S{i}.tiff", ["tumour", "normal"][i % 2], f"P{i}")
             for i in range(4)]

@@ -42,6 +42,7 @@ def keys_but(section, *left_out):
 STAGE_KEYS = {
     "pretrain": {"augment": None, "model": None, "train": None},
     # the augmentation preview draws the views alone: a training setting must not redraw it
+    # (but a time budget that may fit the views makes it read the run's config: preview_config)
     "preview": {"augment": None},
     "embed": {"embed": None},
     # layer-wise evaluation gives --layer: the run's embed.layer must not rerun those jobs
@@ -657,6 +658,17 @@ def store_path(name):
 
 def run_stage_config(stage):
     return f"results/config/{{run}}/{stage}.yaml"
+
+
+def preview_config(wildcards):
+    """The augmentation preview's config: the run's augment section, or where a time budget
+    may fit the views to it (train.time_budget_s with budget_min_steps) the trained run's
+    config.yaml, which holds the views it trained (the figure showed views never trained).
+    """
+    t = RUN_CFG[wildcards.run].train
+    if t.time_budget_s is not None and t.budget_min_steps is not None:
+        return f"results/pretrain/{wildcards.run}/config.yaml"
+    return f"results/config/{wildcards.run}/preview.yaml"
 
 
 def classify_embeddings(wildcards):

@@ -53,7 +53,7 @@ rule pretrain:
 rule preview:
     input:
         stores=expand("results/patches/{store}.h5", store=STORES),
-        config=run_stage_config("preview"),
+        config=preview_config,
     output:
         report(
             "results/figures/{run}/augmentations.png",
