@@ -569,6 +569,11 @@ def make_folds(
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
+    # a split's own problem first: a patient on both sides is the thing to fix, even where it
+    # is also its class's only patient
+    problem = split_problem(slides, classes) if "split" in slides.columns else None
+    if problem:
+        raise SimclrPathError(problem)
     counts = patients_per_class(slides, classes)
     scarce = {c: n for c, n in counts.items() if n < 2}
     if scarce:
@@ -579,9 +584,6 @@ def make_folds(
             "patient is never on both sides of a split; add slides from more patients"
         )
     if "split" in slides.columns:
-        problem = split_problem(slides, classes)
-        if problem:
-            raise SimclrPathError(problem)
         test = (slides["split"] == "test").to_numpy()
         absent = [c for c in classes if c not in set(slides.loc[test, "label"])]
         if absent:  # the run is still of use (patch scores, heatmaps); its headline is not

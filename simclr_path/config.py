@@ -187,7 +187,9 @@ class AugmentConfig:
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
     hflip: float = 0.5
     vflip: float = 0.5
-    # albumentations' RandomRotate90 draws k in 0-3 quarter turns, k = 0 none
+    # albumentations' RandomRotate90 draws k in 0-3 quarter turns, k = 0 none. With the flips
+    # at 0.5, rot90 0.5 gives the 4 transposed orientations (odd k) 1/4 of the views together,
+    # the other 4 3/4; 1.0 would give all 8 orientations 1/8 each (benchmarks/README.md)
     rot90: float = 0.5  # probability of drawing a random quarter-turn count (3/4 of it turns)
     stain_p: float = 0.8  # probability of HED stain jitter
     # natural-log optical density units (OD = -ln I): not the scale of Tellez et al.'s HED-light /

@@ -262,7 +262,9 @@ def color_linear(brightness: torch.Tensor, contrast: torch.Tensor, saturation: t
     torchvision's ColorJitter order (brightness b, contrast c, saturation s, hue h) without the
     clamps between steps: ``y = c b H S x + (1 - c) b m`` where m is the mean luma of x, S mixes
     each pixel with its luma, and H rotates the chroma plane of YIQ by h turns (a linear stand-in
-    for the HSV hue shift: the same direction, about 1.4x its size on H&E colours). S and H both keep grey grey, which makes the composition affine.
+    for the HSV hue shift: the same direction; on saturated H&E pixels of real tiles about 0.85x
+    its size on average, 0.67-1.34x per pixel, measured against torchvision's adjust_hue). S and
+    H both keep grey grey, which makes the composition affine.
     Returns M (n, 3, 3) = ``c b H S`` and k (n,) = ``(1 - c) b``; the shift is ``k m``.
     """
     n = len(brightness)

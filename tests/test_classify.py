@@ -213,6 +213,22 @@ def test_split_column(tmp_path):
     assert not (tmp_path / "out3").exists()
 
 
+def test_a_split_names_a_patient_on_both_sides_before_too_few_patients(tmp_path):
+    """P0, the only patient with normal slides, on both sides: the error said 'only 1 patient'
+    and not the leak to fix."""
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=4, patches=5, two_slides=False)
+    df = pd.read_csv(sheet, sep="\t")
+    df = df[df["label"] == "SCC"].copy()  # P0, P2
+    df["split"] = ["train", "test"]
+    extra = pd.DataFrame([{"slide_id": "P1-S0", "path": "P1-S0.svs", "label": "normal",
+                           "patient_id": "P1", "split": "train"},
+                          {"slide_id": "P3-S0", "path": "P3-S0.svs", "label": "normal",
+                           "patient_id": "P1", "split": "test"}])
+    pd.concat([df, extra]).to_csv(sheet, sep="\t", index=False)
+    with pytest.raises(SimclrPathError, match="patient 'P1' has slides in both train and test"):
+        classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+
+
 def test_a_split_whose_test_slides_hold_one_class_says_so(tmp_path):
     """It ran without a word, and the CI note blamed too few patients ('0 patients in class
     normal ... needs at least 5') for a test set without that class."""
