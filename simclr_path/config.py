@@ -187,10 +187,11 @@ class AugmentConfig:
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
     hflip: float = 0.5
     vflip: float = 0.5
-    # albumentations' RandomRotate90 draws k in 0-3 quarter turns, k = 0 none. With the flips
-    # at 0.5, rot90 0.5 gives the 4 transposed orientations (odd k) 1/4 of the views together,
-    # the other 4 3/4; 1.0 would give all 8 orientations 1/8 each (benchmarks/README.md)
-    rot90: float = 0.5  # probability of drawing a random quarter-turn count (3/4 of it turns)
+    # albumentations' RandomRotate90 draws k in 0-3 quarter turns, k = 0 none. At 1.0, with the
+    # flips, each of the 8 orientations of a patch is drawn 1/8 of the time (tissue has no
+    # upright); 0.5, the default until 2026-12-07, gave the 4 transposed ones (odd k) 1/4 of the
+    # views together (benchmarks/README.md, study 26)
+    rot90: float = 1.0  # probability of drawing a random quarter-turn count (3/4 of it turns)
     stain_p: float = 0.8  # probability of HED stain jitter
     # natural-log optical density units (OD = -ln I): not the scale of Tellez et al.'s HED-light /
     # HED-strong settings, whose code uses another OD; by mean |dRGB| 0.05 here is 2-3x milder
