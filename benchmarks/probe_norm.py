@@ -76,7 +76,9 @@ def probe_split(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: np.ndar
     proba = np.zeros((len(y), len(classes)))
     for f in np.unique(folds):
         te, tr = folds == f, folds != f
-        a, b = TRANSFORMS[transform](x[tr], x[te])
+        # the probe's own input type: a float64 refit of the untransformed features chose
+        # another C in some folds than the stored float32 probe (no longer a check of it)
+        a, b = (np.asarray(v, dtype=np.float32) for v in TRANSFORMS[transform](x[tr], x[te]))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="classify.c_grid")
             pipe, _, _ = fit_probe(a, y[tr], groups[tr], classes, cfg)

@@ -202,8 +202,25 @@ def preprocess(
     return x
 
 
-def _store_rows(feats: np.ndarray, pos: int, z: torch.Tensor, bar) -> int:
-    """Copy a batch's features (B, D) into ``feats`` from row ``pos``; the next free row."""
+def _to_host(z: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying a batch's features (B, D) to the host: on a GPU into pinned memory without
+    blocking, with an event that marks the copy done (queued right after the batch's own
+    kernels, so waiting for it waits for nothing queued later); elsewhere ``z`` as it is."""
+    if z.device.type != "cuda":
+        return z, None
+    host = torch.empty(z.shape, dtype=z.dtype, pin_memory=True)
+    host.copy_(z, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _store_rows(feats: np.ndarray, pos: int, batch: tuple[torch.Tensor, Any], bar) -> int:
+    """Copy a batch's features ((B, D), from :func:`_to_host`) into ``feats`` from row ``pos``;
+    the next free row."""
+    z, done = batch
+    if done is not None:
+        done.synchronize()
     feats[pos : pos + len(z)] = z.cpu().numpy()
     bar.update(len(z))
     return pos + len(z)
@@ -408,6 +425,8 @@ def embed_store(
         try:  # one dummy patch: the feature size, and a clear error if the size does not fit
             probe = torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8)
             dim = int(run(preprocess(probe, image_size, device, channels_last)).shape[1])
+        except torch.cuda.OutOfMemoryError:  # a full GPU is not a wrong size: the CLI's hint
+            raise
         except (RuntimeError, AssertionError) as exc:  # a shape, or memory for a huge size
             raise SimclrPathError(
                 f"{enc}: the {info.get('arch')} encoder cannot run on {image_size} px inputs "
@@ -444,11 +463,13 @@ def embed_store(
                 disable=None if progress else True,
                 leave=False,
             ) as bar:
-                # a batch's features are copied to the host after the next batch is queued:
-                # the copy waits for its own batch only, so a GPU never idles between batches
-                pending: torch.Tensor | None = None
+                # a batch's features are stored after the next batch is queued, and on a GPU
+                # copied without blocking right after their own kernels: waiting for that copy
+                # leaves the next batch running, so a GPU does not idle between batches (a
+                # blocking .cpu() there waited for the next batch too)
+                pending: tuple[torch.Tensor, Any] | None = None
                 for raw in loader:
-                    z = run(preprocess(raw, image_size, device, channels_last))
+                    z = _to_host(run(preprocess(raw, image_size, device, channels_last)))
                     if pending is not None:
                         pos = _store_rows(feats, pos, pending, bar)
                     pending = z

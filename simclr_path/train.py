@@ -1192,6 +1192,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps)
     dtype = amp_mode(t_cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    fp16_skipped = 0  # float16 steps the scaler skipped (gradients overflowed) in this call
     start_step = 0
     wall_before = 0.0
     saved_plan = None
@@ -1425,10 +1426,15 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             loss = criterion(z[:n], z[n:2 * n], z[2 * n:] if local else None)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            if ema is not None:
+            # float16 (GPUs without bf16): a step whose gradients overflowed updated nothing
+            # (the scaler backed off); counted, and kept out of the weight average
+            skipped_now = scale is not None and scaler.get_scale() < scale
+            fp16_skipped += skipped_now
+            if ema is not None and not skipped_now:
                 ema.update(model, step)  # step 1 copies the weights, later steps average (decay)
             pending.append((step, loss.detach(), optimizer.param_groups[0]["lr"]))
             consistent = True
@@ -1552,6 +1558,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 "budget_fit": {k: v for k, v in fit.items() if k != "augment_requested"} if fit else None,
                 "n_stores": len(opened), "patches_per_epoch": plan.patches_per_epoch,
                 "resumed_from_step": start_step if ck is not None else None,
+                # float16 only: steps of this call whose update the gradient scaler skipped
+                "fp16_skipped_steps": fp16_skipped if scaler.is_enabled() else None,
             }
             _write_text(out / "summary.json", json.dumps(summary, indent=2))
             tracker.close(summary, out)

@@ -112,6 +112,10 @@ def test_tiny_benchmark_writes_valid_results(bq, tmp_path, capsys):
     assert "seed3" in saved["store"] and again["store"] == saved["store"]
     assert not stale.parent.exists() and again["preset"] is None  # the run's own config
     assert again["rows"][2]["auroc_scc"] == pytest.approx(saved["rows"][2]["auroc_scc"])
+    # the same pretraining seconds (the call's, budget-fit trials included), not the loop's
+    assert again["pretrain"]["call_s"] == pytest.approx(saved["pretrain"]["call_s"], abs=1e-3)
+    assert again["rows"][2]["pretrain_s"] == pytest.approx(saved["rows"][2]["pretrain_s"],
+                                                           abs=1e-3)
 
     # another backbone layer of both encoders, compared layer with layer
     staged = bq.main(["--work", str(tmp_path / "work"), "--limit", "30", "--layers", "stage3",

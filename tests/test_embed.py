@@ -458,3 +458,42 @@ def test_embeddings_of_a_fine_tuned_encoder_say_so(make_store, tmp_path):
         out = embed_store(enc, store, tmp_path / f"{name}.h5", EmbedConfig(workers=0),
                           progress=False)
         assert EmbeddingStore(out).attrs.get("fine_tuned_from") == extra.get("fine_tuned_from")
+
+
+def test_a_batch_copied_from_a_gpu_is_read_only_after_its_copy_is_done():
+    """embed's overlap: a blocking .cpu() of batch k waited for batch k+1 too; the copy now runs
+    without blocking and rows are read once its event says it is done."""
+    from simclr_path.embed import _store_rows, _to_host
+
+    z = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    assert _to_host(z) == (z, None)  # CPU tensors as they are
+
+    class Done:
+        synced = False
+
+        def synchronize(self):
+            self.synced = True
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    feats, done, bar = np.zeros((4, 2), np.float32), Done(), Bar()
+    assert _store_rows(feats, 1, (z, done), bar) == 4 and done.synced and bar.n == 3
+    assert feats[1:].tolist() == z.tolist() and not feats[0].any()
+
+
+def test_a_full_gpu_while_checking_the_input_size_is_not_called_a_wrong_size(encoder, make_store,
+                                                                               tmp_path,
+                                                                               monkeypatch):
+    import simclr_path.embed as E
+
+    def full(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(E, "preprocess", full)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        embed_store(encoder, make_store(n=2, size=32), tmp_path / "e.h5", EmbedConfig(workers=0),
+                    progress=False)

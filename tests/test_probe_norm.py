@@ -72,3 +72,28 @@ def test_bad_input(pn, work, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_norm.py"),
                         str(tmp_path)], check=False, capture_output=True, text=True)
     assert r.returncode == 2 and "no probe outputs" in r.stderr
+
+
+def test_the_refit_gives_the_probe_float32_features_as_the_benchmark_did(pn, monkeypatch):
+    """A float64 refit of the untransformed features chose another C than the stored float32
+    probe in some folds of a review's run: 'none' was no longer a check of it."""
+    import simclr_path.classify as C
+
+    seen = []
+    real = C.fit_probe
+
+    def spy(x, *a, **k):
+        seen.append(x.dtype)
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(C, "fit_probe", spy)
+    rng = np.random.default_rng(2)
+    y, groups = toy_labels(5, 4)
+    x = rng.normal(size=(len(y), 4))
+    folds = np.array([int(g.rsplit("-", 1)[1]) % 2 for g in groups])
+    from simclr_path.config import ClassifyConfig
+
+    for t in ("none", "l2"):
+        pn.probe_split(x, y, np.asarray(groups), folds, ["a", "b", "c"],
+                       ClassifyConfig(c_grid=[0.1], bootstrap=0), t)
+    assert seen and set(seen) == {np.dtype(np.float32)}

@@ -45,9 +45,11 @@ def _easy_store(path, n=32, size=32, seed=0, slide_id="E", mpp=0.5):
 
 
 def _cfg(**train):
+    # device cpu: the bitwise resume checks hold on CPU (on a GPU cuDNN's autotuning may pick
+    # other kernels in the resumed process)
     base = {"batch_size": 8, "max_steps": 4, "workers": 0, "optimizer": "adamw", "lr": 1e-3,
             "lr_scaling": "none", "warmup_epochs": 0.0, "checkpoint_every": 2, "log_every": 2,
-            "tensorboard": False}
+            "tensorboard": False, "device": "cpu"}
     base.update(train)
     return load_config(overrides={"augment": {"image_size": 32}, "model": {"arch": "resnet18"},
                                   "train": base})
@@ -1394,3 +1396,14 @@ def test_a_resumed_budgeted_run_whose_saved_schedule_ends_next_step_uses_its_new
     s = T.pretrain(stores, tmp_path / "run", cfg, resume=True, progress=False)
     assert s["steps"] >= 6 + T.BUDGET_SKIP_STEPS + T.BUDGET_MIN_STEPS, s
     assert s["wall_time_s"] - ck["wall_time_s"] > 4.0, s  # most of the new budget was used
+
+
+def test_float16_steps_the_scaler_skipped_are_counted(stores, tmp_path, monkeypatch):
+    """On a GPU without bf16 the first steps' gradients overflow at the scaler's initial scale
+    and update nothing; they counted as trained steps without a word (forced here on CPU)."""
+    monkeypatch.setattr(T, "amp_mode", lambda cfg, device: torch.float16)
+    s = T.pretrain(stores, tmp_path / "run", _cfg(max_steps=3), progress=False)
+    assert s["amp"] == "float16" and 1 <= s["fp16_skipped_steps"] <= 3
+    monkeypatch.undo()
+    plain = T.pretrain(stores, tmp_path / "plain", _cfg(max_steps=1), progress=False)
+    assert plain["fp16_skipped_steps"] is None
