@@ -74,7 +74,7 @@ TARGET_BALACC = 0.95
 # ----------------------------------------------------------------------------------------------
 # Options
 # ----------------------------------------------------------------------------------------------
-# the pretrain call's seconds, written beside the run for --run
+# the pretrain call's seconds (with the run's steps and loop seconds), beside the run for --run
 CALL_FILE = "bench_quality_call_s.txt"
 
 def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -568,14 +568,20 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         pretrain_s = call_s = time.perf_counter() - t0
         # kept beside the run, so that --run reports the same quantity (the call, budget-fit
         # trial passes and set-up included), not the loop's wall time
-        (run_dir / CALL_FILE).write_text(f"{call_s:.3f}\n")
+        # with the run's own figures, so that a run trained again since is not given it
+        (run_dir / CALL_FILE).write_text(json.dumps(
+            {"call_s": call_s, "steps": summary["steps"], "wall_time_s": summary["wall_time_s"]}))
         # the views actually trained (train.budget_min_steps may have fitted smaller ones)
         cfg = load_config(run_dir / "config.yaml")
     else:
         summary = json.loads((args.run / "summary.json").read_text())
         try:
-            pretrain_s = call_s = float((args.run / CALL_FILE).read_text())
-        except (OSError, ValueError):  # a run this script did not make: the loop's wall time
+            kept = json.loads((args.run / CALL_FILE).read_text())
+            if (kept["steps"], kept["wall_time_s"]) != (summary["steps"],
+                                                        summary["wall_time_s"]):
+                raise ValueError("written for another training of this folder")
+            pretrain_s = call_s = float(kept["call_s"])
+        except (OSError, ValueError, KeyError, TypeError):  # not this script's run (or stale)
             pretrain_s, call_s = float(summary["wall_time_s"]), None
             print(f"pretrain s: {args.run} has no {CALL_FILE}, so the column gives the training "
                   "loop's wall time (the budget fit's trial passes and set-up not included)")

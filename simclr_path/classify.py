@@ -534,15 +534,24 @@ def patients_per_class(slides: pd.DataFrame, classes: Sequence[str]) -> dict[str
     return {c: int(slides.loc[slides["label"] == c, "patient_id"].nunique()) for c in classes}
 
 
-def split_problem(slides: pd.DataFrame, classes: Sequence[str]) -> str | None:
-    """Why a samples sheet's ``split`` column (``train`` / ``test`` per slide; ``slides`` has
-    ``patient_id``, ``label``, ``split``) cannot evaluate ``classes``, or None (classify: the
-    slides with patches; the workflow: the whole sheet, before any is tiled)."""
+def split_leak(slides: pd.DataFrame) -> str | None:
+    """A patient with slides on both sides of a samples sheet's ``split``, in words, or None."""
     test = (slides["split"] == "test").to_numpy()
     both = set(slides.loc[test, "patient_id"]) & set(slides.loc[~test, "patient_id"])
     if both:
         return (f"samples sheet split: patient {min(both)!r} has slides in both train and "
                 "test; put all slides of a patient on one side")
+    return None
+
+
+def split_problem(slides: pd.DataFrame, classes: Sequence[str]) -> str | None:
+    """Why a samples sheet's ``split`` column (``train`` / ``test`` per slide; ``slides`` has
+    ``patient_id``, ``label``, ``split``) cannot evaluate ``classes``, or None (classify: the
+    slides with patches; the workflow: the whole sheet, before any is tiled)."""
+    leak = split_leak(slides)
+    if leak:
+        return leak
+    test = (slides["split"] == "test").to_numpy()
     if not test.any():  # (the sheet's own check refuses a split without test slides)
         return ("samples sheet split: none of the slides with patches is a test slide; pass the "
                 "stores of the 'test' slides too (slides without patches are left out)")
@@ -569,11 +578,11 @@ def make_folds(
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    # a split's own problem first: a patient on both sides is the thing to fix, even where it
-    # is also its class's only patient
-    problem = split_problem(slides, classes) if "split" in slides.columns else None
-    if problem:
-        raise SimclrPathError(problem)
+    # a patient on both sides of a split first: the thing to fix, even where it is also its
+    # class's only patient (then too few patients, then the split's other problems)
+    leak = split_leak(slides) if "split" in slides.columns else None
+    if leak:
+        raise SimclrPathError(leak)
     counts = patients_per_class(slides, classes)
     scarce = {c: n for c, n in counts.items() if n < 2}
     if scarce:
@@ -584,6 +593,9 @@ def make_folds(
             "patient is never on both sides of a split; add slides from more patients"
         )
     if "split" in slides.columns:
+        problem = split_problem(slides, classes)
+        if problem:
+            raise SimclrPathError(problem)
         test = (slides["split"] == "test").to_numpy()
         absent = [c for c in classes if c not in set(slides.loc[test, "label"])]
         if absent:  # the run is still of use (patch scores, heatmaps); its headline is not

@@ -425,9 +425,11 @@ def embed_store(
         try:  # one dummy patch: the feature size, and a clear error if the size does not fit
             probe = torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8)
             dim = int(run(preprocess(probe, image_size, device, channels_last)).shape[1])
-        except torch.cuda.OutOfMemoryError:  # a full GPU is not a wrong size: the CLI's hint
-            raise
-        except (RuntimeError, AssertionError) as exc:  # a shape, or memory for a huge size
+        except torch.cuda.OutOfMemoryError:  # one patch: a full GPU or a huge size, not a shape
+            raise SimclrPathError(
+                f"{enc}: one {image_size} px patch does not fit in the GPU's free memory; free "
+                "the GPU (another job on it?) or lower --image-size") from None
+        except (RuntimeError, AssertionError) as exc:  # a shape (or, on CPU, memory)
             raise SimclrPathError(
                 f"{enc}: the {info.get('arch')} encoder cannot run on {image_size} px inputs "
                 f"({str(exc).splitlines()[0][:160]}); set --image-size to its training size"

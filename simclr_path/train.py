@@ -1192,7 +1192,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps)
     dtype = amp_mode(t_cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    fp16_skipped = 0  # float16 steps the scaler skipped (gradients overflowed) in this call
+    fp16_skipped = 0  # float16 steps the scaler skipped (gradients overflowed), whole run
     start_step = 0
     wall_before = 0.0
     saved_plan = None
@@ -1222,6 +1222,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         start_step = int(ck["step"])
         seed_rank(t_cfg.seed, world.rank, start_step)  # the saved state is rank 0's
         wall_before = float(ck.get("wall_time_s", 0.0))
+        fp16_skipped = int(ck.get("fp16_skipped_steps", 0))
     ema = None
     if t_cfg.ema_decay:
         from timm.utils import ModelEmaV3
@@ -1268,6 +1269,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()} if ema else {},
             "rng": _rng_state(), "config": cfg_json, "wall_time_s": wall,
+            "fp16_skipped_steps": fp16_skipped,
             # resolved: local_size null depends on the defaults of the version that ran
             "local_view_size": a_cfg.local_view_size if a_cfg.local_crops else 0,
             # views fitted to the time budget: what was asked for, so that resume keeps them
@@ -1558,7 +1560,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 "budget_fit": {k: v for k, v in fit.items() if k != "augment_requested"} if fit else None,
                 "n_stores": len(opened), "patches_per_epoch": plan.patches_per_epoch,
                 "resumed_from_step": start_step if ck is not None else None,
-                # float16 only: steps of this call whose update the gradient scaler skipped
+                # float16 only: steps of the run whose update the gradient scaler skipped
                 "fp16_skipped_steps": fp16_skipped if scaler.is_enabled() else None,
             }
             _write_text(out / "summary.json", json.dumps(summary, indent=2))

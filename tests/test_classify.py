@@ -227,6 +227,13 @@ def test_a_split_names_a_patient_on_both_sides_before_too_few_patients(tmp_path)
     pd.concat([df, extra]).to_csv(sheet, sep="\t", index=False)
     with pytest.raises(SimclrPathError, match="patient 'P1' has slides in both train and test"):
         classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    # a class's only patient on the test side: too few patients, not "move it to train" (which
+    # then stopped on too few patients)
+    extra = extra.iloc[:1].assign(split="test")
+    pd.concat([df, extra]).to_csv(sheet, sep="\t", index=False)
+    with pytest.raises(SimclrPathError, match="class 'normal' has slides from only 1 patient"):
+        classify([q for q in paths if "P3" not in q.name], tmp_path / "out", samples=sheet,
+                 cfg=FAST)
 
 
 def test_a_split_whose_test_slides_hold_one_class_says_so(tmp_path):

@@ -494,6 +494,7 @@ def test_a_full_gpu_while_checking_the_input_size_is_not_called_a_wrong_size(enc
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(E, "preprocess", full)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(SimclrPathError, match="one 32 px patch does not fit in the GPU's free "
+                                              "memory; free the GPU .* or lower --image-size"):
         embed_store(encoder, make_store(n=2, size=32), tmp_path / "e.h5", EmbedConfig(workers=0),
                     progress=False)

@@ -1404,6 +1404,10 @@ def test_float16_steps_the_scaler_skipped_are_counted(stores, tmp_path, monkeypa
     monkeypatch.setattr(T, "amp_mode", lambda cfg, device: torch.float16)
     s = T.pretrain(stores, tmp_path / "run", _cfg(max_steps=3), progress=False)
     assert s["amp"] == "float16" and 1 <= s["fp16_skipped_steps"] <= 3
+    # a resumed run counts the steps skipped before it too (they come first, as the scale
+    # backs off from 65536)
+    more = T.pretrain(stores, tmp_path / "run", _cfg(max_steps=5), resume=True, progress=False)
+    assert more["steps"] == 5 and more["fp16_skipped_steps"] >= s["fp16_skipped_steps"]
     monkeypatch.undo()
     plain = T.pretrain(stores, tmp_path / "plain", _cfg(max_steps=1), progress=False)
     assert plain["fp16_skipped_steps"] is None
