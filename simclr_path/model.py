@@ -315,28 +315,6 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
     return convert_sync_batchnorm(model)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over processes with a gradient: backward sums the incoming gradients over processes,
-    as :class:`simclr_path.loss.GatherLayer` does, so that with DDP's averaging each process
-    gets the gradient of the mean of all processes' losses."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
 def _several_processes() -> bool:
     import torch.distributed as dist
 
@@ -353,12 +331,16 @@ def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> 
     c = x.shape[1]
     dims = [0, *range(2, x.ndim)]
     shape = (1, c) + (1,) * (x.ndim - 2)
+    # all_reduce with a gradient whose backward sums over processes too, as loss.GatherLayer
+    # does, so that with DDP's averaging each process gets the gradient of the mean loss
+    from torch.distributed.nn.functional import all_reduce
+
     xf = x.float()
-    summed = _AllReduceSum.apply(torch.cat([xf.sum(dims), xf.new_tensor([xf.numel() / c])]))
+    summed = all_reduce(torch.cat([xf.sum(dims), xf.new_tensor([xf.numel() / c])]))
     n = summed[c]
     mean = summed[:c] / n
     centred = xf - mean.view(shape)
-    var = _AllReduceSum.apply((centred * centred).sum(dims)) / n
+    var = all_reduce((centred * centred).sum(dims)) / n
     if bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
