@@ -1192,7 +1192,9 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps)
     dtype = amp_mode(t_cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    fp16_skipped = 0  # float16 steps the scaler skipped (gradients overflowed), whole run
+    # float16 steps the scaler skipped (gradients overflowed), whole run; counted on the device
+    # so that float16 steps do not wait for the GPU (read when saved)
+    fp16_skipped = torch.zeros((), dtype=torch.int64, device=device)
     start_step = 0
     wall_before = 0.0
     saved_plan = None
@@ -1222,7 +1224,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         start_step = int(ck["step"])
         seed_rank(t_cfg.seed, world.rank, start_step)  # the saved state is rank 0's
         wall_before = float(ck.get("wall_time_s", 0.0))
-        fp16_skipped = int(ck.get("fp16_skipped_steps", 0))
+        fp16_skipped.fill_(int(ck.get("fp16_skipped_steps", 0)))
     ema = None
     if t_cfg.ema_decay:
         from timm.utils import ModelEmaV3
@@ -1269,7 +1271,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()} if ema else {},
             "rng": _rng_state(), "config": cfg_json, "wall_time_s": wall,
-            "fp16_skipped_steps": fp16_skipped,
+            "fp16_skipped_steps": int(fp16_skipped),
             # resolved: local_size null depends on the defaults of the version that ran
             "local_view_size": a_cfg.local_view_size if a_cfg.local_crops else 0,
             # views fitted to the time budget: what was asked for, so that resume keeps them
@@ -1428,15 +1430,19 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             loss = criterion(z[:n], z[n:2 * n], z[2 * n:] if local else None)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scale = scaler.get_scale() if scaler.is_enabled() else None
+            # float16 (GPUs without bf16): a step whose gradients overflowed updated nothing
+            # and the scaler backed off its scale tensor in place; compared on the device
+            # (get_scale() would wait for the GPU twice a step)
+            scale = scaler._get_scale_async().clone() if scaler.is_enabled() else None
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            # float16 (GPUs without bf16): a step whose gradients overflowed updated nothing
-            # (the scaler backed off); counted, and kept out of the weight average
-            skipped_now = scale is not None and scaler.get_scale() < scale
-            fp16_skipped += skipped_now
-            if ema is not None and not skipped_now:
+            skipped_now = None
+            if scale is not None:
+                skipped_now = scaler._get_scale_async() < scale  # () bool, on the device
+                fp16_skipped += skipped_now
+            # the weight average leaves such steps out: the one float16 case that waits
+            if ema is not None and not (skipped_now is not None and bool(skipped_now)):
                 ema.update(model, step)  # step 1 copies the weights, later steps average (decay)
             pending.append((step, loss.detach(), optimizer.param_groups[0]["lr"]))
             consistent = True
@@ -1561,7 +1567,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 "n_stores": len(opened), "patches_per_epoch": plan.patches_per_epoch,
                 "resumed_from_step": start_step if ck is not None else None,
                 # float16 only: steps of the run whose update the gradient scaler skipped
-                "fp16_skipped_steps": fp16_skipped if scaler.is_enabled() else None,
+                "fp16_skipped_steps": int(fp16_skipped) if scaler.is_enabled() else None,
             }
             _write_text(out / "summary.json", json.dumps(summary, indent=2))
             tracker.close(summary, out)

@@ -1411,3 +1411,17 @@ def test_float16_steps_the_scaler_skipped_are_counted(stores, tmp_path, monkeypa
     monkeypatch.undo()
     plain = T.pretrain(stores, tmp_path / "plain", _cfg(max_steps=1), progress=False)
     assert plain["fp16_skipped_steps"] is None
+
+
+def test_float16_steps_the_scaler_skipped_stay_out_of_the_weight_average(stores, tmp_path, monkeypatch):
+    """A skipped float16 step changed no weight, so averaging it in would weight the last
+    weights twice: the average is updated once per step that was taken."""
+    from timm.utils import ModelEmaV3
+    monkeypatch.setattr(T, "amp_mode", lambda cfg, device: torch.float16)
+    calls = []
+    update = ModelEmaV3.update
+    monkeypatch.setattr(ModelEmaV3, "update", lambda self, model, step=None: (calls.append(step),
+                                                                            update(self, model, step)))
+    s = T.pretrain(stores, tmp_path / "run", _cfg(max_steps=4, ema_decay=0.9), progress=False)
+    assert s["fp16_skipped_steps"] >= 1
+    assert len(calls) == 4 - s["fp16_skipped_steps"], (calls, s["fp16_skipped_steps"])
