@@ -403,7 +403,9 @@ class ColorAugment:
         self.cfg = cfg
         self.cpu_chunk = int(cpu_chunk)
         self.cuda_chunk = int(cuda_chunk)
-        self._scratch: _Scratch | None = None
+        # one set of buffers per chunk shape: a batch that is not a multiple of the chunk
+        # ends in a smaller chunk, and one shared set would be reallocated twice a call
+        self._scratch: dict[tuple, _Scratch] = {}
 
     def params(self, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-sample parameters for ``n`` images, identity where an op is not applied."""
@@ -435,9 +437,12 @@ class ColorAugment:
         return out
 
     def _scratch_for(self, b: int, h: int, w: int, device: torch.device) -> _Scratch:
-        if self._scratch is None or self._scratch.shape != (b, h, w, device):
-            self._scratch = _Scratch(b, h, w, device)
-        return self._scratch
+        key = (b, h, w, device)
+        if key not in self._scratch:
+            if len(self._scratch) >= 4:  # shapes changed (another view size): drop the oldest
+                del self._scratch[next(iter(self._scratch))]
+            self._scratch[key] = _Scratch(b, h, w, device)
+        return self._scratch[key]
 
     def __call__(self, views: torch.Tensor, generator: torch.Generator,
                  normalize_output: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -249,6 +249,24 @@ def test_cpu_chunks_equal_whole_batch_and_out_buffer():
         ColorAugment(cfg)(v, torch.Generator(), out=torch.empty(2, 3, 24, 24))
 
 
+def test_scratch_buffers_are_made_once_per_chunk_shape(monkeypatch):
+    """A batch that is not a multiple of the chunk (2 x 320 views in chunks of 256 on a GPU)
+    ends in a smaller chunk: its buffers are kept beside the full chunk's, not allocated
+    again for every call (on CUDA each new allocation can mean a synchronising cudaMalloc)."""
+    import simclr_path.transforms as tr
+
+    made = []
+    real = tr._Scratch.__init__
+    monkeypatch.setattr(tr._Scratch, "__init__", lambda self, b, *a: (made.append(b), real(self, b, *a))[1])
+    aug = ColorAugment(AugmentConfig(image_size=24, stain_p=1.0, blur_p=0.5), cpu_chunk=4)
+    v = _he_like(n=10).permute(0, 3, 1, 2).contiguous()
+    first = aug(v, torch.Generator().manual_seed(1))
+    for _ in range(3):
+        again = aug(v, torch.Generator().manual_seed(1))
+    assert sorted(made) == [2, 4]
+    assert torch.equal(first, again)
+
+
 def test_no_blocking_host_to_device_copy_per_batch(monkeypatch):
     """On a GPU a blocking ``.to`` waits for all queued kernels; the per-sample parameters must
     go over without one. Every host-to-device copy goes through ``_to``, checked on the "meta"
