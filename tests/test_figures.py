@@ -726,6 +726,22 @@ def test_preview_takes_image_size_for_small_patches(tmp_path, make_store, capsys
     _assert_png_not_blank(out)
 
 
+
+def test_preview_takes_local_crops_as_pretrain_does(tmp_path, make_store, capsys):
+    """pretrain --local-crops K trains K small views per patch; preview drew none of them."""
+    from PIL import Image
+
+    store = make_store(n=8, size=64)
+    common = ["preview", str(store), "--pairs", "2", "--image-size", "48"]
+    assert main([*common, "--out", str(tmp_path / "two.png"), "--local-crops", "0"]) == 0
+    assert main([*common, "--out", str(tmp_path / "six.png"), "--local-crops", "4"]) == 0
+    two, six = Image.open(tmp_path / "two.png"), Image.open(tmp_path / "six.png")
+    assert six.width > two.width * 1.5 and six.height == two.height
+    assert main([*common, "--out", str(tmp_path / "bad.png"), "--local-crops", "-1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "local_crops" in err[0], err
+    assert not (tmp_path / "bad.png").exists()
+
 # ---------------------------------------------------------------------------------------------
 # A store found by slide id must hold the very patches the predictions / embeddings were made
 # from: two tilings of one slide (another --mpp, patch size or stride) share the slide id

@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="named preset [default]")
     p.add_argument("--image-size", type=int, default=None,
                    help=f"side of the augmented views [config: {AugmentConfig().image_size}]")
+    p.add_argument("--local-crops", type=int, default=None, metavar="K",
+                   help=f"K extra small views per patch (multi-crop), as pretrain's option "
+                        f"[config: {AugmentConfig().local_crops}]")
     p.add_argument("--pairs", type=int, default=PREVIEW_PAIRS, help=f"number of view pairs (rows, at most {MAX_PAIRS})")
     p.add_argument("--seed", type=int, default=0, help="which patches and augmentations")
     p.add_argument("--force", action="store_true", help="overwrite an existing PNG")
@@ -39,9 +42,10 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.seed <= MAX_SEED:
         raise SimclrPathError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
     # as in pretrain: the views previewed are the views it would train on
-    cfg = load_config(args.config, args.preset,
-                      {"augment": {"image_size": args.image_size}}
-                      if args.image_size is not None else None, overrides_from="command line")
+    given = {k: v for k, v in (("image_size", args.image_size), ("local_crops", args.local_crops))
+             if v is not None}
+    cfg = load_config(args.config, args.preset, {"augment": given} if given else None,
+                      overrides_from="command line")
     print(preview(args.stores, args.out, cfg.augment, n_pairs=args.pairs, seed=args.seed,
                   force=args.force, run_name=args.run_name))
     return 0
