@@ -974,8 +974,9 @@ def slide_thumbnail(
 
 
 def patch_footprint(store) -> float:
-    """Side of one patch in level-0 pixels (``patch_size * mpp / level0_mpp``)."""
-    mpp, l0 = store.attrs.get("mpp"), store.attrs.get("level0_mpp")
+    """Side of one patch in level-0 pixels (``patch_size * mpp_effective / level0_mpp``; stores
+    from before ``mpp_effective``: ``mpp``)."""
+    mpp, l0 = store.attrs.get("mpp_effective", store.attrs.get("mpp")), store.attrs.get("level0_mpp")
     if mpp and l0:
         return float(store.patch_size) * float(mpp) / float(l0)
     return float(store.patch_size)

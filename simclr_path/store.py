@@ -10,7 +10,11 @@ Patch store (format_version 2; 1 wrote None attributes as the text "none")::
     /thumbnail uint8  (h, w, 3)     optional: the whole slide, longer side <= 1024 px (tiled
                                     slides; heatmaps are drawn on it without the slide file)
     attrs: format_version, kind ("slide" | "patches"), slide_id, source_path, level0_mpp, mpp,
-           patch_size, stride, tissue parameters (``tissue.*``), simclr_path_version, n_patches
+           mpp_effective (tiled slides: the patches' exact um/px, within 2 % of mpp: a level that
+           close is read without resampling), bounds_x, bounds_y (top-left of the scanned region
+           in level-0 pixels, where the slide states them: MIRAX, Leica...; coords are in OpenSlide's
+           level-0 frame, which includes that offset), patch_size, stride, tissue parameters
+           (``tissue.*``), simclr_path_version, n_patches
 
 LZF with one patch per chunk: a random read decompresses exactly one patch, and LZF decodes at
 several hundred MB/s (gzip is 3-5x slower to read), which keeps the training loader fed.

@@ -4,7 +4,9 @@ The grid is laid out in target pixels (``cfg.mpp`` um/px): patch ``(i, j)`` cove
 ``[j * stride, j * stride + patch_size)`` horizontally (same vertically), i.e. level-0 top-left
 ``round(j * stride * f)`` with ``f = cfg.mpp / level0_mpp``. A patch is kept when its tissue
 fraction on a low-resolution mask (:mod:`simclr_path.tissue`) is at least ``cfg.min_tissue`` (and,
-with ``cfg.remove_pen``, its share of pen ink is at most ``cfg.max_pen``).
+with ``cfg.remove_pen``, its share of pen ink is at most ``cfg.max_pen``). Where a pyramid level
+is within 2 % of the target's scale (or of an integer multiple of it), ``cfg.mpp`` is replaced by
+that level's exact scale (:func:`snapped_mpp`, the store's ``mpp_effective``).
 
 Pixels are read in blocks of ``block_patches x block_patches`` grid cells (fewer where a stride
 far above the patch size would make a block mostly gap, :func:`block_cells`): one
@@ -55,6 +57,10 @@ from simclr_path.tissue import (
 )
 
 _QC_SIDE = 1600  # longer side of the QC thumbnail in pixels
+#: A level within this share of the target's scale (or of an integer multiple of it) is read at
+#: that exact factor, without resampling (:func:`snapped_mpp`); as the slide module's tolerance
+#: for a target slightly finer than the scan
+SNAP_TOLERANCE = 0.02
 
 
 class NoTissueWarning(UserWarning):
@@ -117,6 +123,23 @@ def make_grid(width: int, height: int, level0_mpp: float, mpp: float, patch_size
     xs = np.round(np.arange(nx) * stride * f).astype(np.int64)
     ys = np.round(np.arange(ny) * stride * f).astype(np.int64)
     return Grid(xs, ys, f, patch_size, stride)
+
+
+def snapped_mpp(choice: LevelChoice) -> float:
+    """The patches' real um/px: the target's, unless the chosen level is within
+    :data:`SNAP_TOLERANCE` of it or of an integer multiple of it.
+
+    Resampling by a factor near 1 (a scan of 0.499 um/px tiled at 0.5: 1796 level pixels to
+    1792) blends neighbouring pixels in a phase that drifts across the block, which halved the
+    sharpness of real patches and made it depend on the scanner's rounding; near 2 (0.2502 to
+    0.5) an exact 2 x 2 box is sharper than a 1.998 area filter. Such levels are read at an
+    exact integer factor (1: native pixels) and patches cover that much more or less tissue
+    (<= 2 %), recorded in the store as ``mpp_effective``.
+    """
+    k = round(choice.scale)
+    if k >= 1 and abs(choice.scale / k - 1) <= SNAP_TOLERANCE:
+        return choice.level_mpp * k
+    return choice.level_mpp * choice.scale
 
 
 def tissue_attrs(cfg: TileConfig) -> dict[str, object]:
@@ -265,9 +288,14 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     with Slide(path, slide_mpp=slide_mpp, mpp_from_objective=cfg.mpp_from_objective) as slide:
         choice = slide.level_for(cfg.mpp)
         width, height = slide.dimensions
-        grid = make_grid(width, height, slide.mpp, cfg.mpp, cfg.patch_size, stride, path)
+        patch_mpp = snapped_mpp(choice)
+        grid = make_grid(width, height, slide.mpp, patch_mpp, cfg.patch_size, stride, path)
         thumb, thumb_mpp = slide.read_at_mpp(cfg.tissue_mpp)
         level0_mpp, mpp_source = slide.mpp, slide.mpp_source
+        try:
+            bounds = [int(slide.properties[f"openslide.bounds-{a}"]) for a in "xy"]
+        except (KeyError, ValueError):
+            bounds = None
         # a sharper picture for people than the mask needs: the QC picture and, shrunk, the
         # store's thumbnail, on which heatmaps are drawn without the slide file. Without --qc
         # only the thumbnail is needed, whose smaller side often comes from a coarser level (a
@@ -303,9 +331,12 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     reader = _Reader(path, grid, choice, direct=cfg.tiff_direct)
     attrs = {"kind": "slide", "slide_id": slide_id, "source_path": str(path.resolve()),
              "level0_mpp": level0_mpp, "mpp_source": mpp_source, "mpp": cfg.mpp,
+             "mpp_effective": patch_mpp,
              "stride": stride, "level": choice.level, "level_mpp": choice.level_mpp,
              "slide_width": width, "slide_height": height, **tissue_attrs(cfg)}
     attrs["reader"] = "tifffile" if reader.tiles is not None else "openslide"
+    if bounds is not None:  # viewers that crop to these (QuPath on MIRAX) place patches offset
+        attrs["bounds_x"], attrs["bounds_y"] = bounds
     kept_coords: list[np.ndarray] = []
     filt = any_patch_filter(cfg)
     try:

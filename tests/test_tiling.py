@@ -511,3 +511,59 @@ def test_a_slide_mpp_that_is_not_a_number_is_one_error(slide, tmp_path):
                                               "microns per pixel, got '0.5'"):
         tile_slide(slide, tmp_path / "s.h5", CFG, slide_mpp="0.5", progress=False)
     assert not (tmp_path / "s.h5").exists()
+
+
+@pytest.mark.parametrize(("level0_mpp", "mpp", "level_factor", "level", "factor"), [
+    (0.499, 0.5, 2, 0, 1),    # a scanner's rounding: read natively, not resampled by 1.002
+    (0.2502, 1.0, 2, 2, 1),   # a pyramid level 0.08 % off the target
+    (0.2502, 0.5, 4, 0, 2),   # no level near 0.5: level 0 shrunk by exactly 2 (not 1.998)
+])
+def test_a_level_near_the_target_scale_is_read_without_resampling(tmp_path, level0_mpp, mpp,
+                                                                   level_factor, level, factor):
+    """Resampling 1796 level pixels to 1792 blended neighbours in a drifting phase: real
+    patches kept half their sharpness, and it depended on the scanner's rounded mpp."""
+    path = make_demo_slide(tmp_path / "s.tiff", seed=3, width=1024, height=768, mpp=level0_mpp,
+                           level_factor=level_factor)
+    cfg = TileConfig(mpp=mpp, patch_size=32, workers=1, block_patches=3)
+    res = tile_slide(path, tmp_path / "s.h5", cfg, progress=False)
+    assert res.level == level
+    store = PatchStore(tmp_path / "s.h5")
+    eff = store.attrs["mpp_effective"]
+    assert eff == pytest.approx(level0_mpp * level_factor ** level * factor) and store.mpp == mpp
+    osr = openslide.OpenSlide(str(path))
+    ds = osr.level_downsamples[level]
+    assert len(store) > 10
+    for i in np.linspace(0, len(store) - 1, 5).astype(int):
+        x, y = (int(v) for v in store.coords[i])
+        assert x % round(ds * factor) == 0 and y % round(ds * factor) == 0  # on the level's pixels
+        native = np.asarray(osr.read_region((x, y), level, (32 * factor,) * 2))[..., :3]
+        if factor > 1:
+            native = cv2.resize(native, (32, 32), interpolation=cv2.INTER_AREA)
+        np.testing.assert_array_equal(store[int(i)], native)
+
+
+def test_the_store_records_openslides_bounds_and_the_patch_footprint(slide, tmp_path, monkeypatch):
+    """Viewers that crop a MIRAX or Leica slide to its scanned region (QuPath) place patches
+    by level-0 coordinates less that offset: the store keeps it where the slide states it; and
+    heatmaps draw a patch as wide as the tissue it holds (mpp_effective, not the target)."""
+    from simclr_path import tiling
+    from simclr_path.figures import patch_footprint
+
+    class Bounded(Slide):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.properties = {**self.properties, "openslide.bounds-x": "300",
+                               "openslide.bounds-y": "120"}
+
+    monkeypatch.setattr(tiling, "Slide", Bounded)
+    tile_slide(slide, tmp_path / "b.h5", CFG, progress=False)
+    store = PatchStore(tmp_path / "b.h5")
+    assert (store.attrs["bounds_x"], store.attrs["bounds_y"]) == (300, 120)
+    monkeypatch.undo()
+    tile_slide(slide, tmp_path / "plain.h5", CFG, progress=False)
+    assert "bounds_x" not in PatchStore(tmp_path / "plain.h5").attrs
+
+    class Attrs:
+        patch_size, attrs = 100, {"mpp": 0.5, "mpp_effective": 0.499, "level0_mpp": 0.2495}
+
+    assert patch_footprint(Attrs()) == pytest.approx(200.0)
