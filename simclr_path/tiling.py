@@ -61,6 +61,9 @@ _QC_SIDE = 1600  # longer side of the QC thumbnail in pixels
 #: that exact factor, without resampling (:func:`snapped_mpp`); as the slide module's tolerance
 #: for a target slightly finer than the scan
 SNAP_TOLERANCE = 0.02
+#: Without ``remove_pen``, kept patches with more pen ink than this share are counted in a
+#: warning (ink over glass passes the tissue threshold as tissue would)
+INK_WARN_SHARE = 0.25
 
 
 class NoTissueWarning(UserWarning):
@@ -310,8 +313,6 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
             qc_img, qc_mpp = thumb, thumb_mpp
     ink = ink_mask(thumb, thumb_mpp)  # the tissue threshold leaves it out in any case
     mask = tissue_mask(thumb, thumb_mpp, cfg, ink=ink)
-    if not cfg.remove_pen:
-        ink = None  # ink is tissue: no patch is dropped for it, the QC picture draws none
     gx, gy = np.meshgrid(grid.xs, grid.ys)  # (ny, nx)
 
     def cell_share(m: np.ndarray) -> np.ndarray:  # (ny, nx) share of each grid cell in mask m
@@ -319,6 +320,15 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
                                 level0_size=(width, height)).reshape(gy.shape)
 
     keep = (cell_share(mask) >= cfg.min_tissue) & mask.any()
+    if not cfg.remove_pen:
+        # ink is tissue then: no patch is dropped for it and the QC picture draws none, but
+        # patches mostly of marker (a stroke over glass passes the tissue threshold) are said
+        n_inked = int((keep & (cell_share(ink) > INK_WARN_SHARE)).sum()) if ink.any() else 0
+        if n_inked:
+            warnings.warn(f"{path}: {n_inked} kept patches are over {INK_WARN_SHARE:.0%} pen ink; "
+                          "--remove-pen (tile.remove_pen in the workflow) leaves ink out",
+                          stacklevel=2)
+        ink = None
     n_pen = 0
     if ink is not None and ink.any():
         # the mask lost the ink, but a cell beside a stroke can still hold enough tissue, and its
