@@ -41,6 +41,12 @@ PEN_MARGIN_UM = 16.0
 # Near-black pixels have a high HSV saturation ((V - min) / V) from a few levels of noise: an
 # opaque black fill outside the scanned area, debris or a coverslip edge would pass as tissue.
 _DARK_MAX_VALUE = 40
+# Dim pixels take the same ratio from a grey cast: a dark-grey coverslip edge or shadow (RGB 50,
+# 45, 45 with noise) passed as tissue. Below this V they need a real colour difference too:
+# H&E is dim only where stain is dense, and dense stain is coloured (hematoxylin 55, 21, 56:
+# max - min = 35)
+_DIM_MAX_VALUE = 100
+_DIM_MIN_CHROMA = 20
 # optical density -ln(I / 255) of each 8-bit level (level 0 clipped to 1)
 _OD_LUT = (-np.log(np.maximum(np.arange(256), 1) / 255.0)).astype(np.float32)
 
@@ -111,7 +117,13 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None,
     values = sat if pen.all() else np.ascontiguousarray(sat[~pen]).reshape(-1, 1)
     otsu, _ = cv2.threshold(values, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     mask = sat > max(float(otsu), float(cfg.saturation_floor))
-    mask &= np.ascontiguousarray(rgb).max(axis=2) >= _DARK_MAX_VALUE  # V of HSV
+    rgb = np.ascontiguousarray(rgb)
+    value = rgb.max(axis=2)  # V of HSV
+    chroma = value - rgb.min(axis=2)
+    if k >= 3:  # as the saturation: the colour of a neighbourhood, not of one noisy pixel
+        value, chroma = cv2.medianBlur(value, k), cv2.medianBlur(chroma, k)
+    mask &= value >= _DARK_MAX_VALUE
+    mask &= (value >= _DIM_MAX_VALUE) | (chroma >= _DIM_MIN_CHROMA)
     if cfg.remove_pen:
         mask &= ~pen
     else:

@@ -73,6 +73,19 @@ def test_near_black_is_not_tissue():
     assert mask[100, 100]
 
 
+
+@pytest.mark.parametrize("border", [(50, 45, 45), (70, 66, 64), (90, 88, 84)])
+def test_a_dim_grey_border_is_not_tissue_but_dense_hematoxylin_is(border):
+    """A coverslip edge or shadow of dark grey has a high saturation ratio from a few levels of
+    noise ((V - min) / V) and was 97 % tissue; dense hematoxylin is as dim but coloured."""
+    rng = np.random.default_rng(1)
+    img = with_disc(glass(), centre=(90, 100), r=50, colour=(55, 21, 56))  # dense nuclei
+    noise = rng.normal(0, 6, (200, 25, 3))
+    img[:, 175:] = np.clip(np.array(border) + noise, 0, 255).astype(np.uint8)
+    mask = tissue_mask(img, MPP)
+    assert mask[:, 180:].mean() < 0.02, mask[:, 180:].mean()
+    assert mask[70:110, 70:110].all()
+
 def test_pen_suppression():
     img = with_disc(glass())
     cv2.line(img, (10, 190), (190, 180), (40, 110, 170), 8)  # blue marker outside the tissue
