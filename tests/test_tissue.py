@@ -86,6 +86,18 @@ def test_a_dim_grey_border_is_not_tissue_but_dense_hematoxylin_is(border):
     assert mask[:, 180:].mean() < 0.02, mask[:, 180:].mean()
     assert mask[70:110, 70:110].all()
 
+
+@pytest.mark.parametrize("tint", [(232, 218, 236), (225, 210, 232), (236, 226, 214)])
+def test_tinted_glass_alone_is_not_tissue_and_tissue_on_it_is(tint):
+    """On a slide without tissue, Otsu split the noise of tinted glass (saturation ~20, at the
+    floor) and 93 % of it was tissue; the glass's own saturation now floors the threshold."""
+    rng = np.random.default_rng(2)
+    img = np.clip(np.array(tint) + rng.normal(0, 3, (200, 200, 3)), 0, 255).astype(np.uint8)
+    assert tissue_mask(img, MPP).mean() < 0.01
+    with_tissue = with_disc(img, colour=(205, 150, 200), r=50)  # pale eosin on the same glass
+    mask = tissue_mask(with_tissue, MPP)
+    assert mask[70:130, 70:130].all() and mask[:, :30].mean() < 0.01
+
 def test_pen_suppression():
     img = with_disc(glass())
     cv2.line(img, (10, 190), (190, 180), (40, 110, 170), 8)  # blue marker outside the tissue
