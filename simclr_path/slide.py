@@ -39,6 +39,9 @@ MPP_DISAGREE = 0.1
 # x and y pixel sizes of one scan further apart than this are an error (scanners state equal
 # or nearly equal ones: 0.2527 and 0.2528); within it, their mean is off by half of it at most
 MPP_ANISOTROPY = 0.1
+# ... and further apart than this are tiled with their mean and a warning (patches off their
+# scale by half of it on each axis)
+MPP_ANISOTROPY_WARN = 0.01
 # a target this much finer than the scan still reads level 0 (rounding in metadata, e.g. 0.499)
 _FINER_TOLERANCE = 1.02
 
@@ -139,6 +142,12 @@ def resolve_mpp(properties: dict[str, str], path: str | os.PathLike, slide_mpp: 
                 f"{path}: its metadata ({key} and its y counterpart) gives pixels of {x:.4g} x "
                 f"{y:.4g} um, not square; the tiler needs square pixels, so check the metadata "
                 "and pass the right level-0 mpp as --slide-mpp")
+        if abs(x / y - 1) > MPP_ANISOTROPY_WARN:
+            warnings.warn(
+                f"{path}: its pixels are {x:.4g} x {y:.4g} um ({abs(x / y - 1):.1%} apart); "
+                f"patches use their mean, {stated[0]:.4g} um, so each axis is up to "
+                f"{abs(x - y) / (x + y):.1%} off the intended scale (pass --slide-mpp to choose "
+                "another)", stacklevel=2)
         return stated
     objective = _float(properties.get("openslide.objective-power"))
     if mpp_from_objective and objective is not None:
