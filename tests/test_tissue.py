@@ -98,6 +98,7 @@ def test_tinted_glass_alone_is_not_tissue_and_tissue_on_it_is(tint):
     mask = tissue_mask(with_tissue, MPP)
     assert mask[70:130, 70:130].all() and mask[:, :30].mean() < 0.01
 
+
 def test_pen_suppression():
     img = with_disc(glass())
     cv2.line(img, (10, 190), (190, 180), (40, 110, 170), 8)  # blue marker outside the tissue
@@ -121,6 +122,10 @@ def test_pen_mask_tells_ink_from_hematoxylin():
                (238, 238, 238)) == [False] * 6
     # cyan-blue, dark blue, deep blue and green markers, black ink
     assert ink((40, 110, 170), (20, 40, 120), (30, 30, 150), (50, 120, 80), (30, 30, 35)) == [True] * 5
+    # blue ink over tissue is darker: the demo slide's stroke there (missed, and the patches
+    # under it kept); dim blue-purple nuclei are not ink
+    assert ink((30, 44, 132), (33, 55, 143), (41, 89, 166)) == [True] * 3
+    assert ink((40, 40, 100), (60, 50, 120), (45, 30, 110)) == [False] * 3
 
 
 def test_pen_mask_drops_specks_below_the_minimum_area():
