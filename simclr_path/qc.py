@@ -22,15 +22,18 @@ from simclr_path.figures import OKABE_ITO, new_figure, plain_text, save_figure
 @plain_text
 def plot_qc(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: float,
             coords: np.ndarray, size0: float, level0_mpp: float, out: str | os.PathLike,
-            title: str, force: bool = False, ink: np.ndarray | None = None) -> Path:
+            title: str, force: bool = False, ink: np.ndarray | None = None,
+            dropped: dict[str, np.ndarray] | None = None) -> Path:
     """Write the QC PNG atomically (the picture of :func:`qc_figure`)."""
-    fig = qc_figure(thumb, thumb_mpp, mask, mask_mpp, coords, size0, level0_mpp, title, ink=ink)
+    fig = qc_figure(thumb, thumb_mpp, mask, mask_mpp, coords, size0, level0_mpp, title, ink=ink,
+                    dropped=dropped)
     return save_figure(fig, out, force=force)
 
 
 def qc_figure(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: float,
               coords: np.ndarray, size0: float, level0_mpp: float, title: str,
-              ink: np.ndarray | None = None) -> Figure:
+              ink: np.ndarray | None = None, dropped: dict[str, np.ndarray] | None = None
+              ) -> Figure:
     """The QC picture.
 
     Args:
@@ -41,6 +44,9 @@ def qc_figure(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: f
         level0_mpp: level-0 um/px (axes are in millimetres on the slide).
         title: figure title (slide id, mpp, patch count).
         ink: optional bool (hm, wm) pen ink removed (with its margin), at ``mask_mpp``.
+        dropped: optional {reason: (M, 2) level-0 top-left} of tissue cells left out (by the
+            white/black/blur filters, for pen ink), each drawn in its own colour and dash, so
+            that they do not read as glass.
     """
     h0_um, w0_um = thumb.shape[0] * thumb_mpp, thumb.shape[1] * thumb_mpp
     aspect = thumb.shape[1] / max(thumb.shape[0], 1)
@@ -63,22 +69,36 @@ def qc_figure(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: f
                    linewidths=1.2, linestyles="dashed")
         handles.append(Line2D([], [], color=OKABE_ITO[3], lw=1.2, ls="--",
                               label="pen ink left out"))
-    if len(coords):
+    def squares(c: np.ndarray) -> np.ndarray:  # (N, 2) level-0 top-left -> (N, 4, 2) mm
         s = size0 * level0_mpp * to_mm
-        x = coords[:, 0] * level0_mpp * to_mm
-        y = coords[:, 1] * level0_mpp * to_mm
-        verts = np.stack([np.stack([x, y], 1), np.stack([x + s, y], 1),
-                          np.stack([x + s, y + s], 1), np.stack([x, y + s], 1)], axis=1)
-        lw = 0.6 if len(coords) < 2000 else 0.3
-        ax.add_collection(PolyCollection(verts, facecolors="none", edgecolors=OKABE_ITO[0],
-                                         linewidths=lw))
+        x, y = c[:, 0] * level0_mpp * to_mm, c[:, 1] * level0_mpp * to_mm
+        return np.stack([np.stack([x, y], 1), np.stack([x + s, y], 1),
+                         np.stack([x + s, y + s], 1), np.stack([x, y + s], 1)], axis=1)
+
+    lw = 0.6 if len(coords) < 2000 else 0.3
+    if len(coords):
+        ax.add_collection(PolyCollection(squares(coords), facecolors="none",
+                                         edgecolors=OKABE_ITO[0], linewidths=lw))
         handles.append(Patch(facecolor="none", edgecolor=OKABE_ITO[0],
                              label=f"kept patches ({len(coords)})"))
+    # reddish purple, then orange: apart from the kept blue, the tissue green and the ink's own
+    # vermillion outline for colour-blind readers too, and dashed unlike the kept grid
+    styles = iter([(OKABE_ITO[4], (0, (2, 1))), (OKABE_ITO[1], (0, (1, 1)))])
+    for reason, c in (dropped or {}).items():
+        colour, dash = next(styles)
+        if len(c):
+            ax.add_collection(PolyCollection(squares(np.asarray(c)), facecolors="none",
+                                             edgecolors=colour, linewidths=lw * 1.5,
+                                             linestyles=[dash]))
+            handles.append(Patch(facecolor="none", edgecolor=colour, linestyle=dash,
+                                 label=f"{reason} ({len(c)})"))
     ax.set_xlim(0, w0_um * to_mm)
     ax.set_ylim(h0_um * to_mm, 0)
     ax.set_xlabel("x on slide (mm)")
     ax.set_ylabel("y on slide (mm)")
     ax.set_title(title, fontsize=10)
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=9)
+        # two columns at most: four entries in a row ran past a 9 in figure
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2),
+                   frameon=False, fontsize=9)
     return fig

@@ -330,11 +330,13 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
                           stacklevel=2)
         ink = None
     n_pen = 0
+    pen_cells = np.zeros((0, 2), np.int64)
     if ink is not None and ink.any():
         # the mask lost the ink, but a cell beside a stroke can still hold enough tissue, and its
         # pixels would carry the ink into training and scoring
         inked = cell_share(ink) > cfg.max_pen
         n_pen = int((keep & inked).sum())
+        pen_cells = np.stack([gx[keep & inked], gy[keep & inked]], axis=1)
         keep &= ~inked
     n_tissue = int(keep.sum())
 
@@ -380,10 +382,18 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     if qc is not None:
         from simclr_path.qc import plot_qc
 
+        # tissue cells the white/black/blur filters left out, drawn so as not to read as glass
+        kept = set(map(tuple, coords.tolist()))
+        tissue_cells = np.stack([gx[keep], gy[keep]], axis=1)
+        filtered = tissue_cells[[tuple(c) not in kept for c in tissue_cells.tolist()]] \
+            if len(tissue_cells) else tissue_cells
+        dropped = {"dropped by --drop-white/black/blur": filtered, "dropped for pen ink": pen_cells}
+        # a level-0 mpp the user gave is a guess the reader should see
+        source = " from --slide-mpp" if mpp_source == "--slide-mpp" else ""
         qc_path = plot_qc(qc_img, qc_mpp, mask, thumb_mpp, coords, grid.size0, level0_mpp, qc,
                           title=f"{slide_id}: {n} patches of {cfg.patch_size} px at "
-                                f"{cfg.mpp:g} um/px (level-0 {level0_mpp:.4g} um/px)",
-                          force=force, ink=ink)
+                                f"{cfg.mpp:g} um/px (level-0 {level0_mpp:.4g} um/px{source})",
+                          force=force, ink=ink, dropped=dropped)
     return TileResult(Path(out), slide_id, n, grid.xs.size * grid.ys.size, n_tissue,
                       choice.level, choice.level_mpp, level0_mpp, mpp_source, cfg.mpp,
                       cfg.patch_size, stride, time.perf_counter() - t_start, qc_path, n_pen)

@@ -236,7 +236,8 @@ def test_remove_pen_drops_patches_that_touch_the_ink(inked, tmp_path, capsys):
     assert len(err) == 1 and "tile.max_pen" in err[0] and "[0, 1]" in err[0]
     assert not (tmp_path / "bad.h5").exists()
     # --max-pen without --remove-pen found no ink and dropped nothing, in silence
-    with pytest.warns(UserWarning, match="tile.max_pen 0.5 has no effect without tile.remove_pen"):
+    with pytest.warns(UserWarning, match="tile.max_pen 0.5 has no effect without tile.remove_pen"), \
+            pytest.warns(UserWarning, match="pen ink; --remove-pen"):
         unused = tile_slide(inked, tmp_path / "unused.h5", TileConfig(mpp=1.0, patch_size=64,
                                                                       max_pen=0.5),
                             progress=False)
@@ -572,3 +573,29 @@ def test_the_store_records_openslides_bounds_and_the_patch_footprint(slide, tmp_
         patch_size, attrs = 100, {"mpp": 0.5, "mpp_effective": 0.499, "level0_mpp": 0.2495}
 
     assert patch_footprint(Attrs()) == pytest.approx(200.0)
+
+
+def test_the_qc_picture_draws_the_cells_the_filters_and_the_ink_left_out(inked, tmp_path,
+                                                                       monkeypatch):
+    """Cells dropped by --drop-blur or for pen ink looked exactly like glass ("not enough
+    tissue") on the QC picture; a user's own --slide-mpp is named in its title."""
+    from simclr_path import qc
+
+    drawn = []
+    monkeypatch.setattr(qc, "save_figure",
+                        lambda fig, out, force=False: (drawn.append(fig), out)[1])
+    cfg = TileConfig(mpp=1.0, patch_size=64, remove_pen=True, drop_blur=1e9)  # drops every one
+    with pytest.warns(NoTissueWarning):
+        res = tile_slide(inked, tmp_path / "q.h5", cfg, slide_mpp=0.5, qc=tmp_path / "q.png",
+                         progress=False)
+    fig = drawn[0]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    tissue = res.n_tissue
+    assert f"dropped by --drop-white/black/blur ({tissue})" in labels
+    assert f"dropped for pen ink ({res.n_pen})" in labels and res.n_pen >= 1
+    assert not any(lab.startswith("kept patches") for lab in labels)
+    assert "from --slide-mpp" in fig.axes[0].get_title()
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    box = fig.legends[0].get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width  # the legend fits the figure
