@@ -232,12 +232,12 @@ class Slide:
         """
         return read_rgb(self._osr, x, y, level, width, height, self.path)
 
-    def read_at_mpp(self, mpp: float, max_rows: int = 4096) -> tuple[np.ndarray, float]:
+    def read_at_mpp(self, mpp: float, max_pixels: int = 1 << 26) -> tuple[np.ndarray, float]:
         """The whole slide as RGB at about ``mpp`` um/px (clamped to the scan): (image, its mpp).
 
-        Reads the coarsest level at least that fine, in bands of at most ``max_rows`` level rows
-        (a slide without a pyramid never needs its full level 0 in memory), and shrinks each band
-        with area interpolation.
+        Reads the coarsest level at least that fine, in bands of at most ``max_pixels`` level
+        pixels (64 M: 256 MB of RGBA; a slide without a pyramid never needs its full level 0 in
+        memory, however wide it is), and shrinks each band with area interpolation.
         """
         mpp = max(mpp, self.mpp)
         choice = self.level_for(mpp)
@@ -249,6 +249,7 @@ class Slide:
             return self.read_region(0, 0, choice.level, w_l, h_l), w0 * self.mpp / w
         out = np.empty((h, w, 3), dtype=np.uint8)
         rows_per_out = h_l / h  # level rows per output row
+        max_rows = max(1, max_pixels // w_l)  # level rows per band
         step = max(1, int(max_rows // max(rows_per_out, 1)))  # output rows per band
         for r0 in range(0, h, step):
             r1 = min(h, r0 + step)
@@ -304,9 +305,12 @@ def read_rgb(osr, x: int, y: int, level: int, width: int, height: int,
     alpha = rgba[..., 3]
     if alpha.min() == 255:  # fast path: fully scanned region
         return np.ascontiguousarray(rgba[..., :3])
-    a = alpha[..., None].astype(np.float32) / 255.0
-    rgb = rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
-    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    # in 16-bit integers, rounded (max 255 * 255 + 127 fits): float32 took 5x a band's RGBA
+    a = alpha[..., None].astype(np.uint16)
+    rgb = rgba[..., :3].astype(np.uint16) * a
+    rgb += (255 - a) * 255 + 127
+    rgb //= 255
+    return rgb.astype(np.uint8)
 
 
 class TiffTiles:

@@ -121,7 +121,7 @@ def test_level_choice_and_reads(demo):
         assert (out[40:, 40:] == 255).all()
         thumb, mpp = s.read_at_mpp(8.0)
         assert thumb.shape == (48, 64, 3) and mpp == pytest.approx(8.0)
-        banded, _ = s.read_at_mpp(4.0, max_rows=40)  # band-wise reading equals one read
+        banded, _ = s.read_at_mpp(4.0, max_pixels=40 * 1024)  # band-wise equals one read
         whole, _ = s.read_at_mpp(4.0)
         assert np.abs(banded.astype(int) - whole.astype(int)).mean() < 2
 
@@ -205,3 +205,35 @@ def test_pixels_a_few_percent_from_square_are_tiled_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a scanner's rounding says nothing
         resolve_mpp({"openslide.mpp-x": "0.2527", "openslide.mpp-y": "0.2528"}, "s.svs")
+
+
+def test_bands_are_bounded_by_pixels_and_alpha_is_composited_exactly(tmp_path, monkeypatch):
+    """Bands of 4096 rows of a 100,000 px wide level without a pyramid were 1.6 GB of RGBA
+    (5 GB as float32 while compositing): a band now holds at most max_pixels level pixels,
+    and compositing on white runs in 16-bit integers with float rounding's result."""
+    from simclr_path.demo import make_demo_slide
+    from simclr_path.slide import read_rgb
+
+    path = make_demo_slide(tmp_path / "w.tiff", seed=1, width=2048, height=512, mpp=0.5)
+    sizes = []
+    real = Slide.read_region
+    monkeypatch.setattr(Slide, "read_region",
+                        lambda self, x, y, lv, w, h: (sizes.append((lv, w, h)), real(self, x, y, lv, w, h))[1])
+    with Slide(path) as s:
+        whole, _ = s.read_at_mpp(0.7)  # level 0, shrunk: banded
+        sizes.clear()
+        banded, _ = s.read_at_mpp(0.7, max_pixels=2048 * 50)
+    assert len(sizes) > 5 and all(w * h <= 2048 * 50 + 2048 for _, w, h in sizes)
+    assert np.abs(banded.astype(int) - whole.astype(int)).mean() < 2
+
+    class Fake:
+        def __init__(self, rgba):
+            self.rgba = rgba
+
+        def read_region(self, xy, level, wh):
+            return self.rgba
+
+    rgba = np.random.default_rng(0).integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    a = rgba[..., 3:].astype(np.float64) / 255
+    expected = np.floor(rgba[..., :3] * a + 255 * (1 - a) + 0.5)
+    np.testing.assert_array_equal(read_rgb(Fake(rgba), 0, 0, 0, 64, 64), expected)
