@@ -22,6 +22,14 @@ def test_slide_store(tmp_path, capsys):
                  "0.25 um/px (from aperio.MPP)", "224 px", "min_tissue=0.5", "40x30 px",
                  "file size"):
         assert text in out, text
+    assert "exactly" not in out and "bounds" not in out  # a store from before them
+    attrs.update(mpp_effective=0.499, level0_mpp=0.499, bounds_x=300, bounds_y=120)
+    with PatchStoreWriter(tmp_path / "S2.h5", 16, attrs=attrs) as w:
+        w.append(np.zeros((3, 16, 16, 3), np.uint8), np.zeros((3, 2)))
+    assert main(["info", str(tmp_path / "S2.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "0.5 um/px (exactly 0.499: a level that close is read without resampling)" in out
+    assert "scanned region from (300, 120) px" in out
 
 
 def test_imported_store(make_store, capsys):

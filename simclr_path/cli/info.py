@@ -103,10 +103,16 @@ def _describe(path: Path, what: str, attrs: dict, shape: tuple, labels, groups,
         rows += [("kind", a("kind")), ("slide id", a("slide_id")), ("source", a("source_path")),
                  ("patches", f"{shape[0]} x {shape[1]}x{shape[2]} px")]
         if attrs.get("kind") == "slide":
-            rows += [("mpp", a("mpp", "{:g} um/px")),
+            eff = attrs.get("mpp_effective")
+            exact = ("" if eff is None or eff == attrs.get("mpp")
+                     else f" (exactly {eff:.4g}: a level that close is read without resampling)")
+            bounds = [] if attrs.get("bounds_x") is None else [(
+                "bounds", f"scanned region from ({attrs['bounds_x']}, {attrs['bounds_y']}) px")]
+            rows += [("mpp", a("mpp", "{:g} um/px") + exact),
                      ("level-0 mpp", (f"{a('level0_mpp', '{:.4g} um/px')} (from "
                                      f"{a('mpp_source')})")),
                      ("stride", a("stride", "{} px")),
+                     *bounds,
                      ("read level", f"{a('level')} ({a('level_mpp', '{:.4g} um/px')})")]
             tissue = {k.split(".", 1)[1]: v for k, v in attrs.items() if k.startswith("tissue.")}
             if tissue:
