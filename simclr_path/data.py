@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from simclr_path.config import AugmentConfig
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import check_distinct
-from simclr_path.store import PatchStore
+from simclr_path.store import PatchStore, close_open_files
 
 
 def open_stores(paths: Sequence[str | os.PathLike | PatchStore], image_size: int | None = None,
@@ -244,6 +244,9 @@ def make_loader(stores: Sequence[PatchStore], cfg: AugmentConfig, plan: BatchPla
     kw = {"prefetch_factor": 2, "persistent_workers": False} if workers > 0 else {}
     if workers > 0:
         cv2_fork_safe()
+        # forked workers would inherit the parent's open store files on top of those they
+        # open themselves: twice the open-file limit's share on a large cohort
+        close_open_files()
     # Its own generator: each iter() of a DataLoader draws its workers' base seed from the
     # generator given, else from the global torch RNG, which a resumed run has just restored, so
     # that draw shifted every dropout / drop-path mask after a resume (the views have their own

@@ -32,6 +32,8 @@ Both are written to a temporary name and renamed when complete (:mod:`simclr_pat
 from __future__ import annotations
 
 import os
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -302,8 +304,66 @@ def open_h5(path: str | os.PathLike, what: str = "HDF5 file") -> h5py.File:
         raise
 
 
+def _max_open_files() -> int:
+    """How many store files one process keeps open at once: its open-file limit (raised to the
+    hard limit where the soft one is lower, as a cohort of 1000+ slides needs) less a reserve
+    for everything else a process opens (libraries, sockets, pipes to workers)."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit for files opened by the C runtime here
+        return 4096
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return 65536
+    return max(16, min(65536, soft - 256) if soft > 512 else soft // 2)
+
+
+# The stores whose file this process holds open, least recently used first (cleared in a forked
+# worker, whose inherited handles belong to the parent). Beyond the limit the oldest is closed
+# and reopened when next read: the open-file limit (1024 on many systems) stopped pretraining
+# on a cohort of 1100 stores with "Too many open files".
+_OPEN: OrderedDict[int, weakref.ref[_LazyH5]] = OrderedDict()  # weak: a dropped store closes
+_OPEN_PID: list[int] = [0]
+_MAX_OPEN: list[int] = []  # computed on first use (it may raise the soft limit)
+
+
+def _track_open(h5: _LazyH5) -> None:
+    if _OPEN_PID[0] != os.getpid():
+        _OPEN.clear()
+        _OPEN_PID[0] = os.getpid()
+    if not _MAX_OPEN:
+        _MAX_OPEN.append(_max_open_files())
+    _OPEN[id(h5)] = weakref.ref(h5)
+    _OPEN.move_to_end(id(h5))
+    while len(_OPEN) > _MAX_OPEN[0]:
+        _, ref = _OPEN.popitem(last=False)
+        oldest = ref()
+        if oldest is not None:
+            oldest.close()
+
+
+def close_open_files() -> None:
+    """Close every store file this process holds open (each reopens when next read): before
+    forking loader workers, which would otherwise inherit them on top of their own."""
+    if _OPEN_PID[0] != os.getpid():
+        return
+    for ref in list(_OPEN.values()):
+        h5 = ref()
+        if h5 is not None:
+            h5.close()
+    _OPEN.clear()
+
+
 class _LazyH5:
-    """An HDF5 file opened on first use in each process, so DataLoader workers never share a handle."""
+    """An HDF5 file opened on first use in each process, so DataLoader workers never share a
+    handle; at most :func:`_max_open_files` of them are open in a process at once."""
 
     def __init__(self, path: str | os.PathLike, what: str) -> None:
         self.path = Path(path)
@@ -331,18 +391,27 @@ class _LazyH5:
             raise SimclrPathError(f"{self.path}: not a readable HDF5 {self._what} ({exc}); "
                                   "it may be truncated: recreate it with --force") from None
         self._f, self._pid = f, os.getpid()
+        _track_open(self)
         return f
 
     @property
     def file(self) -> h5py.File:
         if self._f is None or self._pid != os.getpid():
             return self._open()
+        if id(self) in _OPEN:
+            _OPEN.move_to_end(id(self))  # most recently used: the last to be closed
         return self._f
 
     def close(self) -> None:
         if self._f is not None and self._pid == os.getpid():
             self._f.close()
+            _OPEN.pop(id(self), None)
         self._f = None
+
+    def __del__(self) -> None:  # a store dropped unclosed leaves the open list (h5py closes it)
+        ref = _OPEN.get(id(self))
+        if ref is not None and ref() in (self, None):
+            _OPEN.pop(id(self), None)
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for spawn-started workers
         return {"path": self.path, "_what": self._what, "_f": None, "_pid": None}

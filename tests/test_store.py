@@ -218,3 +218,44 @@ def test_crafted_patch_stores_and_embedding_files_are_one_clear_error(tmp_path, 
                          {"slide_id": "A", "tta": np.array([1, 0])})
     with pytest.raises(SimclrPathError, match=r"attribute tta is .*, not true or false"):
         EmbeddingStore(e)
+
+
+def test_a_process_keeps_a_bounded_number_of_store_files_open(make_store, monkeypatch):
+    """1100 stores under the common open-file limit of 1024 stopped pretraining with "Too many
+    open files": beyond the limit the least recently used store is closed, and reopened when
+    read again, with the same patches."""
+    from simclr_path import store as st
+
+    monkeypatch.setattr(st, "_MAX_OPEN", [3])
+    stores = [PatchStore(make_store(n=4, size=8, name=f"s{i}.h5", slide_id=f"S{i}", seed=i))
+              for i in range(6)]
+    first = [s[1].copy() for s in stores]
+    for _ in range(2):
+        for s, want in zip(stores, first):
+            np.testing.assert_array_equal(s[1], want)
+            assert sum(x._h5._f is not None for x in stores) <= 3
+    assert stores[-1]._h5._f is not None and stores[0]._h5._f is None  # the oldest went first
+    stores[-1].close()
+    assert len([r for r in st._OPEN.values() if r() is not None]) <= 2
+    st.close_open_files()  # before forking loader workers: none left open, all still readable
+    assert all(s._h5._f is None for s in stores)
+    np.testing.assert_array_equal(stores[0][1], first[0])
+
+
+def test_a_cohort_beyond_the_open_file_limit_is_read(make_store, tmp_path):
+    """The same with the real limit: 300 stores read in a process allowed 128 open files."""
+    import subprocess
+    import sys
+
+    paths = [str(make_store(n=2, size=8, name=f"c{i}.h5", slide_id=f"C{i}", seed=i))
+             for i in range(300)]
+    (tmp_path / "list.txt").write_text("\n".join(paths))
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))\n"
+            "from simclr_path.store import PatchStore\n"
+            "stores = [PatchStore(p) for p in open(sys.argv[1]).read().split()]\n"
+            "print(sum(int(s[0].sum() > 0) for s in stores + stores))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "list.txt")],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "600"
