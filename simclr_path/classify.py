@@ -741,6 +741,27 @@ def _check_disjoint(train_patients: np.ndarray, test_patients: np.ndarray) -> No
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
+def _chunked_scaler():
+    """sklearn's StandardScaler whose ``fit`` reads the rows in slices (``partial_fit``): its
+    one-pass fit makes a float64 copy of float32 features, 2x the training rows on top of them
+    (3e5 patches x 512: +1.1 GB, measured); per slice the copy is a slice's (67 MB). Same mean
+    and scale (float64 accumulators either way), the same plain arrays when saved."""
+    from sklearn.preprocessing import StandardScaler
+
+    class ChunkedStandardScaler(StandardScaler):
+        rows = 16384
+
+        def fit(self, X, y=None, sample_weight=None):
+            if sample_weight is not None or not hasattr(X, "shape") or len(X) <= self.rows:
+                return super().fit(X, y, sample_weight)
+            self._reset()
+            for lo in range(0, len(X), self.rows):
+                self.partial_fit(X[lo:lo + self.rows])
+            return self
+
+    return ChunkedStandardScaler()
+
+
 def fit_probe(
     X: np.ndarray, y: np.ndarray, groups: np.ndarray, classes: Sequence[str], cfg: ClassifyConfig
 ):
@@ -755,7 +776,6 @@ def fit_probe(
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
     n_classes = len(classes)  # y holds their indices
@@ -767,7 +787,7 @@ def fit_probe(
             "patients with slides of that class"
         )
     pipe = make_pipeline(
-        StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=cfg.max_iter)
+        _chunked_scaler(), LogisticRegression(class_weight="balanced", max_iter=cfg.max_iter)
     )
     grid = list(cfg.c_grid)
     per_class = min(len(set(groups[y == c])) for c in range(n_classes))

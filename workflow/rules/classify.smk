@@ -34,7 +34,7 @@ rule classify:
         "../../envs/simclr-path.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=probe_mem_mb,
     params:
         samples=samples_arg(),
         out=subpath(output.metrics, parent=True),
@@ -69,7 +69,7 @@ rule classify_layer:
         "../../envs/simclr-path.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=probe_mem_mb,
     params:
         samples=samples_arg(),
         out=subpath(output.metrics, parent=True),

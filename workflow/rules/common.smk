@@ -729,6 +729,14 @@ def samples_input():
     return [SHEET_COPY] if SLIDES else []
 
 
+def probe_mem_mb(wildcards, input):
+    """classify's memory: about 4x its embedding files (the feature table while it is read,
+    then per fold the training rows and their scaled copy) and 1 GB for Python and sklearn;
+    4000 MB at least. A fixed 4000 MB was exceeded at about 4e5 patches of 512 features.
+    """
+    return max(4000, 1000 + 4 * int(input.size_mb))
+
+
 def logged(command):
     """A simclr-path job's shell command with all its output sent to the job's log, and its
     warnings (one line each) echoed on the console too, where they would otherwise go unseen.
