@@ -384,6 +384,20 @@ def test_a_class_of_one_patient_is_warned_about_at_the_start(tmp_path):
     assert fine.returncode == 0 and "simclr-path workflow: warning:" not in fine.stderr
 
 
+
+def test_a_report_too_large_for_one_html_file_is_warned_about(tmp_path):
+    """500 slides embed about 1 GB of QC pictures and heatmaps in report.html, which browsers
+    cannot open: the DAG build says so and names report.zip; a .zip report says nothing."""
+    wf = workdir(tmp_path, TINY, tsv(demo_rows(110)))  # 110 QC pictures + 110 heatmaps
+    done = smk(wf, "-n", "--cores", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [x for x in done.stderr.splitlines() if x.startswith("simclr-path workflow: warning:")]
+    assert any("report.path report.html: the report embeds 22" in x and "report.zip" in x
+               for x in lines), lines
+    zipped = smk(workdir(tmp_path / "z", {**TINY, "report": {"auto": True, "path": "report.zip"}},
+                         tsv(demo_rows(110))), "-n", "--cores", "1")
+    assert zipped.returncode == 0 and "the report embeds" not in zipped.stderr
+
 def test_a_sheet_warning_is_printed_once_per_run(tmp_path):
     """Snakemake spawns a process per `run:` job that parses the workflow again: each one
     printed the sheet's warnings once more (7-9 copies in a real run)."""

@@ -812,6 +812,24 @@ def report_config_text():
     return yaml.safe_dump(cfg, sort_keys=True)
 
 
+# pictures a report.html may embed before it grows too large for a browser: the QC picture of
+# a slide is about 1.1 MB and a heatmap 0.5 MB, so 500 slides make a report of 1 GB
+REPORT_HTML_MAX_PICTURES = 200
+
+
+def check_report_size():
+    path = str(config["report"]["path"])
+    if not config["report"]["auto"] or not path.endswith(".html"):
+        return
+    n = sum(f.endswith(".png") for f in final_outputs())
+    if n > REPORT_HTML_MAX_PICTURES:
+        warn(
+            f"report.path {path}: the report embeds {n} pictures (QC pictures and heatmaps of "
+            "every slide) in one HTML file, too large for a browser to open well; set "
+            "report.path to report.zip (a folder of files; open its report.html)"
+        )
+
+
 def final_outputs():
     out = [f"results/qc/{s}.png" for s in SLIDES]
     for run in RUNS:
@@ -832,6 +850,9 @@ def final_outputs():
         "results/summary/runs.html",
     ]
     return out
+
+
+check_report_size()
 
 
 def demo_params(wildcards):
