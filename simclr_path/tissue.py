@@ -53,10 +53,12 @@ _DARK_MAX_VALUE = 40
 _DIM_MAX_VALUE = 100
 _DIM_MIN_CHROMA = 20
 # The glass's own saturation, from the brightest pixels (the top _GLASS_SHARE by V), plus a
-# margin floors the threshold: on a slide without tissue, Otsu splits tinted glass's noise
+# margin floors the threshold where Otsu has split the glass: on a slide without tissue, Otsu
+# splits tinted glass's noise
 # (RGB 232, 218, 236: saturation ~20) and it was 93 % tissue. Capped so that a picture of
 # pale tissue alone cannot set it high; clear glass measures 0-8 on real slides (Otsu 45-63)
 _GLASS_SHARE = 0.02
+_GLASS_SPLIT = 0.1  # ... when more of those brightest pixels than this pass the threshold
 _GLASS_MARGIN = 15
 _GLASS_FLOOR_CAP = 40
 # optical density -ln(I / 255) of each 8-bit level (level 0 clipped to 1)
@@ -131,10 +133,13 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None,
     values = sat if pen.all() else np.ascontiguousarray(sat[~pen]).reshape(-1, 1)
     otsu, _ = cv2.threshold(values, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     value = np.ascontiguousarray(rgb).max(axis=2)  # V of HSV
-    bright = value >= np.quantile(value, 1 - _GLASS_SHARE)
-    glass = float(np.median(sat[bright & ~pen])) if (bright & ~pen).any() else 0.0
-    glass_floor = min(glass + _GLASS_MARGIN, _GLASS_FLOOR_CAP)
-    mask = sat > max(float(otsu), float(cfg.saturation_floor), glass_floor)
+    threshold = max(float(otsu), float(cfg.saturation_floor))
+    glass = sat[(value >= np.quantile(value, 1 - _GLASS_SHARE)) & ~pen]
+    if glass.size and (glass > threshold).mean() > _GLASS_SPLIT:
+        # Otsu split the glass itself (no tissue to separate it from): floor at its saturation.
+        # Only then: pale tissue that Otsu told from yellowish glass must not be lost to it
+        threshold = max(threshold, min(float(np.median(glass)) + _GLASS_MARGIN, _GLASS_FLOOR_CAP))
+    mask = sat > threshold
     rgb = np.ascontiguousarray(rgb)
     chroma = value - rgb.min(axis=2)
     if k >= 3:  # as the saturation: the colour of a neighbourhood, not of one noisy pixel

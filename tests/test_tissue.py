@@ -99,6 +99,18 @@ def test_tinted_glass_alone_is_not_tissue_and_tissue_on_it_is(tint):
     assert mask[70:130, 70:130].all() and mask[:, :30].mean() < 0.01
 
 
+@pytest.mark.parametrize(("glass_rgb", "tissue_rgb"), [((235, 232, 222), (228, 203, 213)),
+                                                       ((238, 236, 229), (230, 210, 218))])
+def test_pale_tissue_on_yellowish_glass_is_kept(glass_rgb, tissue_rgb):
+    """The glass floor applied whatever Otsu found: pale tissue (saturation 28) on glass of
+    saturation 15 was lost entirely, where Otsu had told them apart."""
+    rng = np.random.default_rng(3)
+    img = np.clip(np.array(glass_rgb) + rng.normal(0, 2, (200, 200, 3)), 0, 255).astype(np.uint8)
+    img = with_disc(img, colour=tissue_rgb, r=50)
+    mask = tissue_mask(img, MPP)
+    assert mask[70:130, 70:130].mean() > 0.95 and mask[:, :30].mean() < 0.01
+
+
 def test_pen_suppression():
     img = with_disc(glass())
     cv2.line(img, (10, 190), (190, 180), (40, 110, 170), 8)  # blue marker outside the tissue
