@@ -147,11 +147,13 @@ def main() -> None:
         store = PatchStore(out)
         assert PatchStore(Path(tmp) / "os.h5").attrs["reader"] == "openslide"
         reader = store.attrs["reader"]
+        # the scale the patches were cut at: a level near the target is read without resampling
+        mpp = float(store.attrs.get("mpp_effective") or args.mpp)
         coords, n = store.coords, len(store)
         first = store[:16]
         store.close()
-    f = args.mpp / res.level0_mpp  # level-0 pixels per patch pixel
-    read_size = round(args.patch_size * args.mpp / res.level_mpp)  # level pixels per patch
+    f = mpp / res.level0_mpp  # level-0 pixels per patch pixel
+    read_size = round(args.patch_size * mpp / res.level_mpp)  # level pixels per patch
     t_naive1, p_naive = naive(slide, coords, res.level, read_size, args.patch_size, 1)
     t_naiveN, _ = naive(slide, coords, res.level, read_size, args.patch_size, args.workers)
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:

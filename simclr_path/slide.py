@@ -235,9 +235,10 @@ class Slide:
     def read_at_mpp(self, mpp: float, max_pixels: int = 1 << 26) -> tuple[np.ndarray, float]:
         """The whole slide as RGB at about ``mpp`` um/px (clamped to the scan): (image, its mpp).
 
-        Reads the coarsest level at least that fine, in bands of at most ``max_pixels`` level
-        pixels (64 M: 256 MB of RGBA; a slide without a pyramid never needs its full level 0 in
-        memory, however wide it is), and shrinks each band with area interpolation.
+        Reads the coarsest level at least that fine, in bands of about ``max_pixels`` level
+        pixels (64 M: 256 MB of RGBA; at least the level rows of one output row, whatever that
+        costs), so a slide without a pyramid never needs its full level 0 in memory however wide
+        it is, and shrinks each band with area interpolation.
         """
         mpp = max(mpp, self.mpp)
         choice = self.level_for(mpp)

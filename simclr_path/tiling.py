@@ -1,12 +1,12 @@
 """Cut a slide into tissue patches at a chosen physical resolution and write a patch store.
 
-The grid is laid out in target pixels (``cfg.mpp`` um/px): patch ``(i, j)`` covers target pixels
+The grid is laid out in target pixels (``mpp`` um/px): patch ``(i, j)`` covers target pixels
 ``[j * stride, j * stride + patch_size)`` horizontally (same vertically), i.e. level-0 top-left
-``round(j * stride * f)`` with ``f = cfg.mpp / level0_mpp``. A patch is kept when its tissue
-fraction on a low-resolution mask (:mod:`simclr_path.tissue`) is at least ``cfg.min_tissue`` (and,
-with ``cfg.remove_pen``, its share of pen ink is at most ``cfg.max_pen``). Where a pyramid level
-is within 2 % of the target's scale (or of an integer multiple of it), ``cfg.mpp`` is replaced by
-that level's exact scale (:func:`snapped_mpp`, the store's ``mpp_effective``).
+``round(j * stride * f)`` with ``f = mpp / level0_mpp``. ``mpp`` is ``cfg.mpp``, or where the
+read level's mpp times a whole number k is within 2 % of it, exactly that (:func:`snapped_mpp`,
+the store's ``mpp_effective``): the level is then shrunk by k without resampling. A patch is kept
+when its tissue fraction on a low-resolution mask (:mod:`simclr_path.tissue`) is at least
+``cfg.min_tissue`` (and, with ``cfg.remove_pen``, its share of pen ink is at most ``cfg.max_pen``).
 
 Pixels are read in blocks of ``block_patches x block_patches`` grid cells (fewer where a stride
 far above the patch size would make a block mostly gap, :func:`block_cells`): one
@@ -52,6 +52,7 @@ from simclr_path.tissue import (
     any_patch_filter,
     ink_mask,
     patch_keep,
+    pen_mask,
     tissue_fractions,
     tissue_mask,
 )
@@ -129,15 +130,17 @@ def make_grid(width: int, height: int, level0_mpp: float, mpp: float, patch_size
 
 
 def snapped_mpp(choice: LevelChoice) -> float:
-    """The patches' real um/px: the target's, unless the chosen level is within
-    :data:`SNAP_TOLERANCE` of it or of an integer multiple of it.
+    """The patches' real um/px: the target's, unless the chosen level's um/px times a whole
+    number k is within :data:`SNAP_TOLERANCE` of it; then exactly that.
 
     Resampling by a factor near 1 (a scan of 0.499 um/px tiled at 0.5: 1796 level pixels to
     1792) blends neighbouring pixels in a phase that drifts across the block, which halved the
     sharpness of real patches and made it depend on the scanner's rounding; near 2 (0.2502 to
     0.5) an exact 2 x 2 box is sharper than a 1.998 area filter. Such levels are read at an
     exact integer factor (1: native pixels) and patches cover that much more or less tissue
-    (<= 2 %), recorded in the store as ``mpp_effective``.
+    (<= 2 %), recorded in the store as ``mpp_effective``. (Exact where the level's own pixels
+    are read: tiled TIFF/SVS decoded directly, or a level whose downsample is a whole number;
+    OpenSlide interpolates a region placed between the pixels of a level such as 2.0016.)
     """
     k = round(choice.scale)
     if k >= 1 and abs(choice.scale / k - 1) <= SNAP_TOLERANCE:
@@ -263,7 +266,8 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
         :class:`TileResult`. A slide without tissue gives an empty store and a
         :class:`NoTissueWarning`.
 
-    Store content: ``/patches`` (N, S, S, 3) uint8 RGB at ``cfg.mpp``; ``/coords`` (N, 2) level-0
+    Store content: ``/patches`` (N, S, S, 3) uint8 RGB at ``cfg.mpp`` (exactly: ``mpp_effective``,
+    :func:`snapped_mpp`); ``/coords`` (N, 2) level-0
     top-left (x, y), row-major grid order.
     """
     t_start = time.perf_counter()
@@ -323,7 +327,9 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     if not cfg.remove_pen:
         # ink is tissue then: no patch is dropped for it and the QC picture draws none, but
         # patches mostly of marker (a stroke over glass passes the tissue threshold) are said
-        n_inked = int((keep & (cell_share(ink) > INK_WARN_SHARE)).sum()) if ink.any() else 0
+        # the ink itself, not the margin that remove_pen would take with it
+        n_inked = (int((keep & (cell_share(pen_mask(thumb, thumb_mpp)) > INK_WARN_SHARE)).sum())
+                   if ink.any() else 0)
         if n_inked:
             warnings.warn(f"{path}: {n_inked} kept patches are over {INK_WARN_SHARE:.0%} pen ink; "
                           "--remove-pen (tile.remove_pen in the workflow) leaves ink out",

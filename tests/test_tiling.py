@@ -213,7 +213,8 @@ def test_remove_pen_drops_patches_that_touch_the_ink(inked, tmp_path, capsys):
     assert (shares > 0.05).sum() >= 3  # ink is tiled as tissue, and the user is told
     (msg,) = [str(w.message) for w in caught]
     n = int(msg.split(": ")[1].split()[0])
-    assert 1 <= n <= (shares > 0.1).sum() and "pen ink; --remove-pen (tile.remove_pen" in msg
+    # counted by the ink itself (its 16 um margin made it 16 here, not the 13 over 25 % ink)
+    assert abs(n - (shares > 0.25).sum()) <= 1 and "pen ink; --remove-pen (tile.remove_pen" in msg
     # the tissue mask loses the ink, but patches beside the stroke keep enough tissue
     beside = tile_slide(inked, tmp_path / "beside.h5", TileConfig(mpp=1.0, patch_size=64,
                                                                    remove_pen=True, max_pen=1.0),

@@ -1413,6 +1413,18 @@ def test_float16_steps_the_scaler_skipped_are_counted(stores, tmp_path, monkeypa
     assert plain["fp16_skipped_steps"] is None
 
 
+def test_float16_steps_do_not_wait_for_the_scale(stores, tmp_path, monkeypatch):
+    """The skipped-step count read GradScaler.get_scale() (a GPU sync) twice a step; it compares
+    the scale tensor on the device now, and only a checkpoint (state_dict) reads the scale."""
+    calls = []
+    real = torch.amp.GradScaler.get_scale
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale",
+                        lambda self: (calls.append(1), real(self))[1])
+    monkeypatch.setattr(T, "amp_mode", lambda cfg, device: torch.float16)
+    s = T.pretrain(stores, tmp_path / "run", _cfg(max_steps=8, checkpoint_every=100), progress=False)
+    assert s["steps"] == 8 and s["fp16_skipped_steps"] >= 1
+    assert len(calls) <= 2, len(calls)  # the final checkpoint's state_dict, not 2 per step
+
 def test_float16_steps_the_scaler_skipped_stay_out_of_the_weight_average(stores, tmp_path, monkeypatch):
     """A skipped float16 step changed no weight, so averaging it in would weight the last
     weights twice: the average is updated once per step that was taken."""
