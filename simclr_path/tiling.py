@@ -112,11 +112,14 @@ class Grid:
 
 
 def make_grid(width: int, height: int, level0_mpp: float, mpp: float, patch_size: int,
-              stride: int, path: str | os.PathLike = "slide") -> Grid:
-    """Grid of patches of ``patch_size`` target pixels every ``stride`` target pixels."""
+              stride: int, path: str | os.PathLike = "slide", asked_mpp: float | None = None
+              ) -> Grid:
+    """Grid of patches of ``patch_size`` target pixels every ``stride`` target pixels
+    (``asked_mpp``: the --mpp that messages name, where ``mpp`` is its snapped scale)."""
     f = mpp / level0_mpp
     tw, th = width / f, height / f  # slide size in target pixels
     if patch_size > tw or patch_size > th:
+        mpp = asked_mpp or mpp
         raise SimclrPathError(
             f"{path}: a {patch_size} px patch at {mpp:g} um/px ({patch_size * mpp:g} um) is larger "
             f"than the slide ({width}x{height} px at {level0_mpp:g} um/px = "
@@ -296,7 +299,8 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
         choice = slide.level_for(cfg.mpp)
         width, height = slide.dimensions
         patch_mpp = snapped_mpp(choice)
-        grid = make_grid(width, height, slide.mpp, patch_mpp, cfg.patch_size, stride, path)
+        grid = make_grid(width, height, slide.mpp, patch_mpp, cfg.patch_size, stride, path,
+                         asked_mpp=cfg.mpp)
         thumb, thumb_mpp = slide.read_at_mpp(cfg.tissue_mpp)
         level0_mpp, mpp_source = slide.mpp, slide.mpp_source
         try:
