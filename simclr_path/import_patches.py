@@ -73,22 +73,40 @@ def _files_under(root: Path, broken: list[Path] | None = None,
     once. Links whose target is gone are added to ``broken``, and links to ``top`` (default
     ``root``; the dataset folder for a class folder) or a folder above it, which are not
     followed (they would loop, or take in every class's tiles), to ``above``, where given."""
+    # os.scandir's entries know their type without a stat (d_type) except for links: the
+    # workflow lists a tile set at every DAG build, and os.walk plus isfile and exists per file
+    # made four stats a tile (13 s for 200,000 tiles)
     out: list[Path] = []
     seen: set[str] = set()
     top_real = os.path.realpath(top if top is not None else root)
-    for here, dirs, files in os.walk(root, followlinks=True):
+    stack = [os.fspath(root)]
+    while stack:
+        here = stack.pop()
         real = os.path.realpath(here)
         if real in seen:
-            dirs[:] = []
             continue
         seen.add(real)
-        up = [d for d in dirs if _points_above(os.path.join(here, d), top_real)]
-        dirs[:] = [d for d in dirs if d not in up]
-        if above is not None:
-            above += [Path(here, d) for d in up]
-        out += [Path(here, f) for f in files if os.path.isfile(os.path.join(here, f))]
-        if broken is not None:
-            broken += [Path(here, f) for f in files if not os.path.exists(os.path.join(here, f))]
+        try:
+            entries = list(os.scandir(here))
+        except OSError:  # unreadable, as os.walk skips it
+            continue
+        below = []
+        for e in entries:
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()  # through links, as os.walk's
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                if e.is_symlink() and _points_above(e.path, top_real):
+                    if above is not None:
+                        above.append(Path(e.path))
+                else:
+                    below.append(e.path)
+            elif is_file:
+                out.append(Path(e.path))
+            elif broken is not None and e.is_symlink() and not os.path.exists(e.path):
+                broken.append(Path(e.path))
+        stack += sorted(below, reverse=True)  # depth first, in name order, as os.walk
     return out
 
 
