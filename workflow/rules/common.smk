@@ -640,8 +640,13 @@ wildcard_constraints:
     demo_slide=one_of(DEMO_SLIDES),
 
 
+_SAMPLE_ROWS = {}  # SAMPLES indexed by slide id, built once: per call it cost 3 s at 5000 slides
+
+
 def sample(slide):
-    return SAMPLES.set_index("slide_id").loc[slide]
+    if "by_id" not in _SAMPLE_ROWS:
+        _SAMPLE_ROWS["by_id"] = SAMPLES.set_index("slide_id")
+    return _SAMPLE_ROWS["by_id"].loc[slide]
 
 
 def slide_mpp_arg(wildcards):
