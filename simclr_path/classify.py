@@ -741,25 +741,47 @@ def _check_disjoint(train_patients: np.ndarray, test_patients: np.ndarray) -> No
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
-def _chunked_scaler():
+_SCALER_CLASS: list[type] = []
+
+
+def _scaler_class() -> type:
     """sklearn's StandardScaler whose ``fit`` reads the rows in slices (``partial_fit``): its
     one-pass fit makes a float64 copy of float32 features, 2x the training rows on top of them
     (3e5 patches x 512: +1.1 GB, measured); per slice the copy is a slice's (67 MB). Same mean
-    and scale (float64 accumulators either way), the same plain arrays when saved."""
+    and scale (float64 accumulators either way), the same plain arrays when saved. Made on
+    first use (sklearn is imported late) and found by pickle as
+    ``simclr_path.classify.ChunkedStandardScaler`` (module ``__getattr__``)."""
+    if _SCALER_CLASS:
+        return _SCALER_CLASS[0]
+    import scipy.sparse
     from sklearn.preprocessing import StandardScaler
 
     class ChunkedStandardScaler(StandardScaler):
         rows = 16384
 
         def fit(self, X, y=None, sample_weight=None):
-            if sample_weight is not None or not hasattr(X, "shape") or len(X) <= self.rows:
+            if (sample_weight is not None or scipy.sparse.issparse(X) or not hasattr(X, "shape")
+                    or X.shape[0] <= self.rows):
                 return super().fit(X, y, sample_weight)
             self._reset()
-            for lo in range(0, len(X), self.rows):
+            for lo in range(0, X.shape[0], self.rows):
                 self.partial_fit(X[lo:lo + self.rows])
             return self
 
-    return ChunkedStandardScaler()
+    ChunkedStandardScaler.__module__ = __name__
+    ChunkedStandardScaler.__qualname__ = "ChunkedStandardScaler"
+    _SCALER_CLASS.append(ChunkedStandardScaler)
+    return ChunkedStandardScaler
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ChunkedStandardScaler":
+        return _scaler_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _chunked_scaler():
+    return _scaler_class()()
 
 
 def fit_probe(

@@ -80,8 +80,10 @@ def _files_under(root: Path, broken: list[Path] | None = None,
     seen: set[str] = set()
     top_real = os.path.realpath(top if top is not None else root)
     stack = [os.fspath(root)]
-    while stack:
-        here = stack.pop()
+    linked: list[str] = []  # folders reached through a link: walked after every real one, so
+    # that a folder reachable both ways keeps its own name, not the link's
+    while stack or linked:
+        here = stack.pop() if stack else linked.pop()
         real = os.path.realpath(here)
         if real in seen:
             continue
@@ -90,23 +92,26 @@ def _files_under(root: Path, broken: list[Path] | None = None,
             entries = list(os.scandir(here))
         except OSError:  # unreadable, as os.walk skips it
             continue
-        below = []
+        below, below_links = [], []
         for e in entries:
             try:
                 is_dir, is_file = e.is_dir(), e.is_file()  # through links, as os.walk's
             except OSError:
                 is_dir = is_file = False
             if is_dir:
-                if e.is_symlink() and _points_above(e.path, top_real):
+                if not e.is_symlink():
+                    below.append(e.path)
+                elif _points_above(e.path, top_real):
                     if above is not None:
                         above.append(Path(e.path))
                 else:
-                    below.append(e.path)
+                    below_links.append(e.path)
             elif is_file:
                 out.append(Path(e.path))
             elif broken is not None and e.is_symlink() and not os.path.exists(e.path):
                 broken.append(Path(e.path))
-        stack += sorted(below, reverse=True)  # depth first, in name order, as os.walk
+        stack += sorted(below, reverse=True)  # depth first, in name order
+        linked += sorted(below_links, reverse=True)
     return out
 
 

@@ -31,6 +31,7 @@ Both are written to a temporary name and renamed when complete (:mod:`simclr_pat
 
 from __future__ import annotations
 
+import errno
 import os
 import weakref
 from collections import OrderedDict
@@ -313,13 +314,19 @@ def _max_open_files() -> int:
     except ImportError:  # Windows: no such limit for files opened by the C runtime here
         return 4096
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    inf = resource.RLIM_INFINITY
+    # no higher than this process can use (children inherit it); macOS refuses more than
+    # kern.maxfilesperproc (10240) even where the hard limit says unlimited
+    for want in (65536 + 256, 10240):
+        want = want if hard == inf else min(want, hard)
+        if soft != inf and want <= soft:
+            break
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
             soft = want
+            break
         except (ValueError, OSError):
-            pass
+            continue
     if soft == resource.RLIM_INFINITY:
         return 65536
     return max(16, min(65536, soft - 256) if soft > 512 else soft // 2)
@@ -336,6 +343,12 @@ _MAX_OPEN: list[int] = []  # computed on first use (it may raise the soft limit)
 
 def _track_open(h5: _LazyH5) -> None:
     if _OPEN_PID[0] != os.getpid():
+        # a forked child: drop the handles it inherited (h5py closes its copies), or it would
+        # hold the parent's share of the limit on top of its own
+        for ref in _OPEN.values():
+            other = ref()
+            if other is not None and other._pid != os.getpid():
+                other._f = None
         _OPEN.clear()
         _OPEN_PID[0] = os.getpid()
     if not _MAX_OPEN:
@@ -381,6 +394,11 @@ class _LazyH5:
         try:
             f = open_h5(self.path, self._what)
         except OSError as exc:
+            if getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE) \
+                    or "Too many open files" in str(exc):
+                raise SimclrPathError(
+                    f"{self.path}: too many open files; raise the limit (ulimit -n 4096) or "
+                    "give fewer stores to one command") from None
             if not h5py.is_hdf5(self.path):  # no HDF5 signature: a slide or image given, say
                 made = ("'simclr-path embed' writes one from a patch store"
                         if "embedding" in self._what else

@@ -1305,3 +1305,7 @@ def test_the_probe_scales_features_in_slices_with_sklearns_result(monkeypatch):
     pipe, _, _ = fit_probe(X[:2000], y[:2000], np.arange(2000) % 50, ["a", "b"],
                            ClassifyConfig(c_grid=[1.0]))
     assert type(pipe.steps[0][1]).__name__ == "ChunkedStandardScaler"
+    import pickle  # n_jobs or a saved pipeline pickle it: a class local to a function failed
+
+    again = pickle.loads(pickle.dumps(pipe))
+    np.testing.assert_array_equal(again.predict_proba(X[:50]), pipe.predict_proba(X[:50]))

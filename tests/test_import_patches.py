@@ -572,3 +572,19 @@ def test_listing_a_tile_set_stats_no_tile(tmp_path, monkeypatch):
     classes, tiles = list_tiles(tmp_path / "set")
     assert classes == ["SCC", "normal"] and len(tiles) == 120
     assert len(calls) < 20, len(calls)  # the folders and the broken link, not every tile
+
+
+def test_a_folder_reached_directly_and_through_a_link_keeps_its_own_name(tmp_path):
+    """Listed once, under the name without the link whatever the names' order (a link named
+    before the folder took its tiles, and with them the groups CSV's paths)."""
+    from simclr_path.import_patches import list_tiles
+
+    png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    real = tmp_path / "set" / "SCC" / "z" / "real"
+    real.mkdir(parents=True)
+    (real / "r.png").write_bytes(png)
+    (tmp_path / "set" / "SCC" / "alink").symlink_to(real, target_is_directory=True)
+    (tmp_path / "set" / "normal").mkdir()
+    (tmp_path / "set" / "normal" / "n.png").write_bytes(png)
+    _, tiles = list_tiles(tmp_path / "set")
+    assert [t for t, _ in tiles] == ["SCC/z/real/r.png", "normal/n.png"]

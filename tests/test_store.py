@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -259,3 +261,53 @@ def test_a_cohort_beyond_the_open_file_limit_is_read(make_store, tmp_path):
                          check=False, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "600"
+
+
+def test_a_forked_worker_drops_the_store_files_it_inherited(make_store):
+    """Fine-tuning's loader workers (forked each epoch) held the parent's open store files on
+    top of their own: twice the limit's share on a large cohort ("Too many open files")."""
+    import multiprocessing as mp
+
+    from simclr_path import store as st
+
+    stores = [PatchStore(make_store(n=2, size=8, name=f"f{i}.h5", slide_id=f"F{i}", seed=i))
+              for i in range(5)]
+    for s in stores:
+        s[0]
+    assert all(s._h5._f is not None for s in stores)
+
+    def child(conn):
+        stores[0][0]  # the first store the worker reads
+        inherited = sum(s._h5._f is not None and s._h5._pid != os.getpid() for s in stores)
+        conn.send((inherited, len(st._OPEN)))
+
+    ctx = mp.get_context("fork")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=child, args=(b,))
+    p.start()
+    got = a.recv()
+    p.join(30)
+    assert got == (0, 1), got
+    assert all(s._h5._f is not None for s in stores)  # the parent's are untouched
+
+
+def test_running_out_of_open_files_is_one_line(make_store, tmp_path):
+    import subprocess
+    import sys
+
+    paths = [str(make_store(n=1, size=8, name=f"e{i}.h5", slide_id=f"E{i}", seed=i))
+             for i in range(100)]
+    (tmp_path / "list.txt").write_text("\n".join(paths))
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))\n"
+            "from simclr_path import store\n"
+            "store._MAX_OPEN.append(10**6)  # no cap: the limit itself is reached\n"
+            "from simclr_path.cli import main\n"
+            "sys.exit(main(['pretrain', *open(sys.argv[1]).read().split(), '--out', sys.argv[2],\n"
+            "               '--max-steps', '1', '--device', 'cpu', '--no-progress']))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "list.txt"),
+                          str(tmp_path / "run")], check=False, capture_output=True, text=True,
+                         timeout=300)
+    err = [x for x in out.stderr.strip().splitlines() if x.strip()]
+    assert out.returncode != 0 and len(err) == 1, out.stderr[-2000:]
+    assert "too many open files; raise the limit (ulimit -n" in err[0], err

@@ -60,7 +60,7 @@ rule classify_fraction:
         "../../envs/simclr-path.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=probe_mem_mb,
     params:
         samples=samples_arg(),
         out=subpath(output.metrics, parent=True),
