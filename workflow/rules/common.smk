@@ -640,7 +640,8 @@ wildcard_constraints:
     demo_slide=one_of(DEMO_SLIDES),
 
 
-_SAMPLE_ROWS = {}  # SAMPLES indexed by slide id, built once: per call it cost 3 s at 5000 slides
+# SAMPLES indexed by slide id, built once: per call it cost 3 s at 5000 slides
+_SAMPLE_ROWS = {}
 
 
 def sample(slide):
