@@ -477,7 +477,8 @@ def embed_store(
                     pending = z
                 if pending is not None:
                     pos = _store_rows(feats, pos, pending, bar)
-    if not np.isfinite(feats).all():
+    # in slices: a mask of the whole table is a quarter of its size again (1e6 x 2048: 2 GB)
+    if not all(np.isfinite(feats[lo:lo + 65536]).all() for lo in range(0, len(feats), 65536)):
         raise SimclrPathError(
             f"{enc}: encoder produced NaN or infinite features on {store.path}; "
             "the encoder is probably broken (diverged training)"
