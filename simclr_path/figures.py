@@ -75,6 +75,14 @@ def rst_text(text: str) -> str:
     return re.sub(r"([^A-Za-z0-9\s])", r"\\\1", str(text))
 
 
+def class_colors(classes) -> dict[str, str]:
+    """One colour per class name, the same in every figure (t-SNE maps, ROC and PR curves):
+    Okabe-Ito in the classes' sorted order, so that it does not depend on the order a figure
+    met them in (a config's label order, a sample's first rows)."""
+    names = sorted({str(c) for c in classes})
+    return dict(zip(names, category_colors(len(names))))
+
+
 def category_colors(n: int) -> list[str]:
     """``n`` colour-blind-safe category colours (Okabe-Ito, then viridis samples beyond 8)."""
     if n <= len(OKABE_ITO):
@@ -242,8 +250,8 @@ def plot_loss_curve(
 LEGEND_MAX = 12  # categories named in a legend; more get a note instead
 
 
-def _legend_or_note(ax: Axes, n_categories: int, what: str) -> None:
-    if n_categories <= LEGEND_MAX:
+def _legend_or_note(ax: Axes, n_categories: int, what: str, most: int = LEGEND_MAX) -> None:
+    if n_categories <= most:
         ax.legend(
             loc="center left",
             bbox_to_anchor=(1.01, 0.5),
@@ -365,7 +373,10 @@ def _scatter_by(ax: Axes, xy: np.ndarray, cats: pd.Series, what: str) -> None:
     names = sorted(cats.unique(), key=str)
     palette = OKABE_ITO if what == "label" else TOL_MUTED
     colors = palette[:len(names)]
-    if len(names) > len(palette):
+    if what == "label":  # the colours of the ROC and PR curves (class_colors)
+        by_name = class_colors(names)
+        colors = [by_name[str(n)] for n in names]
+    elif len(names) > len(palette):
         # many slides/groups: golden-ratio steps through viridis, so neighbours in name order
         # (often the same class) get distant colours
         colors = [matplotlib.colormaps["viridis"](x) for x in np.mod(np.arange(len(names)) * 0.6180339887, 1.0)]
@@ -376,13 +387,16 @@ def _scatter_by(ax: Axes, xy: np.ndarray, cats: pd.Series, what: str) -> None:
     # a thin dark edge: light colours (yellow, sand) stay visible on white
     ax.scatter(xy[order, 0], xy[order, 1], s=10, c=point_colors[order], alpha=0.85,
                linewidths=0.2, edgecolors="0.25")
-    if len(names) <= LEGEND_MAX:  # legend entries
+    # slides beyond the categorical palette get viridis steps, which a legend cannot tell
+    # apart (two entries of near-equal purple): no legend then, as for many classes
+    most = LEGEND_MAX if what == "label" else len(palette)
+    if len(names) <= most:  # legend entries, long slide ids cut in the middle
         for name, col in zip(names, colors):
             ax.scatter([], [], s=14, color=col, alpha=0.85, linewidths=0.2, edgecolors="0.25",
-                       label=str(name))
+                       label=shorten(str(name), 32))
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
-    _legend_or_note(ax, len(names), what)
+    _legend_or_note(ax, len(names), what, most)
 
 
 @plain_text
@@ -696,6 +710,21 @@ def _curve_sets(
     return sets
 
 
+def _curve_colors(metrics: dict, curves: list[tuple]) -> list[str]:
+    """A curve's colour is its class's (:func:`class_colors`, as on the t-SNE map); the top-k
+    slide score, which is no class, is black."""
+    task = metrics["task"]
+    by_class = class_colors(task["classes"])
+    pos = task.get("positive")
+    out = []
+    for name, *_ in curves:
+        if pos is not None:
+            out.append(OKABE_ITO[7] if name.startswith("top-") else by_class[str(pos)])
+        else:
+            out.append(by_class[name.removesuffix(" vs rest")])
+    return out
+
+
 @plain_text
 def plot_curves(
     classify_dir: str | os.PathLike,
@@ -739,7 +768,7 @@ def plot_curves(
             # slides) stay visible, the later one dashed over the earlier one
             styles = ["-", "--", ":", "-."]
             for i, ((name, yb, s), col) in enumerate(zip(sets[level],
-                                                          category_colors(len(sets[level])))):
+                                                          _curve_colors(metrics, sets[level]))):
                 ls = styles[i % len(styles)]
                 ok = np.isfinite(s)
                 yb, s = yb[ok], s[ok]
@@ -801,9 +830,14 @@ def plot_curves(
                                                              for v in ci):
                 # name the curve it belongs to where a panel has several: the slide CI is the
                 # mean-of-patches score's, not the top-k one's; without a positive class, macro
-                whose = ("" if len(drawn) < 2 else "macro " if metrics["task"].get("positive")
-                         is None else f"{drawn[0][0]} ")
-                split.append(f"{whose}AUROC 95% CI {ci[0]:.2f}-{ci[1]:.2f}")
+                macro = metrics["task"].get("positive") is None
+                whose = ("" if len(drawn) < 2 else "macro " if macro else f"{drawn[0][0]} ")
+                value = metrics[level].get("auroc")
+                # three decimals as the legend's AUROCs ("CI 1.00-1.00" beside 0.996 said
+                # nothing); the macro AUROC itself is in no legend, so it is given here
+                shown = (f" {value:.3f}" if macro and len(drawn) > 1
+                         and isinstance(value, (int, float)) else "")
+                split.append(f"{whose}AUROC{shown} 95% CI {ci[0]:.3f}-{ci[1]:.3f}")
             elif kind == "roc" and metrics[level].get("auroc_ci95_note"):
                 # why there is none ("CI not shown: 4 patients per class"), its detail left out
                 split.append(str(metrics[level]["auroc_ci95_note"]).split(" (")[0])
@@ -819,10 +853,10 @@ def plot_curves(
                         transform=ax.transAxes, fontsize=11, color="0.3",
                         bbox={"facecolor": "white", "edgecolor": "0.8"})
             if ax.get_legend_handles_labels()[0]:  # none: matplotlib would warn on stderr
-                ax.legend(
-                    loc="lower right" if kind == "roc" else "lower left", frameon=False,
-                    fontsize=8
-                )
+                # PR curves of several classes, or of a weak classifier, run through any fixed
+                # corner: where the curves leave the most room
+                ax.legend(loc="lower right" if kind == "roc" else "best", frameon=False,
+                          fontsize=8)
         fig.suptitle(with_run(
             ("ROC" if kind == "roc" else "Precision-recall") + " curves, held-out predictions "
             f"({evaluation_words(metrics['task'].get('evaluation'), grouped_by)})", run_name))

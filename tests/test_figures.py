@@ -391,13 +391,16 @@ def test_curves_draw_every_class_of_a_many_class_task(tmp_path, monkeypatch):
     cm = np.zeros((10, 10), int).tolist()
     (cls / "metrics.json").write_text(json.dumps({
         "task": {"classes": classes, "positive": None, "evaluation": "grouped_2fold"},
-        "patch": {"confusion_matrix": cm}, "slide": {"confusion_matrix": cm}}))
+        "patch": {"confusion_matrix": cm},
+        "slide": {"confusion_matrix": cm, "auroc": 0.98321, "auroc_ci95": [0.96912, 0.99634]}}))
     drawn = []
     monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: drawn.append(fig))
     figures.plot_curves(cls, tmp_path / "roc.png", tmp_path / "pr.png")
     roc = drawn[0]
     labels = roc.axes[0].get_legend_handles_labels()[1]
     assert sum(lab.startswith("c") and "vs rest" in lab for lab in labels) == 10, labels
+    # the macro AUROC is in no legend: the title gives it with its CI, to the legend's decimals
+    assert "macro AUROC 0.983 95% CI 0.969-0.996" in roc.axes[1].get_title()
 
 
 @pytest.mark.parametrize("damage, match", [
@@ -928,7 +931,7 @@ def test_curve_panel_titles_do_not_run_into_each_other(tmp_path, monkeypatch):
     assert left.x1 < right.x0, (roc.axes[0].get_title(), roc.axes[1].get_title())
     assert "10 positive, 16 negative" in roc.axes[1].get_title()
     # two slide curves (mean and top-k): the CI names the one it was computed for
-    assert "mean of patches AUROC 95% CI 0.83-1.00" in roc.axes[1].get_title()
+    assert "mean of patches AUROC 95% CI 0.830-1.000" in roc.axes[1].get_title()
     # and without one, the panel says why (it was left out without a word)
     m["slide"]["auroc_ci95"] = None
     m["slide"]["auroc_ci95_note"] = ("CI not shown: 4 patients per class (a patient bootstrap "
@@ -1168,3 +1171,50 @@ def test_the_heatmap_says_which_folds_its_fold_number_counts_among(cohort, monke
     folds = pd.read_csv(cohort["cls"] / "predictions_patches.csv")
     fold = int(folds.loc[folds["slide_id"] == "P0-SCC", "fold"].iloc[0])
     assert drawn[0].axes[0].get_title().endswith(f"held out in fold {fold} of 0-3)")
+
+
+def test_a_class_wears_one_colour_on_the_tsne_map_and_the_curves():
+    """The t-SNE map coloured classes in sorted order and the ROC/PR curves in the config's
+    order: side by side in the report, blue was one class on one and another on the other."""
+    import matplotlib.colors as mcolors
+    import pandas as pd
+
+    from simclr_path.figures import _curve_colors, _scatter_by, class_colors, new_figure
+
+    classes = ["normal", "SCC", "adeno"]  # the config's order, not sorted
+    want = class_colors(classes)
+    assert len(set(want.values())) == 3
+    curves = [(f"{c} vs rest", None, None) for c in classes]
+    got = _curve_colors({"task": {"classes": classes, "positive": None}}, curves)
+    assert got == [want[c] for c in classes]
+    binary = _curve_colors({"task": {"classes": ["normal", "SCC"], "positive": "SCC"}},
+                           [("SCC vs rest",), ("mean of patches",), ("top-10 mean",)])
+    scc = class_colors(["normal", "SCC"])["SCC"]
+    assert binary[:2] == [scc, scc] and binary[2] not in class_colors(["normal", "SCC"]).values()
+    _fig, ax = new_figure(figsize=(4, 4))
+    labels = pd.Series(["adeno", "SCC", "normal", "SCC", "adeno", "normal"])
+    _scatter_by(ax, np.random.default_rng(0).normal(size=(6, 2)), labels, "label")
+    handles, names = ax.get_legend_handles_labels()
+    for h, name in zip(handles, names):
+        assert mcolors.to_hex(h.get_facecolor()[0]) == mcolors.to_hex(want[name]), name
+
+
+def test_a_slide_legend_names_only_slides_it_can_tell_apart():
+    """With 10-12 slides the legend listed viridis colours two of which were the same purple,
+    and 60-character TCGA ids made it as wide as the map."""
+    import pandas as pd
+
+    from simclr_path.figures import TOL_MUTED, _scatter_by, new_figure
+
+    rng = np.random.default_rng(0)
+    tcga = "TCGA-A0-A0SB-01Z-00-DX1.B34C267B-CAA4-4BDE-9BB9-3F9C8C3E6B7E"
+    few = pd.Series([f"{tcga}-{i}" for i in range(len(TOL_MUTED))] * 3)
+    _fig, ax = new_figure(figsize=(4, 4))
+    _scatter_by(ax, rng.normal(size=(len(few), 2)), few, "slide")
+    names = ax.get_legend_handles_labels()[1]
+    assert len(names) == len(TOL_MUTED) and all(len(n) <= 32 and n.endswith(f"-{i}")
+                                                 for i, n in enumerate(names))
+    many = pd.Series([f"S{i}" for i in range(len(TOL_MUTED) + 1)] * 3)
+    _fig, ax = new_figure(figsize=(4, 4))
+    _scatter_by(ax, rng.normal(size=(len(many), 2)), many, "slide")
+    assert ax.get_legend() is None and "10 slides\n(legend omitted)" in [t.get_text() for t in ax.texts]
