@@ -1156,8 +1156,11 @@ def plot_heatmap(
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     label = f"P({pos})" if pos else "P(positive class)"
-    # what the slide is and whether it was held out, where a classify folder says so
-    known = ""
+    # a long class name ran over the colour bar and out of its label: cut in the middle there
+    short = f"P({shorten(str(pos), 20)})" if pos else label
+    # what the slide is and whether it was held out, where a classify folder says so; the
+    # scores of a predict file may be the final model's on a slide it was trained on
+    known = " (scored by 'predict': held out only if not among the model's training slides)"
     if src.is_dir() and "label" in rows.columns:
         folds = sorted(set(rows["fold"].astype(int)))
         # counted from 0 as the predictions' fold column is: the range says so
@@ -1169,8 +1172,12 @@ def plot_heatmap(
         known = f" ({', '.join(sorted(set(rows['label'].astype(str))))} slide, {held})"
     extent_shown, unit = _extent_mm(st, extent)
     # the panels' height follows the slide's shape, within limits: a very tall slide is drawn
-    # narrower rather than as a poster
-    fig, axes = new_figure(1, 2, figsize=(12, min(5.5 * h / max(w, 1), 11) + 1.2))
+    # narrower rather than as a poster; a wide one (a needle biopsy, 6:1) has its panels one
+    # above the other, where side by side each was an inch high
+    if w > 2 * h:
+        fig, axes = new_figure(2, 1, figsize=(12, 2 * min(11.0 * h / w, 5.5) + 2.0))
+    else:
+        fig, axes = new_figure(1, 2, figsize=(12, min(5.5 * h / max(w, 1), 11) + 1.2))
     axes[0].imshow(thumb, extent=extent_shown)
     # the id once, above both panels: a TCGA-style id in each panel's title ran into the other
     title = fig.suptitle(with_run(f"slide {sid}", run_name), fontsize=12)
@@ -1187,7 +1194,7 @@ def plot_heatmap(
         alpha=0.75,
         interpolation="nearest",
     )
-    axes[1].set_title(f"{label} per patch (slide mean {rows['score'].mean():.2f})")
+    axes[1].set_title(f"{label} per patch\n(slide mean {rows['score'].mean():.2f})")
     for ax in axes:
         ax.set_xlabel(f"x ({unit})")
         ax.set_ylabel(f"y ({unit})")
@@ -1197,7 +1204,7 @@ def plot_heatmap(
     for ax, bar in zip(axes, (False, True)):
         cax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.1)
         if bar:
-            fig.colorbar(im, cax=cax, label=label)
+            fig.colorbar(im, cax=cax, label=short)
         else:
             cax.set_axis_off()
     st.close()

@@ -1218,3 +1218,31 @@ def test_a_slide_legend_names_only_slides_it_can_tell_apart():
     _fig, ax = new_figure(figsize=(4, 4))
     _scatter_by(ax, rng.normal(size=(len(many), 2)), many, "slide")
     assert ax.get_legend() is None and "10 slides\n(legend omitted)" in [t.get_text() for t in ax.texts]
+
+
+def test_a_heatmap_of_a_wide_slide_a_long_class_and_a_predict_file(tmp_path, monkeypatch):
+    """A 6:1 slide drew two panels an inch high side by side; a 31-character class ran over
+    the colour bar; a predict file's heatmap said nothing of whether the slide was held out."""
+    from simclr_path import figures
+    from simclr_path.config import TileConfig
+    from simclr_path.demo import make_demo_slide
+    from simclr_path.store import PatchStore
+    from simclr_path.tiling import tile_slide
+
+    slide = make_demo_slide(tmp_path / "wide.tiff", seed=4, width=3072, height=512, mpp=0.5)
+    tile_slide(slide, tmp_path / "wide.h5", TileConfig(mpp=1.0, patch_size=32), progress=False)
+    c = PatchStore(tmp_path / "wide.h5").coords
+    score = np.random.default_rng(0).uniform(0, 1, len(c))
+    cls = "squamous_cell_carcinoma_keratin"
+    pd.DataFrame({"slide_id": "wide", "level": "patch", "x": c[:, 0], "y": c[:, 1],
+                  "score": score, f"prob_{cls}": score, "prob_other": 1 - score}).to_csv(
+        tmp_path / "pred.csv", index=False)
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=False: drawn.append(fig))
+    figures.plot_heatmap(tmp_path / "pred.csv", tmp_path / "wide.h5", tmp_path / "h.png")
+    fig = drawn[0]
+    img, heat = fig.axes[:2]
+    assert heat.get_position().y1 < img.get_position().y0  # one above the other
+    assert "scored by 'predict'" in img.get_title()
+    bar = fig.axes[-1]
+    assert bar.get_ylabel() == "P(squamous_\u2026ma_keratin)" and cls in heat.get_title()
