@@ -213,11 +213,12 @@ def plot_loss_curve(
     if window > 1:
         ax.plot(
             df["step"],
-            # not carried over steps whose loss was NaN or infinite
-            loss.rolling(window, min_periods=1).mean().where(finite),
+            # not carried over steps whose loss was NaN or infinite; centred on each step: a
+            # trailing mean lagged above the raw loss all through its fast early descent
+            loss.rolling(window, min_periods=1, center=True).mean().where(finite),
             color=OKABE_ITO[0],
             lw=2,
-            label=f"loss (moving mean of {window} logged steps)",
+            label=f"loss (centred moving mean of {window} logged steps)",
         )
     if not finite.all():  # a divergence is the thing to see, not a gap in the line
         first = df["step"].to_numpy()[~finite][0]
@@ -881,6 +882,10 @@ def plot_confusion(
         rows = cm.sum(axis=1, keepdims=True)
         frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
         im = ax.imshow(frac, cmap="cividis", vmin=0, vmax=1)
+        # text dark on light cells by the colour's own luminance: white on cividis's mid grey
+        # (40-60 %) was hard to read
+        rgb = matplotlib.colormaps["cividis"](frac)[..., :3]
+        luma = rgb @ np.array([0.2126, 0.7152, 0.0722])
         for i in range(cm.shape[0]):
             for j in range(cm.shape[1]):
                 ax.text(
@@ -890,15 +895,17 @@ def plot_confusion(
                     ha="center",
                     va="center",
                     fontsize=9,
-                    color="black" if frac[i, j] > 0.6 else "white",
+                    color="black" if luma[i, j] > 0.4 else "white",
                 )
-        ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-        ax.set_yticks(range(len(classes)), classes)
+        # long class names took half a panel: cut in the middle
+        names = [shorten(str(c), 22) for c in classes]
+        ax.set_xticks(range(len(classes)), names, rotation=30, ha="right")
+        ax.set_yticks(range(len(classes)), names)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         bacc = metrics[level].get("balanced_accuracy")
         ax.set_title(
-            f"{level if level == 'patch' else unit} level"
+            f"{level if level == 'patch' else unit} level, n={int(cm.sum())}"
             + (f" (balanced accuracy {bacc:.3f})" if bacc is not None else "")
         )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")

@@ -947,7 +947,7 @@ def test_curve_panel_titles_do_not_run_into_each_other(tmp_path, monkeypatch):
 @pytest.mark.parametrize(("steps", "curves"), [
     (1, ["loss"]),
     (3, ["loss"]),
-    (60, ["loss", "loss (moving mean of 3 logged steps)"]),
+    (60, ["loss", "loss (centred moving mean of 3 logged steps)"]),
 ])
 def test_the_loss_curve_has_whole_step_ticks_and_a_moving_mean_only_where_it_smooths(
         tmp_path, monkeypatch, steps, curves):
@@ -964,6 +964,9 @@ def test_the_loss_curve_has_whole_step_ticks_and_a_moving_mean_only_where_it_smo
     assert all(float(t).is_integer() for t in ax.get_xticks())
     # a short run's steps are points (one logged step was an invisible one-point line)
     assert (ax.get_lines()[0].get_marker() == "o") == (steps <= 30)
+    if len(curves) == 2:  # centred: on a falling line it does not lag above the loss
+        raw, smooth = (np.asarray(ln.get_ydata(), float) for ln in ax.get_lines()[:2])
+        np.testing.assert_allclose(smooth[1:-1], raw[1:-1])
 
 
 def test_the_loss_curve_marks_where_the_loss_stopped_being_finite(tmp_path, monkeypatch):
@@ -979,7 +982,7 @@ def test_the_loss_curve_marks_where_the_loss_stopped_being_finite(tmp_path, monk
     lines = {ln.get_label(): ln for ln in drawn[0].axes[0].get_lines()}
     mark = lines["loss NaN or infinite (11 logged steps, from step 40)"]
     assert list(mark.get_xdata()) == [40, 40]
-    smooth = np.asarray(lines["loss (moving mean of 3 logged steps)"].get_ydata(), float)
+    smooth = np.asarray(lines["loss (centred moving mean of 3 logged steps)"].get_ydata(), float)
     assert np.isnan(smooth[50:]).all() and np.isnan(smooth[40]) and np.isfinite(smooth[:40]).all()
 
 
@@ -1246,3 +1249,36 @@ def test_a_heatmap_of_a_wide_slide_a_long_class_and_a_predict_file(tmp_path, mon
     assert "scored by 'predict'" in img.get_title()
     bar = fig.axes[-1]
     assert bar.get_ylabel() == "P(squamous_\u2026ma_keratin)" and cls in heat.get_title()
+
+
+def test_a_confusion_matrix_of_long_class_names_stays_readable(tmp_path, monkeypatch):
+    """30-character class names took half of each panel; no panel said its n; white counts on
+    cividis's mid grey were hard to read."""
+    import json
+
+    import matplotlib.colors as mcolors
+
+    from simclr_path import figures
+
+    classes = ["squamous_cell_carcinoma_keratinising", "adenocarcinoma_acinar_pattern"]
+    cls = tmp_path / "cls"
+    cls.mkdir()
+    pd.DataFrame({"slide_id": ["a", "b"], "label": classes, "fold": 0,
+                  **{f"prob_{c}": [0.5, 0.5] for c in classes}}).to_csv(
+        cls / "predictions_patches.csv", index=False)
+    pd.DataFrame({"slide_id": ["a", "b"], "label": classes,
+                  **{f"prob_{c}": [0.5, 0.5] for c in classes}}).to_csv(
+        cls / "predictions_slides.csv", index=False)
+    cm = [[5, 5], [0, 10]]  # a 50 % cell
+    (cls / "metrics.json").write_text(json.dumps({
+        "task": {"classes": classes, "positive": None, "evaluation": "grouped_2fold"},
+        "patch": {"confusion_matrix": cm}, "slide": {"confusion_matrix": cm}}))
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=False: drawn.append(fig))
+    figures.plot_confusion(cls, tmp_path / "c.png")
+    ax = drawn[0].axes[0]
+    assert all(len(t.get_text()) <= 22 for t in ax.get_xticklabels())
+    assert ax.get_xticklabels()[0].get_text().startswith("squamous_")
+    assert "n=20" in ax.get_title()
+    half = next(t for t in ax.texts if t.get_text() == "5\n(50%)")
+    assert mcolors.to_hex(half.get_color()) == "#000000"
