@@ -65,6 +65,29 @@ def test_each_run_keeps_its_own_ci_bar_and_the_legend_clears_the_run_names(cr, t
     assert len(xs) == 5 and np.round(slide_bar_x[1], 3) not in xs
 
 
+
+def test_values_clear_the_error_bars_and_chance_is_named_per_metric(cr, tmp_path, monkeypatch):
+    """A slide AUROC's value sat on its error bar's cap; the one 'chance' line at 0.5 was read
+    against balanced accuracy too, whose chance with 3 classes is 1/3."""
+    from simclr_path import figures
+
+    three = [_metrics(0.9, [0.8, 0.97]), _metrics(0.7, None)]
+    for m in three:
+        m["task"]["classes"] = ["SCC", "adeno", "normal"]
+    df = cr.summarise(["a", "b"], three, [{}, {}], {})
+    assert df["n_classes"].tolist() == [3, 3]
+    figs = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: figs.append(fig))
+    cr.plot(df, str(tmp_path / "runs.png"))
+    ax = figs[0].axes[0]
+    values = {(round(t.xy[0], 3), t.get_text()): t.xy[1] for t in ax.texts if hasattr(t, "xy")}
+    slide_x = sorted(p.get_x() + p.get_width() / 2 for p in ax.containers[0].patches)
+    assert values[(round(slide_x[0], 3), "0.90")] == pytest.approx(0.97)  # above the cap
+    assert values[(round(slide_x[1], 3), "0.70")] == pytest.approx(0.7)  # no CI: on the bar
+    notes = [t.get_text() for t in ax.texts if not hasattr(t, "xy")]
+    assert "chance\n(AUROC)" in notes and "chance\n(balanced\naccuracy, 1/3)" in notes
+    assert any(np.allclose(ln.get_ydata(), 1 / 3) for ln in ax.get_lines())
+
 def test_rows_on_other_folds_are_not_called_the_same_folds(cr):
     same = cr.summarise(["a", "b"], [_metrics(0.9), _metrics(0.8)], [{}, {}], {})
     assert cr.same_folds(same)

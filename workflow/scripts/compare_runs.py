@@ -57,6 +57,8 @@ def summarise(runs, metrics, pretrains, overrides) -> pd.DataFrame:
                 # classify's metrics.json keeps its config flat, finetune's by section
                 "folds_seed": cfg.get("seed", (cfg.get("classify") or {}).get("seed")),
                 "n_patients": task.get("n_patients"),
+                # chance balanced accuracy is 1 / classes
+                "n_classes": len(task.get("classes") or []) or None,
                 "slide_auroc": _num(s.get("auroc")),
                 "slide_auroc_ci_low": _num(ci[0]),
                 "slide_auroc_ci_high": _num(ci[1]),
@@ -93,16 +95,21 @@ def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> N
     for j, (col, name) in enumerate(bars):
         vals = df[col].to_numpy(dtype=float)
         xs = x + (j - (len(bars) - 1) / 2) * width
-        rects = ax.bar(xs, np.nan_to_num(vals), width, label=name, color=COLOURS[j])
+        ax.bar(xs, np.nan_to_num(vals), width, label=name, color=COLOURS[j])
+        top = np.nan_to_num(vals)
         if col == "slide_auroc":
             # bars only where a CI exists: a zero-length bar's caps read as a CI of width 0
             has = has_ci(df)
             if has.any():
                 ax.errorbar(xs[has], vals[has], yerr=ci_errors(vals, df)[:, has], fmt="none",
                             ecolor="black", capsize=3, lw=1)
+                # the value above the error bar's cap, which it covered
+                top = np.where(has, np.fmax(top, df["slide_auroc_ci_high"].to_numpy(float)), top)
         # the value on each bar; a metric a run lacks says so instead of a bar of height 0
-        ax.bar_label(rects, labels=["n/a" if not np.isfinite(v) else f"{v:.2f}" for v in vals],
-                     fontsize=7, padding=2)
+        for xi, ti, v in zip(xs, top, vals):
+            ax.annotate("n/a" if not np.isfinite(v) else f"{v:.2f}", (xi, ti),
+                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=7)
     ax.set_xticks(
         x, df["run"], rotation=30 if len(df) > 4 else 0, ha="right" if len(df) > 4 else "center"
     )
@@ -114,8 +121,14 @@ def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> N
                  + ("\nAUROCs of different scores (one class against the rest, or macro): see "
                     "the table's score column" if len(scores) > 1 else ""))
     ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
-    ax.text(1.01, 0.5, "chance", fontsize=7, color="#666666", ha="left", va="center",
+    ax.text(1.01, 0.5, "chance\n(AUROC)", fontsize=7, color="#666666", ha="left", va="center",
             transform=ax.get_yaxis_transform())
+    k = set(df["n_classes"].dropna().astype(int)) if "n_classes" in df else set()
+    if len(k) == 1 and next(iter(k)) > 2:  # balanced accuracy's chance is 1 / classes
+        level = 1 / next(iter(k))
+        ax.axhline(level, color="#999999", lw=0.8, ls=":")
+        ax.text(1.01, level, f"chance\n(balanced\naccuracy, 1/{next(iter(k))})", fontsize=7,
+                color="#666666", ha="left", va="center", transform=ax.get_yaxis_transform())
     notes = [n_note(df)] if n_note(df) else []
     if df["slide_auroc_ci_low"].isna().any():  # the caption promises CIs: say where there are none
         notes.append(f"a {unit} AUROC without error bar: too few {grouped_by}s for its CI")
@@ -231,6 +244,8 @@ def plot_fractions(df: pd.DataFrame, out: str, title: str) -> None:
         ax.minorticks_off()
         ax.set_ylim(0, 1.05)
         ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
+        ax.text(1.01, 0.5, "chance", fontsize=7, color="#666666", ha="left", va="center",
+                transform=ax.get_yaxis_transform())
         ax.set_xlabel(f"labelled training {grouped_by}s per fold\n(share of each class, and "
                       "their number)")
         ax.set_title(f"{unit if level == 'slide' else level} AUROC"
