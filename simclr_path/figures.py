@@ -349,6 +349,7 @@ def sample_embeddings(
         X[pos] = EmbeddingStore(embedding_paths[fi], features=False).read_rows(
             out["patch_index"].to_numpy()[pos])
     out["features"] = list(X)
+    out.attrs["n_total"] = len(df)  # patches sampled from, for the figures' titles
     return out
 
 
@@ -391,10 +392,11 @@ def _scatter_by(ax: Axes, xy: np.ndarray, cats: pd.Series, what: str) -> None:
     # slides beyond the categorical palette get viridis steps, which a legend cannot tell
     # apart (two entries of near-equal purple): no legend then, as for many classes
     most = LEGEND_MAX if what == "label" else len(palette)
-    if len(names) <= most:  # legend entries, long slide ids cut in the middle
+    if len(names) <= most:  # legend entries, long slide ids cut in the middle, with counts
+        counts = cats.value_counts()
         for name, col in zip(names, colors):
             ax.scatter([], [], s=14, color=col, alpha=0.85, linewidths=0.2, edgecolors="0.25",
-                       label=shorten(str(name), 32))
+                       label=f"{shorten(str(name), 32)} (n={counts[name]})")
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
     _legend_or_note(ax, len(names), what, most)
@@ -459,17 +461,21 @@ def plot_tsne(
     opened = None if stores is None else _stores_for(stores, embedding_paths, df["file"])
     xy = tsne_2d(np.stack(df["features"].to_list()), perplexity, seed)
     written = []
+    # what the map is a sample of: "2000 patch embeddings" did not say of how many, or whence
+    total = df.attrs.get("n_total", len(df))
+    of = f"{len(df)} of {total}" if total > len(df) else f"all {len(df)}"
+    sample = f"{of} patch embeddings ({df['slide_id'].nunique()} slides)"
     fig, ax = new_figure(figsize=(7.5, 6))
     _scatter_by(ax, xy, df["label"], "label")
-    ax.set_title(with_run(f"t-SNE of {len(df)} patch embeddings, coloured by label", run_name))
+    ax.set_title(with_run(f"t-SNE of {sample}, coloured by label", run_name))
     written.append(save_figure(fig, out_label, force=force))
     by_group = df["slide_id"].nunique() == 1 and df["group"].nunique() > 1
     fig, ax = new_figure(figsize=(7.5, 6))
     _scatter_by(
         ax, xy, df["group"] if by_group else df["slide_id"], "group" if by_group else "slide"
     )
-    ax.set_title(with_run(f"t-SNE of {len(df)} patch embeddings, "
-                          f"coloured by {'source group' if by_group else 'slide'}", run_name))
+    ax.set_title(with_run(f"t-SNE of {sample},\ncoloured by "
+                          f"{'source group' if by_group else 'slide'}", run_name))
     written.append(save_figure(fig, out_slide, force=force))
     if stores is not None:
         written.append(_plot_tsne_thumbnails(df, xy, opened, out_thumbnails, seed, force,
@@ -483,7 +489,7 @@ def plot_tsne(
         _scatter_by(ax, uv, df["label"], "label")
         ax.set_xlabel("UMAP 1")
         ax.set_ylabel("UMAP 2")
-        ax.set_title(with_run(f"UMAP of {len(df)} patch embeddings, coloured by label",
+        ax.set_title(with_run(f"UMAP of {sample}, coloured by label",
                               run_name))
         written.append(save_figure(fig, out_umap, force=force))
     return written

@@ -555,7 +555,7 @@ def test_tsne_categories_are_drawn_interleaved_not_one_over_another():
     offsets = np.asarray(drawn[0].get_offsets())
     for p, is_a in zip(offsets, blue):
         assert is_a == (np.flatnonzero((xy == p).all(axis=1))[0] < 50)
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a (n=50)", "b (n=50)"]
     plt.close(fig)
 
 
@@ -1199,6 +1199,7 @@ def test_a_class_wears_one_colour_on_the_tsne_map_and_the_curves():
     _scatter_by(ax, np.random.default_rng(0).normal(size=(6, 2)), labels, "label")
     handles, names = ax.get_legend_handles_labels()
     for h, name in zip(handles, names):
+        name = name.split(" (n=")[0]
         assert mcolors.to_hex(h.get_facecolor()[0]) == mcolors.to_hex(want[name]), name
 
 
@@ -1215,8 +1216,8 @@ def test_a_slide_legend_names_only_slides_it_can_tell_apart():
     _fig, ax = new_figure(figsize=(4, 4))
     _scatter_by(ax, rng.normal(size=(len(few), 2)), few, "slide")
     names = ax.get_legend_handles_labels()[1]
-    assert len(names) == len(TOL_MUTED) and all(len(n) <= 32 and n.endswith(f"-{i}")
-                                                 for i, n in enumerate(names))
+    assert len(names) == len(TOL_MUTED) and all(
+        len(n.split(" (n=")[0]) <= 32 and n.endswith(f"-{i} (n=3)") for i, n in enumerate(names))
     many = pd.Series([f"S{i}" for i in range(len(TOL_MUTED) + 1)] * 3)
     _fig, ax = new_figure(figsize=(4, 4))
     _scatter_by(ax, rng.normal(size=(len(many), 2)), many, "slide")
@@ -1282,3 +1283,18 @@ def test_a_confusion_matrix_of_long_class_names_stays_readable(tmp_path, monkeyp
     assert "n=20" in ax.get_title()
     half = next(t for t in ax.texts if t.get_text() == "5\n(50%)")
     assert mcolors.to_hex(half.get_color()) == "#000000"
+
+
+def test_the_tsne_title_says_what_it_is_a_sample_of(cohort, tmp_path, monkeypatch):
+    """'t-SNE of 2000 patch embeddings' did not say of how many, nor from how many slides."""
+    from simclr_path import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=False: drawn.append(fig))
+    figures.plot_tsne(cohort["embs"], tmp_path / "a.png", tmp_path / "b.png",
+                      samples=cohort["sheet"], max_points=12)
+    from simclr_path.store import EmbeddingStore
+
+    total = sum(len(EmbeddingStore(p, features=False)) for p in cohort["embs"])
+    title = drawn[0].axes[0].get_title()
+    assert f"t-SNE of 12 of {total} patch embeddings ({len(cohort['embs'])} slides)" in title
