@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -79,8 +80,12 @@ def qc_figure(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: f
 
     lw = 0.6 if len(coords) < 2000 else 0.3
     if len(coords):
-        ax.add_collection(PolyCollection(squares(coords), facecolors="none",
-                                         edgecolors=OKABE_ITO[0], linewidths=lw))
+        # a thin white halo under the blue grid: bare, it vanished over dense hematoxylin
+        grid = PolyCollection(squares(coords), facecolors="none", edgecolors=OKABE_ITO[0],
+                              linewidths=lw)
+        grid.set_path_effects([patheffects.withStroke(linewidth=lw + 1.0, foreground="white",
+                                                      alpha=0.7)])
+        ax.add_collection(grid)
         handles.append(Patch(facecolor="none", edgecolor=OKABE_ITO[0],
                              label=f"kept patches ({len(coords)})"))
     # reddish purple, then orange: apart from the kept blue, the tissue green and the ink's own
