@@ -1298,3 +1298,20 @@ def test_the_tsne_title_says_what_it_is_a_sample_of(cohort, tmp_path, monkeypatc
     total = sum(len(EmbeddingStore(p, features=False)) for p in cohort["embs"])
     title = drawn[0].axes[0].get_title()
     assert f"t-SNE of 12 of {total} patch embeddings ({len(cohort['embs'])} slides)" in title
+
+
+def test_the_patch_thumbnail_map_shows_patches_large_enough_to_read(cohort, tmp_path,
+                                                                    monkeypatch):
+    """32 x 32 cells of 40 px in an 8-inch figure left about 22 screen pixels a patch."""
+    from simclr_path import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=False: drawn.append(fig))
+    figures.plot_tsne(cohort["embs"], tmp_path / "a.png", tmp_path / "b.png",
+                      samples=cohort["sheet"], stores=cohort["stores"],
+                      out_thumbnails=tmp_path / "t.png")
+    fig = drawn[2]
+    ax = fig.axes[0]
+    canvas = ax.get_images()[0].get_array()
+    screen_px = ax.get_window_extent().width  # at the figure's dpi
+    assert canvas.shape[0] == 24 * 64 and screen_px / 24 >= 45, screen_px / 24
