@@ -610,7 +610,7 @@ def _plot_tsne_thumbnails(
         canvas[r : r + cell, c : c + cell] = np.asarray(patch)
     for st in opened.values():
         st.close()
-    fig, ax = new_figure(figsize=(12, 12))
+    fig, ax = new_figure(figsize=(12, 12), layout="constrained")  # the map fills the figure
     ax.imshow(
         canvas, extent=(lo[0], hi[0], lo[1], hi[1]), aspect="auto", interpolation="antialiased"
     )

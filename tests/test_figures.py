@@ -1311,6 +1311,7 @@ def test_the_patch_thumbnail_map_shows_patches_large_enough_to_read(cohort, tmp_
                       samples=cohort["sheet"], stores=cohort["stores"],
                       out_thumbnails=tmp_path / "t.png")
     fig = drawn[2]
+    fig.canvas.draw()  # the layout places the axes
     ax = fig.axes[0]
     canvas = ax.get_images()[0].get_array()
     screen_px = ax.get_window_extent().width  # at the figure's dpi
