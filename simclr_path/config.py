@@ -396,6 +396,11 @@ class ClassifyConfig:
         _check(len(set(self.labels)) >= 2, "classify.labels", "must list at least two distinct labels")
         twice = next((c for i, c in enumerate(self.labels) if c in self.labels[:i]), None)
         _check(twice is None, "classify.labels", f"lists {twice!r} twice; list each class once")
+        from simclr_path.samples import formula_problem
+
+        bad = next((formula_problem(c, "label") for c in self.labels
+                    if formula_problem(c, "label")), None)
+        _check(bad is None, "classify.labels", str(bad))
         # Barnes-Hut t-SNE: 100,000 points already take the better part of an hour on a CPU
         _check(10 <= self.tsne_max_points <= 100_000, "classify.tsne_max_points",
                "must be between 10 and 100000")

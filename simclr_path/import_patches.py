@@ -141,6 +141,12 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     above = [d for d in subfolders if _points_above(d, top)]
     classes = sorted((d.name for d in subfolders if d not in above),
                      key=_nfc)  # the label order must not depend on how a copy spells names
+    from simclr_path.samples import formula_problem
+
+    for name in classes:  # class names become CSV cells and column names (prob_<class>)
+        problem = formula_problem(name, "class folder")
+        if problem:
+            raise SimclrPathError(f"{folder / name}: {problem}")
     if not classes:
         raise SimclrPathError(f"{folder}: no class subfolders; put the tiles of each class in "
                               f"its own subfolder (e.g. {folder}/SCC/*.png, {folder}/normal/*.png)")
@@ -213,6 +219,12 @@ def read_groups(csv: str | os.PathLike, tiles: list[str]) -> list[str]:
     if (clash > 1).any():
         raise SimclrPathError(f"{p}: tile {clash[clash > 1].index[0]!r} has rows with different "
                               "groups; give each tile one group")
+    from simclr_path.samples import formula_problem
+
+    for i, g in enumerate(groups):  # groups are the patients of the predictions CSVs
+        problem = formula_problem(g, "group")
+        if problem:
+            raise SimclrPathError(f"{p}: row {i + 2}: {problem}")
     mapping = dict(zip(paths.map(_nfc), groups))
     absent = [t for t in tiles if not mapping.get(_nfc(t))]
     if absent:

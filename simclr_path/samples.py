@@ -49,8 +49,23 @@ MISSPELT_COLUMN = {
              "for testing",
     "mpp": "an ignored mpp column means tiling at the mpp in the slide files' metadata",
 }
-# A slide id becomes a file name (results/patches/{slide}.h5): no separators, no leading dot.
-_SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+# A slide id becomes a file name (results/patches/{slide}.h5): no separators, no leading dot,
+# and no leading '-' (an option to a command; a formula to a spreadsheet).
+_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+# Text that starts so is a formula to Excel or LibreOffice when a CSV the project writes (its
+# predictions, the run tables) is opened there: refused where ids, patients, classes and groups
+# come in, so that every CSV cell written from them is plain text.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def formula_problem(value: str, what: str) -> str | None:
+    """Why ``value`` (named ``what``) may not be used as text of the CSVs the project writes, or
+    None: a leading ``= + - @`` (or tab, carriage return) makes a spreadsheet cell a formula."""
+    v = str(value)
+    if v.startswith(FORMULA_START):
+        return (f"{what} {v!r} starts with {v[0]!r}, which makes it a formula when the CSVs "
+                "written from it are opened in a spreadsheet; rename it")
+    return None
 
 
 def is_safe_id(value: str) -> bool:
@@ -276,8 +291,13 @@ def validate_samples(
         if not is_safe_id(sid):
             raise SimclrPathError(
                 f"{line(i)}: slide_id {sid!r} is not a safe file name; use only letters, "
-                "digits, '.', '_' and '-', no '/', no '..' and no leading dot"
+                "digits, '.', '_' and '-', no '/', no '..' and no leading dot or '-'"
             )
+    for col in ("patient_id", "label"):
+        for i, value in enumerate(df[col]):
+            problem = formula_problem(value, col)
+            if problem:
+                raise SimclrPathError(f"{line(i)}: {problem}")
     # ids become file names, and S01.h5 and s01.h5 are one file on macOS and Windows
     folded = df["slide_id"].str.casefold()
     dup = folded[folded.duplicated()]

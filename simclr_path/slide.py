@@ -62,7 +62,7 @@ def validate_slide_id(slide_id: str) -> str:
     if not is_safe_id(s):
         raise SimclrPathError(
             f"slide id {s!r} is not a safe file name; use letters, digits, '.', '_' and '-' only "
-            "(no '/', no leading '.', no '..')")
+            "(no '/', no leading '.' or '-', no '..')")
     return s
 
 

@@ -124,6 +124,16 @@ def layout_problem(n: int, labels: np.ndarray | None, groups: list[str] | None,
     if labels is not None and len(labels) and names and labels.max() >= len(names):
         return (f"/labels holds class index {int(labels.max())} but label_names has "
                 f"{len(names)} classes")
+    # text that becomes cells of the CSVs the project writes must not be a spreadsheet formula
+    # (a store from elsewhere; the project's writers refuse such names)
+    from simclr_path.samples import FORMULA_START, formula_problem
+
+    sid = attrs.get("slide_id")
+    for what, values in (("slide_id", [sid] if isinstance(sid, str) else []),
+                         ("class name", names or []), ("group", groups or [])):
+        bad = next((v for v in values if str(v).startswith(FORMULA_START)), None)
+        if bad is not None:
+            return str(formula_problem(bad, what))
     return None
 
 

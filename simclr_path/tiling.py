@@ -415,11 +415,11 @@ def _id_from_name(path: Path) -> str:
     try:
         return validate_slide_id(path.stem)
     except SimclrPathError:
-        suggestion = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("_.") or "slide"
+        suggestion = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("_.-") or "slide"
         raise SimclrPathError(
             f"{path}: the slide id taken from its file name, {path.stem!r}, is not a safe file "
-            "name (letters, digits, '.', '_' and '-' only, no leading '.'); pass an id, e.g. "
-            f"--slide-id {suggestion}") from None
+            "name (letters, digits, '.', '_' and '-' only, no leading '.' or '-'); pass an id, "
+            f"e.g. --slide-id {suggestion}") from None
 
 
 def _block_job(reader: _Reader, rows: np.ndarray, cols: np.ndarray, keep: np.ndarray,

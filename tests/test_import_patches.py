@@ -588,3 +588,24 @@ def test_a_folder_reached_directly_and_through_a_link_keeps_its_own_name(tmp_pat
     (tmp_path / "set" / "normal" / "n.png").write_bytes(png)
     _, tiles = list_tiles(tmp_path / "set")
     assert [t for t, _ in tiles] == ["SCC/z/real/r.png", "normal/n.png"]
+
+
+@pytest.mark.parametrize("bad", ["class", "group"])
+def test_class_and_group_names_a_spreadsheet_would_run_are_refused(tmp_path, capsys, bad):
+    """Class names become CSV cells and prob_<class> columns, groups the patient column: a
+    leading = + - @ is a formula when the predictions are opened in a spreadsheet."""
+    png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    scc = "=HYPERLINK(1)" if bad == "class" else "SCC"
+    for c in (scc, "normal"):
+        (tmp_path / "set" / c).mkdir(parents=True)
+        (tmp_path / "set" / c / "t.png").write_bytes(png)
+    groups = tmp_path / "groups.csv"
+    groups.write_text(f"path,group\n{scc}/t.png,@g1\nnormal/t.png,g2\n")
+    argv = ["import-patches", str(tmp_path / "set"), "--out", str(tmp_path / "s.h5"),
+            "--groups", str(groups)]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    want = "class folder '=HYPERLINK(1)' starts with '='" if bad == "class" else \
+        "row 2: group '@g1' starts with '@'"
+    assert len(err) == 1 and want in err[0] and "spreadsheet" in err[0], err
+    assert not (tmp_path / "s.h5").exists()

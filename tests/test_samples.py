@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -217,8 +219,22 @@ def test_check_files_off(tmp_path):
 
 def test_safe_ids():
     assert is_safe_id("TCGA-CR-7395_01.a")
-    for bad in ("", "..", "a..b", "/abs", "a\\b", ".x", "é"):
+    for bad in ("", "..", "a..b", "/abs", "a\\b", ".x", "é", "-2+3", "-x"):
         assert not is_safe_id(bad)
+
+
+@pytest.mark.parametrize(("row", "what"), [
+    ("A\twsi/A.svs\tSCC\t=HYPERLINK(\"http://evil\",\"x\")", "patient_id '=HYPERLINK"),
+    ("A\twsi/A.svs\tSCC\t@SUM(1)", "patient_id '@SUM(1)'"),
+    ("A\twsi/A.svs\t+SCC\tP1", "label '+SCC'"),
+    ("-A\twsi/A.svs\tSCC\tP1", "slide_id '-A' is not a safe file name"),
+])
+def test_text_a_spreadsheet_would_run_as_a_formula_is_refused(tmp_path, row, what):
+    """Patient ids and labels are written to the predictions CSVs as they are: a cell starting
+    with = + - @ is a formula when a pathologist opens the CSV in Excel or LibreOffice."""
+    sheet = _sheet(tmp_path, [row, "B\twsi/B.svs\tnormal\tP2"])
+    with pytest.raises(SimclrPathError, match=re.escape(what)):
+        read_samples(sheet, check_files=False)
 
 
 def test_only_whole_lines_starting_with_hash_are_comments(tmp_path):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import h5py
 import numpy as np
@@ -311,3 +312,22 @@ def test_running_out_of_open_files_is_one_line(make_store, tmp_path):
     err = [x for x in out.stderr.strip().splitlines() if x.strip()]
     assert out.returncode != 0 and len(err) == 1, out.stderr[-2000:]
     assert "too many open files; raise the limit (ulimit -n" in err[0], err
+
+
+@pytest.mark.parametrize(("attr", "value", "what"), [
+    ("slide_id", "=2+3", "slide_id '=2+3'"), ("label_names", ["=cmd|x", "b"], "class name"),
+])
+def test_a_foreign_store_whose_text_a_spreadsheet_would_run_is_refused(make_store, attr, value,
+                                                                       what):
+    """The slide id, class names and groups of a store reach the predictions CSVs as cells."""
+    import h5py
+
+    path = make_store(n=3, size=8)
+    with h5py.File(path, "a") as f:
+        if attr == "label_names":
+            f.attrs[attr] = np.array(value, dtype=h5py.string_dtype())
+            f.create_dataset("labels", data=np.zeros(3, np.int64))
+        else:
+            f.attrs[attr] = value
+    with pytest.raises(SimclrPathError, match=re.escape(what) + ".*spreadsheet"):
+        PatchStore(path)
