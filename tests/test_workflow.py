@@ -1250,3 +1250,12 @@ def test_the_report_captions_name_the_runs_positive_class():
     for name in ("tumour_", "*SCC", "`x", "a|b", "[1]", "back\\slash"):
         text = _caption("metrics", "folds", True, positive=rst_text(name))
         assert f"P({name}) >= 0.5" in text, (name, text)
+
+
+def test_a_run_name_with_a_final_newline_stops_the_dag_build(tmp_path):
+    """The schema's pattern is searched with Python's re, whose $ matches before a final
+    newline: 'base\\n' passed, and split the shell commands its name reached (security review)."""
+    done = smk(workdir(tmp_path, {**TINY, "runs": {"base\n": {}}}, tsv(demo_rows(4))), "-n",
+               "--cores", "1")
+    assert done.returncode != 0
+    assert "run name 'base\\n' is not letters, digits" in done.stderr, done.stderr[-2000:]

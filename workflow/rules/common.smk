@@ -196,6 +196,21 @@ def resolved_config(run=None):
 
 
 TILE_CFG = resolved_config()
+# the schema's patterns are searched with Python's re, whose $ also matches before a final
+# newline: "base\n" passed, and split the shell commands its name reaches
+for _run in config["runs"]:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", str(_run)):
+        fail(
+            f"runs: run name {str(_run)!r} is not letters, digits, '_' and '-' (starting with "
+            "a letter or digit); rename it"
+        )
+if not re.fullmatch(
+    r".+\.(html|zip)", str(config["report"]["path"]), flags=re.S
+) or "\n" in str(config["report"]["path"]):
+    fail(
+        f"report.path {str(config['report']['path'])!r}: give a file name ending in .html or "
+        ".zip, on one line"
+    )
 RUNS = list(config["runs"])
 LAYERS = list(dict.fromkeys(config["layer_eval"]))
 # Fine-tuning label fractions as written in results paths (1.0 -> "1.0", 0.01 -> "0.01").
