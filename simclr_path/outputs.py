@@ -49,6 +49,10 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
     if kind == "dir" and (not p.name or Path(os.path.abspath(p)) == Path.cwd()):
         raise SimclrPathError(f"{p}: cannot write results over the current folder; "
                               "give a new folder name")
+    if p.is_symlink() and not p.exists() and not force:  # a dangling link is something too
+        raise SimclrPathError(f"{p}: a link (to {os.readlink(p)}, which does not exist) is in "
+                              "the way; pass --force to replace the link (its target is not "
+                              "written), or choose another path")
     if p.exists():
         # the kind first: --force, the other advice, could not help with a wrong kind
         if kind == "file" and p.is_dir():

@@ -44,6 +44,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -535,8 +536,12 @@ def _mark_run_dir(out: Path) -> None:
     leaves tracking folders only, and a workflow deletes a failed job's declared outputs
     (config.yaml, metrics.csv ...), yet --force must still take the folder for a run's."""
     marker = out / RUN_MARKER
+    if marker.is_symlink():  # never written through: a link could point anywhere
+        marker.unlink()
     if not marker.is_file():
-        marker.write_text("a simclr-path pretraining run directory (--force replaces its files)\n")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(marker, flags, 0o644), "w") as f:
+            f.write("a simclr-path pretraining run directory (--force replaces its files)\n")
 
 
 def _resume_without_checkpoint(out: Path, force: bool, main: bool) -> None:
@@ -569,16 +574,24 @@ class _Metrics:
             rd = csv.reader(io.StringIO(text, newline=""))
             if next(rd, None) == METRIC_COLUMNS:
                 rows = [r for r in rd if r and int(r[0]) <= resume_step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(METRIC_COLUMNS)
-            w.writerows(rows)
-        os.replace(tmp, path)
+        # a fresh temporary name (mkstemp) and appends that do not follow a link: a link
+        # planted at a fixed name in a shared run folder made the run write over its target
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(METRIC_COLUMNS)
+                w.writerows(rows)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         self.last_loss = float(rows[-1][2]) if rows else float("nan")
 
     def append(self, rows: list[list[Any]]) -> None:
-        with self.path.open("a", newline="") as f:
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(self.path, flags), "a", newline="") as f:
             csv.writer(f).writerows(rows)
         if rows:
             self.last_loss = float(rows[-1][2])

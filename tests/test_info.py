@@ -175,3 +175,17 @@ def test_info_refuses_what_the_other_commands_refuse(tmp_path, make_store, capsy
     assert main(["info", str(_edit(emb, shorter))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "/coords has shape (3, 2), expected (5, 2)" in err[0], err
+
+
+def test_control_characters_of_a_foreign_store_are_shown_not_obeyed(tmp_path, capsys):
+    """Attributes were printed raw: escape sequences cleared the terminal and a carriage
+    return and newline printed a line of the file's own (security review)."""
+    path = tmp_path / "S1.h5"
+    attrs = {"kind": "slide", "slide_id": "S1\x1b[2J", "source_path": "/x\r\nverdict  all good",
+             "mpp": 0.5, "level0_mpp": 0.25}
+    with PatchStoreWriter(path, 16, attrs=attrs) as w:
+        w.append(np.zeros((1, 16, 16, 3), np.uint8), np.zeros((1, 2)))
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\nverdict" not in out
+    assert "'S1\\x1b[2J'" in out and "'/x\\r\\nverdict  all good'" in out

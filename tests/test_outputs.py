@@ -272,3 +272,16 @@ def test_a_failed_block_leaves_the_old_results_and_no_temporary_folder(tmp_path)
         (tmp / "metrics.json").write_text("half")
         raise RuntimeError("stage failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
+
+
+def test_a_dangling_link_at_the_output_needs_force_and_is_replaced_not_followed(tmp_path):
+    """A link whose target is gone 'did not exist' and was replaced without --force."""
+    link = tmp_path / "p.csv"
+    link.symlink_to(tmp_path / "gone.csv")
+    with pytest.raises(SimclrPathError, match=r"p.csv: a link \(to .*gone.csv, which does not "
+                                              r"exist\) is in the way; pass --force"):
+        check_can_write(link, force=False)
+    with atomic_output(link, force=True) as tmp:
+        tmp.write_text("x")
+    assert not link.is_symlink() and link.read_text() == "x"
+    assert not (tmp_path / "gone.csv").exists()

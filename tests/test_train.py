@@ -1437,3 +1437,19 @@ def test_float16_steps_the_scaler_skipped_stay_out_of_the_weight_average(stores,
     s = T.pretrain(stores, tmp_path / "run", _cfg(max_steps=4, ema_decay=0.9), progress=False)
     assert s["fp16_skipped_steps"] >= 1
     assert len(calls) == 4 - s["fp16_skipped_steps"], (calls, s["fp16_skipped_steps"])
+
+
+def test_links_planted_in_a_run_folder_are_not_written_through(stores, tmp_path):
+    """A link at the fixed temporary name of metrics.csv (or at the run marker) in a shared
+    run folder made the run write over the link's target (security review)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / T.RUN_MARKER).write_text("a run\n")
+    (run / ".metrics.csv.tmp").symlink_to(victim)
+    (run / "metrics.csv").symlink_to(victim)
+    T.pretrain(stores, run, _cfg(max_steps=2), progress=False, force=True)
+    assert victim.read_text() == "precious"
+    assert not (run / "metrics.csv").is_symlink()
+    assert (run / "metrics.csv").read_text().startswith("step")

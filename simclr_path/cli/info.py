@@ -139,8 +139,19 @@ def _describe(path: Path, what: str, attrs: dict, shape: tuple, labels, groups,
         rows.append(("groups", str(len(uniq)) if uniq else "none"))
     rows.append(("file size", _size(path.stat().st_size)))
     width = max(len(k) for k, _ in rows)
-    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines += [f"  {k:<{width}}  {_printable(v)}" for k, v in rows]
     return lines
+
+
+def _printable(text: str) -> str:
+    """``text`` as it is, or its repr where it holds control or format characters: a store
+    from elsewhere could clear the terminal or print a line of its own (a slide id of
+    "S1\x1b[2J" or "x\r\nverdict  all good")."""
+    import unicodedata
+
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in text):
+        return repr(text)
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
