@@ -421,6 +421,7 @@ def scan_depth(folder: Path, names: list[str], workers: int = 2, progress: bool 
             return None
         if not read:
             return -1
+        _check_tile_size(path, np.fromfile(path, dtype=np.uint8))  # before decoding it
         return int(_decode16(path, kind)[0].max())  # MinIsWhite too: the raw samples
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -442,12 +443,46 @@ def _read_tile(path: Path, patch_size: int | None, bits: int | None = None,
     return img if patch_size is None else _fit(img, patch_size)
 
 
+# Pixels a tile may have, read from its header before it is decoded: a 535 KB compressed
+# 16000 x 16000 TIFF took 8.4 GB to decode (a decompression bomb); tiles are patches
+MAX_TILE_PIXELS = 64_000_000
+
+
+def _header_size(buf: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from an image's header without decoding it; None where unknown."""
+    import io
+
+    data = buf.tobytes()
+    try:
+        if data[:4] in _TIFF:
+            import tifffile
+
+            with tifffile.TiffFile(io.BytesIO(data)) as tf:
+                page = tf.pages[0]
+                return int(page.imagewidth), int(page.imagelength)
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            return im.size
+    except Exception:  # noqa: BLE001 -- decoding says what is wrong with the file
+        return None
+
+
+def _check_tile_size(path: Path, buf: np.ndarray) -> None:
+    size = _header_size(buf) if buf.size else None
+    if size is not None and size[0] * size[1] > MAX_TILE_PIXELS:
+        raise SimclrPathError(f"{path}: {size[0]} x {size[1]} pixels is no tile (at most "
+                              f"{MAX_TILE_PIXELS // 1_000_000} million); tile the image first, "
+                              "or remove it")
+
+
 def _decode_tile(path: Path, bits: int | None = None, stated: bool = False) -> np.ndarray:
     """A tile's RGB uint8 (H, W, 3) as stored (see :func:`_read_tile`)."""
     try:
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise SimclrPathError(f"{path}: cannot read tile ({exc.strerror})") from None
+    _check_tile_size(path, buf)
     kind = _sixteen_bit(path, buf) if buf[:3].tobytes() != b"\xff\xd8\xff" else None  # JPEG: 8 bits
     if kind is not None:
         rgb, alpha, premultiplied, inverted = _decode16(path, kind, buf)

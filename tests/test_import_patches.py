@@ -609,3 +609,29 @@ def test_class_and_group_names_a_spreadsheet_would_run_are_refused(tmp_path, cap
         "row 2: group '@g1' starts with '@'"
     assert len(err) == 1 and want in err[0] and "spreadsheet" in err[0], err
     assert not (tmp_path / "s.h5").exists()
+
+
+@pytest.mark.parametrize("sixteen", [False, True])
+def test_a_tile_too_large_to_be_one_is_refused_from_its_header(tmp_path, capsys, monkeypatch,
+                                                               sixteen):
+    """A 535 KB compressed 16000 x 16000 TIFF took 8.4 GB to decode (a decompression bomb):
+    the size in its header is checked first, in the 16-bit depth scan too."""
+    import simclr_path.import_patches as ip
+
+    monkeypatch.setattr(ip, "MAX_TILE_PIXELS", 64 * 64)
+    decoded = []
+    real = ip._decode16
+    monkeypatch.setattr(ip, "_decode16", lambda *a, **k: (decoded.append(a), real(*a, **k))[1])
+    for c in ("SCC", "normal"):
+        (tmp_path / "set" / c).mkdir(parents=True)
+    small = np.zeros((32, 32, 3), np.uint16 if sixteen else np.uint8)
+    big = np.zeros((100, 100, 3), np.uint16 if sixteen else np.uint8)
+    tifffile.imwrite(tmp_path / "set" / "SCC" / "a.tif", small, photometric="rgb")
+    tifffile.imwrite(tmp_path / "set" / "normal" / "big.tif", big, photometric="rgb",
+                     compression="zlib")
+    assert main(["import-patches", str(tmp_path / "set"), "--out", str(tmp_path / "s.h5"),
+                 "--patch-size", "16"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "big.tif: 100 x 100 pixels is no tile" in err[0], err
+    assert not any(a[0].name == "big.tif" for a in decoded)
+    assert not (tmp_path / "s.h5").exists()
