@@ -201,7 +201,32 @@ def encoder_info(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(info.get("arch"), str) or not info["arch"].strip():
         raise SimclrPathError(f"{side}: no model name ('arch', e.g. \"resnet18\"); encoders "
                               "written by 'simclr-path pretrain' record it")
+    problem = _info_problem(info)
+    if problem:  # the stages compute with these: a wrong type was a traceback deep inside
+        raise SimclrPathError(f"{side}: {problem}; encoders written by 'simclr-path pretrain' "
+                              "record it right (write it again, or remove the key)")
     return info
+
+
+def _info_problem(info: dict[str, Any]) -> str | None:
+    """What is wrong with the keys of encoder metadata that the stages compute with."""
+    import math
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key, lo, hi in (("image_size", 8, 4096), ("patch_size", 8, 4096)):
+        v = info.get(key)
+        if v is not None and not (number(v) and float(v).is_integer() and lo <= v <= hi):
+            return f"{key} {v!r} is not a whole number of pixels between {lo} and {hi}"
+    v = info.get("mpp")
+    if v is not None and not (number(v) and 0 < v <= 1000):
+        return f"mpp {v!r} is not a positive number of microns per pixel"
+    v = info.get("crop_scale")
+    if v is not None and not (isinstance(v, list) and len(v) == 2 and all(map(number, v))
+                              and 0 < v[0] <= v[1] <= 1):
+        return f"crop_scale {v!r} is not a pair 0 < low <= high <= 1"
+    return None
 
 
 def load_encoder(path: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu") -> nn.Module:

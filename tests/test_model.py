@@ -338,3 +338,19 @@ def test_global_batchnorm_is_plain_batch_norm_in_one_process_and_in_eval():
     for arch in ("resnet18", "regnetx_002"):
         cfg = load_config(overrides={"model": {"arch": arch}}).model
         assert global_batchnorm(create_simclr_model(cfg))[1] == 0
+
+
+@pytest.mark.parametrize(("key", "value"), [("image_size", "abc"), ("image_size", 100000),
+                                            ("crop_scale", 5), ("crop_scale", [0, 1]),
+                                            ("patch_size", "x"), ("mpp", "fast")])
+def test_crafted_encoder_metadata_is_one_line_not_a_traceback(tmp_path, key, value):
+    """embed computed with these keys as they were: a text image_size was a ValueError deep
+    inside, a huge one allocated gigabytes (security review)."""
+    import json
+
+    from simclr_path.model import encoder_info
+
+    (tmp_path / "encoder.pt").write_bytes(b"")
+    (tmp_path / "encoder.json").write_text(json.dumps({"arch": "resnet18", key: value}))
+    with pytest.raises(SimclrPathError, match=rf"encoder.json: {key} .* is not"):
+        encoder_info(tmp_path / "encoder.pt")
