@@ -1044,6 +1044,13 @@ class LinearModel:
         top_k = info.get("top_k")
         if top_k is not None and (type(top_k) is not int or top_k < 1):
             raise damaged(f"top_k {top_k!r} is not a positive integer")
+        # the scale predict checks new embeddings against (a text one was a traceback there)
+        size, mpp = info.get("image_size"), info.get("input_mpp")
+        if size is not None and (type(size) is not int or not 8 <= size <= 4096):
+            raise damaged(f"image_size {size!r} is not a whole number between 8 and 4096")
+        if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float))
+                                or not math.isfinite(mpp) or mpp <= 0):
+            raise damaged(f"input_mpp {mpp!r} is not a positive number")
         meta = {k: v for k, v in info.items() if k not in ("classes", "positive")}
         return cls(
             **arrays,

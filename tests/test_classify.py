@@ -389,6 +389,10 @@ def _damage(folder, json_fn=None, **arrays):
          r"coef has shape \(1, 8\), expected \(3, D\) for 3 classes"),
         (lambda i: {**i, "positive": "LUAD"}, {}, "positive class 'LUAD' is not one of"),
         (lambda i: {**i, "top_k": "ten"}, {}, "top_k 'ten'"),
+        # the scale predict checks new files against (a traceback there; security review)
+        (lambda i: {**i, "image_size": "abc"}, {}, "image_size 'abc' is not a whole number"),
+        (lambda i: {**i, "image_size": [1]}, {}, r"image_size \[1\] is not a whole number"),
+        (lambda i: {**i, "input_mpp": "fast"}, {}, "input_mpp 'fast' is not a positive"),
         (None, {"mean": np.zeros(5)}, r"mean has shape \(5,\), expected \(8,\)"),
         (None, {"scale": np.zeros(8)}, "scale holds values <= 0"),
         (None, {"coef": np.full((1, 8), np.nan)}, "coef holds NaN"),
