@@ -109,6 +109,23 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def _patch_layout_problem(shape: tuple, dtype, coords_shape: tuple, size: Any,
+                          mpp: Any) -> str | None:
+    """What is wrong with a patch store's /patches and /coords shapes and its patch_size and
+    mpp attributes (None: nothing): a file written by other code, checked before any read."""
+    if not _is_int(size) or not 1 <= int(size) <= 4096:
+        return f"attribute patch_size is {size!r}, not a whole number between 1 and 4096"
+    s = int(size)
+    if len(shape) != 4 or tuple(shape[1:]) != (s, s, 3) or dtype != np.uint8:
+        return f"/patches holds {dtype} of shape {tuple(shape)}, expected (N, {s}, {s}, 3) uint8"
+    if tuple(coords_shape) != (shape[0], 2):
+        return f"/coords has shape {tuple(coords_shape)}, expected ({shape[0]}, 2)"
+    if mpp is not None and (isinstance(mpp, (bool, np.bool_)) or not isinstance(
+            mpp, (int, float, np.integer, np.floating)) or not np.isfinite(mpp) or mpp <= 0):
+        return f"attribute mpp is {mpp!r}, not a positive number of microns per pixel"
+    return None
+
+
 def layout_problem(n: int, labels: np.ndarray | None, groups: list[str] | None,
                     attrs: dict[str, Any]) -> str | None:
     """What is wrong with a store's or embedding file's labels, groups and class names for
@@ -461,16 +478,22 @@ class PatchStore:
                                   "'simclr-path tile' or 'simclr-path import-patches'")
         try:
             self.attrs: dict[str, Any] = read_attrs(f.attrs)
-            self._len = int(f["patches"].shape[0])
+            _check_version(self.path, self.attrs, "store")  # before what a version may change
+            shape, dtype = f["patches"].shape, f["patches"].dtype
+            self._len = int(shape[0]) if len(shape) else 0
+            size = self.attrs.get("patch_size")
+            # the shapes before any read: a crafted /coords of 1e11 rows was allocated
+            problem = _patch_layout_problem(shape, dtype, f["coords"].shape, size,
+                                            self.attrs.get("mpp"))
+            if problem:
+                raise SimclrPathError(f"{self.path}: not a valid patch store: {problem}; recreate "
+                                      "it with 'simclr-path tile' or 'import-patches' (--force)")
             self.coords: np.ndarray = f["coords"][:]
             self.labels: np.ndarray | None = f["labels"][:] if "labels" in f else None
             self.groups: list[str] | None = _read_groups(f) if "groups" in f else None
         except _DAMAGED as exc:
             raise SimclrPathError(f"{self.path}: patch store is damaged ({exc}); recreate it with --force") from None
-        _check_version(self.path, self.attrs, "store")
         problem = layout_problem(self._len, self.labels, self.groups, self.attrs)
-        if problem is None and not _is_int(self.attrs.get("patch_size")):
-            problem = f"attribute patch_size is {self.attrs.get('patch_size')!r}, not a whole number"
         if problem:
             raise SimclrPathError(f"{self.path}: not a valid patch store: {problem}; recreate it "
                                   "with 'simclr-path tile' or 'import-patches' (--force)")
@@ -591,6 +614,12 @@ class EmbeddingStore:
             self.attrs: dict[str, Any] = read_attrs(f.attrs)
             _check_version(self.path, self.attrs, "embedding")  # before reading what may differ
             self.shape: tuple[int, int] = tuple(f["features"].shape)  # (N, D)
+            n = self.shape[0] if self.shape else 0
+            if "coords" in f and tuple(f["coords"].shape) != (n, 2):  # before reading it
+                raise SimclrPathError(
+                    f"{path}: not a valid embedding file: /coords has shape "
+                    f"{tuple(f['coords'].shape)}, expected ({n}, 2); recreate it with "
+                    "'simclr-path embed --force'")
             self.features: np.ndarray | None = f["features"][:] if features else None
             self.coords: np.ndarray = f["coords"][:]
             self.labels: np.ndarray | None = f["labels"][:] if "labels" in f else None

@@ -142,7 +142,15 @@ def test_crafted_files_are_one_line_not_a_traceback(make_store, capsys):
         (lambda f: (f.__delitem__("labels"), f.create_dataset("labels", data=np.array([0, 10**12, 0, 1]))),
          "/labels holds class index 1000000000000 but label_names has 2 classes"),
         (lambda f: f.attrs.__setitem__("kind", "slide") or f.attrs.__setitem__("mpp", "abc"),
-         "an attribute of an unexpected type"),
+         "attribute mpp is 'abc', not a positive number of microns per pixel"),
+        # shapes other code may write, checked before a read: a /coords of 1e11 rows was
+        # allocated; /patches of another shape failed deep inside torch (security review)
+        (lambda f: (f.__delitem__("coords"), f.create_dataset("coords", shape=(10**11, 2),
+                                                               dtype="i8")),
+         "/coords has shape (100000000000, 2), expected (4, 2)"),
+        (lambda f: f.attrs.__setitem__("patch_size", -5), "attribute patch_size is -5"),
+        (lambda f: (f.__delitem__("patches"), f.create_dataset("patches", data=np.zeros((4, 7)))),
+         "/patches holds float64 of shape (4, 7), expected (N, 8, 8, 3) uint8"),
     ]
     for i, (edit, match) in enumerate(cases):
         path = make_store(n=4, size=8, name=f"c{i}.h5", label_names=["a", "b"], labels=[0, 1, 1, 0],
