@@ -3,7 +3,7 @@
 A time-budgeted recipe (``train.time_budget_s``, the ``cpu-fast`` preset) is tuned on one
 machine, but the same budget buys 3-7 times fewer steps on a 2-core CPU without native bf16
 than on one with it (benchmarks/README.md, study 6): there the ``cpu-fast`` views (128 px plus
-four 64 px local crops) got 55-107 steps in 600 s, and with 55 ended below a random-init encoder. So before
+four 64 px local crops) got 55-95 steps in 600 s, and with 55 ended below a random-init encoder. So before
 training, :func:`fit_views_to_budget` times one forward + backward pass at each rung of
 :func:`view_ladder` (the configured views first, then cheaper ones) and trains the first rung
 for which the budget buys at least ``train.budget_min_steps`` steps (or the cheapest rung).

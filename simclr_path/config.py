@@ -568,7 +568,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # +0.007 to +0.019; quality study 19); 2e-3 had beaten 1e-3 with ResNet-18 (study 5);
         # 6e-3 was better or level at 450 steps, worse at 600 (study 20), where the target is nearest
         # budget_min_steps 250: where the time budget buys fewer steps of those views (a 2-core CPU
-        # without native bf16: 55-107 in 600 s; with 55, worse than random init), cheaper views
+        # without native bf16: 55-95 in 600 s; with 55, worse than random init), cheaper views
         # are trained instead: there two 96 px views got 273 steps, above both baselines (study 6)
         "train": {"batch_size": 64, "optimizer": "adamw", "lr": 4e-3, "lr_scaling": "none",
                   "weight_decay": 0.05, "warmup_epochs": 1.0, "temperature": 0.2, "workers": 1,
