@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +350,8 @@ def sample_embeddings(
             out["patch_index"].to_numpy()[pos])
     out["features"] = list(X)
     out.attrs["n_total"] = len(df)  # patches sampled from, for the figures' titles
+    # every class, sampled or not: a class the sample missed must not shift the others' colours
+    out.attrs["classes"] = sorted({str(c) for c in df["label"].unique()})
     return out
 
 
@@ -371,12 +373,14 @@ def tsne_2d(features: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np
     ).fit_transform(X)
 
 
-def _scatter_by(ax: Axes, xy: np.ndarray, cats: pd.Series, what: str) -> None:
+def _scatter_by(ax: Axes, xy: np.ndarray, cats: pd.Series, what: str,
+                classes: Sequence[str] | None = None) -> None:
+    """``classes``: every class of the task, for their colours (:func:`class_colors`)."""
     names = sorted(cats.unique(), key=str)
     palette = OKABE_ITO if what == "label" else TOL_MUTED
     colors = palette[:len(names)]
     if what == "label":  # the colours of the ROC and PR curves (class_colors)
-        by_name = class_colors(names)
+        by_name = class_colors([*names, *(classes or [])])
         colors = [by_name[str(n)] for n in names]
     elif len(names) > len(palette):
         # many slides/groups: golden-ratio steps through viridis, so neighbours in name order
@@ -466,7 +470,7 @@ def plot_tsne(
     of = f"{len(df)} of {total}" if total > len(df) else f"all {len(df)}"
     sample = f"{of} patch embeddings ({df['slide_id'].nunique()} slides)"
     fig, ax = new_figure(figsize=(7.5, 6))
-    _scatter_by(ax, xy, df["label"], "label")
+    _scatter_by(ax, xy, df["label"], "label", df.attrs.get("classes"))
     ax.set_title(with_run(f"t-SNE of {sample}, coloured by label", run_name))
     written.append(save_figure(fig, out_label, force=force))
     by_group = df["slide_id"].nunique() == 1 and df["group"].nunique() > 1
@@ -486,7 +490,7 @@ def plot_tsne(
         X = StandardScaler().fit_transform(np.stack(df["features"].to_list()))
         uv = umap.UMAP(n_neighbors=min(15, len(df) - 1), random_state=seed).fit_transform(X)
         fig, ax = new_figure(figsize=(7.5, 6))
-        _scatter_by(ax, uv, df["label"], "label")
+        _scatter_by(ax, uv, df["label"], "label", df.attrs.get("classes"))
         ax.set_xlabel("UMAP 1")
         ax.set_ylabel("UMAP 2")
         ax.set_title(with_run(f"UMAP of {sample}, coloured by label",
@@ -1170,12 +1174,12 @@ def plot_heatmap(
     heat = np.divide(total, count, out=np.full((h, w), np.nan), where=count > 0)
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
-    label = f"P({pos})" if pos else "P(positive class)"
-    # a long class name ran over the colour bar and out of its label: cut in the middle there
+    # a long class name ran over the colour bar and the other panel's title: cut in the middle
+    label = f"P({shorten(str(pos), 30)})" if pos else "P(positive class)"
     short = f"P({shorten(str(pos), 20)})" if pos else label
     # what the slide is and whether it was held out, where a classify folder says so; the
     # scores of a predict file may be the final model's on a slide it was trained on
-    known = " (scored by 'predict': held out only if not among the model's training slides)"
+    known = "\n(scored by 'predict': held out only\nif not among the model's training slides)"
     if src.is_dir() and "label" in rows.columns:
         folds = sorted(set(rows["fold"].astype(int)))
         # counted from 0 as the predictions' fold column is: the range says so
@@ -1184,7 +1188,8 @@ def plot_heatmap(
         held = ("a test slide of the samples-sheet split"
                 if metrics["task"].get("evaluation") == "split"
                 else f"held out in fold {', '.join(map(str, folds))}{of}")
-        known = f" ({', '.join(sorted(set(rows['label'].astype(str))))} slide, {held})"
+        known = (f"\n({shorten(', '.join(sorted(set(rows['label'].astype(str)))), 30)} slide,"
+                 f" {held})")
     extent_shown, unit = _extent_mm(st, extent)
     # the panels' height follows the slide's shape, within limits: a very tall slide is drawn
     # narrower rather than as a poster; a wide one (a needle biopsy, 6:1) has its panels one

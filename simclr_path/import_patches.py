@@ -421,8 +421,9 @@ def scan_depth(folder: Path, names: list[str], workers: int = 2, progress: bool 
             return None
         if not read:
             return -1
-        _check_tile_size(path, np.fromfile(path, dtype=np.uint8))  # before decoding it
-        return int(_decode16(path, kind)[0].max())  # MinIsWhite too: the raw samples
+        buf = np.fromfile(path, dtype=np.uint8)
+        _check_tile_size(path, buf)  # before decoding it
+        return int(_decode16(path, kind, buf)[0].max())  # MinIsWhite too: the raw samples
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         tops = list(tqdm(pool.map(top, names), total=len(names), unit="tile",

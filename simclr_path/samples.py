@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import difflib
 import io
+import math
 import os
 import re
 import warnings
@@ -60,12 +61,19 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 def formula_problem(value: str, what: str) -> str | None:
     """Why ``value`` (named ``what``) may not be used as text of the CSVs the project writes, or
-    None: a leading ``= + - @`` (or tab, carriage return) makes a spreadsheet cell a formula."""
+    None: a leading ``= + - @`` (or tab, carriage return) makes a spreadsheet cell a formula;
+    a number (``-1``, ``+1``: a common binary label) or a lone sign is read as what it is."""
     v = str(value)
-    if v.startswith(FORMULA_START):
-        return (f"{what} {v!r} starts with {v[0]!r}, which makes it a formula when the CSVs "
-                "written from it are opened in a spreadsheet; rename it")
-    return None
+    if not v.startswith(FORMULA_START):
+        return None
+    if v[0] in "+-":
+        try:
+            if v in ("+", "-") or math.isfinite(float(v)):
+                return None
+        except ValueError:
+            pass
+    return (f"{what} {v!r} starts with {v[0]!r}, which makes it a formula when the CSVs "
+            "written from it are opened in a spreadsheet; rename it")
 
 
 def is_safe_id(value: str) -> bool:

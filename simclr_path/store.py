@@ -148,9 +148,9 @@ def layout_problem(n: int, labels: np.ndarray | None, groups: list[str] | None,
     sid = attrs.get("slide_id")
     for what, values in (("slide_id", [sid] if isinstance(sid, str) else []),
                          ("class name", names or []), ("group", groups or [])):
-        bad = next((v for v in values if str(v).startswith(FORMULA_START)), None)
-        if bad is not None:
-            return str(formula_problem(bad, what))
+        for v in values:  # the cheap test first: groups may be millions
+            if str(v).startswith(FORMULA_START) and formula_problem(v, what):
+                return formula_problem(v, what)
     return None
 
 

@@ -69,6 +69,7 @@ from simclr_path.config import (
 )
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import (
+    _default_mode,
     atomic_output,
     check_apart,
     stopping_on_a_signal,
@@ -582,7 +583,7 @@ class _Metrics:
                 w = csv.writer(f)
                 w.writerow(METRIC_COLUMNS)
                 w.writerows(rows)
-            os.chmod(tmp, 0o644)
+            _default_mode(Path(tmp), 0o666)  # as open() would have made it, umask applied
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -590,8 +591,8 @@ class _Metrics:
         self.last_loss = float(rows[-1][2]) if rows else float("nan")
 
     def append(self, rows: list[list[Any]]) -> None:
-        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
-        with os.fdopen(os.open(self.path, flags), "a", newline="") as f:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(self.path, flags, 0o666), "a", newline="") as f:
             csv.writer(f).writerows(rows)
         if rows:
             self.last_loss = float(rows[-1][2])

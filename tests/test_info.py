@@ -190,10 +190,10 @@ def test_control_characters_of_a_foreign_store_are_shown_not_obeyed(tmp_path, ca
     return and newline printed a line of the file's own (security review)."""
     path = tmp_path / "S1.h5"
     attrs = {"kind": "slide", "slide_id": "S1\x1b[2J", "source_path": "/x\r\nverdict  all good",
-             "mpp": 0.5, "level0_mpp": 0.25}
+             "mpp": 0.5, "level0_mpp": 0.25, "simclr_path_version": "0.1\x1b]0;t\x07"}
     with PatchStoreWriter(path, 16, attrs=attrs) as w:
         w.append(np.zeros((1, 16, 16, 3), np.uint8), np.zeros((1, 2)))
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "\x1b" not in out and "\r" not in out and "\nverdict" not in out
+    assert "\x1b" not in out and "\r" not in out and "\nverdict" not in out and "\x07" not in out
     assert "'S1\\x1b[2J'" in out and "'/x\\r\\nverdict  all good'" in out

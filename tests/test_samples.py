@@ -237,6 +237,14 @@ def test_text_a_spreadsheet_would_run_as_a_formula_is_refused(tmp_path, row, wha
         read_samples(sheet, check_files=False)
 
 
+def test_numbers_and_a_lone_sign_are_no_formula(tmp_path):
+    """-1 / +1 labels (a common binary encoding) and a patient '-' are read as what they are."""
+    sheet = _sheet(tmp_path, ["A\twsi/A.svs\t-1\t-", "B\twsi/B.svs\t+1\t+2",
+                              "C\twsi/C.svs\t-1\t-3.5"])
+    df = read_samples(sheet, labels=["-1", "+1"], check_files=False)
+    assert df["label"].tolist() == ["-1", "+1", "-1"] and df["patient_id"].tolist()[0] == "-"
+
+
 def test_only_whole_lines_starting_with_hash_are_comments(tmp_path):
     sheet = _sheet(tmp_path, ["  # indented comment", "A\twsi/A#1.svs\tSCC\tcase#1",
                               "B\twsi/B.svs\tnormal\tcase#2"])

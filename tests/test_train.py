@@ -1453,3 +1453,9 @@ def test_links_planted_in_a_run_folder_are_not_written_through(stores, tmp_path)
     assert victim.read_text() == "precious"
     assert not (run / "metrics.csv").is_symlink()
     assert (run / "metrics.csv").read_text().startswith("step")
+    old = os.umask(0o077)  # the file is made as open() makes it: the umask applies
+    try:
+        T.pretrain(stores, tmp_path / "private", _cfg(max_steps=1), progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "private" / "metrics.csv").stat().st_mode & 0o777 == 0o600

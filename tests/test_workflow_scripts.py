@@ -87,6 +87,11 @@ def test_values_clear_the_error_bars_and_chance_is_named_per_metric(cr, tmp_path
     notes = [t.get_text() for t in ax.texts if not hasattr(t, "xy")]
     assert "chance\n(AUROC)" in notes and "chance\n(balanced\naccuracy, 1/3)" in notes
     assert any(np.allclose(ln.get_ydata(), 1 / 3) for ln in ax.get_lines())
+    for m in three:  # two classes: 0.5 is balanced accuracy's chance too
+        m["task"]["classes"] = ["SCC", "normal"]
+    cr.plot(cr.summarise(["a", "b"], three, [{}, {}], {}), str(tmp_path / "runs2.png"))
+    notes = [t.get_text() for t in figs[-1].axes[0].texts if not hasattr(t, "xy")]
+    assert "chance\n(AUROC,\nbalanced\naccuracy)" in notes
 
 def test_rows_on_other_folds_are_not_called_the_same_folds(cr):
     same = cr.summarise(["a", "b"], [_metrics(0.9), _metrics(0.8)], [{}, {}], {})

@@ -96,8 +96,8 @@ def _describe(path: Path, what: str, attrs: dict, shape: tuple, labels, groups,
         v = attrs.get(key)
         return "-" if v is None else fmt.format(v)
 
-    lines = [(f"{path}: {what} (format {attrs['format_version']}, simclr-path "
-             f"{a('simclr_path_version')})")]
+    lines = [_printable(f"{path}: {what} (format {attrs['format_version']}, simclr-path "
+                        f"{a('simclr_path_version')})")]
     rows: list[tuple[str, str]] = []
     if what == "patch store":
         rows += [("kind", a("kind")), ("slide id", a("slide_id")), ("source", a("source_path")),

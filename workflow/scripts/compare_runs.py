@@ -121,9 +121,11 @@ def plot(df: pd.DataFrame, out: str, title: str = "", xlabel: str = XLABEL) -> N
                  + ("\nAUROCs of different scores (one class against the rest, or macro): see "
                     "the table's score column" if len(scores) > 1 else ""))
     ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
-    ax.text(1.01, 0.5, "chance\n(AUROC)", fontsize=7, color="#666666", ha="left", va="center",
-            transform=ax.get_yaxis_transform())
     k = set(df["n_classes"].dropna().astype(int)) if "n_classes" in df else set()
+    both = k == {2}  # two classes: balanced accuracy's chance is 0.5 too
+    ax.text(1.01, 0.5, "chance\n(AUROC,\nbalanced\naccuracy)" if both else "chance\n(AUROC)",
+            fontsize=7, color="#666666", ha="left", va="center",
+            transform=ax.get_yaxis_transform())
     if len(k) == 1 and next(iter(k)) > 2:  # balanced accuracy's chance is 1 / classes
         level = 1 / next(iter(k))
         ax.axhline(level, color="#999999", lw=0.8, ls=":")
