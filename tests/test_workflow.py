@@ -950,9 +950,15 @@ def test_failed_slide_fails_its_own_job(tmp_path):
 
 
 def test_slide_path_with_spaces_and_an_id_starting_with_a_dash(tmp_path):
-    """Shell commands quote user paths, and --slide-id=ID cannot be taken for an option."""
+    """Shell commands quote user paths. An id starting with '-' is refused at the DAG build:
+    '-C1' is a formula (minus cell C1) when the predictions CSV is opened in a spreadsheet."""
     _require_commands("demo-slide", "tile")
-    rows = [("-C1", "my slides/Case 1.tiff", "SCC", "P1"), ("C2", "my slides/Case 2.tiff", "normal", "P2")]
+    dash = smk(workdir(tmp_path / "dash", TINY, tsv([("-C1", "a.tiff", "SCC", "P1"),
+                                                     ("C2", "b.tiff", "normal", "P2")])),
+               "-n", "--cores", "1")
+    assert dash.returncode != 0 and "slide_id '-C1' is not a safe file name" in dash.stderr \
+        and "no leading dot or '-'" in dash.stderr, dash.stderr[-2000:]
+    rows = [("C1", "my slides/Case 1.tiff", "SCC", "P1"), ("C2", "my slides/Case 2.tiff", "normal", "P2")]
     wf = workdir(tmp_path, TINY, tsv(rows))
     (wf / "my slides").mkdir()
     for name in ("Case 1", "Case 2"):
@@ -962,11 +968,11 @@ def test_slide_path_with_spaces_and_an_id_starting_with_a_dash(tmp_path):
             cwd=wf, capture_output=True, text=True, check=False,
         )
         assert made.returncode == 0, made.stderr
-    done = smk(wf, "--cores", "2", "results/patches/-C1.h5", timeout=300)
-    assert done.returncode == 0, (wf / "results/logs/tile/-C1.log").read_text()[-2000:]
+    done = smk(wf, "--cores", "2", "results/patches/C1.h5", timeout=300)
+    assert done.returncode == 0, (wf / "results/logs/tile/C1.log").read_text()[-2000:]
     from simclr_path.store import PatchStore
 
-    assert PatchStore(wf / "results/patches/-C1.h5").slide_id == "-C1"
+    assert PatchStore(wf / "results/patches/C1.h5").slide_id == "C1"
 
 
 def test_every_gpu_rule_runs_its_command_on_gpus_of_its_own():
