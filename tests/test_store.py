@@ -245,20 +245,27 @@ def test_a_process_keeps_a_bounded_number_of_store_files_open(make_store, monkey
     np.testing.assert_array_equal(stores[0][1], first[0])
 
 
+def _store_list(make_store, tmp_path, count: int, prefix: str, n: int):
+    """``count`` small stores and a text file listing their paths (for a child process)."""
+    paths = [str(make_store(n=n, size=8, name=f"{prefix.lower()}{i}.h5", slide_id=f"{prefix}{i}",
+                            seed=i)) for i in range(count)]
+    listed = tmp_path / f"{prefix}.txt"
+    listed.write_text("\n".join(paths))
+    return listed
+
+
 def test_a_cohort_beyond_the_open_file_limit_is_read(make_store, tmp_path):
     """The same with the real limit: 300 stores read in a process allowed 128 open files."""
     import subprocess
     import sys
 
-    paths = [str(make_store(n=2, size=8, name=f"c{i}.h5", slide_id=f"C{i}", seed=i))
-             for i in range(300)]
-    (tmp_path / "list.txt").write_text("\n".join(paths))
+    listed = _store_list(make_store, tmp_path, 300, "C", n=2)
     code = ("import resource, sys\n"
             "resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))\n"
             "from simclr_path.store import PatchStore\n"
             "stores = [PatchStore(p) for p in open(sys.argv[1]).read().split()]\n"
             "print(sum(int(s[0].sum() > 0) for s in stores + stores))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "list.txt")],
+    out = subprocess.run([sys.executable, "-c", code, str(listed)],
                          check=False, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "600"
@@ -296,9 +303,7 @@ def test_running_out_of_open_files_is_one_line(make_store, tmp_path):
     import subprocess
     import sys
 
-    paths = [str(make_store(n=1, size=8, name=f"e{i}.h5", slide_id=f"E{i}", seed=i))
-             for i in range(100)]
-    (tmp_path / "list.txt").write_text("\n".join(paths))
+    listed = _store_list(make_store, tmp_path, 100, "E", n=1)
     code = ("import resource, sys\n"
             "resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))\n"
             "from simclr_path import store\n"
@@ -306,9 +311,8 @@ def test_running_out_of_open_files_is_one_line(make_store, tmp_path):
             "from simclr_path.cli import main\n"
             "sys.exit(main(['pretrain', *open(sys.argv[1]).read().split(), '--out', sys.argv[2],\n"
             "               '--max-steps', '1', '--device', 'cpu', '--no-progress']))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "list.txt"),
-                          str(tmp_path / "run")], check=False, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", code, str(listed), str(tmp_path / "run")],
+                         check=False, capture_output=True, text=True, timeout=300)
     err = [x for x in out.stderr.strip().splitlines() if x.strip()]
     assert out.returncode != 0 and len(err) == 1, out.stderr[-2000:]
     assert "too many open files; raise the limit (ulimit -n" in err[0], err
