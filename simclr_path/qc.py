@@ -90,9 +90,8 @@ def qc_figure(thumb: np.ndarray, thumb_mpp: float, mask: np.ndarray, mask_mpp: f
                              label=f"kept patches ({len(coords)})"))
     # reddish purple, then orange: apart from the kept blue, the tissue green and the ink's own
     # vermillion outline for colour-blind readers too, and dashed unlike the kept grid
-    styles = iter([(OKABE_ITO[4], (0, (2, 1))), (OKABE_ITO[1], (0, (1, 1)))])
-    for reason, c in (dropped or {}).items():
-        colour, dash = next(styles)
+    styles = [(OKABE_ITO[4], (0, (2, 1))), (OKABE_ITO[1], (0, (1, 1)))]
+    for (reason, c), (colour, dash) in zip((dropped or {}).items(), styles):
         if len(c):
             ax.add_collection(PolyCollection(squares(np.asarray(c)), facecolors="none",
                                              edgecolors=colour, linewidths=lw * 1.5,

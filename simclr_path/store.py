@@ -149,8 +149,8 @@ def layout_problem(n: int, labels: np.ndarray | None, groups: list[str] | None,
     for what, values in (("slide_id", [sid] if isinstance(sid, str) else []),
                          ("class name", names or []), ("group", groups or [])):
         for v in values:  # the cheap test first: groups may be millions
-            if str(v).startswith(FORMULA_START) and formula_problem(v, what):
-                return formula_problem(v, what)
+            if str(v).startswith(FORMULA_START) and (problem := formula_problem(v, what)):
+                return problem
     return None
 
 

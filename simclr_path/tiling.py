@@ -319,7 +319,8 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
             qc_img, qc_mpp = slide.read_at_mpp(want)
         else:
             qc_img, qc_mpp = thumb, thumb_mpp
-    ink = ink_mask(thumb, thumb_mpp)  # the tissue threshold leaves it out in any case
+    pen = pen_mask(thumb, thumb_mpp)  # the ink itself; with its margin, what remove_pen takes
+    ink = ink_mask(thumb, thumb_mpp, pen=pen)  # the tissue threshold leaves it out in any case
     mask = tissue_mask(thumb, thumb_mpp, cfg, ink=ink)
     gx, gy = np.meshgrid(grid.xs, grid.ys)  # (ny, nx)
 
@@ -330,10 +331,9 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
     keep = (cell_share(mask) >= cfg.min_tissue) & mask.any()
     if not cfg.remove_pen:
         # ink is tissue then: no patch is dropped for it and the QC picture draws none, but
-        # patches mostly of marker (a stroke over glass passes the tissue threshold) are said
-        # the ink itself, not the margin that remove_pen would take with it
-        n_inked = (int((keep & (cell_share(pen_mask(thumb, thumb_mpp)) > INK_WARN_SHARE)).sum())
-                   if ink.any() else 0)
+        # patches mostly of marker (a stroke over glass passes the tissue threshold) are counted,
+        # by the ink itself, not its margin
+        n_inked = int((keep & (cell_share(pen) > INK_WARN_SHARE)).sum()) if pen.any() else 0
         if n_inked:
             warnings.warn(f"{path}: {n_inked} kept patches are over {INK_WARN_SHARE:.0%} pen ink; "
                           "--remove-pen (tile.remove_pen in the workflow) leaves ink out",

@@ -54,9 +54,9 @@ _DIM_MAX_VALUE = 100
 _DIM_MIN_CHROMA = 20
 # The glass's own saturation, from the brightest pixels (the top _GLASS_SHARE by V), plus a
 # margin floors the threshold where Otsu has split the glass: on a slide without tissue, Otsu
-# splits tinted glass's noise
-# (RGB 232, 218, 236: saturation ~20) and it was 93 % tissue. Capped so that a picture of
-# pale tissue alone cannot set it high; clear glass measures 0-8 on real slides (Otsu 45-63)
+# splits tinted glass's noise (RGB 232, 218, 236: saturation ~20) and it was 93 % tissue.
+# Capped so that a picture of pale tissue alone cannot set it high; clear glass measures 0-8 on
+# real slides (Otsu 45-63)
 _GLASS_SHARE = 0.02
 _GLASS_SPLIT = 0.1  # ... when more of those brightest pixels than this pass the threshold
 _GLASS_MARGIN = 15
@@ -93,13 +93,15 @@ def pen_mask(rgb: np.ndarray, mpp: float | None = None) -> np.ndarray:
     return ink
 
 
-def ink_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
+def ink_mask(rgb: np.ndarray, mpp: float, pen: np.ndarray | None = None) -> np.ndarray:
     """Pen ink of an RGB uint8 (H, W, 3) slide image at ``mpp`` um/px with its margin: bool (H, W).
 
-    :func:`pen_mask` without specks, dilated by :data:`PEN_MARGIN_UM`: what ``remove_pen`` takes
-    out of the tissue mask, and what a patch may overlap by at most ``max_pen``.
+    :func:`pen_mask` without specks (``pen``, where already computed), dilated by
+    :data:`PEN_MARGIN_UM`: what ``remove_pen`` takes out of the tissue mask, and what a patch
+    may overlap by at most ``max_pen``.
     """
-    return cv2.dilate(pen_mask(rgb, mpp).astype(np.uint8), _disk(PEN_MARGIN_UM / mpp)) > 0
+    pen = pen_mask(rgb, mpp) if pen is None else pen
+    return cv2.dilate(pen.astype(np.uint8), _disk(PEN_MARGIN_UM / mpp)) > 0
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -132,7 +134,8 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None,
     # and the tissue was lost
     values = sat if pen.all() else np.ascontiguousarray(sat[~pen]).reshape(-1, 1)
     otsu, _ = cv2.threshold(values, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    value = np.ascontiguousarray(rgb).max(axis=2)  # V of HSV
+    rgb = np.ascontiguousarray(rgb)
+    value = rgb.max(axis=2)  # V of HSV
     threshold = max(float(otsu), float(cfg.saturation_floor))
     glass = sat[(value >= np.quantile(value, 1 - _GLASS_SHARE)) & ~pen]
     if glass.size and (glass > threshold).mean() > _GLASS_SPLIT:
@@ -140,7 +143,6 @@ def tissue_mask(rgb: np.ndarray, mpp: float, cfg: TileConfig | None = None,
         # Only then: pale tissue that Otsu told from yellowish glass must not be lost to it
         threshold = max(threshold, min(float(np.median(glass)) + _GLASS_MARGIN, _GLASS_FLOOR_CAP))
     mask = sat > threshold
-    rgb = np.ascontiguousarray(rgb)
     chroma = value - rgb.min(axis=2)
     if k >= 3:  # as the saturation: the colour of a neighbourhood, not of one noisy pixel
         value, chroma = cv2.medianBlur(value, k), cv2.medianBlur(chroma, k)

@@ -44,7 +44,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -69,7 +68,6 @@ from simclr_path.config import (
 )
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import (
-    _default_mode,
     atomic_output,
     check_apart,
     stopping_on_a_signal,
@@ -575,19 +573,12 @@ class _Metrics:
             rd = csv.reader(io.StringIO(text, newline=""))
             if next(rd, None) == METRIC_COLUMNS:
                 rows = [r for r in rd if r and int(r[0]) <= resume_step]
-        # a fresh temporary name (mkstemp) and appends that do not follow a link: a link
+        # a fresh temporary name (atomic_output) and appends that do not follow a link: a link
         # planted at a fixed name in a shared run folder made the run write over its target
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(METRIC_COLUMNS)
-                w.writerows(rows)
-            _default_mode(Path(tmp), 0o666)  # as open() would have made it, umask applied
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(path, force=True) as tmp, tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(METRIC_COLUMNS)
+            w.writerows(rows)
         self.last_loss = float(rows[-1][2]) if rows else float("nan")
 
     def append(self, rows: list[list[Any]]) -> None:
