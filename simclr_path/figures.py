@@ -1223,8 +1223,10 @@ def plot_heatmap(
     # over the title. The left panel gets an empty one, so both pictures have the same size
     for ax, bar in zip(axes, (False, True)):
         cax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.1)
-        if bar:
-            fig.colorbar(im, cax=cax, label=short)
+        if bar:  # opaque: at the map's alpha the bar's colours were paler than the map's
+            from matplotlib.cm import ScalarMappable
+
+            fig.colorbar(ScalarMappable(norm=im.norm, cmap=im.cmap), cax=cax, label=short)
         else:
             cax.set_axis_off()
     st.close()

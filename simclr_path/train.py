@@ -419,6 +419,10 @@ def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
         raise SimclrPathError(f"{out}: exists and is not a directory; choose another --out")
     if not (out.is_dir() and any(out.iterdir())):
         return
+    marker = out / RUN_MARKER
+    if marker.exists() and not marker.is_symlink() and not marker.is_file():
+        raise SimclrPathError(f"{marker}: exists and is not a file (a folder?); every run writes "
+                              "this marker file, so remove it or choose another --out")
     if not force and not resume:
         raise SimclrPathError(f"{out}: run directory exists and is not empty; pass --resume to "
                               "continue its checkpoint or --force to start over")

@@ -602,6 +602,12 @@ def test_heatmap_colour_bar_spans_the_image_and_names_the_predict_csvs_class(
     # (on a wide slide it used to stand above the image, over the title)
     assert abs(bar.y0 - img.y0) < 2 and abs(bar.y1 - img.y1) < 2, (img, bar)
     assert bar.x0 >= img.x1 and bar.y1 <= title.y0
+    # the bar shows the colour map itself, opaque (at the map's alpha it was paler)
+    from matplotlib.collections import QuadMesh
+
+    solids = next(c for c in bar_ax.collections if isinstance(c, QuadMesh))
+    assert solids.get_alpha() in (None, 1.0)
+    assert solids.get_cmap().name == heat_ax.images[-1].get_cmap().name == "viridis"
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -592,6 +592,12 @@ def test_force_and_resume_leave_a_folder_that_is_not_a_run_alone(stores, tmp_pat
     (run / T.RUN_MARKER).unlink()
     assert (run / "checkpoint.pt").is_file()
     assert T.pretrain(stores, run, cfg, force=True, progress=False)["steps"] == 1
+    # a folder where the marker goes (a run by its checkpoint): one line, not an OS traceback
+    (run / T.RUN_MARKER).unlink()
+    (run / T.RUN_MARKER).mkdir()
+    rc, err = _cli([*stores, *BASE, "--out", run, "--force"], capsys)
+    assert rc != 0 and len(err.splitlines()) == 1 and "is not a file" in err, err
+    (run / T.RUN_MARKER).rmdir()
     # a project folder with a run's encoder and config.yaml copied in, and a fine-tuning
     # results folder (an encoder of its own): not runs, --force deleted mlruns/ and the encoder
     copied, ft = tmp_path / "copied", tmp_path / "ft"
