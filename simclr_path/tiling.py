@@ -301,7 +301,7 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
         patch_mpp = snapped_mpp(choice)
         grid = make_grid(width, height, slide.mpp, patch_mpp, cfg.patch_size, stride, path,
                          asked_mpp=cfg.mpp)
-        thumb, thumb_mpp = slide.read_at_mpp(cfg.tissue_mpp)
+        thumb, thumb_mpp = slide.read_at_mpp(cfg.tissue_mpp, direct=cfg.tiff_direct)
         level0_mpp, mpp_source = slide.mpp, slide.mpp_source
         try:
             bounds = [int(slide.properties[f"openslide.bounds-{a}"]) for a in "xy"]
@@ -316,7 +316,7 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
         # pyramid, which would cost as much as the mask did
         want = max(width, height) * slide.mpp / (_QC_SIDE if qc is not None else THUMBNAIL_SIDE)
         if want < thumb_mpp and (qc is not None or slide.level_count > 1):
-            qc_img, qc_mpp = slide.read_at_mpp(want)
+            qc_img, qc_mpp = slide.read_at_mpp(want, direct=cfg.tiff_direct)
         else:
             qc_img, qc_mpp = thumb, thumb_mpp
     pen = pen_mask(thumb, thumb_mpp)  # the ink itself; with its margin, what remove_pen takes
