@@ -28,6 +28,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -224,9 +225,20 @@ def _load_files(
             )
     ref = _check_tissue_scale(stores)
     seen: dict[str, Path] = {}
+    ungrouped: dict[str, Path] = {}
     for s in stores:  # imported patch sets are split by their groups, not their slide id
         if s.attrs.get("store_kind") != "patches" and s.labels is None:
             _note_slide(seen, s, what)
+        elif s.groups is None or all(g == "" for g in s.groups):
+            # its tiles are named SET:i (patch_set_units): two sets of one name (the import's
+            # file stem, tiles.h5 in two folders) would merge tile i of each into one "slide"
+            if s.slide_id in ungrouped:
+                raise SimclrPathError(
+                    f"{s.path}: tile set {s.slide_id!r} was already given in "
+                    f"{ungrouped[s.slide_id]}; without groups their tiles are named "
+                    f"'{s.slide_id}:0', '{s.slide_id}:1' ... alike and would be merged; pass each "
+                    "set once, or import one under another --out name (or with --groups)")
+            ungrouped[s.slide_id] = s.path
     return stores, ref
 
 
@@ -686,8 +698,10 @@ def pick_patients(
     chosen: set[str] = set()
     for c in classes:
         pats = sorted(set(slides.loc[slides["label"] == c, "patient_id"]), key=rank.__getitem__)
-        # halves round up (Python's round() goes to even: half of 5 patients kept 2, of 7 kept 4)
-        want = min(max(1, math.floor(fraction * len(pats) + 0.5)), len(pats) - leave)
+        # halves round up (Python's round() goes to even: half of 5 patients kept 2, of 7 kept 4),
+        # in exact decimals: in floats 0.29 x 50 is 14.4999..., which kept 14, not 15
+        exact = Fraction(repr(float(fraction))) * len(pats)
+        want = min(max(1, math.floor(exact + Fraction(1, 2))), len(pats) - leave)
         have = sum(p in chosen for p in pats)
         for p in pats:
             if have >= want:
@@ -1212,6 +1226,12 @@ def auroc_ci(
                          cfg.seed)
     if ci is None:
         return None, "CI not shown: too few bootstrap resamples held every class"
+    if ci[1] - ci[0] < 1e-6:
+        # every resample of perfectly separated slides scores the same: a percentile interval
+        # of zero width would claim no uncertainty however few the patients
+        return None, (f"CI not shown: every patient resample gives AUROC {ci[0]:.3f} (the "
+                      "held-out slides are perfectly separated), so a percentile bootstrap "
+                      "interval has zero width")
     return ci, None
 
 

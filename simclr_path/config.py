@@ -390,7 +390,9 @@ class ClassifyConfig:
         _check_types(self)
         _check(self.folds >= 2, "classify.folds", "must be >= 2")
         _check(self.top_k >= 1, "classify.top_k", "must be >= 1")
-        _check(self.bootstrap >= 0, "classify.bootstrap", "must be >= 0")
+        # the CI needs 10 resamples that hold every class (bootstrap_auroc): fewer never give one
+        _check(self.bootstrap == 0 or self.bootstrap >= 10, "classify.bootstrap",
+               "must be 0 (no CI) or >= 10 resamples (1000 by default)")
         _check(len(self.c_grid) >= 1 and all(c > 0 for c in self.c_grid), "classify.c_grid",
                "must list one or more positive numbers")
         _check(len(set(self.labels)) >= 2, "classify.labels", "must list at least two distinct labels")

@@ -723,6 +723,33 @@ def _curve_sets(
     return sets
 
 
+def roc_band(truth: np.ndarray, score: np.ndarray, clusters: np.ndarray, n: int = 1000,
+             seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Pointwise 95% band of an ROC curve by resampling ``clusters`` (patients) with
+    replacement, as ``classify``'s AUROC CI does: (false positive rates (101,), lower and upper
+    true positive rates (101,)), or None when under a tenth of the resamples hold both classes.
+    ``truth`` bool (N,), ``score`` (N,), ``clusters`` (N,). Each resample's curve is read at
+    fixed false positive rates (vertical averaging: Fawcett, Pattern Recognit. Lett. 2006)."""
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(seed)
+    uniq, inv = np.unique(clusters, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(inv, minlength=len(uniq)))[:-1])
+    grid = np.linspace(0, 1, 101)
+    rows = []
+    for _ in range(n):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
+        yb = truth[idx]
+        if 0 < yb.sum() < len(yb):
+            fpr, tpr, _ = roc_curve(yb, score[idx])
+            rows.append(np.interp(grid, fpr, tpr))
+    if len(rows) < max(10, n // 10):
+        return None
+    lo, hi = np.percentile(np.array(rows), [2.5, 97.5], axis=0)
+    return grid, lo, hi
+
+
 def _curve_colors(metrics: dict, curves: list[tuple]) -> list[str]:
     """A curve's colour is its class's (:func:`class_colors`, as on the t-SNE map); the top-k
     slide score, which is no class, is black."""
@@ -813,6 +840,18 @@ def plot_curves(
                         drawstyle="steps-post",
                         label=f"{name} (AP {average_precision_score(yb, s):.3f})",
                     )
+            ci = metrics[level].get("auroc_ci95") if kind == "roc" else None
+            has_ci = isinstance(ci, list) and len(ci) == 2 and all(
+                isinstance(v, (int, float)) for v in ci)
+            if (has_ci and level == "slide" and metrics["task"].get("positive") is not None
+                    and drawn and drawn[0][0] == "mean of patches" and "patient_id" in slides):
+                # the CI's own curve (the mean-of-patches score), resampled by patient as the CI
+                ok = np.isfinite(slides["score"].to_numpy(dtype=float))
+                band = roc_band(drawn[0][1], slides["score"].to_numpy(dtype=float)[ok],
+                                slides["patient_id"].astype(str).to_numpy()[ok])
+                if band is not None:
+                    ax.fill_between(*band, color=drawn[0][2], alpha=0.2, lw=0, step=None,
+                                    label="mean of patches: 95% band (patient bootstrap)")
             if kind == "roc":
                 ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="chance")
                 ax.set_xlabel("false positive rate (1 - specificity)")
@@ -838,9 +877,7 @@ def plot_curves(
             # AUROC of 1 on 4 + 4 slides is another claim than one on 400 + 400
             counts = {(int(yb.sum()), len(yb) - int(yb.sum())) for _, yb, _ in drawn}
             split = [f"{p} positive, {q} negative" for p, q in counts] if len(counts) == 1 else []
-            ci = metrics[level].get("auroc_ci95") if kind == "roc" else None
-            if isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, (int, float))
-                                                             for v in ci):
+            if has_ci:
                 # name the curve it belongs to where a panel has several: the slide CI is the
                 # mean-of-patches score's, not the top-k one's; without a positive class, macro
                 macro = metrics["task"].get("positive") is None

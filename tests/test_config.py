@@ -171,6 +171,8 @@ def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
     ({"model": {"head_hidden_dim": -3}}, "model.head_hidden_dim must be >= 1, or null"),
     ({"classify": {"seed": -1}}, "classify.seed"),
     ({"classify": {"max_iter": 0}}, "classify.max_iter"),
+    # fewer than 10 resamples never gave a CI, with a note blaming the resamples' classes
+    ({"classify": {"bootstrap": 5}}, r"classify.bootstrap must be 0 \(no CI\) or >= 10"),
     ({"finetune": {"seed": -2}}, "finetune.seed"),
     ({"tile": {"max_pen": float("nan")}}, "tile.max_pen"),
     ({"tile": {"drop_blur": -1.0}}, "tile.drop_blur"),

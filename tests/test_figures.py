@@ -924,6 +924,7 @@ def test_curve_panel_titles_do_not_run_into_each_other(tmp_path, monkeypatch):
     sl = p.groupby("slide_id").agg({"label": "first", "prob_SCC": "mean", "prob_normal": "mean",
                                     "score": "mean"})
     sl["score_topk"] = sl["score"]
+    sl["patient_id"] = [f"P{i // 2}" for i in range(len(sl))]  # two slides a patient
     sl.reset_index().to_csv(tmp_path / "cls" / "predictions_slides.csv", index=False)
     m = json.loads((tmp_path / "cls" / "metrics.json").read_text())
     m["slide"]["auroc_ci95"], m["slide"]["n"] = [0.83, 1.0], 26
@@ -938,6 +939,16 @@ def test_curve_panel_titles_do_not_run_into_each_other(tmp_path, monkeypatch):
     assert "10 positive, 16 negative" in roc.axes[1].get_title()
     # two slide curves (mean and top-k): the CI names the one it was computed for
     assert "mean of patches AUROC 95% CI 0.830-1.000" in roc.axes[1].get_title()
+    # with its band over the curve it belongs to, in its colour, resampled by patient
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import to_rgb
+
+    bands = [c for c in roc.axes[1].collections if isinstance(c, PolyCollection)]
+    assert [b.get_label() for b in bands] == ["mean of patches: 95% band (patient bootstrap)"]
+    mean_line = next(ln for ln in roc.axes[1].lines if ln.get_label().startswith("mean of"))
+    assert np.allclose(bands[0].get_facecolor()[0][:3],
+                       to_rgb(mean_line.get_color()))
+    assert not [c for c in roc.axes[0].collections if isinstance(c, PolyCollection)]
     # and without one, the panel says why (it was left out without a word)
     m["slide"]["auroc_ci95"] = None
     m["slide"]["auroc_ci95_note"] = ("CI not shown: 4 patients per class (a patient bootstrap "
@@ -947,7 +958,32 @@ def test_curve_panel_titles_do_not_run_into_each_other(tmp_path, monkeypatch):
     figures.plot_curves(tmp_path / "cls", tmp_path / "roc.png", tmp_path / "pr.png")
     title = drawn[0].axes[1].get_title()
     assert "10 positive, 16 negative; CI not shown: 4 patients per class" in title, title
+    assert not [c for c in drawn[0].axes[1].collections if isinstance(c, PolyCollection)]
     assert "CI not shown" not in drawn[1].axes[1].get_title()  # precision-recall has no CI
+
+
+def test_roc_band_resamples_patients_and_holds_the_curve():
+    from sklearn.metrics import roc_curve
+
+    from simclr_path.figures import roc_band
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat([True, False], 40)
+    score = rng.normal(size=80) + 1.0 * truth
+    patients = np.array([f"P{i // 2}" for i in range(80)])  # two slides a patient
+    grid, lo, hi = roc_band(truth, score, patients, n=400)
+    fpr, tpr, _ = roc_curve(truth, score)
+    point = np.interp(grid, fpr, tpr)
+    assert grid[0] == 0 and grid[-1] == 1 and len(grid) == len(lo) == len(hi) == 101
+    assert (lo <= hi).all() and (np.diff(lo) >= -1e-12).all()  # a band of ROC curves: rising
+    assert np.mean((lo <= point + 1e-9) & (point <= hi + 1e-9)) > 0.95
+    assert 0.05 < np.mean(hi - lo) < 0.6
+    # resampling 40 patients, not 80 slides: slides of one patient scoring alike widen it
+    twin = np.repeat(rng.normal(size=40), 2) + 1.0 * truth
+    wide = roc_band(truth, twin, patients, n=400)
+    narrow = roc_band(truth, twin, np.arange(80), n=400)
+    assert np.mean(wide[2] - wide[1]) > np.mean(narrow[2] - narrow[1])
+    assert roc_band(np.ones(10, bool), np.arange(10.0), np.arange(10)) is None  # one class
 
 
 @pytest.mark.parametrize(("steps", "curves"), [
