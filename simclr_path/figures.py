@@ -851,7 +851,7 @@ def plot_curves(
                                 slides["patient_id"].astype(str).to_numpy()[ok])
                 if band is not None:
                     ax.fill_between(*band, color=drawn[0][2], alpha=0.2, lw=0, step=None,
-                                    label="mean of patches: 95% band (patient bootstrap)")
+                                    label=f"mean of patches: 95% band ({grouped_by} bootstrap)")
             if kind == "roc":
                 ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="chance")
                 ax.set_xlabel("false positive rate (1 - specificity)")
