@@ -150,9 +150,12 @@ def read_patch(store: PatchStore, i: int) -> np.ndarray:
     if ds.chunks == (1, *s) and ds.compression == "lzf":
         import imagecodecs
 
-        mask, raw = ds.id.read_direct_chunk((i, 0, 0, 0))
-        data = raw if mask & 1 else imagecodecs.lzf_decode(raw, out=int(np.prod(s)))
-        return np.frombuffer(data, dtype=np.uint8).reshape(s)
+        try:
+            mask, raw = ds.id.read_direct_chunk((i, 0, 0, 0))
+            data = raw if mask & 1 else imagecodecs.lzf_decode(raw, out=int(np.prod(s)))
+            return np.frombuffer(data, dtype=np.uint8).reshape(s)
+        except (OSError, ValueError, imagecodecs.LzfError) as exc:  # a damaged chunk
+            raise store.damaged(f"patch {i}", exc) from None
     return store[i]
 
 

@@ -57,6 +57,11 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
         # the kind first: --force, the other advice, could not help with a wrong kind
         if kind == "file" and p.is_dir():
             raise SimclrPathError(f"{p}: is a folder, but this output is a file; give a file path")
+        if kind == "file" and not p.is_file():
+            # a device or a pipe: the rename at the end would replace it (/dev/null as root)
+            raise SimclrPathError(f"{p}: is not a regular file (a device or a pipe?); outputs are "
+                                  "written to a new file and renamed into place, so give a file "
+                                  "path")
         if kind == "dir" and not p.is_dir():
             raise SimclrPathError(f"{p}: is a file, but this output is a folder; give a folder path")
         if not force:

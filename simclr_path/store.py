@@ -530,7 +530,20 @@ class PatchStore:
         """The stored picture of the whole slide, (h, w, 3) uint8, or None (imported tiles,
         stores written before it was stored)."""
         f = self._h5.file
-        return f["thumbnail"][:] if "thumbnail" in f else None
+        if "thumbnail" not in f:
+            return None
+        try:
+            return f["thumbnail"][:]
+        except OSError as exc:
+            raise self.damaged("its slide thumbnail", exc) from None
+
+    def damaged(self, what: str, exc: BaseException) -> SimclrPathError:
+        """The error for data that cannot be decoded (a damaged chunk: a disk or copy error),
+        which h5py and the LZF codec report as a traceback deep inside a stage."""
+        detail = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        return SimclrPathError(f"{self.path}: {what} cannot be read ({detail}): the file is "
+                               "damaged; make it again ('simclr-path tile' or 'import-patches' "
+                               "with --force)")
 
     def __len__(self) -> int:
         return self._len
@@ -538,6 +551,12 @@ class PatchStore:
     def __getitem__(self, idx: int | slice | np.ndarray) -> np.ndarray:
         """``int`` -> (S, S, 3); ``slice``, index array or boolean mask (N,) -> (n, S, S, 3), uint8
         RGB."""
+        try:
+            return self._read(idx)
+        except OSError as exc:
+            raise self.damaged(f"patch(es) {_which(idx, self._len)}", exc) from None
+
+    def _read(self, idx: int | slice | np.ndarray) -> np.ndarray:
         ds = self._h5.file["patches"]
         if isinstance(idx, (int, np.integer)):
             i = int(idx)
@@ -570,6 +589,18 @@ class PatchStore:
 
     def __repr__(self) -> str:
         return f"PatchStore({str(self.path)!r}, n={len(self)}, patch_size={self.patch_size})"
+
+
+def _which(idx: Any, n: int) -> str:
+    """A short description of the indices ``idx`` of ``n`` patches for an error message."""
+    if isinstance(idx, (int, np.integer)):
+        return str(int(idx))
+    if isinstance(idx, slice):
+        idx = np.arange(*idx.indices(n))
+    idx = np.asarray(idx)
+    if idx.dtype == bool:
+        idx = np.flatnonzero(idx)
+    return f"{int(idx.min())}-{int(idx.max())}" if idx.size else "none"
 
 
 def write_embeddings(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray,

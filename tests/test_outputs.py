@@ -33,6 +33,29 @@ def test_file_output_that_is_a_folder_and_folder_output_that_is_a_file(tmp_path)
         check_can_write(f, force=False, kind="dir")
 
 
+def test_a_device_or_pipe_at_a_file_output_is_never_replaced(tmp_path, capsys):
+    """--force renamed the new file over a pipe or a device node (--out /dev/null as root
+    replaced the system's /dev/null); without --force the advice was to pass it (review)."""
+    import os
+    import stat
+
+    from simclr_path.cli import main
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for force in (False, True):
+        with pytest.raises(SimclrPathError, match="is not a regular file"):
+            check_can_write(fifo, force=force)
+    assert main(["schema", "--out", str(fifo), "--force"]) != 0
+    err = capsys.readouterr().err
+    assert "is not a regular file" in err and len(err.strip().splitlines()) == 1, err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    link = tmp_path / "to_null"  # a link to a device: the same
+    link.symlink_to("/dev/null")
+    with pytest.raises(SimclrPathError, match="is not a regular file"):
+        check_can_write(link, force=True)
+
+
 def test_output_under_a_file_names_the_file(tmp_path):
     f = tmp_path / "slide.tiff"
     f.write_text("")

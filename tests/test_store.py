@@ -335,3 +335,47 @@ def test_a_foreign_store_whose_text_a_spreadsheet_would_run_is_refused(make_stor
             f.attrs[attr] = value
     with pytest.raises(SimclrPathError, match=re.escape(what) + ".*spreadsheet"):
         PatchStore(path)
+
+
+def _damage_chunk(path, name, index):
+    """Overwrite the middle of one compressed chunk of dataset ``name`` (a disk or copy error)."""
+    with h5py.File(path, "r") as f:
+        info = f[name].id.get_chunk_info(index)
+    assert info.filter_mask == 0  # compressed: the filter must notice
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + 5)
+        fh.write(b"\xff" * (info.size - 10))
+
+
+def test_a_damaged_chunk_is_one_clear_error_wherever_it_is_read(tmp_path, capsys):
+    """A damaged chunk was a traceback from h5py or the LZF codec in embed, pretrain, preview,
+    the heatmap and the t-SNE thumbnails (in pretrain, re-raised from a loader worker) (review)."""
+    from simclr_path.cli import main
+    from simclr_path.data import read_patch
+
+    rng = np.random.default_rng(0)
+    stripes = np.repeat(rng.integers(0, 256, (40, 1, 32, 3), dtype=np.uint8), 32, axis=1)
+    path = tmp_path / "s.h5"
+    with PatchStoreWriter(path, 32, attrs={"slide_id": "s", "kind": "slide", "mpp": 1.0}) as w:
+        w.append(stripes, np.arange(80).reshape(40, 2) * 32)
+        w.set_thumbnail(np.repeat(stripes[0], 8, axis=0))
+    _damage_chunk(path, "patches", 3)
+    _damage_chunk(path, "thumbnail", 0)
+    st = PatchStore(path)
+    np.testing.assert_array_equal(st[2], stripes[2])  # the others still read
+    for read, what in ((lambda: st[3], "patch(es) 3 "), (lambda: st[0:40], "patch(es) 0-39 "),
+                       (lambda: st[np.array([5, 3])], "patch(es) 3-5 "),
+                       (lambda: read_patch(st, 3), "patch 3 "),
+                       (lambda: st.thumbnail, "its slide thumbnail ")):
+        with pytest.raises(SimclrPathError, match=rf"s.h5: {re.escape(what)}cannot be read \(.*\): the file "
+                                                  r"is damaged; make it again"):
+            read()
+    st.close()
+    # from a loader worker process (5 steps: an epoch, every patch): PyTorch's wrapping (its
+    # traceback as text) is taken off
+    rc = main(["pretrain", str(path), "--out", str(tmp_path / "run"), "--arch", "resnet18",
+               "--max-steps", "5", "--batch-size", "8", "--image-size", "32", "--local-crops", "0",
+               "--device", "cpu", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "s.h5: patch 3 cannot be read" in err and "Traceback" not in err

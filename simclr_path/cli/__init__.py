@@ -261,6 +261,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker_reports_back()
 
 
+def _one_line(exc: SimclrPathError) -> str:
+    """The error's own message. One raised in a DataLoader worker comes back re-raised with
+    PyTorch's "Caught SimclrPathError in DataLoader worker process 0. Original Traceback ..."
+    around it: its last line is the message."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split("SimclrPathError: ", 1)[-1]
+    return text
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -271,7 +282,7 @@ def _main(argv: Sequence[str] | None) -> int:
             sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
             return code
     except SimclrPathError as exc:
-        print(f"simclr-path {args.command}: error: {exc}", file=sys.stderr)
+        print(f"simclr-path {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"simclr-path {args.command}: interrupted", file=sys.stderr)
