@@ -46,6 +46,7 @@ from simclr_path.outputs import (
     check_can_write,
     check_distinct,
 )
+from simclr_path.samples import class_case_clash
 from simclr_path.store import EmbeddingStore
 
 # what this command writes into its results folder: --force replaces only a folder holding one
@@ -453,6 +454,13 @@ def load_table(
                     "with the slide labels and patients"
                 )
             classes += [c for c in s.label_names if c not in classes]
+            clash = class_case_clash(classes)
+            if clash:
+                raise SimclrPathError(
+                    f"{s.path}: class {clash[1]!r} differs from class {clash[0]!r} of "
+                    f"{', '.join(str(o.path) for o in stores if o.label_names and clash[0] in o.label_names)} "
+                    "only in case; they would be two classes (one 'the rest' of the other): "
+                    "import the tiles with one spelling")
         for i_file, s in enumerate(stores):
             n = len(s)
             if n == 0:

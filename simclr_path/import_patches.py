@@ -141,12 +141,17 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     above = [d for d in subfolders if _points_above(d, top)]
     classes = sorted((d.name for d in subfolders if d not in above),
                      key=_nfc)  # the label order must not depend on how a copy spells names
-    from simclr_path.samples import formula_problem
+    from simclr_path.samples import class_case_clash, formula_problem
 
     for name in classes:  # class names become CSV cells and column names (prob_<class>)
         problem = formula_problem(name, "class folder")
         if problem:
             raise SimclrPathError(f"{folder / name}: {problem}")
+    clash = class_case_clash(classes)
+    if clash:
+        raise SimclrPathError(f"{folder}: class folders {clash[0]!r} and {clash[1]!r} differ only "
+                              "in case (one class spelt two ways?); merge them into one folder, "
+                              "or name them apart")
     if not classes:
         raise SimclrPathError(f"{folder}: no class subfolders; put the tiles of each class in "
                               f"its own subfolder (e.g. {folder}/SCC/*.png, {folder}/normal/*.png)")

@@ -59,6 +59,19 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
+def class_case_clash(names: Sequence[str]) -> tuple[str, str] | None:
+    """Two class names that differ only in case ('scc' and 'SCC'), or None: as two classes
+    one of them would count as 'the rest' of the other (classify's positive class)."""
+    import unicodedata
+
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(unicodedata.normalize("NFC", name).casefold(), name)
+        if other != name:
+            return other, name
+    return None
+
+
 def formula_problem(value: str, what: str) -> str | None:
     """Why ``value`` (named ``what``) may not be used as text of the CSVs the project writes, or
     None: a leading ``= + - @`` (or tab, carriage return) makes a spreadsheet cell a formula;

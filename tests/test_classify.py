@@ -5,6 +5,7 @@ import math
 import warnings
 from dataclasses import replace
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -768,6 +769,18 @@ def test_two_ungrouped_tile_sets_of_one_name_are_refused_not_merged(tmp_path, ca
     with pytest.warns(UserWarning, match="no groups"):
         classify(paths[:1], tmp_path / "out", cfg=ClassifyConfig(bootstrap=0, c_grid=[1.0]))
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["slide"]["n"] == 40
+
+
+def test_tile_sets_whose_class_names_differ_only_in_case_are_refused(tmp_path):
+    """Sets of classes scc/normal and SCC/normal trained three classes, the SCC tiles of one set
+    counted as negatives of the other's 'scc' (slide AUROC 0.13) (review)."""
+    paths = [_patch_set(tmp_path / "a.h5"), _patch_set(tmp_path / "b.h5", seed=1)]
+    with h5py.File(paths[1], "r+") as f:
+        f.attrs["slide_id"] = "set-b"
+        f.attrs["label_names"] = ["scc", "normal"]
+    with pytest.raises(SimclrPathError, match=r"b.h5: class 'scc' differs from class 'SCC' of "
+                                              r".*a.h5 only in case"):
+        classify(paths, tmp_path / "out", cfg=replace(FAST, bootstrap=0))
 
 
 def test_inner_folds_hold_every_class_when_patch_counts_differ_widely():

@@ -635,3 +635,14 @@ def test_a_tile_too_large_to_be_one_is_refused_from_its_header(tmp_path, capsys,
     assert len(err) == 1 and "big.tif: 100 x 100 pixels is no tile" in err[0], err
     assert not any(a[0].name == "big.tif" for a in decoded)
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_class_folders_differing_only_in_case_are_refused(tiles, tmp_path, capsys):
+    """'scc' and 'SCC' were two classes: one counted as 'the rest' of the other (review)."""
+    root, imgs = tiles
+    _write(root / "scc" / "d.png", imgs["SCC/a.png"])
+    rc = main(["import-patches", str(root), "--out", str(tmp_path / "p.h5")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "class folders 'SCC' and 'scc' differ only in case" in err
+    assert not (tmp_path / "p.h5").exists()
