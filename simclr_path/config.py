@@ -90,6 +90,10 @@ def _check_types(section: Any) -> None:
             items = [value]
         for v in items:
             _check(_is_kind(v, kind), f"{name}.{key}", f"must be {_KIND[kind]}, got {v!r}")
+            # no setting means anything at NaN or infinity: they passed range checks written
+            # as "> 0" and failed mid-run as a NaN loss, blaming the LR, or as a traceback
+            _check(kind is not float or math.isfinite(v), f"{name}.{key}",
+                   f"must be a finite number, got {v!r}")
         if any(hasattr(v, "item") for v in items):
             plain = [v.item() if hasattr(v, "item") else v for v in items]
             setattr(section, key, (type(value)(plain) if is_list else plain[0]))
@@ -116,6 +120,9 @@ def _range(value: Any, name: str) -> tuple[float, float]:
         _is_kind(v, float) for v in value)
     _check(ok, name, f"must be a [min, max] pair of numbers, got {value!r}")
     return float(value[0]), float(value[1])
+
+
+MAX_HEAD_DIM = 65536  # widest projection-head layer (model.head_hidden_dim, head_out_dim)
 
 
 @dataclass
@@ -264,9 +271,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _check(self.head_layers in (0, 1, 2, 3), "model.head_layers", "must be 0, 1, 2 or 3")
-        _check(self.head_out_dim >= 1, "model.head_out_dim", "must be >= 1")
-        _check(self.head_hidden_dim is None or self.head_hidden_dim >= 1, "model.head_hidden_dim",
-               f"must be >= 1, or null for the backbone's feature size, got {self.head_hidden_dim}")
+        # at most 65536 (SimCLR's widest head is 8192): 1e12 asked for petabytes mid-start
+        _check(1 <= self.head_out_dim <= MAX_HEAD_DIM, "model.head_out_dim",
+               f"must be between 1 and {MAX_HEAD_DIM}, got {self.head_out_dim}")
+        _check(self.head_hidden_dim is None or 1 <= self.head_hidden_dim <= MAX_HEAD_DIM,
+               "model.head_hidden_dim", f"must be between 1 and {MAX_HEAD_DIM}, or null for the "
+               f"backbone's feature size, got {self.head_hidden_dim}")
 
 
 @dataclass
@@ -708,6 +718,32 @@ def build_config(preset: str = "default", overrides: dict[str, Any] | None = Non
         raise SimclrPathError(f"{where}: {exc}") from None
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that names a key twice (see :class:`UniqueKeyLoader`)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping: YAML keeps the last in
+    silence, so a second ``tile:`` section dropped the whole first one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor': keys may override it
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(
+                        f"line {line}: key {key!r} is given twice (first on line {seen[key]}), "
+                        "and YAML would keep only the later one; merge them")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the safe loader's own error follows
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with the safe loader; one clear error for a missing or bad file."""
     p = Path(path)
@@ -716,7 +752,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise SimclrPathError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+    except DuplicateKeyError as exc:
+        raise SimclrPathError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         raise SimclrPathError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     except UnicodeDecodeError:

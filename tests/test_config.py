@@ -58,6 +58,23 @@ def test_bad_yaml(tmp_path):
         load_config(y)
 
 
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """YAML keeps the later of two equal keys in silence: a second tile: section dropped the
+    whole first one (review). A merge key's values may still be overridden."""
+    y = tmp_path / "c.yaml"
+    y.write_text("tile:\n  mpp: 1\n  patch_size: 64\ntile:\n  mpp: 2\n")
+    with pytest.raises(SimclrPathError, match=r"c.yaml: line 4: key 'tile' is given twice \(first "
+                                              r"on line 1\)"):
+        load_config(y)
+    y.write_text("train: {lr: 0.1, lr: 0.2}\n")
+    with pytest.raises(SimclrPathError, match="key 'lr' is given twice"):
+        load_config(y)
+    y.write_text("base: &b {lr: 0.1, weight_decay: 0.01}\ntrain:\n  <<: *b\n  lr: 0.2\n")
+    from simclr_path.config import load_yaml
+
+    assert load_yaml(y)["train"] == {"lr": 0.2, "weight_decay": 0.01}
+
+
 def test_defaults_dict_has_every_section():
     assert set(defaults_dict()) == {
         "tile", "augment", "model", "train", "embed", "classify", "finetune"
@@ -147,7 +164,7 @@ def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"tile": {"mpp": float("inf")}}, "tile.mpp must be a finite number of microns per pixel > 0, got inf"),
+    ({"tile": {"mpp": float("inf")}}, "tile.mpp must be a finite number, got inf"),
     ({"tile": {"mpp": float("nan")}}, "tile.mpp must be a finite number"),
     ({"tile": {"mpp": 0}}, "tile.mpp must be a finite number"),
     # an objective power typed as the target: patches of millimetres, in silence
@@ -168,7 +185,16 @@ def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
     ({"tile": {"closing_um": -1.0}}, "tile.closing_um must be >= 0"),
     ({"tile": {"min_object_um2": float("nan")}}, "tile.min_object_um2"),
     ({"tile": {"min_hole_um2": -5.0}}, "tile.min_hole_um2"),
-    ({"model": {"head_hidden_dim": -3}}, "model.head_hidden_dim must be >= 1, or null"),
+    ({"model": {"head_hidden_dim": -3}}, "model.head_hidden_dim must be between 1 and 65536, or null"),
+    ({"model": {"head_hidden_dim": 10**12}}, "model.head_hidden_dim must be between 1 and 65536"),
+    ({"model": {"head_out_dim": 10**12}}, "model.head_out_dim must be between 1 and 65536"),
+    # every number of every section is finite: these passed and failed mid-run (review)
+    ({"train": {"warmup_epochs": float("inf")}}, "train.warmup_epochs must be a finite number"),
+    ({"augment": {"brightness": float("inf")}}, "augment.brightness must be a finite number"),
+    ({"train": {"temperature": float("inf")}}, "train.temperature must be a finite number"),
+    ({"finetune": {"lr": float("inf")}}, "finetune.lr must be a finite number"),
+    ({"classify": {"tsne_perplexity": float("nan")}}, "classify.tsne_perplexity must be a finite"),
+    ({"augment": {"crop_scale": [0.2, float("inf")]}}, "augment.crop_scale must be a finite"),
     ({"classify": {"seed": -1}}, "classify.seed"),
     ({"classify": {"max_iter": 0}}, "classify.max_iter"),
     # fewer than 10 resamples never gave a CI, with a note blaming the resamples' classes

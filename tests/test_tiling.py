@@ -328,7 +328,7 @@ def test_cli_bad_input(slide, tmp_path, capsys):
     assert main(["tile", str(slide), "--out", str(out), "--mpp", "1", "--patch-size", "600"]) == 2
     assert "larger than the slide" in _one_error(capsys)
     assert main(["tile", str(slide), "--out", str(out), "--mpp", "inf"]) == 2
-    assert "tile.mpp must be a finite number of microns per pixel > 0, got inf" in _one_error(capsys)
+    assert "tile.mpp must be a finite number, got inf" in _one_error(capsys)
     assert main(["tile", str(slide), "--out", str(out), "--slide-mpp", "72"]) == 2
     assert "--slide-mpp must be a positive number of level-0 microns per pixel between 0.01 " \
            "and 50" in _one_error(capsys)
