@@ -157,7 +157,12 @@ def _trim_extra_fields(p: Path, lines: list[str]) -> list[str]:
     rows = [n for n, line in enumerate(out) if line.strip() and not line.lstrip().startswith("#")]
     if not rows:
         return out
-    width = len(_fields(lines[rows[0]]))
+    header = [f.strip() for f in _fields(lines[rows[0]])]
+    twice = next((f for i, f in enumerate(header) if f and f in header[:i]), None)
+    if twice is not None:  # pandas renames the second 'label.1' and reads the first in silence
+        raise SimclrPathError(f"{p}: the header names column {twice!r} twice; keep one (which "
+                              "of the two is meant cannot be told)")
+    width = len(header)
     for n in rows[1:]:
         fields = _fields(lines[n])
         if len(fields) <= width:

@@ -161,6 +161,12 @@ def test_optional_columns(slides, tmp_path):
             None,
             "row 1 (slide_id 'A'): wsi is a folder, not a slide file",
         ),
+        (  # a column named twice: pandas read the first, renamed the second 'label.1' (review)
+            ["A\twsi/A.svs\tSCC\tP1\tnormal", "B\twsi/B.svs\tnormal\tP2\tSCC"],
+            HEADER + "\tlabel",
+            None,
+            "the header names column 'label' twice; keep one",
+        ),
         (  # one slide under two ids (and patients): both sides of a split
             ["A\twsi/A.svs\tSCC\tP1", "B\twsi/B.svs\tnormal\tP2", "A2\t./wsi/../wsi/A.svs\tnormal\tP3"],
             HEADER,
