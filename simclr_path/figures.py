@@ -463,7 +463,16 @@ def plot_tsne(
     df = sample_embeddings(embedding_paths, max_points, samples=samples, seed=seed)
     # every sampled file's store, checked against the file before any figure is written
     opened = None if stores is None else _stores_for(stores, embedding_paths, df["file"])
-    xy = tsne_2d(np.stack(df["features"].to_list()), perplexity, seed)
+    feats = np.stack(df["features"].to_list())
+    bad = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+    if len(bad):  # sklearn stopped with a traceback (embed never writes them: a foreign file)
+        first = df.iloc[bad[0]]
+        raise SimclrPathError(
+            f"{embedding_paths[int(first['file'])]}: patch row(s) hold NaN or infinite features "
+            f"({len(bad)} of the "
+            f"{len(df)} sampled, first: row {int(first['patch_index'])}); embed the slide again "
+            "(simclr-path embed ... --force)")
+    xy = tsne_2d(feats, perplexity, seed)
     written = []
     # what the map is a sample of: "2000 patch embeddings" did not say of how many, or whence
     total = df.attrs.get("n_total", len(df))

@@ -844,6 +844,23 @@ def test_tsne_thumbnails_refuse_a_store_of_another_tiling_before_writing(cohort,
         assert not any(outs.iterdir())  # nothing written, not even the first two maps
 
 
+def test_tsne_of_nan_features_is_one_line_naming_the_file(cohort, tmp_path, capsys):
+    """sklearn's "Input X contains NaN" traceback (classify and predict refuse such files)."""
+    from simclr_path.store import EmbeddingStore, write_embeddings
+
+    e = EmbeddingStore(cohort["embs"][0])
+    feats = e.features.copy()
+    feats[:, 3] = np.nan  # every row: whatever the sample draws
+    bad = write_embeddings(tmp_path / "P0-SCC.h5", feats, e.coords, {"slide_id": "P0-SCC"})
+    outs = tmp_path / "out"
+    outs.mkdir()
+    argv = _tsne_argv(cohort, outs, cohort["stores"], [bad, *cohort["embs"][1:]])
+    assert main(argv[:argv.index("--stores")] + ["--max-points", "200"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}: patch row(s) hold NaN or infinite features" in err[0], err
+    assert not any(outs.iterdir())
+
+
 def test_tsne_thumbnails_compare_patch_size_and_mpp_and_name_the_source_store(cohort, tmp_path,
                                                                               capsys):
     from simclr_path.store import EmbeddingStore, write_embeddings
