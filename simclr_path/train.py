@@ -85,6 +85,7 @@ RUN_DIRS = ["tensorboard", "mlruns", "wandb"]
 # project folder may hold such names, or copies of a run's), nor mlflow.db (MLflow's default
 # store in any working folder)
 RUN_MARKER = ".simclr-path-run"
+_DIVERGED_FIX = "lower train.lr, use train.optimizer adamw, or set train.amp false"
 # config.yaml's first line: tells a run's own config.yaml from a user's in a folder given as --out
 RUN_CONFIG_HEADER = "# simclr-path pretrain: this run's resolved configuration\n"
 # Files that mark a run as finished; removed before any (re)start so a failed run never has them.
@@ -424,8 +425,11 @@ def _check_run_dir(out: Path, resume: bool, force: bool) -> None:
         raise SimclrPathError(f"{marker}: exists and is not a file (a folder?); every run writes "
                               "this marker file, so remove it or choose another --out")
     if not force and not resume:
-        raise SimclrPathError(f"{out}: run directory exists and is not empty; pass --resume to "
-                              "continue its checkpoint or --force to start over")
+        raise SimclrPathError(
+            f"{out}: run directory exists and is not empty; "
+            + ("pass --resume to continue its checkpoint or --force to start over"
+               if (out / "checkpoint.pt").is_file() else
+               "it has no checkpoint to resume, so pass --force to start over"))
     if not _is_run_dir(out):  # --force and --resume remove run files and tracking folders
         raise SimclrPathError(f"{out}: exists and is not a pretraining run directory (no "
                               f"{RUN_MARKER} file, which every run writes first, nor a "
@@ -1382,9 +1386,11 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                       file=sys.stderr, flush=True)
         if bad and check:
             raise SimclrPathError(
-                f"{out}: loss became {bad[0][2]} at step {bad[0][0]}; lower train.lr, use "
-                "train.optimizer adamw, or set train.amp false; the last good checkpoint is "
-                f"{out / 'checkpoint.pt'} (resume after changing the config is not supported)")
+                f"{out}: loss became {bad[0][2]} at step {bad[0][0]}; {_DIVERGED_FIX}; "
+                + (f"the last good checkpoint is {out / 'checkpoint.pt'} (step {saved_step}; "
+                   "resume after changing the config is not supported)" if saved_step > 0 else
+                   "no checkpoint was written before it (every train.checkpoint_every steps), "
+                   "so start again with --force"))
         return not bad
 
     guard = _DeferSignals(enabled=True, agree=world.enabled)
@@ -1531,6 +1537,14 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         getattr(it, "_shutdown_workers", lambda: None)()
         worker_reports_back()  # (stopping_on_a_signal, in the guard's handler)
     bar.close()
+    # the last update came after the last loss: weights it made NaN (a huge LR) were saved as
+    # the encoder, and embed failed on them later; one device sync
+    params = [p.detach() for p in _unwrap(train_model).parameters()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        tracker.close(None)
+        raise SimclrPathError(
+            f"{out}: the weights became NaN or infinite in the last update (step {step}; the "
+            f"losses logged were finite); {_DIVERGED_FIX}; no encoder was written")
     try:  # writing the final files can fail too (disk full): the tracker still ends, FAILED
         if step < total_steps and stopped == "completed":
             stopped = "data_exhausted"

@@ -636,7 +636,46 @@ def test_nan_loss_stops_with_clear_error(stores, tmp_path, monkeypatch):
 
     orig = L.NTXentLoss.forward
     monkeypatch.setattr(L.NTXentLoss, "forward", lambda self, *z: orig(self, *z) * float("nan"))
-    with pytest.raises(SimclrPathError, match="loss became nan at step 1"):
+    # no checkpoint before it: none is named as "the last good" one (review)
+    with pytest.raises(SimclrPathError, match="loss became nan at step 1; lower train.lr, .*; no "
+                                              "checkpoint was written before it"):
+        T.pretrain(stores, tmp_path / "run", _cfg(max_steps=3), progress=False)
+    assert not any((tmp_path / "run" / f).exists() for f in COMPLETE)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    # and a rerun is not sent to --resume, which has nothing to continue
+    with pytest.raises(SimclrPathError, match="it has no checkpoint to resume, so pass --force"):
+        T.pretrain(stores, tmp_path / "run", _cfg(max_steps=3), progress=False)
+    # after a checkpoint (step 2), that one is named
+    calls = {"n": 0}
+
+    def nan_from_step_3(self, *z):
+        calls["n"] += 1
+        return orig(self, *z) * (float("nan") if calls["n"] > 2 else 1.0)
+
+    monkeypatch.setattr(L.NTXentLoss, "forward", nan_from_step_3)
+    with pytest.raises(SimclrPathError, match=r"loss became nan at step 3; .*the last good "
+                                              r"checkpoint is .*checkpoint.pt \(step 2;"):
+        T.pretrain(stores, tmp_path / "run2", _cfg(max_steps=6, checkpoint_every=2, log_every=1),
+                   progress=False)
+
+
+def test_weights_made_nan_by_the_last_update_are_not_saved_as_the_encoder(stores, tmp_path,
+                                                                          monkeypatch):
+    """The last update comes after the last loss: weights it made NaN were saved as a
+    'completed' run's encoder, and embed failed on them later (review)."""
+    orig, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *a, **k):
+        out = orig(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the last of 3 steps: its loss (before the update) was finite
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(SimclrPathError, match=r"the weights became NaN or infinite in the last "
+                                              r"update \(step 3; .*no encoder was written"):
         T.pretrain(stores, tmp_path / "run", _cfg(max_steps=3), progress=False)
     assert not any((tmp_path / "run" / f).exists() for f in COMPLETE)
 
