@@ -1359,10 +1359,12 @@ def task_summary(
     labels_from: str,
     scheme: str,
     n_folds: int,
-    n_evaluated_slides: int,
+    evaluated: pd.DataFrame,
     cfg: ClassifyConfig,
 ) -> dict[str, Any]:
-    """The ``task`` entry of ``metrics.json``: classes, score, evaluation scheme and counts."""
+    """The ``task`` entry of ``metrics.json``: classes, score, evaluation scheme and counts;
+    ``evaluated``: the held-out slides' rows (``slide_id``, ``patient_id``), all of them with
+    cross-validation, the test side of a split."""
     return {
         "classes": t.classes,
         "positive": None if t.positive is None else t.classes[t.positive],
@@ -1373,7 +1375,9 @@ def task_summary(
         "n_patches": len(t.y),
         "n_slides": len(t.slides),
         "n_patients": int(t.slides["patient_id"].nunique()),
-        "n_evaluated_slides": n_evaluated_slides,
+        "n_evaluated_slides": len(evaluated),
+        # a split evaluates its test patients only: the n beside a slide AUROC
+        "n_evaluated_patients": int(evaluated["patient_id"].nunique()),
         "patients_per_class": patients_per_class(t.slides, t.classes),
         "encoder_sha256": t.encoder_sha256,
         "encoder_fine_tuned_from": t.fine_tuned_from,
@@ -1493,7 +1497,7 @@ def classify(
         "samples sheet" if samples is not None else "embedding files",
         scheme,
         len(fold_ids),
-        len(slides_pred),
+        slides_pred,
         cfg,
     )
     task["label_fraction"] = cfg.label_fraction

@@ -662,7 +662,7 @@ def finetune(
                     torch.save({k: v.detach().cpu() for k, v in model.head.state_dict().items()},
                                tmp / "classifier.pt")
                 task = task_summary(t, "samples sheet" if samples is not None else "patch stores",
-                                    scheme, len(fold_ids), len(slides_pred), ccfg)
+                                    scheme, len(fold_ids), slides_pred, ccfg)
                 task.update({"model": "fine-tuned encoder + linear head", "encoder": str(enc),
                              "encoder_sha256": enc_sha256,
                              "arch": info.get("arch"), "layer": "pooled", "image_size": image_size,

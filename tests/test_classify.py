@@ -200,6 +200,8 @@ def test_split_column(tmp_path):
     df.to_csv(sheet, sep="\t", index=False)
     m = classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
     assert m["task"]["evaluation"] == "split" and m["slide"]["n"] == 4
+    # the n beside a split's slide AUROC: its 2 test patients, not the sheet's 8 (review)
+    assert m["task"]["n_patients"] == 8 and m["task"]["n_evaluated_patients"] == 2
     # folds set on purpose (the CLI's --folds) are not used with a split: said, not silent
     with pytest.warns(UserWarning, match="classify.folds 3 is not used: the samples sheet's "
                                          "split column chooses the test slides"):

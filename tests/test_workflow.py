@@ -1265,3 +1265,12 @@ def test_a_run_name_with_a_final_newline_stops_the_dag_build(tmp_path):
                "--cores", "1")
     assert done.returncode != 0
     assert "run name 'base\\n' is not letters, digits" in done.stderr, done.stderr[-2000:]
+
+
+def test_run_names_differing_only_in_case_stop_the_dag_build(tmp_path):
+    """Base and base planned two runs that share every results folder on a case-insensitive
+    disk (macOS, Windows): one overwrote the other in silence (review)."""
+    done = smk(workdir(tmp_path, {**TINY, "runs": {"Base": {}, "base": {}}}, tsv(demo_rows(4))),
+               "-n", "--cores", "1")
+    assert done.returncode != 0
+    assert "run names 'Base' and 'base' differ only in case" in done.stderr, done.stderr[-2000:]

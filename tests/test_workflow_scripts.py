@@ -110,6 +110,10 @@ def test_rows_on_other_folds_are_not_called_the_same_folds(cr):
         df = cr.summarise(["a", "b"], [_metrics(0.9), other], [{}, {}], {})
         assert not cr.same_folds(df)
     split = cr.summarise(["a"], [_metrics(0.9, evaluation="split")], [{}], {})
+    # a split is scored on its test patients: their count is the figure's n (review)
+    tested = _metrics(0.9, evaluation="split")
+    tested["task"]["n_evaluated_patients"] = 2
+    assert cr.n_note(cr.summarise(["a"], [tested], [{}], {})) == "n = 2 patients"
     assert cr.evaluation_words(split) == "held-out test split of the samples sheet"
     assert cr.folds_word(split) == "same test split"  # (a split has no folds)
     assert cr.folds_word(cr.summarise(["a"], [_metrics(0.9)], [{}], {})) == "same folds"

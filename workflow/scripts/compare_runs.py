@@ -56,7 +56,8 @@ def summarise(runs, metrics, pretrains, overrides) -> pd.DataFrame:
                 "score": task.get("score", ""),
                 # classify's metrics.json keeps its config flat, finetune's by section
                 "folds_seed": cfg.get("seed", (cfg.get("classify") or {}).get("seed")),
-                "n_patients": task.get("n_patients"),
+                # the patients its slide metrics were scored on: a split's test side only
+                "n_patients": task.get("n_evaluated_patients", task.get("n_patients")),
                 # chance balanced accuracy is 1 / classes
                 "n_classes": len(task.get("classes") or []) or None,
                 "slide_auroc": _num(s.get("auroc")),
