@@ -238,7 +238,8 @@ def test_the_metrics_table_says_what_was_evaluated(tmp_path):
     assert ("held-out test split of the samples sheet; 8 slides, 8 patients, 800 patches "
             "(4 slides in its test split)") in text and "folds" not in text
     assert "fold mean" not in " ".join(mt.table(split).columns)
-    tiles = {"slide": {"auroc": 0.9, "auroc_macro": 0.95}, "patch": {"auroc": 0.85},
+    tiles = {"slide": {"auroc": 0.9, "auroc_macro": 0.95, "auroc_topk": 0.91,
+                       "auroc_ci95": [0.8, 0.97]}, "patch": {"auroc": 0.85},
              "task": {"n_folds": 5, "evaluation": "grouped_5fold", "n_slides": 75,
                       "n_patients": 75, "n_patches": 1452, "labels_from": "embedding files"}}
     (tmp_path / "t.json").write_text(json.dumps(tiles))
@@ -248,3 +249,8 @@ def test_the_metrics_table_says_what_was_evaluated(tmp_path):
     df = mt.table(tiles).set_index("metric")
     assert df.loc["AUROC (macro one-vs-rest)", "group (pooled)"] == "0.950"
     assert "F1 (macro)" not in df.index  # not in this metrics.json
+    # the rows speak of source images too (review): no "slide" or "patient" in a tile set's table
+    assert df.loc["group AUROC 95% CI (source image bootstrap)", "group (pooled)"] == "0.800-0.970"
+    assert df.loc["AUROC (top-k group score)", "group (pooled)"] == "0.910"
+    assert not any("slide" in str(v) or "patient" in str(v)
+                   for v in [*df.index, *df.columns, *df.to_numpy().ravel()])

@@ -30,13 +30,17 @@ def fmt(v):
 
 
 def table(metrics: dict) -> pd.DataFrame:
+    from simclr_path.figures import unit_words
+
+    # what a "slide" and a "patient" are: a tile set's source images are both
+    unit, grouped_by = unit_words(metrics.get("task", {}))
     rows = []
     summary = metrics.get("fold_summary", {})
     n_folds = metrics.get("task", {}).get("n_folds")
     for key, name in METRICS:
         if all(key not in metrics.get(level, {}) for level in ("slide", "patch")):
             continue  # (the macro metrics exist with more than two classes only)
-        row = {"metric": name}
+        row = {"metric": name.replace("slide", unit)}
         for level in ("slide", "patch"):
             value = metrics.get(level, {}).get(key)
             row[f"{level} (pooled)"] = fmt(value)
@@ -52,21 +56,18 @@ def table(metrics: dict) -> pd.DataFrame:
     if ci:
         rows.append(
             {
-                "metric": "slide AUROC 95% CI (bootstrap)",
+                "metric": f"{unit} AUROC 95% CI ({grouped_by} bootstrap)",
                 "slide (pooled)": f"{fmt(ci[0])}-{fmt(ci[1])}",
             }
         )
     elif metrics.get("slide", {}).get("auroc_ci95_note"):  # why there is none (few patients)
         rows.append(
             {
-                "metric": "slide AUROC 95% CI (bootstrap)",
+                "metric": f"{unit} AUROC 95% CI ({grouped_by} bootstrap)",
                 "slide (pooled)": metrics["slide"]["auroc_ci95_note"],
             }
         )
     df = pd.DataFrame(rows).fillna("")
-    from simclr_path.figures import unit_words
-
-    unit, _ = unit_words(metrics.get("task", {}))
     return df.rename(columns=lambda c: c.replace("slide", unit, 1)) if unit != "slide" else df
 
 
