@@ -240,6 +240,7 @@ def read_groups(csv: str | os.PathLike, tiles: list[str]) -> list[str]:
 
 # a tile is one training image: larger sides are a typo, and would allocate gigabytes per tile
 MAX_PATCH_SIZE = 4096
+MIN_PATCH_SIZE = 8  # tile's and the image sizes' least too
 
 
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -577,13 +578,15 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
     from tqdm.auto import tqdm
 
     # (Python callers pass what argparse never would: 64.0 or "64" failed deep inside OpenCV)
+    # the type here, the range below (in the options' words: -1 was "an integer >= 0")
     if patch_size is not None:
-        patch_size = check_int(patch_size, "import_patches", "patch_size")
+        patch_size = check_int(patch_size, "import_patches", "patch_size", minimum=-(2**63))
     if bit_depth is not None:
-        bit_depth = check_int(bit_depth, "import_patches", "bit_depth")
+        bit_depth = check_int(bit_depth, "import_patches", "bit_depth", minimum=-(2**63))
     workers = check_int(workers, "import_patches", "workers")
-    if patch_size is not None and not 8 <= patch_size <= MAX_PATCH_SIZE:
-        raise SimclrPathError(f"--patch-size must be between 8 and {MAX_PATCH_SIZE}, got {patch_size}")
+    if patch_size is not None and not MIN_PATCH_SIZE <= patch_size <= MAX_PATCH_SIZE:
+        raise SimclrPathError(f"--patch-size must be between {MIN_PATCH_SIZE} and {MAX_PATCH_SIZE}, "
+                              f"got {patch_size}")
     if bit_depth is not None and not 8 <= bit_depth <= 16:
         raise SimclrPathError(f"--bit-depth must be between 8 and 16, got {bit_depth}")
     check_can_write(out, force)
@@ -601,6 +604,9 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
     if patch_size is None and first.shape[0] != first.shape[1]:
         raise SimclrPathError(f"{folder / names[0]}: tile is {first.shape[1]}x{first.shape[0]}, "
                               "not square; pass --patch-size to crop and resize every tile")
+    if size < MIN_PATCH_SIZE:  # as tile's and pretrain's least: nothing could train on them
+        raise SimclrPathError(f"{folder / names[0]}: tile is {size}x{size} px, smaller than "
+                              f"{MIN_PATCH_SIZE}; pass --patch-size to enlarge every tile")
     if size > MAX_PATCH_SIZE:
         raise SimclrPathError(f"{folder / names[0]}: tile is {size}x{size} px, larger than "
                               f"{MAX_PATCH_SIZE}; pass --patch-size to resize every tile")

@@ -115,7 +115,7 @@ def test_lc25000_dev(tmp_path):
         assert len({int(lab) for lab, gg in zip(s.labels, s.groups) if gg == g}) == 1
 
 
-@pytest.mark.parametrize("size", [4, 100000])
+@pytest.mark.parametrize("size", [4, 100000, -1, 0])
 def test_patch_size_out_of_range_is_refused(tiles, tmp_path, size):
     root, _ = tiles
     with pytest.raises(SimclrPathError, match="--patch-size must be between 8 and 4096"):
@@ -246,14 +246,14 @@ def test_high_bit_depth_tiles_are_scaled_by_their_depth(tmp_path):
     """12-bit camera samples in a 16-bit TIFF fill the 8-bit range, as do full 16-bit ones;
     float tiles are read as 0-1."""
     want = np.array([255, 128, 0], np.uint8)
-    rgb = np.array([[[4095, 2048, 0]]], np.uint16).repeat(4, 0).repeat(4, 1)  # 12-bit samples
+    rgb = np.array([[[4095, 2048, 0]]], np.uint16).repeat(8, 0).repeat(8, 1)  # 12-bit samples
     for depth, tile in ((12, rgb), (16, rgb * 16 + 15)):  # the same colour at 16 bits
         root = tmp_path / f"tiles{depth}"
         (root / "SCC").mkdir(parents=True)
         (root / "normal").mkdir()
         assert cv2.imwrite(str(root / "SCC" / "a.tif"), cv2.cvtColor(tile, cv2.COLOR_RGB2BGR))
         assert cv2.imwrite(str(root / "normal" / "b.png"), cv2.cvtColor(tile, cv2.COLOR_RGB2BGR))
-        f = np.array([[[1.0, 0.5, 0.0]]], np.float32).repeat(4, 0).repeat(4, 1)
+        f = np.array([[[1.0, 0.5, 0.0]]], np.float32).repeat(8, 0).repeat(8, 1)
         assert cv2.imwrite(str(root / "normal" / "c.tif"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
         res = import_patches(root, tmp_path / f"p{depth}.h5", progress=False)
         assert res.bit_depth == depth
@@ -269,8 +269,8 @@ def test_one_bit_depth_for_the_whole_dataset(tmp_path):
     root = tmp_path / "tiles"
     (root / "SCC").mkdir(parents=True)
     (root / "normal").mkdir()
-    bright = np.full((4, 4, 3), 4095, np.uint16)
-    dark = np.full((4, 4, 3), 1000, np.uint16)  # under 1024: alone it would pass for 10 bits
+    bright = np.full((8, 8, 3), 4095, np.uint16)
+    dark = np.full((8, 8, 3), 1000, np.uint16)  # under 1024: alone it would pass for 10 bits
     assert cv2.imwrite(str(root / "SCC" / "dark.png"), dark)
     assert cv2.imwrite(str(root / "normal" / "bright.tif"), bright)
     res = import_patches(root, tmp_path / "p.h5", progress=False)
@@ -294,8 +294,8 @@ def test_cli_bit_depth(tmp_path, capsys):
     root = tmp_path / "tiles"
     (root / "SCC").mkdir(parents=True)
     (root / "normal").mkdir()
-    assert cv2.imwrite(str(root / "SCC" / "a.png"), np.full((4, 4, 3), 4095, np.uint16))
-    assert cv2.imwrite(str(root / "normal" / "b.png"), np.full((4, 4, 3), 9, np.uint8))
+    assert cv2.imwrite(str(root / "SCC" / "a.png"), np.full((8, 8, 3), 4095, np.uint16))
+    assert cv2.imwrite(str(root / "normal" / "b.png"), np.full((8, 8, 3), 9, np.uint8))
     args = ["import-patches", str(root), "--out", str(tmp_path / "p.h5")]
     assert main([*args, "--bit-depth", "10"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -306,7 +306,7 @@ def test_cli_bit_depth(tmp_path, capsys):
     assert main(["info", str(tmp_path / "p.h5")]) == 0
     assert "bit depth  16-bit samples scaled from 12 bits" in capsys.readouterr().out
     # a stated depth where no tile is 16-bit is not recorded
-    assert cv2.imwrite(str(root / "SCC" / "a.png"), np.full((4, 4, 3), 9, np.uint8))
+    assert cv2.imwrite(str(root / "SCC" / "a.png"), np.full((8, 8, 3), 9, np.uint8))
     assert main([*args, "--bit-depth", "12", "--force"]) == 0
     assert "16-bit" not in capsys.readouterr().out
     assert PatchStore(tmp_path / "p.h5").attrs["bit_depth"] is None
@@ -315,12 +315,12 @@ def test_cli_bit_depth(tmp_path, capsys):
 def test_16_bit_tiles_are_found_from_their_headers(tmp_path):
     from simclr_path.import_patches import _sixteen_bit
 
-    cases = {"a.png": np.zeros((4, 4, 3), np.uint16), "b.tif": np.zeros((4, 4), np.uint16),
-             "c.png": np.zeros((4, 4, 3), np.uint8), "d.tif": np.zeros((4, 4, 3), np.uint8),
-             "e.tif": np.zeros((4, 4, 3), np.float32), "f.jpg": np.zeros((4, 4, 3), np.uint8)}
+    cases = {"a.png": np.zeros((8, 8, 3), np.uint16), "b.tif": np.zeros((8, 8), np.uint16),
+             "c.png": np.zeros((8, 8, 3), np.uint8), "d.tif": np.zeros((8, 8, 3), np.uint8),
+             "e.tif": np.zeros((8, 8, 3), np.float32), "f.jpg": np.zeros((8, 8, 3), np.uint8)}
     for name, img in cases.items():
         assert cv2.imwrite(str(tmp_path / name), img)
-    tifffile.imwrite(tmp_path / "g.tif", np.zeros((4, 4, 4), np.uint16), photometric="separated")
+    tifffile.imwrite(tmp_path / "g.tif", np.zeros((8, 8, 4), np.uint16), photometric="separated")
     (tmp_path / "h.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # truncated: the import reports it
     found = {name: _sixteen_bit(tmp_path / name) for name in [*cases, "g.tif", "h.png"]}
     assert found == {"a.png": "png", "b.tif": "tiff", "c.png": None, "d.tif": None,
@@ -334,11 +334,11 @@ def test_16_bit_tiff_layouts(tmp_path):
     root = tmp_path / "tiles"
     (root / "SCC").mkdir(parents=True)
     (root / "normal").mkdir()
-    rgb = np.zeros((4, 4, 3), np.uint16)
+    rgb = np.zeros((8, 8, 3), np.uint16)
     rgb[...] = (2000, 1000, 3000)
     rgb[0, 0] = 4000  # the dataset's largest sample: 12 bits
-    grey, opaque = rgb[..., :1], np.full((4, 4, 1), 65535, np.uint16)
-    half = np.full((4, 4, 1), 32768, np.uint16)
+    grey, opaque = rgb[..., :1], np.full((8, 8, 1), 65535, np.uint16)
+    half = np.full((8, 8, 1), 32768, np.uint16)
     w = {"photometric": "rgb"}
     tifffile.imwrite(root / "SCC" / "a.tif", rgb, **w)
     tifffile.imwrite(root / "SCC" / "b.tif", np.moveaxis(rgb, -1, 0), planarconfig="separate", **w)
@@ -365,8 +365,8 @@ def test_unsupported_samples_fail_clearly(tmp_path):
     root = tmp_path / "tiles"
     (root / "SCC").mkdir(parents=True)
     (root / "normal").mkdir()
-    assert cv2.imwrite(str(root / "SCC" / "a.png"), np.zeros((4, 4, 3), np.uint8))
-    tifffile.imwrite(root / "normal" / "b.tif", np.zeros((4, 4, 3), np.int16), photometric="rgb")
+    assert cv2.imwrite(str(root / "SCC" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    tifffile.imwrite(root / "normal" / "b.tif", np.zeros((8, 8, 3), np.int16), photometric="rgb")
     with pytest.raises(SimclrPathError, match="b.tif: int16 samples are not supported; save the "
                                               "tile with 8- or 16-bit unsigned"):
         import_patches(root, tmp_path / "p.h5", progress=False)
@@ -378,11 +378,11 @@ def test_16_bit_png_with_alpha_keeps_its_depth(tmp_path):
     root = tmp_path / "tiles"
     (root / "SCC").mkdir(parents=True)
     (root / "normal").mkdir()
-    bgra = np.zeros((4, 4, 4), np.uint16)
+    bgra = np.zeros((8, 8, 4), np.uint16)
     bgra[..., 2], bgra[..., 1], bgra[..., 3] = 4095, 2048, 65535  # R 4095, G 2048, B 0, opaque
     bgra[2:, :, 3] = 0  # bottom half transparent
     assert cv2.imwrite(str(root / "SCC" / "a.png"), bgra)
-    assert cv2.imwrite(str(root / "normal" / "b.png"), np.full((4, 4, 3), 255, np.uint8))
+    assert cv2.imwrite(str(root / "normal" / "b.png"), np.full((8, 8, 3), 255, np.uint8))
     s = PatchStore(import_patches(root, tmp_path / "p.h5", progress=False).path)
     assert (s[0][:2] == (255, 128, 0)).all() and (s[0][2:] == 255).all(), s[0][:, 0]
 
@@ -646,3 +646,15 @@ def test_class_folders_differing_only_in_case_are_refused(tiles, tmp_path, capsy
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "class folders 'SCC' and 'scc' differ only in case" in err
     assert not (tmp_path / "p.h5").exists()
+
+
+def test_tiles_under_8_px_are_refused_as_tile_refuses_such_patches(tmp_path):
+    """2 px tiles made a store that pretrain then asked to embed at --image-size 2 or less,
+    which it refuses (review)."""
+    for name in ("SCC/a.png", "normal/b.png"):
+        _write(tmp_path / "t" / name, np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(SimclrPathError, match=r"a.png: tile is 2x2 px, smaller than 8; pass "
+                                              r"--patch-size to enlarge every tile"):
+        import_patches(tmp_path / "t", tmp_path / "p.h5", progress=False)
+    assert not (tmp_path / "p.h5").exists()
+    import_patches(tmp_path / "t", tmp_path / "p.h5", patch_size=8, progress=False)
