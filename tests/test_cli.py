@@ -337,6 +337,11 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     (["finetune", "a.h5", "--encoder", "e", "--out", "o", "--budget-s", "2"],
      ("simclr-path finetune: error: unrecognized arguments: --budget-s 2 "
       "(see 'simclr-path finetune --help')")),
+    # an empty path (an unset variable) was "." : "y.h5 is inside the input folder ." (review)
+    (["embed", "", "--encoder", "e", "--out", "y.h5"],
+     "simclr-path embed: error: argument store: empty path (an unset shell variable?)"),
+    (["tile", "x.svs", "--out", " "],
+     "simclr-path tile: error: argument --out: empty path (an unset shell variable?)"),
 ])
 def test_a_usage_error_is_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

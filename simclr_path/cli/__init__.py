@@ -99,11 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP,
                            formatter_class=_DefaultsHelpFormatter)
         mod.add_arguments(p)
+        for action in p._actions:  # an empty path was "." (the current folder) in messages
+            if action.type is Path:
+                action.type = path_arg
         # a command whose --out folder --force replaces whole (outputs.atomic_dir) says so
         p.set_defaults(_run=mod.run, _replaces_out_dir=getattr(mod, "REPLACES_OUT_DIR", False),
                        _figures_only=getattr(mod, "FIGURES_ONLY", False))
         commands[name] = p
     return parser
+
+
+def path_arg(text: str) -> Path:
+    """A path option's value; an empty one (an unset shell variable) is refused: as a Path it
+    is ".", and 'embed "" ...' said the output was inside the input folder "."."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path (an unset shell variable?); give a file or "
+                                         "folder name")
+    return Path(text)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
