@@ -1045,8 +1045,10 @@ class LinearModel:
                 arrays = {k: np.asarray(a[k], dtype=np.float64)
                           for k in ("mean", "scale", "coef", "intercept")}
         except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            # (a truncated .npz is a zip without its directory)
-            raise damaged(str(exc).splitlines()[0][:160] or type(exc).__name__, npz) from None
+            # (a truncated .npz is a zip without its directory). numpy's advice to load a
+            # pickle "unsafely" is left out: the file is damaged or not ours, never to be trusted
+            why = str(exc).splitlines()[0].split(" If you trust")[0].split("allow_pickle")[0]
+            raise damaged(why.strip(" ;,.")[:160] or type(exc).__name__, npz) from None
         mean, scale, coef, intercept = (arrays[k] for k in ("mean", "scale", "coef", "intercept"))
         # sklearn's layout: one row of coefficients for two classes, one per class otherwise
         rows = 1 if len(classes) == 2 else len(classes)

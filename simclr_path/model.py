@@ -201,6 +201,11 @@ def encoder_info(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(info.get("arch"), str) or not info["arch"].strip():
         raise SimclrPathError(f"{side}: no model name ('arch', e.g. \"resnet18\"); encoders "
                               "written by 'simclr-path pretrain' record it")
+    version = info.get("format_version")
+    if isinstance(version, (int, float)) and not isinstance(version, bool) and \
+            version > ENCODER_FORMAT_VERSION:  # keys a newer format may mean otherwise
+        raise SimclrPathError(f"{side}: encoder format {version:g} is newer than this "
+                              f"simclr-path's ({ENCODER_FORMAT_VERSION}); upgrade simclr-path")
     problem = _info_problem(info)
     if problem:  # the stages compute with these: a wrong type was a traceback deep inside
         raise SimclrPathError(f"{side}: {problem}; encoders written by 'simclr-path pretrain' "
@@ -215,6 +220,9 @@ def _info_problem(info: dict[str, Any]) -> str | None:
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+    v = info.get("format_version")
+    if v is not None and not (number(v) and float(v).is_integer()):
+        return f"format_version {v!r} is not a version number"
     for key, lo, hi in (("image_size", 8, 4096), ("patch_size", 8, 4096)):
         v = info.get(key)
         if v is not None and not (number(v) and float(v).is_integer() and lo <= v <= hi):

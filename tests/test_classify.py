@@ -1143,6 +1143,13 @@ def test_predict_on_empty_slides_alone_keeps_every_column_and_a_damaged_npz_is_o
     line = _one_error_line(capsys)
     assert rc == 2 and "model.npz" in line and "damaged" in line, line
     assert not (tmp_path / "p.csv").exists()
+    # a pickle in its place: damaged, without numpy's advice to load it "unsafely" (review)
+    (bad / "model.npz").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    rc = main(["predict", "--model", str(bad), "--embeddings", str(paths[0]), "--out",
+               str(tmp_path / "p.csv")])
+    line = _one_error_line(capsys)
+    assert rc == 2 and "classifier files are damaged (This file contains pickled" in line, line
+    assert "allow_pickle" not in line and "trust" not in line
 
 
 def test_the_probe_of_each_fold_never_sees_its_test_patients(tmp_path, monkeypatch):

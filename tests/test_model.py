@@ -167,6 +167,14 @@ def test_encoder_json_that_is_not_an_object_is_one_clear_error(tmp_path):
         (tmp_path / "encoder.json").write_text(meta)
         with pytest.raises(SimclrPathError, match="encoder.json: no model name"):
             encoder_info(tmp_path / "encoder.pt")
+    # a newer format is refused, as stores and model.json are (it was used in silence: review)
+    (tmp_path / "encoder.json").write_text('{"arch": "resnet18", "format_version": 99}')
+    with pytest.raises(SimclrPathError, match=r"encoder.json: encoder format 99 is newer than "
+                                              r"this simclr-path's \(1\); upgrade"):
+        encoder_info(tmp_path / "encoder.pt")
+    (tmp_path / "encoder.json").write_text('{"arch": "resnet18", "format_version": "1"}')
+    with pytest.raises(SimclrPathError, match="format_version '1' is not a version number"):
+        encoder_info(tmp_path / "encoder.pt")
 
 
 def test_a_simclr_checkpoint_as_weights_loads_its_backbone(tmp_path):
