@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import unicodedata
 import warnings
@@ -115,17 +116,54 @@ def _files_under(root: Path, broken: list[Path] | None = None,
     return out
 
 
-def folder_digest(folder: str | os.PathLike) -> str:
-    """A digest of every file below ``folder`` (relative path, size, modification time): the
-    workflow reruns an import when a tile is added, removed or replaced, which the folder's own
-    time does not show (it changes only for entries directly in it)."""
+def folder_digest(folder: str | os.PathLike, cache: str | os.PathLike | None = None) -> str:
+    """A digest of every file below ``folder`` (relative path and contents): the workflow reruns
+    an import when a tile is added, removed or replaced, which the folder's own time does not
+    show (it changes only for entries directly in it), and not when the folder was only copied
+    or unpacked again (new modification times: a digest of the times retrained everything).
+
+    ``cache``: a JSON file of each file's content hash by (size, modification time, inode), so
+    that only new or changed files are read again (the first digest reads every file once).
+    """
     root = Path(folder)
+    known: dict[str, list] = {}
+    if cache is not None:
+        try:
+            loaded = json.loads(Path(cache).read_text())
+            known = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            known = {}  # none yet, or damaged: hashed again
+    fresh: dict[str, list] = {}
     h = hashlib.blake2b(digest_size=16)
     if root.is_dir():
         for p in sorted(_files_under(root)):
+            rel = p.relative_to(root).as_posix()
             st = p.stat()
-            h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
-                     .encode("utf-8", "surrogateescape"))
+            key = [st.st_size, st.st_mtime_ns, st.st_ino]
+            entry = known.get(rel)
+            if isinstance(entry, list) and len(entry) == 4 and entry[:3] == key:
+                content = entry[3]
+            else:
+                content = _file_hash(p)
+            fresh[rel] = [*key, content]
+            h.update(f"{rel}\0{st.st_size}\0{content}\n".encode("utf-8", "surrogateescape"))
+    if cache is not None and fresh != known:
+        try:  # best effort: a read-only place only costs the hashing again next time
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(cache).with_name(f".{Path(cache).name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(fresh))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return h.hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    """BLAKE2b of a file's bytes, read in 1 MB blocks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 

@@ -551,6 +551,40 @@ def test_the_folder_digest_changes_with_any_tile_below_it(tiles):
     assert folder_digest(root) == first
 
 
+def test_the_folder_digest_follows_contents_not_file_times(tiles, tmp_path, monkeypatch):
+    """A copied or unpacked dataset (new modification times, same tiles) changed the digest of
+    times, and the workflow imported and pretrained again (review); a tile replaced by one of
+    the same size must still change it. The cache reads only new or changed files."""
+    import os
+    import shutil
+
+    from simclr_path import import_patches as ip
+
+    root, _ = tiles
+    cache = tmp_path / "cache" / "tiles.json"
+    first = ip.folder_digest(root, cache=cache)
+    assert first == ip.folder_digest(root)  # the cache changes nothing but the reading
+    copy = Path(shutil.copytree(root, tmp_path / "copy"))  # new times (copytree keeps them)
+    for p in copy.rglob("*"):
+        if p.is_file():
+            os.utime(p, ns=(p.stat().st_mtime_ns + 10**10,) * 2)
+    assert ip.folder_digest(copy) == first
+    read = []
+    real = ip._file_hash
+    monkeypatch.setattr(ip, "_file_hash", lambda p: (read.append(p.name), real(p))[1])
+    assert ip.folder_digest(root, cache=cache) == first and read == []  # all from the cache
+    tile = root / "SCC" / "a.png"
+    data = bytearray(tile.read_bytes())
+    data[-20] ^= 0xFF  # another tile of the same size
+    tile.write_bytes(bytes(data))
+    changed = ip.folder_digest(root, cache=cache)
+    assert changed != first and read == ["a.png"]
+    cache.write_text("{not json")  # a damaged cache: everything is read again
+    read.clear()
+    assert ip.folder_digest(root, cache=cache) == changed
+    assert len(read) == sum(p.is_file() for p in root.rglob("*"))
+
+
 def test_listing_a_tile_set_stats_no_tile(tmp_path, monkeypatch):
     """The workflow lists an imported tile set at every DAG build: os.walk plus isfile and
     exists per file made two stats a tile here (13 s for 200,000 tiles with the digest, more

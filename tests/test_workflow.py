@@ -1142,6 +1142,11 @@ def test_a_tile_added_inside_a_class_folder_reruns_the_import(tmp_path):
     assert "pixel-identical to a tile of another class" in done.stderr
     again = smk(wf, "-n", "--cores", "1", "--replace-workflow-config", target)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # the same tiles with new times (a copied or unpacked folder): nothing to redo (review)
+    for p in [wf / "tiles", *(wf / "tiles").rglob("*")]:  # the folders too
+        os.utime(p, ns=(p.stat().st_mtime_ns + 10**10,) * 2)
+    again = smk(wf, "-n", "--cores", "1", "--replace-workflow-config", target)
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
     cv2.imwrite(str(wf / "tiles" / "SCC" / "3.png"), np.zeros((32, 32, 3), np.uint8))
     dry = smk(wf, "-n", "--cores", "1", "--replace-workflow-config", target)
     assert job_counts(dry.stdout + dry.stderr).get("import_patches") == 1, dry.stdout[-2000:]

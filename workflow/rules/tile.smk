@@ -51,7 +51,8 @@ rule tile:
 
 rule import_patches:
     input:
-        dir=lambda w: PATCH_SETS[w.dataset]["dir"],
+        # ancient: a folder's time says nothing of its tiles (params.files does, by content)
+        dir=lambda w: ancient(PATCH_SETS[w.dataset]["dir"]),
         groups=lambda w: PATCH_SETS[w.dataset]["groups"] or [],
     output:
         "results/patches/{dataset}.h5",
@@ -67,8 +68,12 @@ rule import_patches:
     params:
         args=import_args,
         # the folder's files, so that a tile added, removed or replaced reruns the import (the
-        # folder's own time changes only for entries directly in it)
-        files=lambda w: folder_digest(PATCH_SETS[w.dataset]["dir"]),
+        # folder's own time changes only for entries directly in it); by content, so that a
+        # copied or unpacked folder (new times) does not; cached by file times in .snakemake/
+        files=lambda w: folder_digest(
+            PATCH_SETS[w.dataset]["dir"],
+            cache=f".snakemake/simclr-path/tile-digests/{w.dataset}.json",
+        ),
     shell:
         logged(
             "simclr-path import-patches {input.dir:q} --out {output} {params.args} --force "
