@@ -985,6 +985,14 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
                 "um/px): the encoder records no mpp, so 'embed' cannot match new slides to the tissue "
                 "scale it learned; tile every slide at one --mpp unless mixing scales is the point",
                 stacklevel=2)
+        sides = sorted({int(s.patch_size) for s in opened})
+        if len(sides) > 1 and world.main:  # as for the mpp: the encoder then records no side
+            warnings.warn(
+                f"the training stores have {len(sides)} patch sizes ({', '.join(map(str, sides))} "
+                "px): crops of the same scale take other shares of the tissue in each, and the "
+                "encoder records no patch size, so 'embed' cannot scale its input to new stores; "
+                "tile every slide at one --patch-size unless mixing them is the point",
+                stacklevel=2)
         unknown = next((s for s in opened if len(s) and s.mpp is None), None)
         recorded = _store_mpp(opened)
         if unknown is not None and recorded is not None and world.main:

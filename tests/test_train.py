@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -427,6 +428,19 @@ def test_stores_at_several_resolutions_are_warned_about(tmp_path):
     with pytest.warns(UserWarning, match=r"at 2 resolutions \(0.5, 1 um/px\).*tile every slide at one --mpp"):
         s = T.pretrain(mixed, tmp_path / "run", _cfg(max_steps=1), progress=False)
     assert s["mpp"] is None
+
+
+def test_stores_of_several_patch_sizes_are_warned_about(tmp_path):
+    """Mixed mpp had a warning; mixed patch sizes (the encoder then records none) were silent
+    (review)."""
+    mixed = [_easy_store(tmp_path / "a.h5", slide_id="A"),
+             _easy_store(tmp_path / "b.h5", slide_id="B", size=40)]
+    with pytest.warns(UserWarning, match=r"have 2 patch sizes \(32, 40 px\).*one --patch-size"):
+        T.pretrain(mixed, tmp_path / "run", _cfg(max_steps=1), progress=False)
+    assert json.loads((tmp_path / "run" / "encoder.json").read_text())["patch_size"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one size: no warning
+        T.pretrain(mixed[:1], tmp_path / "one", _cfg(max_steps=1), progress=False)
 
 
 def test_stores_with_and_without_an_mpp_are_warned_about(tmp_path):
