@@ -382,9 +382,12 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
                    "keep patches beside ink)")
         elif mask.any():  # tissue, but no grid cell holds the required share of it
             area_mm2 = float(mask.sum()) * thumb_mpp * thumb_mpp * 1e-6
+            # a stride far above the patch size leaves a sparse grid that may miss the tissue
+            sparse = (f"; --stride {stride} leaves {len(grid.xs) * len(grid.ys)} grid cell(s), "
+                      "lower it (tile.stride)" if stride > cfg.patch_size else "")
             msg = (f"tissue found ({area_mm2:.2g} mm²) but no patch reached --min-tissue "
                    f"{cfg.min_tissue:g}; lower it or use a smaller --patch-size/--mpp (in the workflow: "
-                   f"tile.min_tissue, tile.patch_size, tile.mpp); {empty}")
+                   f"tile.min_tissue, tile.patch_size, tile.mpp){sparse}; {empty}")
         else:
             msg = f"no tissue found; {empty} (check the QC picture or the slide itself)"
         warnings.warn(f"{path}: {msg}", NoTissueWarning, stacklevel=2)

@@ -279,6 +279,13 @@ def test_tissue_without_a_patch_reaching_min_tissue_says_so(slide, blank, tmp_pa
     assert "tissue found (0.1" in msg and "mm²) but no patch reached --min-tissue 1;" in msg
     assert "lower it or use a smaller --patch-size/--mpp" in msg
     assert "(in the workflow: tile.min_tissue, tile.patch_size, tile.mpp)" in msg
+    assert "--stride" not in msg
+    # a stride far above the patch size: one grid cell, in a corner; the stride is named (review)
+    with pytest.warns(NoTissueWarning) as caught:
+        tile_slide(slide, tmp_path / "t.h5", TileConfig(mpp=2.0, patch_size=64, stride=100000),
+                   progress=False)
+    (msg,) = [str(w.message) for w in caught]
+    assert "--stride 100000 leaves 1 grid cell(s), lower it (tile.stride)" in msg, msg
     with pytest.warns(NoTissueWarning) as caught:  # a blank slide: no tissue at all
         tile_slide(blank, tmp_path / "b.h5", cfg, progress=False)
     (msg,) = [str(w.message) for w in caught]
