@@ -137,6 +137,12 @@ def layout_problem(n: int, labels: np.ndarray | None, groups: list[str] | None,
         return f"/groups holds {len(groups)} entries for {n} patches"
     if names is not None and not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
         return f"attribute label_names is {names!r}, expected a list of class names"
+    # text attributes the stages compare between files: an array there (a file written by other
+    # code) was a numpy traceback ("truth value of an array is ambiguous")
+    for key in ("slide_id", "layer", "arch", "encoder_sha256", "kind", "store_kind"):
+        v = attrs.get(key)
+        if v is not None and not isinstance(v, str):
+            return f"attribute {key} is {v!r}, expected text"
     # (a negative index is the readers' own check: info says what it is)
     if labels is not None and len(labels) and names and labels.max() >= len(names):
         return (f"/labels holds class index {int(labels.max())} but label_names has "

@@ -221,6 +221,12 @@ def test_crafted_patch_stores_and_embedding_files_are_one_clear_error(tmp_path, 
                          {"slide_id": "A", "tta": np.array([1, 0])})
     with pytest.raises(SimclrPathError, match=r"attribute tta is .*, not true or false"):
         EmbeddingStore(e)
+    # an array where classify and predict compare text (review: "truth value ... ambiguous")
+    e = write_embeddings(tmp_path / "l.h5", np.ones((2, 3), np.float32), np.zeros((2, 2)),
+                         {"slide_id": "A", "layer": np.array([1, 2])})
+    with pytest.raises(SimclrPathError, match=r"l.h5: not a valid embedding file: attribute "
+                                              r"layer is .*, expected text"):
+        EmbeddingStore(e)
 
 
 def test_a_process_keeps_a_bounded_number_of_store_files_open(make_store, monkeypatch):
