@@ -223,7 +223,9 @@ def test_crafted_patch_stores_and_embedding_files_are_one_clear_error(tmp_path, 
         EmbeddingStore(e)
     # an array where classify and predict compare text (review: "truth value ... ambiguous")
     e = write_embeddings(tmp_path / "l.h5", np.ones((2, 3), np.float32), np.zeros((2, 2)),
-                         {"slide_id": "A", "layer": np.array([1, 2])})
+                         {"slide_id": "A", "layer": "pooled"})
+    with h5py.File(e, "r+") as f:
+        f.attrs["layer"] = np.array([1, 2])  # (the package's writer would store its text)
     with pytest.raises(SimclrPathError, match=r"l.h5: not a valid embedding file: attribute "
                                               r"layer is .*, expected text"):
         EmbeddingStore(e)
