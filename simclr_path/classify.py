@@ -91,6 +91,8 @@ class PatchTable:
     encoder: str | None = None  # encoder path the first file was embedded with (for messages)
     input_mpp: float | None = None  # um of tissue per input pixel (None: not every file knows)
     fine_tuned_from: str | None = None  # the encoder was fine-tuned with labels from this one
+    # what a "patient" is in messages: a tile set's source image (labels from the files)
+    grouped_by: str = "patient"
 
 
 def _tta(attrs: dict[str, Any]) -> bool:
@@ -543,6 +545,7 @@ def load_table(
         encoder=first.get("encoder"),
         input_mpp=input_mpp(scale),
         fine_tuned_from=first.get("fine_tuned_from"),
+        grouped_by="patient" if samples is not None else "source image",
     )
 
 
@@ -1047,8 +1050,10 @@ class LinearModel:
         except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
             # (a truncated .npz is a zip without its directory). numpy's advice to load a
             # pickle "unsafely" is left out: the file is damaged or not ours, never to be trusted
-            why = str(exc).splitlines()[0].split(" If you trust")[0].split("allow_pickle")[0]
-            raise damaged(why.strip(" ;,.")[:160] or type(exc).__name__, npz) from None
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "pickle" in why or "Object arrays" in why:
+                why = "it holds pickled (object) data, which is never loaded"
+            raise damaged(why[:160], npz) from None
         mean, scale, coef, intercept = (arrays[k] for k in ("mean", "scale", "coef", "intercept"))
         # sklearn's layout: one row of coefficients for two classes, one per class otherwise
         rows = 1 if len(classes) == 2 else len(classes)
@@ -1217,20 +1222,23 @@ def auroc_ci(
     classes: Sequence[str],
     positive: int | None,
     cfg: ClassifyConfig,
+    unit: str = "patient",
 ) -> tuple[list[float] | None, str | None]:
     """The slide AUROC's patient-bootstrap 95% CI, or None and why it is not given (the
-    ``auroc_ci95`` and ``auroc_ci95_note`` of ``metrics.json``)."""
+    ``auroc_ci95`` and ``auroc_ci95_note`` of ``metrics.json``); ``unit``: what a patient is
+    called (a tile set's "source image")."""
+    held = "held-out slides" if unit == "patient" else f"held-out {unit}s"
     if cfg.bootstrap <= 0:
         return None, "CI not shown: the bootstrap is off (classify.bootstrap: 0)"
     per_class = patients_per_class(slides_pred, classes)
     fewest = min(per_class.values())
     if fewest == 0:  # not a matter of too few: there is no AUROC to give an interval for
-        return None, (f"CI not shown: the held-out slides hold no class "
+        return None, (f"CI not shown: the {held} hold no class "
                       f"{min(per_class, key=per_class.get)!r}")
     if fewest < MIN_CI_PATIENTS:
-        few = (f"{fewest} patients per class" if len(set(per_class.values())) == 1 else
-               f"{fewest} patients in class {min(per_class, key=per_class.get)!r}")
-        return None, (f"CI not shown: {few} (a patient bootstrap needs at least "
+        few = (f"{fewest} {unit}s per class" if len(set(per_class.values())) == 1 else
+               f"{fewest} {unit}s in class {min(per_class, key=per_class.get)!r}")
+        return None, (f"CI not shown: {few} (a {unit} bootstrap needs at least "
                       f"{MIN_CI_PATIENTS} per class)")
     ci = bootstrap_auroc(sy, sp, slides_pred["patient_id"].to_numpy(), positive, cfg.bootstrap,
                          cfg.seed)
@@ -1239,8 +1247,8 @@ def auroc_ci(
     if ci[1] - ci[0] < 1e-6:
         # every resample of perfectly separated slides scores the same: a percentile interval
         # of zero width would claim no uncertainty however few the patients
-        return None, (f"CI not shown: every patient resample gives AUROC {ci[0]:.3f} (the "
-                      "held-out slides are perfectly separated), so a percentile bootstrap "
+        return None, (f"CI not shown: every {unit} resample gives AUROC {ci[0]:.3f} (the "
+                      f"{held} are perfectly separated), so a percentile bootstrap "
                       "interval has zero width")
     return ci, None
 
@@ -1330,7 +1338,7 @@ def pooled_results(
     if t.positive is not None:
         slide_metrics["auroc_topk"] = _topk_auroc(sy, slides_pred, t.positive)
     slide_metrics["auroc_ci95"], slide_metrics["auroc_ci95_note"] = auroc_ci(
-        sy, sp, slides_pred, t.classes, t.positive, cfg
+        sy, sp, slides_pred, t.classes, t.positive, cfg, unit=t.grouped_by
     )
     patches = pd.DataFrame(
         {

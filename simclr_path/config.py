@@ -92,8 +92,11 @@ def _check_types(section: Any) -> None:
             _check(_is_kind(v, kind), f"{name}.{key}", f"must be {_KIND[kind]}, got {v!r}")
             # no setting means anything at NaN or infinity: they passed range checks written
             # as "> 0" and failed mid-run as a NaN loss, blaming the LR, or as a traceback
-            _check(kind is not float or math.isfinite(v), f"{name}.{key}",
-                   f"must be a finite number, got {v!r}")
+            try:
+                finite = kind is not float or math.isfinite(v)
+            except OverflowError:  # an integer beyond any float (10**400)
+                finite = False
+            _check(finite, f"{name}.{key}", f"must be a finite number, got {v!r}")
         if any(hasattr(v, "item") for v in items):
             plain = [v.item() if hasattr(v, "item") else v for v in items]
             setattr(section, key, (type(value)(plain) if is_list else plain[0]))

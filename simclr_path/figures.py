@@ -738,21 +738,33 @@ def roc_band(truth: np.ndarray, score: np.ndarray, clusters: np.ndarray, n: int 
     replacement, as ``classify``'s AUROC CI does: (false positive rates (101,), lower and upper
     true positive rates (101,)), or None when under a tenth of the resamples hold both classes.
     ``truth`` bool (N,), ``score`` (N,), ``clusters`` (N,). Each resample's curve is read at
-    fixed false positive rates (vertical averaging: Fawcett, Pattern Recognit. Lett. 2006)."""
-    from sklearn.metrics import roc_curve
+    fixed false positive rates (vertical averaging: Fawcett, Pattern Recognit. Lett. 2006).
 
+    A resample is a count per row (how often its cluster was drawn): the rows are sorted by
+    score once and each curve is a weighted cumulative sum, O(N) with no sort (sklearn's
+    roc_curve per resample took 2 minutes for 100,000 ungrouped tiles).
+    """
+    truth = np.asarray(truth, dtype=bool)
+    score = np.asarray(score, dtype=float)
     rng = np.random.default_rng(seed)
-    uniq, inv = np.unique(clusters, return_inverse=True)
-    order = np.argsort(inv, kind="stable")
-    members = np.split(order, np.cumsum(np.bincount(inv, minlength=len(uniq)))[:-1])
+    _, cluster = np.unique(clusters, return_inverse=True)
+    k = int(cluster.max()) + 1 if len(cluster) else 0
+    order = np.argsort(-score, kind="stable")
+    cluster, pos = cluster[order], truth[order]
+    s = score[order]
+    # the last row of each run of equal scores: one threshold per distinct score
+    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True]) if len(s) else np.zeros(0, int)
     grid = np.linspace(0, 1, 101)
     rows = []
     for _ in range(n):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
-        yb = truth[idx]
-        if 0 < yb.sum() < len(yb):
-            fpr, tpr, _ = roc_curve(yb, score[idx])
-            rows.append(np.interp(grid, fpr, tpr))
+        w = np.bincount(rng.integers(0, k, k), minlength=k)[cluster].astype(float)
+        tp = np.cumsum(w * pos)[ends]
+        fp = np.cumsum(w * ~pos)[ends]
+        if not (tp[-1] > 0 and fp[-1] > 0):
+            continue  # one class only in this resample
+        fpr = np.r_[0.0, fp / fp[-1]]
+        tpr = np.r_[0.0, tp / tp[-1]]
+        rows.append(np.interp(grid, fpr, tpr))
     if len(rows) < max(10, n // 10):
         return None
     lo, hi = np.percentile(np.array(rows), [2.5, 97.5], axis=0)
@@ -856,8 +868,11 @@ def plot_curves(
                     and drawn and drawn[0][0] == "mean of patches" and "patient_id" in slides):
                 # the CI's own curve (the mean-of-patches score), resampled by patient as the CI
                 ok = np.isfinite(slides["score"].to_numpy(dtype=float))
+                used = metrics.get("config") or {}  # classify's resamples and seed
+                used = used.get("classify", used)  # (fine-tuning keeps them by section)
                 band = roc_band(drawn[0][1], slides["score"].to_numpy(dtype=float)[ok],
-                                slides["patient_id"].astype(str).to_numpy()[ok])
+                                slides["patient_id"].astype(str).to_numpy()[ok],
+                                n=int(used.get("bootstrap") or 1000), seed=int(used.get("seed") or 0))
                 if band is not None:
                     ax.fill_between(*band, color=drawn[0][2], alpha=0.2, lw=0, step=None,
                                     label=f"mean of patches: 95% band ({grouped_by} bootstrap)")

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import json
+import numbers
 import os
 import unicodedata
 import warnings
@@ -122,8 +123,12 @@ def folder_digest(folder: str | os.PathLike, cache: str | os.PathLike | None = N
     show (it changes only for entries directly in it), and not when the folder was only copied
     or unpacked again (new modification times: a digest of the times retrained everything).
 
-    ``cache``: a JSON file of each file's content hash by (size, modification time, inode), so
-    that only new or changed files are read again (the first digest reads every file once).
+    Only the files an import reads count (tile formats, no hidden path part): a .DS_Store,
+    notes or an archive kept beside the tiles rerun nothing and are not read.
+
+    ``cache``: a JSON file of each file's content hash by (size, modification and change
+    times; no inode, which network and FUSE mounts renumber), so that only new or changed files
+    are read again (the first digest reads every tile once).
     """
     root = Path(folder)
     known: dict[str, list] = {}
@@ -137,14 +142,20 @@ def folder_digest(folder: str | os.PathLike, cache: str | os.PathLike | None = N
     h = hashlib.blake2b(digest_size=16)
     if root.is_dir():
         for p in sorted(_files_under(root)):
+            parts = p.relative_to(root).parts
+            if p.suffix.lower() not in EXTENSIONS or any(x.startswith(".") for x in parts):
+                continue  # as list_tiles: not a tile the import reads
             rel = p.relative_to(root).as_posix()
             st = p.stat()
-            key = [st.st_size, st.st_mtime_ns, st.st_ino]
+            key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
             entry = known.get(rel)
             if isinstance(entry, list) and len(entry) == 4 and entry[:3] == key:
                 content = entry[3]
             else:
-                content = _file_hash(p)
+                try:
+                    content = _file_hash(p)
+                except OSError:  # unreadable: the import says so in one line, not the DAG build
+                    content = f"unreadable {st.st_mtime_ns}"
             fresh[rel] = [*key, content]
             h.update(f"{rel}\0{st.st_size}\0{content}\n".encode("utf-8", "surrogateescape"))
     if cache is not None and fresh != known:
@@ -617,10 +628,11 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
 
     # (Python callers pass what argparse never would: 64.0 or "64" failed deep inside OpenCV)
     # the type here, the range below (in the options' words: -1 was "an integer >= 0")
-    if patch_size is not None:
-        patch_size = check_int(patch_size, "import_patches", "patch_size", minimum=-(2**63))
-    if bit_depth is not None:
-        bit_depth = check_int(bit_depth, "import_patches", "bit_depth", minimum=-(2**63))
+    for name, value in (("patch_size", patch_size), ("bit_depth", bit_depth)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise SimclrPathError(f"import_patches: {name} must be an integer, got {value!r}")
+    patch_size = None if patch_size is None else int(patch_size)
+    bit_depth = None if bit_depth is None else int(bit_depth)
     workers = check_int(workers, "import_patches", "workers")
     if patch_size is not None and not MIN_PATCH_SIZE <= patch_size <= MAX_PATCH_SIZE:
         raise SimclrPathError(f"--patch-size must be between {MIN_PATCH_SIZE} and {MAX_PATCH_SIZE}, "

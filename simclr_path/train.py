@@ -85,7 +85,16 @@ RUN_DIRS = ["tensorboard", "mlruns", "wandb"]
 # project folder may hold such names, or copies of a run's), nor mlflow.db (MLflow's default
 # store in any working folder)
 RUN_MARKER = ".simclr-path-run"
-_DIVERGED_FIX = "lower train.lr, use train.optimizer adamw, or set train.amp false"
+
+
+def _diverged_fix(t_cfg: Any) -> str:
+    """What to change after a diverged run: the settings it does not already have."""
+    fixes = ["lower train.lr"]
+    if t_cfg.optimizer != "adamw":
+        fixes.append("use train.optimizer adamw")
+    if t_cfg.amp:
+        fixes.append("set train.amp false")
+    return fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])} or {fixes[-1]}"
 # config.yaml's first line: tells a run's own config.yaml from a user's in a folder given as --out
 RUN_CONFIG_HEADER = "# simclr-path pretrain: this run's resolved configuration\n"
 # Files that mark a run as finished; removed before any (re)start so a failed run never has them.
@@ -1279,8 +1288,23 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
     stores_record = _store_record(opened)
     saved_step = start_step  # the step of the newest checkpoint (or of none: start_step 0)
 
+    def resume_hint() -> str:
+        return (f"the last good checkpoint is {out / 'checkpoint.pt'} (step {saved_step}; resume "
+                "after changing the config is not supported)" if saved_step > 0 else
+                "no checkpoint was written before it (every train.checkpoint_every steps), so "
+                "start again with --force")
+
     def checkpoint(step: int, wall: float, finished: bool = False) -> None:
         nonlocal saved_step
+        # the weights first, on every rank (DDP's are the same): an update comes after the loss
+        # logged for its step, so weights it made NaN (a huge LR) passed every loss check and
+        # were saved as "the last good checkpoint", or as a completed run's encoder; one sync
+        params = [p.detach() for p in _unwrap(train_model).parameters()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise SimclrPathError(
+                f"{out}: the weights became NaN or infinite by step {step} (the losses logged "
+                f"were finite: an update comes after its loss); {_diverged_fix(t_cfg)}; "
+                f"{resume_hint()}{'; no encoder was written' if finished else ''}")
         if not world.main:
             return
         save_checkpoint(out / "checkpoint.pt", {
@@ -1394,11 +1418,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                       file=sys.stderr, flush=True)
         if bad and check:
             raise SimclrPathError(
-                f"{out}: loss became {bad[0][2]} at step {bad[0][0]}; {_DIVERGED_FIX}; "
-                + (f"the last good checkpoint is {out / 'checkpoint.pt'} (step {saved_step}; "
-                   "resume after changing the config is not supported)" if saved_step > 0 else
-                   "no checkpoint was written before it (every train.checkpoint_every steps), "
-                   "so start again with --force"))
+                f"{out}: loss became {bad[0][2]} at step {bad[0][0]}; {_diverged_fix(t_cfg)}; "
+                f"{resume_hint()}")
         return not bad
 
     guard = _DeferSignals(enabled=True, agree=world.enabled)
@@ -1545,14 +1566,6 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         getattr(it, "_shutdown_workers", lambda: None)()
         worker_reports_back()  # (stopping_on_a_signal, in the guard's handler)
     bar.close()
-    # the last update came after the last loss: weights it made NaN (a huge LR) were saved as
-    # the encoder, and embed failed on them later; one device sync
-    params = [p.detach() for p in _unwrap(train_model).parameters()]
-    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        tracker.close(None)
-        raise SimclrPathError(
-            f"{out}: the weights became NaN or infinite in the last update (step {step}; the "
-            f"losses logged were finite); {_DIVERGED_FIX}; no encoder was written")
     try:  # writing the final files can fail too (disk full): the tracker still ends, FAILED
         if step < total_steps and stopped == "completed":
             stopped = "data_exhausted"

@@ -1148,7 +1148,8 @@ def test_predict_on_empty_slides_alone_keeps_every_column_and_a_damaged_npz_is_o
     rc = main(["predict", "--model", str(bad), "--embeddings", str(paths[0]), "--out",
                str(tmp_path / "p.csv")])
     line = _one_error_line(capsys)
-    assert rc == 2 and "classifier files are damaged (This file contains pickled" in line, line
+    assert rc == 2 and "classifier files are damaged (it holds pickled (object) data, which is " \
+        "never loaded)" in line, line
     assert "allow_pickle" not in line and "trust" not in line
 
 
@@ -1366,3 +1367,13 @@ def test_the_probe_scales_features_in_slices_with_sklearns_result(monkeypatch):
 
     again = pickle.loads(pickle.dumps(pipe))
     np.testing.assert_array_equal(again.predict_proba(X[:50]), pipe.predict_proba(X[:50]))
+
+
+def test_a_tile_sets_ci_note_speaks_of_source_images_not_patients(tmp_path):
+    """The table, captions and band said "source image" for a tile set; the note said
+    "3 patients per class (a patient bootstrap ...)" (review)."""
+    m = classify([_patch_set(tmp_path / "p.h5", groups_per_class=3)], tmp_path / "out",
+                 cfg=replace(FAST, folds=3))
+    note = m["slide"]["auroc_ci95_note"]
+    assert note == ("CI not shown: 3 source images per class (a source image bootstrap needs at "
+                    "least 5 per class)"), note

@@ -195,6 +195,7 @@ def test_whole_floats_in_integer_fields_and_none_in_optional_ones_pass():
     ({"finetune": {"lr": float("inf")}}, "finetune.lr must be a finite number"),
     ({"classify": {"tsne_perplexity": float("nan")}}, "classify.tsne_perplexity must be a finite"),
     ({"augment": {"crop_scale": [0.2, float("inf")]}}, "augment.crop_scale must be a finite"),
+    ({"train": {"temperature": 10**400}}, "train.temperature must be a finite number"),  # no float
     ({"classify": {"seed": -1}}, "classify.seed"),
     ({"classify": {"max_iter": 0}}, "classify.max_iter"),
     # fewer than 10 resamples never gave a CI, with a note blaming the resamples' classes

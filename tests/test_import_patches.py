@@ -128,6 +128,11 @@ def test_patch_size_out_of_range_is_refused(tiles, tmp_path, size):
 def test_python_arguments_of_the_wrong_type_are_one_error(tiles, tmp_path, key, value):
     """64.0 or "64" failed as a TypeError deep inside OpenCV or numpy."""
     root, _ = tiles
+    if key != "workers":
+        with pytest.raises(SimclrPathError) as err:
+            import_patches(root, tmp_path / "p.h5", progress=False, **{key: value})
+        assert str(err.value) == f"import_patches: {key} must be an integer, got {value!r}"
+    # (no made-up least value in the message: patch_size's range is checked in its own words)
     with pytest.raises(SimclrPathError, match=f"import_patches: {key} must be an integer"):
         import_patches(root, tmp_path / "p.h5", progress=False, **{key: value})
     assert not (tmp_path / "p.h5").exists()
@@ -579,10 +584,17 @@ def test_the_folder_digest_follows_contents_not_file_times(tiles, tmp_path, monk
     tile.write_bytes(bytes(data))
     changed = ip.folder_digest(root, cache=cache)
     assert changed != first and read == ["a.png"]
-    cache.write_text("{not json")  # a damaged cache: everything is read again
+    cache.write_text("{not json")  # a damaged cache: every tile is read again
     read.clear()
     assert ip.folder_digest(root, cache=cache) == changed
-    assert len(read) == sum(p.is_file() for p in root.rglob("*"))
+    assert sorted(read) == ["a.png", "b.png", "c.tif", "x.jpg", "y.png"]  # the tiles only
+    # files the import does not read change nothing and are not read (review)
+    (root / ".DS_Store").write_bytes(b"x")
+    (root / "SCC" / "notes.txt").write_text("another note")
+    (root / "SCC" / ".hidden").mkdir()
+    _write(root / "SCC" / ".hidden" / "t.png", np.zeros((32, 32, 3), np.uint8))
+    read.clear()
+    assert ip.folder_digest(root, cache=cache) == changed and read == []
 
 
 def test_listing_a_tile_set_stats_no_tile(tmp_path, monkeypatch):

@@ -651,8 +651,9 @@ def test_nan_loss_stops_with_clear_error(stores, tmp_path, monkeypatch):
     orig = L.NTXentLoss.forward
     monkeypatch.setattr(L.NTXentLoss, "forward", lambda self, *z: orig(self, *z) * float("nan"))
     # no checkpoint before it: none is named as "the last good" one (review)
-    with pytest.raises(SimclrPathError, match="loss became nan at step 1; lower train.lr, .*; no "
-                                              "checkpoint was written before it"):
+    # (the run already uses adamw: that advice is left out)
+    with pytest.raises(SimclrPathError, match="loss became nan at step 1; lower train.lr or set "
+                                              "train.amp false; no checkpoint was written before"):
         T.pretrain(stores, tmp_path / "run", _cfg(max_steps=3), progress=False)
     assert not any((tmp_path / "run" / f).exists() for f in COMPLETE)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
@@ -673,25 +674,39 @@ def test_nan_loss_stops_with_clear_error(stores, tmp_path, monkeypatch):
                    progress=False)
 
 
-def test_weights_made_nan_by_the_last_update_are_not_saved_as_the_encoder(stores, tmp_path,
-                                                                          monkeypatch):
-    """The last update comes after the last loss: weights it made NaN were saved as a
-    'completed' run's encoder, and embed failed on them later (review)."""
-    orig, calls = torch.optim.AdamW.step, {"n": 0}
+def test_weights_made_nan_by_an_update_are_never_saved(stores, tmp_path, monkeypatch):
+    """An update comes after the loss logged for its step: weights it made NaN were saved as a
+    'completed' run's encoder (embed failed on them later), or as "the last good checkpoint"
+    named after the next step's NaN loss (review)."""
+    orig = torch.optim.AdamW.step
 
-    def step(self, *a, **k):
-        out = orig(self, *a, **k)
-        calls["n"] += 1
-        if calls["n"] == 3:  # the last of 3 steps: its loss (before the update) was finite
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].fill_(float("nan"))
-        return out
+    def nan_at(n):
+        calls = {"n": 0}
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    with pytest.raises(SimclrPathError, match=r"the weights became NaN or infinite in the last "
-                                              r"update \(step 3; .*no encoder was written"):
+        def step(self, *a, **k):
+            out = orig(self, *a, **k)
+            calls["n"] += 1
+            if calls["n"] == n:  # its loss (before the update) was finite
+                with torch.no_grad():
+                    self.param_groups[0]["params"][0].fill_(float("nan"))
+            return out
+        return step
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", nan_at(3))  # the last of 3 steps
+    with pytest.raises(SimclrPathError, match=r"the weights became NaN or infinite by step 3 .*"
+                                              r"the last good checkpoint is .*checkpoint.pt "
+                                              r"\(step 2; .*; no encoder was written"):
         T.pretrain(stores, tmp_path / "run", _cfg(max_steps=3), progress=False)
     assert not any((tmp_path / "run" / f).exists() for f in COMPLETE)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values()
+                                   if v.is_floating_point())
+    # NaN made by update 4, a checkpoint step: not saved over the good one of step 2
+    monkeypatch.setattr(torch.optim.AdamW, "step", nan_at(4))
+    with pytest.raises(SimclrPathError, match=r"by step 4 .*checkpoint.pt \(step 2;"):
+        T.pretrain(stores, tmp_path / "run2", _cfg(max_steps=6), progress=False)
+    ck = torch.load(tmp_path / "run2" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2
 
 
 def test_time_budget_stops_cleanly(stores, tmp_path):

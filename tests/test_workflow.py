@@ -1279,3 +1279,16 @@ def test_run_names_differing_only_in_case_stop_the_dag_build(tmp_path):
                "-n", "--cores", "1")
     assert done.returncode != 0
     assert "run names 'Base' and 'base' differ only in case" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_key_given_twice_in_a_configfile_stops_the_dag_build(tmp_path):
+    """Snakemake keeps the later of two equal keys in silence: a second tile: section, or a run
+    named twice under runs:, was dropped whole (review)."""
+    wf = workdir(tmp_path, TINY, tsv(demo_rows(4)))
+    cfg = wf / "config" / "test.yaml"
+    assert smk(wf, "-n", "--cores", "1").returncode == 0
+    cfg.write_text(cfg.read_text() + "runs:\n  base: {}\n  base: {train: {max_steps: 3}}\n")
+    done = smk(wf, "-n", "--cores", "1")
+    assert done.returncode != 0
+    line = _one_error_line(done)
+    assert "test.yaml: line" in line and "key 'runs' is given twice (first on line" in line, line

@@ -278,9 +278,8 @@ def _one_line(exc: SimclrPathError) -> str:
     PyTorch's "Caught SimclrPathError in DataLoader worker process 0. Original Traceback ..."
     around it: its last line is the message."""
     text = str(exc)
-    if "Original Traceback" in text:
-        last = text.rstrip().splitlines()[-1]
-        text = last.split("SimclrPathError: ", 1)[-1]
+    if "Original Traceback" in text:  # the message follows the traceback's last "Error: "
+        text = text.rstrip().rsplit("SimclrPathError: ", 1)[-1]
     return text
 
 

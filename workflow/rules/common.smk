@@ -84,6 +84,18 @@ def fail(message):
 
 SCHEMA_DICT = yaml.safe_load(SCHEMA.read_text())
 
+# Snakemake reads config files keeping the last of two equal keys in silence (a second tile:
+# section, a run named twice): read again, refusing that, as simclr-path's --config is read
+for _configfile in workflow.configfiles:
+    try:
+        yaml.load(
+            Path(_configfile).read_text(encoding="utf-8"), Loader=spc.UniqueKeyLoader
+        )
+    except spc.DuplicateKeyError as exc:
+        fail(f"{_configfile}: {exc}")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        pass  # Snakemake has read it: its own reading stands
+
 if not Path("config/config.yaml").is_file():
     # the Snakefile's `configfile:` is read from the working directory: from elsewhere only the
     # --configfile given and the schema's defaults apply, without a word from Snakemake
