@@ -46,7 +46,7 @@ from simclr_path.outputs import (
     check_can_write,
     check_distinct,
 )
-from simclr_path.samples import class_case_clash
+from simclr_path.samples import case_clash
 from simclr_path.store import EmbeddingStore
 
 # what this command writes into its results folder: --force replaces only a folder holding one
@@ -232,7 +232,7 @@ def _load_files(
     for s in stores:  # imported patch sets are split by their groups, not their slide id
         if s.attrs.get("store_kind") != "patches" and s.labels is None:
             _note_slide(seen, s, what)
-        elif s.groups is None or all(g == "" for g in s.groups):
+        elif _ungrouped(s):
             # its tiles are named SET:i (patch_set_units): two sets of one name (the import's
             # file stem, tiles.h5 in two folders) would merge tile i of each into one "slide"
             if s.slide_id in ungrouped:
@@ -245,10 +245,15 @@ def _load_files(
     return stores, ref
 
 
+def _ungrouped(s: Any) -> bool:
+    """Whether an imported tile set has no groups (each tile is then its own unit)."""
+    return s.groups is None or all(g == "" for g in s.groups)
+
+
 def patch_set_units(s: Any) -> np.ndarray:
     """The "slide" of each patch of an imported patch set: its group (source image or patient),
     or the patch itself where the set has no groups (``SLIDE_ID:i``)."""
-    if s.groups is None or all(g == "" for g in s.groups):
+    if _ungrouped(s):
         return np.array([f"{s.slide_id}:{i}" for i in range(len(s))], dtype=object)
     return np.asarray(s.groups, dtype=object)
 
@@ -456,7 +461,7 @@ def load_table(
                     "with the slide labels and patients"
                 )
             classes += [c for c in s.label_names if c not in classes]
-            clash = class_case_clash(classes)
+            clash = case_clash(classes)
             if clash:
                 raise SimclrPathError(
                     f"{s.path}: class {clash[1]!r} differs from class {clash[0]!r} of "
@@ -473,7 +478,7 @@ def load_table(
                     f"{s.path}: labels outside label_names; re-import the patches"
                 )
             remap = np.array([classes.index(c) for c in s.label_names])
-            if s.groups is None or all(g == "" for g in s.groups):
+            if _ungrouped(s):
                 warnings.warn(
                     f"{s.path}: patches have no groups; every patch is its own group, so "
                     "near-duplicate "

@@ -413,8 +413,7 @@ class ClassifyConfig:
         _check(twice is None, "classify.labels", f"lists {twice!r} twice; list each class once")
         from simclr_path.samples import formula_problem
 
-        bad = next((formula_problem(c, "label") for c in self.labels
-                    if formula_problem(c, "label")), None)
+        bad = next(filter(None, (formula_problem(c, "label") for c in self.labels)), None)
         _check(bad is None, "classify.labels", str(bad))
         # Barnes-Hut t-SNE: 100,000 points already take the better part of an hour on a CPU
         _check(10 <= self.tsne_max_points <= 100_000, "classify.tsne_max_points",

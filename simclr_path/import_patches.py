@@ -142,9 +142,8 @@ def folder_digest(folder: str | os.PathLike, cache: str | os.PathLike | None = N
     h = hashlib.blake2b(digest_size=16)
     if root.is_dir():
         for p in sorted(_files_under(root)):
-            parts = p.relative_to(root).parts
-            if p.suffix.lower() not in EXTENSIONS or any(x.startswith(".") for x in parts):
-                continue  # as list_tiles: not a tile the import reads
+            if not _is_tile(p.relative_to(root)):
+                continue
             rel = p.relative_to(root).as_posix()
             st = p.stat()
             key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
@@ -169,6 +168,12 @@ def folder_digest(folder: str | os.PathLike, cache: str | os.PathLike | None = N
     return h.hexdigest()
 
 
+def _is_tile(rel: Path) -> bool:
+    """Whether a file at ``rel`` (below the dataset folder) is a tile the import reads: a tile
+    format, no hidden part (.DS_Store, .git/)."""
+    return rel.suffix.lower() in EXTENSIONS and not any(x.startswith(".") for x in rel.parts)
+
+
 def _file_hash(path: Path) -> str:
     """BLAKE2b of a file's bytes, read in 1 MB blocks."""
     h = hashlib.blake2b(digest_size=16)
@@ -190,13 +195,13 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     above = [d for d in subfolders if _points_above(d, top)]
     classes = sorted((d.name for d in subfolders if d not in above),
                      key=_nfc)  # the label order must not depend on how a copy spells names
-    from simclr_path.samples import class_case_clash, formula_problem
+    from simclr_path.samples import case_clash, formula_problem
 
     for name in classes:  # class names become CSV cells and column names (prob_<class>)
         problem = formula_problem(name, "class folder")
         if problem:
             raise SimclrPathError(f"{folder / name}: {problem}")
-    clash = class_case_clash(classes)
+    clash = case_clash(classes)
     if clash:
         raise SimclrPathError(f"{folder}: class folders {clash[0]!r} and {clash[1]!r} differ only "
                               "in case (one class spelt two ways?); merge them into one folder, "
@@ -211,7 +216,7 @@ def list_tiles(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
         found = [p.relative_to(folder)
                  for p in _files_under(folder / name, broken, above, top=folder)]
         found = [r for r in found if not any(part.startswith(".") for part in r.parts)]
-        files = sorted((r.as_posix() for r in found if r.suffix.lower() in EXTENSIONS), key=_nfc)
+        files = sorted((r.as_posix() for r in found if _is_tile(r)), key=_nfc)
         skipped += [r.as_posix() for r in found if r.suffix.lower() in OTHER_IMAGES]
         for f in files:  # names are stored as UTF-8 text in the store
             try:

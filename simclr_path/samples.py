@@ -59,9 +59,10 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def class_case_clash(names: Sequence[str]) -> tuple[str, str] | None:
-    """Two class names that differ only in case ('scc' and 'SCC'), or None: as two classes
-    one of them would count as 'the rest' of the other (classify's positive class)."""
+def case_clash(names: Sequence[str]) -> tuple[str, str] | None:
+    """Two names that differ only in case ('scc' and 'SCC'), or None: two classes so named
+    would each count as 'the rest' of the other; two run or file names, one folder on macOS and
+    Windows."""
     import unicodedata
 
     seen: dict[str, str] = {}

@@ -85,6 +85,10 @@ RUN_DIRS = ["tensorboard", "mlruns", "wandb"]
 # project folder may hold such names, or copies of a run's), nor mlflow.db (MLflow's default
 # store in any working folder)
 RUN_MARKER = ".simclr-path-run"
+# config.yaml's first line: tells a run's own config.yaml from a user's in a folder given as --out
+RUN_CONFIG_HEADER = "# simclr-path pretrain: this run's resolved configuration\n"
+# Files that mark a run as finished; removed before any (re)start so a failed run never has them.
+COMPLETE_FILES = ["summary.json", "encoder.pt", "encoder.json", "head.pt", "loss.png"]
 
 
 def _diverged_fix(t_cfg: Any) -> str:
@@ -95,10 +99,6 @@ def _diverged_fix(t_cfg: Any) -> str:
     if t_cfg.amp:
         fixes.append("set train.amp false")
     return fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])} or {fixes[-1]}"
-# config.yaml's first line: tells a run's own config.yaml from a user's in a folder given as --out
-RUN_CONFIG_HEADER = "# simclr-path pretrain: this run's resolved configuration\n"
-# Files that mark a run as finished; removed before any (re)start so a failed run never has them.
-COMPLETE_FILES = ["summary.json", "encoder.pt", "encoder.json", "head.pt", "loss.png"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from snakemake.utils import validate
 from simclr_path import config as spc
 from simclr_path.import_patches import folder_digest
 from simclr_path.errors import SimclrPathError
-from simclr_path.samples import read_samples
+from simclr_path.samples import case_clash, read_samples
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 SECTIONS = [
@@ -210,20 +210,19 @@ def resolved_config(run=None):
 TILE_CFG = resolved_config()
 # the schema's patterns are searched with Python's re, whose $ also matches before a final
 # newline: "base\n" passed, and split the shell commands its name reaches
-_RUN_KEYS = {}
 for _run in config["runs"]:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", str(_run)):
         fail(
             f"runs: run name {str(_run)!r} is not letters, digits, '_' and '-' (starting with "
             "a letter or digit); rename it"
         )
-    # on a case-insensitive disk (macOS, Windows) Base and base share every results folder
-    _other = _RUN_KEYS.setdefault(str(_run).casefold(), str(_run))
-    if _other != str(_run):
-        fail(
-            f"runs: run names {_other!r} and {str(_run)!r} differ only in case, and on macOS "
-            "or Windows would write the same results folders; rename one"
-        )
+# on a case-insensitive disk (macOS, Windows) Base and base share every results folder
+_clash = case_clash([str(r) for r in config["runs"]])
+if _clash:
+    fail(
+        f"runs: run names {_clash[0]!r} and {_clash[1]!r} differ only in case, and on macOS "
+        "or Windows would write the same results folders; rename one"
+    )
 if not re.fullmatch(
     r".+\.(html|zip)", str(config["report"]["path"])
 ):  # "." is no newline
@@ -351,17 +350,16 @@ HEATMAP_SLIDES = (
     else list(SAMPLES.loc[SAMPLES["split"] == "test", "slide_id"])
 )
 PATCH_SETS = dict(config["patch_datasets"])
-_SET_KEYS = {}
+_clash = case_clash(list(PATCH_SETS))
+if _clash:
+    fail(
+        f"config: patch_datasets {_clash[0]!r} and {_clash[1]!r} differ only in case, and on "
+        "macOS or Windows would write the same files; rename one"
+    )
 for _name in PATCH_SETS:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", _name) or ".." in _name:
         fail(
             f"config: patch_datasets.{_name}: not a safe file name (letters, digits, . _ -)"
-        )
-    _other = _SET_KEYS.setdefault(_name.casefold(), _name)
-    if _other != _name:
-        fail(
-            f"config: patch_datasets {_other!r} and {_name!r} differ only in case, and on "
-            "macOS or Windows would write the same files; rename one"
         )
     if _name.casefold() in {s.casefold() for s in SLIDES}:
         fail(
