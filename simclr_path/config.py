@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, need_file
 
 # Objective powers typed where a level-0 mpp belongs: no scan is 10-100 um/px at level 0
 # (a 40x scan is about 0.25 um/px, 20x about 0.5)
@@ -751,8 +751,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         raise SimclrPathError(f"{p}: is a folder; give a YAML config file")
-    if not p.is_file():
-        raise SimclrPathError(f"{p}: config file not found")
+    need_file(p, "config file")
     try:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
     except DuplicateKeyError as exc:

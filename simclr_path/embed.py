@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from simclr_path.config import EmbedConfig, section_cfg
 from simclr_path.data import cv2_fork_safe, one_thread_worker
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, need_file
 from simclr_path.model import encoder_info, load_encoder
 from simclr_path.outputs import check_apart, check_can_write, check_hdf5_name
 from simclr_path.store import PatchStore, write_embeddings
@@ -366,10 +366,7 @@ def embed_store(
     # encoder.json beside the weights is read too: writing over it would orphan the encoder
     check_apart({"out": out}, {"encoder_path": encoder_path, "encoder metadata":
                                enc.with_suffix(".json"), "store_path": store_path})
-    if not enc.is_file():
-        raise SimclrPathError(
-            f"{enc}: encoder file not found; train one with 'simclr-path pretrain'"
-        )
+    need_file(enc, "encoder file", "train one with 'simclr-path pretrain'")
     out = check_can_write(out, force)  # a folder, or a path under a file, fails before embedding
     check_hdf5_name(out, "an embedding file")
     if cfg.batch_size < 1:

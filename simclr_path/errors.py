@@ -7,6 +7,9 @@ exit code; programming errors keep raising normally so they stay debuggable.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class SimclrPathError(Exception):
     """A user-facing error: one line naming the input, the problem and the fix."""
@@ -38,3 +41,22 @@ def check_number(value: object, caller: str, name: str) -> float:
             math.isfinite(value) and value > 0):
         raise SimclrPathError(f"{caller}: {name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def need_file(path: str | os.PathLike, what: str, fix: str = "") -> Path:
+    """``path`` when it is a regular file; else one clear error saying which of three things is
+    wrong: nothing there (with ``fix``, how to make it), a folder, or something that is not a file
+    (a pipe from ``<(...)`` or a device: readers open inputs more than once, and were told "not
+    found" of a path that exists)."""
+    p = Path(path)
+    if not p.exists():
+        if p.is_symlink():
+            raise SimclrPathError(f"{p}: {what} is a link to {os.readlink(p)}, which does not "
+                                  "exist; fix the link or give the file itself")
+        raise SimclrPathError(f"{p}: {what} not found" + (f"; {fix}" if fix else ""))
+    if p.is_dir():
+        raise SimclrPathError(f"{p}: is a folder; give the {what}")
+    if not p.is_file():
+        raise SimclrPathError(f"{p}: is not a regular file (a pipe or a device?); save the "
+                              f"{what} to a file and give its path")
+    return p

@@ -23,7 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from simclr_path.errors import SimclrPathError, check_int
+from simclr_path.errors import SimclrPathError, check_int, need_file
 from simclr_path.outputs import as_paths, atomic_output, check_apart, check_can_write
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under common colour-vision
@@ -193,10 +193,7 @@ def plot_loss_curve(
     p = Path(metrics_csv)
     if p.is_dir():
         p = p / "metrics.csv"
-    if not p.is_file():
-        raise SimclrPathError(
-            f"{p}: metrics file not found; it is written by 'simclr-path pretrain'"
-        )
+    need_file(p, "metrics file", "it is written by 'simclr-path pretrain'")
     df = _read_table(p, {"step", "loss"}, numeric={"step", "loss"},
                      how="; it is written by 'simclr-path pretrain' after its first logged steps")
     fig, ax = new_figure(figsize=(7, 4.6))
@@ -1185,9 +1182,8 @@ def plot_heatmap(
         _check_finite(preds, {"x", "y", "score"}, src, how)  # slide rows have no x, y
         pos = _score_class(preds)
     else:
-        raise SimclrPathError(
-            f"{src}: not found; give a 'classify' results folder or a 'predict' CSV"
-        )
+        need_file(src, "classify results folder or predict CSV")  # raises: not a file or folder
+        raise AssertionError(src)
     if "score" not in preds.columns:
         raise SimclrPathError(f"{src}: {_NO_POSITIVE}")
     st = PatchStore(store)

@@ -86,7 +86,7 @@ from simclr_path.config import (
 )
 from simclr_path.data import cv2_fork_safe, one_thread_worker, read_patch
 from simclr_path.embed import default_image_size, file_sha256
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, need_file
 from simclr_path.model import encoder_info, feature_dim, load_encoder, output_stride, save_encoder
 from simclr_path.outputs import as_paths, atomic_dir, check_apart, check_can_write
 from simclr_path.store import PatchStore
@@ -569,9 +569,7 @@ def finetune(
         enc = Path(encoder)
         if enc.is_dir():
             enc = enc / "encoder.pt"
-        if not enc.is_file():
-            raise SimclrPathError(f"{enc}: encoder file not found; train one with "
-                                  "'simclr-path pretrain'")
+        need_file(enc, "encoder file", "train one with 'simclr-path pretrain'")
         info = encoder_info(enc)
         t, stores = load_patch_table(store_paths, samples, cfg)
         # the probe's input size (embed.image_size, else embed's default: whole patches at the scale

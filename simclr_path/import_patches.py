@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from simclr_path.config import BIT_DEPTHS
-from simclr_path.errors import SimclrPathError, check_int
+from simclr_path.errors import SimclrPathError, check_int, need_file
 from simclr_path.outputs import check_apart, check_can_write, check_hdf5_name
 from simclr_path.store import PatchStoreWriter
 
@@ -261,8 +261,7 @@ def read_groups(csv: str | os.PathLike, tiles: list[str]) -> list[str]:
     p = Path(csv)
     if p.is_dir():
         raise SimclrPathError(f"{p}: is a folder; give the groups CSV file (columns path, group)")
-    if not p.is_file():
-        raise SimclrPathError(f"{p}: groups CSV not found")
+    need_file(p, "groups CSV")
     try:
         df = pd.read_csv(p, dtype=str, keep_default_na=False)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:

@@ -23,7 +23,7 @@ import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, need_file
 from simclr_path.outputs import atomic_output
 
 ENCODER_FORMAT_VERSION = 1
@@ -51,9 +51,7 @@ def _safe_namespace() -> contextlib.AbstractContextManager:
 
 def load_state_dict_file(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
     """Load a tensor state dict safely (``weights_only=True``); one clear error if it is unreadable."""
-    p = Path(path)
-    if not p.is_file():
-        raise SimclrPathError(f"{p}: {what} not found")
+    p = need_file(path, what)
     try:
         with warnings.catch_warnings(), _safe_namespace():
             # torch's aside on a foreign pickle's protocol: the error below says what matters
@@ -184,10 +182,8 @@ def save_encoder(backbone: nn.Module, path: str | os.PathLike, arch: str, force:
 
 def encoder_info(path: str | os.PathLike) -> dict[str, Any]:
     """Metadata of an encoder file (from ``encoder.json`` beside it)."""
-    side = Path(path).with_suffix(".json")
-    if not side.is_file():
-        raise SimclrPathError(f"{side}: encoder metadata not found next to {Path(path).name}; "
-                              "encoders written by 'simclr-path pretrain' have it")
+    side = need_file(Path(path).with_suffix(".json"), f"encoder metadata of {Path(path).name}",
+                     "encoders written by 'simclr-path pretrain' have it beside them")
     try:
         info = json.loads(side.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -248,8 +244,7 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, device: str |
     p = Path(path)
     if p.is_dir():
         p = p / "encoder.pt"
-    if not p.is_file():
-        raise SimclrPathError(f"{p}: encoder file not found")
+    need_file(p, "encoder file")
     if arch is None:
         arch = encoder_info(p)["arch"]
     model = create_backbone(arch)

@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 
 from simclr_path.config import magnification_hint
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, need_file
 from simclr_path.outputs import first_repeat
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id")
@@ -116,8 +116,7 @@ def read_samples(
     p = Path(path)
     if p.is_dir():
         raise SimclrPathError(f"{p}: is a folder; give the samples sheet (a TSV file)")
-    if not p.is_file():
-        raise SimclrPathError(f"{p}: samples sheet not found")
+    need_file(p, "samples sheet")
     try:
         # only whole lines starting with '#' are comments: pandas' comment= would also cut a
         # field such as patient "case#1" at its '#'

@@ -43,7 +43,7 @@ import h5py
 import numpy as np
 
 from simclr_path import __version__
-from simclr_path.errors import SimclrPathError
+from simclr_path.errors import SimclrPathError, need_file
 from simclr_path.outputs import atomic_output, raise_pending_signal
 
 # 2: None is an empty attribute (format 1 wrote the string "none", so a string "none" read back as None)
@@ -416,11 +416,10 @@ class _LazyH5:
         self._what = what
         self._f: h5py.File | None = None
         self._pid: int | None = None
-        if not self.path.exists():
-            raise SimclrPathError(f"{self.path}: {what} not found")
         if self.path.is_dir():
             thing = what if what.endswith("file") else f"{what} file"
             raise SimclrPathError(f"{self.path}: is a folder; give the {thing} (.h5)")
+        need_file(self.path, what)
         self._open()  # validate now, in the parent, so errors surface before any worker starts
 
     def _open(self) -> h5py.File:

@@ -23,7 +23,7 @@ def _size(n: int) -> str:
 def summary(path: Path) -> list[str]:
     """Lines describing the store at ``path`` (raises SimclrPathError for a bad file)."""
 
-    from simclr_path.errors import SimclrPathError
+    from simclr_path.errors import SimclrPathError, need_file
     from simclr_path.store import (
         EmbeddingStore,
         PatchStore,
@@ -35,8 +35,7 @@ def summary(path: Path) -> list[str]:
 
     if path.is_dir():
         raise SimclrPathError(f"{path}: is a folder; give a patch store or embedding file (.h5)")
-    if not path.is_file():
-        raise SimclrPathError(f"{path}: file not found")
+    need_file(path, "file")
     try:
         f = open_h5(path)
     except OSError:
