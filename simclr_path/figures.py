@@ -470,7 +470,9 @@ def plot_tsne(
             f"{len(df)} sampled, first: row {int(first['patch_index'])}); embed the slide again "
             "(simclr-path embed ... --force)")
     xy = tsne_2d(feats, perplexity, seed)
-    written = []
+    # every figure is drawn before any is saved: a damaged store's patch (read for the
+    # thumbnail map) must not leave the label and slide maps of a failed run behind
+    figures: list[tuple[Figure, str | os.PathLike]] = []
     # what the map is a sample of: "2000 patch embeddings" did not say of how many, or whence
     total = df.attrs.get("n_total", len(df))
     of = f"{len(df)} of {total}" if total > len(df) else f"all {len(df)}"
@@ -478,7 +480,7 @@ def plot_tsne(
     fig, ax = new_figure(figsize=(7.5, 6))
     _scatter_by(ax, xy, df["label"], "label", df.attrs.get("classes"))
     ax.set_title(with_run(f"t-SNE of {sample}, coloured by label", run_name))
-    written.append(save_figure(fig, out_label, force=force))
+    figures.append((fig, out_label))
     by_group = df["slide_id"].nunique() == 1 and df["group"].nunique() > 1
     fig, ax = new_figure(figsize=(7.5, 6))
     _scatter_by(
@@ -486,10 +488,10 @@ def plot_tsne(
     )
     ax.set_title(with_run(f"t-SNE of {sample},\ncoloured by "
                           f"{'source group' if by_group else 'slide'}", run_name))
-    written.append(save_figure(fig, out_slide, force=force))
-    if stores is not None:
-        written.append(_plot_tsne_thumbnails(df, xy, opened, out_thumbnails, seed, force,
-                                             run_name=run_name))
+    figures.append((fig, out_slide))
+    if opened is not None:
+        figures.append((_tsne_thumbnail_figure(df, xy, opened, seed, run_name=run_name),
+                        out_thumbnails))
     if out_umap is not None:
         from sklearn.preprocessing import StandardScaler
 
@@ -501,8 +503,8 @@ def plot_tsne(
         ax.set_ylabel("UMAP 2")
         ax.set_title(with_run(f"UMAP of {sample}, coloured by label",
                               run_name))
-        written.append(save_figure(fig, out_umap, force=force))
-    return written
+        figures.append((fig, out_umap))
+    return [save_figure(fig, out, force=force) for fig, out in figures]
 
 
 # a slide id is the file name by default, so two tilings of one slide (another --mpp, patch
@@ -584,17 +586,15 @@ def _stores_for(stores, embedding_paths, files) -> dict:
     return opened
 
 
-def _plot_tsne_thumbnails(
+def _tsne_thumbnail_figure(
     df: pd.DataFrame,
     xy: np.ndarray,
     opened: dict,
-    out,
     seed: int,
-    force: bool,
     grid: int = 24,
     cell: int = 64,
     run_name: str | None = None,
-) -> Path:
+) -> Figure:
     """The t-SNE map, each grid cell showing one patch that falls in it (random order);
     ``opened``: embedding file index -> patch store (:func:`_stores_for`). About 50 screen
     pixels a patch (24 x 24 cells over 12 inches): at 32 x 32 over 8 inches, 22 pixels showed
@@ -607,19 +607,21 @@ def _plot_tsne_thumbnails(
     cy = np.minimum((u[:, 1] * grid).astype(int), grid - 1)
     canvas = np.full((grid * cell, grid * cell, 3), 255, dtype=np.uint8)
     taken = np.zeros((grid, grid), dtype=bool)
-    for i in np.random.default_rng(seed).permutation(len(df)):
-        if taken[cy[i], cx[i]]:
-            continue
-        taken[cy[i], cx[i]] = True
-        st = opened[int(df["file"].iloc[i])]
-        patch = Image.fromarray(st[int(df["patch_index"].iloc[i])]).resize(
-            (cell, cell), Image.BILINEAR
-        )
-        r = (grid - 1 - cy[i]) * cell  # image row 0 is the top (largest t-SNE 2)
-        c = cx[i] * cell
-        canvas[r : r + cell, c : c + cell] = np.asarray(patch)
-    for st in opened.values():
-        st.close()
+    try:
+        for i in np.random.default_rng(seed).permutation(len(df)):
+            if taken[cy[i], cx[i]]:
+                continue
+            taken[cy[i], cx[i]] = True
+            st = opened[int(df["file"].iloc[i])]
+            patch = Image.fromarray(st[int(df["patch_index"].iloc[i])]).resize(
+                (cell, cell), Image.BILINEAR
+            )
+            r = (grid - 1 - cy[i]) * cell  # image row 0 is the top (largest t-SNE 2)
+            c = cx[i] * cell
+            canvas[r : r + cell, c : c + cell] = np.asarray(patch)
+    finally:
+        for st in opened.values():
+            st.close()
     fig, ax = new_figure(figsize=(12, 12), layout="constrained")  # the map fills the figure
     ax.imshow(
         canvas, extent=(lo[0], hi[0], lo[1], hi[1]), aspect="auto", interpolation="antialiased"
@@ -629,7 +631,7 @@ def _plot_tsne_thumbnails(
     ax.set_title(with_run(
         f"t-SNE map drawn with patches ({int(taken.sum())} of {len(df)} shown, one per cell)",
         run_name))
-    return save_figure(fig, out, force=force)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1382,3 +1382,22 @@ def test_the_patch_thumbnail_map_shows_patches_large_enough_to_read(cohort, tmp_
     canvas = ax.get_images()[0].get_array()
     screen_px = ax.get_window_extent().width  # at the figure's dpi
     assert canvas.shape[0] == 24 * 64 and screen_px / 24 >= 45, screen_px / 24
+
+
+def test_tsne_with_a_damaged_store_writes_no_map(cohort, tmp_path, capsys, monkeypatch):
+    """The label and slide maps were saved before the thumbnail map read a damaged patch, so a
+    failed run left two figures that looked complete (review)."""
+    from simclr_path.errors import SimclrPathError
+    from simclr_path.store import PatchStore
+
+    def damaged(self, index):  # as PatchStore says of a chunk that fails its filter
+        raise SimclrPathError(f"{self.path}: patch(es) {index} cannot be read: the file is "
+                              "damaged; make it again")
+
+    monkeypatch.setattr(PatchStore, "__getitem__", damaged)
+    outs = tmp_path / "out"
+    outs.mkdir()
+    assert main(_tsne_argv(cohort, outs, cohort["stores"])) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the file is damaged" in err[0], err
+    assert not any(outs.iterdir())
