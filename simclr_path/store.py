@@ -338,6 +338,54 @@ def open_h5(path: str | os.PathLike, what: str = "HDF5 file") -> h5py.File:
         raise
 
 
+def damaged_rows(path: str | os.PathLike, progress: bool = True) -> dict[str, list[tuple[int, int]]]:
+    """Every data set of the HDF5 file at ``path`` read chunk by chunk: the row ranges
+    (first, last; inclusive) of each whose chunks cannot be decoded (a disk or copy error that
+    only a read finds: opening the file and its metadata do not), or of floating-point data,
+    whose rows hold NaN or inf. Empty when all read."""
+    from tqdm.auto import tqdm
+
+    damaged: dict[str, list[tuple[int, int]]] = {}
+    with open_h5(path) as f:
+        sets = [ds for ds in f.values() if isinstance(ds, h5py.Dataset) and ds.size]
+        total = sum(ds.size * ds.dtype.itemsize for ds in sets)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"check {Path(path).name}",
+                  disable=None if progress else True, leave=False) as bar:
+            for ds in sets:
+                # a chunk at a time, so one bad chunk names its own rows, not the whole set
+                parts = ds.iter_chunks() if ds.chunks else [tuple(slice(0, n) for n in ds.shape)]
+                for sel in parts:
+                    rows = sel[0] if ds.ndim else slice(0, 1)
+                    name = ds.name.lstrip("/")
+                    try:
+                        block = ds[sel]
+                    except OSError:
+                        damaged.setdefault(name, []).append((rows.start, rows.stop - 1))
+                        block = None
+                    if block is not None and block.dtype.kind == "f" and ds.ndim:
+                        # features are stored uncompressed: damage there reads as NaN or inf,
+                        # which embed never writes
+                        bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+                        damaged.setdefault(name, []).extend(
+                            (rows.start + int(i), rows.start + int(i)) for i in np.flatnonzero(bad))
+                    size = np.prod([r.stop - r.start for r in sel]) if ds.ndim else 1
+                    bar.update(int(size) * ds.dtype.itemsize)
+                    del block
+    # chunks side by side along the rows (one patch's chunks) merge into one range
+    for name, ranges in list(damaged.items()):
+        if not ranges:
+            del damaged[name]
+            continue
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(set(ranges)):
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+            else:
+                merged.append((a, b))
+        damaged[name] = merged
+    return damaged
+
+
 def _max_open_files() -> int:
     """How many store files one process keeps open at once: its open-file limit (raised to the
     hard limit where the soft one is lower, as a cohort of 1000+ slides needs) less a reserve

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -121,3 +122,13 @@ def fake_mlflow(monkeypatch, fail: str | None = None):
                                                                      entities=entities))
     monkeypatch.setitem(sys.modules, "mlflow.entities", entities)
     return calls
+
+
+def damage_chunk(path, name, index):
+    """Overwrite the middle of one compressed chunk of dataset ``name`` (a disk or copy error)."""
+    with h5py.File(path, "r") as f:
+        info = f[name].id.get_chunk_info(index)
+    assert info.filter_mask == 0  # compressed: the filter must notice
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + 5)
+        fh.write(b"\xff" * (info.size - 10))

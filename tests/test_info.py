@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import damage_chunk
 
 from simclr_path.cli import main
 from simclr_path.store import PatchStoreWriter, write_embeddings
@@ -197,3 +198,32 @@ def test_control_characters_of_a_foreign_store_are_shown_not_obeyed(tmp_path, ca
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\r" not in out and "\nverdict" not in out and "\x07" not in out
     assert "'S1\\x1b[2J'" in out and "'/x\\r\\nverdict  all good'" in out
+
+
+def test_check_reads_every_chunk_and_names_the_damaged_rows(tmp_path, capsys):
+    """info read only metadata: a store with a damaged chunk was described as fine, and the
+    damage surfaced hours later inside pretrain or embed (review)."""
+    rng = np.random.default_rng(0)
+    stripes = np.repeat(rng.integers(0, 256, (40, 1, 32, 3), dtype=np.uint8), 32, axis=1)
+    path = tmp_path / "s.h5"
+    with PatchStoreWriter(path, 32, attrs={"slide_id": "s", "kind": "slide", "mpp": 1.0}) as w:
+        w.append(stripes, np.arange(80).reshape(40, 2) * 32)
+        w.set_thumbnail(np.repeat(stripes[0], 8, axis=0))
+    assert main(["info", str(path), "--check", "--no-progress"]) == 0
+    assert "every patch and feature read: no damage found" in capsys.readouterr().out
+    damage_chunk(path, "patches", 3)
+    damage_chunk(path, "patches", 4)
+    damage_chunk(path, "patches", 30)
+    assert main(["info", str(path)]) == 0  # without --check: as before, metadata only
+    capsys.readouterr()
+    assert main(["info", str(path), "--check", "--no-progress"]) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and (f"{path}: damaged: patches rows 3-4, 30 cannot "
+                                               "be read or hold NaN") in err[0], err
+    assert cap.out == ""  # no summary that reads as a clean bill of health
+    emb = write_embeddings(tmp_path / "e.h5", rng.normal(size=(3000, 8)), np.zeros((3000, 2)),
+                           {"slide_id": "s"})
+    damage_chunk(emb, "features", 1)  # rows 1024-2047
+    assert main(["info", str(emb), "--check", "--no-progress"]) == 2
+    assert "damaged: features rows 1024-2047 cannot be read or hold NaN" in capsys.readouterr().err

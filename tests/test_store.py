@@ -6,6 +6,7 @@ import re
 import h5py
 import numpy as np
 import pytest
+from conftest import damage_chunk
 
 from simclr_path.errors import SimclrPathError
 from simclr_path.store import EmbeddingStore, PatchStore, PatchStoreWriter, write_embeddings
@@ -345,16 +346,6 @@ def test_a_foreign_store_whose_text_a_spreadsheet_would_run_is_refused(make_stor
         PatchStore(path)
 
 
-def _damage_chunk(path, name, index):
-    """Overwrite the middle of one compressed chunk of dataset ``name`` (a disk or copy error)."""
-    with h5py.File(path, "r") as f:
-        info = f[name].id.get_chunk_info(index)
-    assert info.filter_mask == 0  # compressed: the filter must notice
-    with open(path, "r+b") as fh:
-        fh.seek(info.byte_offset + 5)
-        fh.write(b"\xff" * (info.size - 10))
-
-
 def test_a_damaged_chunk_is_one_clear_error_wherever_it_is_read(tmp_path, capsys):
     """A damaged chunk was a traceback from h5py or the LZF codec in embed, pretrain, preview,
     the heatmap and the t-SNE thumbnails (in pretrain, re-raised from a loader worker) (review)."""
@@ -367,8 +358,8 @@ def test_a_damaged_chunk_is_one_clear_error_wherever_it_is_read(tmp_path, capsys
     with PatchStoreWriter(path, 32, attrs={"slide_id": "s", "kind": "slide", "mpp": 1.0}) as w:
         w.append(stripes, np.arange(80).reshape(40, 2) * 32)
         w.set_thumbnail(np.repeat(stripes[0], 8, axis=0))
-    _damage_chunk(path, "patches", 3)
-    _damage_chunk(path, "thumbnail", 0)
+    damage_chunk(path, "patches", 3)
+    damage_chunk(path, "thumbnail", 0)
     st = PatchStore(path)
     np.testing.assert_array_equal(st[2], stripes[2])  # the others still read
     for read, what in ((lambda: st[3], "patch(es) 3 "), (lambda: st[0:40], "patch(es) 0-39 "),

@@ -10,6 +10,10 @@ HELP = "Summarise a patch store or embedding file: kind, slide, patches, resolut
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", type=Path, help="patch store or embedding file (.h5)")
+    p.add_argument("--check", action="store_true",
+                   help="also read every patch or feature, to find damage (a disk or copy error) "
+                        "that only a read shows; exits non-zero when some cannot be read")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar for --check")
 
 
 def _size(n: int) -> str:
@@ -20,8 +24,9 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def summary(path: Path) -> list[str]:
-    """Lines describing the store at ``path`` (raises SimclrPathError for a bad file)."""
+def summary(path: Path, check: bool = False, progress: bool = True) -> list[str]:
+    """Lines describing the store at ``path`` (raises SimclrPathError for a bad file); with
+    ``check``, after every chunk of its data has been read (:func:`check_data`)."""
 
     from simclr_path.errors import SimclrPathError, need_file
     from simclr_path.store import (
@@ -77,15 +82,16 @@ def summary(path: Path) -> list[str]:
     if problem:
         raise SimclrPathError(f"{path}: not a valid {what}: {problem}; recreate it with "
                               "simclr-path (--force)")
+    checked = check_data(path, progress) if check else None
     try:
-        return _describe(path, what, attrs, shape, labels, groups, thumb)
+        return _describe(path, what, attrs, shape, labels, groups, thumb, checked)
     except (TypeError, ValueError, IndexError) as exc:  # an attribute of a type no writer gives
         raise SimclrPathError(f"{path}: {what} has an attribute of an unexpected type ({exc}); "
                               "recreate it with simclr-path (--force)") from None
 
 
 def _describe(path: Path, what: str, attrs: dict, shape: tuple, labels, groups,
-              thumb) -> list[str]:
+              thumb, checked: str | None = None) -> list[str]:
     """The summary lines of :func:`summary` from what it read."""
     import numpy as np
 
@@ -137,6 +143,8 @@ def _describe(path: Path, what: str, attrs: dict, shape: tuple, labels, groups,
         uniq = {g for g in groups if g not in (b"", "")}
         rows.append(("groups", str(len(uniq)) if uniq else "none"))
     rows.append(("file size", _size(path.stat().st_size)))
+    if checked:
+        rows.append(("check", checked))
     width = max(len(k) for k, _ in rows)
     lines += [f"  {k:<{width}}  {_printable(v)}" for k, v in rows]
     return lines
@@ -153,6 +161,24 @@ def _printable(text: str) -> str:
     return text
 
 
+def check_data(path: Path, progress: bool = True) -> str:
+    """What a read of all of ``path``'s data found (raises SimclrPathError, naming the damaged
+    rows, when some cannot be read)."""
+    from simclr_path.errors import SimclrPathError
+    from simclr_path.store import damaged_rows
+
+    bad = damaged_rows(path, progress=progress)
+    if bad:
+        where = "; ".join(
+            f"{name} rows " + ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges[:5])
+            + (f" and {len(ranges) - 5} more ranges" if len(ranges) > 5 else "")
+            for name, ranges in bad.items())
+        raise SimclrPathError(f"{path}: damaged: {where} cannot be read or hold NaN (a disk or "
+                              "copy error); make the file again ('simclr-path tile', 'import-patches' or "
+                              "'embed' with --force) or copy it again from its source")
+    return "every patch and feature read: no damage found"
+
+
 def run(args: argparse.Namespace) -> int:
-    print("\n".join(summary(args.store)))
+    print("\n".join(summary(args.store, check=args.check, progress=not args.no_progress)))
     return 0
