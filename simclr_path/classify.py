@@ -47,7 +47,7 @@ from simclr_path.outputs import (
     check_distinct,
 )
 from simclr_path.samples import case_clash
-from simclr_path.store import EmbeddingStore
+from simclr_path.store import BAD_FEATURES, EmbeddingStore, unusable_rows
 
 # what this command writes into its results folder: --force replaces only a folder holding one
 RESULT_FILES = ("metrics.json", "predictions_patches.csv", "predictions_slides.csv", "model.npz", "model.json")
@@ -155,14 +155,13 @@ def positive_index(classes: Sequence[str], positive_label: str | None,
 
 
 def _check_finite(s: EmbeddingStore) -> None:
-    """Refuse NaN or infinite features: sklearn would stop with a traceback, and an argmax over a
-    NaN row names the first class (``embed`` never writes them; a damaged or foreign file)."""
-    if s.features.size == 0:
-        return
-    bad = ~np.isfinite(s.features).all(axis=1)
+    """Refuse NaN, infinite or implausibly large features: sklearn would stop with a traceback
+    (or, near float32's limit, print pages of overflow warnings), and an argmax over a NaN row
+    names the first class (``embed`` never writes them; a damaged or foreign file)."""
+    bad = unusable_rows(s.features)
     if bad.any():
         raise SimclrPathError(
-            f"{s.path}: {int(bad.sum())} patch row(s) hold NaN or infinite features (first: row "
+            f"{s.path}: {int(bad.sum())} patch row(s) hold {BAD_FEATURES} (first: row "
             f"{int(np.flatnonzero(bad)[0])}); embed the slide again (simclr-path embed ... --force)"
         )
 

@@ -44,7 +44,7 @@ from simclr_path.data import cv2_fork_safe, one_thread_worker
 from simclr_path.errors import SimclrPathError, need_file
 from simclr_path.model import encoder_info, load_encoder
 from simclr_path.outputs import check_apart, check_can_write, check_hdf5_name
-from simclr_path.store import PatchStore, write_embeddings
+from simclr_path.store import BAD_FEATURES, PatchStore, unusable_rows, write_embeddings
 
 # ImageNet statistics, as timm models expect (and as the SimCLR views are normalised).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -475,9 +475,10 @@ def embed_store(
                 if pending is not None:
                     pos = _store_rows(feats, pos, pending, bar)
     # in slices: a mask of the whole table is a quarter of its size again (1e6 x 2048: 2 GB)
-    if not all(np.isfinite(feats[lo:lo + 65536]).all() for lo in range(0, len(feats), 65536)):
+    if any(unusable_rows(feats[lo:lo + 65536]).any() for lo in range(0, len(feats), 65536)):
         raise SimclrPathError(
-            f"{enc}: encoder produced NaN or infinite features on {store.path}; "
+            f"{enc}: encoder produced {BAD_FEATURES} on "
+            f"{store.path}; "
             "the encoder is probably broken (diverged training)"
         )
     attrs: dict[str, Any] = {

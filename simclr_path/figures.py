@@ -460,12 +460,14 @@ def plot_tsne(
     df = sample_embeddings(embedding_paths, max_points, samples=samples, seed=seed)
     # every sampled file's store, checked against the file before any figure is written
     opened = None if stores is None else _stores_for(stores, embedding_paths, df["file"])
+    from simclr_path.store import BAD_FEATURES, unusable_rows
+
     feats = np.stack(df["features"].to_list())
-    bad = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+    bad = np.flatnonzero(unusable_rows(feats))
     if len(bad):  # sklearn stopped with a traceback (embed never writes them: a foreign file)
         first = df.iloc[bad[0]]
         raise SimclrPathError(
-            f"{embedding_paths[int(first['file'])]}: patch row(s) hold NaN or infinite features "
+            f"{embedding_paths[int(first['file'])]}: patch row(s) hold {BAD_FEATURES} "
             f"({len(bad)} of the "
             f"{len(df)} sampled, first: row {int(first['patch_index'])}); embed the slide again "
             "(simclr-path embed ... --force)")

@@ -644,6 +644,23 @@ class PatchStore:
         return f"PatchStore({str(self.path)!r}, n={len(self)}, patch_size={self.patch_size})"
 
 
+# features an encoder writes are O(1)-O(1e4); at 3e38 (float32's largest) sklearn's float32 sums
+# overflow into ~300 lines of warnings and NaN scores, so a damaged or foreign file stops at once
+MAX_FEATURE_MAGNITUDE = 1e12
+BAD_FEATURES = f"NaN, infinite or implausibly large (above {MAX_FEATURE_MAGNITUDE:.0e}) features"
+
+
+def unusable_rows(features: np.ndarray) -> np.ndarray:
+    """(N,) bool: rows of ``features`` (N, D) that hold NaN, inf or values beyond
+    :data:`MAX_FEATURE_MAGNITUDE` (``BAD_FEATURES`` words it for a message)."""
+    f = np.asarray(features)
+    if f.size == 0:
+        return np.zeros(len(f), dtype=bool)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(f) & (np.abs(f) <= MAX_FEATURE_MAGNITUDE)
+    return ~ok.reshape(len(f), -1).all(axis=1)
+
+
 def _which(idx: Any, n: int) -> str:
     """A short description of the indices ``idx`` of ``n`` patches for an error message."""
     if isinstance(idx, (int, np.integer)):

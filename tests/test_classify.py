@@ -811,6 +811,21 @@ def test_inner_folds_hold_every_class_when_patch_counts_differ_widely():
     assert all((a[1] == b[1]).all() for a, b in zip(want, got)) and len(got) == 3
 
 
+def test_features_near_float32s_limit_are_refused_before_sklearn_overflows(tmp_path, recwarn):
+    """Finite features of 3e38 passed the finite check, then sklearn's float32 sums overflowed:
+    ~300 lines of RuntimeWarnings and NaN inner-CV scores, and results were still written."""
+    paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=10, shift=1.0)
+    e = EmbeddingStore(paths[1])
+    x = e.features.copy()
+    x[:, 1] = 3e38
+    write_embeddings(paths[1], x, e.coords, e.attrs, force=True)
+    with pytest.raises(SimclrPathError, match=rf"{paths[1]}: 10 patch row\(s\) hold NaN, "
+                                              r"infinite or implausibly large"):
+        classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
+    assert not (tmp_path / "out").exists()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_nan_features_are_refused_with_the_file_and_row(tmp_path, capsys):
     paths, sheet = make_cohort(tmp_path / "c", n_patients=6, patches=10, shift=1.0)
     classify(paths, tmp_path / "model", samples=sheet, cfg=FAST)
@@ -818,7 +833,8 @@ def test_nan_features_are_refused_with_the_file_and_row(tmp_path, capsys):
     x = e.features.copy()
     x[3, 1] = np.nan
     write_embeddings(paths[2], x, e.coords, e.attrs, force=True)
-    want = rf"{paths[2]}: 1 patch row\(s\) hold NaN or infinite features \(first: row 3\)"
+    want = (rf"{paths[2]}: 1 patch row\(s\) hold NaN, infinite or implausibly large \(above "
+            rf"1e\+12\) features \(first: row 3\)")
     with pytest.raises(SimclrPathError, match=want):
         classify(paths, tmp_path / "out", samples=sheet, cfg=FAST)
     with pytest.raises(SimclrPathError, match=want):  # argmax of NaN would say the first class
@@ -827,7 +843,7 @@ def test_nan_features_are_refused_with_the_file_and_row(tmp_path, capsys):
     assert main(["predict", "--model", str(tmp_path / "model"), "--embeddings", str(paths[2]),
                  "--out", str(tmp_path / "p.csv")]) == 2
     err = capsys.readouterr().err
-    assert "NaN or infinite" in err and "Traceback" not in err
+    assert "NaN, infinite" in err and "Traceback" not in err
 
 
 def test_one_class_and_classes_without_files_are_named(tmp_path):

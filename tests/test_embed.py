@@ -500,8 +500,9 @@ def test_a_full_gpu_while_checking_the_input_size_is_not_called_a_wrong_size(enc
                     progress=False)
 
 
+@pytest.mark.parametrize("value", [float("nan"), 1e20])  # 1e20: classify would refuse it
 def test_an_encoder_that_gives_nan_features_is_one_error_and_no_file(encoder, make_store,
-                                                                     tmp_path, monkeypatch):
+                                                                     tmp_path, monkeypatch, value):
     """The finite check runs in slices of the table (a whole-table mask is a quarter of its
     size again); a NaN in any slice still stops the embedding before a file is written."""
     import simclr_path.embed as E
@@ -510,12 +511,12 @@ def test_an_encoder_that_gives_nan_features_is_one_error_and_no_file(encoder, ma
 
     def broken(self, x):
         z = real(self, x)
-        z[-1, 0] = float("nan")  # the last patch of each batch
+        z[-1, 0] = value  # the last patch of each batch
         return z
 
     monkeypatch.setattr(E.FeatureExtractor, "forward", broken)
     store = make_store(n=10)
-    with pytest.raises(SimclrPathError, match="encoder produced NaN or infinite features"):
+    with pytest.raises(SimclrPathError, match="encoder produced NaN, infinite or implausibly large"):
         embed_store(encoder, store, tmp_path / "e.h5", EmbedConfig(workers=0, batch_size=4),
                     progress=False)
     assert not (tmp_path / "e.h5").exists()
