@@ -522,9 +522,37 @@ def test_tiny_ablation_jobs(tmp_path):
     assert "results/config/b/pretrain.yaml" in done.stdout + done.stderr
 
 
+def test_runs_with_equal_settings_share_pretraining_and_embeddings(tmp_path):
+    """A classifier ablation pretrained and embedded every run again, the same encoder each
+    time (hours per run on a cohort): runs share what they would compute alike."""
+    cfg = dict(TINY, finetune_eval=[1.0], runs={
+        "a": {},
+        "b": {"classify": {"c_grid": [0.1, 1.0]}},  # a's encoder and embeddings
+        "c": {"embed": {"tta": True}},  # a's encoder, its own embeddings
+        "d": {"train": {"seed": 7}},  # its own pretraining
+        "e": {"train": {"workers": 1}, "classify": {"folds": 3}},  # a speed key: a's
+    })
+    wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
+    done = smk(wf, "-n", "-p", "--cores", "2")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    counts = job_counts(out + done.stderr)
+    assert counts["pretrain"] == 2 and counts["embed"] == 3 * 4 and counts["classify"] == 5
+    assert {m for m in re.findall(r"--out results/pretrain/(\w+)", out)} == {"a", "d"}
+    assert set(re.findall(r"--out results/embeddings/(\w+)/", out)) == {"a", "c", "d"}
+    for run, src in (("b", "a"), ("e", "a"), ("c", "c"), ("d", "d")):
+        line = next(x for x in out.splitlines() if f"--out results/classify/{run} " in x)
+        assert f"results/embeddings/{src}/S1.h5" in line, line
+    assert "--run-name 'b (pretraining of a)'" in out and "--run-name 'e (pretraining of a)'" in out
+    assert counts["plot_loss"] == 5 and counts["preview"] == 5
+    # fine-tuning reads the classifier's folds (e has its own), not embed.tta (c shares a's)
+    assert set(re.findall(r"--out results/finetune/(\w+)/", out)) == {"a", "d", "e"}
+    assert counts["compare_finetune"] == 5
+
+
 def test_layer_eval_jobs(tmp_path):
     """Layer-wise linear evaluation: every layer embedded, classified and compared per run."""
-    cfg = dict(TINY, layer_eval=["stage2", "stage3", "head"], runs={"a": {}, "b": {}})
+    cfg = dict(TINY, layer_eval=["stage2", "stage3", "head"], runs={"a": {}, "b": {"train": {"seed": 1}}})
     wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
     done = smk(wf, "-n", "--cores", "2")
     assert done.returncode == 0, done.stderr
@@ -554,7 +582,7 @@ def test_layer_eval_jobs(tmp_path):
 
 def test_finetune_eval_jobs(tmp_path):
     """Fine-tuning: every run at every label fraction, one comparison per run; off by default."""
-    cfg = dict(TINY, finetune_eval=[1.0, 0.1, 0.01], runs={"a": {}, "b": {}})
+    cfg = dict(TINY, finetune_eval=[1.0, 0.1, 0.01], runs={"a": {}, "b": {"train": {"seed": 1}}})
     wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
     done = smk(wf, "-n", "-p", "--cores", "2")
     assert done.returncode == 0, done.stderr

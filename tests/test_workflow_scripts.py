@@ -30,6 +30,12 @@ def _metrics(auroc, ci=None, evaluation="grouped_5fold", seed=0, n_patients=20,
             "config": {"seed": seed}}
 
 
+def test_the_runs_table_names_the_pretraining_each_run_used(cr):
+    df = cr.summarise(["a", "b", "c"], [_metrics(0.9)] * 3, [{}] * 3,
+                      {"b": {"pretraining": "a"}, "c": {"pretraining": "c"}})
+    assert list(df["pretraining"]) == ["a", "a", "c"]  # a run without the entry: its own
+
+
 def test_each_run_keeps_its_own_ci_bar_and_the_legend_clears_the_run_names(cr, tmp_path,
                                                                           monkeypatch):
     runs = [f"long_run_name_{i}" for i in range(6)]

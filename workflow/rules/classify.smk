@@ -51,7 +51,7 @@ rule classify_layer:
     input:
         embeddings=lambda w: expand(
             "results/embeddings/{run}/layers/{layer}/{id}.h5",
-            run=w.run,
+            run=LAYER_EMBED_OF[w.run],
             layer=w.layer,
             id=CLASSIFY_IDS,
         ),

@@ -296,6 +296,33 @@ def stage_values(run, stage):
     return without_speed_keys(out)
 
 
+def sharing(*stages):
+    """Run -> the run whose outputs of ``stages`` it uses: the first run (in config order) with
+    the same settings for all of them (less the SPEED_KEYS). Runs that differ only in what
+    comes later (a classifier ablation) share one pretraining and one set of embeddings instead
+    of computing the same ones again; to repeat a pretraining, give each run its own
+    train.seed."""
+
+    def key(run):
+        return yaml.safe_dump([stage_values(run, s) for s in stages], sort_keys=True)
+
+    first = {}
+    for run in RUNS:
+        first.setdefault(key(run), run)
+    return {run: first[key(run)] for run in RUNS}
+
+
+PRETRAIN_OF = sharing("pretrain")
+EMBED_OF = sharing("pretrain", "embed")
+LAYER_EMBED_OF = sharing("pretrain", "embed_layer")
+FINETUNE_OF = sharing("pretrain", "finetune")
+
+
+def pretrained(name):
+    """Input function: the file ``name`` of the pretraining the job's run uses."""
+    return lambda wildcards: f"results/pretrain/{PRETRAIN_OF[wildcards.run]}/{name}"
+
+
 # ---------------------------------------------------------------------------- samples sheet
 DEMO = config["demo"]
 DEMO_DIR = Path(DEMO["dir"])
@@ -709,13 +736,15 @@ def preview_config(wildcards):
     """
     t = RUN_CFG[wildcards.run].train
     if t.time_budget_s is not None and t.budget_min_steps is not None:
-        return f"results/pretrain/{wildcards.run}/config.yaml"
+        return f"results/pretrain/{PRETRAIN_OF[wildcards.run]}/config.yaml"
     return f"results/config/{wildcards.run}/preview.yaml"
 
 
 def classify_embeddings(wildcards):
+    """The embeddings the run's classifier reads: its own, or those of the first run with the
+    same pretraining and embed settings (sharing)."""
     return expand(
-        "results/embeddings/{run}/{id}.h5", run=wildcards.run, id=CLASSIFY_IDS
+        "results/embeddings/{run}/{id}.h5", run=EMBED_OF[wildcards.run], id=CLASSIFY_IDS
     )
 
 
@@ -938,6 +967,7 @@ def run_overrides():
                 without_speed_keys(config["runs"][run])
             ),
             "description": (config["runs"][run] or {}).get("description", ""),
+            "pretraining": PRETRAIN_OF[run],
         }
         for run in RUNS
     }

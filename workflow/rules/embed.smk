@@ -4,7 +4,7 @@
 rule embed:
     input:
         store="results/patches/{store}.h5",
-        encoder="results/pretrain/{run}/encoder.pt",
+        encoder=pretrained("encoder.pt"),
         config=run_stage_config("embed"),
     output:
         "results/embeddings/{run}/{store}.h5",
@@ -32,9 +32,9 @@ rule embed:
 rule embed_layer:
     input:
         store="results/patches/{store}.h5",
-        encoder="results/pretrain/{run}/encoder.pt",
+        encoder=pretrained("encoder.pt"),
         # read for layer 'head' (the projection head's output)
-        head="results/pretrain/{run}/head.pt",
+        head=pretrained("head.pt"),
         config=run_stage_config("embed_layer"),
     output:
         "results/embeddings/{run}/layers/{layer}/{store}.h5",

@@ -5,7 +5,7 @@
 rule finetune:
     input:
         stores=expand("results/patches/{id}.h5", id=CLASSIFY_IDS),
-        encoder="results/pretrain/{run}/encoder.pt",
+        encoder=pretrained("encoder.pt"),
         samples=samples_input(),
         config=run_stage_config("finetune"),
     output:
@@ -78,10 +78,10 @@ rule compare_finetune:
         metrics=lambda w: [probe_metrics(w.run, f) for f in FRACTIONS]
         + expand(
             "results/finetune/{run}/labels_{fraction}/metrics.json",
-            run=w.run,
+            run=FINETUNE_OF[w.run],
             fraction=FRACTIONS,
         ),
-        pretrain="results/pretrain/{run}/summary.json",
+        pretrain=pretrained("summary.json"),
     output:
         tsv="results/summary/{run}/finetune.tsv",
         png=report(

@@ -82,7 +82,7 @@ rule preview:
 
 rule plot_loss:
     input:
-        "results/pretrain/{run}/metrics.csv",
+        pretrained("metrics.csv"),
     output:
         report(
             "results/figures/{run}/loss.png",
@@ -100,7 +100,14 @@ rule plot_loss:
     threads: 1
     resources:
         mem_mb=1000,
+    params:
+        # a run sharing another's pretraining draws that run's curve, and says so
+        name=lambda w: (
+            w.run
+            if PRETRAIN_OF[w.run] == w.run
+            else f"{w.run} (pretraining of {PRETRAIN_OF[w.run]})"
+        ),
     shell:
         logged(
-            "simclr-path plot-loss {input} --out {output} --run-name {wildcards.run} --force"
+            "simclr-path plot-loss {input} --out {output} --run-name {params.name:q} --force"
         )

@@ -4,7 +4,7 @@
 rule compare_runs:
     input:
         metrics=expand("results/classify/{run}/metrics.json", run=RUNS),
-        pretrain=expand("results/pretrain/{run}/summary.json", run=RUNS),
+        pretrain=[f"results/pretrain/{PRETRAIN_OF[run]}/summary.json" for run in RUNS],
     output:
         tsv="results/summary/runs.tsv",
         png=report(
@@ -76,7 +76,7 @@ rule compare_layers:
         metrics=expand(
             "results/classify_layer/{{run}}/{layer}/metrics.json", layer=LAYERS
         ),
-        pretrain="results/pretrain/{run}/summary.json",
+        pretrain=pretrained("summary.json"),
     output:
         tsv="results/summary/{run}/layers.tsv",
         png=report(

@@ -48,6 +48,8 @@ def summarise(runs, metrics, pretrains, overrides) -> pd.DataFrame:
                 "run": run,
                 "overrides": info.get("overrides", ""),
                 "description": info.get("description", ""),
+                # the run whose encoder it used: runs with equal pretraining settings share one
+                "pretraining": info.get("pretraining", run),
                 # how each row was evaluated: a run may override classify (folds, seed, split)
                 "evaluation": task.get("evaluation", ""),
                 # what a "slide" and a "patient" are: a tile set's source images are both
