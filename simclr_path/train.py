@@ -1099,7 +1099,9 @@ def pretrain(stores: list[str | os.PathLike], out: str | os.PathLike, cfg: Pipel
         if ck is not None and ck.get("finished") and int(ck["step"]) >= total and \
                 _run_complete(out):
             # nothing left to train: rerunning would only rewrite the finished run's files (its
-            # summary with a throughput of 0 pairs/s)
+            # summary with a throughput of 0 pairs/s); said and returned once, by rank 0
+            if not world.main:
+                return {}
             warnings.warn(f"{out}: the run already finished its {ck['step']} steps; nothing to "
                           "train (raise train.max_steps or train.epochs to go on, or --force to "
                           "start over)", stacklevel=2)
@@ -1239,7 +1241,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 # to total_steps (or re-plans to its own budget), so the schedule must too, or
                 # every step past the old plan's end would train at LR 0 (a no-op otherwise)
                 replan_scheduler(scheduler, total_steps, warmup_wanted)
-            else:  # e.g. resumed with a larger --max-steps: warm-up + cosine over the new length
+            elif world.main:  # e.g. a larger --max-steps: warm-up + cosine over the new length
                 warnings.warn(f"{out / 'checkpoint.pt'}: run length changed from "
                               f"{ck.get('total_steps')} to {total_steps} steps; the LR schedule is "
                               "re-planned for the new length"
@@ -1252,7 +1254,11 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                                   f"configuration ({exc}); use --force to start over") from None
         _set_rng_state(ck["rng"])
         start_step = int(ck["step"])
-        seed_rank(t_cfg.seed, world.rank, start_step)  # the saved state is rank 0's
+        ranks_rng = ck.get("rng_ranks") or []
+        if world.rank and len(ranks_rng) == world.world_size:
+            _set_rng_state(ranks_rng[world.rank])  # this rank's own draws continue
+        else:  # a checkpoint of another world size (or from before rng_ranks): a fresh stream
+            seed_rank(t_cfg.seed, world.rank, start_step)
         wall_before = float(ck.get("wall_time_s", 0.0))
         fp16_skipped.fill_(int(ck.get("fp16_skipped_steps", 0)))
     ema = None
@@ -1305,6 +1311,11 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 f"{out}: the weights became NaN or infinite by step {step} (the losses logged "
                 f"were finite: an update comes after its loss); {_diverged_fix(t_cfg)}; "
                 f"{resume_hint()}{'; no encoder was written' if finished else ''}")
+        rng = _rng_state()
+        ranks_rng: list[Any] = []
+        if world.enabled:  # every rank's generators, so that a resume continues each one's draws
+            ranks_rng = [None] * world.world_size
+            dist.all_gather_object(ranks_rng, rng, group=sync_group)  # CPU (gloo): no device sync
         if not world.main:
             return
         save_checkpoint(out / "checkpoint.pt", {
@@ -1315,7 +1326,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()} if ema else {},
-            "rng": _rng_state(), "config": cfg_json, "wall_time_s": wall,
+            "rng": rng, "rng_ranks": ranks_rng, "config": cfg_json, "wall_time_s": wall,
             "fp16_skipped_steps": int(fp16_skipped),
             # resolved: local_size null depends on the defaults of the version that ran
             "local_view_size": a_cfg.local_view_size if a_cfg.local_crops else 0,
