@@ -1116,6 +1116,10 @@ def test_torchrun_resumed_run_equals_uninterrupted_with_dropout(tmp_path):
     resumed = launch(tmp_path / "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _same_run(tmp_path / "full", tmp_path / "cut")
+    # a finished run resumed: one warning and one summary, not one per process
+    again = launch(tmp_path / "cut", "--resume")
+    assert again.returncode == 0 and again.stderr.count("already finished its 4 steps") == 1
+    assert len([x for x in again.stdout.splitlines() if x.startswith("{")]) == 1, again.stdout
 
 
 @pytest.mark.slow
