@@ -439,3 +439,28 @@ def test_every_speed_key_is_an_option_of_its_stage(monkeypatch):
             if dataclasses.is_dataclass(cfg) and hasattr(cfg, section):
                 cfg = getattr(cfg, section)  # the whole configuration (pretrain, finetune)
             assert getattr(cfg, key) == value, (section, key)
+
+
+@pytest.mark.parametrize("command", ["finetune", "embed", "tile", "classify"])
+def test_commands_other_than_pretrain_refuse_to_run_as_one_of_several_processes(
+        command, tmp_path, capsys, monkeypatch):
+    """finetune under torchrun ran the whole job in every process, each replacing the others'
+    results folder (the work done twice, no speed-up, and no word of it) (review)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    argv = {"finetune": ["finetune", "s.h5", "--encoder", "e.pt", "--out", "ft"],
+            "embed": ["embed", "s.h5", "--encoder", "e.pt", "--out", "e.h5"],
+            "tile": ["tile", "s.svs", "--out", "s.h5"],
+            "classify": ["classify", "--embeddings", "e.h5", "--out", "c"]}[command]
+    rc, err = _err([argv[0]] + [a if a.startswith("-") else str(tmp_path / a)
+                                for a in argv[1:]], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert f"{command} runs in one process (process 1 of 2 here: started by torchrun?)" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_pretrain_may_run_as_one_of_several_processes(monkeypatch):
+    from simclr_path.cli import build_parser
+
+    args = build_parser().parse_args(["pretrain", "s.h5", "--out", "r"])
+    assert args._distributed

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                 action.type = path_arg
         # a command whose --out folder --force replaces whole (outputs.atomic_dir) says so
         p.set_defaults(_run=mod.run, _replaces_out_dir=getattr(mod, "REPLACES_OUT_DIR", False),
-                       _figures_only=getattr(mod, "FIGURES_ONLY", False))
+                       _figures_only=getattr(mod, "FIGURES_ONLY", False),
+                       _distributed=getattr(mod, "DISTRIBUTED", False))
         commands[name] = p
     return parser
 
@@ -273,6 +274,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker_reports_back()
 
 
+def _check_one_process(args: argparse.Namespace) -> None:
+    """Only pretrain splits its work over torchrun's processes: any other command started by
+    torchrun ran whole in every process, each writing the same outputs over the others'."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if args._distributed or not world.isdigit() or int(world) <= 1:
+        return
+    rank = os.environ.get("RANK", "?")
+    raise SimclrPathError(
+        f"{args.command} runs in one process (process {rank} of {world} here: started by "
+        f"torchrun?); only pretrain uses several; run 'simclr-path {args.command} ...' without "
+        "torchrun (on a GPU machine it uses one GPU: pick it with CUDA_VISIBLE_DEVICES)")
+
+
 def _one_line(exc: SimclrPathError) -> str:
     """The error's own message. One raised in a DataLoader worker comes back re-raised with
     PyTorch's "Caught SimclrPathError in DataLoader worker process 0. Original Traceback ..."
@@ -288,6 +302,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(parser, argv)
     try:
         with _sigterm_unwinds(), _warnings_as_lines(args.command):
+            _check_one_process(args)
             check_output_paths(args)
             code = int(args._run(args) or 0)
             sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit

@@ -9,6 +9,8 @@ from simclr_path.config import PRESETS, AugmentConfig, ModelConfig, TrainConfig,
 from simclr_path.errors import SimclrPathError
 
 HELP = "Pretrain a timm encoder with SimCLR on patch stores; writes a run directory (encoder.pt ...)."
+# runs under torchrun as one of several processes (DDP); other commands refuse that
+DISTRIBUTED = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
