@@ -349,6 +349,28 @@ def _several_processes() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward sums the gradient over processes too (as
+    ``torch.distributed.nn.functional.all_reduce``, which PyTorch deprecates with a
+    FutureWarning in every process of every run)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Batch norm of ``x`` (N, C, ...) with the statistics of every process's batch.
 
@@ -361,8 +383,7 @@ def _global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> 
     shape = (1, c) + (1,) * (x.ndim - 2)
     # all_reduce with a gradient whose backward sums over processes too, as loss.GatherLayer
     # does, so that with DDP's averaging each process gets the gradient of the mean loss
-    from torch.distributed.nn.functional import all_reduce
-
+    all_reduce = _AllReduceSum.apply
     xf = x.float()
     summed = all_reduce(torch.cat([xf.sum(dims), xf.new_tensor([xf.numel() / c])]))
     n = summed[c]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -289,6 +291,8 @@ def _bn_worker(rank: int, world: int, init_file: str, out_file: str, convert: bo
     from simclr_path.model import global_batchnorm
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # torch.distributed.nn.functional.all_reduce warned of its deprecation in every process
+    warnings.simplefilter("error", FutureWarning)
     try:
         net = _bn_net()
         if convert:
