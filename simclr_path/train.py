@@ -1569,6 +1569,12 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                               f"step {saved_step}", stacklevel=2)
         bar.close()
         tracker.close(None)
+        if world.enabled and isinstance(exc, RuntimeError) and _peer_lost(exc):
+            # the process that failed printed its own line; this one's was gloo's or NCCL's
+            # traceback of the broken connection, which read as the cause
+            raise SimclrPathError(
+                f"{out}: process {world.rank} stopped at step {step + 1} because another process "
+                f"of this run did (its own error is above); {resume_hint()}") from None
         raise
     finally:
         guard.restore()
@@ -1633,6 +1639,16 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
         dist.barrier(group=sync_group)  # (rank 0's tracker upload, say) as a hang
         world.stopped_together = True
     return summary
+
+
+# how gloo and NCCL report a collective whose peer process has gone
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "communicator was aborted",
+              "remote process exited", "Broken pipe")
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another process stopped."""
+    return any(m in str(exc) for m in _PEER_LOST)
 
 
 def _aug_seed(seed: int, step: int, rank: int) -> int:

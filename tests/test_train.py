@@ -1122,6 +1122,40 @@ def test_torchrun_resumed_run_equals_uninterrupted_with_dropout(tmp_path):
     assert len([x for x in again.stdout.splitlines() if x.startswith("{")]) == 1, again.stdout
 
 
+RANK1_FAILS = """
+import os, sys
+import simclr_path.train as T
+from simclr_path.errors import SimclrPathError
+
+
+def on_end(step):  # as a damaged patch only rank 1 reads
+    if os.environ["RANK"] == "1":
+        raise SimclrPathError("a.h5: patch 7 cannot be read: the file is damaged")
+
+
+T._on_step_end = on_end
+from simclr_path.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_a_process_that_fails_leaves_the_others_one_line_not_a_traceback(tmp_path):
+    """The process that failed said why in one line; the others printed gloo's "Connection
+    closed by peer" traceback, which read as the cause (review)."""
+    script = tmp_path / "rank1_fails.py"
+    script.write_text(RANK1_FAILS)
+    cmd = _torchrun_pretrain([_easy_store(tmp_path / "a.h5")], tmp_path / "run", "--max-steps", "3")
+    cmd[cmd.index("-m", 3):cmd.index("-m", 3) + 2] = [str(script)]  # the script, not -m
+    res = subprocess.run(cmd, capture_output=True, text=True, env=TORCHRUN_ENV, timeout=120,
+                         check=False)
+    assert res.returncode != 0
+    ours = [x for x in res.stderr.splitlines() if x.startswith("simclr-path pretrain: error:")]
+    assert len(ours) == 2 and any("patch 7 cannot be read" in x for x in ours), res.stderr[-3000:]
+    assert any("process 0 stopped at step 2 because another process of this run did (its own "
+               "error is above)" in x for x in ours), ours
+    assert "[rank0]: Traceback" not in res.stderr
+
+
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_with_multi_crop(tmp_path):
     """Local views of another size go through the same DDP forward as the global ones."""
