@@ -86,7 +86,8 @@ RUN_DIRS = ["tensorboard", "mlruns", "wandb"]
 # store in any working folder)
 RUN_MARKER = ".simclr-path-run"
 # config.yaml's first line: tells a run's own config.yaml from a user's in a folder given as --out
-RUN_CONFIG_HEADER = "# simclr-path pretrain: this run's resolved configuration\n"
+RUN_CONFIG_HEADER = ("# simclr-path pretrain: this run's resolved configuration; pretraining read its\n"
+                     "# augment, model and train sections (the others: what it was given)\n")
 # Files that mark a run as finished; removed before any (re)start so a failed run never has them.
 COMPLETE_FILES = ["summary.json", "encoder.pt", "encoder.json", "head.pt", "loss.png"]
 

@@ -1113,7 +1113,8 @@ def test_the_automatic_report_sees_the_same_config_and_fails_visibly(tmp_path, m
     done = smk(wf, "--cores", "1", replace, "results/config/baseline/classify.yaml")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Report not written: some final outputs are not up to date" in done.stderr
-    assert "the older report was moved to report.stale.html" in done.stderr
+    assert "the older report was moved to report.stale.html (`snakemake --report report.html` " \
+        "writes one" in done.stderr  # a run with nothing to do would not bring it back
     assert "Report written" not in done.stderr and not (wf / "report.html").exists()
     assert (wf / "report.stale.html").read_bytes() == before
     (wf / "report.stale.html").rename(wf / "report.html")
@@ -1320,3 +1321,16 @@ def test_a_key_given_twice_in_a_configfile_stops_the_dag_build(tmp_path):
     assert done.returncode != 0
     line = _one_error_line(done)
     assert "test.yaml: line" in line and "key 'runs' is given twice (first on line" in line, line
+
+
+def test_pretrain_gpus_above_the_runs_gpu_resource_stops_the_dag_build(tmp_path):
+    """Snakemake gave pretraining the profile's gpu=1 whatever pretrain_gpus asked: torchrun's
+    four processes then failed after tiling, told to lower --nproc_per_node (review)."""
+    cfg = dict(TINY, pretrain_gpus=4,
+               pretrain_launcher="torchrun --standalone --nproc_per_node=4")
+    wf = workdir(tmp_path, cfg, tsv(demo_rows(4)))
+    line = _one_error_line(smk(wf, "-n", "--cores", "1"))
+    assert "config: pretrain_gpus is 4, but this run has gpu=1" in line and "set gpu=4" in line
+    done = smk(wf, "-n", "-p", "--cores", "1", "--resources", "gpu=4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "simclr-path with-gpus 4 -- torchrun" in done.stdout

@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-crops", type=int, default=None, metavar="K",
                    help=f"K extra small views per patch (multi-crop) [config: {a.local_crops}]")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"base learning rate at batch 256 [config: {t.lr}, scaling {t.lr_scaling}]")
+                   help="learning rate: at batch 256 (scaled to the global batch) with "
+                        "train.lr_scaling linear or sqrt, the rate itself with none (as in "
+                        f"cpu-fast) [config: {t.lr}, scaling {t.lr_scaling}]")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                    help=f"[config: {t.device}]")
     p.add_argument("--workers", type=int, default=None,

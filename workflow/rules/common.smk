@@ -952,6 +952,24 @@ def import_args(wildcards):
     return f"--patch-size {size} {groups} {depth}"
 
 
+def check_pretrain_gpus():
+    """Snakemake gives a job no more of a resource than the run has: pretrain_gpus above the
+    run's `gpu` resource (the profile's 1) ran torchrun's processes on fewer GPUs than asked,
+    and failed only after tiling, with advice to lower --nproc_per_node."""
+    have = workflow.global_resources.get("gpu")
+    have = getattr(have, "value", have)  # Snakemake 9 wraps it in a Resource
+    want = config["pretrain_gpus"]
+    if isinstance(have, int) and want > have:
+        fail(
+            f"config: pretrain_gpus is {want}, but this run has gpu={have} (resources: in "
+            "workflow/profiles/default/config.yaml, or --resources), and Snakemake would give "
+            f"pretraining {have}; set gpu={want} there (the number of GPUs of this machine)"
+        )
+
+
+check_pretrain_gpus()
+
+
 def pretrain_command():
     """Plain CLI, or the package module under a launcher such as torchrun (multi-GPU DDP)."""
     launcher = config["pretrain_launcher"].strip()
@@ -982,7 +1000,11 @@ def set_aside(path):
         return ""
     stale = old.with_name(f"{old.stem}.stale{old.suffix}")
     old.replace(stale)
-    return f"; the older report was moved to {stale}"
+    # a run with nothing left to do calls no handler, so the way back is worth saying
+    return (
+        f"; the older report was moved to {stale} (`snakemake --report {old}` writes one "
+        "from the results as they are, once they are complete)"
+    )
 
 
 def write_report(path):
