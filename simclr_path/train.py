@@ -676,6 +676,12 @@ class _Tracker:
     def _start_mlflow(self, mlflow: Any, out: Path, cfg: PipelineConfig, name: str) -> None:
         t = cfg.train
         uri = t.mlflow_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+        import logging
+
+        # a new SQLite store logs its table set-up ("Creating initial MLflow database tables",
+        # alembic's migrations) at INFO on stderr, between the run's own lines
+        for logger in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(logger).setLevel(logging.WARNING)
         client = mlflow.MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(t.mlflow_experiment)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(
