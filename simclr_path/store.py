@@ -538,15 +538,13 @@ class PatchStore:
             # the shapes before any read: a crafted /coords of 1e11 rows was allocated
             problem = _patch_layout_problem(shape, dtype, f["coords"].shape, size,
                                             self.attrs.get("mpp"))
-            if problem:
-                raise SimclrPathError(f"{self.path}: not a valid patch store: {problem}; recreate "
-                                      "it with 'simclr-path tile' or 'import-patches' (--force)")
-            self.coords: np.ndarray = f["coords"][:]
-            self.labels: np.ndarray | None = f["labels"][:] if "labels" in f else None
-            self.groups: list[str] | None = _read_groups(f) if "groups" in f else None
+            if problem is None:  # the arrays are read only once their shapes are sane
+                self.coords: np.ndarray = f["coords"][:]
+                self.labels: np.ndarray | None = f["labels"][:] if "labels" in f else None
+                self.groups: list[str] | None = _read_groups(f) if "groups" in f else None
         except _DAMAGED as exc:
             raise SimclrPathError(f"{self.path}: patch store is damaged ({exc}); recreate it with --force") from None
-        problem = layout_problem(self._len, self.labels, self.groups, self.attrs)
+        problem = problem or layout_problem(self._len, self.labels, self.groups, self.attrs)
         if problem:
             raise SimclrPathError(f"{self.path}: not a valid patch store: {problem}; recreate it "
                                   "with 'simclr-path tile' or 'import-patches' (--force)")
