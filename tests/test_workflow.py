@@ -1323,7 +1323,7 @@ def test_a_key_given_twice_in_a_configfile_stops_the_dag_build(tmp_path):
     assert "test.yaml: line" in line and "key 'runs' is given twice (first on line" in line, line
 
 
-def test_pretrain_gpus_above_the_runs_gpu_resource_stops_the_dag_build(tmp_path):
+def test_pretrain_gpus_above_the_runs_gpu_resource_stops_the_dag_build(tmp_path, monkeypatch):
     """Snakemake gave pretraining the profile's gpu=1 whatever pretrain_gpus asked: torchrun's
     four processes then failed after tiling, told to lower --nproc_per_node (review)."""
     cfg = dict(TINY, pretrain_gpus=4,
@@ -1334,3 +1334,9 @@ def test_pretrain_gpus_above_the_runs_gpu_resource_stops_the_dag_build(tmp_path)
     done = smk(wf, "-n", "-p", "--cores", "1", "--resources", "gpu=4")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "simclr-path with-gpus 4 -- torchrun" in done.stdout
+    # gpu=0, a machine without GPUs: every job runs on CPU, as before the check
+    assert smk(wf, "-n", "--cores", "1", "--resources", "gpu=0").returncode == 0
+    # the report's own snakemake (and a cluster job) is not given the run's --resources: a run
+    # with --resources gpu=4 failed its report on the profile's gpu=1 (review)
+    monkeypatch.setenv("SIMCLR_PATH_REPORT_CHILD", "1")
+    assert smk(wf, "-n", "--cores", "1").returncode == 0

@@ -5,6 +5,7 @@
 # WorkflowError, so Snakemake prints the message and no Python traceback).
 import copy
 import hashlib
+import os
 import re
 import shlex
 import zlib
@@ -952,14 +953,21 @@ def import_args(wildcards):
     return f"--patch-size {size} {groups} {depth}"
 
 
+# set in the environment of the snakemake processes write_report starts
+REPORT_CHILD = "SIMCLR_PATH_REPORT_CHILD"
+
+
 def check_pretrain_gpus():
     """Snakemake gives a job no more of a resource than the run has: pretrain_gpus above the
     run's `gpu` resource (the profile's 1) ran torchrun's processes on fewer GPUs than asked,
     and failed only after tiling, with advice to lower --nproc_per_node."""
+    if not workflow.is_main_process or os.environ.get(REPORT_CHILD):
+        return  # a cluster job or the report's own snakemake: not given the run's --resources
     have = workflow.global_resources.get("gpu")
     have = getattr(have, "value", have)  # Snakemake 9 wraps it in a Resource
     want = config["pretrain_gpus"]
-    if isinstance(have, int) and want > have:
+    # gpu=0: a machine without GPUs, where every job runs on CPU whatever it requests
+    if isinstance(have, int) and 0 < have < want:
         fail(
             f"config: pretrain_gpus is {want}, but this run has gpu={have} (resources: in "
             "workflow/profiles/default/config.yaml, or --resources), and Snakemake would give "
@@ -1039,7 +1047,8 @@ def write_report(path):
     triggers = sorted(t.item_to_choice() for t in workflow.dag_settings.rerun_triggers)
     check = [sys.executable, "-m", "snakemake", "--dry-run", "--nolock", *same]
     check += ["--rerun-triggers", *triggers]
-    pending = subprocess.run(check, capture_output=True, text=True)
+    env = {**os.environ, REPORT_CHILD: "1"}
+    pending = subprocess.run(check, capture_output=True, text=True, env=env)
     if pending.returncode != 0:
         log.write_text(pending.stdout + pending.stderr)
         fail(
@@ -1058,7 +1067,7 @@ def write_report(path):
     logger.info(f"Writing the report: {shlex.join(cmd)}")
     # Snakemake makes no folder for it
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     log.write_text(done.stdout + done.stderr)
     if done.returncode == 0:
         logger.info(f"Report written to {path}")
