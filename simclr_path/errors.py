@@ -57,6 +57,7 @@ def need_file(path: str | os.PathLike, what: str, fix: str = "") -> Path:
     if p.is_dir():
         raise SimclrPathError(f"{p}: is a folder; give the {what}")
     if not p.is_file():
-        raise SimclrPathError(f"{p}: is not a regular file (a pipe or a device?); save the "
-                              f"{what} to a file and give its path")
+        raise SimclrPathError(f"{p}: is not a regular file (a pipe or a device?), as the {what} "
+                              "must be (it is read more than once); save it to disk and give "
+                              "that path")
     return p

@@ -342,7 +342,7 @@ def damaged_rows(path: str | os.PathLike, progress: bool = True) -> dict[str, li
     """Every data set of the HDF5 file at ``path`` read chunk by chunk: the row ranges
     (first, last; inclusive) of each whose chunks cannot be decoded (a disk or copy error that
     only a read finds: opening the file and its metadata do not), or of floating-point data,
-    whose rows hold NaN or inf. Empty when all read."""
+    whose rows hold values no writer gives (:func:`unusable_rows`). Empty when all read."""
     from tqdm.auto import tqdm
 
     damaged: dict[str, list[tuple[int, int]]] = {}
@@ -363,9 +363,10 @@ def damaged_rows(path: str | os.PathLike, progress: bool = True) -> dict[str, li
                         damaged.setdefault(name, []).append((rows.start, rows.stop - 1))
                         block = None
                     if block is not None and block.dtype.kind == "f" and ds.ndim:
-                        # features are stored uncompressed: damage there reads as NaN or inf,
-                        # which embed never writes
-                        bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+                        # features are stored uncompressed: damage there reads as values
+                        # embed never writes (random bytes are NaN, inf or beyond 1e12 in
+                        # nearly every row of 64 or more features), as classify refuses them
+                        bad = unusable_rows(block.reshape(len(block), -1))
                         damaged.setdefault(name, []).extend(
                             (rows.start + int(i), rows.start + int(i)) for i in np.flatnonzero(bad))
                     size = np.prod([r.stop - r.start for r in sel]) if ds.ndim else 1
@@ -654,6 +655,8 @@ def unusable_rows(features: np.ndarray) -> np.ndarray:
     f = np.asarray(features)
     if f.size == 0:
         return np.zeros(len(f), dtype=bool)
+    if f.dtype.itemsize < 4:  # float16 (a foreign file): 1e12 does not fit it
+        f = f.astype(np.float32)
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(f) & (np.abs(f) <= MAX_FEATURE_MAGNITUDE)
     return ~ok.reshape(len(f), -1).all(axis=1)

@@ -378,3 +378,17 @@ def test_a_damaged_chunk_is_one_clear_error_wherever_it_is_read(tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "s.h5: patch 3 cannot be read" in err and "Traceback" not in err
+
+
+def test_unusable_rows_of_float16_features_need_no_overflowing_cast():
+    """1e12 does not fit float16: a foreign file's float16 features printed numpy's overflow
+    warning inside classify (review)."""
+    import warnings
+
+    from simclr_path.store import unusable_rows
+
+    f = np.array([[1.0, 2.0], [np.inf, 0.0], [60000.0, -3.0]], dtype=np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert unusable_rows(f).tolist() == [False, True, False]
+    assert unusable_rows(np.zeros((0, 4), np.float32)).tolist() == []

@@ -40,7 +40,7 @@ def summary(path: Path, check: bool = False, progress: bool = True) -> list[str]
 
     if path.is_dir():
         raise SimclrPathError(f"{path}: is a folder; give a patch store or embedding file (.h5)")
-    need_file(path, "file")
+    need_file(path, "patch store or embedding file")
     try:
         f = open_h5(path)
     except OSError:
@@ -173,8 +173,8 @@ def check_data(path: Path, progress: bool = True) -> str:
             f"{name} rows " + ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges[:5])
             + (f" and {len(ranges) - 5} more ranges" if len(ranges) > 5 else "")
             for name, ranges in bad.items())
-        raise SimclrPathError(f"{path}: damaged: {where} cannot be read or hold NaN (a disk or "
-                              "copy error); make the file again ('simclr-path tile', 'import-patches' or "
+        raise SimclrPathError(f"{path}: damaged: {where} cannot be read or hold values no writer "
+                              "gives (a disk or copy error); make the file again ('simclr-path tile', 'import-patches' or "
                               "'embed' with --force) or copy it again from its source")
     return "every patch and feature read: no damage found"
 
