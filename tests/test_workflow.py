@@ -549,6 +549,16 @@ def test_runs_with_equal_settings_share_pretraining_and_embeddings(tmp_path):
     assert set(re.findall(r"--out results/finetune/(\w+)/", out)) == {"a", "d", "e"}
     assert counts["compare_finetune"] == 5
 
+    # a run added above one whose results exist does not take them over (which reran all that
+    # read them, and pretrained again under the new name) (review)
+    (wf / "results/pretrain/d").mkdir(parents=True)
+    (wf / "results/pretrain/d/summary.json").write_text("{}")
+    cfg["runs"] = {"new": {"train": {"seed": 7}}, **cfg["runs"]}
+    (wf / "config" / "test.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    out = smk(wf, "-n", "-p", "--cores", "2").stdout
+    assert set(re.findall(r"--out results/pretrain/(\w+)", out)) == {"a", "d"}, out[-3000:]
+    assert "--run-name 'new (pretraining of d)'" in out
+
 
 def test_layer_eval_jobs(tmp_path):
     """Layer-wise linear evaluation: every layer embedded, classified and compared per run."""
@@ -1196,7 +1206,7 @@ def test_demo_slide_paths_and_artefacts_are_quoted_for_the_shell(tmp_path):
 
 def _caption(name: str, evaluation: str, slides: bool, positive: str = "SCC",
              run: str = "baseline", slide: str = "S1", tiles: str = "lc",
-             extra: dict | None = None) -> str:
+             extra: dict | None = None, owner: str | None = None) -> str:
     """A report caption as Snakemake renders it (Jinja, then reStructuredText to HTML)."""
     import html as html_module
     import types
@@ -1208,7 +1218,8 @@ def _caption(name: str, evaluation: str, slides: bool, positive: str = "SCC",
               "patch_datasets": None if slides else {tiles: {}}, "runs": {run: {}},
               "figures": {"heatmaps": True}, **(extra or {})}
     sm = types.SimpleNamespace(config=config, params=types.SimpleNamespace(
-        evaluation=evaluation, positive=positive, runs=["stage3", "pooled"]),
+        evaluation=evaluation, positive=positive, runs=["stage3", "pooled"],
+        owner=owner or run, finetuned=owner or run),  # the run whose results it shares
         wildcards=types.SimpleNamespace(run=run, slide=slide))
     # Snakemake's own options: trim_blocks drops the newline after a line-ending block tag
     text = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
@@ -1254,6 +1265,21 @@ def test_the_report_captions_say_how_the_classifier_was_evaluated():
     # the layers evaluated, not "stages and the projection head" whatever layer_eval listed
     assert "embeddings from the layers stage3, pooled (config layer_eval" in compared[
         "compare_layers"]
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+def test_captions_of_a_run_that_shares_name_the_run_whose_results_they_show():
+    """A shared loss curve was captioned as the run's own pretraining, and the fine-tuning
+    caption sent readers to a results/finetune/{run} folder that is never made (review)."""
+    own = _caption("loss", "folds", True, run="a")
+    assert "per optimiser step of pretraining run a. The loss" in own and "shares" not in own
+    shared = _caption("loss", "folds", True, run="b", owner="a")
+    assert "pretraining run a, which run b shares (their pretraining settings are equal)" in shared
+    ft = _caption("compare_finetune", "folds", True, run="b", owner="a")
+    assert "results/finetune/a/labels_*/history.csv (run a's fine-tuning, which this run " \
+        "shares" in ft
+    assert "results/finetune/b/labels_*/history.csv." in _caption("compare_finetune", "folds",
+                                                                  True, run="b")
 
 
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")

@@ -297,26 +297,41 @@ def stage_values(run, stage):
     return without_speed_keys(out)
 
 
-def sharing(*stages):
-    """Run -> the run whose outputs of ``stages`` it uses: the first run (in config order) with
-    the same settings for all of them (less the SPEED_KEYS). Runs that differ only in what
-    comes later (a classifier ablation) share one pretraining and one set of embeddings instead
-    of computing the same ones again; to repeat a pretraining, give each run its own
+def sharing(stages, made):
+    """Run -> the run whose outputs of ``stages`` it uses, among the runs with the same
+    settings for all of them (less the SPEED_KEYS): the first (in config order) whose outputs
+    exist (``made(run)``), else the first. Runs that differ only in what comes later (a
+    classifier ablation) share one pretraining and one set of embeddings instead of computing
+    the same ones again; a run added above one that has its results does not take them over
+    (which would rerun all that reads them). To repeat a pretraining, give each run its own
     train.seed."""
 
     def key(run):
         return yaml.safe_dump([stage_values(run, s) for s in stages], sort_keys=True)
 
-    first = {}
+    owner = {}
     for run in RUNS:
-        first.setdefault(key(run), run)
-    return {run: first[key(run)] for run in RUNS}
+        k = key(run)
+        if k not in owner or (made(run) and not made(owner[k])):
+            owner[k] = run
+    return {run: owner[key(run)] for run in RUNS}
 
 
-PRETRAIN_OF = sharing("pretrain")
-EMBED_OF = sharing("pretrain", "embed")
-LAYER_EMBED_OF = sharing("pretrain", "embed_layer")
-FINETUNE_OF = sharing("pretrain", "finetune")
+PRETRAIN_OF = sharing(
+    ["pretrain"], lambda run: Path(f"results/pretrain/{run}/summary.json").is_file()
+)
+EMBED_OF = sharing(
+    ["pretrain", "embed"],
+    lambda run: any(Path(f"results/embeddings/{run}").glob("*.h5")),
+)
+LAYER_EMBED_OF = sharing(
+    ["pretrain", "embed_layer"],
+    lambda run: any(Path(f"results/embeddings/{run}/layers").glob("*/*.h5")),
+)
+FINETUNE_OF = sharing(
+    ["pretrain", "finetune"],
+    lambda run: any(Path(f"results/finetune/{run}").glob("labels_*/metrics.json")),
+)
 
 
 def pretrained(name):

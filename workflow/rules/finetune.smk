@@ -116,5 +116,7 @@ rule compare_finetune:
         what="label_fraction",
         title=lambda w: f"Fine-tuning vs linear probe by label fraction, run {w.run}",
         evaluation=EVALUATION,
+        # the run whose fine-tuning this one shares (itself where it has its own), for the caption
+        finetuned=lambda w: FINETUNE_OF[w.run],
     script:
         "../scripts/compare_runs.py"

@@ -101,6 +101,7 @@ rule plot_loss:
     resources:
         mem_mb=1000,
     params:
+        owner=lambda w: PRETRAIN_OF[w.run],
         # a run sharing another's pretraining draws that run's curve, and says so
         name=lambda w: (
             w.run
