@@ -545,6 +545,9 @@ def test_runs_with_equal_settings_share_pretraining_and_embeddings(tmp_path):
         assert f"results/embeddings/{src}/S1.h5" in line, line
     assert "--run-name 'b (pretraining of a)'" in out and "--run-name 'e (pretraining of a)'" in out
     assert counts["plot_loss"] == 5 and counts["preview"] == 5
+    # said once: repeats of one setting would collapse into one pretraining in silence
+    said = [x for x in (out + done.stderr).splitlines() if "use run a's pretraining" in x]
+    assert len(said) == 1 and "run(s) b, c, e use run a's pretraining" in said[0], said
     # fine-tuning reads the classifier's folds (e has its own), not embed.tta (c shares a's)
     assert set(re.findall(r"--out results/finetune/(\w+)/", out)) == {"a", "d", "e"}
     assert counts["compare_finetune"] == 5

@@ -334,6 +334,24 @@ FINETUNE_OF = sharing(
 )
 
 
+def say_sharing():
+    """One line per shared pretraining: repeats of one setting (to see the spread of runs)
+    would otherwise collapse into one in silence."""
+    if not workflow.is_main_process:
+        return
+    for owner in dict.fromkeys(PRETRAIN_OF.values()):
+        others = [r for r in RUNS if PRETRAIN_OF[r] == owner and r != owner]
+        if others:
+            logger.info(
+                f"simclr-path workflow: run(s) {', '.join(others)} use run {owner}'s "
+                "pretraining (equal pretraining settings); to repeat a pretraining, give "
+                "each run its own train.seed"
+            )
+
+
+say_sharing()
+
+
 def pretrained(name):
     """Input function: the file ``name`` of the pretraining the job's run uses."""
     return lambda wildcards: f"results/pretrain/{PRETRAIN_OF[wildcards.run]}/{name}"
