@@ -132,3 +132,17 @@ def damage_chunk(path, name, index):
     with open(path, "r+b") as fh:
         fh.seek(info.byte_offset + 5)
         fh.write(b"\xff" * (info.size - 10))
+
+
+def striped_store(path: Path, n: int = 40, thumbnail: bool = True) -> np.ndarray:
+    """A slide store of ``n`` 32 px patches of vertical stripes, which LZF compresses (so its
+    decoder notices a damaged chunk; noise is stored raw); returns the patches."""
+    from simclr_path.store import PatchStoreWriter
+
+    rng = np.random.default_rng(0)
+    stripes = np.repeat(rng.integers(0, 256, (n, 1, 32, 3), dtype=np.uint8), 32, axis=1)
+    with PatchStoreWriter(path, 32, attrs={"slide_id": "s", "kind": "slide", "mpp": 1.0}) as w:
+        w.append(stripes, np.arange(2 * n).reshape(n, 2) * 32)
+        if thumbnail:
+            w.set_thumbnail(np.repeat(stripes[0], 8, axis=0))
+    return stripes

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import damage_chunk
+from conftest import damage_chunk, striped_store
 
 from simclr_path.cli import main
 from simclr_path.store import PatchStoreWriter, write_embeddings
@@ -203,12 +203,9 @@ def test_control_characters_of_a_foreign_store_are_shown_not_obeyed(tmp_path, ca
 def test_check_reads_every_chunk_and_names_the_damaged_rows(tmp_path, capsys):
     """info read only metadata: a store with a damaged chunk was described as fine, and the
     damage surfaced hours later inside pretrain or embed (review)."""
-    rng = np.random.default_rng(0)
-    stripes = np.repeat(rng.integers(0, 256, (40, 1, 32, 3), dtype=np.uint8), 32, axis=1)
     path = tmp_path / "s.h5"
-    with PatchStoreWriter(path, 32, attrs={"slide_id": "s", "kind": "slide", "mpp": 1.0}) as w:
-        w.append(stripes, np.arange(80).reshape(40, 2) * 32)
-        w.set_thumbnail(np.repeat(stripes[0], 8, axis=0))
+    striped_store(path)
+    rng = np.random.default_rng(0)
     assert main(["info", str(path), "--check", "--no-progress"]) == 0
     assert "every patch and feature read: no damage found" in capsys.readouterr().out
     damage_chunk(path, "patches", 3)

@@ -6,7 +6,7 @@ import re
 import h5py
 import numpy as np
 import pytest
-from conftest import damage_chunk
+from conftest import damage_chunk, striped_store
 
 from simclr_path.errors import SimclrPathError
 from simclr_path.store import EmbeddingStore, PatchStore, PatchStoreWriter, write_embeddings
@@ -352,12 +352,8 @@ def test_a_damaged_chunk_is_one_clear_error_wherever_it_is_read(tmp_path, capsys
     from simclr_path.cli import main
     from simclr_path.data import read_patch
 
-    rng = np.random.default_rng(0)
-    stripes = np.repeat(rng.integers(0, 256, (40, 1, 32, 3), dtype=np.uint8), 32, axis=1)
     path = tmp_path / "s.h5"
-    with PatchStoreWriter(path, 32, attrs={"slide_id": "s", "kind": "slide", "mpp": 1.0}) as w:
-        w.append(stripes, np.arange(80).reshape(40, 2) * 32)
-        w.set_thumbnail(np.repeat(stripes[0], 8, axis=0))
+    stripes = striped_store(path)
     damage_chunk(path, "patches", 3)
     damage_chunk(path, "thumbnail", 0)
     st = PatchStore(path)
