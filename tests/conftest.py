@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import h5py
@@ -12,6 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SLIDES = SHARED_DATA / "slides"
 LC25000 = SHARED_DATA / "lc25000-dev"
+
+# A shell starts a background job (`pytest ... &`, some CI runners) with SIGINT ignored, and
+# Python then installs no KeyboardInterrupt handler: the interrupt tests (Ctrl-C saves the
+# finished steps ...) would test the shell, not the code. Ctrl-C works as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def load_benchmark(name: str):

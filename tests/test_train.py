@@ -1523,7 +1523,10 @@ def test_a_resumed_budgeted_run_keeps_its_learning_rate(stores, tmp_path, monkey
     T.pretrain(stores, tmp_path / "run", cfg, resume=True, progress=False)
     lr = pd.read_csv(tmp_path / "run" / "metrics.csv").set_index("step")["lr"]
     assert lr.index[-1] > 9 and lr[8] > 0
-    assert 0.8 <= lr[9] / lr[8] <= 1.25, lr.head(12).tolist()
+    # the step rate behind each plan is measured, so the ratio varies with the machine's load
+    # (1.43 once, on a loaded CPU); the defect it guards against dropped the LR to a fraction
+    # of a percent (a 1000-epoch warm-up's), and jumped back when the budget re-planned
+    assert 0.5 <= lr[9] / lr[8] <= 2.0, lr.head(12).tolist()
 
 
 def test_budget_seconds_in_messages_keep_their_decimals():
