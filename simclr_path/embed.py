@@ -477,9 +477,8 @@ def embed_store(
     # in slices: a mask of the whole table is a quarter of its size again (1e6 x 2048: 2 GB)
     if any(unusable_rows(feats[lo:lo + 65536]).any() for lo in range(0, len(feats), 65536)):
         raise SimclrPathError(
-            f"{enc}: encoder produced {BAD_FEATURES} on "
-            f"{store.path}; "
-            "the encoder is probably broken (diverged training)"
+            f"{enc}: encoder produced {BAD_FEATURES} on {store.path}; the encoder is "
+            "probably broken (diverged training)"
         )
     attrs: dict[str, Any] = {
         "kind": "embeddings",

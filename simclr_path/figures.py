@@ -1162,6 +1162,8 @@ def plot_heatmap(
     max_side = check_int(max_side, "plot_heatmap", "max_side", minimum=64)
     check_figure_outputs({"out": out}, {"classify": classify, "store": store}, force)
     src = Path(classify)
+    if not src.is_dir():
+        need_file(src, "classify results folder or predict CSV")
     train_only: set[str] = set()  # slides a samples-sheet split kept for training
     if src.is_dir():
         table, how = src / "predictions_patches.csv", "; rerun 'simclr-path classify' with --force"
@@ -1171,7 +1173,7 @@ def plot_heatmap(
             raise SimclrPathError(f"{table}: no numeric column {bad[0]} (patch coordinates){how}")
         train_only = set(preds.loc[preds["fold"] < 0, "slide_id"].astype(str))
         pos = metrics["task"].get("positive")
-    elif src.is_file():
+    else:
         table, how = src, "; give a CSV written by 'simclr-path predict'"
         try:  # a macro model's predictions: say so, rather than that predict did not write it
             header = set(pd.read_csv(src, nrows=0).columns)
@@ -1185,9 +1187,6 @@ def plot_heatmap(
             preds = preds[preds["level"] == "patch"]
         _check_finite(preds, {"x", "y", "score"}, src, how)  # slide rows have no x, y
         pos = _score_class(preds)
-    else:
-        need_file(src, "classify results folder or predict CSV")  # raises: not a file or folder
-        raise AssertionError(src)
     if "score" not in preds.columns:
         raise SimclrPathError(f"{src}: {_NO_POSITIVE}")
     st = PatchStore(store)

@@ -352,11 +352,11 @@ def damaged_rows(path: str | os.PathLike, progress: bool = True) -> dict[str, li
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"check {Path(path).name}",
                   disable=None if progress else True, leave=False) as bar:
             for ds in sets:
+                name = ds.name.lstrip("/")
                 # a chunk at a time, so one bad chunk names its own rows, not the whole set
                 parts = ds.iter_chunks() if ds.chunks else [tuple(slice(0, n) for n in ds.shape)]
                 for sel in parts:
                     rows = sel[0] if ds.ndim else slice(0, 1)
-                    name = ds.name.lstrip("/")
                     try:
                         block = ds[sel]
                     except OSError:

@@ -173,9 +173,10 @@ def check_data(path: Path, progress: bool = True) -> str:
             f"{name} rows " + ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges[:5])
             + (f" and {len(ranges) - 5} more ranges" if len(ranges) > 5 else "")
             for name, ranges in bad.items())
-        raise SimclrPathError(f"{path}: damaged: {where} cannot be read or hold values no writer "
-                              "gives (a disk or copy error); make the file again ('simclr-path tile', 'import-patches' or "
-                              "'embed' with --force) or copy it again from its source")
+        raise SimclrPathError(
+            f"{path}: damaged: {where} cannot be read or hold values no writer gives (a disk or "
+            "copy error); make the file again ('simclr-path tile', 'import-patches' or 'embed' "
+            "with --force) or copy it again from its source")
     return "every patch and feature read: no damage found"
 
 

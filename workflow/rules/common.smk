@@ -306,15 +306,16 @@ def sharing(stages, made):
     (which would rerun all that reads them). To repeat a pretraining, give each run its own
     train.seed."""
 
-    def key(run):
-        return yaml.safe_dump([stage_values(run, s) for s in stages], sort_keys=True)
-
+    keys = {
+        run: yaml.safe_dump([stage_values(run, s) for s in stages], sort_keys=True)
+        for run in RUNS
+    }
     owner = {}
-    for run in RUNS:
-        k = key(run)
-        if k not in owner or (made(run) and not made(owner[k])):
-            owner[k] = run
-    return {run: owner[key(run)] for run in RUNS}
+    # the made runs first (in config order), then the rest: the first of each key owns it
+    done = [r for r in RUNS if made(r)]
+    for run in done + [r for r in RUNS if r not in done]:
+        owner.setdefault(keys[run], run)
+    return {run: owner[keys[run]] for run in RUNS}
 
 
 PRETRAIN_OF = sharing(
