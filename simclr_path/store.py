@@ -363,9 +363,9 @@ def damaged_rows(path: str | os.PathLike, progress: bool = True) -> dict[str, li
                         damaged.setdefault(name, []).append((rows.start, rows.stop - 1))
                         block = None
                     if block is not None and block.dtype.kind == "f" and ds.ndim:
-                        # features are stored uncompressed: damage there reads as values
-                        # embed never writes (random bytes are NaN, inf or beyond 1e12 in
-                        # nearly every row of 64 or more features), as classify refuses them
+                        # features written before their chunks had checksums (and foreign
+                        # files): damage reads as values embed never writes (random bytes are
+                        # NaN, inf or beyond 1e12 in nearly every row of 64 or more features)
                         bad = unusable_rows(block.reshape(len(block), -1))
                         damaged.setdefault(name, []).extend(
                             (rows.start + int(i), rows.start + int(i)) for i in np.flatnonzero(bad))
@@ -683,7 +683,8 @@ def write_embeddings(path: str | os.PathLike, features: np.ndarray, coords: np.n
     chunks = ((min(max(len(features), 1), 1024), features.shape[1])
               if features.ndim == 2 and features.shape[1] > 0 and len(features) > 0 else None)
     with atomic_output(path, force=force) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=features, chunks=chunks)
+        # a checksum per chunk: damage that still reads as plausible floats is a read error
+        f.create_dataset("features", data=features, chunks=chunks, fletcher32=chunks is not None)
         f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
         if labels is not None:
             f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))

@@ -225,13 +225,26 @@ def test_check_reads_every_chunk_and_names_the_damaged_rows(tmp_path, capsys):
     assert main(["info", str(emb), "--check", "--no-progress"]) == 2
     assert "damaged: features rows 1024-2047 cannot be read or hold values no writer gives" \
         in capsys.readouterr().err
-    # random bytes (a copy error) read as floats: NaN or inf about once in 256 values, but
-    # nearly always beyond 1e12 somewhere in a row, as classify refuses them (review)
-    emb2 = write_embeddings(tmp_path / "e2.h5", rng.normal(size=(300, 64)), np.zeros((300, 2)),
-                            {"slide_id": "s"})
     import h5py
 
+    # one value changed to another plausible one (no NaN, nothing large): each chunk of features
+    # carries a checksum, so the read fails (before them such damage went unnoticed)
+    emb2 = write_embeddings(tmp_path / "e2.h5", rng.normal(size=(300, 64)), np.zeros((300, 2)),
+                            {"slide_id": "s"})
     with h5py.File(emb2, "r") as f:
+        offset = f["features"].id.get_chunk_info(0).byte_offset
+    with open(emb2, "r+b") as fh:
+        fh.seek(offset + 10 * 64 * 4)
+        fh.write(np.float32(0.5).tobytes())
+    assert main(["info", str(emb2), "--check", "--no-progress"]) == 2
+    assert "damaged: features rows 0-299 cannot be read" in capsys.readouterr().err
+    # a file without checksums (written before them): random bytes (a copy error) read as
+    # floats NaN or inf about once in 256 values, but nearly always beyond 1e12 somewhere in a
+    # row, as classify refuses them (review)
+    with h5py.File(emb2, "a") as f:
+        del f["features"]
+        f.create_dataset("features", data=rng.normal(size=(300, 64)).astype(np.float32),
+                         chunks=(300, 64))
         offset = f["features"].id.get_chunk_info(0).byte_offset
     with open(emb2, "r+b") as fh:
         fh.seek(offset + 10 * 64 * 4)  # rows 10-13
