@@ -45,6 +45,7 @@ import contextlib
 import csv
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -88,14 +89,11 @@ from simclr_path.data import cv2_fork_safe, one_thread_worker, read_patch
 from simclr_path.embed import default_image_size, file_sha256
 from simclr_path.errors import SimclrPathError, need_file
 from simclr_path.model import encoder_info, feature_dim, load_encoder, output_stride, save_encoder
-from simclr_path.outputs import as_paths, atomic_dir, check_apart, check_can_write
+from simclr_path.outputs import FINETUNE_MARKER, as_paths, atomic_dir, check_apart, check_can_write
 from simclr_path.store import PatchStore
 from simclr_path.transforms import ColorAugment, eval_transform, normalize, to_float
 
 # what this command writes into its results folder: --force replaces only a folder holding one
-# A hidden file every finetune folder holds: the workflow deletes a rerun job's declared outputs
-# and, without a final model, left only tensorboard/, which --force then refused as not ours
-FINETUNE_MARKER = ".simclr-path-finetune"
 RESULT_FILES = ("metrics.json", "predictions_patches.csv", "predictions_slides.csv", "history.csv",
                 FINETUNE_MARKER)
 # what else it writes there: the final model (names any model folder holds, so never what
@@ -680,7 +678,9 @@ def finetune(
                            "patch_auroc": metrics["patch"].get("auroc") or float("nan")}
                 tracker.scalars({f"test/{k}": v for k, v in summary.items()}, 0, step_key="test/step")
             finally:
-                tracker.close(summary, tmp if summary is not None else None)
+                stopped_by = sys.exc_info()[1]  # Ctrl-C or SIGTERM: the run was killed, not failed
+                tracker.close(summary, tmp if summary is not None else None,
+                              interrupted=isinstance(stopped_by, (KeyboardInterrupt, SystemExit)))
                 for s in stores:
                     s.close()
         return metrics

@@ -203,6 +203,15 @@ def check_apart(outputs: Mapping[str, str | os.PathLike | None], inputs: Mapping
                                               "elsewhere")
 
 
+# a hidden file every run writes first (never a workflow output, so never deleted by one): what
+# marks a folder as a run's. Not metrics.csv, loss.png, config.yaml, encoder.json ... (any
+# project folder may hold such names, or copies of a run's), nor mlflow.db (MLflow's default
+# store in any working folder)
+RUN_MARKER = ".simclr-path-run"
+# a hidden file every finetune folder holds: the workflow deletes a rerun job's declared outputs
+# and, without a final model, left only tensorboard/, which --force then refused as not ours
+FINETUNE_MARKER = ".simclr-path-finetune"
+
 _UMASK_LOCK = threading.Lock()
 
 

@@ -68,6 +68,8 @@ from simclr_path.config import (
 )
 from simclr_path.errors import SimclrPathError
 from simclr_path.outputs import (
+    FINETUNE_MARKER,
+    RUN_MARKER,
     atomic_output,
     check_apart,
     stopping_on_a_signal,
@@ -80,11 +82,6 @@ METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "pairs_per_s", "data_time_s", "
 RUN_FILES = ["config.yaml", "metrics.csv", "checkpoint.pt", "loss.png", "head.pt", "encoder.pt",
              "encoder.json", "summary.json", "mlflow.db"]
 RUN_DIRS = ["tensorboard", "mlruns", "wandb"]
-# a hidden file every run writes first (never a workflow output, so never deleted by one): what
-# marks a folder as a run's. Not metrics.csv, loss.png, config.yaml, encoder.json ... (any
-# project folder may hold such names, or copies of a run's), nor mlflow.db (MLflow's default
-# store in any working folder)
-RUN_MARKER = ".simclr-path-run"
 # config.yaml's first line: tells a run's own config.yaml from a user's in a folder given as --out
 RUN_CONFIG_HEADER = ("# simclr-path pretrain: this run's resolved configuration; pretraining read its\n"
                      "# augment, model and train sections (the others: what it was given)\n")
@@ -453,7 +450,7 @@ def _is_run_dir(out: Path) -> bool:
     from a run) must not lose them to --force. The marker every run writes first says so; a
     run from before the marker (2026-12-06) has its checkpoint to show. A fine-tuning results
     folder never is one (it holds an encoder.pt of its own)."""
-    if (out / ".simclr-path-finetune").exists():  # finetune.FINETUNE_MARKER
+    if (out / FINETUNE_MARKER).exists():
         return False
     if (out / RUN_MARKER).is_file():
         return True
@@ -744,8 +741,10 @@ class _Tracker:
             self.scalars({"train/loss": loss, "train/lr": lr, "train/pairs_per_s": pps,
                           "train/data_time_s": dt, "train/compute_time_s": ct}, step)
 
-    def close(self, summary: dict[str, Any] | None = None, out: Path | None = None) -> None:
-        """Flush and end every backend; ``summary`` None marks the run failed (MLflow, W&B)."""
+    def close(self, summary: dict[str, Any] | None = None, out: Path | None = None,
+              interrupted: bool = False) -> None:
+        """Flush and end every backend; ``summary`` None marks the run failed (MLflow, W&B), or
+        with ``interrupted`` (Ctrl-C, SIGTERM) killed: MLflow's KILLED, W&B's exit code 130."""
         tb, wb = self.tb, self.wandb
         self.tb = self.wandb = None  # a second close does nothing
         numbers = {k: float(v) for k, v in (summary or {}).items()
@@ -764,7 +763,8 @@ class _Tracker:
                         for name in ("loss.png", "summary.json", "config.yaml"):
                             if out is not None and (out / name).is_file():
                                 client.log_artifact(run_id, str(out / name))
-                    client.set_terminated(run_id, "FINISHED" if summary is not None else "FAILED")
+                    client.set_terminated(run_id, "FINISHED" if summary is not None else
+                                          "KILLED" if interrupted else "FAILED")
                     if self.local_store is not None and self.moves_to is not None:
                         _move_mlflow_artifacts(self.local_store, self.moves_to)
                 except Exception as exc:  # noqa: BLE001 - the run itself is finished and saved
@@ -772,7 +772,7 @@ class _Tracker:
         if wb is not None:
             if summary is not None:
                 wb.summary.update(numbers)
-            wb.finish(exit_code=0 if summary is not None else 1)
+            wb.finish(exit_code=0 if summary is not None else 130 if interrupted else 1)
 
 
 def _move_mlflow_artifacts(db: Path, moves_to: Path) -> None:
@@ -1575,7 +1575,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                               f"save it ({type(err).__name__}: {err}); --resume continues from "
                               f"step {saved_step}", stacklevel=2)
         bar.close()
-        tracker.close(None)
+        tracker.close(None, interrupted=interrupted)
         if world.enabled and isinstance(exc, RuntimeError) and _peer_lost(exc):
             # the process that failed printed its own line; this one's was gloo's or NCCL's
             # traceback of the broken connection, which read as the cause
@@ -1639,8 +1639,8 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             }
             _write_text(out / "summary.json", json.dumps(summary, indent=2))
             tracker.close(summary, out)
-    except BaseException:
-        tracker.close(None)
+    except BaseException as exc:
+        tracker.close(None, interrupted=isinstance(exc, (KeyboardInterrupt, SystemExit)))
         raise
     if world.enabled:  # on gloo: NCCL's watchdog would end ranks that wait out a slow finish
         dist.barrier(group=sync_group)  # (rank 0's tracker upload, say) as a hang

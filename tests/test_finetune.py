@@ -534,6 +534,27 @@ def test_the_mlflow_store_is_told_the_results_folders_final_name(cohort, encoder
     assert db.parent.name.startswith(".res.") and not db.parent.exists()  # the temporary folder
 
 
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_an_interrupted_finetune_ends_its_mlflow_run_killed(cohort, encoder, tmp_path, monkeypatch,
+                                                            error, status):
+    """Ctrl-C marked the MLflow run FAILED, like a crash."""
+    import simclr_path.finetune as FT
+
+    calls = fake_mlflow(monkeypatch)
+
+    def stop(*a, **k):
+        raise error("stop")
+
+    monkeypatch.setattr(FT._Run, "fit", stop)
+    paths, sheet = cohort
+    cfg = tiny_cfg(epochs=1, final_model=False)
+    cfg.train.mlflow, cfg.train.tensorboard = True, False
+    with pytest.raises(error):
+        finetune(paths, encoder, tmp_path / "res", samples=sheet, cfg=cfg, progress=False)
+    assert calls[-1] == ("set_terminated", ("r1", status), {})
+    assert not (tmp_path / "res").exists()
+
+
 def test_finetune_leaves_the_callers_torch_generator_alone(cohort, encoder, tmp_path):
     import torch
 

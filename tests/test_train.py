@@ -937,18 +937,22 @@ def test_a_tracker_that_moves_rewrites_only_its_local_mlflow_store(tmp_path, mon
     assert moved == ([] if uri else [(tmp_path / ".o.tmp" / "mlflow.db", tmp_path / "o")])
 
 
-def test_tracking_ends_failed_on_error(stores, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("error", "status", "code"), [
+    (RuntimeError, "FAILED", 1), (KeyboardInterrupt, "KILLED", 130)])
+def test_tracking_ends_failed_on_error_and_killed_on_interrupt(stores, tmp_path, monkeypatch,
+                                                                error, status, code):
+    """An interrupted run was marked FAILED, like one that crashed."""
     wb, ml = _fake_wandb(monkeypatch), fake_mlflow(monkeypatch)
 
     def crash(step):
-        raise KeyboardInterrupt
+        raise error
 
     monkeypatch.setattr(T, "_on_step_end", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(error):
         T.pretrain(stores, tmp_path / "run", _cfg(max_steps=2, mlflow=True, wandb=True),
                    progress=False)
-    assert wb["finish"] == [1] and not wb["summary"]
-    assert ml[-1] == ("set_terminated", ("r1", "FAILED"), {})
+    assert wb["finish"] == [code] and not wb["summary"]
+    assert ml[-1] == ("set_terminated", ("r1", status), {})
 
 
 def test_tracker_scalars_with_restarting_steps(tmp_path, monkeypatch):
