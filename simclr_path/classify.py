@@ -1240,8 +1240,9 @@ def auroc_ci(
         return None, (f"CI not shown: the {held} hold no class "
                       f"{min(per_class, key=per_class.get)!r}")
     if fewest < MIN_CI_PATIENTS:
-        few = (f"{fewest} {unit}s per class" if len(set(per_class.values())) == 1 else
-               f"{fewest} {unit}s in class {min(per_class, key=per_class.get)!r}")
+        units = unit if fewest == 1 else f"{unit}s"
+        few = (f"{fewest} {units} per class" if len(set(per_class.values())) == 1 else
+               f"{fewest} {units} in class {min(per_class, key=per_class.get)!r}")
         return None, (f"CI not shown: {few} (a {unit} bootstrap needs at least "
                       f"{MIN_CI_PATIENTS} per class)")
     ci = bootstrap_auroc(sy, sp, slides_pred["patient_id"].to_numpy(), positive, cfg.bootstrap,

@@ -901,11 +901,13 @@ def plot_curves(
             # positives and negatives, where the curves share them (one positive class): an
             # AUROC of 1 on 4 + 4 slides is another claim than one on 400 + 400
             counts = {(int(yb.sum()), len(yb) - int(yb.sum())) for _, yb, _ in drawn}
-            split = [f"{p} positive, {q} negative" for p, q in counts] if len(counts) == 1 else []
+            macro = metrics["task"].get("positive") is None
+            # one-vs-rest curves of equal classes share their counts too, but have no positive
+            split = ([f"{p} per class" if macro and len(drawn) > 1 else f"{p} positive, {q} negative"
+                      for p, q in counts] if len(counts) == 1 else [])
             if has_ci:
                 # name the curve it belongs to where a panel has several: the slide CI is the
                 # mean-of-patches score's, not the top-k one's; without a positive class, macro
-                macro = metrics["task"].get("positive") is None
                 whose = ("" if len(drawn) < 2 else "macro " if macro else f"{drawn[0][0]} ")
                 value = metrics[level].get("auroc")
                 # three decimals as the legend's AUROCs ("CI 1.00-1.00" beside 0.996 said
@@ -954,18 +956,22 @@ def plot_confusion(
     for ax, level in zip(axes, ("patch", "slide")):
         cm = np.asarray(metrics[level]["confusion_matrix"], dtype=float)  # checked when read
         rows = cm.sum(axis=1, keepdims=True)
-        frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+        # a true class with nothing held out has no fractions: blank, not the colour of 0 %
+        # (which read as every one of them missed)
+        frac = np.divide(cm, rows, out=np.full_like(cm, np.nan), where=rows > 0)
         im = ax.imshow(frac, cmap="cividis", vmin=0, vmax=1)
         # text dark on light cells by the colour's own luminance: white on cividis's mid grey
         # (40-60 %) was hard to read
-        rgb = matplotlib.colormaps["cividis"](frac)[..., :3]
+        rgb = matplotlib.colormaps["cividis"](np.nan_to_num(frac, nan=1.0))[..., :3]
         luma = rgb @ np.array([0.2126, 0.7152, 0.0722])
+        things = "patches" if level == "patch" else f"{unit}s"
         for i in range(cm.shape[0]):
             for j in range(cm.shape[1]):
                 ax.text(
                     j,
                     i,
-                    f"{int(cm[i, j])}\n({100 * frac[i, j]:.0f}%)",
+                    f"{int(cm[i, j])}\n({100 * frac[i, j]:.0f}%)" if rows[i, 0] > 0 else
+                    f"0\n(no {things})",
                     ha="center",
                     va="center",
                     fontsize=9,
@@ -1138,6 +1144,19 @@ def _check_predictions_match(rows: pd.DataFrame, store, table: Path, how: str,
 
 
 @plain_text
+def _pixels_covered(a: float, size: float, origin: float, step: float) -> tuple[int, int]:
+    """The thumbnail pixels [lo, hi) along one axis that a patch from ``a`` to ``a + size``
+    (slide pixels) covers: those whose centres lie in it, so that patches side by side share
+    no pixel (a border inside a pixel gave it the mean of two patches, a value no patch has);
+    a patch narrower than a pixel gets the one that holds its centre."""
+    lo = int(np.ceil((a - origin) / step - 0.5))
+    hi = int(np.ceil((a + size - origin) / step - 0.5))
+    if hi <= lo:
+        lo = int(np.floor((a + size / 2 - origin) / step))
+        hi = lo + 1
+    return lo, hi
+
+
 def plot_heatmap(
     classify: str | os.PathLike,
     store: str | os.PathLike,
@@ -1223,11 +1242,8 @@ def plot_heatmap(
     # not whichever patch came last
     total, count = np.zeros((h, w)), np.zeros((h, w))
     for x, y, s in zip(rows["x"].to_numpy(), rows["y"].to_numpy(), rows["score"].to_numpy()):
-        c0, r0 = int((x - x0) / sx), int((y - y0) / sy)
-        c1, r1 = (
-            max(c0 + 1, int(np.ceil((x + fp - x0) / sx))),
-            max(r0 + 1, int(np.ceil((y + fp - y0) / sy))),
-        )
+        c0, c1 = _pixels_covered(x, fp, x0, sx)
+        r0, r1 = _pixels_covered(y, fp, y0, sy)
         if np.isfinite(s):
             total[max(r0, 0) : r1, max(c0, 0) : c1] += s
             count[max(r0, 0) : r1, max(c0, 0) : c1] += 1

@@ -594,8 +594,9 @@ class PatchStore:
         which h5py and the LZF codec report as a traceback deep inside a stage."""
         detail = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
         return SimclrPathError(f"{self.path}: {what} cannot be read ({detail}): the file is "
-                               "damaged; make it again ('simclr-path tile' or 'import-patches' "
-                               "with --force)")
+                               f"damaged ('simclr-path info {self.path} --check' names every "
+                               "damaged row); make it again ('simclr-path tile' or "
+                               "'import-patches' with --force)")
 
     def __len__(self) -> int:
         return self._len
@@ -606,7 +607,10 @@ class PatchStore:
         try:
             return self._read(idx)
         except OSError as exc:
-            raise self.damaged(f"patch(es) {_which(idx, self._len)}", exc) from None
+            # a read of many patches fails as a whole: which of them is damaged, it cannot say
+            what = (f"patch {_which(idx, self._len)}" if isinstance(idx, (int, np.integer))
+                    else f"one or more of patches {_which(idx, self._len)}")
+            raise self.damaged(what, exc) from None
 
     def _read(self, idx: int | slice | np.ndarray) -> np.ndarray:
         ds = self._h5.file["patches"]

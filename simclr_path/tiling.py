@@ -401,8 +401,10 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
         filtered = tissue_cells[[tuple(c) not in kept for c in tissue_cells.tolist()]] \
             if len(tissue_cells) else tissue_cells
         dropped = {"dropped by --drop-white/black/blur": filtered, "dropped for pen ink": pen_cells}
-        # a level-0 mpp the user gave is a guess the reader should see
-        source = " from --slide-mpp" if mpp_source == "--slide-mpp" else ""
+        # a level-0 mpp the user gave, or one guessed from the objective power, is a guess the
+        # reader should see
+        source = {"--slide-mpp": " from --slide-mpp",
+                  "openslide.objective-power": ", guessed from the objective power"}.get(mpp_source, "")
         qc_path = plot_qc(qc_img, qc_mpp, mask, thumb_mpp, coords, grid.size0, level0_mpp, qc,
                           title=f"{slide_id}: {n} patches of {cfg.patch_size} px at "
                                 f"{cfg.mpp:g} um/px (level-0 {level0_mpp:.4g} um/px{source})",

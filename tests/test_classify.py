@@ -1393,3 +1393,13 @@ def test_a_tile_sets_ci_note_speaks_of_source_images_not_patients(tmp_path):
     note = m["slide"]["auroc_ci95_note"]
     assert note == ("CI not shown: 3 source images per class (a source image bootstrap needs at "
                     "least 5 per class)"), note
+
+
+def test_the_ci_note_counts_one_patient_in_the_singular():
+    from simclr_path.classify import auroc_ci
+    from simclr_path.config import ClassifyConfig
+
+    slides = pd.DataFrame({"patient_id": ["p1", "p2", "p3"], "label": ["a", "b", "b"]})
+    y, p = np.array([0, 1, 1]), np.array([0.2, 0.7, 0.9])
+    ci, note = auroc_ci(y, p, slides, ["a", "b"], 1, ClassifyConfig())
+    assert ci is None and note.startswith("CI not shown: 1 patient in class 'a' (a patient "), note

@@ -342,12 +342,29 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
      "simclr-path embed: error: argument store: empty path (an unset shell variable?)"),
     (["tile", "x.svs", "--out", " "],
      "simclr-path tile: error: argument --out: empty path (an unset shell variable?)"),
+    # a file output ending in "/" (a folder meant): the "/" was dropped and a PNG file called
+    # qc written (review); folder outputs may end in "/"
+    (["tile", "x.svs", "--out", "y.h5", "--qc", "qc/"],
+     ("simclr-path tile: error: argument --qc: 'qc/' ends with '/', a folder, but this output is "
+      "a file; give a file name")),
+    (["plot-tsne", "--embeddings", "e.h5", "--out-label", "a.png", "--out-slide", "figs/"],
+     "simclr-path plot-tsne: error: argument --out-slide: 'figs/' ends with '/'"),
 ])
 def test_a_usage_error_is_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(message) and len(err.splitlines()) == 1, err
+
+
+def test_folder_outputs_and_inputs_may_end_in_a_slash():
+    from simclr_path.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["pretrain", "s.h5", "--out", "run/"], ["classify", "--embeddings", "e/", "--out", "r/"],
+                 ["finetune", "s.h5", "--encoder", "run/", "--out", "ft/"]):
+        args = parser.parse_args(argv)
+        assert args.out.name in ("run", "r", "ft"), argv
 
 
 def test_an_output_under_a_file_and_an_unreadable_input_say_what_they_are(tmp_path, capsys,

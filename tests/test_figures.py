@@ -403,6 +403,34 @@ def test_curves_draw_every_class_of_a_many_class_task(tmp_path, monkeypatch):
     assert "macro AUROC 0.983 95% CI 0.969-0.996" in roc.axes[1].get_title()
 
 
+def test_curves_of_equal_classes_without_a_positive_count_per_class(tmp_path, monkeypatch):
+    """One-vs-rest curves of three equal classes all have 10 positives and 20 negatives: the
+    title said "10 positive, 20 negative" for a model with no positive class (review)."""
+    import json
+
+    from simclr_path import figures
+
+    classes = ["a", "b", "c"]
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    prob = rng.dirichlet(np.ones(3), 30)
+    cls = tmp_path / "cls"
+    cls.mkdir()
+    table = pd.DataFrame({"slide_id": [f"s{i}" for i in range(30)], "label": [classes[k] for k in y],
+                          "fold": 0, **{f"prob_{c}": prob[:, j] for j, c in enumerate(classes)}})
+    table.to_csv(cls / "predictions_patches.csv", index=False)
+    table.drop(columns="fold").to_csv(cls / "predictions_slides.csv", index=False)
+    cm = np.zeros((3, 3), int).tolist()
+    (cls / "metrics.json").write_text(json.dumps({
+        "task": {"classes": classes, "positive": None, "evaluation": "grouped_2fold"},
+        "patch": {"confusion_matrix": cm}, "slide": {"confusion_matrix": cm}}))
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: drawn.append(fig))
+    figures.plot_curves(cls, tmp_path / "roc.png", tmp_path / "pr.png")
+    titles = [ax.get_title() for fig in drawn for ax in fig.axes[:2]]
+    assert all("10 per class" in t and "positive" not in t for t in titles), titles
+
+
 @pytest.mark.parametrize("damage, match", [
     ({"predictions_slides.csv": ""}, "predictions_slides.csv: not a readable CSV table"),
     ({"predictions_patches.csv": "a,b\n1,2\n"}, "predictions_patches.csv: expected columns"),
@@ -514,6 +542,38 @@ def test_heatmap_averages_overlapping_patches(tmp_path, monkeypatch):
     row = heat[0].filled(np.nan)
     values = sorted({round(float(v), 3) for v in row if np.isfinite(v)})
     assert values == [0.2, 0.5, 0.8], values  # the shared pixels get the mean, not the last
+
+
+def test_heatmap_patches_side_by_side_share_no_pixel(tmp_path, monkeypatch):
+    """A patch border inside a thumbnail pixel gave that pixel the mean of two patches' scores,
+    a value no patch has: a grid of false mid values between high and low patches (review)."""
+    import itertools
+
+    from simclr_path import figures
+    from simclr_path.store import PatchStoreWriter
+
+    # six 16 px patches side by side on a 100 x 16 px slide drawn 30 px wide (3.3 slide px a
+    # pixel, so borders at 16, 32, ... fall inside pixels)
+    attrs = {"slide_id": "S", "kind": "slide", "mpp": 0.5, "level0_mpp": 0.5,
+             "slide_width": 100, "slide_height": 16}
+    with PatchStoreWriter(tmp_path / "s.h5", 16, attrs=attrs) as w:
+        w.append(np.full((6, 16, 16, 3), 200, np.uint8), np.array([[16 * i, 0] for i in range(6)]))
+        w.set_thumbnail(np.full((5, 30, 3), 220, np.uint8))
+    scores = [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    pd.DataFrame({"slide_id": "S", "x": [16 * i for i in range(6)], "y": 0,
+                  "score": scores}).to_csv(tmp_path / "pred.csv", index=False)
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: drawn.append(fig))
+    figures.plot_heatmap(tmp_path / "pred.csv", tmp_path / "s.h5", tmp_path / "h.png")
+    heat = drawn[0].axes[1].get_images()[1].get_array().filled(np.nan)
+    assert heat.shape == (5, 30)
+    shown = heat[np.isfinite(heat)]
+    assert set(np.unique(shown).tolist()) == {0.0, 1.0}  # only the patches' own scores
+    row = heat[2]
+    # each patch gets the pixels whose centres it covers: 96 slide px are 28.8 pixels
+    assert np.isfinite(row[:29]).all() and np.isnan(row[29:]).all()
+    runs = [len(list(g)) for _, g in itertools.groupby(row[:29])]
+    assert len(runs) == 6 and all(4 <= n <= 5 for n in runs), runs
 
 
 def test_heatmap_inputs_with_damaged_coordinates_or_scores_give_one_line(cohort, tmp_path, capsys):
@@ -1349,6 +1409,18 @@ def test_a_confusion_matrix_of_long_class_names_stays_readable(tmp_path, monkeyp
     assert "n=20" in ax.get_title()
     half = next(t for t in ax.texts if t.get_text() == "5\n(50%)")
     assert mcolors.to_hex(half.get_color()) == "#000000"
+    # a true class with no held-out slides (a sheet split's test side without it) is blank and
+    # says so, where it was "0 (0%)" in the colour of every one missed (review)
+    cm = [[5, 5], [0, 0]]
+    (cls / "metrics.json").write_text(json.dumps({
+        "task": {"classes": classes, "positive": None, "evaluation": "split"},
+        "patch": {"confusion_matrix": cm}, "slide": {"confusion_matrix": cm}}))
+    figures.plot_confusion(cls, tmp_path / "c2.png")
+    ax = drawn[1].axes[1]
+    assert [t.get_text() for t in ax.texts][2:] == ["0\n(no slides)"] * 2
+    image = ax.get_images()[0].get_array()
+    assert image.mask[1].all() and not image.mask[0].any()
+    assert all(mcolors.to_hex(t.get_color()) == "#000000" for t in ax.texts[2:])
 
 
 def test_the_tsne_title_says_what_it_is_a_sample_of(cohort, tmp_path, monkeypatch):

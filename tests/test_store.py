@@ -358,12 +358,13 @@ def test_a_damaged_chunk_is_one_clear_error_wherever_it_is_read(tmp_path, capsys
     damage_chunk(path, "thumbnail", 0)
     st = PatchStore(path)
     np.testing.assert_array_equal(st[2], stripes[2])  # the others still read
-    for read, what in ((lambda: st[3], "patch(es) 3 "), (lambda: st[0:40], "patch(es) 0-39 "),
-                       (lambda: st[np.array([5, 3])], "patch(es) 3-5 "),
+    for read, what in ((lambda: st[3], "patch 3 "), (lambda: st[0:40], "one or more of patches 0-39 "),
+                       (lambda: st[np.array([5, 3])], "one or more of patches 3-5 "),
                        (lambda: read_patch(st, 3), "patch 3 "),
                        (lambda: st.thumbnail, "its slide thumbnail ")):
         with pytest.raises(SimclrPathError, match=rf"s.h5: {re.escape(what)}cannot be read \(.*\): the file "
-                                                  r"is damaged; make it again"):
+                                                  r"is damaged \('simclr-path info .*s.h5 --check' "
+                                                  r"names every damaged row\); make it again"):
             read()
     st.close()
     # from a loader worker process (5 steps: an epoch, every patch): PyTorch's wrapping (its

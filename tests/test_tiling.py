@@ -583,6 +583,22 @@ def test_the_store_records_openslides_bounds_and_the_patch_footprint(slide, tmp_
     assert patch_footprint(Attrs()) == pytest.approx(200.0)
 
 
+def test_the_qc_title_says_a_level0_mpp_was_guessed_from_the_objective(slide, tmp_path,
+                                                                         monkeypatch):
+    """An mpp from the objective power (--mpp-from-objective) is a guess, as --slide-mpp is;
+    the QC title gave it as if the slide stated it (review)."""
+    from simclr_path import qc
+    from simclr_path import slide as slide_mod
+
+    drawn = []
+    monkeypatch.setattr(qc, "save_figure",
+                        lambda fig, out, force=False: (drawn.append(fig), out)[1])
+    monkeypatch.setattr(slide_mod, "resolve_mpp", lambda *a, **k: (0.5, "openslide.objective-power"))
+    tile_slide(slide, tmp_path / "o.h5", CFG, qc=tmp_path / "o.png", progress=False)
+    title = drawn[0].axes[0].get_title()
+    assert "(level-0 0.5 um/px, guessed from the objective power)" in title, title
+
+
 def test_the_qc_picture_draws_the_cells_the_filters_and_the_ink_left_out(inked, tmp_path,
                                                                        monkeypatch):
     """Cells dropped by --drop-blur or for pen ink looked exactly like glass ("not enough

@@ -99,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP,
                            formatter_class=_DefaultsHelpFormatter)
         mod.add_arguments(p)
+        out_is_folder = getattr(mod, "OUT_IS_FOLDER", False)
         for action in p._actions:  # an empty path was "." (the current folder) in messages
             if action.type is Path:
-                action.type = path_arg
+                file_out = action.dest in ("out", "qc") or action.dest.startswith("out_")
+                action.type = file_output_arg if file_out and not out_is_folder else path_arg
         # a command whose --out folder --force replaces whole (outputs.atomic_dir) says so
         p.set_defaults(_run=mod.run, _replaces_out_dir=getattr(mod, "REPLACES_OUT_DIR", False),
                        _figures_only=getattr(mod, "FIGURES_ONLY", False),
@@ -117,6 +119,15 @@ def path_arg(text: str) -> Path:
         raise argparse.ArgumentTypeError("empty path (an unset shell variable?); give a file or "
                                          "folder name")
     return Path(text)
+
+
+def file_output_arg(text: str) -> Path:
+    """A file output's value: one ending in "/" names a folder (Path drops the "/", so
+    'tile --qc qc/' wrote a PNG file called qc)."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} ends with '/', a folder, but this output is a "
+                                         "file; give a file name")
+    return path_arg(text)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

@@ -12,6 +12,7 @@ HELP = (
 )
 
 REPLACES_OUT_DIR = True  # --force replaces the whole --out folder (outputs.atomic_dir)
+OUT_IS_FOLDER = True  # --out names a folder (a file output ending in "/" is refused)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from simclr_path.errors import SimclrPathError
 HELP = "Pretrain a timm encoder with SimCLR on patch stores; writes a run directory (encoder.pt ...)."
 # runs under torchrun as one of several processes (DDP); other commands refuse that
 DISTRIBUTED = True
+OUT_IS_FOLDER = True  # --out names a folder (a file output ending in "/" is refused)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
