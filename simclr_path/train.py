@@ -494,8 +494,9 @@ def _interrupted_checkpoint(path: Path, requested: str, stores: Any, world_size:
         ck, why = None, f"unreadable ({str(exc).split(': ', 1)[-1].split(';')[0]})"
     if ck is not None:
         # finished (or from a version that did not say); a run killed while writing its final
-        # files (the checkpoint says finished, summary.json is missing) only needs those
-        complete = _run_complete(path.parent)
+        # files (the checkpoint says finished, summary.json is missing, and the marker does not
+        # say the run completed) only needs those
+        complete = _run_complete(path.parent) or _finished_in_marker(path.parent, ck)
         if ck.get("finished") is None or ck.get("finished") and complete:
             why = "of a finished run"
         elif ck.get("requested") != requested:
@@ -512,6 +513,9 @@ def _interrupted_checkpoint(path: Path, requested: str, stores: Any, world_size:
             why = f"of {int(ck.get('world_size', 1))} processes, not {world_size}"
         elif any(os.stat(r["path"]).st_mtime > os.stat(path).st_mtime for r in stores):
             why = "older than its patch stores (written again since)"
+        elif _newer_than(json.loads(requested)["model"].get("weights"), path):
+            # the record holds the weights' path, not the weights: new ones must train again
+            why = "older than its initial weights file (model.weights, written again since)"
     if why is None:
         if main:
             print(f"{path}: resuming the interrupted run at step {ck['step']}", file=sys.stderr,
@@ -555,7 +559,40 @@ def _mark_run_dir(out: Path) -> None:
     if not marker.is_file():
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         with os.fdopen(os.open(marker, flags, 0o644), "w") as f:
-            f.write("a simclr-path pretraining run directory (--force replaces its files)\n")
+            f.write(_MARKER_TEXT)
+
+
+_MARKER_TEXT = "a simclr-path pretraining run directory (--force replaces its files)\n"
+_FINISHED = "finished: "
+
+
+def _newer_than(file: str | None, checkpoint: Path) -> bool:
+    """Whether ``file`` (when given and there) was written after ``checkpoint``."""
+    try:
+        return bool(file) and os.stat(file).st_mtime > os.stat(checkpoint).st_mtime
+    except OSError:  # gone: creating the model says so
+        return False
+
+
+def _record_finished(out: Path, step: int, wall: float) -> None:
+    """Note in the run's marker which checkpoint completed the run (its step and wall time),
+    once every final file is written. A workflow deletes a job's declared outputs before it
+    reruns it, so a finished checkpoint without summary.json looked like a run killed while
+    writing its final files, and --forcerun (or new initial weights) gave the old encoder back
+    instead of training again; the marker is no declared output, so the note survives."""
+    _write_text(out / RUN_MARKER,
+                _MARKER_TEXT + _FINISHED + json.dumps({"step": step, "wall_time_s": wall}) + "\n")
+
+
+def _finished_in_marker(out: Path, ck: dict[str, Any]) -> bool:
+    """Whether the run's marker says that checkpoint ``ck`` completed the run."""
+    try:
+        lines = (out / RUN_MARKER).read_text().splitlines()
+        done = [json.loads(x[len(_FINISHED):]) for x in lines if x.startswith(_FINISHED)]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return any(isinstance(d, dict) and d.get("step") == ck.get("step")
+               and d.get("wall_time_s") == ck.get("wall_time_s") for d in done)
 
 
 def _resume_without_checkpoint(out: Path, force: bool, main: bool) -> None:
@@ -1638,6 +1675,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 "fp16_skipped_steps": int(fp16_skipped) if scaler.is_enabled() else None,
             }
             _write_text(out / "summary.json", json.dumps(summary, indent=2))
+            _record_finished(out, step, wall)
             tracker.close(summary, out)
     except BaseException as exc:
         tracker.close(None, interrupted=isinstance(exc, (KeyboardInterrupt, SystemExit)))

@@ -179,14 +179,22 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(stores, tmp_path, mon
     assert steps == [1, 2, 3, 4, 5] == pd.read_csv(run / "metrics.csv")["step"].tolist()
 
 
-def test_resume_interrupted_finishes_a_run_killed_while_writing_its_final_files(stores, tmp_path):
+def test_resume_interrupted_finishes_a_run_killed_while_writing_its_final_files(
+        stores, tmp_path, monkeypatch):
     """The checkpoint is saved as finished before encoder.pt and summary.json: a kill between
     them made the workflow's --resume-interrupted --force train the whole run again."""
     cfg = _cfg(max_steps=3)
     run = tmp_path / "run"
-    T.pretrain(stores, run, cfg, progress=False)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("simclr_path.model.save_projection_head", killed)  # after the checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        T.pretrain(stores, run, cfg, progress=False)
+    monkeypatch.undo()
+    assert not (run / "summary.json").exists()
     before = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
-    (run / "summary.json").unlink()
     s = T.pretrain(stores, run, cfg, resume="interrupted", force=True, progress=False)
     assert s["resumed_from_step"] == 3 and s["steps"] == 3 and (run / "summary.json").is_file()
     after = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
@@ -226,16 +234,33 @@ def test_resume_interrupted_continues_a_killed_job_even_without_its_metrics(
                       progress=False)["resumed_from_step"] == 3
 
 
-@pytest.mark.parametrize("case", ["finished", "config", "stores", "rewritten", "processes"])
+@pytest.mark.parametrize("case", ["finished", "rerun", "config", "stores", "rewritten", "processes",
+                                  "weights"])
 def test_resume_interrupted_starts_over_for_anything_but_the_same_unfinished_run(
         case, stores, tmp_path, monkeypatch):
+    """"rerun": a workflow deletes a job's declared outputs before it reruns it (--forcerun),
+    so a finished run looked killed while writing its final files and gave its old encoder
+    back; "weights": new initial weights at the same path were not trained from (review)."""
     cfg = _cfg(max_steps=5, checkpoint_every=500, log_every=4)
     run = tmp_path / "run"
-    if case == "finished":
+    if case == "weights":
+        import timm
+
+        weights = tmp_path / "w.pt"
+        torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), weights)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(weights)))
+    if case in ("finished", "rerun"):
         T.pretrain(stores, run, cfg, progress=False)
     else:
         _cut_at_3(stores, run, cfg, monkeypatch)
-    why = {"finished": "of a finished run",
+    if case == "rerun":
+        for name in [*T.COMPLETE_FILES, "metrics.csv", "config.yaml"]:
+            (run / name).unlink()
+    if case == "weights":  # new weights at the same path
+        t = (run / "checkpoint.pt").stat().st_mtime
+        os.utime(weights, (t + 5, t + 5))
+    why = {"finished": "of a finished run", "rerun": "of a finished run",
+           "weights": "older than its initial weights file (model.weights, written again since)",
            "config": "of another configuration: train.lr (0.001, now 0.002)",
            "stores": "of other patch stores",
            "rewritten": "older than its patch stores (written again since)",
