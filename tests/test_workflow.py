@@ -328,6 +328,21 @@ def test_a_positive_label_missing_from_the_sheet_stops_dag_build(tmp_path):
     assert "classify.positive_label is null, but" in line and "two classes" in line
 
 
+def test_demo_artefacts_and_null_runs_on_the_command_line(tmp_path):
+    """An unknown demo artefact failed only in the demo-slide job, after Snakemake had deleted
+    the slide; `runs={baseline: null}` was refused as "'null' is not of type 'object', 'null'"
+    (review)."""
+    wf = workdir(tmp_path, TINY, tsv(demo_rows(4)))
+    line = _one_error_line(smk(wf, "-n", "--cores", "1", "--config", "demo={artefacts: {S1: ink}}"))
+    assert ("config: demo.artefacts.S1: unknown artefact(s) ink; choose from pen, glass, fold"
+            in line), line
+    done = smk(wf, "-n", "--cores", "1", "--config", "demo={artefacts: {S1: 'pen,fold'}}",
+               "runs={baseline: null}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--artefacts pen,fold" in smk(wf, "-n", "-p", "--cores", "1", "--config",
+                                         "demo={artefacts: {S1: 'pen,fold'}}").stdout
+
+
 def test_model_weights_are_checked_at_the_start_and_are_an_input_of_pretraining(tmp_path):
     """A missing file failed only after every slide was tiled; new weights at the same path
     did not rerun pretraining."""
@@ -653,6 +668,19 @@ def test_an_edit_to_sheet_columns_the_stages_do_not_read_reruns_nothing(tmp_path
     assert counts.get("classify") == 1 and counts.get("finetune") == 1, counts
     assert counts.get("plot_tsne") == 1 and "pretrain" not in counts, counts
     assert "S2\tresources/demo/S2.tiff\tSCC\tP2" in copy.read_text()
+    # a dry run beside a running workflow (which holds the folder's lock) changed the labels
+    # that workflow's later jobs read (review): the copy stays, with a warning
+    locks = wf / ".snakemake" / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    (locks / "0.input.lock").write_text("")
+    before = copy.read_text()
+    sheet.write_text(sheet.read_text().replace("\tSCC\tP2", "\tnormal\tP2"))
+    dry = smk(wf, "-n", "--cores", "1")
+    assert copy.read_text() == before and dry.returncode == 0
+    assert "the copy is left as it is (another snakemake holds this folder's lock)" in dry.stderr
+    (locks / "0.input.lock").unlink()
+    smk(wf, "-n", "--cores", "1")
+    assert "S2\tresources/demo/S2.tiff\tnormal\tP2" in copy.read_text()
 
 
 def test_a_finetune_label_fraction_the_workflow_does_not_use_is_warned_about(tmp_path):
