@@ -1143,7 +1143,6 @@ def _check_predictions_match(rows: pd.DataFrame, store, table: Path, how: str,
         )
 
 
-@plain_text
 def _pixels_covered(a: float, size: float, origin: float, step: float) -> tuple[int, int]:
     """The thumbnail pixels [lo, hi) along one axis that a patch from ``a`` to ``a + size``
     (slide pixels) covers: those whose centres lie in it, so that patches side by side share
@@ -1157,6 +1156,7 @@ def _pixels_covered(a: float, size: float, origin: float, step: float) -> tuple[
     return lo, hi
 
 
+@plain_text
 def plot_heatmap(
     classify: str | os.PathLike,
     store: str | os.PathLike,
