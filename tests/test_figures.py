@@ -1126,10 +1126,21 @@ def test_user_text_with_a_dollar_sign_is_drawn_as_written(tmp_path, cohort, monk
     monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=False: drawn.append(fig))
     figures.plot_curves(cls, tmp_path / "roc.png", tmp_path / "pr.png")
     figures.plot_confusion(cls, tmp_path / "conf.png")
+    # a heatmap's run name (free text on the command line)
+    from simclr_path.store import PatchStoreWriter
+
+    with PatchStoreWriter(tmp_path / "s.h5", 16, attrs={"slide_id": "S", "kind": "slide",
+                                                        "mpp": 0.5, "level0_mpp": 0.5}) as w:
+        w.append(np.full((2, 16, 16, 3), 200, np.uint8), np.array([[0, 0], [16, 0]]))
+    pd.DataFrame({"slide_id": "S", "x": [0, 16], "y": 0, "score": [0.2, 0.8]}).to_csv(
+        tmp_path / "pred.csv", index=False)
+    figures.plot_heatmap(tmp_path / "pred.csv", tmp_path / "s.h5", tmp_path / "h.png",
+                         run_name="n$o$rmal")
     for fig in drawn:
         fig.canvas.draw()
     texts = [t for fig in drawn for t in fig.findobj(matplotlib.text.Text)
              if "n$o$rmal" in t.get_text()]
+    assert any("n$o$rmal" in t.get_text() for t in drawn[-1].findobj(matplotlib.text.Text))
     assert texts and not any(t.get_parse_math() for t in texts)
     assert matplotlib.rcParams["text.parse_math"]  # the caller's own setting is left alone
 
