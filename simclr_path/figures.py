@@ -1143,13 +1143,15 @@ def _check_predictions_match(rows: pd.DataFrame, store, table: Path, how: str,
         )
 
 
-def _pixels_covered(a: float, size: float, origin: float, step: float) -> tuple[int, int]:
+def _pixels_covered(a: float, size: float, origin: float, step: float,
+                    slack: float = 0.0) -> tuple[int, int]:
     """The thumbnail pixels [lo, hi) along one axis that a patch from ``a`` to ``a + size``
-    (slide pixels) covers: those whose centres lie in it, so that patches side by side share
-    no pixel (a border inside a pixel gave it the mean of two patches, a value no patch has);
-    a patch narrower than a pixel gets the one that holds its centre."""
-    lo = int(np.ceil((a - origin) / step - 0.5))
-    hi = int(np.ceil((a + size - origin) / step - 0.5))
+    (slide pixels), widened by ``slack`` on each side (narrowed where negative), covers: those whose centres lie in it, so
+    that patches side by side share no pixel (a border inside a pixel gave it the mean of two
+    patches, a value no patch has); a patch narrower than a pixel gets the one that holds its
+    centre."""
+    lo = int(np.ceil((a - slack - origin) / step - 0.5))
+    hi = int(np.ceil((a + size + slack - origin) / step - 0.5))
     if hi <= lo:
         lo = int(np.floor((a + size / 2 - origin) / step))
         hi = lo + 1
@@ -1241,13 +1243,22 @@ def plot_heatmap(
     # overlapping patches (stride < patch size) share their pixels: the mean of their scores,
     # not whichever patch came last
     total, count = np.zeros((h, w)), np.zeros((h, w))
+    # grid coordinates are whole level-0 pixels and the footprint is not, so neighbours overlap
+    # or leave a gap by up to a pixel: the mean is taken over each patch less a pixel at its
+    # borders (a rounding overlap is no overlap), and a thumbnail pixel whose centre lies within
+    # a pixel of a border takes one neighbour's score (a gap left blank stripes across the map)
+    near = np.full((h, w), np.nan)
     for x, y, s in zip(rows["x"].to_numpy(), rows["y"].to_numpy(), rows["score"].to_numpy()):
-        c0, c1 = _pixels_covered(x, fp, x0, sx)
-        r0, r1 = _pixels_covered(y, fp, y0, sy)
-        if np.isfinite(s):
-            total[max(r0, 0) : r1, max(c0, 0) : c1] += s
-            count[max(r0, 0) : r1, max(c0, 0) : c1] += 1
-    heat = np.divide(total, count, out=np.full((h, w), np.nan), where=count > 0)
+        if not np.isfinite(s):
+            continue
+        c0, c1 = _pixels_covered(x, fp, x0, sx, slack=-1.0)
+        r0, r1 = _pixels_covered(y, fp, y0, sy, slack=-1.0)
+        total[max(r0, 0) : r1, max(c0, 0) : c1] += s
+        count[max(r0, 0) : r1, max(c0, 0) : c1] += 1
+        c0, c1 = _pixels_covered(x, fp, x0, sx, slack=1.0)
+        r0, r1 = _pixels_covered(y, fp, y0, sy, slack=1.0)
+        near[max(r0, 0) : r1, max(c0, 0) : c1] = s
+    heat = np.divide(total, count, out=near, where=count > 0)
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     # a long class name ran over the colour bar and the other panel's title: cut in the middle

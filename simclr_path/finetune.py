@@ -678,9 +678,9 @@ def finetune(
                            "patch_auroc": metrics["patch"].get("auroc") or float("nan")}
                 tracker.scalars({f"test/{k}": v for k, v in summary.items()}, 0, step_key="test/step")
             finally:
-                stopped_by = sys.exc_info()[1]  # Ctrl-C or SIGTERM: the run was killed, not failed
+                # Ctrl-C or SIGTERM: the run was killed, not failed
                 tracker.close(summary, tmp if summary is not None else None,
-                              interrupted=isinstance(stopped_by, (KeyboardInterrupt, SystemExit)))
+                              stopped_by=sys.exc_info()[1])
                 for s in stores:
                     s.close()
         return metrics

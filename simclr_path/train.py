@@ -513,9 +513,9 @@ def _interrupted_checkpoint(path: Path, requested: str, stores: Any, world_size:
             why = f"of {int(ck.get('world_size', 1))} processes, not {world_size}"
         elif any(os.stat(r["path"]).st_mtime > os.stat(path).st_mtime for r in stores):
             why = "older than its patch stores (written again since)"
-        elif _newer_than(json.loads(requested)["model"].get("weights"), path):
-            # the record holds the weights' path, not the weights: new ones must train again
-            why = "older than its initial weights file (model.weights, written again since)"
+        elif _other_weights(json.loads(requested)["model"].get("weights"), ck, path):
+            # the request names the weights' path, not the weights: new ones must train again
+            why = "of other initial weights (the model.weights file has changed since)"
     if why is None:
         if main:
             print(f"{path}: resuming the interrupted run at step {ck['step']}", file=sys.stderr,
@@ -566,10 +566,18 @@ _MARKER_TEXT = "a simclr-path pretraining run directory (--force replaces its fi
 _FINISHED = "finished: "
 
 
-def _newer_than(file: str | None, checkpoint: Path) -> bool:
-    """Whether ``file`` (when given and there) was written after ``checkpoint``."""
+def _other_weights(file: str | None, ck: dict[str, Any], checkpoint: Path) -> bool:
+    """Whether the initial weights ``file`` (when given and there) differ from those the run
+    in ``ck`` started from: by content (a copy moved into place keeps an old file time), or
+    for a checkpoint from before that was recorded, by file time."""
+    from simclr_path.embed import file_sha256
+
     try:
-        return bool(file) and os.stat(file).st_mtime > os.stat(checkpoint).st_mtime
+        if not file:
+            return False
+        if ck.get("weights_sha256"):
+            return file_sha256(file) != ck["weights_sha256"]
+        return os.stat(file).st_mtime > os.stat(checkpoint).st_mtime
     except OSError:  # gone: creating the model says so
         return False
 
@@ -779,9 +787,14 @@ class _Tracker:
                           "train/data_time_s": dt, "train/compute_time_s": ct}, step)
 
     def close(self, summary: dict[str, Any] | None = None, out: Path | None = None,
-              interrupted: bool = False) -> None:
+              stopped_by: BaseException | None = None) -> None:
         """Flush and end every backend; ``summary`` None marks the run failed (MLflow, W&B), or
-        with ``interrupted`` (Ctrl-C, SIGTERM) killed: MLflow's KILLED, W&B's exit code 130."""
+        killed (MLflow's KILLED) when ``stopped_by`` is Ctrl-C or SIGTERM; W&B gets the exit
+        code (130, 143; 1 for an error), any non-zero one marking its run failed."""
+        interrupted = isinstance(stopped_by, (KeyboardInterrupt, SystemExit))
+        code = getattr(stopped_by, "code", None)  # SystemExit's: the CLI's Terminated is 143
+        exit_code = (130 if isinstance(stopped_by, KeyboardInterrupt) else
+                     code if isinstance(code, int) and code else 1)
         tb, wb = self.tb, self.wandb
         self.tb = self.wandb = None  # a second close does nothing
         numbers = {k: float(v) for k, v in (summary or {}).items()
@@ -809,7 +822,7 @@ class _Tracker:
         if wb is not None:
             if summary is not None:
                 wb.summary.update(numbers)
-            wb.finish(exit_code=0 if summary is not None else 130 if interrupted else 1)
+            wb.finish(exit_code=0 if summary is not None else exit_code)
 
 
 def _move_mlflow_artifacts(db: Path, moves_to: Path) -> None:
@@ -1344,6 +1357,12 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 "no checkpoint was written before it (every train.checkpoint_every steps), so "
                 "start again with --force")
 
+    from simclr_path.embed import file_sha256
+
+    # the initial weights' content (a resume with other weights at the same path starts over)
+    weights_sha = (ck.get("weights_sha256") if ck is not None else
+                   file_sha256(cfg.model.weights) if cfg.model.weights else None)
+
     def checkpoint(step: int, wall: float, finished: bool = False) -> None:
         nonlocal saved_step
         # the weights first, on every rank (DDP's are the same): an update comes after the loss
@@ -1378,7 +1397,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
             "budget_fit": fit or {}, "augment_requested": (fit or {}).get("augment_requested"),
             "stores": stores_record,  # resume refuses other stores (the batch plan indexes them)
             # resume="interrupted" continues only an unfinished run of the same request
-            "requested": requested, "finished": finished,
+            "requested": requested, "finished": finished, "weights_sha256": weights_sha,
             # the loss history so far: a workflow deletes a failed job's metrics.csv
             "metrics_csv": (out / "metrics.csv").read_text(),
         })
@@ -1612,7 +1631,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                               f"save it ({type(err).__name__}: {err}); --resume continues from "
                               f"step {saved_step}", stacklevel=2)
         bar.close()
-        tracker.close(None, interrupted=interrupted)
+        tracker.close(None, stopped_by=exc)
         if world.enabled and isinstance(exc, RuntimeError) and _peer_lost(exc):
             # the process that failed printed its own line; this one's was gloo's or NCCL's
             # traceback of the broken connection, which read as the cause
@@ -1675,14 +1694,15 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 "fp16_skipped_steps": int(fp16_skipped) if scaler.is_enabled() else None,
             }
             _write_text(out / "summary.json", json.dumps(summary, indent=2))
-            _record_finished(out, step, wall)
             tracker.close(summary, out)
     except BaseException as exc:
-        tracker.close(None, interrupted=isinstance(exc, (KeyboardInterrupt, SystemExit)))
+        tracker.close(None, stopped_by=exc)
         raise
     if world.enabled:  # on gloo: NCCL's watchdog would end ranks that wait out a slow finish
         dist.barrier(group=sync_group)  # (rank 0's tracker upload, say) as a hang
         world.stopped_together = True
+    if world.main:  # last: a kill before this (a tracker's upload) only rewrites the final files
+        _record_finished(out, step, wall)
     return summary
 
 

@@ -345,10 +345,10 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     # a file output ending in "/" (a folder meant): the "/" was dropped and a PNG file called
     # qc written (review); folder outputs may end in "/"
     (["tile", "x.svs", "--out", "y.h5", "--qc", "qc/"],
-     ("simclr-path tile: error: argument --qc: 'qc/' ends with '/', a folder, but this output is "
-      "a file; give a file name")),
-    (["plot-tsne", "--embeddings", "e.h5", "--out-label", "a.png", "--out-slide", "figs/"],
-     "simclr-path plot-tsne: error: argument --out-slide: 'figs/' ends with '/'"),
+     ("simclr-path tile: error: argument --qc: 'qc/' names a folder (it ends with '/'), but this "
+      "output is a file; give a file name")),
+    (["plot-tsne", "--embeddings", "e.h5", "--out-label", "a.png", "--out-slide", "figs/."],
+     "simclr-path plot-tsne: error: argument --out-slide: 'figs/.' names a folder (it ends with '.')"),
 ])
 def test_a_usage_error_is_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

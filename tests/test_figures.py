@@ -539,7 +539,7 @@ def test_heatmap_averages_overlapping_patches(tmp_path, monkeypatch):
     monkeypatch.setattr(figures, "save_figure", lambda fig, out, force=True: drawn.append(fig))
     figures.plot_heatmap(tmp_path / "pred.csv", tmp_path / "s.h5", tmp_path / "h.png")
     heat = drawn[0].axes[1].get_images()[1].get_array()
-    row = heat[0].filled(np.nan)
+    row = heat[8].filled(np.nan)  # a middle row (the first and last pixel of a patch are its border)
     values = sorted({round(float(v), 3) for v in row if np.isfinite(v)})
     assert values == [0.2, 0.5, 0.8], values  # the shared pixels get the mean, not the last
 
@@ -574,6 +574,23 @@ def test_heatmap_patches_side_by_side_share_no_pixel(tmp_path, monkeypatch):
     assert np.isfinite(row[:29]).all() and np.isnan(row[29:]).all()
     runs = [len(list(g)) for _, g in itertools.groupby(row[:29])]
     assert len(runs) == 6 and all(4 <= n <= 5 for n in runs), runs
+    # a real grid: coordinates rounded to whole pixels, a footprint that is not whole (16 px at
+    # 0.5 um/px on a 0.2527 um/px scan: 31.66 px), so neighbours leave gaps of under a pixel,
+    # which left blank stripes across the map where a pixel centre fell in one (review)
+    attrs = {**attrs, "level0_mpp": 0.2527, "slide_width": 2000, "slide_height": 64}
+    fp = 16 * 0.5 / 0.2527
+    xs = [round(i * fp) for i in range(63)]
+    with PatchStoreWriter(tmp_path / "g.h5", 16, attrs=attrs) as w:
+        w.append(np.full((63, 16, 16, 3), 200, np.uint8), np.array([[x, 0] for x in xs]))
+        w.set_thumbnail(np.full((6, 700, 3), 220, np.uint8))  # 2.857 slide px a pixel
+    scores = [float(i % 2) for i in range(63)]
+    pd.DataFrame({"slide_id": "S", "x": xs, "y": 0, "score": scores}).to_csv(
+        tmp_path / "g.csv", index=False)
+    figures.plot_heatmap(tmp_path / "g.csv", tmp_path / "g.h5", tmp_path / "g.png")
+    heat = drawn[-1].axes[1].get_images()[1].get_array().filled(np.nan)
+    covered = heat[0, : int((xs[-1] + fp) / (2000 / 700))]
+    assert np.isfinite(covered).all(), np.flatnonzero(~np.isfinite(covered))
+    assert set(np.unique(covered).tolist()) == {0.0, 1.0}
 
 
 def test_heatmap_inputs_with_damaged_coordinates_or_scores_give_one_line(cohort, tmp_path, capsys):

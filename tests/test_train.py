@@ -21,7 +21,7 @@ import yaml
 from conftest import fake_mlflow
 
 import simclr_path.train as T
-from simclr_path.cli import main
+from simclr_path.cli import Terminated, main
 from simclr_path.config import load_config
 from simclr_path.errors import SimclrPathError
 from simclr_path.model import encoder_info, load_encoder, load_projection_head
@@ -179,21 +179,29 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(stores, tmp_path, mon
     assert steps == [1, 2, 3, 4, 5] == pd.read_csv(run / "metrics.csv")["step"].tolist()
 
 
+@pytest.mark.parametrize("when", ["files", "tracker"])
 def test_resume_interrupted_finishes_a_run_killed_while_writing_its_final_files(
-        stores, tmp_path, monkeypatch):
+        stores, tmp_path, monkeypatch, when):
     """The checkpoint is saved as finished before encoder.pt and summary.json: a kill between
-    them made the workflow's --resume-interrupted --force train the whole run again."""
+    them made the workflow's --resume-interrupted --force train the whole run again. So did a
+    kill while the trackers uploaded, after summary.json (review)."""
     cfg = _cfg(max_steps=3)
     run = tmp_path / "run"
 
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("simclr_path.model.save_projection_head", killed)  # after the checkpoint
+    if when == "files":
+        monkeypatch.setattr("simclr_path.model.save_projection_head", killed)  # after the checkpoint
+    else:
+        real = T._Tracker.close
+        monkeypatch.setattr(T._Tracker, "close", lambda self, summary=None, *a, **k: (
+            killed() if summary else real(self, summary, *a, **k)))
     with pytest.raises(KeyboardInterrupt):
         T.pretrain(stores, run, cfg, progress=False)
     monkeypatch.undo()
-    assert not (run / "summary.json").exists()
+    for name in [*T.COMPLETE_FILES, "metrics.csv", "config.yaml"]:  # as a workflow deletes them
+        (run / name).unlink(missing_ok=True)
     before = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
     s = T.pretrain(stores, run, cfg, resume="interrupted", force=True, progress=False)
     assert s["resumed_from_step"] == 3 and s["steps"] == 3 and (run / "summary.json").is_file()
@@ -256,11 +264,13 @@ def test_resume_interrupted_starts_over_for_anything_but_the_same_unfinished_run
     if case == "rerun":
         for name in [*T.COMPLETE_FILES, "metrics.csv", "config.yaml"]:
             (run / name).unlink()
-    if case == "weights":  # new weights at the same path
+    if case == "weights":  # new weights moved into place, with an older file time (cp -p, mv)
         t = (run / "checkpoint.pt").stat().st_mtime
-        os.utime(weights, (t + 5, t + 5))
+        torch.manual_seed(1)
+        torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), weights)
+        os.utime(weights, (t - 3600, t - 3600))
     why = {"finished": "of a finished run", "rerun": "of a finished run",
-           "weights": "older than its initial weights file (model.weights, written again since)",
+           "weights": "of other initial weights (the model.weights file has changed since)",
            "config": "of another configuration: train.lr (0.001, now 0.002)",
            "stores": "of other patch stores",
            "rewritten": "older than its patch stores (written again since)",
@@ -963,7 +973,7 @@ def test_a_tracker_that_moves_rewrites_only_its_local_mlflow_store(tmp_path, mon
 
 
 @pytest.mark.parametrize(("error", "status", "code"), [
-    (RuntimeError, "FAILED", 1), (KeyboardInterrupt, "KILLED", 130)])
+    (RuntimeError, "FAILED", 1), (KeyboardInterrupt, "KILLED", 130), (Terminated, "KILLED", 143)])
 def test_tracking_ends_failed_on_error_and_killed_on_interrupt(stores, tmp_path, monkeypatch,
                                                                 error, status, code):
     """An interrupted run was marked FAILED, like one that crashed."""
@@ -1118,7 +1128,7 @@ def on_end(step):
 
 
 T._on_step_end = on_end
-from simclr_path.cli import main
+from simclr_path.cli import Terminated, main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -1163,7 +1173,7 @@ def on_end(step):  # as a damaged patch only rank 1 reads
 
 
 T._on_step_end = on_end
-from simclr_path.cli import main
+from simclr_path.cli import Terminated, main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -122,11 +122,12 @@ def path_arg(text: str) -> Path:
 
 
 def file_output_arg(text: str) -> Path:
-    """A file output's value: one ending in "/" names a folder (Path drops the "/", so
-    'tile --qc qc/' wrote a PNG file called qc)."""
-    if text.endswith(("/", os.sep)):
-        raise argparse.ArgumentTypeError(f"{text!r} ends with '/', a folder, but this output is a "
-                                         "file; give a file name")
+    """A file output's value: one ending in "/" (or "/.") names a folder (Path drops the
+    ending, so 'tile --qc qc/' wrote a PNG file called qc)."""
+    last = text.replace(os.altsep or os.sep, os.sep).split(os.sep)[-1]
+    if text.strip() and last in ("", ".", ".."):
+        raise argparse.ArgumentTypeError(f"{text!r} names a folder (it ends with {last or text[-1]!r}), "
+                                         "but this output is a file; give a file name")
     return path_arg(text)
 
 

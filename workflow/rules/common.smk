@@ -851,9 +851,10 @@ def refresh_sheet_copy():
         locks = Path(".snakemake/locks")
         if locks.is_dir() and any(locks.iterdir()):
             warn(
-                f"{SAMPLES} differs from {SHEET_COPY}, which the running workflow reads, so "
-                "the copy is left as it is (another snakemake holds this folder's lock); "
-                "the next run after it brings the changes in"
+                f"{config['samples']} differs from {SHEET_COPY}, which the running workflow "
+                "reads, so the copy is left as it is (another snakemake holds this folder's "
+                "lock); the next run after it brings the changes in (if none is running, the "
+                "lock is left from a killed one: run 'snakemake --unlock', then again)"
             )
             return
         part = copy_path.with_name(f".{copy_path.name}.part")
