@@ -1227,16 +1227,20 @@ def test_a_tile_added_inside_a_class_folder_reruns_the_import(tmp_path):
 
 
 def test_demo_slide_paths_and_artefacts_are_quoted_for_the_shell(tmp_path):
-    """A demo folder with a space split the command's --out in two (and a ';' would have run)."""
+    """A demo folder with a space split the command's --out in two (and a ';' would have run;
+    an artefact that is none stops the DAG build since)."""
     rows = [(f"S{i}", f"resources/my demo/S{i}.tiff", "SCC" if i % 2 else "normal", f"P{i}")
             for i in range(1, 5)]
     cfg = dict(TINY, demo={**TINY["demo"], "dir": "resources/my demo",
-                           "artefacts": {"S1": "pen;echo hacked"}})
+                           "artefacts": {"S1": "pen, fold"}})
     wf = workdir(tmp_path, cfg, tsv(rows))
     done = smk(wf, "-n", "-p", "--cores", "1", "resources/my demo/S1.tiff")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--out 'resources/my demo/S1.tiff'" in done.stdout
-    assert "--artefacts 'pen;echo hacked'" in done.stdout
+    assert "--artefacts 'pen, fold'" in done.stdout
+    line = _one_error_line(smk(wf, "-n", "--cores", "1", "--config",
+                               "demo={artefacts: {S1: 'pen;echo hacked'}}"))
+    assert "unknown artefact(s) pen;echo hacked" in line, line
 
 
 def _caption(name: str, evaluation: str, slides: bool, positive: str = "SCC",
