@@ -633,7 +633,7 @@ def _field_types(section: str) -> dict[str, tuple[type, bool, bool]]:
     return out
 
 
-_NULL_TEXT = ("null", "Null", "NULL", "~")  # YAML's spellings of null
+NULL_TEXT = ("null", "Null", "NULL", "~")  # YAML's spellings of null
 _KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 _PLURAL = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
 
@@ -660,7 +660,7 @@ def coerce_section(section: str, values: dict[str, Any], where: str) -> dict[str
     types_ = _field_types(section) if section in _SECTIONS else {}
     out = dict(values)
     for key, (kind, is_list, optional) in types_.items():
-        if optional and kind is not str and out.get(key) in _NULL_TEXT:
+        if optional and kind is not str and out.get(key) in NULL_TEXT:
             # `snakemake --config train={max_steps: null}` passes null as text; no number or
             # boolean reads so, and a string field keeps it (it could be a name)
             out[key] = None

@@ -368,6 +368,19 @@ class _Layout:
 DEMO_MAX_SIDE = 32768  # drawn in memory at full size: 3 GB of RGB at this side
 
 
+def parse_artefacts(artefacts: str | Iterable[str]) -> tuple[str, ...]:
+    """Artefact names from "pen,glass" (as the CLI and the workflow's demo.artefacts give them)
+    or a sequence; one clear error for a name not in :data:`ARTEFACTS`."""
+    if isinstance(artefacts, str):
+        artefacts = artefacts.split(",")
+    arts = tuple(a.strip() for a in artefacts if a and a.strip())
+    bad = [a for a in arts if a not in ARTEFACTS]
+    if bad:
+        raise SimclrPathError(f"unknown artefact(s) {', '.join(bad)}; choose from "
+                              f"{', '.join(ARTEFACTS)}")
+    return arts
+
+
 def make_demo_slide(out: str | os.PathLike, kind: str = "scc", seed: int = 0,
                     width: int = DEMO_SLIDE_SIDE, height: int = DEMO_SLIDE_SIDE,
                     mpp: float = DEMO_SLIDE_MPP, artefacts: Iterable[str] = (),
@@ -400,13 +413,7 @@ def make_demo_slide(out: str | os.PathLike, kind: str = "scc", seed: int = 0,
                               "ending in .tif or .tiff")
     if kind not in KINDS:
         raise SimclrPathError(f"demo slide kind {kind!r} unknown; choose one of {', '.join(KINDS)}")
-    if isinstance(artefacts, str):  # "pen,glass", as the CLI takes them
-        artefacts = artefacts.split(",")
-    arts = tuple(a.strip() for a in artefacts if a and a.strip())
-    bad = [a for a in arts if a not in ARTEFACTS]
-    if bad:
-        raise SimclrPathError(f"unknown artefact(s) {', '.join(bad)}; choose from "
-                              f"{', '.join(ARTEFACTS)}")
+    arts = parse_artefacts(artefacts)
     width, height = check_int(width, "demo slide", "width"), check_int(height, "demo slide", "height")
     mpp = check_number(mpp, "demo slide", "mpp")
     seed = check_int(seed, "demo slide", "seed")

@@ -143,11 +143,7 @@ def from_text(value, schema):
     kinds = [kinds] if isinstance(kinds, str) else kinds
     text = value.strip()
     # null (`runs={baseline: null}`), where no text is allowed that could mean the word itself
-    if (
-        "null" in kinds
-        and "string" not in kinds
-        and text in ("null", "Null", "NULL", "~")
-    ):
+    if "null" in kinds and "string" not in kinds and text in spc.NULL_TEXT:
         return None
     if "boolean" in kinds and text.lower() in ("true", "false"):
         return text.lower() == "true"
@@ -463,18 +459,15 @@ def check_demo_artefacts():
     """An unknown artefact failed only in the demo-slide job, after Snakemake had deleted the
     slide it was to rewrite. (Ids that no demo slide has are not an error: the keys of
     config/config.yaml stay in every config merged over it.)"""
-    from simclr_path.demo import ARTEFACTS
+    from simclr_path.demo import parse_artefacts
 
     if not DEMO_SLIDES:  # a project's own slides: the demo settings play no part
         return
     for sid, value in DEMO["artefacts"].items():
-        names = [a.strip() for a in str(value).split(",") if a.strip()]
-        bad = [a for a in names if a not in ARTEFACTS]
-        if bad:
-            fail(
-                f"config: demo.artefacts.{sid}: unknown artefact(s) {', '.join(bad)}; "
-                f"choose from {', '.join(ARTEFACTS)} (comma-separated)"
-            )
+        try:
+            parse_artefacts(str(value))
+        except SimclrPathError as exc:
+            fail(f"config: demo.artefacts.{sid}: {exc} (comma-separated)")
 
 
 check_demo_artefacts()
