@@ -43,8 +43,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -79,6 +81,7 @@ from simclr_path.classify import (
 )
 from simclr_path.config import (
     CLASSIFY_FINETUNE_KEYS,
+    SPEED_KEYS,
     AugmentConfig,
     ClassifyConfig,
     FinetuneConfig,
@@ -523,6 +526,107 @@ def _split_rows(t: PatchTable, train_slides: pd.DataFrame, train_mask: np.ndarra
     return _rows_of(t, kept - val, train_mask), _rows_of(t, val, train_mask), info
 
 
+class _FoldCache:
+    """The folds a fine-tuning has finished, kept in ``.NAME.folds/`` beside its results folder
+    ``NAME`` until the run ends, so that ``resume`` continues a killed run (a GPU job's time
+    limit, Ctrl-C) at its first unfinished fold instead of the first fold. Per fold:
+    ``fold{f}.npz`` (the fold's test rows and their (n, K) probabilities), then ``fold{f}.json``
+    (its metrics and epoch history; written last, so it marks the fold done). ``key.json`` holds
+    a fingerprint of everything that decides a fold's result; folds of another key are never
+    used."""
+
+    def __init__(self, out_dir: Path, key: dict[str, Any]) -> None:
+        self.dir = out_dir.parent / f".{out_dir.name}.folds"
+        self.key = json.loads(json.dumps(key))  # as it reads back from key.json
+
+    def _stored_key(self) -> Any:
+        try:
+            return json.loads((self.dir / "key.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def finished(self) -> list[int]:
+        """Folds of this key that an earlier run finished."""
+        if self._stored_key() != self.key:
+            return []
+        return sorted(int(f.stem[4:]) for f in self.dir.glob("fold*.json") if f.stem[4:].isdigit())
+
+    def start(self, resume: bool) -> dict[int, tuple[np.ndarray, np.ndarray, dict[str, Any],
+                                                 list[dict[str, Any]]]]:
+        """The finished folds to keep (with ``resume``); otherwise the folder starts empty."""
+        done = self.finished()
+        kept: dict[int, Any] = {}
+        if resume and done:
+            for f in done:
+                try:
+                    with np.load(self.dir / f"fold{f}.npz") as z:
+                        rows, proba = z["rows"], z["proba"]
+                    rec = json.loads((self.dir / f"fold{f}.json").read_text())
+                except (OSError, ValueError, KeyError):
+                    continue  # a damaged fold trains again
+                kept[f] = (rows, proba, rec["fold"], rec["history"])
+            if kept:
+                print(f"{self.dir}: resuming the interrupted fine-tuning; fold(s) "
+                      f"{', '.join(map(str, sorted(kept)))} kept", file=sys.stderr, flush=True)
+        elif resume and self.dir.exists():
+            print(f"{self.dir}: no finished folds of these inputs (encoder, stores, labels, "
+                  "config); starting over", file=sys.stderr, flush=True)
+        elif done:
+            print(f"{self.dir}: an interrupted fine-tuning of these inputs finished fold(s) "
+                  f"{', '.join(map(str, done))}; starting over (--resume keeps them)",
+                  file=sys.stderr, flush=True)
+        if not kept:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.dir / "key.json", json.dumps(self.key, indent=1))
+        return kept
+
+    def save(self, f: int, rows: np.ndarray, proba: np.ndarray, fold: dict[str, Any],
+             history: list[dict[str, Any]]) -> None:
+        tmp = self.dir / f".fold{f}.npz.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, rows=rows, proba=proba)
+        os.replace(tmp, self.dir / f"fold{f}.npz")
+        # NaN stays NaN (history.csv writes it); numpy scalars and arrays as Python's
+        _write_atomic(self.dir / f"fold{f}.json", json.dumps(
+            {"fold": fold, "history": history},
+            default=lambda o: o.item() if isinstance(o, np.generic) else o.tolist()))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fold_key(t: PatchTable, store_paths: Sequence[Path], enc_sha256: str, image_size: int,
+              fold_of_slide: np.ndarray, cfg: PipelineConfig) -> dict[str, Any]:
+    """What decides a fold's result: the encoder's content, the stores (path, size and
+    modification time: a store tiled again is another), the patches' labels and patients, the
+    folds, the input size and the config (less what sets only the speed, and the device)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (t.y, t.patch_index, t.source, np.asarray(fold_of_slide)):
+        if a is not None:
+            h.update(np.ascontiguousarray(a).astype(np.int64).tobytes())
+    for a in (t.slide, t.patient, t.slides["slide_id"].to_numpy()):
+        h.update("\0".join(map(str, a)).encode())
+    h.update("\0".join(t.classes).encode())
+    stores = []
+    for p in store_paths:
+        st = Path(p).stat()
+        stores.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+    skip = (*SPEED_KEYS["finetune"], "device")
+    return {"simclr_path": __version__, "encoder_sha256": enc_sha256, "stores": stores,
+            "table_sha256": h.hexdigest(), "image_size": image_size,
+            "finetune": {k: v for k, v in asdict(cfg.finetune).items() if k not in skip},
+            "classify": {k: getattr(cfg.classify, k) for k in CLASSIFY_FINETUNE_KEYS}}
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -534,6 +638,7 @@ def finetune(
     cfg: PipelineConfig | None = None,
     force: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune the encoder with a linear head under ``classify``'s patient-grouped folds.
 
@@ -547,6 +652,9 @@ def finetune(
             ``train`` (tensorboard / mlflow / wandb tracking) sections are used.
         force: replace an existing ``out_dir``.
         progress: show progress bars.
+        resume: keep the outer folds that an interrupted run of the same inputs finished
+            (``.NAME.folds/`` beside ``out_dir``, removed when a run ends); without it they train
+            again. A samples-sheet split (one fold, whose model is the one saved) trains again.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -595,6 +703,11 @@ def finetune(
         proba = np.full((len(t.y), len(t.classes)), np.nan)
         folds_out: list[dict[str, Any]] = []
         history: list[dict[str, Any]] = []
+        # a samples-sheet split's one fold also gives the saved model: nothing to keep
+        cache = (None if scheme == "split" else
+                 _FoldCache(Path(out_dir), _fold_key(t, store_paths, enc_sha256, image_size,
+                                                     fold_of_slide, cfg)))
+        done = {} if cache is None else cache.start(resume)
         t_start = time.perf_counter()
 
         with atomic_dir(out_dir, force=force, markers=RESULT_FILES,
@@ -610,6 +723,15 @@ def finetune(
                 kept = None
                 for f in fold_ids:
                     te = patch_fold == f
+                    if f in done:
+                        rows, p_f, fold_rec, hist = done[f]
+                        if not np.array_equal(rows, np.flatnonzero(te)):
+                            raise SimclrPathError(f"{cache.dir}: fold {f} holds other patches "
+                                                  "than this run's; delete the folder")
+                        proba[te] = p_f
+                        folds_out.append(fold_rec)
+                        history += hist
+                        continue
                     tr = ~te
                     _check_disjoint(t.patient[tr], t.patient[te])
                     train_slides = t.slides[np.asarray(fold_of_slide) != f]
@@ -628,6 +750,8 @@ def finetune(
                         **fit,
                         **evaluate_fold(t, te, proba[te], ccfg),
                     })
+                    if cache is not None:
+                        cache.save(f, np.flatnonzero(te), proba[te], folds_out[-1], hist)
                     # a split's one fold trains the final model (see below); else it is done
                     kept = (model, {**split, **fit}) if scheme == "split" else None
                     del model
@@ -683,6 +807,8 @@ def finetune(
                               stopped_by=sys.exc_info()[1])
                 for s in stores:
                     s.close()
+        if cache is not None:  # the results are in place: the finished folds are not needed
+            cache.remove()
         return metrics
     finally:
         restore_caller_state(caller)

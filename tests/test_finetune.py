@@ -629,3 +629,74 @@ def test_a_store_without_mpp_beside_scaled_ones_is_warned_about(cohort, tmp_path
         w.append(patches, coords)
     with pytest.warns(UserWarning, match=r"S0.h5: no mpp recorded .* at 0.5 um/px"):
         load_patch_table([odd, *paths[1:]], sheet, tiny_cfg())
+
+
+def test_resume_keeps_the_folds_an_interrupted_run_finished(cohort, encoder, tmp_path,
+                                                            monkeypatch, capsys):
+    """A killed fine-tuning (a GPU job's time limit) trained every fold again; --resume now
+    continues at its first unfinished fold and ends with the uninterrupted run's results."""
+    from simclr_path import finetune as ft_mod
+
+    paths, sheet = cohort
+    cfg = tiny_cfg(epochs=2, final_model=False)
+    whole = finetune(paths, encoder, tmp_path / "whole", samples=sheet, cfg=cfg, progress=False)
+    fit, names = ft_mod._Run.fit, []
+
+    def fit_until_fold1(self, name, *a, **k):
+        names.append(name)
+        if name == "fold1" and kill:
+            raise KeyboardInterrupt
+        return fit(self, name, *a, **k)
+
+    monkeypatch.setattr(ft_mod._Run, "fit", fit_until_fold1)
+    out, folds = tmp_path / "o", tmp_path / ".o.folds"
+
+    def killed(c, resume=False):
+        names.clear()
+        capsys.readouterr()
+        with pytest.raises(KeyboardInterrupt):
+            finetune(paths, encoder, out, samples=sheet, cfg=c, progress=False, resume=resume)
+        assert not out.exists() and (folds / "fold0.json").is_file()
+        assert not (folds / "fold1.json").exists()
+        return capsys.readouterr().err
+
+    kill = True
+    killed(cfg)
+    assert names == ["fold0", "fold1"]
+    # without --resume the finished fold trains again, and the message says how to keep it
+    assert "finished fold(s) 0; starting over (--resume keeps them)" in killed(cfg)
+    assert names == ["fold0", "fold1"]
+    # other inputs (here more epochs) never reuse a fold, with --resume either
+    assert "no finished folds of these inputs" in killed(tiny_cfg(epochs=1, final_model=False),
+                                                         resume=True)
+    assert names == ["fold0", "fold1"]
+    killed(cfg)
+    kill = False
+    names.clear()
+    code = main(["finetune", *map(str, paths), "--encoder", str(encoder), "--samples", str(sheet),
+                 "--out", str(out), "--no-progress", "--resume",
+                 "--config", str(_cfg_file(tmp_path, cfg))])
+    assert code == 0 and names == ["fold1"]  # fold 0 kept
+    assert "fold(s) 0 kept" in capsys.readouterr().err
+    assert not folds.exists()  # removed once the results are in place
+    resumed = json.loads((out / "metrics.json").read_text())
+    for key in ("patch", "slide"):
+        assert resumed[key] == whole[key]
+    assert [f["best_epoch"] for f in resumed["folds"]] == [f["best_epoch"] for f in whole["folds"]]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "predictions_patches.csv"),
+                                  pd.read_csv(tmp_path / "whole" / "predictions_patches.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "history.csv").drop(columns="seconds"),
+                                  pd.read_csv(tmp_path / "whole" / "history.csv")
+                                  .drop(columns="seconds"))
+
+
+def _cfg_file(tmp_path, cfg):
+    """``cfg``'s finetune and classify sections as a YAML file for the CLI."""
+    from dataclasses import asdict
+
+    import yaml
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"finetune": asdict(cfg.finetune),
+                                    "classify": asdict(cfg.classify)}))
+    return path

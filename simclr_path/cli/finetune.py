@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="YAML config (sections 'finetune', 'classify'; 'train' for tracking)")
     p.add_argument("--force", action="store_true", help="replace an existing results folder")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the outer folds that an interrupted run of the same inputs finished "
+                   "(kept in .NAME.folds/ beside --out until a run ends)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         sections["classify"] = {"folds": args.folds}
     cfg = load_config(args.config, overrides=sections, overrides_from="command line")
     m = finetune(args.stores, args.encoder, args.out, samples=args.samples, cfg=cfg,
-                 force=args.force, progress=not args.no_progress)
+                 force=args.force, progress=not args.no_progress, resume=args.resume)
     s = m["slide"]
     auc = s.get("auroc")
     txt = f"slide AUROC {auc:.3f}" if auc is not None else "slide AUROC n/a"

@@ -28,11 +28,13 @@ rule finetune:
     params:
         samples=samples_arg(),
         out=subpath(output.metrics, parent=True),
+    # --resume: a job killed by a time limit keeps the folds it finished (only for the same
+    # inputs and config; finetune.py, _FoldCache)
     shell:
         logged(
             "simclr-path with-gpus {resources.gpu} -- simclr-path finetune {input.stores} --encoder {input.encoder} {params.samples} "
             "--label-fraction {wildcards.fraction} --out {params.out} --config {input.config} "
-            "{resources.speed} --force "
+            "{resources.speed} --force --resume "
         )
 
 
