@@ -510,6 +510,17 @@ def load_table(
                 "own group per class if that is not meant",
                 stacklevel=2,
             )
+            # a class can lose every group to that rule (ties go to the first class): the
+            # grouped folds' "only N patients" would then be wrong advice
+            holding = df.groupby("y")["slide_id"].nunique()
+            for i, c in enumerate(classes):
+                n_major = int((slide_y == i).sum())
+                if n_major < 2 <= int(holding.get(i, 0)):
+                    raise SimclrPathError(
+                        f"class {c!r}: {int(holding[i])} groups hold its patches, but it is the "
+                        f"majority class of only {n_major} (a group of several classes counts as "
+                        "its most common one, a tie as the first), and grouped folds need 2; "
+                        "give each source image or patient its own group per class")
         slides = pd.DataFrame(
             {
                 "slide_id": slide_y.index,

@@ -43,7 +43,12 @@ from simclr_path.config import EmbedConfig, section_cfg
 from simclr_path.data import cv2_fork_safe, one_thread_worker
 from simclr_path.errors import SimclrPathError, need_file
 from simclr_path.model import encoder_info, load_encoder
-from simclr_path.outputs import check_apart, check_can_write, check_hdf5_name
+from simclr_path.outputs import (
+    check_apart,
+    check_can_write,
+    check_hdf5_name,
+    check_replaces_kind,
+)
 from simclr_path.store import BAD_FEATURES, PatchStore, unusable_rows, write_embeddings
 
 # ImageNet statistics, as timm models expect (and as the SimCLR views are normalised).
@@ -369,6 +374,7 @@ def embed_store(
     need_file(enc, "encoder file", "train one with 'simclr-path pretrain'")
     out = check_can_write(out, force)  # a folder, or a path under a file, fails before embedding
     check_hdf5_name(out, "an embedding file")
+    check_replaces_kind(out, ("embeddings",), "an embedding file")
     if cfg.batch_size < 1:
         raise SimclrPathError(f"embed.batch_size must be >= 1, got {cfg.batch_size}")
     info = encoder_info(enc)

@@ -27,7 +27,12 @@ import numpy as np
 
 from simclr_path.config import BIT_DEPTHS
 from simclr_path.errors import SimclrPathError, check_int, need_file
-from simclr_path.outputs import check_apart, check_can_write, check_hdf5_name
+from simclr_path.outputs import (
+    check_apart,
+    check_can_write,
+    check_hdf5_name,
+    check_replaces_kind,
+)
 from simclr_path.store import PatchStoreWriter
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")  # OpenCV and Pillow read all
@@ -645,6 +650,7 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
         raise SimclrPathError(f"--bit-depth must be between 8 and 16, got {bit_depth}")
     check_can_write(out, force)
     check_hdf5_name(out, "a patch store")
+    check_replaces_kind(out, ("patches",), "a patch store of imported tiles")
     classes, tiles = list_tiles(folder)
     names = [t for t, _ in tiles]
     labels = np.array([lab for _, lab in tiles], dtype=np.int64)
@@ -718,10 +724,14 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
     _warn_copies(folder, names, labels, groups, classes, copies)
     if smaller:
         side, name, (w, h) = min(smaller)
+        # --patch-size has a floor: below it the advice is to look at the tile, not the option
+        fix = (f"give --patch-size {side} or less to keep the tiles' pixels"
+               if side >= MIN_PATCH_SIZE else
+               f"a tile under {MIN_PATCH_SIZE} px is hardly tissue: check {name} (a damaged file "
+               "or an icon?) and remove it")
         warnings.warn(f"{folder}: {len(smaller)} tile(s) smaller than --patch-size {patch_size} "
                       f"were enlarged (the smallest, {name}, is {w}x{h} px: {patch_size / side:.2g}x),"
-                      " which adds no detail and makes every step slower; give --patch-size "
-                      f"{side} or less to keep the tiles' pixels", stacklevel=2)
+                      f" which adds no detail and makes every step slower; {fix}", stacklevel=2)
     return ImportResult(Path(out), len(names), size, classes, counts, n_groups,
                         bits if scan.n_tiles else None, scan.top_tile,
                         len({b for _, b in copies}))

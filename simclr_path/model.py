@@ -182,6 +182,12 @@ def save_encoder(backbone: nn.Module, path: str | os.PathLike, arch: str, force:
 
 def encoder_info(path: str | os.PathLike) -> dict[str, Any]:
     """Metadata of an encoder file (from ``encoder.json`` beside it)."""
+    from simclr_path.outputs import HDF5_SUFFIXES
+
+    if Path(path).suffix.lower() in HDF5_SUFFIXES:  # a patch store where the encoder goes
+        raise SimclrPathError(f"{path}: is an HDF5 file (a patch store or embedding file?), not an "
+                              "encoder; give the encoder.pt of a pretraining run (in Python, "
+                              "embed_store takes the encoder first, then the store)")
     side = need_file(Path(path).with_suffix(".json"), f"encoder metadata of {Path(path).name}",
                      "encoders written by 'simclr-path pretrain' have it beside them")
     try:

@@ -8,6 +8,7 @@ overwritten without ``force``; :func:`check_apart` keeps ``force`` off a call's 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -87,6 +88,41 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
         raise SimclrPathError(f"{p}: {parent} is a file, not a folder; give an output path in a folder")
     check_writable(p, parent)
     return p  # missing folders are made by atomic_output / atomic_dir, when there is a result
+
+
+# the ``kind`` attribute of simclr-path's HDF5 files, as messages name them
+HDF5_KINDS = {"slide": "a patch store of a tiled slide", "patches": "a patch store of imported tiles",
+              "embeddings": "an embedding file"}
+
+
+def check_replaces_kind(path: str | os.PathLike, kinds: Sequence[str], what: str) -> None:
+    """``--force`` replaces an existing HDF5 output only if it is one of ``kinds`` (its ``kind``
+    attribute): a mistyped ``--out`` must not turn a slide's patch store into an embedding file.
+    ``what`` names the output in the message ("an embedding file")."""
+    p = Path(path)
+    if not p.is_file():
+        return
+    import h5py
+
+    why = None
+    if not h5py.is_hdf5(p):
+        why = "is not an HDF5 file"
+    else:
+        try:
+            with h5py.File(p, "r") as f:
+                kind = f.attrs.get("kind")
+        except Exception as exc:  # noqa: BLE001 - h5py raises several types for a damaged file
+            raise SimclrPathError(f"{p}: exists and cannot be read as an HDF5 file ({exc}); "
+                                  "--force only replaces this command's own outputs, so delete it "
+                                  "yourself if it is a damaged one, or choose another path") from None
+        if isinstance(kind, bytes):
+            kind = kind.decode(errors="replace")
+        if kind not in kinds:
+            why = (f"is {HDF5_KINDS[kind]}" if kind in HDF5_KINDS else
+                   "is an HDF5 file that simclr-path did not write")
+    if why:
+        raise SimclrPathError(f"{p}: {why}, not {what}; --force only replaces this command's own "
+                              "outputs, so choose another path")
 
 
 def _os_metadata(name: str) -> bool:
@@ -288,6 +324,38 @@ def _no_op(signum: int, frame: object) -> None:
     pass
 
 
+_LEFTOVERS_WARNED: set[Path] = set()
+
+
+def _warn_leftovers(final: Path, min_age_s: float = 60.0) -> None:
+    """Warn (once per output and process) about temporary files or folders of ``final`` that a
+    run killed outright (SIGKILL, the out-of-memory killer, a power cut) left: no cleanup ran,
+    and a hidden copy of a large store would fill the disk unseen. Not deleted: another command
+    may be writing the same output; those untouched for ``min_age_s`` are named."""
+    if final in _LEFTOVERS_WARNED:
+        return
+    import time
+
+    now, old, size = time.time(), [], 0
+    for q in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        try:
+            if now - q.lstat().st_mtime < min_age_s:
+                continue
+            parts = [q] if not q.is_dir() else [e for e in q.rglob("*") if e.is_file()]
+            size += sum(e.lstat().st_size for e in parts)
+        except OSError:
+            continue
+        old.append(q.name)
+    if old:
+        _LEFTOVERS_WARNED.add(final)
+        import warnings
+
+        warnings.warn(f"{final.parent}: {len(old)} temporary output(s) of {final.name} left by "
+                      f"a run that was killed ({', '.join(sorted(old)[:3])}"
+                      f"{', ...' if len(old) > 3 else ''}; {size / 1e6:.1f} MB); delete them "
+                      "unless another command is writing it now", stacklevel=4)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
@@ -297,6 +365,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     """
     final = check_can_write(path, force, kind="file")
     final.parent.mkdir(parents=True, exist_ok=True)
+    _warn_leftovers(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -316,6 +385,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False,
     ``markers``, ``owned``: see :func:`check_can_write`."""
     final = check_can_write(path, force, kind="dir", markers=markers, owned=owned)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _warn_leftovers(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp

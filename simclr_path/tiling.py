@@ -38,7 +38,12 @@ import numpy as np
 
 from simclr_path.config import TileConfig, section_cfg
 from simclr_path.errors import SimclrPathError
-from simclr_path.outputs import check_apart, check_can_write, check_hdf5_name
+from simclr_path.outputs import (
+    check_apart,
+    check_can_write,
+    check_hdf5_name,
+    check_replaces_kind,
+)
 from simclr_path.slide import (
     LevelChoice,
     Slide,
@@ -285,6 +290,7 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
                               f"pixel, got {slide_mpp!r}")
     check_can_write(out, force)
     check_hdf5_name(out, "a patch store")
+    check_replaces_kind(out, ("slide",), "a patch store of a tiled slide")
     if qc is not None:
         from simclr_path.figures import figure_format
 

@@ -720,6 +720,22 @@ def test_groups_of_several_classes_warn_that_they_count_as_their_majority(tmp_pa
         classify([tmp_path / "p.h5"], tmp_path / "out", cfg=ClassifyConfig(bootstrap=0))
 
 
+def test_a_class_that_no_group_is_the_majority_of_says_so(tmp_path):
+    """Groups of three classes in equal parts count as the first class: the second had 5
+    groups of patches and was told it had 'slides from only 0 patient(s); add more patients'."""
+    groups = [f"p{g}" for g in range(5) for _ in range(6)]
+    labels = np.array([0, 0, 1, 1, 2, 2] * 5)
+    X = np.random.default_rng(0).normal(size=(len(labels), 4)).astype(np.float32)
+    write_embeddings(tmp_path / "p.h5", X, -np.ones((len(labels), 2)),
+                     {"slide_id": "p", "store_kind": "patches"}, labels=labels, groups=groups,
+                     label_names=["aca", "n", "scc"])
+    with pytest.warns(UserWarning, match="several classes"), pytest.raises(
+            SimclrPathError, match=r"class 'n': 5 groups hold its patches, but it is the majority "
+                                   r"class of only 0 \(a group of several classes"):
+        classify([tmp_path / "p.h5"], tmp_path / "out", cfg=ClassifyConfig(bootstrap=0))
+    assert not (tmp_path / "out").exists()
+
+
 def test_patch_rows_name_their_file_so_patch_sets_sharing_group_names_trace_back(tmp_path):
     rng = np.random.default_rng(0)
     paths = []

@@ -103,6 +103,15 @@ def test_empty_store_gives_empty_file(encoder, tmp_path):
     assert EmbeddingStore(out).features.shape == (0, 512)
 
 
+def test_a_store_where_the_encoder_goes_is_named_as_such(encoder, make_store, tmp_path):
+    """embed_store(store, encoder, out) said 'T1.json: encoder metadata of T1.h5 not found'."""
+    store = make_store(n=4)
+    with pytest.raises(SimclrPathError, match=r"is an HDF5 file \(a patch store or embedding "
+                                              r"file\?\), not an encoder; .*takes the encoder first"):
+        embed_store(store, encoder, tmp_path / "e.h5", progress=False)
+    assert not (tmp_path / "e.h5").exists()
+
+
 def test_an_output_that_cannot_be_written_fails_before_embedding(encoder, make_store, tmp_path,
                                                                   monkeypatch):
     import simclr_path.embed as embed_mod

@@ -408,6 +408,13 @@ def test_enlarging_tiles_warns_and_keeping_their_size_does_not(tiles, tmp_path, 
     with pytest.warns(UserWarning, match=r"1 tile\(s\) smaller than --patch-size 24 were enlarged "
                                          r"\(the smallest, normal/z.png, is 20x32 px: 1.2x\)"):
         import_patches(root, tmp_path / "mixed.h5", patch_size=24, progress=False)
+    # under the smallest --patch-size there is no size to advise: the tile itself is suspect
+    _write(root / "normal" / "icon.png", np.zeros((1, 1, 3), np.uint8))
+    with pytest.warns(UserWarning, match=r"is 1x1 px: 24x\), which adds no detail and makes every "
+                                         r"step slower; a tile under 8 px is hardly tissue: check "
+                                         r"normal/icon.png \(a damaged file or an icon\?\) and "
+                                         r"remove it$"):
+        import_patches(root, tmp_path / "icon.h5", patch_size=24, progress=False)
 
 
 def test_the_python_api_never_writes_over_its_inputs(tiles, tmp_path):

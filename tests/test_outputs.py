@@ -272,6 +272,47 @@ def test_an_hdf5_output_named_as_another_kind_of_file_is_refused(command, tmp_pa
         "e.pt", "s.h5", "s.svs", "tiles"]
 
 
+@pytest.mark.parametrize("command", ["tile", "embed", "import-patches"])
+def test_force_never_replaces_an_hdf5_file_of_another_kind(command, tmp_path, capsys):
+    """embed --force (and import-patches --force) turned a tiled slide's patch store at a
+    mistyped --out into an embedding file: --force replaces only the command's own outputs."""
+    import h5py
+
+    from simclr_path.cli import main
+
+    own = {"tile": "slide", "embed": "embeddings", "import-patches": "patches"}[command]
+    (tmp_path / "tiles").mkdir()
+    (tmp_path / "s.svs").write_bytes(b"")
+    (tmp_path / "s.h5").write_bytes(b"")
+    (tmp_path / "e.pt").write_bytes(b"")
+    for name, kind, why in [("store.h5", "slide", "is a patch store of a tiled slide"),
+                            ("set.h5", "patches", "is a patch store of imported tiles"),
+                            ("emb.h5", "embeddings", "is an embedding file"),
+                            ("mine.h5", None, "is an HDF5 file that simclr-path did not write"),
+                            ("text.h5", "text", "is not an HDF5 file")]:
+        out = tmp_path / name
+        if kind == "text":
+            out.write_text("a user's notes")
+        else:
+            with h5py.File(out, "w") as f:
+                if kind:
+                    f.attrs["kind"] = kind
+        before = out.read_bytes()
+        argv = {"tile": ["tile", str(tmp_path / "s.svs"), "--out", str(out)],
+                "embed": ["embed", str(tmp_path / "s.h5"), "--encoder", str(tmp_path / "e.pt"),
+                          "--out", str(out)],
+                "import-patches": ["import-patches", str(tmp_path / "tiles"), "--out", str(out)]}[
+            command]
+        code = main([*argv, "--force"])
+        err = capsys.readouterr().err.strip()
+        assert out.read_bytes() == before, name
+        if kind == own:  # its own kind passes this check (and fails later on the empty inputs)
+            assert "--force only replaces" not in err, err
+        else:
+            assert code == 2 and len(err.splitlines()) == 1, err
+            assert f"error: {out}: {why}, not a" in err and "--force only replaces" in err, err
+
+
 def test_hdf5_names():
     from simclr_path.outputs import check_hdf5_name
 
@@ -308,3 +349,42 @@ def test_a_dangling_link_at_the_output_needs_force_and_is_replaced_not_followed(
         tmp.write_text("x")
     assert not link.is_symlink() and link.read_text() == "x"
     assert not (tmp_path / "gone.csv").exists()
+
+
+def test_temporary_outputs_a_killed_run_left_are_named_once(tmp_path, monkeypatch):
+    """SIGKILL (the out-of-memory killer) runs no cleanup: a hidden 20 MB '.x.h5.abc.tmp' stayed
+    beside the output for good, unseen by ls, and later runs said nothing."""
+    import os
+    import time
+    import warnings
+
+    from simclr_path import outputs
+
+    monkeypatch.setattr(outputs, "_LEFTOVERS_WARNED", set())
+    out = tmp_path / "x[1].h5"  # glob characters in the name are matched literally
+    left = tmp_path / ".x[1].h5.k9.tmp"
+    left.write_bytes(b"\0" * 2_000_000)
+    (tmp_path / ".other.h5.k9.tmp").write_bytes(b"")  # another output's
+    folder = tmp_path / ".res.q1.tmp"  # a results folder's (atomic_dir)
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "f").write_bytes(b"\0" * 500_000)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with atomic_output(out) as tmp:  # a fresh leftover: maybe another command's, now
+            tmp.write_text("a")
+        assert not w
+        hour_ago = time.time() - 3600
+        for p in (left, folder):
+            os.utime(p, (hour_ago, hour_ago))
+        with atomic_output(out, force=True) as tmp:
+            tmp.write_text("b")
+        with atomic_output(out, force=True) as tmp:  # once per output
+            tmp.write_text("c")
+        with atomic_dir(tmp_path / "res") as tmp:
+            (tmp / "m").write_text("d")
+    msgs = [str(x.message) for x in w]
+    said = (f"{tmp_path}: 1 temporary output(s) of {{}} left by a run that was killed ({{}}); "
+            "delete them unless another command is writing it now")
+    assert msgs == [said.format("x[1].h5", ".x[1].h5.k9.tmp; 2.0 MB"),
+                    said.format("res", ".res.q1.tmp; 0.5 MB")]
+    assert left.exists() and folder.exists()  # never deleted: only named

@@ -239,9 +239,21 @@ def _sigterm_unwinds() -> Iterator[None]:
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
+    hook = sys.unraisablehook
+
+    def quiet_signal(u) -> None:
+        # what the handler raised inside a weakref callback (h5py's): Python discards it and
+        # prints "Exception ignored in ..." with a traceback; it is recorded (above), so the
+        # command still stops, with its one line
+        if isinstance(u.exc_value, (Terminated, KeyboardInterrupt)) and PENDING_SIGNAL:
+            return
+        hook(u)
+
+    sys.unraisablehook = quiet_signal
     try:
         yield
     finally:
+        sys.unraisablehook = hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         PENDING_SIGNAL.clear()
