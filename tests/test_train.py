@@ -45,6 +45,11 @@ def _easy_store(path, n=32, size=32, seed=0, slide_id="E", mpp=0.5):
     return path
 
 
+# timm's tiny test model: these tests check the training loop, not what it learns, and
+# ResNet-18 made them 2x slower (float16 on a CPU, which has no fast kernels for it, 5x)
+ARCH = "test_resnet"
+
+
 def _cfg(**train):
     # device cpu: the bitwise resume checks hold on CPU (on a GPU cuDNN's autotuning may pick
     # other kernels in the resumed process)
@@ -52,7 +57,7 @@ def _cfg(**train):
             "lr_scaling": "none", "warmup_epochs": 0.0, "checkpoint_every": 2, "log_every": 2,
             "tensorboard": False, "device": "cpu"}
     base.update(train)
-    return load_config(overrides={"augment": {"image_size": 32}, "model": {"arch": "resnet18"},
+    return load_config(overrides={"augment": {"image_size": 32}, "model": {"arch": ARCH},
                                   "train": base})
 
 
@@ -255,7 +260,7 @@ def test_resume_interrupted_starts_over_for_anything_but_the_same_unfinished_run
         import timm
 
         weights = tmp_path / "w.pt"
-        torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), weights)
+        torch.save(timm.create_model(ARCH, num_classes=0).state_dict(), weights)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(weights)))
     if case in ("finished", "rerun"):
         T.pretrain(stores, run, cfg, progress=False)
@@ -267,7 +272,7 @@ def test_resume_interrupted_starts_over_for_anything_but_the_same_unfinished_run
     if case == "weights":  # new weights moved into place, with an older file time (cp -p, mv)
         t = (run / "checkpoint.pt").stat().st_mtime
         torch.manual_seed(1)
-        torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), weights)
+        torch.save(timm.create_model(ARCH, num_classes=0).state_dict(), weights)
         os.utime(weights, (t - 3600, t - 3600))
     why = {"finished": "of a finished run", "rerun": "of a finished run",
            "weights": "of other initial weights (the model.weights file has changed since)",
@@ -563,7 +568,7 @@ def test_run_directory_and_reloaded_encoder(stores, tmp_path):
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["train"]["max_steps"] == 3 and resolved["augment"]["image_size"] == 32
     info = encoder_info(run / "encoder.pt")
-    assert info["arch"] == "resnet18" and info["image_size"] == 32 and info["mpp"] == 0.5
+    assert info["arch"] == ARCH and info["image_size"] == 32 and info["mpp"] == 0.5
     assert info["crop_scale"] == resolved["augment"]["crop_scale"]  # embed's default size uses it
     assert info["patch_size"] == 32  # the training patches' side, for stores of another side
     assert info["head"]["layers"] == 2 and info["head"]["out_dim"] == 128
@@ -572,7 +577,7 @@ def test_run_directory_and_reloaded_encoder(stores, tmp_path):
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     from simclr_path.model import create_simclr_model
 
-    model = create_simclr_model(load_config(overrides={"model": {"arch": "resnet18"}}).model)
+    model = create_simclr_model(load_config(overrides={"model": {"arch": ARCH}}).model)
     model.load_state_dict(ck["model"])
     model.eval()
     enc = load_encoder(run)
@@ -881,7 +886,7 @@ def test_wandb_logs_offline_run_under_run_dir(stores, tmp_path, monkeypatch):
     assert init["dir"] == str(run) and init["mode"] == "offline" and init["project"] == "proj"
     assert init["name"] == "run"
     assert init["config"]["train"]["batch_size"] == 8 and init["config"]["train"]["wandb"] is True
-    assert init["config"]["model"]["arch"] == "resnet18"
+    assert init["config"]["model"]["arch"] == ARCH
     df = pd.read_csv(run / "metrics.csv")
     assert [step for _, step in calls["log"]] == df["step"].tolist() == [1, 2]
     for (data, _), (_, row) in zip(calls["log"], df.iterrows()):
@@ -904,7 +909,7 @@ def test_mlflow_logs_to_a_store_under_run_dir(stores, tmp_path, monkeypatch):
     assert by["create_run"] == [(("7",), {"run_name": "run"})]
     (params,) = [k["params"] for _, k in by["log_batch"] if "params" in k]
     params = {p.key: p.value for p in params}
-    assert params["train.batch_size"] == "8" and params["model.arch"] == "resnet18"
+    assert params["train.batch_size"] == "8" and params["model.arch"] == ARCH
     df = pd.read_csv(run / "metrics.csv")
     per_step = [k["metrics"] for _, k in by["log_batch"] if "metrics" in k]
     steps = [m[0].step for m in per_step]
@@ -1248,7 +1253,7 @@ def test_resume_with_other_augmentations_is_refused(stores, tmp_path):
         T.pretrain(stores, run, cfg, resume=True, force=True, progress=False)
     arch = dataclasses.replace(_cfg(max_steps=4), model=dataclasses.replace(
         _cfg().model, arch="resnet34"))
-    with pytest.raises(SimclrPathError, match=r"other model.arch \('resnet18', now 'resnet34'\)"):
+    with pytest.raises(SimclrPathError, match=rf"other model.arch \('{ARCH}', now 'resnet34'\)"):
         T.pretrain(stores, run, arch, resume=True, progress=False)
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     # an older checkpoint without the multi-crop keys resumes under the defaults it had
@@ -1630,7 +1635,8 @@ def test_float16_steps_do_not_wait_for_the_scale(stores, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.amp.GradScaler, "get_scale",
                         lambda self: (calls.append(1), real(self))[1])
     monkeypatch.setattr(T, "amp_mode", lambda cfg, device: torch.float16)
-    s = T.pretrain(stores, tmp_path / "run", _cfg(max_steps=8, checkpoint_every=100), progress=False)
+    s = T.pretrain(stores, tmp_path / "run", _cfg(max_steps=8, checkpoint_every=100),
+                   progress=False)
     assert s["steps"] == 8 and s["fp16_skipped_steps"] >= 1
     assert len(calls) <= 2, len(calls)  # the final checkpoint's state_dict, not 2 per step
 
