@@ -554,6 +554,11 @@ class _FoldCache:
     def start(self, resume: bool) -> dict[int, tuple[np.ndarray, np.ndarray, dict[str, Any],
                                                  list[dict[str, Any]]]]:
         """The finished folds to keep (with ``resume``); otherwise the folder starts empty."""
+        if self.dir.is_symlink() or (self.dir.exists() and not (self.dir / "key.json").exists()
+                                     and (not self.dir.is_dir() or any(self.dir.iterdir()))):
+            # never emptied or written through: it is not one this command made
+            raise SimclrPathError(f"{self.dir}: is in the way of the folder where fine-tuning "
+                                  "keeps its finished folds, and it did not make it; move it")
         done = self.finished()
         kept: dict[int, Any] = {}
         if resume and done:

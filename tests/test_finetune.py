@@ -679,6 +679,13 @@ def test_resume_keeps_the_folds_an_interrupted_run_finished(cohort, encoder, tmp
     assert code == 0 and names == ["fold1"]  # fold 0 kept
     assert "fold(s) 0 kept" in capsys.readouterr().err
     assert not folds.exists()  # removed once the results are in place
+    # a folder of that name that fine-tuning did not make is never emptied or written into
+    folds.mkdir()
+    (folds / "notes.txt").write_text("mine")
+    with pytest.raises(SimclrPathError, match=r"\.o\.folds: is in the way of the folder where "
+                                              "fine-tuning keeps its finished folds"):
+        finetune(paths, encoder, out, samples=sheet, cfg=cfg, progress=False, force=True)
+    assert [p.name for p in folds.iterdir()] == ["notes.txt"]
     resumed = json.loads((out / "metrics.json").read_text())
     for key in ("patch", "slide"):
         assert resumed[key] == whole[key]
