@@ -48,6 +48,7 @@ from simclr_path.outputs import (
     check_can_write,
     check_hdf5_name,
     check_replaces_kind,
+    raise_pending_signal,
 )
 from simclr_path.store import BAD_FEATURES, PatchStore, unusable_rows, write_embeddings
 
@@ -474,6 +475,7 @@ def embed_store(
                 # blocking .cpu() there waited for the next batch too)
                 pending: tuple[torch.Tensor, Any] | None = None
                 for raw in loader:
+                    raise_pending_signal()  # one Python discarded in h5py's weakref callback
                     z = _to_host(run(preprocess(raw, image_size, device, channels_last)))
                     if pending is not None:
                         pos = _store_rows(feats, pos, pending, bar)

@@ -46,7 +46,7 @@ import csv
 import json
 import math
 import os
-import shutil
+import re
 import sys
 import time
 import warnings
@@ -92,7 +92,14 @@ from simclr_path.data import cv2_fork_safe, one_thread_worker, read_patch
 from simclr_path.embed import default_image_size, file_sha256
 from simclr_path.errors import SimclrPathError, need_file
 from simclr_path.model import encoder_info, feature_dim, load_encoder, output_stride, save_encoder
-from simclr_path.outputs import FINETUNE_MARKER, as_paths, atomic_dir, check_apart, check_can_write
+from simclr_path.outputs import (
+    FINETUNE_MARKER,
+    as_paths,
+    atomic_dir,
+    check_apart,
+    check_can_write,
+    raise_pending_signal,
+)
 from simclr_path.store import PatchStore
 from simclr_path.transforms import ColorAugment, eval_transform, normalize, to_float
 
@@ -434,6 +441,7 @@ class _Run:
             # the CPU wait for the GPU at every step; it is read (and checked) once per epoch
             tot, n = torch.zeros((), dtype=torch.float64, device=dev), 0
             for raw, r in _iter_batches(data, ft.workers, dev.type == "cuda"):
+                raise_pending_signal()  # one Python discarded in h5py's weakref callback
                 if len(r) < 2 and n > 0:  # a single-patch last batch breaks BatchNorm; skip it
                     continue
                 x = self.augment(raw, g, dev)
@@ -528,83 +536,99 @@ def _split_rows(t: PatchTable, train_slides: pd.DataFrame, train_mask: np.ndarra
 
 class _FoldCache:
     """The folds a fine-tuning has finished, kept in ``.NAME.folds/`` beside its results folder
-    ``NAME`` until the run ends, so that ``resume`` continues a killed run (a GPU job's time
-    limit, Ctrl-C) at its first unfinished fold instead of the first fold. Per fold:
-    ``fold{f}.npz`` (the fold's test rows and their (n, K) probabilities), then ``fold{f}.json``
-    (its metrics and epoch history; written last, so it marks the fold done). ``key.json`` holds
-    a fingerprint of everything that decides a fold's result; folds of another key are never
-    used."""
+    ``NAME`` until the run succeeds, so that ``resume`` continues a killed run (a GPU job's time
+    limit, Ctrl-C) at its first unfinished fold instead of the first fold. Each fold's files are
+    named by ``key``, a fingerprint of everything that decides its result, so folds of other
+    inputs or settings (or of a run writing the same output at the same time) are never used:
+    ``fold{f}-{key}.npz`` (the fold's test rows and their (n, K) probabilities), then
+    ``fold{f}-{key}.json`` (its metrics and epoch history; written last, so it marks the fold
+    done). Keeping folds is a convenience: a fold that cannot be saved or read trains again."""
+
+    _NAME = re.compile(r"\.?fold\d+-[0-9a-f]{16}\.(npz|json)(\.tmp)?")
 
     def __init__(self, out_dir: Path, key: dict[str, Any]) -> None:
+        import hashlib
+
         self.dir = out_dir.parent / f".{out_dir.name}.folds"
-        self.key = json.loads(json.dumps(key))  # as it reads back from key.json
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.started = time.time()
+        self.warned = False
 
-    def _stored_key(self) -> Any:
-        try:
-            return json.loads((self.dir / "key.json").read_text())
-        except (OSError, ValueError):
-            return None
-
-    def finished(self) -> list[int]:
-        """Folds of this key that an earlier run finished."""
-        if self._stored_key() != self.key:
-            return []
-        return sorted(int(f.stem[4:]) for f in self.dir.glob("fold*.json") if f.stem[4:].isdigit())
+    def _file(self, f: int, ext: str) -> Path:
+        return self.dir / f"fold{f}-{self.key}.{ext}"
 
     def start(self, resume: bool) -> dict[int, tuple[np.ndarray, np.ndarray, dict[str, Any],
                                                  list[dict[str, Any]]]]:
-        """The finished folds to keep (with ``resume``); otherwise the folder starts empty."""
-        if self.dir.is_symlink() or (self.dir.exists() and not (self.dir / "key.json").exists()
-                                     and (not self.dir.is_dir() or any(self.dir.iterdir()))):
+        """The finished folds of this key (with ``resume``: kept; without: named, and trained
+        again, their files replaced as the new ones finish)."""
+        if self.dir.is_symlink() or (self.dir.exists() and (
+                not self.dir.is_dir()
+                or any(not self._NAME.fullmatch(e.name) for e in self.dir.iterdir()))):
             # never emptied or written through: it is not one this command made
             raise SimclrPathError(f"{self.dir}: is in the way of the folder where fine-tuning "
-                                  "keeps its finished folds, and it did not make it; move it")
-        done = self.finished()
+                                  "keeps its finished folds, and holds what it did not write; "
+                                  "move it")
+        done = sorted(int(m.group(1)) for e in (self.dir.glob(f"fold*-{self.key}.json")
+                                                 if self.dir.is_dir() else [])
+                      if (m := re.fullmatch(rf"fold(\d+)-{self.key}\.json", e.name)))
+        if not resume:
+            if done:
+                print(f"{self.dir}: an interrupted fine-tuning of these inputs finished fold(s) "
+                      f"{', '.join(map(str, done))}; training them again (--resume keeps them)",
+                      file=sys.stderr, flush=True)
+            return {}
         kept: dict[int, Any] = {}
-        if resume and done:
-            for f in done:
-                try:
-                    with np.load(self.dir / f"fold{f}.npz") as z:
-                        rows, proba = z["rows"], z["proba"]
-                    rec = json.loads((self.dir / f"fold{f}.json").read_text())
-                except (OSError, ValueError, KeyError):
-                    continue  # a damaged fold trains again
-                kept[f] = (rows, proba, rec["fold"], rec["history"])
-            if kept:
-                print(f"{self.dir}: resuming the interrupted fine-tuning; fold(s) "
-                      f"{', '.join(map(str, sorted(kept)))} kept", file=sys.stderr, flush=True)
-        elif resume and self.dir.exists():
+        for f in done:
+            try:
+                with np.load(self._file(f, "npz")) as z:
+                    rows, proba = np.asarray(z["rows"]), np.asarray(z["proba"])
+                rec = json.loads(self._file(f, "json").read_text())
+                kept[f] = (rows, proba, dict(rec["fold"]), list(rec["history"]))
+            except Exception as exc:  # noqa: BLE001 - zip, JSON and shape errors alike
+                print(f"{self.dir}: fold {f} cannot be read ({type(exc).__name__}); it trains "
+                      "again", file=sys.stderr, flush=True)
+        if kept:
+            print(f"{self.dir}: resuming the interrupted fine-tuning; fold(s) "
+                  f"{', '.join(map(str, sorted(kept)))} kept", file=sys.stderr, flush=True)
+        elif self.dir.is_dir():
             print(f"{self.dir}: no finished folds of these inputs (encoder, stores, labels, "
                   "config); starting over", file=sys.stderr, flush=True)
-        elif done:
-            print(f"{self.dir}: an interrupted fine-tuning of these inputs finished fold(s) "
-                  f"{', '.join(map(str, done))}; starting over (--resume keeps them)",
-                  file=sys.stderr, flush=True)
-        if not kept:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.dir / "key.json", json.dumps(self.key, indent=1))
         return kept
 
     def save(self, f: int, rows: np.ndarray, proba: np.ndarray, fold: dict[str, Any],
              history: list[dict[str, Any]]) -> None:
-        tmp = self.dir / f".fold{f}.npz.tmp"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, rows=rows, proba=proba)
-        os.replace(tmp, self.dir / f"fold{f}.npz")
-        # NaN stays NaN (history.csv writes it); numpy scalars and arrays as Python's
-        _write_atomic(self.dir / f"fold{f}.json", json.dumps(
-            {"fold": fold, "history": history},
-            default=lambda o: o.item() if isinstance(o, np.generic) else o.tolist()))
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / f".{self._file(f, 'npz').name}.tmp"
+            with open(tmp, "wb") as fh:
+                np.savez(fh, rows=rows, proba=proba)
+            os.replace(tmp, self._file(f, "npz"))
+            # NaN stays NaN (history.csv writes it); numpy scalars and arrays as Python's
+            text = json.dumps({"fold": fold, "history": history},
+                              default=lambda o: o.item() if isinstance(o, np.generic) else o.tolist())
+            tmp = self.dir / f".{self._file(f, 'json').name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self._file(f, "json"))
+        except OSError as exc:
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"{self.dir}: cannot keep fold {f} for --resume ({exc}); the run "
+                              "goes on", stacklevel=3)
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        """After a successful run: this key's folds, and any other key's from before this run
+        began (a run at the same time keeps its own); the folder once empty."""
+        if not self.dir.is_dir() or self.dir.is_symlink():
+            return
+        for e in self.dir.iterdir():
+            try:
+                if self._NAME.fullmatch(e.name) and (
+                        f"-{self.key}." in e.name or e.stat().st_mtime < self.started):
+                    e.unlink()
+            except OSError:
+                pass
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
 
 
 def _fold_key(t: PatchTable, store_paths: Sequence[Path], enc_sha256: str, image_size: int,
@@ -728,14 +752,14 @@ def finetune(
                 kept = None
                 for f in fold_ids:
                     te = patch_fold == f
-                    if f in done:
-                        rows, p_f, fold_rec, hist = done[f]
-                        if not np.array_equal(rows, np.flatnonzero(te)):
-                            raise SimclrPathError(f"{cache.dir}: fold {f} holds other patches "
-                                                  "than this run's; delete the folder")
+                    rows, p_f, fold_rec, hist = done.get(f, (None, None, None, None))
+                    if rows is not None and np.array_equal(rows, np.flatnonzero(te)) \
+                            and p_f.shape == (int(te.sum()), len(t.classes)):
                         proba[te] = p_f
                         folds_out.append(fold_rec)
                         history += hist
+                        for h in hist:  # its epochs in the trackers too, as if it had run now
+                            run._log(h["fold"], h)
                         continue
                     tr = ~te
                     _check_disjoint(t.patient[tr], t.patient[te])

@@ -72,6 +72,7 @@ from simclr_path.outputs import (
     RUN_MARKER,
     atomic_output,
     check_apart,
+    raise_pending_signal,
     stopping_on_a_signal,
     worker_reports_back,
 )
@@ -1604,6 +1605,7 @@ def _train(opened, out: Path, cfg: PipelineConfig, progress: bool, world: Dist, 
                 flush()
                 checkpoint(step, wall_before + time.perf_counter() - t0)
             guard.release()  # raises a deferred interrupt: below, with a consistent state
+            raise_pending_signal()  # one Python discarded (raised in h5py's weakref callback)
             _on_step_end(step)
             if stop_now and step < total_steps:
                 stopped = "time_budget"

@@ -239,6 +239,35 @@ def test_a_signal_python_discards_still_stops_the_command(tmp_path, monkeypatch,
     assert signal.getsignal(signal.SIGCHLD) == chld
 
 
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_discarded_signal_stops_a_command_that_writes_no_hdf5(tmp_path, monkeypatch, capsys,
+                                                                  sig, code):
+    """Only the HDF5 writers raised a signal Python had discarded (in h5py's weakref callbacks,
+    which reading runs too): classify, finetune ... finished and exited 0 after a SIGTERM."""
+    import os
+    import signal
+    import sys
+    import weakref
+
+    from simclr_path.cli import info
+
+    def run_with_a_discarded_signal(args):
+        class Block:
+            pass
+
+        block = Block()
+        weakref.finalize(block, os.kill, os.getpid(), getattr(signal, sig))
+        del block
+        return 0
+
+    monkeypatch.setattr(info, "run", run_with_a_discarded_signal)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    (tmp_path / "x.h5").write_bytes(b"")
+    assert main(["info", str(tmp_path / "x.h5")]) == code
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
 def test_help_shows_real_defaults_only(capsys):
     def help_of(command):
         with pytest.raises(SystemExit) as exc:

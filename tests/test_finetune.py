@@ -635,6 +635,8 @@ def test_resume_keeps_the_folds_an_interrupted_run_finished(cohort, encoder, tmp
                                                             monkeypatch, capsys):
     """A killed fine-tuning (a GPU job's time limit) trained every fold again; --resume now
     continues at its first unfinished fold and ends with the uninterrupted run's results."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from simclr_path import finetune as ft_mod
 
     paths, sheet = cohort
@@ -656,21 +658,25 @@ def test_resume_keeps_the_folds_an_interrupted_run_finished(cohort, encoder, tmp
         capsys.readouterr()
         with pytest.raises(KeyboardInterrupt):
             finetune(paths, encoder, out, samples=sheet, cfg=c, progress=False, resume=resume)
-        assert not out.exists() and (folds / "fold0.json").is_file()
-        assert not (folds / "fold1.json").exists()
+        assert not out.exists() and not list(folds.glob("fold1-*"))
         return capsys.readouterr().err
 
     kill = True
     killed(cfg)
-    assert names == ["fold0", "fold1"]
+    assert names == ["fold0", "fold1"] and len(list(folds.glob("fold0-*.json"))) == 1
     # without --resume the finished fold trains again, and the message says how to keep it
-    assert "finished fold(s) 0; starting over (--resume keeps them)" in killed(cfg)
+    assert "finished fold(s) 0; training them again (--resume keeps them)" in killed(cfg)
     assert names == ["fold0", "fold1"]
     # other inputs (here more epochs) never reuse a fold, with --resume either
     assert "no finished folds of these inputs" in killed(tiny_cfg(epochs=1, final_model=False),
                                                          resume=True)
-    assert names == ["fold0", "fold1"]
-    killed(cfg)
+    assert names == ["fold0", "fold1"] and len(list(folds.glob("fold0-*.json"))) == 2
+    # a damaged fold (a power cut: an empty file) trains again, and is saved again
+    mine = [f for f in folds.glob("fold0-*.npz")
+            if f.stat().st_mtime == min(g.stat().st_mtime for g in folds.glob("fold0-*.npz"))]
+    mine[0].write_bytes(b"")
+    assert "fold 0 cannot be read (EOFError); it trains again" in killed(cfg, resume=True)
+    assert names == ["fold0", "fold1"] and mine[0].stat().st_size > 0
     kill = False
     names.clear()
     code = main(["finetune", *map(str, paths), "--encoder", str(encoder), "--samples", str(sheet),
@@ -678,14 +684,7 @@ def test_resume_keeps_the_folds_an_interrupted_run_finished(cohort, encoder, tmp
                  "--config", str(_cfg_file(tmp_path, cfg))])
     assert code == 0 and names == ["fold1"]  # fold 0 kept
     assert "fold(s) 0 kept" in capsys.readouterr().err
-    assert not folds.exists()  # removed once the results are in place
-    # a folder of that name that fine-tuning did not make is never emptied or written into
-    folds.mkdir()
-    (folds / "notes.txt").write_text("mine")
-    with pytest.raises(SimclrPathError, match=r"\.o\.folds: is in the way of the folder where "
-                                              "fine-tuning keeps its finished folds"):
-        finetune(paths, encoder, out, samples=sheet, cfg=cfg, progress=False, force=True)
-    assert [p.name for p in folds.iterdir()] == ["notes.txt"]
+    assert not folds.exists()  # removed once the results are in place, the other key's too
     resumed = json.loads((out / "metrics.json").read_text())
     for key in ("patch", "slide"):
         assert resumed[key] == whole[key]
@@ -695,6 +694,36 @@ def test_resume_keeps_the_folds_an_interrupted_run_finished(cohort, encoder, tmp
     pd.testing.assert_frame_equal(pd.read_csv(out / "history.csv").drop(columns="seconds"),
                                   pd.read_csv(tmp_path / "whole" / "history.csv")
                                   .drop(columns="seconds"))
+    # the kept fold's epochs are in the trackers too
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert len(acc.Scalars("fold0/train_loss")) == 2 and len(acc.Scalars("fold1/train_loss")) == 2
+    # a folder of that name that fine-tuning did not make is never emptied or written into
+    folds.mkdir()
+    (folds / "notes.txt").write_text("mine")
+    with pytest.raises(SimclrPathError, match=r"\.o\.folds: is in the way of the folder where "
+                                              "fine-tuning keeps its finished folds"):
+        finetune(paths, encoder, out, samples=sheet, cfg=cfg, progress=False, force=True)
+    assert [p.name for p in folds.iterdir()] == ["notes.txt"]
+
+
+def test_a_fold_that_cannot_be_kept_does_not_stop_the_run(cohort, encoder, tmp_path,
+                                                         monkeypatch):
+    """Keeping folds is a convenience: a full disk (or a run at the same output that removed
+    the folder) warned and went on, where it stopped the fine-tuning with a traceback."""
+    from simclr_path import finetune as ft_mod
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ft_mod.np, "savez", full)
+    paths, sheet = cohort
+    with pytest.warns(UserWarning, match=r"cannot keep fold 0 for --resume \(\[Errno 28\] No "
+                                         r"space left on device\); the run goes on"):
+        m = finetune(paths, encoder, tmp_path / "o", samples=sheet,
+                     cfg=tiny_cfg(epochs=1, final_model=False), progress=False)
+    assert m["patch"]["auroc"] is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
 def _cfg_file(tmp_path, cfg):

@@ -230,7 +230,7 @@ def _sigterm_unwinds() -> Iterator[None]:
     recorded as well; the previous handlers come back after. Only the main thread may set
     handlers (main() called from another thread keeps the default). An ignored SIGINT (a job
     started in the background) stays ignored."""
-    from simclr_path.outputs import PENDING_SIGNAL
+    from simclr_path.outputs import PENDING_SIGNAL, raise_pending_signal
 
     PENDING_SIGNAL.clear()
     if threading.current_thread() is not threading.main_thread():
@@ -252,6 +252,9 @@ def _sigterm_unwinds() -> Iterator[None]:
     sys.unraisablehook = quiet_signal
     try:
         yield
+        # a discarded signal that no loop or writer raised again: the command was asked to
+        # stop, so it exits as stopped (143 / 130), whatever it finished is complete
+        raise_pending_signal()
     finally:
         sys.unraisablehook = hook
         for sig, handler in previous.items():
