@@ -201,7 +201,7 @@ def import_store(data: Path, work: Path, limit: int | None, seed: int) -> tuple[
     if store.is_file() and _store_matches(store, names, groups):
         return store, True
     # the benchmark's own cache in its work folder, damaged or of other tiles: --force alone
-    # would refuse a file that is no patch store (outputs.check_replaces_kind)
+    # would refuse a file that is no patch store (store.check_replaces_kind)
     store.unlink(missing_ok=True)
     src, groups_csv = data, data / "groups.csv"
     if not full:

@@ -47,10 +47,15 @@ from simclr_path.outputs import (
     check_apart,
     check_can_write,
     check_hdf5_name,
-    check_replaces_kind,
     raise_pending_signal,
 )
-from simclr_path.store import BAD_FEATURES, PatchStore, unusable_rows, write_embeddings
+from simclr_path.store import (
+    BAD_FEATURES,
+    PatchStore,
+    check_replaces_kind,
+    unusable_rows,
+    write_embeddings,
+)
 
 # ImageNet statistics, as timm models expect (and as the SimCLR views are normalised).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -375,7 +380,7 @@ def embed_store(
     need_file(enc, "encoder file", "train one with 'simclr-path pretrain'")
     out = check_can_write(out, force)  # a folder, or a path under a file, fails before embedding
     check_hdf5_name(out, "an embedding file")
-    check_replaces_kind(out, ("embeddings",), "an embedding file")
+    check_replaces_kind(out, "embeddings")
     if cfg.batch_size < 1:
         raise SimclrPathError(f"embed.batch_size must be >= 1, got {cfg.batch_size}")
     info = encoder_info(enc)

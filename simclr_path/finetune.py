@@ -96,6 +96,7 @@ from simclr_path.outputs import (
     FINETUNE_MARKER,
     as_paths,
     atomic_dir,
+    atomic_output,
     check_apart,
     check_can_write,
     raise_pending_signal,
@@ -544,7 +545,8 @@ class _FoldCache:
     ``fold{f}-{key}.json`` (its metrics and epoch history; written last, so it marks the fold
     done). Keeping folds is a convenience: a fold that cannot be saved or read trains again."""
 
-    _NAME = re.compile(r"\.?fold\d+-[0-9a-f]{16}\.(npz|json)(\.tmp)?")
+    # its files, and outputs.atomic_output's temporary names for them
+    _NAME = re.compile(r"\.?fold\d+-[0-9a-f]{16}\.(npz|json)(\.[^.]+\.tmp)?")
 
     def __init__(self, out_dir: Path, key: dict[str, Any]) -> None:
         import hashlib
@@ -598,18 +600,14 @@ class _FoldCache:
     def save(self, f: int, rows: np.ndarray, proba: np.ndarray, fold: dict[str, Any],
              history: list[dict[str, Any]]) -> None:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.dir / f".{self._file(f, 'npz').name}.tmp"
-            with open(tmp, "wb") as fh:
+            with atomic_output(self._file(f, "npz"), force=True) as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, rows=rows, proba=proba)
-            os.replace(tmp, self._file(f, "npz"))
             # NaN stays NaN (history.csv writes it); numpy scalars and arrays as Python's
             text = json.dumps({"fold": fold, "history": history},
                               default=lambda o: o.item() if isinstance(o, np.generic) else o.tolist())
-            tmp = self.dir / f".{self._file(f, 'json').name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, self._file(f, "json"))
-        except OSError as exc:
+            with atomic_output(self._file(f, "json"), force=True) as tmp:
+                tmp.write_text(text)
+        except (OSError, SimclrPathError) as exc:
             if not self.warned:
                 self.warned = True
                 warnings.warn(f"{self.dir}: cannot keep fold {f} for --resume ({exc}); the run "

@@ -31,9 +31,8 @@ from simclr_path.outputs import (
     check_apart,
     check_can_write,
     check_hdf5_name,
-    check_replaces_kind,
 )
-from simclr_path.store import PatchStoreWriter
+from simclr_path.store import PatchStoreWriter, check_replaces_kind
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")  # OpenCV and Pillow read all
 FORMATS = "PNG/JPEG/TIFF/BMP/WebP"
@@ -650,7 +649,7 @@ def _import_patches(folder: Path, out: str | os.PathLike, patch_size: int | None
         raise SimclrPathError(f"--bit-depth must be between 8 and 16, got {bit_depth}")
     check_can_write(out, force)
     check_hdf5_name(out, "a patch store")
-    check_replaces_kind(out, ("patches",), "a patch store of imported tiles")
+    check_replaces_kind(out, "patches")
     classes, tiles = list_tiles(folder)
     names = [t for t, _ in tiles]
     labels = np.array([lab for _, lab in tiles], dtype=np.int64)

@@ -90,41 +90,6 @@ def check_can_write(path: str | os.PathLike, force: bool, kind: str = "file",
     return p  # missing folders are made by atomic_output / atomic_dir, when there is a result
 
 
-# the ``kind`` attribute of simclr-path's HDF5 files, as messages name them
-HDF5_KINDS = {"slide": "a patch store of a tiled slide", "patches": "a patch store of imported tiles",
-              "embeddings": "an embedding file"}
-
-
-def check_replaces_kind(path: str | os.PathLike, kinds: Sequence[str], what: str) -> None:
-    """``--force`` replaces an existing HDF5 output only if it is one of ``kinds`` (its ``kind``
-    attribute): a mistyped ``--out`` must not turn a slide's patch store into an embedding file.
-    ``what`` names the output in the message ("an embedding file")."""
-    p = Path(path)
-    if not p.is_file():
-        return
-    import h5py
-
-    why = None
-    if not h5py.is_hdf5(p):
-        why = "is not an HDF5 file"
-    else:
-        try:
-            with h5py.File(p, "r") as f:
-                kind = f.attrs.get("kind")
-        except Exception as exc:  # noqa: BLE001 - h5py raises several types for a damaged file
-            raise SimclrPathError(f"{p}: exists and cannot be read as an HDF5 file ({exc}); "
-                                  "--force only replaces this command's own outputs, so delete it "
-                                  "yourself if it is a damaged one, or choose another path") from None
-        if isinstance(kind, bytes):
-            kind = kind.decode(errors="replace")
-        if kind not in kinds:
-            why = (f"is {HDF5_KINDS[kind]}" if kind in HDF5_KINDS else
-                   "is an HDF5 file that simclr-path did not write")
-    if why:
-        raise SimclrPathError(f"{p}: {why}, not {what}; --force only replaces this command's own "
-                              "outputs, so choose another path")
-
-
 def _os_metadata(name: str) -> bool:
     """Files an operating system or file server leaves in any folder (Finder, Explorer, NFS)."""
     return name in (".DS_Store", "Thumbs.db", "desktop.ini") or name.startswith(("._", ".nfs"))

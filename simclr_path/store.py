@@ -72,6 +72,36 @@ def read_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
     return {k: _read_attr(v, legacy) for k, v in attrs.items()}
 
 
+# the ``kind`` attribute of the project's HDF5 files, as messages name them
+KINDS = {"slide": "a patch store of a tiled slide", "patches": "a patch store of imported tiles",
+         "embeddings": "an embedding file"}
+
+
+def check_replaces_kind(path: str | os.PathLike, kind: str) -> None:
+    """``--force`` replaces an existing HDF5 output only if it is of ``kind`` (a key of
+    :data:`KINDS`, its ``kind`` attribute): a mistyped ``--out`` must not turn a slide's patch
+    store into an embedding file."""
+    p = Path(path)
+    if not p.is_file():
+        return
+    if not h5py.is_hdf5(p):
+        found = None
+        why = "is not an HDF5 file"
+    else:
+        try:
+            with h5py.File(p, "r") as f:
+                found = read_attrs(f.attrs).get("kind")
+        except Exception as exc:  # noqa: BLE001 - h5py raises several types for a damaged file
+            raise SimclrPathError(f"{p}: exists and cannot be read as an HDF5 file ({exc}); "
+                                  "--force only replaces this command's own outputs, so delete it "
+                                  "yourself if it is a damaged one, or choose another path") from None
+        why = (f"is {KINDS[found]}" if found in KINDS else
+               "is an HDF5 file that simclr-path did not write")
+    if found != kind:
+        raise SimclrPathError(f"{p}: {why}, not {KINDS[kind]}; --force only replaces this "
+                              "command's own outputs, so choose another path")
+
+
 def _check_version(path: Path, attrs: dict[str, Any], what: str) -> None:
     v = attrs.get("format_version")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):

@@ -42,7 +42,6 @@ from simclr_path.outputs import (
     check_apart,
     check_can_write,
     check_hdf5_name,
-    check_replaces_kind,
 )
 from simclr_path.slide import (
     LevelChoice,
@@ -52,7 +51,7 @@ from simclr_path.slide import (
     read_rgb,
     validate_slide_id,
 )
-from simclr_path.store import THUMBNAIL_SIDE, PatchStoreWriter, encode_patch
+from simclr_path.store import THUMBNAIL_SIDE, PatchStoreWriter, check_replaces_kind, encode_patch
 from simclr_path.tissue import (
     any_patch_filter,
     ink_mask,
@@ -290,7 +289,7 @@ def tile_slide(slide_path: str | os.PathLike, out: str | os.PathLike,
                               f"pixel, got {slide_mpp!r}")
     check_can_write(out, force)
     check_hdf5_name(out, "a patch store")
-    check_replaces_kind(out, ("slide",), "a patch store of a tiled slide")
+    check_replaces_kind(out, "slide")
     if qc is not None:
         from simclr_path.figures import figure_format
 
